@@ -1,0 +1,183 @@
+"""The user's bilevel problem, stated in plain PyTorch.
+
+    min_θ  F(θ) = mean_i f(x̂_i(θ), θ, batch_i)  [+ r(θ)]
+    x̂_i(θ) = argmin_x h(x, θ, batch_i)            (μ-strongly convex in x)
+
+Conventions
+-----------
+* ``x`` has shape ``(B, *event_shape)``: ``B`` independent lower-level problems (one per image,
+  or ``B = 1`` for a single training problem) solved together.
+* ``lower_energy(x, theta, batch)`` and ``upper_loss(x, theta, batch)`` return one value per
+  instance, shape ``(B,)``. Instance ``i`` of the energy may depend only on ``x[i]`` and
+  ``batch[i]``: the Hessian is block diagonal and per-instance quantities come from one
+  backward pass of the sum.
+* ``batch`` holds per-instance data: a tensor, or a tuple / list / dict of tensors, each with
+  leading dimension ``B`` (or ``None``). Data shared by all instances (a blur kernel, a whole
+  training set) belongs in the closure or in θ, never in ``batch``: the solvers slice ``batch``
+  along its leading dimension when some instances have converged.
+* ``theta`` is passed to the callables exactly as the user gave it: a tensor, a sequence of
+  tensors, a dict of tensors or an ``nn.Module``. The leaf tensors requiring gradients are the
+  parameters θ that hypergradients are taken with respect to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+Theta = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor], nn.Module]
+Batch = Any
+EnergyFn = Callable[[Tensor, Any, Batch], Tensor]
+
+
+class BilevelError(ValueError):
+    """Bad input or a problem that violates the assumptions of the method."""
+
+
+class NotStronglyConvexError(BilevelError):
+    """The lower-level energy showed curvature at or below zero (or below the stated μ)."""
+
+
+class NonFiniteError(BilevelError, FloatingPointError):
+    """A NaN or infinity appeared in an input or an iterate."""
+
+
+def parameter_list(theta: Theta) -> list[Tensor]:
+    """The leaf tensors of θ that require gradients, in a fixed order."""
+    if isinstance(theta, nn.Module):
+        tensors = list(theta.parameters())
+    elif isinstance(theta, Tensor):
+        tensors = [theta]
+    elif isinstance(theta, Mapping):
+        tensors = list(theta.values())
+    elif isinstance(theta, Sequence):
+        tensors = list(theta)
+    else:
+        raise BilevelError(
+            f"theta must be a tensor, a sequence or dict of tensors, or an nn.Module; "
+            f"got {type(theta).__name__}"
+        )
+    for t in tensors:
+        if not isinstance(t, Tensor):
+            raise BilevelError(f"theta contains a {type(t).__name__}, expected tensors")
+    params = [t for t in tensors if t.requires_grad]
+    if not params:
+        raise BilevelError("theta has no tensor with requires_grad=True: nothing to learn")
+    return params
+
+
+def check_finite(name: str, *tensors: Tensor) -> None:
+    """Raise :class:`NonFiniteError` naming ``name`` if any tensor holds NaN or inf."""
+    for t in tensors:
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{name} contains NaN or infinite values")
+
+
+def batch_size_of(batch: Batch) -> int | None:
+    """Leading dimension shared by the tensors of ``batch`` (``None`` if it holds none)."""
+    sizes = {t.shape[0] for t in _leaves(batch) if t.dim() > 0}
+    if len(sizes) > 1:
+        raise BilevelError(f"batch tensors disagree on the leading (instance) dimension: {sizes}")
+    return sizes.pop() if sizes else None
+
+
+def index_batch(batch: Batch, index: Tensor | None) -> Batch:
+    """Select instances ``index`` along the leading dimension of every tensor in ``batch``."""
+    if index is None or batch is None:
+        return batch
+    if isinstance(batch, Tensor):
+        return batch[index] if batch.dim() > 0 else batch
+    if isinstance(batch, Mapping):
+        return {k: index_batch(v, index) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(index_batch(v, index) for v in batch)
+    return batch
+
+
+def _leaves(batch: Batch) -> list[Tensor]:
+    if batch is None:
+        return []
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _leaves(v)]
+    if isinstance(batch, (tuple, list)):
+        return [t for v in batch for t in _leaves(v)]
+    return []
+
+
+@dataclass
+class BilevelProblem:
+    """A bilevel problem: lower-level energy h, upper-level loss f, parameters θ, modulus μ.
+
+    Attributes:
+        lower_energy: h(x, theta, batch) -> (B,) energies, μ-strongly convex and smooth in x.
+        upper_loss: f(x, theta, batch) -> (B,) losses; the upper objective is their mean.
+        theta: the parameters (tensor, sequence / dict of tensors, or nn.Module).
+        mu: strong-convexity modulus of every h_i in x (same units as the Hessian of h).
+            ``None`` means "estimate it" (smallest Hessian eigenvalue at the first solution);
+            bounds computed from an estimated μ are flagged as estimated, not certified.
+        upper_regulariser: optional r(theta) -> scalar added to F (no dependence on x).
+    """
+
+    lower_energy: EnergyFn
+    upper_loss: EnergyFn
+    theta: Theta
+    mu: float | None = None
+    upper_regulariser: Callable[[Any], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.lower_energy) or not callable(self.upper_loss):
+            raise BilevelError("lower_energy and upper_loss must be callables (x, theta, batch)")
+        if self.mu is not None:
+            mu = float(self.mu)
+            if not math.isfinite(mu) or mu <= 0:
+                raise BilevelError(
+                    f"mu (strong-convexity modulus) must be a finite positive number, got {mu}"
+                )
+            self.mu = mu
+        self.params  # validates theta
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The leaf tensors θ that hypergradients are taken with respect to."""
+        return parameter_list(self.theta)
+
+    @property
+    def mu_is_estimated(self) -> bool:
+        return self.mu is None
+
+    def check_inputs(self, x: Tensor, batch: Batch) -> None:
+        """Validate shapes and finiteness of a lower-level point and its batch."""
+        if not isinstance(x, Tensor) or x.dim() < 1:
+            raise BilevelError("x must be a tensor of shape (B, ...) with B instances")
+        check_finite("x", x)
+        for p in self.params:
+            check_finite("theta", p)
+        b = batch_size_of(batch)
+        if b is not None and b != x.shape[0]:
+            raise BilevelError(
+                f"batch has leading dimension {b} but x has {x.shape[0]} instances; every "
+                "tensor in batch must have one entry per instance (put shared data in the "
+                "closure instead)"
+            )
+
+    def energy(self, x: Tensor, batch: Batch) -> Tensor:
+        """h(x, θ, batch) with its shape checked."""
+        return _checked("lower_energy", self.lower_energy(x, self.theta, batch), x.shape[0])
+
+    def loss(self, x: Tensor, batch: Batch) -> Tensor:
+        """f(x, θ, batch) with its shape checked."""
+        return _checked("upper_loss", self.upper_loss(x, self.theta, batch), x.shape[0])
+
+
+def _checked(name: str, value: Tensor, n: int) -> Tensor:
+    if not isinstance(value, Tensor) or value.shape != (n,):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise BilevelError(f"{name} must return one value per instance, shape ({n},); got {shape}")
+    return value

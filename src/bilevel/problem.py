@@ -30,7 +30,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-Theta = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor], nn.Module]
+Theta = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor], nn.Module]  # noqa: UP007
 Batch = Any
 EnergyFn = Callable[[Tensor, Any, Batch], Tensor]
 
@@ -123,6 +123,9 @@ class BilevelProblem:
             ``None`` means "estimate it" (smallest Hessian eigenvalue at the first solution);
             bounds computed from an estimated μ are flagged as estimated, not certified.
         upper_regulariser: optional r(theta) -> scalar added to F (no dependence on x).
+        lipschitz: optional upper bound on the Lipschitz constant of ∇ₓh (the largest Hessian
+            eigenvalue over all x), a number or a callable evaluated at the current θ.  Lower
+            solvers use 1/lipschitz as a step; without it they estimate it by power iteration.
     """
 
     lower_energy: EnergyFn
@@ -130,6 +133,7 @@ class BilevelProblem:
     theta: Theta
     mu: float | None = None
     upper_regulariser: Callable[[Any], Tensor] | None = None
+    lipschitz: float | Callable[[], float] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.lower_energy) or not callable(self.upper_loss):
@@ -141,12 +145,17 @@ class BilevelProblem:
                     f"mu (strong-convexity modulus) must be a finite positive number, got {mu}"
                 )
             self.mu = mu
-        self.params  # validates theta
+        parameter_list(self.theta)  # validates theta
 
     @property
     def params(self) -> list[Tensor]:
         """The leaf tensors θ that hypergradients are taken with respect to."""
         return parameter_list(self.theta)
+
+    def lipschitz_bound(self) -> float | None:
+        """The stated bound on the Lipschitz constant of ∇ₓh at the current θ, if any."""
+        value = self.lipschitz() if callable(self.lipschitz) else self.lipschitz
+        return None if value is None else float(value)
 
     @property
     def mu_is_estimated(self) -> bool:

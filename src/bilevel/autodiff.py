@@ -1,0 +1,211 @@
+"""Derivatives of the lower-level energy and the upper-level loss, with oracle counting.
+
+All products are matrix free and batched over instances:
+
+* gradient        ∇ₓh_i(x_i)                 (one *gradient evaluation* per instance)
+* Hessian-vector  ∇²ₓₓh_i(x_i) v_i           (one *HVP* per instance; double backward)
+* mixed VJP       J_iᵀ q_i = ∇_θ⟨∇ₓh_i, q_i⟩  (one *VJP*; summed over instances, θ is shared)
+
+Costs are counted per instance: an evaluation on a batch of ``b`` active instances counts
+``b``. This makes costs comparable across batch sizes ("lower-level + CG iterations").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from bilevel.problem import Batch, BilevelProblem, NonFiniteError, index_batch
+
+
+@dataclass
+class Cost:
+    """Oracle calls spent, counted per instance, and wall time in seconds."""
+
+    grad_evals: int = 0
+    hvps: int = 0
+    vjps: int = 0
+    wall_time: float = 0.0
+
+    @property
+    def oracle_calls(self) -> int:
+        """Lower-level gradient evaluations + Hessian-vector products (the papers' x-axis)."""
+        return self.grad_evals + self.hvps
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(
+            self.grad_evals + other.grad_evals,
+            self.hvps + other.hvps,
+            self.vjps + other.vjps,
+            self.wall_time + other.wall_time,
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "grad_evals": self.grad_evals,
+            "hvps": self.hvps,
+            "vjps": self.vjps,
+            "oracle_calls": self.oracle_calls,
+            "wall_time": self.wall_time,
+        }
+
+
+def batch_norm(v: Tensor) -> Tensor:
+    """Per-instance Euclidean norm of a (B, ...) tensor, shape (B,)."""
+    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1)
+
+
+def batch_dot(u: Tensor, v: Tensor) -> Tensor:
+    """Per-instance inner product of two (B, ...) tensors, shape (B,)."""
+    return (u.reshape(u.shape[0], -1) * v.reshape(v.shape[0], -1)).sum(dim=1)
+
+
+def expand_as_batch(s: Tensor, like: Tensor) -> Tensor:
+    """Reshape per-instance scalars (B,) so they broadcast against ``like`` (B, ...)."""
+    return s.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+@dataclass
+class LowerLevel:
+    """The lower-level energy h(·, θ, batch) at fixed θ and batch, as counted oracles.
+
+    ``index`` arguments select instances (rows of the full batch) so that converged instances
+    need not be evaluated.
+    """
+
+    problem: BilevelProblem
+    batch: Batch
+    cost: Cost = field(default_factory=Cost)
+
+    def value_and_grad(self, x: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Energies h_i(x_i) (b,) and gradients ∇ₓh_i(x_i) (b, ...), detached."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            energy = self.problem.energy(x, index_batch(self.batch, index))
+            (grad,) = torch.autograd.grad(energy.sum(), x)
+        self.cost.grad_evals += x.shape[0]
+        if not bool(torch.isfinite(grad).all()):
+            raise NonFiniteError(
+                "the lower-level gradient became NaN or infinite; the iterates diverged "
+                "(step size too large for the energy's curvature, or non-finite data)"
+            )
+        return energy.detach(), grad
+
+    def hessian(self, x: Tensor, index: Tensor | None = None) -> HessianOperator:
+        """The Hessian ∇²ₓₓh at ``x`` as a batched matrix-free operator (keeps the graph)."""
+        return HessianOperator(self, x, index)
+
+
+class HessianOperator:
+    """Matrix-free ∇²ₓₓh(x) and mixed products at a fixed point x (one graph, reused).
+
+    The first-derivative graph g(x, θ) = ∇ₓh(x, θ) is built once with ``create_graph=True``;
+    every Hessian-vector product and every mixed product Jᵀq is one backward pass through it.
+    When a linear solver has retired more than half of the instances, the graph is rebuilt
+    on the remaining ones so that converged instances stop costing products.
+    """
+
+    def __init__(self, lower: LowerLevel, x: Tensor, index: Tensor | None = None) -> None:
+        self.lower = lower
+        self.x_full = x.detach()
+        n = x.shape[0]
+        self.full_index = torch.arange(n, device=x.device) if index is None else index.to(x.device)
+        self._build(self.full_index, self.x_full)
+        self._full = (self._index, self._x, self._g)
+
+    def _build(self, index: Tensor, x: Tensor) -> None:
+        lower = self.lower
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            energy = lower.problem.energy(xr, index_batch(lower.batch, index))
+            (g,) = torch.autograd.grad(energy.sum(), xr, create_graph=True)
+        lower.cost.grad_evals += x.shape[0]
+        self._index, self._x, self._g = index, xr, g
+
+    @property
+    def gradient(self) -> Tensor:
+        """∇ₓh at the operator's point, all instances (detached)."""
+        return self._full[2].detach()
+
+    def matvec(self, v: Tensor, index: Tensor) -> Tensor:
+        """H_index v for the instances ``index`` (positions in the full batch)."""
+        if index.numel() != self._index.numel() or not bool((index == self._index).all()):
+            if 2 * index.numel() <= self._index.numel():
+                pos = _positions(self.full_index, index)
+                self._build(index, self.x_full[pos])
+            else:
+                pos = _positions(self._index, index)
+                padded = torch.zeros_like(self._x)
+                padded[pos] = v
+                return self._hvp(padded)[pos]
+        return self._hvp(v)
+
+    def _hvp(self, v: Tensor) -> Tensor:
+        with torch.enable_grad():
+            (hv,) = torch.autograd.grad(self._g, self._x, v, retain_graph=True)
+        self.lower.cost.hvps += v.shape[0]
+        return hv
+
+    def full_matvec(self, v: Tensor) -> Tensor:
+        """H v for all instances, on the full graph."""
+        self._index, self._x, self._g = self._full
+        return self._hvp(v)
+
+    def jacobian_vjp(self, q: Tensor, params: list[Tensor]) -> list[Tensor]:
+        """Σ_i J_iᵀ q_i = ∇_θ⟨∇ₓh(x, θ), q⟩ with J = ∇²_θx h, q held fixed."""
+        g = self._full[2]
+        with torch.enable_grad():
+            out = torch.autograd.grad(g, params, q, retain_graph=True, allow_unused=True)
+        self.lower.cost.vjps += q.shape[0]
+        return [torch.zeros_like(p) if o is None else o for p, o in zip(params, out)]
+
+    def jacobian_jvp(self, u: list[Tensor], params: list[Tensor]) -> Tensor:
+        """J u = (∂/∂t) ∇ₓh(x, θ + t u) for all instances (double-backward trick)."""
+        g = self._full[2]
+        with torch.enable_grad():
+            w = torch.zeros_like(g, requires_grad=True)
+            jt_w = torch.autograd.grad(g, params, w, create_graph=True, allow_unused=True)
+            pairs = [(o, ui) for o, ui in zip(jt_w, u) if o is not None]
+            if not pairs:
+                return torch.zeros_like(g)
+            (ju,) = torch.autograd.grad(
+                [o for o, _ in pairs], w, [ui for _, ui in pairs], retain_graph=True
+            )
+        self.lower.cost.vjps += 2 * g.shape[0]
+        return ju
+
+
+def _positions(haystack: Tensor, needles: Tensor) -> Tensor:
+    """Positions of ``needles`` inside the sorted index tensor ``haystack``."""
+    return torch.searchsorted(haystack, needles)
+
+
+def upper_gradients(
+    problem: BilevelProblem, x: Tensor, batch: Batch
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Upper-level losses f_i (B,), per-instance ∇ₓf_i (B, ...), and ∇_θ mean_i f_i."""
+    params = problem.params
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        losses = problem.loss(xr, batch)
+        grads = torch.autograd.grad(losses.sum(), [xr, *params], allow_unused=True)
+    n = x.shape[0]
+    grad_theta = [torch.zeros_like(p) if g is None else g / n for p, g in zip(params, grads[1:])]
+    return losses.detach(), grads[0], grad_theta
+
+
+class Stopwatch:
+    """Wall time accumulated into a :class:`Cost`."""
+
+    def __init__(self, cost: Cost) -> None:
+        self.cost = cost
+
+    def __enter__(self) -> Stopwatch:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cost.wall_time += time.perf_counter() - self._start

@@ -1,0 +1,658 @@
+"""Matrix-free, batched solvers for the adjoint systems of implicit differentiation.
+
+Each solver treats ``B`` independent symmetric systems
+
+    H_i q_i = b_i,    i = 0, ..., B - 1,
+
+given only through products with the operators H_i (Hessian-vector products in practice).
+
+Conventions
+-----------
+* The right-hand side ``b`` has shape ``(B, *event_shape)``; instance ``i`` is ``b[i]``.
+* The operator is a callable ``matvec(v, index) -> H_index v``. ``index`` is a 1-D long tensor
+  of instance indices into the full batch of ``B`` and ``v`` has shape
+  ``(len(index), *event_shape)``; the result has the shape of ``v``. Solvers pass only the
+  instances that have not converged yet, so converged instances cost no further products.
+* All norms are per instance: the Euclidean norm over the entries of that instance.
+* ``tol`` is an **absolute** tolerance on the residual norm ``‖H_i q_i − b_i‖₂`` of each
+  instance: a float shared by all instances or a ``(B,)`` tensor. Its meaning does not depend
+  on the batch size B nor on ``‖b_i‖``; pass ``rtol * ‖b_i‖`` explicitly for a relative
+  criterion.
+* Cost is reported as ``matvecs``: the number of per-instance operator applications (a call
+  with ``len(index) == k`` counts ``k``).
+* Device and dtype follow ``b``. Only real floating-point dtypes are supported.
+* Nothing is detached: when ``b`` or the operator carries an autograd graph, the solution is
+  differentiable through the unrolled iterations. Detach ``b`` for a plain adjoint solve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from bilevel.problem import BilevelError, NonFiniteError, NotStronglyConvexError, check_finite
+
+MatVec = Callable[[Tensor, Tensor], Tensor]
+"""``matvec(v, index) -> H_index v``; ``v`` has shape ``(len(index), *event_shape)``."""
+
+__all__ = [
+    "CG",
+    "MINRES",
+    "EigenvalueEstimate",
+    "FixedPoint",
+    "LinearSolution",
+    "LinearSolver",
+    "MatVec",
+    "Neumann",
+    "largest_eigenvalue",
+]
+
+
+@dataclass(frozen=True)
+class LinearSolution:
+    """Result of a batched linear solve.
+
+    Attributes:
+        solution: ``(B, *event_shape)`` approximate solutions q_i.
+        residual_norm: ``(B,)`` residual norms ‖H_i q_i − b_i‖₂ of the returned solutions. How
+            they are computed (recursively updated or recomputed) is stated by each solver.
+        iterations: ``(B,)`` long, iterations performed for each instance.
+        converged: ``(B,)`` bool, ``residual_norm <= tol``.
+        matvecs: total number of per-instance operator applications, including those spent on
+            the initial residual of a warm start and on step-size estimation.
+        min_curvature: ``(B,)`` smallest Rayleigh quotient pᵀHp / ‖p‖² observed on the
+            directions the solver multiplied by H (``nan`` where none was observed).
+    """
+
+    solution: Tensor
+    residual_norm: Tensor
+    iterations: Tensor
+    converged: Tensor
+    matvecs: int
+    min_curvature: Tensor
+
+
+@runtime_checkable
+class LinearSolver(Protocol):
+    """A configured batched solver for symmetric systems H_i q_i = b_i (see module docstring)."""
+
+    @property
+    def max_iter(self) -> int: ...
+
+    def solve(
+        self, matvec: MatVec, b: Tensor, tol: float | Tensor, x0: Tensor | None = None
+    ) -> LinearSolution: ...
+
+
+class EigenvalueEstimate(NamedTuple):
+    """Per-instance eigenvalue estimates and the products they cost.
+
+    Attributes:
+        values: ``(B,)`` estimates.
+        matvecs: number of per-instance operator applications spent.
+    """
+
+    values: Tensor
+    matvecs: int
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _dot(u: Tensor, v: Tensor) -> Tensor:
+    """Per-instance inner products ⟨u_i, v_i⟩, shape ``(n,)``."""
+    return (u * v).reshape(u.shape[0], -1).sum(-1)
+
+
+def _norm(u: Tensor) -> Tensor:
+    """Per-instance Euclidean norms, shape ``(n,)``."""
+    return torch.linalg.vector_norm(u.reshape(u.shape[0], -1), dim=-1)
+
+
+def _bc(s: Tensor, like: Tensor) -> Tensor:
+    """Broadcast per-instance scalars ``(n,)`` against ``(n, *event_shape)``."""
+    return s.reshape(s.shape + (1,) * (like.dim() - 1))
+
+
+def _apply(matvec: MatVec, v: Tensor, index: Tensor) -> Tensor:
+    out = matvec(v, index)
+    if not isinstance(out, Tensor) or out.shape != v.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise BilevelError(
+            f"matvec must return a tensor shaped like its input {tuple(v.shape)}; got {shape}"
+        )
+    return out
+
+
+def _check_rhs(b: Tensor) -> None:
+    if not isinstance(b, Tensor) or b.dim() < 1:
+        raise BilevelError("b must be a tensor of shape (B, *event_shape)")
+    if not b.is_floating_point():
+        raise BilevelError(f"b must have a real floating-point dtype, got {b.dtype}")
+    check_finite("right-hand side b", b)
+
+
+def _per_instance(name: str, value: float | Tensor, b: Tensor) -> Tensor:
+    """A float or ``(B,)`` tensor as a ``(B,)`` tensor on b's device and dtype."""
+    n = b.shape[0]
+    t = torch.as_tensor(value, dtype=b.dtype, device=b.device).detach()
+    if t.dim() == 0:
+        t = t.expand(n)
+    elif t.shape != (n,):
+        raise BilevelError(f"{name} must be a float or a ({n},) tensor; got {tuple(t.shape)}")
+    return t.clone()
+
+
+def _tolerance(tol: float | Tensor, b: Tensor) -> Tensor:
+    t = _per_instance("tol", tol, b)
+    if bool(torch.isnan(t).any()) or bool((t < 0).any()):
+        raise BilevelError("tol must be non-negative (an absolute residual tolerance)")
+    return t
+
+
+def _initial(matvec: MatVec, b: Tensor, x0: Tensor | None) -> tuple[Tensor | None, Tensor, int]:
+    """Warm start ``x0`` (checked, cast to b) and the initial residual ``b − H x0``."""
+    if x0 is None:
+        return None, b.clone(), 0
+    if not isinstance(x0, Tensor) or x0.shape != b.shape:
+        shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
+        raise BilevelError(f"x0 must have the shape of b {tuple(b.shape)}; got {shape}")
+    x0 = x0.to(dtype=b.dtype, device=b.device)
+    check_finite("initial guess x0", x0)
+    index = torch.arange(b.shape[0], device=b.device)
+    r = b - _apply(matvec, x0, index)
+    check_finite("initial residual b - H x0", r)
+    return x0, r, b.shape[0]
+
+
+def _check_max_iter(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BilevelError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _check_step(step: float | Tensor | None) -> None:
+    if step is None or isinstance(step, Tensor):
+        return
+    s = float(step)
+    if not math.isfinite(s) or s <= 0:
+        raise BilevelError(f"step must be a finite positive number, got {step!r}")
+
+
+class _Record:
+    """Per-instance outputs, filled in as instances retire from the active set."""
+
+    def __init__(self, b: Tensor) -> None:
+        n = b.shape[0]
+        self.residual_norm = torch.full((n,), math.nan, dtype=b.dtype, device=b.device)
+        self.iterations = torch.zeros(n, dtype=torch.long, device=b.device)
+        self.converged = torch.zeros(n, dtype=torch.bool, device=b.device)
+        self.min_curvature = torch.full((n,), math.nan, dtype=b.dtype, device=b.device)
+
+    def retire(
+        self,
+        index: Tensor,
+        residual_norm: Tensor,
+        iterations: int,
+        converged: Tensor | bool,
+        min_curvature: Tensor | None = None,
+    ) -> None:
+        self.residual_norm[index] = residual_norm
+        self.iterations[index] = iterations
+        self.converged[index] = converged
+        if min_curvature is not None:
+            self.min_curvature[index] = min_curvature
+
+
+def _first_bad(mask: Tensor, index: Tensor) -> tuple[int, int]:
+    """(position in the active set, global instance index) of the first True in ``mask``."""
+    pos = int(torch.nonzero(mask)[0, 0])
+    return pos, int(index[pos])
+
+
+def _nonfinite_error(solver: str, instance: int, iteration: int) -> NonFiniteError:
+    return NonFiniteError(
+        f"{solver}: NaN or infinite value in the iterates of instance {instance} at iteration "
+        f"{iteration} (check the operator / Hessian-vector product and the right-hand side)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# power iteration
+
+
+def largest_eigenvalue(
+    matvec: MatVec,
+    like: Tensor,
+    iterations: int = 20,
+    generator: torch.Generator | None = None,
+) -> EigenvalueEstimate:
+    """Batched power iteration for the dominant eigenvalue of each H_i.
+
+    Starting from a standard normal vector v shaped like ``like`` (``(B, *event_shape)``;
+    its device and dtype are used, its values are not), repeats ``iterations`` times
+
+        w = H v,   λ = ⟨v, w⟩,   v = w / ‖w‖     (per instance, ‖v‖ = 1)
+
+    and returns the last Rayleigh quotients λ_i. For symmetric H_i this estimates the eigenvalue
+    of largest magnitude (the largest eigenvalue when H_i is positive semi-definite) with error
+    of order (λ₂/λ₁)^(2k). For positive semi-definite H_i the estimate never exceeds λ_max, so it
+    is a lower bound on the Lipschitz constant of the gradient: a step 1/λ is at most a little
+    longer than 1/λ_max, which is still inside the stable range (0, 2/λ_max) of gradient descent
+    and Richardson iteration whenever λ > λ_max / 2.
+
+    Returns:
+        ``EigenvalueEstimate(values, matvecs)``: ``values`` has shape ``(B,)``; ``matvecs`` is
+        ``B * iterations``. The named tuple unpacks as ``values, matvecs = ...``.
+    """
+    if not isinstance(like, Tensor) or like.dim() < 1 or not like.is_floating_point():
+        raise BilevelError("like must be a real floating-point tensor of shape (B, *event_shape)")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise BilevelError(f"iterations must be a positive integer, got {iterations!r}")
+    n = like.shape[0]
+    index = torch.arange(n, device=like.device)
+    v = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    tiny = torch.finfo(like.dtype).tiny
+    v = v / _bc(_norm(v).clamp_min(tiny), v)
+    values = torch.zeros(n, dtype=like.dtype, device=like.device)
+    for k in range(iterations):
+        w = _apply(matvec, v, index)
+        values = _dot(v, w)
+        wn = _norm(w)
+        if not bool(torch.isfinite(wn).all() & torch.isfinite(values).all()):
+            bad = ~(torch.isfinite(wn) & torch.isfinite(values))
+            raise _nonfinite_error("power iteration", _first_bad(bad, index)[1], k)
+        v = w / _bc(wn.clamp_min(tiny), w)
+    return EigenvalueEstimate(values, n * iterations)
+
+
+def _step_sizes(
+    matvec: MatVec,
+    b: Tensor,
+    step: float | Tensor | None,
+    power_iterations: int,
+    seed: int | None,
+    solver: str,
+) -> tuple[Tensor, int]:
+    """Per-instance step η as a ``(B,)`` tensor; 1/L from power iteration when step is None."""
+    if step is not None:
+        eta = _per_instance("step", step, b)
+        if not bool((torch.isfinite(eta) & (eta > 0)).all()):
+            raise BilevelError(f"{solver}: step must be finite and positive for every instance")
+        return eta, 0
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=b.device)
+        generator.manual_seed(seed)
+    lam, cost = largest_eigenvalue(matvec, b, power_iterations, generator)
+    bad = ~(lam > 0)
+    if bool(bad.any()):
+        pos = int(torch.nonzero(bad)[0, 0])
+        raise NotStronglyConvexError(
+            f"{solver}: power iteration gave a non-positive dominant eigenvalue "
+            f"{float(lam[pos]):.6g} for instance {pos}; the operator is not positive definite"
+        )
+    return 1.0 / lam, cost
+
+
+# ---------------------------------------------------------------------------------------------
+# conjugate gradients
+
+
+@dataclass(frozen=True)
+class CG:
+    """Batched conjugate gradients for symmetric positive-definite H_i.
+
+    Per active instance, with r = b − H x and p = r initially::
+
+        α = ‖r‖² / pᵀHp,   x ← x + α p,   r ← r − α Hp,   β = ‖r_new‖² / ‖r‖²,   p ← r + β p
+
+    An instance stops as soon as ‖r‖ ≤ tol (absolute); an instance whose initial residual
+    ``‖b_i − H x0_i‖`` is already within tol (e.g. ``b_i = 0`` without warm start) is returned
+    at iteration 0 without any product. ``residual_norm`` is the recursively updated residual
+    ‖r‖, which equals the true residual in exact arithmetic; in floating point the two differ
+    by about machine epsilon · κ(H) · ‖b‖.
+
+    Raises:
+        NotStronglyConvexError: pᵀHp ≤ 0 for an active instance (H_i is not positive definite);
+            the message names the instance and the curvature pᵀHp / ‖p‖².
+        NonFiniteError: NaN or infinity in b, x0, an operator output or an iterate.
+
+    ``min_curvature`` is the smallest pᵀHp / ‖p‖² over the search directions, an upper bound
+    on λ_min(H_i). ``matvecs = Σ iterations`` (+ B for the initial residual when x0 is given).
+    """
+
+    max_iter: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_max_iter("max_iter", self.max_iter)
+
+    def solve(
+        self, matvec: MatVec, b: Tensor, tol: float | Tensor, x0: Tensor | None = None
+    ) -> LinearSolution:
+        """Solve H_i q_i = b_i for all instances to absolute residual tolerance ``tol``."""
+        _check_rhs(b)
+        tol_all = _tolerance(tol, b)
+        x0, r, matvecs = _initial(matvec, b, x0)
+        out = torch.zeros_like(b) if x0 is None else x0.clone()
+        rec = _Record(b)
+
+        rr = _dot(r, r)
+        rnorm = rr.sqrt()
+        done = rnorm <= tol_all
+        index = torch.arange(b.shape[0], device=b.device)
+        rec.retire(index[done], rnorm[done], 0, True)
+        keep = ~done
+        index, tol_a, rr, r = index[keep], tol_all[keep], rr[keep], r[keep]
+        x = out[keep]
+        p = r.clone()
+        curv = torch.full_like(rr, math.nan)
+
+        k = 0
+        while index.numel() > 0 and k < self.max_iter:
+            hp = _apply(matvec, p, index)
+            matvecs += index.numel()
+            k += 1
+            php = _dot(p, hp)
+            pp = _dot(p, p)
+            alpha = rr / php
+            x = x + _bc(alpha, x) * p
+            r = r - _bc(alpha, r) * hp
+            rr_new = _dot(r, r)
+            beta = rr_new / rr
+            curv = torch.fmin(curv, php / pp)
+
+            # Order of checks: a non-finite product, then non-positive curvature (which makes
+            # α infinite or negative), then non-finite iterates.
+            bad_product = ~(torch.isfinite(php) & torch.isfinite(pp))
+            nonpos = php <= 0
+            bad_iterate = ~(torch.isfinite(alpha) & torch.isfinite(rr_new) & torch.isfinite(beta))
+            rnorm = rr_new.sqrt()
+            done = rnorm <= tol_a
+            flags = torch.stack(
+                [bad_product.any(), nonpos.any(), bad_iterate.any(), done.any()]
+            ).tolist()
+            if flags[0]:
+                raise _nonfinite_error("CG", _first_bad(bad_product, index)[1], k)
+            if flags[1]:
+                pos, inst = _first_bad(nonpos, index)
+                raise NotStronglyConvexError(
+                    f"CG: non-positive curvature p^T H p / ||p||^2 = "
+                    f"{float(php[pos] / pp[pos]):.6g} for instance {inst} at iteration {k}; "
+                    "the operator (lower-level Hessian) is not positive definite"
+                )
+            if flags[2]:
+                raise _nonfinite_error("CG", _first_bad(bad_iterate, index)[1], k)
+            p = r + _bc(beta, p) * p
+            rr = rr_new
+            if flags[3]:
+                gidx = index[done]
+                out[gidx] = x[done]
+                rec.retire(gidx, rnorm[done], k, True, curv[done])
+                keep = ~done
+                index, tol_a, rr, r, p, x, curv = (
+                    t[keep] for t in (index, tol_a, rr, r, p, x, curv)
+                )
+
+        if index.numel() > 0:
+            out[index] = x
+            rec.retire(index, rr.sqrt(), k, False, curv)
+        return LinearSolution(
+            out, rec.residual_norm, rec.iterations, rec.converged, matvecs, rec.min_curvature
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# MINRES
+
+
+@dataclass(frozen=True)
+class MINRES:
+    """Batched MINRES (Paige & Saunders, 1975) for symmetric, possibly indefinite, H_i.
+
+    Lanczos tridiagonalisation of H_i with a QR factorisation by Givens rotations; iterate k
+    minimises ‖b − H q‖ over q ∈ x0 + K_k(H, b − H x0). A warm start solves for the correction
+    d = q − x0 from H d = b − H x0. Each instance stops once the residual norm is ≤ tol
+    (absolute). ``residual_norm`` is MINRES's recursive estimate φ̄_k of ‖b − H q_k‖ (exact in
+    exact arithmetic). ``min_curvature`` is the smallest Lanczos Rayleigh quotient
+    α_k = v_kᵀ H v_k (‖v_k‖ = 1), an upper bound on λ_min(H_i); a negative value signals an
+    indefinite operator, which MINRES solves without breaking down (nonsingular H_i).
+    ``matvecs = Σ iterations`` (+ B for the initial residual when x0 is given).
+
+    Raises:
+        NonFiniteError: NaN or infinity in b, x0, an operator output or an iterate.
+    """
+
+    max_iter: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_max_iter("max_iter", self.max_iter)
+
+    def solve(
+        self, matvec: MatVec, b: Tensor, tol: float | Tensor, x0: Tensor | None = None
+    ) -> LinearSolution:
+        """Solve H_i q_i = b_i for all instances to absolute residual tolerance ``tol``."""
+        _check_rhs(b)
+        tol_all = _tolerance(tol, b)
+        x0, r0, matvecs = _initial(matvec, b, x0)
+        out = torch.zeros_like(b) if x0 is None else x0.clone()
+        rec = _Record(b)
+        eps = torch.finfo(b.dtype).eps
+
+        beta1 = _norm(r0)
+        done = beta1 <= tol_all
+        index = torch.arange(b.shape[0], device=b.device)
+        rec.retire(index[done], beta1[done], 0, True)
+        keep = ~done
+        index, tol_a, beta, r1 = index[keep], tol_all[keep], beta1[keep], r0[keep]
+        x = out[keep]
+        # Vectors: r1, r2 = previous two unnormalised Lanczos vectors, y = next one,
+        # w, w2 = last two search directions of the solution update.
+        y = r1
+        r2 = r1
+        w = torch.zeros_like(r1)
+        w2 = torch.zeros_like(r1)
+        oldb = torch.zeros_like(beta)
+        dbar = torch.zeros_like(beta)
+        epsln = torch.zeros_like(beta)
+        phibar = beta.clone()
+        cs = torch.full_like(beta, -1.0)
+        sn = torch.zeros_like(beta)
+        curv = torch.full_like(beta, math.nan)
+
+        k = 0
+        while index.numel() > 0 and k < self.max_iter:
+            v = y / _bc(beta, y)
+            y = _apply(matvec, v, index)
+            matvecs += index.numel()
+            k += 1
+            if k >= 2:
+                y = y - _bc(beta / oldb, r1) * r1
+            alfa = _dot(v, y)
+            curv = torch.fmin(curv, alfa)
+            y = y - _bc(alfa / beta, r2) * r2
+            r1, r2 = r2, y
+            oldb = beta
+            beta = _norm(y)
+
+            oldeps = epsln
+            delta = cs * dbar + sn * alfa
+            gbar = sn * dbar - cs * alfa
+            epsln = sn * beta
+            dbar = -cs * beta
+            gamma = torch.hypot(gbar, beta).clamp_min(eps)
+            cs = gbar / gamma
+            sn = beta / gamma
+            phi = cs * phibar
+            phibar = sn * phibar
+
+            w1, w2 = w2, w
+            w = (v - _bc(oldeps, w1) * w1 - _bc(delta, w2) * w2) / _bc(gamma, v)
+            x = x + _bc(phi, w) * w
+
+            finite = torch.isfinite(alfa) & torch.isfinite(beta) & torch.isfinite(phi)
+            finite &= torch.isfinite(_dot(w, w))
+            done = phibar <= tol_a
+            flags = torch.stack([(~finite).any(), done.any()]).tolist()
+            if flags[0]:
+                raise _nonfinite_error("MINRES", _first_bad(~finite, index)[1], k)
+            if flags[1]:
+                gidx = index[done]
+                out[gidx] = x[done]
+                rec.retire(gidx, phibar[done], k, True, curv[done])
+                keep = ~done
+                (index, tol_a, x, y, r1, r2, w, w2) = (
+                    t[keep] for t in (index, tol_a, x, y, r1, r2, w, w2)
+                )
+                (beta, oldb, dbar, epsln, phibar, cs, sn, curv) = (
+                    t[keep] for t in (beta, oldb, dbar, epsln, phibar, cs, sn, curv)
+                )
+
+        if index.numel() > 0:
+            out[index] = x
+            rec.retire(index, phibar, k, False, curv)
+        return LinearSolution(
+            out, rec.residual_norm, rec.iterations, rec.converged, matvecs, rec.min_curvature
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# fixed-point (Richardson) iteration and truncated Neumann series
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Richardson iteration q ← q + η (b − H q) (AID-FP), from x0 or from zero.
+
+    Converges for symmetric H_i when 0 < η_i λ_max(H_i) < 2, with error contraction factor
+    max |1 − η_i λ| over the spectrum. ``step`` is η (a float or a ``(B,)`` tensor); when None,
+    η_i = 1 / L_i with L_i from :func:`largest_eigenvalue` (``power_iterations`` products per
+    instance, random start seeded by ``seed``; ``seed=None`` uses the global generator). Those
+    products are included in ``matvecs`` but not in ``iterations``.
+
+    Each iteration costs one product per active instance and computes the *true* residual
+    b − H q of the current iterate; an instance stops when its norm is ≤ tol (absolute), so
+    ``residual_norm`` is exact up to rounding. ``min_curvature`` is not observed (nan).
+
+    Raises:
+        NotStronglyConvexError: the estimated L_i is not positive (only when step is None).
+        NonFiniteError: NaN or infinity in b, x0, an operator output or an iterate (a step too
+            long for the spectrum makes the iteration diverge and eventually overflow).
+    """
+
+    step: float | Tensor | None = None
+    max_iter: int = 1000
+    power_iterations: int = 20
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        _check_max_iter("max_iter", self.max_iter)
+        _check_step(self.step)
+
+    def solve(
+        self, matvec: MatVec, b: Tensor, tol: float | Tensor, x0: Tensor | None = None
+    ) -> LinearSolution:
+        """Iterate until ‖b_i − H_i q_i‖ ≤ tol_i or ``max_iter`` iterations."""
+        _check_rhs(b)
+        tol_all = _tolerance(tol, b)
+        x0, r, matvecs = _initial(matvec, b, x0)
+        eta_all, cost = _step_sizes(
+            matvec, b, self.step, self.power_iterations, self.seed, "FixedPoint"
+        )
+        matvecs += cost
+        out = torch.zeros_like(b) if x0 is None else x0.clone()
+        rec = _Record(b)
+
+        index = torch.arange(b.shape[0], device=b.device)
+        x, tol_a, eta = out, tol_all, eta_all
+        k = 0
+        while True:
+            rnorm = _norm(r)
+            done = rnorm <= tol_a
+            finite = torch.isfinite(rnorm)
+            flags = torch.stack([(~finite).any(), done.any()]).tolist()
+            if flags[0]:
+                raise _nonfinite_error("FixedPoint", _first_bad(~finite, index)[1], k)
+            if flags[1]:
+                gidx = index[done]
+                out[gidx] = x[done]
+                rec.retire(gidx, rnorm[done], k, True)
+                keep = ~done
+                index, tol_a, eta, x, r, rnorm = (t[keep] for t in (index, tol_a, eta, x, r, rnorm))
+            if index.numel() == 0 or k >= self.max_iter:
+                break
+            x = x + _bc(eta, r) * r
+            r = b[index] - _apply(matvec, x, index)
+            matvecs += index.numel()
+            k += 1
+
+        if index.numel() > 0:
+            out[index] = x
+            rec.retire(index, rnorm, k, False)
+        return LinearSolution(
+            out, rec.residual_norm, rec.iterations, rec.converged, matvecs, rec.min_curvature
+        )
+
+
+@dataclass(frozen=True)
+class Neumann:
+    """Truncated Neumann series q = x0 + η Σ_{j<terms} (I − ηH)^j (b − H x0).
+
+    Without x0 this is η Σ_{j<terms} (I − ηH)^j b ≈ H⁻¹ b, i.e. exactly ``terms`` Richardson
+    steps from zero (from x0 when given). The number of terms is fixed: ``tol`` does not stop
+    the computation, it only sets ``converged = residual_norm <= tol``. The residual
+    b − H q = (I − ηH)^terms (b − H x0) is obtained by the same recursion, so the solve costs
+    ``terms`` products per instance (+1 for the initial residual with x0, + power iterations
+    when ``step`` is None, see :class:`FixedPoint`); ``iterations`` is ``terms``.
+    ``residual_norm`` is this recursively computed residual (exact in exact arithmetic).
+    ``max_iter`` is an alias of ``terms``. ``min_curvature`` is not observed (nan).
+    """
+
+    terms: int = 20
+    step: float | Tensor | None = None
+    power_iterations: int = 20
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        _check_max_iter("terms", self.terms)
+        _check_step(self.step)
+
+    @property
+    def max_iter(self) -> int:
+        return self.terms
+
+    def solve(
+        self, matvec: MatVec, b: Tensor, tol: float | Tensor, x0: Tensor | None = None
+    ) -> LinearSolution:
+        """Sum ``terms`` terms of the series for every instance."""
+        _check_rhs(b)
+        tol_all = _tolerance(tol, b)
+        x0, t, matvecs = _initial(matvec, b, x0)
+        eta, cost = _step_sizes(matvec, b, self.step, self.power_iterations, self.seed, "Neumann")
+        matvecs += cost
+        n = b.shape[0]
+        index = torch.arange(n, device=b.device)
+        eta_b = _bc(eta, b)
+        acc = torch.zeros_like(b)
+        for j in range(self.terms):
+            acc = acc + t
+            t = t - eta_b * _apply(matvec, t, index)
+            matvecs += n
+            tn = _norm(t)
+            if not bool(torch.isfinite(tn).all()):
+                raise _nonfinite_error("Neumann", _first_bad(~torch.isfinite(tn), index)[1], j)
+        q = eta_b * acc if x0 is None else x0 + eta_b * acc
+        rnorm = _norm(t)
+        return LinearSolution(
+            solution=q,
+            residual_norm=rnorm,
+            iterations=torch.full((n,), self.terms, dtype=torch.long, device=b.device),
+            converged=rnorm <= tol_all,
+            matvecs=matvecs,
+            min_curvature=torch.full((n,), math.nan, dtype=b.dtype, device=b.device),
+        )

@@ -1,0 +1,410 @@
+"""Batched lower-level solvers with per-instance stopping and certified accuracy.
+
+Every solver minimises the B independent energies h_i(·, θ, batch_i) together and stops
+instance i as soon as ‖∇ₓh_i(x_i)‖₂ ≤ tol_i.  ``tol`` is an *absolute* tolerance on the
+Euclidean norm of one instance's gradient (same units as ∇ₓh); it does not depend on the
+batch size.  With μ-strong convexity the returned point is certified to satisfy
+‖x_i − x̂_i‖ ≤ ‖∇ₓh_i(x_i)‖ / μ (``distance_bound``).  The returned point of each instance is
+always one at which its gradient was evaluated, so the certificate is exact, never stale.
+
+Converged instances are removed from the active set and cost no further gradient
+evaluations.  Solvers are small immutable configuration objects with a ``solve`` method.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from bilevel.autodiff import LowerLevel, batch_dot, batch_norm, expand_as_batch
+from bilevel.linear import largest_eigenvalue
+from bilevel.problem import BilevelError
+
+
+class ConvergenceWarning(UserWarning):
+    """A solver hit its iteration cap before every instance reached its tolerance."""
+
+
+@dataclass(frozen=True)
+class LowerSolution:
+    """Result of a batched lower-level solve; every field is per instance.
+
+    Attributes:
+        x: solutions (B, ...).
+        energy: h_i(x_i) (B,).
+        grad_norm: ‖∇ₓh_i(x_i)‖₂ (B,), evaluated at the returned x_i.
+        distance_bound: grad_norm / μ, the certified bound on ‖x_i − x̂_i‖ (B,); NaN if μ
+            is unknown.
+        iterations: iterations per instance (B,).
+        converged: grad_norm ≤ tol (B,).
+        grad_evals: gradient evaluations spent, summed over instances.
+    """
+
+    x: Tensor
+    energy: Tensor
+    grad_norm: Tensor
+    distance_bound: Tensor
+    iterations: Tensor
+    converged: Tensor
+    grad_evals: int
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    def summary(self) -> str:
+        n_bad = int((~self.converged).sum())
+        return (
+            f"{self.converged.numel() - n_bad}/{self.converged.numel()} instances converged; "
+            f"max ‖∇h‖ = {float(self.grad_norm.max()):.3e}, "
+            f"max iterations = {int(self.iterations.max())}"
+        )
+
+
+class LowerSolver(Protocol):
+    def solve(
+        self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
+    ) -> LowerSolution: ...
+
+
+def _tolerance(tol: float | Tensor, x: Tensor) -> Tensor:
+    t = torch.as_tensor(tol, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
+    if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+        raise BilevelError(f"tolerance must be finite and positive, got {tol}")
+    return t
+
+
+def estimate_lipschitz(lower: LowerLevel, x: Tensor, iterations: int = 20) -> Tensor:
+    """Per-instance estimate of the Lipschitz constant of ∇ₓh: λ_max(∇²h(x)) by power iteration.
+
+    Local, hence an estimate: solvers that use it guard against it being too small.
+    """
+    op = lower.hessian(x)
+    values, _ = largest_eigenvalue(op.matvec, x, iterations=iterations)
+    return values.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _initial_lipschitz(
+    lower: LowerLevel, x0: Tensor, given: float | None, margin: float
+) -> tuple[Tensor, bool]:
+    """(L per instance, whether it is a trusted upper bound)."""
+    if given is None:
+        given = lower.problem.lipschitz_bound()
+    if given is not None:
+        if not math.isfinite(given) or given <= 0:
+            raise BilevelError(f"lipschitz must be finite and positive, got {given}")
+        return torch.full((x0.shape[0],), float(given), dtype=x0.dtype, device=x0.device), True
+    return margin * estimate_lipschitz(lower, x0), False
+
+
+def _increased(new: Tensor, old: Tensor) -> Tensor:
+    """Energy increase beyond rounding error (a sign that the step 1/L was too long)."""
+    slack = 64 * torch.finfo(new.dtype).eps * (old.abs() + 1.0)
+    return new > old + slack
+
+
+class _Record:
+    """Per-instance outputs of a solve, filled as instances retire."""
+
+    def __init__(self, x0: Tensor) -> None:
+        n = x0.shape[0]
+        self.x = x0.detach().clone()
+        self.energy = torch.full((n,), math.nan, dtype=x0.dtype, device=x0.device)
+        self.grad_norm = torch.full_like(self.energy, math.inf)
+        self.iterations = torch.zeros(n, dtype=torch.long, device=x0.device)
+
+    def store(self, index: Tensor, x: Tensor, energy: Tensor, gnorm: Tensor, it: int) -> None:
+        self.x[index] = x
+        self.energy[index] = energy
+        self.grad_norm[index] = gnorm
+        self.iterations[index] = it
+
+    def result(self, lower: LowerLevel, tol: Tensor, mu: float | None, evals0: int):
+        dist = self.grad_norm / mu if mu is not None else torch.full_like(self.grad_norm, math.nan)
+        return LowerSolution(
+            x=self.x,
+            energy=self.energy,
+            grad_norm=self.grad_norm,
+            distance_bound=dist,
+            iterations=self.iterations,
+            converged=self.grad_norm <= tol,
+            grad_evals=lower.cost.grad_evals - evals0,
+        )
+
+
+@dataclass(frozen=True)
+class GradientDescent:
+    """x ← x − ∇h(x)/L per instance.
+
+    L is ``lipschitz`` if given, else the problem's ``lipschitz`` bound, else a power-iteration
+    estimate at x0 times ``margin`` (power iteration approaches λ_max from below, and any
+    L > λ_max/2 is stable for gradient descent); an estimated L is doubled for an instance
+    whenever its energy increases.  With ``backtracking=True`` each step is an Armijo backtracking search
+    (sufficient decrease h(x − g/L) ≤ h(x) − ‖g‖²/(2L), L doubled until it holds, then
+    multiplied by 0.9 for the next step), which needs no Lipschitz constant.
+    """
+
+    max_iter: int = 10_000
+    lipschitz: float | None = None
+    backtracking: bool = False
+    margin: float = 1.0
+
+    def solve(
+        self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
+    ) -> LowerSolution:
+        evals0 = lower.cost.grad_evals
+        tol_t = _tolerance(tol, x0)
+        rec = _Record(x0)
+        active = torch.arange(x0.shape[0], device=x0.device)
+        x = x0.detach()
+        if self.backtracking:
+            lip, trusted = torch.ones(x0.shape[0], dtype=x0.dtype, device=x0.device), False
+        else:
+            lip, trusted = _initial_lipschitz(lower, x0, self.lipschitz, self.margin)
+        energy, grad = lower.value_and_grad(x, active)
+        for it in range(self.max_iter + 1):
+            gnorm = batch_norm(grad)
+            done = gnorm <= tol_t[active]
+            if it == self.max_iter:
+                done = torch.ones_like(done)
+            if bool(done.any()):
+                rec.store(active[done], x[done], energy[done], gnorm[done], it)
+                keep = ~done
+                active, x, grad, energy, lip = (
+                    active[keep],
+                    x[keep],
+                    grad[keep],
+                    energy[keep],
+                    lip[keep],
+                )
+                if active.numel() == 0:
+                    break
+            step = expand_as_batch(1.0 / lip, x)
+            x_new = x - step * grad
+            e_new, g_new = lower.value_and_grad(x_new, active)
+            if self.backtracking:
+                e_new, g_new, x_new, lip = self._backtrack(
+                    lower, active, x, energy, grad, x_new, e_new, g_new, lip
+                )
+            elif not trusted:
+                lip = torch.where(_increased(e_new, energy), 2.0 * lip, lip)
+            x, energy, grad = x_new, e_new, g_new
+        return rec.result(lower, tol_t, mu, evals0)
+
+    @staticmethod
+    def _backtrack(lower, active, x, energy, grad, x_new, e_new, g_new, lip, max_halvings=50):
+        sq = batch_norm(grad) ** 2
+        for _ in range(max_halvings):
+            bad = _increased(e_new, energy - 0.5 * sq / lip)
+            if not bool(bad.any()):
+                break
+            lip = torch.where(bad, 2.0 * lip, lip)
+            sub = bad.nonzero().squeeze(1)
+            xs = x[sub] - expand_as_batch(1.0 / lip[sub], x[sub]) * grad[sub]
+            es, gs = lower.value_and_grad(xs, active[sub])
+            x_new, e_new, g_new = x_new.clone(), e_new.clone(), g_new.clone()
+            x_new[sub], e_new[sub], g_new[sub] = xs, es, gs
+        return e_new, g_new, x_new, 0.9 * lip
+
+
+@dataclass(frozen=True)
+class Nesterov:
+    """Accelerated gradient (FISTA / Nesterov) with gradient-based adaptive restart.
+
+    y is the extrapolated point; x⁺ = y − ∇h(y)/L; y⁺ = x⁺ + β(x⁺ − x).  With μ known,
+    β = (√L − √μ)/(√L + √μ) (the strongly convex constant momentum); otherwise the FISTA
+    sequence t⁺ = (1 + √(1 + 4t²))/2, β = (t − 1)/t⁺.  Momentum restarts per instance when
+    ⟨∇h(y), x⁺ − x⟩ > 0 (O'Donoghue & Candès).  The gradient is evaluated at y, so stopping
+    and certification use y, which is returned.  L as in :class:`GradientDescent`; an
+    estimated L is doubled when a plain (momentum-free) gradient step increased the energy.
+    """
+
+    max_iter: int = 10_000
+    lipschitz: float | None = None
+    restart: bool = True
+    margin: float = 1.5
+
+    def solve(
+        self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
+    ) -> LowerSolution:
+        evals0 = lower.cost.grad_evals
+        tol_t = _tolerance(tol, x0)
+        rec = _Record(x0)
+        n = x0.shape[0]
+        active = torch.arange(n, device=x0.device)
+        lip, trusted = _initial_lipschitz(lower, x0, self.lipschitz, self.margin)
+        y = x0.detach()
+        x_prev = y
+        t = torch.ones(n, dtype=x0.dtype, device=x0.device)
+        plain = torch.ones(n, dtype=torch.bool, device=x0.device)
+        e_prev = torch.full((n,), math.inf, dtype=x0.dtype, device=x0.device)
+        for it in range(self.max_iter + 1):
+            energy, grad = lower.value_and_grad(y, active)
+            gnorm = batch_norm(grad)
+            done = gnorm <= tol_t[active]
+            if it == self.max_iter:
+                done = torch.ones_like(done)
+            if bool(done.any()):
+                rec.store(active[done], y[done], energy[done], gnorm[done], it)
+                keep = ~done
+                active, y, x_prev, grad, energy = (
+                    active[keep],
+                    y[keep],
+                    x_prev[keep],
+                    grad[keep],
+                    energy[keep],
+                )
+                lip, t, plain, e_prev = lip[keep], t[keep], plain[keep], e_prev[keep]
+                if active.numel() == 0:
+                    break
+            if not trusted:
+                lip = torch.where(plain & _increased(energy, e_prev), 2.0 * lip, lip)
+            x_new = y - expand_as_batch(1.0 / lip, y) * grad
+            if mu is not None:
+                sl, sm = lip.sqrt(), math.sqrt(mu)
+                beta = ((sl - sm) / (sl + sm)).clamp_min(0.0)
+            else:
+                t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
+                beta = (t - 1.0) / t_new
+                t = t_new
+            if self.restart:
+                reset = batch_dot(grad, x_new - x_prev) > 0
+                beta = torch.where(reset, torch.zeros_like(beta), beta)
+                t = torch.where(reset, torch.ones_like(t), t)
+            plain = beta == 0
+            e_prev = energy
+            y = x_new + expand_as_batch(beta, x_new) * (x_new - x_prev)
+            x_prev = x_new
+        return rec.result(lower, tol_t, mu, evals0)
+
+
+FISTA = Nesterov
+
+
+@dataclass(frozen=True)
+class LBFGS:
+    """Limited-memory BFGS, batched: per-instance two-loop recursion and Armijo backtracking.
+
+    ``memory`` curvature pairs (s, y) per instance; a pair is stored only if sᵀy > 0.  The
+    initial Hessian scaling is sᵀy / yᵀy of the newest pair.  A non-descent direction falls
+    back to steepest descent.
+    """
+
+    max_iter: int = 1000
+    memory: int = 10
+    armijo: float = 1e-4
+    max_halvings: int = 40
+
+    def solve(
+        self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
+    ) -> LowerSolution:
+        evals0 = lower.cost.grad_evals
+        tol_t = _tolerance(tol, x0)
+        rec = _Record(x0)
+        n = x0.shape[0]
+        active = torch.arange(n, device=x0.device)
+        x = x0.detach()
+        energy, grad = lower.value_and_grad(x, active)
+        s_hist: list[Tensor] = []  # each (b, d), flattened
+        y_hist: list[Tensor] = []
+        valid: list[Tensor] = []  # each (b,) bool: pair usable for that instance
+        shape = x.shape[1:]
+        for it in range(self.max_iter + 1):
+            gnorm = batch_norm(grad)
+            done = gnorm <= tol_t[active]
+            if it == self.max_iter:
+                done = torch.ones_like(done)
+            if bool(done.any()):
+                rec.store(active[done], x[done], energy[done], gnorm[done], it)
+                keep = ~done
+                active, x, grad, energy = active[keep], x[keep], grad[keep], energy[keep]
+                gnorm = gnorm[keep]
+                s_hist = [s[keep] for s in s_hist]
+                y_hist = [y_[keep] for y_ in y_hist]
+                valid = [v[keep] for v in valid]
+                if active.numel() == 0:
+                    break
+            b = active.numel()
+            g = grad.reshape(b, -1)
+            d = -self._two_loop(g, s_hist, y_hist, valid)
+            if not s_hist:  # first step: unit length along −g, then backtracking
+                d = d / gnorm.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(1)
+            slope = (g * d).sum(1)
+            bad_dir = slope >= 0
+            d = torch.where(bad_dir.unsqueeze(1), -g, d)
+            slope = torch.where(bad_dir, -(g * g).sum(1), slope)
+            step = torch.ones(b, dtype=x.dtype, device=x.device)
+            x_flat = x.reshape(b, -1)
+            x_new = (x_flat + d).reshape(x.shape)
+            e_new, g_new = lower.value_and_grad(x_new, active)
+            for _ in range(self.max_halvings):
+                fail = _increased(e_new, energy + self.armijo * step * slope)
+                if not bool(fail.any()):
+                    break
+                step = torch.where(fail, 0.5 * step, step)
+                sub = fail.nonzero().squeeze(1)
+                xs = (x_flat[sub] + step[sub].unsqueeze(1) * d[sub]).reshape((-1, *shape))
+                es, gs = lower.value_and_grad(xs, active[sub])
+                x_new, e_new, g_new = x_new.clone(), e_new.clone(), g_new.clone()
+                x_new[sub], e_new[sub], g_new[sub] = xs, es, gs
+            s = (x_new - x).reshape(b, -1)
+            yv = (g_new - grad).reshape(b, -1)
+            sy = (s * yv).sum(1)
+            s_hist.append(s)
+            y_hist.append(yv)
+            valid.append(sy > 1e-12 * batch_norm(s) * batch_norm(yv))
+            if len(s_hist) > self.memory:
+                s_hist.pop(0)
+                y_hist.pop(0)
+                valid.pop(0)
+            x, energy, grad = x_new, e_new, g_new
+        return rec.result(lower, tol_t, mu, evals0)
+
+    @staticmethod
+    def _two_loop(
+        g: Tensor, s_hist: list[Tensor], y_hist: list[Tensor], valid: list[Tensor]
+    ) -> Tensor:
+        """H_k g by the two-loop recursion, skipping pairs that failed the curvature test."""
+        q = g.clone()
+        alphas = []
+        for s, y, ok in zip(reversed(s_hist), reversed(y_hist), reversed(valid)):
+            sy = (s * y).sum(1)
+            rho = torch.where(ok, 1.0 / torch.where(ok, sy, torch.ones_like(sy)), 0.0)
+            a = rho * (s * q).sum(1)
+            q = q - a.unsqueeze(1) * y
+            alphas.append((a, rho, s, y))
+        gamma = torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
+        for s, y, ok in zip(reversed(s_hist), reversed(y_hist), reversed(valid)):
+            ratio = (s * y).sum(1) / (y * y).sum(1).clamp_min(torch.finfo(g.dtype).tiny)
+            gamma = torch.where(ok, ratio, gamma)
+            break
+        r = gamma.unsqueeze(1) * q
+        for a, rho, s, y in reversed(alphas):
+            beta = rho * (y * r).sum(1)
+            r = r + (a - beta).unsqueeze(1) * s
+        return r
+
+
+def solve_lower(
+    lower: LowerLevel,
+    x0: Tensor,
+    tol: float | Tensor,
+    solver: LowerSolver,
+    mu: float | None,
+    warn: bool = True,
+) -> LowerSolution:
+    """Run ``solver`` and warn (ConvergenceWarning) if some instance missed its tolerance."""
+    sol = solver.solve(lower, x0, tol, mu)
+    if warn and not sol.all_converged:
+        warnings.warn(
+            f"lower-level solver {type(solver).__name__} reached max_iter: {sol.summary()}; "
+            "raise max_iter or loosen the tolerance",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return sol

@@ -99,6 +99,7 @@ class Estimator:
     lower_solver: LowerSolver = field(default_factory=Nesterov)
     constants: BoundConstants = field(default_factory=BoundConstants)
     compute_bound: bool = True
+    warn_unconverged: bool = True
 
     def __call__(
         self,
@@ -139,7 +140,9 @@ class Estimator:
     # -- pieces shared by the estimators -------------------------------------------------
 
     def _solve(self, problem: BilevelProblem, lower: LowerLevel, x0: Tensor, tol) -> tuple:
-        sol = solve_lower(lower, x0, tol, self.lower_solver, problem.mu, warn=True)
+        sol = solve_lower(
+            lower, x0, tol, self.lower_solver, problem.mu, warn=self.warn_unconverged
+        )
         op = lower.hessian(sol.x)
         if problem.mu is not None:
             return sol, op, problem.mu, False

@@ -144,9 +144,9 @@ class GradientDescent:
     L is ``lipschitz`` if given, else the problem's ``lipschitz`` bound, else a power-iteration
     estimate at x0 times ``margin`` (power iteration approaches λ_max from below, and any
     L > λ_max/2 is stable for gradient descent); an estimated L is doubled for an instance
-    whenever its energy increases.  With ``backtracking=True`` each step is an Armijo backtracking search
-    (sufficient decrease h(x − g/L) ≤ h(x) − ‖g‖²/(2L), L doubled until it holds, then
-    multiplied by 0.9 for the next step), which needs no Lipschitz constant.
+    whenever its energy increases.  With ``backtracking=True`` each step is an Armijo
+    backtracking search (sufficient decrease h(x − g/L) ≤ h(x) − ‖g‖²/(2L), L doubled until
+    it holds, then multiplied by 0.9 for the next step), which needs no Lipschitz constant.
     """
 
     max_iter: int = 10_000

@@ -1,0 +1,61 @@
+"""Imaging: forward operators, learnable regularisers, data, metrics and bilevel tasks."""
+
+from bilevel.imaging.data import (
+    BUNDLED_SPLITS,
+    DegradedImages,
+    bundled_images,
+    load_image_folder,
+    random_crops,
+)
+from bilevel.imaging.metrics import mse, psnr, ssim
+from bilevel.imaging.operators import (
+    Convolution,
+    Identity,
+    InpaintingMask,
+    LearnableMask,
+    LinearOperator,
+    gaussian_kernel,
+    motion_blur_kernel,
+    random_mask,
+)
+from bilevel.imaging.regularisers import (
+    ConvexRidge,
+    FieldsOfExperts,
+    InputConvexNetwork,
+    Regulariser,
+    SmoothedTV,
+)
+from bilevel.imaging.tasks import (
+    GridSearchResult,
+    grid_search_tv,
+    lipschitz_bound,
+    reconstruction_problem,
+)
+
+__all__ = [
+    "BUNDLED_SPLITS",
+    "ConvexRidge",
+    "Convolution",
+    "DegradedImages",
+    "FieldsOfExperts",
+    "GridSearchResult",
+    "Identity",
+    "InpaintingMask",
+    "InputConvexNetwork",
+    "LearnableMask",
+    "LinearOperator",
+    "Regulariser",
+    "SmoothedTV",
+    "bundled_images",
+    "gaussian_kernel",
+    "grid_search_tv",
+    "lipschitz_bound",
+    "load_image_folder",
+    "motion_blur_kernel",
+    "mse",
+    "psnr",
+    "random_crops",
+    "random_mask",
+    "reconstruction_problem",
+    "ssim",
+]

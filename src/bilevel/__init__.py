@@ -1,5 +1,24 @@
-"""bilevel: bilevel learning with inexact and stochastic hypergradients."""
+"""bilevel: bilevel learning with inexact and stochastic hypergradients.
 
+The flat namespace holds what users call; submodules hold the rest:
+``bilevel.imaging`` (operators, regularisers, data, metrics), ``bilevel.learning``
+(hyperparameter-learning models and data), ``bilevel.methods`` (ISGD, MAID, ...),
+``bilevel.runs`` (run directories, checkpoints, progress, plots).
+"""
+
+from bilevel.autodiff import Cost
+from bilevel.bounds import BoundConstants
+from bilevel.hypergrad import (
+    Estimator,
+    Exact,
+    Hypergradient,
+    Implicit,
+    JacobianFree,
+    Unrolled,
+    hypergradient,
+)
+from bilevel.linear import CG, MINRES, FixedPoint, LinearSolution, Neumann
+from bilevel.lower import FISTA, LBFGS, GradientDescent, LowerSolution, Nesterov
 from bilevel.problem import (
     BilevelError,
     BilevelProblem,
@@ -8,9 +27,28 @@ from bilevel.problem import (
 )
 
 __all__ = [
+    "CG",
+    "FISTA",
+    "LBFGS",
+    "MINRES",
     "BilevelError",
     "BilevelProblem",
+    "BoundConstants",
+    "Cost",
+    "Estimator",
+    "Exact",
+    "FixedPoint",
+    "GradientDescent",
+    "Hypergradient",
+    "Implicit",
+    "JacobianFree",
+    "LinearSolution",
+    "LowerSolution",
+    "Nesterov",
+    "Neumann",
     "NonFiniteError",
     "NotStronglyConvexError",
+    "Unrolled",
+    "hypergradient",
 ]
 __version__ = "0.1.0"

@@ -340,3 +340,42 @@ def test_non_strongly_convex_energy_is_detected_by_cg():
 def test_theta_without_grad_is_rejected():
     with pytest.raises(BilevelError, match="requires_grad"):
         BilevelProblem(lambda x, t, b: x.sum(1), lambda x, t, b: x.sum(1), torch.zeros(2), mu=1)
+
+
+def test_theta_as_module_parameters():
+    """θ given as an nn.Module: hypergradients come back per parameter, in order."""
+    problem, batch, theta = quadratic_problem(n_batch=3, dim=5, n_params=3, seed=7)
+    expected, _ = quadratic_exact(problem, batch)
+
+    class Shift(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(theta.detach()[:2].clone())
+            self.b = torch.nn.Parameter(theta.detach()[2:].clone())
+
+    module = Shift().double()
+
+    def h(x, mod, b):
+        return problem.lower_energy(x, torch.cat([mod.a, mod.b]), b)
+
+    def f(x, mod, b):
+        return problem.upper_loss(x, torch.cat([mod.a, mod.b]), b)
+
+    p2 = BilevelProblem(h, f, module, mu=0.5)
+    hg = Implicit()(p2, batch, torch.zeros(3, 5, dtype=F64), lower_tol=1e-11, adjoint_tol=1e-11)
+    assert [g.shape for g in hg.grad] == [(2,), (1,)]
+    assert torch.allclose(torch.cat(hg.grad), expected, atol=1e-8)
+    module.zero_grad()
+    hg = Implicit()(p2, batch, hg.x, lower_tol=1e-11, adjoint_tol=1e-11, accumulate=True)
+    assert torch.allclose(module.a.grad, expected[:2], atol=1e-8)
+
+
+def test_truncated_unrolling_is_biased_but_cheaper_in_memory():
+    problem, batch, theta = quadratic_problem(n_batch=2, dim=5, seed=8)
+    expected, x_star = quadratic_exact(problem, batch)
+    full = Unrolled(steps=400)(problem, batch, torch.zeros(2, 5, dtype=F64))
+    trunc = Unrolled(steps=400, truncate=20)(problem, batch, torch.zeros(2, 5, dtype=F64))
+    err_full = float((full.grad[0] - expected).norm())
+    err_trunc = float((trunc.grad[0] - expected).norm())
+    assert err_full < 1e-6 < err_trunc
+    assert full.bound is None and trunc.cost.hvps < full.cost.hvps

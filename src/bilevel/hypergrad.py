@@ -140,9 +140,7 @@ class Estimator:
     # -- pieces shared by the estimators -------------------------------------------------
 
     def _solve(self, problem: BilevelProblem, lower: LowerLevel, x0: Tensor, tol) -> tuple:
-        sol = solve_lower(
-            lower, x0, tol, self.lower_solver, problem.mu, warn=self.warn_unconverged
-        )
+        sol = solve_lower(lower, x0, tol, self.lower_solver, problem.mu, warn=self.warn_unconverged)
         op = lower.hessian(sol.x)
         if problem.mu is not None:
             return sol, op, problem.mu, False
@@ -337,15 +335,16 @@ class Unrolled(Estimator):
         eta = 1.0 / lip
         first_diff = 0 if self.truncate is None else max(0, self.steps - self.truncate)
         x = x0.detach()
+        for _ in range(first_diff):  # steps that are not differentiated
+            _, g = lower.value_and_grad(x)
+            x = x - eta * g
         with torch.enable_grad():
-            for k in range(self.steps):
-                if k == first_diff:
-                    x = x.detach().requires_grad_(True)
-                differentiate = k >= first_diff
+            x = x.detach().requires_grad_(True)
+            for _ in range(first_diff, self.steps):
                 energy = problem.energy(x, batch)
-                (g,) = torch.autograd.grad(energy.sum(), x, create_graph=differentiate)
+                (g,) = torch.autograd.grad(energy.sum(), x, create_graph=True)
                 lower.cost.grad_evals += x.shape[0]
-                x = x - eta * g if differentiate else (x - eta * g).detach()
+                x = x - eta * g
             losses = problem.loss(x, batch)
             grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
         lower.cost.hvps += (self.steps - first_diff) * x.shape[0]

@@ -1,0 +1,959 @@
+"""Hyperparameter-learning bilevel problems: ridge, ℓ2-logistic regression, data hypercleaning.
+
+Each model has one lower-level problem, the regularised training loss as a finite sum,
+
+    h(w, θ) = (1/N) Σ_j c_j(θ) ℓ(w; x_j, y_j) + Ω(w, θ),
+
+and the upper-level loss is the mean validation loss f(w) = (1/N_val) Σ_j ℓ(w; x^val_j, y^val_j).
+Ridge and logistic regression use one log-strength per feature, λ_k = exp(θ_k):
+
+    Ω(w, θ) = ½ Σ_k exp(θ_k) Σ_c w_{kc}²,   c_j ≡ 1;
+
+hypercleaning learns one weight per training sample, c_j(θ) = σ(θ_j), with a fixed ℓ2 term.
+
+Conventions of :class:`bilevel.BilevelProblem`: ``x`` has shape ``(B, *event_shape)`` (``B = 1``
+for the one training problem; ``B > 1`` evaluates several candidate weights at once), the
+training and validation data are closed over, and ``batch`` must be ``None``.
+
+:class:`FiniteSumModel` also exposes the lower level as a finite sum for stochastic solvers:
+``train_loss(w, θ, index)`` is the mean loss over the training samples ``index`` plus the full
+regulariser, so that its expectation over uniformly drawn indices is h(w, θ). Features may be
+dense or sparse (``torch.sparse_csr``; products use sparse-dense matmul, differentiable twice).
+Computations run in the dtype and on the device of ``X_train``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bilevel.learning.datasets import _check_labels, is_sparse, select_rows, to_csr
+from bilevel.problem import BilevelError, BilevelProblem, NonFiniteError
+
+__all__ = [
+    "FiniteSumModel",
+    "HypercleaningModel",
+    "LogisticModel",
+    "RidgeModel",
+    "accuracy",
+    "corrupt_labels",
+    "hypercleaning_model",
+    "hypercleaning_problem",
+    "logistic_model",
+    "logistic_problem",
+    "predict_logistic",
+    "ridge_hypergradient",
+    "ridge_model",
+    "ridge_mu",
+    "ridge_objective",
+    "ridge_problem",
+    "ridge_solution",
+]
+
+Index = Tensor | Sequence[int] | None
+
+# Largest eigenvalue of the Hessian of one sample's loss w.r.t. its score(s): ½(z−y)² → 1,
+# softplus(z) − yz → σ(1−σ) ≤ ¼, softmax cross-entropy → diag(p) − ppᵀ ≤ ½ I.
+_LOSS_CURVATURE = {"squared": 1.0, "binary": 0.25, "multinomial": 0.5}
+
+# Automatic data-curvature computation for ridge: only when the d×d Gram matrix is cheap.
+_GRAM_MAX_FEATURES = 4096
+_GRAM_MAX_FLOPS = 2e10
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_features(X: Tensor, name: str, n_features: int | None = None) -> Tensor:
+    if not isinstance(X, Tensor):
+        raise BilevelError(f"{name} must be a tensor, got {type(X).__name__}")
+    if X.dim() != 2:
+        raise BilevelError(f"{name} must be 2-D (samples, features), got shape {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise BilevelError(f"{name} must be floating point (float32 or float64), got {X.dtype}")
+    if X.shape[0] == 0:
+        raise BilevelError(f"{name} has no samples")
+    if n_features is not None and X.shape[1] != n_features:
+        raise BilevelError(
+            f"{name} has {X.shape[1]} features but the training data have {n_features}"
+        )
+    if is_sparse(X):
+        X = to_csr(X)
+    values = X.values() if is_sparse(X) else X
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteError(f"{name} contains NaN or infinite values")
+    return X
+
+
+def _check_targets(y: Tensor, n: int, name: str, n_classes: int | None, like: Tensor) -> Tensor:
+    if not isinstance(y, Tensor):
+        raise BilevelError(f"{name} must be a tensor, got {type(y).__name__}")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise BilevelError(f"{name} must have shape ({n},) (one per sample), got {tuple(y.shape)}")
+    if y.device != like.device:
+        raise BilevelError(f"{name} is on {y.device} but the features are on {like.device}")
+    if n_classes is not None:
+        return _check_labels(y, n_classes, name)
+    if not y.is_floating_point():
+        y = y.to(like.dtype)
+    if not bool(torch.isfinite(y).all()):
+        raise NonFiniteError(f"{name} contains NaN or infinite values")
+    return y.to(like.dtype)
+
+
+def _infer_classes(*ys: Tensor) -> int:
+    top = max(int(y.max()) for y in ys if y.numel())
+    return max(2, top + 1)
+
+
+def _as_index(index: Index, n: int, device: torch.device, what: str) -> Tensor | None:
+    """A validated int64 index tensor into ``n`` samples (``None`` = all)."""
+    if index is None:
+        return None
+    if isinstance(index, slice):
+        return torch.arange(n, device=device)[index]
+    if not isinstance(index, Tensor):
+        index = torch.as_tensor(index)
+    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+        raise BilevelError(f"{what} index must hold integers, got dtype {index.dtype}")
+    if index.dim() != 1 or index.numel() == 0:
+        raise BilevelError(f"{what} index must be a non-empty 1-D tensor of sample indices")
+    index = index.to(device=device, dtype=torch.int64)
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= n:
+        raise BilevelError(f"{what} index out of range [0, {n}): min {lo}, max {hi}")
+    return index
+
+
+def _matmul(X: Tensor, M: Tensor) -> Tensor:
+    """X @ M for dense or CSR X (twice differentiable in M)."""
+    return X @ M.contiguous() if is_sparse(X) else X @ M
+
+
+def _xt_v(X: Tensor, v: Tensor) -> Tensor:
+    """Xᵀ v in float64 for dense or CSR X, v of shape (N,)."""
+    if not is_sparse(X):
+        return X.to(torch.float64).T @ v.to(torch.float64)
+    crow = X.crow_indices()
+    rows = torch.repeat_interleave(torch.arange(X.shape[0], device=crow.device), crow.diff())
+    out = torch.zeros(X.shape[1], dtype=torch.float64, device=crow.device)
+    out.index_add_(0, X.col_indices(), X.values().to(torch.float64) * v.to(torch.float64)[rows])
+    return out
+
+
+def _gram(X: Tensor, chunk: int = 8192) -> Tensor:
+    """XᵀX in float64, accumulated over row chunks (sparse chunks are densified)."""
+    d = X.shape[1]
+    G = torch.zeros(d, d, dtype=torch.float64, device=X.device)
+    for start in range(0, X.shape[0], chunk):
+        idx = torch.arange(start, min(start + chunk, X.shape[0]), device=X.device)
+        Xc = select_rows(X, idx)
+        Xc = (Xc.to_dense() if is_sparse(Xc) else Xc).to(torch.float64)
+        G += Xc.T @ Xc
+    return G
+
+
+def _spectral_norm_sq(X: Tensor, iters: int = 50, seed: int = 0) -> float:
+    """Estimate of ‖X‖₂² = λ_max(XᵀX) by power iteration (a lower estimate)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(X.shape[1], 1, generator=gen, dtype=torch.float64).to(X.device)
+    v /= v.norm()
+    est = 0.0
+    Xd = X if is_sparse(X) else X.to(torch.float64)
+    for _ in range(iters):
+        u = _matmul(Xd, v.to(Xd.dtype)).to(torch.float64)
+        w = _xt_v(X, u[:, 0])[:, None]
+        est = float(w.norm())
+        if est == 0.0:
+            return 0.0
+        v = w / est
+    return est
+
+
+# --------------------------------------------------------------------------------------------
+# The finite-sum model
+# --------------------------------------------------------------------------------------------
+
+
+class FiniteSumModel:
+    """Lower level h(w, θ) = (1/N) Σ_j c_j(θ) ℓ_j(w) + Ω(w, θ) and upper level f = validation loss.
+
+    Subclasses fix the loss ℓ, the sample weights c_j(θ) and the regulariser Ω.
+
+    Attributes:
+        X_train, y_train, X_val, y_val: the data (features dense or CSR).
+        loss: ``"squared"``, ``"binary"`` (logistic, labels {0, 1}) or ``"multinomial"``.
+        n_train, n_val, n_features, n_classes: sizes (``n_classes`` is ``None`` for ridge).
+        fit_intercept: whether w carries a bias (the last row of w).
+        event_shape: shape of one w: (p,) or (p, K) with p = d (+1 with an intercept).
+        theta: the learnable leaf tensor θ.
+        problem: the :class:`BilevelProblem` (shares ``theta``; ``mu`` as documented by the
+            subclass, valid at the initial θ or for θ ≥ ``theta_lower``).
+    """
+
+    loss: str
+
+    def __init__(
+        self,
+        X_train: Tensor,
+        y_train: Tensor,
+        X_val: Tensor,
+        y_val: Tensor,
+        *,
+        loss: str,
+        n_classes: int | None,
+        fit_intercept: bool,
+    ) -> None:
+        self.X_train = _check_features(X_train, "X_train")
+        self.n_train, self.n_features = (int(s) for s in self.X_train.shape)
+        self.X_val = _check_features(X_val, "X_val", self.n_features)
+        if self.X_val.dtype != self.X_train.dtype or self.X_val.device != self.X_train.device:
+            raise BilevelError(
+                f"X_val ({self.X_val.dtype}, {self.X_val.device}) must match X_train "
+                f"({self.X_train.dtype}, {self.X_train.device})"
+            )
+        self.n_val = int(self.X_val.shape[0])
+        self.loss = loss
+        if loss == "squared":
+            self.n_classes = None
+        else:
+            if n_classes is None:
+                n_classes = _infer_classes(y_train, y_val)
+            self.n_classes = int(n_classes)
+        self.y_train = _check_targets(y_train, self.n_train, "y_train", self.n_classes, X_train)
+        self.y_val = _check_targets(y_val, self.n_val, "y_val", self.n_classes, X_train)
+        self.fit_intercept = bool(fit_intercept)
+        p = self.n_features + int(self.fit_intercept)
+        self.n_out = self.n_classes if self.loss == "multinomial" else 1
+        self.event_shape: tuple[int, ...] = (p,) if self.n_out == 1 else (p, self.n_out)
+        self._sq_norm: float | None = None
+
+    # -- shapes ------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.X_train.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.X_train.device
+
+    @property
+    def sparse(self) -> bool:
+        return is_sparse(self.X_train)
+
+    def init_w(self, n_instances: int = 1) -> Tensor:
+        """Zero weights of shape (n_instances, *event_shape)."""
+        return torch.zeros((n_instances, *self.event_shape), dtype=self.dtype, device=self.device)
+
+    def _as_batch(self, w: Tensor) -> tuple[Tensor, bool]:
+        """(B, *event) view of w and whether w was a single instance."""
+        if not isinstance(w, Tensor):
+            raise BilevelError(f"w must be a tensor, got {type(w).__name__}")
+        ev = self.event_shape
+        if tuple(w.shape) == ev:
+            return w.unsqueeze(0), True
+        if w.dim() == len(ev) + 1 and tuple(w.shape[1:]) == ev:
+            return w, w.shape[0] == 1
+        raise BilevelError(
+            f"w must have shape {ev} or (B, {', '.join(map(str, ev))}), got {tuple(w.shape)}"
+        )
+
+    # -- the pieces --------------------------------------------------------------------------
+
+    def _scores(self, W: Tensor, X: Tensor) -> Tensor:
+        """Scores of B weight vectors on the rows of X: (B, n) or (B, n, K) (multinomial)."""
+        B, d, K = W.shape[0], self.n_features, self.n_out
+        Wk = W.reshape(B, -1, K)
+        M = Wk[:, :d, :].permute(1, 0, 2).reshape(d, B * K)
+        Z = _matmul(X, M).reshape(X.shape[0], B, K).permute(1, 0, 2)
+        if self.fit_intercept:
+            Z = Z + Wk[:, d, :].unsqueeze(1)
+        return Z if self.loss == "multinomial" else Z[..., 0]
+
+    def _sample_losses(self, W: Tensor, X: Tensor, y: Tensor) -> Tensor:
+        """ℓ(w_b; x_j, y_j), shape (B, n)."""
+        Z = self._scores(W, X)
+        if self.loss == "squared":
+            return 0.5 * (Z - y) ** 2
+        if self.loss == "binary":
+            return F.softplus(Z) - y.to(Z.dtype) * Z
+        picked = Z.gather(2, y.view(1, -1, 1).expand(Z.shape[0], -1, 1))[..., 0]
+        return torch.logsumexp(Z, dim=2) - picked
+
+    def _sample_weights(self, theta, index: Tensor | None) -> Tensor | None:
+        """c_j(θ) for the samples ``index`` (``None``: all ones)."""
+        return None
+
+    def _regulariser(self, W: Tensor, theta) -> Tensor:
+        """Ω(w_b, θ), shape (B,)."""
+        raise NotImplementedError
+
+    def check_theta(self, theta) -> Tensor:
+        """Validate the shape of θ; returns it."""
+        return theta
+
+    # -- finite-sum interface ----------------------------------------------------------------
+
+    def train_loss(self, w: Tensor, theta: Tensor | None = None, index: Index = None) -> Tensor:
+        """(1/|I|) Σ_{j∈I} c_j(θ) ℓ(w; x_j, y_j) + Ω(w, θ) over training samples I = ``index``.
+
+        ``index=None`` uses all samples (then this equals h(w, θ)). Returns a scalar for one w
+        (shape ``event_shape`` or ``(1, *event_shape)``), else one value per instance (B,).
+        """
+        theta = self.theta if theta is None else self.check_theta(theta)
+        W, single = self._as_batch(w)
+        idx = _as_index(index, self.n_train, self.device, "training")
+        X = select_rows(self.X_train, idx)
+        y = self.y_train if idx is None else self.y_train.index_select(0, idx)
+        losses = self._sample_losses(W, X, y)
+        c = self._sample_weights(theta, idx)
+        data = (losses if c is None else losses * c).mean(dim=1)
+        out = data + self._regulariser(W, theta)
+        return out[0] if single else out
+
+    def val_loss(self, w: Tensor, theta: Tensor | None = None, index: Index = None) -> Tensor:
+        """(1/|I|) Σ_{j∈I} ℓ(w; x^val_j, y^val_j) over validation samples I (default all).
+
+        θ does not enter the validation loss; the argument keeps the finite-sum signature.
+        """
+        W, single = self._as_batch(w)
+        idx = _as_index(index, self.n_val, self.device, "validation")
+        X = select_rows(self.X_val, idx)
+        y = self.y_val if idx is None else self.y_val.index_select(0, idx)
+        out = self._sample_losses(W, X, y).mean(dim=1)
+        return out[0] if single else out
+
+    # -- BilevelProblem callables --------------------------------------------------------------
+
+    def _check_x(self, x: Tensor, batch) -> None:
+        if batch is not None:
+            raise BilevelError(
+                "this problem closes over its training data: batch must be None (use "
+                "train_loss(w, theta, index) for minibatches)"
+            )
+        if not isinstance(x, Tensor) or tuple(x.shape[1:]) != self.event_shape or x.dim() < 1:
+            raise BilevelError(
+                f"x must have shape (B, {', '.join(map(str, self.event_shape))}), got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
+
+    def lower_energy(self, x: Tensor, theta, batch=None) -> Tensor:
+        """h(x_b, θ) for each instance, shape (B,)."""
+        self._check_x(x, batch)
+        theta = self.check_theta(theta)
+        losses = self._sample_losses(x, self.X_train, self.y_train)
+        c = self._sample_weights(theta, None)
+        data = (losses if c is None else losses * c).mean(dim=1)
+        return data + self._regulariser(x, theta)
+
+    def upper_loss(self, x: Tensor, theta, batch=None) -> Tensor:
+        """f(x_b) = mean validation loss for each instance, shape (B,)."""
+        self._check_x(x, batch)
+        return self._sample_losses(x, self.X_val, self.y_val).mean(dim=1)
+
+    def _make_problem(self, mu: float) -> None:
+        self.problem = BilevelProblem(self.lower_energy, self.upper_loss, self.theta, mu=mu)
+
+    # -- constants -----------------------------------------------------------------------------
+
+    def mu(self, theta: Tensor | None = None) -> float:
+        """A strong-convexity modulus of h(·, θ)."""
+        raise NotImplementedError
+
+    def _max_strength(self, theta) -> float:
+        raise NotImplementedError
+
+    def smoothness(self, theta: Tensor | None = None, certified: bool = False) -> float:
+        """An upper bound L on the Lipschitz constant of ∇_w h(·, θ) (the largest eigenvalue).
+
+        L ≤ c_ℓ · ‖[X 1]‖₂² / N + max regularisation strength, c_ℓ the loss curvature (1, ¼,
+        ½). With ``certified=False`` ‖X‖₂² comes from power iteration (an estimate, slightly
+        low); ``certified=True`` uses the Frobenius norm ‖X‖_F² ≥ ‖X‖₂² (valid, often loose).
+        """
+        theta = self.theta if theta is None else self.check_theta(theta)
+        if certified:
+            vals = self.X_train.values() if self.sparse else self.X_train
+            sq = float((vals.to(torch.float64) ** 2).sum())
+        else:
+            if self._sq_norm is None:
+                self._sq_norm = _spectral_norm_sq(self.X_train)
+            sq = self._sq_norm
+        data = sq / self.n_train + (1.0 if self.fit_intercept else 0.0)
+        return _LOSS_CURVATURE[self.loss] * data + self._max_strength(theta)
+
+
+def _init_log_theta(
+    theta0: Tensor | float | None,
+    shapes: Sequence[tuple[int, ...]],
+    default_shape: tuple[int, ...],
+    like: Tensor,
+    what: str,
+) -> Tensor:
+    """A leaf θ (requires_grad) of the data's dtype / device from ``theta0``."""
+    if theta0 is None:
+        theta0 = 0.0
+    if isinstance(theta0, (int, float)):
+        if not math.isfinite(theta0):
+            raise NonFiniteError(f"theta0 must be finite, got {theta0}")
+        return torch.full(
+            default_shape, float(theta0), dtype=like.dtype, device=like.device, requires_grad=True
+        )
+    if not isinstance(theta0, Tensor):
+        raise BilevelError(f"theta0 must be a tensor or a number, got {type(theta0).__name__}")
+    if tuple(theta0.shape) not in [tuple(s) for s in shapes]:
+        raise BilevelError(
+            f"theta0 has shape {tuple(theta0.shape)}; {what} needs one of "
+            f"{[tuple(s) for s in shapes]}"
+        )
+    if not theta0.is_floating_point():
+        theta0 = theta0.to(like.dtype)
+    if not bool(torch.isfinite(theta0.detach()).all()):
+        raise NonFiniteError("theta0 contains NaN or infinite values")
+    if theta0.requires_grad and theta0.is_leaf:
+        if theta0.dtype != like.dtype or theta0.device != like.device:
+            raise BilevelError(
+                f"theta0 ({theta0.dtype}, {theta0.device}) must match the data "
+                f"({like.dtype}, {like.device}); pass a tensor without requires_grad to convert"
+            )
+        return theta0
+    return theta0.detach().to(dtype=like.dtype, device=like.device).clone().requires_grad_(True)
+
+
+class _PerFeatureL2(FiniteSumModel):
+    """Shared code of ridge and logistic regression: Ω = ½ Σ_k exp(θ_k) Σ_c w_kc²."""
+
+    def _theta_shapes(self) -> list[tuple[int, ...]]:
+        shapes = [(self.n_features,), (1,)]
+        if self.n_out > 1:
+            shapes.append((self.n_features, self.n_out))
+        return shapes
+
+    def check_theta(self, theta) -> Tensor:
+        if not isinstance(theta, Tensor):
+            raise BilevelError(f"theta must be a tensor, got {type(theta).__name__}")
+        if tuple(theta.shape) not in self._theta_shapes():
+            raise BilevelError(
+                f"theta has shape {tuple(theta.shape)}; expected one log-strength per feature "
+                f"{self._theta_shapes()[0]} (or one of {self._theta_shapes()[1:]})"
+            )
+        return theta
+
+    def _strengths(self, theta: Tensor) -> Tensor:
+        """λ broadcast against the coefficient block (1, d, K)."""
+        lam = torch.exp(theta)
+        return lam.reshape(1, -1, self.n_out) if lam.dim() == 2 else lam.reshape(1, -1, 1)
+
+    def _coef_penalty(self, W: Tensor, theta: Tensor) -> Tensor:
+        Wk = W.reshape(W.shape[0], -1, self.n_out)
+        coef = Wk[:, : self.n_features, :]
+        return 0.5 * (self._strengths(theta) * coef**2).sum(dim=(1, 2))
+
+    def _floor_theta(self, theta_lower: float | None) -> float:
+        low = float(self.theta.detach().min())
+        if theta_lower is not None:
+            if not math.isfinite(theta_lower):
+                raise BilevelError(f"theta_lower must be finite, got {theta_lower}")
+            low = min(low, float(theta_lower))
+        return low
+
+    def _max_strength(self, theta) -> float:
+        return float(torch.exp(theta.detach()).max())
+
+
+class RidgeModel(_PerFeatureL2):
+    """Ridge regression with one strength per feature.
+
+        h(w, θ) = (1/2N) ‖X w − y‖² + ½ Σ_k exp(θ_k) w_k²,   f(w) = (1/2N_val) ‖X_val w − y_val‖².
+
+    Strong convexity: ∇²h = XᵀX/N + diag(exp θ), so μ(θ) = λ_min(XᵀX/N) + min_k exp(θ_k)
+    (:meth:`mu`). μ depends on θ; the problem's ``mu`` is μ at θ₀, or at
+    min(θ₀, ``theta_lower``) when a lower bound on the visited θ is given, valid for every θ
+    whose entries stay above it. λ_min(XᵀX/N) is included when ``exact_mu`` (default: when
+    the d×d Gram matrix is cheap); otherwise μ = min_k exp(θ_k), still a valid bound.
+
+    :meth:`solution`, :meth:`objective` and :meth:`hypergradient` give the exact w(θ), F(θ)
+    and ∇F(θ) via dense float64 linear solves (reference values; small d).
+    """
+
+    def __init__(
+        self,
+        X_train: Tensor,
+        y_train: Tensor,
+        X_val: Tensor,
+        y_val: Tensor,
+        theta0: Tensor | float | None = 0.0,
+        *,
+        theta_lower: float | None = None,
+        exact_mu: bool | None = None,
+    ) -> None:
+        super().__init__(
+            X_train, y_train, X_val, y_val, loss="squared", n_classes=None, fit_intercept=False
+        )
+        self.theta = _init_log_theta(
+            theta0, self._theta_shapes(), (self.n_features,), self.X_train, "ridge"
+        )
+        if exact_mu is None:
+            d = self.n_features
+            exact_mu = d <= _GRAM_MAX_FEATURES and self.n_train * d * d <= _GRAM_MAX_FLOPS
+        self.data_curvature = ridge_mu(self.X_train, None) if exact_mu else 0.0
+        floor = self._floor_theta(theta_lower)
+        self._make_problem(self.data_curvature + math.exp(floor))
+
+    def _regulariser(self, W: Tensor, theta) -> Tensor:
+        return self._coef_penalty(W, theta)
+
+    def mu(self, theta: Tensor | None = None) -> float:
+        """μ(θ) = λ_min(XᵀX/N) (if computed) + min_k exp(θ_k)."""
+        theta = self.theta if theta is None else self.check_theta(theta)
+        return self.data_curvature + float(torch.exp(theta.detach()).min())
+
+    def solution(self, theta: Tensor | None = None) -> Tensor:
+        """w(θ) = (XᵀX/N + diag λ)⁻¹ Xᵀy/N, float64, shape (d,)."""
+        theta = self.theta if theta is None else self.check_theta(theta)
+        return ridge_solution(self.X_train, self.y_train, theta)
+
+    def objective(self, theta: Tensor | None = None) -> Tensor:
+        """F(θ) = f(w(θ)), float64 scalar."""
+        theta = self.theta if theta is None else self.check_theta(theta)
+        return ridge_objective(self.X_train, self.y_train, self.X_val, self.y_val, theta)
+
+    def hypergradient(self, theta: Tensor | None = None) -> Tensor:
+        """∇F(θ), float64, shape of θ."""
+        theta = self.theta if theta is None else self.check_theta(theta)
+        return ridge_hypergradient(self.X_train, self.y_train, self.X_val, self.y_val, theta)
+
+
+class LogisticModel(_PerFeatureL2):
+    """ℓ2-regularised logistic regression with one strength per feature.
+
+    Binary (``n_classes == 2``, labels {0, 1}, w ∈ R^d) or multinomial (w ∈ R^{d×K}):
+
+        h(w, θ) = (1/N) Σ_j CE(w; x_j, y_j) + ½ Σ_k exp(θ_k) Σ_c w_kc² [+ ½ γ_b ‖b‖²],
+        f(w) = (1/N_val) Σ_j CE(w; x^val_j, y^val_j),
+
+    CE(w; x, y) = softplus(z) − y z with z = x·w (+ b) (binary), or logsumexp(z) − z_y with
+    z = xᵀW (+ b) (multinomial). θ has shape (d,) (shared by the K classes), (1,) (one
+    strength) or (d, K) (one per coefficient).
+
+    Intercept: off by default. With ``fit_intercept=True`` the bias b (the last row of w) is
+    regularised with the fixed strength γ_b = ``intercept_l2``, so h stays strongly convex.
+
+    Strong convexity: the cross-entropy is convex, so μ(θ) = min(min_k exp(θ_k), γ_b) bounds the
+    smallest Hessian eigenvalue (the data curvature is not counted). The problem's ``mu`` is μ
+    at θ₀, or at min(θ₀, ``theta_lower``): valid as long as no θ_k goes below that value.
+    """
+
+    def __init__(
+        self,
+        X_train: Tensor,
+        y_train: Tensor,
+        X_val: Tensor,
+        y_val: Tensor,
+        theta0: Tensor | float | None = 0.0,
+        n_classes: int | None = None,
+        *,
+        fit_intercept: bool = False,
+        intercept_l2: float = 1e-4,
+        theta_lower: float | None = None,
+    ) -> None:
+        if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 2):
+            raise BilevelError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+        if n_classes is None:
+            n_classes = _infer_classes(y_train, y_val)
+        loss = "binary" if n_classes == 2 else "multinomial"
+        super().__init__(
+            X_train,
+            y_train,
+            X_val,
+            y_val,
+            loss=loss,
+            n_classes=n_classes,
+            fit_intercept=fit_intercept,
+        )
+        if fit_intercept and not (math.isfinite(intercept_l2) and intercept_l2 > 0):
+            raise BilevelError(f"intercept_l2 must be positive and finite, got {intercept_l2}")
+        self.intercept_l2 = float(intercept_l2)
+        self.theta = _init_log_theta(
+            theta0, self._theta_shapes(), (self.n_features,), self.X_train, "logistic"
+        )
+        mu = math.exp(self._floor_theta(theta_lower))
+        if self.fit_intercept:
+            mu = min(mu, self.intercept_l2)
+        self._make_problem(mu)
+
+    def _regulariser(self, W: Tensor, theta) -> Tensor:
+        reg = self._coef_penalty(W, theta)
+        if self.fit_intercept:
+            b = W.reshape(W.shape[0], -1, self.n_out)[:, self.n_features, :]
+            reg = reg + 0.5 * self.intercept_l2 * (b**2).sum(dim=1)
+        return reg
+
+    def mu(self, theta: Tensor | None = None) -> float:
+        """μ(θ) = min(min_k exp(θ_k), γ_b)."""
+        theta = self.theta if theta is None else self.check_theta(theta)
+        mu = float(torch.exp(theta.detach()).min())
+        return min(mu, self.intercept_l2) if self.fit_intercept else mu
+
+    def _max_strength(self, theta) -> float:
+        top = super()._max_strength(theta)
+        return max(top, self.intercept_l2) if self.fit_intercept else top
+
+
+class HypercleaningModel(FiniteSumModel):
+    """Data hypercleaning: learn a weight σ(θ_j) ∈ (0, 1) for every (possibly mislabelled)
+    training sample.
+
+        h(w, θ) = (1/N) Σ_j σ(θ_j) CE(w; x_j, ỹ_j) + (γ/2) ‖w‖²,
+        f(w) = (1/N_val) Σ_j CE(w; x^val_j, y^val_j),
+
+    with the binary or multinomial cross-entropy of :class:`LogisticModel` (the bias, when
+    fitted, is part of w and regularised by γ too). μ = γ = ``l2`` for every θ.
+    """
+
+    def __init__(
+        self,
+        X_train: Tensor,
+        y_train_noisy: Tensor,
+        X_val: Tensor,
+        y_val: Tensor,
+        theta0: Tensor | float | None = 0.0,
+        n_classes: int | None = None,
+        *,
+        l2: float = 1e-3,
+        fit_intercept: bool = False,
+    ) -> None:
+        if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 2):
+            raise BilevelError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+        if n_classes is None:
+            n_classes = _infer_classes(y_train_noisy, y_val)
+        loss = "binary" if n_classes == 2 else "multinomial"
+        super().__init__(
+            X_train,
+            y_train_noisy,
+            X_val,
+            y_val,
+            loss=loss,
+            n_classes=n_classes,
+            fit_intercept=fit_intercept,
+        )
+        if not (math.isfinite(l2) and l2 > 0):
+            raise BilevelError(f"l2 must be positive and finite (it is μ), got {l2}")
+        self.l2 = float(l2)
+        self.theta = _init_log_theta(
+            theta0, [(self.n_train,)], (self.n_train,), self.X_train, "hypercleaning"
+        )
+        self._make_problem(self.l2)
+
+    def check_theta(self, theta) -> Tensor:
+        if not isinstance(theta, Tensor) or tuple(theta.shape) != (self.n_train,):
+            shape = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
+            raise BilevelError(
+                f"theta must hold one weight logit per training sample, shape "
+                f"({self.n_train},); got {shape}"
+            )
+        return theta
+
+    def sample_weights(self, theta: Tensor | None = None) -> Tensor:
+        """σ(θ_j) for all training samples (detached)."""
+        theta = self.theta if theta is None else self.check_theta(theta)
+        return torch.sigmoid(theta.detach())
+
+    def _sample_weights(self, theta, index: Tensor | None) -> Tensor:
+        t = theta if index is None else theta.index_select(0, index)
+        return torch.sigmoid(t)
+
+    def _regulariser(self, W: Tensor, theta) -> Tensor:
+        return 0.5 * self.l2 * (W.reshape(W.shape[0], -1) ** 2).sum(dim=1)
+
+    def mu(self, theta: Tensor | None = None) -> float:
+        """μ = γ, independent of θ."""
+        return self.l2
+
+    def _max_strength(self, theta) -> float:
+        return self.l2
+
+
+# --------------------------------------------------------------------------------------------
+# Factories
+# --------------------------------------------------------------------------------------------
+
+
+def ridge_model(
+    X_train: Tensor,
+    y_train: Tensor,
+    X_val: Tensor,
+    y_val: Tensor,
+    theta0: Tensor | float | None = 0.0,
+    *,
+    theta_lower: float | None = None,
+    exact_mu: bool | None = None,
+) -> RidgeModel:
+    """The :class:`RidgeModel` (finite-sum interface, closed forms, ``.problem``)."""
+    return RidgeModel(
+        X_train, y_train, X_val, y_val, theta0, theta_lower=theta_lower, exact_mu=exact_mu
+    )
+
+
+def ridge_problem(
+    X_train: Tensor,
+    y_train: Tensor,
+    X_val: Tensor,
+    y_val: Tensor,
+    theta0: Tensor | float | None = 0.0,
+    *,
+    theta_lower: float | None = None,
+    exact_mu: bool | None = None,
+) -> BilevelProblem:
+    """Per-feature ridge regression as a :class:`BilevelProblem` (see :class:`RidgeModel`)."""
+    return ridge_model(
+        X_train, y_train, X_val, y_val, theta0, theta_lower=theta_lower, exact_mu=exact_mu
+    ).problem
+
+
+def logistic_model(
+    X_train: Tensor,
+    y_train: Tensor,
+    X_val: Tensor,
+    y_val: Tensor,
+    theta0: Tensor | float | None = 0.0,
+    n_classes: int | None = None,
+    *,
+    fit_intercept: bool = False,
+    intercept_l2: float = 1e-4,
+    theta_lower: float | None = None,
+) -> LogisticModel:
+    """The :class:`LogisticModel` (finite-sum interface and ``.problem``)."""
+    return LogisticModel(
+        X_train,
+        y_train,
+        X_val,
+        y_val,
+        theta0,
+        n_classes,
+        fit_intercept=fit_intercept,
+        intercept_l2=intercept_l2,
+        theta_lower=theta_lower,
+    )
+
+
+def logistic_problem(
+    X_train: Tensor,
+    y_train: Tensor,
+    X_val: Tensor,
+    y_val: Tensor,
+    theta0: Tensor | float | None = 0.0,
+    n_classes: int | None = None,
+    *,
+    fit_intercept: bool = False,
+    intercept_l2: float = 1e-4,
+    theta_lower: float | None = None,
+) -> BilevelProblem:
+    """Per-feature ℓ2 logistic regression as a :class:`BilevelProblem` (:class:`LogisticModel`)."""
+    return logistic_model(
+        X_train,
+        y_train,
+        X_val,
+        y_val,
+        theta0,
+        n_classes,
+        fit_intercept=fit_intercept,
+        intercept_l2=intercept_l2,
+        theta_lower=theta_lower,
+    ).problem
+
+
+def hypercleaning_model(
+    X_train: Tensor,
+    y_train_noisy: Tensor,
+    X_val: Tensor,
+    y_val: Tensor,
+    theta0: Tensor | float | None = 0.0,
+    n_classes: int | None = None,
+    *,
+    l2: float = 1e-3,
+    fit_intercept: bool = False,
+) -> HypercleaningModel:
+    """The :class:`HypercleaningModel` (finite-sum interface and ``.problem``)."""
+    return HypercleaningModel(
+        X_train,
+        y_train_noisy,
+        X_val,
+        y_val,
+        theta0,
+        n_classes,
+        l2=l2,
+        fit_intercept=fit_intercept,
+    )
+
+
+def hypercleaning_problem(
+    X_train: Tensor,
+    y_train_noisy: Tensor,
+    X_val: Tensor,
+    y_val: Tensor,
+    theta0: Tensor | float | None = 0.0,
+    n_classes: int | None = None,
+    *,
+    l2: float = 1e-3,
+    fit_intercept: bool = False,
+) -> BilevelProblem:
+    """Data hypercleaning as a :class:`BilevelProblem` (see :class:`HypercleaningModel`)."""
+    return hypercleaning_model(
+        X_train,
+        y_train_noisy,
+        X_val,
+        y_val,
+        theta0,
+        n_classes,
+        l2=l2,
+        fit_intercept=fit_intercept,
+    ).problem
+
+
+def corrupt_labels(
+    y: Tensor, fraction: float, n_classes: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Replace the labels of round(fraction·N) random samples by a different random class.
+
+    Returns:
+        (y_noisy, corrupted): int64 labels and the boolean mask of changed samples.
+    """
+    if not (isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0):
+        raise BilevelError(f"fraction must be in [0, 1], got {fraction!r}")
+    y = _check_labels(y, n_classes, "y")
+    if y.dim() != 1:
+        raise BilevelError(f"y must be 1-D, got shape {tuple(y.shape)}")
+    gen = torch.Generator().manual_seed(int(seed))
+    n = y.numel()
+    k = int(round(fraction * n))
+    chosen = torch.randperm(n, generator=gen)[:k]
+    shift = torch.randint(1, n_classes, (k,), generator=gen)
+    y_noisy = y.clone()
+    y_noisy[chosen.to(y.device)] = (y[chosen.to(y.device)] + shift.to(y.device)) % n_classes
+    mask = torch.zeros(n, dtype=torch.bool, device=y.device)
+    mask[chosen.to(y.device)] = True
+    return y_noisy, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Closed forms for ridge (float64 references)
+# --------------------------------------------------------------------------------------------
+
+
+def _full_strengths(theta: Tensor, d: int) -> Tensor:
+    if theta.dim() != 1 or theta.shape[0] not in (d, 1):
+        raise BilevelError(f"theta must have shape ({d},) or (1,), got {tuple(theta.shape)}")
+    return torch.exp(theta.detach().to(torch.float64)).expand(d)
+
+
+def ridge_mu(X_train: Tensor, theta: Tensor | None) -> float:
+    """μ(θ) = λ_min(XᵀX/N) + min_k exp(θ_k) (``theta=None``: the data part alone)."""
+    X = _check_features(X_train, "X_train")
+    G = _gram(X) / X.shape[0]
+    data = max(float(torch.linalg.eigvalsh(G)[0]), 0.0)
+    if theta is None:
+        return data
+    return data + float(_full_strengths(theta, X.shape[1]).min())
+
+
+def ridge_solution(X_train: Tensor, y_train: Tensor, theta: Tensor) -> Tensor:
+    """w(θ) = (XᵀX/N + diag(exp θ))⁻¹ Xᵀy/N in float64 (dense solve), shape (d,)."""
+    X = _check_features(X_train, "X_train")
+    n, d = X.shape
+    A = _gram(X) / n + torch.diag(_full_strengths(theta, d).to(X.device))
+    b = _xt_v(X, y_train) / n
+    return torch.linalg.solve(A, b)
+
+
+def ridge_objective(
+    X_train: Tensor, y_train: Tensor, X_val: Tensor, y_val: Tensor, theta: Tensor
+) -> Tensor:
+    """F(θ) = (1/2N_val) ‖X_val w(θ) − y_val‖², float64 scalar."""
+    w = ridge_solution(X_train, y_train, theta)
+    r = _val_residual(X_val, y_val, w)
+    return 0.5 * (r**2).mean()
+
+
+def _val_residual(X_val: Tensor, y_val: Tensor, w: Tensor) -> Tensor:
+    Xv = _check_features(X_val, "X_val", w.shape[0])
+    pred = _matmul(Xv.to(torch.float64), w[:, None])[:, 0]
+    return pred - y_val.to(torch.float64)
+
+
+def ridge_hypergradient(
+    X_train: Tensor, y_train: Tensor, X_val: Tensor, y_val: Tensor, theta: Tensor
+) -> Tensor:
+    """Exact ∇F(θ) for per-feature ridge, float64, shape of θ.
+
+    With A = XᵀX/N + diag(λ), w = A⁻¹Xᵀy/N, g = ∇f(w) = X_valᵀ(X_val w − y_val)/N_val and
+    q = A⁻¹ g:  ∂F/∂θ_k = −q_k λ_k w_k (summed over k when θ is one shared strength).
+    """
+    X = _check_features(X_train, "X_train")
+    n, d = X.shape
+    lam = _full_strengths(theta, d).to(X.device)
+    A = _gram(X) / n + torch.diag(lam)
+    w = torch.linalg.solve(A, _xt_v(X, y_train) / n)
+    r = _val_residual(X_val, y_val, w)
+    Xv = X_val if not is_sparse(X_val) else to_csr(X_val)
+    g = _xt_v(Xv, r) / X_val.shape[0]
+    q = torch.linalg.solve(A, g)
+    grad = -q * lam * w
+    return grad.sum().reshape(1) if theta.shape[0] == 1 and d != 1 else grad
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions
+# --------------------------------------------------------------------------------------------
+
+
+def _logistic_scores(w: Tensor, X: Tensor) -> Tensor:
+    """Scores of one weight w on X: (N,) (binary) or (N, K); intercept inferred from shape."""
+    if not isinstance(w, Tensor) or not isinstance(X, Tensor) or X.dim() != 2:
+        raise BilevelError("predict_logistic needs a weight tensor w and a 2-D feature matrix X")
+    d = X.shape[1]
+    w = w.detach()
+    if w.dim() == 3 and w.shape[0] == 1:
+        w = w[0]
+    elif w.dim() == 2 and w.shape[0] == 1 and w.shape[1] in (d, d + 1) and d >= 2:
+        w = w[0]  # (1, p): one binary weight vector with an instance axis
+    if w.dim() == 1:
+        w = w[:, None]
+        binary = True
+    elif w.dim() == 2:
+        binary = False
+    else:
+        raise BilevelError(f"w must have shape (p,) or (p, K) with p = d or d + 1, got {w.shape}")
+    p = w.shape[0]
+    if p not in (d, d + 1):
+        raise BilevelError(f"w has {p} rows but X has {d} features (expected {d} or {d + 1})")
+    if is_sparse(X):
+        X = to_csr(X)
+    Z = _matmul(X, w[:d].to(X.dtype))
+    if p == d + 1:
+        Z = Z + w[d].to(X.dtype)
+    return Z[:, 0] if binary else Z
+
+
+def predict_logistic(w: Tensor, X: Tensor) -> Tensor:
+    """Predicted classes (N,) int64 of a (binary or multinomial) logistic model w on X.
+
+    w: (p,) binary or (p, K) multinomial, optionally with a leading instance axis of size 1;
+    p = d, or d + 1 when the last row is the intercept.
+    """
+    Z = _logistic_scores(w, X)
+    return (Z > 0).long() if Z.dim() == 1 else Z.argmax(dim=1)
+
+
+def accuracy(w: Tensor, X: Tensor, y: Tensor) -> float:
+    """Fraction of the samples of (X, y) classified correctly by the logistic model w."""
+    pred = predict_logistic(w, X)
+    if not isinstance(y, Tensor) or y.shape != pred.shape:
+        raise BilevelError(f"y must have shape {tuple(pred.shape)}")
+    return float((pred == y.to(pred.device).long()).double().mean())

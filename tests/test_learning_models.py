@@ -1,0 +1,468 @@
+"""Tests for ``bilevel.learning.models``: energies, closed forms, finite sums, sparse data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bilevel import BilevelProblem
+from bilevel.learning import (
+    FiniteSumModel,
+    HypercleaningModel,
+    LogisticModel,
+    RidgeModel,
+    accuracy,
+    corrupt_labels,
+    hypercleaning_model,
+    hypercleaning_problem,
+    logistic_model,
+    logistic_problem,
+    make_synthetic_classification,
+    make_synthetic_regression,
+    predict_logistic,
+    ridge_hypergradient,
+    ridge_model,
+    ridge_objective,
+    ridge_problem,
+    ridge_solution,
+    split_data,
+    to_csr,
+)
+from bilevel.problem import BilevelError, NonFiniteError
+
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+scipy_optimize = pytest.importorskip("scipy.optimize")
+from bilevel.learning import load_sklearn  # noqa: E402
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def diabetes():
+    return load_sklearn("diabetes", seed=0)
+
+
+@pytest.fixture(scope="module")
+def cancer():
+    return load_sklearn("breast_cancer", seed=0)
+
+
+@pytest.fixture(scope="module")
+def wine():
+    return load_sklearn("wine", seed=0)
+
+
+def _all_models(diabetes, cancer, wine) -> list[FiniteSumModel]:
+    y_noisy, _ = corrupt_labels(wine.y_train, 0.2, 3, seed=0)
+    return [
+        ridge_model(diabetes.X_train, diabetes.y_train, diabetes.X_val, diabetes.y_val, -1.0),
+        logistic_model(cancer.X_train, cancer.y_train, cancer.X_val, cancer.y_val, -2.0),
+        logistic_model(wine.X_train, wine.y_train, wine.X_val, wine.y_val, -2.0, 3),
+        logistic_model(
+            wine.X_train, wine.y_train, wine.X_val, wine.y_val, -2.0, 3, fit_intercept=True
+        ),
+        hypercleaning_model(wine.X_train, y_noisy, wine.X_val, wine.y_val, n_classes=3),
+    ]
+
+
+def _random_w(model: FiniteSumModel, n: int = 1, seed: int = 0) -> torch.Tensor:
+    return 0.3 * torch.randn((n, *model.event_shape), generator=_gen(seed), dtype=model.dtype).to(
+        model.device
+    )
+
+
+def _hessian(model: FiniteSumModel, w: torch.Tensor) -> torch.Tensor:
+    n = w.numel()
+
+    def energy(flat):
+        return model.lower_energy(flat.reshape(w.shape), model.theta, None).sum()
+
+    return torch.autograd.functional.hessian(energy, w.detach().reshape(-1)).reshape(n, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Energies and the finite-sum interface
+# --------------------------------------------------------------------------------------------
+
+
+def test_energy_shapes_and_problem(diabetes, cancer, wine):
+    for model in _all_models(diabetes, cancer, wine):
+        problem = model.problem
+        assert isinstance(problem, BilevelProblem)
+        assert problem.theta is model.theta and problem.mu == pytest.approx(model.mu())
+        x = model.init_w()
+        assert x.shape == (1, *model.event_shape)
+        assert problem.energy(x, None).shape == (1,)
+        assert problem.loss(x, None).shape == (1,)
+        xs = _random_w(model, 3)
+        assert problem.energy(xs, None).shape == (3,)
+        # instance b depends on x[b] only
+        single = problem.energy(xs[1:2], None)
+        torch.testing.assert_close(problem.energy(xs, None)[1:2], single)
+
+
+def test_train_loss_over_all_indices_equals_energy(diabetes, cancer, wine):
+    for model in _all_models(diabetes, cancer, wine):
+        w = _random_w(model, seed=1)
+        energy = model.lower_energy(w, model.theta, None)[0]
+        full = model.train_loss(w, model.theta, torch.arange(model.n_train))
+        assert full.shape == ()
+        torch.testing.assert_close(full, energy)
+        torch.testing.assert_close(model.train_loss(w[0], model.theta), energy)
+        # the mean over an equal-size partition of the samples is the energy too
+        m = model.n_train - model.n_train % 4
+        perm = torch.randperm(model.n_train, generator=_gen(0))[:m].reshape(4, -1)
+        parts = torch.stack([model.train_loss(w, model.theta, p) for p in perm]).mean()
+        kept = model.train_loss(w, model.theta, perm.reshape(-1))
+        torch.testing.assert_close(parts, kept)
+        val = model.upper_loss(w, model.theta, None)[0]
+        torch.testing.assert_close(model.val_loss(w, model.theta, torch.arange(model.n_val)), val)
+        torch.testing.assert_close(model.val_loss(w), val)
+
+
+def test_train_loss_single_sample_formula(cancer):
+    model = logistic_model(cancer.X_train, cancer.y_train, cancer.X_val, cancer.y_val, 0.5)
+    w = _random_w(model)[0]
+    j = 7
+    z = cancer.X_train[j] @ w
+    y = float(cancer.y_train[j])
+    expected = torch.nn.functional.softplus(z) - y * z + 0.5 * np.exp(0.5) * (w**2).sum()
+    torch.testing.assert_close(model.train_loss(w, model.theta, [j]), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Ridge: closed forms
+# --------------------------------------------------------------------------------------------
+
+
+def test_ridge_hypergradient_matches_finite_differences(diabetes):
+    d = diabetes
+    theta = torch.empty(d.n_features, dtype=torch.float64).uniform_(-3.0, 1.0, generator=_gen(2))
+    grad = ridge_hypergradient(d.X_train, d.y_train, d.X_val, d.y_val, theta)
+    assert grad.shape == theta.shape and grad.dtype == torch.float64
+    h = 1e-5
+    fd = torch.zeros_like(theta)
+    for k in range(theta.numel()):
+        e = torch.zeros_like(theta)
+        e[k] = h
+        fp = ridge_objective(d.X_train, d.y_train, d.X_val, d.y_val, theta + e)
+        fm = ridge_objective(d.X_train, d.y_train, d.X_val, d.y_val, theta - e)
+        fd[k] = (fp - fm) / (2 * h)
+    assert float((grad - fd).norm() / fd.norm()) < 1e-6
+
+
+def test_ridge_energies_agree_with_closed_form(diabetes):
+    d = diabetes
+    theta0 = torch.linspace(-2.0, 0.5, d.n_features, dtype=torch.float64)
+    model = ridge_model(d.X_train, d.y_train, d.X_val, d.y_val, theta0)
+    w = model.solution()[None]
+    x = w.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model.lower_energy(x, model.theta, None).sum(), x)
+    assert float(g.norm()) < 1e-12
+    # implicit differentiation with the dense Hessian of the energies
+    H = _hessian(model, w)
+    x = w.clone().requires_grad_(True)
+    (gf,) = torch.autograd.grad(model.upper_loss(x, model.theta, None).sum(), x)
+    q = torch.linalg.solve(H, gf.reshape(-1))
+    x = w.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(
+        model.lower_energy(x, model.theta, None).sum(), x, create_graph=True
+    )
+    (jq,) = torch.autograd.grad((gx.reshape(-1) * q).sum(), model.theta)
+    torch.testing.assert_close(-jq, model.hypergradient(), rtol=1e-9, atol=1e-12)
+    # μ = λ_min(XᵀX/N) + min_k λ_k bounds the smallest Hessian eigenvalue, with equality for
+    # a single shared strength
+    eig = torch.linalg.eigvalsh(H)
+    assert model.problem.mu <= float(eig[0]) * (1 + 1e-10)
+    assert model.problem.mu > 0.1 * float(eig[0])
+    uniform = ridge_model(d.X_train, d.y_train, d.X_val, d.y_val, -1.5)
+    eig_u = torch.linalg.eigvalsh(_hessian(uniform, w))
+    assert uniform.problem.mu == pytest.approx(float(eig_u[0]), rel=1e-8)
+    assert model.smoothness(certified=True) >= float(eig[-1])
+    assert model.smoothness() >= 0.999 * float(eig[-1])
+    torch.testing.assert_close(model.objective(), model.upper_loss(w, model.theta, None)[0])
+
+
+def test_ridge_mu_options_and_shared_strength(diabetes):
+    d = diabetes
+    exact = ridge_model(d.X_train, d.y_train, d.X_val, d.y_val, 0.0)
+    plain = ridge_model(d.X_train, d.y_train, d.X_val, d.y_val, 0.0, exact_mu=False)
+    low = ridge_model(d.X_train, d.y_train, d.X_val, d.y_val, 0.0, theta_lower=-4.0)
+    assert plain.problem.mu == pytest.approx(1.0)
+    assert exact.problem.mu == pytest.approx(exact.data_curvature + 1.0)
+    assert low.problem.mu == pytest.approx(exact.data_curvature + np.exp(-4.0))
+    theta = torch.tensor([-1.0], dtype=torch.float64)
+    shared = ridge_model(d.X_train, d.y_train, d.X_val, d.y_val, theta)
+    per = torch.full((d.n_features,), -1.0, dtype=torch.float64)
+    g_shared = shared.hypergradient()
+    g_per = ridge_hypergradient(d.X_train, d.y_train, d.X_val, d.y_val, per)
+    assert g_shared.shape == (1,)
+    torch.testing.assert_close(g_shared, g_per.sum().reshape(1))
+    torch.testing.assert_close(
+        ridge_solution(d.X_train, d.y_train, theta), ridge_solution(d.X_train, d.y_train, per)
+    )
+    problem = ridge_problem(d.X_train, d.y_train, d.X_val, d.y_val, theta)
+    assert problem.params[0].shape == (1,)
+
+
+# --------------------------------------------------------------------------------------------
+# Logistic regression: stationarity at an L-BFGS solution
+# --------------------------------------------------------------------------------------------
+
+
+def _lbfgs(model: FiniteSumModel) -> torch.Tensor:
+    shape = (1, *model.event_shape)
+
+    def fun(flat: np.ndarray):
+        w = torch.as_tensor(flat, dtype=torch.float64).reshape(shape).requires_grad_(True)
+        e = model.train_loss(w, model.theta)
+        (g,) = torch.autograd.grad(e, w)
+        return float(e.detach()), g.reshape(-1).numpy()
+
+    res = scipy_optimize.minimize(
+        fun,
+        np.zeros(int(np.prod(shape))),
+        jac=True,
+        method="L-BFGS-B",
+        options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 5000},
+    )
+    return torch.as_tensor(res.x, dtype=torch.float64).reshape(shape)
+
+
+@pytest.mark.parametrize("case", ["binary", "binary_bias", "multinomial", "multinomial_bias"])
+def test_logistic_gradient_vanishes_at_lbfgs_solution(cancer, wine, case):
+    data = cancer if case.startswith("binary") else wine
+    theta0 = torch.linspace(-3.0, 0.0, data.n_features, dtype=torch.float64)
+    problem = logistic_problem(
+        data.X_train,
+        data.y_train,
+        data.X_val,
+        data.y_val,
+        theta0,
+        fit_intercept=case.endswith("bias"),
+        intercept_l2=1e-2,
+    )
+    model = problem.lower_energy.__self__
+    assert isinstance(model, LogisticModel)
+    w = _lbfgs(model)
+    x = w.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(problem.energy(x, None).sum(), x)
+    assert float(g.norm()) < 1e-6
+    # the Hessian is at least μ
+    eig = torch.linalg.eigvalsh(_hessian(model, w))
+    assert float(eig[0]) >= problem.mu * (1 - 1e-9)
+    assert model.smoothness(certified=True) >= float(eig[-1])
+    # the fitted classifier is good on validation data
+    assert accuracy(w, data.X_val, data.y_val) > 0.85
+    assert torch.equal(predict_logistic(w, data.X_val), predict_logistic(w[0], data.X_val))
+
+
+def test_logistic_theta_shapes(wine):
+    d = wine
+    for shape in [(d.n_features,), (1,), (d.n_features, 3)]:
+        model = logistic_model(d.X_train, d.y_train, d.X_val, d.y_val, torch.zeros(shape))
+        assert model.theta.shape == shape and model.theta.requires_grad
+        assert model.theta.dtype == torch.float64
+        w = _random_w(model)
+        e = model.lower_energy(w, model.theta, None)
+        (g,) = torch.autograd.grad(e.sum(), model.theta)
+        assert g.shape == shape
+    leaf = torch.zeros(d.n_features, dtype=torch.float64, requires_grad=True)
+    model = logistic_model(d.X_train, d.y_train, d.X_val, d.y_val, leaf)
+    assert model.theta is leaf
+    low = logistic_model(d.X_train, d.y_train, d.X_val, d.y_val, 0.0, theta_lower=-2.0)
+    assert low.problem.mu == pytest.approx(np.exp(-2.0))
+    assert low.mu(torch.full((d.n_features,), -1.0)) == pytest.approx(np.exp(-1.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse and dense data give the same losses
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sparse_split():
+    X, y, _ = make_synthetic_classification(
+        240, 30, 5, n_classes=3, sparse_density=0.2, seed=4, dtype=torch.float64
+    )
+    return split_data(X, y, n_classes=3, seed=0)
+
+
+def _dense_and_sparse(kind: str, data):
+    Xs_tr, Xs_va = data.X_train, data.X_val
+    Xd_tr, Xd_va = Xs_tr.to_dense(), Xs_va.to_dense()
+    y_tr, y_va = data.y_train, data.y_val
+    theta0 = torch.linspace(-2.0, 1.0, data.n_features, dtype=torch.float64)
+    if kind == "ridge":
+        t_tr, t_va = (y_tr == 1).double(), (y_va == 1).double()
+        make = lambda a, b: ridge_model(a, t_tr, b, t_va, theta0)  # noqa: E731
+    elif kind == "binary":
+        b_tr, b_va = (y_tr == 1).long(), (y_va == 1).long()
+        make = lambda a, b: logistic_model(a, b_tr, b, b_va, theta0, 2)  # noqa: E731
+    elif kind == "multinomial":
+        make = lambda a, b: logistic_model(  # noqa: E731
+            a, y_tr, b, y_va, theta0, 3, fit_intercept=True
+        )
+    else:
+        theta_h = torch.linspace(-1.0, 1.0, data.n_train, dtype=torch.float64)
+        make = lambda a, b: hypercleaning_model(a, y_tr, b, y_va, theta_h, 3)  # noqa: E731
+    return make(Xd_tr, Xd_va), make(Xs_tr, Xs_va)
+
+
+@pytest.mark.parametrize("kind", ["ridge", "binary", "multinomial", "hypercleaning"])
+def test_sparse_and_dense_agree(sparse_split, kind):
+    dense, sparse = _dense_and_sparse(kind, sparse_split)
+    assert sparse.sparse and not dense.sparse
+    w = _random_w(dense, 2, seed=5)
+    v = _random_w(dense, 2, seed=6)
+    idx = torch.tensor([3, 0, 17, 17, 50])
+    a, b = dense, sparse
+    torch.testing.assert_close(a.lower_energy(w, a.theta), b.lower_energy(w, b.theta))
+    torch.testing.assert_close(a.upper_loss(w, a.theta), b.upper_loss(w, b.theta))
+    torch.testing.assert_close(a.train_loss(w, a.theta, idx), b.train_loss(w, b.theta, idx))
+    torch.testing.assert_close(a.val_loss(w, None, [1, 2]), b.val_loss(w, None, [1, 2]))
+    # gradients, Hessian-vector products and mixed derivatives agree too
+    outs = []
+    for model in (dense, sparse):
+        x = w.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model.lower_energy(x, model.theta).sum(), x, create_graph=True)
+        hv, jv = torch.autograd.grad((g * v).sum(), (x, model.theta))
+        outs.append((g.detach(), hv, jv))
+    for u, v_ in zip(*outs):
+        torch.testing.assert_close(u, v_)
+
+
+def test_sparse_ridge_closed_form(sparse_split):
+    dense, sparse = _dense_and_sparse("ridge", sparse_split)
+    torch.testing.assert_close(sparse.solution(), dense.solution())
+    torch.testing.assert_close(sparse.hypergradient(), dense.hypergradient())
+    assert sparse.problem.mu == pytest.approx(dense.problem.mu)
+
+
+def test_float32_follows_the_data():
+    X, y, _ = make_synthetic_regression(100, 8, 2, seed=0)
+    data = split_data(X, y, seed=0)
+    model = ridge_model(data.X_train, data.y_train, data.X_val, data.y_val, 0.0)
+    assert model.dtype == torch.float32 and model.theta.dtype == torch.float32
+    w = model.init_w()
+    assert model.lower_energy(w, model.theta).dtype == torch.float32
+    assert model.solution().dtype == torch.float64
+    Xc, yc, _ = make_synthetic_classification(100, 8, 2, n_classes=3, seed=0)
+    dc = split_data(Xc, yc, n_classes=3, seed=0)
+    lm = logistic_model(dc.X_train, dc.y_train, dc.X_val, dc.y_val)
+    assert lm.n_classes == 3 and lm.event_shape == (8, 3)
+    assert lm.train_loss(lm.init_w(), lm.theta, [0, 1]).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Hypercleaning
+# --------------------------------------------------------------------------------------------
+
+
+def test_corrupt_labels():
+    y = torch.arange(100) % 4
+    noisy, mask = corrupt_labels(y, 0.3, 4, seed=1)
+    assert int(mask.sum()) == 30
+    assert bool((noisy[mask] != y[mask]).all()) and torch.equal(noisy[~mask], y[~mask])
+    assert int(noisy.min()) >= 0 and int(noisy.max()) < 4
+    again, mask2 = corrupt_labels(y, 0.3, 4, seed=1)
+    assert torch.equal(noisy, again) and torch.equal(mask, mask2)
+    with pytest.raises(BilevelError):
+        corrupt_labels(y, 1.5, 4)
+    with pytest.raises(BilevelError, match="outside"):
+        corrupt_labels(y, 0.1, 3)
+
+
+def test_hypercleaning_weights_and_mu(wine):
+    d = wine
+    y_noisy, mask = corrupt_labels(d.y_train, 0.3, 3, seed=0)
+    problem = hypercleaning_problem(d.X_train, y_noisy, d.X_val, d.y_val, 0.0, 3, l2=1e-2)
+    model = problem.lower_energy.__self__
+    assert isinstance(model, HypercleaningModel)
+    assert problem.mu == 1e-2 and model.theta.shape == (d.n_train,)
+    torch.testing.assert_close(model.sample_weights(), torch.full((d.n_train,), 0.5).double())
+    w = _lbfgs(model)
+    eig = torch.linalg.eigvalsh(_hessian(model, w))
+    assert float(eig[0]) >= 1e-2 * (1 - 1e-9)
+    # weighted loss: one sample with weight σ(θ_j)
+    j = 4
+    theta = model.theta.detach().clone()
+    theta[j] = 2.0
+    w0 = _random_w(model)[0]
+    z = d.X_train[j] @ w0
+    ce = torch.logsumexp(z, 0) - z[y_noisy[j]]
+    expected = torch.sigmoid(torch.tensor(2.0, dtype=torch.float64)) * ce + 5e-3 * (w0**2).sum()
+    torch.testing.assert_close(model.train_loss(w0, theta, [j]), expected)
+    # the hypergradient direction exists: θ reaches the energy
+    x = w.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model.lower_energy(x, model.theta).sum(), x, create_graph=True)
+    (jv,) = torch.autograd.grad(g.sum(), model.theta)
+    assert jv.shape == (d.n_train,) and bool(torch.isfinite(jv).all())
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------
+
+
+def test_validation_errors(cancer, wine):
+    d = cancer
+    args = (d.X_train, d.y_train, d.X_val, d.y_val)
+    with pytest.raises(BilevelError, match="theta0 has shape"):
+        logistic_model(*args, torch.zeros(d.n_features + 1))
+    with pytest.raises(BilevelError, match="outside"):
+        logistic_model(d.X_train, d.y_train + 1, d.X_val, d.y_val, 0.0, 2)
+    with pytest.raises(BilevelError, match="integer class labels"):
+        logistic_model(d.X_train, d.y_train + 0.5, d.X_val, d.y_val, 0.0, 2)
+    bad = d.X_train.clone()
+    bad[3, 2] = float("inf")
+    with pytest.raises(NonFiniteError):
+        logistic_model(bad, d.y_train, d.X_val, d.y_val)
+    with pytest.raises(BilevelError, match="features"):
+        logistic_model(d.X_train, d.y_train, d.X_val[:, :5], d.y_val)
+    with pytest.raises(BilevelError, match="must match"):
+        logistic_model(d.X_train, d.y_train, d.X_val.float(), d.y_val)
+    with pytest.raises(BilevelError, match="one per sample"):
+        logistic_model(d.X_train, d.y_train[:-1], d.X_val, d.y_val)
+    with pytest.raises(NonFiniteError):
+        ridge_model(d.X_train, torch.full((d.n_train,), float("nan")), d.X_val, d.y_val.double())
+    model = logistic_model(*args)
+    w = model.init_w()
+    with pytest.raises(BilevelError, match="batch must be None"):
+        model.lower_energy(w, model.theta, (torch.zeros(1),))
+    with pytest.raises(BilevelError, match="x must have shape"):
+        model.lower_energy(torch.zeros(1, 3, dtype=torch.float64), model.theta)
+    with pytest.raises(BilevelError, match="theta has shape"):
+        model.lower_energy(w, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(BilevelError, match="out of range"):
+        model.train_loss(w, model.theta, [0, d.n_train])
+    with pytest.raises(BilevelError, match="integers"):
+        model.train_loss(w, model.theta, torch.tensor([0.0, 1.0]))
+    with pytest.raises(BilevelError, match="w must have shape"):
+        model.train_loss(torch.zeros(4, dtype=torch.float64), model.theta)
+    with pytest.raises(BilevelError, match="n_classes"):
+        logistic_model(*args, 0.0, 1)
+    h = hypercleaning_model(wine.X_train, wine.y_train, wine.X_val, wine.y_val)
+    with pytest.raises(BilevelError, match="one weight logit per training sample"):
+        h.lower_energy(h.init_w(), torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(BilevelError, match="l2"):
+        hypercleaning_model(wine.X_train, wine.y_train, wine.X_val, wine.y_val, l2=0.0)
+
+
+def test_sparse_coo_input_is_accepted(sparse_split):
+    data = sparse_split
+    coo = data.X_train.to_dense().to_sparse()
+    model = logistic_model(coo, data.y_train, data.X_val, data.y_val, 0.0, 3)
+    assert model.X_train.layout == torch.sparse_csr
+    dense = logistic_model(
+        data.X_train.to_dense(), data.y_train, data.X_val.to_dense(), data.y_val, 0.0, 3
+    )
+    w = _random_w(model)
+    torch.testing.assert_close(
+        model.lower_energy(w, model.theta), dense.lower_energy(w, dense.theta)
+    )
+    assert to_csr(coo).layout == torch.sparse_csr
+    assert isinstance(RidgeModel, type)

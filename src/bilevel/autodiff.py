@@ -23,15 +23,18 @@ from bilevel.problem import Batch, BilevelProblem, NonFiniteError, index_batch
 
 @dataclass
 class Cost:
-    """Oracle calls spent, counted per instance, and wall time in seconds."""
+    """Oracle calls spent, counted per instance, and wall time in seconds.
 
-    grad_evals: int = 0
-    hvps: int = 0
-    vjps: int = 0
+    A stochastic oracle on a minibatch of b out of N samples counts b/N of a call.
+    """
+
+    grad_evals: float = 0
+    hvps: float = 0
+    vjps: float = 0
     wall_time: float = 0.0
 
     @property
-    def oracle_calls(self) -> int:
+    def oracle_calls(self) -> float:
         """Lower-level gradient evaluations + Hessian-vector products (the papers' x-axis)."""
         return self.grad_evals + self.hvps
 

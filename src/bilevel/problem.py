@@ -126,6 +126,14 @@ class BilevelProblem:
         lipschitz: optional upper bound on the Lipschitz constant of ∇ₓh (the largest Hessian
             eigenvalue over all x), a number or a callable evaluated at the current θ.  Lower
             solvers use 1/lipschitz as a step; without it they estimate it by power iteration.
+        lower_sample_energy: optional stochastic access to a lower level that is a finite sum
+            h = (1/N) Σ_j ℓ_j (+ regulariser): ``lower_sample_energy(x, theta, index)`` returns
+            (B,) unbiased estimates of h using only the samples ``index`` (a LongTensor of
+            positions in 0..N-1).  Needed by stochastic estimators (SID).
+        n_lower_samples: N, the number of samples in that finite sum.
+        upper_sample_loss: optional ``(x, theta, index) -> (B,)`` unbiased minibatch estimate
+            of f over its own ``n_upper_samples`` samples (e.g. validation points).
+        n_upper_samples: number of samples of the upper-level finite sum.
     """
 
     lower_energy: EnergyFn
@@ -134,6 +142,10 @@ class BilevelProblem:
     mu: float | None = None
     upper_regulariser: Callable[[Any], Tensor] | None = None
     lipschitz: float | Callable[[], float] | None = None
+    lower_sample_energy: Callable[[Tensor, Any, Tensor], Tensor] | None = None
+    n_lower_samples: int | None = None
+    upper_sample_loss: Callable[[Tensor, Any, Tensor], Tensor] | None = None
+    n_upper_samples: int | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.lower_energy) or not callable(self.upper_loss):
@@ -146,6 +158,14 @@ class BilevelProblem:
                 )
             self.mu = mu
         parameter_list(self.theta)  # validates theta
+        for fn, n, what in (
+            (self.lower_sample_energy, self.n_lower_samples, "lower"),
+            (self.upper_sample_loss, self.n_upper_samples, "upper"),
+        ):
+            if fn is not None and (n is None or int(n) < 1):
+                raise BilevelError(
+                    f"{what}_sample_* given without a positive n_{what}_samples (got {n})"
+                )
 
     @property
     def params(self) -> list[Tensor]:

@@ -1,0 +1,493 @@
+"""Learnable image regularisers R_θ(x): energies with one value per image.
+
+Every regulariser maps a batch ``x`` of shape (B, C, H, W) (values on the [0, 1] scale) to its
+energies, shape (B,), and is twice differentiable in x (Hessian-vector products by double
+backward). Each one provides
+
+* ``convex``: True when R_θ is convex in x for every value of θ;
+* ``curvature_bound()``: an upper bound on the largest eigenvalue of ∇²R_θ(x) over all x (a
+  Lipschitz constant of ∇R_θ), evaluated at the current θ, or ``None`` when none is known;
+* ``project_()``: the projection P of θ onto its admissible set (in place), a no-op where the
+  constraints hold by construction.
+
+Parameters may be float32 while x is float64: they are cast to the dtype and device of x.
+Learned filters are applied as "valid" correlations (no padding, so no boundary artefacts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bilevel.problem import BilevelError
+
+__all__ = [
+    "Regulariser",
+    "SmoothedTV",
+    "FieldsOfExperts",
+    "ConvexRidge",
+    "InputConvexNetwork",
+]
+
+
+class Regulariser(nn.Module):
+    """Base class: ``forward(x) -> (B,)``, ``convex``, ``curvature_bound()``, ``project_()``."""
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def convex(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def curvature_bound(self) -> float | None:
+        """Upper bound on λ_max(∇²R(x)) over all x, at the current θ; None if unknown."""
+        return None
+
+    @torch.no_grad()
+    def project_(self) -> Regulariser:
+        """Project θ onto its admissible set in place (default: nothing to do)."""
+        return self
+
+
+def _check_image(x: Tensor, channels: int | None = None, min_size: int = 1) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise BilevelError(f"x must be a batch of images of shape (B, C, H, W); got {shape}")
+    if channels is not None and x.shape[1] != channels:
+        raise BilevelError(f"regulariser expects {channels} channels, x has {x.shape[1]}")
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise BilevelError(f"images must be at least {min_size}×{min_size} pixels")
+
+
+def _inv_softplus(y: Tensor) -> Tensor:
+    """softplus⁻¹(y) = log(exp(y) − 1) for y > 0."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+def _conv_norm_sq_bound(filters: Tensor) -> Tensor:
+    """Per-filter bound on ‖K_k‖², K_k x = Σ_c k_{k,c} ⋆ x_c: Σ_c ‖k_{k,c}‖₁² (shape (K,)).
+
+    Young's inequality gives ‖k_{k,c} ⋆ x_c‖ ≤ ‖k_{k,c}‖₁‖x_c‖; Cauchy–Schwarz over c does the rest.
+    """
+    return filters.abs().sum(dim=(2, 3)).pow(2).sum(dim=1)
+
+
+def _filter_bank_bound(filters: Tensor, weights: Tensor) -> float:
+    """Certified upper bound on λ_max(Σ_k w_k K_kᵀK_k) for filters (K, C, s₁, s₂), w ≥ 0.
+
+    K_k x = Σ_c k_{k,c} ⋆ x_c ("valid" correlation). The operator is dominated by the
+    convolution on the infinite grid, whose symbol is the C×C matrix M(ω) = Σ_k w_k k̂_k k̂_kᴴ.
+    Its largest eigenvalue is sampled on an N×N frequency grid (spacing h = 2π/N); every
+    vᴴM(ω)v is a trigonometric polynomial of degree n = max(s₁, s₂) − 1 per variable, so
+    Bernstein's inequality bounds the supremum by max_grid λ_max(M) / (1 − n h), with
+    n h ≤ 0.2. The result is also capped by Young's bound Σ_k w_k Σ_c ‖k_{k,c}‖₁².
+    """
+    filters = filters.detach().double()
+    weights = weights.detach().double()
+    young = float((weights * _conv_norm_sq_bound(filters)).sum())
+    n = max(filters.shape[2], filters.shape[3]) - 1
+    if n == 0:
+        k = filters[:, :, 0, 0]  # (K, C)
+        return float(torch.linalg.eigvalsh(torch.einsum("k,kc,kd->cd", weights, k, k))[-1])
+    grid = 1 << max(4, math.ceil(math.log2(10.0 * math.pi * n)))
+    spec = torch.fft.fft2(filters, s=(grid, grid))  # (K, C, N, N)
+    if filters.shape[1] == 1:
+        peak = float(torch.einsum("k,kxy->xy", weights, spec[:, 0].abs().square()).max())
+    else:
+        m = torch.einsum("k,kcxy,kdxy->xycd", weights.to(spec.dtype), spec, spec.conj())
+        peak = float(torch.linalg.eigvalsh(m)[..., -1].max())
+    return min(young, peak / (1.0 - 2.0 * math.pi * n / grid) * (1.0 + 1e-9))
+
+
+def _conv_norm_bound(weight: Tensor) -> float:
+    """‖W‖₂ ≤ sqrt(‖W‖_{1→1}‖W‖_{∞→∞}) for a multi-channel convolution (Riesz–Thorin)."""
+    a = weight.abs().sum(dim=(2, 3))  # (out, in): ‖w_{o,i}‖₁
+    return math.sqrt(float(a.sum(0).max()) * float(a.sum(1).max()))
+
+
+def _init_filters(num_filters: int, channels: int, size: int, generator: torch.Generator) -> Tensor:
+    """Deterministic zero-mean filters with unit ℓ2 norm, shape (K, C, s, s).
+
+    The first ones are 2-D DCT-II basis functions without the constant one, in order of
+    increasing frequency, replicated over the channels; a small seeded random perturbation
+    breaks the symmetry between channels. Further filters are random zero-mean.
+    """
+    n = torch.arange(size, dtype=torch.float64)
+    basis_1d = torch.cos(math.pi * (n[None, :] + 0.5) * n[:, None] / size)  # (freq, pos)
+    freqs = sorted(
+        ((u, v) for u in range(size) for v in range(size) if (u, v) != (0, 0)),
+        key=lambda uv: (uv[0] + uv[1], max(uv), uv[0]),
+    )
+    filters = torch.randn(
+        num_filters, channels, size, size, generator=generator, dtype=torch.float64
+    )
+    filters = 0.1 * filters / filters.flatten(1).norm(dim=1)[:, None, None, None]
+    m = min(num_filters, len(freqs))
+    if m:
+        u = torch.tensor([f[0] for f in freqs[:m]])
+        v = torch.tensor([f[1] for f in freqs[:m]])
+        dct = basis_1d[u][:, :, None] * basis_1d[v][:, None, :]  # (m, s, s)
+        dct = dct / dct.flatten(1).norm(dim=1)[:, None, None]
+        filters[:m] += dct[:, None] / math.sqrt(channels)
+    filters = filters - filters.mean(dim=(1, 2, 3), keepdim=True)
+    return filters / filters.flatten(1).norm(dim=1)[:, None, None, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Total variation
+# --------------------------------------------------------------------------------------------
+
+
+class SmoothedTV(Regulariser):
+    """Smoothed isotropic total variation, per channel:
+
+        R(x) = λ Σ_{c,i,j} sqrt((D₁x)²_{cij} + (D₂x)²_{cij} + ν²),
+
+    with forward differences D₁, D₂ (zero at the last row / column, i.e. Neumann boundary).
+    λ = exp(log_strength) > 0 and ν = exp(log_smoothing) > 0 are learnable (``learn_smoothing``
+    toggles ν). Convex; ∇²R ≤ λ‖D‖²/ν with ‖D‖² ≤ 8, so ``curvature_bound() = 8λ/ν``.
+    """
+
+    def __init__(
+        self, strength: float = 0.1, smoothing: float = 0.01, learn_smoothing: bool = True
+    ) -> None:
+        super().__init__()
+        if not strength > 0 or not smoothing > 0:
+            raise BilevelError("TV strength and smoothing must be positive")
+        self.log_strength = nn.Parameter(torch.tensor(math.log(strength)))
+        log_nu = torch.tensor(math.log(smoothing))
+        if learn_smoothing:
+            self.log_smoothing = nn.Parameter(log_nu)
+        else:
+            self.register_buffer("log_smoothing", log_nu)
+
+    @property
+    def strength(self) -> Tensor:
+        return self.log_strength.exp()
+
+    @property
+    def smoothing(self) -> Tensor:
+        return self.log_smoothing.exp()
+
+    @property
+    def convex(self) -> bool:
+        return True
+
+    @staticmethod
+    def gradient_field(x: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward differences (D₁x, D₂x) along rows and columns, zero on the last line."""
+        d1 = F.pad(x[..., 1:, :] - x[..., :-1, :], (0, 0, 0, 1))
+        d2 = F.pad(x[..., :, 1:] - x[..., :, :-1], (0, 1, 0, 0))
+        return d1, d2
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image(x)
+        lam = self.strength.to(dtype=x.dtype, device=x.device)
+        nu = self.smoothing.to(dtype=x.dtype, device=x.device)
+        d1, d2 = self.gradient_field(x)
+        return lam * torch.sqrt(d1 * d1 + d2 * d2 + nu * nu).sum(dim=(1, 2, 3))
+
+    def curvature_bound(self) -> float:
+        return 8.0 * float(self.strength.detach()) / float(self.smoothing.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# Fields of Experts
+# --------------------------------------------------------------------------------------------
+
+
+def _smoothed_l1(t: Tensor, nu: float) -> Tensor:
+    return torch.sqrt(t * t + nu * nu) - nu
+
+
+def _student_t(t: Tensor, nu: float) -> Tensor:
+    return torch.log1p(t * t / (nu * nu))
+
+
+class FieldsOfExperts(Regulariser):
+    """Fields of Experts  R(x) = Σ_k exp(α_k) Σ_pixels φ((k_k ⋆ x)_pixel).
+
+    ``filters`` k_k: (K, C, s, s), applied across all C channels ("valid" correlation); they are
+    zero-mean by construction (the mean over (C, s, s) of each stored filter is subtracted in
+    the forward pass) and ``project_()`` removes it from the stored values. Weights exp(α_k) > 0.
+
+    Potentials (ν = ``smoothing``, fixed, on the scale of filter responses of [0, 1] images):
+
+    * ``"smoothed_l1"``: φ(t) = sqrt(t² + ν²) − ν, convex, φ'' ≤ 1/ν;
+    * ``"student_t"``:   φ(t) = log(1 + t²/ν²), non-convex, φ'' ≤ 2/ν².
+
+    ``curvature_bound() = max φ'' · sup_ω λ_max(Σ_k exp(α_k) k̂_k(ω) k̂_k(ω)ᴴ)`` (a certified
+    bound on the symbol, at most max φ''·Σ_k exp(α_k) Σ_c ‖k_{k,c}‖₁²). Initialisation (seeded):
+    unit-norm DCT filters of increasing frequency and weights ``init_weight``.
+    """
+
+    def __init__(
+        self,
+        num_filters: int = 10,
+        filter_size: int = 7,
+        channels: int = 1,
+        potential: str = "smoothed_l1",
+        smoothing: float = 0.01,
+        init_weight: float = 0.01,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if potential not in ("smoothed_l1", "student_t"):
+            raise BilevelError(f"potential must be 'smoothed_l1' or 'student_t', got {potential!r}")
+        if not smoothing > 0 or not init_weight > 0:
+            raise BilevelError("smoothing and init_weight must be positive")
+        if num_filters < 1 or filter_size < 2 or channels < 1:
+            raise BilevelError("need num_filters ≥ 1, filter_size ≥ 2 and channels ≥ 1")
+        self.potential = potential
+        self.smoothing = float(smoothing)
+        self.channels = channels
+        self.filter_size = filter_size
+        gen = torch.Generator().manual_seed(seed)
+        filters = _init_filters(num_filters, channels, filter_size, gen)
+        dtype = torch.get_default_dtype()
+        self.filters = nn.Parameter(filters.to(dtype))
+        self.log_weights = nn.Parameter(
+            torch.full((num_filters,), math.log(init_weight), dtype=dtype)
+        )
+
+    @property
+    def convex(self) -> bool:
+        return self.potential == "smoothed_l1"
+
+    def effective_filters(self) -> Tensor:
+        """The zero-mean filters used in the energy."""
+        return self.filters - self.filters.mean(dim=(1, 2, 3), keepdim=True)
+
+    def responses(self, x: Tensor) -> Tensor:
+        """Filter responses k_k ⋆ x, shape (B, K, H − s + 1, W − s + 1)."""
+        _check_image(x, self.channels, self.filter_size)
+        return F.conv2d(x, self.effective_filters().to(dtype=x.dtype, device=x.device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.responses(x)
+        phi = _smoothed_l1 if self.potential == "smoothed_l1" else _student_t
+        per_filter = phi(t, self.smoothing).sum(dim=(2, 3))  # (B, K)
+        return per_filter @ self.log_weights.exp().to(dtype=x.dtype, device=x.device)
+
+    def curvature_bound(self) -> float:
+        nu = self.smoothing
+        max_phi2 = 1.0 / nu if self.potential == "smoothed_l1" else 2.0 / nu**2
+        with torch.no_grad():
+            w = self.log_weights.double().exp()
+            return max_phi2 * _filter_bank_bound(self.effective_filters(), w)
+
+    @torch.no_grad()
+    def project_(self) -> FieldsOfExperts:
+        self.filters.sub_(self.filters.mean(dim=(1, 2, 3), keepdim=True))
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Convex ridge regulariser
+# --------------------------------------------------------------------------------------------
+
+
+def _logcosh(u: Tensor) -> Tensor:
+    """log cosh(u) = u + softplus(−2u) − log 2: stable and smooth under double backward."""
+    return u + F.softplus(-2.0 * u) - math.log(2.0)
+
+
+class ConvexRidge(Regulariser):
+    """Convex ridge regulariser  R(x) = Σ_k Σ_pixels ψ_k((w_k ⋆ x)_pixel).
+
+    Learned convex profiles ψ_k(t) = Σ_m c_{km} σ_m log cosh(t/σ_m), with coefficients
+    c_{km} = softplus(ρ_{km}) > 0 and M scales σ_m log-spaced in ``scales`` (on the scale of
+    filter responses of [0, 1] images). Each basis function is even, convex, ≈ t²/(2σ_m) near 0
+    and ≈ |t| − σ_m log 2 far away, with second derivative sech²(t/σ_m)/σ_m ≤ 1/σ_m. Hence R is
+    convex for every θ and ``curvature_bound()`` bounds λ_max(Σ_k (Σ_m c_{km}/σ_m) W_kᵀW_k)
+    through the filter symbols (at most Σ_k (Σ_m c_{km}/σ_m) Σ_c ‖w_{k,c}‖₁²).
+    Filters w_k: (K, C, s, s), zero-mean by construction when ``zero_mean`` (``project_()``
+    removes the mean from the stored values). Initially ψ_k(t) ≈ ``init_weight``·|t|.
+    """
+
+    def __init__(
+        self,
+        num_filters: int = 8,
+        filter_size: int = 5,
+        channels: int = 1,
+        num_basis: int = 4,
+        scales: tuple[float, float] = (0.005, 0.2),
+        init_weight: float = 0.01,
+        zero_mean: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_basis < 1 or not 0 < scales[0] <= scales[1] or not init_weight > 0:
+            raise BilevelError("need num_basis ≥ 1, 0 < scales[0] ≤ scales[1], init_weight > 0")
+        if num_filters < 1 or filter_size < 1 or channels < 1:
+            raise BilevelError("need num_filters ≥ 1, filter_size ≥ 1 and channels ≥ 1")
+        self.channels = channels
+        self.filter_size = filter_size
+        self.zero_mean = zero_mean
+        dtype = torch.get_default_dtype()
+        gen = torch.Generator().manual_seed(seed)
+        filters = _init_filters(num_filters, channels, filter_size, gen)
+        self.filters = nn.Parameter(filters.to(dtype))
+        sig = torch.logspace(math.log10(scales[0]), math.log10(scales[1]), num_basis)
+        self.register_buffer("scales", sig.to(torch.float64))
+        c0 = torch.full((num_filters, num_basis), init_weight / num_basis, dtype=torch.float64)
+        self.raw_coefficients = nn.Parameter(_inv_softplus(c0).to(dtype))
+
+    @property
+    def convex(self) -> bool:
+        return True
+
+    def coefficients(self) -> Tensor:
+        """c_{km} = softplus(ρ_{km}) > 0, shape (K, M)."""
+        return F.softplus(self.raw_coefficients)
+
+    def effective_filters(self) -> Tensor:
+        if self.zero_mean:
+            return self.filters - self.filters.mean(dim=(1, 2, 3), keepdim=True)
+        return self.filters
+
+    def profile(self, t: Tensor) -> Tensor:
+        """ψ_k(t) for responses t of shape (B, K, ...), same shape."""
+        c = self.coefficients().to(dtype=t.dtype, device=t.device)  # (K, M)
+        s = self.scales.to(dtype=t.dtype, device=t.device)  # (M,)
+        shape = (1, c.shape[0]) + (1,) * (t.dim() - 2) + (c.shape[1],)
+        basis = s * _logcosh(t.unsqueeze(-1) / s)  # (..., M)
+        return (basis * c.reshape(shape)).sum(-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image(x, self.channels, self.filter_size)
+        t = F.conv2d(x, self.effective_filters().to(dtype=x.dtype, device=x.device))
+        return self.profile(t).sum(dim=(1, 2, 3))
+
+    def curvature_bound(self) -> float:
+        with torch.no_grad():
+            c = self.coefficients().double()
+            psi2 = (c / self.scales.double()).sum(1)  # (K,) bound on ψ_k''
+            return _filter_bank_bound(self.effective_filters(), psi2)
+
+    @torch.no_grad()
+    def project_(self) -> ConvexRidge:
+        if self.zero_mean:
+            self.filters.sub_(self.filters.mean(dim=(1, 2, 3), keepdim=True))
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Input-convex neural network
+# --------------------------------------------------------------------------------------------
+
+
+class InputConvexNetwork(Regulariser):
+    """Convolutional input-convex neural network (ICNN), scalar per image, convex in x:
+
+        z₁ = σ(W₀ ⋆ x + b₀),   z_{l+1} = σ(U_l ⋆ z_l + W_l ⋆ x + b_l)  (l = 1, …, L−1),
+        R(x) = Σ_pixels Σ_j a_j z_L[j],
+
+    with σ = softplus (convex, non-decreasing, smooth; 0 < σ' < 1, σ'' ≤ 1/4), zero-padded
+    "same" convolutions of odd size ``kernel_size``, unconstrained x-path weights W_l, and
+    non-negative z-path weights U_l ≥ 0 and output weights a ≥ 0. Non-negativity:
+
+    * ``positivity="clamp"`` (default): the energy uses max(U, 0) and max(a, 0), so R is convex
+      for any stored values; ``project_()`` clamps the stored values at 0 (projected steps);
+    * ``positivity="softplus"``: U = softplus(V), a = softplus(v) (``project_()`` is a no-op).
+
+    ``curvature_bound()`` propagates layer bounds: with P₁ = ‖W₀‖, c₁ = P₁²/4 and
+    P_{l+1} = ‖U_l‖P_l + ‖W_l‖, c_{l+1} = P_{l+1}²/4 + ‖U_l‖_{1→1} c_l, λ_max(∇²R) ≤ max(a)·c_L
+    (convolution norms bounded through their symbols and by sqrt(‖·‖_{1→1}‖·‖_{∞→∞})).
+    The initialisation is seeded.
+    """
+
+    def __init__(
+        self,
+        channels: int = 1,
+        hidden: int = 16,
+        layers: int = 3,
+        kernel_size: int = 3,
+        positivity: str = "clamp",
+        init_scale: float = 0.01,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if positivity not in ("clamp", "softplus"):
+            raise BilevelError(f"positivity must be 'clamp' or 'softplus', got {positivity!r}")
+        if layers < 1 or hidden < 1 or channels < 1 or kernel_size % 2 == 0:
+            raise BilevelError("need layers ≥ 1, hidden ≥ 1, channels ≥ 1 and odd kernel_size")
+        self.channels = channels
+        self.positivity = positivity
+        self.padding = kernel_size // 2
+        dtype = torch.get_default_dtype()
+        gen = torch.Generator().manual_seed(seed)
+        k2 = kernel_size * kernel_size
+
+        def randn(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+        def positive(t: Tensor) -> nn.Parameter:
+            t = _inv_softplus(t) if positivity == "softplus" else t
+            return nn.Parameter(t.to(dtype))
+
+        ks = (kernel_size, kernel_size)
+        self.x_weights = nn.ParameterList(
+            [
+                nn.Parameter((randn(hidden, channels, *ks) / math.sqrt(channels * k2)).to(dtype))
+                for _ in range(layers)
+            ]
+        )
+        self.biases = nn.ParameterList(
+            [nn.Parameter(torch.zeros(hidden, dtype=dtype)) for _ in range(layers)]
+        )
+        # z-path weights: positive, with fan-in sums ≈ 1 so that activations stay O(1).
+        u0 = torch.rand(layers - 1, hidden, hidden, *ks, generator=gen, dtype=torch.float64)
+        u0 = (u0 + 0.05) / (0.55 * hidden * k2)
+        self.z_weights = nn.ParameterList([positive(u0[i]) for i in range(layers - 1)])
+        self.out_weights = positive(torch.full((hidden,), init_scale / hidden, dtype=torch.float64))
+
+    @property
+    def convex(self) -> bool:
+        return True
+
+    def _nonneg(self, p: Tensor) -> Tensor:
+        return p.clamp_min(0.0) if self.positivity == "clamp" else F.softplus(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image(x, self.channels)
+        kw = {"dtype": x.dtype, "device": x.device}
+        z = None
+        for i, (w, b) in enumerate(zip(self.x_weights, self.biases)):
+            u = F.conv2d(x, w.to(**kw), b.to(**kw), padding=self.padding)
+            if i > 0:
+                u = u + F.conv2d(
+                    z, self._nonneg(self.z_weights[i - 1]).to(**kw), padding=self.padding
+                )
+            z = F.softplus(u)
+        a = self._nonneg(self.out_weights).to(**kw)
+        return torch.einsum("bjhw,j->b", z, a)
+
+    def curvature_bound(self) -> float:
+        with torch.no_grad():
+            p = self._conv_norm(self.x_weights[0])
+            c = p * p / 4.0
+            for i in range(1, len(self.x_weights)):
+                u = self._nonneg(self.z_weights[i - 1]).double()
+                u_sums = u.sum(dim=(2, 3))  # (out, in), non-negative
+                p = self._conv_norm(u) * p + self._conv_norm(self.x_weights[i])
+                c = p * p / 4.0 + float(u_sums.sum(0).max()) * c
+            return float(self._nonneg(self.out_weights).double().max()) * c
+
+    @staticmethod
+    def _conv_norm(weight: Tensor) -> float:
+        """Upper bound on the 2-norm of a multi-channel convolution with weight (out, in, k, k)."""
+        ones = torch.ones(weight.shape[0], dtype=torch.float64)
+        return min(_conv_norm_bound(weight.double()), math.sqrt(_filter_bank_bound(weight, ones)))
+
+    @torch.no_grad()
+    def project_(self) -> InputConvexNetwork:
+        if self.positivity == "clamp":
+            for u in self.z_weights:
+                u.clamp_(min=0.0)
+            self.out_weights.clamp_(min=0.0)
+        return self

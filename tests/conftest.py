@@ -11,7 +11,7 @@ from bilevel import BilevelProblem
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # small tensors: threads only add contention
 
 
 def quadratic_problem(

@@ -19,6 +19,16 @@ from bilevel.hypergrad import (
 )
 from bilevel.linear import CG, MINRES, FixedPoint, LinearSolution, Neumann
 from bilevel.lower import FISTA, LBFGS, GradientDescent, LowerSolution, Nesterov
+from bilevel.methods import (
+    HOAG,
+    ISGD,
+    MAID,
+    Budget,
+    RunResult,
+    TensorSamples,
+    fixed_iterations,
+    with_initial,
+)
 from bilevel.problem import (
     BilevelError,
     BilevelProblem,
@@ -28,6 +38,14 @@ from bilevel.problem import (
 
 __all__ = [
     "CG",
+    "HOAG",
+    "ISGD",
+    "MAID",
+    "Budget",
+    "RunResult",
+    "TensorSamples",
+    "fixed_iterations",
+    "with_initial",
     "FISTA",
     "LBFGS",
     "MINRES",

@@ -29,6 +29,7 @@ from bilevel.imaging.tasks import (
     GridSearchResult,
     grid_search_tv,
     lipschitz_bound,
+    reconstruct,
     reconstruction_problem,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "psnr",
     "random_crops",
     "random_mask",
+    "reconstruct",
     "reconstruction_problem",
     "ssim",
 ]

@@ -26,9 +26,17 @@ from bilevel.imaging.data import DegradedImages
 from bilevel.imaging.metrics import psnr
 from bilevel.imaging.operators import Identity, InpaintingMask, LinearOperator
 from bilevel.imaging.regularisers import Regulariser, SmoothedTV
+from bilevel.autodiff import LowerLevel
+from bilevel.lower import Nesterov, solve_lower
 from bilevel.problem import BilevelError, BilevelProblem
 
-__all__ = ["reconstruction_problem", "lipschitz_bound", "grid_search_tv", "GridSearchResult"]
+__all__ = [
+    "GridSearchResult",
+    "grid_search_tv",
+    "lipschitz_bound",
+    "reconstruct",
+    "reconstruction_problem",
+]
 
 
 def _sum_per_image(t: Tensor) -> Tensor:
@@ -123,6 +131,8 @@ def reconstruction_problem(
     )
     problem.gamma = gamma
     problem.data_term = data_term
+    if regulariser.curvature_bound() is not None:
+        problem.lipschitz = lambda: lipschitz_bound(problem)
     return problem
 
 
@@ -149,33 +159,24 @@ def lipschitz_bound(
     return operator.norm_bound() ** 2 + curvature + float(gamma)
 
 
-def _accelerated_gradient(
+def reconstruct(
     problem: BilevelProblem,
-    x0: Tensor,
     batch,
-    lipschitz: float,
-    mu: float | None,
-    max_iter: int,
-    tol: float,
+    x0: Tensor | None = None,
+    tol: float = 1e-4,
+    max_iter: int = 2000,
 ) -> Tensor:
-    """Batched Nesterov accelerated gradient descent, step 1/L, on h(·, θ, batch).
+    """x̃ = argmin_x h(x, θ, batch) for every image, ‖∇ₓh_i(x̃_i)‖ ≤ tol (absolute).
 
-    Momentum (√L − √μ)/(√L + √μ) when μ is known, else (k − 1)/(k + 2). Stops when every
-    image has ‖∇ₓh_i‖ ≤ tol (absolute) or after ``max_iter`` iterations.
+    Accelerated gradient with the problem's Lipschitz bound; starts from ``x0`` (default: the
+    measurements y). Detached result, shape of y.
     """
-    if mu:
-        beta = (math.sqrt(lipschitz) - math.sqrt(mu)) / (math.sqrt(lipschitz) + math.sqrt(mu))
-    x, z = x0.detach().clone(), x0.detach().clone()
-    for k in range(1, max_iter + 1):
-        with torch.enable_grad():
-            zr = z.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(problem.energy(zr, batch).sum(), zr)
-        if float(g.flatten(1).norm(dim=1).max()) <= tol:
-            return z.detach()
-        x_new = z - g / lipschitz
-        z = x_new + (beta if mu else (k - 1) / (k + 2)) * (x_new - x)
-        x = x_new
-    return x.detach()
+    y = _split_batch(batch)[0]
+    x0 = y if x0 is None else x0
+    lower = LowerLevel(problem, batch)
+    with torch.no_grad():
+        sol = solve_lower(lower, x0, tol, Nesterov(max_iter=max_iter), problem.mu, warn=False)
+    return sol.x
 
 
 @dataclass
@@ -200,7 +201,7 @@ def grid_search_tv(
     """Baseline "best grid-tuned TV": mean PSNR of TV reconstructions for each λ in a grid.
 
     For each strength λ, solves argmin_x ½‖Ax − y‖² + λ Σ sqrt(|∇x|² + ν²) + (γ/2)‖x‖² for all
-    images at once (accelerated gradient, ``max_iter`` iterations or ‖∇h_i‖ ≤ ``tol``) and
+    images at once (:func:`reconstruct`: ``max_iter`` iterations or ‖∇h_i‖ ≤ ``tol``) and
     averages the PSNR against x_true. ``data`` is a ``DegradedImages`` (all samples) or a tuple
     (y, x_true[, mask]). Returns the best λ, its PSNR and the whole curve.
     """
@@ -213,8 +214,7 @@ def grid_search_tv(
         tv = SmoothedTV(strength=float(lam), smoothing=smoothing).to(dtype=y.dtype)
         op = Identity() if operator is None else operator
         problem = reconstruction_problem(tv, op, gamma=gamma, data_term="measurement")
-        lip = lipschitz_bound(problem)
-        x = _accelerated_gradient(problem, y, batch, lip, problem.mu, max_iter, tol)
+        x = reconstruct(problem, batch, tol=tol, max_iter=max_iter)
         results.append(float(psnr(x, x_true).mean()))
     best = max(range(len(results)), key=results.__getitem__)
     return GridSearchResult(

@@ -1,0 +1,461 @@
+"""Deterministic full-batch baselines with an inexact backtracking line search (PAPERS.md §4).
+
+One iteration at θ with tolerances (ε, δ) on all n samples at once:
+
+1. Inexact gradient: solve every lower level until ‖∇ₓh_i(x̃_i)‖ ≤ ε (certified distance
+   ε_i = ‖∇ₓh_i(x̃_i)‖/μ ≥ ‖x̃_i − x̂_i‖), every adjoint until ‖H_i q̃_i − ∇ₓf_i‖ ≤ δ, form
+   z and its error bound ω ≥ ‖z − ∇F(θ)‖. MAID only: while ω > (1 − η)‖z‖ (z not certified
+   to be a descent direction), shrink ε, δ by τ and recompute.
+2. Inexact backtracking: for i = 0, 1, ..., try θ⁺ = P(θ − αρⁱ z), solve the lower levels at
+   θ⁺ to ε (warm-started from x̃) and accept the first trial with
+
+       mean_i [f_i(x̃⁺_i) + ‖∇ₓf_i(x̃⁺_i)‖ ε⁺_i + L_f (ε⁺_i)²/2] + r(θ⁺)
+           ≤ mean_i [f_i(x̃_i) − ‖∇ₓf_i(x̃_i)‖ ε_i] + r(θ) − c αρⁱ ‖z‖².
+
+   The left side is an upper bound on F(θ⁺) (∇ₓf_i is L_f-Lipschitz), the right side minus
+   the margin a lower bound on F(θ) (f_i convex in x), so an accepted step certainly
+   decreases the true F. L_f is a parameter: 1 for f_i = ½‖x − x_i*‖² (the default);
+   with a non-convex f_i or a wrong L_f the certificate does not hold.
+3. Adapt. On success the next trial step is αρⁱ·growth; MAID multiplies ε and δ by ν ≥ 1.
+   On failure θ is kept, and MAID multiplies ε and δ by τ < 1 (the trial step α is kept).
+
+:class:`MAID` adapts the accuracy as above; :class:`HOAG` uses a fixed (summable) accuracy
+schedule ε_k, δ_k with the same line search. Every oracle call is counted, including those
+of rejected trials and of recomputations at tighter accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel.autodiff import Cost, LowerLevel, batch_norm
+from bilevel.hypergrad import Estimator, Hypergradient, Implicit
+from bilevel.lower import solve_lower
+from bilevel.methods.common import (
+    Budget,
+    Engine,
+    Evaluation,
+    Projection,
+    RunOptions,
+    RunResult,
+    SampleSet,
+    Stop,
+    apply_projection,
+    as_budget,
+    as_sample_set,
+    describe,
+    drive,
+    load_params,
+    snapshot,
+)
+from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError
+from bilevel.schedules import Accuracy, ScheduleLike, as_accuracy
+
+__all__ = ["HOAG", "MAID"]
+
+
+def _check(name: str, value: Any, low: float, high: float, *, closed_low: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = (value >= low if closed_low else value > low) and value <= high
+    if not ok:
+        bracket = "[" if closed_low else "("
+        raise BilevelError(f"{name} must lie in {bracket}{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _LineSearch:
+    """Fields shared by :class:`MAID` and :class:`HOAG`.
+
+    Attributes:
+        estimator: the hypergradient estimator; it must report an error bound ω
+            (``compute_bound=True``; not ``Unrolled``). Its lower solver also solves the
+            trial lower levels.
+        step: α₀, the first trial step (units of θ per unit of hypergradient).
+        backtrack: ρ ∈ (0, 1), the factor between successive trial steps.
+        max_backtracks: trials per iteration before the line search fails.
+        growth: factor ≥ 1 applied to the accepted step for the next first trial.
+        decrease: c > 0 of the sufficient-decrease margin c·αρⁱ‖z‖².
+        upper_lipschitz: L_f, Lipschitz constant of ∇ₓf_i (1 for ½‖x − x*‖²).
+        grad_tol: stop ("converged") once ‖z‖ + ω ≤ grad_tol, which certifies
+            ‖∇F(θ)‖ ≤ grad_tol; 0 disables the test.
+        projection: optional P applied to each trial point.
+    """
+
+    estimator: Estimator = field(default_factory=Implicit)
+    step: float = 1.0
+    backtrack: float = 0.5
+    max_backtracks: int = 10
+    growth: float = 10.0 / 9.0
+    decrease: float = 1e-4
+    upper_lipschitz: float = 1.0
+    grad_tol: float = 0.0
+    projection: Projection | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.estimator):
+            raise BilevelError(f"estimator must be an Estimator, got {self.estimator!r}")
+        if getattr(self.estimator, "compute_bound", True) is False:
+            raise BilevelError(
+                f"{type(self).__name__} needs the error bound ω: use an estimator with "
+                "compute_bound=True"
+            )
+        _check("step", self.step, 0.0, math.inf)
+        _check("backtrack", self.backtrack, 0.0, 1.0 - 1e-12)
+        if (
+            isinstance(self.max_backtracks, bool)
+            or not isinstance(self.max_backtracks, int)
+            or self.max_backtracks < 1
+        ):
+            raise BilevelError(
+                f"max_backtracks must be a positive integer, got {self.max_backtracks!r}"
+            )
+        _check("growth", self.growth, 1.0, math.inf, closed_low=True)
+        _check("decrease", self.decrease, 0.0, math.inf)
+        _check("upper_lipschitz", self.upper_lipschitz, 0.0, math.inf, closed_low=True)
+        _check("grad_tol", self.grad_tol, 0.0, math.inf, closed_low=True)
+        if self.projection is not None and not callable(self.projection):
+            raise BilevelError("projection must be a callable theta -> None or projected θ")
+
+    def to_config(self) -> dict[str, Any]:
+        """The configuration as JSON data (stored in the run directory)."""
+        out = {f.name: describe(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        accuracy = getattr(self, "accuracy", None)
+        if isinstance(accuracy, Accuracy):
+            out["accuracy"] = {
+                "lower": describe(accuracy.lower),
+                "adjoint": describe(accuracy.adjoint),
+            }
+        return out
+
+    def run(
+        self,
+        problem: BilevelProblem,
+        samples: SampleSet,
+        budget: Budget | Mapping[str, Any],
+        *,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        evaluate: Evaluation | None = None,
+        eval_every: int = 1,
+        checkpoint_every: int = 10,
+        progress: bool = True,
+        plot: bool = True,
+        keep_history: bool = False,
+    ) -> RunResult:
+        """Optimise ``problem.theta`` in place on all of ``samples`` until ``budget`` is spent
+        (or the method converges or stalls). The options are those of
+        :meth:`bilevel.methods.ISGD.run`; a step is one iteration (hypergradient + line
+        search), an epoch equals a step.
+
+        Status ``"stalled"``: MAID's tolerance would fall below ``min_tol``.
+        """
+        samples = as_sample_set(samples)
+        options = RunOptions(
+            budget=as_budget(budget),
+            run_dir=run_dir,
+            resume=resume,
+            overwrite=overwrite,
+            evaluate=evaluate,
+            eval_every=eval_every,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+            plot=plot,
+            keep_history=keep_history,
+        )
+        engine = _LineSearchEngine(self, problem, samples)
+        name = type(self).__name__.lower()
+        return drive(engine, options, {"method": name, name: self.to_config()}, len(samples))
+
+    # per-method accuracy policy
+    adaptive = False
+
+    def initial_tolerances(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class MAID(_LineSearch):
+    """Method of adaptive inexact descent: full-batch inexact gradient descent whose accuracy
+    adapts itself (see the module docstring and :class:`_LineSearch` for the shared fields).
+
+    Attributes:
+        lower_tol: ε₀, initial tolerance on ‖∇ₓh_i(x̃_i)‖ (units of ∇ₓh).
+        adjoint_tol: δ₀, initial tolerance on ‖H_i q̃_i − ∇ₓf_i‖ (default: ``lower_tol``).
+        shrink: τ ∈ (0, 1), the factor applied to ε and δ when z is not certified to descend
+            or the line search fails.
+        relax: ν ≥ 1, the factor applied to ε and δ after an accepted step.
+        descent_margin: η ∈ [0, 1): z is accepted as a direction when ω ≤ (1 − η)‖z‖.
+        min_tol: the run stops ("stalled") rather than shrink ε below this.
+    """
+
+    lower_tol: float = 1e-1
+    adjoint_tol: float | None = None
+    shrink: float = 0.5
+    relax: float = 1.05
+    descent_margin: float = 1e-4
+    min_tol: float = 1e-12
+
+    adaptive = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check("lower_tol", self.lower_tol, 0.0, math.inf)
+        if self.adjoint_tol is not None:
+            _check("adjoint_tol", self.adjoint_tol, 0.0, math.inf)
+        _check("shrink", self.shrink, 0.0, 1.0 - 1e-12)
+        _check("relax", self.relax, 1.0, math.inf, closed_low=True)
+        _check("descent_margin", self.descent_margin, 0.0, 1.0 - 1e-12, closed_low=True)
+        _check("min_tol", self.min_tol, 0.0, math.inf)
+
+    def initial_tolerances(self) -> tuple[float, float]:
+        delta = self.lower_tol if self.adjoint_tol is None else self.adjoint_tol
+        return float(self.lower_tol), float(delta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HOAG(_LineSearch):
+    """HOAG-style baseline: the same line search with a fixed accuracy schedule.
+
+    Attributes:
+        accuracy: (ε_k, δ_k) at iteration k, as for :class:`~bilevel.methods.ISGD`; choose a
+            summable sequence (e.g. ``"poly:1e-1,2"``, ``"geom:1e-1,0.9"``). A failed line
+            search leaves θ unchanged and the next iteration uses ε_{k+1}.
+    """
+
+    accuracy: Accuracy | ScheduleLike | tuple[ScheduleLike, ScheduleLike] = "poly:1e-1,2"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "accuracy", as_accuracy(self.accuracy))
+
+    def initial_tolerances(self) -> tuple[float, float]:
+        return self.accuracy(0)
+
+
+@dataclass
+class _Pending:
+    hg: Hypergradient
+    eps: float
+    delta: float
+    cost: int
+    accepted: bool = False
+    theta: list[Tensor] | None = None
+    x: Tensor | None = None
+    alpha: float = 0.0
+    trials: int = 0
+    finished: tuple[str, str] | None = None
+
+
+def _upper_values(problem: BilevelProblem, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Per-instance f_i(x_i) and ‖∇ₓf_i(x_i)‖ (no oracle cost: upper-level derivatives)."""
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        losses = problem.loss(xr, batch)
+        (g,) = torch.autograd.grad(losses.sum(), xr, allow_unused=True)
+    gnorm = torch.zeros_like(losses) if g is None else batch_norm(g)
+    return losses.detach(), gnorm.detach()
+
+
+def _regulariser(problem: BilevelProblem) -> float:
+    if problem.upper_regulariser is None:
+        return 0.0
+    with torch.no_grad():
+        return float(problem.upper_regulariser(problem.theta))
+
+
+class _LineSearchEngine(Engine):
+    def __init__(self, cfg: _LineSearch, problem: BilevelProblem, samples: SampleSet) -> None:
+        super().__init__(problem)
+        self.cfg = cfg
+        self.name = type(cfg).__name__.lower()
+        n = len(samples)
+        index = torch.arange(n)
+        self.batch = samples.batch(index)
+        self.x_warm = samples.initial(index).detach().clone()
+        if self.x_warm.dim() < 1 or self.x_warm.shape[0] != n:
+            raise BilevelError(
+                f"samples.initial(arange(n)) must have leading dimension n = {n}, got shape "
+                f"{tuple(self.x_warm.shape)}"
+            )
+        self.adjoint: Tensor | None = None
+        self.alpha = float(cfg.step)
+        self.tol, self.adjoint_tol = cfg.initial_tolerances()
+        self.finished: tuple[str, str] | None = None
+
+    def check_finished(self) -> None:
+        if self.finished is not None:
+            raise Stop(*self.finished)
+
+    # -- compute ---------------------------------------------------------------------------
+
+    def _hypergradient(
+        self, x0: Tensor, a0: Tensor | None, eps: float, delta: float
+    ) -> Hypergradient:
+        hg = self.cfg.estimator(
+            self.problem, self.batch, x0, lower_tol=eps, adjoint_tol=delta, adjoint0=a0
+        )
+        if not math.isfinite(hg.loss):
+            raise NonFiniteError(f"the upper-level loss is {hg.loss}")
+        if hg.bound is None:
+            raise BilevelError(
+                f"{type(self.cfg).__name__} needs an estimator that reports an error bound ω "
+                f"({type(self.cfg.estimator).__name__} reports none; use Implicit)"
+            )
+        return hg
+
+    def compute(self) -> _Pending:
+        cfg = self.cfg
+        if cfg.adaptive:
+            eps, delta = self.tol, self.adjoint_tol
+        else:
+            eps, delta = cfg.accuracy(self.step)
+        hg = self._hypergradient(self.x_warm, self.adjoint, eps, delta)
+        cost = hg.cost.oracle_calls
+        while True:
+            znorm, omega = hg.norm, float(hg.bound)
+            if cfg.grad_tol > 0 and znorm + omega <= cfg.grad_tol:
+                message = (
+                    f"‖z‖ + ω = {znorm + omega:.3e} ≤ grad_tol = {cfg.grad_tol:g}: "
+                    f"‖∇F(θ)‖ ≤ {znorm + omega:.3e}"
+                )
+                return _Pending(hg, eps, delta, cost, finished=("converged", message))
+            if not cfg.adaptive or omega <= (1.0 - cfg.descent_margin) * znorm:
+                break
+            if eps * cfg.shrink < cfg.min_tol:
+                message = (
+                    f"ω = {omega:.3e} > (1 − η)‖z‖ = {(1 - cfg.descent_margin) * znorm:.3e} "
+                    f"at ε = {eps:.3e}, and ε may not fall below min_tol = {cfg.min_tol:g}; "
+                    f"‖∇F(θ)‖ ≤ ‖z‖ + ω = {znorm + omega:.3e}"
+                )
+                return _Pending(hg, eps, delta, cost, finished=("stalled", message))
+            eps, delta = eps * cfg.shrink, delta * cfg.shrink
+            hg = self._hypergradient(hg.x, hg.adjoint, eps, delta)
+            cost += hg.cost.oracle_calls
+        pending = _Pending(hg, eps, delta, cost)
+        self._line_search(pending)
+        return pending
+
+    def _line_search(self, p: _Pending) -> None:
+        cfg, problem, hg = self.cfg, self.problem, p.hg
+        mu = problem.mu if problem.mu is not None else hg.mu
+        losses, gnorm = _upper_values(problem, hg.x, self.batch)
+        eps_old = torch.nan_to_num(hg.eps, nan=math.inf)
+        old = float((losses - gnorm * eps_old).mean()) + _regulariser(problem)
+        z_sq = hg.norm**2
+        theta0 = snapshot(self.params)
+        trial_cost = Cost()
+        try:
+            for i in range(cfg.max_backtracks):
+                alpha = self.alpha * cfg.backtrack**i
+                p.trials = i + 1
+                with torch.no_grad():
+                    for param, t0, g in zip(self.params, theta0, hg.grad):
+                        param.copy_(t0 - alpha * g)
+                apply_projection(problem, cfg.projection)
+                lower = LowerLevel(problem, self.batch, trial_cost)
+                try:
+                    sol = solve_lower(
+                        lower,
+                        hg.x,
+                        p.eps,
+                        cfg.estimator.lower_solver,
+                        mu,
+                        warn=getattr(cfg.estimator, "warn_unconverged", True),
+                    )
+                except NonFiniteError:
+                    continue  # the trial point is unusable: backtrack
+                new_losses, new_gnorm = _upper_values(problem, sol.x, self.batch)
+                dist = sol.grad_norm / mu
+                upper = new_losses + new_gnorm * dist + 0.5 * cfg.upper_lipschitz * dist**2
+                new = float(upper.mean()) + _regulariser(problem)
+                if math.isfinite(new) and new <= old - cfg.decrease * alpha * z_sq:
+                    p.accepted, p.alpha = True, alpha
+                    p.theta, p.x = snapshot(self.params), sol.x.detach()
+                    break
+        finally:
+            load_params(self.params, theta0)
+            p.cost += trial_cost.oracle_calls
+
+    # -- commit ----------------------------------------------------------------------------
+
+    def commit(self, p: _Pending) -> dict[str, Any]:
+        cfg, hg = self.cfg, p.hg
+        self.cost += p.cost
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "upper_loss": hg.loss,
+            "eps": p.eps,
+            "delta": p.delta,
+            "alpha": p.alpha,
+            "bound": hg.bound,
+            "cost": self.cost,
+            "grad_norm": hg.norm,
+            "distance": float(hg.eps.max()),
+            "accepted": p.accepted,
+            "backtracks": p.trials,
+            "certified": hg.bound_certified,
+        }
+        self.adjoint = None if hg.adjoint is None else hg.adjoint.detach().clone()
+        if p.finished is not None:
+            self.finished = p.finished
+            self.x_warm = hg.x.detach().clone()
+            self.tol, self.adjoint_tol = p.eps, p.delta
+        elif p.accepted:
+            load_params(self.params, p.theta)
+            self.x_warm = p.x
+            self.alpha = p.alpha * cfg.growth
+            if cfg.adaptive:
+                self.tol, self.adjoint_tol = p.eps * cfg.relax, p.delta * cfg.relax
+        else:
+            self.x_warm = hg.x.detach().clone()
+            if cfg.adaptive:
+                if p.eps * cfg.shrink < cfg.min_tol:
+                    self.finished = (
+                        "stalled",
+                        f"the line search failed at ε = {p.eps:.3e} and ε may not fall below "
+                        f"min_tol = {cfg.min_tol:g}",
+                    )
+                self.tol, self.adjoint_tol = p.eps * cfg.shrink, p.delta * cfg.shrink
+        self.step += 1
+        self.epoch += 1
+        return record
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.base_state(),
+            "x_warm": self.x_warm.clone(),
+            "adjoint": None if self.adjoint is None else self.adjoint.clone(),
+            "alpha": self.alpha,
+            "tol": self.tol,
+            "adjoint_tol": self.adjoint_tol,
+            "finished": None if self.finished is None else list(self.finished),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        x_warm = state["x_warm"]
+        if x_warm.shape != self.x_warm.shape:
+            raise BilevelError(
+                f"the checkpoint's lower-level points have shape {tuple(x_warm.shape)}, "
+                f"expected {tuple(self.x_warm.shape)}: not the same samples"
+            )
+        self.load_base_state(state)
+        self.x_warm = x_warm.to(self.x_warm)
+        adjoint = state["adjoint"]
+        self.adjoint = None if adjoint is None else adjoint.to(self.x_warm)
+        self.alpha = float(state["alpha"])
+        self.tol, self.adjoint_tol = float(state["tol"]), float(state["adjoint_tol"])
+        finished = state["finished"]
+        self.finished = None if finished is None else (str(finished[0]), str(finished[1]))

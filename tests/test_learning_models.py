@@ -123,6 +123,46 @@ def test_train_loss_over_all_indices_equals_energy(diabetes, cancer, wine):
         torch.testing.assert_close(model.val_loss(w), val)
 
 
+def test_problem_exposes_finite_sum_access(diabetes, cancer, wine):
+    for model in _all_models(diabetes, cancer, wine):
+        problem = model.problem
+        assert problem.n_lower_samples == model.n_train
+        assert problem.n_upper_samples == model.n_val
+        for b in (1, 3):
+            xs = _random_w(model, b, seed=2)
+            # full index: the energies and losses of the deterministic problem
+            full = problem.lower_sample_energy(xs, model.theta, torch.arange(model.n_train))
+            assert full.shape == (b,)
+            torch.testing.assert_close(full, problem.energy(xs, None))
+            val = problem.upper_sample_loss(xs, model.theta, torch.arange(model.n_val))
+            assert val.shape == (b,)
+            torch.testing.assert_close(val, problem.loss(xs, None))
+            # a minibatch is the train / validation loss over those samples
+            idx = torch.tensor([0, 2, 2, 5])
+            torch.testing.assert_close(
+                problem.lower_sample_energy(xs, model.theta, idx),
+                model.train_loss(xs, model.theta, idx).reshape(b),
+            )
+            torch.testing.assert_close(
+                problem.upper_sample_loss(xs, model.theta, idx),
+                model.val_loss(xs, model.theta, idx).reshape(b),
+            )
+        # the mean over a partition of the samples is the full energy, and θ enters
+        w = _random_w(model, seed=3)
+        m = model.n_train - model.n_train % 5
+        perm = torch.randperm(model.n_train, generator=_gen(1))[:m].reshape(5, -1)
+        parts = torch.stack([problem.lower_sample_energy(w, model.theta, p) for p in perm])
+        kept = problem.lower_sample_energy(w, model.theta, perm.reshape(-1))
+        torch.testing.assert_close(parts.mean(0), kept)
+        energy = problem.lower_sample_energy(w, model.theta, perm[0])
+        (g,) = torch.autograd.grad(energy.sum(), model.theta)
+        assert bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0
+        with pytest.raises(BilevelError):
+            problem.lower_sample_energy(w, model.theta, torch.tensor([model.n_train]))
+        with pytest.raises(BilevelError):
+            problem.upper_sample_loss(w[0], model.theta, torch.tensor([0]))
+
+
 def test_train_loss_single_sample_formula(cancer):
     model = logistic_model(cancer.X_train, cancer.y_train, cancer.X_val, cancer.y_val, 0.5)
     w = _random_w(model)[0]

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from bilevel.autodiff import LowerLevel
 from bilevel.imaging.data import DegradedImages
 from bilevel.imaging.metrics import psnr
 from bilevel.imaging.operators import Identity, InpaintingMask, LinearOperator
 from bilevel.imaging.regularisers import Regulariser, SmoothedTV
-from bilevel.autodiff import LowerLevel
 from bilevel.lower import Nesterov, solve_lower
 from bilevel.problem import BilevelError, BilevelProblem
 

@@ -358,8 +358,31 @@ class FiniteSumModel:
         self._check_x(x, batch)
         return self._sample_losses(x, self.X_val, self.y_val).mean(dim=1)
 
+    def lower_sample_energy(self, x: Tensor, theta, index: Tensor) -> Tensor:
+        """ĥ(x_b, θ; I) = :meth:`train_loss` over the training samples ``index``, shape (B,).
+
+        Unbiased for h(x_b, θ) when ``index`` is drawn uniformly (the problem's
+        ``lower_sample_energy``, with ``n_lower_samples = n_train``).
+        """
+        self._check_x(x, None)
+        return self.train_loss(x, self.check_theta(theta), index).reshape(x.shape[0])
+
+    def upper_sample_loss(self, x: Tensor, theta, index: Tensor) -> Tensor:
+        """f̂(x_b; I) = :meth:`val_loss` over the validation samples ``index``, shape (B,)."""
+        self._check_x(x, None)
+        return self.val_loss(x, theta, index).reshape(x.shape[0])
+
     def _make_problem(self, mu: float) -> None:
-        self.problem = BilevelProblem(self.lower_energy, self.upper_loss, self.theta, mu=mu)
+        self.problem = BilevelProblem(
+            self.lower_energy,
+            self.upper_loss,
+            self.theta,
+            mu=mu,
+            lower_sample_energy=self.lower_sample_energy,
+            n_lower_samples=self.n_train,
+            upper_sample_loss=self.upper_sample_loss,
+            n_upper_samples=self.n_val,
+        )
 
     # -- constants -----------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from bilevel.problem import (
     NonFiniteError,
     NotStronglyConvexError,
 )
+from bilevel.stochastic import SID, StochasticFixedPoint, StochasticLinearFixedPoint
 
 __all__ = [
     "CG",
@@ -43,6 +44,9 @@ __all__ = [
     "MAID",
     "Budget",
     "RunResult",
+    "SID",
+    "StochasticFixedPoint",
+    "StochasticLinearFixedPoint",
     "TensorSamples",
     "fixed_iterations",
     "with_initial",

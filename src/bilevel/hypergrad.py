@@ -173,7 +173,7 @@ class Estimator:
                 reg = problem.upper_regulariser(problem.theta)
                 reg_grads = torch.autograd.grad(reg, params, allow_unused=True)
             grad = [g if r is None else g + r for g, r in zip(grad, reg_grads)]
-            loss += float(reg)
+            loss += float(reg.detach())
         delta = batch_norm(op.full_matvec(q) - grad_x)
         eps = sol.grad_norm / mu
         certified = False
@@ -356,7 +356,7 @@ class Unrolled(Estimator):
                 reg = problem.upper_regulariser(problem.theta)
                 reg_grads = torch.autograd.grad(reg, params, allow_unused=True)
             grad = [g if r is None else g + r for g, r in zip(grad, reg_grads)]
-            loss += float(reg)
+            loss += float(reg.detach())
         x_last = x.detach()
         if not bool(torch.isfinite(x_last).all()):
             raise NonFiniteError("unrolled iterates diverged: step 1/L too large")

@@ -17,7 +17,9 @@ training and validation data are closed over, and ``batch`` must be ``None``.
 
 :class:`FiniteSumModel` also exposes the lower level as a finite sum for stochastic solvers:
 ``train_loss(w, θ, index)`` is the mean loss over the training samples ``index`` plus the full
-regulariser, so that its expectation over uniformly drawn indices is h(w, θ). Features may be
+regulariser, so that its expectation over uniformly drawn indices is h(w, θ); the model's
+``problem`` carries it (and ``val_loss``) as ``lower_sample_energy`` / ``upper_sample_loss``
+with ``n_lower_samples = n_train`` and ``n_upper_samples = n_val``. Features may be
 dense or sparse (``torch.sparse_csr``; products use sparse-dense matmul, differentiable twice).
 Computations run in the dtype and on the device of ``X_train``.
 """

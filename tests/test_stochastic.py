@@ -1,0 +1,565 @@
+"""Tests for stochastic implicit differentiation (``bilevel.stochastic``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import quadratic_problem
+
+from bilevel import (
+    BilevelError,
+    BilevelProblem,
+    Estimator,
+    FixedPoint,
+    GradientDescent,
+    Hypergradient,
+    Implicit,
+    NonFiniteError,
+)
+from bilevel.learning import (
+    hypercleaning_model,
+    logistic_model,
+    make_synthetic_classification,
+    ridge_model,
+)
+from bilevel.stochastic import (
+    SID,
+    MinibatchSampler,
+    StageSamplers,
+    StochasticFixedPoint,
+    StochasticHypergradient,
+    StochasticLinearFixedPoint,
+    StochasticLinearSolver,
+    StochasticLowerSolver,
+    StochasticSolution,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one thread avoids BLAS thread start-up costs on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _ridge(n: int = 120, d: int = 4, theta: float = 0.0, dtype=torch.float64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n + 60, d, generator=gen, dtype=torch.float64)
+    w_true = torch.randn(d, generator=gen, dtype=torch.float64)
+    y = X @ w_true + 0.5 * torch.randn(n + 60, generator=gen, dtype=torch.float64)
+    X, y = X.to(dtype), y.to(dtype)
+    return ridge_model(X[:n], y[:n], X[n:], y[n:], theta)
+
+
+@pytest.fixture(scope="module")
+def ridge():
+    return _ridge()
+
+
+def _unit_sid(t: int, k: int, eta: float, **kwargs) -> SID:
+    """SID with full batches and unit steps η_s ≡ η'_j ≡ 1 (deterministic AID-FP)."""
+    return SID(
+        lower_solver=StochasticFixedPoint.constant(1.0, t),
+        linear_solver=StochasticLinearFixedPoint.constant(1.0, k),
+        step=eta,
+        lower_batch=None,
+        linear_batch=None,
+        final_batch=None,
+        **kwargs,
+    )
+
+
+def _aid_fp(t: int, k: int, lip: float) -> Implicit:
+    return Implicit(
+        FixedPoint(step=1.0 / lip, max_iter=k),
+        lower_solver=GradientDescent(lipschitz=lip, max_iter=t),
+        warn_unconverged=False,
+        compute_bound=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# accuracy
+
+
+def test_mse_against_closed_form_ridge_decreases_with_t(ridge):
+    """Decreasing steps β/(γ + s): E‖ĝ − ∇F‖² falls roughly like 1/t (t = k)."""
+    ref = ridge.hypergradient()
+    lip, mu = ridge.smoothness(), ridge.mu()
+    b = 6
+    sample_curv = float((ridge.X_train**2).sum(1).max()) + 1.0
+    beta = 2.0 * lip / mu  # 2κ: the contraction of Φ in expectation is 1 − μ/L
+    gamma = beta * (1.0 + sample_curv / (b * lip))  # first step stable on a minibatch
+    mse = {}
+    for t in (10, 100, 1000):
+        errs = []
+        for seed in range(4):
+            sid = SID(
+                lower_solver=StochasticFixedPoint(t, beta, gamma),
+                linear_solver=StochasticLinearFixedPoint(t, beta, gamma),
+                step=1.0 / lip,
+                lower_batch=b,
+                linear_batch=b,
+                final_batch=b,
+                upper_batch=b,
+                seed=seed,
+            )
+            hg = sid(ridge.problem, None, ridge.init_w())
+            errs.append(float(((hg.grad[0] - ref) ** 2).sum()))
+        mse[t] = sum(errs) / len(errs)
+    assert mse[10] > mse[100] > mse[1000]
+    # O(1/t): two decades of t buy well over one decade of MSE
+    assert mse[1000] < mse[10] / 30
+    assert mse[1000] < 1e-2 * float((ref**2).sum())
+
+
+def test_exact_warm_starts_give_the_exact_hypergradient(ridge):
+    """t = k = 0 from x̂ and q = H⁻¹∇f: ĝ = ∇F exactly (adjoint0 is q, not v = q/η)."""
+    theta = ridge.theta.detach()
+    w = ridge.solution().reshape(1, -1)
+    A = ridge.X_train.T @ ridge.X_train / ridge.n_train + torch.diag(torch.exp(theta))
+    r = ridge.X_val @ w[0] - ridge.y_val
+    q = torch.linalg.solve(A, ridge.X_val.T @ r / ridge.n_val).reshape(1, -1)
+    sid = SID(
+        lower_solver=StochasticFixedPoint(0),
+        linear_solver=StochasticLinearFixedPoint(0),
+        step=0.3,
+        final_batch=None,
+    )
+    hg = sid(ridge.problem, None, w, adjoint0=q)
+    torch.testing.assert_close(hg.grad[0], ridge.hypergradient(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(hg.adjoint, q, rtol=1e-14, atol=1e-16)
+    torch.testing.assert_close(hg.x, w)
+
+
+def test_warm_starts_carry_over(ridge):
+    """The returned x and adjoint restart the next call close to where the last one ended."""
+    ref = ridge.hypergradient()
+    sid = SID(
+        lower_solver=StochasticFixedPoint(40, 8.0, 16.0),
+        linear_solver=StochasticLinearFixedPoint(40, 8.0, 16.0),
+        step=1.0 / ridge.smoothness(),
+        lower_batch=None,
+        linear_batch=None,
+        final_batch=None,
+    )
+    cold = sid(ridge.problem, None, ridge.init_w())
+    warm = sid(ridge.problem, None, cold.x, adjoint0=cold.adjoint)
+    err_cold = float((cold.grad[0] - ref).norm())
+    err_warm = float((warm.grad[0] - ref).norm())
+    assert err_warm < 0.5 * err_cold
+
+
+# --------------------------------------------------------------------------------------------
+# deterministic limit: AID-FP
+
+
+def _classification(n_classes: int = 2, n: int = 90, d: int = 5):
+    X, y, _ = make_synthetic_classification(
+        n + 40, d, n_classes=n_classes, seed=3, dtype=torch.float64
+    )
+    return X[:n], y[:n], X[n:], y[n:]
+
+
+@pytest.mark.parametrize("case", ["ridge", "logistic", "multinomial", "hypercleaning"])
+def test_full_batch_unit_steps_reproduce_aid_fp(ridge, case):
+    if case == "ridge":
+        model = ridge
+    elif case == "logistic":
+        model = logistic_model(*_classification(2), -1.0, fit_intercept=True)
+    elif case == "multinomial":
+        model = logistic_model(*_classification(3), -0.5)
+    else:
+        Xtr, ytr, Xv, yv = _classification(3)
+        model = hypercleaning_model(Xtr, ytr, Xv, yv, 0.3, l2=0.1)
+        with torch.no_grad():
+            model.theta.copy_(torch.linspace(-1.0, 1.0, model.n_train, dtype=torch.float64))
+    lip = model.smoothness()
+    eta = 1.0 / lip
+    t, k = 25, 15
+    gen = torch.Generator().manual_seed(1)
+    x0 = 0.2 * torch.randn((2, *model.event_shape), generator=gen, dtype=torch.float64)
+    q0 = 0.2 * torch.randn((2, *model.event_shape), generator=gen, dtype=torch.float64)
+    for adjoint0 in (None, q0):
+        ref = _aid_fp(t, k, lip)(
+            model.problem, None, x0, lower_tol=1e-300, adjoint_tol=0.0, adjoint0=adjoint0
+        )
+        hg = _unit_sid(t, k, eta)(model.problem, None, x0, adjoint0=adjoint0)
+        scale = float(ref.grad[0].abs().max())
+        torch.testing.assert_close(hg.grad[0], ref.grad[0], rtol=0, atol=1e-12 * scale)
+        torch.testing.assert_close(hg.x, ref.x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(hg.adjoint, ref.adjoint, rtol=0, atol=1e-12)
+        assert hg.loss == pytest.approx(ref.loss, rel=1e-13)
+        torch.testing.assert_close(hg.losses, ref.losses)
+
+
+# Implicit converts the regulariser value with float() while it still requires grad
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+def test_aid_fp_equivalence_with_upper_regulariser():
+    model = _ridge()
+    with torch.no_grad():
+        model.theta.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64))
+    problem = BilevelProblem(
+        model.lower_energy,
+        model.upper_loss,
+        model.theta,
+        mu=model.mu(),
+        upper_regulariser=lambda th: 0.05 * (th**2).sum(),
+        lower_sample_energy=model.lower_sample_energy,
+        n_lower_samples=model.n_train,
+    )
+    lip = model.smoothness()
+    x0 = model.init_w()
+    ref = _aid_fp(30, 20, lip)(problem, None, x0, lower_tol=1e-300, adjoint_tol=0.0)
+    hg = _unit_sid(30, 20, 1.0 / lip)(problem, None, x0)
+    torch.testing.assert_close(hg.grad[0], ref.grad[0], rtol=0, atol=1e-13)
+    assert hg.loss == pytest.approx(ref.loss, rel=1e-13)
+
+
+# --------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_stage_streams_are_independent_and_reproducible():
+    s = StageSamplers(0)
+    draws = [g.draw(1000, 20) for g in (s.lower, s.linear, s.final)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    again = StageSamplers(0)
+    assert torch.equal(again.lower.draw(1000, 20), draws[0])
+    assert not torch.equal(StageSamplers(1).lower.draw(1000, 20), draws[0])
+    state = s.state_dict()
+    nxt = s.linear.draw(1000, 20)
+    s.load_state_dict(state)
+    assert torch.equal(s.linear.draw(1000, 20), nxt)
+    s.reset()
+    assert torch.equal(s.lower.draw(1000, 20), draws[0])
+    fresh = StageSamplers(None)
+    assert torch.equal(StageSamplers(fresh.entropy).final.draw(50, 5), fresh.final.draw(50, 5))
+
+
+def test_minibatches_with_and_without_replacement():
+    without = MinibatchSampler(0, replace=False)
+    for n, b in ((1000, 10), (50, 40)):  # rejection branch, permutation branch
+        for _ in range(20):
+            idx = without.draw(n, b)
+            assert idx.dtype == torch.int64 and idx.shape == (b,)
+            assert torch.unique(idx).numel() == b and int(idx.min()) >= 0 and int(idx.max()) < n
+    assert torch.equal(without.draw(7, 7), torch.arange(7))
+    assert without.draw(100, 5, count=3).shape == (15,)
+    with_ = MinibatchSampler(0, replace=True)
+    repeats = sum(torch.unique(with_.draw(50, 40)).numel() < 40 for _ in range(5))
+    assert repeats == 5
+    # uniform: every position is drawn about equally often
+    counts = torch.bincount(without.draw(10, 3, count=3000), minlength=10).double()
+    assert float((counts / counts.mean() - 1).abs().max()) < 0.1
+    with pytest.raises(BilevelError):
+        without.draw(5, 6)
+
+
+def _recording(model):
+    """The model's problem with every lower-sample index recorded."""
+    calls: list[torch.Tensor] = []
+
+    def energy(x, theta, index):
+        calls.append(index.clone())
+        return model.lower_sample_energy(x, theta, index)
+
+    problem = BilevelProblem(
+        model.lower_energy,
+        model.upper_loss,
+        model.theta,
+        mu=model.mu(),
+        lower_sample_energy=energy,
+        n_lower_samples=model.n_train,
+    )
+    return problem, calls
+
+
+def test_sid_stages_draw_from_separate_streams(ridge):
+    problem, calls = _recording(ridge)
+
+    def run(t: int) -> list[torch.Tensor]:
+        calls.clear()
+        sid = SID(
+            lower_solver=StochasticFixedPoint(t, 4.0, 8.0),
+            linear_solver=StochasticLinearFixedPoint(4, 4.0, 8.0),
+            step=0.2,
+            lower_batch=5,
+            linear_batch=5,
+            final_batch=5,
+            seed=7,
+        )
+        sid(problem, None, ridge.init_w())
+        return list(calls)
+
+    short, long = run(3), run(6)
+    assert len(short) == 3 + 4 + 1 and len(long) == 6 + 4 + 1
+    # stage 1 of the short run is a prefix of the long one; stages 2 and 3 do not depend on t
+    for a, b in zip(short[:3], long[:3]):
+        assert torch.equal(a, b)
+    for a, b in zip(short[3:], long[6:]):
+        assert torch.equal(a, b)
+    # the three stages see different minibatches
+    assert not torch.equal(long[0], long[6]) and not torch.equal(long[6], long[10])
+
+
+def test_same_seed_same_estimate_and_fresh_samples_across_calls(ridge):
+    def make(seed):
+        return SID(
+            lower_solver=StochasticFixedPoint(20, 4.0, 8.0),
+            linear_solver=StochasticLinearFixedPoint(20, 4.0, 8.0),
+            step=0.2,
+            lower_batch=5,
+            linear_batch=5,
+            final_batch=5,
+            upper_batch=5,
+            final_minibatches=2,
+            seed=seed,
+        )
+
+    x0 = ridge.init_w()
+    a, b, c = make(3), make(3), make(4)
+    ga = a(ridge.problem, None, x0).grad[0]
+    assert torch.equal(ga, b(ridge.problem, None, x0).grad[0])
+    assert not torch.allclose(ga, c(ridge.problem, None, x0).grad[0])
+    # successive calls continue the streams (fresh samples), reset() starts them again
+    second = a(ridge.problem, None, x0).grad[0]
+    assert not torch.allclose(ga, second)
+    a.samplers.reset()
+    assert torch.equal(a(ridge.problem, None, x0).grad[0], ga)
+    # with replacement is a different sampling scheme
+    from dataclasses import replace
+
+    assert not torch.allclose(replace(make(3), replace=True)(ridge.problem, None, x0).grad[0], ga)
+
+
+# --------------------------------------------------------------------------------------------
+# interface: accumulation, cost, evidence, pluggable solvers
+
+
+def test_estimator_interface_accumulate_and_cost(ridge):
+    sid = SID(
+        lower_solver=StochasticFixedPoint(10, 4.0, 8.0),
+        linear_solver=StochasticLinearFixedPoint(5, 4.0, 8.0),
+        step=0.2,
+        lower_batch=12,
+        linear_batch=24,
+        final_batch=12,
+        upper_batch=6,
+        final_minibatches=3,
+    )
+    assert isinstance(sid, Estimator)
+    ridge.theta.grad = None
+    hg = sid(ridge.problem, None, ridge.init_w(), accumulate=True)
+    assert isinstance(hg, StochasticHypergradient) and isinstance(hg, Hypergradient)
+    torch.testing.assert_close(ridge.theta.grad, hg.grad[0])
+    hg2 = sid(ridge.problem, None, ridge.init_w(), accumulate=True)
+    torch.testing.assert_close(ridge.theta.grad, hg.grad[0] + hg2.grad[0])
+    ridge.theta.grad = None
+    # fractional oracle counts: b/N of a call per minibatch of b out of N = 120
+    assert hg.cost.grad_evals == pytest.approx(10 * 12 / 120)
+    assert hg.cost.hvps == pytest.approx(5 * 24 / 120)
+    assert hg.cost.vjps == pytest.approx(3 * 12 / 120)
+    assert hg.cost.oracle_calls == pytest.approx(2.0)
+    assert hg.cost.wall_time > 0
+    # evidence: no a-posteriori bound for a stochastic estimate
+    assert hg.bound is None and hg.bound_certified is False
+    assert bool(torch.isnan(hg.eps).all()) and bool(torch.isnan(hg.delta).all())
+    assert hg.mu == ridge.problem.mu and hg.mu_estimated is False
+    assert hg.map_step == 0.2 and hg.lower_report.iterations == 10
+    assert hg.linear_report.iterations == 5
+    assert hg.x.shape == (1, 4) and hg.adjoint.shape == (1, 4)
+    assert hg.grad[0].shape == ridge.theta.shape and hg.losses.shape == (1,)
+    # costs are per instance: B = 3 instances cost three times as much
+    hg3 = sid(ridge.problem, None, ridge.init_w(3))
+    assert hg3.cost.grad_evals == pytest.approx(3 * 10 * 12 / 120)
+    assert hg3.losses.shape == (3,)
+
+
+def test_step_from_power_iteration(ridge):
+    sid = SID(
+        lower_solver=StochasticFixedPoint(5, 4.0, 8.0),
+        linear_solver=StochasticLinearFixedPoint(5, 4.0, 8.0),
+        lower_batch=10,
+        linear_batch=10,
+        final_batch=10,
+    )
+    hg = sid(ridge.problem, None, ridge.init_w())
+    X = ridge.X_train
+    lam_max = float(torch.linalg.eigvalsh(X.T @ X / ridge.n_train + torch.eye(4)).max())
+    # power iteration approaches λ_max from below: η = 1/λ̃ is at most slightly longer
+    assert 1.0 / lam_max <= hg.map_step <= 1.01 / lam_max
+    assert hg.cost.hvps >= 20  # the power iteration on the full Hessian is counted
+
+
+def test_float32_follows_the_data():
+    model = _ridge(dtype=torch.float32)
+    sid = SID(
+        lower_solver=StochasticFixedPoint(20, 4.0, 8.0),
+        linear_solver=StochasticLinearFixedPoint(20, 4.0, 8.0),
+        step=0.2,
+        lower_batch=10,
+        linear_batch=10,
+        final_batch=10,
+    )
+    hg = sid(model.problem, None, model.init_w())
+    assert hg.grad[0].dtype == torch.float32 and hg.x.dtype == torch.float32
+    assert hg.adjoint.dtype == torch.float32
+
+
+class _Relaxed:
+    """A user-supplied solver: x ← x + ω (T̂(x) − x) with fixed relaxation ω."""
+
+    def __init__(self, iterations: int, omega: float) -> None:
+        self.iterations, self.omega, self.calls = iterations, omega, 0
+
+    def solve(self, phi, x0):
+        x = x0
+        for _ in range(self.iterations):
+            x = x + self.omega * (phi(x) - x)
+            self.calls += 1
+        return StochasticSolution(x, x, self.iterations, 0, self.omega)
+
+
+def test_solvers_are_pluggable(ridge):
+    lower, linear = _Relaxed(60, 0.5), _Relaxed(60, 0.5)
+    assert isinstance(lower, StochasticLowerSolver) and isinstance(linear, StochasticLinearSolver)
+    sid = SID(
+        lower_solver=lower,
+        linear_solver=linear,
+        step=1.0 / ridge.smoothness(),
+        lower_batch=None,
+        linear_batch=None,
+        final_batch=None,
+    )
+    hg = sid(ridge.problem, None, ridge.init_w())
+    assert lower.calls == 60 and linear.calls == 60
+    torch.testing.assert_close(hg.grad[0], ridge.hypergradient(), rtol=1e-6, atol=1e-9)
+
+    class Broken:
+        def solve(self, phi, x0):
+            return x0
+
+    with pytest.raises(BilevelError, match="StochasticSolution"):
+        SID(lower_solver=Broken(), lower_batch=None)(ridge.problem, None, ridge.init_w())
+    with pytest.raises(BilevelError, match="lower_solver"):
+        SID(lower_solver="sgd")
+
+
+def test_stochastic_fixed_point_steps_and_averaging():
+    sfp = StochasticFixedPoint(iterations=8, beta=2.0, gamma=4.0)
+    assert [sfp.step_size(s) for s in range(3)] == [0.5, 2.0 / 5.0, 2.0 / 6.0]
+    assert StochasticFixedPoint.constant(0.3).step_size(100) == 0.3
+
+    def affine(x):  # T(x) = x/2 + 1, fixed point 2
+        return 0.5 * x + 1.0
+
+    x0 = torch.zeros(1, 1, dtype=torch.float64)
+    iterates, x = [], x0
+    for s in range(8):
+        eta = 2.0 / (4.0 + s)
+        x = (1 - eta) * x + eta * affine(x)
+        iterates.append(x)
+    sol = sfp.solve(affine, x0)
+    torch.testing.assert_close(sol.x, iterates[-1])
+    assert sol.iterations == 8 and sol.averaged == 0 and sol.last_step == pytest.approx(2 / 11)
+    avg = StochasticFixedPoint(iterations=8, beta=2.0, gamma=4.0, average=0.5).solve(affine, x0)
+    torch.testing.assert_close(avg.x, torch.stack(iterates[4:]).mean(0))
+    torch.testing.assert_close(avg.last_iterate, iterates[-1])
+    assert avg.averaged == 4
+    full = StochasticFixedPoint(iterations=8, beta=2.0, gamma=4.0, average=1.0).solve(affine, x0)
+    torch.testing.assert_close(full.x, torch.stack(iterates).mean(0))
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+def test_bad_inputs(ridge):
+    problem, batch, _ = quadratic_problem()
+    with pytest.raises(BilevelError, match="lower_sample_energy"):
+        SID()(problem, batch, torch.zeros(4, 6, dtype=torch.float64))
+    for name in ("lower_batch", "linear_batch", "final_batch", "upper_batch"):
+        for bad in (0, -3, 2.5, True):
+            with pytest.raises(BilevelError, match=name):
+                SID(**{name: bad})
+    with pytest.raises(BilevelError):
+        SID(final_minibatches=0)
+    with pytest.raises(BilevelError):
+        SID(step=-1.0)
+    with pytest.raises(BilevelError):
+        SID(seed=-1)
+    for kwargs in ({"beta": 0.0}, {"gamma": -1.0}, {"average": 1.5}, {"iterations": -1}):
+        with pytest.raises(BilevelError):
+            StochasticFixedPoint(**kwargs)
+    x0 = ridge.init_w()
+    n = ridge.n_train
+    for name in ("lower_batch", "linear_batch", "final_batch"):
+        with pytest.raises(BilevelError, match=f"{name}={n + 1}"):
+            SID(step=0.1, **{name: n + 1})(ridge.problem, None, x0)
+    with pytest.raises(BilevelError, match="upper_batch"):
+        SID(step=0.1, upper_batch=ridge.n_val + 1)(ridge.problem, None, x0)
+    no_upper = BilevelProblem(
+        ridge.lower_energy,
+        ridge.upper_loss,
+        ridge.theta,
+        mu=1.0,
+        lower_sample_energy=ridge.lower_sample_energy,
+        n_lower_samples=n,
+    )
+    with pytest.raises(BilevelError, match="upper_sample_loss"):
+        SID(step=0.1, upper_batch=5)(no_upper, None, x0)
+    with pytest.raises(BilevelError, match="batch must be None"):
+        SID(step=0.1)(ridge.problem, torch.zeros(1), x0)
+    with pytest.raises(BilevelError):
+        SID(step=0.1)(ridge.problem, None, x0, adjoint0=torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_divergence_raises_with_advice(ridge):
+    eta = 1.0 / ridge.smoothness()
+    # map step 20/L: Φ expands the top eigendirection by a factor 19 per unit step
+    sid = SID(
+        lower_solver=StochasticFixedPoint.constant(1.0, 2000),
+        step=20 * eta,
+        lower_batch=None,
+    )
+    with pytest.raises(NonFiniteError, match="stage 1.*gamma"):
+        sid(ridge.problem, None, ridge.init_w())
+    # a stable lower stage, a diverging adjoint stage (constant steps 5)
+    sid = SID(
+        lower_solver=StochasticFixedPoint.constant(1.0, 10),
+        linear_solver=StochasticLinearFixedPoint.constant(5.0, 2000),
+        step=eta,
+        lower_batch=None,
+        linear_batch=10,
+    )
+    with pytest.raises(NonFiniteError, match="stage 2"):
+        sid(ridge.problem, None, ridge.init_w())
+
+
+# --------------------------------------------------------------------------------------------
+# with an upper-level method
+
+
+def test_isgd_runs_with_sid():
+    methods = pytest.importorskip("bilevel.methods")
+    model = _ridge()
+    lip, mu = model.smoothness(), model.mu()
+    beta = 2.0 * lip / mu
+    sid = SID(
+        lower_solver=StochasticFixedPoint(50, beta, 5.0 * beta),
+        linear_solver=StochasticLinearFixedPoint(50, beta, 5.0 * beta),
+        step=1.0 / lip,
+        lower_batch=10,
+        linear_batch=10,
+        final_batch=10,
+        upper_batch=10,
+    )
+    before = float(model.objective())
+    samples = methods.TensorSamples(x_init=model.init_w())
+    methods.ISGD(step=0.5, batch_size=1, estimator=sid).run(
+        model.problem, samples, {"steps": 20}, progress=False, plot=False
+    )
+    assert float(model.objective()) < 0.5 * before

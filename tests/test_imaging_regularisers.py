@@ -110,7 +110,8 @@ def test_ridge_curvature_exact_at_zero_response() -> None:
     v = torch.randn(x.shape, generator=_gen(6), dtype=torch.float64)
     quad = float(_quad(v, _hvp_fn(reg, x)(v)))
     psi2 = (reg.coefficients().detach() / reg.scales).sum(1)
-    responses = torch.nn.functional.conv2d(v, reg.effective_filters().detach())
+    padded = torch.nn.functional.pad(v, (1, 1, 1, 1), mode="reflect")  # 3×3 filters
+    responses = torch.nn.functional.conv2d(padded, reg.effective_filters().detach())
     expected = float((psi2.view(1, -1, 1, 1) * responses**2).sum())
     assert quad == pytest.approx(expected, rel=1e-9)
 

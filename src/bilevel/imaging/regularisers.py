@@ -11,7 +11,8 @@ backward). Each one provides
   constraints hold by construction.
 
 Parameters may be float32 while x is float64: they are cast to the dtype and device of x.
-Learned filters are applied as "valid" correlations (no padding, so no boundary artefacts).
+Learned filters are applied to the reflect-padded image by default (``boundary="reflect"``: H×W
+responses, borders regularised like the interior) or as "valid" correlations.
 """
 
 from __future__ import annotations
@@ -66,6 +67,32 @@ def _check_image(x: Tensor, channels: int | None = None, min_size: int = 1) -> N
 def _inv_softplus(y: Tensor) -> Tensor:
     """softplus⁻¹(y) = log(exp(y) − 1) for y > 0."""
     return y + torch.log(-torch.expm1(-y))
+
+
+BOUNDARIES = ("reflect", "valid")
+
+
+def _pad(x: Tensor, filter_size: int, boundary: str) -> Tensor:
+    """Reflect-pad x so that a "valid" correlation with s×s filters returns H×W responses.
+
+    Every pixel then carries the same number of filter responses, so image borders are
+    regularised like the interior.  Reflect padding P (width < H, W) repeats a pixel at most
+    twice per axis, so ‖P‖² ≤ 4: the curvature bounds multiply by :func:`_padding_gain`.
+    """
+    if boundary == "valid":
+        return x
+    lo = (filter_size - 1) // 2
+    hi = filter_size - 1 - lo
+    return F.pad(x, (lo, hi, lo, hi), mode="reflect")
+
+
+def _padding_gain(boundary: str) -> float:
+    return 4.0 if boundary == "reflect" else 1.0
+
+
+def _check_boundary(boundary: str) -> None:
+    if boundary not in BOUNDARIES:
+        raise BilevelError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
 
 
 def _conv_norm_sq_bound(filters: Tensor) -> Tensor:
@@ -234,8 +261,11 @@ class FieldsOfExperts(Regulariser):
         smoothing: float = 0.01,
         init_weight: float = 0.01,
         seed: int = 0,
+        boundary: str = "reflect",
     ) -> None:
         super().__init__()
+        _check_boundary(boundary)
+        self.boundary = boundary
         if potential not in ("smoothed_l1", "student_t"):
             raise BilevelError(f"potential must be 'smoothed_l1' or 'student_t', got {potential!r}")
         if not smoothing > 0 or not init_weight > 0:
@@ -263,8 +293,9 @@ class FieldsOfExperts(Regulariser):
         return self.filters - self.filters.mean(dim=(1, 2, 3), keepdim=True)
 
     def responses(self, x: Tensor) -> Tensor:
-        """Filter responses k_k ⋆ x, shape (B, K, H − s + 1, W − s + 1)."""
+        """Filter responses k_k ⋆ x: (B, K, H, W) with ``boundary="reflect"``, else "valid"."""
         _check_image(x, self.channels, self.filter_size)
+        x = _pad(x, self.filter_size, self.boundary)
         return F.conv2d(x, self.effective_filters().to(dtype=x.dtype, device=x.device))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -278,7 +309,8 @@ class FieldsOfExperts(Regulariser):
         max_phi2 = 1.0 / nu if self.potential == "smoothed_l1" else 2.0 / nu**2
         with torch.no_grad():
             w = self.log_weights.double().exp()
-            return max_phi2 * _filter_bank_bound(self.effective_filters(), w)
+            bank = _filter_bank_bound(self.effective_filters(), w)
+            return max_phi2 * bank * _padding_gain(self.boundary)
 
     @torch.no_grad()
     def project_(self) -> FieldsOfExperts:
@@ -319,8 +351,11 @@ class ConvexRidge(Regulariser):
         init_weight: float = 0.01,
         zero_mean: bool = True,
         seed: int = 0,
+        boundary: str = "reflect",
     ) -> None:
         super().__init__()
+        _check_boundary(boundary)
+        self.boundary = boundary
         if num_basis < 1 or not 0 < scales[0] <= scales[1] or not init_weight > 0:
             raise BilevelError("need num_basis ≥ 1, 0 < scales[0] ≤ scales[1], init_weight > 0")
         if num_filters < 1 or filter_size < 1 or channels < 1:
@@ -360,6 +395,7 @@ class ConvexRidge(Regulariser):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_image(x, self.channels, self.filter_size)
+        x = _pad(x, self.filter_size, self.boundary)
         t = F.conv2d(x, self.effective_filters().to(dtype=x.dtype, device=x.device))
         return self.profile(t).sum(dim=(1, 2, 3))
 
@@ -367,7 +403,8 @@ class ConvexRidge(Regulariser):
         with torch.no_grad():
             c = self.coefficients().double()
             psi2 = (c / self.scales.double()).sum(1)  # (K,) bound on ψ_k''
-            return _filter_bank_bound(self.effective_filters(), psi2)
+            bank = _filter_bank_bound(self.effective_filters(), psi2)
+            return bank * _padding_gain(self.boundary)
 
     @torch.no_grad()
     def project_(self) -> ConvexRidge:

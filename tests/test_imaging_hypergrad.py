@@ -28,9 +28,7 @@ def _images(n=2, size=10, channels=1, seed=0):
     gen = torch.Generator().manual_seed(seed)
     grid = torch.linspace(0, 1, size, dtype=F64)
     base = (grid[:, None] > 0.4).to(F64) * 0.6 + 0.3 * grid[None, :]
-    return (base + 0.05 * torch.rand(n, channels, size, size, generator=gen, dtype=F64)).clamp(
-        0, 1
-    )
+    return (base + 0.05 * torch.rand(n, channels, size, size, generator=gen, dtype=F64)).clamp(0, 1)
 
 
 REGULARISERS = {
@@ -95,8 +93,9 @@ def test_operator_hypergradients_match_finite_differences(name):
 
 def test_learnable_operator_hypergradient_matches_finite_differences():
     clean = _images(channels=1)
-    noisy = clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(3),
-                                       dtype=F64)
+    noisy = clean + 0.05 * torch.randn(
+        clean.shape, generator=torch.Generator().manual_seed(3), dtype=F64
+    )
     op = LearnableMask((10, 10), init=0.6).to(F64)
     problem = reconstruction_problem(
         SmoothedTV(0.05, 0.05).to(F64), op, gamma=0.05, operator_penalty=0.1

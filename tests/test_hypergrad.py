@@ -379,3 +379,15 @@ def test_truncated_unrolling_is_biased_but_cheaper_in_memory():
     err_trunc = float((trunc.grad[0] - expected).norm())
     assert err_full < 1e-6 < err_trunc
     assert full.bound is None and trunc.cost.hvps < full.cost.hvps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_unchanged_on_cuda():
+    problem, batch, theta = quadratic_problem(n_batch=3, dim=5, seed=9)
+    expected, _ = quadratic_exact(problem, batch)
+    with torch.no_grad():
+        theta.data = theta.data.cuda()
+    batch = tuple(t.cuda() for t in batch)
+    hg = Implicit()(problem, batch, torch.zeros(3, 5, dtype=F64, device="cuda"), lower_tol=1e-10)
+    assert hg.grad[0].device.type == "cuda"
+    assert torch.allclose(hg.grad[0].cpu(), expected, atol=1e-7)

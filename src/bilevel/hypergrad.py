@@ -213,6 +213,24 @@ class Estimator:
         )
 
     def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0):
+        """Lower solve, upper gradients, the method's adjoint q, then z and its bound."""
+        sol, op, mu, mu_est = self._solve(problem, lower, x0, lower_tol)
+        losses, grad_x, grad_theta = upper_gradients(problem, sol.x, batch)
+        q, linear = self._adjoint(op, sol.x, grad_x, adjoint_tol, adjoint0, mu)
+        return self._finish(
+            problem, batch, lower, sol, op, mu, mu_est, q, linear, losses, grad_x, grad_theta
+        )
+
+    def _adjoint(
+        self,
+        op: HessianOperator,
+        x: Tensor,
+        grad_x: Tensor,
+        adjoint_tol: float | Tensor,
+        adjoint0: Tensor | None,
+        mu: float,
+    ) -> tuple[Tensor, LinearSolution | None]:
+        """q ≈ H⁻¹∇ₓf (and the linear solver's report, if any)."""
         raise NotImplementedError
 
 
@@ -222,24 +240,9 @@ class Implicit(Estimator):
 
     linear_solver: LinearSolver = field(default_factory=CG)
 
-    def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0):
-        sol, op, mu, mu_est = self._solve(problem, lower, x0, lower_tol)
-        losses, grad_x, grad_theta = upper_gradients(problem, sol.x, batch)
+    def _adjoint(self, op, x, grad_x, adjoint_tol, adjoint0, mu):
         linear = self.linear_solver.solve(op.matvec, grad_x, adjoint_tol, x0=adjoint0)
-        return self._finish(
-            problem,
-            batch,
-            lower,
-            sol,
-            op,
-            mu,
-            mu_est,
-            linear.solution,
-            linear,
-            losses,
-            grad_x,
-            grad_theta,
-        )
+        return linear.solution, linear
 
 
 @dataclass(frozen=True)
@@ -252,24 +255,8 @@ class JacobianFree(Estimator):
 
     scale: float | None = 1.0
 
-    def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0):
-        sol, op, mu, mu_est = self._solve(problem, lower, x0, lower_tol)
-        losses, grad_x, grad_theta = upper_gradients(problem, sol.x, batch)
-        scale = 1.0 / mu if self.scale is None else self.scale
-        return self._finish(
-            problem,
-            batch,
-            lower,
-            sol,
-            op,
-            mu,
-            mu_est,
-            scale * grad_x,
-            None,
-            losses,
-            grad_x,
-            grad_theta,
-        )
+    def _adjoint(self, op, x, grad_x, adjoint_tol, adjoint0, mu):
+        return (1.0 / mu if self.scale is None else self.scale) * grad_x, None
 
 
 @dataclass(frozen=True)
@@ -281,15 +268,10 @@ class Exact(Estimator):
 
     max_dim: int = 4096
 
-    def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0):
-        sol, op, mu, mu_est = self._solve(problem, lower, x0, lower_tol)
-        losses, grad_x, grad_theta = upper_gradients(problem, sol.x, batch)
-        hess = dense_hessian(op, sol.x, self.max_dim)
-        b = grad_x.reshape(grad_x.shape[0], -1, 1)
-        q = torch.linalg.solve(hess, b).reshape(grad_x.shape)
-        return self._finish(
-            problem, batch, lower, sol, op, mu, mu_est, q, None, losses, grad_x, grad_theta
-        )
+    def _adjoint(self, op, x, grad_x, adjoint_tol, adjoint0, mu):
+        hess = dense_hessian(op, x, self.max_dim)
+        q = torch.linalg.solve(hess, grad_x.reshape(grad_x.shape[0], -1, 1))
+        return q.reshape(grad_x.shape), None
 
 
 def dense_hessian(op: HessianOperator, x: Tensor, max_dim: int = 4096) -> Tensor:

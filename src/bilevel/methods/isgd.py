@@ -205,7 +205,14 @@ class _ISGDEngine(Engine):
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
-        return {"sampler": self.gen}
+        gens = {"sampler": self.gen}
+        # Stochastic estimators (SID) draw their own minibatches: checkpoint those streams too.
+        samplers = getattr(self.cfg.estimator, "samplers", None)
+        for stage in ("lower", "linear", "final"):
+            sampler = getattr(samplers, stage, None)
+            if sampler is not None:
+                gens[f"estimator_{stage}"] = sampler.generator
+        return gens
 
     def compute(self) -> _Pending:
         cfg = self.cfg

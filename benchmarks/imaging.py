@@ -1,0 +1,640 @@
+"""Imaging benchmarks on BSDS300 crops: learned regularisers trained by ISGD and MAID.
+
+Studies (``--study``, default all):
+
+* ``foe``: Fields-of-Experts denoising at σ = 25/255. ISGD with a constant step, ISGD with a
+  decreasing step α₀/(k+1)^½, Adam-preconditioned ISGD and MAID, each with the same budget of
+  oracle calls (lower-level gradient evaluations + Hessian-vector products); test PSNR against
+  cost, and total variation tuned by grid search on the training crops as the baseline.
+* ``schedules``: convex-ridge denoising (σ = 25/255) and input-convex-network inpainting
+  (70 % of the pixels kept, σ = 5/255) over step {constant, α₀/(k+1)^½} × accuracy
+  {constant 10⁻¹, 10⁻¹/(k+1)^½} × optimiser {SGD, Adam}.
+* ``deblur``: Gaussian blur (7×7, σ_blur = 1.5 px, noise 5/255) with a learned
+  Fields-of-Experts regulariser (Adam-ISGD) against grid-tuned TV.
+
+Each run builds its own training and test sets of degraded crops (noise frozen per sample,
+the same seeds for every run of a task), so every method starts from the same θ₀ and sees the
+same data. Runs are spread over ``--jobs`` worker processes with one torch thread each.
+Results are cached in ``runs/benchmarks_imaging/results.json`` (one entry per study), and the
+report ``docs/benchmarks_imaging.md`` with its figures is written from all cached studies.
+
+Usage: python benchmarks/imaging.py [--study foe|schedules|deblur|all] [--jobs 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path("/work/shared/data/bsds300")
+CACHE = ROOT / "runs" / "benchmarks_imaging" / "results.json"
+TV_GRID = (0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
+EVAL_TOL = 1e-3
+
+TASKS: dict[str, dict[str, Any]] = {
+    "denoise": {"sigma": 25.0, "gamma": 0.0},
+    "inpaint": {"sigma": 5.0, "gamma": 1e-2, "keep": 0.7},
+    "deblur": {"sigma": 5.0, "gamma": 1e-2, "blur": 1.5, "kernel_size": 7},
+}
+STUDIES = ("foe", "schedules", "deblur")
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+@functools.lru_cache(maxsize=2)
+def _images(split: str, data: str) -> list:
+    from bilevel.imaging import load_image_folder
+
+    return load_image_folder(Path(data) / split)
+
+
+def _setup(spec: dict[str, Any]):
+    """Training/test sets, operator and (for learned regularisers) the bilevel problem."""
+    from bilevel.imaging import (
+        ConvexRidge,
+        Convolution,
+        DegradedImages,
+        FieldsOfExperts,
+        Identity,
+        InpaintingMask,
+        InputConvexNetwork,
+        gaussian_kernel,
+        random_crops,
+        random_mask,
+        reconstruction_problem,
+    )
+
+    task = TASKS[spec["task"]]
+    crop, seed = spec["crop"], spec["seed"]
+    if spec["task"] == "deblur":
+        operator = Convolution(gaussian_kernel(task["kernel_size"], task["blur"]))
+    elif spec["task"] == "inpaint":
+        operator = InpaintingMask(random_mask((crop, crop), task["keep"], generator=seed))
+    else:
+        operator = Identity()
+    sigma = task["sigma"] / 255.0
+    train_clean = random_crops(_images("train", spec["data"]), crop, spec["train"], seed)
+    test_clean = random_crops(_images("test", spec["data"]), crop, spec["test"], seed + 1)
+    train = DegradedImages(train_clean, operator, sigma=sigma, seed=seed + 2)
+    test = DegradedImages(test_clean, operator, sigma=sigma, seed=seed + 3)
+    problem = None
+    reg = spec.get("regulariser")
+    if reg is not None:
+        regulariser = {
+            "foe": lambda: FieldsOfExperts(8, 5, channels=1, seed=seed),
+            "ridge": lambda: ConvexRidge(8, 5, channels=1, seed=seed),
+            "icnn": lambda: InputConvexNetwork(channels=1, seed=seed),
+        }[reg]()
+        problem = reconstruction_problem(regulariser, operator, gamma=task["gamma"])
+    return train, test, operator, problem
+
+
+def _method(spec: dict[str, Any]):
+    from bilevel.hypergrad import Implicit
+    from bilevel.linear import CG
+    from bilevel.lower import Nesterov
+    from bilevel.methods import ISGD, MAID
+
+    maid = spec["method"] == "maid"
+    estimator = Implicit(CG(max_iter=500), lower_solver=Nesterov(max_iter=5000), compute_bound=maid)
+    if maid:
+        return MAID(estimator=estimator, lower_tol=1e-1, step=1e-2)
+    return ISGD(
+        step=spec["step"],
+        accuracy=spec["accuracy"],
+        batch_size=spec["batch"],
+        optimizer=spec["optimizer"],
+        estimator=estimator,
+        seed=spec["seed"],
+    )
+
+
+def run_learned(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one learned regulariser; test PSNR is evaluated along the way and at the end."""
+    torch.set_num_threads(1)
+    torch.manual_seed(spec["seed"])
+    from bilevel.imaging import psnr, reconstruct
+    from bilevel.methods import Budget, with_initial
+
+    train, test, _, problem = _setup(spec)
+    batch = test.batch()
+    state: dict[str, Any] = {}
+
+    def evaluate(theta: Any, step: int) -> dict[str, float]:
+        x = reconstruct(problem, batch, x0=state.get("x"), tol=EVAL_TOL)
+        state["x"] = x
+        return {"test_psnr": float(psnr(x.clamp(0, 1), batch[1]).mean())}
+
+    start = time.perf_counter()
+    result = _method(spec).run(
+        problem,
+        with_initial(train, lambda b: b[0].clone()),
+        Budget(oracle_calls=spec["budget"], wall_time=spec["time_limit"]),
+        evaluate=evaluate,
+        eval_every=spec["eval_every"],
+        progress=False,
+        plot=False,
+    )
+    curve = [
+        (int(r["step"]), int(r["cost"]), float(r["test_psnr"]))
+        for r in result.records
+        if "test_psnr" in r and math.isfinite(r.get("test_psnr", math.nan))
+    ]
+    if result.evaluation and "test_psnr" in result.evaluation:
+        curve.append((int(result.step), int(result.cost), float(result.evaluation["test_psnr"])))
+    return {
+        "spec": spec,
+        "status": result.status,
+        "message": result.message,
+        "steps": result.step,
+        "cost": result.cost,
+        "seconds": round(time.perf_counter() - start, 1),
+        "curve": curve,
+    }
+
+
+def run_tv(spec: dict[str, Any]) -> dict[str, Any]:
+    """Total variation tuned on the training crops, evaluated on the test crops."""
+    torch.set_num_threads(1)
+    from bilevel.imaging import (
+        SmoothedTV,
+        grid_search_tv,
+        psnr,
+        reconstruct,
+        reconstruction_problem,
+    )
+
+    train, test, operator, _ = _setup(spec)
+    gamma = TASKS[spec["task"]]["gamma"]
+    start = time.perf_counter()
+    tv = grid_search_tv(train.batch(), TV_GRID, operator=operator, gamma=gamma, max_iter=1000)
+    y, x_true = test.batch()[:2]
+    problem = reconstruction_problem(SmoothedTV(strength=tv.strength), operator, gamma=gamma)
+    x_tv = reconstruct(problem, (y, x_true), tol=EVAL_TOL)
+    shown = operator.adjoint(y) if spec["task"] == "deblur" else y
+    return {
+        "spec": spec,
+        "strength": tv.strength,
+        "train_psnr": tv.psnr,
+        "grid": list(zip(tv.strengths, tv.psnrs, strict=True)),
+        "test_psnr": float(psnr(x_tv.clamp(0, 1), x_true).mean()),
+        "degraded_psnr": float(psnr(shown.clamp(0, 1), x_true).mean()),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+def _base(args: argparse.Namespace, task: str) -> dict[str, Any]:
+    return {
+        "task": task,
+        "data": str(args.data),
+        "crop": args.crop,
+        "train": args.train_size,
+        "test": args.test_size,
+        "seed": args.seed,
+        "batch": 8,
+        "time_limit": args.time_limit,
+    }
+
+
+def study_specs(study: str, args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, spec) for every run of a study; kind is "learned" or "tv"."""
+    q = 0.2 if args.quick else 1.0
+    if study == "foe":
+        base = {**_base(args, "denoise"), "regulariser": "foe", "accuracy": "poly:1e-1,0.5"}
+        budget = int(args.foe_budget * q)
+        runs = [
+            ("ISGD, constant step", "sgd", "const:1e-3"),
+            ("ISGD, decreasing step", "sgd", "poly:1e-3,0.5"),
+            ("Adam-ISGD", "adam", "poly:5e-2,0.5"),
+        ]
+        specs = [
+            (
+                "learned",
+                {**base, "name": n, "method": "isgd", "optimizer": o, "step": s}
+                | {"budget": budget, "eval_every": 10},
+            )
+            for n, o, s in runs
+        ]
+        specs.append(
+            (
+                "learned",
+                {**base, "name": "MAID", "method": "maid", "budget": budget, "eval_every": 1},
+            )
+        )
+        return [*specs, ("tv", {**_base(args, "denoise"), "name": "TV"})]
+    if study == "schedules":
+        specs = []
+        budget = int(args.schedule_budget * q)
+        for task, reg in (("denoise", "ridge"), ("inpaint", "icnn")):
+            for opt, alpha in (("sgd", 1e-3), ("adam", 5e-2)):
+                step_grid = [
+                    ("constant", f"const:{alpha:g}"),
+                    ("decreasing", f"poly:{alpha:g},0.5"),
+                ]
+                if reg == "icnn":  # an ICNN oracle call costs ~10× a ridge one: smaller grid
+                    step_grid = step_grid[1:]
+                for step_name, step in step_grid:
+                    for acc_name, acc in (
+                        ("const 1e-1", "const:1e-1"),
+                        ("decreasing", "poly:1e-1,0.5"),
+                    ):
+                        spec = {
+                            **_base(args, task),
+                            "regulariser": reg,
+                            "method": "isgd",
+                            "optimizer": opt,
+                            "step": step,
+                            "accuracy": acc,
+                            "step_name": step_name,
+                            "accuracy_name": acc_name,
+                            "name": f"{reg} {opt} step={step_name} acc={acc_name}",
+                            "budget": budget if reg == "ridge" else budget * 4 // 15,
+                            "eval_every": 5,
+                        }
+                        specs.append(("learned", spec))
+        specs.append(("tv", {**_base(args, "inpaint"), "name": "TV inpaint"}))
+        return specs
+    if study == "deblur":
+        spec = {
+            **_base(args, "deblur"),
+            "name": "Adam-ISGD (FoE)",
+            "regulariser": "foe",
+            "method": "isgd",
+            "optimizer": "adam",
+            "step": "poly:5e-2,0.5",
+            "accuracy": "poly:1e-1,0.5",
+            "budget": int(args.deblur_budget * q),
+            "eval_every": 10,
+        }
+        return [("learned", spec), ("tv", {**_base(args, "deblur"), "name": "TV"})]
+    raise ValueError(study)
+
+
+def _dispatch(item: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    kind, spec = item
+    out = run_learned(spec) if kind == "learned" else run_tv(spec)
+    print(f"  done: {spec['name']} ({out['seconds']} s)", file=sys.stderr, flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def best(curve: list) -> tuple[float, int]:
+    """Best test PSNR of a curve and the first cost at which it was reached."""
+    top = max(p for _, _, p in curve)
+    return top, next(c for _, c, p in curve if p >= top)
+
+
+def cost_to_reach(curve: list, target: float) -> int | None:
+    return next((c for _, c, p in curve if p >= target), None)
+
+
+def final(curve: list) -> float:
+    return curve[-1][2]
+
+
+def _fmt_k(v: int | None) -> str:
+    return "—" if v is None else f"{v / 1000:.1f}k"
+
+
+def _plot(png: Path, panels: list[tuple[str, list[dict], dict | None]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, runs, tv) in zip(axes[0], panels, strict=True):
+        for r in runs:
+            costs = [c for _, c, _ in r["curve"]]
+            ax.plot(costs, [p for _, _, p in r["curve"]], marker=".", label=r["spec"]["name"])
+        if tv is not None:
+            ax.axhline(tv["test_psnr"], color="k", ls="--", lw=1, label="grid-tuned TV")
+        ax.set_xlabel("oracle calls (lower-level gradients + HVPs)")
+        ax.set_ylabel("test PSNR (dB)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _holds(ok: bool, margin: float | None = None) -> str:
+    """Verdict; ``margin`` is the measured difference, below 0.05 dB it is inconclusive."""
+    if margin is not None and abs(margin) < 0.05:
+        return "**inconclusive** (difference below 0.05 dB)"
+    return "**holds**" if ok else "**does not hold**"
+
+
+def report_foe(res: dict, docs: Path) -> list[str]:
+    runs, tv = res["learned"], res["tv"][0]
+    spec = runs[0]["spec"]
+    by = {r["spec"]["name"]: r for r in runs}
+    maid = by["MAID"]
+    maid_best, maid_cost = best(maid["curve"])
+    _plot(
+        docs / "benchmarks_imaging_foe.png",
+        [("FoE denoising, σ = 25/255", runs, tv)],
+    )
+    lines = [
+        "## 1. Fields-of-Experts denoising (σ = 25/255)",
+        "",
+        f"{spec['train']} training / {spec['test']} test crops of {spec['crop']}×{spec['crop']} "
+        f"px (grayscale), FoE with 8 filters of 5×5, budget {spec['budget']} oracle calls per "
+        f"method, ISGD batch {spec['batch']}, accuracy ε_k = δ_k = 10⁻¹/(k+1)^½, test PSNR "
+        f"every 10 ISGD steps and every MAID iteration (reconstructions to ‖∇ₓh‖ ≤ {EVAL_TOL:g}). "
+        "Noisy test input: "
+        f"{tv['degraded_psnr']:.2f} dB. Grid-tuned TV: λ = {tv['strength']:g} (training PSNR "
+        f"{tv['train_psnr']:.2f} dB), test PSNR **{tv['test_psnr']:.2f} dB**.",
+        "",
+        "![FoE denoising: test PSNR against cost](benchmarks_imaging_foe.png)",
+        "",
+        "| method | step | steps | cost | best test PSNR (at cost) | final test PSNR | "
+        f"cost → MAID best ({maid_best:.2f} dB) | status |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in runs:
+        b, bc = best(r["curve"])
+        reach = cost_to_reach(r["curve"], maid_best)
+        lines.append(
+            f"| {r['spec']['name']} | {r['spec'].get('step', 'adaptive')} | {r['steps']} | "
+            f"{_fmt_k(r['cost'])} | {b:.2f} ({_fmt_k(bc)}) | {final(r['curve']):.2f} | "
+            f"{_fmt_k(reach)} | {r['status']} |"
+        )
+    lines += ["", "**Targets.**", ""]
+    for name in ("ISGD, constant step", "ISGD, decreasing step", "Adam-ISGD"):
+        reach = cost_to_reach(by[name]["curve"], maid_best)
+        if reach is None:
+            lines.append(
+                f"- {name} reaches MAID's best test PSNR ({maid_best:.2f} dB, at "
+                f"{_fmt_k(maid_cost)} oracle calls) with ≥ 5× less cost: {_holds(False)} — it "
+                "never reaches it within the budget."
+            )
+        else:
+            ratio = maid_cost / reach
+            lines.append(
+                f"- {name} reaches MAID's best test PSNR ({maid_best:.2f} dB, at "
+                f"{_fmt_k(maid_cost)} oracle calls) with ≥ 5× less cost: {_holds(ratio >= 5)} — "
+                f"it gets there after {_fmt_k(reach)} oracle calls, {ratio:.1f}× less."
+            )
+    learned = max(
+        (r for r in runs if r["spec"]["method"] == "isgd"), key=lambda r: final(r["curve"])
+    )
+    gain = final(learned["curve"]) - tv["test_psnr"]
+    lines.append(
+        "- The learned FoE beats grid-tuned TV by ≥ 0.5 dB on the test crops: "
+        f"{_holds(gain >= 0.5)} — best final ISGD-type run ({learned['spec']['name']}) "
+        f"{final(learned['curve']):.2f} dB vs TV {tv['test_psnr']:.2f} dB ({gain:+.2f} dB); "
+        f"MAID's final θ gives {final(maid['curve']):.2f} dB "
+        f"({final(maid['curve']) - tv['test_psnr']:+.2f} dB)."
+    )
+    return lines
+
+
+def report_schedules(res: dict, docs: Path) -> list[str]:
+    runs = res["learned"]
+    tv_inpaint = res["tv"][0]
+    spec0 = runs[0]["spec"]
+    budgets = (
+        ", ".join(
+            f"{reg} {_fmt_k(r['spec']['budget'])}"
+            for reg in ("ridge", "icnn")
+            for r in [next((r for r in runs if r["spec"]["regulariser"] == reg), None)]
+            if r is not None
+        )
+        + " oracle calls"
+    )
+    lines = [
+        "## 2. Step × accuracy schedules × optimiser (convex ridge, ICNN)",
+        "",
+        f"Convex-ridge regulariser (8 filters of 5×5) for denoising at σ = 25/255 and "
+        f"input-convex network for inpainting (70 % of pixels kept, σ = 5/255, γ = 10⁻²), "
+        f"{spec0['train']} training / {spec0['test']} test crops of {spec0['crop']} px, batch "
+        f"{spec0['batch']}, one seed per cell; budget per run: {budgets}. "
+        "Steps: constant α₀ or α₀/(k+1)^½ with α₀ = 10⁻³ (SGD) and 5·10⁻² (Adam); accuracy "
+        "ε_k = δ_k: constant 10⁻¹ or 10⁻¹/(k+1)^½. An ICNN oracle call costs far more wall "
+        "time than a ridge one, so the ICNN grid uses the decreasing step only, with a smaller "
+        "budget. "
+        "Stability is measured as the largest drop of test PSNR between consecutive "
+        "evaluations (0 for a monotone curve).",
+        "",
+        f"Inpainting baselines: observed input {tv_inpaint['degraded_psnr']:.2f} dB, grid-tuned "
+        f"TV (λ = {tv_inpaint['strength']:g}) {tv_inpaint['test_psnr']:.2f} dB.",
+        "",
+        "![schedules: test PSNR against cost](benchmarks_imaging_schedules.png)",
+        "",
+        "| regulariser | optimiser | step | accuracy | steps | cost | best PSNR | final PSNR | "
+        "largest drop | status |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def drop(r: dict) -> float:
+        ps = [p for _, _, p in r["curve"]]
+        return max([0.0] + [a - b for a, b in zip(ps, ps[1:], strict=False)])
+
+    for r in runs:
+        s = r["spec"]
+        lines.append(
+            f"| {s['regulariser']} | {s['optimizer']} | {s['step_name']} | {s['accuracy_name']} "
+            f"| {r['steps']} | {_fmt_k(r['cost'])} | {best(r['curve'])[0]:.2f} | "
+            f"{final(r['curve']):.2f} | {drop(r):.2f} | {r['status']} |"
+        )
+    panels = []
+    for reg, title in (("ridge", "convex ridge, denoising"), ("icnn", "ICNN, inpainting")):
+        sel = [r for r in runs if r["spec"]["regulariser"] == reg]
+        for r in sel:
+            s = r["spec"]
+            s["name"] = f"{s['optimizer']} step={s['step_name']} acc={s['accuracy_name']}"
+        panels.append((title, sel, tv_inpaint if reg == "icnn" else None))
+    _plot(docs / "benchmarks_imaging_schedules.png", panels)
+
+    lines += ["", "**Findings of [ISGD].**", ""]
+    for reg in ("ridge", "icnn"):
+        sel = [r for r in runs if r["spec"]["regulariser"] == reg]
+
+        def mean(rs: list[dict], f=final) -> float:
+            return sum(f(r["curve"]) if f is final else f(r) for r in rs) / len(rs)
+
+        def part(key: str, value: str, rs: list[dict] = sel) -> list[dict]:
+            return [r for r in rs if r["spec"][key] == value]
+
+        acc_effect = abs(
+            mean(part("accuracy_name", "const 1e-1")) - mean(part("accuracy_name", "decreasing"))
+        )
+        if not part("step_name", "constant"):
+            lines.append(
+                f"- {reg}: only decreasing steps were run; changing the accuracy schedule moves "
+                f"the mean final PSNR by {acc_effect:.2f} dB."
+            )
+        else:
+            lines += _step_findings(reg, sel, mean, part, drop, acc_effect)
+        sgd, adam = mean(part("optimizer", "sgd")), mean(part("optimizer", "adam"))
+        lines.append(
+            f"- {reg}: Adam helps: {_holds(adam > sgd, adam - sgd)} — "
+            f"mean final PSNR {adam:.2f} dB (Adam) "
+            f"vs {sgd:.2f} dB (SGD)."
+        )
+    return lines
+
+
+def _step_findings(reg: str, sel: list, mean, part, drop, acc_effect: float) -> list[str]:
+    """Step-schedule findings of one regulariser's grid."""
+    lines = []
+    const_drop = mean(part("step_name", "constant"), drop)
+    dec_drop = mean(part("step_name", "decreasing"), drop)
+    const_fin = mean(part("step_name", "constant"))
+    dec_fin = mean(part("step_name", "decreasing"))
+    lines.append(
+        f"- {reg}: decreasing steps more stable: "
+        f"{_holds(dec_drop < const_drop, dec_drop - const_drop)} — mean "
+        f"largest PSNR drop {dec_drop:.2f} dB (decreasing) vs {const_drop:.2f} dB "
+        f"(constant); mean final PSNR {dec_fin:.2f} vs {const_fin:.2f} dB."
+    )
+    step_effect = abs(const_fin - dec_fin)
+    lines.append(
+        f"- {reg}: accuracy schedule matters more than step schedule: "
+        f"{_holds(acc_effect > step_effect, acc_effect - step_effect)} — "
+        "changing the accuracy schedule moves the mean "
+        f"final PSNR by {acc_effect:.2f} dB, changing the step schedule by "
+        f"{step_effect:.2f} dB."
+    )
+    return lines
+
+
+def report_deblur(res: dict, docs: Path) -> list[str]:
+    run, tv = res["learned"][0], res["tv"][0]
+    s = run["spec"]
+    _plot(docs / "benchmarks_imaging_deblur.png", [("Gaussian deblurring", [run], tv)])
+    b, bc = best(run["curve"])
+    gain = final(run["curve"]) - tv["test_psnr"]
+    return [
+        "## 3. Deblurring (Gaussian blur)",
+        "",
+        f"7×7 Gaussian kernel, σ_blur = 1.5 px, noise 5/255, γ = 10⁻², {s['train']} training / "
+        f"{s['test']} test crops of {s['crop']} px; FoE (8 filters of 5×5) trained by Adam-ISGD "
+        f"(step 5·10⁻²/(k+1)^½, accuracy 10⁻¹/(k+1)^½, batch {s['batch']}) with a budget of "
+        f"{s['budget']} oracle calls.",
+        "",
+        "![deblurring: test PSNR against cost](benchmarks_imaging_deblur.png)",
+        "",
+        "| | test PSNR (dB) |",
+        "|---|---:|",
+        f"| blurred + noisy input | {tv['degraded_psnr']:.2f} |",
+        f"| grid-tuned TV (λ = {tv['strength']:g}) | {tv['test_psnr']:.2f} |",
+        f"| learned FoE, final ({run['steps']} steps, {_fmt_k(run['cost'])} calls, "
+        f"{run['status']}) | {final(run['curve']):.2f} |",
+        f"| learned FoE, best along the run (at {_fmt_k(bc)}) | {b:.2f} |",
+        "",
+        f"The learned FoE {'beats' if gain > 0 else 'does not beat'} grid-tuned TV on the test "
+        f"crops: {gain:+.2f} dB (final θ).",
+    ]
+
+
+def write_report(results: dict, md: Path, total: dict) -> None:
+    docs = md.parent
+    lines = [
+        "# Benchmark: learned image regularisers on BSDS300",
+        "",
+        "Generated by `python benchmarks/imaging.py`; "
+        f"torch {torch.__version__}, one torch thread per worker process, two workers. Wall "
+        "time of the invocation that produced each study: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in total.items() if k in results)
+        + ".",
+        "",
+        "Cost is counted in oracle calls, per image: lower-level gradient evaluations + "
+        "Hessian-vector products (the papers' 'lower-level + CG iterations'), including "
+        "every call of MAID's failed line-search trials. Lower solver Nesterov, adjoint "
+        "solver CG, warm starts per sample. TV is smoothed TV (ν = 0.01) with λ chosen on the "
+        f"grid {list(TV_GRID)} by mean PSNR on the training crops, then evaluated on the test "
+        "crops.",
+        "",
+        "**Scale.** These runs are far smaller than the papers' setting (conference version: "
+        "10-filter 7×7 colour FoE, 250 training / 50 test STL-10 images of 96×96, batch 64, "
+        "budgets of about 10⁵ lower-level + CG iterations over a few hundred thousand pixels per "
+        "image set). Here: grayscale crops of a few dozen pixels, 8-filter 5×5 regularisers, "
+        "one seed, a few tens of thousands of oracle calls, on two CPU cores. The numbers show "
+        "what the software does at this scale; they do not reproduce the published figures.",
+        "",
+    ]
+    for study, fn in (
+        ("foe", report_foe),
+        ("schedules", report_schedules),
+        ("deblur", report_deblur),
+    ):
+        if study in results:
+            lines += fn(results[study], docs) + [""]
+        else:
+            lines += [f"## {study}", "", "Not run (see `--study`).", ""]
+    md.write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a = parser.add_argument
+    a("--study", choices=(*STUDIES, "all"), default="all")
+    a("--jobs", type=int, default=2, help="worker processes (default 2)")
+    a("--data", type=Path, default=DATA, help="BSDS300 folder with train/ and test/")
+    a("--crop", type=int, default=32)
+    a("--train-size", type=int, default=64)
+    a("--test-size", type=int, default=32)
+    a("--seed", type=int, default=0)
+    a("--foe-budget", type=int, default=40_000, help="oracle calls per run of study foe")
+    a("--schedule-budget", type=int, default=15_000, help="oracle calls per run (schedules)")
+    a("--deblur-budget", type=int, default=30_000, help="oracle calls (deblur)")
+    a("--time-limit", type=float, default=150.0, help="wall-time cap per run in seconds")
+    a("--quick", action="store_true", help="budgets × 0.2, for a smoke test")
+    a("--cache", type=Path, default=CACHE)
+    a("--md", type=Path, default=ROOT / "docs" / "benchmarks_imaging.md")
+    a("--report-only", action="store_true", help="rewrite the report from the cache")
+    args = parser.parse_args(argv)
+
+    if not (args.data / "train").is_dir() or not (args.data / "test").is_dir():
+        print(f"BSDS300 not found under {args.data} (train/, test/): skipping.", file=sys.stderr)
+        return 0
+    cache = json.loads(args.cache.read_text()) if args.cache.exists() else {}
+    results, times = cache.get("results", {}), cache.get("seconds", {})
+    studies = [] if args.report_only else (STUDIES if args.study == "all" else (args.study,))
+    items = [(s, item) for s in studies for item in study_specs(s, args)]
+    if items:
+        print(f"{len(items)} runs on {args.jobs} worker(s)", file=sys.stderr)
+        start = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            outs = list(pool.map(_dispatch, [it for _, it in items]))
+        elapsed = time.perf_counter() - start
+        for s in studies:
+            mine = [o for (st, (kind, _)), o in zip(items, outs, strict=True) if st == s]
+            kinds = [kind for st, (kind, _) in items if st == s]
+            results[s] = {
+                "learned": [o for o, k in zip(mine, kinds, strict=True) if k == "learned"],
+                "tv": [o for o, k in zip(mine, kinds, strict=True) if k == "tv"],
+            }
+            times[s] = elapsed
+        args.cache.parent.mkdir(parents=True, exist_ok=True)
+        args.cache.write_text(json.dumps({"results": results, "seconds": times}))
+    if results:
+        write_report(results, args.md, times)
+        print(f"report: {args.md}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -210,7 +210,11 @@ def _method(args: argparse.Namespace) -> ISGD | MAID:
     )
     if args.method == "maid":
         return MAID(estimator=estimator, lower_tol=1e-1, step=1e-2)
-    default_step = "poly:5e-2,0.5" if args.method == "adam-isgd" else "poly:1e-3,0.5"
+    if args.method == "adam-isgd":
+        # The ICNN's weights start at 1e-2 scale: larger Adam steps destroy its conditioning.
+        default_step = "poly:2e-3,0.5" if args.regulariser == "icnn" else "poly:5e-2,0.5"
+    else:
+        default_step = "poly:1e-3,0.5"
     return ISGD(
         step=args.step or default_step,
         accuracy=args.accuracy,

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         "--step",
         default=None,
         help="step schedule, e.g. poly:5e-2,0.5 (default: poly:5e-2,0.5 for adam-isgd, "
-        "poly:1e-3,0.5 for isgd; MAID adapts its own)",
+        "poly:2e-3,0.5 for adam-isgd with icnn, poly:1e-3,0.5 for isgd; MAID adapts its own)",
     )
     a(
         "--accuracy",

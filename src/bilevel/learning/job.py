@@ -1,0 +1,1016 @@
+"""``bilevel hpo``: learn per-feature regularisation strengths (or per-sample weights) by
+bilevel optimisation, and the reusable pieces behind it.
+
+The problem (see :mod:`bilevel.learning.models`): for a model with log-hyperparameters θ,
+
+    min_θ F(θ) = f(w(θ)) = (1/N_val) Σ_j ℓ(w(θ); x^val_j, y^val_j),
+    w(θ) = argmin_w h(w, θ) = (1/N) Σ_j c_j(θ) ℓ(w; x_j, y_j) + Ω(w, θ),
+
+with λ_k = exp θ_k one ℓ2 strength per feature (``logistic``, ``ridge``) or c_j = σ(θ_j) one
+weight per (possibly mislabelled) training sample (``hypercleaning``). The upper level is ISGD
+with Adam as the step (:class:`~bilevel.methods.ISGD`, one lower-level instance) and the
+hypergradient comes from one of three estimators (:func:`hpo_estimator`):
+
+* ``sid``: stochastic implicit differentiation, minibatch fixed-point iterations for w and for
+  the adjoint, warm-started from the previous upper step (:class:`~bilevel.stochastic.SID`);
+* ``aid-cg``: a full-batch L-BFGS lower solve and conjugate gradients for the adjoint, to
+  absolute tolerances ε_k, δ_k, warm-started (:class:`~bilevel.hypergrad.Implicit`);
+* ``itd``: differentiation through a fixed number of full-batch gradient steps from the
+  previous lower iterate (:class:`~bilevel.hypergrad.Unrolled`).
+
+θ is kept in a box [θ_lo, θ_hi] by a projection after each step, so that the stated strong
+convexity μ = exp θ_lo (or the intercept strength) stays valid. F(θ) and the test metrics are
+measured by :class:`LowerEvaluator`, which solves the lower level to a tight tolerance; its time
+is not counted in the method's wall time. :func:`single_strength_baseline` is the usual
+alternative: one common θ for every feature (or sample), chosen on the validation set from a
+grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bilevel.autodiff import Cost, LowerLevel
+from bilevel.hypergrad import Estimator, Implicit, Unrolled
+from bilevel.learning.datasets import (
+    SKLEARN_DATASETS,
+    SplitData,
+    encode_labels,
+    is_sparse,
+    load_mnist,
+    load_sklearn,
+    make_synthetic_classification,
+    make_synthetic_regression,
+    read_svmlight,
+    split_data,
+)
+from bilevel.learning.models import (
+    FiniteSumModel,
+    HypercleaningModel,
+    LogisticModel,
+    RidgeModel,
+    accuracy,
+    corrupt_labels,
+)
+from bilevel.linear import CG
+from bilevel.lower import LBFGS, solve_lower
+from bilevel.methods import ISGD, Budget, RunResult
+from bilevel.problem import BilevelError
+from bilevel.runs import to_jsonable
+from bilevel.schedules import Accuracy, Clipped, Polynomial, as_schedule
+from bilevel.stochastic import SID, StochasticFixedPoint, StochasticLinearFixedPoint
+
+__all__ = [
+    "DEFAULT_STEP",
+    "DEFAULT_THETA_RANGE",
+    "METHODS",
+    "MODELS",
+    "LowerEvaluator",
+    "OneInstance",
+    "add_arguments",
+    "attach_lipschitz",
+    "box_projection",
+    "build_model",
+    "hpo_estimator",
+    "hpo_method",
+    "load_data",
+    "run",
+    "single_strength_baseline",
+]
+
+METHODS = ("sid", "aid-cg", "itd")
+MODELS = ("logistic", "ridge", "hypercleaning")
+
+#: Box [θ_lo, θ_hi] for the log-strengths (logistic, ridge: λ ∈ [4.5e-5, 20]) and for the
+#: sample-weight logits (hypercleaning: σ(θ) ∈ [0.0025, 0.9975]).
+DEFAULT_THETA_RANGE: dict[str, tuple[float, float]] = {
+    "logistic": (-10.0, 1.0),
+    "ridge": (-10.0, 3.0),
+    "hypercleaning": (-6.0, 6.0),
+}
+
+#: Adam's step α_k on θ (units of θ, i.e. of log-strength, per step).
+DEFAULT_STEP = "poly:0.1,0.25"
+
+#: Default size of the synthetic data sets: ``synthetic`` = ``synthetic:10000:100``.
+SYNTHETIC_DEFAULT = (10_000, 100)
+
+# Accurate lower solves (evaluation, baseline): ‖∇h(w)‖ ≤ rtol · ‖∇h(0, θ₀)‖.
+_EVAL_RTOL = {torch.float64: 1e-8, torch.float32: 1e-5}
+_LIPSCHITZ_MARGIN = 1.1
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def _parse_synthetic(spec: str) -> tuple[int, int]:
+    parts = spec.split(":")
+    n, d = SYNTHETIC_DEFAULT
+    try:
+        if len(parts) > 1 and parts[1]:
+            n = int(parts[1])
+        if len(parts) > 2 and parts[2]:
+            d = int(parts[2])
+    except ValueError:
+        raise BilevelError(
+            f"cannot read {spec!r}: use synthetic, synthetic:N or synthetic:N:D with integers "
+            "N (samples) and D (features)"
+        ) from None
+    if len(parts) > 3 or n < 10 or d < 1:
+        raise BilevelError(
+            f"bad synthetic data set {spec!r}: use synthetic:N:D with N >= 10 samples and "
+            "D >= 1 features"
+        )
+    return n, d
+
+
+def _mnist_folder(data_dir: str | os.PathLike | None) -> pathlib.Path | None:
+    if data_dir is None:
+        return None
+    folder = pathlib.Path(data_dir)
+    return folder / "mnist" if (folder / "mnist").is_dir() else folder
+
+
+def load_data(
+    spec: str,
+    *,
+    regression: bool = False,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    device: torch.device | str | None = None,
+) -> SplitData:
+    """The data set named by ``spec``, split into train / validation / test and standardised.
+
+    ``spec``: a bundled scikit-learn set (``breast_cancer``, ``digits``, ``iris``, ``wine``,
+    ``diabetes``; float64), ``mnist`` (the 10k MNIST set, idx files in ``data_dir`` or
+    ``../shared/data/mnist``; float32), ``synthetic[:N[:D]]`` (N samples, D features of which
+    D/10 matter; float32; default 10000 × 100), or the path of an svmlight / LIBSVM file.
+    ``regression`` selects real targets (``diabetes``, synthetic regression, raw svmlight
+    labels) instead of class labels.
+
+    Raises:
+        BilevelError: unknown name, missing file, or a data set of the wrong kind.
+    """
+    kind = "regression" if regression else "classification"
+    if spec in SKLEARN_DATASETS:
+        if spec == "diabetes" and not regression:
+            raise BilevelError(
+                "data set 'diabetes' has real targets (regression): use it with --model ridge"
+            )
+        if spec != "diabetes" and regression:
+            raise BilevelError(
+                f"data set {spec!r} has class labels, but the ridge model needs regression "
+                "targets (diabetes, synthetic, or an svmlight file)"
+            )
+        return load_sklearn(
+            spec,
+            seed=seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            device=device,
+        )
+    if spec == "mnist":
+        if regression:
+            raise BilevelError("mnist is a classification data set: use it with logistic")
+        try:
+            return load_mnist(
+                _mnist_folder(data_dir),
+                seed=seed,
+                val_fraction=val_fraction,
+                test_fraction=test_fraction,
+                device=device,
+            )
+        except FileNotFoundError as err:
+            raise BilevelError(
+                f"{err}; put t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] there "
+                "or pass --data-dir"
+            ) from None
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        n, d = _parse_synthetic(spec)
+        if regression:
+            X, y, _ = make_synthetic_regression(n, d, seed=seed)
+            n_classes = None
+        else:
+            X, y, _ = make_synthetic_classification(n, d, seed=seed)
+            n_classes = 2
+        data = split_data(
+            X,
+            y,
+            n_classes=n_classes,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            name=f"synthetic-{n}x{d}",
+        )
+        return data.to(device=device) if device is not None else data
+    path = pathlib.Path(spec)
+    if path.is_file():
+        X, y = read_svmlight(path)
+        if regression:
+            n_classes = None
+            y = y.to(torch.float32)
+        else:
+            y, classes = encode_labels(y)
+            n_classes = max(2, int(classes.numel()))
+            if classes.numel() < 2:
+                raise BilevelError(f"{path}: all labels are equal; classification needs two")
+        data = split_data(
+            X,
+            y,
+            n_classes=n_classes,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            name=path.name,
+        )
+        return data.to(device=device) if device is not None else data
+    looks_like_path = os.sep in spec or "." in spec
+    if looks_like_path:
+        raise BilevelError(f"data file {spec!r} not found")
+    known = ", ".join([*SKLEARN_DATASETS, "mnist", "synthetic[:N[:D]]"])
+    raise BilevelError(
+        f"unknown data set {spec!r}; choose one of {known}, or give the path of an svmlight "
+        f"file ({kind})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# model, projection, estimators, method
+
+
+# Largest eigenvalue of the Hessian of one sample's loss w.r.t. its score(s): ½(z−y)² → 1,
+# softplus(z) − yz → ¼, softmax cross-entropy → ½.
+_LOSS_CURVATURE = {"squared": 1.0, "binary": 0.25, "multinomial": 0.5}
+
+
+def _spectral_norm_sq(X: Tensor, iterations: int = 30, seed: int = 0) -> float:
+    """Power-iteration estimate of ‖X‖₂² = λ_max(XᵀX) in the data's dtype (from below)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(X.shape[1], 1, generator=gen, dtype=torch.float64).to(X.device, X.dtype)
+    v = v / v.norm()
+    est = 0.0
+    for _ in range(iterations):
+        u = X @ v
+        w = X.T @ u if not is_sparse(X) else (X.t() @ u)
+        est = float(w.norm())
+        if est == 0.0:
+            return 0.0
+        v = w / est
+    return est
+
+
+def attach_lipschitz(model: FiniteSumModel, margin: float = _LIPSCHITZ_MARGIN) -> float:
+    """State L(θ) as the problem's Lipschitz bound of ∇_w h, so that solvers take steps 1/L(θ)
+    without estimating it at every call. Returns L at the current θ.
+
+        L(θ) = margin · (c_ℓ (‖X‖₂²/N + [1 with an intercept]) + max_k λ_k(θ)),
+
+    c_ℓ the loss curvature (1 squared, ¼ binary, ½ multinomial), λ_k the ℓ2 strengths
+    (exp θ_k and the intercept strength; the fixed ``l2`` for hypercleaning, whose sample
+    weights are at most 1). ‖X‖₂² comes from 30 power iterations (an estimate from below,
+    hence the margin, default 1.1).
+    """
+    X = model.X_train
+    sq = _spectral_norm_sq(X.to_dense() if is_sparse(X) and X.shape[1] <= 64 else X)
+    data = _LOSS_CURVATURE[model.loss] * (sq / model.n_train + float(model.fit_intercept))
+
+    def strengths() -> float:
+        if isinstance(model, HypercleaningModel):
+            return model.l2
+        top = float(torch.exp(model.theta.detach()).max())
+        if isinstance(model, LogisticModel) and model.fit_intercept:
+            top = max(top, model.intercept_l2)
+        return top
+
+    def lipschitz() -> float:
+        return margin * (data + strengths())
+
+    model.problem.lipschitz = lipschitz
+    return lipschitz()
+
+
+def build_model(
+    data: SplitData,
+    model: str = "logistic",
+    *,
+    theta0: float | Tensor = 0.0,
+    theta_range: tuple[float, float] | None = None,
+    label_noise: float = 0.3,
+    fit_intercept: bool = True,
+    l2: float = 1e-3,
+    seed: int = 0,
+) -> FiniteSumModel:
+    """The bilevel model ``model`` on the train / validation parts of ``data``.
+
+    ``theta0`` is the initial θ (a number is broadcast); ``theta_range`` the box of
+    :func:`box_projection` (default :data:`DEFAULT_THETA_RANGE`): its lower end fixes the
+    stated μ. ``hypercleaning`` corrupts ``label_noise`` of the training labels (seeded) and
+    learns one weight per training sample, with the fixed ℓ2 strength ``l2``. Classification
+    models fit an intercept with a small fixed ℓ2 strength (1e-4) when ``fit_intercept``.
+    The problem's Lipschitz bound is attached (:func:`attach_lipschitz`).
+    """
+    if model not in MODELS:
+        raise BilevelError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    lo, _ = DEFAULT_THETA_RANGE[model] if theta_range is None else theta_range
+    if (model == "ridge") != (data.n_classes is None):
+        need = "regression targets" if model == "ridge" else "class labels"
+        raise BilevelError(
+            f"model {model!r} needs {need}, but {data.name!r} is a {data.task} data set"
+        )
+    args = (data.X_train, data.y_train, data.X_val, data.y_val, theta0)
+    if model == "ridge":
+        out: FiniteSumModel = RidgeModel(*args, theta_lower=lo)
+    elif model == "logistic":
+        out = LogisticModel(*args, data.n_classes, fit_intercept=fit_intercept, theta_lower=lo)
+    else:
+        y_noisy, _ = corrupt_labels(data.y_train, label_noise, data.n_classes, seed=seed)
+        out = HypercleaningModel(
+            data.X_train,
+            y_noisy,
+            data.X_val,
+            data.y_val,
+            theta0,
+            data.n_classes,
+            l2=l2,
+            fit_intercept=fit_intercept,
+        )
+    attach_lipschitz(out)
+    return out
+
+
+def box_projection(lo: float, hi: float) -> Callable[[Tensor], None]:
+    """P(θ) = clamp(θ, lo, hi), in place (an ISGD projection)."""
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise BilevelError(f"theta range must be finite with lo < hi, got ({lo}, {hi})")
+
+    def project(theta: Tensor) -> None:
+        theta.clamp_(lo, hi)
+
+    project.__qualname__ = f"box_projection({lo:g}, {hi:g})"
+    return project
+
+
+def _default_batch(n: int) -> int:
+    """SID minibatch size: 6√N, between 64 and 4096 (at most N)."""
+    return int(min(n, max(64, min(4096, round(6 * math.sqrt(n))))))
+
+
+def hpo_estimator(
+    model: FiniteSumModel,
+    method: str,
+    *,
+    inner_steps: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    sid_step: float = 0.5,
+    sid_average: float = 0.0,
+) -> Estimator:
+    """The hypergradient estimator of ``method`` for ``model``, configured for warm starts.
+
+    * ``sid``: t = k = ``inner_steps`` (default 5) constant-step stochastic fixed-point
+      iterations η_s ≡ ``sid_step`` (0.5) with the map Φ(w) = w − ∇_w ĥ(w)/L(θ) (SGD with
+      step 0.5/L) on minibatches of ``batch_size`` training samples (default 6√N, in
+      [64, 4096]), optionally returning the mean of the last ``sid_average`` fraction of the
+      iterates, with the exact validation gradient. The final stage uses one sample for the
+      per-feature models (θ enters only the regulariser, so J = ∂_θ∇_w Ω involves no data)
+      and all samples for hypercleaning (θ weights every sample);
+    * ``aid-cg``: L-BFGS lower solve and CG adjoint to the tolerances of :func:`hpo_method`
+      (at most ``inner_steps`` iterations each, default 200);
+    * ``itd``: ``inner_steps`` (default 20) differentiated gradient steps of length 1/L(θ).
+
+    No a-posteriori bound is computed (``compute_bound=False``): the runs record the certified
+    lower-level distance instead.
+    """
+    if method not in METHODS:
+        raise BilevelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if inner_steps is not None and (isinstance(inner_steps, bool) or inner_steps < 1):
+        raise BilevelError(f"inner_steps must be a positive integer, got {inner_steps!r}")
+    if method == "sid":
+        t = 5 if inner_steps is None else int(inner_steps)
+        n = model.n_train
+        b = _default_batch(n) if batch_size is None else int(batch_size)
+        if not 1 <= b <= n:
+            raise BilevelError(f"batch size must be in [1, {n}] (training samples), got {b}")
+        # θ enters only Ω for per-feature models: J = ∂_θ∇_w Ω needs no data, one sample does
+        final = None if isinstance(model, HypercleaningModel) else 1
+        return SID(
+            lower_solver=StochasticFixedPoint.constant(sid_step, t, sid_average),
+            linear_solver=StochasticLinearFixedPoint.constant(sid_step, t, sid_average),
+            lower_batch=b,
+            linear_batch=b,
+            final_batch=final,
+            seed=seed,
+        )
+    if method == "aid-cg":
+        cap = 200 if inner_steps is None else int(inner_steps)
+        return Implicit(
+            CG(max_iter=cap),
+            lower_solver=LBFGS(max_iter=cap),
+            compute_bound=False,
+            warn_unconverged=False,
+        )
+    return Unrolled(steps=20 if inner_steps is None else int(inner_steps), compute_bound=False)
+
+
+def _gradient_scale(model: FiniteSumModel) -> float:
+    """‖∇_w h(0, θ)‖ at the current θ (units of the tolerances)."""
+    lower = LowerLevel(model.problem, None, Cost())
+    _, g = lower.value_and_grad(model.init_w())
+    return max(float(g.norm()), 1e-12)
+
+
+def hpo_method(
+    model: FiniteSumModel,
+    method: str,
+    *,
+    step: Any = DEFAULT_STEP,
+    seed: int = 0,
+    theta_range: tuple[float, float] | None = None,
+    inner_steps: int | None = None,
+    batch_size: int | None = None,
+    accuracy: Accuracy | None = None,
+    **estimator_options: Any,
+) -> ISGD:
+    """ISGD with Adam (steps α_k = ``step``) and the estimator of ``method``.
+
+    One lower-level instance: the lower iterate w and the adjoint are carried from one upper
+    step to the next (warm starts). θ is projected onto ``theta_range`` after every step. For
+    ``aid-cg`` the tolerances are ε_k = δ_k = 10⁻² g₀/√(k+1), at least 10⁻⁴ g₀ (float32: 10⁻³ g₀),
+    with g₀ = ‖∇_w h(0, θ₀)‖, unless ``accuracy`` is given.
+    """
+    lo, hi = _theta_range(model, theta_range)
+    estimator = hpo_estimator(
+        model,
+        method,
+        inner_steps=inner_steps,
+        batch_size=batch_size,
+        seed=seed,
+        **estimator_options,
+    )
+    if accuracy is None:
+        g0 = _gradient_scale(model)
+        floor = 1e-3 if model.dtype == torch.float32 else 1e-4
+        accuracy = Accuracy(Clipped(Polynomial(1e-2 * g0, 0.5), minimum=floor * g0))
+    return ISGD(
+        step=as_schedule(step),
+        accuracy=accuracy,
+        batch_size=1,
+        optimizer="adam",
+        estimator=estimator,
+        projection=box_projection(lo, hi),
+        seed=seed,
+    )
+
+
+def _theta_range(
+    model: FiniteSumModel, theta_range: tuple[float, float] | None
+) -> tuple[float, float]:
+    if theta_range is not None:
+        lo, hi = (float(v) for v in theta_range)
+    elif isinstance(model, HypercleaningModel):
+        lo, hi = DEFAULT_THETA_RANGE["hypercleaning"]
+    elif isinstance(model, RidgeModel):
+        lo, hi = DEFAULT_THETA_RANGE["ridge"]
+    else:
+        lo, hi = DEFAULT_THETA_RANGE["logistic"]
+    box_projection(lo, hi)  # validates
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+class LowerEvaluator:
+    """F(θ) = f(w(θ)) and test metrics of w(θ), with w(θ) from an accurate lower solve.
+
+    w(θ) is computed by L-BFGS to ‖∇_w h(w, θ)‖ ≤ rtol · ‖∇_w h(0, θ₀)‖ (rtol 1e-8 in float64,
+    1e-5 in float32), warm-started from the previous evaluation. As an ISGD ``evaluate``
+    callback, ``evaluator(theta, step)`` returns ``{"val_loss": F(θ), "test_accuracy": ...}``
+    (classification) or ``{"val_loss", "test_mse", "test_r2"}`` (ridge; mean squared error in
+    squared target units, and the coefficient of determination).
+    """
+
+    def __init__(
+        self,
+        model: FiniteSumModel,
+        X_test: Tensor,
+        y_test: Tensor,
+        *,
+        rtol: float | None = None,
+        max_iter: int = 1000,
+    ) -> None:
+        self.model = model
+        self.X_test = X_test
+        self.y_test = y_test
+        rtol = _EVAL_RTOL.get(model.dtype, 1e-5) if rtol is None else float(rtol)
+        self.tol = rtol * _gradient_scale(model)
+        self.solver = LBFGS(max_iter=max_iter)
+        self.w = model.init_w()
+        self.cost = Cost()
+
+    def solve(self, theta: Tensor | None = None) -> Tensor:
+        """w(θ) of shape (1, *event_shape) (θ defaults to the model's current θ)."""
+        model = self.model
+        saved = None
+        if theta is not None:
+            saved = model.theta.detach().clone()
+            with torch.no_grad():
+                model.theta.copy_(torch.as_tensor(theta, dtype=model.dtype).expand_as(model.theta))
+        try:
+            lower = LowerLevel(model.problem, None, self.cost)
+            sol = solve_lower(lower, self.w, self.tol, self.solver, model.problem.mu, warn=False)
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    model.theta.copy_(saved)
+        self.w = sol.x.detach()
+        return self.w
+
+    def metrics(self, theta: Tensor | None = None) -> dict[str, float]:
+        """Validation loss F(θ) and test metrics at θ (default: the model's θ)."""
+        w = self.solve(theta)
+        model = self.model
+        with torch.no_grad():
+            val = float(model.val_loss(w, model.theta).reshape(-1)[0])
+            out = {"val_loss": val}
+            if isinstance(model, RidgeModel):
+                pred = model._scores(w, self.X_test)[0]
+                y = self.y_test.to(pred.dtype)
+                mse = float(((pred - y) ** 2).mean())
+                var = float(((y - y.mean()) ** 2).mean())
+                out["test_mse"] = mse
+                out["test_r2"] = 1.0 - mse / var if var > 0 else math.nan
+            else:
+                out["test_accuracy"] = accuracy(w, self.X_test, self.y_test)
+        return out
+
+    def __call__(self, theta: Any, step: int) -> dict[str, float]:
+        return self.metrics()
+
+
+def single_strength_baseline(
+    model: FiniteSumModel,
+    evaluator: LowerEvaluator,
+    grid: Sequence[float] | None = None,
+    *,
+    patience: int | None = 2,
+) -> dict[str, Any]:
+    """The best common θ (one strength for every feature, or one weight for every sample).
+
+    Evaluates F on ``grid`` in the given order (default: the integers of the θ box from high
+    to low, a warm-started regularisation path from strong to weak ℓ2, or from small to large
+    sample weights) and returns ``{"theta", "strength", "val_loss", test metrics...,
+    "grid_size", "evaluated", "seconds"}`` at the minimiser. ``strength`` is exp θ (logistic,
+    ridge) or the sample weight σ(θ) (hypercleaning). With ``patience`` the path stops after
+    that many consecutive values worse than the best so far (F is typically unimodal along
+    the path, and the weakly regularised end is the most expensive to solve); ``None``
+    evaluates the whole grid. The model's θ is left unchanged.
+    """
+    start = time.perf_counter()
+    if grid is None:
+        lo, hi = _theta_range(model, None)
+        grid = [float(v) for v in np.arange(math.floor(hi), math.ceil(lo) - 1, -1.0)]
+    if not grid:
+        raise BilevelError("the grid of common θ values is empty")
+    best: dict[str, Any] | None = None
+    worse = evaluated = 0
+    for value in grid:
+        m = evaluator.metrics(torch.tensor(float(value)))
+        evaluated += 1
+        if best is None or m["val_loss"] < best["val_loss"]:
+            best = {"theta": float(value), **m}
+            worse = 0
+        else:
+            worse += 1
+            if patience is not None and worse >= patience:
+                break
+    assert best is not None
+    evaluator.solve()  # leave the warm start at the model's θ
+    theta = best["theta"]
+    hyper = isinstance(model, HypercleaningModel)
+    best["strength"] = 1.0 / (1.0 + math.exp(-theta)) if hyper else math.exp(theta)
+    best["grid_size"] = len(grid)
+    best["evaluated"] = evaluated
+    best["seconds"] = time.perf_counter() - start
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
+    """Options of ``bilevel hpo``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "examples:\n"
+        "  bilevel hpo --data breast_cancer --method sid\n"
+        "  bilevel hpo --data digits --method aid-cg --time 30 --json\n"
+        "  bilevel hpo --data diabetes --model ridge\n"
+        "  bilevel hpo --data synthetic:200000:100 --method sid --time 60\n"
+        "  bilevel hpo --run-dir runs/my-run --resume --steps 400"
+    )
+    data = parser.add_argument_group("problem")
+    data.add_argument(
+        "--data",
+        default="breast_cancer",
+        help="breast_cancer | digits | iris | wine | diabetes | mnist | synthetic[:N[:D]] | "
+        "path to an svmlight file (default: breast_cancer)",
+    )
+    data.add_argument("--data-dir", help="folder with the MNIST idx files")
+    data.add_argument(
+        "--model",
+        choices=MODELS,
+        default=None,
+        help="logistic (per-feature strengths), ridge (per-feature strengths, regression), "
+        "hypercleaning (per-sample weights); default: ridge for diabetes, else logistic",
+    )
+    data.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.3,
+        help="hypercleaning: fraction of training labels corrupted (default 0.3)",
+    )
+    data.add_argument(
+        "--init",
+        default="baseline",
+        help="initial θ: 'baseline' (the best common value of the grid search, default) or a "
+        "number (log-strength, or weight logit for hypercleaning)",
+    )
+    data.add_argument(
+        "--theta-range",
+        default=None,
+        metavar="LO,HI",
+        help="box for θ (default -10,3; hypercleaning -6,6)",
+    )
+    meth = parser.add_argument_group("method")
+    meth.add_argument("--method", choices=METHODS, default="sid", help="default: sid")
+    meth.add_argument(
+        "--step",
+        default=DEFAULT_STEP,
+        help=f"Adam step schedule on θ, e.g. 0.05 or poly:0.1,0.5 (default {DEFAULT_STEP})",
+    )
+    meth.add_argument(
+        "--inner-steps",
+        type=int,
+        default=None,
+        help="sid: t = k iterations per step (20); itd: unrolled steps (20); aid-cg: "
+        "iteration cap of L-BFGS and CG (200)",
+    )
+    meth.add_argument(
+        "--batch-size", type=int, default=None, help="sid: minibatch size (default ≈ 4√N)"
+    )
+    budget = parser.add_argument_group("budget (the first limit reached ends the run)")
+    budget.add_argument("--budget", type=float, default=None, help="oracle calls")
+    budget.add_argument("--time", type=float, default=None, help="seconds of computation")
+    budget.add_argument(
+        "--steps", type=int, default=None, help="upper-level steps (default 100 if no limit)"
+    )
+    out = parser.add_argument_group("run")
+    out.add_argument("--seed", type=int, default=0, help="data split, label noise, sampling")
+    out.add_argument("--run-dir", default=None, help="default: runs/hpo-<time>-<data>-<method>")
+    out.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    out.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    out.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between evaluations of F(θ) and test metrics (default: about 25 per run)",
+    )
+    out.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    out.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--no-plots", action="store_true", help="do not write plots")
+
+
+def _parse_range(text: str | None, model: str) -> tuple[float, float]:
+    if text is None:
+        return DEFAULT_THETA_RANGE[model]
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise BilevelError(f"--theta-range must be two numbers LO,HI, got {text!r}") from None
+    box_projection(lo, hi)
+    return lo, hi
+
+
+def _default_run_dir(data: str, method: str) -> pathlib.Path:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", pathlib.Path(data).name)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = pathlib.Path("runs") / f"hpo-{stamp}-{stem}-{method}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
+
+
+def _checkpoint_step(run_dir: pathlib.Path) -> int:
+    """Upper-level step stored in the run's latest readable checkpoint (0 if none)."""
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        path = run_dir / name
+        if path.is_file():
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+                return int(payload["state"]["engine"]["step"])
+            except Exception:  # noqa: BLE001 - unreadable: the run loop reports it
+                continue
+    return 0
+
+
+def _reseed_sid(estimator: Estimator, seed: int, step: int) -> None:
+    """Fresh minibatch streams for a resumed SID run, seeded by (seed, step)."""
+    if not isinstance(estimator, SID) or step == 0:
+        return
+    states = np.random.SeedSequence([seed, step]).generate_state(3, np.uint64)
+    for sampler, s in zip(
+        (estimator.samplers.lower, estimator.samplers.linear, estimator.samplers.final), states
+    ):
+        sampler.generator.manual_seed(int(s))
+
+
+# The job options that define a run (a resumed run must use the same).
+_IDENTITY = (
+    "data",
+    "model",
+    "method",
+    "seed",
+    "label_noise",
+    "init",
+    "theta_range",
+    "step",
+    "inner_steps",
+    "batch_size",
+    "device",
+)
+
+
+def _check_job_file(run_dir: pathlib.Path, job: dict[str, Any], resume: bool) -> None:
+    path = run_dir / "job.json"
+    if resume and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diffs = [
+            f"{k}: {old.get(k)!r} -> {job.get(k)!r}" for k in _IDENTITY if old.get(k) != job.get(k)
+        ]
+        if diffs:
+            raise BilevelError(
+                f"cannot resume {run_dir}: the options differ from the stored run "
+                f"({'; '.join(diffs)}). Use the same options, or start a new run."
+            )
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    steps = args.steps
+    if args.budget is None and args.time is None and steps is None:
+        steps = 100
+    try:
+        return Budget(
+            oracle_calls=None if args.budget is None else int(math.ceil(args.budget)),
+            steps=steps,
+            wall_time=args.time,
+        )
+    except BilevelError as err:
+        raise BilevelError(f"bad budget: {err}") from None
+
+
+def _eval_every(args: argparse.Namespace, budget: Budget) -> int:
+    if args.eval_every is not None:
+        if args.eval_every < 1:
+            raise BilevelError(f"--eval-every must be a positive integer, got {args.eval_every}")
+        return int(args.eval_every)
+    if budget.steps is not None and budget.oracle_calls is None and budget.wall_time is None:
+        return max(1, budget.steps // 25)
+    return 10 if args.method == "sid" else 2
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise BilevelError(f"unknown device {text!r} (use cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BilevelError(f"device {text!r} requested but CUDA is not available")
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``bilevel hpo``; returns the exit status (0 on success)."""
+    t_start = time.perf_counter()
+    log = sys.stderr
+
+    def say(message: str) -> None:
+        if not args.no_progress:
+            print(message, file=log, flush=True)
+
+    model_name = args.model or ("ridge" if args.data == "diabetes" else "logistic")
+    if args.label_noise < 0 or args.label_noise > 1:
+        raise BilevelError(f"--label-noise must be in [0, 1], got {args.label_noise}")
+    theta_range = _parse_range(args.theta_range, model_name)
+    step = as_schedule(args.step)
+    budget = _budget(args)
+    eval_every = _eval_every(args, budget)
+    device = _device(args.device)
+    if args.resume and args.run_dir is None:
+        raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
+    if args.resume and not (pathlib.Path(args.run_dir) / "config.json").is_file():
+        raise BilevelError(f"--resume: no run found in {args.run_dir} (no config.json)")
+    run_dir = (
+        pathlib.Path(args.run_dir) if args.run_dir else _default_run_dir(args.data, args.method)
+    )
+
+    data = load_data(
+        args.data,
+        regression=model_name == "ridge",
+        seed=args.seed,
+        data_dir=args.data_dir,
+        device=device,
+    )
+    say(f"bilevel hpo: {data!r}")
+    job = {
+        "data": args.data,
+        "model": model_name,
+        "method": args.method,
+        "seed": args.seed,
+        "label_noise": args.label_noise if model_name == "hypercleaning" else None,
+        "init": args.init,
+        "theta_range": list(theta_range),
+        "step": step.to_config(),
+        "inner_steps": args.inner_steps,
+        "batch_size": args.batch_size,
+        "device": str(device),
+    }
+    if args.resume:
+        _check_job_file(run_dir, job, resume=True)
+
+    # baseline: one common value of θ, chosen on the validation set
+    model = build_model(
+        data,
+        model_name,
+        theta0=0.0,
+        theta_range=theta_range,
+        label_noise=args.label_noise,
+        seed=args.seed,
+    )
+    test_X, test_y = data.X_test, data.y_test
+    if model_name == "hypercleaning":
+        pass  # the test set keeps its clean labels
+    evaluator = LowerEvaluator(model, test_X, test_y)
+    baseline = single_strength_baseline(model, evaluator)
+    say(
+        f"baseline (one common θ over {baseline['grid_size']} values): θ = {baseline['theta']:g}, "
+        f"val loss {baseline['val_loss']:.6g} ({baseline['seconds']:.1f} s)"
+    )
+    if args.init == "baseline":
+        theta0 = baseline["theta"]
+    else:
+        try:
+            theta0 = float(args.init)
+        except ValueError:
+            raise BilevelError(
+                f"--init must be 'baseline' or a number, got {args.init!r}"
+            ) from None
+        if not math.isfinite(theta0):
+            raise BilevelError(f"--init must be finite, got {args.init!r}")
+    theta0 = min(max(theta0, theta_range[0]), theta_range[1])
+    with torch.no_grad():
+        model.theta.fill_(theta0)
+    initial = evaluator.metrics()
+
+    method = hpo_method(
+        model,
+        args.method,
+        step=step,
+        seed=args.seed,
+        theta_range=theta_range,
+        inner_steps=args.inner_steps,
+        batch_size=args.batch_size,
+    )
+    if args.resume:
+        _reseed_sid(method.estimator, args.seed, _checkpoint_step(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result: RunResult = method.run(
+        model.problem,
+        OneInstance(model, evaluator.w),
+        budget,
+        run_dir=run_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        evaluate=evaluator,
+        eval_every=eval_every,
+        progress=not args.no_progress,
+        plot=not args.no_plots,
+    )
+    (run_dir / "job.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+    final = dict(result.evaluation) if result.evaluation else evaluator.metrics()
+    summary = _summary(args, data, model, job, initial, final, baseline, result, t_start)
+    text = json.dumps(to_jsonable(summary), indent=2, allow_nan=False) + "\n"
+    (run_dir / "summary.json").write_text(text, encoding="utf-8")
+    if args.json:
+        print(json.dumps(to_jsonable(summary), allow_nan=False))
+    else:
+        _print_summary(summary)
+    return 0 if result.ok else 1
+
+
+class OneInstance:
+    """The :class:`~bilevel.methods.SampleSet` of a hyperparameter-learning problem: one
+    lower-level instance whose data live in the model's closure (``batch`` is None), started
+    from ``w0`` (shape (1, *event_shape); default zeros)."""
+
+    def __init__(self, model: FiniteSumModel, w0: Tensor | None = None) -> None:
+        self.w0 = model.init_w() if w0 is None else w0.detach().reshape(model.init_w().shape)
+
+    def __len__(self) -> int:
+        return 1
+
+    def batch(self, index: Tensor) -> None:
+        return None
+
+    def initial(self, index: Tensor) -> Tensor:
+        return self.w0.expand(int(index.numel()), *self.w0.shape[1:]).clone()
+
+
+def _summary(
+    args: argparse.Namespace,
+    data: SplitData,
+    model: FiniteSumModel,
+    job: Mapping[str, Any],
+    initial: Mapping[str, float],
+    final: Mapping[str, float],
+    baseline: Mapping[str, Any],
+    result: RunResult,
+    t_start: float,
+) -> dict[str, Any]:
+    theta = model.theta.detach().to("cpu", torch.float64)
+    if isinstance(model, HypercleaningModel):
+        values = {"weight_min": float(torch.sigmoid(theta).min())}
+        values["weight_max"] = float(torch.sigmoid(theta).max())
+    else:
+        values = {
+            "strength_min": float(theta.exp().min()),
+            "strength_max": float(theta.exp().max()),
+        }
+    return {
+        **job,
+        "n_train": data.n_train,
+        "n_val": int(data.X_val.shape[0]),
+        "n_test": int(data.X_test.shape[0]),
+        "n_features": data.n_features,
+        "n_classes": data.n_classes,
+        "n_hyperparameters": int(model.theta.numel()),
+        "initial": dict(initial),
+        "final": dict(final),
+        "baseline": dict(baseline),
+        "theta": {
+            "mean": float(theta.mean()),
+            "min": float(theta.min()),
+            "max": float(theta.max()),
+            **values,
+        },
+        "status": result.status,
+        "message": result.message,
+        "steps": result.step,
+        "cost": float(result.cost),
+        "wall_time": float(result.wall_time),
+        "total_time": time.perf_counter() - t_start,
+        "run_dir": str(result.run_dir),
+    }
+
+
+def _print_summary(s: Mapping[str, Any]) -> None:
+    metric = "test_accuracy" if "test_accuracy" in s["final"] else "test_mse"
+
+    def row(name: str, m: Mapping[str, Any]) -> str:
+        return f"  {name:<28} val loss {m['val_loss']:<12.6g} {metric} {m[metric]:.4f}"
+
+    b = s["baseline"]
+    print(
+        f"bilevel hpo: {s['model']} on {s['data']} with {s['method']} "
+        f"({s['n_hyperparameters']} hyperparameters, {s['n_train']} training samples)"
+    )
+    print(row("initial θ", s["initial"]))
+    print(row("learnt θ", s["final"]))
+    print(row(f"best common θ = {b['theta']:g}", b))
+    print(
+        f"  {s['status']}: {s['message']}; {s['steps']} steps, {s['cost']:.4g} oracle calls, "
+        f"{s['wall_time']:.2f} s of computation ({s['total_time']:.1f} s in all)"
+    )
+    print(f"  run directory: {s['run_dir']}")

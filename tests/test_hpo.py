@@ -1,0 +1,313 @@
+"""Tests for ``bilevel hpo`` (bilevel.learning.job) and BilevelLogisticRegression."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bilevel.cli import main
+from bilevel.learning.job import (
+    LowerEvaluator,
+    attach_lipschitz,
+    box_projection,
+    build_model,
+    load_data,
+    single_strength_baseline,
+)
+
+pytest.importorskip("sklearn")
+
+from sklearn.datasets import load_breast_cancer, load_digits  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from bilevel.learning.estimator import BilevelLogisticRegression  # noqa: E402
+
+SUMMARY_KEYS = {
+    "data",
+    "model",
+    "method",
+    "seed",
+    "n_train",
+    "n_val",
+    "n_test",
+    "n_features",
+    "n_hyperparameters",
+    "initial",
+    "final",
+    "baseline",
+    "theta",
+    "status",
+    "steps",
+    "cost",
+    "wall_time",
+    "total_time",
+    "run_dir",
+}
+
+
+def _hpo(capsys, *args: str) -> tuple[int, dict | None, str]:
+    """Run ``bilevel hpo ARGS --json --no-progress``: (exit code, parsed summary, stderr)."""
+    capsys.readouterr()
+    code = main(["hpo", *args, "--json", "--no-progress"])
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.strip()]
+    summary = json.loads(lines[0]) if code == 0 else None
+    if code == 0:
+        assert len(lines) == 1, "stdout must hold exactly one JSON object"
+    return code, summary, err
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+
+
+@pytest.mark.parametrize("method", ["aid-cg", "sid"])
+def test_cli_json_breast_cancer(tmp_path, capsys, method):
+    run_dir = tmp_path / "run"
+    code, s, _ = _hpo(
+        capsys,
+        "--data",
+        "breast_cancer",
+        "--method",
+        method,
+        "--steps",
+        "40",
+        "--eval-every",
+        "10",
+        "--run-dir",
+        str(run_dir),
+        "--no-plots",
+    )
+    assert code == 0
+    assert SUMMARY_KEYS <= set(s)
+    assert s["method"] == method and s["model"] == "logistic" and s["status"] == "budget"
+    assert s["steps"] == 40 and s["n_hyperparameters"] == 30
+    for part in ("initial", "final", "baseline"):
+        assert {"val_loss", "test_accuracy"} <= set(s[part])
+    # starts from the best common strength, then lowers the validation loss
+    assert s["initial"]["val_loss"] == pytest.approx(s["baseline"]["val_loss"])
+    assert s["final"]["val_loss"] < 0.9 * s["initial"]["val_loss"]
+    assert s["final"]["test_accuracy"] > 0.9
+    assert s["cost"] > 0 and s["wall_time"] > 0
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "job.json"):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 40
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20, 30]
+
+
+def test_cli_writes_plots_and_progress(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    code = main(
+        [
+            "hpo",
+            "--method",
+            "aid-cg",
+            "--steps",
+            "8",
+            "--eval-every",
+            "4",
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "learnt θ" in out and "best common θ" in out
+    assert "isgd" in err  # the progress bar goes to stderr
+    assert (run_dir / "plots" / "val_loss_vs_wall_time.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "no_such_set"], "unknown data set"),
+        (["--data", "/no/such/file.svm"], "not found"),
+        (["--data", "synthetic:abc"], "synthetic"),
+        (["--data", "diabetes", "--model", "logistic"], "regression"),
+        (["--data", "breast_cancer", "--model", "ridge"], "regression targets"),
+        (["--theta-range", "3,1"], "lo < hi"),
+        (["--resume"], "--run-dir"),
+        (["--step", "fast"], "schedule"),
+    ],
+)
+def test_cli_errors(capsys, args, message):
+    capsys.readouterr()
+    code = main(["hpo", *args, "--steps", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bilevel hpo: error:" in err and message in err
+
+
+def test_cli_resume_continues_the_run(tmp_path, capsys):
+    common = ["--method", "aid-cg", "--eval-every", "5", "--no-plots"]
+    straight = tmp_path / "straight"
+    _, full, _ = _hpo(capsys, *common, "--steps", "20", "--run-dir", str(straight))
+    split = tmp_path / "split"
+    _, first, _ = _hpo(capsys, *common, "--steps", "10", "--run-dir", str(split))
+    assert first["steps"] == 10
+    code, second, _ = _hpo(capsys, *common, "--steps", "20", "--run-dir", str(split), "--resume")
+    assert code == 0 and second["steps"] == 20
+    lines = (split / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(20))
+    # AID-CG is deterministic: the resumed run ends where the uninterrupted one does (F is
+    # measured by a warm-started accurate solve, so it agrees to the solve's tolerance)
+    for key in ("mean", "min", "max"):
+        assert second["theta"][key] == pytest.approx(full["theta"][key], rel=1e-12, abs=1e-12)
+    assert second["final"]["val_loss"] == pytest.approx(full["final"]["val_loss"], rel=1e-6)
+    # other options cannot resume the same run
+    code, _, err = _hpo(
+        capsys, *common, "--steps", "30", "--run-dir", str(split), "--resume", "--seed", "3"
+    )
+    assert code == 2 and "cannot resume" in err
+
+
+def test_cli_sid_resume_draws_fresh_samples(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    common = ["--method", "sid", "--eval-every", "10", "--no-plots", "--run-dir", str(run_dir)]
+    assert _hpo(capsys, *common, "--steps", "10")[0] == 0
+    code, s, _ = _hpo(capsys, *common, "--steps", "20", "--resume")
+    assert code == 0 and s["steps"] == 20 and np.isfinite(s["final"]["val_loss"])
+
+
+def test_cli_other_models_and_svmlight(tmp_path, capsys):
+    code, ridge, _ = _hpo(
+        capsys,
+        "--data",
+        "diabetes",
+        "--steps",
+        "10",
+        "--no-plots",
+        "--method",
+        "aid-cg",
+        "--run-dir",
+        str(tmp_path / "ridge"),
+    )
+    assert code == 0 and ridge["model"] == "ridge"
+    assert {"val_loss", "test_mse", "test_r2"} <= set(ridge["final"])
+    assert ridge["final"]["val_loss"] <= ridge["initial"]["val_loss"] + 1e-12
+
+    code, hc, _ = _hpo(
+        capsys,
+        "--model",
+        "hypercleaning",
+        "--steps",
+        "10",
+        "--no-plots",
+        "--method",
+        "sid",
+        "--run-dir",
+        str(tmp_path / "hc"),
+    )
+    assert code == 0 and hc["n_hyperparameters"] == hc["n_train"]
+    assert 0.0 < hc["theta"]["weight_min"] <= hc["theta"]["weight_max"] < 1.0
+
+    gen = np.random.default_rng(0)
+    X = gen.normal(size=(120, 5))
+    y = (X[:, 0] - X[:, 1] > 0).astype(int) * 2 - 1  # labels −1 / +1
+    path = tmp_path / "toy.svm"
+    path.write_text(
+        "\n".join(
+            f"{label} " + " ".join(f"{j + 1}:{v:.5f}" for j, v in enumerate(row))
+            for label, row in zip(y, X)
+        )
+        + "\n"
+    )
+    code, svm, _ = _hpo(
+        capsys,
+        "--data",
+        str(path),
+        "--steps",
+        "5",
+        "--method",
+        "itd",
+        "--no-plots",
+        "--run-dir",
+        str(tmp_path / "svm"),
+    )
+    assert code == 0 and svm["n_features"] == 5 and svm["n_classes"] == 2
+    assert svm["final"]["test_accuracy"] > 0.8
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+def test_building_blocks():
+    data = load_data("breast_cancer", seed=0)
+    model = build_model(data, "logistic", theta0=0.0)
+    lip = attach_lipschitz(model)
+    assert lip == pytest.approx(1.1 * model.smoothness(), rel=0.05)
+    evaluator = LowerEvaluator(model, data.X_test, data.y_test)
+    base = single_strength_baseline(model, evaluator, patience=None)
+    assert base["evaluated"] == base["grid_size"] == 12
+    assert -10 <= base["theta"] <= 1 and base["strength"] == pytest.approx(np.exp(base["theta"]))
+    # the baseline is the minimum over the grid
+    vals = [evaluator.metrics(torch.tensor(t))["val_loss"] for t in (-10.0, -5.0, 1.0)]
+    assert base["val_loss"] <= min(vals) + 1e-12
+    assert torch.all(model.theta == 0.0)  # θ restored
+    theta = torch.tensor([-20.0, 0.0, 5.0])
+    box_projection(-10.0, 1.0)(theta)
+    assert theta.tolist() == [-10.0, 0.0, 1.0]
+
+
+# --------------------------------------------------------------------------------------------
+# the scikit-learn estimator
+
+
+@pytest.mark.parametrize("method", ["aid-cg", "sid"])
+def test_estimator_binary(method):
+    X, y = load_breast_cancer(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    est = BilevelLogisticRegression(method=method, max_steps=40, random_state=0).fit(Xtr, ytr)
+    assert est.score(Xte, yte) > 0.93
+    assert est.coef_.shape == (1, 30) and est.intercept_.shape == (1,)
+    assert est.strengths_.shape == (30,) and np.all(est.strengths_ > 0)
+    assert np.allclose(est.strengths_, np.exp(est.theta_))
+    assert est.n_features_in_ == 30 and est.n_iter_ == 40
+    assert est.validation_loss_ < est.baseline_validation_loss_
+    proba = est.predict_proba(Xte)
+    assert proba.shape == (len(Xte), 2) and np.allclose(proba.sum(1), 1.0)
+    assert np.array_equal(est.predict(Xte), est.classes_[proba.argmax(1)])
+    scores = est.decision_function(Xte)
+    assert np.allclose(scores, Xte @ est.coef_[0] + est.intercept_[0])
+
+
+def test_estimator_multiclass_string_labels():
+    X, y = load_digits(return_X_y=True)
+    names = np.array([f"digit-{k}" for k in range(10)])[y]
+    Xtr, Xte, ytr, yte = train_test_split(X, names, test_size=0.3, random_state=0, stratify=y)
+    est = BilevelLogisticRegression(max_steps=20, random_state=0).fit(Xtr, ytr)
+    assert list(est.classes_) == sorted(set(names))
+    assert est.coef_.shape == (10, 64) and est.intercept_.shape == (10,)
+    assert est.score(Xte, yte) > 0.9
+    # refitting with the same random_state gives the same model
+    again = BilevelLogisticRegression(max_steps=20, random_state=0).fit(Xtr, ytr)
+    assert np.allclose(again.coef_, est.coef_)
+
+
+def test_estimator_rejects_bad_parameters():
+    X, y = load_breast_cancer(return_X_y=True)
+    for params in (
+        {"method": "itd"},
+        {"validation_fraction": 1.5},
+        {"max_steps": 0},
+        {"init": "best"},
+        {"theta_range": (1.0, -1.0)},
+    ):
+        with pytest.raises(ValueError):
+            BilevelLogisticRegression(**params).fit(X, y)
+    with pytest.raises(ValueError, match="2 classes"):
+        BilevelLogisticRegression().fit(X, np.zeros(len(X)))
+
+
+@parametrize_with_checks([BilevelLogisticRegression(max_steps=3, init=-2.0, random_state=0)])
+def test_sklearn_compatible(estimator, check):
+    """Every applicable scikit-learn estimator check passes (no expected failures); a few
+    steps from a fixed θ keep each fit fast."""
+    check(estimator)

@@ -1,4 +1,9 @@
-"""Hyperparameter learning: data sets and bilevel problems (ridge, logistic, hypercleaning)."""
+"""Hyperparameter learning: data sets and bilevel problems (ridge, logistic, hypercleaning),
+the pieces of ``bilevel hpo`` (:mod:`bilevel.learning.job`) and a scikit-learn classifier,
+``BilevelLogisticRegression`` (:mod:`bilevel.learning.estimator`, imported on first use because
+it needs scikit-learn)."""
+
+from typing import Any
 
 from bilevel.learning.datasets import (
     SplitData,
@@ -13,6 +18,17 @@ from bilevel.learning.datasets import (
     select_rows,
     split_data,
     to_csr,
+)
+from bilevel.learning.job import (
+    LowerEvaluator,
+    OneInstance,
+    attach_lipschitz,
+    box_projection,
+    build_model,
+    hpo_estimator,
+    hpo_method,
+    load_data,
+    single_strength_baseline,
 )
 from bilevel.learning.models import (
     FiniteSumModel,
@@ -38,14 +54,22 @@ __all__ = [
     "FiniteSumModel",
     "HypercleaningModel",
     "LogisticModel",
+    "LowerEvaluator",
+    "OneInstance",
     "RidgeModel",
     "SplitData",
     "accuracy",
+    "attach_lipschitz",
+    "box_projection",
+    "build_model",
     "corrupt_labels",
     "encode_labels",
     "hypercleaning_model",
     "hypercleaning_problem",
+    "hpo_estimator",
+    "hpo_method",
     "is_sparse",
+    "load_data",
     "load_mnist",
     "load_sklearn",
     "logistic_model",
@@ -62,6 +86,15 @@ __all__ = [
     "ridge_problem",
     "ridge_solution",
     "select_rows",
+    "single_strength_baseline",
     "split_data",
     "to_csr",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BilevelLogisticRegression":
+        from bilevel.learning.estimator import BilevelLogisticRegression
+
+        return BilevelLogisticRegression
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -368,8 +368,8 @@ def box_projection(lo: float, hi: float) -> Callable[[Tensor], None]:
 
 
 def _default_batch(n: int) -> int:
-    """SID minibatch size: 6√N, between 64 and 4096 (at most N)."""
-    return int(min(n, max(64, min(4096, round(6 * math.sqrt(n))))))
+    """SID minibatch size: 12√N, between 64 and 4096 (at most N)."""
+    return int(min(n, max(64, min(4096, round(12 * math.sqrt(n))))))
 
 
 def hpo_estimator(
@@ -384,9 +384,9 @@ def hpo_estimator(
 ) -> Estimator:
     """The hypergradient estimator of ``method`` for ``model``, configured for warm starts.
 
-    * ``sid``: t = k = ``inner_steps`` (default 5) constant-step stochastic fixed-point
+    * ``sid``: t = k = ``inner_steps`` (default 3) constant-step stochastic fixed-point
       iterations η_s ≡ ``sid_step`` (0.5) with the map Φ(w) = w − ∇_w ĥ(w)/L(θ) (SGD with
-      step 0.5/L) on minibatches of ``batch_size`` training samples (default 6√N, in
+      step 0.5/L) on minibatches of ``batch_size`` training samples (default 12√N, in
       [64, 4096]), optionally returning the mean of the last ``sid_average`` fraction of the
       iterates, with the exact validation gradient. The final stage uses one sample for the
       per-feature models (θ enters only the regulariser, so J = ∂_θ∇_w Ω involves no data)
@@ -403,7 +403,7 @@ def hpo_estimator(
     if inner_steps is not None and (isinstance(inner_steps, bool) or inner_steps < 1):
         raise BilevelError(f"inner_steps must be a positive integer, got {inner_steps!r}")
     if method == "sid":
-        t = 5 if inner_steps is None else int(inner_steps)
+        t = 3 if inner_steps is None else int(inner_steps)
         n = model.n_train
         b = _default_batch(n) if batch_size is None else int(batch_size)
         if not 1 <= b <= n:
@@ -552,7 +552,7 @@ class LowerEvaluator:
             val = float(model.val_loss(w, model.theta).reshape(-1)[0])
             out = {"val_loss": val}
             if isinstance(model, RidgeModel):
-                pred = model._scores(w, self.X_test)[0]
+                pred = (self.X_test @ w[0].unsqueeze(1))[:, 0]
                 y = self.y_test.to(pred.dtype)
                 mse = float(((pred - y) ** 2).mean())
                 var = float(((y - y.mean()) ** 2).mean())
@@ -622,7 +622,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "examples:\n"
-        "  bilevel hpo --data breast_cancer --method sid\n"
+        "  bilevel hpo --data breast_cancer\n"
         "  bilevel hpo --data digits --method aid-cg --time 30 --json\n"
         "  bilevel hpo --data diabetes --model ridge\n"
         "  bilevel hpo --data synthetic:200000:100 --method sid --time 60\n"
@@ -662,7 +662,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         help="box for θ (default -10,3; hypercleaning -6,6)",
     )
     meth = parser.add_argument_group("method")
-    meth.add_argument("--method", choices=METHODS, default="sid", help="default: sid")
+    meth.add_argument(
+        "--method",
+        choices=METHODS,
+        default="aid-cg",
+        help="hypergradient: aid-cg (default; full-batch L-BFGS + CG), sid (minibatches; for "
+        "large, well-conditioned training sets), itd (unrolled gradient steps)",
+    )
     meth.add_argument(
         "--step",
         default=DEFAULT_STEP,
@@ -672,11 +678,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         "--inner-steps",
         type=int,
         default=None,
-        help="sid: t = k iterations per step (20); itd: unrolled steps (20); aid-cg: "
+        help="sid: t = k iterations per step (3); itd: unrolled steps (20); aid-cg: "
         "iteration cap of L-BFGS and CG (200)",
     )
     meth.add_argument(
-        "--batch-size", type=int, default=None, help="sid: minibatch size (default ≈ 4√N)"
+        "--batch-size", type=int, default=None, help="sid: minibatch size (default 12√N ≤ 4096)"
     )
     budget = parser.add_argument_group("budget (the first limit reached ends the run)")
     budget.add_argument("--budget", type=float, default=None, help="oracle calls")
@@ -712,6 +718,19 @@ def _parse_range(text: str | None, model: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _parse_init(text: str) -> float | None:
+    """``None`` for 'baseline', else the number."""
+    if text == "baseline":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise BilevelError(f"--init must be 'baseline' or a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise BilevelError(f"--init must be finite, got {text!r}")
+    return value
+
+
 def _default_run_dir(data: str, method: str) -> pathlib.Path:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", pathlib.Path(data).name)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -721,30 +740,6 @@ def _default_run_dir(data: str, method: str) -> pathlib.Path:
         i += 1
         path = base.with_name(f"{base.name}-{i}")
     return path
-
-
-def _checkpoint_step(run_dir: pathlib.Path) -> int:
-    """Upper-level step stored in the run's latest readable checkpoint (0 if none)."""
-    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-        path = run_dir / name
-        if path.is_file():
-            try:
-                payload = torch.load(path, map_location="cpu", weights_only=True)
-                return int(payload["state"]["engine"]["step"])
-            except Exception:  # noqa: BLE001 - unreadable: the run loop reports it
-                continue
-    return 0
-
-
-def _reseed_sid(estimator: Estimator, seed: int, step: int) -> None:
-    """Fresh minibatch streams for a resumed SID run, seeded by (seed, step)."""
-    if not isinstance(estimator, SID) or step == 0:
-        return
-    states = np.random.SeedSequence([seed, step]).generate_state(3, np.uint64)
-    for sampler, s in zip(
-        (estimator.samplers.lower, estimator.samplers.linear, estimator.samplers.final), states
-    ):
-        sampler.generator.manual_seed(int(s))
 
 
 # The job options that define a run (a resumed run must use the same).
@@ -763,9 +758,10 @@ _IDENTITY = (
 )
 
 
-def _check_job_file(run_dir: pathlib.Path, job: dict[str, Any], resume: bool) -> None:
+def _check_job_file(run_dir: pathlib.Path, job: dict[str, Any]) -> None:
+    """Refuse to resume a run made with other options (``job.json`` of the run directory)."""
     path = run_dir / "job.json"
-    if resume and path.is_file():
+    if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         diffs = [
             f"{k}: {old.get(k)!r} -> {job.get(k)!r}" for k in _IDENTITY if old.get(k) != job.get(k)
@@ -824,6 +820,7 @@ def run(args: argparse.Namespace) -> int:
     if args.label_noise < 0 or args.label_noise > 1:
         raise BilevelError(f"--label-noise must be in [0, 1], got {args.label_noise}")
     theta_range = _parse_range(args.theta_range, model_name)
+    init = _parse_init(args.init)
     step = as_schedule(args.step)
     budget = _budget(args)
     eval_every = _eval_every(args, budget)
@@ -858,7 +855,14 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
     }
     if args.resume:
-        _check_job_file(run_dir, job, resume=True)
+        _check_job_file(run_dir, job)
+    elif (run_dir / "config.json").exists() and not args.overwrite:
+        raise BilevelError(
+            f"{run_dir} already holds a run: resume it (--resume), start again (--overwrite), "
+            "or choose another directory"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
 
     # baseline: one common value of θ, chosen on the validation set
     model = build_model(
@@ -869,27 +873,14 @@ def run(args: argparse.Namespace) -> int:
         label_noise=args.label_noise,
         seed=args.seed,
     )
-    test_X, test_y = data.X_test, data.y_test
-    if model_name == "hypercleaning":
-        pass  # the test set keeps its clean labels
-    evaluator = LowerEvaluator(model, test_X, test_y)
+    evaluator = LowerEvaluator(model, data.X_test, data.y_test)  # clean test labels
     baseline = single_strength_baseline(model, evaluator)
     say(
-        f"baseline (one common θ over {baseline['grid_size']} values): θ = {baseline['theta']:g}, "
+        f"baseline (one common θ, {baseline['evaluated']} values of the grid): "
+        f"θ = {baseline['theta']:g}, "
         f"val loss {baseline['val_loss']:.6g} ({baseline['seconds']:.1f} s)"
     )
-    if args.init == "baseline":
-        theta0 = baseline["theta"]
-    else:
-        try:
-            theta0 = float(args.init)
-        except ValueError:
-            raise BilevelError(
-                f"--init must be 'baseline' or a number, got {args.init!r}"
-            ) from None
-        if not math.isfinite(theta0):
-            raise BilevelError(f"--init must be finite, got {args.init!r}")
-    theta0 = min(max(theta0, theta_range[0]), theta_range[1])
+    theta0 = baseline["theta"] if init is None else min(max(init, theta_range[0]), theta_range[1])
     with torch.no_grad():
         model.theta.fill_(theta0)
     initial = evaluator.metrics()
@@ -903,9 +894,6 @@ def run(args: argparse.Namespace) -> int:
         inner_steps=args.inner_steps,
         batch_size=args.batch_size,
     )
-    if args.resume:
-        _reseed_sid(method.estimator, args.seed, _checkpoint_step(run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
     result: RunResult = method.run(
         model.problem,
         OneInstance(model, evaluator.w),
@@ -918,7 +906,6 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         plot=not args.no_plots,
     )
-    (run_dir / "job.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
     final = dict(result.evaluation) if result.evaluation else evaluator.metrics()
     summary = _summary(args, data, model, job, initial, final, baseline, result, t_start)
     text = json.dumps(to_jsonable(summary), indent=2, allow_nan=False) + "\n"
@@ -989,7 +976,8 @@ def _summary(
         "message": result.message,
         "steps": result.step,
         "cost": float(result.cost),
-        "wall_time": float(result.wall_time),
+        # the end of the last step (RunResult.wall_time also counts the final evaluation)
+        "wall_time": float(result.records[-1]["wall_time"]) if result.records else 0.0,
         "total_time": time.perf_counter() - t_start,
         "run_dir": str(result.run_dir),
     }

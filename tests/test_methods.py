@@ -587,3 +587,20 @@ def test_tensor_samples_and_with_initial():
 
     w = with_initial(Data(), lambda b: b[0].clone())
     assert len(w) == 4 and torch.equal(w.initial(index), y[index])
+
+
+def test_evaluation_time_is_not_counted_in_wall_time():
+    """The evaluate callback, including the final evaluation, is excluded from wall_time."""
+    import time
+
+    q = quadratic_finite_sum(n=20, seed=3)
+
+    def slow_evaluation(theta, step):
+        time.sleep(0.3)
+        return {"marker": float(step)}
+
+    result = ISGD(step=0.1, batch_size=5, estimator=q.estimator()).run(
+        q.problem, q.samples, {"steps": 2}, evaluate=slow_evaluation, progress=False, plot=False
+    )
+    assert result.evaluation == {"marker": 2.0}
+    assert result.wall_time < 0.25  # three evaluations slept 0.9 s in total

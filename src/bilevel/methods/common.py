@@ -246,7 +246,7 @@ class Budget:
             if name != "wall_time" and int(v) != v:
                 raise BilevelError(f"budget {name} must be an integer, got {v!r}")
 
-    def exhausted(self, step: int, epoch: int, cost: int, seconds: float) -> str | None:
+    def exhausted(self, step: int, epoch: int, cost: float, seconds: float) -> str | None:
         """A message naming the limit reached, or None."""
         if self.oracle_calls is not None and cost >= self.oracle_calls:
             return f"oracle-call budget reached ({cost} >= {self.oracle_calls})"
@@ -438,7 +438,7 @@ class RunResult:
     message: str
     step: int
     epoch: int
-    cost: int
+    cost: float
     wall_time: float
     records: list[dict[str, Any]] = field(default_factory=list)
     evaluation: dict[str, Any] | None = None
@@ -751,7 +751,9 @@ def drive(
 
     evaluation = None
     if opts.evaluate is not None and status != "interrupted":
+        start = time.perf_counter()
         evaluation = _user_metrics(opts.evaluate(problem.theta, engine.step), engine.step)
+        eval_seconds += time.perf_counter() - start
     wall_time = clock.elapsed() - eval_seconds
     result = RunResult(
         theta=snapshot(engine.params),

@@ -247,7 +247,7 @@ class _Pending:
     hg: Hypergradient
     eps: float
     delta: float
-    cost: int
+    cost: float
     accepted: bool = False
     theta: list[Tensor] | None = None
     x: Tensor | None = None

@@ -34,6 +34,9 @@ def _images(n=2, size=10, channels=1, seed=0):
 REGULARISERS = {
     "tv": lambda c: SmoothedTV(strength=0.05, smoothing=0.05),
     "foe": lambda c: FieldsOfExperts(num_filters=3, filter_size=3, channels=c, smoothing=0.05),
+    "foe_learned_smoothing": lambda c: FieldsOfExperts(
+        num_filters=2, filter_size=3, channels=c, smoothing=0.05, learn_smoothing=True
+    ),
     "foe_student_t": lambda c: FieldsOfExperts(
         num_filters=2, filter_size=3, channels=c, potential="student_t", smoothing=0.1
     ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -28,6 +30,9 @@ def _make(name: str, c: int):
         "foe-student": lambda: FieldsOfExperts(
             num_filters=4, filter_size=3, potential="student_t", smoothing=0.05, **small
         ),
+        "foe-learned-nu": lambda: _spread_smoothing(
+            FieldsOfExperts(num_filters=4, filter_size=3, learn_smoothing=True, **small)
+        ),
         "ridge": lambda: ConvexRidge(num_filters=3, filter_size=3, num_basis=3, **small),
         "icnn": lambda: InputConvexNetwork(hidden=4, layers=3, init_scale=1.0, **small),
         "icnn-softplus": lambda: InputConvexNetwork(
@@ -36,8 +41,22 @@ def _make(name: str, c: int):
     }[name]().double()
 
 
-NAMES = ["tv", "foe-l1", "foe-student", "ridge", "icnn", "icnn-softplus"]
-CONVEX = {"tv": True, "foe-l1": True, "foe-student": False, "ridge": True, "icnn": True}
+NAMES = ["tv", "foe-l1", "foe-student", "foe-learned-nu", "ridge", "icnn", "icnn-softplus"]
+CONVEX = {
+    "tv": True,
+    "foe-l1": True,
+    "foe-student": False,
+    "foe-learned-nu": True,
+    "ridge": True,
+    "icnn": True,
+}
+
+
+def _spread_smoothing(reg: FieldsOfExperts) -> FieldsOfExperts:
+    """Distinct per-filter smoothings ν_k (0.005 … 0.05), as after some learning."""
+    with torch.no_grad():
+        reg.log_smoothing.copy_(torch.linspace(math.log(0.005), math.log(0.05), 4))
+    return reg
 
 
 def _hvp_fn(reg, x):
@@ -145,6 +164,23 @@ def test_foe_zero_mean_projection_and_seeded_init() -> None:
     assert float(a.filters.detach().mean(dim=(1, 2, 3)).abs().max()) < 1e-6
     torch.testing.assert_close(a(x), before)  # zero mean by construction: project_ keeps R
     torch.testing.assert_close(a(x + 0.25), a(x), rtol=1e-4, atol=1e-4)  # blind to constants
+
+
+def test_foe_initial_filters_start_with_finite_differences() -> None:
+    reg = FieldsOfExperts(num_filters=9, filter_size=5, seed=0)
+    k = reg.effective_filters().detach()[:, 0].double()
+    # ∂/∂column [-1, 1] at the centre of the 5×5 window, up to the 10 % seeded perturbation
+    dx = torch.zeros(5, 5, dtype=torch.float64)
+    dx[2, 2], dx[2, 3] = -1.0, 1.0
+    dx = dx / dx.norm()
+    assert float((k[0] * dx).sum()) > 0.95
+    assert float((k[1] * dx.T).sum()) > 0.95
+    torch.testing.assert_close(k.flatten(1).norm(dim=1), torch.ones(9, dtype=torch.float64))
+    # learned smoothing: one ν_k per filter, a parameter only when asked for
+    assert not any(p is reg.log_smoothing for p in reg.parameters())
+    learned = FieldsOfExperts(num_filters=3, filter_size=3, smoothing=0.02, learn_smoothing=True)
+    assert learned.log_smoothing.requires_grad and learned.smoothing.shape == (3,)
+    torch.testing.assert_close(learned.smoothing.detach(), torch.full((3,), 0.02))
 
 
 def test_icnn_positivity() -> None:

@@ -136,12 +136,26 @@ def _conv_norm_bound(weight: Tensor) -> float:
     return math.sqrt(float(a.sum(0).max()) * float(a.sum(1).max()))
 
 
+_DERIVATIVE_STENCILS: tuple[tuple[tuple[float, ...], ...], ...] = (
+    ((-1.0, 1.0),),  # ∂/∂column
+    ((-1.0,), (1.0,)),  # ∂/∂row
+    ((-1.0, 0.0), (0.0, 1.0)),  # diagonal
+    ((0.0, -1.0), (1.0, 0.0)),  # anti-diagonal
+    ((1.0, -2.0, 1.0),),  # ∂²/∂column²
+    ((1.0,), (-2.0,), (1.0,)),  # ∂²/∂row²
+    ((1.0, -1.0), (-1.0, 1.0)),  # ∂²/∂row∂column
+)
+
+
 def _init_filters(num_filters: int, channels: int, size: int, generator: torch.Generator) -> Tensor:
     """Deterministic zero-mean filters with unit ℓ2 norm, shape (K, C, s, s).
 
-    The first ones are 2-D DCT-II basis functions without the constant one, in order of
-    increasing frequency, replicated over the channels; a small seeded random perturbation
-    breaks the symmetry between channels. Further filters are random zero-mean.
+    The first ones are finite differences placed at the centre of the s×s window (first order
+    along columns, rows and both diagonals, then second order), so that a Fields of Experts with
+    smoothed-ℓ1 potentials starts close to anisotropic total variation; then 2-D DCT-II basis
+    functions without the constant one, in order of increasing frequency. All are replicated
+    over the channels, and a small seeded random perturbation (10 % of the norm) breaks the
+    symmetry between filters and channels. Further filters are random zero-mean.
     """
     n = torch.arange(size, dtype=torch.float64)
     basis_1d = torch.cos(math.pi * (n[None, :] + 0.5) * n[:, None] / size)  # (freq, pos)
@@ -149,17 +163,26 @@ def _init_filters(num_filters: int, channels: int, size: int, generator: torch.G
         ((u, v) for u in range(size) for v in range(size) if (u, v) != (0, 0)),
         key=lambda uv: (uv[0] + uv[1], max(uv), uv[0]),
     )
+    templates = []
+    centre = (size - 1) // 2
+    for stencil in _DERIVATIVE_STENCILS:
+        rows, cols = len(stencil), len(stencil[0])
+        if rows > size or cols > size:
+            continue
+        t = torch.zeros(size, size, dtype=torch.float64)
+        r0, c0 = min(centre, size - rows), min(centre, size - cols)
+        t[r0 : r0 + rows, c0 : c0 + cols] = torch.tensor(stencil, dtype=torch.float64)
+        templates.append(t)
+    templates += [basis_1d[u][:, None] * basis_1d[v][None, :] for u, v in freqs]
     filters = torch.randn(
         num_filters, channels, size, size, generator=generator, dtype=torch.float64
     )
     filters = 0.1 * filters / filters.flatten(1).norm(dim=1)[:, None, None, None]
-    m = min(num_filters, len(freqs))
+    m = min(num_filters, len(templates))
     if m:
-        u = torch.tensor([f[0] for f in freqs[:m]])
-        v = torch.tensor([f[1] for f in freqs[:m]])
-        dct = basis_1d[u][:, :, None] * basis_1d[v][:, None, :]  # (m, s, s)
-        dct = dct / dct.flatten(1).norm(dim=1)[:, None, None]
-        filters[:m] += dct[:, None] / math.sqrt(channels)
+        base = torch.stack(templates[:m])
+        base = base / base.flatten(1).norm(dim=1)[:, None, None]
+        filters[:m] += base[:, None] / math.sqrt(channels)
     filters = filters - filters.mean(dim=(1, 2, 3), keepdim=True)
     return filters / filters.flatten(1).norm(dim=1)[:, None, None, None]
 
@@ -227,11 +250,11 @@ class SmoothedTV(Regulariser):
 # --------------------------------------------------------------------------------------------
 
 
-def _smoothed_l1(t: Tensor, nu: float) -> Tensor:
+def _smoothed_l1(t: Tensor, nu: Tensor) -> Tensor:
     return torch.sqrt(t * t + nu * nu) - nu
 
 
-def _student_t(t: Tensor, nu: float) -> Tensor:
+def _student_t(t: Tensor, nu: Tensor) -> Tensor:
     return torch.log1p(t * t / (nu * nu))
 
 
@@ -242,14 +265,17 @@ class FieldsOfExperts(Regulariser):
     zero-mean by construction (the mean over (C, s, s) of each stored filter is subtracted in
     the forward pass) and ``project_()`` removes it from the stored values. Weights exp(α_k) > 0.
 
-    Potentials (ν = ``smoothing``, fixed, on the scale of filter responses of [0, 1] images):
+    Potentials, with a smoothing ν_k > 0 per filter on the scale of filter responses of [0, 1]
+    images (initially ``smoothing``; learned as log ν_k when ``learn_smoothing``):
 
-    * ``"smoothed_l1"``: φ(t) = sqrt(t² + ν²) − ν, convex, φ'' ≤ 1/ν;
-    * ``"student_t"``:   φ(t) = log(1 + t²/ν²), non-convex, φ'' ≤ 2/ν².
+    * ``"smoothed_l1"``: φ_k(t) = sqrt(t² + ν_k²) − ν_k, convex, φ_k'' ≤ 1/ν_k (quadratic
+      for |t| ≪ ν_k, like |t| beyond);
+    * ``"student_t"``:   φ_k(t) = log(1 + t²/ν_k²), non-convex, φ_k'' ≤ 2/ν_k².
 
-    ``curvature_bound() = max φ'' · sup_ω λ_max(Σ_k exp(α_k) k̂_k(ω) k̂_k(ω)ᴴ)`` (a certified
-    bound on the symbol, at most max φ''·Σ_k exp(α_k) Σ_c ‖k_{k,c}‖₁²). Initialisation (seeded):
-    unit-norm DCT filters of increasing frequency and weights ``init_weight``.
+    ``curvature_bound() = sup_ω λ_max(Σ_k exp(α_k) max φ_k'' k̂_k(ω) k̂_k(ω)ᴴ)`` (a certified
+    bound on the symbol, at most Σ_k exp(α_k) max φ_k'' Σ_c ‖k_{k,c}‖₁²). Initialisation (seeded):
+    finite-difference filters, then DCT filters of increasing frequency (see
+    ``_init_filters``), and weights ``init_weight``.
     """
 
     def __init__(
@@ -262,6 +288,7 @@ class FieldsOfExperts(Regulariser):
         init_weight: float = 0.01,
         seed: int = 0,
         boundary: str = "reflect",
+        learn_smoothing: bool = False,
     ) -> None:
         super().__init__()
         _check_boundary(boundary)
@@ -273,7 +300,6 @@ class FieldsOfExperts(Regulariser):
         if num_filters < 1 or filter_size < 2 or channels < 1:
             raise BilevelError("need num_filters ≥ 1, filter_size ≥ 2 and channels ≥ 1")
         self.potential = potential
-        self.smoothing = float(smoothing)
         self.channels = channels
         self.filter_size = filter_size
         gen = torch.Generator().manual_seed(seed)
@@ -283,6 +309,11 @@ class FieldsOfExperts(Regulariser):
         self.log_weights = nn.Parameter(
             torch.full((num_filters,), math.log(init_weight), dtype=dtype)
         )
+        log_nu = torch.full((num_filters,), math.log(smoothing), dtype=dtype)
+        if learn_smoothing:
+            self.log_smoothing = nn.Parameter(log_nu)
+        else:
+            self.register_buffer("log_smoothing", log_nu)
 
     @property
     def convex(self) -> bool:
@@ -298,19 +329,24 @@ class FieldsOfExperts(Regulariser):
         x = _pad(x, self.filter_size, self.boundary)
         return F.conv2d(x, self.effective_filters().to(dtype=x.dtype, device=x.device))
 
+    @property
+    def smoothing(self) -> Tensor:
+        """The per-filter smoothings ν_k, shape (K,)."""
+        return self.log_smoothing.exp()
+
     def forward(self, x: Tensor) -> Tensor:
         t = self.responses(x)
         phi = _smoothed_l1 if self.potential == "smoothed_l1" else _student_t
-        per_filter = phi(t, self.smoothing).sum(dim=(2, 3))  # (B, K)
+        nu = self.smoothing.to(dtype=x.dtype, device=x.device)[:, None, None]
+        per_filter = phi(t, nu).sum(dim=(2, 3))  # (B, K)
         return per_filter @ self.log_weights.exp().to(dtype=x.dtype, device=x.device)
 
     def curvature_bound(self) -> float:
-        nu = self.smoothing
-        max_phi2 = 1.0 / nu if self.potential == "smoothed_l1" else 2.0 / nu**2
         with torch.no_grad():
-            w = self.log_weights.double().exp()
-            bank = _filter_bank_bound(self.effective_filters(), w)
-            return max_phi2 * bank * _padding_gain(self.boundary)
+            nu = self.log_smoothing.double().exp()
+            max_phi2 = 1.0 / nu if self.potential == "smoothed_l1" else 2.0 / nu**2
+            w = self.log_weights.double().exp() * max_phi2
+            return _filter_bank_bound(self.effective_filters(), w) * _padding_gain(self.boundary)
 
     @torch.no_grad()
     def project_(self) -> FieldsOfExperts:

@@ -10,6 +10,7 @@ import torch
 
 from bilevel.cli import main
 from bilevel.learning.job import (
+    DEFAULT_SHRINKAGE,
     LowerEvaluator,
     attach_lipschitz,
     box_projection,
@@ -81,8 +82,11 @@ def test_cli_json_breast_cancer(tmp_path, capsys, method):
         "--run-dir",
         str(run_dir),
         "--no-plots",
+        "--shrinkage",
+        "0",
     )
     assert code == 0
+    assert json.loads((run_dir / "job.json").read_text())["shrinkage"] == 0.0
     assert SUMMARY_KEYS <= set(s)
     assert s["method"] == method and s["model"] == "logistic" and s["status"] == "budget"
     assert s["steps"] == 40 and s["n_hyperparameters"] == 30
@@ -118,6 +122,7 @@ def test_cli_writes_plots_and_progress(tmp_path, capsys):
     )
     out, err = capsys.readouterr()
     assert code == 0
+    assert json.loads((run_dir / "job.json").read_text())["shrinkage"] == DEFAULT_SHRINKAGE
     assert "learnt θ" in out and "best common θ" in out
     assert "isgd" in err  # the progress bar goes to stderr
     assert (run_dir / "plots" / "val_loss_vs_wall_time.png").is_file()
@@ -134,6 +139,8 @@ def test_cli_writes_plots_and_progress(tmp_path, capsys):
         (["--theta-range", "3,1"], "lo < hi"),
         (["--resume"], "--run-dir"),
         (["--step", "fast"], "schedule"),
+        (["--shrinkage", "-1"], "--shrinkage"),
+        (["--data", "wine", "--model", "hypercleaning", "--shrinkage", "1"], "shrinkage"),
     ],
 )
 def test_cli_errors(capsys, args, message):
@@ -303,6 +310,8 @@ def test_estimator_rejects_bad_parameters():
         {"max_steps": 0},
         {"init": "best"},
         {"theta_range": (1.0, -1.0)},
+        {"shrinkage": -1.0},
+        {"shrinkage": float("nan")},
     ):
         with pytest.raises(ValueError):
             BilevelLogisticRegression(**params).fit(X, y)

@@ -506,3 +506,36 @@ def test_sparse_coo_input_is_accepted(sparse_split):
     )
     assert to_csr(coo).layout == torch.sparse_csr
     assert isinstance(RidgeModel, type)
+
+
+def test_shrinkage_penalty_enters_objective_and_hypergradients(diabetes, cancer):
+    from bilevel.hypergrad import Exact
+
+    d = diabetes
+    theta0 = torch.linspace(-2.0, 0.5, d.n_features, dtype=torch.float64)
+    rho = 0.3
+    plain = ridge_model(d.X_train, d.y_train, d.X_val, d.y_val, theta0)
+    model = ridge_model(d.X_train, d.y_train, d.X_val, d.y_val, theta0, shrinkage=rho)
+    centred = theta0 - theta0.mean()
+    # closed forms: F_ρ = F + (ρ/2)‖θ − θ̄‖², ∇F_ρ = ∇F + ρ(θ − θ̄) (Σ(θ − θ̄) = 0)
+    torch.testing.assert_close(
+        model.objective(), plain.objective() + 0.5 * rho * (centred**2).sum()
+    )
+    torch.testing.assert_close(model.hypergradient(), plain.hypergradient() + rho * centred)
+    h = 1e-5
+    for k in (0, 4, 9):
+        e = torch.zeros_like(theta0)
+        e[k] = h
+        fd = (model.objective(theta0 + e) - model.objective(theta0 - e)) / (2 * h)
+        assert float(fd) == pytest.approx(float(model.hypergradient()[k]), rel=1e-6, abs=1e-10)
+    # the generic estimators see the penalty through the problem's upper regulariser
+    x0 = torch.zeros(1, d.n_features, dtype=torch.float64)
+    hg = Exact()(model.problem, None, x0, lower_tol=1e-12)
+    torch.testing.assert_close(hg.grad[0], model.hypergradient(), rtol=1e-8, atol=1e-12)
+    c = cancer
+    logistic = logistic_model(c.X_train, c.y_train, c.X_val, c.y_val, -2.0, shrinkage=rho)
+    assert logistic.problem.upper_regulariser is not None
+    assert float(logistic.problem.upper_regulariser(logistic.theta.detach())) == 0.0
+    assert plain.problem.upper_regulariser is None
+    with pytest.raises(BilevelError, match="shrinkage"):
+        ridge_model(d.X_train, d.y_train, d.X_val, d.y_val, 0.0, shrinkage=-1.0)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bilevel.learning.job import (
+    DEFAULT_SHRINKAGE,
     DEFAULT_STEP,
     LowerEvaluator,
     OneInstance,
@@ -69,6 +70,9 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         step: Adam step schedule on θ (a number or a string such as ``"poly:0.1,0.25"``).
         init: initial θ: ``"baseline"`` (the best common value of θ on a grid) or a number.
         theta_range: box (lo, hi) for θ; λ ∈ [exp lo, exp hi].
+        shrinkage: ρ ≥ 0 of the penalty (ρ/2) Σ_k (θ_k − θ̄)² added to the validation loss; it
+            pulls the strengths towards a common value so that they do not overfit the
+            validation split (0: none).
         fit_intercept: fit a bias per class.
         standardize: standardise the features before learning (recommended).
         inner_steps, batch_size: see :func:`bilevel.learning.job.hpo_estimator`.
@@ -98,6 +102,7 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         step: Any = DEFAULT_STEP,
         init: str | float = "baseline",
         theta_range: tuple[float, float] = (-10.0, 1.0),
+        shrinkage: float = DEFAULT_SHRINKAGE,
         fit_intercept: bool = True,
         standardize: bool = True,
         inner_steps: int | None = None,
@@ -112,6 +117,7 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         self.step = step
         self.init = init
         self.theta_range = theta_range
+        self.shrinkage = shrinkage
         self.fit_intercept = fit_intercept
         self.standardize = standardize
         self.inner_steps = inner_steps
@@ -145,6 +151,9 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
             ) from None
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"theta_range must be finite with lo < hi, got {self.theta_range!r}")
+        rho = self.shrinkage
+        if not (isinstance(rho, numbers.Real) and math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"shrinkage must be a finite number >= 0, got {rho!r}")
         return lo, hi
 
     # ---------------------------------------------------------------------------- fit
@@ -192,6 +201,7 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
             n_classes,
             fit_intercept=self.fit_intercept,
             theta_lower=lo,
+            shrinkage=float(self.shrinkage),
         )
         attach_lipschitz(model)
         evaluator = LowerEvaluator(model, Zt[val], yt[val])

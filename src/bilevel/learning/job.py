@@ -75,6 +75,7 @@ from bilevel.schedules import Accuracy, Clipped, Polynomial, as_schedule
 from bilevel.stochastic import SID, StochasticFixedPoint, StochasticLinearFixedPoint
 
 __all__ = [
+    "DEFAULT_SHRINKAGE",
     "DEFAULT_STEP",
     "DEFAULT_THETA_RANGE",
     "METHODS",
@@ -105,6 +106,10 @@ DEFAULT_THETA_RANGE: dict[str, tuple[float, float]] = {
 
 #: Adam's step α_k on θ (units of θ, i.e. of log-strength, per step).
 DEFAULT_STEP = "poly:0.1,0.25"
+
+#: ρ of the upper-level penalty (ρ/2)‖θ − mean(θ)‖² of the per-feature models (validation
+#: cross-entropy or squared error per sample, per unit² of log-strength).
+DEFAULT_SHRINKAGE = 1e-2
 
 #: Default size of the synthetic data sets: ``synthetic`` = ``synthetic:10000:100``.
 SYNTHETIC_DEFAULT = (10_000, 100)
@@ -315,6 +320,7 @@ def build_model(
     label_noise: float = 0.3,
     fit_intercept: bool = True,
     l2: float = 1e-3,
+    shrinkage: float = 0.0,
     seed: int = 0,
 ) -> FiniteSumModel:
     """The bilevel model ``model`` on the train / validation parts of ``data``.
@@ -324,6 +330,7 @@ def build_model(
     stated μ. ``hypercleaning`` corrupts ``label_noise`` of the training labels (seeded) and
     learns one weight per training sample, with the fixed ℓ2 strength ``l2``. Classification
     models fit an intercept with a small fixed ℓ2 strength (1e-4) when ``fit_intercept``.
+    ``shrinkage`` ρ adds (ρ/2)‖θ − mean(θ)‖² to the upper level of ridge and logistic models.
     The problem's Lipschitz bound is attached (:func:`attach_lipschitz`).
     """
     if model not in MODELS:
@@ -334,11 +341,19 @@ def build_model(
         raise BilevelError(
             f"model {model!r} needs {need}, but {data.name!r} is a {data.task} data set"
         )
+    if model == "hypercleaning" and shrinkage:
+        raise BilevelError("shrinkage applies to the logistic and ridge models only")
     args = (data.X_train, data.y_train, data.X_val, data.y_val, theta0)
     if model == "ridge":
-        out: FiniteSumModel = RidgeModel(*args, theta_lower=lo)
+        out: FiniteSumModel = RidgeModel(*args, theta_lower=lo, shrinkage=shrinkage)
     elif model == "logistic":
-        out = LogisticModel(*args, data.n_classes, fit_intercept=fit_intercept, theta_lower=lo)
+        out = LogisticModel(
+            *args,
+            data.n_classes,
+            fit_intercept=fit_intercept,
+            theta_lower=lo,
+            shrinkage=shrinkage,
+        )
     else:
         y_noisy, _ = corrupt_labels(data.y_train, label_noise, data.n_classes, seed=seed)
         out = HypercleaningModel(
@@ -656,6 +671,14 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         "number (log-strength, or weight logit for hypercleaning)",
     )
     data.add_argument(
+        "--shrinkage",
+        type=float,
+        default=None,
+        metavar="RHO",
+        help="logistic, ridge: add (ρ/2)‖θ − mean θ‖² to the validation loss, pulling the "
+        f"per-feature strengths towards a common value (default {DEFAULT_SHRINKAGE:g}; 0: none)",
+    )
+    data.add_argument(
         "--theta-range",
         default=None,
         metavar="LO,HI",
@@ -705,6 +728,18 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
     out.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--no-plots", action="store_true", help="do not write plots")
+
+
+def _parse_shrinkage(value: float | None, model: str) -> float:
+    """--shrinkage: the default for per-feature models; hypercleaning takes none."""
+    if model == "hypercleaning":
+        if value:
+            raise BilevelError("--shrinkage applies to the logistic and ridge models only")
+        return 0.0
+    rho = DEFAULT_SHRINKAGE if value is None else float(value)
+    if not (math.isfinite(rho) and rho >= 0):
+        raise BilevelError(f"--shrinkage must be a finite number >= 0, got {value}")
+    return rho
 
 
 def _parse_range(text: str | None, model: str) -> tuple[float, float]:
@@ -820,6 +855,7 @@ def run(args: argparse.Namespace) -> int:
     if args.label_noise < 0 or args.label_noise > 1:
         raise BilevelError(f"--label-noise must be in [0, 1], got {args.label_noise}")
     theta_range = _parse_range(args.theta_range, model_name)
+    shrinkage = _parse_shrinkage(args.shrinkage, model_name)
     init = _parse_init(args.init)
     step = as_schedule(args.step)
     budget = _budget(args)
@@ -849,6 +885,7 @@ def run(args: argparse.Namespace) -> int:
         "label_noise": args.label_noise if model_name == "hypercleaning" else None,
         "init": args.init,
         "theta_range": list(theta_range),
+        "shrinkage": shrinkage,
         "step": step.to_config(),
         "inner_steps": args.inner_steps,
         "batch_size": args.batch_size,
@@ -871,6 +908,7 @@ def run(args: argparse.Namespace) -> int:
         theta0=0.0,
         theta_range=theta_range,
         label_noise=args.label_noise,
+        shrinkage=shrinkage,
         seed=args.seed,
     )
     evaluator = LowerEvaluator(model, data.X_test, data.y_test)  # clean test labels

@@ -27,7 +27,7 @@ Computations run in the dtype and on the device of ``X_train``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -374,12 +374,17 @@ class FiniteSumModel:
         self._check_x(x, None)
         return self.val_loss(x, theta, index).reshape(x.shape[0])
 
+    def _upper_penalty(self) -> Callable[[Tensor], Tensor] | None:
+        """r(θ) added to the upper level (none by default)."""
+        return None
+
     def _make_problem(self, mu: float) -> None:
         self.problem = BilevelProblem(
             self.lower_energy,
             self.upper_loss,
             self.theta,
             mu=mu,
+            upper_regulariser=self._upper_penalty(),
             lower_sample_energy=self.lower_sample_energy,
             n_lower_samples=self.n_train,
             upper_sample_loss=self.upper_sample_loss,
@@ -452,7 +457,30 @@ def _init_log_theta(
 
 
 class _PerFeatureL2(FiniteSumModel):
-    """Shared code of ridge and logistic regression: Ω = ½ Σ_k exp(θ_k) Σ_c w_kc²."""
+    """Shared code of ridge and logistic regression: Ω = ½ Σ_k exp(θ_k) Σ_c w_kc².
+
+    ``shrinkage`` ρ ≥ 0 adds r(θ) = (ρ/2) Σ_k (θ_k − θ̄)² to the upper level, θ̄ the mean of θ:
+    a Gaussian prior that pulls the per-feature log-strengths towards a common value, so that
+    they do not overfit a small validation set (ρ = 0: none; ρ → ∞: one common strength).
+    """
+
+    shrinkage: float = 0.0
+
+    def _set_shrinkage(self, shrinkage: float) -> None:
+        shrinkage = float(shrinkage)
+        if not (math.isfinite(shrinkage) and shrinkage >= 0):
+            raise BilevelError(f"shrinkage must be a finite non-negative number, got {shrinkage}")
+        self.shrinkage = shrinkage
+
+    def _upper_penalty(self) -> Callable[[Tensor], Tensor] | None:
+        if not self.shrinkage:
+            return None
+        rho = self.shrinkage
+
+        def shrinkage_penalty(theta: Tensor) -> Tensor:
+            return 0.5 * rho * ((theta - theta.mean()) ** 2).sum()
+
+        return shrinkage_penalty
 
     def _theta_shapes(self) -> list[tuple[int, ...]]:
         shapes = [(self.n_features,), (1,)]
@@ -504,7 +532,8 @@ class RidgeModel(_PerFeatureL2):
     the d×d Gram matrix is cheap); otherwise μ = min_k exp(θ_k), still a valid bound.
 
     :meth:`solution`, :meth:`objective` and :meth:`hypergradient` give the exact w(θ), F(θ)
-    and ∇F(θ) via dense float64 linear solves (reference values; small d).
+    and ∇F(θ) via dense float64 linear solves (reference values; small d), F including the
+    ``shrinkage`` penalty on θ (see :class:`_PerFeatureL2`).
     """
 
     def __init__(
@@ -517,10 +546,12 @@ class RidgeModel(_PerFeatureL2):
         *,
         theta_lower: float | None = None,
         exact_mu: bool | None = None,
+        shrinkage: float = 0.0,
     ) -> None:
         super().__init__(
             X_train, y_train, X_val, y_val, loss="squared", n_classes=None, fit_intercept=False
         )
+        self._set_shrinkage(shrinkage)
         self.theta = _init_log_theta(
             theta0, self._theta_shapes(), (self.n_features,), self.X_train, "ridge"
         )
@@ -547,12 +578,16 @@ class RidgeModel(_PerFeatureL2):
     def objective(self, theta: Tensor | None = None) -> Tensor:
         """F(θ) = f(w(θ)), float64 scalar."""
         theta = self.theta if theta is None else self.check_theta(theta)
-        return ridge_objective(self.X_train, self.y_train, self.X_val, self.y_val, theta)
+        value = ridge_objective(self.X_train, self.y_train, self.X_val, self.y_val, theta)
+        centred = theta.detach().to(value.dtype) - theta.detach().to(value.dtype).mean()
+        return value + 0.5 * self.shrinkage * (centred**2).sum()
 
     def hypergradient(self, theta: Tensor | None = None) -> Tensor:
         """∇F(θ), float64, shape of θ."""
         theta = self.theta if theta is None else self.check_theta(theta)
-        return ridge_hypergradient(self.X_train, self.y_train, self.X_val, self.y_val, theta)
+        grad = ridge_hypergradient(self.X_train, self.y_train, self.X_val, self.y_val, theta)
+        centred = theta.detach().to(grad.dtype) - theta.detach().to(grad.dtype).mean()
+        return grad + self.shrinkage * centred
 
 
 class LogisticModel(_PerFeatureL2):
@@ -573,6 +608,7 @@ class LogisticModel(_PerFeatureL2):
     Strong convexity: the cross-entropy is convex, so μ(θ) = min(min_k exp(θ_k), γ_b) bounds the
     smallest Hessian eigenvalue (the data curvature is not counted). The problem's ``mu`` is μ
     at θ₀, or at min(θ₀, ``theta_lower``): valid as long as no θ_k goes below that value.
+    ``shrinkage`` ρ adds (ρ/2) Σ_k (θ_k − θ̄)² to F (see :class:`_PerFeatureL2`).
     """
 
     def __init__(
@@ -587,6 +623,7 @@ class LogisticModel(_PerFeatureL2):
         fit_intercept: bool = False,
         intercept_l2: float = 1e-4,
         theta_lower: float | None = None,
+        shrinkage: float = 0.0,
     ) -> None:
         if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 2):
             raise BilevelError(f"n_classes must be an integer >= 2, got {n_classes!r}")
@@ -605,6 +642,7 @@ class LogisticModel(_PerFeatureL2):
         if fit_intercept and not (math.isfinite(intercept_l2) and intercept_l2 > 0):
             raise BilevelError(f"intercept_l2 must be positive and finite, got {intercept_l2}")
         self.intercept_l2 = float(intercept_l2)
+        self._set_shrinkage(shrinkage)
         self.theta = _init_log_theta(
             theta0, self._theta_shapes(), (self.n_features,), self.X_train, "logistic"
         )
@@ -719,10 +757,18 @@ def ridge_model(
     *,
     theta_lower: float | None = None,
     exact_mu: bool | None = None,
+    shrinkage: float = 0.0,
 ) -> RidgeModel:
     """The :class:`RidgeModel` (finite-sum interface, closed forms, ``.problem``)."""
     return RidgeModel(
-        X_train, y_train, X_val, y_val, theta0, theta_lower=theta_lower, exact_mu=exact_mu
+        X_train,
+        y_train,
+        X_val,
+        y_val,
+        theta0,
+        theta_lower=theta_lower,
+        exact_mu=exact_mu,
+        shrinkage=shrinkage,
     )
 
 
@@ -735,10 +781,18 @@ def ridge_problem(
     *,
     theta_lower: float | None = None,
     exact_mu: bool | None = None,
+    shrinkage: float = 0.0,
 ) -> BilevelProblem:
     """Per-feature ridge regression as a :class:`BilevelProblem` (see :class:`RidgeModel`)."""
     return ridge_model(
-        X_train, y_train, X_val, y_val, theta0, theta_lower=theta_lower, exact_mu=exact_mu
+        X_train,
+        y_train,
+        X_val,
+        y_val,
+        theta0,
+        theta_lower=theta_lower,
+        exact_mu=exact_mu,
+        shrinkage=shrinkage,
     ).problem
 
 
@@ -753,6 +807,7 @@ def logistic_model(
     fit_intercept: bool = False,
     intercept_l2: float = 1e-4,
     theta_lower: float | None = None,
+    shrinkage: float = 0.0,
 ) -> LogisticModel:
     """The :class:`LogisticModel` (finite-sum interface and ``.problem``)."""
     return LogisticModel(
@@ -765,6 +820,7 @@ def logistic_model(
         fit_intercept=fit_intercept,
         intercept_l2=intercept_l2,
         theta_lower=theta_lower,
+        shrinkage=shrinkage,
     )
 
 
@@ -779,6 +835,7 @@ def logistic_problem(
     fit_intercept: bool = False,
     intercept_l2: float = 1e-4,
     theta_lower: float | None = None,
+    shrinkage: float = 0.0,
 ) -> BilevelProblem:
     """Per-feature ℓ2 logistic regression as a :class:`BilevelProblem` (:class:`LogisticModel`)."""
     return logistic_model(
@@ -791,6 +848,7 @@ def logistic_problem(
         fit_intercept=fit_intercept,
         intercept_l2=intercept_l2,
         theta_lower=theta_lower,
+        shrinkage=shrinkage,
     ).problem
 
 

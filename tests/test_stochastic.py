@@ -241,7 +241,7 @@ def test_stage_streams_are_independent_and_reproducible():
 
 def test_minibatches_with_and_without_replacement():
     without = MinibatchSampler(0, replace=False)
-    for n, b in ((1000, 10), (50, 40)):  # rejection branch, permutation branch
+    for n, b in ((1000, 10), (1000, 200), (50, 40)):  # i.i.d. draws deduplicated, permutation
         for _ in range(20):
             idx = without.draw(n, b)
             assert idx.dtype == torch.int64 and idx.shape == (b,)
@@ -251,9 +251,14 @@ def test_minibatches_with_and_without_replacement():
     with_ = MinibatchSampler(0, replace=True)
     repeats = sum(torch.unique(with_.draw(50, 40)).numel() < 40 for _ in range(5))
     assert repeats == 5
-    # uniform: every position is drawn about equally often
+    # uniform: every position is drawn about equally often, in both branches, and the first
+    # slot of a minibatch is not biased towards small positions
     counts = torch.bincount(without.draw(10, 3, count=3000), minlength=10).double()
     assert float((counts / counts.mean() - 1).abs().max()) < 0.1
+    draws = without.draw(40, 10, count=4000).reshape(4000, 10)
+    for positions in (draws.flatten(), draws[:, 0]):
+        counts = torch.bincount(positions, minlength=40).double()
+        assert float((counts / counts.mean() - 1).abs().max()) < 0.35
     with pytest.raises(BilevelError):
         without.draw(5, 6)
 

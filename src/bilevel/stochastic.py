@@ -112,8 +112,9 @@ class MinibatchSampler:
     """Uniform minibatches of sample positions 0..n−1 from one CPU ``torch.Generator``.
 
     With ``replace=False`` (default) each minibatch holds ``size`` *distinct* positions, a
-    uniformly random subset (rejection of draws with repeats when size² ≤ n, a truncated random
-    permutation otherwise; a minibatch of all n samples is ``arange(n)``); successive
+    uniformly random subset (the first distinct values of i.i.d. draws when 4·size ≤ n, a
+    truncated random permutation otherwise; a minibatch of all n samples is ``arange(n)``),
+    at a cost of O(size log size), not O(n), for small minibatches of large sets; successive
     minibatches are independent, so a sample may reappear in the next minibatch. With
     ``replace=True`` positions are i.i.d. uniform and may repeat within a minibatch. Either way
     the minibatch mean of per-sample terms is an unbiased estimate of the full mean.
@@ -145,12 +146,21 @@ class MinibatchSampler:
 
     def _subset(self, n: int, size: int) -> Tensor:
         g = self.generator
-        if size * size <= n:  # no repeat with probability ≥ exp(−1/2): few retries
-            while True:
-                idx = torch.randint(n, (size,), generator=g)
-                if torch.unique(idx).numel() == size:
-                    return idx
-        return torch.randperm(n, generator=g)[:size]
+        if 4 * size > n:
+            return torch.randperm(n, generator=g)[:size]
+        # i.i.d. draws, keeping the first occurrence of each position in order of appearance:
+        # the first `size` distinct positions form a uniformly random subset, in O(size log size)
+        # rather than the O(n) of a permutation. About size²/(2n) draws repeat: draw a few more.
+        draws = torch.empty(0, dtype=torch.long)
+        while True:
+            more = size - draws.numel() + size * size // n + 16
+            draws = torch.cat([draws, torch.randint(n, (max(more, 16),), generator=g)])
+            ordered, order = torch.sort(draws, stable=True)
+            first = torch.ones_like(ordered, dtype=torch.bool)
+            first[1:] = ordered[1:] != ordered[:-1]
+            keep = torch.sort(order[first]).values
+            if keep.numel() >= size:
+                return draws[keep[:size]]
 
     def reset(self) -> None:
         """Restart the stream from its seed."""

@@ -103,3 +103,17 @@ def test_bad_options_give_clear_errors(tmp_path, capsys):
     assert "train/" in capsys.readouterr().err
     assert main(["inpaint", *run_dir, *SMALL, "--keep", "1.5"]) == 2
     assert "--keep" in capsys.readouterr().err
+
+
+def test_foe_weights_start_from_the_tuned_tv_strength():
+    import math
+
+    import torch
+
+    from bilevel.imaging import FieldsOfExperts
+    from bilevel.imaging.job import calibrate_foe_weights
+
+    reg = FieldsOfExperts(num_filters=8, filter_size=3)
+    calibrate_foe_weights(reg, 0.1)
+    torch.testing.assert_close(reg.log_weights.detach(), torch.full((8,), math.log(0.025)))
+    assert reg.log_weights.requires_grad

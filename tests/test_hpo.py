@@ -10,11 +10,11 @@ import torch
 
 from bilevel.cli import main
 from bilevel.learning.job import (
-    DEFAULT_SHRINKAGE,
     LowerEvaluator,
     attach_lipschitz,
     box_projection,
     build_model,
+    default_shrinkage,
     load_data,
     single_strength_baseline,
 )
@@ -122,7 +122,10 @@ def test_cli_writes_plots_and_progress(tmp_path, capsys):
     )
     out, err = capsys.readouterr()
     assert code == 0
-    assert json.loads((run_dir / "job.json").read_text())["shrinkage"] == DEFAULT_SHRINKAGE
+    n_val = load_data(json.loads((run_dir / "job.json").read_text())["data"]).X_val.shape[0]
+    expected = default_shrinkage(n_val)
+    assert json.loads((run_dir / "job.json").read_text())["shrinkage"] == pytest.approx(expected)
+    assert expected == pytest.approx(4.0 / n_val)  # τ = 0.5
     assert "learnt θ" in out and "best common θ" in out
     assert "isgd" in err  # the progress bar goes to stderr
     assert (run_dir / "plots" / "val_loss_vs_wall_time.png").is_file()
@@ -312,6 +315,7 @@ def test_estimator_rejects_bad_parameters():
         {"theta_range": (1.0, -1.0)},
         {"shrinkage": -1.0},
         {"shrinkage": float("nan")},
+        {"shrinkage": "strong"},
     ):
         with pytest.raises(ValueError):
             BilevelLogisticRegression(**params).fit(X, y)

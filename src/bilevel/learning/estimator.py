@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from bilevel.learning.job import (
-    DEFAULT_SHRINKAGE,
     DEFAULT_STEP,
     LowerEvaluator,
     OneInstance,
     attach_lipschitz,
+    default_shrinkage,
     hpo_method,
     single_strength_baseline,
 )
@@ -72,7 +72,8 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         theta_range: box (lo, hi) for θ; λ ∈ [exp lo, exp hi].
         shrinkage: ρ ≥ 0 of the penalty (ρ/2) Σ_k (θ_k − θ̄)² added to the validation loss; it
             pulls the strengths towards a common value so that they do not overfit the
-            validation split (0: none).
+            validation split (0: none). ``"auto"``: ρ = 1/(n_val τ²) with τ = 0.5, a Gaussian
+            prior on the log-strengths (:func:`bilevel.learning.job.default_shrinkage`).
         fit_intercept: fit a bias per class.
         standardize: standardise the features before learning (recommended).
         inner_steps, batch_size: see :func:`bilevel.learning.job.hpo_estimator`.
@@ -102,7 +103,7 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         step: Any = DEFAULT_STEP,
         init: str | float = "baseline",
         theta_range: tuple[float, float] = (-10.0, 1.0),
-        shrinkage: float = DEFAULT_SHRINKAGE,
+        shrinkage: float | str = "auto",
         fit_intercept: bool = True,
         standardize: bool = True,
         inner_steps: int | None = None,
@@ -152,8 +153,9 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"theta_range must be finite with lo < hi, got {self.theta_range!r}")
         rho = self.shrinkage
-        if not (isinstance(rho, numbers.Real) and math.isfinite(rho) and rho >= 0):
-            raise ValueError(f"shrinkage must be a finite number >= 0, got {rho!r}")
+        number = isinstance(rho, numbers.Real) and math.isfinite(rho) and rho >= 0
+        if not (number or (isinstance(rho, str) and rho == "auto")):
+            raise ValueError(f"shrinkage must be 'auto' or a finite number >= 0, got {rho!r}")
         return lo, hi
 
     # ---------------------------------------------------------------------------- fit
@@ -201,7 +203,9 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
             n_classes,
             fit_intercept=self.fit_intercept,
             theta_lower=lo,
-            shrinkage=float(self.shrinkage),
+            shrinkage=(
+                default_shrinkage(len(val)) if self.shrinkage == "auto" else float(self.shrinkage)
+            ),
         )
         attach_lipschitz(model)
         evaluator = LowerEvaluator(model, Zt[val], yt[val])

@@ -75,7 +75,7 @@ from bilevel.schedules import Accuracy, Clipped, Polynomial, as_schedule
 from bilevel.stochastic import SID, StochasticFixedPoint, StochasticLinearFixedPoint
 
 __all__ = [
-    "DEFAULT_SHRINKAGE",
+    "DEFAULT_PRIOR_STD",
     "DEFAULT_STEP",
     "DEFAULT_THETA_RANGE",
     "METHODS",
@@ -86,6 +86,7 @@ __all__ = [
     "attach_lipschitz",
     "box_projection",
     "build_model",
+    "default_shrinkage",
     "hpo_estimator",
     "hpo_method",
     "load_data",
@@ -107,9 +108,9 @@ DEFAULT_THETA_RANGE: dict[str, tuple[float, float]] = {
 #: Adam's step α_k on θ (units of θ, i.e. of log-strength, per step).
 DEFAULT_STEP = "poly:0.1,0.25"
 
-#: ρ of the upper-level penalty (ρ/2)‖θ − mean(θ)‖² of the per-feature models (validation
-#: cross-entropy or squared error per sample, per unit² of log-strength).
-DEFAULT_SHRINKAGE = 1e-2
+#: τ, the prior standard deviation of the per-feature log-strengths around their mean, that
+#: sets the default shrinkage ρ = 1/(n_val τ²) (see :func:`default_shrinkage`).
+DEFAULT_PRIOR_STD = 0.5
 
 #: Default size of the synthetic data sets: ``synthetic`` = ``synthetic:10000:100``.
 SYNTHETIC_DEFAULT = (10_000, 100)
@@ -676,7 +677,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         default=None,
         metavar="RHO",
         help="logistic, ridge: add (ρ/2)‖θ − mean θ‖² to the validation loss, pulling the "
-        f"per-feature strengths towards a common value (default {DEFAULT_SHRINKAGE:g}; 0: none)",
+        "per-feature strengths towards a common value (default 1/(n_val τ²) with τ = "
+        f"{DEFAULT_PRIOR_STD:g}, a Gaussian prior on the log-strengths; 0: none)",
     )
     data.add_argument(
         "--theta-range",
@@ -730,16 +732,27 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
     out.add_argument("--no-plots", action="store_true", help="do not write plots")
 
 
-def _parse_shrinkage(value: float | None, model: str) -> float:
-    """--shrinkage: the default for per-feature models; hypercleaning takes none."""
+def default_shrinkage(n_val: int, prior_std: float = DEFAULT_PRIOR_STD) -> float:
+    """ρ = 1/(n_val τ²): the Gaussian prior θ_k ~ N(θ̄, τ²) on the per-feature log-strengths.
+
+    F is a mean over the n_val validation samples, so the prior's negative log-density
+    ‖θ − θ̄‖²/(2τ²), added to the validation negative log-likelihood n_val·F, becomes
+    (ρ/2)‖θ − θ̄‖² on F: the pull towards a common strength fades as the validation set grows.
+    """
+    if n_val < 1 or not (math.isfinite(prior_std) and prior_std > 0):
+        raise BilevelError(f"need n_val >= 1 and prior_std > 0, got {n_val}, {prior_std}")
+    return 1.0 / (n_val * prior_std**2)
+
+
+def _parse_shrinkage(value: float | None, model: str) -> float | None:
+    """--shrinkage: ρ, or None for :func:`default_shrinkage`; hypercleaning takes none."""
     if model == "hypercleaning":
         if value:
             raise BilevelError("--shrinkage applies to the logistic and ridge models only")
         return 0.0
-    rho = DEFAULT_SHRINKAGE if value is None else float(value)
-    if not (math.isfinite(rho) and rho >= 0):
+    if value is not None and not (math.isfinite(value) and value >= 0):
         raise BilevelError(f"--shrinkage must be a finite number >= 0, got {value}")
-    return rho
+    return value
 
 
 def _parse_range(text: str | None, model: str) -> tuple[float, float]:
@@ -877,6 +890,8 @@ def run(args: argparse.Namespace) -> int:
         device=device,
     )
     say(f"bilevel hpo: {data!r}")
+    if shrinkage is None:
+        shrinkage = default_shrinkage(int(data.X_val.shape[0]))
     job = {
         "data": args.data,
         "model": model_name,

@@ -137,6 +137,28 @@ class _Record:
         )
 
 
+def _finished(gnorm: Tensor, tol: Tensor, it: int, max_iter: int) -> Tensor:
+    """Instances whose gradient norm meets its tolerance; all of them at the last iteration."""
+    done = gnorm <= tol
+    return torch.ones_like(done) if it == max_iter else done
+
+
+def _retire(
+    rec: _Record,
+    done: Tensor,
+    it: int,
+    gnorm: Tensor,
+    active: Tensor,
+    x: Tensor,
+    energy: Tensor,
+    *state: Tensor,
+) -> tuple[Tensor, ...]:
+    """Record the ``done`` instances; return (active, x, energy, *state) for the others."""
+    rec.store(active[done], x[done], energy[done], gnorm[done], it)
+    keep = ~done
+    return tuple(t[keep] for t in (active, x, energy, *state))
+
+
 @dataclass(frozen=True)
 class GradientDescent:
     """x ← x − ∇h(x)/L per instance.
@@ -169,18 +191,10 @@ class GradientDescent:
         energy, grad = lower.value_and_grad(x, active)
         for it in range(self.max_iter + 1):
             gnorm = batch_norm(grad)
-            done = gnorm <= tol_t[active]
-            if it == self.max_iter:
-                done = torch.ones_like(done)
+            done = _finished(gnorm, tol_t[active], it, self.max_iter)
             if bool(done.any()):
-                rec.store(active[done], x[done], energy[done], gnorm[done], it)
-                keep = ~done
-                active, x, grad, energy, lip = (
-                    active[keep],
-                    x[keep],
-                    grad[keep],
-                    energy[keep],
-                    lip[keep],
+                active, x, energy, grad, lip = _retire(
+                    rec, done, it, gnorm, active, x, energy, grad, lip
                 )
                 if active.numel() == 0:
                     break
@@ -246,20 +260,11 @@ class Nesterov:
         for it in range(self.max_iter + 1):
             energy, grad = lower.value_and_grad(y, active)
             gnorm = batch_norm(grad)
-            done = gnorm <= tol_t[active]
-            if it == self.max_iter:
-                done = torch.ones_like(done)
+            done = _finished(gnorm, tol_t[active], it, self.max_iter)
             if bool(done.any()):
-                rec.store(active[done], y[done], energy[done], gnorm[done], it)
-                keep = ~done
-                active, y, x_prev, grad, energy = (
-                    active[keep],
-                    y[keep],
-                    x_prev[keep],
-                    grad[keep],
-                    energy[keep],
+                active, y, energy, x_prev, grad, lip, t, plain, e_prev = _retire(
+                    rec, done, it, gnorm, active, y, energy, x_prev, grad, lip, t, plain, e_prev
                 )
-                lip, t, plain, e_prev = lip[keep], t[keep], plain[keep], e_prev[keep]
                 if active.numel() == 0:
                     break
             if not trusted:
@@ -316,14 +321,12 @@ class LBFGS:
         shape = x.shape[1:]
         for it in range(self.max_iter + 1):
             gnorm = batch_norm(grad)
-            done = gnorm <= tol_t[active]
-            if it == self.max_iter:
-                done = torch.ones_like(done)
+            done = _finished(gnorm, tol_t[active], it, self.max_iter)
             if bool(done.any()):
-                rec.store(active[done], x[done], energy[done], gnorm[done], it)
                 keep = ~done
-                active, x, grad, energy = active[keep], x[keep], grad[keep], energy[keep]
-                gnorm = gnorm[keep]
+                active, x, energy, grad, gnorm = _retire(
+                    rec, done, it, gnorm, active, x, energy, grad, gnorm
+                )
                 s_hist = [s[keep] for s in s_hist]
                 y_hist = [y_[keep] for y_ in y_hist]
                 valid = [v[keep] for v in valid]

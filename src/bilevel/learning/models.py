@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -772,28 +773,10 @@ def ridge_model(
     )
 
 
-def ridge_problem(
-    X_train: Tensor,
-    y_train: Tensor,
-    X_val: Tensor,
-    y_val: Tensor,
-    theta0: Tensor | float | None = 0.0,
-    *,
-    theta_lower: float | None = None,
-    exact_mu: bool | None = None,
-    shrinkage: float = 0.0,
-) -> BilevelProblem:
-    """Per-feature ridge regression as a :class:`BilevelProblem` (see :class:`RidgeModel`)."""
-    return ridge_model(
-        X_train,
-        y_train,
-        X_val,
-        y_val,
-        theta0,
-        theta_lower=theta_lower,
-        exact_mu=exact_mu,
-        shrinkage=shrinkage,
-    ).problem
+def ridge_problem(*args: Any, **kwargs: Any) -> BilevelProblem:
+    """Per-feature ridge regression as a :class:`BilevelProblem`: ``ridge_model(...).problem``,
+    with the arguments of :func:`ridge_model`."""
+    return ridge_model(*args, **kwargs).problem
 
 
 def logistic_model(
@@ -824,32 +807,10 @@ def logistic_model(
     )
 
 
-def logistic_problem(
-    X_train: Tensor,
-    y_train: Tensor,
-    X_val: Tensor,
-    y_val: Tensor,
-    theta0: Tensor | float | None = 0.0,
-    n_classes: int | None = None,
-    *,
-    fit_intercept: bool = False,
-    intercept_l2: float = 1e-4,
-    theta_lower: float | None = None,
-    shrinkage: float = 0.0,
-) -> BilevelProblem:
-    """Per-feature ℓ2 logistic regression as a :class:`BilevelProblem` (:class:`LogisticModel`)."""
-    return logistic_model(
-        X_train,
-        y_train,
-        X_val,
-        y_val,
-        theta0,
-        n_classes,
-        fit_intercept=fit_intercept,
-        intercept_l2=intercept_l2,
-        theta_lower=theta_lower,
-        shrinkage=shrinkage,
-    ).problem
+def logistic_problem(*args: Any, **kwargs: Any) -> BilevelProblem:
+    """Per-feature ℓ2 logistic regression as a :class:`BilevelProblem`:
+    ``logistic_model(...).problem``, with the arguments of :func:`logistic_model`."""
+    return logistic_model(*args, **kwargs).problem
 
 
 def hypercleaning_model(
@@ -876,28 +837,10 @@ def hypercleaning_model(
     )
 
 
-def hypercleaning_problem(
-    X_train: Tensor,
-    y_train_noisy: Tensor,
-    X_val: Tensor,
-    y_val: Tensor,
-    theta0: Tensor | float | None = 0.0,
-    n_classes: int | None = None,
-    *,
-    l2: float = 1e-3,
-    fit_intercept: bool = False,
-) -> BilevelProblem:
-    """Data hypercleaning as a :class:`BilevelProblem` (see :class:`HypercleaningModel`)."""
-    return hypercleaning_model(
-        X_train,
-        y_train_noisy,
-        X_val,
-        y_val,
-        theta0,
-        n_classes,
-        l2=l2,
-        fit_intercept=fit_intercept,
-    ).problem
+def hypercleaning_problem(*args: Any, **kwargs: Any) -> BilevelProblem:
+    """Data hypercleaning as a :class:`BilevelProblem`: ``hypercleaning_model(...).problem``,
+    with the arguments of :func:`hypercleaning_model`."""
+    return hypercleaning_model(*args, **kwargs).problem
 
 
 def corrupt_labels(

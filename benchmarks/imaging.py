@@ -238,7 +238,7 @@ def study_specs(study: str, args: argparse.Namespace) -> list[tuple[str, dict[st
         runs = [
             ("ISGD, constant step", "sgd", "const:1e-1"),
             ("ISGD, decreasing step", "sgd", "poly:1e-1,0.5"),
-            ("Adam-ISGD", "adam", "const:2e-2"),
+            ("Adam-ISGD", "adam", "poly:3e-2,0.25"),
         ]
         specs = [
             (
@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     a("--train-size", type=int, default=64)
     a("--test-size", type=int, default=32)
     a("--seed", type=int, default=0)
-    a("--foe-budget", type=int, default=300_000, help="oracle calls per run of study foe")
+    a("--foe-budget", type=int, default=400_000, help="oracle calls per run of study foe")
     a("--schedule-budget", type=int, default=15_000, help="oracle calls per run (schedules)")
     a("--deblur-budget", type=int, default=150_000, help="oracle calls (deblur)")
     a("--time-limit", type=float, default=600.0, help="wall-time cap per run in seconds")

@@ -126,7 +126,7 @@ def test_cli_writes_plots_and_progress(tmp_path, capsys):
     expected = default_shrinkage(n_val)
     assert json.loads((run_dir / "job.json").read_text())["shrinkage"] == pytest.approx(expected)
     assert expected == pytest.approx(4.0 / n_val)  # τ = 0.5
-    assert "learnt θ" in out and "best common θ" in out
+    assert "learnt θ" in out and "best common θ" in out and "shrinkage ρ = " in out
     assert "isgd" in err  # the progress bar goes to stderr
     assert (run_dir / "plots" / "val_loss_vs_wall_time.png").is_file()
 

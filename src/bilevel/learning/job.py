@@ -1043,9 +1043,10 @@ def _print_summary(s: Mapping[str, Any]) -> None:
         return f"  {name:<28} val loss {m['val_loss']:<12.6g} {metric} {m[metric]:.4f}"
 
     b = s["baseline"]
+    shrinkage = f", shrinkage ρ = {s['shrinkage']:.3g}" if s.get("shrinkage") else ""
     print(
         f"bilevel hpo: {s['model']} on {s['data']} with {s['method']} "
-        f"({s['n_hyperparameters']} hyperparameters, {s['n_train']} training samples)"
+        f"({s['n_hyperparameters']} hyperparameters, {s['n_train']} training samples{shrinkage})"
     )
     print(row("initial θ", s["initial"]))
     print(row("learnt θ", s["final"]))

@@ -294,7 +294,7 @@ def study_specs(study: str, args: argparse.Namespace) -> list[tuple[str, dict[st
             "regulariser": "foe",
             "method": "isgd",
             "optimizer": "adam",
-            "step": "const:2e-2",
+            "step": "poly:3e-2,0.25",
             "accuracy": "poly:1e-1,0.5",
             "budget": int(args.deblur_budget * q),
             "eval_every": 10,

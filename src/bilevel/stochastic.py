@@ -151,16 +151,16 @@ class MinibatchSampler:
         # i.i.d. draws, keeping the first occurrence of each position in order of appearance:
         # the first `size` distinct positions form a uniformly random subset, in O(size log size)
         # rather than the O(n) of a permutation. About size²/(2n) draws repeat: draw a few more.
-        draws = torch.empty(0, dtype=torch.long)
+        draws = torch.randint(n, (size + size * size // n + 16,), generator=g)
         while True:
-            more = size - draws.numel() + size * size // n + 16
-            draws = torch.cat([draws, torch.randint(n, (max(more, 16),), generator=g)])
             ordered, order = torch.sort(draws, stable=True)
             first = torch.ones_like(ordered, dtype=torch.bool)
             first[1:] = ordered[1:] != ordered[:-1]
             keep = torch.sort(order[first]).values
             if keep.numel() >= size:
                 return draws[keep[:size]]
+            extra = torch.randint(n, (2 * (size - keep.numel()) + 16,), generator=g)
+            draws = torch.cat([draws, extra])
 
     def reset(self) -> None:
         """Restart the stream from its seed."""

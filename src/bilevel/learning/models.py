@@ -473,15 +473,12 @@ class _PerFeatureL2(FiniteSumModel):
             raise BilevelError(f"shrinkage must be a finite non-negative number, got {shrinkage}")
         self.shrinkage = shrinkage
 
+    def shrinkage_penalty(self, theta: Tensor) -> Tensor:
+        """r(θ) = (ρ/2) Σ_k (θ_k − θ̄)², a scalar."""
+        return 0.5 * self.shrinkage * ((theta - theta.mean()) ** 2).sum()
+
     def _upper_penalty(self) -> Callable[[Tensor], Tensor] | None:
-        if not self.shrinkage:
-            return None
-        rho = self.shrinkage
-
-        def shrinkage_penalty(theta: Tensor) -> Tensor:
-            return 0.5 * rho * ((theta - theta.mean()) ** 2).sum()
-
-        return shrinkage_penalty
+        return self.shrinkage_penalty if self.shrinkage else None
 
     def _theta_shapes(self) -> list[tuple[int, ...]]:
         shapes = [(self.n_features,), (1,)]
@@ -580,8 +577,7 @@ class RidgeModel(_PerFeatureL2):
         """F(θ) = f(w(θ)), float64 scalar."""
         theta = self.theta if theta is None else self.check_theta(theta)
         value = ridge_objective(self.X_train, self.y_train, self.X_val, self.y_val, theta)
-        centred = theta.detach().to(value.dtype) - theta.detach().to(value.dtype).mean()
-        return value + 0.5 * self.shrinkage * (centred**2).sum()
+        return value + self.shrinkage_penalty(theta.detach().to(value.dtype))
 
     def hypergradient(self, theta: Tensor | None = None) -> Tensor:
         """∇F(θ), float64, shape of θ."""

@@ -175,6 +175,10 @@ def test_cli_resume_continues_the_run(tmp_path, capsys):
         capsys, *common, "--steps", "30", "--run-dir", str(split), "--resume", "--seed", "3"
     )
     assert code == 2 and "cannot resume" in err
+    code, _, err = _hpo(
+        capsys, *common, "--steps", "30", "--run-dir", str(split), "--resume", "--shrinkage", "1"
+    )
+    assert code == 2 and "cannot resume" in err and "shrinkage" in err
 
 
 def test_cli_sid_resume_is_exact(tmp_path, capsys):
@@ -265,6 +269,11 @@ def test_building_blocks():
     vals = [evaluator.metrics(torch.tensor(t))["val_loss"] for t in (-10.0, -5.0, 1.0)]
     assert base["val_loss"] <= min(vals) + 1e-12
     assert torch.all(model.theta == 0.0)  # θ restored
+    # the grid stays inside a given θ box (its integers, or its midpoint if it holds none)
+    narrow = single_strength_baseline(model, evaluator, theta_range=(-3.0, -1.0), patience=None)
+    assert narrow["grid_size"] == 3 and -3.0 <= narrow["theta"] <= -1.0
+    tiny = single_strength_baseline(model, evaluator, theta_range=(-2.8, -2.2))
+    assert tiny["grid_size"] == 1 and tiny["theta"] == pytest.approx(-2.5)
     theta = torch.tensor([-20.0, 0.0, 5.0])
     box_projection(-10.0, 1.0)(theta)
     assert theta.tolist() == [-10.0, 0.0, 1.0]

@@ -210,8 +210,7 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         attach_lipschitz(model)
         evaluator = LowerEvaluator(model, Zt[val], yt[val])
         if isinstance(self.init, str):
-            grid = [float(v) for v in np.arange(math.floor(hi), math.ceil(lo) - 1, -1.0)]
-            theta0 = single_strength_baseline(model, evaluator, grid)["theta"]
+            theta0 = single_strength_baseline(model, evaluator, theta_range=(lo, hi))["theta"]
         else:
             theta0 = min(max(float(self.init), lo), hi)
         with torch.no_grad():

@@ -588,22 +588,26 @@ def single_strength_baseline(
     grid: Sequence[float] | None = None,
     *,
     patience: int | None = 2,
+    theta_range: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """The best common θ (one strength for every feature, or one weight for every sample).
 
-    Evaluates F on ``grid`` in the given order (default: the integers of the θ box from high
-    to low, a warm-started regularisation path from strong to weak ℓ2, or from small to large
-    sample weights) and returns ``{"theta", "strength", "val_loss", test metrics...,
-    "grid_size", "evaluated", "seconds"}`` at the minimiser. ``strength`` is exp θ (logistic,
-    ridge) or the sample weight σ(θ) (hypercleaning). With ``patience`` the path stops after
-    that many consecutive values worse than the best so far (F is typically unimodal along
-    the path, and the weakly regularised end is the most expensive to solve); ``None``
-    evaluates the whole grid. The model's θ is left unchanged.
+    Evaluates F on ``grid`` in the given order. The default grid is the integers of the θ box
+    ``theta_range`` (default :data:`DEFAULT_THETA_RANGE`) from high to low, or its midpoint
+    when it holds no integer: a warm-started regularisation path from strong to weak ℓ2, or
+    from small to large sample weights. Returns ``{"theta", "strength", "val_loss", test
+    metrics..., "grid_size", "evaluated", "seconds"}`` at the minimiser; ``strength`` is exp θ
+    (logistic, ridge) or the sample weight σ(θ) (hypercleaning). With ``patience`` the path
+    stops after that many consecutive values worse than the best so far (F is typically
+    unimodal along the path, and the weakly regularised end is the most expensive to solve);
+    ``None`` evaluates the whole grid. The model's θ is left unchanged.
     """
     start = time.perf_counter()
     if grid is None:
-        lo, hi = _theta_range(model, None)
-        grid = [float(v) for v in np.arange(math.floor(hi), math.ceil(lo) - 1, -1.0)]
+        lo, hi = _theta_range(model, theta_range)
+        grid = [float(v) for v in np.arange(math.floor(hi), math.ceil(lo) - 1, -1.0)] or [
+            0.5 * (lo + hi)
+        ]
     if not grid:
         raise BilevelError("the grid of common θ values is empty")
     best: dict[str, Any] | None = None
@@ -684,7 +688,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         "--theta-range",
         default=None,
         metavar="LO,HI",
-        help="box for θ (default -10,3; hypercleaning -6,6)",
+        help="box for θ (default -10,1; ridge -10,3; hypercleaning -6,6)",
     )
     meth = parser.add_argument_group("method")
     meth.add_argument(
@@ -790,29 +794,15 @@ def _default_run_dir(data: str, method: str) -> pathlib.Path:
     return path
 
 
-# The job options that define a run (a resumed run must use the same).
-_IDENTITY = (
-    "data",
-    "model",
-    "method",
-    "seed",
-    "label_noise",
-    "init",
-    "theta_range",
-    "step",
-    "inner_steps",
-    "batch_size",
-    "device",
-)
-
-
 def _check_job_file(run_dir: pathlib.Path, job: dict[str, Any]) -> None:
     """Refuse to resume a run made with other options (``job.json`` of the run directory)."""
     path = run_dir / "job.json"
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         diffs = [
-            f"{k}: {old.get(k)!r} -> {job.get(k)!r}" for k in _IDENTITY if old.get(k) != job.get(k)
+            f"{k}: {old.get(k)!r} -> {job.get(k)!r}"
+            for k in sorted(old.keys() | job.keys())
+            if old.get(k) != job.get(k)
         ]
         if diffs:
             raise BilevelError(
@@ -927,7 +917,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     evaluator = LowerEvaluator(model, data.X_test, data.y_test)  # clean test labels
-    baseline = single_strength_baseline(model, evaluator)
+    baseline = single_strength_baseline(model, evaluator, theta_range=theta_range)
     say(
         f"baseline (one common θ, {baseline['evaluated']} values of the grid): "
         f"θ = {baseline['theta']:g}, "

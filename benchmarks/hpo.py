@@ -386,7 +386,7 @@ NOTES = """## Reading the results
   not have this problem. SID is the method for large training sets whose lower problem is well
   conditioned, as on the synthetic set; `bilevel hpo` therefore defaults to `aid-cg`.
 - **ITD** differentiates 20 full-batch gradient steps per upper step: the most expensive step,
-  and a truncated, biased hypergradient when L/μ is large; it lowers F least.
+  and a truncated, biased hypergradient when L/μ is large; it lowers F far less than AID-CG.
 - **Validation overfitting and shrinkage.** With one free strength per feature, F drops far
   below the best common strength's value on digits and MNIST (64 strengths fitted on 359
   validation samples, 784 on 2000), but the test accuracy does not follow: the per-feature
@@ -396,8 +396,8 @@ NOTES = """## Reading the results
   decrease of F for strengths that stay close together. On the synthetic set (300 strengths,
   40 000 validation samples, λ ≈ 1e-4 against a data curvature of order 1) F hardly depends
   on the strengths: unpenalised, F falls by 0.8 %; with ρ = 1e-4 the prior outweighs that
-  signal and θ stays at the common value. All test accuracies there agree to about 0.05 %,
-  i.e. 20 of 40 000 test samples."""
+  signal and θ stays at the common value. All test accuracies there lie within 0.1 %
+  (at most 40 of 40 000 test samples)."""
 
 
 def report(results: dict[str, Any], splits: list[dict[str, float]], args, seconds: float) -> str:

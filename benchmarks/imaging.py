@@ -44,7 +44,7 @@ EVAL_TOL = 1e-3
 # foe_weight: initial expert weight, about 0.12 × the grid-tuned TV strength of the task
 TASKS: dict[str, dict[str, Any]] = {
     "denoise": {"sigma": 25.0, "gamma": 0.0, "foe_weight": 0.012},
-    "inpaint": {"sigma": 5.0, "gamma": 1e-2, "keep": 0.7, "foe_weight": 0.0024},
+    "inpaint": {"sigma": 5.0, "gamma": 1e-2, "keep": 0.7},
     "deblur": {"sigma": 5.0, "gamma": 1e-2, "blur": 1.5, "kernel_size": 7, "foe_weight": 0.0012},
 }
 # Fields of Experts of the foe and deblur studies: finite-difference/DCT initial filters,

@@ -45,7 +45,7 @@ import pathlib
 import platform
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -57,14 +57,13 @@ from bilevel.learning.job import (
     DEFAULT_PRIOR_STD,
     DEFAULT_THETA_RANGE,
     LowerEvaluator,
-    OneInstance,
     build_model,
     default_shrinkage,
     hpo_method,
     load_data,
+    one_instance,
     single_strength_baseline,
 )
-from bilevel.learning.models import LogisticModel
 from bilevel.methods import Budget
 
 METHODS = ("aid-cg", "sid", "itd")
@@ -143,11 +142,19 @@ def merged(data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
 def refit_accuracy(data: SplitData, theta: torch.Tensor, rtol: float | None = None) -> float:
     """Test accuracy of w fitted on train ∪ validation with strengths exp θ."""
     X, y = merged(data)
-    model = LogisticModel(
-        X, y, data.X_val, data.y_val, theta.detach().clone(), data.n_classes, fit_intercept=True
-    )
+    model = build_model(replace(data, X_train=X, y_train=y), theta0=theta.clone())
     w = LowerEvaluator(model, data.X_test, data.y_test, rtol=rtol).solve()
     return accuracy(w, data.X_test, data.y_test)
+
+
+def start_point(data: SplitData, rtol: float | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+    """The best common strength of the grid (with its refit accuracy) and its w(θ₀): the
+    starting point of every method."""
+    model = build_model(data, "logistic")
+    evaluator = LowerEvaluator(model, data.X_test, data.y_test, rtol=rtol)
+    base = single_strength_baseline(model, evaluator)
+    base["refit_acc"] = refit_accuracy(data, torch.full_like(model.theta, base["theta"]), rtol)
+    return base, evaluator.w.clone()
 
 
 def run_method(
@@ -170,7 +177,7 @@ def run_method(
     seconds = setting.budget[method] if budget is None else budget
     result = config.run(
         model.problem,
-        OneInstance(model, w0),
+        one_instance(model, w0),
         Budget(wall_time=seconds),
         evaluate=evaluator,
         eval_every=setting.eval_every[method],
@@ -226,14 +233,8 @@ def study(setting: Setting, quick: bool) -> dict[str, Any]:
         print(f"{setting.name}: skipped ({err})")
         return {"skipped": str(err)}
     print(f"{setting.name}: {data!r}")
-    model = build_model(data, "logistic")
-    evaluator = LowerEvaluator(model, data.X_test, data.y_test, rtol=setting.eval_rtol)
-    base = single_strength_baseline(model, evaluator)
+    base, w0 = start_point(data, setting.eval_rtol)
     theta0 = base["theta"]
-    w0 = evaluator.solve(torch.tensor(theta0)).clone()
-    base["refit_acc"] = refit_accuracy(
-        data, torch.full_like(model.theta, theta0), setting.eval_rtol
-    )
     print(f"  grid: θ = {theta0:g}, F = {base['val_loss']:.6g}, {base['seconds']:.1f} s")
     scale = 0.25 if quick else 1.0
     curves = {}
@@ -271,21 +272,14 @@ def digits_splits(seeds: int, steps: int) -> list[dict[str, float]]:
     rows = []
     for seed in range(seeds):
         data = load_data("digits", seed=seed)
-        model = build_model(data, "logistic")
-        evaluator = LowerEvaluator(model, data.X_test, data.y_test)
-        base = single_strength_baseline(model, evaluator)
-        w0 = evaluator.solve(torch.tensor(base["theta"])).clone()
-        row = {
-            "seed": seed,
-            "grid": refit_accuracy(data, torch.full_like(model.theta, base["theta"])),
-            "sklearn": sklearn_cv(data)["test_acc"],
-        }
+        base, w0 = start_point(data)
+        row = {"seed": seed, "grid": base["refit_acc"], "sklearn": sklearn_cv(data)["test_acc"]}
         prior = default_shrinkage(data.X_val.shape[0])
         for key, rho in (("per_feature", 0.0), ("shrunk", prior)):
             learner = build_model(data, "logistic", theta0=base["theta"], shrinkage=rho)
             hpo_method(learner, "aid-cg", seed=seed).run(
                 learner.problem,
-                OneInstance(learner, w0),
+                one_instance(learner, w0),
                 Budget(steps=steps),
                 progress=False,
                 plot=False,

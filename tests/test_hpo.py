@@ -269,6 +269,12 @@ def test_building_blocks():
     vals = [evaluator.metrics(torch.tensor(t))["val_loss"] for t in (-10.0, -5.0, 1.0)]
     assert base["val_loss"] <= min(vals) + 1e-12
     assert torch.all(model.theta == 0.0)  # θ restored
+    # the evaluator's warm start is w(θ) at the best value: solving there costs no iteration
+    evaluator = LowerEvaluator(model, data.X_test, data.y_test)
+    base = single_strength_baseline(model, evaluator)
+    calls = evaluator.cost.oracle_calls
+    evaluator.solve(torch.tensor(base["theta"]))
+    assert evaluator.cost.oracle_calls - calls <= 1
     # the grid stays inside a given θ box (its integers, or its midpoint if it holds none)
     narrow = single_strength_baseline(model, evaluator, theta_range=(-3.0, -1.0), patience=None)
     assert narrow["grid_size"] == 3 and -3.0 <= narrow["theta"] <= -1.0

@@ -24,6 +24,7 @@ from bilevel.learning import (
     split_data,
     to_csr,
 )
+from bilevel.learning.datasets import column_scaling
 from bilevel.problem import BilevelError
 
 MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -91,6 +92,20 @@ def test_standardisation_uses_training_statistics():
     # validation statistics are not those of the training part
     assert float(data.X_val.mean(0).abs().max()) > 1e-3
     torch.testing.assert_close(data.feature_mean, mean)
+
+
+def test_column_scaling_rules():
+    X = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, -2.0], [5.0, 5.0, 0.0]], dtype=torch.float64)
+    mean, scale = column_scaling(X)
+    torch.testing.assert_close(mean, torch.tensor([3.0, 5.0, 0.0], dtype=torch.float64))
+    # the constant column keeps scale 1 (no division by a roundoff-sized deviation)
+    torch.testing.assert_close(scale[1], torch.tensor(1.0, dtype=torch.float64))
+    Z = (X - mean) / scale
+    torch.testing.assert_close(Z[:, [0, 2]].pow(2).mean(0), torch.ones(2, dtype=torch.float64))
+    # without centring: root mean square about 0
+    mean0, scale0 = column_scaling(X, center=False)
+    assert torch.all(mean0 == 0)
+    torch.testing.assert_close(scale0, X.pow(2).mean(0).sqrt())
 
 
 def test_stratified_split_keeps_class_proportions():

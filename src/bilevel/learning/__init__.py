@@ -21,13 +21,13 @@ from bilevel.learning.datasets import (
 )
 from bilevel.learning.job import (
     LowerEvaluator,
-    OneInstance,
     attach_lipschitz,
     box_projection,
     build_model,
     hpo_estimator,
     hpo_method,
     load_data,
+    one_instance,
     single_strength_baseline,
 )
 from bilevel.learning.models import (
@@ -55,7 +55,7 @@ __all__ = [
     "HypercleaningModel",
     "LogisticModel",
     "LowerEvaluator",
-    "OneInstance",
+    "one_instance",
     "RidgeModel",
     "SplitData",
     "accuracy",

@@ -32,6 +32,7 @@ from bilevel.problem import BilevelError
 
 __all__ = [
     "SplitData",
+    "column_scaling",
     "encode_labels",
     "is_sparse",
     "load_mnist",
@@ -353,10 +354,19 @@ def _standardize(Xs: list[Tensor]) -> tuple[list[Tensor], Tensor | None, Tensor]
         rms = torch.sqrt(sq / max(n, 1)).to(X_tr.dtype)
         scale = torch.where(rms > eps, rms, torch.ones_like(rms))
         return [_scale_columns(X, scale) for X in Xs], None, scale
-    var, mean = torch.var_mean(X_tr, dim=0, correction=0)
-    std = var.sqrt()
-    scale = torch.where(std > 10 * eps * (mean.abs() + 1), std, torch.ones_like(std))
+    mean, scale = column_scaling(X_tr)
     return [(X - mean) / scale for X in Xs], mean, scale
+
+
+def column_scaling(X: Tensor, center: bool = True) -> tuple[Tensor, Tensor]:
+    """(m, s) of the standardisation (x − m)/s of the dense rows X (n, d): m the column means
+    (zeros when not ``center``), s the root mean square of x − m per column, or 1 for a column
+    that is constant up to roundoff (s ≤ 10 ε (|m| + 1), ε the dtype's machine epsilon)."""
+    mean = X.mean(dim=0) if center else torch.zeros_like(X[0])
+    std = ((X - mean) ** 2).mean(dim=0).sqrt()
+    eps = torch.finfo(X.dtype).eps
+    scale = torch.where(std > 10 * eps * (mean.abs() + 1), std, torch.ones_like(std))
+    return mean, scale
 
 
 def _check_labels(y: Tensor, n_classes: int, what: str) -> Tensor:

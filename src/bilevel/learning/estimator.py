@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from bilevel.learning.datasets import column_scaling
 from bilevel.learning.job import (
     DEFAULT_STEP,
     LowerEvaluator,
-    OneInstance,
     attach_lipschitz,
     default_shrinkage,
     hpo_method,
+    one_instance,
     single_strength_baseline,
 )
 from bilevel.learning.models import LogisticModel
@@ -183,9 +184,8 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
 
         X64 = np.array(X, dtype=np.float64, copy=True)
         if self.standardize:
-            mean = X64.mean(axis=0) if self.fit_intercept else np.zeros(d)
-            scale = np.sqrt(((X64 - mean) ** 2).mean(axis=0))
-            scale = np.where(scale > 1e-12 * (np.abs(mean) + 1.0), scale, 1.0)
+            m, s = column_scaling(torch.from_numpy(X64), center=self.fit_intercept)
+            mean, scale = m.numpy(), s.numpy()
         else:
             mean, scale = np.zeros(d), np.ones(d)
         Z = (X64 - mean) / scale
@@ -230,7 +230,7 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         budget = Budget(steps=int(self.max_steps), wall_time=self.max_time)
         result = method.run(
             model.problem,
-            OneInstance(model, evaluator.w),
+            one_instance(model, evaluator.w),
             budget,
             progress=bool(self.verbose),
             plot=False,

@@ -50,7 +50,6 @@ from bilevel.learning.datasets import (
     SKLEARN_DATASETS,
     SplitData,
     encode_labels,
-    is_sparse,
     load_mnist,
     load_sklearn,
     make_synthetic_classification,
@@ -68,7 +67,7 @@ from bilevel.learning.models import (
 )
 from bilevel.linear import CG
 from bilevel.lower import LBFGS, solve_lower
-from bilevel.methods import ISGD, Budget, RunResult
+from bilevel.methods import ISGD, Budget, RunResult, TensorSamples
 from bilevel.problem import BilevelError
 from bilevel.runs import to_jsonable
 from bilevel.schedules import Accuracy, Clipped, Polynomial, as_schedule
@@ -81,7 +80,7 @@ __all__ = [
     "METHODS",
     "MODELS",
     "LowerEvaluator",
-    "OneInstance",
+    "one_instance",
     "add_arguments",
     "attach_lipschitz",
     "box_projection",
@@ -118,6 +117,8 @@ SYNTHETIC_DEFAULT = (10_000, 100)
 # Accurate lower solves (evaluation, baseline): ‖∇h(w)‖ ≤ rtol · ‖∇h(0, θ₀)‖.
 _EVAL_RTOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 _LIPSCHITZ_MARGIN = 1.1
+#: η of SID's fixed-point map steps (of the map w − ∇_w ĥ(w)/L(θ): SGD with step η/L)
+SID_MAP_STEP = 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,52 +262,15 @@ def load_data(
 # model, projection, estimators, method
 
 
-# Largest eigenvalue of the Hessian of one sample's loss w.r.t. its score(s): ½(z−y)² → 1,
-# softplus(z) − yz → ¼, softmax cross-entropy → ½.
-_LOSS_CURVATURE = {"squared": 1.0, "binary": 0.25, "multinomial": 0.5}
-
-
-def _spectral_norm_sq(X: Tensor, iterations: int = 30, seed: int = 0) -> float:
-    """Power-iteration estimate of ‖X‖₂² = λ_max(XᵀX) in the data's dtype (from below)."""
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(X.shape[1], 1, generator=gen, dtype=torch.float64).to(X.device, X.dtype)
-    v = v / v.norm()
-    est = 0.0
-    for _ in range(iterations):
-        u = X @ v
-        w = X.T @ u if not is_sparse(X) else (X.t() @ u)
-        est = float(w.norm())
-        if est == 0.0:
-            return 0.0
-        v = w / est
-    return est
-
-
 def attach_lipschitz(model: FiniteSumModel, margin: float = _LIPSCHITZ_MARGIN) -> float:
-    """State L(θ) as the problem's Lipschitz bound of ∇_w h, so that solvers take steps 1/L(θ)
-    without estimating it at every call. Returns L at the current θ.
-
-        L(θ) = margin · (c_ℓ (‖X‖₂²/N + [1 with an intercept]) + max_k λ_k(θ)),
-
-    c_ℓ the loss curvature (1 squared, ¼ binary, ½ multinomial), λ_k the ℓ2 strengths
-    (exp θ_k and the intercept strength; the fixed ``l2`` for hypercleaning, whose sample
-    weights are at most 1). ‖X‖₂² comes from 30 power iterations (an estimate from below,
-    hence the margin, default 1.1).
+    """State L(θ) = margin · ``model.smoothness()`` as the problem's Lipschitz bound of ∇_w h,
+    so that solvers take steps 1/L(θ) without estimating it at every call (‖X‖₂² is computed
+    once, by power iteration: an estimate from below, hence the margin, default 1.1). Returns
+    L at the current θ.
     """
-    X = model.X_train
-    sq = _spectral_norm_sq(X.to_dense() if is_sparse(X) and X.shape[1] <= 64 else X)
-    data = _LOSS_CURVATURE[model.loss] * (sq / model.n_train + float(model.fit_intercept))
-
-    def strengths() -> float:
-        if isinstance(model, HypercleaningModel):
-            return model.l2
-        top = float(torch.exp(model.theta.detach()).max())
-        if isinstance(model, LogisticModel) and model.fit_intercept:
-            top = max(top, model.intercept_l2)
-        return top
 
     def lipschitz() -> float:
-        return margin * (data + strengths())
+        return margin * model.smoothness()
 
     model.problem.lipschitz = lipschitz
     return lipschitz()
@@ -395,16 +359,13 @@ def hpo_estimator(
     inner_steps: int | None = None,
     batch_size: int | None = None,
     seed: int = 0,
-    sid_step: float = 0.5,
-    sid_average: float = 0.0,
 ) -> Estimator:
     """The hypergradient estimator of ``method`` for ``model``, configured for warm starts.
 
     * ``sid``: t = k = ``inner_steps`` (default 3) constant-step stochastic fixed-point
-      iterations η_s ≡ ``sid_step`` (0.5) with the map Φ(w) = w − ∇_w ĥ(w)/L(θ) (SGD with
-      step 0.5/L) on minibatches of ``batch_size`` training samples (default 12√N, in
-      [64, 4096]), optionally returning the mean of the last ``sid_average`` fraction of the
-      iterates, with the exact validation gradient. The final stage uses one sample for the
+      iterations η_s ≡ 0.5 with the map Φ(w) = w − ∇_w ĥ(w)/L(θ) (SGD with step 0.5/L) on
+      minibatches of ``batch_size`` training samples (default 12√N, in [64, 4096]), with the
+      exact validation gradient. The final stage uses one sample for the
       per-feature models (θ enters only the regulariser, so J = ∂_θ∇_w Ω involves no data)
       and all samples for hypercleaning (θ weights every sample);
     * ``aid-cg``: L-BFGS lower solve and CG adjoint to the tolerances of :func:`hpo_method`
@@ -427,8 +388,8 @@ def hpo_estimator(
         # θ enters only Ω for per-feature models: J = ∂_θ∇_w Ω needs no data, one sample does
         final = None if isinstance(model, HypercleaningModel) else 1
         return SID(
-            lower_solver=StochasticFixedPoint.constant(sid_step, t, sid_average),
-            linear_solver=StochasticLinearFixedPoint.constant(sid_step, t, sid_average),
+            lower_solver=StochasticFixedPoint.constant(SID_MAP_STEP, t),
+            linear_solver=StochasticLinearFixedPoint.constant(SID_MAP_STEP, t),
             lower_batch=b,
             linear_batch=b,
             final_batch=final,
@@ -461,15 +422,13 @@ def hpo_method(
     theta_range: tuple[float, float] | None = None,
     inner_steps: int | None = None,
     batch_size: int | None = None,
-    accuracy: Accuracy | None = None,
-    **estimator_options: Any,
 ) -> ISGD:
     """ISGD with Adam (steps α_k = ``step``) and the estimator of ``method``.
 
     One lower-level instance: the lower iterate w and the adjoint are carried from one upper
     step to the next (warm starts). θ is projected onto ``theta_range`` after every step. For
     ``aid-cg`` the tolerances are ε_k = δ_k = 10⁻² g₀/√(k+1), at least 10⁻⁴ g₀ (float32: 10⁻³ g₀),
-    with g₀ = ‖∇_w h(0, θ₀)‖, unless ``accuracy`` is given.
+    with g₀ = ‖∇_w h(0, θ₀)‖.
     """
     lo, hi = _theta_range(model, theta_range)
     estimator = hpo_estimator(
@@ -478,15 +437,12 @@ def hpo_method(
         inner_steps=inner_steps,
         batch_size=batch_size,
         seed=seed,
-        **estimator_options,
     )
-    if accuracy is None:
-        g0 = _gradient_scale(model)
-        floor = 1e-3 if model.dtype == torch.float32 else 1e-4
-        accuracy = Accuracy(Clipped(Polynomial(1e-2 * g0, 0.5), minimum=floor * g0))
+    g0 = _gradient_scale(model)
+    floor = 1e-3 if model.dtype == torch.float32 else 1e-4
     return ISGD(
         step=as_schedule(step),
-        accuracy=accuracy,
+        accuracy=Accuracy(Clipped(Polynomial(1e-2 * g0, 0.5), minimum=floor * g0)),
         batch_size=1,
         optimizer="adam",
         estimator=estimator,
@@ -600,7 +556,8 @@ def single_strength_baseline(
     (logistic, ridge) or the sample weight σ(θ) (hypercleaning). With ``patience`` the path
     stops after that many consecutive values worse than the best so far (F is typically
     unimodal along the path, and the weakly regularised end is the most expensive to solve);
-    ``None`` evaluates the whole grid. The model's θ is left unchanged.
+    ``None`` evaluates the whole grid. The model's θ is left unchanged; the evaluator's warm
+    start is left at w(θ) of the best value, so that solving there again costs nothing.
     """
     start = time.perf_counter()
     if grid is None:
@@ -611,19 +568,20 @@ def single_strength_baseline(
     if not grid:
         raise BilevelError("the grid of common θ values is empty")
     best: dict[str, Any] | None = None
+    best_w = evaluator.w
     worse = evaluated = 0
     for value in grid:
         m = evaluator.metrics(torch.tensor(float(value)))
         evaluated += 1
         if best is None or m["val_loss"] < best["val_loss"]:
-            best = {"theta": float(value), **m}
+            best, best_w = {"theta": float(value), **m}, evaluator.w
             worse = 0
         else:
             worse += 1
             if patience is not None and worse >= patience:
                 break
     assert best is not None
-    evaluator.solve()  # leave the warm start at the model's θ
+    evaluator.w = best_w
     theta = best["theta"]
     hyper = isinstance(model, HypercleaningModel)
     best["strength"] = 1.0 / (1.0 + math.exp(-theta)) if hyper else math.exp(theta)
@@ -939,7 +897,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result: RunResult = method.run(
         model.problem,
-        OneInstance(model, evaluator.w),
+        one_instance(model, evaluator.w),
         budget,
         run_dir=run_dir,
         resume=args.resume,
@@ -960,22 +918,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-class OneInstance:
+def one_instance(model: FiniteSumModel, w0: Tensor | None = None) -> TensorSamples:
     """The :class:`~bilevel.methods.SampleSet` of a hyperparameter-learning problem: one
     lower-level instance whose data live in the model's closure (``batch`` is None), started
     from ``w0`` (shape (1, *event_shape); default zeros)."""
-
-    def __init__(self, model: FiniteSumModel, w0: Tensor | None = None) -> None:
-        self.w0 = model.init_w() if w0 is None else w0.detach().reshape(model.init_w().shape)
-
-    def __len__(self) -> int:
-        return 1
-
-    def batch(self, index: Tensor) -> None:
-        return None
-
-    def initial(self, index: Tensor) -> Tensor:
-        return self.w0.expand(int(index.numel()), *self.w0.shape[1:]).clone()
+    shape = model.init_w().shape
+    start = model.init_w() if w0 is None else w0.detach().reshape(shape).clone()
+    return TensorSamples(x_init=start)
 
 
 def _summary(

@@ -24,7 +24,6 @@ Usage: python benchmarks/imaging.py [--study foe|schedules|deblur|all] [--jobs 2
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -35,25 +34,31 @@ from typing import Any
 
 import torch
 
+from bilevel.imaging import FieldsOfExperts, psnr
+from bilevel.imaging.job import (
+    EVAL_TOL,
+    FOE_SMOOTHING,
+    TV_GRID,
+    build,
+    calibrate_foe_weights,
+    job_arguments,
+    make_method,
+    test_evaluation,
+    tune_tv,
+    tv_reconstructions,
+)
+from bilevel.methods import Budget, with_initial
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path("/work/shared/data/bsds300")
 CACHE = ROOT / "docs" / "benchmarks_imaging.json"
-TV_GRID = (0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
-EVAL_TOL = 1e-3
-
-# foe_weight: initial expert weight, about 0.12 × the grid-tuned TV strength of the task
-TASKS: dict[str, dict[str, Any]] = {
-    "denoise": {"sigma": 25.0, "gamma": 0.0, "foe_weight": 0.012},
-    "inpaint": {"sigma": 5.0, "gamma": 1e-2, "keep": 0.7},
-    "deblur": {"sigma": 5.0, "gamma": 1e-2, "blur": 1.5, "kernel_size": 7, "foe_weight": 0.0012},
-}
-# Fields of Experts of the foe and deblur studies: finite-difference/DCT initial filters,
-# learned per-filter smoothing ν_k (initially FOE_SMOOTHING)
-FOE_FILTERS, FOE_SIZE, FOE_SMOOTHING = 16, 5, 0.003
+# Fields of Experts of the foe and deblur studies (the job's FoE: finite-difference/DCT initial
+# filters, learned per-filter smoothing, weights calibrated on the grid-tuned TV strength)
+FOE_FILTERS, FOE_SIZE = 16, 5
 FOE_DESCRIPTION = (
     f"FoE with {FOE_FILTERS} filters of {FOE_SIZE}×{FOE_SIZE} (smoothed-ℓ1 experts, learned "
     f"smoothing ν_k from {FOE_SMOOTHING:g}; initial filters finite differences then DCT, "
-    "initial weights about 0.12 × the task's grid-tuned TV strength)"
+    "initial weights 2λ_TV/K from the task's grid-tuned TV strength λ_TV)"
 )
 STUDIES = ("foe", "schedules", "deblur")
 # α₀ of the schedules study per regulariser and optimiser (an ICNN diverges with larger steps)
@@ -63,105 +68,56 @@ SCHEDULE_STEPS = {"ridge": {"sgd": 1e-2, "adam": 5e-2}, "icnn": {"sgd": 1e-4, "a
 # ----------------------------------------------------------------------------- one run
 
 
-@functools.lru_cache(maxsize=2)
-def _images(split: str, data: str) -> list:
-    from bilevel.imaging import load_image_folder
-
-    return load_image_folder(Path(data) / split)
-
-
-def _setup(spec: dict[str, Any]):
-    """Training/test sets, operator and (for learned regularisers) the bilevel problem."""
-    from bilevel.imaging import (
-        ConvexRidge,
-        Convolution,
-        DegradedImages,
-        FieldsOfExperts,
-        Identity,
-        InpaintingMask,
-        InputConvexNetwork,
-        gaussian_kernel,
-        random_crops,
-        random_mask,
-        reconstruction_problem,
-    )
-
-    task = TASKS[spec["task"]]
-    crop, seed = spec["crop"], spec["seed"]
-    if spec["task"] == "deblur":
-        operator = Convolution(gaussian_kernel(task["kernel_size"], task["blur"]))
-    elif spec["task"] == "inpaint":
-        operator = InpaintingMask(random_mask((crop, crop), task["keep"], generator=seed))
-    else:
-        operator = Identity()
-    sigma = task["sigma"] / 255.0
-    train_clean = random_crops(_images("train", spec["data"]), crop, spec["train"], seed)
-    test_clean = random_crops(_images("test", spec["data"]), crop, spec["test"], seed + 1)
-    train = DegradedImages(train_clean, operator, sigma=sigma, seed=seed + 2)
-    test = DegradedImages(test_clean, operator, sigma=sigma, seed=seed + 3)
-    problem = None
-    reg = spec.get("regulariser")
-    if reg is not None:
-        regulariser = {
-            "foe": lambda: FieldsOfExperts(
-                FOE_FILTERS,
-                FOE_SIZE,
-                channels=1,
-                smoothing=FOE_SMOOTHING,
-                learn_smoothing=True,
-                init_weight=task["foe_weight"],
-                seed=seed,
-            ),
-            "ridge": lambda: ConvexRidge(8, 5, channels=1, seed=seed),
-            "icnn": lambda: InputConvexNetwork(channels=1, seed=seed),
-        }[reg]()
-        problem = reconstruction_problem(regulariser, operator, gamma=task["gamma"])
-    return train, test, operator, problem
-
-
-def _method(spec: dict[str, Any]):
-    from bilevel.hypergrad import Implicit
-    from bilevel.linear import CG
-    from bilevel.lower import Nesterov
-    from bilevel.methods import ISGD, MAID
-
-    maid = spec["method"] == "maid"
-    estimator = Implicit(CG(max_iter=500), lower_solver=Nesterov(max_iter=5000), compute_bound=maid)
-    if maid:
-        return MAID(estimator=estimator, lower_tol=1e-1, step=1e-2)
-    return ISGD(
-        step=spec["step"],
-        accuracy=spec["accuracy"],
-        batch_size=spec["batch"],
-        optimizer=spec["optimizer"],
-        estimator=estimator,
-        seed=spec["seed"],
-    )
+def job_args(spec: dict[str, Any]) -> argparse.Namespace:
+    """The options of ``bilevel <task>`` that reproduce one run of a study: the runs are built
+    exactly as the imaging job builds them (data, operator, regulariser, method, evaluation)."""
+    options: dict[str, Any] = {
+        "data": str(spec["data"]),
+        "crop": spec["crop"],
+        "train_size": spec["train"],
+        "test_size": spec["test"],
+        "seed": spec["seed"],
+        "batch_size": spec["batch"],
+        "dtype": "float32",
+    }
+    if "regulariser" in spec:
+        foe = spec["regulariser"] == "foe"
+        options |= {
+            "regulariser": spec["regulariser"],
+            "filters": FOE_FILTERS if foe else 8,
+            "filter_size": FOE_SIZE if foe else 5,
+            "budget": spec["budget"],
+            "eval_every": spec["eval_every"],
+            "time": spec["time_limit"],
+        }
+    if spec.get("method") == "maid":
+        options["method"] = "maid"
+    elif "method" in spec:
+        adam = spec["optimizer"] == "adam"
+        options |= {
+            "method": "adam-isgd" if adam else "isgd",
+            "step": spec["step"],
+            "accuracy": spec["accuracy"],
+        }
+    return job_arguments(spec["task"], **options)
 
 
 def run_learned(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one learned regulariser; test PSNR is evaluated along the way and at the end."""
     torch.set_num_threads(1)
     torch.manual_seed(spec["seed"])
-    from bilevel.imaging import psnr, reconstruct
-    from bilevel.methods import Budget, with_initial
-
-    train, test, _, problem = _setup(spec)
-    batch = test.batch()
-    state: dict[str, Any] = {}
-
-    def evaluate(theta: Any, step: int) -> dict[str, float]:
-        x = reconstruct(problem, batch, x0=state.get("x"), tol=EVAL_TOL)
-        state["x"] = x
-        return {"test_psnr": float(psnr(x.clamp(0, 1), batch[1]).mean())}
-
+    args = job_args(spec)
+    setup = build(args)
+    regulariser = setup.problem.theta["regulariser"]
+    if isinstance(regulariser, FieldsOfExperts):
+        calibrate_foe_weights(regulariser, tune_tv(setup).strength)
     start = time.perf_counter()
-    result = _method(spec).run(
-        problem,
-        with_initial(train, lambda b: b[0].clone()),
-        Budget(oracle_calls=spec["budget"], wall_time=spec["time_limit"]),
-        evaluate=evaluate,
-        eval_every=spec["eval_every"],
+    result = make_method(args).run(
+        setup.problem,
+        with_initial(setup.train, lambda b: b[0].clone()),
+        Budget(oracle_calls=args.budget, wall_time=args.time),
+        evaluate=test_evaluation(setup),
+        eval_every=args.eval_every,
         progress=False,
         plot=False,
     )
@@ -186,22 +142,12 @@ def run_learned(spec: dict[str, Any]) -> dict[str, Any]:
 def run_tv(spec: dict[str, Any]) -> dict[str, Any]:
     """Total variation tuned on the training crops, evaluated on the test crops."""
     torch.set_num_threads(1)
-    from bilevel.imaging import (
-        SmoothedTV,
-        grid_search_tv,
-        psnr,
-        reconstruct,
-        reconstruction_problem,
-    )
-
-    train, test, operator, _ = _setup(spec)
-    gamma = TASKS[spec["task"]]["gamma"]
+    setup = build(job_args(spec))
     start = time.perf_counter()
-    tv = grid_search_tv(train.batch(), TV_GRID, operator=operator, gamma=gamma, max_iter=1000)
-    y, x_true = test.batch()[:2]
-    problem = reconstruction_problem(SmoothedTV(strength=tv.strength), operator, gamma=gamma)
-    x_tv = reconstruct(problem, (y, x_true), tol=EVAL_TOL)
-    shown = operator.adjoint(y) if spec["task"] == "deblur" else y
+    tv = tune_tv(setup)
+    x_tv = tv_reconstructions(setup, tv.strength)
+    y, x_true = setup.test.batch()[:2]
+    shown = setup.operator.adjoint(y) if spec["task"] == "deblur" else y
     return {
         "spec": spec,
         "strength": tv.strength,
@@ -377,7 +323,8 @@ def report_foe(res: dict, docs: Path) -> list[str]:
         f"{spec['train']} training / {spec['test']} test crops of {spec['crop']}×{spec['crop']} "
         f"px (grayscale), {FOE_DESCRIPTION}, budget {spec['budget']} oracle calls per "
         f"method, ISGD batch {spec['batch']}, accuracy ε_k = δ_k = 10⁻¹/(k+1)^½, test PSNR "
-        f"every 10 ISGD steps and every MAID iteration (reconstructions to ‖∇ₓh‖ ≤ {EVAL_TOL:g}). "
+        "every 10 ISGD steps and every MAID iteration (float32 reconstructions to "
+        f"‖∇ₓh‖ ≤ {EVAL_TOL[torch.float32]:g}). "
         "Noisy test input: "
         f"{tv['degraded_psnr']:.2f} dB. Grid-tuned TV: λ = {tv['strength']:g} (training PSNR "
         f"{tv['train_psnr']:.2f} dB), test PSNR **{tv['test_psnr']:.2f} dB**.",

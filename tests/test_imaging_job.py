@@ -117,3 +117,25 @@ def test_foe_weights_start_from_the_tuned_tv_strength():
     calibrate_foe_weights(reg, 0.1)
     torch.testing.assert_close(reg.log_weights.detach(), torch.full((8,), math.log(0.025)))
     assert reg.log_weights.requires_grad
+
+
+def test_job_arguments_build_runs_like_the_command_line():
+    import pytest
+
+    from bilevel import BilevelError
+    from bilevel.imaging import FieldsOfExperts, SmoothedTV
+    from bilevel.imaging.job import build, job_arguments, make_method
+    from bilevel.methods import MAID
+
+    args = job_arguments("deblur", train_size=4, test_size=2, crop=16, method="maid")
+    assert (args.job, args.blur, args.sigma, args.regulariser) == ("deblur", 1.5, 5.0, "foe")
+    setup = build(args)
+    assert len(setup.train) == 4 and len(setup.test) == 2 and setup.gamma == args.gamma
+    assert isinstance(setup.problem.theta["regulariser"], FieldsOfExperts)
+    assert isinstance(make_method(args), MAID)
+    tv = build(job_arguments("denoise", regulariser="tv", train_size=2, test_size=2, crop=16))
+    assert isinstance(tv.problem.theta["regulariser"], SmoothedTV)
+    with pytest.raises(BilevelError, match="unknown option"):
+        job_arguments("denoise", filterz=3)
+    with pytest.raises(BilevelError, match="unknown imaging task"):
+        job_arguments("segment")

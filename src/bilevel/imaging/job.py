@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,12 @@ from bilevel.imaging.regularisers import (
     Regulariser,
     SmoothedTV,
 )
-from bilevel.imaging.tasks import grid_search_tv, reconstruct, reconstruction_problem
+from bilevel.imaging.tasks import (
+    GridSearchResult,
+    grid_search_tv,
+    reconstruct,
+    reconstruction_problem,
+)
 from bilevel.linear import CG
 from bilevel.lower import Nesterov
 from bilevel.methods import ISGD, MAID, Budget, RunResult, with_initial
@@ -149,6 +155,21 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     a("--no-progress", action="store_true", help="no progress bar")
 
 
+def job_arguments(task: str, **options: Any) -> argparse.Namespace:
+    """The options of ``bilevel <task>`` at their defaults, overridden by ``options`` (given by
+    attribute name, e.g. ``train_size=64``): for scripts that build runs as the job does."""
+    if task not in ("denoise", "deblur", "inpaint"):
+        raise BilevelError(f"unknown imaging task {task!r}; choose denoise, deblur or inpaint")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, task)
+    args = parser.parse_args([])
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise BilevelError(f"unknown option(s) of bilevel {task}: {', '.join(unknown)}")
+    vars(args).update(options, job=task)
+    return args
+
+
 @dataclass
 class Setup:
     """Everything a run needs, built from the options."""
@@ -238,7 +259,33 @@ def build(args: argparse.Namespace) -> Setup:
     return Setup(problem, train, test, operator, gamma)
 
 
-def _method(args: argparse.Namespace) -> ISGD | MAID:
+def tune_tv(setup: Setup) -> GridSearchResult:
+    """Grid-tuned TV: the strength of :data:`TV_GRID` with the best mean PSNR on the training
+    crops (reconstructions to ‖∇ₓh‖ ≤ 1e-3 or 1000 iterations)."""
+    return grid_search_tv(
+        setup.train.batch(),
+        TV_GRID,
+        operator=setup.operator,
+        gamma=setup.gamma,
+        max_iter=1000,
+        tol=1e-3,
+    )
+
+
+def tv_reconstructions(setup: Setup, strength: float) -> Tensor:
+    """Test reconstructions by smoothed TV of strength λ, to ‖∇ₓh‖ ≤ :data:`EVAL_TOL`."""
+    y, x_true = setup.test.batch()[:2]
+    problem = reconstruction_problem(
+        SmoothedTV(strength=strength).to(x_true.device, x_true.dtype),
+        setup.operator,
+        gamma=setup.gamma,
+    )
+    return reconstruct(problem, (y, x_true), tol=EVAL_TOL[x_true.dtype])
+
+
+def make_method(args: argparse.Namespace) -> ISGD | MAID:
+    """The upper-level method of the options: Adam-ISGD, ISGD or MAID, with warm-started
+    Nesterov lower solves and CG adjoints."""
     estimator = Implicit(
         CG(max_iter=500), lower_solver=Nesterov(max_iter=5000), compute_bound=args.method == "maid"
     )
@@ -255,9 +302,11 @@ def _method(args: argparse.Namespace) -> ISGD | MAID:
     )
 
 
-def _evaluate_fn(setup: Setup, tol: float):
-    """Test PSNR (dB) of the current regulariser, warm-started across calls."""
+def test_evaluation(setup: Setup) -> Callable[[Any, int], dict[str, float]]:
+    """The ``evaluate`` callback of a run: mean test PSNR (dB) of the current regulariser,
+    reconstructions to ‖∇ₓh‖ ≤ :data:`EVAL_TOL`, warm-started across calls."""
     batch = setup.test.batch()
+    tol = EVAL_TOL[batch[1].dtype]
     state: dict[str, Tensor] = {}
 
     def evaluate(theta: Any, step: int) -> dict[str, float]:
@@ -310,21 +359,9 @@ def run(args: argparse.Namespace) -> int:
         file=log,
     )
     start = time.perf_counter()
-    tv = grid_search_tv(
-        setup.train.batch(),
-        TV_GRID,
-        operator=setup.operator,
-        gamma=setup.gamma,
-        max_iter=1000,
-        tol=1e-3,
-    )
-    tv_problem = reconstruction_problem(
-        SmoothedTV(strength=tv.strength).to(x_test.device, x_test.dtype),
-        setup.operator,
-        gamma=setup.gamma,
-    )
+    tv = tune_tv(setup)
+    x_tv = tv_reconstructions(setup, tv.strength)
     eval_tol = EVAL_TOL[x_test.dtype]
-    x_tv = reconstruct(tv_problem, (y_test, x_test), tol=eval_tol)
     print(f"  grid-tuned TV: λ = {tv.strength:g} (train PSNR {tv.psnr:.2f} dB)", file=log)
 
     regulariser = setup.problem.theta["regulariser"]
@@ -332,13 +369,13 @@ def run(args: argparse.Namespace) -> int:
         calibrate_foe_weights(regulariser, tv.strength)
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=args.budget, wall_time=args.time)
-    result: RunResult = _method(args).run(
+    result: RunResult = make_method(args).run(
         setup.problem,
         samples,
         budget,
         run_dir=run_dir,
         resume=args.resume,
-        evaluate=_evaluate_fn(setup, tol=eval_tol),
+        evaluate=test_evaluation(setup),
         eval_every=args.eval_every,
         progress=not args.no_progress,
     )

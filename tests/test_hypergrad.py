@@ -205,6 +205,42 @@ def test_lower_solvers_reach_tolerance(solver):
     assert torch.allclose(hg.eps, hg.lower.grad_norm / problem.mu)
 
 
+def test_nesterov_stops_at_the_rounding_floor():
+    """A float32 solve asked for an unreachable tolerance stops after ``stall_iterations``
+    without progress instead of running to max_iter, warns, and keeps its certificate."""
+    from bilevel.autodiff import Cost, LowerLevel
+    from bilevel.lower import ConvergenceWarning, solve_lower
+
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 3, 50
+    eig = torch.logspace(-1, 1, dim).expand(n, dim)
+    b = torch.randn(n, dim, generator=gen)
+    theta = torch.zeros(1, requires_grad=True)
+
+    def h(x, th, batch):
+        e, c = batch
+        return 0.5 * (e * x * x).sum(1) - (x * c).sum(1) + th * x.sum(1)
+
+    problem = BilevelProblem(h, lambda x, th, _: (x * x).sum(1), theta, mu=0.1, lipschitz=10.0)
+    lower = LowerLevel(problem, (eig, b), Cost())
+    x0 = torch.zeros(n, dim)
+    with pytest.warns(ConvergenceWarning, match="no longer decreased"):
+        sol = solve_lower(lower, x0, 1e-12, Nesterov(max_iter=20_000, stall_iterations=200), 0.1)
+    assert bool(sol.stalled.all()) and not sol.all_converged
+    assert int(sol.iterations.max()) < 2000  # far below max_iter
+    assert float(sol.grad_norm.max()) < 1e-4  # it did converge to the float32 floor first
+    exact = b / eig
+    assert bool(((sol.x - exact).norm(dim=1) <= sol.distance_bound * (1 + 1e-3) + 1e-6).all())
+    # a reachable tolerance converges as before, without the stall flag
+    sol = solve_lower(lower, x0, 1e-3, Nesterov(stall_iterations=200), 0.1)
+    assert sol.all_converged and not bool(sol.stalled.any())
+    # stall_iterations=None runs to max_iter
+    never = Nesterov(max_iter=3000, stall_iterations=None)
+    with pytest.warns(ConvergenceWarning, match="reached max_iter"):
+        sol = solve_lower(lower, x0, 1e-12, never, 0.1)
+    assert int(sol.iterations.max()) == 3000
+
+
 def test_per_instance_stopping_easy_instances_stop_paying():
     """One ill-conditioned instance among easy ones: the easy ones stop early."""
     n, dim = 5, 20

@@ -43,6 +43,9 @@ class LowerSolution:
         iterations: iterations per instance (B,).
         converged: grad_norm ≤ tol (B,).
         grad_evals: gradient evaluations spent, summed over instances.
+        stalled: stopped early because the gradient norm no longer decreased (B,), the
+            floor set by rounding errors (see :class:`Nesterov`); such instances are not
+            converged, but their certificate ``distance_bound`` holds.
     """
 
     x: Tensor
@@ -52,16 +55,23 @@ class LowerSolution:
     iterations: Tensor
     converged: Tensor
     grad_evals: int
+    stalled: Tensor | None = None
 
     @property
     def all_converged(self) -> bool:
         return bool(self.converged.all())
 
+    @property
+    def any_stalled(self) -> bool:
+        return self.stalled is not None and bool((self.stalled & ~self.converged).any())
+
     def summary(self) -> str:
         n_bad = int((~self.converged).sum())
+        stalled = int((self.stalled & ~self.converged).sum()) if self.any_stalled else 0
         return (
-            f"{self.converged.numel() - n_bad}/{self.converged.numel()} instances converged; "
-            f"max ‖∇h‖ = {float(self.grad_norm.max()):.3e}, "
+            f"{self.converged.numel() - n_bad}/{self.converged.numel()} instances converged"
+            + (f" ({stalled} stalled)" if stalled else "")
+            + f"; max ‖∇h‖ = {float(self.grad_norm.max()):.3e}, "
             f"max iterations = {int(self.iterations.max())}"
         )
 
@@ -117,6 +127,7 @@ class _Record:
         self.energy = torch.full((n,), math.nan, dtype=x0.dtype, device=x0.device)
         self.grad_norm = torch.full_like(self.energy, math.inf)
         self.iterations = torch.zeros(n, dtype=torch.long, device=x0.device)
+        self.stalled = torch.zeros(n, dtype=torch.bool, device=x0.device)
 
     def store(self, index: Tensor, x: Tensor, energy: Tensor, gnorm: Tensor, it: int) -> None:
         self.x[index] = x
@@ -134,6 +145,7 @@ class _Record:
             iterations=self.iterations,
             converged=self.grad_norm <= tol,
             grad_evals=lower.cost.grad_evals - evals0,
+            stalled=self.stalled,
         )
 
 
@@ -157,6 +169,37 @@ def _retire(
     rec.store(active[done], x[done], energy[done], gnorm[done], it)
     keep = ~done
     return tuple(t[keep] for t in (active, x, energy, *state))
+
+
+class _Stagnation:
+    """Per-instance test for a gradient norm that stopped decreasing.
+
+    An instance stalls when its smallest gradient norm so far has not fallen below
+    ``factor`` × the reference value for ``window`` iterations (the reference is reset at each
+    such fall). Accelerated methods in float32 reach such a floor, set by rounding errors,
+    above tolerances of about 1e-3 on images; without the test they spend every remaining
+    iteration there.
+    """
+
+    def __init__(self, x0: Tensor, window: int | None, factor: float = 0.9) -> None:
+        n = x0.shape[0]
+        self.window, self.factor = window, factor
+        self.best = torch.full((n,), math.inf, dtype=x0.dtype, device=x0.device)
+        self.ref = self.best.clone()
+        self.since = torch.zeros(n, dtype=torch.long, device=x0.device)
+
+    def update(self, gnorm: Tensor, it: int) -> Tensor:
+        """The stalled instances among the active ones, after iteration ``it``."""
+        if self.window is None:
+            return torch.zeros_like(gnorm, dtype=torch.bool)
+        self.best = torch.minimum(self.best, gnorm)
+        fell = self.best <= self.factor * self.ref
+        self.ref = torch.where(fell, self.best, self.ref)
+        self.since = torch.where(fell, torch.full_like(self.since, it), self.since)
+        return it - self.since >= self.window
+
+    def keep(self, keep: Tensor) -> None:
+        self.best, self.ref, self.since = self.best[keep], self.ref[keep], self.since[keep]
 
 
 @dataclass(frozen=True)
@@ -236,12 +279,18 @@ class Nesterov:
     ⟨∇h(y), x⁺ − x⟩ > 0 (O'Donoghue & Candès).  The gradient is evaluated at y, so stopping
     and certification use y, which is returned.  L as in :class:`GradientDescent`; an
     estimated L is doubled when a plain (momentum-free) gradient step increased the energy.
+
+    ``stall_iterations``: an instance stops (``stalled`` in the result) when its smallest
+    gradient norm has not fallen by 10 % within that many iterations, which happens only at
+    the floor set by rounding errors (Nesterov's gradient norms fall by a constant factor per
+    O(√(L/μ)) iterations); None never stops early.
     """
 
     max_iter: int = 10_000
     lipschitz: float | None = None
     restart: bool = True
     margin: float = 1.5
+    stall_iterations: int | None = 1000
 
     def solve(
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
@@ -257,11 +306,16 @@ class Nesterov:
         t = torch.ones(n, dtype=x0.dtype, device=x0.device)
         plain = torch.ones(n, dtype=torch.bool, device=x0.device)
         e_prev = torch.full((n,), math.inf, dtype=x0.dtype, device=x0.device)
+        stagnation = _Stagnation(x0, self.stall_iterations)
         for it in range(self.max_iter + 1):
             energy, grad = lower.value_and_grad(y, active)
             gnorm = batch_norm(grad)
             done = _finished(gnorm, tol_t[active], it, self.max_iter)
+            stalled = stagnation.update(gnorm, it) & ~done
+            done = done | stalled
             if bool(done.any()):
+                rec.stalled[active[stalled]] = True
+                stagnation.keep(~done)
                 active, y, energy, x_prev, grad, lip, t, plain, e_prev = _retire(
                     rec, done, it, gnorm, active, y, energy, x_prev, grad, lip, t, plain, e_prev
                 )
@@ -404,9 +458,15 @@ def solve_lower(
     """Run ``solver`` and warn (ConvergenceWarning) if some instance missed its tolerance."""
     sol = solver.solve(lower, x0, tol, mu)
     if warn and not sol.all_converged:
+        if sol.any_stalled:
+            advice = (
+                "stopped where the gradient norm no longer decreased (rounding errors): "
+                f"{sol.summary()}; loosen the tolerance or use float64"
+            )
+        else:
+            advice = f"reached max_iter: {sol.summary()}; raise max_iter or loosen the tolerance"
         warnings.warn(
-            f"lower-level solver {type(solver).__name__} reached max_iter: {sol.summary()}; "
-            "raise max_iter or loosen the tolerance",
+            f"lower-level solver {type(solver).__name__} {advice}",
             ConvergenceWarning,
             stacklevel=2,
         )

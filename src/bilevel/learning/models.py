@@ -745,97 +745,29 @@ class HypercleaningModel(FiniteSumModel):
 # --------------------------------------------------------------------------------------------
 
 
-def ridge_model(
-    X_train: Tensor,
-    y_train: Tensor,
-    X_val: Tensor,
-    y_val: Tensor,
-    theta0: Tensor | float | None = 0.0,
-    *,
-    theta_lower: float | None = None,
-    exact_mu: bool | None = None,
-    shrinkage: float = 0.0,
-) -> RidgeModel:
-    """The :class:`RidgeModel` (finite-sum interface, closed forms, ``.problem``)."""
-    return RidgeModel(
-        X_train,
-        y_train,
-        X_val,
-        y_val,
-        theta0,
-        theta_lower=theta_lower,
-        exact_mu=exact_mu,
-        shrinkage=shrinkage,
-    )
+#: ``ridge_model(...)``, ``logistic_model(...)`` and ``hypercleaning_model(...)`` build the
+#: models (the finite-sum interface, closed forms where they exist, and ``.problem``); the
+#: ``*_problem`` functions below return only their :class:`BilevelProblem`.
+ridge_model = RidgeModel
+logistic_model = LogisticModel
+hypercleaning_model = HypercleaningModel
 
 
 def ridge_problem(*args: Any, **kwargs: Any) -> BilevelProblem:
     """Per-feature ridge regression as a :class:`BilevelProblem`: ``ridge_model(...).problem``,
-    with the arguments of :func:`ridge_model`."""
+    with the arguments of :class:`RidgeModel`."""
     return ridge_model(*args, **kwargs).problem
-
-
-def logistic_model(
-    X_train: Tensor,
-    y_train: Tensor,
-    X_val: Tensor,
-    y_val: Tensor,
-    theta0: Tensor | float | None = 0.0,
-    n_classes: int | None = None,
-    *,
-    fit_intercept: bool = False,
-    intercept_l2: float = 1e-4,
-    theta_lower: float | None = None,
-    shrinkage: float = 0.0,
-) -> LogisticModel:
-    """The :class:`LogisticModel` (finite-sum interface and ``.problem``)."""
-    return LogisticModel(
-        X_train,
-        y_train,
-        X_val,
-        y_val,
-        theta0,
-        n_classes,
-        fit_intercept=fit_intercept,
-        intercept_l2=intercept_l2,
-        theta_lower=theta_lower,
-        shrinkage=shrinkage,
-    )
 
 
 def logistic_problem(*args: Any, **kwargs: Any) -> BilevelProblem:
     """Per-feature ℓ2 logistic regression as a :class:`BilevelProblem`:
-    ``logistic_model(...).problem``, with the arguments of :func:`logistic_model`."""
+    ``logistic_model(...).problem``, with the arguments of :class:`LogisticModel`."""
     return logistic_model(*args, **kwargs).problem
-
-
-def hypercleaning_model(
-    X_train: Tensor,
-    y_train_noisy: Tensor,
-    X_val: Tensor,
-    y_val: Tensor,
-    theta0: Tensor | float | None = 0.0,
-    n_classes: int | None = None,
-    *,
-    l2: float = 1e-3,
-    fit_intercept: bool = False,
-) -> HypercleaningModel:
-    """The :class:`HypercleaningModel` (finite-sum interface and ``.problem``)."""
-    return HypercleaningModel(
-        X_train,
-        y_train_noisy,
-        X_val,
-        y_val,
-        theta0,
-        n_classes,
-        l2=l2,
-        fit_intercept=fit_intercept,
-    )
 
 
 def hypercleaning_problem(*args: Any, **kwargs: Any) -> BilevelProblem:
     """Data hypercleaning as a :class:`BilevelProblem`: ``hypercleaning_model(...).problem``,
-    with the arguments of :func:`hypercleaning_model`."""
+    with the arguments of :class:`HypercleaningModel`."""
     return hypercleaning_model(*args, **kwargs).problem
 
 

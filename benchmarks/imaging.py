@@ -572,8 +572,9 @@ NOTES = """## Notes on these results
     strong-convexity margin.
 - **MAID** iterates on the full batch: every lower level and adjoint is solved at the current
   accuracy, plus the line-search trials, and its tolerances shrink until the hypergradient is
-  certified to be a descent direction, so late iterations reach the lower solver's
-  5000-iteration cap on some crops. It checks the budget between iterations, so its last
+  certified to be a descent direction, so late iterations ask for lower-level accuracies
+  that float32 solves cannot reach on some crops (the solver stops them as stalled at the
+  rounding floor, with a warning). It checks the budget between iterations, so its last
   iteration can overshoot the budget by a lot. On 512 crops (section 1) an iteration costs
   hundreds of thousands of oracle calls, and MAID makes only a few (see the table) before its
   budget, or a run's wall-clock cap (`--time-limit`), ends it; section 1b, on 64 crops, is the

@@ -16,6 +16,7 @@ from bilevel import (
     Implicit,
     NonFiniteError,
 )
+from bilevel.autodiff import Cost
 from bilevel.learning import (
     hypercleaning_model,
     logistic_model,
@@ -24,6 +25,7 @@ from bilevel.learning import (
 )
 from bilevel.stochastic import (
     SID,
+    LowerMap,
     MinibatchSampler,
     StageSamplers,
     StochasticFixedPoint,
@@ -32,6 +34,7 @@ from bilevel.stochastic import (
     StochasticLinearSolver,
     StochasticLowerSolver,
     StochasticSolution,
+    VarianceReducedFixedPoint,
 )
 
 
@@ -570,8 +573,10 @@ def test_isgd_runs_with_sid():
     assert float(model.objective()) < 0.5 * before
 
 
-def test_isgd_with_sid_resumes_exactly(tmp_path):
-    """SID's own minibatch streams are checkpointed: resume replays the same samples."""
+@pytest.mark.parametrize("variance_reduced", [False, True])
+def test_isgd_with_sid_resumes_exactly(tmp_path, variance_reduced):
+    """SID's own minibatch streams and the SVRG anchor are checkpointed: resume replays the
+    same samples from the same anchor."""
     from bilevel.methods import ISGD, TensorSamples
 
     def make():
@@ -579,7 +584,9 @@ def test_isgd_with_sid_resumes_exactly(tmp_path):
         lip, mu = model.smoothness(), model.mu()
         beta = 2.0 * lip / mu
         sid = SID(
-            lower_solver=StochasticFixedPoint(20, beta, 5.0 * beta),
+            lower_solver=VarianceReducedFixedPoint(20, 0.5)
+            if variance_reduced
+            else StochasticFixedPoint(20, beta, 5.0 * beta),
             linear_solver=StochasticLinearFixedPoint(20, beta, 5.0 * beta),
             step=1.0 / lip,
             lower_batch=10,
@@ -600,3 +607,133 @@ def test_isgd_with_sid_resumes_exactly(tmp_path):
     model, method, samples = make()  # a fresh process: new objects, same configuration
     method.run(model.problem, samples, {"steps": 12}, resume=True, **opts)
     assert torch.equal(model.theta.detach(), reference)
+
+
+# --------------------------------------------------------------------------------------------
+# variance-reduced stage 1
+
+
+class _Cycling:
+    """A sampler that returns the positions 0, 1, ..., n−1 in turn (minibatches of one)."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def draw(self, n, size, count=1, device=None):
+        assert size == 1 and count == 1
+        idx = torch.tensor([self.next % n])
+        self.next += 1
+        return idx
+
+
+def test_variance_reduced_solver_reaches_the_fixed_point(ridge):
+    """SVRG steps converge to ŵ(θ) itself; constant-step SGD stalls at its noise floor."""
+    w_star = ridge.solution().reshape(1, -1)
+    eta = 1.0 / ridge.smoothness()
+    errors, costs = {}, {}
+    for name, solver in (
+        ("svrg", VarianceReducedFixedPoint(800, 0.5, refresh=40)),
+        ("sgd", StochasticFixedPoint.constant(0.5, 800)),
+    ):
+        cost = Cost()
+        phi = LowerMap(ridge.problem, eta, MinibatchSampler(0), 6, cost)
+        sol = solver.solve(phi, ridge.init_w())
+        errors[name] = float((sol.x - w_star).norm() / w_star.norm())
+        costs[name] = cost.grad_evals
+    assert errors["svrg"] < 1e-9 < 1e-3 < errors["sgd"]
+    # two minibatch gradients per iteration and one full gradient per refresh (20 of them)
+    n = ridge.n_train
+    assert costs["svrg"] == pytest.approx(800 * 2 * 6 / n + 20)
+    assert costs["sgd"] == pytest.approx(800 * 6 / n)
+
+
+def test_variance_reduced_gradient_is_exact_at_the_anchor_after_theta_moves(ridge):
+    """θ enters only the regulariser: at x = x̃ the corrected gradient is ∇h(x̃, θ) exactly,
+    whatever θ has become since the anchor was taken."""
+    model = _ridge(theta=-1.0)
+    eta, beta = 1.0 / model.smoothness(), 0.5
+    solver = VarianceReducedFixedPoint(1, beta, refresh=100)
+    phi = LowerMap(model.problem, eta, MinibatchSampler(3), 5, Cost())
+    x0 = 0.3 * torch.ones((1, *model.event_shape), dtype=torch.float64)
+    solver.solve(phi, x0)  # anchor at (x0, θ0)
+    with torch.no_grad():
+        model.theta.add_(torch.linspace(-0.5, 0.8, model.theta.numel(), dtype=torch.float64))
+    x1 = solver.solve(phi, x0).x
+    exact = x0 - beta * eta * phi.full_gradient(x0)
+    torch.testing.assert_close(x1, exact, rtol=0, atol=1e-13)
+
+
+def test_variance_reduced_gradient_is_unbiased_when_theta_weights_samples():
+    """Hypercleaning (θ weights each sample): averaged over all minibatches of one sample,
+    the corrected step from x ≠ x̃ after θ moved is the exact gradient step."""
+    Xtr, ytr, Xv, yv = _classification(3, n=30)
+    model = hypercleaning_model(Xtr, ytr, Xv, yv, 0.2, l2=0.1)
+    eta, beta, n = 1.0 / model.smoothness(), 0.5, model.n_train
+    solver = VarianceReducedFixedPoint(1, beta, refresh=10**6)
+    phi = LowerMap(model.problem, eta, _Cycling(), 1, Cost())
+    gen = torch.Generator().manual_seed(0)
+    anchor = 0.2 * torch.randn((1, *model.event_shape), generator=gen, dtype=torch.float64)
+    x = anchor + 0.1 * torch.randn(anchor.shape, generator=gen, dtype=torch.float64)
+    solver.solve(phi, anchor)
+    with torch.no_grad():
+        model.theta.copy_(torch.linspace(-1.0, 1.0, n, dtype=torch.float64))
+    phi.sampler.next = 0
+    steps = torch.stack([solver.solve(phi, x).x for _ in range(n)])
+    exact = x - beta * eta * phi.full_gradient(x)
+    torch.testing.assert_close(steps.mean(0), exact, rtol=0, atol=1e-12)
+    assert float((steps - exact).abs().max()) > 1e-4  # each single step is noisy
+
+
+def test_variance_reduced_anchor_lifecycle(ridge):
+    cost = Cost()
+    phi = LowerMap(ridge.problem, 0.1, MinibatchSampler(0), 5, cost)
+    solver = VarianceReducedFixedPoint(3, 0.5)  # refresh = ⌈120/5⌉ = 24 iterations
+    x = ridge.init_w()
+    for _ in range(8):  # 24 iterations: one full gradient
+        x = solver.solve(phi, x).x
+    assert solver.anchored and cost.grad_evals == pytest.approx(1 + 24 * 2 * 5 / 120)
+    solver.solve(phi, x)  # the 25th iteration refreshes
+    assert cost.grad_evals == pytest.approx(2 + 27 * 2 * 5 / 120)
+    two = torch.cat([x, x])  # another iterate shape: a new anchor at once
+    solver.solve(phi, two)
+    assert cost.grad_evals == pytest.approx(2 + 27 * 2 * 5 / 120 + 2 + 3 * 2 * 2 * 5 / 120)
+    state = solver.state_dict()
+    again = VarianceReducedFixedPoint(3, 0.5)
+    again.load_state_dict(state)
+    before = cost.grad_evals
+    again.solve(phi, two)  # the restored anchor is used: no full gradient
+    assert cost.grad_evals == pytest.approx(before + 2 * 3 * 2 * 5 / 120)
+    solver.reset()
+    assert not solver.anchored
+    with pytest.raises(BilevelError, match="LowerMap"):
+        solver.solve(lambda v: v, x)
+    with pytest.raises(BilevelError, match="step"):
+        VarianceReducedFixedPoint(3, step=0.0)
+    with pytest.raises(BilevelError, match="refresh"):
+        VarianceReducedFixedPoint(3, refresh=0)
+
+
+def test_sid_with_variance_reduced_stage_one_is_more_accurate(ridge):
+    """Same t = k, batches and steps: the SVRG stage 1 lowers the hypergradient error."""
+    ref = ridge.hypergradient()
+    eta = 1.0 / ridge.smoothness()
+    errors = {}
+    for name, make in (
+        ("svrg", lambda: VarianceReducedFixedPoint(200, 0.5)),
+        ("sgd", lambda: StochasticFixedPoint.constant(0.5, 200)),
+    ):
+        errs = []
+        for seed in range(3):
+            sid = SID(
+                lower_solver=make(),
+                linear_solver=StochasticLinearFixedPoint(200, 20.0, 40.0),
+                step=eta,
+                lower_batch=6,
+                linear_batch=6,
+                final_batch=None,
+                seed=seed,
+            )
+            hg = sid(ridge.problem, None, ridge.init_w())
+            errs.append(float((hg.grad[0] - ref).norm() / ref.norm()))
+        errors[name] = sum(errs) / len(errs)
+    assert errors["svrg"] < 0.5 * errors["sgd"]

@@ -43,14 +43,16 @@ VJP on the J·b final samples. Gradients of the upper level are not counted (as 
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bilevel.autodiff import Cost, LowerLevel, upper_gradients
 from bilevel.hypergrad import Estimator, Hypergradient
@@ -70,6 +72,8 @@ __all__ = [
     "StochasticLowerSolver",
     "StochasticMap",
     "StochasticSolution",
+    "VarianceReducedFixedPoint",
+    "snapshot_theta",
 ]
 
 _CHECK_EVERY = 16  # iterations between finiteness checks (each check synchronises a GPU)
@@ -331,12 +335,21 @@ class StochasticFixedPoint:
         return StochasticSolution(out, x, t, n_avg, eta)
 
     def _check(self, x: Tensor, s: int) -> None:
-        if not bool(torch.isfinite(x).all()):
-            raise NonFiniteError(
-                f"{type(self).__name__}: the iterates became NaN or infinite by iteration {s} "
-                f"({self.describe()}). The sampled map is not a contraction for these steps: "
-                "increase gamma (smaller first steps), decrease beta, or use larger minibatches"
-            )
+        _check_iterate(
+            x,
+            s,
+            f"{type(self).__name__} ({self.describe()})",
+            "increase gamma (smaller first steps), decrease beta, or use larger minibatches",
+        )
+
+
+def _check_iterate(x: Tensor, s: int, solver: str, advice: str) -> None:
+    """Raise :class:`NonFiniteError` when the iterate x (after s iterations) is not finite."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(
+            f"{solver}: the iterates became NaN or infinite by iteration {s}. The sampled map "
+            f"is not a contraction for these steps: {advice}"
+        )
 
 
 @dataclass(frozen=True)
@@ -347,6 +360,151 @@ class StochasticLinearFixedPoint(StochasticFixedPoint):
     Hessian-vector product per step. Fields, step sizes, averaging and errors as in
     :class:`StochasticFixedPoint`.
     """
+
+
+def snapshot_theta(theta: Any) -> Any:
+    """A detached copy of θ (tensor, sequence or mapping of tensors, or ``nn.Module``) that
+    later optimiser steps leave unchanged."""
+    if isinstance(theta, nn.Module):
+        return copy.deepcopy(theta).requires_grad_(False)
+    if isinstance(theta, Tensor):
+        return theta.detach().clone()
+    if isinstance(theta, Mapping):
+        return {k: snapshot_theta(v) for k, v in theta.items()}
+    if isinstance(theta, (tuple, list)):
+        return type(theta)(snapshot_theta(v) for v in theta)
+    return theta
+
+
+class VarianceReducedFixedPoint:
+    """SVRG-type iteration for w = Φ(w) = w − η∇_w h(w, θ) (a stage-1 solver of SID).
+
+    x_{s+1} = (1 − β) x_s + β (x_s − η g̃(x_s)),  with the control-variate gradient
+
+        g̃(x) = ∇_w ĥ(x, θ; I) − ∇_w ĥ(x̃, θ̃; I) + ∇_w h(x̃, θ̃)
+
+    on one fresh minibatch I, where (x̃, θ̃) is an *anchor* at which the full gradient is
+    known. g̃ is unbiased for ∇_w h(x, θ) whatever the anchor; its variance vanishes as
+    (x, θ) → (x̃, θ̃) (for models where θ enters only a regulariser that every minibatch
+    energy contains in full, such as the per-feature models, the θ-part cancels exactly and
+    only ‖x − x̃‖ matters). So the iterates reach the fixed point instead of the noise floor
+    of :class:`StochasticFixedPoint` with a constant step, which is what lets SID's
+    hypergradients follow w(θ) closely with a few iterations per upper-level step.
+
+    β (``step``, dimensionless, a fraction of the map step η ≈ 1/L) is constant. The anchor is
+    the current iterate, with θ̃ a snapshot of θ; it is taken at the first iteration and again
+    every ``refresh`` iterations (``None``: ⌈N/b⌉, one pass of minibatches). It is kept
+    across calls, so successive upper-level steps share it while θ moves little; a call with
+    another problem or iterate shape takes a new one. Cost per iteration: two minibatch
+    gradients (2b/N of a call per instance); per refresh: one full gradient.
+
+    The map passed to :meth:`solve` must be a :class:`LowerMap` (SID passes one). The object
+    holds the anchor: use one per estimator; :meth:`state_dict` / :meth:`load_state_dict`
+    checkpoint it and :meth:`reset` drops it.
+
+    Raises:
+        BilevelError: ``phi`` is not a :class:`LowerMap`.
+        NonFiniteError: an iterate became NaN or infinite (checked every 16 iterations).
+    """
+
+    def __init__(self, iterations: int = 100, step: float = 0.5, refresh: int | None = None):
+        self.iterations = _nonnegative_int("iterations", iterations)
+        self.step = _positive_float("step", step)
+        self.refresh = None if refresh is None else _positive_int("refresh", refresh)
+        self.reset()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(iterations={self.iterations}, step={self.step:g}, "
+            f"refresh={self.refresh})"
+        )
+
+    def reset(self) -> None:
+        """Drop the anchor: the next iteration computes a full gradient."""
+        self._anchor: Tensor | None = None
+        self._anchor_theta: Any = None
+        self._anchor_gradient: Tensor | None = None
+        self._anchor_key: tuple[Any, ...] | None = None
+        self._since_refresh = 0
+
+    @property
+    def anchored(self) -> bool:
+        """Whether an anchor is held."""
+        return self._anchor is not None
+
+    def _take_anchor(self, phi: LowerMap, x: Tensor, key: tuple[Any, ...]) -> None:
+        theta = snapshot_theta(phi.problem.theta)
+        self._anchor = x.detach().clone()
+        self._anchor_theta = theta
+        self._anchor_gradient = phi.full_gradient(self._anchor, theta)
+        self._anchor_key = key
+        self._since_refresh = 0
+
+    def solve(self, phi: StochasticMap, x0: Tensor) -> StochasticSolution:
+        """Run ``iterations`` steps from ``x0`` (B, ...)."""
+        if not isinstance(phi, LowerMap):
+            raise BilevelError(
+                f"{type(self).__name__} needs the LowerMap of SID's stage 1 (minibatch and "
+                f"full gradients), got {type(phi).__name__}"
+            )
+        x = x0.detach()
+        refresh = self.refresh or math.ceil(phi.n / phi.batch_size)
+        key = (id(phi.problem), tuple(x.shape), x.dtype, x.device)
+        if self._anchor_key != key:
+            self._adopt_restored(phi, x, key)
+        beta, eta = self.step, phi.step
+        for s in range(self.iterations):
+            if self._anchor is None or self._since_refresh >= refresh:
+                self._take_anchor(phi, x, key)
+            idx = phi.draw(x.device)
+            g = phi.gradient(x, idx) - phi.gradient(self._anchor, idx, self._anchor_theta)
+            x = x - (beta * eta) * (g + self._anchor_gradient)
+            self._since_refresh += 1
+            if (s + 1) % _CHECK_EVERY == 0 or s == self.iterations - 1:
+                _check_iterate(x, s + 1, repr(self), "decrease the step or use larger minibatches")
+        return StochasticSolution(x, x, self.iterations, 0, beta if self.iterations else math.nan)
+
+    def _adopt_restored(self, phi: LowerMap, x: Tensor, key: tuple[Any, ...]) -> None:
+        """Keep an anchor restored by :meth:`load_state_dict` if it fits ``x``; else reset."""
+        restored = self._anchor_key == _RESTORED and self._anchor is not None
+        if not (restored and self._anchor.shape == x.shape):
+            self.reset()
+            return
+        theta = self._anchor_theta
+        if isinstance(phi.problem.theta, nn.Module):  # saved as the module's state dict
+            module = snapshot_theta(phi.problem.theta)
+            module.load_state_dict(theta)
+            theta = module
+        self._anchor = self._anchor.to(x)
+        self._anchor_gradient = self._anchor_gradient.to(x)
+        self._anchor_theta = theta
+        self._anchor_key = key
+
+    def state_dict(self) -> dict[str, Any]:
+        """The anchor (x̃, θ̃, ∇h(x̃, θ̃)) and the iterations since it was taken (tensors and
+        plain containers only; an ``nn.Module`` θ̃ is saved as its state dict)."""
+        theta = self._anchor_theta
+        return {
+            "anchor": self._anchor,
+            "anchor_theta": theta.state_dict() if isinstance(theta, nn.Module) else theta,
+            "anchor_gradient": self._anchor_gradient,
+            "since_refresh": self._since_refresh,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. The next call uses the anchor if its iterate has the
+        anchor's shape (the problem is assumed to be the checkpoint's), else takes a new one."""
+        self.reset()
+        if state.get("anchor") is None:
+            return
+        self._anchor = state["anchor"]
+        self._anchor_theta = state["anchor_theta"]
+        self._anchor_gradient = state["anchor_gradient"]
+        self._since_refresh = int(state["since_refresh"])
+        self._anchor_key = _RESTORED
+
+
+_RESTORED = ("restored from a checkpoint",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,15 +540,33 @@ class LowerMap:
         self.batch_size = self.n if batch_size is None else int(batch_size)
         self.cost = cost
 
-    def gradient(self, w: Tensor) -> Tensor:
-        """∇_w ĥ(w, θ; I) on a fresh minibatch, shape of w (detached)."""
-        idx = self.sampler.draw(self.n, self.batch_size, device=w.device)
+    def draw(self, device: torch.device | str | None = None) -> Tensor:
+        """A fresh minibatch of ``batch_size`` sample positions (nothing is counted)."""
+        return self.sampler.draw(self.n, self.batch_size, device=device)
+
+    def gradient(self, w: Tensor, index: Tensor | None = None, theta: Any = None) -> Tensor:
+        """∇_w ĥ(w, θ; I) on the minibatch ``index`` (default: a fresh one), shape of w
+        (detached). ``theta`` defaults to the problem's current θ (a snapshot may be passed)."""
+        idx = self.draw(w.device) if index is None else index
+        theta = self.problem.theta if theta is None else theta
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
-            e = self.problem.lower_sample_energy(wr, self.problem.theta, idx)
+            e = self.problem.lower_sample_energy(wr, theta, idx)
             e = _checked_values("lower_sample_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
-        self.cost.grad_evals += w.shape[0] * self.batch_size / self.n
+        self.cost.grad_evals += w.shape[0] * idx.numel() / self.n
+        return g
+
+    def full_gradient(self, w: Tensor, theta: Any = None) -> Tensor:
+        """∇_w h(w, θ) on all N samples (the problem's ``lower_energy`` with ``batch=None``),
+        counting one gradient evaluation per instance."""
+        theta = self.problem.theta if theta is None else theta
+        with torch.enable_grad():
+            wr = w.detach().requires_grad_(True)
+            e = self.problem.lower_energy(wr, theta, None)
+            e = _checked_values("lower_energy", e, w.shape[0])
+            (g,) = torch.autograd.grad(e.sum(), wr)
+        self.cost.grad_evals += w.shape[0]
         return g
 
     def __call__(self, w: Tensor) -> Tensor:
@@ -563,6 +739,23 @@ class SID(Estimator):
     def samplers(self) -> StageSamplers:
         """The three minibatch streams owned by this estimator."""
         return self._samplers  # type: ignore[attr-defined]
+
+    _SOLVERS = ("lower_solver", "linear_solver")
+
+    def solver_state_dict(self) -> dict[str, Any]:
+        """The states of stateful stage solvers (those with ``state_dict``), for checkpoints."""
+        return {
+            name: getattr(self, name).state_dict()
+            for name in self._SOLVERS
+            if callable(getattr(getattr(self, name), "state_dict", None))
+        }
+
+    def load_solver_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`solver_state_dict`."""
+        for name, solver_state in state.items():
+            if name not in self._SOLVERS:
+                raise BilevelError(f"unknown SID solver {name!r} in the saved state")
+            getattr(self, name).load_state_dict(solver_state)
 
     # -- checks ----------------------------------------------------------------------------
 

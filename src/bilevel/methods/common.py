@@ -516,7 +516,7 @@ class Engine:
         load_params(self.params, list(state["theta"]))
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
-        self.cost = int(state["cost"])
+        self.cost = state["cost"]  # fractional for minibatch estimators (b/N per call)
 
 
 @contextlib.contextmanager

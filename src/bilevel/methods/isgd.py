@@ -276,6 +276,7 @@ class _ISGDEngine(Engine):
         return record
 
     def state_dict(self) -> dict[str, Any]:
+        solver_state = getattr(self.cfg.estimator, "solver_state_dict", None)
         return {
             **self.base_state(),
             "optimizer": self.optimizer.state_dict(),
@@ -283,6 +284,8 @@ class _ISGDEngine(Engine):
             "adjoint": None if self.adjoint is None else self.adjoint.clone(),
             "perm": self.perm.clone(),
             "pos": self.pos,
+            # stateful stage solvers of SID (e.g. the anchor of VarianceReducedFixedPoint)
+            "estimator_solvers": solver_state() if solver_state is not None else {},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -298,6 +301,9 @@ class _ISGDEngine(Engine):
         adjoint = state["adjoint"]
         self.adjoint = None if adjoint is None else adjoint.to(self.x_warm)
         self.perm = state["perm"].clone()
+        load_solvers = getattr(self.cfg.estimator, "load_solver_state_dict", None)
+        if load_solvers is not None and state.get("estimator_solvers"):
+            load_solvers(state["estimator_solvers"])
         self.pos = int(state["pos"])
 
 

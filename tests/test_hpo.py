@@ -15,9 +15,12 @@ from bilevel.learning.job import (
     box_projection,
     build_model,
     default_shrinkage,
+    hpo_estimator,
     load_data,
     single_strength_baseline,
 )
+from bilevel.problem import BilevelError
+from bilevel.stochastic import StochasticFixedPoint, VarianceReducedFixedPoint
 
 pytest.importorskip("sklearn")
 
@@ -283,6 +286,12 @@ def test_building_blocks():
     theta = torch.tensor([-20.0, 0.0, 5.0])
     box_projection(-10.0, 1.0)(theta)
     assert theta.tolist() == [-10.0, 0.0, 1.0]
+    # SID's stage 1: variance-reduced by default, plain SGD on request
+    assert isinstance(hpo_estimator(model, "sid").lower_solver, VarianceReducedFixedPoint)
+    sgd = hpo_estimator(model, "sid", sid_solver="sgd").lower_solver
+    assert isinstance(sgd, StochasticFixedPoint) and sgd.gamma is None
+    with pytest.raises(BilevelError, match="unknown SID solver 'adam'"):
+        hpo_estimator(model, "sid", sid_solver="adam")
 
 
 # --------------------------------------------------------------------------------------------

@@ -116,9 +116,10 @@ class MinibatchSampler:
     """Uniform minibatches of sample positions 0..n−1 from one CPU ``torch.Generator``.
 
     With ``replace=False`` (default) each minibatch holds ``size`` *distinct* positions, a
-    uniformly random subset (the first distinct values of i.i.d. draws when 4·size ≤ n, a
-    truncated random permutation otherwise; a minibatch of all n samples is ``arange(n)``),
-    at a cost of O(size log size), not O(n), for small minibatches of large sets; successive
+    uniformly random subset in increasing order (so that row gathers read memory in order),
+    drawn from the distinct values of i.i.d. draws when 4·size ≤ n (O(size log size), not
+    O(n), for small minibatches of large sets) and from a random permutation otherwise; a
+    minibatch of all n samples is ``arange(n)``. Successive
     minibatches are independent, so a sample may reappear in the next minibatch. With
     ``replace=True`` positions are i.i.d. uniform and may repeat within a minibatch. Either way
     the minibatch mean of per-sample terms is an unbiased estimate of the full mean.
@@ -151,20 +152,23 @@ class MinibatchSampler:
     def _subset(self, n: int, size: int) -> Tensor:
         g = self.generator
         if 4 * size > n:
-            return torch.randperm(n, generator=g)[:size]
-        # i.i.d. draws, keeping the first occurrence of each position in order of appearance:
-        # the first `size` distinct positions form a uniformly random subset, in O(size log size)
-        # rather than the O(n) of a permutation. About size²/(2n) draws repeat: draw a few more.
-        draws = torch.randint(n, (size + size * size // n + 16,), generator=g)
+            return torch.randperm(n, generator=g)[:size].sort().values
+        # The distinct values U of i.i.d. draws form, given |U|, a uniformly random subset;
+        # dropping |U| − size of them at random leaves a uniformly random subset of `size`.
+        # O(size log size) rather than the O(n) of a permutation; about size²/(2n) draws
+        # repeat, so draw a few more. torch.unique sorts: rows are then read in memory order.
+        m = size + size * size // n + 16
         while True:
-            ordered, order = torch.sort(draws, stable=True)
-            first = torch.ones_like(ordered, dtype=torch.bool)
-            first[1:] = ordered[1:] != ordered[:-1]
-            keep = torch.sort(order[first]).values
-            if keep.numel() >= size:
-                return draws[keep[:size]]
-            extra = torch.randint(n, (2 * (size - keep.numel()) + 16,), generator=g)
-            draws = torch.cat([draws, extra])
+            distinct = torch.unique(torch.randint(n, (m,), generator=g))
+            if distinct.numel() >= size:
+                break
+            m *= 2
+        surplus = distinct.numel() - size
+        if surplus:
+            keep = torch.ones(distinct.numel(), dtype=torch.bool)
+            keep[torch.randperm(distinct.numel(), generator=g)[:surplus]] = False
+            distinct = distinct[keep]
+        return distinct
 
     def reset(self) -> None:
         """Restart the stream from its seed."""

@@ -71,7 +71,12 @@ from bilevel.methods import ISGD, Budget, RunResult, TensorSamples
 from bilevel.problem import BilevelError
 from bilevel.runs import to_jsonable
 from bilevel.schedules import Accuracy, Clipped, Polynomial, as_schedule
-from bilevel.stochastic import SID, StochasticFixedPoint, StochasticLinearFixedPoint
+from bilevel.stochastic import (
+    SID,
+    StochasticFixedPoint,
+    StochasticLinearFixedPoint,
+    VarianceReducedFixedPoint,
+)
 
 __all__ = [
     "DEFAULT_PRIOR_STD",
@@ -94,6 +99,7 @@ __all__ = [
 ]
 
 METHODS = ("sid", "aid-cg", "itd")
+SID_SOLVERS = ("svrg", "sgd")  # stage-1 solvers of SID in `bilevel hpo`
 MODELS = ("logistic", "ridge", "hypercleaning")
 
 #: Box [θ_lo, θ_hi] for the log-strengths (logistic, ridge: λ ∈ [4.5e-5, 20]) and for the
@@ -359,15 +365,19 @@ def hpo_estimator(
     inner_steps: int | None = None,
     batch_size: int | None = None,
     seed: int = 0,
+    sid_solver: str = "svrg",
 ) -> Estimator:
     """The hypergradient estimator of ``method`` for ``model``, configured for warm starts.
 
-    * ``sid``: t = k = ``inner_steps`` (default 3) constant-step stochastic fixed-point
-      iterations η_s ≡ 0.5 with the map Φ(w) = w − ∇_w ĥ(w)/L(θ) (SGD with step 0.5/L) on
-      minibatches of ``batch_size`` training samples (default 12√N, in [64, 4096]), with the
-      exact validation gradient. The final stage uses one sample for the
-      per-feature models (θ enters only the regulariser, so J = ∂_θ∇_w Ω involves no data)
-      and all samples for hypercleaning (θ weights every sample);
+    * ``sid``: t = k = ``inner_steps`` (default 3) constant-step iterations η_s ≡ 0.5 with
+      the map Φ(w) = w − ∇_w ĥ(w)/L(θ) (steps 0.5/L) on minibatches of ``batch_size``
+      training samples (default 12√N, in [64, 4096]), with the exact validation gradient.
+      Stage 1 (``sid_solver``) is :class:`VarianceReducedFixedPoint` (``"svrg"``: its anchor,
+      a full gradient every ⌈N/b⌉ iterations, is carried across upper-level steps) or plain
+      SGD (``"sgd"``: :class:`StochasticFixedPoint`); stage 2 is plain. The final stage uses
+      one sample for the per-feature models (θ enters only the regulariser, so
+      J = ∂_θ∇_w Ω involves no data) and all samples for hypercleaning (θ weights every
+      sample);
     * ``aid-cg``: L-BFGS lower solve and CG adjoint to the tolerances of :func:`hpo_method`
       (at most ``inner_steps`` iterations each, default 200);
     * ``itd``: ``inner_steps`` (default 20) differentiated gradient steps of length 1/L(θ).
@@ -380,6 +390,10 @@ def hpo_estimator(
     if inner_steps is not None and (isinstance(inner_steps, bool) or inner_steps < 1):
         raise BilevelError(f"inner_steps must be a positive integer, got {inner_steps!r}")
     if method == "sid":
+        if sid_solver not in SID_SOLVERS:
+            raise BilevelError(
+                f"unknown SID solver {sid_solver!r}; choose one of {', '.join(SID_SOLVERS)}"
+            )
         t = 3 if inner_steps is None else int(inner_steps)
         n = model.n_train
         b = _default_batch(n) if batch_size is None else int(batch_size)
@@ -388,7 +402,9 @@ def hpo_estimator(
         # θ enters only Ω for per-feature models: J = ∂_θ∇_w Ω needs no data, one sample does
         final = None if isinstance(model, HypercleaningModel) else 1
         return SID(
-            lower_solver=StochasticFixedPoint.constant(SID_MAP_STEP, t),
+            lower_solver=VarianceReducedFixedPoint(t, SID_MAP_STEP)
+            if sid_solver == "svrg"
+            else StochasticFixedPoint.constant(SID_MAP_STEP, t),
             linear_solver=StochasticLinearFixedPoint.constant(SID_MAP_STEP, t),
             lower_batch=b,
             linear_batch=b,
@@ -422,6 +438,7 @@ def hpo_method(
     theta_range: tuple[float, float] | None = None,
     inner_steps: int | None = None,
     batch_size: int | None = None,
+    sid_solver: str = "svrg",
 ) -> ISGD:
     """ISGD with Adam (steps α_k = ``step``) and the estimator of ``method``.
 
@@ -437,6 +454,7 @@ def hpo_method(
         inner_steps=inner_steps,
         batch_size=batch_size,
         seed=seed,
+        sid_solver=sid_solver,
     )
     g0 = _gradient_scale(model)
     floor = 1e-3 if model.dtype == torch.float32 else 1e-4
@@ -671,6 +689,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
     meth.add_argument(
         "--batch-size", type=int, default=None, help="sid: minibatch size (default 12√N ≤ 4096)"
     )
+    meth.add_argument(
+        "--sid-solver",
+        choices=SID_SOLVERS,
+        default="svrg",
+        help="sid: stage-1 solver, svrg (default; variance-reduced, a full gradient every N/b "
+        "iterations) or sgd",
+    )
     budget = parser.add_argument_group("budget (the first limit reached ends the run)")
     budget.add_argument("--budget", type=float, default=None, help="oracle calls")
     budget.add_argument("--time", type=float, default=None, help="seconds of computation")
@@ -894,6 +919,7 @@ def run(args: argparse.Namespace) -> int:
         theta_range=theta_range,
         inner_steps=args.inner_steps,
         batch_size=args.batch_size,
+        sid_solver=args.sid_solver,
     )
     result: RunResult = method.run(
         model.problem,

@@ -21,3 +21,27 @@ def test_quickstart_runs_and_matches_closed_form():
     expected = -w * q
     assert torch.allclose(hg.grad[0], expected, atol=1e-4)
     assert hg.bound >= float((hg.grad[0] - expected).norm())
+
+
+def _block_with(text: str) -> str:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if text in b]
+    assert len(blocks) == 1, f"expected one README python block containing {text!r}"
+    return blocks[0]
+
+
+def test_estimator_example_learns_and_scores():
+    ns: dict = {}
+    exec(compile(_block_with("BilevelLogisticRegression("), "README estimator", "exec"), ns)
+    clf, X_test, y_test = ns["clf"], ns["X_test"], ns["y_test"]
+    assert clf.score(X_test, y_test) > 0.93
+    assert clf.strengths_.shape == (30,)
+    assert clf.validation_loss_ < clf.baseline_validation_loss_
+
+
+def test_sid_example_is_close_to_the_closed_form():
+    ns: dict = {}
+    exec(compile(_block_with("VarianceReducedFixedPoint("), "README SID", "exec"), ns)
+    hg, model = ns["hg"], ns["model"]
+    ref = model.hypergradient()
+    assert float((hg.grad[0] - ref).norm()) < 0.1 * float(ref.norm())  # "a few per cent"
+    assert 0 < hg.cost.oracle_calls < 300

@@ -35,7 +35,12 @@ from bilevel.problem import (
     NonFiniteError,
     NotStronglyConvexError,
 )
-from bilevel.stochastic import SID, StochasticFixedPoint, StochasticLinearFixedPoint
+from bilevel.stochastic import (
+    SID,
+    StochasticFixedPoint,
+    StochasticLinearFixedPoint,
+    VarianceReducedFixedPoint,
+)
 
 __all__ = [
     "CG",
@@ -47,6 +52,7 @@ __all__ = [
     "SID",
     "StochasticFixedPoint",
     "StochasticLinearFixedPoint",
+    "VarianceReducedFixedPoint",
     "TensorSamples",
     "fixed_iterations",
     "with_initial",

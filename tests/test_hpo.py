@@ -329,6 +329,32 @@ def test_estimator_multiclass_string_labels():
     assert np.allclose(again.coef_, est.coef_)
 
 
+@pytest.mark.parametrize("method", ["aid-cg", "sid"])
+def test_estimator_sparse_input(method):
+    """scipy.sparse input gives the dense model: the same fit without standardisation, and
+    with it the dense fit on the columns scaled by their root mean square (no centring)."""
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    X, y = load_breast_cancer(return_X_y=True)
+    X = X / X.max(0)
+    X[X < 0.3] = 0.0  # about half the entries
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    S_tr, S_te = scipy_sparse.csr_matrix(Xtr), scipy_sparse.coo_matrix(Xte)
+    options = {"method": method, "max_steps": 15, "random_state": 0}
+    dense = BilevelLogisticRegression(standardize=False, **options).fit(Xtr, ytr)
+    sparse = BilevelLogisticRegression(standardize=False, **options).fit(S_tr, ytr)
+    assert np.allclose(sparse.theta_, dense.theta_, atol=1e-6)
+    assert np.allclose(sparse.coef_, dense.coef_, atol=1e-4)
+    assert np.allclose(sparse.decision_function(S_te), dense.decision_function(Xte), atol=1e-3)
+    assert np.array_equal(sparse.predict(S_te), sparse.predict(Xte))
+    # standardised: columns divided by their root mean square over all rows, never centred
+    rms = np.sqrt((Xtr**2).mean(0))
+    scaled = BilevelLogisticRegression(standardize=False, **options).fit(Xtr / rms, ytr)
+    sparse = BilevelLogisticRegression(**options).fit(S_tr, ytr)
+    assert np.allclose(sparse.theta_, scaled.theta_, atol=1e-6)
+    assert np.allclose(sparse.coef_, scaled.coef_ / rms, atol=1e-4)
+    assert sparse.score(S_te, yte) > 0.9
+
+
 def test_estimator_rejects_bad_parameters():
     X, y = load_breast_cancer(return_X_y=True)
     for params in (

@@ -13,6 +13,7 @@ import torch
 from bilevel.learning import (
     SplitData,
     encode_labels,
+    from_scipy,
     load_mnist,
     load_sklearn,
     make_synthetic_classification,
@@ -24,7 +25,7 @@ from bilevel.learning import (
     split_data,
     to_csr,
 )
-from bilevel.learning.datasets import column_scaling
+from bilevel.learning.datasets import column_scaling, scale_columns, sparse_column_scaling
 from bilevel.problem import BilevelError
 
 MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -403,3 +404,22 @@ def test_select_rows_and_sparse_split():
     torch.testing.assert_close(rms, torch.ones(50), rtol=1e-5, atol=1e-5)
     raw_val = X.to_dense()[data.val_index] / data.feature_scale
     torch.testing.assert_close(data.X_val.to_dense(), raw_val)
+
+
+def test_from_scipy_and_sparse_scaling():
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    rows, cols = np.array([0, 0, 2, 2, 1]), np.array([3, 0, 1, 1, 3])
+    vals = np.array([1.0, -2.0, 0.5, 1.5, 4.0])
+    coo = scipy_sparse.coo_matrix((vals, (rows, cols)), shape=(3, 5))  # (2, 1) twice
+    X = from_scipy(coo)
+    assert X.layout == torch.sparse_csr and X.crow_indices().dtype == torch.int64
+    assert X.dtype == torch.float64 and X.shape == (3, 5)
+    dense = torch.from_numpy(coo.toarray())
+    assert torch.equal(X.to_dense(), dense) and float(X.to_dense()[2, 1]) == 2.0
+    assert from_scipy(coo.astype(np.float32)).dtype == torch.float32
+    # root mean square per column, 1 for the empty columns 2 and 4; nothing is centred
+    scale = sparse_column_scaling(X)
+    expected = (dense**2).mean(0).sqrt()
+    expected[[2, 4]] = 1.0
+    assert torch.allclose(scale, expected)
+    assert torch.allclose(scale_columns(X, scale).to_dense(), dense / expected)

@@ -8,6 +8,7 @@ from typing import Any
 from bilevel.learning.datasets import (
     SplitData,
     encode_labels,
+    from_scipy,
     is_sparse,
     load_mnist,
     load_sklearn,
@@ -64,6 +65,7 @@ __all__ = [
     "build_model",
     "corrupt_labels",
     "encode_labels",
+    "from_scipy",
     "hypercleaning_model",
     "hypercleaning_problem",
     "hpo_estimator",

@@ -23,6 +23,7 @@ import pathlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,6 +96,19 @@ def to_csr(X: Tensor) -> Tensor:
     return _csr(Y.crow_indices(), Y.col_indices(), Y.values(), tuple(Y.shape))
 
 
+def from_scipy(X: Any) -> Tensor:
+    """A ``scipy.sparse`` matrix (any format) as a ``torch.sparse_csr`` tensor with int64
+    indices and the matrix's dtype; duplicate entries are summed, column indices sorted."""
+    X = X.tocsr(copy=True)
+    X.sum_duplicates()
+    return _csr(
+        torch.from_numpy(X.indptr.astype(np.int64)),
+        torch.from_numpy(X.indices.astype(np.int64)),
+        torch.from_numpy(X.data),
+        tuple(X.shape),
+    )
+
+
 def select_rows(X: Tensor, index: Tensor | None) -> Tensor:
     """Rows ``index`` of a dense or sparse matrix ``X`` (sparse results are CSR).
 
@@ -126,8 +140,9 @@ def _csr_row_ids(X: Tensor) -> Tensor:
     )
 
 
-def _scale_columns(X: Tensor, scale: Tensor) -> Tensor:
-    """X diag(1/scale) for a CSR matrix."""
+def scale_columns(X: Tensor, scale: Tensor) -> Tensor:
+    """X diag(1/scale) for a sparse matrix (the result is CSR)."""
+    X = to_csr(X)
     return _csr(X.crow_indices(), X.col_indices(), X.values() / scale[X.col_indices()], X.shape)
 
 
@@ -345,17 +360,24 @@ def split_data(
 def _standardize(Xs: list[Tensor]) -> tuple[list[Tensor], Tensor | None, Tensor]:
     """Standardise [train, val, test] with the training statistics."""
     X_tr = Xs[0]
-    eps = torch.finfo(X_tr.dtype).eps
     if is_sparse(X_tr):
-        n, d = X_tr.shape
-        col = X_tr.col_indices()
-        sq = torch.zeros(d, dtype=torch.float64, device=col.device)
-        sq.index_add_(0, col, X_tr.values().to(torch.float64) ** 2)
-        rms = torch.sqrt(sq / max(n, 1)).to(X_tr.dtype)
-        scale = torch.where(rms > eps, rms, torch.ones_like(rms))
-        return [_scale_columns(X, scale) for X in Xs], None, scale
+        scale = sparse_column_scaling(X_tr)
+        return [scale_columns(X, scale) for X in Xs], None, scale
     mean, scale = column_scaling(X_tr)
     return [(X - mean) / scale for X in Xs], mean, scale
+
+
+def sparse_column_scaling(X: Tensor) -> Tensor:
+    """s of the scaling x/s of the sparse rows X (n, d), without centring (which would fill the
+    matrix): the root mean square of each column, or 1 for a column that is zero up to
+    roundoff (s ≤ ε, the dtype's machine epsilon)."""
+    X = to_csr(X)
+    n, d = X.shape
+    sq = torch.zeros(d, dtype=torch.float64, device=X.values().device)
+    sq.index_add_(0, X.col_indices(), X.values().to(torch.float64) ** 2)
+    rms = torch.sqrt(sq / max(n, 1)).to(X.dtype)
+    eps = torch.finfo(X.dtype).eps
+    return torch.where(rms > eps, rms, torch.ones_like(rms))
 
 
 def column_scaling(X: Tensor, center: bool = True) -> tuple[Tensor, Tensor]:

@@ -3,14 +3,16 @@
 :class:`BilevelLogisticRegression` fits ℓ2-regularised logistic regression (binary or
 multinomial) whose penalty ½ Σ_k λ_k ‖w_k‖² has one strength λ_k = exp θ_k per feature. ``fit``
 
-1. standardises the features (x − m)/s with statistics of all rows (``standardize=True``),
+1. standardises the features (x − m)/s with statistics of all rows (``standardize=True``;
+   sparse input is scaled x/s without centring, which keeps it sparse),
 2. holds out a stratified validation split (``validation_fraction`` of the rows),
 3. picks the best common θ on a grid by validation loss (``init="baseline"``),
 4. learns θ per feature by ISGD with Adam on the validation loss F(θ) = f(w(θ)), with AID-CG or
    SID hypergradients (:func:`bilevel.learning.job.hpo_method`),
 5. refits w on all rows with the learned strengths (L-BFGS to a tight tolerance).
 
-Requires scikit-learn (the ``learning`` extra). Computations run in float64 on the CPU.
+Dense arrays and ``scipy.sparse`` matrices are accepted. Requires scikit-learn (the
+``learning`` extra). Computations run in float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from bilevel.learning.datasets import column_scaling
+from bilevel.learning.datasets import (
+    column_scaling,
+    from_scipy,
+    scale_columns,
+    select_rows,
+    sparse_column_scaling,
+)
 from bilevel.learning.job import (
     DEFAULT_STEP,
     LowerEvaluator,
@@ -36,6 +44,7 @@ from bilevel.learning.models import LogisticModel
 from bilevel.methods import Budget
 
 try:
+    import scipy.sparse
     from sklearn.base import BaseEstimator, ClassifierMixin
     from sklearn.model_selection import train_test_split
     from sklearn.utils import check_random_state
@@ -127,6 +136,11 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
     # ---------------------------------------------------------------------------- validation
 
     def _check_params(self) -> tuple[float, float]:
@@ -166,10 +180,10 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
 
         Raises:
             ValueError: bad parameters, fewer than two classes, or data scikit-learn rejects
-                (NaN, infinite values, sparse matrices, empty arrays).
+                (NaN, infinite values, empty arrays).
         """
         lo, hi = self._check_params()
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        X, y = validate_data(self, X, y, accept_sparse="csr", dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, y_codes = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
@@ -182,23 +196,15 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
 
-        X64 = np.array(X, dtype=np.float64, copy=True)
-        if self.standardize:
-            m, s = column_scaling(torch.from_numpy(X64), center=self.fit_intercept)
-            mean, scale = m.numpy(), s.numpy()
-        else:
-            mean, scale = np.zeros(d), np.ones(d)
-        Z = (X64 - mean) / scale
-        y_codes = np.asarray(y_codes, dtype=np.int64)
-
-        train, val = self._split(n, y_codes, n_classes, rng)
-        t = torch.from_numpy
-        Zt, yt = t(Z), t(y_codes)
+        Zt, mean, scale = self._standardized(X)
+        yt = torch.from_numpy(np.asarray(y_codes, dtype=np.int64))
+        train, val = (torch.from_numpy(i) for i in self._split(n, y_codes, n_classes, rng))
+        Z_val, y_val = select_rows(Zt, val), yt[val]
         model = LogisticModel(
-            Zt[train],
+            select_rows(Zt, train),
             yt[train],
-            Zt[val],
-            yt[val],
+            Z_val,
+            y_val,
             0.0,
             n_classes,
             fit_intercept=self.fit_intercept,
@@ -208,7 +214,7 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
             ),
         )
         attach_lipschitz(model)
-        evaluator = LowerEvaluator(model, Zt[val], yt[val])
+        evaluator = LowerEvaluator(model, Z_val, y_val)
         if isinstance(self.init, str):
             theta0 = single_strength_baseline(model, evaluator, theta_range=(lo, hi))["theta"]
         else:
@@ -251,6 +257,24 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         self.intercept_ = np.asarray(bias - coef @ mean, dtype=np.float64)
         return self
 
+    def _standardized(self, X: Any) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """(Z, m, s): the features Z = (X − m)/s as a float64 tensor (torch CSR for sparse X,
+        with m = 0), and the statistics m and s (d,) of all rows (zeros and ones when not
+        ``standardize``)."""
+        d = X.shape[1]
+        mean, scale = np.zeros(d), np.ones(d)
+        if scipy.sparse.issparse(X):
+            Z = from_scipy(X.astype(np.float64))
+            if self.standardize:
+                scale = sparse_column_scaling(Z).numpy()
+                Z = scale_columns(Z, torch.from_numpy(scale))
+            return Z, mean, scale
+        X64 = np.array(X, dtype=np.float64, copy=True)
+        if self.standardize:
+            m, s = column_scaling(torch.from_numpy(X64), center=self.fit_intercept)
+            mean, scale = m.numpy(), s.numpy()
+        return torch.from_numpy((X64 - mean) / scale), mean, scale
+
     def _split(
         self, n: int, y: np.ndarray, n_classes: int, rng: np.random.RandomState
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -271,8 +295,8 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         """Scores x·coef + intercept: (n,) for two classes (positive: ``classes_[1]``), else
         (n, K)."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        scores = np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
+        X = validate_data(self, X, accept_sparse="csr", reset=False, dtype=[np.float64, np.float32])
+        scores = np.asarray(X @ self.coef_.T, dtype=np.float64) + self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
     def predict_proba(self, X: Any) -> np.ndarray:

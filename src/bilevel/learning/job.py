@@ -495,7 +495,8 @@ class LowerEvaluator:
     1e-5 in float32), warm-started from the previous evaluation. As an ISGD ``evaluate``
     callback, ``evaluator(theta, step)`` returns ``{"val_loss": F(θ), "test_accuracy": ...}``
     (classification) or ``{"val_loss", "test_mse", "test_r2"}`` (ridge; mean squared error in
-    squared target units, and the coefficient of determination).
+    squared target units, and the coefficient of determination), plus ``"shrinkage_penalty"``
+    r(θ) = (ρ/2)‖θ − θ̄‖² when the model has a shrinkage ρ > 0 (the upper objective is F + r).
     """
 
     def __init__(
@@ -541,6 +542,8 @@ class LowerEvaluator:
         with torch.no_grad():
             val = float(model.val_loss(w, model.theta).reshape(-1)[0])
             out = {"val_loss": val}
+            if getattr(model, "shrinkage", 0.0):
+                out["shrinkage_penalty"] = float(model.shrinkage_penalty(model.theta))
             if isinstance(model, RidgeModel):
                 pred = (self.X_test @ w[0].unsqueeze(1))[:, 0]
                 y = self.y_test.to(pred.dtype)
@@ -941,7 +944,49 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(to_jsonable(summary), allow_nan=False))
     else:
         _print_summary(summary)
+    gap = summary["lower_gap"]
+    if args.method in _TRACKING_ADVICE and gap is not None and gap["relative"] > TRACKING_WARNING:
+        print(
+            f"warning: at step {gap['step']} the upper loss at {args.method}'s lower iterate "
+            f"and at w(θ) differ by {100 * gap['relative']:.0f} %: its fixed number of "
+            "lower-level iterations per step does not keep up with θ, so the hypergradients "
+            f"were taken far from w(θ). {_TRACKING_ADVICE[args.method]}",
+            file=sys.stderr,
+        )
     return 0 if result.ok else 1
+
+
+#: Relative gap |f(w_k) − F(θ_k)| / F(θ_k) above which ``bilevel hpo`` warns that the method's
+#: lower iterate w_k does not follow w(θ).
+TRACKING_WARNING = 0.1
+
+
+#: What to do when a method with a fixed iteration count lags behind w(θ) (aid-cg solves to a
+#: tolerance instead, so its gap follows the accuracy schedule).
+_TRACKING_ADVICE = {
+    "sid": "The lower level is probably ill-conditioned (L/μ large): each SID iteration "
+    "contracts by only about 1 − 0.5 μ/L, so more --inner-steps help slowly; --method aid-cg "
+    "(L-BFGS and CG need about √(L/μ) iterations) suits this problem.",
+    "itd": "Raise --inner-steps, or use --method aid-cg.",
+}
+
+
+def lower_level_gap(records: list[Mapping[str, Any]]) -> dict[str, float] | None:
+    """How far the method's lower iterate w_k is from w(θ_k), measured in the upper loss at
+    the last evaluated step k: f(w_k) (the method's upper loss less the shrinkage penalty)
+    against F(θ_k) = f(w(θ_k)) from the evaluator's accurate solve. None when no step was
+    evaluated."""
+    for r in reversed(records):
+        if "val_loss" in r and r.get("upper_loss") is not None:
+            f_iterate = float(r["upper_loss"]) - float(r.get("shrinkage_penalty", 0.0))
+            val = float(r["val_loss"])
+            return {
+                "step": int(r["step"]),
+                "f_iterate": f_iterate,
+                "val_loss": val,
+                "relative": abs(f_iterate - val) / max(abs(val), 1e-300),
+            }
+    return None
 
 
 def one_instance(model: FiniteSumModel, w0: Tensor | None = None) -> TensorSamples:
@@ -998,6 +1043,7 @@ def _summary(
         "wall_time": float(result.records[-1]["wall_time"]) if result.records else 0.0,
         "total_time": time.perf_counter() - t_start,
         "run_dir": str(result.run_dir),
+        "lower_gap": lower_level_gap(result.records),
     }
 
 
@@ -1020,4 +1066,10 @@ def _print_summary(s: Mapping[str, Any]) -> None:
         f"  {s['status']}: {s['message']}; {s['steps']} steps, {s['cost']:.4g} oracle calls, "
         f"{s['wall_time']:.2f} s of computation ({s['total_time']:.1f} s in all)"
     )
+    gap = s.get("lower_gap")
+    if gap is not None:
+        print(
+            f"  lower iterate at step {gap['step']}: f = {gap['f_iterate']:.6g}, "
+            f"F(θ) = {gap['val_loss']:.6g} at w(θ) ({100 * gap['relative']:.1f} % apart)"
+        )
     print(f"  run directory: {s['run_dir']}")

@@ -103,6 +103,14 @@ def test_bad_options_give_clear_errors(tmp_path, capsys):
     assert "train/" in capsys.readouterr().err
     assert main(["inpaint", *run_dir, *SMALL, "--keep", "1.5"]) == 2
     assert "--keep" in capsys.readouterr().err
+    # checked before any work: crops too small for SSIM or for the filters, a bad blur
+    assert main(["denoise", *run_dir, *SMALL, "--regulariser", "tv", "--crop", "10"]) == 2
+    out, err = capsys.readouterr()
+    assert "--crop must be at least 11 pixels" in err and "grid-tuned" not in out + err
+    assert main(["denoise", *run_dir, *SMALL, "--crop", "12", "--filter-size", "13"]) == 2
+    assert "smaller than --filter-size 13" in capsys.readouterr().err
+    assert main(["deblur", *run_dir, *SMALL, "--blur", "-2"]) == 2
+    assert "--blur must be a finite positive" in capsys.readouterr().err
 
 
 def test_foe_weights_start_from_the_tuned_tv_strength():

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from bilevel.hypergrad import Implicit
 from bilevel.imaging.data import DegradedImages, bundled_images, load_image_folder, random_crops
-from bilevel.imaging.metrics import psnr, ssim
+from bilevel.imaging.metrics import SSIM_WINDOW, psnr, ssim
 from bilevel.imaging.operators import (
     Convolution,
     Identity,
@@ -239,6 +239,17 @@ def build(args: argparse.Namespace) -> Setup:
             raise BilevelError(f"--{name.replace('_', '-')} must be positive")
     if args.sigma < 0 or not math.isfinite(args.sigma):
         raise BilevelError(f"--sigma must be a finite non-negative number, got {args.sigma}")
+    if args.crop < SSIM_WINDOW:
+        raise BilevelError(
+            f"--crop must be at least {SSIM_WINDOW} pixels (the SSIM window), got {args.crop}"
+        )
+    if args.regulariser in ("foe", "ridge") and args.crop < args.filter_size:
+        raise BilevelError(
+            f"--crop {args.crop} is smaller than --filter-size {args.filter_size}: the "
+            "convolutional regulariser needs crops at least as large as its filters"
+        )
+    if args.job == "deblur" and not (math.isfinite(args.blur) and args.blur > 0):
+        raise BilevelError(f"--blur must be a finite positive σ in pixels, got {args.blur}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise BilevelError("--device cuda requested but CUDA is not available")
     dtype = getattr(torch, args.dtype)

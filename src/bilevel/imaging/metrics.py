@@ -38,6 +38,15 @@ def _gaussian_window(sigma: float, radius: int, like: Tensor) -> Tensor:
     return (g / g.sum()).to(dtype=like.dtype, device=like.device)
 
 
+def _window_side(sigma: float) -> int:
+    """Side of SSIM's Gaussian window: truncated at 3.5σ."""
+    return 2 * int(3.5 * sigma + 0.5) + 1
+
+
+#: Side in pixels of :func:`ssim`'s default window (σ = 1.5): the smallest image it can score.
+SSIM_WINDOW = _window_side(1.5)
+
+
 def ssim(
     x: Tensor,
     ref: Tensor,
@@ -55,8 +64,8 @@ def ssim(
     use_sample_covariance=False, data_range=data_range, channel_axis=...)``. Shape (B,).
     """
     _check_pair(x, ref)
-    radius = int(3.5 * sigma + 0.5)
-    size = 2 * radius + 1
+    size = _window_side(sigma)
+    radius = size // 2
     if x.shape[2] < size or x.shape[3] < size:
         raise BilevelError(f"SSIM needs images of at least {size}×{size} pixels")
     b, c, h, w = x.shape

@@ -172,6 +172,15 @@ def test_cli_errors(capsys, args, message):
     assert "bilevel hpo: error:" in err and message in err
 
 
+def test_cli_usage_errors_and_help_return_a_status(capsys):
+    """argparse's exits become return values of ``main``, so callers get a status."""
+    assert main(["hpo", "--method", "newton"]) == 2
+    assert "invalid choice: 'newton'" in capsys.readouterr().err
+    assert main(["no-such-job"]) == 2
+    assert main(["hpo", "--help"]) == 0
+    assert "--sid-solver" in capsys.readouterr().out
+
+
 def test_cli_resume_continues_the_run(tmp_path, capsys):
     common = ["--method", "aid-cg", "--eval-every", "5", "--no-plots"]
     straight = tmp_path / "straight"

@@ -36,8 +36,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``bilevel ARGV`` and return the exit status: the job's (0: finished), 2 for a usage
+    or input error (the message is on stderr), 0 after ``--help``."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error (2); argparse printed it
+        return done.code if isinstance(done.code, int) else 2
     module = importlib.import_module(JOBS[args.job][0])
     try:
         return int(module.run(args) or 0)

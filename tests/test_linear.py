@@ -190,6 +190,18 @@ def test_cg_raises_on_zero_curvature() -> None:
         CG().solve(CountingOperator(h), b, 1e-10)
 
 
+@pytest.mark.parametrize("solver", [CG(max_iter=500), MINRES(max_iter=500)])
+def test_unreachable_tolerance_stops_at_the_rounding_floor(solver) -> None:
+    """tol = 0 cannot be met: the solver stops at machine precision, unconverged, instead of
+    iterating on underflowing directions (CG used to report zero curvature there)."""
+    h = spd_batch(2, 10, 100.0, seed=21)
+    b = torch.randn(2, 10, generator=_gen(22), dtype=torch.float64)
+    sol = solver.solve(CountingOperator(h), b, 0.0)
+    exact = torch.linalg.solve(h, b.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(sol.solution, exact, rtol=1e-12, atol=1e-12)
+    assert not sol.converged.any() and (sol.iterations < 500).all()
+
+
 def test_minres_solves_symmetric_indefinite() -> None:
     n, batch = 30, 4
     g = _gen(14)

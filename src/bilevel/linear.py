@@ -316,7 +316,9 @@ class CG:
     ``‖b_i − H x0_i‖`` is already within tol (e.g. ``b_i = 0`` without warm start) is returned
     at iteration 0 without any product. ``residual_norm`` is the recursively updated residual
     ‖r‖, which equals the true residual in exact arithmetic; in floating point the two differ
-    by about machine epsilon · κ(H) · ‖b‖.
+    by about machine epsilon · κ(H) · ‖b‖. An instance whose ‖r‖ falls to the rounding floor
+    ε‖b‖ (ε the dtype's machine epsilon) without meeting tol stops there, unconverged: further
+    iterations cannot improve the true residual, and pᵀHp would eventually underflow.
 
     Raises:
         NotStronglyConvexError: pᵀHp ≤ 0 for an active instance (H_i is not positive definite);
@@ -348,7 +350,8 @@ class CG:
         index = torch.arange(b.shape[0], device=b.device)
         rec.retire(index[done], rnorm[done], 0, True)
         keep = ~done
-        index, tol_a, rr, r = index[keep], tol_all[keep], rr[keep], r[keep]
+        floor_all = torch.finfo(b.dtype).eps * _dot(b, b).sqrt()
+        index, tol_a, floor_a, rr, r = (t[keep] for t in (index, tol_all, floor_all, rr, r))
         x = out[keep]
         p = r.clone()
         curv = torch.full_like(rr, math.nan)
@@ -373,7 +376,8 @@ class CG:
             nonpos = php <= 0
             bad_iterate = ~(torch.isfinite(alpha) & torch.isfinite(rr_new) & torch.isfinite(beta))
             rnorm = rr_new.sqrt()
-            done = rnorm <= tol_a
+            converged = rnorm <= tol_a
+            done = converged | (rnorm <= floor_a)
             flags = torch.stack(
                 [bad_product.any(), nonpos.any(), bad_iterate.any(), done.any()]
             ).tolist()
@@ -393,10 +397,10 @@ class CG:
             if flags[3]:
                 gidx = index[done]
                 out[gidx] = x[done]
-                rec.retire(gidx, rnorm[done], k, True, curv[done])
+                rec.retire(gidx, rnorm[done], k, converged[done], curv[done])
                 keep = ~done
-                index, tol_a, rr, r, p, x, curv = (
-                    t[keep] for t in (index, tol_a, rr, r, p, x, curv)
+                index, tol_a, floor_a, rr, r, p, x, curv = (
+                    t[keep] for t in (index, tol_a, floor_a, rr, r, p, x, curv)
                 )
 
         if index.numel() > 0:
@@ -422,7 +426,9 @@ class MINRES:
     exact arithmetic). ``min_curvature`` is the smallest Lanczos Rayleigh quotient
     α_k = v_kᵀ H v_k (‖v_k‖ = 1), an upper bound on λ_min(H_i); a negative value signals an
     indefinite operator, which MINRES solves without breaking down (nonsingular H_i).
-    ``matvecs = Σ iterations`` (+ B for the initial residual when x0 is given).
+    ``matvecs = Σ iterations`` (+ B for the initial residual when x0 is given). As in
+    :class:`CG`, an instance whose residual estimate falls to the rounding floor ε‖b‖ without
+    meeting tol stops there, unconverged.
 
     Raises:
         NonFiniteError: NaN or infinity in b, x0, an operator output or an iterate.
@@ -449,7 +455,8 @@ class MINRES:
         index = torch.arange(b.shape[0], device=b.device)
         rec.retire(index[done], beta1[done], 0, True)
         keep = ~done
-        index, tol_a, beta, r1 = index[keep], tol_all[keep], beta1[keep], r0[keep]
+        floor_all = eps * _norm(b)
+        index, tol_a, floor_a, beta, r1 = (t[keep] for t in (index, tol_all, floor_all, beta1, r0))
         x = out[keep]
         # Vectors: r1, r2 = previous two unnormalised Lanczos vectors, y = next one,
         # w, w2 = last two search directions of the solution update.
@@ -497,17 +504,18 @@ class MINRES:
 
             finite = torch.isfinite(alfa) & torch.isfinite(beta) & torch.isfinite(phi)
             finite &= torch.isfinite(_dot(w, w))
-            done = phibar <= tol_a
+            converged = phibar <= tol_a
+            done = converged | (phibar <= floor_a)
             flags = torch.stack([(~finite).any(), done.any()]).tolist()
             if flags[0]:
                 raise _nonfinite_error("MINRES", _first_bad(~finite, index)[1], k)
             if flags[1]:
                 gidx = index[done]
                 out[gidx] = x[done]
-                rec.retire(gidx, phibar[done], k, True, curv[done])
+                rec.retire(gidx, phibar[done], k, converged[done], curv[done])
                 keep = ~done
-                (index, tol_a, x, y, r1, r2, w, w2) = (
-                    t[keep] for t in (index, tol_a, x, y, r1, r2, w, w2)
+                (index, tol_a, floor_a, x, y, r1, r2, w, w2) = (
+                    t[keep] for t in (index, tol_a, floor_a, x, y, r1, r2, w, w2)
                 )
                 (beta, oldb, dbar, epsln, phibar, cs, sn, curv) = (
                     t[keep] for t in (beta, oldb, dbar, epsln, phibar, cs, sn, curv)

@@ -539,3 +539,29 @@ def test_shrinkage_penalty_enters_objective_and_hypergradients(diabetes, cancer)
     assert plain.problem.upper_regulariser is None
     with pytest.raises(BilevelError, match="shrinkage"):
         ridge_model(d.X_train, d.y_train, d.X_val, d.y_val, 0.0, shrinkage=-1.0)
+
+
+def test_detection_auc_matches_the_rank_definition(wine):
+    from sklearn.metrics import roc_auc_score
+
+    d = wine
+    y_noisy, mask = corrupt_labels(d.y_train, 0.3, 3, seed=1)
+    theta = torch.randn(
+        d.n_train, generator=torch.Generator().manual_seed(2), dtype=d.X_train.dtype
+    )
+    theta[:10] = theta[10]  # ties count one half
+    model = HypercleaningModel(d.X_train, y_noisy, d.X_val, d.y_val, theta, 3, corrupted=mask)
+    found = model.detection()
+    weights = torch.sigmoid(theta)
+    expected = roc_auc_score((~mask).numpy(), weights.numpy())
+    assert found["auc"] == pytest.approx(expected, abs=1e-12)
+    assert found["n_corrupted"] == int(mask.sum())
+    assert found["weight_clean_mean"] == pytest.approx(float(weights[~mask].mean()))
+    assert found["weight_corrupted_mean"] == pytest.approx(float(weights[mask].mean()))
+    # perfect separation, and the errors
+    separated = torch.where(mask, -3.0, 3.0).to(d.X_train.dtype)
+    assert model.detection(separated)["auc"] == 1.0
+    with pytest.raises(BilevelError, match="mask of corrupted labels"):
+        HypercleaningModel(d.X_train, y_noisy, d.X_val, d.y_val, 0.0, 3).detection()
+    with pytest.raises(BilevelError, match="boolean mask of shape"):
+        HypercleaningModel(d.X_train, y_noisy, d.X_val, d.y_val, 0.0, 3, corrupted=mask[:5])

@@ -326,7 +326,7 @@ def build_model(
             shrinkage=shrinkage,
         )
     else:
-        y_noisy, _ = corrupt_labels(data.y_train, label_noise, data.n_classes, seed=seed)
+        y_noisy, corrupted = corrupt_labels(data.y_train, label_noise, data.n_classes, seed=seed)
         out = HypercleaningModel(
             data.X_train,
             y_noisy,
@@ -336,6 +336,7 @@ def build_model(
             data.n_classes,
             l2=l2,
             fit_intercept=fit_intercept,
+            corrupted=corrupted,
         )
     attach_lipschitz(out)
     return out
@@ -1013,6 +1014,8 @@ def _summary(
     if isinstance(model, HypercleaningModel):
         values = {"weight_min": float(torch.sigmoid(theta).min())}
         values["weight_max"] = float(torch.sigmoid(theta).max())
+        if model.corrupted is not None and 0 < int(model.corrupted.sum()) < model.n_train:
+            values["detection"] = model.detection()
     else:
         values = {
             "strength_min": float(theta.exp().min()),
@@ -1066,6 +1069,14 @@ def _print_summary(s: Mapping[str, Any]) -> None:
         f"  {s['status']}: {s['message']}; {s['steps']} steps, {s['cost']:.4g} oracle calls, "
         f"{s['wall_time']:.2f} s of computation ({s['total_time']:.1f} s in all)"
     )
+    detection = s["theta"].get("detection")
+    if detection is not None:
+        print(
+            f"  sample weights: clean {detection['weight_clean_mean']:.3f}, corrupted "
+            f"{detection['weight_corrupted_mean']:.3f} on average "
+            f"({detection['n_corrupted']} corrupted); AUC {detection['auc']:.3f} "
+            "(probability that a clean sample outweighs a corrupted one)"
+        )
     gap = s.get("lower_gap")
     if gap is not None:
         print(

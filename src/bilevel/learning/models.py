@@ -675,6 +675,9 @@ class HypercleaningModel(FiniteSumModel):
 
     with the binary or multinomial cross-entropy of :class:`LogisticModel` (the bias, when
     fitted, is part of w and regularised by γ too). μ = γ = ``l2`` for every θ.
+
+    ``corrupted``: the boolean mask of the training labels known to be wrong (as returned by
+    :func:`corrupt_labels`), for :meth:`detection` only; the optimisation never sees it.
     """
 
     def __init__(
@@ -688,6 +691,7 @@ class HypercleaningModel(FiniteSumModel):
         *,
         l2: float = 1e-3,
         fit_intercept: bool = False,
+        corrupted: Tensor | None = None,
     ) -> None:
         if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 2):
             raise BilevelError(f"n_classes must be an integer >= 2, got {n_classes!r}")
@@ -706,6 +710,16 @@ class HypercleaningModel(FiniteSumModel):
         if not (math.isfinite(l2) and l2 > 0):
             raise BilevelError(f"l2 must be positive and finite (it is μ), got {l2}")
         self.l2 = float(l2)
+        if corrupted is not None and not (
+            isinstance(corrupted, Tensor)
+            and corrupted.dtype == torch.bool
+            and tuple(corrupted.shape) == (self.n_train,)
+        ):
+            got = tuple(corrupted.shape) if isinstance(corrupted, Tensor) else type(corrupted)
+            raise BilevelError(
+                f"corrupted must be a boolean mask of shape ({self.n_train},), got {got}"
+            )
+        self.corrupted = corrupted
         self.theta = _init_log_theta(
             theta0, [(self.n_train,)], (self.n_train,), self.X_train, "hypercleaning"
         )
@@ -728,6 +742,25 @@ class HypercleaningModel(FiniteSumModel):
     def _sample_weights(self, theta, index: Tensor | None) -> Tensor:
         t = theta if index is None else theta.index_select(0, index)
         return torch.sigmoid(t)
+
+    def detection(self, theta: Tensor | None = None) -> dict[str, float]:
+        """How well the weights σ(θ_j) separate the clean from the corrupted samples:
+        ``n_corrupted``, the mean weight of each group, and ``auc``, the probability that a
+        random clean sample outweighs a random corrupted one (ties count one half; 0.5 is
+        chance, 1 a perfect separation). Needs the ``corrupted`` mask."""
+        if self.corrupted is None:
+            raise BilevelError("detection needs the mask of corrupted labels (corrupted=...)")
+        w = self.sample_weights(theta).to("cpu", torch.float64)
+        bad = self.corrupted.to("cpu")
+        clean, wrong = w[~bad], w[bad]
+        if clean.numel() == 0 or wrong.numel() == 0:
+            raise BilevelError("detection needs both clean and corrupted samples")
+        return {
+            "n_corrupted": int(wrong.numel()),
+            "weight_clean_mean": float(clean.mean()),
+            "weight_corrupted_mean": float(wrong.mean()),
+            "auc": _rank_auc(clean, wrong),
+        }
 
     def _regulariser(self, W: Tensor, theta) -> Tensor:
         return 0.5 * self.l2 * (W.reshape(W.shape[0], -1) ** 2).sum(dim=1)
@@ -769,6 +802,21 @@ def hypercleaning_problem(*args: Any, **kwargs: Any) -> BilevelProblem:
     """Data hypercleaning as a :class:`BilevelProblem`: ``hypercleaning_model(...).problem``,
     with the arguments of :class:`HypercleaningModel`."""
     return hypercleaning_model(*args, **kwargs).problem
+
+
+def _rank_auc(positive: Tensor, negative: Tensor) -> float:
+    """P(a positive score > a negative one) + ½ P(equal), by the Mann–Whitney rank sum with
+    tied scores given their average rank: O(n log n)."""
+    scores = torch.cat([positive, negative])
+    order = scores.argsort()
+    _, inverse, counts = torch.unique_consecutive(
+        scores[order], return_inverse=True, return_counts=True
+    )
+    average_rank = counts.cumsum(0).double() - (counts.double() - 1.0) / 2.0  # 1-based
+    ranks = torch.empty_like(scores, dtype=torch.float64)
+    ranks[order] = average_rank[inverse]
+    n_pos, n_neg = positive.numel(), negative.numel()
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def corrupt_labels(

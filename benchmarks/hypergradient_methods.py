@@ -276,7 +276,9 @@ NOTES = """## Reading the results
   noise.
 - ITD's error is that of differentiating the t-step map, which converges to ∇F at the rate of
   the lower iterates with a factor t (Grazzi et al. 2020); its reverse pass costs a
-  Hessian-vector product per step and keeps the t iterates in memory.
+  Hessian-vector product per step and keeps the t iterates in memory. In wall time ITD and
+  AID-FP, which make the same number of products, swap places from one run to the next;
+  AID-CG reaches every error level first.
 - A practical AID run (`bilevel hpo`, MAID) does not use gradient descent for the lower level:
   L-BFGS or accelerated gradient with warm starts reach the tolerances in far fewer steps.
   This benchmark fixes the lower solver so that the hypergradient schemes are compared alone."""

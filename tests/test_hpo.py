@@ -26,11 +26,11 @@ from bilevel.stochastic import StochasticFixedPoint, VarianceReducedFixedPoint
 
 pytest.importorskip("sklearn")
 
-from sklearn.datasets import load_breast_cancer, load_digits  # noqa: E402
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
-from bilevel.learning.estimator import BilevelLogisticRegression  # noqa: E402
+from bilevel.learning.estimator import BilevelLogisticRegression, BilevelRidge  # noqa: E402
 
 SUMMARY_KEYS = {
     "data",
@@ -413,7 +413,43 @@ def test_estimator_rejects_bad_parameters():
         BilevelLogisticRegression().fit(X, np.zeros(len(X)))
 
 
-@parametrize_with_checks([BilevelLogisticRegression(max_steps=3, init=-2.0, random_state=0)])
+@pytest.mark.parametrize("method", ["aid-cg", "sid"])
+def test_ridge_estimator_learns_and_refits_in_closed_form(method):
+    X, y = load_diabetes(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0)
+    est = BilevelRidge(method=method, max_steps=30, random_state=0).fit(Xtr, ytr)
+    assert est.coef_.shape == (10,) and isinstance(est.intercept_, float)
+    assert est.strengths_.shape == (10,) and est.n_iter_ == 30
+    assert est.validation_loss_ < est.baseline_validation_loss_
+    assert est.score(Xte, yte) > 0.3  # scikit-learn's RidgeCV: 0.36 on this split
+    assert np.allclose(est.predict(Xte), Xte @ est.coef_ + est.intercept_)
+    # the refit is the ridge solution on all rows with the learnt strengths (standardised
+    # features, centred targets, unpenalised intercept)
+    m, s = Xtr.mean(0), Xtr.std(0)
+    Z, yc = (Xtr - m) / s, ytr - ytr.mean()
+    n = len(Z)
+    w = np.linalg.solve(Z.T @ Z / n + np.diag(est.strengths_), Z.T @ yc / n)
+    assert np.allclose(est.coef_, w / s, rtol=1e-8, atol=1e-8)
+    assert est.intercept_ == pytest.approx(ytr.mean() - (w / s) @ m, rel=1e-10)
+
+
+def test_ridge_estimator_without_intercept_or_standardisation():
+    X, y = load_diabetes(return_X_y=True)
+    est = BilevelRidge(fit_intercept=False, standardize=False, max_steps=5, init=-3.0)
+    est.fit(X, y)
+    n = len(X)
+    w = np.linalg.solve(X.T @ X / n + np.diag(est.strengths_), X.T @ y / n)
+    assert est.intercept_ == 0.0 and np.allclose(est.coef_, w, rtol=1e-8)
+    with pytest.raises(ValueError, match="theta_range"):
+        BilevelRidge(theta_range=(2.0, 1.0)).fit(X, y)
+
+
+@parametrize_with_checks(
+    [
+        BilevelLogisticRegression(max_steps=3, init=-2.0, random_state=0),
+        BilevelRidge(max_steps=3, init=-2.0, random_state=0),
+    ]
+)
 def test_sklearn_compatible(estimator, check):
     """Every applicable scikit-learn estimator check passes (no expected failures); a few
     steps from a fixed θ keep each fit fast."""

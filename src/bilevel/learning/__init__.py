@@ -1,7 +1,7 @@
 """Hyperparameter learning: data sets and bilevel problems (ridge, logistic, hypercleaning),
-the pieces of ``bilevel hpo`` (:mod:`bilevel.learning.job`) and a scikit-learn classifier,
-``BilevelLogisticRegression`` (:mod:`bilevel.learning.estimator`, imported on first use because
-it needs scikit-learn)."""
+the pieces of ``bilevel hpo`` (:mod:`bilevel.learning.job`) and scikit-learn estimators,
+``BilevelLogisticRegression`` and ``BilevelRidge`` (:mod:`bilevel.learning.estimator`,
+imported on first use because they need scikit-learn)."""
 
 from typing import Any
 
@@ -95,8 +95,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "BilevelLogisticRegression":
-        from bilevel.learning.estimator import BilevelLogisticRegression
+    if name in ("BilevelLogisticRegression", "BilevelRidge"):
+        from bilevel.learning import estimator
 
-        return BilevelLogisticRegression
+        return getattr(estimator, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

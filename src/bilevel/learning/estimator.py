@@ -1,18 +1,19 @@
-"""A scikit-learn classifier that learns one ℓ2 strength per feature by bilevel optimisation.
+"""scikit-learn estimators that learn one ℓ2 strength per feature by bilevel optimisation.
 
-:class:`BilevelLogisticRegression` fits ℓ2-regularised logistic regression (binary or
-multinomial) whose penalty ½ Σ_k λ_k ‖w_k‖² has one strength λ_k = exp θ_k per feature. ``fit``
+:class:`BilevelLogisticRegression` (binary or multinomial) and :class:`BilevelRidge` fit linear
+models whose penalty ½ Σ_k λ_k ‖w_k‖² has one strength λ_k = exp θ_k per feature. ``fit``
 
 1. standardises the features (x − m)/s with statistics of all rows (``standardize=True``;
-   sparse input is scaled x/s without centring, which keeps it sparse),
-2. holds out a stratified validation split (``validation_fraction`` of the rows),
+   sparse input to the classifier is scaled x/s without centring, which keeps it sparse),
+2. holds out a validation split (``validation_fraction`` of the rows; stratified by class for
+   the classifier),
 3. picks the best common θ on a grid by validation loss (``init="baseline"``),
 4. learns θ per feature by ISGD with Adam on the validation loss F(θ) = f(w(θ)), with AID-CG or
    SID hypergradients (:func:`bilevel.learning.job.hpo_method`),
-5. refits w on all rows with the learned strengths (L-BFGS to a tight tolerance).
+5. refits w on all rows with the learned strengths (L-BFGS to a tight tolerance for the
+   classifier, a dense solve for ridge).
 
-Dense arrays and ``scipy.sparse`` matrices are accepted. Requires scikit-learn (the
-``learning`` extra). Computations run in float64 on the CPU.
+Requires scikit-learn (the ``learning`` extra). Computations run in float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ from bilevel.learning.job import (
     one_instance,
     single_strength_baseline,
 )
-from bilevel.learning.models import LogisticModel
+from bilevel.learning.models import FiniteSumModel, LogisticModel, RidgeModel
 from bilevel.methods import Budget
 
 try:
     import scipy.sparse
-    from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.model_selection import train_test_split
     from sklearn.utils import check_random_state
     from sklearn.utils.multiclass import check_classification_targets
@@ -55,26 +56,15 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "bilevel.learning.estimator needs scikit-learn >= 1.6: pip install 'bilevel[learning]'"
     ) from err
 
-__all__ = ["BilevelLogisticRegression"]
+__all__ = ["BilevelLogisticRegression", "BilevelRidge"]
 
 _METHODS = ("aid-cg", "sid")
 
-
-class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
-    """Logistic regression with one ℓ2 strength per feature, learnt on a validation split.
-
-    The fitted model minimises (1/N) Σ_j CE(w; x_j, y_j) + ½ Σ_k λ_k Σ_c w_kc² over all N
-    rows (the intercept carries the fixed small strength 1e-4), where CE is the binary or
-    multinomial cross-entropy and the strengths λ_k = exp θ_k minimise the validation
-    cross-entropy of the model trained on the other rows. Strengths act on standardised
-    features when ``standardize=True``; ``coef_`` and ``intercept_`` are in the units of the
-    input features either way.
-
-    Parameters:
+_PARAMETERS = """
         method: hypergradient estimator, ``"aid-cg"`` (L-BFGS + conjugate gradients, best for
             small and medium data) or ``"sid"`` (stochastic implicit differentiation on
             minibatches, for many rows).
-        validation_fraction: fraction of the rows held out to learn θ (stratified by class).
+        validation_fraction: fraction of the rows held out to learn θ.
         max_steps: upper-level (Adam) steps.
         max_time: optional limit in seconds on the upper-level optimisation.
         step: Adam step schedule on θ (a number or a string such as ``"poly:0.1,0.25"``).
@@ -84,25 +74,25 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
             pulls the strengths towards a common value so that they do not overfit the
             validation split (0: none). ``"auto"``: ρ = 1/(n_val τ²) with τ = 0.5, a Gaussian
             prior on the log-strengths (:func:`bilevel.learning.job.default_shrinkage`).
-        fit_intercept: fit a bias per class.
+        fit_intercept: fit an unpenalised (ridge) or weakly penalised (logistic) bias.
         standardize: standardise the features before learning (recommended).
         inner_steps, batch_size: see :func:`bilevel.learning.job.hpo_estimator`.
         random_state: seed (int), ``numpy.random.RandomState`` or None, for the split and the
             stochastic parts.
-        verbose: show a progress bar on stderr.
+        verbose: show a progress bar on stderr."""
 
-    Attributes:
-        classes_: the class labels (K,).
-        coef_: (1, d) for two classes, else (K, d).
-        intercept_: (1,) or (K,); zeros when ``fit_intercept=False``.
+_ATTRIBUTES = """
         strengths_: λ_k = exp θ_k, (d,), for the standardised features when ``standardize``.
         theta_: θ, (d,).
         baseline_strength_: the common strength the optimisation started from.
-        validation_loss_: F at the learned θ (validation cross-entropy, nats per sample), and
-            ``baseline_validation_loss_`` at the starting θ.
+        validation_loss_: F at the learned θ (the validation loss of the model trained on the
+            other rows), and ``baseline_validation_loss_`` at the starting θ.
         n_iter_: upper-level steps taken.
-        n_features_in_, feature_names_in_: as in scikit-learn.
-    """
+        n_features_in_, feature_names_in_: as in scikit-learn."""
+
+
+class _PerFeatureL2Estimator(BaseEstimator):
+    """Parameters, validation, standardisation and the bilevel fit shared by the estimators."""
 
     def __init__(
         self,
@@ -136,11 +126,6 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = True
-        return tags
-
     # ---------------------------------------------------------------------------- validation
 
     def _check_params(self) -> tuple[float, float]:
@@ -173,7 +158,114 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
             raise ValueError(f"shrinkage must be 'auto' or a finite number >= 0, got {rho!r}")
         return lo, hi
 
-    # ---------------------------------------------------------------------------- fit
+    def _shrinkage(self, n_val: int) -> float:
+        return default_shrinkage(n_val) if self.shrinkage == "auto" else float(self.shrinkage)
+
+    def _standardized(self, X: Any) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """(Z, m, s): the features Z = (X − m)/s as a float64 tensor (torch CSR for sparse X,
+        with m = 0), and the statistics m and s (d,) of all rows (zeros and ones when not
+        ``standardize``)."""
+        d = X.shape[1]
+        mean, scale = np.zeros(d), np.ones(d)
+        if scipy.sparse.issparse(X):
+            Z = from_scipy(X.astype(np.float64))
+            if self.standardize:
+                scale = sparse_column_scaling(Z).numpy()
+                Z = scale_columns(Z, torch.from_numpy(scale))
+            return Z, mean, scale
+        X64 = np.array(X, dtype=np.float64, copy=True)
+        if self.standardize:
+            m, s = column_scaling(torch.from_numpy(X64), center=self.fit_intercept)
+            mean, scale = m.numpy(), s.numpy()
+        return torch.from_numpy((X64 - mean) / scale), mean, scale
+
+    def _n_val(self, n: int) -> int:
+        if n < 2:
+            raise ValueError(f"n_samples = {n}: at least 2 samples are needed")
+        return min(max(1, int(round(self.validation_fraction * n))), n - 1)
+
+    def _learn(
+        self,
+        model: FiniteSumModel,
+        X_val: torch.Tensor,
+        y_val: torch.Tensor,
+        theta_box: tuple[float, float],
+        seed: int,
+    ) -> torch.Tensor:
+        """Learn θ of ``model`` from the grid baseline (or ``init``) by ISGD with Adam; set the
+        fitted attributes that describe θ; return θ (detached)."""
+        lo, hi = theta_box
+        attach_lipschitz(model)
+        evaluator = LowerEvaluator(model, X_val, y_val)
+        if isinstance(self.init, str):
+            theta0 = single_strength_baseline(model, evaluator, theta_range=(lo, hi))["theta"]
+        else:
+            theta0 = min(max(float(self.init), lo), hi)
+        with torch.no_grad():
+            model.theta.fill_(theta0)
+        self.baseline_validation_loss_ = evaluator.metrics()["val_loss"]
+        self.baseline_strength_ = math.exp(theta0)
+
+        method = hpo_method(
+            model,
+            self.method,
+            step=self.step,
+            seed=seed,
+            theta_range=(lo, hi),
+            inner_steps=self.inner_steps,
+            batch_size=self.batch_size,
+        )
+        budget = Budget(steps=int(self.max_steps), wall_time=self.max_time)
+        result = method.run(
+            model.problem,
+            one_instance(model, evaluator.w),
+            budget,
+            progress=bool(self.verbose),
+            plot=False,
+        )
+        theta = model.theta.detach().clone()
+        self.theta_ = theta.numpy().copy()
+        self.strengths_ = np.exp(self.theta_)
+        self.validation_loss_ = evaluator.metrics()["val_loss"]
+        self.n_iter_ = int(result.step)
+        return theta
+
+    def _linear_scores(self, X: Any, accept_sparse: bool) -> np.ndarray:
+        """X coef_ᵀ + intercept_: (n, K) for a (K, d) ``coef_``, (n,) for a (d,) one."""
+        check_is_fitted(self)
+        X = validate_data(
+            self,
+            X,
+            accept_sparse="csr" if accept_sparse else False,
+            reset=False,
+            dtype=[np.float64, np.float32],
+        )
+        return np.asarray(X @ self.coef_.T, dtype=np.float64) + self.intercept_
+
+
+class BilevelLogisticRegression(ClassifierMixin, _PerFeatureL2Estimator):
+    """Logistic regression with one ℓ2 strength per feature, learnt on a validation split.
+
+    The fitted model minimises (1/N) Σ_j CE(w; x_j, y_j) + ½ Σ_k λ_k Σ_c w_kc² over all N
+    rows (the intercept carries the fixed small strength 1e-4), where CE is the binary or
+    multinomial cross-entropy and the strengths λ_k = exp θ_k minimise the validation
+    cross-entropy of the model trained on the other rows (the split is stratified by class).
+    Strengths act on standardised features when ``standardize=True``; ``coef_`` and
+    ``intercept_`` are in the units of the input features either way. Dense arrays and
+    ``scipy.sparse`` matrices are accepted.
+
+    Parameters:{parameters}
+
+    Attributes:
+        classes_: the class labels (K,).
+        coef_: (1, d) for two classes, else (K, d).
+        intercept_: (1,) or (K,); zeros when ``fit_intercept=False``.{attributes}
+    """
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
 
     def fit(self, X: Any, y: Any) -> BilevelLogisticRegression:
         """Learn the strengths on a validation split, then refit on all rows.
@@ -209,43 +301,9 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
             n_classes,
             fit_intercept=self.fit_intercept,
             theta_lower=lo,
-            shrinkage=(
-                default_shrinkage(len(val)) if self.shrinkage == "auto" else float(self.shrinkage)
-            ),
+            shrinkage=self._shrinkage(len(val)),
         )
-        attach_lipschitz(model)
-        evaluator = LowerEvaluator(model, Z_val, y_val)
-        if isinstance(self.init, str):
-            theta0 = single_strength_baseline(model, evaluator, theta_range=(lo, hi))["theta"]
-        else:
-            theta0 = min(max(float(self.init), lo), hi)
-        with torch.no_grad():
-            model.theta.fill_(theta0)
-        self.baseline_validation_loss_ = evaluator.metrics()["val_loss"]
-        self.baseline_strength_ = math.exp(theta0)
-
-        method = hpo_method(
-            model,
-            self.method,
-            step=self.step,
-            seed=seed,
-            theta_range=(lo, hi),
-            inner_steps=self.inner_steps,
-            batch_size=self.batch_size,
-        )
-        budget = Budget(steps=int(self.max_steps), wall_time=self.max_time)
-        result = method.run(
-            model.problem,
-            one_instance(model, evaluator.w),
-            budget,
-            progress=bool(self.verbose),
-            plot=False,
-        )
-        theta = model.theta.detach().clone()
-        self.theta_ = theta.numpy().copy()
-        self.strengths_ = np.exp(self.theta_)
-        self.validation_loss_ = evaluator.metrics()["val_loss"]
-        self.n_iter_ = int(result.step)
+        theta = self._learn(model, Z_val, y_val, (lo, hi), seed)
 
         # refit on all rows with the learned strengths
         full = LogisticModel(Zt, yt, Zt, yt, theta, n_classes, fit_intercept=self.fit_intercept)
@@ -257,32 +315,12 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         self.intercept_ = np.asarray(bias - coef @ mean, dtype=np.float64)
         return self
 
-    def _standardized(self, X: Any) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """(Z, m, s): the features Z = (X − m)/s as a float64 tensor (torch CSR for sparse X,
-        with m = 0), and the statistics m and s (d,) of all rows (zeros and ones when not
-        ``standardize``)."""
-        d = X.shape[1]
-        mean, scale = np.zeros(d), np.ones(d)
-        if scipy.sparse.issparse(X):
-            Z = from_scipy(X.astype(np.float64))
-            if self.standardize:
-                scale = sparse_column_scaling(Z).numpy()
-                Z = scale_columns(Z, torch.from_numpy(scale))
-            return Z, mean, scale
-        X64 = np.array(X, dtype=np.float64, copy=True)
-        if self.standardize:
-            m, s = column_scaling(torch.from_numpy(X64), center=self.fit_intercept)
-            mean, scale = m.numpy(), s.numpy()
-        return torch.from_numpy((X64 - mean) / scale), mean, scale
-
     def _split(
         self, n: int, y: np.ndarray, n_classes: int, rng: np.random.RandomState
     ) -> tuple[np.ndarray, np.ndarray]:
         """Row indices (train, validation), stratified when every class has two rows."""
-        if n < 2:
-            raise ValueError(f"n_samples = {n}: at least 2 samples are needed")
+        n_val = self._n_val(n)
         counts = np.bincount(y, minlength=n_classes)
-        n_val = min(max(1, int(round(self.validation_fraction * n))), n - 1)
         stratify = y if counts.min() >= 2 and n_classes <= n_val <= n - n_classes else None
         train, val = train_test_split(
             np.arange(n), test_size=n_val, stratify=stratify, random_state=rng
@@ -294,9 +332,7 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
     def decision_function(self, X: Any) -> np.ndarray:
         """Scores x·coef + intercept: (n,) for two classes (positive: ``classes_[1]``), else
         (n, K)."""
-        check_is_fitted(self)
-        X = validate_data(self, X, accept_sparse="csr", reset=False, dtype=[np.float64, np.float32])
-        scores = np.asarray(X @ self.coef_.T, dtype=np.float64) + self.intercept_
+        scores = self._linear_scores(X, accept_sparse=True)
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
     def predict_proba(self, X: Any) -> np.ndarray:
@@ -319,3 +355,102 @@ class BilevelLogisticRegression(ClassifierMixin, BaseEstimator):
         scores = self.decision_function(X)
         index = (scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
         return self.classes_[index]
+
+
+class BilevelRidge(RegressorMixin, _PerFeatureL2Estimator):
+    """Ridge regression with one ℓ2 strength per feature, learnt on a validation split.
+
+    The fitted model minimises (1/2N) Σ_j (x_j·w + b − y_j)² + ½ Σ_k λ_k w_k² over all N rows
+    (b unpenalised: features and targets are centred when ``fit_intercept``), and the
+    strengths λ_k = exp θ_k minimise the validation mean squared error (halved) of the model
+    trained on the other rows. The refit is a dense solve of the d×d normal equations.
+    Strengths act on standardised features when ``standardize=True``; ``coef_`` and
+    ``intercept_`` are in the units of the inputs either way. Dense input only.
+
+    Parameters:{parameters}
+
+    Attributes:
+        coef_: (d,).
+        intercept_: a float; 0 when ``fit_intercept=False``.{attributes}
+    """
+
+    def __init__(
+        self,
+        method: str = "aid-cg",
+        validation_fraction: float = 0.25,
+        max_steps: int = 100,
+        max_time: float | None = None,
+        step: Any = DEFAULT_STEP,
+        init: str | float = "baseline",
+        theta_range: tuple[float, float] = (-10.0, 3.0),
+        shrinkage: float | str = "auto",
+        fit_intercept: bool = True,
+        standardize: bool = True,
+        inner_steps: int | None = None,
+        batch_size: int | None = None,
+        random_state: Any = None,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(
+            method=method,
+            validation_fraction=validation_fraction,
+            max_steps=max_steps,
+            max_time=max_time,
+            step=step,
+            init=init,
+            theta_range=theta_range,
+            shrinkage=shrinkage,
+            fit_intercept=fit_intercept,
+            standardize=standardize,
+            inner_steps=inner_steps,
+            batch_size=batch_size,
+            random_state=random_state,
+            verbose=verbose,
+        )
+
+    def fit(self, X: Any, y: Any) -> BilevelRidge:
+        """Learn the strengths on a validation split, then refit on all rows.
+
+        Raises:
+            ValueError: bad parameters, or data scikit-learn rejects (NaN, infinite values,
+                empty arrays, sparse matrices, a 2-D y with several columns).
+        """
+        lo, hi = self._check_params()
+        X, y = validate_data(self, X, y, y_numeric=True, dtype=[np.float64, np.float32])
+        n = X.shape[0]
+        rng = check_random_state(self.random_state)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+
+        Zt, mean, scale = self._standardized(X)
+        y64 = np.asarray(y, dtype=np.float64)
+        y_mean = float(y64.mean()) if self.fit_intercept else 0.0
+        yt = torch.from_numpy(y64 - y_mean)
+        train, val = (
+            torch.from_numpy(np.sort(i))
+            for i in train_test_split(np.arange(n), test_size=self._n_val(n), random_state=rng)
+        )
+        model = RidgeModel(
+            Zt[train],
+            yt[train],
+            Zt[val],
+            yt[val],
+            0.0,
+            theta_lower=lo,
+            shrinkage=self._shrinkage(len(val)),
+        )
+        theta = self._learn(model, Zt[val], yt[val], (lo, hi), seed)
+
+        # refit on all rows with the learned strengths: (ZᵀZ/N + diag λ) w = Zᵀy/N
+        full = RidgeModel(Zt, yt, Zt, yt, theta)
+        w = full.solution(theta).reshape(-1).numpy()
+        self.coef_ = w / scale
+        self.intercept_ = float(y_mean - self.coef_ @ mean)
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """x·coef + intercept for each row, (n,)."""
+        return self._linear_scores(X, accept_sparse=False)
+
+
+for _estimator in (BilevelLogisticRegression, BilevelRidge):
+    _estimator.__doc__ = _estimator.__doc__.format(parameters=_PARAMETERS, attributes=_ATTRIBUTES)

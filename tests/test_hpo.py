@@ -442,6 +442,13 @@ def test_ridge_estimator_without_intercept_or_standardisation():
     assert est.intercept_ == 0.0 and np.allclose(est.coef_, w, rtol=1e-8)
     with pytest.raises(ValueError, match="theta_range"):
         BilevelRidge(theta_range=(2.0, 1.0)).fit(X, y)
+    # the default θ box: (-10, 3) for ridge, (-10, 1) for the classifier (init is clipped)
+    assert BilevelRidge(init=2.5, max_steps=1).fit(X, y).baseline_strength_ == pytest.approx(
+        np.exp(2.5)
+    )
+    Xc, yc = load_breast_cancer(return_X_y=True)
+    clf = BilevelLogisticRegression(init=2.5, max_steps=1).fit(Xc, yc)
+    assert clf.baseline_strength_ == pytest.approx(np.exp(1.0))
 
 
 @parametrize_with_checks(

@@ -34,6 +34,7 @@ from bilevel.learning.datasets import (
 )
 from bilevel.learning.job import (
     DEFAULT_STEP,
+    DEFAULT_THETA_RANGE,
     LowerEvaluator,
     attach_lipschitz,
     default_shrinkage,
@@ -69,7 +70,8 @@ _PARAMETERS = """
         max_time: optional limit in seconds on the upper-level optimisation.
         step: Adam step schedule on θ (a number or a string such as ``"poly:0.1,0.25"``).
         init: initial θ: ``"baseline"`` (the best common value of θ on a grid) or a number.
-        theta_range: box (lo, hi) for θ; λ ∈ [exp lo, exp hi].
+        theta_range: box (lo, hi) for θ; λ ∈ [exp lo, exp hi]. None: (−10, 1) for the
+            classifier, (−10, 3) for ridge.
         shrinkage: ρ ≥ 0 of the penalty (ρ/2) Σ_k (θ_k − θ̄)² added to the validation loss; it
             pulls the strengths towards a common value so that they do not overfit the
             validation split (0: none). ``"auto"``: ρ = 1/(n_val τ²) with τ = 0.5, a Gaussian
@@ -94,6 +96,8 @@ _ATTRIBUTES = """
 class _PerFeatureL2Estimator(BaseEstimator):
     """Parameters, validation, standardisation and the bilevel fit shared by the estimators."""
 
+    _default_theta_range: tuple[float, float] = DEFAULT_THETA_RANGE["logistic"]
+
     def __init__(
         self,
         method: str = "aid-cg",
@@ -102,7 +106,7 @@ class _PerFeatureL2Estimator(BaseEstimator):
         max_time: float | None = None,
         step: Any = DEFAULT_STEP,
         init: str | float = "baseline",
-        theta_range: tuple[float, float] = (-10.0, 1.0),
+        theta_range: tuple[float, float] | None = None,
         shrinkage: float | str = "auto",
         fit_intercept: bool = True,
         standardize: bool = True,
@@ -145,7 +149,8 @@ class _PerFeatureL2Estimator(BaseEstimator):
         ):
             raise ValueError(f"init must be 'baseline' or a finite number, got {self.init!r}")
         try:
-            lo, hi = (float(v) for v in self.theta_range)
+            box = self._default_theta_range if self.theta_range is None else self.theta_range
+            lo, hi = (float(v) for v in box)
         except (TypeError, ValueError):
             raise ValueError(
                 f"theta_range must be a pair (lo, hi), got {self.theta_range!r}"
@@ -374,39 +379,7 @@ class BilevelRidge(RegressorMixin, _PerFeatureL2Estimator):
         intercept_: a float; 0 when ``fit_intercept=False``.{attributes}
     """
 
-    def __init__(
-        self,
-        method: str = "aid-cg",
-        validation_fraction: float = 0.25,
-        max_steps: int = 100,
-        max_time: float | None = None,
-        step: Any = DEFAULT_STEP,
-        init: str | float = "baseline",
-        theta_range: tuple[float, float] = (-10.0, 3.0),
-        shrinkage: float | str = "auto",
-        fit_intercept: bool = True,
-        standardize: bool = True,
-        inner_steps: int | None = None,
-        batch_size: int | None = None,
-        random_state: Any = None,
-        verbose: bool = False,
-    ) -> None:
-        super().__init__(
-            method=method,
-            validation_fraction=validation_fraction,
-            max_steps=max_steps,
-            max_time=max_time,
-            step=step,
-            init=init,
-            theta_range=theta_range,
-            shrinkage=shrinkage,
-            fit_intercept=fit_intercept,
-            standardize=standardize,
-            inner_steps=inner_steps,
-            batch_size=batch_size,
-            random_state=random_state,
-            verbose=verbose,
-        )
+    _default_theta_range = DEFAULT_THETA_RANGE["ridge"]
 
     def fit(self, X: Any, y: Any) -> BilevelRidge:
         """Learn the strengths on a validation split, then refit on all rows.

@@ -647,7 +647,9 @@ def read_svmlight(
         if not line:
             continue
         toks = line.split()
-        feats = [t for t in toks[1:] if not t.startswith("qid:")]
+        feats = toks[1:]
+        if "qid:" in line:
+            feats = [t for t in feats if not t.startswith("qid:")]
         labels.append(toks[0])
         tokens.extend(feats)
         counts.append(len(feats))
@@ -663,7 +665,10 @@ def read_svmlight(
         ) from None
     counts_np = np.asarray(counts, dtype=np.int64)
     token_line = np.repeat(np.asarray(line_nos, dtype=np.int64), counts_np)
-    if tokens:
+    parsed = _parse_pairs(tokens)
+    if parsed is not None:
+        idx, val = parsed
+    else:  # the fast parser refused a token: parse token by token, naming a bad one
         parts = np.char.partition(np.asarray(tokens), ":")
         before, sep, after = parts[:, 0], parts[:, 1], parts[:, 2]
         bad = np.flatnonzero((sep != ":") | (np.char.find(after, ":") >= 0) | (after == ""))
@@ -686,9 +691,6 @@ def read_svmlight(
             raise BilevelError(
                 f"{path}, line {token_line[i]}: feature value {after[i]!r} is not a number"
             ) from None
-    else:
-        idx = np.zeros(0, dtype=np.int64)
-        val = np.zeros(0, dtype=np.float64)
     if not np.isfinite(y).all() or not np.isfinite(val).all():
         raise BilevelError(f"{path}: NaN or infinite label or feature value")
     if zero_based == "auto":
@@ -725,6 +727,27 @@ def read_svmlight(
     crow = torch.zeros(n + 1, dtype=torch.int64)
     torch.cumsum(torch.from_numpy(counts_np), 0, out=crow[1:])
     return _csr(crow, cols_t, vals_t, (n, n_features)), y_t
+
+
+def _parse_pairs(tokens: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(indices, values) of ``idx:value`` tokens, parsed in one C pass; None when a token is
+    malformed (no ``:``, several, an empty side, text, a non-integral index)."""
+    if not tokens:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    text = " ".join(tokens)
+    if text.count(":") != len(tokens):
+        return None
+    try:
+        flat = np.fromstring(text.replace(":", " "), dtype=np.float64, sep=" ")
+    except ValueError:
+        return None
+    if flat.size != 2 * len(tokens):
+        return None
+    index = flat[0::2]
+    as_int = index.astype(np.int64)
+    if not np.array_equal(as_int, index):
+        return None
+    return as_int, np.ascontiguousarray(flat[1::2])
 
 
 def _is_float(s: str) -> bool:

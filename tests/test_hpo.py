@@ -12,6 +12,7 @@ from bilevel.cli import main
 from bilevel.learning.job import (
     TRACKING_WARNING,
     LowerEvaluator,
+    ThrottledEvaluation,
     attach_lipschitz,
     box_projection,
     build_model,
@@ -320,6 +321,27 @@ def test_building_blocks():
     assert isinstance(sgd, StochasticFixedPoint) and sgd.gamma is None
     with pytest.raises(BilevelError, match="unknown SID solver 'adam'"):
         hpo_estimator(model, "sid", sid_solver="adam")
+
+
+def test_throttled_evaluation_keeps_its_share_of_the_time():
+    """Steps of 1 s, evaluations of 3 s, share 0.2: an evaluation whenever the evaluations so
+    far are at most a fifth of the elapsed time."""
+    now = [0.0]
+    calls = []
+
+    def evaluate(theta, step):
+        calls.append(step)
+        now[0] += 3.0
+        return {"val_loss": 1.0}
+
+    throttled = ThrottledEvaluation(evaluate, 0.2, clock=lambda: now[0])
+    logged = []
+    for step in range(40):
+        logged.append(bool(throttled(None, step)))
+        now[0] += 1.0  # the step itself
+    assert logged[0] and calls[0] == 0  # the first call always evaluates
+    assert throttled.spent == 3.0 * len(calls) <= 0.2 * now[0] + 3.0
+    assert 3 <= len(calls) <= 5 and calls == [s for s, ok in enumerate(logged) if ok]
 
 
 def test_lower_level_gap_uses_the_last_evaluated_step():

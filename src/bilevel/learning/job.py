@@ -715,7 +715,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         "--eval-every",
         type=int,
         default=None,
-        help="steps between evaluations of F(θ) and test metrics (default: about 25 per run)",
+        help="steps between evaluations of F(θ) and test metrics (default: about 25 per run; "
+        "with --time, as often as keeps evaluations under a fifth of the wall time)",
     )
     out.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     out.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -819,7 +820,42 @@ def _eval_every(args: argparse.Namespace, budget: Budget) -> int:
         return int(args.eval_every)
     if budget.steps is not None and budget.oracle_calls is None and budget.wall_time is None:
         return max(1, budget.steps // 25)
+    if budget.wall_time is not None:
+        return 1  # every step is offered to a ThrottledEvaluation
     return 10 if args.method == "sid" else 2
+
+
+#: Largest share of a time-budgeted run's wall time spent on evaluations by default.
+EVALUATION_SHARE = 0.2
+
+
+class ThrottledEvaluation:
+    """An ISGD ``evaluate`` callback that evaluates at its first call and then only while the
+    evaluations so far have taken at most ``share`` of the wall time since that call, so that
+    an accurate F(θ) costing as much as many steps does not dominate a time-budgeted run.
+    Skipped steps log no metrics."""
+
+    def __init__(
+        self,
+        evaluate: Callable[[Any, int], dict[str, float]],
+        share: float,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.evaluate = evaluate
+        self.share = share
+        self.clock = clock
+        self.start: float | None = None
+        self.spent = 0.0
+
+    def __call__(self, theta: Any, step: int) -> dict[str, float]:
+        now = self.clock()
+        if self.start is None:
+            self.start = now
+        elif self.spent > self.share * (now - self.start):
+            return {}
+        out = self.evaluate(theta, step)
+        self.spent += self.clock() - now
+        return out
 
 
 def _device(text: str) -> torch.device:
@@ -932,7 +968,11 @@ def run(args: argparse.Namespace) -> int:
         run_dir=run_dir,
         resume=args.resume,
         overwrite=args.overwrite,
-        evaluate=evaluator,
+        evaluate=(
+            ThrottledEvaluation(evaluator, EVALUATION_SHARE)
+            if args.eval_every is None and budget.wall_time is not None
+            else evaluator
+        ),
         eval_every=eval_every,
         progress=not args.no_progress,
         plot=not args.no_plots,

@@ -288,6 +288,40 @@ def test_cli_other_models_and_svmlight(tmp_path, capsys):
 # building blocks
 
 
+def test_cli_reads_csv_and_tsv_files(tmp_path, capsys):
+    from sklearn.datasets import load_iris
+
+    iris = load_iris()
+    lines = ["sepal_l,sepal_w,petal_l,petal_w,species"] + [
+        ",".join(f"{v:g}" for v in x) + f",{iris.target_names[c]}"
+        for x, c in zip(iris.data, iris.target)
+    ]
+    (tmp_path / "iris.csv").write_text("\n".join(lines) + "\n")
+    common = ["--steps", "5", "--no-plots", "--method", "aid-cg"]
+    code, s, _ = _hpo(
+        capsys, "--data", str(tmp_path / "iris.csv"), *common, "--run-dir", str(tmp_path / "a")
+    )
+    assert code == 0 and s["n_classes"] == 3 and s["n_features"] == 4 and s["label_column"] == "-1"
+    assert s["final"]["test_accuracy"] > 0.8
+    X, y = load_diabetes(return_X_y=True)
+    np.savetxt(tmp_path / "diabetes.tsv", np.column_stack([y, X]), delimiter="\t")
+    code, s, _ = _hpo(
+        capsys,
+        "--data",
+        str(tmp_path / "diabetes.tsv"),
+        "--model",
+        "ridge",
+        "--label-column",
+        "0",
+        *common,
+        "--run-dir",
+        str(tmp_path / "b"),
+    )
+    assert code == 0 and s["n_features"] == 10 and s["n_train"] == 266  # 60 % of 442 rows
+    code, _, err = _hpo(capsys, "--data", str(tmp_path / "iris.csv"), "--model", "ridge", *common)
+    assert code == 2 and "the label column holds text" in err
+
+
 def test_building_blocks():
     data = load_data("breast_cancer", seed=0)
     model = build_model(data, "logistic", theta0=0.0)

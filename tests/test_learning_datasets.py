@@ -1,9 +1,11 @@
-"""Tests for ``bilevel.learning.datasets``: loaders, idx / svmlight readers, splits, generators."""
+"""Tests for ``bilevel.learning.datasets``: loaders, idx / svmlight / CSV readers, splits,
+generators."""
 
 from __future__ import annotations
 
 import gzip
 import pathlib
+import re
 import struct
 
 import numpy as np
@@ -19,6 +21,7 @@ from bilevel.learning import (
     make_synthetic_classification,
     make_synthetic_regression,
     predict_logistic,
+    read_csv,
     read_idx,
     read_svmlight,
     select_rows,
@@ -423,3 +426,58 @@ def test_from_scipy_and_sparse_scaling():
     expected[[2, 4]] = 1.0
     assert torch.allclose(scale, expected)
     assert torch.allclose(scale_columns(X, scale).to_dense(), dense / expected)
+
+
+def test_read_csv_header_names_and_text_labels(tmp_path):
+    path = tmp_path / "flowers.csv"
+    path.write_text(
+        "# measurements\nlength, width,species\n1.5,0.2,setosa\n\n4.7,1.4, versicolor\n"
+        "5.1,1.9,virginica\n"
+    )
+    X, labels, names = read_csv(path)
+    assert X.dtype == torch.float32 and names == ["length", "width"]
+    torch.testing.assert_close(X, torch.tensor([[1.5, 0.2], [4.7, 1.4], [5.1, 1.9]]))
+    assert labels.tolist() == ["setosa", "versicolor", "virginica"]
+    # a label column by name; numeric labels come back as float64
+    numeric = tmp_path / "numeric.csv"
+    numeric.write_text("length,width,code\n1.5,0.2,0\n4.7,1.4,1\n")
+    X, widths, names = read_csv(numeric, "width", dtype=torch.float64)
+    assert widths.dtype == np.float64 and widths.tolist() == [0.2, 1.4]
+    assert names == ["length", "code"] and X.tolist() == [[1.5, 0.0], [4.7, 1.0]]
+    # a text column among the features is an error that names it
+    with pytest.raises(BilevelError, match="line 3: feature 'setosa' is not a number"):
+        read_csv(path, "length")
+
+
+def test_read_csv_without_header_tsv_and_gzip(tmp_path):
+    rows = np.arange(12, dtype=float).reshape(4, 3)
+    text = "\n".join("\t".join(f"{v:g}" for v in row) for row in rows) + "\n"
+    (tmp_path / "t.tsv").write_text(text)
+    (tmp_path / "t.tsv.gz").write_bytes(gzip.compress(text.encode()))
+    for name in ("t.tsv", "t.tsv.gz"):
+        X, labels, names = read_csv(tmp_path / name, 0, dtype=torch.float64)
+        assert names is None and labels.tolist() == [0.0, 3.0, 6.0, 9.0]
+        assert torch.equal(X, torch.from_numpy(rows[:, 1:]))
+
+
+@pytest.mark.parametrize(
+    ("text", "options", "message"),
+    [
+        ("a,b\n1,2\n3\n", {}, "line 3: 1 fields, expected 2"),
+        ("1,2\n3,x\n", {"label_column": 0}, "line 2: feature 'x' is not a number"),
+        ("1,2,0\n3,,1\n", {}, "line 2: empty field in feature column 2"),
+        ("1,2\n3,\n", {}, "line 2: empty label"),
+        ("a,b\n1,2\n", {"label_column": "c"}, "no column named 'c'"),
+        ("1,2\n", {"label_column": "c"}, "the file has no header"),
+        ("1,2\n", {"label_column": 5}, "outside the 2 columns"),
+        ("1\n2\n", {}, "at least one feature column"),
+        ("a,b\n", {}, "a header but no data rows"),
+        ("# nothing\n", {}, "no data rows"),
+        ("1,inf\n", {"label_column": 0}, "NaN or infinite"),
+    ],
+)
+def test_read_csv_errors(tmp_path, text, options, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(BilevelError, match=re.escape(message)):
+        read_csv(path, **options)

@@ -17,6 +17,7 @@ synthetic generators only. scikit-learn is an optional dependency, imported when
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import pathlib
@@ -682,14 +683,14 @@ def read_svmlight(
         except ValueError:
             i = next(i for i, s in enumerate(before) if not s.lstrip("+-").isdigit())
             raise BilevelError(
-                f"{path}, line {token_line[i]}: feature index {before[i]!r} is not an integer"
+                f"{path}, line {token_line[i]}: feature index {str(before[i])!r} is not an integer"
             ) from None
         try:
             val = after.astype(np.float64)
         except ValueError:
             i = next(i for i, s in enumerate(after) if not _is_float(s))
             raise BilevelError(
-                f"{path}, line {token_line[i]}: feature value {after[i]!r} is not a number"
+                f"{path}, line {token_line[i]}: feature value {str(after[i])!r} is not a number"
             ) from None
     if not np.isfinite(y).all() or not np.isfinite(val).all():
         raise BilevelError(f"{path}: NaN or infinite label or feature value")
@@ -727,6 +728,125 @@ def read_svmlight(
     crow = torch.zeros(n + 1, dtype=torch.int64)
     torch.cumsum(torch.from_numpy(counts_np), 0, out=crow[1:])
     return _csr(crow, cols_t, vals_t, (n, n_features)), y_t
+
+
+# --------------------------------------------------------------------------------------------
+# delimited text (CSV / TSV)
+# --------------------------------------------------------------------------------------------
+
+#: File name endings read as delimited text by :func:`read_csv` (optionally with ``.gz``).
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+
+
+def read_csv(
+    path: str | os.PathLike,
+    label_column: str | int = -1,
+    *,
+    delimiter: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, np.ndarray, list[str] | None]:
+    """Read a table of numbers, one sample per row, one column of which holds the labels.
+
+    The delimiter is ``,`` for ``.csv`` and a tab for ``.tsv`` / ``.tab`` files (also when
+    gzip-compressed, ``.csv.gz``) unless given. The first row is a header when one of its
+    fields is not a number. ``label_column``: a column index (negative counts from the end;
+    default the last) or, with a header, a column name. Blank lines and lines starting with
+    ``#`` are skipped; every other row must have the same number of numeric fields, except
+    the label, which may be text (class names).
+
+    Returns:
+        (X, labels, header): X (N, D) dense of ``dtype``; the labels as a NumPy array (float64
+        when every label is a number, else strings); the header's feature names or None.
+
+    Raises:
+        BilevelError: a row with another number of fields, a field that is not a number, an
+            empty field, an unknown label column, or fewer than one feature column.
+    """
+    path = pathlib.Path(path)
+    if delimiter is None:
+        suffix = (
+            path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
+        )
+        delimiter = CSV_SUFFIXES.get(suffix.lower(), ",")
+    text = _read_bytes(path).decode("utf-8-sig", errors="strict")
+    numbered = [
+        (line_no, line)
+        for line_no, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not numbered:
+        raise BilevelError(f"{path}: no data rows")
+    first = [field.strip() for field in numbered[0][1].split(delimiter)]
+    header = None
+    if not all(_is_float(field) for field in first):
+        header, numbered = first, numbered[1:]
+        if not numbered:
+            raise BilevelError(f"{path}: a header but no data rows")
+    width = len(first)
+    for line_no, line in numbered:
+        if line.count(delimiter) != width - 1:
+            raise BilevelError(
+                f"{path}, line {line_no}: {line.count(delimiter) + 1} fields, expected {width} "
+                f"(delimiter {delimiter!r})"
+            )
+    if width < 2:
+        raise BilevelError(f"{path}: need a label column and at least one feature column")
+    label = _column_index(label_column, header, width, path)
+    names = None if header is None else [h for i, h in enumerate(header) if i != label]
+    lines = [line for _, line in numbered]
+    try:  # NumPy's C parser; a malformed field sends us to the checks below, which name it
+        body = "\n".join(lines)
+        features = [c for c in range(width) if c != label]
+        options = {"delimiter": delimiter, "comments": None, "ndmin": 2}
+        X = np.loadtxt(io.StringIO(body), usecols=features, dtype=np.float64, **options)
+        labels = np.loadtxt(io.StringIO(body), usecols=[label], dtype=str, **options)[:, 0]
+        labels = np.char.strip(labels)
+        if np.isfinite(X).all() and not np.any(labels == ""):
+            if all(_is_float(v) for v in np.unique(labels)):
+                labels = labels.astype(np.float64)
+            return torch.from_numpy(X).to(dtype), labels, names
+    except ValueError:
+        pass
+    line_nos = [line_no for line_no, _ in numbered]
+    rows = [[field.strip() for field in line.split(delimiter)] for line in lines]
+    table = np.asarray(rows, dtype=object)
+    labels = table[:, label].astype(str)
+    features = np.delete(table, label, axis=1).astype(str)
+    empty = np.argwhere(features == "")
+    if empty.size:
+        r, c = (int(v) for v in empty[0])
+        raise BilevelError(f"{path}, line {line_nos[r]}: empty field in feature column {c + 1}")
+    try:
+        X = features.astype(np.float64)
+    except ValueError:
+        r, c = next(
+            (r, c)
+            for r in range(features.shape[0])
+            for c in range(features.shape[1])
+            if not _is_float(features[r, c])
+        )
+        raise BilevelError(
+            f"{path}, line {line_nos[r]}: feature {str(features[r, c])!r} is not a number"
+        ) from None
+    if not np.isfinite(X).all():
+        raise BilevelError(f"{path}: NaN or infinite feature value")
+    if np.any(labels == ""):
+        r = int(np.flatnonzero(labels == "")[0])
+        raise BilevelError(f"{path}, line {line_nos[r]}: empty label")
+    raise BilevelError(f"{path}: NumPy could not read the table (quoted fields are not supported)")
+
+
+def _column_index(column: str | int, header: list[str] | None, width: int, path) -> int:
+    """The index of ``column`` (an int, negative from the end, or a header name)."""
+    if isinstance(column, str) and not column.lstrip("-").isdigit():
+        if header is None or column not in header:
+            known = "the file has no header" if header is None else f"columns: {header}"
+            raise BilevelError(f"{path}: no column named {column!r} ({known})")
+        return header.index(column)
+    index = int(column)
+    if not -width <= index < width:
+        raise BilevelError(f"{path}: label column {index} outside the {width} columns")
+    return index % width
 
 
 def _parse_pairs(tokens: list[str]) -> tuple[np.ndarray, np.ndarray] | None:

@@ -47,6 +47,7 @@ from torch import Tensor
 from bilevel.autodiff import Cost, LowerLevel
 from bilevel.hypergrad import Estimator, Implicit, Unrolled
 from bilevel.learning.datasets import (
+    CSV_SUFFIXES,
     SKLEARN_DATASETS,
     SplitData,
     encode_labels,
@@ -54,6 +55,7 @@ from bilevel.learning.datasets import (
     load_sklearn,
     make_synthetic_classification,
     make_synthetic_regression,
+    read_csv,
     read_svmlight,
     split_data,
 )
@@ -168,15 +170,17 @@ def load_data(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     device: torch.device | str | None = None,
+    label_column: str | int = -1,
 ) -> SplitData:
     """The data set named by ``spec``, split into train / validation / test and standardised.
 
     ``spec``: a bundled scikit-learn set (``breast_cancer``, ``digits``, ``iris``, ``wine``,
     ``diabetes``; float64), ``mnist`` (the 10k MNIST set, idx files in ``data_dir`` or
     ``../shared/data/mnist``; float32), ``synthetic[:N[:D]]`` (N samples, D features of which
-    D/10 matter; float32; default 10000 × 100), or the path of an svmlight / LIBSVM file.
-    ``regression`` selects real targets (``diabetes``, synthetic regression, raw svmlight
-    labels) instead of class labels.
+    D/10 matter; float32; default 10000 × 100), or the path of a file: CSV / TSV (``.csv``,
+    ``.tsv``, ``.tab``, optionally ``.gz``; :func:`read_csv`, labels in ``label_column``) or
+    svmlight / LIBSVM (any other name). ``regression`` selects real targets (``diabetes``,
+    synthetic regression, raw file labels) instead of class labels.
 
     Raises:
         BilevelError: unknown name, missing file, or a data set of the wrong kind.
@@ -235,15 +239,7 @@ def load_data(
         return data.to(device=device) if device is not None else data
     path = pathlib.Path(spec)
     if path.is_file():
-        X, y = read_svmlight(path)
-        if regression:
-            n_classes = None
-            y = y.to(torch.float32)
-        else:
-            y, classes = encode_labels(y)
-            n_classes = max(2, int(classes.numel()))
-            if classes.numel() < 2:
-                raise BilevelError(f"{path}: all labels are equal; classification needs two")
+        X, y, n_classes = _read_file(path, regression, label_column)
         data = split_data(
             X,
             y,
@@ -259,9 +255,41 @@ def load_data(
         raise BilevelError(f"data file {spec!r} not found")
     known = ", ".join([*SKLEARN_DATASETS, "mnist", "synthetic[:N[:D]]"])
     raise BilevelError(
-        f"unknown data set {spec!r}; choose one of {known}, or give the path of an svmlight "
-        f"file ({kind})"
+        f"unknown data set {spec!r}; choose one of {known}, or give the path of a CSV or "
+        f"svmlight file ({kind})"
     )
+
+
+def _is_delimited(name: str) -> bool:
+    """Whether the file ``name`` is read as CSV / TSV (by its ending, ``.gz`` aside)."""
+    return pathlib.Path(name.lower().removesuffix(".gz")).suffix in CSV_SUFFIXES
+
+
+def _read_file(
+    path: pathlib.Path, regression: bool, label_column: str | int
+) -> tuple[Tensor, Tensor, int | None]:
+    """(X, y, number of classes or None) from a CSV / TSV (by its ending) or svmlight file:
+    real targets (float32) for regression, else labels coded 0, …, K−1."""
+    if _is_delimited(path.name):
+        X, labels, _ = read_csv(path, label_column)
+        if labels.dtype.kind != "f":
+            if regression:
+                raise BilevelError(f"{path}: the label column holds text; ridge needs numbers")
+            classes, codes = np.unique(labels, return_inverse=True)
+            y, n_found = torch.from_numpy(codes.astype(np.int64)), len(classes)
+        else:
+            y, n_found = torch.from_numpy(labels), None
+    else:
+        X, y = read_svmlight(path)
+        n_found = None
+    if regression:
+        return X, y.to(torch.float32), None
+    if n_found is None:
+        y, classes = encode_labels(y)
+        n_found = int(classes.numel())
+    if n_found < 2:
+        raise BilevelError(f"{path}: all labels are equal; classification needs two")
+    return X, y, n_found
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,6 +654,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         "  bilevel hpo --data digits --method aid-cg --time 30 --json\n"
         "  bilevel hpo --data diabetes --model ridge\n"
         "  bilevel hpo --data synthetic:200000:100 --method sid --time 60\n"
+        "  bilevel hpo --data measurements.csv --label-column class\n"
         "  bilevel hpo --run-dir runs/my-run --resume --steps 400"
     )
     data = parser.add_argument_group("problem")
@@ -633,9 +662,16 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         "--data",
         default="breast_cancer",
         help="breast_cancer | digits | iris | wine | diabetes | mnist | synthetic[:N[:D]] | "
-        "path to an svmlight file (default: breast_cancer)",
+        "path to a .csv/.tsv file (one sample per row) or an svmlight file (default: "
+        "breast_cancer)",
     )
     data.add_argument("--data-dir", help="folder with the MNIST idx files")
+    data.add_argument(
+        "--label-column",
+        default="-1",
+        help="CSV/TSV files: the label column, an index (negative from the end) or a header "
+        "name (default: the last column)",
+    )
     data.add_argument(
         "--model",
         choices=MODELS,
@@ -901,6 +937,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         data_dir=args.data_dir,
         device=device,
+        label_column=args.label_column,
     )
     say(f"bilevel hpo: {data!r}")
     if shrinkage is None:
@@ -911,6 +948,7 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method,
         "seed": args.seed,
         "label_noise": args.label_noise if model_name == "hypercleaning" else None,
+        "label_column": args.label_column if _is_delimited(args.data) else None,
         "init": args.init,
         "theta_range": list(theta_range),
         "shrinkage": shrinkage,

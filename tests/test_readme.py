@@ -54,9 +54,9 @@ def test_isgd_example_learns_a_better_tv_regulariser():
     exec(compile(_block_with("SmoothedTV("), "README ISGD", "exec"), ns)
     problem, result, y, x = ns["problem"], ns["result"], ns["y"], ns["x"]
     assert result.status == "budget" and result.cost >= 20_000
-    learned = float(psnr(reconstruct(problem, (y, x)), x).mean())
+    learned = float(psnr(reconstruct(problem, (y, x), tol=1e-3), x).mean())
     initial = reconstruction_problem(SmoothedTV(strength=0.3))
-    start = float(psnr(reconstruct(initial, (y, x)), x).mean())
+    start = float(psnr(reconstruct(initial, (y, x), tol=1e-3), x).mean())
     # measured: noisy 20.2 dB, λ = 0.3 27.3 dB, learned 29.4 dB
     assert learned > float(psnr(y, x).mean()) + 8.0
     assert learned > start + 1.0

@@ -18,6 +18,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "deblur": ("bilevel.imaging.job", "learn a regulariser for deblurring"),
     "inpaint": ("bilevel.imaging.job", "learn a regulariser for inpainting"),
     "hpo": ("bilevel.learning.job", "learn per-feature regularisation strengths (SID, AID, ...)"),
+    "reconstruct": ("bilevel.imaging.apply", "apply a learned regulariser to your images"),
 }
 
 

@@ -4,8 +4,10 @@ from bilevel.imaging.data import (
     BUNDLED_SPLITS,
     DegradedImages,
     bundled_images,
+    load_image,
     load_image_folder,
     random_crops,
+    save_image,
 )
 from bilevel.imaging.metrics import mse, psnr, ssim
 from bilevel.imaging.operators import (
@@ -51,6 +53,7 @@ __all__ = [
     "gaussian_kernel",
     "grid_search_tv",
     "lipschitz_bound",
+    "load_image",
     "load_image_folder",
     "motion_blur_kernel",
     "mse",
@@ -58,6 +61,7 @@ __all__ = [
     "random_crops",
     "random_mask",
     "reconstruct",
+    "save_image",
     "reconstruction_problem",
     "ssim",
 ]

@@ -94,7 +94,6 @@ def load_image_folder(
     ``max_images`` (the first in name order). Raises ``FileNotFoundError`` when the folder is
     missing or holds no image.
     """
-    from PIL import Image
 
     folder = pathlib.Path(path)
     if not folder.is_dir():
@@ -108,12 +107,34 @@ def load_image_folder(
         if max_images < 1:
             raise BilevelError(f"max_images must be positive, got {max_images}")
         files = files[:max_images]
-    images = []
-    for f in files:
-        with Image.open(f) as img:
+    return [load_image(f, color, dtype) for f in files]
+
+
+def load_image(
+    path: str | pathlib.Path, color: bool = False, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """One image file (png, jpg, bmp, tif) as a (C, H, W) tensor in [0, 1] (C = 3 for
+    ``color``, else 1, luma). Raises ``FileNotFoundError`` for a missing file and
+    ``BilevelError`` for one PIL cannot read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB" if color else "L"), dtype=np.uint8)
-        images.append(_to_tensor(arr, dtype))
-    return images
+    except (UnidentifiedImageError, OSError) as err:
+        raise BilevelError(f"cannot read image {str(path)!r}: {err}") from None
+    return _to_tensor(arr, dtype)
+
+
+def save_image(x: Tensor, path: str | pathlib.Path) -> None:
+    """Write a (C, H, W) image in [0, 1] (clipped) as an 8-bit PNG or JPEG (by the ending)."""
+    from PIL import Image
+
+    arr = (x.detach().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
 
 
 def _as_generator(generator: torch.Generator | int | None) -> torch.Generator:

@@ -181,7 +181,8 @@ class Setup:
     gamma: float
 
 
-def _regulariser(args: argparse.Namespace, channels: int) -> Regulariser:
+def make_regulariser(args: argparse.Namespace, channels: int) -> Regulariser:
+    """The regulariser of ``args.regulariser`` at its initial θ, for ``channels`` channels."""
     if args.regulariser == "foe":
         return FieldsOfExperts(
             args.filters,
@@ -211,7 +212,9 @@ def calibrate_foe_weights(regulariser: FieldsOfExperts, tv_strength: float) -> N
     regulariser.log_weights.fill_(math.log(2.0 * tv_strength / k))
 
 
-def _operator(args: argparse.Namespace, dtype: torch.dtype) -> tuple[LinearOperator, float]:
+def make_operator(args: argparse.Namespace, dtype: torch.dtype) -> tuple[LinearOperator, float]:
+    """(A, γ) of the task: the identity and 0 (denoise), the Gaussian blur of ``--blur`` and
+    ``--kernel-size`` (deblur) or a random mask of the crop size (inpaint), with ``--gamma``."""
     if args.job == "deblur":
         kernel = gaussian_kernel(args.kernel_size, args.blur, dtype=dtype)
         return Convolution(kernel), args.gamma
@@ -253,7 +256,7 @@ def build(args: argparse.Namespace) -> Setup:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise BilevelError("--device cuda requested but CUDA is not available")
     dtype = getattr(torch, args.dtype)
-    operator, gamma = _operator(args, dtype)
+    operator, gamma = make_operator(args, dtype)
     sigma = args.sigma / 255.0
     train_clean = random_crops(
         _images(args, "train", dtype), args.crop, args.train_size, generator=args.seed
@@ -264,7 +267,7 @@ def build(args: argparse.Namespace) -> Setup:
     train = DegradedImages(train_clean, operator, sigma=sigma, seed=args.seed + 2)
     test = DegradedImages(test_clean, operator, sigma=sigma, seed=args.seed + 3)
     train, test = train.to(args.device), test.to(args.device)
-    regulariser = _regulariser(args, train_clean.shape[1]).to(args.device, dtype)
+    regulariser = make_regulariser(args, train_clean.shape[1]).to(args.device, dtype)
     operator = operator.to(args.device, dtype)
     problem = reconstruction_problem(regulariser, operator, gamma=gamma)
     return Setup(problem, train, test, operator, gamma)
@@ -350,6 +353,30 @@ def _save_grid(path: Path, rows: list[Tensor], count: int = 4) -> None:
     ).save(path)
 
 
+#: The options that define a learned model (everything ``bilevel reconstruct`` needs besides
+#: θ), stored in the run directory's ``job.json``.
+MODEL_OPTIONS = (
+    "job",
+    "regulariser",
+    "filters",
+    "filter_size",
+    "color",
+    "dtype",
+    "sigma",
+    "blur",
+    "kernel_size",
+    "keep",
+    "gamma",
+)
+#: θ of the finished run (``problem.theta.state_dict()``), in the run directory.
+MODEL_FILE = "model.pt"
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The entries of :data:`MODEL_OPTIONS` that the job ``args`` has."""
+    return {k: getattr(args, k) for k in MODEL_OPTIONS if hasattr(args, k)}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the imaging job described by ``args``; print the summary."""
     torch.manual_seed(args.seed)
@@ -390,6 +417,9 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         progress=not args.no_progress,
     )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.json").write_text(json.dumps(model_options(args), indent=2) + "\n")
+    torch.save(setup.problem.theta.state_dict(), run_dir / MODEL_FILE)
     x_learned = reconstruct(setup.problem, (y_test, x_test), tol=eval_tol)
     y_show = setup.operator.adjoint(y_test) if args.job == "deblur" else y_test
     _save_grid(run_dir / "reconstructions.png", [x_test, y_show, x_tv, x_learned])
@@ -421,5 +451,6 @@ def run(args: argparse.Namespace) -> int:
             f"  cost: {result.cost} oracle calls, {result.step} steps, "
             f"{summary['wall_time_s']:.0f} s; status: {result.status} ({result.message})"
         )
-        print(f"  results in {run_dir} (reconstructions.png, plots/, metrics.jsonl)")
+        print(f"  results in {run_dir} (reconstructions.png, plots/, metrics.jsonl, model.pt)")
+        print(f"  apply it to your images: bilevel reconstruct {run_dir} IMAGE ...")
     return 0 if result.ok else 1

@@ -1,0 +1,190 @@
+"""``bilevel reconstruct``: apply the regulariser learned by an imaging run to new images.
+
+The run directory of ``bilevel denoise | deblur | inpaint`` holds ``job.json`` (the options
+that define the model) and ``model.pt`` (the learned θ). For each image this solves the lower
+level of that run,
+
+    x̂ = argmin_x ½‖A x − y‖² + R_θ(x) + γ/2 ‖x‖²,
+
+with the run's forward operator A (identity, or the same Gaussian blur; for inpainting the mask
+given by ``--mask``), until the root mean square of ∇ₓh over the pixels is at most ``--tol``,
+and writes x̂ as a PNG. The image is taken as the
+measurement y, or, with ``--add-noise``, as a clean image that is first degraded as in training
+(y = A x + σ ε with the run's σ), so that PSNR and SSIM of y and of x̂ can be reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel.imaging.data import load_image, save_image
+from bilevel.imaging.job import MODEL_FILE, MODEL_OPTIONS, make_operator, make_regulariser
+from bilevel.imaging.metrics import SSIM_WINDOW, psnr, ssim
+from bilevel.imaging.operators import InpaintingMask, LinearOperator
+from bilevel.imaging.regularisers import Regulariser
+from bilevel.imaging.tasks import reconstruct, reconstruction_problem
+from bilevel.problem import BilevelError, BilevelProblem
+
+
+def load_learned(run_dir: str | Path) -> tuple[Regulariser, dict[str, Any]]:
+    """The regulariser learned by a finished imaging run (θ from ``model.pt``) and the run's
+    model options (``job.json``: task, regulariser, filters, dtype, σ, blur, γ, ...).
+
+    Raises:
+        BilevelError: no finished run in ``run_dir``, or files that do not fit each other.
+    """
+    run_dir = Path(run_dir)
+    job_file, model_file = run_dir / "job.json", run_dir / MODEL_FILE
+    if not job_file.is_file() or not model_file.is_file():
+        raise BilevelError(
+            f"{run_dir} holds no finished imaging run (job.json and {MODEL_FILE} are written "
+            "when bilevel denoise / deblur / inpaint ends)"
+        )
+    options = json.loads(job_file.read_text(encoding="utf-8"))
+    missing = [k for k in ("job", "regulariser", "dtype") if k not in options]
+    if missing:
+        raise BilevelError(f"{job_file}: missing entries {missing}")
+    args = argparse.Namespace(
+        seed=0, **{k: options.get(k) for k in MODEL_OPTIONS}
+    )  # θ loaded below
+    channels = 3 if options.get("color") else 1
+    regulariser = make_regulariser(args, channels).to(getattr(torch, options["dtype"]))
+    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    prefix = "regulariser."
+    learned = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        regulariser.load_state_dict(learned)
+    except RuntimeError as err:
+        raise BilevelError(f"{model_file} does not fit the model of {job_file}: {err}") from None
+    return regulariser, options
+
+
+def learned_problem(
+    regulariser: Regulariser, options: dict[str, Any], operator: LinearOperator | None = None
+) -> BilevelProblem:
+    """The run's reconstruction problem with ``regulariser``; ``operator`` replaces the run's
+    forward operator (required for inpainting: its training mask fits the training crops)."""
+    dtype = getattr(torch, options["dtype"])
+    if operator is None:
+        if options["job"] == "inpaint":
+            raise BilevelError("an inpainting model needs the mask of each image (--mask FILE)")
+        operator, gamma = make_operator(argparse.Namespace(**options), dtype)
+    else:
+        gamma = float(options.get("gamma") or 0.0)
+    return reconstruction_problem(regulariser, operator.to(dtype=dtype), gamma=gamma)
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str = "reconstruct") -> None:
+    a = parser.add_argument
+    a("run_dir", help="run directory of a finished bilevel denoise / deblur / inpaint run")
+    a("images", nargs="+", help="image files (png, jpg, bmp, tif)")
+    a("--out", default=None, help="output folder (default: RUN_DIR/reconstructed)")
+    a(
+        "--add-noise",
+        action="store_true",
+        help="treat the images as clean: degrade them as in training (the run's operator and "
+        "σ), then report PSNR / SSIM of the degraded and the reconstructed image",
+    )
+    a("--mask", default=None, help="inpainting runs: image whose non-zero pixels are observed")
+    a(
+        "--tol",
+        type=float,
+        default=1e-4,
+        help="stop when the root mean square of ∇ₓh over the pixels is ≤ TOL, i.e. "
+        "‖∇ₓh‖ ≤ TOL·√(pixels · channels) (intensities in [0, 1]; default 1e-4)",
+    )
+    a("--max-iter", type=int, default=5000, help="solver iterations at most (default 5000)")
+    a("--seed", type=int, default=0, help="seed of the noise of --add-noise")
+    a("--json", action="store_true", help="print the results as one JSON object")
+
+
+def _mask(path: str, like: Tensor) -> InpaintingMask:
+    """The inpainting operator of the mask image ``path`` (non-zero: observed)."""
+    try:
+        m = load_image(path, color=False, dtype=like.dtype)
+    except FileNotFoundError as err:
+        raise BilevelError(str(err)) from None
+    if tuple(m.shape[1:]) != tuple(like.shape[1:]):
+        raise BilevelError(
+            f"mask {path!r} is {m.shape[2]}×{m.shape[1]} pixels, the image "
+            f"{like.shape[2]}×{like.shape[1]}"
+        )
+    return InpaintingMask((m > 0.5).to(like.dtype).unsqueeze(0))
+
+
+def _scores(x: Tensor, clean: Tensor) -> dict[str, float]:
+    """PSNR (dB) and, when the image is large enough, SSIM of x against ``clean``."""
+    out = {"psnr": float(psnr(x.clamp(0, 1), clean)[0])}
+    if min(x.shape[2:]) >= SSIM_WINDOW:
+        out["ssim"] = float(ssim(x.clamp(0, 1), clean)[0])
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Reconstruct every image of ``args.images``; print one line each (or one JSON object)."""
+    if not args.tol > 0:
+        raise BilevelError(f"--tol must be positive, got {args.tol}")
+    if args.max_iter < 1:
+        raise BilevelError(f"--max-iter must be positive, got {args.max_iter}")
+    run_dir = Path(args.run_dir)
+    regulariser, options = load_learned(run_dir)
+    inpaint = options["job"] == "inpaint"
+    if inpaint and not args.mask:
+        raise BilevelError("an inpainting model needs the mask of the images (--mask FILE)")
+    if args.mask and not inpaint:
+        raise BilevelError(
+            f"--mask applies to inpainting runs; {run_dir} is a {options['job']} run"
+        )
+    dtype = getattr(torch, options["dtype"])
+    images = []
+    for name in args.images:  # read them all first: a bad file fails before any work
+        try:
+            images.append(load_image(name, color=bool(options.get("color")), dtype=dtype))
+        except FileNotFoundError as err:
+            raise BilevelError(str(err)) from None
+    out_dir = Path(args.out) if args.out else run_dir / "reconstructed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for k, (name, image) in enumerate(zip(args.images, images)):
+        operator = _mask(args.mask, image) if inpaint else None
+        problem = learned_problem(regulariser, options, operator)
+        op = problem.theta["operator"]
+        x = image.unsqueeze(0)
+        y = x
+        if args.add_noise:
+            gen = torch.Generator().manual_seed(args.seed + k)
+            noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(dtype)
+            y = op(x) + float(options["sigma"]) / 255.0 * noise
+        start = time.perf_counter()
+        tol = args.tol * x.numel() ** 0.5  # an RMS tolerance: the same for every image size
+        x_hat = reconstruct(problem, (y, y), x0=op.adjoint(y), tol=tol, max_iter=args.max_iter)
+        seconds = time.perf_counter() - start
+        stem = Path(name).stem
+        record: dict[str, Any] = {
+            "image": name,
+            "output": str(out_dir / f"{stem}_reconstructed.png"),
+            "seconds": seconds,
+        }
+        save_image(x_hat[0], record["output"])
+        if args.add_noise:
+            record["degraded_output"] = str(out_dir / f"{stem}_degraded.png")
+            save_image(op.adjoint(y)[0], record["degraded_output"])
+            record["degraded"] = _scores(op.adjoint(y), x)
+            record["reconstructed"] = _scores(x_hat, x)
+        results.append(record)
+        if not args.json:
+            line = f"  {name} -> {record['output']} ({seconds:.1f} s)"
+            if args.add_noise:
+                d, r = record["degraded"], record["reconstructed"]
+                line += f"; PSNR {d['psnr']:.2f} dB degraded, {r['psnr']:.2f} dB reconstructed"
+            print(line)
+    if args.json:
+        print(json.dumps({"run_dir": str(run_dir), "task": options["job"], "images": results}))
+    return 0

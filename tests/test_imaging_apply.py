@@ -1,0 +1,120 @@
+"""`bilevel reconstruct`: a finished imaging run applied to new image files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bilevel.cli import main
+from bilevel.imaging import bundled_images, psnr, random_crops, reconstruct, save_image
+from bilevel.imaging.apply import learned_problem, load_learned
+from bilevel.imaging.job import build, job_arguments
+
+SMALL = ["--crop", "16", "--train-size", "8", "--test-size", "4", "--batch-size", "4"]
+QUIET = ["--no-progress", "--json"]
+
+
+@pytest.fixture(scope="module")
+def denoise_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "denoise"
+    code = main(["denoise", "--budget", "4000", "--run-dir", str(run_dir), *SMALL, *QUIET])
+    assert code == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two clean 40×40 test crops as PNG files."""
+    folder = tmp_path_factory.mktemp("images")
+    crops = random_crops(bundled_images("test"), 40, 2, generator=5)
+    paths = [folder / f"crop{i}.png" for i in range(2)]
+    for crop, path in zip(crops, paths):
+        save_image(crop, path)
+    return paths
+
+
+def _reconstruct(capsys, *args: str) -> tuple[int, dict | None, str]:
+    capsys.readouterr()
+    code = main(["reconstruct", *args, "--json"])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_the_saved_model_reproduces_the_runs_test_psnr(denoise_run):
+    """θ in model.pt and the options in job.json rebuild the run's final regulariser: the
+    learned test PSNR of the summary is reproduced on the run's own test crops."""
+    regulariser, options = load_learned(denoise_run)
+    assert options["job"] == "denoise" and options["regulariser"] == "foe"
+    summary = json.loads((denoise_run / "summary.json").read_text())
+    setup = build(job_arguments("denoise", crop=16, train_size=8, test_size=4))
+    y, x = setup.test.batch()[:2]
+    problem = learned_problem(regulariser, options)
+    x_hat = reconstruct(problem, (y, x), tol=3e-3)  # the job's evaluation tolerance (float32)
+    learned = float(psnr(x_hat.clamp(0, 1), x).mean())
+    assert learned == pytest.approx(summary["test"]["learned"]["psnr"], abs=0.02)
+    initial = build(job_arguments("denoise", crop=16, train_size=8, test_size=4)).problem
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(regulariser.parameters(), initial.theta["regulariser"].parameters())
+    )
+
+
+def test_reconstruct_denoises_image_files(denoise_run, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, result, _ = _reconstruct(
+        capsys, str(denoise_run), *map(str, images), "--add-noise", "--out", str(out)
+    )
+    assert code == 0 and result["task"] == "denoise" and len(result["images"]) == 2
+    for record in result["images"]:
+        assert (out / record["output"].split("/")[-1]).is_file()
+        assert record["reconstructed"]["psnr"] > record["degraded"]["psnr"] + 4.0
+        assert record["reconstructed"]["ssim"] > record["degraded"]["ssim"]
+    # without --add-noise the file itself is the measurement: a denoised noisy file
+    noisy = out / "crop0_degraded.png"
+    code, result, _ = _reconstruct(
+        capsys, str(denoise_run), str(noisy), "--out", str(out / "again")
+    )
+    assert code == 0 and "reconstructed" not in result["images"][0]
+    assert (out / "again" / "crop0_degraded_reconstructed.png").is_file()
+
+
+def test_reconstruct_deblurs_and_inpaints(images, tmp_path, capsys):
+    for task, extra in (("deblur", []), ("inpaint", ["--keep", "0.6"])):
+        run_dir = tmp_path / task
+        args = [task, "--regulariser", "tv", "--budget", "1500", "--run-dir", str(run_dir)]
+        assert main([*args, *SMALL, *extra, *QUIET]) == 0
+        options = []
+        if task == "inpaint":
+            code, _, err = _reconstruct(capsys, str(run_dir), str(images[0]))
+            assert code == 2 and "--mask" in err
+            mask = torch.rand(1, 40, 40, generator=torch.Generator().manual_seed(0)) < 0.6
+            save_image(mask.float(), tmp_path / "mask.png")
+            options = ["--mask", str(tmp_path / "mask.png")]
+        code, result, _ = _reconstruct(
+            capsys,
+            str(run_dir),
+            str(images[0]),
+            "--add-noise",
+            "--out",
+            str(tmp_path / f"o-{task}"),
+            *options,
+        )
+        assert code == 0 and result["task"] == task
+        record = result["images"][0]
+        assert record["reconstructed"]["psnr"] > record["degraded"]["psnr"] + 2.0
+
+
+def test_reconstruct_errors(denoise_run, images, tmp_path, capsys):
+    code, _, err = _reconstruct(capsys, str(tmp_path), str(images[0]))
+    assert code == 2 and "holds no finished imaging run" in err
+    code, _, err = _reconstruct(capsys, str(denoise_run), str(tmp_path / "missing.png"))
+    assert code == 2 and "does not exist" in err
+    code, _, err = _reconstruct(capsys, str(denoise_run), str(images[0]), "--mask", str(images[1]))
+    assert code == 2 and "--mask applies to inpainting runs" in err
+    code, _, err = _reconstruct(capsys, str(denoise_run), str(images[0]), "--tol", "0")
+    assert code == 2 and "--tol must be positive" in err
+    (tmp_path / "bad.png").write_text("not an image")
+    code, _, err = _reconstruct(capsys, str(denoise_run), str(tmp_path / "bad.png"))
+    assert code == 2 and "cannot read image" in err

@@ -69,6 +69,17 @@ def test_resume_continues_a_run(tmp_path, capsys):
     assert second["steps"] > first["steps"]
     steps = [r["step"] for r in read_metrics(f"{run_dir}/metrics.jsonl")]
     assert steps == sorted(set(steps))  # no duplicated records after resuming
+    # other model or training options cannot continue this run; a new run may not reuse it
+    stored = (tmp_path / "run" / "job.json").read_text()
+    resume = ["denoise", "--budget", "4000", "--run-dir", run_dir, "--resume", *SMALL]
+    assert main([*resume, "--regulariser", "foe"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert main([*resume, "--regulariser", "tv", "--sigma", "15"]) == 2
+    assert "sigma: 25.0 -> 15.0" in capsys.readouterr().err
+    fresh = ["denoise", "--regulariser", "tv", "--budget", "1500", "--run-dir", run_dir, *SMALL]
+    assert main([*fresh, "--filters", "4"]) == 2
+    capsys.readouterr()
+    assert (tmp_path / "run" / "job.json").read_text() == stored
 
 
 @pytest.mark.parametrize("job", ["deblur", "inpaint"])

@@ -368,13 +368,49 @@ MODEL_OPTIONS = (
     "keep",
     "gamma",
 )
+#: Options that must also match for ``--resume`` to continue a run (the budget may change).
+TRAINING_OPTIONS = (
+    "data",
+    "crop",
+    "train_size",
+    "test_size",
+    "seed",
+    "method",
+    "step",
+    "accuracy",
+    "batch_size",
+)
 #: θ of the finished run (``problem.theta.state_dict()``), in the run directory.
 MODEL_FILE = "model.pt"
 
 
-def model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The entries of :data:`MODEL_OPTIONS` that the job ``args`` has."""
-    return {k: getattr(args, k) for k in MODEL_OPTIONS if hasattr(args, k)}
+def job_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The entries of :data:`MODEL_OPTIONS` and :data:`TRAINING_OPTIONS` that ``args`` has
+    (the run directory's ``job.json``)."""
+    keys = MODEL_OPTIONS + TRAINING_OPTIONS
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+
+
+def _write_job_record(run_dir: Path, args: argparse.Namespace) -> None:
+    """Write ``job.json``; on ``--resume``, first refuse options that differ from it."""
+    path = run_dir / "job.json"
+    record = json.loads(json.dumps(job_record(args)))  # as JSON stores it
+    if args.resume and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diffs = [
+            f"{k}: {old.get(k)!r} -> {record.get(k)!r}"
+            for k in sorted(old.keys() | record.keys())
+            if old.get(k) != record.get(k)
+        ]
+        if diffs:
+            raise BilevelError(
+                f"cannot resume {run_dir}: the options differ from the stored run "
+                f"({'; '.join(diffs)}). Use the same options, or start a new run."
+            )
+    if not args.resume and (run_dir / "config.json").exists():
+        return  # another run lives there: the run loop refuses it, its job.json stays intact
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -387,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{args.job}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume and args.run_dir is None:
         raise BilevelError("--resume needs --run-dir")
+    _write_job_record(run_dir, args)
     log = sys.stderr if args.json else sys.stdout
     y_test, x_test = setup.test.batch()[:2]
 
@@ -417,8 +454,6 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         progress=not args.no_progress,
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.json").write_text(json.dumps(model_options(args), indent=2) + "\n")
     torch.save(setup.problem.theta.state_dict(), run_dir / MODEL_FILE)
     x_learned = reconstruct(setup.problem, (y_test, x_test), tol=eval_tol)
     y_show = setup.operator.adjoint(y_test) if args.job == "deblur" else y_test

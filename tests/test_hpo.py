@@ -108,6 +108,13 @@ def test_cli_json_breast_cancer(tmp_path, capsys, method):
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 40
+    # the learnt strengths, one row per named feature
+    rows = (run_dir / "hyperparameters.csv").read_text().splitlines()
+    assert rows[0] == "feature,theta,strength" and len(rows) == 31
+    assert rows[1].startswith("mean radius,")
+    theta = np.array([float(r.split(",")[1]) for r in rows[1:]])
+    strength = np.array([float(r.split(",")[2]) for r in rows[1:]])
+    assert theta.min() == pytest.approx(s["theta"]["min"]) and np.allclose(strength, np.exp(theta))
     assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20, 30]
     # the tracking diagnostic: f at the method's iterate against F(θ) at the accurate w(θ)
     gap, last = s["lower_gap"], records[30]
@@ -255,6 +262,9 @@ def test_cli_other_models_and_svmlight(tmp_path, capsys):
     # the learnt weights single out the corrupted labels (AUC 0.93 when measured)
     found = hc["theta"]["detection"]
     assert found["n_corrupted"] == round(0.3 * hc["n_train"])
+    rows = (tmp_path / "hc" / "hyperparameters.csv").read_text().splitlines()
+    assert rows[0] == "row,theta,weight,corrupted" and len(rows) == hc["n_train"] + 1
+    assert sum(int(r.split(",")[3]) for r in rows[1:]) == found["n_corrupted"]
     assert found["auc"] > 0.85 and found["weight_clean_mean"] > 2 * found["weight_corrupted_mean"]
 
     gen = np.random.default_rng(0)
@@ -303,6 +313,8 @@ def test_cli_reads_csv_and_tsv_files(tmp_path, capsys):
     )
     assert code == 0 and s["n_classes"] == 3 and s["n_features"] == 4 and s["label_column"] == "-1"
     assert s["final"]["test_accuracy"] > 0.8
+    rows = (tmp_path / "a" / "hyperparameters.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["sepal_l", "sepal_w", "petal_l", "petal_w"]
     X, y = load_diabetes(return_X_y=True)
     np.savetxt(tmp_path / "diabetes.tsv", np.column_stack([y, X]), delimiter="\t")
     code, s, _ = _hpo(

@@ -82,6 +82,8 @@ def test_load_sklearn_is_deterministic():
     for field in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test"):
         assert torch.equal(getattr(a, field), getattr(b, field))
     assert not torch.equal(a.train_index, c.train_index)
+    assert a.feature_names[0] == "sepal length (cm)" and len(a.feature_names) == a.n_features
+    assert a.to(dtype=torch.float32).feature_names == a.feature_names
 
 
 def test_standardisation_uses_training_statistics():

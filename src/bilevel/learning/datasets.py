@@ -166,6 +166,7 @@ class SplitData:
         feature_mean, feature_scale: the standardisation x ↦ (x − mean)/scale (mean is
             ``None`` for sparse data, which is only scaled); ``None`` when not standardised.
         target_mean: the training mean subtracted from regression targets (else ``None``).
+        feature_names: the d column names, when the source has them (else ``None``).
     """
 
     X_train: Tensor
@@ -182,6 +183,7 @@ class SplitData:
     feature_mean: Tensor | None = None
     feature_scale: Tensor | None = None
     target_mean: float | None = None
+    feature_names: list[str] | None = None
 
     @property
     def n_features(self) -> int:
@@ -450,7 +452,8 @@ def load_sklearn(
     if name not in SKLEARN_DATASETS:
         raise BilevelError(f"unknown data set {name!r}; choose one of {SKLEARN_DATASETS}")
     skd = _require_sklearn()
-    X_np, y_np = getattr(skd, f"load_{name}")(return_X_y=True)
+    bunch = getattr(skd, f"load_{name}")()
+    X_np, y_np = bunch.data, bunch.target
     X = torch.as_tensor(np.asarray(X_np, dtype=np.float64)).to(dtype)
     if name == "diabetes":
         y = torch.as_tensor(np.asarray(y_np, dtype=np.float64)).to(dtype)
@@ -468,6 +471,7 @@ def load_sklearn(
         standardize=standardize,
         name=name,
     )
+    data = replace(data, feature_names=[str(n) for n in bunch.feature_names])
     return data.to(device=device) if device is not None else data
 
 

@@ -29,6 +29,8 @@ grid.
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import datetime
 import json
 import math
@@ -239,7 +241,7 @@ def load_data(
         return data.to(device=device) if device is not None else data
     path = pathlib.Path(spec)
     if path.is_file():
-        X, y, n_classes = _read_file(path, regression, label_column)
+        X, y, n_classes, names = _read_file(path, regression, label_column)
         data = split_data(
             X,
             y,
@@ -249,6 +251,7 @@ def load_data(
             seed=seed,
             name=path.name,
         )
+        data = dataclasses.replace(data, feature_names=names)
         return data.to(device=device) if device is not None else data
     looks_like_path = os.sep in spec or "." in spec
     if looks_like_path:
@@ -267,11 +270,13 @@ def _is_delimited(name: str) -> bool:
 
 def _read_file(
     path: pathlib.Path, regression: bool, label_column: str | int
-) -> tuple[Tensor, Tensor, int | None]:
-    """(X, y, number of classes or None) from a CSV / TSV (by its ending) or svmlight file:
-    real targets (float32) for regression, else labels coded 0, …, K−1."""
+) -> tuple[Tensor, Tensor, int | None, list[str] | None]:
+    """(X, y, number of classes or None, feature names or None) from a CSV / TSV (by its
+    ending) or svmlight file: real targets (float32) for regression, else labels coded
+    0, …, K−1."""
+    names = None
     if _is_delimited(path.name):
-        X, labels, _ = read_csv(path, label_column)
+        X, labels, names = read_csv(path, label_column)
         if labels.dtype.kind != "f":
             if regression:
                 raise BilevelError(f"{path}: the label column holds text; ridge needs numbers")
@@ -283,13 +288,13 @@ def _read_file(
         X, y = read_svmlight(path)
         n_found = None
     if regression:
-        return X, y.to(torch.float32), None
+        return X, y.to(torch.float32), None, names
     if n_found is None:
         y, classes = encode_labels(y)
         n_found = int(classes.numel())
     if n_found < 2:
         raise BilevelError(f"{path}: all labels are equal; classification needs two")
-    return X, y, n_found
+    return X, y, n_found, names
 
 
 # --------------------------------------------------------------------------------------------
@@ -1016,6 +1021,7 @@ def run(args: argparse.Namespace) -> int:
         plot=not args.no_plots,
     )
     final = dict(result.evaluation) if result.evaluation else evaluator.metrics()
+    write_hyperparameters(run_dir / HYPERPARAMETERS_FILE, model, data)
     summary = _summary(args, data, model, job, initial, final, baseline, result, t_start)
     text = json.dumps(to_jsonable(summary), indent=2, allow_nan=False) + "\n"
     (run_dir / "summary.json").write_text(text, encoding="utf-8")
@@ -1066,6 +1072,36 @@ def lower_level_gap(records: list[Mapping[str, Any]]) -> dict[str, float] | None
                 "relative": abs(f_iterate - val) / max(abs(val), 1e-300),
             }
     return None
+
+
+#: The learnt hyperparameters, one row each, in the run directory.
+HYPERPARAMETERS_FILE = "hyperparameters.csv"
+
+
+def write_hyperparameters(path: pathlib.Path, model: FiniteSumModel, data: SplitData) -> None:
+    """The learnt θ as CSV: for per-feature models one row per feature (``feature``: its name
+    or ``x<k>``, ``theta``, ``strength`` λ = exp θ, for the standardised feature), for
+    hyper-cleaning one row per training sample (``row``: its row in the original data,
+    ``theta``, ``weight`` σ(θ), and ``corrupted`` when the corruption is known)."""
+    theta = model.theta.detach().to("cpu", torch.float64).reshape(-1)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        if isinstance(model, HypercleaningModel):
+            rows = data.train_index if data.train_index is not None else torch.arange(len(theta))
+            known = model.corrupted is not None
+            out.writerow(["row", "theta", "weight", *(["corrupted"] if known else [])])
+            weights = torch.sigmoid(theta)
+            for j in range(len(theta)):
+                extra = [int(model.corrupted[j])] if known else []
+                out.writerow([int(rows[j]), f"{theta[j]:.9g}", f"{weights[j]:.9g}", *extra])
+            return
+        d = data.n_features
+        names = data.feature_names if data.feature_names else [f"x{k}" for k in range(d)]
+        if len(theta) != d:  # one common strength, or one per coefficient
+            names = [f"theta{k}" for k in range(len(theta))]
+        out.writerow(["feature", "theta", "strength"])
+        for name, value in zip(names, theta.tolist()):
+            out.writerow([name, f"{value:.9g}", f"{math.exp(value):.9g}"])
 
 
 def one_instance(model: FiniteSumModel, w0: Tensor | None = None) -> TensorSamples:
@@ -1161,4 +1197,4 @@ def _print_summary(s: Mapping[str, Any]) -> None:
             f"  lower iterate at step {gap['step']}: f = {gap['f_iterate']:.6g}, "
             f"F(θ) = {gap['val_loss']:.6g} at w(θ) ({100 * gap['relative']:.1f} % apart)"
         )
-    print(f"  run directory: {s['run_dir']}")
+    print(f"  run directory: {s['run_dir']} (learnt values: {HYPERPARAMETERS_FILE})")

@@ -52,7 +52,7 @@ from bilevel.runs import (
     set_rng_state,
     to_jsonable,
 )
-from bilevel.schedules import Schedule
+from bilevel.schedules import Accuracy, Schedule
 
 __all__ = [
     "OPTIMIZERS",
@@ -370,6 +370,16 @@ def grad_norm(grad: list[Tensor]) -> float:
 
 
 # ----------------------------------------------------------------------------- configuration
+
+
+def method_config(method: Any) -> dict[str, Any]:
+    """The configuration of an upper-level method (a dataclass) as JSON data, for its run
+    directory: every field described, an ``Accuracy`` as its two schedules."""
+    out = {f.name: describe(getattr(method, f.name)) for f in dataclasses.fields(method)}
+    accuracy = getattr(method, "accuracy", None)
+    if isinstance(accuracy, Accuracy):
+        out["accuracy"] = {"lower": describe(accuracy.lower), "adjoint": describe(accuracy.adjoint)}
+    return out
 
 
 def describe(value: Any) -> Any:

@@ -41,9 +41,9 @@ from bilevel.methods.common import (
     as_budget,
     as_sample_set,
     check_optimizer_spec,
-    describe,
     drive,
     make_optimizer,
+    method_config,
 )
 from bilevel.problem import BilevelError, BilevelProblem, NonFiniteError
 from bilevel.schedules import Accuracy, Constant, ScheduleLike, as_accuracy, as_schedule
@@ -110,12 +110,7 @@ class ISGD:
 
     def to_config(self) -> dict[str, Any]:
         """The configuration as JSON data (stored in the run directory)."""
-        out = {f.name: describe(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        out["accuracy"] = {
-            "lower": describe(self.accuracy.lower),
-            "adjoint": describe(self.accuracy.adjoint),
-        }
-        return out
+        return method_config(self)
 
     def run(
         self,

@@ -26,7 +26,6 @@ of rejected trials and of recomputations at tighter accuracy.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,9 +50,9 @@ from bilevel.methods.common import (
     apply_projection,
     as_budget,
     as_sample_set,
-    describe,
     drive,
     load_params,
+    method_config,
     snapshot,
 )
 from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError
@@ -127,14 +126,7 @@ class _LineSearch:
 
     def to_config(self) -> dict[str, Any]:
         """The configuration as JSON data (stored in the run directory)."""
-        out = {f.name: describe(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        accuracy = getattr(self, "accuracy", None)
-        if isinstance(accuracy, Accuracy):
-            out["accuracy"] = {
-                "lower": describe(accuracy.lower),
-                "adjoint": describe(accuracy.adjoint),
-            }
-        return out
+        return method_config(self)
 
     def run(
         self,

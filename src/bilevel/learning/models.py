@@ -110,9 +110,14 @@ def _check_targets(y: Tensor, n: int, name: str, n_classes: int | None, like: Te
     return y.to(like.dtype)
 
 
-def _infer_classes(*ys: Tensor) -> int:
-    top = max(int(y.max()) for y in ys if y.numel())
-    return max(2, top + 1)
+def _cross_entropy_loss(n_classes: int | None, *ys: Tensor) -> tuple[int, str]:
+    """(K, loss) of a classifier: K given (an integer ≥ 2) or inferred from the labels ``ys``,
+    and the binary (K = 2) or multinomial cross-entropy."""
+    if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 2):
+        raise BilevelError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    if n_classes is None:
+        n_classes = max(2, max(int(y.max()) for y in ys if y.numel()) + 1)
+    return n_classes, "binary" if n_classes == 2 else "multinomial"
 
 
 def _as_index(index: Index, n: int, device: torch.device, what: str) -> Tensor | None:
@@ -226,9 +231,7 @@ class FiniteSumModel:
         if loss == "squared":
             self.n_classes = None
         else:
-            if n_classes is None:
-                n_classes = _infer_classes(y_train, y_val)
-            self.n_classes = int(n_classes)
+            self.n_classes, _ = _cross_entropy_loss(n_classes, y_train, y_val)
         self.y_train = _check_targets(y_train, self.n_train, "y_train", self.n_classes, X_train)
         self.y_val = _check_targets(y_val, self.n_val, "y_val", self.n_classes, X_train)
         self.fit_intercept = bool(fit_intercept)
@@ -622,11 +625,7 @@ class LogisticModel(_PerFeatureL2):
         theta_lower: float | None = None,
         shrinkage: float = 0.0,
     ) -> None:
-        if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 2):
-            raise BilevelError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-        if n_classes is None:
-            n_classes = _infer_classes(y_train, y_val)
-        loss = "binary" if n_classes == 2 else "multinomial"
+        n_classes, loss = _cross_entropy_loss(n_classes, y_train, y_val)
         super().__init__(
             X_train,
             y_train,
@@ -693,11 +692,7 @@ class HypercleaningModel(FiniteSumModel):
         fit_intercept: bool = False,
         corrupted: Tensor | None = None,
     ) -> None:
-        if n_classes is not None and (not isinstance(n_classes, int) or n_classes < 2):
-            raise BilevelError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-        if n_classes is None:
-            n_classes = _infer_classes(y_train_noisy, y_val)
-        loss = "binary" if n_classes == 2 else "multinomial"
+        n_classes, loss = _cross_entropy_loss(n_classes, y_train_noisy, y_val)
         super().__init__(
             X_train,
             y_train_noisy,

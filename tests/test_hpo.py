@@ -508,6 +508,12 @@ def test_ridge_estimator_without_intercept_or_standardisation():
     n = len(X)
     w = np.linalg.solve(X.T @ X / n + np.diag(est.strengths_), X.T @ y / n)
     assert est.intercept_ == 0.0 and np.allclose(est.coef_, w, rtol=1e-8)
+    # an unpenalised intercept without standardisation: centred features and targets
+    est = BilevelRidge(standardize=False, max_steps=5, init=-3.0).fit(X, y)
+    Xc, yc = X - X.mean(0), y - y.mean()
+    w = np.linalg.solve(Xc.T @ Xc / n + np.diag(est.strengths_), Xc.T @ yc / n)
+    assert np.allclose(est.coef_, w, rtol=1e-8)
+    assert est.intercept_ == pytest.approx(y.mean() - X.mean(0) @ w, rel=1e-10)
     with pytest.raises(ValueError, match="theta_range"):
         BilevelRidge(theta_range=(2.0, 1.0)).fit(X, y)
     # the default θ box: (-10, 3) for ridge, (-10, 1) for the classifier (init is clipped)

@@ -166,10 +166,12 @@ class _PerFeatureL2Estimator(BaseEstimator):
     def _shrinkage(self, n_val: int) -> float:
         return default_shrinkage(n_val) if self.shrinkage == "auto" else float(self.shrinkage)
 
-    def _standardized(self, X: Any) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    def _standardized(
+        self, X: Any, center: bool = False
+    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """(Z, m, s): the features Z = (X − m)/s as a float64 tensor (torch CSR for sparse X,
-        with m = 0), and the statistics m and s (d,) of all rows (zeros and ones when not
-        ``standardize``)."""
+        with m = 0), and the statistics m and s (d,) of all rows. Without ``standardize``:
+        s = 1, and m the column means if ``center`` (dense X), else 0."""
         d = X.shape[1]
         mean, scale = np.zeros(d), np.ones(d)
         if scipy.sparse.issparse(X):
@@ -182,6 +184,8 @@ class _PerFeatureL2Estimator(BaseEstimator):
         if self.standardize:
             m, s = column_scaling(torch.from_numpy(X64), center=self.fit_intercept)
             mean, scale = m.numpy(), s.numpy()
+        elif center:
+            mean = X64.mean(axis=0)
         return torch.from_numpy((X64 - mean) / scale), mean, scale
 
     def _n_val(self, n: int) -> int:
@@ -394,7 +398,8 @@ class BilevelRidge(RegressorMixin, _PerFeatureL2Estimator):
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
 
-        Zt, mean, scale = self._standardized(X)
+        # an unpenalised intercept: centred features and targets
+        Zt, mean, scale = self._standardized(X, center=self.fit_intercept)
         y64 = np.asarray(y, dtype=np.float64)
         y_mean = float(y64.mean()) if self.fit_intercept else 0.0
         yt = torch.from_numpy(y64 - y_mean)

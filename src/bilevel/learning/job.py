@@ -369,7 +369,7 @@ def build_model(
             data.n_classes,
             l2=l2,
             fit_intercept=fit_intercept,
-            corrupted=corrupted,
+            corrupted=corrupted if label_noise > 0 else None,  # known only when injected
         )
     attach_lipschitz(out)
     return out

@@ -361,6 +361,9 @@ def test_building_blocks():
     theta = torch.tensor([-20.0, 0.0, 5.0])
     box_projection(-10.0, 1.0)(theta)
     assert theta.tolist() == [-10.0, 0.0, 1.0]
+    # hyper-cleaning knows the corruption only when it injected some
+    assert build_model(data, "hypercleaning", label_noise=0.0).corrupted is None
+    assert int(build_model(data, "hypercleaning", label_noise=0.2).corrupted.sum()) > 0
     # SID's stage 1: variance-reduced by default, plain SGD on request
     assert isinstance(hpo_estimator(model, "sid").lower_solver, VarianceReducedFixedPoint)
     sgd = hpo_estimator(model, "sid", sid_solver="sgd").lower_solver

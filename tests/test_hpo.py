@@ -155,6 +155,7 @@ def test_cli_writes_plots_and_progress(tmp_path, capsys):
     assert "learnt θ" in out and "best common θ" in out and "shrinkage ρ = " in out
     assert "isgd" in err  # the progress bar goes to stderr
     assert (run_dir / "plots" / "val_loss_vs_wall_time.png").is_file()
+    assert (run_dir / "plots" / "hyperparameters.png").is_file()
 
 
 @pytest.mark.parametrize(

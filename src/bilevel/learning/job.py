@@ -1022,6 +1022,8 @@ def run(args: argparse.Namespace) -> int:
     )
     final = dict(result.evaluation) if result.evaluation else evaluator.metrics()
     write_hyperparameters(run_dir / HYPERPARAMETERS_FILE, model, data)
+    if not args.no_plots:
+        plot_hyperparameters(run_dir / "plots" / "hyperparameters.png", model, data, theta0)
     summary = _summary(args, data, model, job, initial, final, baseline, result, t_start)
     text = json.dumps(to_jsonable(summary), indent=2, allow_nan=False) + "\n"
     (run_dir / "summary.json").write_text(text, encoding="utf-8")
@@ -1102,6 +1104,49 @@ def write_hyperparameters(path: pathlib.Path, model: FiniteSumModel, data: Split
         out.writerow(["feature", "theta", "strength"])
         for name, value in zip(names, theta.tolist()):
             out.writerow([name, f"{value:.9g}", f"{math.exp(value):.9g}"])
+
+
+def plot_hyperparameters(
+    path: pathlib.Path, model: FiniteSumModel, data: SplitData, theta0: float
+) -> None:
+    """A figure of the learnt θ: the strengths λ_k per feature (log scale) against the common
+    starting value exp θ₀, or for hyper-cleaning the histogram of the sample weights σ(θ_j),
+    clean and corrupted samples apart when the corruption is known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    theta = model.theta.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    if isinstance(model, HypercleaningModel):
+        weights = 1.0 / (1.0 + np.exp(-theta))
+        bins = np.linspace(0.0, 1.0, 41)
+        if model.corrupted is not None:
+            bad = model.corrupted.cpu().numpy()
+            ax.hist(weights[~bad], bins=bins, alpha=0.7, label="clean labels")
+            ax.hist(weights[bad], bins=bins, alpha=0.7, label="corrupted labels")
+            ax.legend()
+        else:
+            ax.hist(weights, bins=bins)
+        ax.set(xlabel="learnt sample weight σ(θ_j)", ylabel="training samples")
+    else:
+        k = np.arange(len(theta))
+        ax.bar(k, np.exp(theta), color="C0")
+        ax.axhline(
+            math.exp(theta0), color="C3", linestyle="--", label=f"start: λ = {math.exp(theta0):.3g}"
+        )
+        ax.set_yscale("log")
+        ax.set(xlabel="feature", ylabel="learnt strength λ_k")
+        names = data.feature_names
+        if names and len(names) == len(theta) and len(theta) <= 40:
+            ax.set_xticks(k, names, rotation=90, fontsize=7)
+        ax.legend()
+    ax.set_title(f"{type(model).__name__} on {data.name}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def one_instance(model: FiniteSumModel, w0: Tensor | None = None) -> TensorSamples:

@@ -39,6 +39,7 @@ import pathlib
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -73,7 +74,7 @@ from bilevel.linear import CG
 from bilevel.lower import LBFGS, solve_lower
 from bilevel.methods import ISGD, Budget, RunResult, TensorSamples
 from bilevel.problem import BilevelError
-from bilevel.runs import to_jsonable
+from bilevel.runs import new_figure, to_jsonable
 from bilevel.schedules import Accuracy, Clipped, Polynomial, as_schedule
 from bilevel.stochastic import (
     SID,
@@ -1112,13 +1113,13 @@ def plot_hyperparameters(
     """A figure of the learnt θ: the strengths λ_k per feature (log scale) against the common
     starting value exp θ₀, or for hyper-cleaning the histogram of the sample weights σ(θ_j),
     clean and corrupted samples apart when the corruption is known."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    try:
+        fig = new_figure(8, 3.5)
+    except ImportError as exc:
+        warnings.warn(f"no hyperparameter plot: {exc}", RuntimeWarning, stacklevel=2)
+        return
+    ax = fig.add_subplot()
     theta = model.theta.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
     if isinstance(model, HypercleaningModel):
         weights = 1.0 / (1.0 + np.exp(-theta))
         bins = np.linspace(0.0, 1.0, 41)
@@ -1146,7 +1147,6 @@ def plot_hyperparameters(
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def one_instance(model: FiniteSumModel, w0: Tensor | None = None) -> TensorSamples:

@@ -2,7 +2,7 @@
 directory (configuration, metrics log, crash-safe checkpoints), RNG state capture, a progress
 bar and plots of the logged metrics."""
 
-from bilevel.runs.plots import load_records, plot_metrics
+from bilevel.runs.plots import load_records, new_figure, plot_metrics
 from bilevel.runs.progress import Progress, format_duration
 from bilevel.runs.rng import rng_state, set_rng_state
 from bilevel.runs.rundir import (
@@ -20,6 +20,7 @@ __all__ = [
     "Stopwatch",
     "format_duration",
     "load_records",
+    "new_figure",
     "plot_metrics",
     "read_metrics",
     "rng_state",

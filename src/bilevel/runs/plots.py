@@ -83,6 +83,16 @@ def _default_dir(source: Source) -> Path | None:
     return None
 
 
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib ``Figure`` of ``width`` × ``height`` inches on an Agg canvas, made without
+    pyplot (no global state, no display). Raises ``ImportError`` with the install command when
+    matplotlib is missing."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 

@@ -1138,6 +1138,8 @@ def plot_hyperparameters(
             math.exp(theta0), color="C3", linestyle="--", label=f"start: λ = {math.exp(theta0):.3g}"
         )
         ax.set_yscale("log")
+        values = [*np.exp(theta), math.exp(theta0)]
+        ax.set_ylim(min(values) / 1.5, max(values) * 1.5)  # a range even when all are equal
         ax.set(xlabel="feature", ylabel="learnt strength λ_k")
         names = data.feature_names
         if names and len(names) == len(theta) and len(theta) <= 40:

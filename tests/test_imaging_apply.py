@@ -113,6 +113,8 @@ def test_reconstruct_errors(denoise_run, images, tmp_path, capsys):
     assert code == 2 and "does not exist" in err
     code, _, err = _reconstruct(capsys, str(denoise_run), str(images[0]), "--mask", str(images[1]))
     assert code == 2 and "--mask applies to inpainting runs" in err
+    code, _, err = _reconstruct(capsys, str(denoise_run), str(images[0]), str(images[0]))
+    assert code == 2 and "two images are named 'crop0'" in err
     code, _, err = _reconstruct(capsys, str(denoise_run), str(images[0]), "--tol", "0")
     assert code == 2 and "--tol must be positive" in err
     (tmp_path / "bad.png").write_text("not an image")

@@ -142,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
         raise BilevelError(
             f"--mask applies to inpainting runs; {run_dir} is a {options['job']} run"
         )
+    stems = [Path(name).stem for name in args.images]
+    clash = next((s for s in stems if stems.count(s) > 1), None)
+    if clash is not None:
+        raise BilevelError(f"two images are named {clash!r}: their outputs would overwrite")
     dtype = getattr(torch, options["dtype"])
     images = []
     for name in args.images:  # read them all first: a bad file fails before any work

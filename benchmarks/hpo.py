@@ -63,7 +63,7 @@ from bilevel.learning.job import (
     default_shrinkage,
     hpo_method,
     load_data,
-    one_instance,
+    lower_instances,
     single_strength_baseline,
 )
 from bilevel.methods import Budget
@@ -188,7 +188,7 @@ def run_method(
     seconds = setting.budget[method] if budget is None else budget
     result = config.run(
         model.problem,
-        one_instance(model, w0),
+        lower_instances(model, w0),
         Budget(wall_time=seconds),
         evaluate=evaluator,
         eval_every=setting.eval_every[method],
@@ -291,7 +291,7 @@ def digits_splits(seeds: int, steps: int) -> list[dict[str, float]]:
             learner = build_model(data, "logistic", theta0=base["theta"], shrinkage=rho)
             hpo_method(learner, "aid-cg", seed=seed).run(
                 learner.problem,
-                one_instance(learner, w0),
+                lower_instances(learner, w0),
                 Budget(steps=steps),
                 progress=False,
                 plot=False,

@@ -505,6 +505,27 @@ def test_ridge_estimator_learns_and_refits_in_closed_form(method):
     assert est.intercept_ == pytest.approx(ytr.mean() - (w / s) @ m, rel=1e-10)
 
 
+def test_estimators_learn_on_the_cross_validation_loss():
+    X, y = load_diabetes(return_X_y=True)
+    est = BilevelRidge(cv=4, max_steps=15, random_state=0).fit(X, y)
+    assert est.validation_loss_ < est.baseline_validation_loss_ and est.score(X, y) > 0.45
+    # the refit is still the ridge solution on all rows with the learnt strengths
+    m, s = X.mean(0), X.std(0)
+    Z, yc = (X - m) / s, y - y.mean()
+    w = np.linalg.solve(Z.T @ Z / len(Z) + np.diag(est.strengths_), Z.T @ yc / len(Z))
+    assert np.allclose(est.coef_, w / s, rtol=1e-8, atol=1e-8)
+    Xc, yc = load_breast_cancer(return_X_y=True)
+    clf = BilevelLogisticRegression(cv=3, max_steps=10, random_state=0).fit(Xc, yc)
+    assert clf.validation_loss_ < clf.baseline_validation_loss_ and clf.score(Xc, yc) > 0.95
+    for params, message in (
+        ({"cv": 1}, "cv must be None or an integer >= 2"),
+        ({"cv": True}, "cv must be None or an integer >= 2"),
+        ({"cv": 3, "method": "sid"}, "cv needs method='aid-cg'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            BilevelRidge(**params).fit(X, y)
+
+
 def test_ridge_estimator_without_intercept_or_standardisation():
     X, y = load_diabetes(return_X_y=True)
     est = BilevelRidge(fit_intercept=False, standardize=False, max_steps=5, init=-3.0)

@@ -565,3 +565,66 @@ def test_detection_auc_matches_the_rank_definition(wine):
         HypercleaningModel(d.X_train, y_noisy, d.X_val, d.y_val, 0.0, 3).detection()
     with pytest.raises(BilevelError, match="boolean mask of shape"):
         HypercleaningModel(d.X_train, y_noisy, d.X_val, d.y_val, 0.0, 3, corrupted=mask[:5])
+
+
+def _folds(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    masks = torch.zeros(k, n, dtype=torch.bool)
+    for j, part in enumerate(order.chunk(k)):
+        masks[j, part] = True
+    return masks
+
+
+def test_cross_validated_ridge_hypergradient_is_the_mean_of_the_folds(diabetes):
+    """K-fold CV as K batched lower levels: the implicit hypergradient of the CV model equals
+    the mean of the closed-form hypergradients of the K train/validation splits."""
+    from bilevel import CG, LBFGS, Implicit
+
+    X, y = diabetes.X_train, diabetes.y_train
+    theta = torch.linspace(-2.0, 1.0, X.shape[1], dtype=X.dtype)
+    folds = _folds(len(X), 4)
+    model = RidgeModel(X, y, X, y, theta.clone())
+    model.cross_validate(folds)
+    assert model.n_instances == 4 and torch.equal(model.instance_batch(), torch.arange(4))
+    expected = torch.stack(
+        [RidgeModel(X[~m], y[~m], X[m], y[m], theta.clone()).hypergradient() for m in folds]
+    ).mean(0)
+    estimate = Implicit(CG(), lower_solver=LBFGS(), compute_bound=False)
+    hg = estimate(
+        model.problem, model.instance_batch(), model.init_w(4), lower_tol=1e-12, adjoint_tol=1e-12
+    )
+    torch.testing.assert_close(hg.grad[0], expected, rtol=1e-7, atol=1e-10)
+    # each instance's energy is the ridge objective on the rows outside its fold
+    w = torch.randn(4, X.shape[1], generator=torch.Generator().manual_seed(1), dtype=X.dtype)
+    energies = model.lower_energy(w, model.theta, model.instance_batch())
+    for k, m in enumerate(folds):
+        part = RidgeModel(X[~m], y[~m], X[m], y[m], theta.clone())
+        torch.testing.assert_close(energies[k], part.lower_energy(w[k : k + 1], part.theta)[0])
+    # the curvature bound covers every part; μ no longer counts the data curvature
+    lip = model.smoothness()
+    for m in folds:
+        hess = X[~m].T @ X[~m] / int((~m).sum()) + torch.diag(theta.exp())
+        assert float(torch.linalg.eigvalsh(hess)[-1]) <= lip * (1 + 1e-9)
+    assert model.problem.mu == pytest.approx(float(theta.exp().min()))
+
+
+def test_cross_validation_errors(diabetes, wine):
+    X, y = diabetes.X_train, diabetes.y_train
+    model = RidgeModel(X, y, X, y, 0.0)
+    for bad in (_folds(len(X), 1), _folds(len(X), 3)[:, :10], torch.zeros(3, len(X))):
+        with pytest.raises(BilevelError, match="folds must be"):
+            model.cross_validate(bad)
+    empty = _folds(len(X), 3)
+    empty[0] = False
+    with pytest.raises(BilevelError, match="every fold"):
+        model.cross_validate(empty)
+    model.cross_validate(_folds(len(X), 3))
+    with pytest.raises(BilevelError, match="fold index of each instance"):
+        model.lower_energy(model.init_w(3), model.theta, None)
+    with pytest.raises(BilevelError, match="fold index of each instance"):
+        model.lower_energy(model.init_w(3), model.theta, torch.tensor([0, 1, 5]))
+    assert model.problem.lower_sample_energy is None  # SID has no minibatches to draw here
+    y_noisy, _ = corrupt_labels(wine.y_train, 0.2, 3, seed=0)
+    cleaning = HypercleaningModel(wine.X_train, y_noisy, wine.X_val, wine.y_val, 0.0, 3)
+    with pytest.raises(BilevelError, match="per-feature models"):
+        cleaning.cross_validate(_folds(wine.n_train, 3))

@@ -29,7 +29,7 @@ from bilevel.learning.job import (
     hpo_estimator,
     hpo_method,
     load_data,
-    one_instance,
+    lower_instances,
     single_strength_baseline,
 )
 from bilevel.learning.models import (
@@ -57,7 +57,7 @@ __all__ = [
     "HypercleaningModel",
     "LogisticModel",
     "LowerEvaluator",
-    "one_instance",
+    "lower_instances",
     "RidgeModel",
     "SplitData",
     "accuracy",

@@ -39,7 +39,7 @@ from bilevel.learning.job import (
     attach_lipschitz,
     default_shrinkage,
     hpo_method,
-    one_instance,
+    lower_instances,
     single_strength_baseline,
 )
 from bilevel.learning.models import FiniteSumModel, LogisticModel, RidgeModel
@@ -48,7 +48,7 @@ from bilevel.methods import Budget
 try:
     import scipy.sparse
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
     from sklearn.utils import check_random_state
     from sklearn.utils.multiclass import check_classification_targets
     from sklearn.utils.validation import check_is_fitted, validate_data
@@ -65,7 +65,10 @@ _PARAMETERS = """
         method: hypergradient estimator, ``"aid-cg"`` (L-BFGS + conjugate gradients, best for
             small and medium data) or ``"sid"`` (stochastic implicit differentiation on
             minibatches, for many rows).
-        validation_fraction: fraction of the rows held out to learn θ.
+        validation_fraction: fraction of the rows held out to learn θ (without ``cv``).
+        cv: None (one held-out split) or K ≥ 2: learn θ on the K-fold cross-validation loss
+            instead, the mean over K folds of the validation loss of the model trained on the
+            other folds (K lower-level problems solved together; ``method="aid-cg"`` only).
         max_steps: upper-level (Adam) steps.
         max_time: optional limit in seconds on the upper-level optimisation.
         step: Adam step schedule on θ (a number or a string such as ``"poly:0.1,0.25"``).
@@ -102,6 +105,7 @@ class _PerFeatureL2Estimator(BaseEstimator):
         self,
         method: str = "aid-cg",
         validation_fraction: float = 0.25,
+        cv: int | None = None,
         max_steps: int = 100,
         max_time: float | None = None,
         step: Any = DEFAULT_STEP,
@@ -117,6 +121,7 @@ class _PerFeatureL2Estimator(BaseEstimator):
     ) -> None:
         self.method = method
         self.validation_fraction = validation_fraction
+        self.cv = cv
         self.max_steps = max_steps
         self.max_time = max_time
         self.step = step
@@ -138,6 +143,15 @@ class _PerFeatureL2Estimator(BaseEstimator):
         vf = self.validation_fraction
         if not (isinstance(vf, numbers.Real) and 0.0 < vf < 1.0):
             raise ValueError(f"validation_fraction must be in (0, 1), got {vf!r}")
+        if self.cv is not None:
+            if isinstance(self.cv, bool) or not isinstance(self.cv, numbers.Integral):
+                raise ValueError(f"cv must be None or an integer >= 2, got {self.cv!r}")
+            if self.cv < 2:
+                raise ValueError(f"cv must be None or an integer >= 2, got {self.cv!r}")
+            if self.method != "aid-cg":
+                raise ValueError(
+                    f"cv needs method='aid-cg' (SID samples one training set), got {self.method!r}"
+                )
         if not isinstance(self.max_steps, numbers.Integral) or self.max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
         if self.max_time is not None and not (
@@ -188,6 +202,18 @@ class _PerFeatureL2Estimator(BaseEstimator):
             mean = X64.mean(axis=0)
         return torch.from_numpy((X64 - mean) / scale), mean, scale
 
+    def _fold_masks(self, n: int, y: np.ndarray | None, rng: np.random.RandomState) -> torch.Tensor:
+        """(K, n) boolean masks of the ``cv`` folds, stratified by class when ``y`` has at
+        least K rows of every class."""
+        if y is not None and np.bincount(y).min() >= self.cv:
+            splits = StratifiedKFold(self.cv, shuffle=True, random_state=rng).split(np.zeros(n), y)
+        else:
+            splits = KFold(self.cv, shuffle=True, random_state=rng).split(np.zeros(n))
+        masks = np.zeros((self.cv, n), dtype=bool)
+        for k, (_, fold) in enumerate(splits):
+            masks[k, fold] = True
+        return torch.from_numpy(masks)
+
     def _n_val(self, n: int) -> int:
         if n < 2:
             raise ValueError(f"n_samples = {n}: at least 2 samples are needed")
@@ -227,7 +253,7 @@ class _PerFeatureL2Estimator(BaseEstimator):
         budget = Budget(steps=int(self.max_steps), wall_time=self.max_time)
         result = method.run(
             model.problem,
-            one_instance(model, evaluator.w),
+            lower_instances(model, evaluator.w),
             budget,
             progress=bool(self.verbose),
             plot=False,
@@ -299,19 +325,26 @@ class BilevelLogisticRegression(ClassifierMixin, _PerFeatureL2Estimator):
 
         Zt, mean, scale = self._standardized(X)
         yt = torch.from_numpy(np.asarray(y_codes, dtype=np.int64))
-        train, val = (torch.from_numpy(i) for i in self._split(n, y_codes, n_classes, rng))
-        Z_val, y_val = select_rows(Zt, val), yt[val]
-        model = LogisticModel(
-            select_rows(Zt, train),
-            yt[train],
-            Z_val,
-            y_val,
-            0.0,
-            n_classes,
-            fit_intercept=self.fit_intercept,
-            theta_lower=lo,
-            shrinkage=self._shrinkage(len(val)),
-        )
+        options = {"fit_intercept": self.fit_intercept, "theta_lower": lo}
+        if self.cv is not None:  # every row validates once: n validation rows in all
+            model = LogisticModel(
+                Zt, yt, Zt, yt, 0.0, n_classes, **options, shrinkage=self._shrinkage(n)
+            )
+            model.cross_validate(self._fold_masks(n, np.asarray(y_codes), rng))
+            Z_val, y_val = Zt, yt
+        else:
+            train, val = (torch.from_numpy(i) for i in self._split(n, y_codes, n_classes, rng))
+            Z_val, y_val = select_rows(Zt, val), yt[val]
+            model = LogisticModel(
+                select_rows(Zt, train),
+                yt[train],
+                Z_val,
+                y_val,
+                0.0,
+                n_classes,
+                **options,
+                shrinkage=self._shrinkage(len(val)),
+            )
         theta = self._learn(model, Z_val, y_val, (lo, hi), seed)
 
         # refit on all rows with the learned strengths
@@ -403,20 +436,26 @@ class BilevelRidge(RegressorMixin, _PerFeatureL2Estimator):
         y64 = np.asarray(y, dtype=np.float64)
         y_mean = float(y64.mean()) if self.fit_intercept else 0.0
         yt = torch.from_numpy(y64 - y_mean)
-        train, val = (
-            torch.from_numpy(np.sort(i))
-            for i in train_test_split(np.arange(n), test_size=self._n_val(n), random_state=rng)
-        )
-        model = RidgeModel(
-            Zt[train],
-            yt[train],
-            Zt[val],
-            yt[val],
-            0.0,
-            theta_lower=lo,
-            shrinkage=self._shrinkage(len(val)),
-        )
-        theta = self._learn(model, Zt[val], yt[val], (lo, hi), seed)
+        if self.cv is not None:  # every row validates once: n validation rows in all
+            model = RidgeModel(Zt, yt, Zt, yt, 0.0, theta_lower=lo, shrinkage=self._shrinkage(n))
+            model.cross_validate(self._fold_masks(n, None, rng))
+            Z_val, y_val = Zt, yt
+        else:
+            train, val = (
+                torch.from_numpy(np.sort(i))
+                for i in train_test_split(np.arange(n), test_size=self._n_val(n), random_state=rng)
+            )
+            Z_val, y_val = Zt[val], yt[val]
+            model = RidgeModel(
+                Zt[train],
+                yt[train],
+                Z_val,
+                y_val,
+                0.0,
+                theta_lower=lo,
+                shrinkage=self._shrinkage(len(val)),
+            )
+        theta = self._learn(model, Z_val, y_val, (lo, hi), seed)
 
         # refit on all rows with the learned strengths: (ZᵀZ/N + diag λ) w = Zᵀy/N
         full = RidgeModel(Zt, yt, Zt, yt, theta)

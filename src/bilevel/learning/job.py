@@ -90,7 +90,7 @@ __all__ = [
     "METHODS",
     "MODELS",
     "LowerEvaluator",
-    "one_instance",
+    "lower_instances",
     "add_arguments",
     "attach_lipschitz",
     "box_projection",
@@ -458,10 +458,10 @@ def hpo_estimator(
 
 
 def _gradient_scale(model: FiniteSumModel) -> float:
-    """‖∇_w h(0, θ)‖ at the current θ (units of the tolerances)."""
-    lower = LowerLevel(model.problem, None, Cost())
-    _, g = lower.value_and_grad(model.init_w())
-    return max(float(g.norm()), 1e-12)
+    """max over the instances of ‖∇_w h(0, θ)‖ at the current θ (units of the tolerances)."""
+    lower = LowerLevel(model.problem, model.instance_batch(), Cost())
+    _, g = lower.value_and_grad(model.init_w(model.n_instances))
+    return max(float(g.reshape(len(g), -1).norm(dim=1).max()), 1e-12)
 
 
 def hpo_method(
@@ -477,8 +477,9 @@ def hpo_method(
 ) -> ISGD:
     """ISGD with Adam (steps α_k = ``step``) and the estimator of ``method``.
 
-    One lower-level instance: the lower iterate w and the adjoint are carried from one upper
-    step to the next (warm starts). θ is projected onto ``theta_range`` after every step. For
+    One lower-level instance, or one per cross-validation fold (all of them in every step):
+    the lower iterates w and the adjoints are carried from one upper step to the next (warm
+    starts). θ is projected onto ``theta_range`` after every step. For
     ``aid-cg`` the tolerances are ε_k = δ_k = 10⁻² g₀/√(k+1), at least 10⁻⁴ g₀ (float32: 10⁻³ g₀),
     with g₀ = ‖∇_w h(0, θ₀)‖.
     """
@@ -496,7 +497,7 @@ def hpo_method(
     return ISGD(
         step=as_schedule(step),
         accuracy=Accuracy(Clipped(Polynomial(1e-2 * g0, 0.5), minimum=floor * g0)),
-        batch_size=1,
+        batch_size=model.n_instances,
         optimizer="adam",
         estimator=estimator,
         projection=box_projection(lo, hi),
@@ -549,11 +550,12 @@ class LowerEvaluator:
         rtol = _EVAL_RTOL.get(model.dtype, 1e-5) if rtol is None else float(rtol)
         self.tol = rtol * _gradient_scale(model)
         self.solver = LBFGS(max_iter=max_iter)
-        self.w = model.init_w()
+        self.w = model.init_w(model.n_instances)
         self.cost = Cost()
 
     def solve(self, theta: Tensor | None = None) -> Tensor:
-        """w(θ) of shape (1, *event_shape) (θ defaults to the model's current θ)."""
+        """w(θ) of shape (K, *event_shape), one per lower-level instance (K = 1, or the
+        cross-validation folds; θ defaults to the model's current θ)."""
         model = self.model
         saved = None
         if theta is not None:
@@ -561,7 +563,7 @@ class LowerEvaluator:
             with torch.no_grad():
                 model.theta.copy_(torch.as_tensor(theta, dtype=model.dtype).expand_as(model.theta))
         try:
-            lower = LowerLevel(model.problem, None, self.cost)
+            lower = LowerLevel(model.problem, model.instance_batch(), self.cost)
             sol = solve_lower(lower, self.w, self.tol, self.solver, model.problem.mu, warn=False)
         finally:
             if saved is not None:
@@ -575,20 +577,30 @@ class LowerEvaluator:
         w = self.solve(theta)
         model = self.model
         with torch.no_grad():
-            val = float(model.val_loss(w, model.theta).reshape(-1)[0])
+            if model.folds is not None:  # the mean of the fold losses
+                val = float(model.upper_loss(w, model.theta, model.instance_batch()).mean())
+            else:
+                val = float(model.val_loss(w, model.theta).reshape(-1)[0])
             out = {"val_loss": val}
             if getattr(model, "shrinkage", 0.0):
                 out["shrinkage_penalty"] = float(model.shrinkage_penalty(model.theta))
-            if isinstance(model, RidgeModel):
-                pred = (self.X_test @ w[0].unsqueeze(1))[:, 0]
-                y = self.y_test.to(pred.dtype)
-                mse = float(((pred - y) ** 2).mean())
-                var = float(((y - y.mean()) ** 2).mean())
-                out["test_mse"] = mse
-                out["test_r2"] = 1.0 - mse / var if var > 0 else math.nan
-            else:
-                out["test_accuracy"] = accuracy(w, self.X_test, self.y_test)
+            out.update(self._test_metrics(w))
         return out
+
+    def _test_metrics(self, w: Tensor) -> dict[str, float]:
+        """Test metrics of the solutions w (K, *event_shape), averaged over the K."""
+        if isinstance(self.model, RidgeModel):
+            pred = self.X_test @ w.reshape(len(w), -1).T  # (n_test, K); X_test may be sparse
+            y = self.y_test.to(pred.dtype)[:, None]
+            mse = ((pred - y) ** 2).mean(dim=0)
+            var = float(((y - y.mean()) ** 2).mean())
+            return {
+                "test_mse": float(mse.mean()),
+                "test_r2": float((1.0 - mse / var).mean()) if var > 0 else math.nan,
+            }
+        return {
+            "test_accuracy": sum(accuracy(wk[None], self.X_test, self.y_test) for wk in w) / len(w)
+        }
 
     def __call__(self, theta: Any, step: int) -> dict[str, float]:
         return self.metrics()
@@ -1007,7 +1019,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result: RunResult = method.run(
         model.problem,
-        one_instance(model, evaluator.w),
+        lower_instances(model, evaluator.w),
         budget,
         run_dir=run_dir,
         resume=args.resume,
@@ -1151,13 +1163,17 @@ def plot_hyperparameters(
     fig.savefig(path, dpi=100)
 
 
-def one_instance(model: FiniteSumModel, w0: Tensor | None = None) -> TensorSamples:
+def lower_instances(model: FiniteSumModel, w0: Tensor | None = None) -> TensorSamples:
     """The :class:`~bilevel.methods.SampleSet` of a hyperparameter-learning problem: one
-    lower-level instance whose data live in the model's closure (``batch`` is None), started
-    from ``w0`` (shape (1, *event_shape); default zeros)."""
-    shape = model.init_w().shape
-    start = model.init_w() if w0 is None else w0.detach().reshape(shape).clone()
-    return TensorSamples(x_init=start)
+    lower-level instance whose data live in the model's closure (``batch`` None), or with
+    cross-validation folds one instance per fold (``batch`` its fold index), started from
+    ``w0`` (shape (K, *event_shape); default zeros)."""
+    start = model.init_w(model.n_instances)
+    if w0 is not None:
+        start = w0.detach().reshape(start.shape).clone()
+    if model.folds is None:
+        return TensorSamples(x_init=start)
+    return TensorSamples(model.instance_batch(), x_init=start)
 
 
 def _summary(

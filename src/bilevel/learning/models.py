@@ -203,9 +203,12 @@ class FiniteSumModel:
         theta: the learnable leaf tensor θ.
         problem: the :class:`BilevelProblem` (shares ``theta``; ``mu`` as documented by the
             subclass, valid at the initial θ or for θ ≥ ``theta_lower``).
+        folds: ``None``, or the (K, N) boolean fold masks of K-fold cross validation set by
+            :meth:`cross_validate`.
     """
 
     loss: str
+    folds: Tensor | None = None
 
     def __init__(
         self,
@@ -339,7 +342,19 @@ class FiniteSumModel:
     # -- BilevelProblem callables --------------------------------------------------------------
 
     def _check_x(self, x: Tensor, batch) -> None:
-        if batch is not None:
+        if self.folds is not None:
+            ok = (
+                isinstance(batch, Tensor)
+                and batch.dtype == torch.int64
+                and tuple(batch.shape) == (x.shape[0],)
+                and bool(((batch >= 0) & (batch < len(self.folds))).all())
+            )
+            if not ok:
+                raise BilevelError(
+                    f"with {len(self.folds)} cross-validation folds, batch must be the (B,) "
+                    "int64 fold index of each instance"
+                )
+        elif batch is not None:
             raise BilevelError(
                 "this problem closes over its training data: batch must be None (use "
                 "train_loss(w, theta, index) for minibatches)"
@@ -351,18 +366,72 @@ class FiniteSumModel:
             )
 
     def lower_energy(self, x: Tensor, theta, batch=None) -> Tensor:
-        """h(x_b, θ) for each instance, shape (B,)."""
+        """h(x_b, θ) for each instance, shape (B,); with folds, instance b trains on the rows
+        outside its fold ``batch[b]``."""
         self._check_x(x, batch)
         theta = self.check_theta(theta)
         losses = self._sample_losses(x, self.X_train, self.y_train)
-        c = self._sample_weights(theta, None)
-        data = (losses if c is None else losses * c).mean(dim=1)
+        if self.folds is not None:
+            data = (losses * self._train_weights[batch]).sum(dim=1)
+        else:
+            c = self._sample_weights(theta, None)
+            data = (losses if c is None else losses * c).mean(dim=1)
         return data + self._regulariser(x, theta)
 
     def upper_loss(self, x: Tensor, theta, batch=None) -> Tensor:
-        """f(x_b) = mean validation loss for each instance, shape (B,)."""
+        """f(x_b) = mean validation loss for each instance, shape (B,); with folds, the mean
+        over the rows of fold ``batch[b]``."""
         self._check_x(x, batch)
-        return self._sample_losses(x, self.X_val, self.y_val).mean(dim=1)
+        losses = self._sample_losses(x, self.X_val, self.y_val)
+        if self.folds is not None:
+            return (losses * self._val_weights[batch]).sum(dim=1)
+        return losses.mean(dim=1)
+
+    def cross_validate(self, folds: Tensor) -> None:
+        """Turn the model into K-fold cross validation over its training rows: K lower-level
+        instances, instance k trained on the rows outside fold k (``folds[k]``, a boolean mask
+        of the N rows) and validated on fold k, so that the upper level is the mean of the K
+        fold losses. The validation data become the training rows.
+        The problem is rebuilt without minibatch access (SID does not apply); :meth:`smoothness`
+        then bounds the curvature on the smallest training part."""
+        if isinstance(self, HypercleaningModel):
+            raise BilevelError("cross validation applies to the per-feature models")
+        if not (
+            isinstance(folds, Tensor)
+            and folds.dtype == torch.bool
+            and folds.dim() == 2
+            and folds.shape[1] == self.n_train
+            and folds.shape[0] >= 2
+        ):
+            raise BilevelError(f"folds must be a (K ≥ 2, {self.n_train}) boolean mask")
+        sizes = folds.sum(dim=1)
+        if bool((sizes == 0).any()) or bool((sizes == self.n_train).any()):
+            raise BilevelError("every fold must hold some rows and leave some for training")
+        folds = folds.to(self.device)
+        train = (~folds).to(self.dtype)
+        self.X_val, self.y_val, self.n_val = self.X_train, self.y_train, self.n_train
+        self.folds = folds
+        self._train_weights = train / train.sum(dim=1, keepdim=True)
+        self._val_weights = folds.to(self.dtype) / sizes.to(self.device, self.dtype)[:, None]
+        self._rows_per_instance = int((~folds).sum(dim=1).min())
+        # μ from the regulariser only: the data curvature of all rows does not bound a part's
+        mu = self.problem.mu - getattr(self, "data_curvature", 0.0)
+        if hasattr(self, "data_curvature"):
+            self.data_curvature = 0.0
+        lipschitz = self.problem.lipschitz  # a bound from smoothness() follows the folds
+        self._make_problem(mu, finite_sum=False)
+        self.problem.lipschitz = lipschitz
+
+    @property
+    def n_instances(self) -> int:
+        """Lower-level instances: 1, or K with cross-validation folds."""
+        return 1 if self.folds is None else len(self.folds)
+
+    def instance_batch(self) -> Tensor | None:
+        """The ``batch`` of all instances: None, or the fold indices 0, …, K−1."""
+        if self.folds is None:
+            return None
+        return torch.arange(len(self.folds), device=self.device)
 
     def lower_sample_energy(self, x: Tensor, theta, index: Tensor) -> Tensor:
         """ĥ(x_b, θ; I) = :meth:`train_loss` over the training samples ``index``, shape (B,).
@@ -382,17 +451,22 @@ class FiniteSumModel:
         """r(θ) added to the upper level (none by default)."""
         return None
 
-    def _make_problem(self, mu: float) -> None:
+    def _make_problem(self, mu: float, finite_sum: bool = True) -> None:
+        sums = {}
+        if finite_sum:
+            sums = {
+                "lower_sample_energy": self.lower_sample_energy,
+                "n_lower_samples": self.n_train,
+                "upper_sample_loss": self.upper_sample_loss,
+                "n_upper_samples": self.n_val,
+            }
         self.problem = BilevelProblem(
             self.lower_energy,
             self.upper_loss,
             self.theta,
             mu=mu,
             upper_regulariser=self._upper_penalty(),
-            lower_sample_energy=self.lower_sample_energy,
-            n_lower_samples=self.n_train,
-            upper_sample_loss=self.upper_sample_loss,
-            n_upper_samples=self.n_val,
+            **sums,
         )
 
     # -- constants -----------------------------------------------------------------------------
@@ -408,8 +482,9 @@ class FiniteSumModel:
         """An upper bound L on the Lipschitz constant of ∇_w h(·, θ) (the largest eigenvalue).
 
         L ≤ c_ℓ · ‖[X 1]‖₂² / N + max regularisation strength, c_ℓ the loss curvature (1, ¼,
-        ½). With ``certified=False`` ‖X‖₂² comes from power iteration (an estimate, slightly
-        low); ``certified=True`` uses the Frobenius norm ‖X‖_F² ≥ ‖X‖₂² (valid, often loose).
+        ½), N the training rows (with folds: those of the smallest training part). With
+        ``certified=False`` ‖X‖₂² comes from power iteration (an estimate, slightly low);
+        ``certified=True`` uses the Frobenius norm ‖X‖_F² ≥ ‖X‖₂² (valid, often loose).
         """
         theta = self.theta if theta is None else self.check_theta(theta)
         if certified:
@@ -419,7 +494,8 @@ class FiniteSumModel:
             if self._sq_norm is None:
                 self._sq_norm = _spectral_norm_sq(self.X_train)
             sq = self._sq_norm
-        data = sq / self.n_train + (1.0 if self.fit_intercept else 0.0)
+        rows = self.n_train if self.folds is None else self._rows_per_instance
+        data = sq / rows + (1.0 if self.fit_intercept else 0.0)
         return _LOSS_CURVATURE[self.loss] * data + self._max_strength(theta)
 
 

@@ -181,6 +181,20 @@ def test_cli_errors(capsys, args, message):
     assert "bilevel hpo: error:" in err and message in err
 
 
+def test_cli_cross_validation(tmp_path, capsys):
+    common = ["--steps", "15", "--no-plots", "--cv", "3"]
+    code, s, _ = _hpo(capsys, *common, "--run-dir", str(tmp_path / "cv"))
+    assert code == 0 and s["cv"] == 3 and s["steps"] == 15
+    assert s["final"]["val_loss"] < s["initial"]["val_loss"]
+    # every training and validation row validates once: the default prior counts them all
+    assert s["shrinkage"] == pytest.approx(default_shrinkage(s["n_train"] + s["n_val"]))
+    assert json.loads((tmp_path / "cv" / "job.json").read_text())["cv"] == 3
+    code, _, err = _hpo(capsys, *common, "--method", "sid")
+    assert code == 2 and "--cv needs --method aid-cg or itd" in err
+    code, _, err = _hpo(capsys, *common, "--model", "hypercleaning")
+    assert code == 2 and "cross validation applies to the logistic and ridge models" in err
+
+
 def test_cli_usage_errors_and_help_return_a_status(capsys):
     """argparse's exits become return values of ``main``, so callers get a status."""
     assert main(["hpo", "--method", "newton"]) == 2

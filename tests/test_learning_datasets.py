@@ -28,7 +28,13 @@ from bilevel.learning import (
     split_data,
     to_csr,
 )
-from bilevel.learning.datasets import column_scaling, scale_columns, sparse_column_scaling
+from bilevel.learning.datasets import (
+    column_scaling,
+    random_folds,
+    scale_columns,
+    sparse_column_scaling,
+    stack_rows,
+)
 from bilevel.problem import BilevelError
 
 MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -483,3 +489,24 @@ def test_read_csv_errors(tmp_path, text, options, message):
     path.write_text(text)
     with pytest.raises(BilevelError, match=re.escape(message)):
         read_csv(path, **options)
+
+
+def test_stack_rows_and_random_folds():
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 3, generator=gen, dtype=torch.float64) * (
+        torch.rand(4, 3, generator=gen) < 0.5
+    )
+    B = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    assert torch.equal(stack_rows(A, B), torch.cat([A, B]))
+    sparse = stack_rows(to_csr(A), B)
+    assert sparse.layout == torch.sparse_csr and torch.equal(sparse.to_dense(), torch.cat([A, B]))
+    with pytest.raises(BilevelError, match="cannot stack"):
+        stack_rows(to_csr(A), torch.zeros(1, 2, dtype=torch.float64))
+    folds = random_folds(11, 3, seed=4)
+    assert folds.shape == (3, 11) and torch.equal(folds.sum(0), torch.ones(11, dtype=torch.long))
+    assert sorted(folds.sum(1).tolist()) == [3, 4, 4]
+    assert torch.equal(folds, random_folds(11, 3, seed=4))
+    assert not torch.equal(folds, random_folds(11, 3, seed=5))
+    for bad in (1, 12):
+        with pytest.raises(BilevelError, match="folds"):
+            random_folds(11, bad)

@@ -21,6 +21,7 @@ from bilevel.learning import (
     make_synthetic_classification,
     make_synthetic_regression,
     predict_logistic,
+    random_folds,
     ridge_hypergradient,
     ridge_model,
     ridge_objective,
@@ -567,14 +568,6 @@ def test_detection_auc_matches_the_rank_definition(wine):
         HypercleaningModel(d.X_train, y_noisy, d.X_val, d.y_val, 0.0, 3, corrupted=mask[:5])
 
 
-def _folds(n: int, k: int, seed: int = 0) -> torch.Tensor:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    masks = torch.zeros(k, n, dtype=torch.bool)
-    for j, part in enumerate(order.chunk(k)):
-        masks[j, part] = True
-    return masks
-
-
 def test_cross_validated_ridge_hypergradient_is_the_mean_of_the_folds(diabetes):
     """K-fold CV as K batched lower levels: the implicit hypergradient of the CV model equals
     the mean of the closed-form hypergradients of the K train/validation splits."""
@@ -582,7 +575,7 @@ def test_cross_validated_ridge_hypergradient_is_the_mean_of_the_folds(diabetes):
 
     X, y = diabetes.X_train, diabetes.y_train
     theta = torch.linspace(-2.0, 1.0, X.shape[1], dtype=X.dtype)
-    folds = _folds(len(X), 4)
+    folds = random_folds(len(X), 4)
     model = RidgeModel(X, y, X, y, theta.clone())
     model.cross_validate(folds)
     assert model.n_instances == 4 and torch.equal(model.instance_batch(), torch.arange(4))
@@ -611,14 +604,18 @@ def test_cross_validated_ridge_hypergradient_is_the_mean_of_the_folds(diabetes):
 def test_cross_validation_errors(diabetes, wine):
     X, y = diabetes.X_train, diabetes.y_train
     model = RidgeModel(X, y, X, y, 0.0)
-    for bad in (_folds(len(X), 1), _folds(len(X), 3)[:, :10], torch.zeros(3, len(X))):
+    for bad in (
+        torch.ones(1, len(X), dtype=torch.bool),
+        random_folds(len(X), 3)[:, :10],
+        torch.zeros(3, len(X)),
+    ):
         with pytest.raises(BilevelError, match="folds must be"):
             model.cross_validate(bad)
-    empty = _folds(len(X), 3)
+    empty = random_folds(len(X), 3)
     empty[0] = False
     with pytest.raises(BilevelError, match="every fold"):
         model.cross_validate(empty)
-    model.cross_validate(_folds(len(X), 3))
+    model.cross_validate(random_folds(len(X), 3))
     with pytest.raises(BilevelError, match="fold index of each instance"):
         model.lower_energy(model.init_w(3), model.theta, None)
     with pytest.raises(BilevelError, match="fold index of each instance"):
@@ -627,4 +624,4 @@ def test_cross_validation_errors(diabetes, wine):
     y_noisy, _ = corrupt_labels(wine.y_train, 0.2, 3, seed=0)
     cleaning = HypercleaningModel(wine.X_train, y_noisy, wine.X_val, wine.y_val, 0.0, 3)
     with pytest.raises(BilevelError, match="per-feature models"):
-        cleaning.cross_validate(_folds(wine.n_train, 3))
+        cleaning.cross_validate(random_folds(wine.n_train, 3))

@@ -14,11 +14,13 @@ from bilevel.learning.datasets import (
     load_sklearn,
     make_synthetic_classification,
     make_synthetic_regression,
+    random_folds,
     read_csv,
     read_idx,
     read_svmlight,
     select_rows,
     split_data,
+    stack_rows,
     to_csr,
 )
 from bilevel.learning.job import (
@@ -80,6 +82,7 @@ __all__ = [
     "make_synthetic_classification",
     "make_synthetic_regression",
     "predict_logistic",
+    "random_folds",
     "read_csv",
     "read_idx",
     "read_svmlight",
@@ -92,6 +95,7 @@ __all__ = [
     "select_rows",
     "single_strength_baseline",
     "split_data",
+    "stack_rows",
     "to_csr",
 ]
 

@@ -132,6 +132,32 @@ def select_rows(X: Tensor, index: Tensor | None) -> Tensor:
     return _csr(new_crow, col[pos], val[pos], (index.numel(), X.shape[1]))
 
 
+def stack_rows(A: Tensor, B: Tensor) -> Tensor:
+    """The rows of A, then those of B: dense, or CSR when either is sparse."""
+    if not (is_sparse(A) or is_sparse(B)):
+        return torch.cat([A, B])
+    A, B = to_csr(A), to_csr(B)
+    if A.shape[1] != B.shape[1]:
+        raise BilevelError(f"cannot stack {A.shape[1]} and {B.shape[1]} columns")
+    nnz = A.crow_indices()[-1]
+    crow = torch.cat([A.crow_indices(), B.crow_indices()[1:] + nnz])
+    col = torch.cat([A.col_indices(), B.col_indices()])
+    values = torch.cat([A.values(), B.values()])
+    return _csr(crow, col, values, (A.shape[0] + B.shape[0], A.shape[1]))
+
+
+def random_folds(n: int, k: int, seed: int = 0) -> Tensor:
+    """(k, n) boolean masks of k folds of n rows: a seeded random permutation cut into k parts
+    whose sizes differ by at most one."""
+    if not (isinstance(k, int) and 2 <= k <= n):
+        raise BilevelError(f"need 2 <= folds <= {n} rows, got {k!r}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    masks = torch.zeros(k, n, dtype=torch.bool)
+    for j, part in enumerate(order.chunk(k)):
+        masks[j, part] = True
+    return masks
+
+
 def _csr_row_ids(X: Tensor) -> Tensor:
     """Row index of every stored entry of a CSR matrix."""
     crow = X.crow_indices()

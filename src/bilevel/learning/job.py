@@ -58,9 +58,11 @@ from bilevel.learning.datasets import (
     load_sklearn,
     make_synthetic_classification,
     make_synthetic_regression,
+    random_folds,
     read_csv,
     read_svmlight,
     split_data,
+    stack_rows,
 )
 from bilevel.learning.models import (
     FiniteSumModel,
@@ -327,6 +329,7 @@ def build_model(
     l2: float = 1e-3,
     shrinkage: float = 0.0,
     seed: int = 0,
+    cv: int | None = None,
 ) -> FiniteSumModel:
     """The bilevel model ``model`` on the train / validation parts of ``data``.
 
@@ -336,6 +339,8 @@ def build_model(
     learns one weight per training sample, with the fixed ℓ2 strength ``l2``. Classification
     models fit an intercept with a small fixed ℓ2 strength (1e-4) when ``fit_intercept``.
     ``shrinkage`` ρ adds (ρ/2)‖θ − mean(θ)‖² to the upper level of ridge and logistic models.
+    ``cv`` = K: the upper level is the K-fold cross-validation loss over the training and
+    validation rows together (seeded random folds; :meth:`FiniteSumModel.cross_validate`).
     The problem's Lipschitz bound is attached (:func:`attach_lipschitz`).
     """
     if model not in MODELS:
@@ -348,7 +353,13 @@ def build_model(
         )
     if model == "hypercleaning" and shrinkage:
         raise BilevelError("shrinkage applies to the logistic and ridge models only")
+    if model == "hypercleaning" and cv is not None:
+        raise BilevelError("cross validation applies to the logistic and ridge models only")
     args = (data.X_train, data.y_train, data.X_val, data.y_val, theta0)
+    if cv is not None:  # the training and validation rows, in K folds
+        X = stack_rows(data.X_train, data.X_val)
+        y = torch.cat([data.y_train, data.y_val])
+        args = (X, y, X, y, theta0)
     if model == "ridge":
         out: FiniteSumModel = RidgeModel(*args, theta_lower=lo, shrinkage=shrinkage)
     elif model == "logistic":
@@ -372,6 +383,8 @@ def build_model(
             fit_intercept=fit_intercept,
             corrupted=corrupted if label_noise > 0 else None,  # known only when injected
         )
+    if cv is not None:
+        out.cross_validate(random_folds(out.n_train, cv, seed))
     attach_lipschitz(out)
     return out
 
@@ -733,6 +746,14 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         "large, well-conditioned training sets), itd (unrolled gradient steps)",
     )
     meth.add_argument(
+        "--cv",
+        type=int,
+        default=None,
+        metavar="K",
+        help="learn θ on the K-fold cross-validation loss over the training and validation "
+        "rows (K lower-level problems per step; aid-cg or itd) instead of the validation loss",
+    )
+    meth.add_argument(
         "--step",
         default=DEFAULT_STEP,
         help=f"Adam step schedule on θ, e.g. 0.05 or poly:0.1,0.5 (default {DEFAULT_STEP})",
@@ -958,8 +979,11 @@ def run(args: argparse.Namespace) -> int:
         label_column=args.label_column,
     )
     say(f"bilevel hpo: {data!r}")
-    if shrinkage is None:
-        shrinkage = default_shrinkage(int(data.X_val.shape[0]))
+    if args.cv is not None and args.method == "sid":
+        raise BilevelError("--cv needs --method aid-cg or itd (SID samples one training set)")
+    if shrinkage is None:  # with --cv every training and validation row validates once
+        n_validation = int(data.X_val.shape[0]) + (data.n_train if args.cv is not None else 0)
+        shrinkage = default_shrinkage(n_validation)
     job = {
         "data": args.data,
         "model": model_name,
@@ -974,6 +998,7 @@ def run(args: argparse.Namespace) -> int:
         "inner_steps": args.inner_steps,
         "batch_size": args.batch_size,
         "device": str(device),
+        "cv": args.cv,
     }
     if args.resume:
         _check_job_file(run_dir, job)
@@ -994,6 +1019,7 @@ def run(args: argparse.Namespace) -> int:
         label_noise=args.label_noise,
         shrinkage=shrinkage,
         seed=args.seed,
+        cv=args.cv,
     )
     evaluator = LowerEvaluator(model, data.X_test, data.y_test)  # clean test labels
     baseline = single_strength_baseline(model, evaluator, theta_range=theta_range)
@@ -1235,9 +1261,12 @@ def _print_summary(s: Mapping[str, Any]) -> None:
 
     b = s["baseline"]
     shrinkage = f", shrinkage ρ = {s['shrinkage']:.3g}" if s.get("shrinkage") else ""
+    rows = f"{s['n_train']} training samples"
+    if s.get("cv"):
+        rows = f"{s['cv']}-fold cross validation over {s['n_train'] + s['n_val']} rows"
     print(
         f"bilevel hpo: {s['model']} on {s['data']} with {s['method']} "
-        f"({s['n_hyperparameters']} hyperparameters, {s['n_train']} training samples{shrinkage})"
+        f"({s['n_hyperparameters']} hyperparameters, {rows}{shrinkage})"
     )
     print(row("initial θ", s["initial"]))
     print(row("learnt θ", s["final"]))

@@ -546,6 +546,8 @@ class LowerEvaluator:
     (classification) or ``{"val_loss", "test_mse", "test_r2"}`` (ridge; mean squared error in
     squared target units, and the coefficient of determination), plus ``"shrinkage_penalty"``
     r(θ) = (ρ/2)‖θ − θ̄‖² when the model has a shrinkage ρ > 0 (the upper objective is F + r).
+    With cross-validation folds, w(θ) holds one solution per fold, F is the mean of the fold
+    losses and the test metrics are averaged over the fold solutions.
     """
 
     def __init__(

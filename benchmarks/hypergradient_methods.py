@@ -54,7 +54,9 @@ from bilevel import (
     Implicit,
     Unrolled,
 )
+from bilevel.autodiff import LowerLevel
 from bilevel.learning import load_sklearn, logistic_model, ridge_model
+from bilevel.lower import solve_lower
 
 CASES = ("ridge", "logistic", "multinomial")
 T_GRID = (1, 3, 10, 30, 100, 300, 1000, 3000)
@@ -114,9 +116,10 @@ def adjoint_estimator(solver: str, k: int, lip: float):
 
 @functools.cache
 def lower_solution(name: str) -> torch.Tensor:
+    """w(θ₀) to ‖∇h‖ ≤ 1e-12 (L-BFGS), the start of sweep 2."""
     model, *_ = build(name)
-    est = Implicit(CG(max_iter=1), lower_solver=LBFGS(max_iter=5000), compute_bound=False)
-    return est(model.problem, None, model.init_w(), lower_tol=1e-12, adjoint_tol=1.0).x
+    lower = LowerLevel(model.problem, None)
+    return solve_lower(lower, model.init_w(), 1e-12, LBFGS(max_iter=5000), model.mu()).x
 
 
 def measure(name: str, estimator, x0: torch.Tensor, lower_tol: float, repeats: int) -> dict:

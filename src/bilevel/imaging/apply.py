@@ -156,9 +156,10 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else run_dir / "reconstructed"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    problem = None if inpaint else learned_problem(regulariser, options)
     for k, (name, image) in enumerate(zip(args.images, images)):
-        operator = _mask(args.mask, image) if inpaint else None
-        problem = learned_problem(regulariser, options, operator)
+        if inpaint:  # each image brings its own mask
+            problem = learned_problem(regulariser, options, _mask(args.mask, image))
         op = problem.theta["operator"]
         x = image.unsqueeze(0)
         y = x

@@ -28,6 +28,7 @@ import torch
 from bilevel.learning.datasets import (
     column_scaling,
     from_scipy,
+    random_folds,
     scale_columns,
     select_rows,
     sparse_column_scaling,
@@ -48,7 +49,7 @@ from bilevel.methods import Budget
 try:
     import scipy.sparse
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+    from sklearn.model_selection import StratifiedKFold, train_test_split
     from sklearn.utils import check_random_state
     from sklearn.utils.multiclass import check_classification_targets
     from sklearn.utils.validation import check_is_fitted, validate_data
@@ -204,11 +205,12 @@ class _PerFeatureL2Estimator(BaseEstimator):
 
     def _fold_masks(self, n: int, y: np.ndarray | None, rng: np.random.RandomState) -> torch.Tensor:
         """(K, n) boolean masks of the ``cv`` folds, stratified by class when ``y`` has at
-        least K rows of every class."""
-        if y is not None and np.bincount(y).min() >= self.cv:
-            splits = StratifiedKFold(self.cv, shuffle=True, random_state=rng).split(np.zeros(n), y)
-        else:
-            splits = KFold(self.cv, shuffle=True, random_state=rng).split(np.zeros(n))
+        least K rows of every class, else :func:`random_folds`."""
+        if self.cv > n:
+            raise ValueError(f"cv = {self.cv} folds need at least as many samples, got {n}")
+        if y is None or np.bincount(y).min() < self.cv:
+            return random_folds(n, int(self.cv), seed=int(rng.randint(np.iinfo(np.int32).max)))
+        splits = StratifiedKFold(self.cv, shuffle=True, random_state=rng).split(np.zeros(n), y)
         masks = np.zeros((self.cv, n), dtype=bool)
         for k, (_, fold) in enumerate(splits):
             masks[k, fold] = True

@@ -592,10 +592,8 @@ class LowerEvaluator:
         w = self.solve(theta)
         model = self.model
         with torch.no_grad():
-            if model.folds is not None:  # the mean of the fold losses
-                val = float(model.upper_loss(w, model.theta, model.instance_batch()).mean())
-            else:
-                val = float(model.val_loss(w, model.theta).reshape(-1)[0])
+            # the validation loss, or with folds the mean of the fold losses
+            val = float(model.upper_loss(w, model.theta, model.instance_batch()).mean())
             out = {"val_loss": val}
             if getattr(model, "shrinkage", 0.0):
                 out["shrinkage_penalty"] = float(model.shrinkage_penalty(model.theta))
@@ -890,16 +888,19 @@ def _budget(args: argparse.Namespace) -> Budget:
         raise BilevelError(f"bad budget: {err}") from None
 
 
-def _eval_every(args: argparse.Namespace, budget: Budget) -> int:
+def _evaluation(
+    args: argparse.Namespace, budget: Budget, evaluator: LowerEvaluator
+) -> tuple[Callable[[Any, int], dict[str, float]], int]:
+    """(evaluate callback, steps between calls): ``--eval-every`` if given; else about 25
+    evaluations for a step budget, a :class:`ThrottledEvaluation` offered every step for a
+    time budget, and every 2 (10 for SID) steps for an oracle-call budget."""
     if args.eval_every is not None:
-        if args.eval_every < 1:
-            raise BilevelError(f"--eval-every must be a positive integer, got {args.eval_every}")
-        return int(args.eval_every)
+        return evaluator, int(args.eval_every)
     if budget.steps is not None and budget.oracle_calls is None and budget.wall_time is None:
-        return max(1, budget.steps // 25)
+        return evaluator, max(1, budget.steps // 25)
     if budget.wall_time is not None:
-        return 1  # every step is offered to a ThrottledEvaluation
-    return 10 if args.method == "sid" else 2
+        return ThrottledEvaluation(evaluator, EVALUATION_SHARE), 1
+    return evaluator, 10 if args.method == "sid" else 2
 
 
 #: Largest share of a time-budgeted run's wall time spent on evaluations by default.
@@ -962,7 +963,8 @@ def run(args: argparse.Namespace) -> int:
     init = _parse_init(args.init)
     step = as_schedule(args.step)
     budget = _budget(args)
-    eval_every = _eval_every(args, budget)
+    if args.eval_every is not None and args.eval_every < 1:
+        raise BilevelError(f"--eval-every must be a positive integer, got {args.eval_every}")
     device = _device(args.device)
     if args.resume and args.run_dir is None:
         raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
@@ -1024,6 +1026,7 @@ def run(args: argparse.Namespace) -> int:
         cv=args.cv,
     )
     evaluator = LowerEvaluator(model, data.X_test, data.y_test)  # clean test labels
+    evaluate, eval_every = _evaluation(args, budget, evaluator)
     baseline = single_strength_baseline(model, evaluator, theta_range=theta_range)
     say(
         f"baseline (one common θ, {baseline['evaluated']} values of the grid): "
@@ -1052,11 +1055,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir=run_dir,
         resume=args.resume,
         overwrite=args.overwrite,
-        evaluate=(
-            ThrottledEvaluation(evaluator, EVALUATION_SHARE)
-            if args.eval_every is None and budget.wall_time is not None
-            else evaluator
-        ),
+        evaluate=evaluate,
         eval_every=eval_every,
         progress=not args.no_progress,
         plot=not args.no_plots,
@@ -1131,12 +1130,14 @@ def write_hyperparameters(path: pathlib.Path, model: FiniteSumModel, data: Split
         out = csv.writer(f)
         if isinstance(model, HypercleaningModel):
             rows = data.train_index if data.train_index is not None else torch.arange(len(theta))
-            known = model.corrupted is not None
-            out.writerow(["row", "theta", "weight", *(["corrupted"] if known else [])])
-            weights = torch.sigmoid(theta)
-            for j in range(len(theta)):
-                extra = [int(model.corrupted[j])] if known else []
-                out.writerow([int(rows[j]), f"{theta[j]:.9g}", f"{weights[j]:.9g}", *extra])
+            columns = [rows.tolist(), [f"{v:.9g}" for v in theta.tolist()]]
+            columns.append([f"{v:.9g}" for v in torch.sigmoid(theta).tolist()])
+            header = ["row", "theta", "weight"]
+            if model.corrupted is not None:
+                header.append("corrupted")
+                columns.append(model.corrupted.int().tolist())
+            out.writerow(header)
+            out.writerows(zip(*columns))
             return
         d = data.n_features
         names = data.feature_names if data.feature_names else [f"x{k}" for k in range(d)]

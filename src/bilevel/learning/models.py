@@ -414,12 +414,8 @@ class FiniteSumModel:
         self._train_weights = train / train.sum(dim=1, keepdim=True)
         self._val_weights = folds.to(self.dtype) / sizes.to(self.device, self.dtype)[:, None]
         self._rows_per_instance = int((~folds).sum(dim=1).min())
-        # μ from the regulariser only: the data curvature of all rows does not bound a part's
-        mu = self.problem.mu - getattr(self, "data_curvature", 0.0)
-        if hasattr(self, "data_curvature"):
-            self.data_curvature = 0.0
         lipschitz = self.problem.lipschitz  # a bound from smoothness() follows the folds
-        self._make_problem(mu, finite_sum=False)
+        self._make_problem(self.problem.mu, finite_sum=False)
         self.problem.lipschitz = lipschitz
 
     @property
@@ -641,6 +637,13 @@ class RidgeModel(_PerFeatureL2):
 
     def _regulariser(self, W: Tensor, theta) -> Tensor:
         return self._coef_penalty(W, theta)
+
+    def cross_validate(self, folds: Tensor) -> None:
+        """See :meth:`FiniteSumModel.cross_validate`; μ then comes from the strengths alone,
+        since λ_min(XᵀX/N) of all rows does not bound that of a training part."""
+        super().cross_validate(folds)
+        self.problem.mu -= self.data_curvature
+        self.data_curvature = 0.0
 
     def mu(self, theta: Tensor | None = None) -> float:
         """μ(θ) = λ_min(XᵀX/N) (if computed) + min_k exp(θ_k)."""

@@ -115,14 +115,14 @@ NOTES = """## Reading the results
 - With one held-out quarter of the training rows, the bilevel estimators are ahead on breast
   cancer in every split and level on wine, and behind on digits and diabetes, by less than
   the spread of either estimator over the splits. Learning on the 5-fold cross-validation loss
-  instead (``cv=5``) lifts wine to 0.9867 (ahead in 5 of 5) and diabetes to 0.4280 (RidgeCV
+  instead (``cv=5``) lifts wine to 0.9867 (ahead in 5 of 5) and diabetes to 0.4276 (RidgeCV
   0.4291) and leaves breast cancer and digits where they were: consistent with the noise of a
   single split weighing most on the smallest sets (178 and 442 rows), though not tested
   further.
 - Fit times: the bilevel estimators make a grid search for the starting strength, 100 upper
-  steps with warm-started solves and a refit: three to six times the time of the CV baselines
+  steps with warm-started solves and a refit: four to five times the time of the CV baselines
   on these small sets, and with ``cv=5`` (five lower-level problems per step) five to
-  thirteen times.
+  fourteen times.
 - The larger studies (digits over five splits, MNIST, 200 000 samples) are in
   [benchmarks_hpo.md](benchmarks_hpo.md)."""
 

@@ -54,6 +54,7 @@ from bilevel.linear import CG
 from bilevel.lower import Nesterov
 from bilevel.methods import ISGD, MAID, Budget, RunResult, with_initial
 from bilevel.problem import BilevelError, BilevelProblem
+from bilevel.runs import check_job_record
 
 REGULARISERS = ("foe", "ridge", "icnn", "tv")
 METHODS = ("adam-isgd", "isgd", "maid")
@@ -393,24 +394,13 @@ def job_record(args: argparse.Namespace) -> dict[str, Any]:
 
 def _write_job_record(run_dir: Path, args: argparse.Namespace) -> None:
     """Write ``job.json``; on ``--resume``, first refuse options that differ from it."""
-    path = run_dir / "job.json"
-    record = json.loads(json.dumps(job_record(args)))  # as JSON stores it
-    if args.resume and path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diffs = [
-            f"{k}: {old.get(k)!r} -> {record.get(k)!r}"
-            for k in sorted(old.keys() | record.keys())
-            if old.get(k) != record.get(k)
-        ]
-        if diffs:
-            raise BilevelError(
-                f"cannot resume {run_dir}: the options differ from the stored run "
-                f"({'; '.join(diffs)}). Use the same options, or start a new run."
-            )
-    if not args.resume and (run_dir / "config.json").exists():
+    record = job_record(args)
+    if args.resume:
+        check_job_record(run_dir, record)
+    elif (run_dir / "config.json").exists():
         return  # another run lives there: the run loop refuses it, its job.json stays intact
     run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (run_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def run(args: argparse.Namespace) -> int:

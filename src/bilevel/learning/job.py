@@ -76,7 +76,7 @@ from bilevel.linear import CG
 from bilevel.lower import LBFGS, solve_lower
 from bilevel.methods import ISGD, Budget, RunResult, TensorSamples
 from bilevel.problem import BilevelError
-from bilevel.runs import new_figure, to_jsonable
+from bilevel.runs import check_job_record, new_figure, to_jsonable
 from bilevel.schedules import Accuracy, Clipped, Polynomial, as_schedule
 from bilevel.stochastic import (
     SID,
@@ -857,23 +857,6 @@ def _default_run_dir(data: str, method: str) -> pathlib.Path:
     return path
 
 
-def _check_job_file(run_dir: pathlib.Path, job: dict[str, Any]) -> None:
-    """Refuse to resume a run made with other options (``job.json`` of the run directory)."""
-    path = run_dir / "job.json"
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diffs = [
-            f"{k}: {old.get(k)!r} -> {job.get(k)!r}"
-            for k in sorted(old.keys() | job.keys())
-            if old.get(k) != job.get(k)
-        ]
-        if diffs:
-            raise BilevelError(
-                f"cannot resume {run_dir}: the options differ from the stored run "
-                f"({'; '.join(diffs)}). Use the same options, or start a new run."
-            )
-
-
 def _budget(args: argparse.Namespace) -> Budget:
     steps = args.steps
     if args.budget is None and args.time is None and steps is None:
@@ -1005,7 +988,7 @@ def run(args: argparse.Namespace) -> int:
         "cv": args.cv,
     }
     if args.resume:
-        _check_job_file(run_dir, job)
+        check_job_record(run_dir, job)
     elif (run_dir / "config.json").exists() and not args.overwrite:
         raise BilevelError(
             f"{run_dir} already holds a run: resume it (--resume), start again (--overwrite), "

@@ -9,6 +9,7 @@ from bilevel.runs.rundir import (
     METRIC_KEYS,
     RunDirectory,
     Stopwatch,
+    check_job_record,
     read_metrics,
     to_jsonable,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "Progress",
     "RunDirectory",
     "Stopwatch",
+    "check_job_record",
     "format_duration",
     "load_records",
     "new_figure",

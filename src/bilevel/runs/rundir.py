@@ -535,3 +535,27 @@ class Stopwatch:
         """Continue from a :meth:`state_dict`."""
         self.offset = float(state["elapsed"])
         self._start = time.perf_counter()
+
+
+def check_job_record(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Refuse to resume the run in ``run_dir`` with options other than those stored in its
+    ``job.json`` (compared as JSON stores them); no stored record, no check.
+
+    Raises:
+        BilevelError: naming every option that differs, old → new.
+    """
+    path = Path(run_dir) / "job.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    new = json.loads(json.dumps(record))
+    diffs = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]
+    if diffs:
+        raise BilevelError(
+            f"cannot resume {run_dir}: the options differ from the stored run "
+            f"({'; '.join(diffs)}). Use the same options, or start a new run."
+        )

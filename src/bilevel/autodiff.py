@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bilevel.problem import Batch, BilevelProblem, NonFiniteError, index_batch
+from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError, index_batch
 
 
 @dataclass
@@ -194,7 +194,14 @@ def upper_gradients(
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         losses = problem.loss(xr, batch)
-        grads = torch.autograd.grad(losses.sum(), [xr, *params], allow_unused=True)
+        grads: tuple = (None,)
+        if losses.requires_grad:
+            grads = torch.autograd.grad(losses.sum(), [xr, *params], allow_unused=True)
+    if grads[0] is None:
+        raise BilevelError(
+            "upper_loss does not depend on x through autograd (was x detached, or the loss "
+            "computed outside torch?): the upper loss must be differentiable in x"
+        )
     n = x.shape[0]
     grad_theta = [torch.zeros_like(p) if g is None else g / n for p, g in zip(params, grads[1:])]
     return losses.detach(), grads[0], grad_theta

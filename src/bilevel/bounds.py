@@ -1,19 +1,29 @@
 """A-posteriori error bounds for inexact hypergradients and the constants they need.
 
 For one instance, with x̃ certified to ‖x̃ − x̂‖ ≤ ε and the adjoint residual
-‖H(x̃) q̃ − ∇ₓf(x̃)‖ ≤ δ, the error of z = ∇_θf − J(x̃)ᵀq̃ satisfies ([MAID] Thm 2.1)
+‖H(x̃) q̃ − ∇ₓf(x̃)‖ ≤ δ, the error of z = ∇_θf(x̃, θ) − J(x̃)ᵀq̃ satisfies ([MAID] Thm 2.1,
+extended to an upper loss that depends on θ)
 
-    ‖z − ∇F‖ ≤ ‖J‖·a + L_J·ε·(‖∇ₓf(x̃)‖ + L_f ε)/μ,
+    ‖z − ∇F‖ ≤ L_fθ·ε + ‖J‖·a + L_J·ε·(‖∇ₓf(x̃)‖ + L_f ε)/μ,
     a = δ/μ + (L_{H⁻¹}‖∇ₓf(x̃)‖ + L_f/μ)·ε,          L_{H⁻¹} = L_H/μ²,
 
-which expands to ω = c·ε + (‖J‖/μ)·δ + (L_J L_f/μ)·ε² with c as in PAPERS.md §2.  For the
-mean over B instances sharing θ, Σ_i J_iᵀ a_i is bounded by ‖J_stack‖·‖a‖₂ (J_stack stacks
-the J_i) when ‖J_stack‖ is computed at x̃, or by K_J·Σ_i‖a_i‖ when the user states a bound
-K_J ≥ ‖J_i‖; the batch bound is the mean of the per-instance terms.
+where L_fθ is the Lipschitz constant of x ↦ ∇_θf(x, θ) (0 when f does not depend on θ). For
+the mean over B instances sharing θ, Σ_i J_iᵀ a_i is bounded by ‖J_stack‖·‖a‖₂ (J_stack
+stacks the J_i, computed at x̃) and by Σ_i K_J,i‖a_i‖ when bounds K_J,i ≥ ‖J_i‖ are stated
+(the smaller is used when both are available); Σ_i (∇_θf_i(x̃_i) − ∇_θf_i(x̂_i)) likewise by
+‖K_stack‖·‖ε‖₂ when ∇²_θx f is constant in x, else by Σ_i L_fθ,i ε_i.
 
-A bound is *certified* when μ is stated, L_f, L_J and L_H are stated, and ‖J‖ is stated or
-computed exactly; otherwise the missing constants are estimated (power iteration, finite
-perturbations, times a safety factor) and the bound is flagged *estimated*.
+Every constant is one value per instance, taken from one place: stated in
+:class:`BoundConstants` (a number, a (B,) tensor or a callable ``(theta, batch)`` evaluated
+at the current θ), else *computed* exactly when the structure allows it (a derivative whose
+autograd graph does not reach x is constant in x, so its Lipschitz constant is 0; a constant
+mixed or upper Hessian is measured densely when small), else *estimated* (power iteration,
+finite perturbations, times ``safety``). The bound is *certified* when no constant was
+estimated and the stated μ was not contradicted by the curvature observed at x̃.
+
+Rounding: ε, δ and z are computed in the working precision u; each is enlarged by a margin
+8·u·√n times the magnitude of the terms it is computed from (a model of the rounding error
+of length-n sums), so that a float32 certificate covers the error of the float32 estimate.
 """
 
 from __future__ import annotations
@@ -25,33 +35,79 @@ import torch
 from torch import Tensor
 
 from bilevel.autodiff import HessianOperator, batch_norm, expand_as_batch
-from bilevel.linear import largest_eigenvalue
-from bilevel.problem import Batch, BilevelProblem, NotStronglyConvexError
+from bilevel.linear import lanczos_extremes, largest_eigenvalue
+from bilevel.problem import (
+    Batch,
+    BilevelProblem,
+    Constant,
+    NotStronglyConvexError,
+    evaluate_constant,
+)
+
+ROUNDING_FACTOR = 8.0
+"""Factor c of the rounding margin c·u·√n (u the unit roundoff, n the terms summed)."""
 
 
 @dataclass(frozen=True)
 class BoundConstants:
-    """Constants of the error bound; ``None`` means "estimate it" (bound then estimated).
+    """Constants of the error bound; ``None`` means "compute it, else estimate it".
+
+    Each constant may be a number, a (B,) tensor (one per instance) or a callable
+    ``(theta, batch) -> number or (B,)`` evaluated at the current θ.
 
     Attributes:
-        upper_grad_lipschitz: L_f, Lipschitz constant of ∇ₓf (1 for f = ½‖x − x*‖²).
-        jacobian_norm: K_J ≥ ‖J_i(x)‖ = ‖∇²_θx h_i‖ for every instance near the solution.
-        jacobian_lipschitz: L_J, Lipschitz constant of x ↦ J(x) (0 if ∇ₓh is affine in x
-            for fixed θ... and the mixed derivative does not depend on x).
-        hessian_lipschitz: L_H, Lipschitz constant of x ↦ ∇²ₓₓh (0 for quadratic energies).
+        upper_grad_lipschitz: L_f, Lipschitz constant of x ↦ ∇ₓf_i (1 for ½‖x − x*‖²).
+            Computed exactly when ∇ₓf is affine in x and x has at most ``exact_max_dim``
+            entries per instance.
+        upper_mixed_lipschitz: L_fθ, Lipschitz constant of x ↦ ∇_θf_i(x, θ) (‖∇²_θx f‖);
+            computed (0) when f does not depend on θ, exactly when ∇²_θx f is constant and θ
+            is small.
+        jacobian_norm: K_J ≥ ‖J_i(x)‖ = ‖∇²_θx h_i‖ near the solution. ‖J_stack‖ at x̃ is
+            computed exactly when θ has at most ``exact_jacobian_max_params`` entries, and the
+            smaller of the two bounds is used.
+        jacobian_lipschitz: L_J, Lipschitz constant of x ↦ J_i(x) (computed 0 when J does
+            not depend on x, e.g. ∇ₓh affine in x).
+        hessian_lipschitz: L_H, Lipschitz constant of x ↦ ∇²ₓₓh_i (computed 0 for energies
+            quadratic in x).
         power_iterations: iterations of the power methods used for estimates.
-        exact_jacobian_max_params: compute ‖J_stack‖ exactly (dense, one JVP per parameter)
-            when θ has at most this many entries.
-        safety: factor applied to every estimated constant.
+        exact_jacobian_max_params: compute mixed derivatives densely (one product per
+            parameter) when θ has at most this many entries.
+        exact_max_dim: compute a constant upper Hessian densely up to this dimension.
+        curvature_iterations: Lanczos steps used to check a stated μ against the curvature
+            at x̃ (and to estimate μ when it is not stated) when the linear solver did not
+            already explore a Krylov space that large; 0 disables the check, and a bound
+            whose μ was not checked is not certified.
+        safety: factor applied to every estimated constant (divides an estimated μ).
+        seed: seed of the random starts of power iteration and Lanczos.
     """
 
-    upper_grad_lipschitz: float | None = None
-    jacobian_norm: float | None = None
-    jacobian_lipschitz: float | None = None
-    hessian_lipschitz: float | None = None
+    upper_grad_lipschitz: Constant = None
+    upper_mixed_lipschitz: Constant = None
+    jacobian_norm: Constant = None
+    jacobian_lipschitz: Constant = None
+    hessian_lipschitz: Constant = None
     power_iterations: int = 20
     exact_jacobian_max_params: int = 32
+    exact_max_dim: int = 64
+    curvature_iterations: int = 30
     safety: float = 1.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ConstantReport:
+    """One constant of a bound: its value and where it came from.
+
+    Attributes:
+        value: the value used (largest over instances; the smallest for μ).
+        source: ``"stated"``, ``"computed"`` (exact from the problem's structure or a dense
+            evaluation) or ``"estimated"`` (power iteration / perturbation × safety).
+        note: how it was obtained or checked, in words.
+    """
+
+    value: float
+    source: str
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,7 +116,21 @@ class ErrorBound:
 
     value: float
     certified: bool
-    constants: dict[str, float]
+    constants: dict[str, ConstantReport]
+
+
+def generator_for(like: Tensor, seed: int) -> torch.Generator:
+    """A generator on ``like``'s device seeded with ``seed`` (never the global RNG)."""
+    return torch.Generator(device=like.device).manual_seed(seed)
+
+
+def rounding_margin(like: Tensor, *magnitudes: Tensor) -> Tensor:
+    """8·u·√n·Σ magnitudes per instance: the rounding allowance of a quantity computed in
+    ``like``'s dtype from length-n sums of terms of those magnitudes."""
+    u = torch.finfo(like.dtype).eps / 2
+    n = like[0].numel() if like.dim() > 1 else 1
+    total = sum(magnitudes)
+    return ROUNDING_FACTOR * u * math.sqrt(n) * total
 
 
 def compute_error_bound(
@@ -70,51 +140,83 @@ def compute_error_bound(
     eps: Tensor,
     delta: Tensor,
     grad_f: Tensor,
-    mu: float,
-    mu_certified: bool,
+    mu: Tensor,
+    mu_report: ConstantReport,
     constants: BoundConstants,
+    adjoint: Tensor,
 ) -> ErrorBound:
     """ω(ε, δ) for the mean over instances of the inexact hypergradients at ``op``'s point.
 
     Args:
         eps: per-instance certified distances ‖x̃_i − x̂_i‖ ≤ ε_i, shape (B,).
-        delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖, shape (B,).
+        delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (rounding included).
         grad_f: per-instance ∇ₓf_i(x̃_i), shape (B, ...).
+        mu: per-instance strong-convexity moduli (B,); ``mu_report`` says where they came from.
+        adjoint: q̃ (B, ...), for the rounding margin of z.
     """
     c = constants
-    certified = mu_certified
     params = problem.params
     x = op.x_full
     gf_norm = batch_norm(grad_f)
+    reports: dict[str, ConstantReport] = {"mu": mu_report}
 
-    if c.upper_grad_lipschitz is not None:
-        l_f = c.upper_grad_lipschitz
-    else:
-        l_f = c.safety * _upper_hessian_norm(problem, x, batch, c.power_iterations)
-        certified = False
-    if c.hessian_lipschitz is not None and c.jacobian_lipschitz is not None:
-        l_h, l_j = c.hessian_lipschitz, c.jacobian_lipschitz
-    else:
-        est_h, est_j = _third_order_estimates(op, params, eps)
-        l_h = c.hessian_lipschitz if c.hessian_lipschitz is not None else c.safety * est_h
-        l_j = c.jacobian_lipschitz if c.jacobian_lipschitz is not None else c.safety * est_j
-        certified = False
+    def stated(name: str, value: Constant) -> Tensor | None:
+        t = evaluate_constant(name, value, problem.theta, batch, x)
+        if t is not None:
+            reports[name] = ConstantReport(float(t.max()), "stated")
+        return t
+
+    l_f = stated("L_f", c.upper_grad_lipschitz)
+    if l_f is None:
+        l_f, reports["L_f"] = _upper_hessian_norm(problem, x, batch, c)
+    l_h = stated("L_H", c.hessian_lipschitz)
+    l_j = stated("L_J", c.jacobian_lipschitz)
+    if l_h is None or l_j is None:
+        zero_h, zero_j = _third_order_zeros(op, params)
+        if (l_h is None and not zero_h) or (l_j is None and not zero_j):
+            est_h, est_j = _third_order_estimates(op, params, eps, c)
+        if l_h is None:
+            l_h = torch.zeros_like(eps) if zero_h else c.safety * est_h
+            reports["L_H"] = _report_zero_or_estimate(l_h, zero_h, "∇²ₓₓh")
+        if l_j is None:
+            l_j = torch.zeros_like(eps) if zero_j else c.safety * est_j
+            reports["L_J"] = _report_zero_or_estimate(l_j, zero_j, "∇²_θx h")
     l_hinv = l_h / mu**2
 
+    n = eps.numel()
     a = delta / mu + (l_hinv * gf_norm + l_f / mu) * eps
     curvature_term = l_j * eps * (gf_norm + l_f * eps) / mu
-    if c.jacobian_norm is not None:
-        j_norm = c.jacobian_norm
-        linear_term = j_norm * a.sum()
+    j_stated = stated("jacobian_norm", c.jacobian_norm)
+    j_norm, j_exact = jacobian_norm_stacked(op, params, c)
+    if not j_exact:
+        j_norm *= c.safety
+    stacked = j_norm * torch.linalg.vector_norm(a)
+    if j_stated is not None and (not j_exact or float((j_stated * a).sum()) < float(stacked)):
+        linear_term = (j_stated * a).sum()
     else:
-        j_norm, exact = jacobian_norm_stacked(op, params, c)
-        if not exact:
-            j_norm *= c.safety
-            certified = False
-        linear_term = j_norm * torch.linalg.vector_norm(a)
-    value = float((linear_term + curvature_term.sum()) / eps.numel())
-    used = {"L_f": l_f, "L_J": l_j, "L_H": l_h, "jacobian_norm": float(j_norm), "mu": mu}
-    return ErrorBound(value=value, certified=certified, constants=used)
+        linear_term = stacked
+        reports["jacobian_norm"] = ConstantReport(
+            j_norm,
+            "computed" if j_exact else "estimated",
+            "‖J_stack‖ at x̃, dense" if j_exact else "‖J_stack‖ at x̃, power iteration × safety",
+        )
+    mixed_term, reports["L_ftheta"] = _upper_mixed_term(problem, x, batch, eps, c)
+    jtq = op.jacobian_vjp(adjoint, params)
+    jtq_norm = math.sqrt(sum(float((t * t).sum()) for t in jtq))
+    p_like = torch.zeros(1, sum(p.numel() for p in params), dtype=x.dtype, device=x.device)
+    z_rounding = (
+        float(rounding_margin(p_like, torch.as_tensor(jtq_norm / n, dtype=x.dtype)).sum())
+        + float(rounding_margin(x, j_norm * batch_norm(adjoint)).sum()) / n
+    )
+    value = float((linear_term + curvature_term.sum() + mixed_term) / n) + z_rounding
+    certified = all(r.source != "estimated" for r in reports.values())
+    return ErrorBound(value=value, certified=certified, constants=reports)
+
+
+def _report_zero_or_estimate(value: Tensor, zero: bool, what: str) -> ConstantReport:
+    if zero:
+        return ConstantReport(0.0, "computed", f"{what} does not depend on x (autograd graph)")
+    return ConstantReport(float(value.max()), "estimated", "finite perturbation × safety")
 
 
 def jacobian_norm_stacked(
@@ -125,16 +227,26 @@ def jacobian_norm_stacked(
     Returns (norm, exact).  Power iteration converges from below: the estimate is a lower
     bound on the true norm, hence the safety factor applied by the caller.
     """
+    return _stacked_norm(
+        lambda u: op.jacobian_jvp(u, params),
+        lambda w: op.jacobian_vjp(w, params),
+        params,
+        constants,
+    )
+
+
+def _stacked_norm(jvp, vjp, params: list[Tensor], constants: BoundConstants) -> tuple[float, bool]:
+    """‖K‖₂ of a linear map θ-space → x-space given by ``jvp`` and its adjoint ``vjp``."""
     n_params = sum(p.numel() for p in params)
     if n_params <= constants.exact_jacobian_max_params:
         columns = []
         for k in range(n_params):
             u = torch.zeros(n_params, dtype=params[0].dtype, device=params[0].device)
             u[k] = 1.0
-            columns.append(op.jacobian_jvp(_unflatten(u, params), params).reshape(-1))
+            columns.append(jvp(_unflatten(u, params)).reshape(-1))
         dense = torch.stack(columns, dim=1)
         return float(torch.linalg.matrix_norm(dense, ord=2)), True
-    gen = torch.Generator(device=params[0].device).manual_seed(0)
+    gen = torch.Generator(device=params[0].device).manual_seed(constants.seed)
     u = [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in params]
     sigma_sq = 0.0
     for _ in range(constants.power_iterations):
@@ -142,8 +254,8 @@ def jacobian_norm_stacked(
         if norm_u == 0.0:
             return 0.0, False
         u = [ui / norm_u for ui in u]
-        ju = op.jacobian_jvp(u, params)
-        v = op.jacobian_vjp(ju, params)
+        ju = jvp(u)
+        v = vjp(ju)
         sigma_sq = float((ju * ju).sum())
         u = v
     return math.sqrt(sigma_sq), False
@@ -157,58 +269,209 @@ def _unflatten(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _upper_hessian_norm(problem: BilevelProblem, x: Tensor, batch: Batch, iters: int) -> float:
-    """max_i λ_max(∇²ₓₓf_i(x̃_i)): a local estimate of L_f."""
+def _reaches(outputs: Tensor | list[Tensor], x: Tensor) -> bool:
+    """Whether the autograd graph of ``outputs`` reaches ``x``."""
+    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    outs = [o for o in outs if o is not None and o.requires_grad]
+    if not outs:
+        return False
+    with torch.enable_grad():
+        grads = torch.autograd.grad(
+            [o.sum() for o in outs], x, retain_graph=True, allow_unused=True
+        )
+    return grads[0] is not None
+
+
+def _third_order_zeros(op: HessianOperator, params: list[Tensor]) -> tuple[bool, bool]:
+    """(∇²ₓₓh constant in x, J = ∇²_θx h constant in x), read from the autograd graph."""
+    xr, g = op._full[1], op._full[2]
+    with torch.enable_grad():
+        v = torch.ones_like(g)
+        (hv,) = torch.autograd.grad(g, xr, v, create_graph=True, retain_graph=True)
+        jtv = torch.autograd.grad(
+            g, params, v, create_graph=True, retain_graph=True, allow_unused=True
+        )
+        zero_h = not _reaches(hv, xr)
+        zero_j = not _reaches([t for t in jtv if t is not None], xr)
+    return zero_h, zero_j
+
+
+def _upper_hessian_norm(
+    problem: BilevelProblem, x: Tensor, batch: Batch, c: BoundConstants
+) -> tuple[Tensor, ConstantReport]:
+    """L_f per instance: λ_max(∇²ₓₓf_i), exact when ∇ₓf is affine in x and small, else a
+    local estimate at x̃ × safety."""
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(problem.loss(xr, batch).sum(), xr, create_graph=True)
+        _, g = problem.loss_and_grad_x(xr, batch, leaf=True)
+    n = x.shape[0]
+    dim = x[0].numel()
 
     def matvec(v: Tensor, index: Tensor) -> Tensor:
         full = torch.zeros_like(xr)
         full[index] = v
         with torch.enable_grad():
-            (hv,) = torch.autograd.grad(g, xr, full, retain_graph=True, allow_unused=True)
+            (hv,) = torch.autograd.grad(
+                g, xr, full, retain_graph=True, allow_unused=True, create_graph=True
+            )
         return torch.zeros_like(v) if hv is None else hv[index]
 
-    values, _ = largest_eigenvalue(matvec, x, iterations=iters)
-    return float(values.abs().max())
+    with torch.enable_grad():
+        probe = torch.autograd.grad(
+            g, xr, torch.ones_like(g), retain_graph=True, allow_unused=True, create_graph=True
+        )[0]
+        constant = probe is None or not _reaches(probe, xr)
+    if probe is None:
+        return torch.zeros(n, dtype=x.dtype, device=x.device), ConstantReport(
+            0.0, "computed", "∇ₓf does not depend on x"
+        )
+    if constant and dim <= c.exact_max_dim:
+        index = torch.arange(n, device=x.device)
+        eye = torch.eye(dim, dtype=x.dtype, device=x.device)
+        cols = [
+            matvec(eye[k].expand(n, dim).reshape(x.shape), index).detach().reshape(n, dim)
+            for k in range(dim)
+        ]
+        hess = torch.stack(cols, dim=2)
+        sym = 0.5 * (hess + hess.transpose(1, 2))
+        value = torch.linalg.eigvalsh(sym).abs().max(1).values
+        return value, ConstantReport(float(value.max()), "computed", "‖∇²ₓₓf‖, dense (constant)")
+    gen = generator_for(x, c.seed)
+    values, _ = largest_eigenvalue(
+        lambda v, i: matvec(v, i).detach(), x, iterations=c.power_iterations, generator=gen
+    )
+    value = c.safety * values.abs()
+    return value, ConstantReport(
+        float(value.max()), "estimated", "λ_max(∇²ₓₓf) at x̃, power iteration × safety"
+    )
+
+
+def _upper_mixed_term(
+    problem: BilevelProblem, x: Tensor, batch: Batch, eps: Tensor, c: BoundConstants
+) -> tuple[Tensor, ConstantReport]:
+    """Σ_i bound on ‖∇_θf_i(x̃_i) − ∇_θf_i(x̂_i)‖ summed over instances, and its report."""
+    params = problem.params
+    stated = evaluate_constant(
+        "upper_mixed_lipschitz", c.upper_mixed_lipschitz, problem.theta, batch, x
+    )
+    if stated is not None:
+        return (stated * eps).sum(), ConstantReport(float(stated.max()), "stated")
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        losses = problem.loss(xr, batch)
+        gtheta = torch.autograd.grad(losses.sum(), params, create_graph=True, allow_unused=True)
+    live = [(p, t) for p, t in zip(params, gtheta) if t is not None and t.requires_grad]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if not live or not _reaches([t for _, t in live], xr):
+        return zero, ConstantReport(0.0, "computed", "∇_θf does not depend on x")
+    lp = [p for p, _ in live]
+
+    def kt(w: Tensor) -> list[Tensor]:
+        """Σ_i K_iᵀ w_i = ∇_θ⟨∇ₓf, w⟩ (K_i = ∇²_θx f_i)."""
+        with torch.enable_grad():
+            (gx,) = torch.autograd.grad(losses.sum(), xr, create_graph=True)
+            out = torch.autograd.grad(gx, lp, w, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if o is None else o for p, o in zip(lp, out)]
+
+    def k(u: list[Tensor]) -> Tensor:
+        """K u stacked over instances: ∂/∂t ∇ₓf(x, θ + t u)."""
+        with torch.enable_grad():
+            (gx,) = torch.autograd.grad(losses.sum(), xr, create_graph=True)
+            w = torch.zeros_like(gx, requires_grad=True)
+            ktw = torch.autograd.grad(gx, lp, w, create_graph=True, allow_unused=True)
+            pairs = [(o, ui) for o, ui in zip(ktw, u) if o is not None]
+            if not pairs:
+                return torch.zeros_like(gx)
+            (ku,) = torch.autograd.grad([o for o, _ in pairs], w, [ui for _, ui in pairs])
+        return ku.detach()
+
+    with torch.enable_grad():
+        (gx,) = torch.autograd.grad(losses.sum(), xr, create_graph=True)
+        probe = torch.autograd.grad(
+            gx, lp, torch.ones_like(gx), create_graph=True, allow_unused=True
+        )
+    constant = not _reaches([t for t in probe if t is not None], xr)
+    norm, exact = _stacked_norm(k, kt, lp, c)
+    if constant and exact:
+        return norm * torch.linalg.vector_norm(eps), ConstantReport(
+            norm, "computed", "‖∇²_θx f stacked‖, dense (constant in x)"
+        )
+    value = c.safety * norm
+    return value * torch.linalg.vector_norm(eps), ConstantReport(
+        value, "estimated", "‖∇²_θx f stacked‖ at x̃ × safety"
+    )
 
 
 def _third_order_estimates(
-    op: HessianOperator, params: list[Tensor], eps: Tensor
-) -> tuple[float, float]:
-    """Finite-perturbation estimates of L_H and L_J over the certified ball around x̃.
+    op: HessianOperator, params: list[Tensor], eps: Tensor, c: BoundConstants
+) -> tuple[Tensor, Tensor]:
+    """Finite-perturbation estimates of L_H (per instance) and L_J over the certified ball.
 
-    Compares H v and Jᵀw at x̃ and at x̃ + Δ with ‖Δ_i‖ = r_i ≥ ε_i.
+    For ``draws`` random displacements Δ with ‖Δ_i‖ = r ≥ max_i ε_i, the norms of the
+    difference operators H(x̃ + Δ) − H(x̃) (power iteration, per instance) and
+    J_stack(x̃ + Δ) − J_stack(x̃) (dense for small θ, else power iteration), divided by r;
+    the largest over the draws.
     """
     x = op.x_full
-    gen = torch.Generator(device=x.device).manual_seed(1)
+    gen = generator_for(x, c.seed + 1)
     floor = math.sqrt(torch.finfo(x.dtype).eps) * (1.0 + batch_norm(x))
-    radius = torch.maximum(torch.nan_to_num(eps, nan=0.0), floor)
-    delta = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
-    delta = delta * expand_as_batch(radius / batch_norm(delta), delta)
-    v = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
-    v = v / expand_as_batch(batch_norm(v), v)
-    shifted = HessianOperator(op.lower, x + delta)
-    dh = batch_norm(shifted.full_matvec(v) - op.full_matvec(v)) / radius
-    dj = [a - b for a, b in zip(shifted.jacobian_vjp(v, params), op.jacobian_vjp(v, params))]
-    dj_norm = math.sqrt(sum(float((t * t).sum()) for t in dj))
-    return float(dh.max()), dj_norm / float(radius.max()) / math.sqrt(x.shape[0])
+    radius = torch.maximum(torch.nan_to_num(eps, nan=0.0), floor).max().expand(eps.shape)
+    est_h = torch.zeros_like(eps)
+    est_j = 0.0
+    for _ in range(2):
+        delta = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+        delta = delta * expand_as_batch(radius / batch_norm(delta).clamp_min(1e-300), delta)
+        shifted = HessianOperator(op.lower, x + delta)
+
+        def diff(v: Tensor, index: Tensor, shifted: HessianOperator = shifted) -> Tensor:
+            full = torch.zeros_like(x)
+            full[index] = v
+            return (shifted.full_matvec(full) - op.full_matvec(full))[index]
+
+        lam, _ = largest_eigenvalue(diff, x, iterations=8, generator=gen)
+        est_h = torch.maximum(est_h, lam.abs() / radius)
+        dj, _ = _stacked_norm(
+            lambda u, s=shifted: s.jacobian_jvp(u, params) - op.jacobian_jvp(u, params),
+            lambda w, s=shifted: [
+                a - b for a, b in zip(s.jacobian_vjp(w, params), op.jacobian_vjp(w, params))
+            ],
+            params,
+            c,
+        )
+        est_j = max(est_j, dj / float(radius[0]))
+    return est_h, torch.full_like(eps, est_j)
 
 
-def smallest_eigenvalue(op: HessianOperator, like: Tensor, iterations: int = 50) -> Tensor:
-    """Per-instance λ_min(∇²ₓₓh) at the operator's point, by power iteration on L·I − H.
+def estimate_mu(op: HessianOperator, like: Tensor, c: BoundConstants) -> tuple[Tensor, Tensor]:
+    """Per-instance estimate of μ at x̃ on the safe side, and the Ritz value it came from.
+
+    Lanczos (``max(curvature_iterations, 50)`` steps, seeded) gives the smallest Ritz value
+    θ_min ≥ λ_min and its residual r; the estimate is max(θ_min − r, θ_min/10) / safety.
 
     Raises NotStronglyConvexError if some instance shows non-positive curvature.
     """
-    top, _ = largest_eigenvalue(op.matvec, like, iterations=iterations)
-    shift = top.abs() * 1.01
+    ritz = lanczos_extremes(
+        op.matvec, like, max(c.curvature_iterations, 50), generator_for(like, c.seed)
+    )
+    low = ritz.smallest
+    if bool((low <= 0).any()):
+        bad = int((low <= 0).nonzero()[0])
+        raise NotStronglyConvexError(
+            f"the lower-level Hessian of instance {bad} has an eigenvalue ≈ {float(low[bad]):.3e} "
+            "≤ 0: the energy is not strongly convex there"
+        )
+    safe = torch.maximum(low - ritz.residual, low / 10.0) / c.safety
+    return safe, low
 
-    def shifted(v: Tensor, index: Tensor) -> Tensor:
-        return expand_as_batch(shift[index], v) * v - op.matvec(v, index)
 
-    gap, _ = largest_eigenvalue(shifted, like, iterations=iterations)
-    low = shift - gap
+def smallest_eigenvalue(op: HessianOperator, like: Tensor, iterations: int = 50) -> Tensor:
+    """Per-instance λ_min(∇²ₓₓh) at the operator's point (smallest Lanczos Ritz value, an upper
+    bound that converges quickly; exact when ``iterations`` ≥ the dimension).
+
+    Raises NotStronglyConvexError if some instance shows non-positive curvature.
+    """
+    ritz = lanczos_extremes(op.matvec, like, iterations, generator_for(like, 0))
+    low = ritz.smallest
     if bool((low <= 0).any()):
         bad = int((low <= 0).nonzero()[0])
         raise NotStronglyConvexError(

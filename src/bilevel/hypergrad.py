@@ -13,7 +13,16 @@ Estimators: :class:`Implicit` (AID with any linear solver), :class:`Unrolled` (I
 
 Tolerances are absolute and per instance: ``lower_tol`` bounds ‖∇ₓh_i(x̃_i)‖ and
 ``adjoint_tol`` bounds ‖H_i q̃_i − ∇ₓf_i(x̃_i)‖ (units of ∇ₓf); neither changes meaning with
-the batch size, because each adjoint system uses ∇ₓf_i, not ∇ₓ of the batch mean.
+the batch size, because each adjoint system uses ∇ₓf_i, not ∇ₓ of the batch mean.  Estimators
+whose accuracy is set otherwise (:class:`Unrolled`, SID) refuse them.
+
+Strong convexity: a stated μ (a number, per instance, or a function of θ evaluated at the
+current θ) is checked against the curvature seen at x̃ — the Ritz values of the adjoint
+solver's Krylov space, a Lanczos run of ``constants.curvature_iterations`` steps when that
+space is smaller, or the dense Hessian's eigenvalues for :class:`Exact`.  A contradiction
+gives a :class:`BoundWarning`, an estimated μ and an uncertified bound.  ``hg.constants``
+tells, for μ and every constant of ω, its value and whether it was stated, computed or
+estimated.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -31,16 +41,31 @@ from bilevel.autodiff import (
     HessianOperator,
     LowerLevel,
     batch_norm,
+    expand_as_batch,
     upper_gradients,
 )
-from bilevel.bounds import BoundConstants, compute_error_bound, smallest_eigenvalue
-from bilevel.linear import CG, LinearSolution, LinearSolver
+from bilevel.bounds import (
+    BoundConstants,
+    ConstantReport,
+    compute_error_bound,
+    estimate_mu,
+    generator_for,
+    rounding_margin,
+)
+from bilevel.linear import CG, LinearSolution, LinearSolver, lanczos_extremes
 from bilevel.lower import LowerSolution, LowerSolver, Nesterov, estimate_lipschitz, solve_lower
-from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError, check_finite
+from bilevel.problem import (
+    Batch,
+    BilevelError,
+    BilevelProblem,
+    NonFiniteError,
+    NotStronglyConvexError,
+    check_finite,
+)
 
 
 class BoundWarning(UserWarning):
-    """The stated μ is contradicted by curvature observed during the solve."""
+    """The stated μ is contradicted by curvature observed during the solve, or unchecked."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +81,14 @@ class Hypergradient:
         x: lower-level solutions x̃ (B, ...), for warm starts.
         adjoint: adjoint solutions q̃ (B, ...) (None for ITD), for warm starts.
         eps: certified per-instance distances ‖x̃_i − x̂_i‖ ≤ ε_i (B,).
-        delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (B,).
+        delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (B,), recomputed at
+            q̃ and enlarged by the rounding margin of the working precision.
         lower: the lower-level solve's report; linear: the adjoint solve's report.
-        mu: the strong-convexity modulus used; mu_estimated: whether it was estimated.
+        mu: the strong-convexity modulus used (the smallest over instances);
+            mu_estimated: whether it was estimated (not stated, or contradicted).
         cost: oracle calls and wall time spent for this estimate.
+        constants: name → :class:`~bilevel.bounds.ConstantReport` (value and whether it was
+            stated, computed or estimated) for μ and every constant of ω.
     """
 
     grad: list[Tensor]
@@ -76,7 +105,7 @@ class Hypergradient:
     mu: float | None
     mu_estimated: bool
     cost: Cost
-    constants: dict[str, float] = field(default_factory=dict)
+    constants: dict[str, ConstantReport] = field(default_factory=dict)
 
     @property
     def norm(self) -> float:
@@ -101,13 +130,16 @@ class Estimator:
     compute_bound: bool = True
     warn_unconverged: bool = True
 
+    uses_tolerances: ClassVar[bool] = True
+    """Whether ``lower_tol``/``adjoint_tol`` set the accuracy (else passing them is an error)."""
+
     def __call__(
         self,
         problem: BilevelProblem,
         batch: Batch,
         x0: Tensor,
         *,
-        lower_tol: float | Tensor = 1e-4,
+        lower_tol: float | Tensor | None = None,
         adjoint_tol: float | Tensor | None = None,
         adjoint0: Tensor | None = None,
         accumulate: bool = False,
@@ -115,7 +147,8 @@ class Estimator:
         """Estimate ∇F(θ) on ``batch`` starting the lower solve from ``x0`` (B, ...).
 
         Args:
-            lower_tol: ε-tolerance, stop instance i when ‖∇ₓh_i(x̃_i)‖ ≤ lower_tol.
+            lower_tol: ε-tolerance, stop instance i when ‖∇ₓh_i(x̃_i)‖ ≤ lower_tol
+                (default 1e-4; an error for estimators that do not use it).
             adjoint_tol: δ-tolerance on ‖H_i q_i − ∇ₓf_i‖ (defaults to ``lower_tol``).
             adjoint0: warm start for the adjoint solve.
             accumulate: also add the estimate into ``p.grad`` of every parameter.
@@ -125,6 +158,14 @@ class Estimator:
             raise BilevelError(
                 f"adjoint0 has shape {tuple(adjoint0.shape)}, expected {tuple(x0.shape)} like x0"
             )
+        if not self.uses_tolerances:
+            if lower_tol is not None or adjoint_tol is not None:
+                raise BilevelError(
+                    f"{type(self).__name__} does not use lower_tol/adjoint_tol (its accuracy is "
+                    "set by its iteration counts); do not pass them"
+                )
+        elif lower_tol is None:
+            lower_tol = 1e-4
         adjoint_tol = lower_tol if adjoint_tol is None else adjoint_tol
         cost = Cost()
         start = time.perf_counter()
@@ -140,12 +181,75 @@ class Estimator:
     # -- pieces shared by the estimators -------------------------------------------------
 
     def _solve(self, problem: BilevelProblem, lower: LowerLevel, x0: Tensor, tol) -> tuple:
+        """x̃, the Hessian operator at x̃, μ per instance (B,) and whether it was estimated."""
         sol = solve_lower(lower, x0, tol, self.lower_solver, problem.mu, warn=self.warn_unconverged)
         op = lower.hessian(sol.x)
-        if problem.mu is not None:
-            return sol, op, problem.mu, False
-        mu = float(smallest_eigenvalue(op, sol.x).min())
+        mu = problem.mu_values(lower.batch, sol.x)
+        if mu is not None:
+            return sol, op, mu, False
+        mu, _ = estimate_mu(op, sol.x, self.constants)
         return sol, op, mu, True
+
+    def _check_mu(
+        self, op: HessianOperator, x: Tensor, mu: Tensor, linear: LinearSolution | None
+    ) -> tuple[Tensor, ConstantReport]:
+        """Check a stated μ against the curvature at x̃; (μ to use, its report).
+
+        The evidence is an upper bound on λ_min(H_i(x̃)): the solver's Ritz values when its
+        Krylov space had at least min(n, curvature_iterations) dimensions, else (also) those of
+        a seeded Lanczos run. Evidence below μ means the stated μ is wrong: warn, and use an
+        estimate no larger than the evidence.
+        """
+        c = self.constants
+        n, dim = x.shape[0], x[0].numel()
+        evidence = torch.full((n,), math.nan, dtype=x.dtype, device=x.device)
+        steps = torch.zeros(n, dtype=torch.long, device=x.device)
+        if linear is not None:
+            evidence = linear.min_curvature.clone()
+            if linear.krylov_steps is not None:
+                steps = linear.krylov_steps
+        need = min(dim, c.curvature_iterations)
+        if self.compute_bound and c.curvature_iterations > 0 and bool((steps < need).any()):
+            ritz = lanczos_extremes(op.matvec, x, need, generator_for(x, c.seed))
+            evidence = torch.fmin(evidence, ritz.smallest)
+            steps = torch.maximum(steps, ritz.steps)
+        seen = torch.nan_to_num(evidence, nan=math.inf)
+        scale = batch_norm(op.full_matvec(x)) / batch_norm(x).clamp_min(1e-300)
+        slack = 1e-4 * mu + 64 * torch.finfo(x.dtype).eps * scale
+        bad = seen < mu - slack
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            if bool((seen <= 0).any()):
+                j = int((seen <= 0).nonzero()[0])
+                raise NotStronglyConvexError(
+                    f"the lower-level Hessian of instance {j} has curvature {float(seen[j]):.3e}"
+                    " ≤ 0 at x̃: the energy is not strongly convex there"
+                )
+            warnings.warn(
+                f"curvature {float(seen[i]):.4e} below the stated mu = {float(mu[i]):.4e} was "
+                f"observed (instance {i}): the stated strong-convexity modulus is too large, "
+                "bounds are not certified",
+                BoundWarning,
+                stacklevel=4,
+            )
+            est = torch.minimum(mu, seen / c.safety)
+            return est, ConstantReport(
+                float(est.min()), "estimated", "stated μ contradicted at x̃; Ritz value / safety"
+            )
+        if not self.compute_bound:
+            return mu, ConstantReport(float(mu.min()), "stated")
+        if c.curvature_iterations <= 0:
+            warnings.warn(
+                "the stated mu was not checked (curvature_iterations=0): bounds are not certified",
+                BoundWarning,
+                stacklevel=4,
+            )
+            return mu, ConstantReport(float(mu.min()), "estimated", "stated, unchecked")
+        note = (
+            f"stated; consistent with the curvature at x̃ (smallest Ritz value "
+            f"{float(seen.min()):.4g}, Krylov dimension ≥ {int(steps.min())})"
+        )
+        return mu, ConstantReport(float(mu.min()), "stated", note)
 
     def _finish(
         self,
@@ -154,7 +258,7 @@ class Estimator:
         lower: LowerLevel,
         sol: LowerSolution,
         op: HessianOperator,
-        mu: float,
+        mu: Tensor,
         mu_estimated: bool,
         q: Tensor,
         linear: LinearSolution | None,
@@ -174,24 +278,27 @@ class Estimator:
                 reg_grads = torch.autograd.grad(reg, params, allow_unused=True)
             grad = [g if r is None else g + r for g, r in zip(grad, reg_grads)]
             loss += float(reg.detach())
-        delta = batch_norm(op.full_matvec(q) - grad_x)
-        eps = sol.grad_norm / mu
+        x = sol.x
+        hq = op.full_matvec(q)
+        delta = batch_norm(hq - grad_x)
+        gnorm = sol.grad_norm
+        if self.compute_bound:  # rounding of the computed residuals (see bilevel.bounds)
+            delta = delta + rounding_margin(x, batch_norm(hq) + batch_norm(grad_x))
+            gnorm = gnorm + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + gnorm)
+        if mu_estimated:
+            mu_report = ConstantReport(
+                float(mu.min()), "estimated", "Lanczos at x̃: max(θ_min − r, θ_min/10) / safety"
+            )
+        else:
+            mu, mu_report = self._check_mu(op, x, mu, linear)
+            mu_estimated = mu_report.source == "estimated"
+        eps = gnorm / mu
         certified = False
         bound = None
-        constants: dict[str, float] = {}
-        if linear is not None and bool(torch.isfinite(linear.min_curvature).any()):
-            seen = float(torch.nan_to_num(linear.min_curvature, nan=math.inf).min())
-            if not mu_estimated and seen < mu * (1.0 - 1e-4):
-                warnings.warn(
-                    f"curvature {seen:.4e} below the stated mu = {mu:.4e} was observed: the "
-                    "stated strong-convexity modulus is too large, bounds are not certified",
-                    BoundWarning,
-                    stacklevel=3,
-                )
-                mu_estimated = True
+        constants: dict[str, ConstantReport] = {"mu": mu_report}
         if self.compute_bound:
             eb = compute_error_bound(
-                problem, batch, op, eps, delta, grad_x, mu, not mu_estimated, self.constants
+                problem, batch, op, eps, delta, grad_x, mu, mu_report, self.constants, q
             )
             bound, certified, constants = eb.value, eb.certified, eb.constants
         return Hypergradient(
@@ -206,7 +313,7 @@ class Estimator:
             delta=delta,
             lower=sol,
             linear=linear,
-            mu=mu,
+            mu=float(mu.min()),
             mu_estimated=mu_estimated,
             cost=lower.cost,
             constants=constants,
@@ -228,7 +335,7 @@ class Estimator:
         grad_x: Tensor,
         adjoint_tol: float | Tensor,
         adjoint0: Tensor | None,
-        mu: float,
+        mu: Tensor,
     ) -> tuple[Tensor, LinearSolution | None]:
         """q ≈ H⁻¹∇ₓf (and the linear solver's report, if any)."""
         raise NotImplementedError
@@ -249,14 +356,16 @@ class Implicit(Estimator):
 class JacobianFree(Estimator):
     """JFB: q = scale · ∇ₓf (H⁻¹ replaced by scale · I); cheap and biased.
 
-    ``scale=None`` uses 1/μ.  The bound uses the true residual of this q, so it remains
-    valid (and shows the bias).  ``adjoint_tol`` is ignored.
+    ``scale=None`` uses 1/μ_i.  The bound uses the true residual of this q, so it remains
+    valid (and shows the bias).  ``adjoint_tol`` does not apply (q is not solved for).
     """
 
     scale: float | None = 1.0
 
     def _adjoint(self, op, x, grad_x, adjoint_tol, adjoint0, mu):
-        return (1.0 / mu if self.scale is None else self.scale) * grad_x, None
+        if self.scale is None:
+            return grad_x / expand_as_batch(mu, grad_x), None
+        return self.scale * grad_x, None
 
 
 @dataclass(frozen=True)
@@ -264,14 +373,28 @@ class Exact(Estimator):
     """Dense per-instance Hessians (n HVPs per instance) and a direct solve.
 
     For small problems and as the reference in tests; x̃ is as accurate as ``lower_tol``.
+    The eigenvalues of the dense Hessians are computed, so a stated μ larger than λ_min(H(x̃))
+    is detected exactly (``linear.min_curvature`` holds λ_min per instance).
     """
 
     max_dim: int = 4096
 
     def _adjoint(self, op, x, grad_x, adjoint_tol, adjoint0, mu):
         hess = dense_hessian(op, x, self.max_dim)
-        q = torch.linalg.solve(hess, grad_x.reshape(grad_x.shape[0], -1, 1))
-        return q.reshape(grad_x.shape), None
+        n, dim = hess.shape[0], hess.shape[1]
+        lam = torch.linalg.eigvalsh(hess)[:, 0]
+        q = torch.linalg.solve(hess, grad_x.reshape(n, -1, 1)).reshape(grad_x.shape)
+        residual = batch_norm(op.full_matvec(q) - grad_x)
+        report = LinearSolution(
+            solution=q,
+            residual_norm=residual,
+            iterations=torch.zeros(n, dtype=torch.long, device=x.device),
+            converged=torch.ones(n, dtype=torch.bool, device=x.device),
+            matvecs=n * dim,
+            min_curvature=lam,
+            krylov_steps=torch.full((n,), dim, dtype=torch.long, device=x.device),
+        )
+        return q, report
 
 
 def dense_hessian(op: HessianOperator, x: Tensor, max_dim: int = 4096) -> Tensor:
@@ -298,14 +421,16 @@ class Unrolled(Estimator):
 
     η = 1/L with L the problem's Lipschitz bound, else a power-iteration estimate at x0 times
     ``margin``.  With ``truncate=K'`` only the last K' steps are differentiated (memory O(K')).
-    Memory grows with the number of differentiated steps.  ``lower_tol``/``adjoint_tol`` are
-    ignored; ``eps`` reports ‖∇ₓh(x_K)‖/μ at the last iterate; no a-posteriori bound exists
-    for ITD, so ``bound`` is None.
+    Memory grows with the number of differentiated steps.  Its accuracy is set by ``steps``:
+    passing ``lower_tol``/``adjoint_tol`` is an error; ``eps`` reports ‖∇ₓh(x_K)‖/μ at the
+    last iterate; no a-posteriori bound exists for ITD, so ``bound`` is None.
     """
 
     steps: int = 50
     truncate: int | None = None
     margin: float = 1.0
+
+    uses_tolerances: ClassVar[bool] = False
 
     def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0):
         if self.steps < 1:
@@ -328,6 +453,16 @@ class Unrolled(Estimator):
                 lower.cost.grad_evals += x.shape[0]
                 x = x - eta * g
             losses = problem.loss(x, batch)
+            reach = (
+                torch.autograd.grad(losses.sum(), x, retain_graph=True, allow_unused=True)[0]
+                if losses.requires_grad
+                else None
+            )
+            if reach is None:
+                raise BilevelError(
+                    "upper_loss does not depend on x through autograd (was x detached, or the "
+                    "loss computed outside torch?): the upper loss must be differentiable in x"
+                )
             grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
         lower.cost.hvps += (self.steps - first_diff) * x.shape[0]
         grad = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -344,8 +479,9 @@ class Unrolled(Estimator):
             raise NonFiniteError("unrolled iterates diverged: step 1/L too large")
         _, g_last = lower.value_and_grad(x_last)
         gnorm = batch_norm(g_last)
-        mu = problem.mu
-        eps = gnorm / mu if mu is not None else torch.full_like(gnorm, math.nan)
+        mu_t = problem.mu_values(batch, x_last)
+        eps = gnorm / mu_t if mu_t is not None else torch.full_like(gnorm, math.nan)
+        mu = None if mu_t is None else float(mu_t.min())
         nan = torch.full_like(gnorm, math.nan)
         return Hypergradient(
             grad=grad,

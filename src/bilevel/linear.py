@@ -35,7 +35,13 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from bilevel.problem import BilevelError, NonFiniteError, NotStronglyConvexError, check_finite
+from bilevel.problem import (
+    BilevelError,
+    NonFiniteError,
+    NotStronglyConvexError,
+    check_finite,
+    check_tolerance,
+)
 
 MatVec = Callable[[Tensor, Tensor], Tensor]
 """``matvec(v, index) -> H_index v``; ``v`` has shape ``(len(index), *event_shape)``."""
@@ -46,9 +52,11 @@ __all__ = [
     "EigenvalueEstimate",
     "FixedPoint",
     "LinearSolution",
+    "RitzEstimate",
     "LinearSolver",
     "MatVec",
     "Neumann",
+    "lanczos_extremes",
     "largest_eigenvalue",
 ]
 
@@ -65,8 +73,11 @@ class LinearSolution:
         converged: ``(B,)`` bool, ``residual_norm <= tol``.
         matvecs: total number of per-instance operator applications, including those spent on
             the initial residual of a warm start and on step-size estimation.
-        min_curvature: ``(B,)`` smallest Rayleigh quotient pᵀHp / ‖p‖² observed on the
-            directions the solver multiplied by H (``nan`` where none was observed).
+        min_curvature: ``(B,)`` an upper bound on λ_min(H_i) from what the solver observed:
+            the smallest Ritz value of its Krylov space for CG and MINRES (the smallest
+            Rayleigh quotient over that space), ``nan`` where nothing was observed.
+        krylov_steps: ``(B,)`` long, the dimension of the Krylov space behind
+            ``min_curvature`` (0 where none).
     """
 
     solution: Tensor
@@ -75,6 +86,7 @@ class LinearSolution:
     converged: Tensor
     matvecs: int
     min_curvature: Tensor
+    krylov_steps: Tensor | None = None
 
 
 @runtime_checkable
@@ -150,10 +162,7 @@ def _per_instance(name: str, value: float | Tensor, b: Tensor) -> Tensor:
 
 
 def _tolerance(tol: float | Tensor, b: Tensor) -> Tensor:
-    t = _per_instance("tol", tol, b)
-    if bool(torch.isnan(t).any()) or bool((t < 0).any()):
-        raise BilevelError("tol must be non-negative (an absolute residual tolerance)")
-    return t
+    return check_tolerance("tol", tol, b)
 
 
 def _initial(matvec: MatVec, b: Tensor, x0: Tensor | None) -> tuple[Tensor | None, Tensor, int]:
@@ -234,8 +243,10 @@ def largest_eigenvalue(
 ) -> EigenvalueEstimate:
     """Batched power iteration for the dominant eigenvalue of each H_i.
 
-    Starting from a standard normal vector v shaped like ``like`` (``(B, *event_shape)``;
-    its device and dtype are used, its values are not), repeats ``iterations`` times
+    Starting from one standard normal vector shaped like an instance of ``like``
+    (``(B, *event_shape)``; its device and dtype are used, its values are not), the same for
+    every instance so that an instance's estimate does not depend on the batch it is in,
+    repeats ``iterations`` times
 
         w = H v,   λ = ⟨v, w⟩,   v = w / ‖w‖     (per instance, ‖v‖ = 1)
 
@@ -256,9 +267,8 @@ def largest_eigenvalue(
         raise BilevelError(f"iterations must be a positive integer, got {iterations!r}")
     n = like.shape[0]
     index = torch.arange(n, device=like.device)
-    v = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    v = _start(like, generator)
     tiny = torch.finfo(like.dtype).tiny
-    v = v / _bc(_norm(v).clamp_min(tiny), v)
     values = torch.zeros(n, dtype=like.dtype, device=like.device)
     for k in range(iterations):
         w = _apply(matvec, v, index)
@@ -269,6 +279,132 @@ def largest_eigenvalue(
             raise _nonfinite_error("power iteration", _first_bad(bad, index)[1], k)
         v = w / _bc(wn.clamp_min(tiny), w)
     return EigenvalueEstimate(values, n * iterations)
+
+
+def _start(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A unit random vector per instance, the same for all instances (seeded by ``generator``;
+    ``None`` uses a generator seeded with 0, never the global RNG)."""
+    if generator is None:
+        generator = torch.Generator(device=like.device).manual_seed(0)
+    v = torch.randn(like.shape[1:], generator=generator, dtype=like.dtype, device=like.device)
+    v = v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(like.dtype).tiny)
+    return v.expand(like.shape).clone()
+
+
+class RitzEstimate(NamedTuple):
+    """Extreme Ritz values of a Lanczos run, per instance.
+
+    Attributes:
+        smallest: ``(B,)`` smallest Ritz value θ_min ≥ λ_min(H_i).
+        largest: ``(B,)`` largest Ritz value θ_max ≤ λ_max(H_i).
+        residual: ``(B,)`` ‖H_i y − θ_min y‖ of the Ritz vector y of θ_min: some eigenvalue
+            of H_i lies within this distance of θ_min.
+        steps: ``(B,)`` long, Krylov dimension reached (smaller than ``iterations`` when the
+            Krylov space became invariant, in which case the Ritz values are eigenvalues).
+        matvecs: per-instance operator applications spent.
+    """
+
+    smallest: Tensor
+    largest: Tensor
+    residual: Tensor
+    steps: Tensor
+    matvecs: int
+
+
+def lanczos_extremes(
+    matvec: MatVec,
+    like: Tensor,
+    iterations: int = 30,
+    generator: torch.Generator | None = None,
+) -> RitzEstimate:
+    """Batched Lanczos with full reorthogonalisation: the extreme Ritz values of each H_i.
+
+    ``iterations`` steps from one seeded random start (the same for every instance) build the
+    tridiagonal T_k = V_kᵀ H V_k; its eigenvalues (Ritz values) lie in [λ_min, λ_max], and the
+    extreme ones converge to the extreme eigenvalues much faster than power iteration. With
+    ``iterations`` ≥ the dimension they are exact (up to rounding).
+    """
+    if not isinstance(like, Tensor) or like.dim() < 1 or not like.is_floating_point():
+        raise BilevelError("like must be a real floating-point tensor of shape (B, *event_shape)")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise BilevelError(f"iterations must be a positive integer, got {iterations!r}")
+    n = like.shape[0]
+    dim = like[0].numel()
+    steps_max = min(iterations, dim)
+    index = torch.arange(n, device=like.device)
+    v = _start(like, generator).reshape(n, -1)
+    basis = [v]
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    alive = torch.ones(n, dtype=torch.bool, device=like.device)
+    steps = torch.zeros(n, dtype=torch.long, device=like.device)
+    scale = torch.zeros(n, dtype=like.dtype, device=like.device)
+    matvecs = 0
+    for k in range(steps_max):
+        w = _apply(matvec, v.reshape(like.shape), index).reshape(n, -1)
+        matvecs += n
+        if not bool(torch.isfinite(w).all()):
+            raise _nonfinite_error("Lanczos", _first_bad(~torch.isfinite(w).all(1), index)[1], k)
+        a = (v * w).sum(1)
+        alphas.append(torch.where(alive, a, torch.zeros_like(a)))
+        steps = steps + alive.long()
+        for _ in range(2):  # full reorthogonalisation, twice is enough
+            coeffs = torch.stack([(u * w).sum(1) for u in basis], 1)
+            w = w - sum(coeffs[:, j : j + 1] * u for j, u in enumerate(basis))
+        beta = torch.linalg.vector_norm(w, dim=1)
+        scale = torch.maximum(scale, a.abs() + beta)
+        alive = alive & (beta > 1e3 * torch.finfo(like.dtype).eps * scale.clamp_min(1e-300))
+        betas.append(torch.where(alive, beta, torch.zeros_like(beta)))
+        if k == steps_max - 1 or not bool(alive.any()):
+            break
+        v = torch.where(alive.unsqueeze(1), w / beta.clamp_min(1e-300).unsqueeze(1), 0.0)
+        basis.append(v)
+    k = len(alphas)
+    diag = torch.stack(alphas, 1)
+    off = torch.stack(betas[: k - 1], 1) if k > 1 else diag[:, :0]
+    big = diag.abs().max(1).values + 2 * (off.abs().max(1).values if k > 1 else 0.0) + 1.0
+    pad = torch.arange(k, device=like.device).unsqueeze(0) >= steps.unsqueeze(1)
+    diag = torch.where(pad, big.unsqueeze(1), diag)
+    t = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    evals, evecs = torch.linalg.eigh(t)
+    smallest = evals[:, 0]
+    largest = torch.where(pad, -math.inf, diag).max(1).values
+    largest = torch.maximum(largest, torch.where(pad, -math.inf, evals).max(1).values)
+    last = evecs[index, steps - 1, 0].abs()
+    residual = torch.stack(betas, 1)[index, steps - 1] * last
+    return RitzEstimate(smallest, largest, residual, steps, matvecs)
+
+
+RITZ_STEPS = 64
+"""Krylov steps of CG and MINRES whose coefficients are kept for the Ritz values."""
+
+
+def _record_coefficients(hist: list[Tensor], n: int, index: Tensor, values: Tensor) -> None:
+    """Append the active instances' coefficients of one step as a full ``(B,)`` row."""
+    if len(hist) < RITZ_STEPS:
+        row = torch.full((n,), math.nan, dtype=values.dtype, device=values.device)
+        row[index] = values
+        hist.append(row)
+
+
+def tridiagonal_smallest(diag: Tensor, off: Tensor, steps: Tensor) -> Tensor:
+    """Smallest eigenvalue of per-instance symmetric tridiagonals (B, k) / (B, k − 1) using
+    only the leading ``steps[i]`` rows of instance i (``nan`` where ``steps`` is 0)."""
+    n, k = diag.shape
+    if k == 0:
+        return torch.full((n,), math.nan, dtype=diag.dtype, device=diag.device)
+    pad = torch.arange(k, device=diag.device).unsqueeze(0) >= steps.unsqueeze(1)
+    finite = torch.where(pad, 0.0, torch.nan_to_num(diag, nan=0.0, posinf=0.0, neginf=0.0))
+    offs = torch.nan_to_num(off, nan=0.0, posinf=0.0, neginf=0.0)
+    if k > 1:
+        offs = torch.where(pad[:, 1:], 0.0, offs)
+    big = finite.abs().max(1).values + 2 * (offs.abs().max(1).values if k > 1 else 0) + 1.0
+    d = torch.where(pad, big.unsqueeze(1), finite)
+    t = torch.diag_embed(d)
+    if k > 1:
+        t = t + torch.diag_embed(offs, 1) + torch.diag_embed(offs, -1)
+    low = torch.linalg.eigvalsh(t)[:, 0]
+    return torch.where(steps > 0, low, torch.full_like(low, math.nan))
 
 
 def _step_sizes(
@@ -325,8 +461,10 @@ class CG:
             the message names the instance and the curvature pᵀHp / ‖p‖².
         NonFiniteError: NaN or infinity in b, x0, an operator output or an iterate.
 
-    ``min_curvature`` is the smallest pᵀHp / ‖p‖² over the search directions, an upper bound
-    on λ_min(H_i). ``matvecs = Σ iterations`` (+ B for the initial residual when x0 is given).
+    ``min_curvature`` is the smallest Ritz value of the Krylov space (the Lanczos tridiagonal
+    rebuilt from the CG coefficients α, β of the first ``RITZ_STEPS`` steps) or the smallest
+    pᵀHp / ‖p‖² if smaller, an upper bound on λ_min(H_i) that converges to it quickly.
+    ``matvecs = Σ iterations`` (+ B for the initial residual when x0 is given).
     """
 
     max_iter: int = 1000
@@ -355,6 +493,8 @@ class CG:
         x = out[keep]
         p = r.clone()
         curv = torch.full_like(rr, math.nan)
+        a_hist: list[Tensor] = []
+        b_hist: list[Tensor] = []
 
         k = 0
         while index.numel() > 0 and k < self.max_iter:
@@ -369,6 +509,8 @@ class CG:
             rr_new = _dot(r, r)
             beta = rr_new / rr
             curv = torch.fmin(curv, php / pp)
+            _record_coefficients(a_hist, b.shape[0], index, alpha)
+            _record_coefficients(b_hist, b.shape[0], index, beta)
 
             # Order of checks: a non-finite product, then non-positive curvature (which makes
             # α infinite or negative), then non-finite iterates.
@@ -406,8 +548,23 @@ class CG:
         if index.numel() > 0:
             out[index] = x
             rec.retire(index, rr.sqrt(), k, False, curv)
+        steps = torch.clamp(rec.iterations, max=len(a_hist))
+        if a_hist:
+            # Lanczos tridiagonal from the CG coefficients (Saad, Iterative Methods §6.7.3).
+            al, be = torch.stack(a_hist, 1), torch.stack(b_hist, 1)
+            diag = 1.0 / al
+            diag[:, 1:] = diag[:, 1:] + be[:, :-1] / al[:, :-1]
+            off = be[:, :-1].clamp_min(0.0).sqrt() / al[:, :-1]
+            ritz = tridiagonal_smallest(diag, off, steps)
+            rec.min_curvature = torch.fmin(rec.min_curvature, ritz)
         return LinearSolution(
-            out, rec.residual_norm, rec.iterations, rec.converged, matvecs, rec.min_curvature
+            out,
+            rec.residual_norm,
+            rec.iterations,
+            rec.converged,
+            matvecs,
+            rec.min_curvature,
+            steps,
         )
 
 
@@ -423,9 +580,9 @@ class MINRES:
     minimises ‖b − H q‖ over q ∈ x0 + K_k(H, b − H x0). A warm start solves for the correction
     d = q − x0 from H d = b − H x0. Each instance stops once the residual norm is ≤ tol
     (absolute). ``residual_norm`` is MINRES's recursive estimate φ̄_k of ‖b − H q_k‖ (exact in
-    exact arithmetic). ``min_curvature`` is the smallest Lanczos Rayleigh quotient
-    α_k = v_kᵀ H v_k (‖v_k‖ = 1), an upper bound on λ_min(H_i); a negative value signals an
-    indefinite operator, which MINRES solves without breaking down (nonsingular H_i).
+    exact arithmetic). ``min_curvature`` is the smallest Ritz value of the Lanczos
+    tridiagonal (first ``RITZ_STEPS`` steps), an upper bound on λ_min(H_i); a negative value
+    signals an indefinite operator, which MINRES solves without breaking down (nonsingular H_i).
     ``matvecs = Σ iterations`` (+ B for the initial residual when x0 is given). As in
     :class:`CG`, an instance whose residual estimate falls to the rounding floor ε‖b‖ without
     meeting tol stops there, unconverged.
@@ -471,6 +628,8 @@ class MINRES:
         cs = torch.full_like(beta, -1.0)
         sn = torch.zeros_like(beta)
         curv = torch.full_like(beta, math.nan)
+        a_hist: list[Tensor] = []
+        b_hist: list[Tensor] = []
 
         k = 0
         while index.numel() > 0 and k < self.max_iter:
@@ -486,6 +645,8 @@ class MINRES:
             r1, r2 = r2, y
             oldb = beta
             beta = _norm(y)
+            _record_coefficients(a_hist, b.shape[0], index, alfa)
+            _record_coefficients(b_hist, b.shape[0], index, beta)
 
             oldeps = epsln
             delta = cs * dbar + sn * alfa
@@ -524,8 +685,20 @@ class MINRES:
         if index.numel() > 0:
             out[index] = x
             rec.retire(index, phibar, k, False, curv)
+        steps = torch.clamp(rec.iterations, max=len(a_hist))
+        if a_hist:
+            # the Lanczos tridiagonal itself: diagonal α_k, off-diagonal β_{k+1}
+            diag, be = torch.stack(a_hist, 1), torch.stack(b_hist, 1)
+            ritz = tridiagonal_smallest(diag, be[:, :-1], steps)
+            rec.min_curvature = torch.fmin(rec.min_curvature, ritz)
         return LinearSolution(
-            out, rec.residual_norm, rec.iterations, rec.converged, matvecs, rec.min_curvature
+            out,
+            rec.residual_norm,
+            rec.iterations,
+            rec.converged,
+            matvecs,
+            rec.min_curvature,
+            steps,
         )
 
 

@@ -3,7 +3,9 @@
 Every solver minimises the B independent energies h_i(·, θ, batch_i) together and stops
 instance i as soon as ‖∇ₓh_i(x_i)‖₂ ≤ tol_i.  ``tol`` is an *absolute* tolerance on the
 Euclidean norm of one instance's gradient (same units as ∇ₓh); it does not depend on the
-batch size.  With μ-strong convexity the returned point is certified to satisfy
+batch size.  The rule is that of the linear solvers (:func:`bilevel.problem.check_tolerance`):
+≥ 0, and 0 asks for the most accurate point the solver reaches within ``max_iter``.  With
+μ-strong convexity the returned point is certified to satisfy
 ‖x_i − x̂_i‖ ≤ ‖∇ₓh_i(x_i)‖ / μ (``distance_bound``).  The returned point of each instance is
 always one at which its gradient was evaluated, so the certificate is exact, never stale.
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from bilevel.autodiff import LowerLevel, batch_dot, batch_norm, expand_as_batch
 from bilevel.linear import largest_eigenvalue
-from bilevel.problem import BilevelError
+from bilevel.problem import BilevelError, Constant, check_tolerance, evaluate_constant
 
 
 class ConvergenceWarning(UserWarning):
@@ -83,19 +85,19 @@ class LowerSolver(Protocol):
 
 
 def _tolerance(tol: float | Tensor, x: Tensor) -> Tensor:
-    t = torch.as_tensor(tol, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
-    if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
-        raise BilevelError(f"tolerance must be finite and positive, got {tol}")
-    return t
+    return check_tolerance("lower_tol", tol, x)
 
 
 def estimate_lipschitz(lower: LowerLevel, x: Tensor, iterations: int = 20) -> Tensor:
     """Per-instance estimate of the Lipschitz constant of ∇ₓh: λ_max(∇²h(x)) by power iteration.
 
-    Local, hence an estimate: solvers that use it guard against it being too small.
+    Local, hence an estimate: solvers that use it guard against it being too small. The start
+    vector is seeded and the same for every instance, so an instance's estimate (and hence its
+    solution) does not depend on the global RNG nor on the batch it is solved in.
     """
     op = lower.hessian(x)
-    values, _ = largest_eigenvalue(op.matvec, x, iterations=iterations)
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    values, _ = largest_eigenvalue(op.matvec, x, iterations=iterations, generator=generator)
     return values.clamp_min(torch.finfo(x.dtype).tiny)
 
 
@@ -460,11 +462,19 @@ def solve_lower(
     x0: Tensor,
     tol: float | Tensor,
     solver: LowerSolver,
-    mu: float | None,
+    mu: Constant,
     warn: bool = True,
 ) -> LowerSolution:
-    """Run ``solver`` and warn (ConvergenceWarning) if some instance missed its tolerance."""
-    sol = solver.solve(lower, x0, tol, mu)
+    """Run ``solver`` and warn (ConvergenceWarning) if some instance missed its tolerance.
+
+    ``mu`` is a number, (B,) tensor or callable ``(theta, batch)`` evaluated at the current θ
+    (see :class:`~bilevel.problem.BilevelProblem`); the solver gets its smallest value (for
+    momentum) and ``distance_bound`` uses each instance's own μ_i.
+    """
+    mu_t = evaluate_constant("mu", mu, lower.problem.theta, lower.batch, x0, positive=True)
+    sol = solver.solve(lower, x0, tol, None if mu_t is None else float(mu_t.min()))
+    if mu_t is not None:
+        sol = replace(sol, distance_bound=sol.grad_norm / mu_t)
     if warn and not sol.all_converged:
         if sol.any_stalled:
             advice = (

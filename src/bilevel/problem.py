@@ -22,6 +22,7 @@ Conventions
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ from torch import Tensor, nn
 Theta = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor], nn.Module]  # noqa: UP007
 Batch = Any
 EnergyFn = Callable[[Tensor, Any, Batch], Tensor]
+Constant = Union[float, Tensor, Callable[..., Any], None]  # noqa: UP007
+"""A stated constant: a number, a (B,) tensor (one value per instance), or a callable
+``(theta, batch) -> number or (B,) tensor`` evaluated at the current θ (a callable without
+arguments is also accepted). ``None`` means "not stated"."""
 
 
 class BilevelError(ValueError):
@@ -69,6 +74,59 @@ def parameter_list(theta: Theta) -> list[Tensor]:
     if not params:
         raise BilevelError("theta has no tensor with requires_grad=True: nothing to learn")
     return params
+
+
+def evaluate_constant(
+    name: str, value: Constant, theta: Any, batch: Batch, like: Tensor, *, positive: bool = False
+) -> Tensor | None:
+    """A stated constant as a (B,) tensor at the current θ (``None`` if not stated).
+
+    ``like`` (B, ...) gives B, dtype and device. Negative or non-finite values are rejected
+    (zero too when ``positive``), naming the constant.
+    """
+    if value is None:
+        return None
+    if callable(value) and not isinstance(value, Tensor):
+        try:
+            n_args = len(inspect.signature(value).parameters)
+        except (TypeError, ValueError):
+            n_args = 2
+        with torch.no_grad():
+            value = value() if n_args == 0 else value(theta, batch)
+        if value is None:
+            return None
+    n = like.shape[0]
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device).detach()
+    if t.dim() == 0:
+        t = t.expand(n)
+    elif t.shape != (n,):
+        raise BilevelError(
+            f"{name} must be a number or one value per instance, shape ({n},); "
+            f"got shape {tuple(t.shape)}"
+        )
+    bad = ~torch.isfinite(t) | ((t <= 0) if positive else (t < 0))
+    if bool(bad.any()):
+        need = "finite positive" if positive else "finite non-negative"
+        raise BilevelError(f"{name} must be {need}, got {float(t[bad][0])}")
+    return t.clone()
+
+
+def check_tolerance(name: str, tol: float | Tensor, like: Tensor) -> Tensor:
+    """An absolute tolerance as a (B,) tensor; the one rule shared by every solver.
+
+    A tolerance must be ≥ 0 and not NaN, a float or one value per instance. 0 asks for the
+    most accurate answer the solver can give (it stops at its iteration cap or where rounding
+    errors stop progress); ``inf`` accepts the starting point.
+    """
+    n = like.shape[0]
+    t = torch.as_tensor(tol, dtype=like.dtype, device=like.device).detach()
+    if t.dim() == 0:
+        t = t.expand(n)
+    elif t.shape != (n,):
+        raise BilevelError(f"{name} must be a float or a ({n},) tensor; got {tuple(t.shape)}")
+    if bool(torch.isnan(t).any()) or bool((t < 0).any()):
+        raise BilevelError(f"{name} must be non-negative (an absolute tolerance), got {tol}")
+    return t.clone()
 
 
 def check_finite(name: str, *tensors: Tensor) -> None:
@@ -119,9 +177,13 @@ class BilevelProblem:
         lower_energy: h(x, theta, batch) -> (B,) energies, μ-strongly convex and smooth in x.
         upper_loss: f(x, theta, batch) -> (B,) losses; the upper objective is their mean.
         theta: the parameters (tensor, sequence / dict of tensors, or nn.Module).
-        mu: strong-convexity modulus of every h_i in x (same units as the Hessian of h).
-            ``None`` means "estimate it" (smallest Hessian eigenvalue at the first solution);
-            bounds computed from an estimated μ are flagged as estimated, not certified.
+        mu: strong-convexity modulus of every h_i in x (same units as the Hessian of h): a
+            number, a (B,) tensor, or a callable ``(theta, batch) -> number or (B,)``
+            evaluated at the current θ (see :data:`Constant`), so μ may move with θ and differ
+            between instances.  ``None`` means "estimate it" (Lanczos on the Hessian at x̃,
+            with a safety margin); bounds from an estimated μ are flagged as estimated.  A
+            stated μ is checked against the curvature the estimators observe; a contradiction
+            makes the bound uncertified and warns.
         upper_regulariser: optional r(theta) -> scalar added to F (no dependence on x).
         lipschitz: optional upper bound on the Lipschitz constant of ∇ₓh (the largest Hessian
             eigenvalue over all x), a number or a callable evaluated at the current θ.  Lower
@@ -139,7 +201,7 @@ class BilevelProblem:
     lower_energy: EnergyFn
     upper_loss: EnergyFn
     theta: Theta
-    mu: float | None = None
+    mu: Constant = None
     upper_regulariser: Callable[[Any], Tensor] | None = None
     lipschitz: float | Callable[[], float] | None = None
     lower_sample_energy: Callable[[Tensor, Any, Tensor], Tensor] | None = None
@@ -150,7 +212,7 @@ class BilevelProblem:
     def __post_init__(self) -> None:
         if not callable(self.lower_energy) or not callable(self.upper_loss):
             raise BilevelError("lower_energy and upper_loss must be callables (x, theta, batch)")
-        if self.mu is not None:
+        if self.mu is not None and not callable(self.mu) and not isinstance(self.mu, Tensor):
             mu = float(self.mu)
             if not math.isfinite(mu) or mu <= 0:
                 raise BilevelError(
@@ -181,6 +243,10 @@ class BilevelProblem:
     def mu_is_estimated(self) -> bool:
         return self.mu is None
 
+    def mu_values(self, batch: Batch, like: Tensor) -> Tensor | None:
+        """The stated μ per instance at the current θ, shape (B,) (``None`` if not stated)."""
+        return evaluate_constant("mu", self.mu, self.theta, batch, like, positive=True)
+
     def check_inputs(self, x: Tensor, batch: Batch) -> None:
         """Validate shapes and finiteness of a lower-level point and its batch."""
         if not isinstance(x, Tensor) or x.dim() < 1:
@@ -203,6 +269,28 @@ class BilevelProblem:
     def loss(self, x: Tensor, batch: Batch) -> Tensor:
         """f(x, θ, batch) with its shape checked."""
         return _checked("upper_loss", self.upper_loss(x, self.theta, batch), x.shape[0])
+
+    def loss_and_grad_x(self, x: Tensor, batch: Batch, leaf: bool = False) -> tuple[Tensor, Tensor]:
+        """f_i(x_i) (B,) and ∇ₓf_i (B, ...) with a graph (for second derivatives).
+
+        ``leaf=True``: ``x`` is already a leaf requiring grad and is used as is.
+        Raises :class:`BilevelError` when the loss does not depend on x through autograd
+        (e.g. ``x.detach()`` inside ``upper_loss``): the hypergradient would be meaningless.
+        """
+        with torch.enable_grad():
+            xr = x if leaf else x.detach().requires_grad_(True)
+            losses = self.loss(xr, batch)
+            grad = None
+            if losses.requires_grad:
+                (grad,) = torch.autograd.grad(
+                    losses.sum(), xr, create_graph=True, allow_unused=True
+                )
+        if grad is None:
+            raise BilevelError(
+                "upper_loss does not depend on x through autograd (was x detached, or the "
+                "loss computed outside torch?): the upper loss must be differentiable in x"
+            )
+        return losses, grad
 
 
 def _checked(name: str, value: Tensor, n: int) -> Tensor:

@@ -48,7 +48,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -696,9 +696,10 @@ class SID(Estimator):
 
     Reported evidence: no a-posteriori bound exists for a stochastic estimate, so ``bound`` is
     None and ``bound_certified`` False; ``eps`` and ``delta`` are NaN (computing them would
-    need full-data gradients). ``lower_tol`` and ``adjoint_tol`` are ignored: the iteration
-    counts t and k are fixed by the solvers. ``loss`` and ``losses`` are the upper loss at w_t,
-    exact when ``upper_batch`` is None, else the mean over the J stage-3 upper minibatches.
+    need full-data gradients). Passing ``lower_tol`` or ``adjoint_tol`` is an error: the
+    iteration counts t and k are fixed by the solvers. ``loss`` and ``losses`` are the upper
+    loss at w_t, exact when ``upper_batch`` is None, else the mean over the J stage-3 upper
+    minibatches.
     The inherited fields ``constants``, ``compute_bound`` and ``warn_unconverged`` are unused.
 
     Raises:
@@ -718,6 +719,8 @@ class SID(Estimator):
     final_minibatches: int = 1
     replace: bool = False
     seed: int | None = 0
+
+    uses_tolerances: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for name in ("lower_batch", "linear_batch", "final_batch", "upper_batch"):

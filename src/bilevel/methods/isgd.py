@@ -221,7 +221,10 @@ class _ISGDEngine(Engine):
             a0 = None if self.adjoint is None else self.adjoint[index.to(self.adjoint.device)]
         else:
             x0, a0 = self.samples.initial(index), None
-        hg = cfg.estimator(self.problem, batch, x0, lower_tol=eps, adjoint_tol=delta, adjoint0=a0)
+        tols = {"lower_tol": eps, "adjoint_tol": delta}
+        if not getattr(cfg.estimator, "uses_tolerances", True):
+            tols = {}  # accuracy set by the estimator's iteration counts (Unrolled, SID)
+        hg = cfg.estimator(self.problem, batch, x0, adjoint0=a0, **tols)
         if not math.isfinite(hg.loss):
             raise NonFiniteError(f"the upper-level loss is {hg.loss}")
         return _Pending(index, hg, eps, delta, alpha)

@@ -102,6 +102,11 @@ class _LineSearch:
     def __post_init__(self) -> None:
         if not callable(self.estimator):
             raise BilevelError(f"estimator must be an Estimator, got {self.estimator!r}")
+        if not getattr(self.estimator, "uses_tolerances", True):
+            raise BilevelError(
+                f"{type(self).__name__} needs an estimator that reports an error bound ω "
+                f"({type(self.estimator).__name__} reports none; use Implicit)"
+            )
         if getattr(self.estimator, "compute_bound", True) is False:
             raise BilevelError(
                 f"{type(self).__name__} needs the error bound ω: use an estimator with "

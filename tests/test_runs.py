@@ -120,8 +120,10 @@ def test_metrics_lines_are_strict_json_with_nan_and_tensors(tmp_path):
     lines = run.metrics_path.read_text().splitlines()
     assert len(lines) == 2
     first = _strict_json(lines[0])
-    assert first["alpha"] is None and first["bound"] == "inf" and first["delta"] == "-inf"
+    # non-finite values are null, with the reason under "non_finite"
+    assert first["alpha"] is None and first["bound"] is None and first["delta"] is None
     assert first["grad"] == [1.0, None]
+    assert first["non_finite"] == {"bound": "inf", "delta": "-inf", "alpha": "nan", "grad[1]": "nan"}
     records = run.read_metrics()
     assert records[0] == {
         "step": 3,
@@ -179,7 +181,8 @@ def test_checkpoint_round_trip_and_previous_kept(tmp_path):
     assert opt2.state_dict()["state"][0]["step"] == 1
     prev = torch.load(run.previous_checkpoint_path, weights_only=True)
     assert prev["state"]["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".lock", "checkpoint.prev.pt", "checkpoint.pt"]
 
 
 def test_crash_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
@@ -202,7 +205,8 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         run.save_checkpoint({"step": 2, "x": torch.arange(8)})
     monkeypatch.setattr(torch, "save", real_save)
     assert run.checkpoint_path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".lock", "checkpoint.pt", "metrics.jsonl"]
     resumed = RunDirectory(tmp_path, resume=True)
     state = resumed.load_checkpoint()
     assert state["step"] == 1

@@ -123,7 +123,12 @@ def test_metrics_lines_are_strict_json_with_nan_and_tensors(tmp_path):
     # non-finite values are null, with the reason under "non_finite"
     assert first["alpha"] is None and first["bound"] is None and first["delta"] is None
     assert first["grad"] == [1.0, None]
-    assert first["non_finite"] == {"bound": "inf", "delta": "-inf", "alpha": "nan", "grad[1]": "nan"}
+    assert first["non_finite"] == {
+        "bound": "inf",
+        "delta": "-inf",
+        "alpha": "nan",
+        "grad[1]": "nan",
+    }
     records = run.read_metrics()
     assert records[0] == {
         "step": 3,

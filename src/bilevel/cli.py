@@ -39,7 +39,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, (module, help_text) in JOBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+            p.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+            )
             importlib.import_module(module).add_arguments(p, name)
     return parser
 
@@ -48,8 +50,10 @@ def resume_command(job: str, argv: list[str], run_dir: str | None) -> str:
     """The command that resumes an interrupted ``bilevel JOB ARGV`` run in ``run_dir``: the
     same options, with ``--run-dir RUN_DIR`` and ``--resume`` (and without ``--overwrite``)."""
     args = [job] + [a for a in argv if a not in ("--overwrite", "--debug")]
-    if run_dir is not None and "--run-dir" not in args and not any(
-        a.startswith("--run-dir=") for a in args
+    if (
+        run_dir is not None
+        and "--run-dir" not in args
+        and not any(a.startswith("--run-dir=") for a in args)
     ):
         args += ["--run-dir", run_dir]
     if "--resume" not in args:

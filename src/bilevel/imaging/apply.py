@@ -2,8 +2,8 @@
 
 The run directory of a finished ``bilevel denoise | deblur | inpaint`` run holds ``job.json``
 (the options that define the model), ``model.pt`` (the last θ) and ``model_best.pt`` (θ of the
-best evaluation; ``--best``); a run that was interrupted, or is still running, is refused. For each image this solves the lower
-level of that run,
+best evaluation; ``--best``); a run that was interrupted, or is still running, is refused.
+For each image this solves the lower level of that run,
 
     x̂ = argmin_x ½‖A x − y‖² + R_θ(x) + γ/2 ‖x‖²,
 

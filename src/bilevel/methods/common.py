@@ -18,7 +18,8 @@ persistent state (θ is restored if it was moved for a trial), and a short *comm
 updates θ, the optimiser, the warm starts and the counters and logs the step's record. SIGINT
 and SIGTERM (what schedulers and ``timeout`` send) are deferred during the commit, so the state
 is consistent whenever a KeyboardInterrupt or SIGTERM arrives: the run then writes a
-checkpoint of the state at the last step boundary and returns with status ``"interrupted"``. Resuming from any checkpoint (periodic, final or interrupt)
+checkpoint of the state at the last step boundary and returns with status ``"interrupted"``.
+Resuming from any checkpoint (periodic, final or interrupt)
 restores θ, the optimiser state, the warm-start tensors, the sampler and every random number
 generator, so that on CPU the resumed run reproduces the uninterrupted run bit for bit.
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import threading
@@ -127,6 +127,7 @@ def ranked_by(evaluate: Evaluation, metric: str, mode: str = "min") -> Evaluatio
     if mode not in ("min", "max"):
         raise BilevelError(f"mode must be 'min' or 'max', got {mode!r}")
     return _Ranked(evaluate, metric, mode)
+
 
 # ----------------------------------------------------------------------------- training data
 
@@ -876,9 +877,7 @@ def _drive(
                     wall = clock.elapsed() - eval_seconds
                     full_record = {key: record.get(key) for key in METRIC_KEYS}
                     full_record["wall_time"] = wall
-                    full_record.update(
-                        {k2: v for k2, v in record.items() if k2 not in METRIC_KEYS}
-                    )
+                    full_record.update({k2: v for k2, v in record.items() if k2 not in METRIC_KEYS})
                     full_record.update(extra)
                     if run is not None:
                         run.log(full_record)

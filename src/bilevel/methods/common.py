@@ -747,10 +747,40 @@ class _Best:
         self.step, self.value = int(state["step"]), float(state["value"])
 
 
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def check_sample_dtypes(problem: BilevelProblem, samples: Any) -> None:
+    """Refuse floating-point training data or initial points whose dtype differs from θ's
+    (they would fail deep inside a solver), checked on the first sample."""
+    params = problem.params
+    if samples is None or not params:
+        return
+    dtype = params[0].dtype
+    index = torch.zeros(1, dtype=torch.long)
+    for what, value in (("training data", samples.batch(index)), ("x0", samples.initial(index))):
+        for t in _tensors(value):
+            if t.is_floating_point() and t.dtype != dtype:
+                raise BilevelError(
+                    f"the {what} are {str(t.dtype).removeprefix('torch.')} but θ is "
+                    f"{str(dtype).removeprefix('torch.')}: convert one of them (e.g. "
+                    f"tensor.to({dtype}))"
+                )
+
+
 def drive(
     engine: Engine, options: RunOptions, config: Mapping[str, Any], samples_count: int
 ) -> RunResult:
     """Run ``engine`` under ``options``: the loop shared by every method."""
+    check_sample_dtypes(engine.problem, getattr(engine, "samples", None))
     run = None
     if options.run_dir is not None:
         run = RunDirectory(options.run_dir, resume=options.resume, overwrite=options.overwrite)

@@ -5,25 +5,39 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
+import signal
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import quadratic_problem
 
+from bilevel.methods import ISGD, TensorSamples
+from bilevel.methods.common import ranked_by
 from bilevel.problem import BilevelError
 from bilevel.runs import (
     METRIC_KEYS,
     Progress,
     RunDirectory,
+    RunLock,
     Stopwatch,
+    atomic_output,
+    check_job_record,
+    dumps_json,
     format_duration,
     plot_metrics,
     read_metrics,
     rng_state,
+    rundir,
+    save_torch,
     set_rng_state,
     to_jsonable,
+    write_json,
+    write_text,
 )
 from bilevel.schedules import Polynomial
 
@@ -120,8 +134,15 @@ def test_metrics_lines_are_strict_json_with_nan_and_tensors(tmp_path):
     lines = run.metrics_path.read_text().splitlines()
     assert len(lines) == 2
     first = _strict_json(lines[0])
-    assert first["alpha"] is None and first["bound"] == "inf" and first["delta"] == "-inf"
+    # non-finite values are null, with the reason under "non_finite"
+    assert first["alpha"] is None and first["bound"] is None and first["delta"] is None
     assert first["grad"] == [1.0, None]
+    assert first["non_finite"] == {
+        "bound": "inf",
+        "delta": "-inf",
+        "alpha": "nan",
+        "grad[1]": "nan",
+    }
     records = run.read_metrics()
     assert records[0] == {
         "step": 3,
@@ -179,7 +200,8 @@ def test_checkpoint_round_trip_and_previous_kept(tmp_path):
     assert opt2.state_dict()["state"][0]["step"] == 1
     prev = torch.load(run.previous_checkpoint_path, weights_only=True)
     assert prev["state"]["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".lock", "checkpoint.prev.pt", "checkpoint.pt"]
 
 
 def test_crash_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
@@ -202,7 +224,8 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         run.save_checkpoint({"step": 2, "x": torch.arange(8)})
     monkeypatch.setattr(torch, "save", real_save)
     assert run.checkpoint_path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".lock", "checkpoint.pt", "metrics.jsonl"]
     resumed = RunDirectory(tmp_path, resume=True)
     state = resumed.load_checkpoint()
     assert state["step"] == 1
@@ -432,3 +455,200 @@ def test_plots_without_matplotlib_say_how_to_install(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"bilevel\[plots\]"):
         plot_metrics(_records(), tmp_path)
+
+
+# ----------------------------------------------------------------------------- lock, atomic files
+
+
+def test_a_second_writer_fails_fast_naming_the_holder(tmp_path):
+    """Two writers on one run directory interleaved metrics.jsonl or deleted each other's
+    temporary files; now the second fails at once and names the first one's PID."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from bilevel.runs import RunLock\n"
+            f"with RunLock({str(tmp_path)!r}):\n"
+            "    print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(BilevelError, match=f"in use by another run \\(process {holder.pid}\\)"):
+            RunDirectory(tmp_path)
+        with pytest.raises(BilevelError, match=str(holder.pid)):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.communicate("")
+    # the lock dies with its holder; within one process it is re-entrant
+    with RunLock(tmp_path), RunDirectory(tmp_path) as run:
+        run.log({"step": 0})
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_run_directory_that_is_a_file_or_unwritable(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BilevelError, match="is not a directory"):
+        RunDirectory(tmp_path / "file")
+    with pytest.raises(BilevelError, match="cannot write to the run directory"):
+        RunDirectory(tmp_path / "file" / "run")  # cannot be created
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(BilevelError, match="cannot write to the run directory"):
+            RunDirectory(locked / "run")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
+    target = tmp_path / "summary.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError, match="crash"), atomic_output(target) as tmp:
+        tmp.write_text('{"a": 2, "trunc')
+        raise RuntimeError("crash")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    save_torch(tmp_path / "model.pt", {"w": torch.arange(3)})
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["w"], torch.arange(3))
+    write_text(tmp_path / "note.txt", "ok\n")
+    assert (tmp_path / "note.txt").read_text() == "ok\n"
+
+
+def test_non_finite_values_are_null_with_a_reason_and_restored():
+    text = dumps_json({"psnr": math.inf, "nested": {"x": [1.0, -math.inf]}, "nan": math.nan})
+    data = _strict_json(text)
+    assert data["psnr"] is None and data["nested"]["x"] == [1.0, None] and data["nan"] is None
+    assert data["non_finite"] == {"psnr": "inf", "nested.x[1]": "-inf", "nan": "nan"}
+    restored = rundir._restore_infinities(data)
+    assert restored == {"psnr": math.inf, "nested": {"x": [1.0, -math.inf]}, "nan": None}
+    assert _strict_json(dumps_json({"a": 1})) == {"a": 1}  # nothing added when all finite
+
+
+def test_damaged_job_record_is_a_clear_error(tmp_path):
+    (tmp_path / "job.json").write_text('{"job": "deno')
+    with pytest.raises(BilevelError, match="job.json is damaged"):
+        check_job_record(tmp_path, {"job": "denoise"})
+
+
+# ----------------------------------------------------------------------------- metrics repair
+
+
+@pytest.mark.parametrize("damage", ["one_line_short", "extra_lines", "garbage_line"])
+def test_metrics_are_repaired_to_the_checkpoint_on_resume(tmp_path, damage):
+    """A metrics.jsonl one line short made resume refuse although the checkpoint was fine."""
+    run = RunDirectory(tmp_path)
+    for k in range(5):
+        run.log({"step": k})
+    run.save_checkpoint({"step": 5})
+    run.log({"step": 5})
+    lines = run.metrics_path.read_text().splitlines(keepends=True)
+    if damage == "one_line_short":
+        run.metrics_path.write_text("".join(lines[:3] + lines[4:5]))  # step 3 lost
+    elif damage == "extra_lines":
+        run.metrics_path.write_text("".join(lines) + '{"step": 6}\n{"step": 7')
+    else:
+        run.metrics_path.write_text("".join(lines[:2]) + "{not json\n" + "".join(lines[2:]))
+    resumed = RunDirectory(tmp_path, resume=True)
+    if damage == "extra_lines":
+        assert resumed.load_checkpoint() == {"step": 5}
+        assert [r["step"] for r in resumed.read_metrics()] == [0, 1, 2, 3, 4]
+    else:
+        with pytest.warns(RuntimeWarning, match="records stay missing"):
+            assert resumed.load_checkpoint() == {"step": 5}
+        steps = [r["step"] for r in resumed.read_metrics()]
+        assert steps == ([0, 1, 2, 4] if damage == "one_line_short" else [0, 1, 2, 3, 4])
+    resumed.log({"step": 5})
+    assert [r["step"] for r in read_metrics(tmp_path)][-2:] == [4, 5]
+
+
+# ----------------------------------------------------------------------------- run loop
+
+
+def _isgd_run(run_dir, steps, *, evaluate=None, resume=False, eval_every=1):
+    torch.manual_seed(0)  # a fresh process; a resumed run restores the generators it saved
+    problem, batch, _ = quadratic_problem(n_batch=6)
+    samples = TensorSamples(*batch, x_init=torch.zeros(6, 6, dtype=torch.float64))
+    method = ISGD(step=0.02, batch_size=2, seed=1)
+    return method.run(
+        problem,
+        samples,
+        {"steps": steps},
+        run_dir=run_dir,
+        resume=resume,
+        evaluate=evaluate,
+        eval_every=eval_every,
+        checkpoint_every=2,
+        progress=False,
+        plot=False,
+        keep_history=True,
+    )
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(tmp_path):
+    reference = _isgd_run(tmp_path / "ref", 7)
+
+    def terminate(theta, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    stopped = _isgd_run(tmp_path / "run", 7, evaluate=terminate)
+    assert stopped.status == "interrupted" and "SIGTERM" in stopped.message
+    assert not stopped.finished
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["finished"] is False
+    state = RunDirectory(tmp_path / "run", resume=True).load_checkpoint()
+    assert state["engine"]["step"] == 3
+    resumed = _isgd_run(tmp_path / "run", 7, resume=True)
+    assert resumed.status == "budget" and torch.equal(resumed.theta[0], reference.theta[0])
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is restored
+
+
+def test_wall_time_accumulates_over_resumes(tmp_path):
+    first = _isgd_run(tmp_path, 4)
+    second = _isgd_run(tmp_path, 8, resume=True)
+    walls = [r["wall_time"] for r in second.records]
+    assert walls == sorted(walls) and second.wall_time >= first.wall_time
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["wall_time"] == pytest.approx(second.wall_time)
+
+
+def test_best_theta_by_evaluation_is_kept_checkpointed_and_resumed(tmp_path):
+    """A run whose evaluations get worse after step 3 keeps θ_3 as its best, beside the last."""
+    score = {k: (k - 3) ** 2 + 0.5 for k in range(20)}  # best at step 3
+
+    def evaluate(theta, step):
+        return {"val_loss": score[step]}
+
+    ranked = ranked_by(evaluate, "val_loss", "min")
+    whole = _isgd_run(tmp_path / "a", 8, evaluate=ranked)
+    assert whole.best == {"metric": "val_loss", "mode": "min", "step": 3, "value": 0.5}
+    assert torch.equal(whole.best_theta[0], whole.history[3][0])
+    assert not torch.equal(whole.best_theta[0], whole.theta[0])
+    stored = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert stored["best"]["step"] == 3
+    # interrupted after the best step, then resumed: the best survives the checkpoint
+    _isgd_run(tmp_path / "b", 5, evaluate=ranked)
+    resumed = _isgd_run(tmp_path / "b", 8, evaluate=ranked, resume=True)
+    assert resumed.best == whole.best and torch.equal(resumed.best_theta[0], whole.best_theta[0])
+    # "max" ranks the other way (steps 0, 1, 2 and the final 3: 9.5, 4.5, 1.5, 0.5)
+    maximised = _isgd_run(tmp_path / "c", 3, evaluate=ranked_by(evaluate, "val_loss", "max"))
+    assert maximised.best["step"] == 0 and maximised.best["value"] == 9.5
+    # without a ranking there is no best
+    assert _isgd_run(tmp_path / "d", 3, evaluate=evaluate).best_theta is None
+    with pytest.raises(BilevelError, match="mode"):
+        ranked_by(evaluate, "val_loss", "lowest")
+
+
+def test_mixed_dtypes_are_refused_before_the_run(tmp_path):
+    problem, batch, _ = quadratic_problem(n_batch=4)  # θ is float64
+    samples = TensorSamples(*(t.float() for t in batch), x_init=torch.zeros(4, 6))
+    with pytest.raises(BilevelError, match="training data are float32 but θ is float64"):
+        ISGD(step=0.1, batch_size=2).run(problem, samples, {"steps": 2}, progress=False)

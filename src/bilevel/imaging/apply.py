@@ -1,8 +1,9 @@
 """``bilevel reconstruct``: apply the regulariser learned by an imaging run to new images.
 
-The run directory of ``bilevel denoise | deblur | inpaint`` holds ``job.json`` (the options
-that define the model) and ``model.pt`` (the learned θ). For each image this solves the lower
-level of that run,
+The run directory of a finished ``bilevel denoise | deblur | inpaint`` run holds ``job.json``
+(the options that define the model), ``model.pt`` (the last θ) and ``model_best.pt`` (θ of the
+best evaluation; ``--best``); a run that was interrupted, or is still running, is refused.
+For each image this solves the lower level of that run,
 
     x̂ = argmin_x ½‖A x − y‖² + R_θ(x) + γ/2 ‖x‖²,
 
@@ -16,7 +17,6 @@ measurement y, or, with ``--add-noise``, as a clean image that is first degraded
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,38 +25,84 @@ import torch
 from torch import Tensor
 
 from bilevel.imaging.data import load_image, save_image
-from bilevel.imaging.job import MODEL_FILE, MODEL_OPTIONS, make_operator, make_regulariser
+from bilevel.imaging.job import (
+    BEST_MODEL_FILE,
+    MODEL_FILE,
+    MODEL_OPTIONS,
+    make_operator,
+    make_regulariser,
+    read_job_record,
+)
 from bilevel.imaging.metrics import SSIM_WINDOW, psnr, ssim
 from bilevel.imaging.operators import InpaintingMask, LinearOperator
 from bilevel.imaging.regularisers import Regulariser
 from bilevel.imaging.tasks import reconstruct, reconstruction_problem
 from bilevel.problem import BilevelError, BilevelProblem
+from bilevel.runs import dumps_json, read_json
+from bilevel.runs.rundir import RESULT_NAME
 
 
-def load_learned(run_dir: str | Path) -> tuple[Regulariser, dict[str, Any]]:
-    """The regulariser learned by a finished imaging run (θ from ``model.pt``) and the run's
-    model options (``job.json``: task, regulariser, filters, dtype, σ, blur, γ, ...).
+def _check_finished(run_dir: Path) -> None:
+    """Refuse a run that is running or was interrupted (``result.json`` says so)."""
+    path = run_dir / RESULT_NAME
+    if not path.is_file():
+        raise BilevelError(
+            f"{run_dir} holds no finished imaging run (no {RESULT_NAME}: the run has not "
+            "ended); finish it with its command and --resume"
+        )
+    result = read_json(path, "the run's result")
+    status = result.get("status") if isinstance(result, dict) else None
+    if status in ("running", "interrupted") or status is None:
+        state = "was interrupted" if status == "interrupted" else "has not finished"
+        raise BilevelError(
+            f"the run in {run_dir} {state}, so its model is not final; resume it with its "
+            "command and --resume, then reconstruct"
+        )
+
+
+def load_learned(run_dir: str | Path, best: bool = False) -> tuple[Regulariser, dict[str, Any]]:
+    """The regulariser learned by a finished imaging run (θ from ``model.pt``, or with
+    ``best`` from ``model_best.pt``) and the run's model options (``job.json``: task,
+    regulariser, filters, dtype, σ, blur, γ, ...).
 
     Raises:
-        BilevelError: no finished run in ``run_dir``, or files that do not fit each other.
+        BilevelError: no finished run in ``run_dir`` (missing, interrupted or still running),
+            damaged files, or files that do not fit each other.
     """
     run_dir = Path(run_dir)
-    job_file, model_file = run_dir / "job.json", run_dir / MODEL_FILE
-    if not job_file.is_file() or not model_file.is_file():
+    name = BEST_MODEL_FILE if best else MODEL_FILE
+    job_file, model_file = run_dir / "job.json", run_dir / name
+    if not job_file.is_file() or not (run_dir / MODEL_FILE).is_file():
         raise BilevelError(
             f"{run_dir} holds no finished imaging run (job.json and {MODEL_FILE} are written "
             "when bilevel denoise / deblur / inpaint ends)"
         )
-    options = json.loads(job_file.read_text(encoding="utf-8"))
+    _check_finished(run_dir)
+    if not model_file.is_file():
+        raise BilevelError(f"{run_dir} has no {name} (its run made no evaluation)")
+    options = read_job_record(run_dir)
     missing = [k for k in ("job", "regulariser", "dtype") if k not in options]
     if missing:
         raise BilevelError(f"{job_file}: missing entries {missing}")
+    if options["dtype"] not in ("float32", "float64"):
+        raise BilevelError(f"{job_file}: dtype {options['dtype']!r} is not float32 or float64")
     args = argparse.Namespace(
         seed=0, **{k: options.get(k) for k in MODEL_OPTIONS}
     )  # θ loaded below
     channels = 3 if options.get("color") else 1
-    regulariser = make_regulariser(args, channels).to(getattr(torch, options["dtype"]))
-    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    try:
+        regulariser = make_regulariser(args, channels).to(getattr(torch, options["dtype"]))
+    except (TypeError, ValueError) as err:
+        raise BilevelError(f"{job_file} does not describe a model: {err}") from None
+    try:
+        state = torch.load(model_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign file: torch raises many kinds
+        raise BilevelError(
+            f"{model_file} is damaged or not a model ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    if not isinstance(state, dict):
+        raise BilevelError(f"{model_file} is not a model state")
     prefix = "regulariser."
     learned = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     try:
@@ -102,15 +148,17 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "reconstruct") ->
     )
     a("--max-iter", type=int, default=5000, help="solver iterations at most (default 5000)")
     a("--seed", type=int, default=0, help="seed of the noise of --add-noise")
+    a(
+        "--best",
+        action="store_true",
+        help=f"use θ of the run's best evaluation ({BEST_MODEL_FILE}) instead of the last",
+    )
     a("--json", action="store_true", help="print the results as one JSON object")
 
 
 def _mask(path: str, like: Tensor) -> InpaintingMask:
     """The inpainting operator of the mask image ``path`` (non-zero: observed)."""
-    try:
-        m = load_image(path, color=False, dtype=like.dtype)
-    except FileNotFoundError as err:
-        raise BilevelError(str(err)) from None
+    m = load_image(path, color=False, dtype=like.dtype)
     if tuple(m.shape[1:]) != tuple(like.shape[1:]):
         raise BilevelError(
             f"mask {path!r} is {m.shape[2]}×{m.shape[1]} pixels, the image "
@@ -134,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_iter < 1:
         raise BilevelError(f"--max-iter must be positive, got {args.max_iter}")
     run_dir = Path(args.run_dir)
-    regulariser, options = load_learned(run_dir)
+    regulariser, options = load_learned(run_dir, best=args.best)
     inpaint = options["job"] == "inpaint"
     if inpaint and not args.mask:
         raise BilevelError("an inpainting model needs the mask of the images (--mask FILE)")
@@ -149,12 +197,17 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, options["dtype"])
     images = []
     for name in args.images:  # read them all first: a bad file fails before any work
-        try:
-            images.append(load_image(name, color=bool(options.get("color")), dtype=dtype))
-        except FileNotFoundError as err:
-            raise BilevelError(str(err)) from None
+        images.append(load_image(name, color=bool(options.get("color")), dtype=dtype))
+    if inpaint:  # check every mask before any work too
+        for image in images:
+            _mask(args.mask, image)
     out_dir = Path(args.out) if args.out else run_dir / "reconstructed"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BilevelError(f"--out {out_dir} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BilevelError(f"cannot create the output folder {out_dir}: {err.strerror}") from None
     results = []
     problem = None if inpaint else learned_problem(regulariser, options)
     for k, (name, image) in enumerate(zip(args.images, images)):
@@ -191,5 +244,5 @@ def run(args: argparse.Namespace) -> int:
                 line += f"; PSNR {d['psnr']:.2f} dB degraded, {r['psnr']:.2f} dB reconstructed"
             print(line)
     if args.json:
-        print(json.dumps({"run_dir": str(run_dir), "task": options["job"], "images": results}))
+        print(dumps_json({"run_dir": str(run_dir), "task": options["job"], "images": results}))
     return 0

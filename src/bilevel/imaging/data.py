@@ -1,7 +1,10 @@
 """Image data: bundled test images, image folders, random crops and frozen noisy datasets.
 
 Images are float tensors with values in [0, 1]: single images (C, H, W), batches (B, C, H, W),
-C = 1 (grayscale, ITU-R 601 luma as computed by PIL's "L" mode) or C = 3 (RGB).
+C = 1 (grayscale, ITU-R 601 luma Y = 0.299 R + 0.587 G + 0.114 B, as PIL's "L" mode) or C = 3
+(RGB). Image files of any bit depth are scaled by their full range: 8-bit by 255, 16-bit by
+65535 (PNG, TIFF), 32-bit integers by 2³² − 1; floating-point files must hold values in [0, 1].
+Palette images are expanded; an alpha channel is dropped (the stored colour is the data).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from bilevel.problem import BilevelError
 
 __all__ = [
     "BUNDLED_SPLITS",
+    "ImageFileError",
+    "load_image",
     "bundled_images",
     "load_image_folder",
     "random_crops",
@@ -41,6 +46,14 @@ BUNDLED_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 _EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+#: ITU-R 601 luma weights of R, G, B (PIL's "L" conversion).
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+class ImageFileError(BilevelError, FileNotFoundError):
+    """A missing image file or folder, or a folder without images (a :class:`BilevelError`
+    and a ``FileNotFoundError``)."""
 
 
 @functools.lru_cache(maxsize=32)
@@ -91,16 +104,18 @@ def load_image_folder(
     """Read the images (png, jpg, bmp, tif) of a folder, sorted by file name, with PIL.
 
     Returns (C, H, W) tensors in [0, 1] (C = 3 for ``color``, else 1, luma). At most
-    ``max_images`` (the first in name order). Raises ``FileNotFoundError`` when the folder is
-    missing or holds no image.
+    ``max_images`` (the first in name order). Raises :class:`ImageFileError` when the folder is
+    missing or holds no image file, ``BilevelError`` for a file that is not a readable image.
     """
 
     folder = pathlib.Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _EXTENSIONS)
+        raise ImageFileError(f"image folder {str(folder)!r} does not exist")
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in _EXTENSIONS and not p.is_dir()
+    )
     if not files:
-        raise FileNotFoundError(
+        raise ImageFileError(
             f"image folder {str(folder)!r} holds no image ({', '.join(_EXTENSIONS)})"
         )
     if max_images is not None:
@@ -110,31 +125,85 @@ def load_image_folder(
     return [load_image(f, color, dtype) for f in files]
 
 
+def _pixels(img, path: pathlib.Path, color: bool) -> np.ndarray:
+    """The pixels of a PIL image as float64 (H, W) or (H, W, 3) in [0, 1], alpha dropped; an
+    8-bit colour image read with ``color=False`` is converted to luma by PIL ("L")."""
+    mode = img.mode
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
+        mode = img.mode
+    if mode == "1":
+        return np.asarray(img, dtype=np.float64)
+    if mode.startswith("I;16"):
+        return np.asarray(img, dtype=np.float64) / 65535.0
+    if mode == "I":  # 16-bit PNG (older Pillow) or 32-bit integer TIFF
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.size and arr.min() < 0:
+            raise BilevelError(f"image {str(path)!r} holds negative integer pixels")
+        return arr / (65535.0 if (not arr.size or arr.max() <= 65535) else 4294967295.0)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all() or (arr.size and (arr.min() < 0 or arr.max() > 1)):
+            raise BilevelError(
+                f"image {str(path)!r} holds floating-point pixels outside [0, 1] "
+                f"(min {np.nanmin(arr):g}, max {np.nanmax(arr):g}); rescale it to [0, 1]"
+            )
+        return arr
+    if mode in ("L", "LA", "La"):
+        return np.asarray(img.getchannel("L"), dtype=np.float64) / 255.0
+    if mode not in ("RGB", "RGBA", "RGBX"):
+        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, premultiplied RGBa, ...
+    if not color:
+        return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+    return np.asarray(img, dtype=np.float64)[..., :3] / 255.0
+
+
 def load_image(
     path: str | pathlib.Path, color: bool = False, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """One image file (png, jpg, bmp, tif) as a (C, H, W) tensor in [0, 1] (C = 3 for
-    ``color``, else 1, luma). Raises ``FileNotFoundError`` for a missing file and
-    ``BilevelError`` for one PIL cannot read."""
+    ``color``, else 1, luma), of any bit depth and mode (see the module docstring).
+
+    Raises:
+        ImageFileError: a missing file.
+        BilevelError: a file PIL cannot read, or float pixels outside [0, 1].
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+        raise ImageFileError(f"image file {str(path)!r} does not exist")
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB" if color else "L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
+            img.load()
+            arr = _pixels(img, path, color)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        if isinstance(err, BilevelError):
+            raise
         raise BilevelError(f"cannot read image {str(path)!r}: {err}") from None
-    return _to_tensor(arr, dtype)
+    if arr.ndim != 2 and not (arr.ndim == 3 and arr.shape[2] == 3):
+        raise BilevelError(f"image {str(path)!r}: unsupported pixel layout {arr.shape}")
+    if min(arr.shape[:2]) < 1:
+        raise BilevelError(f"image {str(path)!r} is empty")
+    if color and arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    elif not color and arr.ndim == 3:
+        arr = arr @ _LUMA
+    t = torch.from_numpy(np.clip(arr, 0.0, 1.0))
+    t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+    return t.contiguous().to(dtype)
 
 
 def save_image(x: Tensor, path: str | pathlib.Path) -> None:
-    """Write a (C, H, W) image in [0, 1] (clipped) as an 8-bit PNG or JPEG (by the ending)."""
+    """Write a (C, H, W) image in [0, 1] (clipped) as an 8-bit PNG or JPEG (by the ending),
+    atomically (a crash leaves no partial file)."""
     from PIL import Image
 
+    from bilevel.runs import atomic_output
+
     arr = (x.detach().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(tmp)
 
 
 def _as_generator(generator: torch.Generator | int | None) -> torch.Generator:

@@ -7,14 +7,16 @@ regulariser's parameters θ with (by default) Adam-preconditioned ISGD on
 
 compares the learned regulariser on the test set with the degraded input and with total
 variation tuned by grid search on the training set, and writes everything to a run
-directory: ``config.json``, ``metrics.jsonl``, checkpoints, ``plots/``, ``reconstructions.png``
-and ``summary.json``.  Interrupting (Ctrl-C) writes a checkpoint; ``--resume`` continues.
+directory: ``config.json``, ``metrics.jsonl``, checkpoints, ``plots/``, ``reconstructions.png``,
+``model.pt`` (the last θ), ``model_best.pt`` (θ of the best test PSNR of the evaluations) and
+``summary.json``. Every option is checked before any work; the directory is locked while the
+run writes it. Interrupting (Ctrl-C or SIGTERM) writes a checkpoint and a summary marked
+unfinished (no ``model.pt``); ``--resume`` continues.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -27,7 +29,13 @@ import torch
 from torch import Tensor
 
 from bilevel.hypergrad import Implicit
-from bilevel.imaging.data import DegradedImages, bundled_images, load_image_folder, random_crops
+from bilevel.imaging.data import (
+    DegradedImages,
+    ImageFileError,
+    bundled_images,
+    load_image_folder,
+    random_crops,
+)
 from bilevel.imaging.metrics import SSIM_WINDOW, psnr, ssim
 from bilevel.imaging.operators import (
     Convolution,
@@ -53,8 +61,17 @@ from bilevel.imaging.tasks import (
 from bilevel.linear import CG
 from bilevel.lower import Nesterov
 from bilevel.methods import ISGD, MAID, Budget, RunResult, with_initial
+from bilevel.methods.common import load_params, ranked_by
 from bilevel.problem import BilevelError, BilevelProblem
-from bilevel.runs import check_job_record
+from bilevel.runs import (
+    RunLock,
+    atomic_output,
+    check_job_record,
+    dumps_json,
+    read_json,
+    save_torch,
+    write_json,
+)
 
 REGULARISERS = ("foe", "ridge", "icnn", "tv")
 METHODS = ("adam-isgd", "isgd", "maid")
@@ -152,6 +169,13 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     a("--seed", type=int, default=0)
     a("--run-dir", default=None, help="run directory (default: runs/<task>-<timestamp>)")
     a("--resume", action="store_true", help="continue the run in --run-dir")
+    a("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    a(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        help="steps between checkpoints (default: 50; one is also written at the end)",
+    )
     a("--json", action="store_true", help="print the summary as one JSON object on stdout")
     a("--no-progress", action="store_true", help="no progress bar")
 
@@ -233,16 +257,41 @@ def _images(args: argparse.Namespace, split: str, dtype: torch.dtype) -> list[Te
     folder = Path(args.data) / split
     if not folder.is_dir():
         raise BilevelError(f"--data {args.data}: expected a folder with {split}/ inside")
-    return load_image_folder(folder, color=args.color, dtype=dtype)
+    try:
+        return load_image_folder(folder, color=args.color, dtype=dtype)
+    except ImageFileError as err:
+        raise BilevelError(f"--data {args.data}: {err}") from None
 
 
-def build(args: argparse.Namespace) -> Setup:
-    """Data, operator, regulariser and bilevel problem for the options ``args``."""
-    for name in ("crop", "train_size", "test_size", "batch_size", "budget", "eval_every"):
-        if getattr(args, name) < 1:
-            raise BilevelError(f"--{name.replace('_', '-')} must be positive")
-    if args.sigma < 0 or not math.isfinite(args.sigma):
+def _positive_int(args: argparse.Namespace, name: str) -> None:
+    value = getattr(args, name, None)
+    if value is not None and value < 1:
+        raise BilevelError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse bad options with one message each, before any data are read or work is done."""
+    for name in (
+        "crop",
+        "train_size",
+        "test_size",
+        "batch_size",
+        "budget",
+        "eval_every",
+        "filters",
+        "filter_size",
+        "threads",
+        "checkpoint_every",
+        "kernel_size",
+    ):
+        _positive_int(args, name)
+    if not (math.isfinite(args.sigma) and args.sigma >= 0):
         raise BilevelError(f"--sigma must be a finite non-negative number, got {args.sigma}")
+    if args.job == "denoise" and args.sigma == 0:
+        raise BilevelError(
+            "--sigma 0 leaves nothing to denoise (the measurements are the clean images); "
+            "give a positive noise level"
+        )
     if args.crop < SSIM_WINDOW:
         raise BilevelError(
             f"--crop must be at least {SSIM_WINDOW} pixels (the SSIM window), got {args.crop}"
@@ -252,10 +301,52 @@ def build(args: argparse.Namespace) -> Setup:
             f"--crop {args.crop} is smaller than --filter-size {args.filter_size}: the "
             "convolutional regulariser needs crops at least as large as its filters"
         )
-    if args.job == "deblur" and not (math.isfinite(args.blur) and args.blur > 0):
-        raise BilevelError(f"--blur must be a finite positive σ in pixels, got {args.blur}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise BilevelError("--device cuda requested but CUDA is not available")
+    if args.job == "deblur":
+        if not (math.isfinite(args.blur) and args.blur > 0):
+            raise BilevelError(f"--blur must be a finite positive σ in pixels, got {args.blur}")
+        if args.kernel_size % 2 == 0:
+            raise BilevelError(f"--kernel-size must be odd, got {args.kernel_size}")
+    if args.job == "inpaint" and not (math.isfinite(args.keep) and 0.0 < args.keep <= 1.0):
+        raise BilevelError(f"--keep must be in (0, 1], got {args.keep}")
+    gamma = getattr(args, "gamma", None)
+    if gamma is not None and not (math.isfinite(gamma) and gamma > 0):
+        raise BilevelError(
+            f"--gamma must be a finite positive number (it makes the lower level strongly "
+            f"convex), got {gamma}"
+        )
+    if args.time is not None and not (math.isfinite(args.time) and args.time > 0):
+        raise BilevelError(f"--time must be a finite positive number of seconds, got {args.time}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise BilevelError(
+            f"--device {args.device!r} is not a device (use cpu, cuda, cuda:1, ...)"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise BilevelError(f"--device {args.device!r}: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BilevelError(f"--device {args.device} requested but CUDA is not available")
+    if args.data != "bundled" and not Path(args.data).is_dir():
+        raise BilevelError(
+            f"--data {args.data}: not a folder (use 'bundled' or a folder with train/ and test/)"
+        )
+    run_dir = getattr(args, "run_dir", None)
+    if getattr(args, "resume", False):
+        if run_dir is None:
+            raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
+        if getattr(args, "overwrite", False):
+            raise BilevelError("--resume and --overwrite exclude each other")
+        if not (Path(run_dir) / "job.json").is_file():
+            raise BilevelError(f"--resume: no run to resume in {run_dir} (no job.json there)")
+    if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise BilevelError(f"--run-dir {run_dir} is a file, not a directory")
+    make_method(args)  # parses --step and --accuracy
+
+
+def build(args: argparse.Namespace) -> Setup:
+    """Data, operator, regulariser and bilevel problem for the options ``args`` (checked
+    first by :func:`check_options`)."""
+    check_options(args)
     dtype = getattr(torch, args.dtype)
     operator, gamma = make_operator(args, dtype)
     sigma = args.sigma / 255.0
@@ -317,19 +408,28 @@ def make_method(args: argparse.Namespace) -> ISGD | MAID:
     )
 
 
-def test_evaluation(setup: Setup) -> Callable[[Any, int], dict[str, float]]:
+class TestEvaluation:
     """The ``evaluate`` callback of a run: mean test PSNR (dB) of the current regulariser,
-    reconstructions to ‖∇ₓh‖ ≤ :data:`EVAL_TOL`, warm-started across calls."""
-    batch = setup.test.batch()
-    tol = EVAL_TOL[batch[1].dtype]
-    state: dict[str, Tensor] = {}
+    reconstructions to ‖∇ₓh‖ ≤ :data:`EVAL_TOL`, warm-started across calls. ``last`` holds the
+    reconstructions of the latest call, so that the summary scores the very images whose PSNR
+    the run reported."""
 
-    def evaluate(theta: Any, step: int) -> dict[str, float]:
-        x = reconstruct(setup.problem, batch, x0=state.get("x"), tol=tol)
-        state["x"] = x
-        return {"test_psnr": float(psnr(x.clamp(0, 1), batch[1]).mean())}
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.batch = setup.test.batch()
+        self.tol = EVAL_TOL[self.batch[1].dtype]
+        self.last: Tensor | None = None
 
-    return evaluate
+    def __call__(self, theta: Any, step: int) -> dict[str, float]:
+        x = reconstruct(self.setup.problem, self.batch, x0=self.last, tol=self.tol)
+        self.last = x
+        return {"test_psnr": float(psnr(x.clamp(0, 1), self.batch[1]).mean())}
+
+
+def test_evaluation(setup: Setup) -> Callable[[Any, int], dict[str, float]]:
+    """The ``evaluate`` callback of a run (:class:`TestEvaluation`), ranked by test PSNR
+    (the run keeps the θ of the best one, see :func:`bilevel.methods.common.ranked_by`)."""
+    return ranked_by(TestEvaluation(setup), "test_psnr", "max")
 
 
 def _scores(x: Tensor, clean: Tensor) -> dict[str, float]:
@@ -349,9 +449,10 @@ def _save_grid(path: Path, rows: list[Tensor], count: int = 4) -> None:
         for i in range(n):
             canvas[:, i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = col[i]
     arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    Image.fromarray(arr[..., 0] if c == 1 else arr).resize(
-        (arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST
-    ).save(path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(arr[..., 0] if c == 1 else arr).resize(
+            (arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST
+        ).save(tmp, format="PNG")
 
 
 #: The options that define a learned model (everything ``bilevel reconstruct`` needs besides
@@ -383,6 +484,10 @@ TRAINING_OPTIONS = (
 )
 #: θ of the finished run (``problem.theta.state_dict()``), in the run directory.
 MODEL_FILE = "model.pt"
+#: θ of the run's best evaluation (highest mean test PSNR), beside :data:`MODEL_FILE`.
+BEST_MODEL_FILE = "model_best.pt"
+#: Files a run writes besides those of its run loop (removed by ``--overwrite``).
+JOB_FILES = ("job.json", MODEL_FILE, BEST_MODEL_FILE, "summary.json", "reconstructions.png")
 
 
 def job_record(args: argparse.Namespace) -> dict[str, Any]:
@@ -392,28 +497,65 @@ def job_record(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if hasattr(args, k)}
 
 
-def _write_job_record(run_dir: Path, args: argparse.Namespace) -> None:
-    """Write ``job.json``; on ``--resume``, first refuse options that differ from it."""
+def _prepare_run_dir(run_dir: Path, args: argparse.Namespace) -> None:
+    """Check the run directory against ``--resume`` / ``--overwrite`` and write ``job.json``
+    (the caller holds the directory's lock)."""
     record = job_record(args)
+    present = [name for name in ("job.json", "config.json") if (run_dir / name).exists()]
     if args.resume:
         check_job_record(run_dir, record)
-    elif (run_dir / "config.json").exists():
-        return  # another run lives there: the run loop refuses it, its job.json stays intact
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    elif present and not args.overwrite:
+        raise BilevelError(
+            f"{run_dir} already holds a run ({', '.join(present)}): resume it (--resume), "
+            "start again (--overwrite), or choose another --run-dir"
+        )
+    elif args.overwrite:
+        for name in JOB_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    write_json(run_dir / "job.json", record)
+
+
+def theta_state(problem: BilevelProblem, values: list[Tensor] | None = None) -> dict[str, Tensor]:
+    """``problem.theta.state_dict()`` (copies), with the parameters set to ``values`` if
+    given (the problem's θ is left as it was)."""
+    if values is None:
+        return {k: v.detach().clone() for k, v in problem.theta.state_dict().items()}
+    current = [p.detach().clone() for p in problem.params]
+    load_params(problem.params, values)
+    try:
+        return {k: v.detach().clone() for k, v in problem.theta.state_dict().items()}
+    finally:
+        load_params(problem.params, current)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the imaging job described by ``args``; print the summary."""
-    torch.manual_seed(args.seed)
-    if args.threads < 1:
-        raise BilevelError(f"--threads must be positive, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    setup = build(args)
-    run_dir = Path(args.run_dir or f"runs/{args.job}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Run the imaging job described by ``args``; print the summary. Every option is checked
+    before any work (:func:`build`); then the run directory is locked for this process."""
     if args.resume and args.run_dir is None:
-        raise BilevelError("--resume needs --run-dir")
-    _write_job_record(run_dir, args)
+        raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
+    setup = build(args)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.run_dir or f"runs/{args.job}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.run_dir = str(run_dir)
+    with RunLock(run_dir):
+        _prepare_run_dir(run_dir, args)
+        args.started = True  # from here on, an interrupted run can be resumed
+        return train(args, setup, run_dir)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    from bilevel.cli import resume_command
+
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        return f"bilevel {args.job} ... --run-dir {args.run_dir} --resume (the same options)"
+    return resume_command(args.job, argv, args.run_dir)
+
+
+def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
+    """The work of a run whose options are checked and whose directory is locked: TV grid
+    search, the bilevel run, the test comparison and the files of the run directory."""
     log = sys.stderr if args.json else sys.stdout
     y_test, x_test = setup.test.batch()[:2]
 
@@ -426,56 +568,99 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tv = tune_tv(setup)
     x_tv = tv_reconstructions(setup, tv.strength)
-    eval_tol = EVAL_TOL[x_test.dtype]
     print(f"  grid-tuned TV: λ = {tv.strength:g} (train PSNR {tv.psnr:.2f} dB)", file=log)
 
     regulariser = setup.problem.theta["regulariser"]
-    if isinstance(regulariser, FieldsOfExperts) and not args.resume:
+    if isinstance(regulariser, FieldsOfExperts):  # θ₀; a checkpoint, if any, replaces it
         calibrate_foe_weights(regulariser, tv.strength)
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=args.budget, wall_time=args.time)
+    evaluate = test_evaluation(setup)
     result: RunResult = make_method(args).run(
         setup.problem,
         samples,
         budget,
         run_dir=run_dir,
         resume=args.resume,
-        evaluate=test_evaluation(setup),
+        overwrite=args.overwrite,
+        evaluate=evaluate,
         eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
     )
-    torch.save(setup.problem.theta.state_dict(), run_dir / MODEL_FILE)
-    x_learned = reconstruct(setup.problem, (y_test, x_test), tol=eval_tol)
-    y_show = setup.operator.adjoint(y_test) if args.job == "deblur" else y_test
-    _save_grid(run_dir / "reconstructions.png", [x_test, y_show, x_tv, x_learned])
-    summary = {
+    base = {
         "task": args.job,
         "regulariser": args.regulariser,
         "method": args.method,
         "status": result.status,
+        "finished": result.finished,
+        "message": result.message,
         "steps": result.step,
         "epochs": result.epoch,
         "oracle_calls": result.cost,
-        "wall_time_s": round(time.perf_counter() - start, 2),
+        # computation over every session of the run (evaluations excluded), as result.json
+        "wall_time_s": result.wall_time,
+        "session_time_s": time.perf_counter() - start,
+        "run_dir": str(run_dir),
+    }
+    if not result.finished:
+        hint = _resume_hint(args)
+        write_json(run_dir / "summary.json", {**base, "resume": hint})
+        if args.json:
+            print(dumps_json({**base, "resume": hint}))
+        print(
+            f"bilevel {args.job}: {result.message.split(';')[0]}; not finished (no "
+            f"{MODEL_FILE}); resume with: {hint}",
+            file=sys.stderr,
+        )
+        return 130
+    save_torch(run_dir / MODEL_FILE, theta_state(setup.problem))
+    best = None
+    if result.best_theta is not None and result.best is not None:
+        save_torch(run_dir / BEST_MODEL_FILE, theta_state(setup.problem, result.best_theta))
+        best = {
+            "step": result.best["step"],
+            "test_psnr": result.best["value"],
+            "model": BEST_MODEL_FILE,
+        }
+    # the reconstructions of the final evaluation: the summary and result.json agree
+    x_learned = evaluate.evaluate.last
+    y_show = setup.operator.adjoint(y_test) if args.job == "deblur" else y_test
+    _save_grid(run_dir / "reconstructions.png", [x_test, y_show, x_tv, x_learned])
+    summary = {
+        **base,
         "test": {
             "degraded": _scores(y_show, x_test),
             "tv": {**_scores(x_tv, x_test), "strength": tv.strength},
             "learned": _scores(x_learned, x_test),
         },
-        "run_dir": str(run_dir),
+        "best": best,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(run_dir / "summary.json", summary)
     if args.json:
-        print(json.dumps(summary))
+        print(dumps_json(summary))
     else:
         t = summary["test"]
         print(f"\n  test PSNR / SSIM over {len(setup.test)} crops:")
         for name in ("degraded", "tv", "learned"):
             print(f"    {name:<9} {t[name]['psnr']:6.2f} dB   {t[name]['ssim']:.4f}")
+        if best is not None:
+            print(f"    best evaluation: {best['test_psnr']:.2f} dB at step {best['step']}")
         print(
             f"  cost: {result.cost} oracle calls, {result.step} steps, "
-            f"{summary['wall_time_s']:.0f} s; status: {result.status} ({result.message})"
+            f"{result.wall_time:.0f} s; status: {result.status} ({result.message})"
         )
-        print(f"  results in {run_dir} (reconstructions.png, plots/, metrics.jsonl, model.pt)")
+        print(
+            f"  results in {run_dir} (reconstructions.png, plots/, metrics.jsonl, "
+            f"{MODEL_FILE}, {BEST_MODEL_FILE})"
+        )
         print(f"  apply it to your images: bilevel reconstruct {run_dir} IMAGE ...")
     return 0 if result.ok else 1
+
+
+def read_job_record(run_dir: str | Path) -> dict[str, Any]:
+    """The options stored in ``run_dir/job.json`` (a :class:`BilevelError` if damaged)."""
+    data = read_json(Path(run_dir) / "job.json", "the run's option record")
+    if not isinstance(data, dict):
+        raise BilevelError(f"{Path(run_dir) / 'job.json'} is damaged (not a JSON object)")
+    return data

@@ -174,6 +174,9 @@ def reconstruct(
     """
     y = _split_batch(batch)[0]
     x0 = y if x0 is None else x0
+    if not isinstance(x0, Tensor) or tuple(x0.shape) != tuple(y.shape):
+        shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
+        raise BilevelError(f"x0 must have the measurements' shape {tuple(y.shape)}, got {shape}")
     lower = LowerLevel(problem, batch)
     with torch.no_grad():
         sol = solve_lower(lower, x0, tol, Nesterov(max_iter=max_iter), problem.mu, warn=True)

@@ -34,6 +34,7 @@ from bilevel.problem import BilevelError
 
 __all__ = [
     "SplitData",
+    "class_labels",
     "column_scaling",
     "encode_labels",
     "is_sparse",
@@ -443,6 +444,64 @@ def encode_labels(y: Tensor) -> tuple[Tensor, Tensor]:
     return codes.to(torch.int64), classes
 
 
+#: Text that marks a missing label in a data file (compared case-insensitively).
+MISSING_LABELS = frozenset({"", "nan", "na", "n/a", "null", "none", "?"})
+
+
+def class_labels(labels: np.ndarray | Tensor, where: str) -> tuple[Tensor, int]:
+    """Class labels coded ``0, …, K−1`` (sorted order) and K, from a column of labels (text
+    or numbers), refusing a column that does not hold class labels:
+
+    * a missing label (NaN, or text such as "", "NA", "?"; see :data:`MISSING_LABELS`);
+    * a number that is not an integer (a continuous column: regression targets or a feature);
+    * more distinct values than half the rows (integer-valued, but no class has two rows on
+      average: counts or identifiers, not classes);
+    * fewer than two classes.
+
+    ``where`` names the column in the messages (e.g. "data.csv, label column 'y'").
+
+    Raises:
+        BilevelError: naming ``where`` and the first offending row (1-based, data rows).
+    """
+    values = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    n = len(values)
+    hint = (
+        "; give the column of class labels with --label-column, or use --model ridge for "
+        "real-valued targets"
+    )
+    if values.dtype.kind in "fiub":
+        numbers = values.astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(numbers))
+        if bad.size:
+            raise BilevelError(
+                f"{where}: row {bad[0] + 1} has a missing or non-finite label ({numbers[bad[0]]})"
+            )
+        frac = np.flatnonzero(numbers != np.round(numbers))
+        if frac.size:
+            raise BilevelError(
+                f"{where} holds non-integer values (row {frac[0] + 1}: {numbers[frac[0]]:g}), "
+                f"so it is not a column of class labels{hint}"
+            )
+        classes, codes = np.unique(numbers, return_inverse=True)
+    else:
+        text = np.char.strip(values.astype(str))
+        missing = np.flatnonzero(np.isin(np.char.lower(text), list(MISSING_LABELS)))
+        if missing.size:
+            raise BilevelError(
+                f"{where}: row {missing[0] + 1} has a missing label ({str(text[missing[0]])!r})"
+            )
+        classes, codes = np.unique(text, return_inverse=True)
+    k = len(classes)
+    if k < 2:
+        raise BilevelError(f"{where}: all labels are equal; classification needs two classes")
+    if k > max(2, n // 2):
+        raise BilevelError(
+            f"{where} holds {k} distinct values in {n} rows, so it looks continuous (a count "
+            f"or an identifier), not like class labels{hint}"
+        )
+    return torch.from_numpy(codes.reshape(-1).astype(np.int64)), k
+
+
 # --------------------------------------------------------------------------------------------
 # scikit-learn's bundled data sets
 # --------------------------------------------------------------------------------------------
@@ -656,11 +715,14 @@ def read_svmlight(
     zero_based: bool | str = "auto",
     dense: bool = False,
     dtype: torch.dtype = torch.float32,
+    info: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Read an svmlight / LIBSVM file: lines ``label idx:value idx:value ... [# comment]``.
 
     ``qid:`` tokens are ignored; the file may be gzip-compressed. Feature indices are one-based
-    unless ``zero_based`` is True; ``"auto"`` treats the file as zero-based when index 0 occurs.
+    unless ``zero_based`` is True; ``"auto"`` (scikit-learn's ``load_svmlight_file``
+    convention, with the same result) treats the file as zero-based when index 0 occurs.
+    ``info``, if given, receives ``"zero_based"``: the convention used.
 
     Returns:
         (X, y): X (N, n_features) dense or ``torch.sparse_csr`` of ``dtype``; y (N,) float64
@@ -726,6 +788,8 @@ def read_svmlight(
         raise BilevelError(f"{path}: NaN or infinite label or feature value")
     if zero_based == "auto":
         zero_based = bool(idx.size) and int(idx.min()) == 0
+    if info is not None:
+        info["zero_based"] = bool(zero_based)
     if not zero_based:
         idx = idx - 1
     if idx.size and int(idx.min()) < 0:

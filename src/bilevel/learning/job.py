@@ -32,7 +32,6 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import json
 import math
 import os
 import pathlib
@@ -53,7 +52,7 @@ from bilevel.learning.datasets import (
     CSV_SUFFIXES,
     SKLEARN_DATASETS,
     SplitData,
-    encode_labels,
+    class_labels,
     load_mnist,
     load_sklearn,
     make_synthetic_classification,
@@ -75,8 +74,16 @@ from bilevel.learning.models import (
 from bilevel.linear import CG
 from bilevel.lower import LBFGS, solve_lower
 from bilevel.methods import ISGD, Budget, RunResult, TensorSamples
+from bilevel.methods.common import ranked_by
 from bilevel.problem import BilevelError
-from bilevel.runs import check_job_record, new_figure, to_jsonable
+from bilevel.runs import (
+    RunLock,
+    atomic_output,
+    check_job_record,
+    dumps_json,
+    new_figure,
+    write_json,
+)
 from bilevel.schedules import Accuracy, Clipped, Polynomial, as_schedule
 from bilevel.stochastic import (
     SID,
@@ -176,6 +183,8 @@ def load_data(
     test_fraction: float = 0.2,
     device: torch.device | str | None = None,
     label_column: str | int = -1,
+    zero_based: bool | str = "auto",
+    info: dict[str, Any] | None = None,
 ) -> SplitData:
     """The data set named by ``spec``, split into train / validation / test and standardised.
 
@@ -184,8 +193,11 @@ def load_data(
     ``../shared/data/mnist``; float32), ``synthetic[:N[:D]]`` (N samples, D features of which
     D/10 matter; float32; default 10000 × 100), or the path of a file: CSV / TSV (``.csv``,
     ``.tsv``, ``.tab``, optionally ``.gz``; :func:`read_csv`, labels in ``label_column``) or
-    svmlight / LIBSVM (any other name). ``regression`` selects real targets (``diabetes``,
-    synthetic regression, raw file labels) instead of class labels.
+    svmlight / LIBSVM (any other name; feature indices by ``zero_based``, see
+    :func:`~bilevel.learning.datasets.read_svmlight`; ``info`` receives the convention used).
+    ``regression`` selects real targets (``diabetes``, synthetic regression, raw file labels)
+    instead of class labels, which must be unambiguous
+    (:func:`~bilevel.learning.datasets.class_labels`).
 
     Raises:
         BilevelError: unknown name, missing file, or a data set of the wrong kind.
@@ -244,7 +256,7 @@ def load_data(
         return data.to(device=device) if device is not None else data
     path = pathlib.Path(spec)
     if path.is_file():
-        X, y, n_classes, names = _read_file(path, regression, label_column)
+        X, y, n_classes, names = _read_file(path, regression, label_column, zero_based, info)
         data = split_data(
             X,
             y,
@@ -272,31 +284,37 @@ def _is_delimited(name: str) -> bool:
 
 
 def _read_file(
-    path: pathlib.Path, regression: bool, label_column: str | int
+    path: pathlib.Path,
+    regression: bool,
+    label_column: str | int,
+    zero_based: bool | str = "auto",
+    info: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor, int | None, list[str] | None]:
     """(X, y, number of classes or None, feature names or None) from a CSV / TSV (by its
     ending) or svmlight file: real targets (float32) for regression, else labels coded
-    0, …, K−1."""
+    0, …, K−1 from a column that must hold class labels (no missing values, integers or
+    text, not continuous)."""
     names = None
     if _is_delimited(path.name):
         X, labels, names = read_csv(path, label_column)
-        if labels.dtype.kind != "f":
-            if regression:
-                raise BilevelError(f"{path}: the label column holds text; ridge needs numbers")
-            classes, codes = np.unique(labels, return_inverse=True)
-            y, n_found = torch.from_numpy(codes.astype(np.int64)), len(classes)
-        else:
-            y, n_found = torch.from_numpy(labels), None
+        by_name = isinstance(label_column, str) and not label_column.lstrip("-").isdigit()
+        column = f"column {label_column!r}" if by_name else f"column {int(label_column)}"
+        if str(label_column) == "-1":
+            column += ", the last: no --label-column given"
+        where = f"{path}: the label column ({column})"
     else:
-        X, y = read_svmlight(path)
-        n_found = None
+        X, y_file = read_svmlight(path, zero_based=zero_based, info=info)
+        labels = y_file.numpy()
+        where = f"{path}: the labels"
     if regression:
+        if labels.dtype.kind not in "fiu":
+            raise BilevelError(f"{path}: the label column holds text; ridge needs numbers")
+        y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
+        if not bool(torch.isfinite(y).all()):
+            row = int((~torch.isfinite(y)).nonzero()[0, 0]) + 1
+            raise BilevelError(f"{where}: row {row} has a missing or non-finite target")
         return X, y.to(torch.float32), None, names
-    if n_found is None:
-        y, classes = encode_labels(y)
-        n_found = int(classes.numel())
-    if n_found < 2:
-        raise BilevelError(f"{path}: all labels are equal; classification needs two")
+    y, n_found = class_labels(labels, where)
     return X, y, n_found, names
 
 
@@ -704,6 +722,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         "name (default: the last column)",
     )
     data.add_argument(
+        "--svmlight-indexing",
+        choices=("auto", "zero", "one"),
+        default="auto",
+        help="svmlight files: feature indices zero- or one-based (default auto, as "
+        "scikit-learn: zero-based when index 0 occurs, else one-based)",
+    )
+    data.add_argument(
         "--model",
         choices=MODELS,
         default=None,
@@ -786,6 +811,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
     out.add_argument("--run-dir", default=None, help="default: runs/hpo-<time>-<data>-<method>")
     out.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     out.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    out.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        help="steps between checkpoints (default 50; one is also written at the end)",
+    )
     out.add_argument(
         "--eval-every",
         type=int,
@@ -929,8 +960,43 @@ def _device(text: str) -> torch.device:
     return device
 
 
+#: Files a run writes besides those of its run loop (removed by ``--overwrite``).
+JOB_FILES = (
+    "job.json",
+    "summary.json",
+    "hyperparameters.csv",
+    "hyperparameters_best.csv",
+)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse bad numeric options and run-directory choices before any data are read."""
+    for name in ("inner_steps", "batch_size", "eval_every", "checkpoint_every"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise BilevelError(
+                f"--{name.replace('_', '-')} must be a positive integer, got {value}"
+            )
+    if args.cv is not None and args.cv < 2:
+        raise BilevelError(f"--cv must be at least 2 folds, got {args.cv}")
+    if args.cv is not None and args.method == "sid":
+        raise BilevelError("--cv needs --method aid-cg or itd (SID samples one training set)")
+    if args.resume:
+        if args.run_dir is None:
+            raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
+        if args.overwrite:
+            raise BilevelError("--resume and --overwrite exclude each other")
+        if not (pathlib.Path(args.run_dir) / "job.json").is_file():
+            raise BilevelError(f"--resume: no run to resume in {args.run_dir} (no job.json there)")
+    if args.run_dir is not None:
+        path = pathlib.Path(args.run_dir)
+        if path.exists() and not path.is_dir():
+            raise BilevelError(f"--run-dir {args.run_dir} is a file, not a directory")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``bilevel hpo``; returns the exit status (0 on success)."""
+    """Run ``bilevel hpo``; returns the exit status (0 on success). Every option is checked
+    before any work; the run directory is locked while the run writes it."""
     t_start = time.perf_counter()
     log = sys.stderr
 
@@ -939,24 +1005,20 @@ def run(args: argparse.Namespace) -> int:
             print(message, file=log, flush=True)
 
     model_name = args.model or ("ridge" if args.data == "diabetes" else "logistic")
-    if args.label_noise < 0 or args.label_noise > 1:
+    if not (0 <= args.label_noise <= 1):
         raise BilevelError(f"--label-noise must be in [0, 1], got {args.label_noise}")
     theta_range = _parse_range(args.theta_range, model_name)
     shrinkage = _parse_shrinkage(args.shrinkage, model_name)
     init = _parse_init(args.init)
     step = as_schedule(args.step)
     budget = _budget(args)
-    if args.eval_every is not None and args.eval_every < 1:
-        raise BilevelError(f"--eval-every must be a positive integer, got {args.eval_every}")
     device = _device(args.device)
-    if args.resume and args.run_dir is None:
-        raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
-    if args.resume and not (pathlib.Path(args.run_dir) / "config.json").is_file():
-        raise BilevelError(f"--resume: no run found in {args.run_dir} (no config.json)")
+    _check_options(args)
     run_dir = (
         pathlib.Path(args.run_dir) if args.run_dir else _default_run_dir(args.data, args.method)
     )
-
+    zero_based = {"auto": "auto", "zero": True, "one": False}[args.svmlight_indexing]
+    read_info: dict[str, Any] = {}
     data = load_data(
         args.data,
         regression=model_name == "ridge",
@@ -964,10 +1026,22 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         device=device,
         label_column=args.label_column,
+        zero_based=zero_based,
+        info=read_info,
     )
     say(f"bilevel hpo: {data!r}")
-    if args.cv is not None and args.method == "sid":
-        raise BilevelError("--cv needs --method aid-cg or itd (SID samples one training set)")
+    if "zero_based" in read_info:
+        base = "zero" if read_info["zero_based"] else "one"
+        why = "--svmlight-indexing"
+        if zero_based == "auto":
+            why = "index 0 " + ("occurs" if read_info["zero_based"] else "does not occur")
+        say(f"  svmlight feature indices read as {base}-based ({why})")
+    if args.batch_size is not None and args.method == "sid" and args.batch_size > data.n_train:
+        raise BilevelError(
+            f"--batch-size {args.batch_size} exceeds the {data.n_train} training samples"
+        )
+    if args.cv is not None and args.cv > data.n_train + int(data.X_val.shape[0]):
+        raise BilevelError(f"--cv {args.cv}: more folds than rows")
     if shrinkage is None:  # with --cv every training and validation row validates once
         n_validation = int(data.X_val.shape[0]) + (data.n_train if args.cv is not None else 0)
         shrinkage = default_shrinkage(n_validation)
@@ -978,6 +1052,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "label_noise": args.label_noise if model_name == "hypercleaning" else None,
         "label_column": args.label_column if _is_delimited(args.data) else None,
+        "svmlight_zero_based": read_info.get("zero_based"),
         "init": args.init,
         "theta_range": list(theta_range),
         "shrinkage": shrinkage,
@@ -987,16 +1062,52 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "cv": args.cv,
     }
-    if args.resume:
-        check_job_record(run_dir, job)
-    elif (run_dir / "config.json").exists() and not args.overwrite:
-        raise BilevelError(
-            f"{run_dir} already holds a run: resume it (--resume), start again (--overwrite), "
-            "or choose another directory"
+    args.run_dir = str(run_dir)
+    with RunLock(run_dir):
+        present = [n for n in ("job.json", "config.json") if (run_dir / n).exists()]
+        if args.resume:
+            check_job_record(run_dir, job)
+        elif present and not args.overwrite:
+            raise BilevelError(
+                f"{run_dir} already holds a run ({', '.join(present)}): resume it (--resume), "
+                "start again (--overwrite), or choose another directory"
+            )
+        elif args.overwrite:
+            for name in JOB_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        write_json(run_dir / "job.json", job)
+        args.started = True  # from here on, an interrupted run can be resumed
+        return _train(
+            args,
+            data,
+            model_name,
+            job,
+            theta_range,
+            shrinkage,
+            init,
+            step,
+            budget,
+            run_dir,
+            t_start,
+            say,
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.json").write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
 
+
+def _train(
+    args: argparse.Namespace,
+    data: SplitData,
+    model_name: str,
+    job: dict[str, Any],
+    theta_range: tuple[float, float],
+    shrinkage: float,
+    init: float | None,
+    step: Any,
+    budget: Budget,
+    run_dir: pathlib.Path,
+    t_start: float,
+    say: Callable[[str], None],
+) -> int:
+    """The work of ``bilevel hpo`` once its options are checked and its directory locked."""
     # baseline: one common value of θ, chosen on the validation set
     model = build_model(
         data,
@@ -1038,20 +1149,50 @@ def run(args: argparse.Namespace) -> int:
         run_dir=run_dir,
         resume=args.resume,
         overwrite=args.overwrite,
-        evaluate=evaluate,
+        evaluate=ranked_by(evaluate, "val_loss", "min"),
         eval_every=eval_every,
+        checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
         plot=not args.no_plots,
     )
+    if not result.finished:
+        from bilevel.cli import resume_command
+
+        hint = resume_command("hpo", getattr(args, "argv", []), str(run_dir))
+        partial = {
+            **job,
+            "status": result.status,
+            "finished": False,
+            "message": result.message,
+            "steps": result.step,
+            "run_dir": str(run_dir),
+            "resume": hint,
+        }
+        write_json(run_dir / "summary.json", partial)
+        if args.json:
+            print(dumps_json(partial))
+        print(
+            f"bilevel hpo: {result.message.split(';')[0]}; not finished; resume with: {hint}",
+            file=sys.stderr,
+        )
+        return 130
     final = dict(result.evaluation) if result.evaluation else evaluator.metrics()
     write_hyperparameters(run_dir / HYPERPARAMETERS_FILE, model, data)
+    best = _best_summary(result)
+    if result.best_theta is not None:
+        last = model.theta.detach().clone()
+        with torch.no_grad():
+            model.theta.copy_(result.best_theta[0])
+        write_hyperparameters(run_dir / BEST_HYPERPARAMETERS_FILE, model, data)
+        with torch.no_grad():
+            model.theta.copy_(last)
     if not args.no_plots:
         plot_hyperparameters(run_dir / "plots" / "hyperparameters.png", model, data, theta0)
     summary = _summary(args, data, model, job, initial, final, baseline, result, t_start)
-    text = json.dumps(to_jsonable(summary), indent=2, allow_nan=False) + "\n"
-    (run_dir / "summary.json").write_text(text, encoding="utf-8")
+    summary["best"] = best
+    write_json(run_dir / "summary.json", summary)
     if args.json:
-        print(json.dumps(to_jsonable(summary), allow_nan=False))
+        print(dumps_json(summary))
     else:
         _print_summary(summary)
     gap = summary["lower_gap"]
@@ -1064,6 +1205,29 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0 if result.ok else 1
+
+
+def _best_summary(result: RunResult) -> dict[str, Any] | None:
+    """The run's best evaluation (lowest validation loss): its step and metrics, and the file
+    with its θ; None when nothing was evaluated."""
+    if result.best is None:
+        return None
+    step = result.best["step"]
+    metrics: dict[str, Any] = {}
+    if result.evaluation is not None and step == result.step:
+        metrics = dict(result.evaluation)
+    else:
+        for r in result.records:
+            if r.get("step") == step and "val_loss" in r:
+                keys = ("val_loss", "test_accuracy", "test_mse", "test_r2", "shrinkage_penalty")
+                metrics = {k: r[k] for k in keys if k in r}
+                break
+    return {
+        "step": step,
+        "val_loss": result.best["value"],
+        **metrics,
+        "hyperparameters": BEST_HYPERPARAMETERS_FILE,
+    }
 
 
 #: Relative gap |f(w_k) − F(θ_k)| / F(θ_k) above which ``bilevel hpo`` warns that the method's
@@ -1101,6 +1265,8 @@ def lower_level_gap(records: list[Mapping[str, Any]]) -> dict[str, float] | None
 
 #: The learnt hyperparameters, one row each, in the run directory.
 HYPERPARAMETERS_FILE = "hyperparameters.csv"
+#: The hyperparameters of the best evaluation (lowest validation loss), beside them.
+BEST_HYPERPARAMETERS_FILE = "hyperparameters_best.csv"
 
 
 def write_hyperparameters(path: pathlib.Path, model: FiniteSumModel, data: SplitData) -> None:
@@ -1109,7 +1275,7 @@ def write_hyperparameters(path: pathlib.Path, model: FiniteSumModel, data: Split
     hyper-cleaning one row per training sample (``row``: its row in the original data,
     ``theta``, ``weight`` σ(θ), and ``corrupted`` when the corruption is known)."""
     theta = model.theta.detach().to("cpu", torch.float64).reshape(-1)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
         if isinstance(model, HypercleaningModel):
             rows = data.train_index if data.train_index is not None else torch.arange(len(theta))
@@ -1172,7 +1338,8 @@ def plot_hyperparameters(
     ax.set_title(f"{type(model).__name__} on {data.name}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def lower_instances(model: FiniteSumModel, w0: Tensor | None = None) -> TensorSamples:

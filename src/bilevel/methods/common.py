@@ -16,18 +16,25 @@ Every method is a small immutable configuration object whose ``run`` drives an e
 upper-level step at a time. A step is split into a *compute* phase, which changes no
 persistent state (θ is restored if it was moved for a trial), and a short *commit* phase that
 updates θ, the optimiser, the warm starts and the counters and logs the step's record. SIGINT
-is deferred during the commit, so the state is consistent whenever a KeyboardInterrupt
-arrives: the run then writes a checkpoint of the state at the last step boundary and returns
-with status ``"interrupted"``. Resuming from any checkpoint (periodic, final or interrupt)
+and SIGTERM (what schedulers and ``timeout`` send) are deferred during the commit, so the state
+is consistent whenever a KeyboardInterrupt or SIGTERM arrives: the run then writes a
+checkpoint of the state at the last step boundary and returns with status ``"interrupted"``.
+Resuming from any checkpoint (periodic, final or interrupt)
 restores θ, the optimiser state, the warm-start tensors, the sampler and every random number
 generator, so that on CPU the resumed run reproduces the uninterrupted run bit for bit.
+
+Best θ
+------
+An ``evaluate`` callback marked by :func:`ranked_by` (e.g. ``ranked_by(evaluate, "val_loss",
+"min")``) ranks the evaluated iterates: the run keeps the θ with the best value of that metric
+(periodic and final evaluations), checkpoints it, and returns it as ``RunResult.best_theta``
+beside the last θ, with ``RunResult.best`` = {metric, mode, step, value}.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import threading
@@ -51,7 +58,9 @@ from bilevel.runs import (
     rng_state,
     set_rng_state,
     to_jsonable,
+    write_json,
 )
+from bilevel.runs.rundir import RESULT_NAME, fault_point
 from bilevel.schedules import Accuracy, Schedule
 
 __all__ = [
@@ -66,6 +75,7 @@ __all__ = [
     "TensorSamples",
     "as_sample_set",
     "make_optimizer",
+    "ranked_by",
     "with_initial",
 ]
 
@@ -92,6 +102,32 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 #: Values of :attr:`RunResult.status`.
 STATUSES = ("budget", "interrupted", "non_finite", "converged", "stalled")
+
+
+class _Ranked:
+    """An evaluation callback with the metric that ranks its evaluations (see ranked_by)."""
+
+    def __init__(self, evaluate: Evaluation, metric: str, mode: str) -> None:
+        self.evaluate = evaluate
+        self.ranked_by = (metric, mode)
+        self.__qualname__ = f"ranked_by({describe(evaluate)}, {metric!r}, {mode!r})"
+
+    def __call__(self, theta: Theta, step: int) -> Mapping[str, Any]:
+        return self.evaluate(theta, step)
+
+
+def ranked_by(evaluate: Evaluation, metric: str, mode: str = "min") -> Evaluation:
+    """``evaluate`` marked with the metric that ranks its evaluations: ``mode`` "min" (e.g. a
+    validation loss) or "max" (e.g. PSNR). A run keeps the θ with the best finite value of
+    ``metric`` and returns it as ``RunResult.best_theta`` (see the module docstring)."""
+    if not callable(evaluate):
+        raise BilevelError("evaluate must be a callable (theta, step) -> dict of metrics")
+    if not isinstance(metric, str) or not metric:
+        raise BilevelError(f"the ranking metric must be a name, got {metric!r}")
+    if mode not in ("min", "max"):
+        raise BilevelError(f"mode must be 'min' or 'max', got {mode!r}")
+    return _Ranked(evaluate, metric, mode)
+
 
 # ----------------------------------------------------------------------------- training data
 
@@ -441,6 +477,9 @@ class RunResult:
         history: θ after every step of this session, starting with the initial θ (only with
             ``keep_history=True``); ``history[-1]`` equals ``theta``.
         run_dir: the run directory, if any.
+        best_theta: θ of the best evaluation by the metric of a :func:`ranked_by` callback
+            (over all sessions), or None (no ranking metric, or no finite value of it).
+        best: ``{"metric", "mode", "step", "value"}`` of ``best_theta``, or None.
     """
 
     theta: list[Tensor]
@@ -454,6 +493,8 @@ class RunResult:
     evaluation: dict[str, Any] | None = None
     history: list[list[Tensor]] | None = None
     run_dir: Path | None = None
+    best_theta: list[Tensor] | None = None
+    best: dict[str, Any] | None = None
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -466,6 +507,11 @@ class RunResult:
     def ok(self) -> bool:
         """True unless the run was interrupted or stopped on a non-finite value."""
         return self.status not in ("interrupted", "non_finite")
+
+    @property
+    def finished(self) -> bool:
+        """False when the run was interrupted (it can be resumed), else True."""
+        return self.status != "interrupted"
 
 
 # ----------------------------------------------------------------------------- engine + driver
@@ -529,27 +575,64 @@ class Engine:
         self.cost = state["cost"]  # fractional for minibatch estimators (b/N per call)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received during a run: handled like Ctrl-C (checkpoint, status "interrupted")."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT until the block ends, then deliver it (main thread only)."""
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
+    previous: dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+        for sig in _DEFERRED:
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
     except (ValueError, OSError):  # signals unavailable here
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            if callable(previous):
-                previous(signal.SIGINT, None)
-            else:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif sig == signal.SIGINT:
                 raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                raise Terminated()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt), so that a
+    run stopped by a scheduler or ``timeout`` writes its checkpoint (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 #: Keys of the run configuration that may change when a run is resumed.
@@ -621,15 +704,103 @@ def _user_metrics(values: Any, step: int) -> dict[str, Any]:
 _ENGINE_KEYS = ("grad_norm", "distance", "accepted", "backtracks", "certified")
 
 
+class _Best:
+    """The best evaluated θ by a ranking metric (see :func:`ranked_by`)."""
+
+    def __init__(self, evaluate: Evaluation | None) -> None:
+        ranking = getattr(evaluate, "ranked_by", None)
+        self.metric, self.mode = ranking if ranking is not None else (None, "min")
+        self.theta: list[Tensor] | None = None
+        self.step: int | None = None
+        self.value: float | None = None
+
+    def consider(self, metrics: Mapping[str, Any], step: int, params: list[Tensor]) -> None:
+        if self.metric is None or self.metric not in metrics:
+            return
+        try:
+            value = float(metrics[self.metric])
+        except (TypeError, ValueError):
+            return
+        if not math.isfinite(value):
+            return
+        better = (
+            self.value is None
+            or (self.mode == "min" and value < self.value)
+            or (self.mode == "max" and value > self.value)
+        )
+        if better:
+            self.theta, self.step, self.value = snapshot(params), step, value
+
+    def info(self) -> dict[str, Any] | None:
+        if self.theta is None:
+            return None
+        return {"metric": self.metric, "mode": self.mode, "step": self.step, "value": self.value}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        info = self.info()
+        return None if info is None else {**info, "theta": self.theta}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        if state is None or state.get("metric") != self.metric:
+            return
+        self.theta = list(state["theta"])
+        self.step, self.value = int(state["step"]), float(state["value"])
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def check_sample_dtypes(problem: BilevelProblem, samples: Any) -> None:
+    """Refuse floating-point training data or initial points whose dtype differs from θ's
+    (they would fail deep inside a solver), checked on the first sample."""
+    params = problem.params
+    if samples is None or not params:
+        return
+    dtype = params[0].dtype
+    index = torch.zeros(1, dtype=torch.long)
+    for what, value in (("training data", samples.batch(index)), ("x0", samples.initial(index))):
+        for t in _tensors(value):
+            if t.is_floating_point() and t.dtype != dtype:
+                raise BilevelError(
+                    f"the {what} are {str(t.dtype).removeprefix('torch.')} but θ is "
+                    f"{str(dtype).removeprefix('torch.')}: convert one of them (e.g. "
+                    f"tensor.to({dtype}))"
+                )
+
+
 def drive(
     engine: Engine, options: RunOptions, config: Mapping[str, Any], samples_count: int
 ) -> RunResult:
     """Run ``engine`` under ``options``: the loop shared by every method."""
+    check_sample_dtypes(engine.problem, getattr(engine, "samples", None))
+    run = None
+    if options.run_dir is not None:
+        run = RunDirectory(options.run_dir, resume=options.resume, overwrite=options.overwrite)
+    try:
+        return _drive(engine, options, config, samples_count, run)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _drive(
+    engine: Engine,
+    options: RunOptions,
+    config: Mapping[str, Any],
+    samples_count: int,
+    run: RunDirectory | None,
+) -> RunResult:
     opts = options
     problem = engine.problem
-    run = None
-    if opts.run_dir is not None:
-        run = RunDirectory(opts.run_dir, resume=opts.resume, overwrite=opts.overwrite)
+    if run is not None:
         full = {
             **config,
             "problem": problem_description(problem, samples_count),
@@ -637,6 +808,7 @@ def drive(
         }
         run.write_config(full, ignore=RESUMABLE_KEYS)
     gens = engine.generators
+    best = _Best(opts.evaluate)
     elapsed0, eval_seconds = 0.0, 0.0
     if run is not None:
         state = run.load_checkpoint()
@@ -645,11 +817,14 @@ def drive(
             set_rng_state(state["rng"], gens)
             elapsed0 = float(state["elapsed"])
             eval_seconds = float(state["eval_seconds"])
+            best.load_state_dict(state.get("best"))
+        write_json(run.path / RESULT_NAME, {"status": "running", "finished": False})
     clock = Stopwatch(elapsed0)
     records: list[dict[str, Any]] = []
     history = [snapshot(engine.params)] if opts.keep_history else None
     good: list[Tensor] | None = None  # θ at the last finite evaluation of this session
     boundary_rng: dict[str, Any] | None = None
+    boundary_best: dict[str, Any] | None = None
 
     unit, total = opts.budget.progress()
 
@@ -661,7 +836,7 @@ def drive(
             "wall_time": clock.elapsed() - eval_seconds,
         }[unit]
 
-    def checkpoint(rng: dict[str, Any] | None = None) -> None:
+    def checkpoint(rng: dict[str, Any] | None = None, best_state: Any = "current") -> None:
         if run is None:
             return
         run.save_checkpoint(
@@ -670,6 +845,7 @@ def drive(
                 "rng": rng if rng is not None else rng_state(gens),
                 "elapsed": clock.elapsed(),
                 "eval_seconds": eval_seconds,
+                "best": best.state_dict() if best_state == "current" else best_state,
             }
         )
 
@@ -682,74 +858,82 @@ def drive(
     )
     status, message = "budget", ""
     try:
-        while True:
-            reason = opts.budget.exhausted(
-                engine.step, engine.epoch, engine.cost, clock.elapsed() - eval_seconds
-            )
-            if reason is not None:
-                message = reason
-                break
-            engine.check_finished()
-            boundary_rng = rng_state(gens)
-            k = engine.step
-            extra: dict[str, Any] = {}
-            if opts.evaluate is not None and k % opts.eval_every == 0:
-                start = time.perf_counter()
-                extra = _user_metrics(opts.evaluate(problem.theta, k), k)
-                eval_seconds += time.perf_counter() - start
-            try:
-                pending = engine.compute()
-            except NonFiniteError as exc:
-                restored = good is not None
-                if restored:
-                    load_params(engine.params, good)
-                    if history is not None and len(history) > 1:
-                        history.pop()
-                raise Stop(
-                    "non_finite",
-                    f"step {k}: {exc}; stopped"
-                    + (
-                        " and restored θ of the previous step (the last with finite loss and "
-                        "hypergradient)"
-                        if restored
-                        else ""
-                    ),
-                ) from None
-            good = snapshot(engine.params)
-            with deferred_interrupts():
+        with terminate_as_interrupt():
+            while True:
+                reason = opts.budget.exhausted(
+                    engine.step, engine.epoch, engine.cost, clock.elapsed() - eval_seconds
+                )
+                if reason is not None:
+                    message = reason
+                    break
+                engine.check_finished()
+                boundary_rng = rng_state(gens)
+                boundary_best = best.state_dict()
+                k = engine.step
+                extra: dict[str, Any] = {}
+                if opts.evaluate is not None and k % opts.eval_every == 0:
+                    start = time.perf_counter()
+                    extra = _user_metrics(opts.evaluate(problem.theta, k), k)
+                    eval_seconds += time.perf_counter() - start
                 try:
-                    record = engine.commit(pending)
+                    pending = engine.compute()
                 except NonFiniteError as exc:
-                    load_params(engine.params, good)
+                    restored = good is not None
+                    if restored:
+                        load_params(engine.params, good)
+                        if history is not None and len(history) > 1:
+                            history.pop()
                     raise Stop(
                         "non_finite",
-                        f"step {k}: {exc}; stopped and restored θ from before the step",
+                        f"step {k}: {exc}; stopped"
+                        + (
+                            " and restored θ of the previous step (the last with finite loss "
+                            "and hypergradient)"
+                            if restored
+                            else ""
+                        ),
                     ) from None
-                wall = clock.elapsed() - eval_seconds
-                full_record = {key: record.get(key) for key in METRIC_KEYS}
-                full_record["wall_time"] = wall
-                full_record.update({k2: v for k2, v in record.items() if k2 not in METRIC_KEYS})
-                full_record.update(extra)
-                if run is not None:
-                    run.log(full_record)
-                records.append(full_record)
-                boundary_rng = None
-                if history is not None:
-                    history.append(snapshot(engine.params))
-            bar.update(
-                done_units(),
-                loss=full_record.get("upper_loss"),
-                cost=engine.cost,
-            )
-            if engine.step % opts.checkpoint_every == 0:
-                checkpoint()
+                good = snapshot(engine.params)
+                with deferred_interrupts():
+                    try:
+                        record = engine.commit(pending)
+                    except NonFiniteError as exc:
+                        load_params(engine.params, good)
+                        raise Stop(
+                            "non_finite",
+                            f"step {k}: {exc}; stopped and restored θ from before the step",
+                        ) from None
+                    best.consider(extra, k, good)  # the evaluation was of θ_k, before the step
+                    wall = clock.elapsed() - eval_seconds
+                    full_record = {key: record.get(key) for key in METRIC_KEYS}
+                    full_record["wall_time"] = wall
+                    full_record.update({k2: v for k2, v in record.items() if k2 not in METRIC_KEYS})
+                    full_record.update(extra)
+                    if run is not None:
+                        run.log(full_record)
+                    records.append(full_record)
+                    boundary_rng = boundary_best = None
+                    if history is not None:
+                        history.append(snapshot(engine.params))
+                fault_point("step")
+                bar.update(
+                    done_units(),
+                    loss=full_record.get("upper_loss"),
+                    cost=engine.cost,
+                )
+                if engine.step % opts.checkpoint_every == 0:
+                    checkpoint()
     except Stop as stop:
         status, message = stop.status, stop.message
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         status = "interrupted"
-        message = f"interrupted at step {engine.step}"
+        signal_name = "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
+        message = f"interrupted ({signal_name}) at step {engine.step}"
         if run is not None:
-            checkpoint(boundary_rng)
+            checkpoint(
+                boundary_rng,
+                best.state_dict() if boundary_rng is None else boundary_best,
+            )
             message += f"; checkpoint written to {run.checkpoint_path}, resume with resume=True"
     if status not in ("interrupted", "non_finite"):
         checkpoint()
@@ -764,6 +948,7 @@ def drive(
         start = time.perf_counter()
         evaluation = _user_metrics(opts.evaluate(problem.theta, engine.step), engine.step)
         eval_seconds += time.perf_counter() - start
+        best.consider(evaluation, engine.step, engine.params)
     wall_time = clock.elapsed() - eval_seconds
     result = RunResult(
         theta=snapshot(engine.params),
@@ -777,19 +962,22 @@ def drive(
         evaluation=evaluation,
         history=history,
         run_dir=None if run is None else run.path,
+        best_theta=best.theta,
+        best=best.info(),
     )
     if run is not None:
         summary = {
             "status": status,
+            "finished": result.finished,
             "message": message,
             "step": engine.step,
             "epoch": engine.epoch,
             "cost": engine.cost,
             "wall_time": wall_time,
             "evaluation": evaluation,
+            "best": best.info(),
         }
-        text = json.dumps(to_jsonable(summary), indent=2, allow_nan=False) + "\n"
-        (run.path / "result.json").write_text(text, encoding="utf-8")
+        write_json(run.path / RESULT_NAME, summary)
         if opts.plot and result.records:
             _plot(run, result.records, extra_keys=list((evaluation or {}).keys()))
     return result

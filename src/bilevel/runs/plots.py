@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel.problem import BilevelError
-from bilevel.runs.rundir import read_metrics
+from bilevel.runs.rundir import atomic_output, read_metrics
 
 __all__ = ["load_records", "plot_metrics"]
 
@@ -172,6 +172,7 @@ def plot_metrics(
                 ax.legend()
             fig.tight_layout()
             path = out / f"{_safe(y_key)}_vs_{_safe(x_key)}.{fmt}"
-            fig.savefig(path, dpi=dpi, format=fmt)
+            with atomic_output(path) as tmp:
+                fig.savefig(tmp, dpi=dpi, format=fmt)
             written.append(path)
     return written

@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,15 @@ from bilevel.imaging.regularisers import (
     Regulariser,
     SmoothedTV,
 )
+from bilevel.imaging.report import (
+    GRID_IMAGES,
+    TensorBoardEvaluation,
+    final_record,
+    measurement_title,
+    reconstruction_figure,
+    write_report,
+    write_run_figures,
+)
 from bilevel.imaging.tasks import (
     GridSearchResult,
     grid_search_tv,
@@ -55,6 +65,7 @@ from bilevel.lower import Nesterov
 from bilevel.methods import ISGD, MAID, Budget, RunResult, with_initial
 from bilevel.problem import BilevelError, BilevelProblem
 from bilevel.runs import check_job_record
+from bilevel.runs.tensorboard import TensorBoardLog
 
 REGULARISERS = ("foe", "ridge", "icnn", "tv")
 METHODS = ("adam-isgd", "isgd", "maid")
@@ -153,6 +164,12 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     a("--run-dir", default=None, help="run directory (default: runs/<task>-<timestamp>)")
     a("--resume", action="store_true", help="continue the run in --run-dir")
     a("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    a(
+        "--tensorboard",
+        action="store_true",
+        help="also log metrics, filters and reconstructions to RUN_DIR/tensorboard (needs "
+        "pip install 'bilevel[tensorboard]')",
+    )
     a("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -337,23 +354,6 @@ def _scores(x: Tensor, clean: Tensor) -> dict[str, float]:
     return {"psnr": float(psnr(x, clean).mean()), "ssim": float(ssim(x, clean).mean())}
 
 
-def _save_grid(path: Path, rows: list[Tensor], count: int = 4) -> None:
-    """PNG grid: one row per image, columns clean / degraded / TV / learned."""
-    from PIL import Image
-
-    cols = [r[:count].clamp(0, 1).cpu() for r in rows]
-    n, c, h, w = cols[0].shape
-    pad = 2
-    canvas = torch.ones(c, n * (h + pad), len(cols) * (w + pad))
-    for j, col in enumerate(cols):
-        for i in range(n):
-            canvas[:, i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = col[i]
-    arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    Image.fromarray(arr[..., 0] if c == 1 else arr).resize(
-        (arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST
-    ).save(path)
-
-
 #: The options that define a learned model (everything ``bilevel reconstruct`` needs besides
 #: θ), stored in the run directory's ``job.json``.
 MODEL_OPTIONS = (
@@ -414,6 +414,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.run_dir is None:
         raise BilevelError("--resume needs --run-dir")
     _write_job_record(run_dir, args)
+    tensorboard = _tensorboard(run_dir) if args.tensorboard else None
     log = sys.stderr if args.json else sys.stdout
     y_test, x_test = setup.test.batch()[:2]
 
@@ -434,20 +435,27 @@ def run(args: argparse.Namespace) -> int:
         calibrate_foe_weights(regulariser, tv.strength)
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=args.budget, wall_time=args.time)
+    evaluate = test_evaluation(setup)
+    if tensorboard is not None:
+        shown = (y_test[:GRID_IMAGES], x_test[:GRID_IMAGES])
+        evaluate = TensorBoardEvaluation(
+            evaluate,
+            tensorboard,
+            lambda: reconstruct(setup.problem, shown, tol=eval_tol),
+            regulariser,
+        )
     result: RunResult = make_method(args).run(
         setup.problem,
         samples,
         budget,
         run_dir=run_dir,
         resume=args.resume,
-        evaluate=test_evaluation(setup),
+        evaluate=evaluate,
         eval_every=args.eval_every,
         progress=not args.no_progress,
     )
     torch.save(setup.problem.theta.state_dict(), run_dir / MODEL_FILE)
     x_learned = reconstruct(setup.problem, (y_test, x_test), tol=eval_tol)
-    y_show = setup.operator.adjoint(y_test) if args.job == "deblur" else y_test
-    _save_grid(run_dir / "reconstructions.png", [x_test, y_show, x_tv, x_learned])
     summary = {
         "task": args.job,
         "regulariser": args.regulariser,
@@ -458,13 +466,19 @@ def run(args: argparse.Namespace) -> int:
         "oracle_calls": result.cost,
         "wall_time_s": round(time.perf_counter() - start, 2),
         "test": {
-            "degraded": _scores(y_show, x_test),
+            "degraded": _scores(y_test, x_test),
             "tv": {**_scores(x_tv, x_test), "strength": tv.strength},
             "learned": _scores(x_learned, x_test),
         },
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    # the measurement y itself (for deblurring not Aᵀy, whose frame the zero boundary darkens)
+    images = {"clean": x_test, "measurement": y_test, "tv": x_tv, "learned": x_learned}
+    _write_figures(args, run_dir, summary, result, regulariser, eval_tol, images)
+    if tensorboard is not None:  # the final evaluation went through the callback already
+        tensorboard.sync()
+        tensorboard.close()
     if args.json:
         print(json.dumps(summary))
     else:
@@ -476,6 +490,51 @@ def run(args: argparse.Namespace) -> int:
             f"  cost: {result.cost} oracle calls, {result.step} steps, "
             f"{summary['wall_time_s']:.0f} s; status: {result.status} ({result.message})"
         )
-        print(f"  results in {run_dir} (reconstructions.png, plots/, metrics.jsonl, model.pt)")
+        print(
+            f"  results in {run_dir} (report.html, reconstructions.png, plots/, metrics.jsonl, "
+            "model.pt)"
+        )
         print(f"  apply it to your images: bilevel reconstruct {run_dir} IMAGE ...")
     return 0 if result.ok else 1
+
+
+def _tensorboard(run_dir: Path) -> TensorBoardLog:
+    """The run's TensorBoard log; a missing ``tensorboard`` package is a usage error."""
+    try:
+        return TensorBoardLog(run_dir)
+    except ImportError as exc:
+        raise BilevelError(f"--tensorboard: {exc}") from None
+
+
+def _write_figures(
+    args: argparse.Namespace,
+    run_dir: Path,
+    summary: dict[str, Any],
+    result: RunResult,
+    regulariser: Regulariser,
+    eval_tol: float,
+    images: dict[str, Tensor],
+) -> None:
+    """``reconstructions.png`` (titled columns, PSNR per image), the test-PSNR and tolerance
+    plots and ``report.html``; a warning instead when matplotlib is missing. ``images`` holds
+    the test crops: clean, measurement, tv and learned."""
+    test = summary["test"]
+    try:
+        grid = reconstruction_figure(
+            images["clean"],
+            [
+                (measurement_title(args.job), images["measurement"]),
+                (f"TV (λ = {test['tv']['strength']:g})", images["tv"]),
+                (f"learned {args.regulariser}", images["learned"]),
+            ],
+        )
+        grid.savefig(run_dir / "reconstructions.png", dpi=100)
+        records = result.records
+        write_run_figures(
+            run_dir, records, final_record(result), test["tv"]["psnr"], test["tv"]["strength"]
+        )
+        write_report(
+            run_dir, args, summary, records, regulariser, run_dir / "reconstructions.png", eval_tol
+        )
+    except ImportError as exc:
+        warnings.warn(f"no figures or report.html: {exc}", RuntimeWarning, stacklevel=2)

@@ -6,8 +6,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; an unpinned torch may pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The torchvision built for that torch (deepinv imports it); install it from the same index
+# as the torch build (CPU builds of torch need the CPU build of torchvision).
+TORCHVISION_SPEC ?= torchvision==0.28.0
 
-.PHONY: install run test lint format bench clean
+.PHONY: install install-deepinv run test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +22,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+# Optional: deepinv forward operators (bilevel[deepinv]) and TensorBoard, torch kept at its pin.
+install-deepinv: install
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" -e ".[deepinv,tensorboard]"
 
 run: install
 	$(BIN)/bilevel denoise

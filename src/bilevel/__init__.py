@@ -6,6 +6,7 @@ The flat namespace holds what users call; submodules hold the rest:
 ``bilevel.runs`` (run directories, checkpoints, progress, plots).
 """
 
+from bilevel.argmin import ArgminInfo, ArgminLayer, argmin
 from bilevel.autodiff import Cost
 from bilevel.bounds import BoundConstants
 from bilevel.hypergrad import (
@@ -43,6 +44,9 @@ from bilevel.stochastic import (
 )
 
 __all__ = [
+    "ArgminInfo",
+    "ArgminLayer",
+    "argmin",
     "CG",
     "HOAG",
     "ISGD",

@@ -20,6 +20,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,15 @@ from bilevel.imaging.regularisers import (
     Regulariser,
     SmoothedTV,
 )
+from bilevel.imaging.report import (
+    GRID_IMAGES,
+    TensorBoardEvaluation,
+    final_record,
+    measurement_title,
+    reconstruction_figure,
+    write_report,
+    write_run_figures,
+)
 from bilevel.imaging.tasks import (
     GridSearchResult,
     grid_search_tv,
@@ -72,6 +82,7 @@ from bilevel.runs import (
     save_torch,
     write_json,
 )
+from bilevel.runs.tensorboard import TensorBoardLog
 
 REGULARISERS = ("foe", "ridge", "icnn", "tv")
 METHODS = ("adam-isgd", "isgd", "maid")
@@ -177,6 +188,12 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         help="steps between checkpoints (default: 50; one is also written at the end)",
     )
     a("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    a(
+        "--tensorboard",
+        action="store_true",
+        help="also log metrics, filters and reconstructions to RUN_DIR/tensorboard (needs "
+        "pip install 'bilevel[tensorboard]')",
+    )
     a("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -437,24 +454,6 @@ def _scores(x: Tensor, clean: Tensor) -> dict[str, float]:
     return {"psnr": float(psnr(x, clean).mean()), "ssim": float(ssim(x, clean).mean())}
 
 
-def _save_grid(path: Path, rows: list[Tensor], count: int = 4) -> None:
-    """PNG grid: one row per image, columns clean / degraded / TV / learned."""
-    from PIL import Image
-
-    cols = [r[:count].clamp(0, 1).cpu() for r in rows]
-    n, c, h, w = cols[0].shape
-    pad = 2
-    canvas = torch.ones(c, n * (h + pad), len(cols) * (w + pad))
-    for j, col in enumerate(cols):
-        for i in range(n):
-            canvas[:, i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = col[i]
-    arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    with atomic_output(path) as tmp:
-        Image.fromarray(arr[..., 0] if c == 1 else arr).resize(
-            (arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST
-        ).save(tmp, format="PNG")
-
-
 #: The options that define a learned model (everything ``bilevel reconstruct`` needs besides
 #: θ), stored in the run directory's ``job.json``.
 MODEL_OPTIONS = (
@@ -556,6 +555,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
 def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
     """The work of a run whose options are checked and whose directory is locked: TV grid
     search, the bilevel run, the test comparison and the files of the run directory."""
+    tensorboard = _tensorboard(run_dir) if args.tensorboard else None
     log = sys.stderr if args.json else sys.stdout
     y_test, x_test = setup.test.batch()[:2]
 
@@ -575,7 +575,16 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
         calibrate_foe_weights(regulariser, tv.strength)
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=args.budget, wall_time=args.time)
-    evaluate = test_evaluation(setup)
+    test = TestEvaluation(setup)
+    eval_tol = test.tol
+    if tensorboard is None:
+        evaluate = ranked_by(test, "test_psnr", "max")
+    else:
+        shown = (y_test[:GRID_IMAGES], x_test[:GRID_IMAGES])
+        logged = TensorBoardEvaluation(
+            test, tensorboard, lambda: reconstruct(setup.problem, shown, tol=eval_tol), regulariser
+        )
+        evaluate = ranked_by(logged, "test_psnr", "max")
     result: RunResult = make_method(args).run(
         setup.problem,
         samples,
@@ -624,19 +633,23 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
             "model": BEST_MODEL_FILE,
         }
     # the reconstructions of the final evaluation: the summary and result.json agree
-    x_learned = evaluate.evaluate.last
-    y_show = setup.operator.adjoint(y_test) if args.job == "deblur" else y_test
-    _save_grid(run_dir / "reconstructions.png", [x_test, y_show, x_tv, x_learned])
+    x_learned = test.last
     summary = {
         **base,
         "test": {
-            "degraded": _scores(y_show, x_test),
+            "degraded": _scores(y_test, x_test),
             "tv": {**_scores(x_tv, x_test), "strength": tv.strength},
             "learned": _scores(x_learned, x_test),
         },
         "best": best,
     }
     write_json(run_dir / "summary.json", summary)
+    # the measurement y itself (for deblurring not Aᵀy, whose frame the zero boundary darkens)
+    images = {"clean": x_test, "measurement": y_test, "tv": x_tv, "learned": x_learned}
+    _write_figures(args, run_dir, summary, result, regulariser, eval_tol, images)
+    if tensorboard is not None:  # the final evaluation went through the callback already
+        tensorboard.sync()
+        tensorboard.close()
     if args.json:
         print(dumps_json(summary))
     else:
@@ -651,7 +664,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
             f"{result.wall_time:.0f} s; status: {result.status} ({result.message})"
         )
         print(
-            f"  results in {run_dir} (reconstructions.png, plots/, metrics.jsonl, "
+            f"  results in {run_dir} (report.html, reconstructions.png, plots/, metrics.jsonl, "
             f"{MODEL_FILE}, {BEST_MODEL_FILE})"
         )
         print(f"  apply it to your images: bilevel reconstruct {run_dir} IMAGE ...")
@@ -664,3 +677,46 @@ def read_job_record(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BilevelError(f"{Path(run_dir) / 'job.json'} is damaged (not a JSON object)")
     return data
+
+
+def _tensorboard(run_dir: Path) -> TensorBoardLog:
+    """The run's TensorBoard log; a missing ``tensorboard`` package is a usage error."""
+    try:
+        return TensorBoardLog(run_dir)
+    except ImportError as exc:
+        raise BilevelError(f"--tensorboard: {exc}") from None
+
+
+def _write_figures(
+    args: argparse.Namespace,
+    run_dir: Path,
+    summary: dict[str, Any],
+    result: RunResult,
+    regulariser: Regulariser,
+    eval_tol: float,
+    images: dict[str, Tensor],
+) -> None:
+    """``reconstructions.png`` (titled columns, PSNR per image), the test-PSNR and tolerance
+    plots and ``report.html``; a warning instead when matplotlib is missing. ``images`` holds
+    the test crops: clean, measurement, tv and learned."""
+    test = summary["test"]
+    try:
+        grid = reconstruction_figure(
+            images["clean"],
+            [
+                (measurement_title(args.job), images["measurement"]),
+                (f"TV (λ = {test['tv']['strength']:g})", images["tv"]),
+                (f"learned {args.regulariser}", images["learned"]),
+            ],
+        )
+        with atomic_output(run_dir / "reconstructions.png") as tmp:
+            grid.savefig(tmp, dpi=100, format="png")
+        records = result.records
+        write_run_figures(
+            run_dir, records, final_record(result), test["tv"]["psnr"], test["tv"]["strength"]
+        )
+        write_report(
+            run_dir, args, summary, records, regulariser, run_dir / "reconstructions.png", eval_tol
+        )
+    except ImportError as exc:
+        warnings.warn(f"no figures or report.html: {exc}", RuntimeWarning, stacklevel=2)

@@ -32,8 +32,10 @@ __all__ = [
     "Convolution",
     "InpaintingMask",
     "LearnableMask",
+    "adjoint_mismatch",
     "gaussian_kernel",
     "motion_blur_kernel",
+    "norm_estimate",
     "random_mask",
 ]
 
@@ -54,6 +56,12 @@ class LinearOperator(nn.Module):
     def norm_bound(self) -> float:  # pragma: no cover - abstract
         """An upper bound on the operator norm ‖A‖ (largest singular value)."""
         raise NotImplementedError
+
+    def initial_image(self, y: Tensor) -> Tensor:
+        """A starting image for reconstructions from measurements y: y itself here (the
+        measurement space is the image space); operators with other measurement spaces
+        return Aᵀy."""
+        return y
 
     def norm_lower_bound(self) -> float:
         """A certified lower bound on the smallest singular value of A (0 if unknown)."""
@@ -338,3 +346,68 @@ class LearnableMask(LinearOperator):
         k = max(1, int(round(fraction * w.numel())))
         threshold = torch.topk(w.flatten(), k).values[-1]
         return InpaintingMask((w >= threshold).to(w.dtype))
+
+
+def adjoint_mismatch(
+    operator: LinearOperator,
+    image_shape: Sequence[int],
+    trials: int = 3,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | int | None = 0,
+) -> float:
+    """The adjoint test: max over random x, y of |⟨A x, y⟩ − ⟨x, Aᵀ y⟩| / (‖A x‖ ‖y‖).
+
+    x has shape ``(1, *image_shape)``, y the shape of A x; both are standard normal, drawn in
+    float64 and cast to ``dtype`` (default: the default dtype). An exact adjoint gives a value
+    at the rounding level of ``dtype`` (about 1e-16 in float64, 1e-7 in float32).
+    """
+    if not isinstance(generator, torch.Generator):
+        generator = torch.Generator().manual_seed(0 if generator is None else int(generator))
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    worst = 0.0
+    with torch.no_grad():
+        for _ in range(trials):
+            x = torch.randn((1, *image_shape), generator=generator, dtype=torch.float64)
+            ax = operator(x.to(dtype))
+            y = torch.randn(ax.shape, generator=generator, dtype=torch.float64).to(dtype)
+            aty = operator.adjoint(y)
+            if aty.shape != x.shape:
+                raise BilevelError(
+                    f"the adjoint maps measurements {tuple(y.shape)} to {tuple(aty.shape)}, "
+                    f"expected images {tuple(x.shape)}"
+                )
+            lhs = (ax.double() * y.double()).sum()
+            rhs = (x.to(dtype).double() * aty.double()).sum()
+            scale = float(ax.double().norm() * y.double().norm())
+            worst = max(worst, float((lhs - rhs).abs()) / max(scale, 1e-300))
+    return worst
+
+
+def norm_estimate(
+    operator: LinearOperator,
+    image_shape: Sequence[int],
+    iterations: int = 100,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | int | None = 0,
+) -> float:
+    """‖A‖ estimated by power iteration on AᵀA from a seeded random image of ``image_shape``.
+
+    Power iteration converges from below: the value is a lower bound on ‖A‖ up to rounding,
+    close to it after enough ``iterations``; multiply by a safety factor to use it as a bound.
+    """
+    if not isinstance(generator, torch.Generator):
+        generator = torch.Generator().manual_seed(0 if generator is None else int(generator))
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    v = torch.randn((1, *image_shape), generator=generator, dtype=torch.float64).to(dtype)
+    value = 0.0
+    with torch.no_grad():
+        for _ in range(iterations):
+            v = v / v.norm()
+            w = operator.adjoint(operator(v))
+            value = float((v.double() * w.double()).sum())
+            if not math.isfinite(value):
+                raise BilevelError("power iteration on AᵀA produced a non-finite value")
+            if float(w.norm()) == 0.0:
+                return 0.0
+            v = w
+    return math.sqrt(max(value, 0.0))

@@ -169,11 +169,15 @@ def reconstruct(
     """x̃ = argmin_x h(x, θ, batch) for every image, ‖∇ₓh_i(x̃_i)‖ ≤ tol (absolute).
 
     Accelerated gradient with the problem's Lipschitz bound; starts from ``x0`` (default: the
-    measurements y). Detached result, shape of y. Images that miss ``tol`` within ``max_iter``
+    operator's ``initial_image(y)``: y itself, or Aᵀy where measurements are not images).
+    Detached result, shaped like the images. Images that miss ``tol`` within ``max_iter``
     iterations are returned as they are, with a ``ConvergenceWarning`` that says how many.
     """
     y = _split_batch(batch)[0]
-    x0 = y if x0 is None else x0
+    if x0 is None:
+        theta = problem.theta
+        has_op = isinstance(theta, nn.ModuleDict) and "operator" in theta
+        x0 = theta["operator"].initial_image(y) if has_op else y
     if not isinstance(x0, Tensor) or tuple(x0.shape) != tuple(y.shape):
         shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
         raise BilevelError(f"x0 must have the measurements' shape {tuple(y.shape)}, got {shape}")

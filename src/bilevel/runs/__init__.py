@@ -2,8 +2,16 @@
 directory (configuration, metrics log, crash-safe checkpoints), RNG state capture, a progress
 bar and plots of the logged metrics."""
 
-from bilevel.runs.plots import load_records, new_figure, plot_metrics
+from bilevel.runs.plots import (
+    figure_png,
+    image_grid,
+    load_records,
+    new_figure,
+    plot_metrics,
+    running_mean,
+)
 from bilevel.runs.progress import Progress, format_duration
+from bilevel.runs.report import Report
 from bilevel.runs.rng import rng_state, set_rng_state
 from bilevel.runs.rundir import (
     METRIC_KEYS,
@@ -24,19 +32,23 @@ from bilevel.runs.rundir import (
 __all__ = [
     "METRIC_KEYS",
     "Progress",
+    "Report",
     "RunDirectory",
     "RunLock",
     "Stopwatch",
     "atomic_output",
     "check_job_record",
     "dumps_json",
+    "figure_png",
     "format_duration",
+    "image_grid",
     "load_records",
     "new_figure",
     "plot_metrics",
     "read_json",
     "read_metrics",
     "rng_state",
+    "running_mean",
     "save_torch",
     "set_rng_state",
     "to_jsonable",

@@ -8,6 +8,7 @@ import torch
 from bilevel import CG, Implicit, Nesterov
 from bilevel.imaging import (
     ConvexRidge,
+    ConvexRidgeNetwork,
     Convolution,
     DegradedImages,
     FieldsOfExperts,
@@ -16,6 +17,7 @@ from bilevel.imaging import (
     InputConvexNetwork,
     LearnableMask,
     SmoothedTV,
+    WeaklyConvexRidge,
     gaussian_kernel,
     random_mask,
     reconstruction_problem,
@@ -31,6 +33,29 @@ def _images(n=2, size=10, channels=1, seed=0):
     return (base + 0.05 * torch.rand(n, channels, size, size, generator=gen, dtype=F64)).clamp(0, 1)
 
 
+#: Two 3×3 layers (5×5 support), coarse knots: responses fall on several knot intervals.
+SMALL_RIDGE = {"layers": 2, "kernel_size": 3, "num_knots": 6, "knot_spacing": 0.05}
+SMALL_RIDGE.update(strength=0.1, smoothing=0.05, boundary="circular")
+
+
+@torch.no_grad()
+def _perturbed(reg):
+    """Perturb the filters: the initial ones have zero entries, where Young's bound ‖w‖₁² in
+    the WCRR's concave allowance is not differentiable (finite differences see |·| there)."""
+    gen = torch.Generator().manual_seed(5)
+    for w in reg.layers:
+        w.add_(0.1 * torch.randn(w.shape, generator=gen, dtype=w.dtype))
+    return reg
+
+
+@torch.no_grad()
+def _concave(reg: WeaklyConvexRidge) -> WeaklyConvexRidge:
+    """Switch the concave part on, so the hypergradient passes through negative curvature."""
+    reg.concave_logits.fill_(3.0)
+    reg.share_logits.fill_(2.0)
+    return _perturbed(reg)
+
+
 REGULARISERS = {
     "tv": lambda c: SmoothedTV(strength=0.05, smoothing=0.05),
     "foe": lambda c: FieldsOfExperts(num_filters=3, filter_size=3, channels=c, smoothing=0.05),
@@ -42,6 +67,8 @@ REGULARISERS = {
     ),
     "ridge": lambda c: ConvexRidge(num_filters=2, filter_size=3, channels=c, num_basis=2),
     "icnn": lambda c: InputConvexNetwork(channels=c, hidden=3, layers=2),
+    "crr": lambda c: _perturbed(ConvexRidgeNetwork(2, c, **SMALL_RIDGE)),
+    "wcrr": lambda c: _concave(WeaklyConvexRidge(2, c, max_weak_convexity=0.8, **SMALL_RIDGE)),
 }
 
 OPERATORS = {

@@ -10,10 +10,14 @@ import torch
 from bilevel import BilevelError
 from bilevel.imaging import (
     ConvexRidge,
+    ConvexRidgeNetwork,
     FieldsOfExperts,
     InputConvexNetwork,
     SmoothedTV,
+    WeaklyConvexRidge,
+    reconstruction_problem,
 )
+from bilevel.imaging.regularisers import _spline, ridge_layers
 
 SIZE = 14
 
@@ -216,3 +220,152 @@ def test_bad_inputs() -> None:
         SmoothedTV()(torch.rand(8, 8))
     with pytest.raises(BilevelError):
         InputConvexNetwork(positivity="relu")
+
+
+# --------------------------------------------------------------------------------------------
+# Spline ridge networks (CRR-NN, WCRR-NN)
+# --------------------------------------------------------------------------------------------
+
+
+def _ridge_net(cls, channels: int = 1, **kw):
+    """A small model (support 5: two 3×3 layers) with coarse knots, so that responses of
+    random images fall on many knot intervals."""
+    opts = {"num_filters": 4, "layers": 2, "kernel_size": 3, "num_knots": 12}
+    opts.update(knot_spacing=0.02, smoothing=0.03, strength=0.2, **kw)
+    return cls(channels=channels, **opts).double()
+
+
+@torch.no_grad()
+def _randomise_(reg, seed: int):
+    """Random θ: perturbed filters, potentials and scalings."""
+    gen = _gen(seed)
+    for p in reg.parameters():
+        p.add_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return reg
+
+
+def _min_eig(reg, x, iters: int = 60) -> float:
+    """Smallest eigenvalue of ∇²R(x) by power iteration on c I − ∇²R (c ≥ λ_max)."""
+    hvp = _hvp_fn(reg, x)
+    c = reg.curvature_bound()
+    v = torch.randn(x.shape, generator=_gen(8), dtype=x.dtype)
+    for _ in range(iters):
+        v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        w = c * v - hvp(v)
+        lam = c - _quad(v, w)
+        v = w
+    return float(lam.min())
+
+
+def test_composite_filters_equal_the_layered_convolutions() -> None:
+    reg = _randomise_(ConvexRidgeNetwork(num_filters=3, channels=2).double(), 0)
+    assert reg.filter_size == 13 and reg.effective_filters().shape == (3, 2, 13, 13)
+    x = torch.rand(2, 2, 20, 20, generator=_gen(1), dtype=torch.float64)
+    first = reg.layers[0] - reg.layers[0].mean(dim=(1, 2, 3), keepdim=True)
+    y = torch.nn.functional.conv2d(x, first)
+    for w in reg.layers[1:]:
+        y = torch.nn.functional.conv2d(y, w)
+    z = torch.nn.functional.conv2d(x, reg.effective_filters())
+    assert torch.allclose(y, z, atol=1e-10)
+    sums = reg.effective_filters().sum(dim=(1, 2, 3))
+    assert float(sums.detach().abs().max()) < 1e-10  # zero-mean: constant images cost nothing
+    const = torch.full((1, 2, 16, 16), 0.7, dtype=torch.float64)
+    assert float(reg(const).abs()) < 1e-12
+
+
+def test_ridge_layers_compose_to_the_requested_support() -> None:
+    assert ridge_layers(13) == (3, 5) and ridge_layers(7) == (3, 3) and ridge_layers(5) == (1, 5)
+    for bad in (4, 1):
+        with pytest.raises(BilevelError):
+            ridge_layers(bad)
+
+
+def test_spline_potential_derivatives_match_its_knots() -> None:
+    # ψ' by autograd matches central differences of ψ; ψ'' by double backward is the knot
+    # curvature of the interval (0 beyond the last knot), also at u = 0.
+    gen = _gen(2)
+    slopes = torch.rand(3, 6, generator=gen, dtype=torch.float64) * 2 - 0.5
+    spacing = 0.1
+    u = (torch.rand(1, 3, 7, 7, generator=gen, dtype=torch.float64) - 0.5) * 1.6
+    u[0, :, 0, 0] = 0.0
+    u = u.requires_grad_(True)
+    psi = _spline(u, slopes, spacing)
+    (d1,) = torch.autograd.grad(psi.sum(), u, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), u)
+    h = 1e-6
+    with torch.no_grad():
+        fd = (_spline(u + h, slopes, spacing) - _spline(u - h, slopes, spacing)) / (2 * h)
+    assert torch.allclose(d1, fd, atol=1e-7)
+    j = torch.clamp(torch.floor(u.detach().abs() / spacing), max=6).long()
+    table = torch.cat([slopes, torch.zeros(3, 1, dtype=torch.float64)], 1)
+    expected = table[torch.arange(3).view(1, 3, 1, 1), j]
+    assert torch.allclose(d2, expected, atol=1e-12)
+    assert torch.allclose(psi.detach(), _spline(-u.detach(), slopes, spacing))  # even
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_convex_ridge_network_is_convex_with_a_certified_curvature_bound(seed, channels):
+    reg = _randomise_(_ridge_net(ConvexRidgeNetwork, channels), seed)
+    assert reg.convex and reg.weak_convexity_bound() == 0.0
+    x = torch.rand(2, channels, SIZE, SIZE, generator=_gen(seed + 10), dtype=torch.float64)
+    x = 0.3 * x  # responses spread over the knots
+    hvp = _hvp_fn(reg, x)
+    probes = torch.randn(6, *x.shape, generator=_gen(seed + 20), dtype=torch.float64)
+    quads = torch.stack([_quad(v, hvp(v)) for v in probes])
+    assert float(quads.min()) >= -1e-10
+    bound = reg.curvature_bound()
+    for point in (x, torch.full_like(x, 0.5)):
+        measured = _power_max_eig(reg, point)
+        assert 0 < measured <= bound * (1 + 1e-9)
+
+
+@torch.no_grad()
+def _strongly_concave(seed: int) -> WeaklyConvexRidge:
+    """A WCRR at a θ that uses most of its allowance: circular boundary (no padding gain),
+    directional-derivative filters (Young's bound nearly tight), concave part switched on."""
+    reg = _ridge_net(WeaklyConvexRidge, max_weak_convexity=0.6, boundary="circular")
+    gen = _gen(seed)
+    reg.log_slopes.add_(torch.randn(reg.log_slopes.shape, generator=gen, dtype=torch.float64))
+    reg.log_strength[0] -= 6.0
+    reg.concave_logits.add_(6.0 + torch.randn(reg.concave_logits.shape, generator=gen).double())
+    reg.share_logits.add_(4.0 + torch.randn(reg.share_logits.shape, generator=gen).double())
+    return reg
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weakly_convex_ridge_modulus_stays_below_its_cap(seed):
+    reg = _strongly_concave(seed)
+    rho = reg.weak_convexity_bound()
+    assert not reg.convex and rho == 0.6
+    x = 0.3 * torch.rand(2, 1, SIZE, SIZE, generator=_gen(seed + 10), dtype=torch.float64)
+    lam_min = _min_eig(reg, x)
+    assert lam_min < -1e-3  # really non-convex at this θ ...
+    assert lam_min >= -rho * (1 + 1e-9)  # ... but never beyond the cap
+    assert -lam_min <= reg.weak_convexity_estimate() * (1 + 1e-9) <= rho * (1 + 1e-9)
+    hvp = _hvp_fn(reg, x)
+    for v in torch.randn(6, *x.shape, generator=_gen(seed + 20), dtype=torch.float64):
+        assert float((_quad(v, hvp(v)) / _quad(v, v)).min()) >= -rho * (1 + 1e-9)
+    assert _power_max_eig(reg, x) <= reg.curvature_bound() * (1 + 1e-9)
+    # ½‖x − y‖² + R is (1 − ρ)-strongly convex: the problem states that margin as μ.
+    assert reconstruction_problem(reg).mu == pytest.approx(1.0 - rho)
+    with pytest.raises(BilevelError, match="weakly convex"):
+        reconstruction_problem(_ridge_net(WeaklyConvexRidge, max_weak_convexity=1.5))
+    assert reconstruction_problem(
+        _ridge_net(WeaklyConvexRidge, max_weak_convexity=1.5), gamma=1.0
+    ).mu == pytest.approx(0.5)
+
+
+def test_noise_level_scaling() -> None:
+    reg = _ridge_net(ConvexRidgeNetwork)
+    x = torch.rand(1, 1, 12, 12, generator=_gen(3), dtype=torch.float64)
+    e25 = float(reg(x))
+    alpha, beta = reg.scalings()
+    assert float(alpha) == pytest.approx(0.2 * math.pi / 8) and float(beta) == pytest.approx(1)
+    reg.set_noise_level(50 / 255)  # initial a₁ = 0, b₁ = −1: β halves, ν/β and α/β double
+    assert float(reg.scalings()[1]) == pytest.approx(0.5)
+    assert float(reg(x)) != pytest.approx(e25)
+    with pytest.raises(BilevelError):
+        reg.set_noise_level(25.0)
+    with pytest.raises(BilevelError):
+        ConvexRidgeNetwork(num_knots=0)

@@ -22,10 +22,12 @@ from bilevel.imaging.operators import (
 )
 from bilevel.imaging.regularisers import (
     ConvexRidge,
+    ConvexRidgeNetwork,
     FieldsOfExperts,
     InputConvexNetwork,
     Regulariser,
     SmoothedTV,
+    WeaklyConvexRidge,
 )
 from bilevel.imaging.tasks import (
     GridSearchResult,
@@ -38,6 +40,7 @@ from bilevel.imaging.tasks import (
 __all__ = [
     "BUNDLED_SPLITS",
     "ConvexRidge",
+    "ConvexRidgeNetwork",
     "Convolution",
     "DegradedImages",
     "FieldsOfExperts",
@@ -49,6 +52,7 @@ __all__ = [
     "LinearOperator",
     "Regulariser",
     "SmoothedTV",
+    "WeaklyConvexRidge",
     "bundled_images",
     "gaussian_kernel",
     "grid_search_tv",

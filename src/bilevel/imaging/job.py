@@ -48,10 +48,13 @@ from bilevel.imaging.operators import (
 )
 from bilevel.imaging.regularisers import (
     ConvexRidge,
+    ConvexRidgeNetwork,
     FieldsOfExperts,
     InputConvexNetwork,
     Regulariser,
     SmoothedTV,
+    WeaklyConvexRidge,
+    ridge_layers,
 )
 from bilevel.imaging.report import (
     GRID_IMAGES,
@@ -84,7 +87,9 @@ from bilevel.runs import (
 )
 from bilevel.runs.tensorboard import TensorBoardLog
 
-REGULARISERS = ("foe", "ridge", "icnn", "tv")
+REGULARISERS = ("foe", "crr", "wcrr", "ridge", "icnn", "tv")
+#: Default --filter-size per regulariser (crr/wcrr: the composite filters' support).
+FILTER_SIZES = {"crr": 13, "wcrr": 13}
 METHODS = ("adam-isgd", "isgd", "maid")
 TV_GRID = (0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
 #: Tolerance on each test image's ‖∇ₓh‖ for the reported reconstructions. In float32 the
@@ -109,11 +114,18 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         "--regulariser",
         choices=REGULARISERS,
         default="foe",
-        help="foe: Fields of Experts (convex potential); ridge: convex ridge; icnn: input-convex "
-        "network; tv: smoothed total variation (default: foe)",
+        help="foe: Fields of Experts (convex potential); crr: convex ridge network (CRR-NN); "
+        "wcrr: weakly convex ridge network; ridge: convex ridge; icnn: input-convex network; "
+        "tv: smoothed total variation (default: foe)",
     )
-    a("--filters", type=int, default=8, help="filters of foe/ridge (default: 8)")
-    a("--filter-size", type=int, default=5, help="filter size of foe/ridge (default: 5)")
+    a("--filters", type=int, default=8, help="filters of foe/crr/wcrr/ridge (default: 8)")
+    a(
+        "--filter-size",
+        type=int,
+        default=None,
+        help="filter size of foe/ridge (default: 5), composite filter support of crr/wcrr "
+        "(default: 13, three layers of 5×5)",
+    )
     a(
         "--method",
         choices=METHODS,
@@ -225,17 +237,23 @@ class Setup:
 
 def make_regulariser(args: argparse.Namespace, channels: int) -> Regulariser:
     """The regulariser of ``args.regulariser`` at its initial θ, for ``channels`` channels."""
+    size = args.filter_size or FILTER_SIZES.get(args.regulariser, 5)
+    if args.regulariser in ("crr", "wcrr"):
+        layers, kernel = ridge_layers(size)
+        model = ConvexRidgeNetwork if args.regulariser == "crr" else WeaklyConvexRidge
+        sigma = float(args.sigma) / 255.0
+        return model(args.filters, channels, layers, kernel, noise_level=sigma)
     if args.regulariser == "foe":
         return FieldsOfExperts(
             args.filters,
-            args.filter_size,
+            size,
             channels=channels,
             smoothing=FOE_SMOOTHING,
             learn_smoothing=True,
             seed=args.seed,
         )
     if args.regulariser == "ridge":
-        return ConvexRidge(args.filters, args.filter_size, channels=channels, seed=args.seed)
+        return ConvexRidge(args.filters, size, channels=channels, seed=args.seed)
     if args.regulariser == "icnn":
         return InputConvexNetwork(channels=channels, seed=args.seed)
     return SmoothedTV(strength=0.02)
@@ -252,6 +270,15 @@ def calibrate_foe_weights(regulariser: FieldsOfExperts, tv_strength: float) -> N
     """
     k = regulariser.log_weights.numel()
     regulariser.log_weights.fill_(math.log(2.0 * tv_strength / k))
+
+
+@torch.no_grad()
+def calibrate_ridge_strength(regulariser: ConvexRidgeNetwork, tv_strength: float) -> None:
+    """Start a (weakly) convex ridge network at smoothed isotropic TV of the grid-tuned
+    strength λ_TV: α(σ) = λ_TV π/(2K) at the task's σ (see :class:`ConvexRidgeNetwork`)."""
+    k = regulariser.layers[-1].shape[0]
+    alpha = float(regulariser.scalings()[0])
+    regulariser.rescale_(tv_strength * math.pi / (2 * k) / alpha)
 
 
 def make_operator(args: argparse.Namespace, dtype: torch.dtype) -> tuple[LinearOperator, float]:
@@ -313,7 +340,9 @@ def check_options(args: argparse.Namespace) -> None:
         raise BilevelError(
             f"--crop must be at least {SSIM_WINDOW} pixels (the SSIM window), got {args.crop}"
         )
-    if args.regulariser in ("foe", "ridge") and args.crop < args.filter_size:
+    if args.filter_size is None:
+        args.filter_size = FILTER_SIZES.get(args.regulariser, 5)
+    if args.regulariser in ("foe", "ridge", "crr", "wcrr") and args.crop < args.filter_size:
         raise BilevelError(
             f"--crop {args.crop} is smaller than --filter-size {args.filter_size}: the "
             "convolutional regulariser needs crops at least as large as its filters"
@@ -573,6 +602,8 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
     regulariser = setup.problem.theta["regulariser"]
     if isinstance(regulariser, FieldsOfExperts):  # θ₀; a checkpoint, if any, replaces it
         calibrate_foe_weights(regulariser, tv.strength)
+    if isinstance(regulariser, ConvexRidgeNetwork | WeaklyConvexRidge) and not args.resume:
+        calibrate_ridge_strength(regulariser, tv.strength)
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=args.budget, wall_time=args.time)
     test = TestEvaluation(setup)

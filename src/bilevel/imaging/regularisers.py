@@ -7,6 +7,9 @@ backward). Each one provides
 * ``convex``: True when R_θ is convex in x for every value of θ;
 * ``curvature_bound()``: an upper bound on the largest eigenvalue of ∇²R_θ(x) over all x (a
   Lipschitz constant of ∇R_θ), evaluated at the current θ, or ``None`` when none is known;
+* ``weak_convexity_bound()``: ρ ≥ 0 with ∇²R_θ(x) ⪰ −ρ I for every x and every admissible θ
+  (0 for convex models, ``None`` when unknown): ½‖Ax − y‖² + R_θ(x) is then (s² − ρ)-strongly
+  convex when σ_min(A) ≥ s, the margin ``reconstruction_problem`` uses as μ;
 * ``project_()``: the projection P of θ onto its admissible set (in place), a no-op where the
   constraints hold by construction.
 
@@ -18,6 +21,7 @@ responses, borders regularised like the interior) or as "valid" correlations.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +34,10 @@ __all__ = [
     "SmoothedTV",
     "FieldsOfExperts",
     "ConvexRidge",
+    "ConvexRidgeNetwork",
+    "WeaklyConvexRidge",
     "InputConvexNetwork",
+    "ridge_layers",
 ]
 
 
@@ -47,6 +54,10 @@ class Regulariser(nn.Module):
     def curvature_bound(self) -> float | None:
         """Upper bound on λ_max(∇²R(x)) over all x, at the current θ; None if unknown."""
         return None
+
+    def weak_convexity_bound(self) -> float | None:
+        """ρ with ∇²R(x) ⪰ −ρ I for all x and all admissible θ: 0 if convex, else None."""
+        return 0.0 if self.convex else None
 
     @torch.no_grad()
     def project_(self) -> Regulariser:
@@ -69,25 +80,46 @@ def _inv_softplus(y: Tensor) -> Tensor:
     return y + torch.log(-torch.expm1(-y))
 
 
-BOUNDARIES = ("reflect", "valid")
+BOUNDARIES = ("reflect", "valid", "circular")
 
 
 def _pad(x: Tensor, filter_size: int, boundary: str) -> Tensor:
-    """Reflect-pad x so that a "valid" correlation with s×s filters returns H×W responses.
+    """Pad x so that a "valid" correlation with s×s filters returns H×W responses.
 
     Every pixel then carries the same number of filter responses, so image borders are
     regularised like the interior.  Reflect padding P (width < H, W) repeats a pixel at most
     twice per axis, so ‖P‖² ≤ 4: the curvature bounds multiply by :func:`_padding_gain`.
+    Circular padding makes the correlation circulant, whose norm is at most the supremum of
+    the filter symbol (gain 1), at the price of coupling opposite borders.
     """
     if boundary == "valid":
         return x
     lo = (filter_size - 1) // 2
     hi = filter_size - 1 - lo
-    return F.pad(x, (lo, hi, lo, hi), mode="reflect")
+    return F.pad(x, (lo, hi, lo, hi), mode=boundary)
 
 
 def _padding_gain(boundary: str) -> float:
     return 4.0 if boundary == "reflect" else 1.0
+
+
+def _directional_derivatives(num_filters: int, channels: int, size: int) -> Tensor:
+    """Directional derivatives cos θ_k D₁ + sin θ_k D₂, θ_k = πk/K, placed at the centre of an
+    s×s window and replicated over channels (÷√C), shape (K, C, s, s).
+
+    D₁, D₂ are the forward differences of :class:`SmoothedTV`. Since the mean of |cos| over a
+    half turn is 2/π, Σ_k |cos θ_k g₁ + sin θ_k g₂| ≈ (2K/π)|g|: with K ≥ 4 directions and
+    weights λπ/(2K) these filters reproduce isotropic TV of strength λ within a few per cent.
+    """
+    if size < 2:
+        raise BilevelError("directional derivative filters need a size of at least 2")
+    c = (size - 1) // 2
+    theta = torch.arange(num_filters, dtype=torch.float64) * math.pi / num_filters
+    f = torch.zeros(num_filters, channels, size, size, dtype=torch.float64)
+    f[:, :, c, c] = (-theta.cos() - theta.sin())[:, None]
+    f[:, :, c + 1, c] = theta.cos()[:, None]
+    f[:, :, c, c + 1] = theta.sin()[:, None]
+    return f / math.sqrt(channels)
 
 
 def _check_boundary(boundary: str) -> None:
@@ -447,6 +479,305 @@ class ConvexRidge(Regulariser):
         if self.zero_mean:
             self.filters.sub_(self.filters.mean(dim=(1, 2, 3), keepdim=True))
         return self
+
+
+# --------------------------------------------------------------------------------------------
+# Learned ridge regularisers with spline potentials (CRR-NN, WCRR-NN)
+# --------------------------------------------------------------------------------------------
+
+#: The reference noise level σ_ref (0-1 scale) of the σ-dependent scalings.
+REFERENCE_NOISE = 25.0 / 255.0
+
+
+def _compose_filters(layers: Sequence[Tensor]) -> Tensor:
+    """The filters of the composition of "valid" correlations with ``layers`` (first applied
+    first): w_L * ⋯ * w_1 (full 2-D convolutions), shape (K_L, C, S, S), S = Σ(s_l − 1) + 1."""
+    h = layers[0]
+    for w in layers[1:]:
+        k = w.shape[-1] - 1
+        inp = F.pad(h.transpose(0, 1), (k, k, k, k))  # (C, K_{l-1}, S', S')
+        h = F.conv2d(inp, w.flip(-1, -2)).transpose(0, 1)
+    return h
+
+
+def _spline_tables(slopes: Tensor, spacing: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(ψ(τ_j), ψ'(τ_j), ψ'' on [τ_j, τ_{j+1})) for j = 0..M, τ_j = j·spacing, each (K, M + 1).
+
+    ψ is even with ψ(0) = ψ'(0) = 0 and piecewise constant ψ'' = ``slopes`` (K, M) on the M
+    intervals of [0, M·spacing] and 0 beyond (ψ' constant: ψ grows linearly, like |t|).
+    """
+    zero = slopes.new_zeros(slopes.shape[0], 1)
+    d1 = torch.cat([zero, spacing * slopes.cumsum(1)], 1)
+    steps = spacing * d1[:, :-1] + 0.5 * spacing**2 * slopes
+    d0 = torch.cat([zero, steps.cumsum(1)], 1)
+    return d0, d1, torch.cat([slopes, zero], 1)
+
+
+def _spline(u: Tensor, slopes: Tensor, spacing: float) -> Tensor:
+    """ψ_k(u) for responses u (B, K, H, W) of the even C¹ piecewise-quadratic spline of
+    :func:`_spline_tables`: ψ(u) = ψ(τ_j) + ψ'(τ_j) r + ½ ψ''_j r², r = |u| − τ_j.
+
+    |u| is formed as u·sign(u) with a constant sign (+1 at 0), so that double backward gives
+    ψ''(u) = ψ''_j on every interval, also at u = 0.
+    """
+    d0, d1, d2 = _spline_tables(slopes.to(u.dtype), spacing)
+    m = slopes.shape[1]
+    sign = torch.where(u >= 0, 1.0, -1.0).to(u.dtype).detach()
+    a = u * sign
+    j = torch.clamp(torch.floor(a.detach() / spacing), 0, m).long()
+    r = a - j.to(u.dtype) * spacing
+    shape = (1, -1) + (1,) * (u.dim() - 2)
+    idx = j + (m + 1) * torch.arange(u.shape[1], device=u.device).view(shape)
+    return d0.reshape(-1)[idx] + d1.reshape(-1)[idx] * r + 0.5 * d2.reshape(-1)[idx] * r * r
+
+
+def _young_bound(filters: Tensor) -> Tensor:
+    """Differentiable per-filter bound Σ_c ‖w_{k,c}‖₁² ≥ ‖W_k‖², shape (K,)."""
+    return filters.abs().sum(dim=(2, 3)).pow(2).sum(dim=1)
+
+
+def ridge_layers(support: int) -> tuple[int, int]:
+    """(layers, kernel_size) whose composition has an S×S support, S = ``support``: layers of
+    5×5 when 4 divides S − 1 (S = 13: three), else of 3×3 (S = 7: three)."""
+    if support < 3 or support % 2 == 0:
+        raise BilevelError(f"the composite filter support must be odd and ≥ 3, got {support}")
+    if (support - 1) % 4 == 0:
+        return (support - 1) // 4, 5
+    return (support - 1) // 2, 3
+
+
+class _SplineRidge(Regulariser):
+    """R_σ(x) = β⁻² Σ_k Σ_pixels ψ_k(β (w_k ⋆ x)_pixel), the common part of the spline-ridge
+    models; subclasses define the knot curvatures ψ_k''."""
+
+    def __init__(
+        self,
+        num_filters: int,
+        channels: int,
+        layers: int,
+        kernel_size: int,
+        num_knots: int,
+        knot_spacing: float,
+        strength: float,
+        smoothing: float,
+        noise_level: float,
+        boundary: str,
+    ) -> None:
+        super().__init__()
+        _check_boundary(boundary)
+        if num_filters < 1 or channels < 1 or layers < 1 or kernel_size < 2:
+            raise BilevelError("need num_filters, channels, layers ≥ 1 and kernel_size ≥ 2")
+        if num_knots < 1 or not knot_spacing > 0 or not strength > 0 or not smoothing > 0:
+            raise BilevelError("need num_knots ≥ 1 and positive knot_spacing, strength, smoothing")
+        if not 0 < noise_level < 1:
+            raise BilevelError(f"noise_level must be in (0, 1) (0-1 scale), got {noise_level}")
+        self.boundary = boundary
+        self.channels = channels
+        self.filter_size = layers * (kernel_size - 1) + 1
+        self.knot_spacing = float(knot_spacing)
+        dtype = torch.get_default_dtype()
+        weights = [_directional_derivatives(num_filters, channels, kernel_size)]
+        centre = (kernel_size - 1) // 2
+        for _ in range(layers - 1):
+            w = torch.zeros(num_filters, num_filters, kernel_size, kernel_size).double()
+            w[range(num_filters), range(num_filters), centre, centre] = 1.0
+            weights.append(w)
+        self.layers = nn.ParameterList([nn.Parameter(w.to(dtype)) for w in weights])
+        # ψ⁺ = sqrt(u² + ν²) − ν: knot curvatures (ψ'(τ_{j+1}) − ψ'(τ_j)) / Δ (log-parametrised).
+        tau = torch.arange(num_knots + 1, dtype=torch.float64) * knot_spacing
+        d1 = tau / torch.sqrt(tau * tau + smoothing**2)
+        s = ((d1[1:] - d1[:-1]) / knot_spacing).expand(num_filters, num_knots)
+        self.log_slopes = nn.Parameter(s.log().to(dtype).clone())
+        # log α(σ) = a₀ + a₁ log(σ/σ_ref), log β(σ) = b₀ + b₁ log(σ/σ_ref): the TV-like initial
+        # energy (α/β)|t| grows like σ and its smoothing ν/β like σ.
+        lam = strength * math.pi / (2 * num_filters)
+        self.log_strength = nn.Parameter(torch.tensor([math.log(lam), 0.0], dtype=dtype))
+        self.log_sharpness = nn.Parameter(torch.tensor([0.0, -1.0], dtype=dtype))
+        self.register_buffer("noise_level", torch.tensor(float(noise_level), dtype=torch.float64))
+
+    def set_noise_level(self, sigma: float) -> _SplineRidge:
+        """Use the scalings α(σ), β(σ) of noise level σ (0-1 scale)."""
+        if not 0 < float(sigma) < 1:
+            raise BilevelError(f"noise level must be in (0, 1) (0-1 scale), got {sigma}")
+        self.noise_level.fill_(float(sigma))
+        return self
+
+    def scalings(self) -> tuple[Tensor, Tensor]:
+        """(α(σ), β(σ)) at the current noise level σ."""
+        z = torch.log(self.noise_level / REFERENCE_NOISE).to(self.log_strength.dtype)
+        alpha = (self.log_strength[0] + self.log_strength[1] * z).exp()
+        beta = (self.log_sharpness[0] + self.log_sharpness[1] * z).exp()
+        return alpha, beta
+
+    def effective_filters(self) -> Tensor:
+        """The composite filters (K, C, S, S); the first layer is zero-mean, hence all are."""
+        first = self.layers[0] - self.layers[0].mean(dim=(1, 2, 3), keepdim=True)
+        return _compose_filters([first, *self.layers[1:]])
+
+    def knot_curvatures(self, filters: Tensor, alpha: Tensor) -> Tensor:  # pragma: no cover
+        """ψ_k'' on the knot intervals in the units of the responses t, shape (K, M)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image(x, self.channels, self.filter_size)
+        filters = self.effective_filters()
+        alpha, beta = self.scalings()
+        kw = {"dtype": x.dtype, "device": x.device}
+        curv = self.knot_curvatures(filters, alpha).to(**kw)
+        beta = beta.to(**kw)
+        t = F.conv2d(_pad(x, self.filter_size, self.boundary), filters.to(**kw))
+        # β⁻² ψ(β t) has second derivative ψ''(βt) in t: the knots' curvatures are in t-units.
+        return _spline(beta * t, curv, self.knot_spacing).sum(dim=(1, 2, 3)) / (beta * beta)
+
+    def _bank_bound(self, per_filter: Tensor) -> float:
+        filters = self.effective_filters().detach()
+        return _filter_bank_bound(filters, per_filter.detach()) * _padding_gain(self.boundary)
+
+    def curvature_bound(self) -> float:
+        """G·sup_ω λ_max(Σ_k max(ψ_k'')₊ ŵ_k ŵ_kᴴ) ≥ λ_max(∇²R) (G: padding gain)."""
+        with torch.no_grad():
+            filters = self.effective_filters().double()
+            curv = self.knot_curvatures(filters, self.scalings()[0].double())
+            return self._bank_bound(curv.clamp_min(0).amax(1))
+
+    @torch.no_grad()
+    def rescale_(self, factor: float) -> _SplineRidge:
+        """Multiply the convex part of the energy by ``factor`` > 0 (α ← factor·α)."""
+        self.log_strength[0] += math.log(factor)
+        return self
+
+
+class ConvexRidgeNetwork(_SplineRidge):
+    """Convex ridge regulariser in the style of CRR-NN (Goujon, Neumayer, Bohra, Ducotterd,
+    Unser 2023):
+
+        R_σ(x) = α(σ) β(σ)⁻² Σ_k Σ_pixels ψ_k(β(σ) (w_k ⋆ x)_pixel).
+
+    * Filters w_k: the composition of ``layers`` multi-channel convolutions of size
+      ``kernel_size`` (default 3 of 5×5: an effective 13×13 support); the first layer is
+      zero-mean, so every composite filter is (constant images cost nothing).
+    * Potentials ψ_k: even, convex, ψ(0) = ψ'(0) = 0, with ψ_k' a linear spline with
+      ``num_knots`` knots τ_j = j·``knot_spacing`` on each side and non-decreasing (slopes
+      ψ_k'' = exp(ρ_{kj}) > 0, constant beyond the last knot): ψ_k'' ≤ max_j exp(ρ_{kj}).
+    * σ-dependent scalings log α(σ) = a₀ + a₁ log(σ/σ_ref), log β(σ) = b₀ + b₁ log(σ/σ_ref),
+      σ_ref = 25/255 (``set_noise_level(σ)`` chooses σ), so one model serves a range of σ.
+
+    Convex for every θ; ``curvature_bound() = G·sup_ω λ_max(Σ_k α max_j ψ_kj'' ŵ_k ŵ_kᴴ)``.
+    Initialisation (deterministic): first-layer filters are directional derivatives cos θ_k D₁ +
+    sin θ_k D₂ (θ_k = πk/K), later layers near identities, ψ = sqrt(u² + ν²) − ν with
+    ν = ``smoothing`` and α = λπ/(2K) for λ = ``strength``: for K ≥ 4 the model starts at
+    smoothed isotropic TV of strength λ (a TV-tuned λ starts it at tuned TV).
+    """
+
+    def __init__(
+        self,
+        num_filters: int = 16,
+        channels: int = 1,
+        layers: int = 3,
+        kernel_size: int = 5,
+        num_knots: int = 64,
+        knot_spacing: float = 0.0025,
+        strength: float = 0.1,
+        smoothing: float = 0.004,
+        noise_level: float = REFERENCE_NOISE,
+        boundary: str = "reflect",
+    ) -> None:
+        super().__init__(
+            num_filters,
+            channels,
+            layers,
+            kernel_size,
+            num_knots,
+            knot_spacing,
+            strength,
+            smoothing,
+            noise_level,
+            boundary,
+        )
+
+    @property
+    def convex(self) -> bool:
+        return True
+
+    def knot_curvatures(self, filters: Tensor, alpha: Tensor) -> Tensor:
+        return alpha * self.log_slopes.exp()
+
+
+class WeaklyConvexRidge(_SplineRidge):
+    """Weakly convex ridge regulariser (WCRR-NN style): the model of
+    :class:`ConvexRidgeNetwork` with potentials ψ_k = α ψ_k⁺ − ψ_k⁻, ψ_k⁺ the convex spline
+    and ψ_k⁻ a second convex spline on the same knots with curvatures
+
+        ψ_kj⁻'' = ρ_max a_k sigmoid(η_kj) / (G Y_k),   Y_k = Σ_c ‖w_{k,c}‖₁² ≥ ‖W_k‖²,
+
+    a = softmax(ζ, 0)_{1..K} (Σ_k a_k < 1) and G the padding gain. Then ψ_k'' ≥ −ψ_k⁻'' and
+
+        ∇²R(x) ⪰ −G Σ_k max_j ψ_kj⁻'' ‖W_k‖² I ⪰ −ρ_max Σ_k a_k I ≻ −ρ_max I
+
+    for every θ and σ: R is ρ_max-weakly convex by construction (``weak_convexity_bound()``),
+    so ½‖x − y‖² + R(x) is (1 − ρ_max)-strongly convex for ρ_max < 1
+    (``max_weak_convexity``, in the units of the data term's Hessian). Initially ψ⁻ ≈ 0.05·ρ_max
+    of its allowance (η = −3), i.e. the model starts near its convex part.
+    """
+
+    def __init__(
+        self,
+        num_filters: int = 16,
+        channels: int = 1,
+        layers: int = 3,
+        kernel_size: int = 5,
+        num_knots: int = 64,
+        knot_spacing: float = 0.0025,
+        strength: float = 0.1,
+        smoothing: float = 0.004,
+        max_weak_convexity: float = 0.5,
+        noise_level: float = REFERENCE_NOISE,
+        boundary: str = "reflect",
+    ) -> None:
+        super().__init__(
+            num_filters,
+            channels,
+            layers,
+            kernel_size,
+            num_knots,
+            knot_spacing,
+            strength,
+            smoothing,
+            noise_level,
+            boundary,
+        )
+        if not 0 < max_weak_convexity:
+            raise BilevelError(f"max_weak_convexity must be positive, got {max_weak_convexity}")
+        self.max_weak_convexity = float(max_weak_convexity)
+        dtype = torch.get_default_dtype()
+        self.concave_logits = nn.Parameter(torch.full((num_filters, num_knots), -3.0, dtype=dtype))
+        self.share_logits = nn.Parameter(torch.zeros(num_filters, dtype=dtype))
+
+    @property
+    def convex(self) -> bool:
+        return False
+
+    def weak_convexity_bound(self) -> float:
+        """ρ_max: ∇²R ⪰ −ρ_max I for every x, θ and σ (by construction)."""
+        return self.max_weak_convexity
+
+    def concave_curvatures(self, filters: Tensor) -> Tensor:
+        """ψ_kj⁻'' (K, M), in the units of the responses t."""
+        logits = torch.cat([self.share_logits, self.share_logits.new_zeros(1)])
+        share = torch.softmax(logits, 0)[:-1]
+        cap = self.max_weak_convexity / (_padding_gain(self.boundary) * _young_bound(filters))
+        return (cap * share).to(filters.dtype)[:, None] * torch.sigmoid(self.concave_logits)
+
+    def knot_curvatures(self, filters: Tensor, alpha: Tensor) -> Tensor:
+        return alpha * self.log_slopes.exp() - self.concave_curvatures(filters)
+
+    def weak_convexity_estimate(self) -> float:
+        """The tighter bound G·sup_ω λ_max(Σ_k max_j (−ψ_kj'')₊ ŵ_k ŵ_kᴴ) ≤ ρ_max at the
+        current θ and σ."""
+        with torch.no_grad():
+            filters = self.effective_filters().double()
+            curv = self.knot_curvatures(filters, self.scalings()[0].double())
+            return self._bank_bound((-curv).clamp_min(0).amax(1))
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,8 +67,10 @@ def reconstruction_problem(
     * A must be certified injective (σ_min(A) ≥ s > 0, e.g. the identity) or γ > 0; otherwise
       (blur, masks, learnable masks) h is not strongly convex and a ``BilevelError`` is raised;
     * with a convex R, μ = s² + γ (identity: 1 + γ; operators with a kernel: γ);
-    * with a non-convex R (Student-t Fields of Experts), μ is None (to be estimated) unless
-      ``mu`` is given. A given ``mu`` always takes precedence.
+    * with a ρ-weakly convex R (``weak_convexity_bound()``, e.g. :class:`WeaklyConvexRidge`),
+      μ = s² + γ − ρ, refused unless positive;
+    * with a non-convex R without such a bound (Student-t Fields of Experts), μ is None (to be
+      estimated) unless ``mu`` is given. A given ``mu`` always takes precedence.
 
     ``data_term``: "measurement" (y = A x_true + noise) or "weighted" (y = x_true + noise, for
     learned sampling); default "weighted" iff A has trainable parameters. ``operator_penalty``
@@ -97,8 +99,16 @@ def reconstruction_problem(
             "the lower-level solution and implicit hypergradient are not well defined; "
             "pass gamma > 0 to add (γ/2)‖x‖²"
         )
-    if mu is None and regulariser.convex:
-        mu = mu_data
+    if mu is None:
+        rho = regulariser.weak_convexity_bound()
+        if rho is not None:
+            if not rho < mu_data:
+                raise BilevelError(
+                    f"the regulariser may be {rho:g}-weakly convex, at least the data term's "
+                    f"curvature {mu_data:g}: the lower level need not be strongly convex; lower "
+                    "its max_weak_convexity or raise gamma"
+                )
+            mu = mu_data - rho
     regulariser_penalty = None
     if operator_penalty:
         if not hasattr(operator, "sampling_cost"):

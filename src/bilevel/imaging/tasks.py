@@ -184,13 +184,13 @@ def reconstruct(
     iterations are returned as they are, with a ``ConvergenceWarning`` that says how many.
     """
     y = _split_batch(batch)[0]
-    if x0 is None:
-        theta = problem.theta
-        has_op = isinstance(theta, nn.ModuleDict) and "operator" in theta
-        x0 = theta["operator"].initial_image(y) if has_op else y
-    if not isinstance(x0, Tensor) or tuple(x0.shape) != tuple(y.shape):
+    theta = problem.theta
+    has_op = isinstance(theta, nn.ModuleDict) and "operator" in theta
+    start = theta["operator"].initial_image(y) if has_op else y
+    x0 = start if x0 is None else x0
+    if not isinstance(x0, Tensor) or tuple(x0.shape) != tuple(start.shape):
         shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
-        raise BilevelError(f"x0 must have the measurements' shape {tuple(y.shape)}, got {shape}")
+        raise BilevelError(f"x0 must have the images' shape {tuple(start.shape)}, got {shape}")
     lower = LowerLevel(problem, batch)
     with torch.no_grad():
         sol = solve_lower(lower, x0, tol, Nesterov(max_iter=max_iter), problem.mu, warn=True)

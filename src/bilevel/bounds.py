@@ -15,10 +15,11 @@ stacks the J_i, computed at x̃) and by Σ_i K_J,i‖a_i‖ when bounds K_J,i �
 
 Every constant is one value per instance, taken from one place: stated in
 :class:`BoundConstants` (a number, a (B,) tensor or a callable ``(theta, batch)`` evaluated
-at the current θ), else *computed* exactly when the structure allows it (a derivative whose
-autograd graph does not reach x is constant in x, so its Lipschitz constant is 0; a constant
-mixed or upper Hessian is measured densely when small), else *estimated* (power iteration,
-finite perturbations, times ``safety``). The bound is *certified* when no constant was
+at the current θ), else *computed* exactly when the structure allows it (a derivative that
+is constant in x — its autograd graph does not reach x, or a randomised identity test finds
+its x-derivative exactly zero at x̃ and at a random point — has Lipschitz constant 0; a
+constant mixed or upper Hessian is measured densely when small), else *estimated* (power
+iteration, finite perturbations, times ``safety``). The bound is *certified* when no constant was
 estimated and the stated μ was not contradicted by the curvature observed at x̃.
 
 Rounding: ε, δ and z are computed in the working precision u; each is enlarged by a margin
@@ -29,6 +30,7 @@ of length-n sums), so that a float32 certificate covers the error of the float32
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,7 @@ from bilevel.problem import (
     Constant,
     NotStronglyConvexError,
     evaluate_constant,
+    index_batch,
 )
 
 ROUNDING_FACTOR = 8.0
@@ -172,7 +175,7 @@ def compute_error_bound(
     l_h = stated("L_H", c.hessian_lipschitz)
     l_j = stated("L_J", c.jacobian_lipschitz)
     if l_h is None or l_j is None:
-        zero_h, zero_j = _third_order_zeros(op, params)
+        zero_h, zero_j = _third_order_zeros(op, params, c.seed)
         if (l_h is None and not zero_h) or (l_j is None and not zero_j):
             est_h, est_j = _third_order_estimates(op, params, eps, c)
         if l_h is None:
@@ -269,31 +272,59 @@ def _unflatten(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _reaches(outputs: Tensor | list[Tensor], x: Tensor) -> bool:
-    """Whether the autograd graph of ``outputs`` reaches ``x``."""
-    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
-    outs = [o for o in outs if o is not None and o.requires_grad]
-    if not outs:
-        return False
-    with torch.enable_grad():
-        grads = torch.autograd.grad(
-            [o.sum() for o in outs], x, retain_graph=True, allow_unused=True
-        )
-    return grads[0] is not None
+def _constant_in_x(make: Callable[[Tensor], list[Tensor]], x: Tensor, seed: int) -> bool:
+    """Whether the tensors ``make(x)`` are constant in x (their x-derivative vanishes).
+
+    Proved when their autograd graph does not reach x; otherwise a randomised identity test:
+    the derivative of ⟨make(x), w⟩ (w random) is exactly zero at x̃ and at a random point
+    x̃ + Δ. An analytic function passes the test at random points only if it is constant
+    (up to events of probability zero).
+    """
+    gen = generator_for(x, seed)
+    for k in range(2):
+        xk = x.detach()
+        if k:
+            step = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+            scale = 0.1 * (1.0 + batch_norm(x)) / batch_norm(step).clamp_min(1e-300)
+            xk = xk + expand_as_batch(scale, step) * step
+        with torch.enable_grad():
+            xr = xk.requires_grad_(True)
+            outs = [o for o in make(xr) if o is not None and o.requires_grad]
+            if not outs:
+                return True
+            total = sum(
+                (o * torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device)).sum()
+                for o in outs
+            )
+            (d,) = torch.autograd.grad(total, xr, allow_unused=True)
+        if d is not None and bool((d != 0).any()):
+            return False
+    return True
 
 
-def _third_order_zeros(op: HessianOperator, params: list[Tensor]) -> tuple[bool, bool]:
-    """(∇²ₓₓh constant in x, J = ∇²_θx h constant in x), read from the autograd graph."""
-    xr, g = op._full[1], op._full[2]
-    with torch.enable_grad():
-        v = torch.ones_like(g)
-        (hv,) = torch.autograd.grad(g, xr, v, create_graph=True, retain_graph=True)
-        jtv = torch.autograd.grad(
-            g, params, v, create_graph=True, retain_graph=True, allow_unused=True
-        )
-        zero_h = not _reaches(hv, xr)
-        zero_j = not _reaches([t for t in jtv if t is not None], xr)
-    return zero_h, zero_j
+def _third_order_zeros(op: HessianOperator, params: list[Tensor], seed: int) -> tuple[bool, bool]:
+    """(∇²ₓₓh constant in x, J = ∇²_θx h constant in x), by :func:`_constant_in_x`."""
+    lower = op.lower
+    x = op.x_full
+    v = torch.randn(x.shape, generator=generator_for(x, seed + 2), dtype=x.dtype, device=x.device)
+
+    def grad_h(xr: Tensor) -> Tensor:
+        energy = lower.problem.energy(xr, index_batch(lower.batch, op.full_index))
+        (g,) = torch.autograd.grad(energy.sum(), xr, create_graph=True)
+        lower.cost.grad_evals += x.shape[0]
+        return g
+
+    def hv(xr: Tensor) -> list[Tensor]:
+        (out,) = torch.autograd.grad(grad_h(xr), xr, v, create_graph=True, allow_unused=True)
+        lower.cost.hvps += x.shape[0]
+        return [out]
+
+    def jtv(xr: Tensor) -> list[Tensor]:
+        out = torch.autograd.grad(grad_h(xr), params, v, create_graph=True, allow_unused=True)
+        lower.cost.vjps += x.shape[0]
+        return list(out)
+
+    return _constant_in_x(hv, x, seed), _constant_in_x(jtv, x, seed)
 
 
 def _upper_hessian_norm(
@@ -316,15 +347,11 @@ def _upper_hessian_norm(
             )
         return torch.zeros_like(v) if hv is None else hv[index]
 
-    with torch.enable_grad():
-        probe = torch.autograd.grad(
-            g, xr, torch.ones_like(g), retain_graph=True, allow_unused=True, create_graph=True
-        )[0]
-        constant = probe is None or not _reaches(probe, xr)
-    if probe is None:
-        return torch.zeros(n, dtype=x.dtype, device=x.device), ConstantReport(
-            0.0, "computed", "∇ₓf does not depend on x"
-        )
+    def upper_hv(xr: Tensor) -> list[Tensor]:
+        _, gx = problem.loss_and_grad_x(xr, batch, leaf=True)
+        return list(torch.autograd.grad(gx, xr, torch.ones_like(gx), create_graph=True))
+
+    constant = _constant_in_x(upper_hv, x, c.seed)
     if constant and dim <= c.exact_max_dim:
         index = torch.arange(n, device=x.device)
         eye = torch.eye(dim, dtype=x.dtype, device=x.device)
@@ -362,7 +389,12 @@ def _upper_mixed_term(
         gtheta = torch.autograd.grad(losses.sum(), params, create_graph=True, allow_unused=True)
     live = [(p, t) for p, t in zip(params, gtheta) if t is not None and t.requires_grad]
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    if not live or not _reaches([t for _, t in live], xr):
+
+    def grad_theta_f(xr: Tensor) -> list[Tensor]:
+        out = problem.loss(xr, batch)
+        return list(torch.autograd.grad(out.sum(), params, create_graph=True, allow_unused=True))
+
+    if not live or _constant_in_x(grad_theta_f, x, c.seed):
         return zero, ConstantReport(0.0, "computed", "∇_θf does not depend on x")
     lp = [p for p, _ in live]
 
@@ -385,12 +417,13 @@ def _upper_mixed_term(
             (ku,) = torch.autograd.grad([o for o, _ in pairs], w, [ui for _, ui in pairs])
         return ku.detach()
 
-    with torch.enable_grad():
-        (gx,) = torch.autograd.grad(losses.sum(), xr, create_graph=True)
-        probe = torch.autograd.grad(
-            gx, lp, torch.ones_like(gx), create_graph=True, allow_unused=True
+    def mixed(xr: Tensor) -> list[Tensor]:
+        _, gx = problem.loss_and_grad_x(xr, batch, leaf=True)
+        return list(
+            torch.autograd.grad(gx, lp, torch.ones_like(gx), create_graph=True, allow_unused=True)
         )
-    constant = not _reaches([t for t in probe if t is not None], xr)
+
+    constant = _constant_in_x(mixed, x, c.seed)
     norm, exact = _stacked_norm(k, kt, lp, c)
     if constant and exact:
         return norm * torch.linalg.vector_norm(eps), ConstantReport(

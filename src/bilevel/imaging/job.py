@@ -458,18 +458,22 @@ class TestEvaluation:
     """The ``evaluate`` callback of a run: mean test PSNR (dB) of the current regulariser,
     reconstructions to ‖∇ₓh‖ ≤ :data:`EVAL_TOL`, warm-started across calls. ``last`` holds the
     reconstructions of the latest call, so that the summary scores the very images whose PSNR
-    the run reported."""
+    the run reported; ``bound_note`` (logged as such) says why a run's records hold no bound ω."""
 
-    def __init__(self, setup: Setup) -> None:
+    def __init__(self, setup: Setup, bound_note: str | None = None) -> None:
         self.setup = setup
         self.batch = setup.test.batch()
         self.tol = EVAL_TOL[self.batch[1].dtype]
+        self.bound_note = bound_note
         self.last: Tensor | None = None
 
-    def __call__(self, theta: Any, step: int) -> dict[str, float]:
+    def __call__(self, theta: Any, step: int) -> dict[str, Any]:
         x = reconstruct(self.setup.problem, self.batch, x0=self.last, tol=self.tol)
         self.last = x
-        return {"test_psnr": float(psnr(x.clamp(0, 1), self.batch[1]).mean())}
+        out: dict[str, Any] = {"test_psnr": float(psnr(x.clamp(0, 1), self.batch[1]).mean())}
+        if self.bound_note is not None:
+            out["bound_note"] = self.bound_note
+        return out
 
 
 def test_evaluation(setup: Setup) -> Callable[[Any, int], dict[str, float]]:
@@ -606,7 +610,9 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
         calibrate_ridge_strength(regulariser, tv.strength)
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=args.budget, wall_time=args.time)
-    test = TestEvaluation(setup)
+    test = TestEvaluation(
+        setup, None if args.method == "maid" else "not computed: ISGD steps do not use ω"
+    )
     eval_tol = test.tol
     if tensorboard is None:
         evaluate = ranked_by(test, "test_psnr", "max")

@@ -917,6 +917,28 @@ def _evaluation(
     return evaluator, 10 if args.method == "sid" else 2
 
 
+def _with_bound_note(
+    evaluate: Callable[[Any, int], dict[str, float]], method: str
+) -> Callable[[Any, int], dict[str, Any]]:
+    """``evaluate`` whose records also say why ``bound`` is empty (:func:`hpo_estimator`
+    computes no ω: ISGD steps do not use it; ``distance`` is the certificate logged)."""
+    reason = (
+        "no stochastic error bound exists (SID)"
+        if method == "sid"
+        else "no a-posteriori bound exists for unrolling (ITD)"
+        if method == "itd"
+        else "not computed: ISGD steps do not use ω (compute_bound=False)"
+    )
+
+    def wrapped(theta: Any, step: int) -> dict[str, Any]:
+        out = dict(evaluate(theta, step))
+        if out:
+            out["bound_note"] = reason + "; see distance for the certified lower-level accuracy"
+        return out
+
+    return wrapped
+
+
 #: Largest share of a time-budgeted run's wall time spent on evaluations by default.
 EVALUATION_SHARE = 0.2
 
@@ -1121,6 +1143,7 @@ def _train(
     )
     evaluator = LowerEvaluator(model, data.X_test, data.y_test)  # clean test labels
     evaluate, eval_every = _evaluation(args, budget, evaluator)
+    evaluate = _with_bound_note(evaluate, args.method)
     baseline = single_strength_baseline(model, evaluator, theta_range=theta_range)
     say(
         f"baseline (one common θ, {baseline['evaluated']} values of the grid): "

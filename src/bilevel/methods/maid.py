@@ -14,8 +14,10 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
 
    The left side is an upper bound on F(θ⁺) (∇ₓf_i is L_f-Lipschitz), the right side minus
    the margin a lower bound on F(θ) (f_i convex in x), so an accepted step certainly
-   decreases the true F. L_f is a parameter: 1 for f_i = ½‖x − x_i*‖² (the default);
-   with a non-convex f_i or a wrong L_f the certificate does not hold.
+   decreases the true F. L_f and μ come from the one place that states them: the
+   estimator's ``BoundConstants.upper_grad_lipschitz`` (else the value the bound computed or
+   estimated, ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a
+   non-convex f_i or a wrong L_f the certificate does not hold.
 3. Adapt. On success the next trial step is αρⁱ·growth; MAID multiplies ε and δ by ν ≥ 1.
    On failure θ is kept, and MAID multiplies ε and δ by τ < 1 (the trial step α is kept).
 
@@ -55,7 +57,13 @@ from bilevel.methods.common import (
     method_config,
     snapshot,
 )
-from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError
+from bilevel.problem import (
+    Batch,
+    BilevelError,
+    BilevelProblem,
+    NonFiniteError,
+    evaluate_constant,
+)
 from bilevel.schedules import Accuracy, ScheduleLike, as_accuracy
 
 __all__ = ["HOAG", "MAID"]
@@ -83,7 +91,6 @@ class _LineSearch:
         max_backtracks: trials per iteration before the line search fails.
         growth: factor ≥ 1 applied to the accepted step for the next first trial.
         decrease: c > 0 of the sufficient-decrease margin c·αρⁱ‖z‖².
-        upper_lipschitz: L_f, Lipschitz constant of ∇ₓf_i (1 for ½‖x − x*‖²).
         grad_tol: stop ("converged") once ‖z‖ + ω ≤ grad_tol, which certifies
             ‖∇F(θ)‖ ≤ grad_tol; 0 disables the test.
         projection: optional P applied to each trial point.
@@ -95,7 +102,6 @@ class _LineSearch:
     max_backtracks: int = 10
     growth: float = 10.0 / 9.0
     decrease: float = 1e-4
-    upper_lipschitz: float = 1.0
     grad_tol: float = 0.0
     projection: Projection | None = None
 
@@ -124,7 +130,6 @@ class _LineSearch:
             )
         _check("growth", self.growth, 1.0, math.inf, closed_low=True)
         _check("decrease", self.decrease, 0.0, math.inf)
-        _check("upper_lipschitz", self.upper_lipschitz, 0.0, math.inf, closed_low=True)
         _check("grad_tol", self.grad_tol, 0.0, math.inf, closed_low=True)
         if self.projection is not None and not callable(self.projection):
             raise BilevelError("projection must be a callable theta -> None or projected θ")
@@ -344,7 +349,10 @@ class _LineSearchEngine(Engine):
 
     def _line_search(self, p: _Pending) -> None:
         cfg, problem, hg = self.cfg, self.problem, p.hg
-        mu = problem.mu if problem.mu is not None else hg.mu
+        mu = problem.mu if problem.mu is not None else hg.mu  # evaluated at each trial θ⁺
+        stated_lf = getattr(cfg.estimator.constants, "upper_grad_lipschitz", None)
+        l_f_report = hg.constants.get("L_f")
+        l_f_default = 1.0 if l_f_report is None else l_f_report.value
         losses, gnorm = _upper_values(problem, hg.x, self.batch)
         eps_old = torch.nan_to_num(hg.eps, nan=math.inf)
         old = float((losses - gnorm * eps_old).mean()) + _regulariser(problem)
@@ -372,8 +380,12 @@ class _LineSearchEngine(Engine):
                 except NonFiniteError:
                     continue  # the trial point is unusable: backtrack
                 new_losses, new_gnorm = _upper_values(problem, sol.x, self.batch)
-                dist = sol.grad_norm / mu
-                upper = new_losses + new_gnorm * dist + 0.5 * cfg.upper_lipschitz * dist**2
+                dist = sol.distance_bound
+                l_f = evaluate_constant(
+                    "upper_grad_lipschitz", stated_lf, problem.theta, self.batch, sol.x
+                )
+                l_f = l_f_default if l_f is None else l_f
+                upper = new_losses + new_gnorm * dist + 0.5 * l_f * dist**2
                 new = float(upper.mean()) + _regulariser(problem)
                 if math.isfinite(new) and new <= old - cfg.decrease * alpha * z_sq:
                     p.accepted, p.alpha = True, alpha

@@ -178,6 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     )
     a("--json", action="store_true", help="print the summary as one JSON object on stdout")
     a("--no-progress", action="store_true", help="no progress bar")
+    a("--no-plots", action="store_true", help="do not write plots of the metrics")
 
 
 def job_arguments(task: str, **options: Any) -> argparse.Namespace:
@@ -587,6 +588,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
+        plot=not args.no_plots,
     )
     base = {
         "task": args.job,

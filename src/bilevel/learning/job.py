@@ -1395,6 +1395,7 @@ def _summary(
             **values,
         },
         "status": result.status,
+        "finished": result.finished,
         "message": result.message,
         "steps": result.step,
         "cost": float(result.cost),

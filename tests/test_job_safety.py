@@ -214,3 +214,52 @@ def test_hpo_resume_needs_a_run(tmp_path, capsys):
         ["hpo", "--data", "iris", "--run-dir", str(tmp_path / "none"), "--resume"],
         "no run to resume",
     )
+
+
+def test_a_second_writer_of_a_run_directory_is_refused(tmp_path, capsys):
+    """A new run and a --resume on one directory interleaved metrics.jsonl."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from bilevel.runs import RunLock\n"
+            f"with RunLock({str(run_dir)!r}):\n"
+            "    print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = ["denoise", *TINY, "--budget", "300", "--run-dir", str(run_dir)]
+        _one_line_error(capsys, argv, "in use by another run", f"process {holder.pid}")
+        argv = ["hpo", "--data", "iris", "--no-progress", "--run-dir", str(run_dir)]
+        _one_line_error(capsys, argv, "in use by another run", f"process {holder.pid}")
+    finally:
+        holder.communicate("")
+    assert not (run_dir / "job.json").exists()
+
+
+def test_hpo_keeps_and_reports_the_best_theta(tmp_path, capsys):
+    """SID on breast cancer let the validation loss rise and saved only the worse final θ."""
+    run_dir = tmp_path / "run"
+    argv = ["hpo", "--data", "iris", "--steps", "12", "--eval-every", "2", "--step", "0.5"]
+    assert main([*argv, "--no-progress", "--no-plots", "--json", "--run-dir", str(run_dir)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    result = json.loads((run_dir / "result.json").read_text())
+    losses = {
+        r["step"]: r["val_loss"]
+        for r in map(json.loads, open(run_dir / "metrics.jsonl"))
+        if "val_loss" in r
+    }
+    losses[summary["steps"]] = summary["final"]["val_loss"]
+    best_step = min(losses, key=losses.get)
+    assert summary["best"]["step"] == result["best"]["step"] == best_step
+    assert summary["best"]["val_loss"] == losses[best_step] <= summary["final"]["val_loss"]
+    assert (run_dir / "hyperparameters_best.csv").is_file()
+    assert summary["wall_time"] == result["wall_time"]

@@ -1,7 +1,8 @@
 """Runs that cannot be lost or corrupted: `bilevel denoise` and `bilevel hpo` killed with
 SIGKILL at random moments (before the first checkpoint, inside atomic writes and checkpoint
-renames, in the middle of a metrics line, at random times) and resumed end at a θ
-bit-identical to that of an uninterrupted run, with every file of the run directory intact.
+renames, in the middle of a metrics line, at random times) and stopped by SIGTERM, then
+resumed, end at a θ bit-identical to that of an uninterrupted run, with every file of the run
+directory intact.
 
 The runs are processes forked from one driver process that has imported torch and bilevel
 once (a fresh interpreter per attempt would spend most of the time importing).
@@ -128,7 +129,8 @@ def _faults(seed: int, checkpoints: int, steps: int, writes: int) -> list[str]:
     """Seven kills at random moments: before the first checkpoint (after step 1), inside an
     atomic write, between the two renames of a checkpoint, in the middle of a metrics line,
     after step 2 or 3 of a session, and twice at a random time (within the first half of an
-    uninterrupted run's duration; a resumed session may finish before it)."""
+    uninterrupted run's duration; a resumed session may finish before it); then SIGTERM after
+    a step, which writes a checkpoint and ends the run as interrupted (status 130)."""
     rng = random.Random(seed)
     return [
         "step:1",
@@ -138,6 +140,7 @@ def _faults(seed: int, checkpoints: int, steps: int, writes: int) -> list[str]:
         f"step:{rng.randint(2, 3)}",
         "time",
         "time",
+        f"step:{rng.randint(1, 2)}:TERM",
     ]
 
 
@@ -215,7 +218,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(job, tmp_path):
     assert report["reference"][0] == 0, report
     attempts = report["attempts"]
     killed = [a for a in attempts if a[1] == -9]
-    assert len(killed) >= 5, attempts  # at least five of the seven faults struck
+    assert len(killed) >= 5, attempts  # at least five of the seven kills struck
+    assert attempts[-2][0].endswith(":TERM") and attempts[-2][1] == 130, attempts
     assert attempts[-1][:2] == ["final", 0], attempts
     reference, run = tmp_path / "reference", tmp_path / "run"
     for a, b in zip(_final_theta(reference), _final_theta(run), strict=True):

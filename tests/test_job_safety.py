@@ -263,3 +263,41 @@ def test_hpo_keeps_and_reports_the_best_theta(tmp_path, capsys):
     assert summary["best"]["val_loss"] == losses[best_step] <= summary["final"]["val_loss"]
     assert (run_dir / "hyperparameters_best.csv").is_file()
     assert summary["wall_time"] == result["wall_time"]
+
+
+def test_resume_before_the_first_checkpoint_starts_from_the_calibrated_theta(tmp_path, capsys):
+    """kill -9 before the first checkpoint, then --resume, restarted from an uncalibrated θ₀
+    (step-0 PSNR 25.29 instead of 27.44) and ended at another θ."""
+    import torch
+
+    fo = ["--regulariser", "foe", "--filters", "2", "--filter-size", "3", "--budget", "400"]
+    argv = ["denoise", *TINY[2:], *fo]
+    assert main([*argv, "--run-dir", str(tmp_path / "ref")]) == 0
+    run_dir = tmp_path / "run"
+    assert main([*argv, "--run-dir", str(run_dir), "--checkpoint-every", "1000"]) == 0
+    capsys.readouterr()
+    # the state of a run killed before its first checkpoint: job.json and config.json only
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "result.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("model.pt", "model_best.pt", "summary.json", "reconstructions.png"):
+        (run_dir / name).unlink(missing_ok=True)
+    assert main([*argv, "--run-dir", str(run_dir), "--checkpoint-every", "1000", "--resume"]) == 0
+    expected = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
+    got = torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    first = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][0]
+    reference = [json.loads(line) for line in open(tmp_path / "ref" / "metrics.jsonl")][0]
+    assert first["test_psnr"] == reference["test_psnr"]
+
+
+def test_reconstruct_api_refuses_a_misshapen_x0():
+    import torch
+
+    from bilevel import BilevelError
+    from bilevel.imaging import SmoothedTV, reconstruct, reconstruction_problem
+
+    y = torch.rand(2, 1, 12, 12)
+    problem = reconstruction_problem(SmoothedTV(strength=0.05))
+    for x0 in (y[0], y[:, :, :8, :8], y[:1]):
+        with pytest.raises(BilevelError, match="x0 must have the measurements' shape"):
+            reconstruct(problem, (y, y), x0=x0)

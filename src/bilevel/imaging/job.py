@@ -534,9 +534,10 @@ def run(args: argparse.Namespace) -> int:
     before any work (:func:`build`); then the run directory is locked for this process."""
     if args.resume and args.run_dir is None:
         raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
-    setup = build(args)
+    check_options(args)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    setup = build(args)
     run_dir = Path(args.run_dir or f"runs/{args.job}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.run_dir = str(run_dir)
     with RunLock(run_dir):

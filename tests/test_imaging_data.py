@@ -18,12 +18,14 @@ from bilevel.imaging import (
     InpaintingMask,
     bundled_images,
     gaussian_kernel,
+    load_image,
     load_image_folder,
     psnr,
     random_crops,
     random_mask,
     ssim,
 )
+from bilevel.imaging.data import ImageFileError
 
 BSDS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 
@@ -180,3 +182,86 @@ def test_metrics_match_skimage(channels: int) -> None:
     assert float(ssim(ref, ref).min()) == pytest.approx(1.0)
     with pytest.raises(BilevelError):
         ssim(x[..., :8, :8], ref[..., :8, :8])
+
+
+# ---------------------------------------------------------------------------------------------
+# image files of every bit depth and mode
+# ---------------------------------------------------------------------------------------------
+
+
+def _ramp(h: int = 12, w: int = 20) -> np.ndarray:
+    """Intensities in [0, 1] that use the whole range."""
+    return np.linspace(0.0, 1.0, h * w).reshape(h, w)
+
+
+def test_16_bit_grayscale_png_is_scaled_by_65535(tmp_path: pathlib.Path) -> None:
+    """16-bit PNGs were clipped: 99.6 % of the pixels became 1.0."""
+    values = (_ramp() * 65535).round().astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as img:
+        assert img.mode.startswith("I")  # what PIL makes of a 16-bit PNG
+    gray = load_image(tmp_path / "g16.png", dtype=torch.float64)
+    assert gray.shape == (1, 12, 20)
+    np.testing.assert_allclose(gray[0].numpy(), values / 65535.0, atol=1e-12)
+    assert float((gray == 1).double().mean()) < 0.01
+    colour = load_image(tmp_path / "g16.png", color=True, dtype=torch.float64)
+    assert colour.shape == (3, 12, 20) and torch.equal(colour[0], colour[2])
+    np.testing.assert_allclose(colour[1].numpy(), values / 65535.0, atol=1e-12)
+
+
+def test_32_bit_integer_and_float_images(tmp_path: pathlib.Path) -> None:
+    values = (_ramp() * (2**31 - 1)).astype(np.int32)
+    Image.fromarray(values, mode="I").save(tmp_path / "i32.tif")
+    loaded = load_image(tmp_path / "i32.tif", dtype=torch.float64)[0].numpy()
+    np.testing.assert_allclose(loaded, values / 4294967295.0, atol=1e-12)
+    floats = _ramp().astype(np.float32)
+    Image.fromarray(floats, mode="F").save(tmp_path / "f.tif")
+    np.testing.assert_allclose(load_image(tmp_path / "f.tif")[0].numpy(), floats, atol=1e-7)
+    Image.fromarray(floats * 255, mode="F").save(tmp_path / "f255.tif")
+    with pytest.raises(BilevelError, match="outside \\[0, 1\\]"):
+        load_image(tmp_path / "f255.tif")
+
+
+def test_8_bit_palette_alpha_and_bilevel_images(tmp_path: pathlib.Path) -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (10, 14, 3)).astype(np.uint8)
+    expected_rgb = rgb / 255.0
+    expected_luma = np.asarray(Image.fromarray(rgb).convert("L")) / 255.0
+    # RGBA: the alpha channel is dropped, the colour kept
+    rgba = np.dstack([rgb, rng.integers(0, 256, (10, 14)).astype(np.uint8)])
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    got = load_image(tmp_path / "rgba.png", color=True, dtype=torch.float64)
+    np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), expected_rgb)
+    got = load_image(tmp_path / "rgba.png", dtype=torch.float64)
+    np.testing.assert_allclose(got[0].numpy(), expected_luma)
+    # grayscale + alpha
+    gray = rng.integers(0, 256, (10, 14)).astype(np.uint8)
+    la = Image.merge("LA", [Image.fromarray(gray), Image.fromarray(255 - gray)])
+    la.save(tmp_path / "la.png")
+    np.testing.assert_allclose(load_image(tmp_path / "la.png", dtype=torch.float64)[0], gray / 255)
+    got = load_image(tmp_path / "la.png", color=True, dtype=torch.float64)
+    assert got.shape == (3, 10, 14) and np.allclose(got[1].numpy(), gray / 255.0)
+    # palette (with and without transparency): the palette's colours
+    pal = Image.fromarray(rgb).quantize(16)
+    pal.save(tmp_path / "p.png")
+    expected = np.asarray(pal.convert("RGB")) / 255.0
+    got = load_image(tmp_path / "p.png", color=True, dtype=torch.float64)
+    np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), expected)
+    pal.save(tmp_path / "pt.png", transparency=0)
+    got = load_image(tmp_path / "pt.png", color=True, dtype=torch.float64)
+    np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), expected)
+    # 8-bit grayscale and 1-bit images
+    Image.fromarray(gray).save(tmp_path / "g8.png")
+    np.testing.assert_allclose(load_image(tmp_path / "g8.png", dtype=torch.float64)[0], gray / 255)
+    bits = gray > 127
+    Image.fromarray(bits).save(tmp_path / "b.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "b.png")[0].numpy(), bits.astype(float))
+
+
+def test_unreadable_and_missing_image_files(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(BilevelError, match="cannot read image"):
+        load_image(tmp_path / "fake.png")
+    with pytest.raises(ImageFileError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+    assert issubclass(ImageFileError, BilevelError) and issubclass(ImageFileError, OSError)

@@ -29,12 +29,14 @@ from bilevel.learning import (
     to_csr,
 )
 from bilevel.learning.datasets import (
+    class_labels,
     column_scaling,
     random_folds,
     scale_columns,
     sparse_column_scaling,
     stack_rows,
 )
+from bilevel.learning.job import load_data
 from bilevel.problem import BilevelError
 
 MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -510,3 +512,85 @@ def test_stack_rows_and_random_folds():
     for bad in (1, 12):
         with pytest.raises(BilevelError, match="folds"):
             random_folds(11, bad)
+
+
+# --------------------------------------------------------------------------------------------
+# class labels must be explicit or unambiguous
+# --------------------------------------------------------------------------------------------
+
+
+def test_class_labels_accepts_integers_and_text():
+    codes, k = class_labels(np.array([3.0, 1.0, 3.0, 2.0, 1.0, 2.0]), "y")
+    assert k == 3 and codes.tolist() == [2, 0, 2, 1, 0, 1]
+    codes, k = class_labels(np.array(["b", "a", "b", "a"]), "y")
+    assert k == 2 and codes.tolist() == [1, 0, 1, 0]
+    codes, k = class_labels(torch.tensor([-1.0, 1.0, 1.0, -1.0]), "y")
+    assert k == 2 and codes.tolist() == [0, 1, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.array([0.0, 1.0, np.nan, 1.0]), "row 3 has a missing or non-finite label"),
+        (np.array(["a", "b", "NA", "a"]), "row 3 has a missing label \\('NA'\\)"),
+        (np.array(["a", " ", "b", "a"]), "row 2 has a missing label"),
+        (np.array([1.0, 1.25, 1.0, 2.0]), "non-integer values \\(row 2: 1.25\\)"),
+        (np.arange(10.0), "10 distinct values in 10 rows, so it looks continuous"),
+        (np.ones(6), "all labels are equal"),
+    ],
+)
+def test_class_labels_refuses_what_is_not_class_labels(labels, message):
+    with pytest.raises(BilevelError, match=f"my column.*{message}|{message}"):
+        class_labels(labels, "my column")
+
+
+def _breast_cancer_csv(path, with_label=True, nan_row=None):
+    X, y = sklearn_datasets.load_breast_cancer(return_X_y=True)
+    names = list(sklearn_datasets.load_breast_cancer().feature_names)
+    table, header = X, [n.replace(" ", "_") for n in names]
+    if with_label:
+        labels = y.astype(float)
+        if nan_row is not None:
+            labels[nan_row] = np.nan
+        table, header = np.column_stack([X, labels]), [*header, "label"]
+    np.savetxt(path, table, delimiter=",", header=",".join(header), comments="")
+    return path
+
+
+def test_hpo_data_refuses_a_continuous_or_missing_label_column(tmp_path):
+    """`bilevel hpo` on a CSV with no label column took the last (continuous) column as the
+    label: 535 classes, one validation row, accuracy 0, no warning; a NaN label became a
+    class."""
+    no_label = _breast_cancer_csv(tmp_path / "features.csv", with_label=False)
+    with pytest.raises(BilevelError, match="column -1, the last: no --label-column given.*non-int"):
+        load_data(str(no_label))
+    with pytest.raises(BilevelError, match="column 'worst_area'.*non-integer"):
+        load_data(str(no_label), label_column="worst_area")
+    nan_label = _breast_cancer_csv(tmp_path / "nan.csv", nan_row=7)
+    with pytest.raises(BilevelError, match="row 8 has a missing or non-finite label"):
+        load_data(str(nan_label), label_column="label")
+    good = load_data(str(_breast_cancer_csv(tmp_path / "ok.csv")), label_column="label")
+    assert good.n_classes == 2 and good.n_features == 30
+    with pytest.raises(BilevelError, match="row 8 has a missing or non-finite target"):
+        load_data(str(nan_label), regression=True, label_column="label")
+
+
+@pytest.mark.parametrize("text", [b"1 0:2 2:1\n0 1:5 4:1\n", b"1 1:2 3:1\n0 2:5 5:1\n"])
+def test_svmlight_indexing_follows_scikit_learn_auto(tmp_path, text):
+    """Index 0 was accepted without a word about zero- or one-based indexing; the indexing
+    is scikit-learn's zero_based="auto", reported, and can be set."""
+    path = _write(tmp_path / "f.svm", text, False)
+    X_ref, _ = sklearn_datasets.load_svmlight_file(str(path), zero_based="auto")
+    info: dict = {}
+    X, _ = read_svmlight(path, dense=True, dtype=torch.float64, info=info)
+    np.testing.assert_array_equal(X.numpy(), X_ref.toarray())
+    assert info["zero_based"] is (b" 0:" in text)
+    for zero_based in (True, False):
+        try:
+            X_ref, _ = sklearn_datasets.load_svmlight_file(str(path), zero_based=zero_based)
+        except ValueError:
+            with pytest.raises(BilevelError, match="invalid"):
+                read_svmlight(path, zero_based=zero_based)
+            continue
+        X, _ = read_svmlight(path, dense=True, dtype=torch.float64, zero_based=zero_based)
+        np.testing.assert_array_equal(X.numpy(), X_ref.toarray()[:, : X.shape[1]])

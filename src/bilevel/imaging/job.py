@@ -207,6 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         "pip install 'bilevel[tensorboard]')",
     )
     a("--no-progress", action="store_true", help="no progress bar")
+    a("--no-plots", action="store_true", help="do not write plots of the metrics")
 
 
 def job_arguments(task: str, **options: Any) -> argparse.Namespace:
@@ -565,9 +566,10 @@ def run(args: argparse.Namespace) -> int:
     before any work (:func:`build`); then the run directory is locked for this process."""
     if args.resume and args.run_dir is None:
         raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
-    setup = build(args)
+    check_options(args)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    setup = build(args)
     run_dir = Path(args.run_dir or f"runs/{args.job}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.run_dir = str(run_dir)
     with RunLock(run_dir):
@@ -633,6 +635,7 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
+        plot=not args.no_plots,
     )
     base = {
         "task": args.job,

@@ -1418,11 +1418,12 @@ def _summary(
             **values,
         },
         "status": result.status,
+        "finished": result.finished,
         "message": result.message,
         "steps": result.step,
         "cost": float(result.cost),
-        # the end of the last step (RunResult.wall_time also counts the final evaluation)
-        "wall_time": float(result.records[-1]["wall_time"]) if result.records else 0.0,
+        # computation over every session of the run, evaluations excluded (as result.json)
+        "wall_time": float(result.wall_time),
         "total_time": time.perf_counter() - t_start,
         "run_dir": str(result.run_dir),
         "lower_gap": lower_level_gap(result.records),

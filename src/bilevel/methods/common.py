@@ -747,33 +747,24 @@ class _Best:
         self.step, self.value = int(state["step"]), float(state["value"])
 
 
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _tensors(v)
-
-
 def check_sample_dtypes(problem: BilevelProblem, samples: Any) -> None:
-    """Refuse floating-point training data or initial points whose dtype differs from θ's
-    (they would fail deep inside a solver), checked on the first sample."""
+    """Refuse floating-point training tensors or initial points of a :class:`TensorSamples`
+    whose dtype differs from θ's (they would fail deep inside a solver). Other sample sets are
+    not inspected (reading a batch could have side effects)."""
     params = problem.params
-    if samples is None or not params:
+    if not isinstance(samples, TensorSamples) or not params:
         return
     dtype = params[0].dtype
-    index = torch.zeros(1, dtype=torch.long)
-    for what, value in (("training data", samples.batch(index)), ("x0", samples.initial(index))):
-        for t in _tensors(value):
-            if t.is_floating_point() and t.dtype != dtype:
-                raise BilevelError(
-                    f"the {what} are {str(t.dtype).removeprefix('torch.')} but θ is "
-                    f"{str(dtype).removeprefix('torch.')}: convert one of them (e.g. "
-                    f"tensor.to({dtype}))"
-                )
+    stored = [("training data", t) for t in samples.tensors]
+    if isinstance(samples.x_init, Tensor):
+        stored.append(("initial points x0", samples.x_init))
+    for what, t in stored:
+        if t.is_floating_point() and t.dtype != dtype:
+            raise BilevelError(
+                f"the {what} are {str(t.dtype).removeprefix('torch.')} but θ is "
+                f"{str(dtype).removeprefix('torch.')}: convert one of them (e.g. "
+                f"tensor.to({dtype}))"
+            )
 
 
 def drive(

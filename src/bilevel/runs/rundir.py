@@ -288,10 +288,11 @@ def _temporary_path(target: Path) -> Path:
     return target.parent / f"{_TMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:12]}.{target.name}"
 
 
-#: ``BILEVEL_FAULT=POINT:N`` kills the process with SIGKILL the N-th time it reaches POINT
-#: (``write``: an atomic file written but not yet renamed; ``checkpoint``: between the two
-#: renames of a checkpoint; ``log``: half of a metrics line written; ``step``: a step
-#: committed). For fault-injection tests only: a crash at an exact moment.
+#: ``BILEVEL_FAULT=POINT:N[:TERM]`` kills the process with SIGKILL (or sends it SIGTERM) the
+#: N-th time it reaches POINT (``write``: an atomic file written but not yet renamed;
+#: ``checkpoint``: between the two renames of a checkpoint; ``log``: half of a metrics line
+#: written; ``step``: a step committed). For fault-injection tests only: a crash or a
+#: scheduler's stop at an exact moment.
 FAULT_VARIABLE = "BILEVEL_FAULT"
 _fault_counts: dict[str, int] = {}
 
@@ -301,12 +302,13 @@ def fault_point(name: str) -> None:
     spec = os.environ.get(FAULT_VARIABLE)
     if not spec:
         return
-    point, _, count = spec.partition(":")
+    point, _, rest = spec.partition(":")
     if point != name:
         return
+    count, _, how = rest.partition(":")
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
     if str(_fault_counts[name]) == count:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGTERM if how == "TERM" else signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # as the torch build (CPU builds of torch need the CPU build of torchvision).
 TORCHVISION_SPEC ?= torchvision==0.28.0
 
-.PHONY: install install-deepinv run test lint format bench clean
+.PHONY: install install-deepinv run test lint docs format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
+
+# The user guide and API reference (MkDocs + mkdocstrings, from the docstrings) into
+# build/site; any warning (a broken link, a docstring that does not parse) is an error.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 format: install
 	$(BIN)/ruff format src tests benchmarks

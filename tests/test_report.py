@@ -196,3 +196,17 @@ def test_tensorboard_missing_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     assert main([*args, *SMALL, "--tensorboard"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--tensorboard" in err and len(err.splitlines()) == 1
+
+
+def test_hpo_writes_a_report_with_the_final_evaluation(tmp_path, capsys):
+    run_dir = tmp_path / "hpo"
+    args = ["hpo", "--method", "aid-cg", "--steps", "6", "--eval-every", "4", "--json"]
+    assert main([*args, "--no-progress", "--run-dir", str(run_dir)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    text = (run_dir / "report.html").read_text()
+    assert "learnt θ" in text and "best common θ" in text
+    assert f"{summary['final']['val_loss']:.4g}" in text
+    assert len(re.findall(r'<img src="data:image/png;base64,', text)) >= 3
+    from matplotlib.image import imread
+
+    assert imread(run_dir / "plots" / "val_loss_vs_cost.png").shape[2] in (3, 4)

@@ -72,6 +72,7 @@ from bilevel.learning.models import (
     accuracy,
     corrupt_labels,
 )
+from bilevel.learning.report import write_report
 from bilevel.linear import CG
 from bilevel.lower import LBFGS, solve_lower
 from bilevel.methods import ISGD, Budget, RunResult, TensorSamples
@@ -1050,6 +1051,8 @@ def run(args: argparse.Namespace) -> int:
     summary = _summary(args, data, model, job, initial, final, baseline, result, t_start)
     text = json.dumps(to_jsonable(summary), indent=2, allow_nan=False) + "\n"
     (run_dir / "summary.json").write_text(text, encoding="utf-8")
+    if not args.no_plots:
+        write_report(run_dir, args, to_jsonable(summary))
     if args.json:
         print(json.dumps(to_jsonable(summary), allow_nan=False))
     else:

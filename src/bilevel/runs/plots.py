@@ -43,6 +43,9 @@ LABELS = {
     "alpha": "step size α",
     "bound": "hypergradient error bound ω",
     "test_psnr": "test PSNR (dB)",
+    "val_loss": "validation loss F(θ)",
+    "test_accuracy": "test accuracy",
+    "test_mse": "test mean squared error",
     "grad_norm": "hypergradient norm ‖z‖",
 }
 

@@ -210,3 +210,18 @@ def test_hpo_writes_a_report_with_the_final_evaluation(tmp_path, capsys):
     from matplotlib.image import imread
 
     assert imread(run_dir / "plots" / "val_loss_vs_cost.png").shape[2] in (3, 4)
+
+
+def test_hyperparameter_rows_show_transformed_values_and_filters():
+    from bilevel.imaging import ConvexRidge, FieldsOfExperts, SmoothedTV
+    from bilevel.imaging.report import filter_figure, hyperparameter_rows
+
+    rows = {r[0]: r for r in hyperparameter_rows(SmoothedTV(strength=0.3, smoothing=0.02))}
+    assert rows["strength"][2] == "0.3" and rows["smoothing"][2] == "0.02"
+    ridge = {r[0]: r for r in hyperparameter_rows(ConvexRidge(4, 5))}
+    assert ridge["coefficients"][2].startswith("min 0.0025")  # softplus(raw), not raw
+    foe = FieldsOfExperts(3, 5, init_weight=0.05)
+    assert {r[0]: r for r in hyperparameter_rows(foe)}["weights"][2] == "0.05, 0.05, 0.05"
+    fig = filter_figure(foe)
+    assert [ax.get_title() for ax in fig.axes[:3]] == [f"k{i}  w=0.05" for i in (1, 2, 3)]
+    assert filter_figure(SmoothedTV()) is None

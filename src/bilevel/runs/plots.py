@@ -214,7 +214,7 @@ def metric_figure(
     for label, pts in series:
         xs, ys = zip(*pts, strict=True)
         if y_key in smooth_keys and len(pts) >= 10:
-            window = max(5, len(pts) // 20)
+            window = max(5, len(pts) // 10)
             (raw,) = ax.plot(xs, ys, lw=0.8, alpha=0.25, label=f"{label or 'raw'} per step")
             ax.plot(
                 xs,

@@ -225,3 +225,25 @@ def test_hyperparameter_rows_show_transformed_values_and_filters():
     fig = filter_figure(foe)
     assert [ax.get_title() for ax in fig.axes[:3]] == [f"k{i}  w=0.05" for i in (1, 2, 3)]
     assert filter_figure(SmoothedTV()) is None
+
+
+@pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed")
+def test_tensorboard_sync_forwards_each_step_once_across_sessions(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(
+        "".join(json.dumps({"step": k, "upper_loss": k / 2}) + "\n" for k in range(3))
+    )
+    log = TensorBoardLog(tmp_path)
+    assert log.sync() == 3 and log.sync() == 0
+    log.close()
+    with metrics.open("a") as f:  # a resumed session appends
+        f.write(json.dumps({"step": 3, "upper_loss": 9.0}) + "\n")
+    log = TensorBoardLog(tmp_path)
+    assert log.sync() == 1
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    values = [(e.step, e.value) for e in events.Scalars("metrics/upper_loss")]
+    assert values == [(0, 0.0), (1, 0.5), (2, 1.0), (3, 9.0)]

@@ -6,11 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; an unpinned torch may pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-# The torchvision built for that torch (deepinv imports it); install it from the same index
-# as the torch build (CPU builds of torch need the CPU build of torchvision).
-TORCHVISION_SPEC ?= torchvision==0.28.0
 
-.PHONY: install install-deepinv run test lint format bench clean
+.PHONY: install install-deepinv run test lint docs format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +20,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Optional: deepinv forward operators (bilevel[deepinv]) and TensorBoard, torch kept at its pin.
+# Optional: deepinv forward operators (bilevel[deepinv]) and TensorBoard, torch kept at its pin
+# (deepinv's torchvision must be the build of that torch: a CPU torch needs a CPU torchvision).
 install-deepinv: install
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" -e ".[deepinv,tensorboard]"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" -e ".[deepinv,tensorboard]"
 
 run: install
 	$(BIN)/bilevel denoise
@@ -38,6 +36,11 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
+
+# The user guide and API reference (MkDocs + mkdocstrings, from the docstrings) into
+# build/site; any warning (a broken link, a docstring that does not parse) is an error.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 format: install
 	$(BIN)/ruff format src tests benchmarks

@@ -260,3 +260,22 @@ def test_exported_from_the_flat_namespace():
         a, y, t = ridge_data()
         theta = torch.zeros(4, dtype=DT, requires_grad=True)
         bilevel.argmin(ridge_energy(a), theta, torch.zeros_like(t), y, mu=1.0).sum().backward()
+
+
+def test_readme_argmin_example_runs_and_matches_the_closed_form():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "bilevel.argmin(" in b]
+    assert len(blocks) == 1
+    ns: dict = {}
+    exec(compile(blocks[0], "README argmin", "exec"), ns)
+    a, y, theta = ns["A"].double(), ns["y"].double(), ns["theta"]
+    w = theta.detach().double().exp()
+    hess = a.T @ a + torch.diag(w)
+    x = torch.linalg.solve(hess, (y @ a).T).T
+    q = torch.linalg.solve(hess, (2 * x).T).T
+    expected = -(w * x * q).sum(0) + 0.2 * theta.detach().double()
+    assert (theta.grad.double() - expected).abs().max() <= 1e-3 * expected.abs().max()
+    assert bool((ns["info"].grad_norm <= 1e-4).all())

@@ -196,3 +196,54 @@ def test_tensorboard_missing_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     assert main([*args, *SMALL, "--tensorboard"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--tensorboard" in err and len(err.splitlines()) == 1
+
+
+def test_hpo_writes_a_report_with_the_final_evaluation(tmp_path, capsys):
+    run_dir = tmp_path / "hpo"
+    args = ["hpo", "--method", "aid-cg", "--steps", "6", "--eval-every", "4", "--json"]
+    assert main([*args, "--no-progress", "--run-dir", str(run_dir)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    text = (run_dir / "report.html").read_text()
+    assert "learnt θ" in text and "best common θ" in text
+    assert f"{summary['final']['val_loss']:.4g}" in text
+    assert len(re.findall(r'<img src="data:image/png;base64,', text)) >= 3
+    from matplotlib.image import imread
+
+    assert imread(run_dir / "plots" / "val_loss_vs_cost.png").shape[2] in (3, 4)
+
+
+def test_hyperparameter_rows_show_transformed_values_and_filters():
+    from bilevel.imaging import ConvexRidge, FieldsOfExperts, SmoothedTV
+    from bilevel.imaging.report import filter_figure, hyperparameter_rows
+
+    rows = {r[0]: r for r in hyperparameter_rows(SmoothedTV(strength=0.3, smoothing=0.02))}
+    assert rows["strength"][2] == "0.3" and rows["smoothing"][2] == "0.02"
+    ridge = {r[0]: r for r in hyperparameter_rows(ConvexRidge(4, 5))}
+    assert ridge["coefficients"][2].startswith("min 0.0025")  # softplus(raw), not raw
+    foe = FieldsOfExperts(3, 5, init_weight=0.05)
+    assert {r[0]: r for r in hyperparameter_rows(foe)}["weights"][2] == "0.05, 0.05, 0.05"
+    fig = filter_figure(foe)
+    assert [ax.get_title() for ax in fig.axes[:3]] == [f"k{i}  w=0.05" for i in (1, 2, 3)]
+    assert filter_figure(SmoothedTV()) is None
+
+
+@pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed")
+def test_tensorboard_sync_forwards_each_step_once_across_sessions(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(
+        "".join(json.dumps({"step": k, "upper_loss": k / 2}) + "\n" for k in range(3))
+    )
+    log = TensorBoardLog(tmp_path)
+    assert log.sync() == 3 and log.sync() == 0
+    log.close()
+    with metrics.open("a") as f:  # a resumed session appends
+        f.write(json.dumps({"step": 3, "upper_loss": 9.0}) + "\n")
+    log = TensorBoardLog(tmp_path)
+    assert log.sync() == 1
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    values = [(e.step, e.value) for e in events.Scalars("metrics/upper_loss")]
+    assert values == [(0, 0.0), (1, 0.5), (2, 1.0), (3, 9.0)]

@@ -149,8 +149,9 @@ class _Spec:
     on_adjoint_failure: str
     info: ArgminInfo | None = None
 
-    def problem(self, wrt: list[Tensor]) -> BilevelProblem:
-        """h(x, θ, b) and f(x) = ⟨v, x⟩ over the internal batch (b, v); θ-slot = ``wrt``."""
+    def problem(self, wrt: list[Tensor], like: Tensor) -> BilevelProblem:
+        """h(x, θ, b) and f(x) = ⟨v, x⟩ over the internal batch (b, v); θ-slot = ``wrt`` (a
+        placeholder shaped like a scalar of ``like`` when nothing requires gradients)."""
         energy, theta = self.energy, self.theta
 
         def lower(x: Tensor, _wrt: Any, b: tuple) -> Tensor:
@@ -159,7 +160,7 @@ class _Spec:
         def upper(x: Tensor, _wrt: Any, b: tuple) -> Tensor:
             return batch_dot(b[1], x)
 
-        dummy = [torch.zeros((), requires_grad=True)]
+        dummy = [like.new_zeros(()).requires_grad_(True)]
         return BilevelProblem(lower, upper, wrt or dummy, mu=self.mu, lipschitz=self.lipschitz)
 
 
@@ -174,7 +175,7 @@ class _Argmin(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: _Spec, x0: Tensor, *wrt: Tensor) -> Tensor:
-        problem = spec.problem(list(wrt))
+        problem = spec.problem(list(wrt), x0)
         batch = (spec.batch, None)
         problem.check_inputs(x0, batch)
         cost = Cost()
@@ -204,7 +205,7 @@ class _Argmin(torch.autograd.Function):
         copies = {id(t): t.detach().requires_grad_(True) for t in leaves}
         batch = _replace_leaves(spec.batch, copies)
         wrt = params + list(copies.values())
-        problem = spec.problem(wrt)
+        problem = spec.problem(wrt, ctx.x_hat)
         x_hat = ctx.x_hat
         # x̂ is certified at ‖∇ₓh_i‖ = grad_norm_i: the estimator's lower solve stops at once.
         tol = torch.maximum(
@@ -287,7 +288,8 @@ def argmin(
         lower_tol: stop instance i when ‖∇ₓh_i(x̂_i)‖ ≤ lower_tol (absolute, per instance).
         adjoint_tol: tolerance on ‖H_i q_i − ∂L/∂x̂_i‖ (defaults to ``lower_tol``).
         estimator: the hypergradient estimator whose lower solver and adjoint solve are used
-            (default ``Implicit(CG())``).
+            (default ``Implicit(CG())``, which also computes the a-posteriori bound ω of each
+            backward pass; ``Implicit(CG(), compute_bound=False)`` skips it).
         mu: the strong-convexity modulus of h in x, if known (makes ``distance_bound`` a
             certificate and skips its estimation in the backward pass).
         lipschitz: a bound on the Lipschitz constant of ∇ₓh (step size of the lower solver).

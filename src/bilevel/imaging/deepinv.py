@@ -51,7 +51,8 @@ class PhysicsOperator(LinearOperator):
             dtype that the physics computes in.
         check_adjoint: run the adjoint test at construction and raise a ``BilevelError`` when
             the mismatch exceeds :data:`ADJOINT_TOLERANCE`.
-        power_iterations, safety: of the norm estimate.
+        power_iterations: iterations of the norm estimate.
+        safety: factor applied to the norm estimate.
     """
 
     def __init__(

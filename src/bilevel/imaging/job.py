@@ -168,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         help="oracle calls (lower-level gradients + Hessian-vector products; default 150000)",
     )
     a("--time", type=float, default=None, help="wall-time budget in seconds")
-    a("--eval-every", type=int, default=50, help="steps between test evaluations (default: 50)")
+    a("--eval-every", type=int, default=20, help="steps between test evaluations (default: 20)")
     if task == "deblur":
         a("--blur", type=float, default=1.5, help="Gaussian blur σ in pixels (default: 1.5)")
         a("--kernel-size", type=int, default=7, help="blur kernel size (default: 7)")

@@ -64,7 +64,9 @@ def reconstruction_figure(
 
 
 def _named(regulariser: nn.Module) -> dict[str, Tensor]:
-    """Parameters and buffers of the regulariser, ``log_*`` ones as their exponential."""
+    """Parameters and buffers of the regulariser, ``log_*`` ones as their exponential and
+    ``raw_*`` ones as the regulariser's transformed value of the same name (e.g. the softplus
+    ``coefficients()`` of ``raw_coefficients``)."""
     out: dict[str, Tensor] = {}
     for name, t in [*regulariser.named_parameters(), *regulariser.named_buffers()]:
         t = t.detach().double().cpu()
@@ -72,6 +74,7 @@ def _named(regulariser: nn.Module) -> dict[str, Tensor]:
             out[name[4:]] = t.exp()
         elif name.startswith("raw_") and hasattr(regulariser, name[4:]):
             value = getattr(regulariser, name[4:])
+            value = value() if callable(value) else value
             out[name[4:]] = value.detach().double().cpu() if isinstance(value, Tensor) else t
         else:
             out[name] = t

@@ -320,7 +320,8 @@ def split_data(
         y: labels (N,) in ``[0, n_classes)`` for classification, float targets otherwise.
         n_classes: number of classes; ``None`` for regression. For classification the split is
             stratified (``stratify=True``): each class is split in the given proportions.
-        val_fraction, test_fraction: fractions of each class (or of all rows) held out.
+        val_fraction: fraction of each class (or of all rows) held out for validation.
+        test_fraction: fraction of each class (or of all rows) held out for testing.
         seed: the split is a deterministic function of the seed.
         standardize: dense x ↦ (x − m)/s, sparse x ↦ x/s, with training m, s.
         center_target: for regression, subtract the training mean of y from every split.

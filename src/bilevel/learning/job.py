@@ -71,6 +71,7 @@ from bilevel.learning.models import (
     accuracy,
     corrupt_labels,
 )
+from bilevel.learning.report import write_report
 from bilevel.linear import CG
 from bilevel.lower import LBFGS, solve_lower
 from bilevel.methods import ISGD, Budget, RunResult, TensorSamples
@@ -82,6 +83,7 @@ from bilevel.runs import (
     check_job_record,
     dumps_json,
     new_figure,
+    to_jsonable,
     write_json,
 )
 from bilevel.schedules import Accuracy, Clipped, Polynomial, as_schedule
@@ -1214,6 +1216,8 @@ def _train(
     summary = _summary(args, data, model, job, initial, final, baseline, result, t_start)
     summary["best"] = best
     write_json(run_dir / "summary.json", summary)
+    if not args.no_plots:
+        write_report(run_dir, args, to_jsonable(summary))
     if args.json:
         print(dumps_json(summary))
     else:

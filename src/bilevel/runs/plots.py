@@ -43,6 +43,9 @@ LABELS = {
     "alpha": "step size α",
     "bound": "hypergradient error bound ω",
     "test_psnr": "test PSNR (dB)",
+    "val_loss": "validation loss F(θ)",
+    "test_accuracy": "test accuracy",
+    "test_mse": "test mean squared error",
     "grad_norm": "hypergradient norm ‖z‖",
 }
 
@@ -212,7 +215,7 @@ def metric_figure(
     for label, pts in series:
         xs, ys = zip(*pts, strict=True)
         if y_key in smooth_keys and len(pts) >= 10:
-            window = max(5, len(pts) // 20)
+            window = max(5, len(pts) // 10)
             (raw,) = ax.plot(xs, ys, lw=0.8, alpha=0.25, label=f"{label or 'raw'} per step")
             ax.plot(
                 xs,

@@ -27,6 +27,8 @@ __all__ = ["TENSORBOARD_DIR", "TensorBoardLog", "tensorboard_available"]
 
 #: Sub-folder of the run directory that holds the event files.
 TENSORBOARD_DIR = "tensorboard"
+#: File in that folder holding the last step forwarded from ``metrics.jsonl``.
+SYNCED_FILE = "synced_step"
 
 
 def tensorboard_available() -> bool:
@@ -52,13 +54,14 @@ class TensorBoardLog:
         self.run_dir = Path(run_dir)
         self.log_dir = self.run_dir / TENSORBOARD_DIR
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        self._synced_step = -1
+        marker = self.log_dir / SYNCED_FILE
+        self._synced_step = int(marker.read_text()) if marker.is_file() else -1
 
     def sync(self) -> int:
         """Log the records of ``metrics.jsonl`` after the last synced step; returns how many.
 
-        On the first call after a resume the steps already in the events are logged again
-        (TensorBoard keeps the latest value of a tag at a step)."""
+        The last synced step is kept in ``tensorboard/synced_step``, so that a resumed run
+        does not log its earlier steps twice."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return 0
@@ -71,6 +74,8 @@ class TensorBoardLog:
             self._synced_step = step
             count += 1
         self.writer.flush()
+        if count:
+            (self.log_dir / SYNCED_FILE).write_text(f"{self._synced_step}\n", encoding="utf-8")
         return count
 
     def scalars(self, values: Mapping[str, Any], step: int, prefix: str = "metrics") -> None:

@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         accuracy=args.accuracy,
         batch_size=min(args.batch_size, len(train)),
         optimizer="adam",
-        estimator=Implicit(CG(max_iter=500), lower_solver=Nesterov(max_iter=5000)),
+        estimator=Implicit(
+            CG(max_iter=500), lower_solver=Nesterov(max_iter=5000), compute_bound=False
+        ),
         seed=args.seed,
     )
     budget = Budget(oracle_calls=args.budget, steps=args.steps, wall_time=args.time)

@@ -407,3 +407,14 @@ def test_initialisation_starts_at_or_above_tuned_tv(tv_tuned_crops, model, filte
         calibrate_ridge_strength(reg, tv.strength)
     x = reconstruct(reconstruction_problem(reg), batch, tol=1e-3, max_iter=3000)
     assert float(psnr(x, batch[1]).mean()) >= tv.psnr
+
+
+def test_grid_search_tv_extends_the_grid_past_an_edge_optimum(tv_tuned_crops):
+    from bilevel.imaging import grid_search_tv
+
+    batch, tuned = tv_tuned_crops
+    result = grid_search_tv(batch, (0.01, 0.02), max_iter=1000, tol=1e-3)  # optimum above
+    assert result.strengths[0] < result.strength < result.strengths[-1]
+    assert result.strengths[:3] == [0.01, 0.02, 0.04]  # doubled, the ratio of the edge values
+    assert result.psnr == max(result.psnrs)
+    assert result.psnr >= tuned.psnr - 0.1  # near the job grid's optimum

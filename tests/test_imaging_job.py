@@ -132,9 +132,10 @@ def test_foe_weights_start_from_the_tuned_tv_strength():
     from bilevel.imaging import FieldsOfExperts
     from bilevel.imaging.job import calibrate_foe_weights
 
-    reg = FieldsOfExperts(num_filters=8, filter_size=3)
-    calibrate_foe_weights(reg, 0.1)
-    torch.testing.assert_close(reg.log_weights.detach(), torch.full((8,), math.log(0.025)))
+    reg = FieldsOfExperts(num_filters=8, filter_size=3, init="directional")
+    calibrate_foe_weights(reg, 0.1)  # λπ/(2K): smoothed isotropic TV of strength λ
+    expected = torch.full((8,), math.log(0.1 * math.pi / 16))
+    torch.testing.assert_close(reg.log_weights.detach(), expected)
     assert reg.log_weights.requires_grad
 
 

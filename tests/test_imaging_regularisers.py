@@ -369,3 +369,52 @@ def test_noise_level_scaling() -> None:
         reg.set_noise_level(25.0)
     with pytest.raises(BilevelError):
         ConvexRidgeNetwork(num_knots=0)
+
+
+@pytest.fixture(scope="module")
+def tv_tuned_crops():
+    """Six noisy 20 px crops of the bundled training images (σ = 25/255) and the TV
+    strength of the job's grid that is best on them, with its PSNR."""
+    from bilevel.imaging import DegradedImages, bundled_images, grid_search_tv, random_crops
+    from bilevel.imaging.job import TV_GRID
+
+    clean = random_crops(bundled_images("train", dtype=torch.float64), 20, 6, generator=3)
+    batch = DegradedImages(clean, sigma=25 / 255, seed=4).batch()
+    return batch, grid_search_tv(batch, TV_GRID, max_iter=1000, tol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "model,filters,size",
+    [("foe", 2, 3), ("foe", 4, 5), ("foe", 16, 7)]
+    + [("crr", 2, 5), ("crr", 8, 13), ("wcrr", 8, 13)],
+)
+def test_initialisation_starts_at_or_above_tuned_tv(tv_tuned_crops, model, filters, size):
+    """The job's initial models, calibrated on the tuned TV strength λ, denoise at least as
+    well as that TV (they reproduce smoothed isotropic TV, with a smaller smoothing)."""
+    from bilevel.imaging import psnr, reconstruct
+    from bilevel.imaging.job import job_arguments, make_regulariser
+
+    batch, tv = tv_tuned_crops
+    args = job_arguments("denoise", regulariser=model, filters=filters, filter_size=size)
+    reg = make_regulariser(args, channels=1).double()
+    if model == "foe":
+        from bilevel.imaging.job import calibrate_foe_weights
+
+        calibrate_foe_weights(reg, tv.strength)
+    else:
+        from bilevel.imaging.job import calibrate_ridge_strength
+
+        calibrate_ridge_strength(reg, tv.strength)
+    x = reconstruct(reconstruction_problem(reg), batch, tol=1e-3, max_iter=3000)
+    assert float(psnr(x, batch[1]).mean()) >= tv.psnr
+
+
+def test_grid_search_tv_extends_the_grid_past_an_edge_optimum(tv_tuned_crops):
+    from bilevel.imaging import grid_search_tv
+
+    batch, tuned = tv_tuned_crops
+    result = grid_search_tv(batch, (0.01, 0.02), max_iter=1000, tol=1e-3)  # optimum above
+    assert result.strengths[0] < result.strength < result.strengths[-1]
+    assert result.strengths[:3] == [0.01, 0.02, 0.04]  # doubled, the ratio of the edge values
+    assert result.psnr == max(result.psnrs)
+    assert result.psnr >= tuned.psnr - 0.1  # near the job grid's optimum

@@ -23,6 +23,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "inpaint": ("bilevel.imaging.job", "learn a regulariser for inpainting"),
     "hpo": ("bilevel.learning.job", "learn per-feature regularisation strengths (SID, AID, ...)"),
     "reconstruct": ("bilevel.imaging.apply", "apply a learned regulariser to your images"),
+    "models": ("bilevel.imaging.pretrained_models", "list the shipped pretrained regularisers"),
 }
 
 DEBUG_HELP = "show the traceback of an error"

@@ -20,6 +20,7 @@ from bilevel.imaging.operators import (
     motion_blur_kernel,
     random_mask,
 )
+from bilevel.imaging.pretrained_models import available_models, pretrained
 from bilevel.imaging.regularisers import (
     ConvexRidge,
     ConvexRidgeNetwork,
@@ -28,6 +29,7 @@ from bilevel.imaging.regularisers import (
     Regulariser,
     SmoothedTV,
     WeaklyConvexRidge,
+    ridge_layers,
 )
 from bilevel.imaging.tasks import (
     GridSearchResult,
@@ -53,6 +55,7 @@ __all__ = [
     "Regulariser",
     "SmoothedTV",
     "WeaklyConvexRidge",
+    "available_models",
     "bundled_images",
     "gaussian_kernel",
     "grid_search_tv",
@@ -61,11 +64,13 @@ __all__ = [
     "load_image_folder",
     "motion_blur_kernel",
     "mse",
+    "pretrained",
     "psnr",
     "random_crops",
     "random_mask",
     "reconstruct",
     "save_image",
     "reconstruction_problem",
+    "ridge_layers",
     "ssim",
 ]

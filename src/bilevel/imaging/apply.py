@@ -17,6 +17,7 @@ measurement y, or, with ``--add-noise``, as a clean image that is first degraded
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from bilevel.imaging.job import (
 )
 from bilevel.imaging.metrics import SSIM_WINDOW, psnr, ssim
 from bilevel.imaging.operators import InpaintingMask, LinearOperator
+from bilevel.imaging.pretrained_models import available_models, model_info, pretrained
 from bilevel.imaging.regularisers import Regulariser
 from bilevel.imaging.tasks import reconstruct, reconstruction_problem
 from bilevel.problem import BilevelError, BilevelProblem
@@ -129,8 +131,26 @@ def learned_problem(
 
 def add_arguments(parser: argparse.ArgumentParser, name: str = "reconstruct") -> None:
     a = parser.add_argument
-    a("run_dir", help="run directory of a finished bilevel denoise / deblur / inpaint run")
-    a("images", nargs="+", help="image files (png, jpg, bmp, tif)")
+    a(
+        "run_dir",
+        nargs="?",
+        help="run directory of a finished bilevel denoise / deblur / inpaint run (omitted "
+        "with --model)",
+    )
+    a("images", nargs="*", help="image files (png, jpg, bmp, tif)")
+    a(
+        "--model",
+        default=None,
+        help="use the shipped pretrained denoising model NAME instead of a run directory "
+        f"(available: {', '.join(available_models()) or 'none'}; see bilevel models)",
+    )
+    a(
+        "--sigma",
+        type=float,
+        default=None,
+        help="noise σ on the 0-255 scale of --add-noise and of a σ-aware model (default: the "
+        "σ the model was trained for)",
+    )
     a("--out", default=None, help="output folder (default: RUN_DIR/reconstructed)")
     a(
         "--add-noise",
@@ -167,6 +187,10 @@ def _mask(path: str, like: Tensor) -> InpaintingMask:
     return InpaintingMask((m > 0.5).to(like.dtype).unsqueeze(0))
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def _scores(x: Tensor, clean: Tensor) -> dict[str, float]:
     """PSNR (dB) and, when the image is large enough, SSIM of x against ``clean``."""
     out = {"psnr": float(psnr(x.clamp(0, 1), clean)[0])}
@@ -181,8 +205,25 @@ def run(args: argparse.Namespace) -> int:
         raise BilevelError(f"--tol must be positive, got {args.tol}")
     if args.max_iter < 1:
         raise BilevelError(f"--max-iter must be positive, got {args.max_iter}")
-    run_dir = Path(args.run_dir)
-    regulariser, options = load_learned(run_dir, best=args.best)
+    if args.model:  # the positionals are all images
+        args.images = ([args.run_dir] if args.run_dir else []) + list(args.images)
+        regulariser = pretrained(args.model)
+        info = model_info(args.model)
+        options = {"job": "denoise", "sigma": info["sigma"], "dtype": "float32", "color": False}
+        run_dir = Path(args.out or f"reconstructed-{args.model}")
+    else:
+        if not args.run_dir:
+            raise BilevelError("give a run directory or --model NAME")
+        run_dir = Path(args.run_dir)
+        regulariser, options = load_learned(run_dir, best=args.best)
+    if not args.images:
+        raise BilevelError("no images given")
+    if args.sigma is not None:
+        if not (math.isfinite(args.sigma) and 0 < args.sigma < 255):
+            raise BilevelError(f"--sigma must be in (0, 255), got {args.sigma}")
+        options["sigma"] = args.sigma
+        if hasattr(regulariser, "set_noise_level"):
+            regulariser.set_noise_level(args.sigma / 255.0)
     inpaint = options["job"] == "inpaint"
     if inpaint and not args.mask:
         raise BilevelError("an inpainting model needs the mask of the images (--mask FILE)")
@@ -201,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     if inpaint:  # check every mask before any work too
         for image in images:
             _mask(args.mask, image)
-    out_dir = Path(args.out) if args.out else run_dir / "reconstructed"
+    out_dir = Path(args.out) if args.out else run_dir if args.model else run_dir / "reconstructed"
     if out_dir.exists() and not out_dir.is_dir():
         raise BilevelError(f"--out {out_dir} is a file, not a folder")
     try:
@@ -236,6 +277,12 @@ def run(args: argparse.Namespace) -> int:
             save_image(op.adjoint(y)[0], record["degraded_output"])
             record["degraded"] = _scores(op.adjoint(y), x)
             record["reconstructed"] = _scores(x_hat, x)
+        record.update(  # the flat keys of the JSON output (None without a clean reference)
+            file=name,
+            psnr=record.get("reconstructed", {}).get("psnr"),
+            ssim=record.get("reconstructed", {}).get("ssim"),
+            degraded_psnr=record.get("degraded", {}).get("psnr"),
+        )
         results.append(record)
         if not args.json:
             line = f"  {name} -> {record['output']} ({seconds:.1f} s)"
@@ -244,5 +291,11 @@ def run(args: argparse.Namespace) -> int:
                 line += f"; PSNR {d['psnr']:.2f} dB degraded, {r['psnr']:.2f} dB reconstructed"
             print(line)
     if args.json:
-        print(dumps_json({"run_dir": str(run_dir), "task": options["job"], "images": results}))
+        keys = ("psnr", "ssim", "degraded_psnr")
+        mean = {
+            k: (None if any(r[k] is None for r in results) else _mean([r[k] for r in results]))
+            for k in keys
+        }
+        head = {"model": args.model} if args.model else {"run_dir": str(run_dir)}
+        print(dumps_json({**head, "task": options["job"], "images": results, "mean": mean}))
     return 0

@@ -248,6 +248,7 @@ def make_regulariser(args: argparse.Namespace, channels: int) -> Regulariser:
         return FieldsOfExperts(
             args.filters,
             size,
+            init="directional",
             channels=channels,
             smoothing=FOE_SMOOTHING,
             learn_smoothing=True,
@@ -262,15 +263,14 @@ def make_regulariser(args: argparse.Namespace, channels: int) -> Regulariser:
 
 @torch.no_grad()
 def calibrate_foe_weights(regulariser: FieldsOfExperts, tv_strength: float) -> None:
-    """Set every expert weight to 2λ_TV/K, λ_TV the grid-tuned TV strength of the task.
+    """Set every expert weight to λ_TV π/(2K), λ_TV the grid-tuned TV strength of the task.
 
-    With finite-difference initial filters this starts the Fields of Experts near the tuned
-    (anisotropic) TV. On 32 test crops of BSDS300 at σ = 25/255 (TV: λ = 0.1, 26.98 dB), an
-    8-filter FoE with ν = 0.01 started at 24.9, 26.3 and 25.6 dB with weights 0.01, 0.02 and
-    0.03.
+    With the directional-derivative initial filters of the job's Fields of Experts this starts
+    it at smoothed isotropic TV of strength λ_TV (with the experts' smaller smoothing
+    :data:`FOE_SMOOTHING`), i.e. at or slightly above the tuned TV.
     """
     k = regulariser.log_weights.numel()
-    regulariser.log_weights.fill_(math.log(2.0 * tv_strength / k))
+    regulariser.log_weights.fill_(math.log(tv_strength * math.pi / (2 * k)))
 
 
 @torch.no_grad()

@@ -305,9 +305,12 @@ class FieldsOfExperts(Regulariser):
     * ``"student_t"``:   φ_k(t) = log(1 + t²/ν_k²), non-convex, φ_k'' ≤ 2/ν_k².
 
     ``curvature_bound() = sup_ω λ_max(Σ_k exp(α_k) max φ_k'' k̂_k(ω) k̂_k(ω)ᴴ)`` (a certified
-    bound on the symbol, at most Σ_k exp(α_k) max φ_k'' Σ_c ‖k_{k,c}‖₁²). Initialisation (seeded):
-    finite-difference filters, then DCT filters of increasing frequency (see
-    ``_init_filters``), and weights ``init_weight``.
+    bound on the symbol, at most Σ_k exp(α_k) max φ_k'' Σ_c ‖k_{k,c}‖₁²). Initial filters
+    (``init``): ``"finite_differences"`` (seeded): finite differences, then DCT filters of
+    increasing frequency (see ``_init_filters``); ``"directional"``: the directional
+    derivatives cos θ_k D₁ + sin θ_k D₂, θ_k = πk/K, of :class:`SmoothedTV`'s differences, with
+    which weights λπ/(2K) make the model smoothed isotropic TV of strength λ (K ≥ 4; K = 2 is
+    anisotropic TV). Weights ``init_weight``.
     """
 
     def __init__(
@@ -321,10 +324,13 @@ class FieldsOfExperts(Regulariser):
         seed: int = 0,
         boundary: str = "reflect",
         learn_smoothing: bool = False,
+        init: str = "finite_differences",
     ) -> None:
         super().__init__()
         _check_boundary(boundary)
         self.boundary = boundary
+        if init not in ("finite_differences", "directional"):
+            raise BilevelError(f"init must be 'finite_differences' or 'directional', got {init!r}")
         if potential not in ("smoothed_l1", "student_t"):
             raise BilevelError(f"potential must be 'smoothed_l1' or 'student_t', got {potential!r}")
         if not smoothing > 0 or not init_weight > 0:
@@ -334,8 +340,11 @@ class FieldsOfExperts(Regulariser):
         self.potential = potential
         self.channels = channels
         self.filter_size = filter_size
-        gen = torch.Generator().manual_seed(seed)
-        filters = _init_filters(num_filters, channels, filter_size, gen)
+        if init == "directional":
+            filters = _directional_derivatives(num_filters, channels, filter_size)
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            filters = _init_filters(num_filters, channels, filter_size, gen)
         dtype = torch.get_default_dtype()
         self.filters = nn.Parameter(filters.to(dtype))
         self.log_weights = nn.Parameter(

@@ -215,26 +215,42 @@ def grid_search_tv(
     smoothing: float = 0.01,
     max_iter: int = 300,
     tol: float = 1e-4,
+    extend: int = 6,
 ) -> GridSearchResult:
     """Baseline "best grid-tuned TV": mean PSNR of TV reconstructions for each λ in a grid.
 
     For each strength λ, solves argmin_x ½‖Ax − y‖² + λ Σ sqrt(|∇x|² + ν²) + (γ/2)‖x‖² for all
     images at once (:func:`reconstruct`: ``max_iter`` iterations or ‖∇h_i‖ ≤ ``tol``) and
     averages the PSNR against x_true. ``data`` is a ``DegradedImages`` (all samples) or a tuple
-    (y, x_true[, mask]). Returns the best λ, its PSNR and the whole curve.
+    (y, x_true[, mask]). While the best λ is the smallest or largest of the grid, the grid is
+    extended beyond it by the ratio of its two outermost values (at most ``extend`` times), so
+    that the returned optimum lies inside the searched range. Returns the best λ, its PSNR and
+    the whole curve (sorted by λ).
     """
     batch = tuple(data.batch()) if isinstance(data, DegradedImages) else tuple(data)
     y, x_true, _ = _split_batch(batch)
-    if not strengths:
-        raise BilevelError("strengths must not be empty")
-    results = []
-    for lam in strengths:
-        tv = SmoothedTV(strength=float(lam), smoothing=smoothing).to(dtype=y.dtype)
-        op = Identity() if operator is None else operator
+    grid = sorted(float(s) for s in strengths)
+    if not grid or grid[0] <= 0:
+        raise BilevelError("strengths must be a non-empty sequence of positive numbers")
+    op = Identity() if operator is None else operator
+
+    def score(lam: float) -> float:
+        tv = SmoothedTV(strength=lam, smoothing=smoothing).to(dtype=y.dtype)
         problem = reconstruction_problem(tv, op, gamma=gamma, data_term="measurement")
         x = reconstruct(problem, batch, tol=tol, max_iter=max_iter)
-        results.append(float(psnr(x, x_true).mean()))
-    best = max(range(len(results)), key=results.__getitem__)
-    return GridSearchResult(
-        float(strengths[best]), results[best], [float(s) for s in strengths], results
-    )
+        return float(psnr(x, x_true).mean())
+
+    results = {lam: score(lam) for lam in grid}
+    for _ in range(extend if len(grid) > 1 else 0):
+        lams = sorted(results)
+        best = max(lams, key=results.__getitem__)
+        if best == lams[0]:
+            new = lams[0] * lams[0] / lams[1]
+        elif best == lams[-1]:
+            new = lams[-1] * lams[-1] / lams[-2]
+        else:
+            break
+        results[new] = score(new)
+    lams = sorted(results)
+    best = max(lams, key=results.__getitem__)
+    return GridSearchResult(best, results[best], lams, [results[lam] for lam in lams])

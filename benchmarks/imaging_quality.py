@@ -1,0 +1,248 @@
+"""Denoising quality on the BSDS300 test images: noisy, tuned TV, BM3D and learned models.
+
+    python benchmarks/imaging_quality.py [--images 100] [--sigmas 15,25,50] \
+        [--models NAME,...] [--no-bm3d] [--record NAME]
+
+For each of the (first ``--images``, sorted by file name) grayscale test images of
+``DATA/test`` at full size and each noise level σ (0-255 scale), the noisy image is
+y = x + σ/255·ε with ε drawn in float32 from ``torch.Generator().manual_seed(s)``,
+s = ``--seed`` + 1000·σ + i for the i-th image (seeds recorded in the JSON). Methods:
+
+* noisy: y itself;
+* TV: smoothed TV (ν = 0.01) whose strength λ is the best of a grid by mean PSNR on
+  ``--tune-crops`` random crops of the *training* images (same noise model, other seeds);
+* BM3D: ``bm3d.bm3d(y, sigma_psd=σ/255)`` of the optional ``bm3d`` package
+  (``pip install bilevel[benchmarks]``);
+* each learned model of ``--models`` (shipped pretrained names, see ``bilevel models``;
+  σ-aware models are set to the σ evaluated).
+
+Reconstructions solve the lower level to a root-mean-square gradient of ``--tol`` (float32,
+stopped earlier when the float32 rounding floor is reached). PSNR and SSIM (clipped to [0, 1])
+per image and their means go to ``--json`` (default ``docs/benchmarks_imaging_quality.json``);
+``--markdown`` writes the report with the table and a figure. ``--record NAME`` stores the
+model's mean test scores at its own σ in its pretrained record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bilevel.imaging import (
+    SmoothedTV,
+    grid_search_tv,
+    load_image_folder,
+    pretrained,
+    psnr,
+    random_crops,
+    reconstruct,
+    reconstruction_problem,
+    ssim,
+)
+from bilevel.imaging.pretrained_models import MODEL_DIR, model_info
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bsds300"
+TV_GRID = (0.02, 0.035, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--data", default=str(DEFAULT_DATA), help="folder with train/ and test/ (BSDS300)")
+    a("--images", type=int, default=100, help="first N test images (default: 100)")
+    a("--sigmas", default="15,25,50", help="noise levels, 0-255 scale (default: 15,25,50)")
+    a("--models", default="", help="comma-separated pretrained model names")
+    a("--no-bm3d", action="store_true", help="skip BM3D")
+    a("--tune-crops", type=int, default=32, help="training crops that tune TV (default: 32)")
+    a("--tune-crop-size", type=int, default=96)
+    a("--tol", type=float, default=1e-4, help="RMS gradient tolerance (default: 1e-4)")
+    a("--max-iter", type=int, default=3000)
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=1)
+    a("--device", default="cpu")
+    a("--json", default=str(ROOT / "docs" / "benchmarks_imaging_quality.json"))
+    a("--markdown", default=None, help="write the report here (with a figure beside it)")
+    a("--record", default=None, help="store the test scores in pretrained model NAME's record")
+    return p.parse_args(argv)
+
+
+def noisy(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    """y = x + σ/255·ε, ε ~ N(0, I) from ``torch.Generator().manual_seed(seed)`` in float32."""
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    return x + sigma / 255.0 * eps.to(x.dtype).to(x.device)
+
+
+def solve(regulariser, y: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    problem = reconstruction_problem(regulariser.to(y.device, y.dtype))
+    tol = args.tol * y.numel() ** 0.5
+    return reconstruct(problem, (y, y), x0=y, tol=tol, max_iter=args.max_iter)
+
+
+def scores(x: torch.Tensor, clean: torch.Tensor) -> tuple[float, float]:
+    x = x.clamp(0, 1)
+    return float(psnr(x, clean)[0]), float(ssim(x, clean)[0])
+
+
+def tune_tv(train: list[torch.Tensor], sigma: float, args: argparse.Namespace) -> float:
+    """λ of :data:`TV_GRID` with the best mean PSNR on random training crops."""
+    crops = random_crops(train, args.tune_crop_size, args.tune_crops, generator=args.seed)
+    y = noisy(crops, sigma, args.seed + 7 + int(sigma))
+    return grid_search_tv((y, crops), TV_GRID, max_iter=2000, tol=1e-3).strength
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    data = Path(args.data)
+    if not (data / "test").is_dir() or not (data / "train").is_dir():
+        sys.exit(f"imaging_quality: {data} needs train/ and test/ image folders")
+    test_files = sorted(p for p in (data / "test").iterdir() if p.is_file())[: args.images]
+    test = [t.to(args.device) for t in load_image_folder(data / "test", color=False)]
+    test = test[: args.images]
+    train = load_image_folder(data / "train", color=False)
+    sigmas = [float(s) for s in args.sigmas.split(",") if s]
+    models = [m for m in args.models.split(",") if m]
+    bm3d = None
+    if not args.no_bm3d:
+        try:
+            import bm3d
+        except ImportError:
+            print("bm3d is not installed (pip install bilevel[benchmarks]); BM3D skipped")
+    out: dict = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
+        "torch": torch.__version__,
+        "images": [p.name for p in test_files],
+        "results": {},
+    }
+    for sigma in sigmas:
+        start = time.perf_counter()
+        lam = tune_tv(train, sigma, args)
+        seeds = [args.seed + 1000 * int(round(sigma)) + i for i in range(len(test))]
+        methods: dict[str, dict[str, list[float]]] = {}
+
+        def add(name: str, x: torch.Tensor, clean: torch.Tensor, into: dict = methods) -> None:
+            p, s = scores(x, clean)
+            into.setdefault(name, {"psnr": [], "ssim": []})
+            into[name]["psnr"].append(p)
+            into[name]["ssim"].append(s)
+
+        learned = {}
+        for name in models:
+            reg = pretrained(name)
+            if hasattr(reg, "set_noise_level"):
+                reg.set_noise_level(sigma / 255.0)
+            learned[name] = reg
+        tv = SmoothedTV(strength=lam)
+        for i, (clean, seed) in enumerate(zip(test, seeds)):
+            x = clean.unsqueeze(0)
+            y = noisy(x, sigma, seed)
+            add("noisy", y, x)
+            add("TV", solve(tv, y, args), x)
+            if bm3d is not None:
+                est = bm3d.bm3d(y[0, 0].double().cpu().numpy(), sigma_psd=sigma / 255.0)
+                add("BM3D", torch.as_tensor(est, dtype=x.dtype).view_as(x).to(x.device), x)
+            for name, reg in learned.items():
+                add(name, solve(reg, y, args), x)
+            line = ", ".join(f"{k} {v['psnr'][-1]:.2f}" for k, v in methods.items())
+            print(f"σ = {sigma:g}, image {i + 1}/{len(test)} ({test_files[i].name}): {line}")
+        for v in methods.values():
+            v["mean_psnr"] = sum(v["psnr"]) / len(v["psnr"])
+            v["mean_ssim"] = sum(v["ssim"]) / len(v["ssim"])
+        out["results"][f"{sigma:g}"] = {
+            "tv_strength": lam,
+            "noise_seeds": seeds,
+            "seconds": round(time.perf_counter() - start, 1),
+            "methods": methods,
+        }
+    return out
+
+
+def markdown(result: dict, path: Path) -> None:
+    """The report: mean PSNR / SSIM per σ and method, and a figure of the means."""
+    from bilevel.runs import new_figure
+
+    cfg = result["config"]
+    lines = [
+        "# Benchmark: denoising quality on BSDS300 test images",
+        "",
+        f"Generated by `python benchmarks/imaging_quality.py --images {cfg['images']} "
+        f"--sigmas {cfg['sigmas']}"
+        + (f" --models {cfg['models']}" if cfg["models"] else "")
+        + "`; torch "
+        + result["torch"]
+        + ". "
+        f"{len(result['images'])} test images (the first by file name), full size, grayscale; "
+        "noise seeds per image in the JSON. TV strength tuned on "
+        f"{cfg['tune_crops']} crops of {cfg['tune_crop_size']} px of the training images.",
+        "",
+        "| σ | TV λ | method | mean PSNR (dB) | mean SSIM |",
+        "|---:|---:|---|---:|---:|",
+    ]
+    for sigma, r in result["results"].items():
+        for name, v in r["methods"].items():
+            lines.append(
+                f"| {sigma} | {r['tv_strength']:g} | {name} | {v['mean_psnr']:.2f} | "
+                f"{v['mean_ssim']:.4f} |"
+            )
+    fig = new_figure(6, 3.5)
+    ax = fig.add_subplot(1, 1, 1)
+    sigmas = list(result["results"])
+    names = list(next(iter(result["results"].values()))["methods"])
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        means = [result["results"][s]["methods"][name]["mean_psnr"] for s in sigmas]
+        ax.bar([i + j * width for i in range(len(sigmas))], means, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sigmas))], [f"σ = {s}" for s in sigmas])
+    ax.set_ylabel("mean PSNR (dB)")
+    ax.set_ylim(bottom=15)
+    ax.legend(fontsize=7)
+    figure = path.with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(figure, dpi=120)
+    lines += ["", f"![mean PSNR per method]({figure.name})", ""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def record(result: dict, name: str) -> None:
+    """Store the model's scores at its own σ (and the baselines') in its pretrained record."""
+    info = model_info(name)
+    r = result["results"].get(f"{float(info['sigma']):g}")
+    if r is None or name not in r["methods"]:
+        sys.exit(f"imaging_quality: no result of {name} at its σ = {info['sigma']}")
+    m = r["methods"]
+    info["test"] = {
+        "set": "BSDS300 test images (first by file name), full size, grayscale",
+        "images": len(result["images"]),
+        "psnr": m[name]["mean_psnr"],
+        "ssim": m[name]["mean_ssim"],
+        "baselines_psnr": {k: v["mean_psnr"] for k, v in m.items() if k != name},
+        "noise_seeds": r["noise_seeds"],
+        "command": "python benchmarks/imaging_quality.py "
+        f"--images {result['config']['images']} --sigmas {info['sigma']:g} --models {name}",
+    }
+    path = MODEL_DIR / f"{name}.json"
+    path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    print(f"recorded the test scores of {name} in {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    result = evaluate(args)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    for sigma, r in result["results"].items():
+        means = ", ".join(f"{k} {v['mean_psnr']:.2f}" for k, v in r["methods"].items())
+        print(f"σ = {sigma}: mean PSNR {means} (TV λ = {r['tv_strength']:g})")
+    if args.markdown:
+        markdown(result, Path(args.markdown))
+    if args.record:
+        record(result, args.record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Train a ridge regulariser (CRR-NN or WCRR-NN style) on BSDS300 patches by Adam-ISGD.
+
+    python benchmarks/train_regulariser.py --model crr --sigma 25 --run-dir runs/crr25 \
+        [--patches 2000 --patch 48 --budget 2000000 --device cuda] [--resume] \
+        [--export NAME]
+
+Data: random ``--patch``-pixel patches of the grayscale images in ``DATA/train`` (the 200
+BSDS300 training images), noise frozen per patch (seeded); the images are split by file
+(``--val-images`` of them held out) into training patches and validation patches. Upper
+level: Adam-ISGD (the library's ``ISGD(optimizer="adam")``) with implicit hypergradients
+(warm-started Nesterov lower solves, CG adjoints), step α_k = α₀/(k+1)^p, checkpoints in the
+run directory (``--resume`` continues the run). The validation PSNR is logged every
+``--eval-every`` steps together with each parameter group's distance from its initial value
+(so that a group that does not move is seen). ``--export NAME`` writes the final model with
+its configuration, data, seed and validation PSNR to the package's pretrained-model folder
+(``bilevel.imaging.pretrained``); test scores are added by ``benchmarks/imaging_quality.py
+--record NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bilevel import CG, ISGD, Budget, Implicit, Nesterov
+from bilevel.imaging import (
+    ConvexRidgeNetwork,
+    DegradedImages,
+    SmoothedTV,
+    WeaklyConvexRidge,
+    grid_search_tv,
+    load_image_folder,
+    psnr,
+    random_crops,
+    reconstruct,
+    reconstruction_problem,
+    ridge_layers,
+)
+from bilevel.imaging.job import calibrate_ridge_strength
+from bilevel.imaging.pretrained_models import reference_check, save_pretrained
+from bilevel.methods import with_initial
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
+TV_GRID = (0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--model", choices=("crr", "wcrr"), default="crr")
+    a("--data", default=str(DEFAULT_DATA), help="folder with train/ (default: BSDS300)")
+    a("--sigma", type=float, default=25.0, help="noise σ on the 0-255 scale (default: 25)")
+    a("--filters", type=int, default=16)
+    a("--filter-size", type=int, default=13, help="composite filter support (default: 13)")
+    a("--max-weak-convexity", type=float, default=0.5, help="wcrr: ρ_max (default: 0.5)")
+    a("--patch", type=int, default=48, help="patch size in pixels (default: 48)")
+    a("--patches", type=int, default=512, help="training patches (default: 512)")
+    a("--val-patches", type=int, default=64, help="validation patches (default: 64)")
+    a("--val-images", type=int, default=20, help="training images held out for validation")
+    a("--images", type=int, default=None, help="use only the first N training images")
+    a("--batch-size", type=int, default=16)
+    a("--step", type=float, default=2e-2, help="Adam step α₀ (default: 2e-2)")
+    a("--power", type=float, default=0.25, help="α_k = α₀/(k+1)^power (default: 0.25)")
+    a("--accuracy", default="poly:1e-1,0.5", help="ε_k = δ_k schedule (default: poly:1e-1,0.5)")
+    a("--budget", type=int, default=200_000, help="oracle calls (default: 200000)")
+    a("--steps", type=int, default=None, help="upper-level steps at most")
+    a("--time", type=float, default=None, help="wall-time budget in seconds")
+    a("--eval-every", type=int, default=20)
+    a("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    a("--dtype", choices=("float32", "float64"), default="float32")
+    a("--threads", type=int, default=1)
+    a("--seed", type=int, default=0)
+    a("--run-dir", required=True)
+    a("--resume", action="store_true")
+    a("--export", default=None, help="write the trained model as pretrained model NAME")
+    return p.parse_args(argv)
+
+
+def data_sets(args: argparse.Namespace, dtype: torch.dtype) -> tuple[DegradedImages, ...]:
+    """(train, validation) patches with frozen noise; validation from held-out images."""
+    folder = Path(args.data) / "train"
+    if not folder.is_dir():
+        sys.exit(f"train_regulariser: no folder {folder}")
+    images = load_image_folder(folder, color=False, dtype=dtype)
+    if args.images is not None:
+        images = images[: args.images]
+    if len(images) <= args.val_images:
+        sys.exit("train_regulariser: need more training images than --val-images")
+    train_imgs, val_imgs = images[: -args.val_images], images[-args.val_images :]
+    sigma = args.sigma / 255.0
+    train = random_crops(train_imgs, args.patch, args.patches, generator=args.seed)
+    val = random_crops(val_imgs, args.patch, args.val_patches, generator=args.seed + 1)
+    return (
+        DegradedImages(train, sigma=sigma, seed=args.seed + 2).to(args.device),
+        DegradedImages(val, sigma=sigma, seed=args.seed + 3).to(args.device),
+    )
+
+
+def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """The regulariser and the keyword arguments that rebuild it."""
+    layers, kernel = ridge_layers(args.filter_size)
+    kwargs = {"num_filters": args.filters, "channels": 1, "layers": layers}
+    kwargs.update(kernel_size=kernel, noise_level=args.sigma / 255.0)
+    if args.model == "wcrr":
+        kwargs["max_weak_convexity"] = args.max_weak_convexity
+        return WeaklyConvexRidge(**kwargs), kwargs
+    return ConvexRidgeNetwork(**kwargs), kwargs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("train_regulariser: --device cuda but CUDA is not available")
+    dtype = getattr(torch, args.dtype)
+    train, val = data_sets(args, dtype)
+    model, kwargs = build_model(args)
+    model = model.to(args.device, dtype)
+    run_dir = Path(args.run_dir)
+    start = time.perf_counter()
+    # Start at smoothed isotropic TV of the strength tuned on the training patches.
+    tv = grid_search_tv(train.batch(), TV_GRID, max_iter=1000, tol=1e-3)
+    if not args.resume:
+        calibrate_ridge_strength(model, tv.strength)
+    print(f"TV tuned on the training patches: λ = {tv.strength:g}, {tv.psnr:.2f} dB", flush=True)
+    problem = reconstruction_problem(model)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    val_batch = val.batch()
+    state: dict = {}
+
+    def evaluate(theta, step: int) -> dict[str, float]:
+        x = reconstruct(problem, val_batch, x0=state.get("x"), tol=3e-3, max_iter=3000)
+        state["x"] = x
+        out = {"val_psnr": float(psnr(x.clamp(0, 1), val_batch[1]).mean())}
+        for n, p in model.named_parameters():  # each group's progress
+            out[f"moved_{n}"] = float((p.detach() - initial[n]).norm() / (initial[n].norm() + 1))
+        return out
+
+    method = ISGD(
+        step=f"poly:{args.step},{args.power}",
+        accuracy=args.accuracy,
+        batch_size=min(args.batch_size, len(train)),
+        optimizer="adam",
+        estimator=Implicit(
+            CG(max_iter=500), lower_solver=Nesterov(max_iter=5000), compute_bound=False
+        ),
+        seed=args.seed,
+    )
+    budget = Budget(oracle_calls=args.budget, steps=args.steps, wall_time=args.time)
+    result = method.run(
+        problem,
+        with_initial(train, lambda b: b[0].clone()),
+        budget,
+        run_dir=run_dir,
+        resume=args.resume,
+        evaluate=evaluate,
+        eval_every=args.eval_every,
+        progress=False,
+    )
+    final = evaluate(problem.theta, result.step)
+    tv_problem = reconstruction_problem(SmoothedTV(tv.strength).to(args.device, dtype))
+    x_tv = reconstruct(tv_problem, val_batch, tol=3e-3)
+    summary = {
+        "model": args.model,
+        "steps": result.step,
+        "oracle_calls": result.cost,
+        "status": result.status,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "tv_strength": tv.strength,
+        "val_psnr": {
+            "noisy": float(psnr(val_batch[0].clamp(0, 1), val_batch[1]).mean()),
+            "tv": float(psnr(x_tv.clamp(0, 1), val_batch[1]).mean()),
+            "learned": final["val_psnr"],
+        },
+        "moved": {k[6:]: v for k, v in final.items() if k.startswith("moved_")},
+    }
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    print(json.dumps(summary, indent=2))
+    if args.export:
+        config = {k: v for k, v in vars(args).items() if k not in ("export", "resume")}
+        info = {
+            "class": type(model).__name__,
+            "kwargs": kwargs,
+            "sigma": args.sigma,
+            "description": f"{args.model} with {args.filters} filters of "
+            f"{args.filter_size}×{args.filter_size}, grayscale, σ = {args.sigma:g}/255",
+            "training": {
+                "command": "python benchmarks/train_regulariser.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+                "config": config,
+                "data": f"{args.patches} random {args.patch}px patches of the BSDS300 training "
+                f"images (last {args.val_images} held out for {args.val_patches} validation "
+                "patches), grayscale, noise frozen per patch",
+                "seed": args.seed,
+                "summary": summary,
+            },
+        }
+        info["check"] = reference_check(model.cpu().float(), args.sigma)
+        print(f"exported to {save_pretrained(model, args.export, info)}")
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Shipped pretrained regularisers: records, loading, the reference reconstruction, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bilevel import BilevelError
+from bilevel.cli import main
+from bilevel.imaging import (
+    ConvexRidgeNetwork,
+    available_models,
+    pretrained,
+    reconstruct,
+    reconstruction_problem,
+    save_image,
+)
+from bilevel.imaging import pretrained_models as pm
+
+SHIPPED = available_models()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_reproduces_its_recorded_reconstruction(name):
+    info = pm.model_info(name)
+    for key in ("class", "kwargs", "sigma", "training", "check", "description"):
+        assert key in info, key
+    assert {"command", "config", "data", "seed"} <= set(info["training"])
+    model = pretrained(name)
+    check = pm.reference_check(model, float(info["sigma"]))
+    assert check["psnr"] == pytest.approx(info["check"]["psnr"], abs=0.01)
+    noisy_psnr = -10 * torch.log10(torch.tensor((info["sigma"] / 255.0) ** 2))
+    assert check["psnr"] > float(noisy_psnr) + 5  # it denoises
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = ConvexRidgeNetwork(num_filters=2, layers=1, kernel_size=3, noise_level=0.1)
+    with torch.no_grad():
+        model.log_slopes.add_(0.3)
+    kwargs = {"num_filters": 2, "layers": 1, "kernel_size": 3, "noise_level": 0.1}
+    info = {"class": "ConvexRidgeNetwork", "kwargs": kwargs, "sigma": 25.0}
+    pm.save_pretrained(model, "tiny", info, folder=tmp_path)
+    assert pm.available_models(tmp_path) == ["tiny"]
+    loaded = pretrained("tiny", folder=tmp_path)
+    assert torch.allclose(loaded.log_slopes, model.log_slopes)
+    assert float(loaded.noise_level) == pytest.approx(25 / 255)  # set to the record's σ
+    y = torch.rand(1, 1, 12, 12)
+    x = reconstruct(reconstruction_problem(loaded), (y, y), tol=1e-3)
+    assert x.shape == y.shape and torch.isfinite(x).all()
+    with pytest.raises(BilevelError, match="no pretrained model"):
+        pretrained("missing", folder=tmp_path)
+    (tmp_path / "tiny.json").write_text(json.dumps({**info, "class": "Nope"}))
+    with pytest.raises(BilevelError, match="unknown class"):
+        pretrained("tiny", folder=tmp_path)
+    with pytest.raises(BilevelError, match="model names"):
+        pm.save_pretrained(model, "../x", info, folder=tmp_path)
+
+
+@pytest.fixture
+def tiny_zoo(tmp_path, monkeypatch):
+    """A model folder with one small trained-looking model, used as the shipped folder."""
+    folder = tmp_path / "models"
+    model = ConvexRidgeNetwork(num_filters=4, layers=1, kernel_size=3, strength=0.08)
+    kwargs = {"num_filters": 4, "layers": 1, "kernel_size": 3}
+    info = {"class": "ConvexRidgeNetwork", "kwargs": kwargs, "sigma": 25.0}
+    info["description"] = "test model"
+    pm.save_pretrained(model, "tiny-crr", info, folder=folder)
+    monkeypatch.setattr(pm, "MODEL_DIR", folder)
+    image = torch.linspace(0, 1, 24).view(1, 1, 24).expand(1, 24, 24).clone()
+    image[:, 6:18, 6:18] = 0.8
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"img{k}.png")
+        save_image(image.flip(-1) if k else image, paths[-1])
+    return tmp_path, [str(p) for p in paths]
+
+
+def test_cli_models_lists_the_shipped_models(tiny_zoo, capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-crr" in out and "σ = 25/255" in out
+    assert main(["models", "--json"]) == 0
+    assert "tiny-crr" in json.loads(capsys.readouterr().out)
+
+
+def test_cli_reconstruct_with_a_model_reports_json(tiny_zoo, capsys):
+    folder, images = tiny_zoo
+    out_dir = folder / "out"
+    argv = ["reconstruct", "--model", "tiny-crr", *images, "--add-noise", "--sigma", "20"]
+    assert main([*argv, "--json", "--out", str(out_dir)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in result["images"]] == images
+    for r in result["images"]:
+        assert r["psnr"] > r["degraded_psnr"] + 3 and 0 < r["ssim"] <= 1
+    mean = result["mean"]
+    assert mean["psnr"] == pytest.approx(sum(r["psnr"] for r in result["images"]) / 2)
+    assert set(mean) == {"psnr", "ssim", "degraded_psnr"}
+    assert (out_dir / "img0_reconstructed.png").is_file()
+    # without a clean reference there is nothing to score
+    assert (
+        main(["reconstruct", "--model", "tiny-crr", images[0], "--json", "--out", str(out_dir)])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["mean"]["psnr"] is None
+
+
+def test_cli_reconstruct_model_errors(tiny_zoo, capsys):
+    _, images = tiny_zoo
+    assert main(["reconstruct", "--model", "nope", images[0]]) == 2
+    assert "no pretrained model 'nope'" in capsys.readouterr().err
+    assert main(["reconstruct", "--model", "tiny-crr"]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert main(["reconstruct", "--model", "tiny-crr", images[0], "--sigma", "-3"]) == 2

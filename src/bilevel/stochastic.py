@@ -44,9 +44,10 @@ VJP on the J·b final samples. Gradients of the upper level are not counted (as 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -62,8 +63,12 @@ from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError
 __all__ = [
     "SID",
     "AdjointMap",
+    "Diagonal",
+    "InnerAccuracy",
     "LowerMap",
     "MinibatchSampler",
+    "PreconditionedSVRG",
+    "PreconditionedSVRGLinear",
     "StageSamplers",
     "StochasticFixedPoint",
     "StochasticHypergradient",
@@ -77,6 +82,7 @@ __all__ = [
 ]
 
 _CHECK_EVERY = 16  # iterations between finiteness checks (each check synchronises a GPU)
+_CURVATURE_EVERY = 20  # anchor refreshes between estimates of λ̂ by the preconditioned solvers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +108,13 @@ def _positive_float(name: str, value: Any) -> float:
     if not (math.isfinite(v) and v > 0):
         raise BilevelError(f"{name} must be finite and positive, got {value!r}")
     return v
+
+
+def _tolerance(name: str, value: Any) -> float:
+    """A tolerance passed by the caller: a positive number, or a tensor (its largest entry)."""
+    if isinstance(value, Tensor):
+        value = float(value.max())
+    return _positive_float(name, value)
 
 
 def _batch_size(name: str, value: Any) -> int | None:
@@ -240,6 +253,9 @@ class StochasticSolution:
         iterations: number of map evaluations T̂ performed.
         averaged: number of iterates in the average (0: ``x`` is the last iterate).
         last_step: the last step size used (nan when no iteration was made).
+        residual: the estimated fixed-point residual max_b ‖x_b − T̂(x_b)‖ at the returned
+            iterate, from the solver's own minibatch at its last check (nan when the solver
+            ran without a tolerance and measured none).
     """
 
     x: Tensor
@@ -247,6 +263,7 @@ class StochasticSolution:
     iterations: int
     averaged: int
     last_step: float
+    residual: float = math.nan
 
 
 @runtime_checkable
@@ -315,19 +332,34 @@ class StochasticFixedPoint:
             return f"constant steps η_s = β = {self.beta:.4g}"
         return f"steps η_s = β/(γ + s) with β = {self.beta:.4g}, γ = {self.gamma:.4g}"
 
-    def solve(self, phi: StochasticMap, x0: Tensor) -> StochasticSolution:
-        """Run ``iterations`` steps from ``x0`` (B, ...)."""
+    def solve(
+        self,
+        phi: StochasticMap,
+        x0: Tensor,
+        tol: float | None = None,
+        max_iter: int | None = None,
+    ) -> StochasticSolution:
+        """Run ``iterations`` steps from ``x0`` (B, ...); with ``tol``, stop as soon as the
+        minibatch residual max_b ‖x_b − T̂(x_b)‖ of the current iterate is ≤ ``tol``, after at
+        most ``max_iter`` (default ``iterations``) steps. The residual is measured on the
+        step's own minibatch, so it costs nothing; the step is then not taken."""
         x = x0.detach()
-        t = self.iterations
+        t = self.iterations if max_iter is None else _nonnegative_int("max_iter", max_iter)
         n_avg = math.ceil(self.average * t) if self.average > 0 else 0
         start_avg = t - n_avg
         avg = None
         eta = math.nan
+        residual = math.nan
         for s in range(t):
-            eta = self.step_size(s)
             tx = phi(x)
             if not isinstance(tx, Tensor) or tx.shape != x.shape:
                 raise BilevelError("the stochastic map must return a tensor shaped like x")
+            if tol is not None:
+                residual = _max_norm(x - tx)
+                if residual <= tol:
+                    t = s
+                    break
+            eta = self.step_size(s)
             x = torch.lerp(x, tx, eta)  # (1 − η_s) x + η_s T̂(x), exact at η_s = 1
             if s >= start_avg:
                 avg = (
@@ -336,7 +368,7 @@ class StochasticFixedPoint:
             if (s + 1) % _CHECK_EVERY == 0 or s == t - 1:
                 self._check(x, s + 1)
         out = x if avg is None else avg
-        return StochasticSolution(out, x, t, n_avg, eta)
+        return StochasticSolution(out, x, t, n_avg if avg is not None else 0, eta, residual)
 
     def _check(self, x: Tensor, s: int) -> None:
         _check_iterate(
@@ -345,6 +377,11 @@ class StochasticFixedPoint:
             f"{type(self).__name__} ({self.describe()})",
             "increase gamma (smaller first steps), decrease beta, or use larger minibatches",
         )
+
+
+def _max_norm(x: Tensor) -> float:
+    """max over the instances b of ‖x_b‖₂ (x of shape (B, ...))."""
+    return float(x.reshape(x.shape[0], -1).norm(dim=1).max())
 
 
 def _check_iterate(x: Tensor, s: int, solver: str, advice: str) -> None:
@@ -444,8 +481,16 @@ class VarianceReducedFixedPoint:
         self._anchor_key = key
         self._since_refresh = 0
 
-    def solve(self, phi: StochasticMap, x0: Tensor) -> StochasticSolution:
-        """Run ``iterations`` steps from ``x0`` (B, ...)."""
+    def solve(
+        self,
+        phi: StochasticMap,
+        x0: Tensor,
+        tol: float | None = None,
+        max_iter: int | None = None,
+    ) -> StochasticSolution:
+        """Run ``iterations`` steps from ``x0`` (B, ...); with ``tol`` stop once the residual
+        η‖g̃(x)‖ of the current iterate (the map's units, ‖x − Φ(x)‖) is ≤ ``tol``, after at
+        most ``max_iter`` (default ``iterations``) steps."""
         if not isinstance(phi, LowerMap):
             raise BilevelError(
                 f"{type(self).__name__} needs the LowerMap of SID's stage 1 (minibatch and "
@@ -457,16 +502,24 @@ class VarianceReducedFixedPoint:
         if self._anchor_key != key:
             self._adopt_restored(phi, x, key)
         beta, eta = self.step, phi.step
-        for s in range(self.iterations):
+        t = self.iterations if max_iter is None else _nonnegative_int("max_iter", max_iter)
+        residual = math.nan
+        for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
                 self._take_anchor(phi, x, key)
             idx = phi.draw(x.device)
             g = phi.gradient(x, idx) - phi.gradient(self._anchor, idx, self._anchor_theta)
-            x = x - (beta * eta) * (g + self._anchor_gradient)
+            g = g + self._anchor_gradient
+            if tol is not None:
+                residual = eta * _max_norm(g)
+                if residual <= tol:
+                    t = s
+                    break
+            x = x - (beta * eta) * g
             self._since_refresh += 1
-            if (s + 1) % _CHECK_EVERY == 0 or s == self.iterations - 1:
+            if (s + 1) % _CHECK_EVERY == 0 or s == t - 1:
                 _check_iterate(x, s + 1, repr(self), "decrease the step or use larger minibatches")
-        return StochasticSolution(x, x, self.iterations, 0, beta if self.iterations else math.nan)
+        return StochasticSolution(x, x, t, 0, beta if t else math.nan, residual)
 
     def _adopt_restored(self, phi: LowerMap, x: Tensor, key: tuple[Any, ...]) -> None:
         """Keep an anchor restored by :meth:`load_state_dict` if it fits ``x``; else reset."""
@@ -511,6 +564,409 @@ class VarianceReducedFixedPoint:
 _RESTORED = ("restored from a checkpoint",)
 
 
+def _dots(a: Tensor, b: Tensor) -> Tensor:
+    """Per-instance inner products ⟨a_b, b_b⟩, shape (B, 1, ..., 1) for broadcasting."""
+    d = (a * b).reshape(a.shape[0], -1).sum(dim=1)
+    return d.reshape(-1, *[1] * (a.dim() - 1))
+
+
+def _pcg(matvec: Callable[[Tensor], Tensor], rhs: Tensor, p: Tensor, iterations: int, rtol: float):
+    """Jacobi-preconditioned conjugate gradients for Ĥ δ = rhs (per instance), from δ = 0,
+    until every ‖Ĥδ − rhs‖ ≤ rtol·‖rhs‖ or ``iterations`` products; (δ, products used, the
+    recurrence's residual rhs − Ĥδ)."""
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = r / p
+    d = z.clone()
+    rz = _dots(r, z)
+    target = rtol * _max_norm(rhs)
+    used = 0
+    for _ in range(iterations):
+        if _max_norm(r) <= target:
+            break
+        hd = matvec(d)
+        used += 1
+        dhd = _dots(d, hd)
+        alpha = torch.where(dhd > 0, rz / dhd.clamp_min(1e-300), torch.zeros_like(dhd))
+        x = x + alpha * d
+        r = r - alpha * hd
+        z = r / p
+        rz_new = _dots(r, z)
+        d = z + (rz_new / rz.clamp_min(1e-300)) * d
+        rz = rz_new
+    return x, used, r
+
+
+def _heavy_ball(x: Tensor, prev: Tensor, update: Tensor, momentum: float) -> Tensor:
+    """x + update + m (x − prev)."""
+    return x + update if momentum == 0.0 else x + update + momentum * (x - prev)
+
+
+class PreconditionedSVRG(VarianceReducedFixedPoint):
+    """Jacobi-preconditioned SVRG with a step from the measured curvature (SID stage 1),
+
+        x_{s+1} = x_s − (β/λ̂) P⁻¹ g̃(x_s) + m (x_s − x_{s−1}),
+
+    g̃ the control-variate gradient of :class:`VarianceReducedFixedPoint` (same anchor and
+    refresh), P = diag ∇²ĥ(x_0, θ; I) on a fresh minibatch at the start of every call (so that
+    it follows θ; exact from the problem's ``Diagonal`` when SID has one, else Hutchinson's
+    estimate), λ̂ = λ_max(P^{-½} Ĥ P^{-½}) by power iteration on one minibatch, refreshed with
+    the anchor. β (``step``, dimensionless) is a fraction of the step 1/λ̂, m ∈ [0, 1) the
+    heavy-ball momentum.
+
+    Why preconditioned, and why from measured curvature: the map step η = 1/L of SID uses
+    the global bound L = c_ℓ‖X‖²/N + max_k λ_k, which for per-feature strengths is set by the
+    largest λ_k and the worst-case loss curvature. At w(θ) on digits the largest Hessian
+    eigenvalue is about 1/27 of that bound, and per-feature strengths spread over orders of
+    magnitude as θ is learnt; steps 0.5/L then crawl along every other coordinate. With P
+    the regulariser's spread is removed exactly, and 1/λ̂ is the step the data allow
+    (measurements: docs/benchmarks_hpo.md). Per iteration: two minibatch gradients; per call:
+    one minibatch diagonal; per refresh: one full gradient and ``power_iterations`` minibatch
+    Hessian-vector products. The returned ``residual`` is η‖g̃‖ at the returned iterate, the
+    units of ‖x − Φ(x)‖.
+
+    Raises:
+        BilevelError: ``phi`` is not a :class:`LowerMap`; a momentum outside [0, 1).
+        NonFiniteError: an iterate, the diagonal or the curvature is NaN or infinite.
+    """
+
+    def __init__(
+        self,
+        iterations: int = 100,
+        step: float = 0.5,
+        refresh: int | None = None,
+        momentum: float = 0.0,
+        power_iterations: int = 10,
+        cg_iterations: int = 0,
+        cg_rtol: float = 0.1,
+    ) -> None:
+        super().__init__(iterations, step, refresh)
+        self.cg_iterations = _nonnegative_int("cg_iterations", cg_iterations)
+        self.cg_rtol = _positive_float("cg_rtol", cg_rtol)
+        m = momentum
+        if isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0.0 <= float(m) < 1.0:
+            raise BilevelError(f"momentum must be in [0, 1), got {m!r}")
+        self.momentum = float(m)
+        self.power_iterations = _positive_int("power_iterations", power_iterations)
+        self._top: float | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(iterations={self.iterations}, step={self.step:g}, "
+            f"refresh={self.refresh}, momentum={self.momentum:g})"
+        )
+
+    def reset(self) -> None:
+        super().reset()
+        self._top = None
+        self._refreshes = 0
+        self.products = 0  # minibatch Hessian-vector products of the Newton steps, in all
+
+    def solve(
+        self,
+        phi: StochasticMap,
+        x0: Tensor,
+        tol: float | None = None,
+        max_iter: int | None = None,
+    ) -> StochasticSolution:
+        """Run ``iterations`` (or ``max_iter``) steps from ``x0``; with ``tol`` stop once
+        η‖g̃(x)‖ ≤ ``tol`` at the current iterate."""
+        if not isinstance(phi, LowerMap):
+            raise BilevelError(
+                f"{type(self).__name__} needs the LowerMap of SID's stage 1, got "
+                f"{type(phi).__name__}"
+            )
+        x = prev = x0.detach()
+        refresh = self.refresh or math.ceil(phi.n / phi.batch_size)
+        key = (id(phi.problem), tuple(x.shape), x.dtype, x.device)
+        if self._anchor_key != key:
+            self._adopt_restored(phi, x, key)
+        theta = phi.problem.theta
+        p = phi.curvature.diagonal(x, theta, phi.draw(x.device), phi.n)
+        eta = phi.step
+        t = self.iterations if max_iter is None else _nonnegative_int("max_iter", max_iter)
+        residual = math.nan
+        for s in range(t):
+            if self._anchor is None or self._since_refresh >= refresh:
+                self._take_anchor(phi, x, key)
+                self._refreshes += 1
+            if self._top is None or self._refreshes >= _CURVATURE_EVERY:
+                idx = phi.draw(x.device)
+                self._top = phi.curvature.top(x, theta, idx, phi.n, p, self.power_iterations)
+                self._refreshes = 0
+            idx = phi.draw(x.device)
+            g = phi.gradient(x, idx) - phi.gradient(self._anchor, idx, self._anchor_theta)
+            g = g + self._anchor_gradient
+            if tol is not None:
+                residual = eta * _max_norm(g)
+                if residual <= tol:
+                    t = s
+                    break
+            if self.cg_iterations:  # subsampled Newton step: Ĥ_S δ = g̃ on a fresh minibatch
+                idx = phi.draw(x.device)
+                delta, used, _ = _pcg(
+                    lambda u, x=x, idx=idx: phi.hvp(x, u, idx),
+                    g,
+                    p,
+                    self.cg_iterations,
+                    self.cg_rtol,
+                )
+                self.products += used
+                update = -2.0 * self.step * delta
+            else:
+                update = -(self.step / self._top) * g / p
+            x, prev = _heavy_ball(x, prev, update, self.momentum), x
+            self._since_refresh += 1
+            if (s + 1) % _CHECK_EVERY == 0 or s == t - 1:
+                _check_iterate(x, s + 1, repr(self), "decrease the step or the momentum")
+        return StochasticSolution(x, x, t, 0, self.step / self._top if t else math.nan, residual)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The anchor (see :class:`VarianceReducedFixedPoint`), λ̂ and the refreshes since."""
+        return {**super().state_dict(), "top": self._top, "refreshes": self._refreshes}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        top = state.get("top")
+        self._top = None if top is None or self._anchor is None else float(top)
+        self._refreshes = int(state.get("refreshes", 0))
+
+
+class PreconditionedSVRGLinear:
+    """Variance-reduced, Jacobi-preconditioned Richardson iteration for the adjoint (SID
+    stage 2): v = ∂_wΦᵀ v + ∇_w E, i.e. H q = ∇_w E with q = η v,
+
+        r̃(v) = ∇_w Ê − η [Ĥ(w, θ; I) v − Ĥ(w̃, θ̃; I) ṽ + H(w̃, θ̃) ṽ],
+        v_{s+1} = v_s + (β/(η λ̂)) P⁻¹ r̃(v_s) + m (v_s − v_{s−1}),
+
+    r̃ an unbiased estimate of the residual ∇_w E − H q = Ψ(v) − v whose variance vanishes as
+    (w, θ, v) → (w̃, θ̃, ṽ), the anchor: a point with its full product H(w̃, θ̃)ṽ, taken at the
+    first call and every ``refresh`` iterations (default ⌈N/b⌉) and kept across calls, as the
+    lower anchor of :class:`VarianceReducedFixedPoint` (the same variance reduction for the
+    adjoint stage). P and λ̂ as in :class:`PreconditionedSVRG` (P at w on a minibatch per
+    call, λ̂ refreshed with the anchor). While the anchor lies at the current (w, θ) one
+    Hessian-vector product per iteration suffices (Ĥ(v − ṽ)), else two. ``residual`` is
+    ‖r̃‖ at the returned iterate (units of ∇_w f: the adjoint residual ‖H q − ∇_w f‖).
+
+    Why not plain fixed-point steps: they contract by 1 − ημ per step with the global η = 1/L
+    and keep the minibatch noise of Ĥ v at a floor ∝ the step (docs/benchmarks_sid.md); here
+    the noise vanishes at the solution and the step follows the measured curvature.
+
+    Raises:
+        BilevelError: ``psi`` is not an :class:`AdjointMap`; a momentum outside [0, 1).
+        NonFiniteError: an iterate became NaN or infinite.
+    """
+
+    def __init__(
+        self,
+        iterations: int = 100,
+        step: float = 0.5,
+        refresh: int | None = None,
+        momentum: float = 0.0,
+        power_iterations: int = 10,
+        cg_iterations: int = 0,
+        cg_rtol: float = 0.1,
+        max_rounds: int = 20,
+    ) -> None:
+        self.cg_iterations = _nonnegative_int("cg_iterations", cg_iterations)
+        self.cg_rtol = _positive_float("cg_rtol", cg_rtol)
+        self.max_rounds = _positive_int("max_rounds", max_rounds)
+        self.products = 0
+        self.iterations = _nonnegative_int("iterations", iterations)
+        self.step = _positive_float("step", step)
+        self.refresh = None if refresh is None else _positive_int("refresh", refresh)
+        m = momentum
+        if isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0.0 <= float(m) < 1.0:
+            raise BilevelError(f"momentum must be in [0, 1), got {m!r}")
+        self.momentum = float(m)
+        self.power_iterations = _positive_int("power_iterations", power_iterations)
+        self.reset()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(iterations={self.iterations}, step={self.step:g}, "
+            f"refresh={self.refresh}, momentum={self.momentum:g})"
+        )
+
+    def reset(self) -> None:
+        """Drop the anchor, λ̂ and the grown sample size."""
+        self._batch: int | None = None
+        self._anchor: dict[str, Any] | None = None
+        self._key: tuple[Any, ...] | None = None
+        self._since_refresh = 0
+        self._top: float | None = None
+        self._refreshes = 0
+
+    def _take_anchor(self, psi: AdjointMap, v: Tensor, key: tuple[Any, ...]) -> None:
+        self._anchor = {
+            "w": psi.w,
+            "theta": snapshot_theta(psi.problem.theta),
+            "v": v.detach().clone(),
+            "hv": psi.full_matvec(v.detach()),
+            "current": True,
+        }
+        self._key = key
+        self._since_refresh = 0
+
+    def solve(
+        self,
+        psi: StochasticMap,
+        x0: Tensor,
+        tol: float | None = None,
+        max_iter: int | None = None,
+    ) -> StochasticSolution:
+        """Run ``iterations`` (or ``max_iter``) steps from v_0 = ``x0``; with ``tol`` stop once
+        ‖r̃(v)‖ ≤ ``tol`` at the current iterate."""
+        if not isinstance(psi, AdjointMap):
+            raise BilevelError(
+                f"{type(self).__name__} needs the AdjointMap of SID's stage 2, got "
+                f"{type(psi).__name__}"
+            )
+        v = prev = x0.detach()
+        refresh = self.refresh or math.ceil(psi.n / psi.batch_size)
+        key = (id(psi.problem), tuple(v.shape), v.dtype, v.device)
+        if self._key == _RESTORED:
+            self._adopt(psi, v, key)
+        elif self._key != key:
+            self.reset()
+        if self._anchor is not None:
+            self._anchor["current"] = False  # w and θ have moved since
+        theta, eta = psi.problem.theta, psi.step
+        p = psi.curvature.diagonal(psi.w, theta, psi.draw(v.device), psi.n)
+        t = self.iterations if max_iter is None else _nonnegative_int("max_iter", max_iter)
+        if self.cg_iterations:
+            return self._refine(psi, v, p, key, tol, min(t, self.max_rounds))
+        residual = math.nan
+        for s in range(t):
+            if self._anchor is None or self._since_refresh >= refresh:
+                self._take_anchor(psi, v, key)
+                self._refreshes += 1
+            if self._top is None or self._refreshes >= _CURVATURE_EVERY:
+                idx = psi.draw(v.device)
+                self._top = psi.curvature.top(psi.w, theta, idx, psi.n, p, self.power_iterations)
+                self._refreshes = 0
+            r = self._estimate(psi, v)
+            if tol is not None:
+                residual = _max_norm(r)
+                if residual <= tol:
+                    t = s
+                    break
+            update = (self.step / (eta * self._top)) * r / p
+            v, prev = _heavy_ball(v, prev, update, self.momentum), v
+            self._since_refresh += 1
+            if (s + 1) % _CHECK_EVERY == 0 or s == t - 1:
+                _check_iterate(v, s + 1, repr(self), "decrease the step or the momentum")
+        return StochasticSolution(v, v, t, 0, self.step / self._top if t else math.nan, residual)
+
+    def _estimate(self, psi: AdjointMap, v: Tensor) -> Tensor:
+        """r̃(v) = ∇_w Ê − η [Ĥ v − Ĥ(w̃, θ̃) ṽ + H̃ ṽ] on one fresh minibatch."""
+        a = self._anchor
+        idx = psi.draw(v.device)
+        if a["current"]:
+            hv = psi.matvec(v - a["v"], idx) + a["hv"]
+        else:
+            hv = psi.matvec(v, idx) - psi.matvec(a["v"], idx, a["w"], a["theta"]) + a["hv"]
+        return psi.rhs() - psi.step * hv
+
+    def _refine(
+        self, psi: AdjointMap, v: Tensor, p: Tensor, key: tuple[Any, ...], tol: float | None, t: int
+    ) -> StochasticSolution:
+        """Refinement rounds (``cg_iterations`` > 0); see the class docstring."""
+        eta, n = psi.step, psi.n
+        if self._batch is None:
+            self._batch = psi.batch_size
+        # the warm start, tested against the anchor of an earlier call (no full product)
+        r_est = None if self._anchor is None else self._estimate(psi, v)
+        r_exact = None  # the residual at v from a full product, when known
+        residual = math.nan
+        rounds = 0
+        for s in range(t):
+            if r_exact is None:
+                if r_est is not None:
+                    residual = _max_norm(r_est)
+                    if tol is not None and residual <= tol:
+                        break
+                self._take_anchor(psi, v, key)  # one full product: the residual at v
+                r_exact = psi.rhs() - eta * self._anchor["hv"]
+            residual = _max_norm(r_exact)
+            if tol is not None and residual <= tol:
+                break
+            rounds = s + 1
+            b = self._batch
+            if b >= n:  # the whole sum: CG on H itself, to the tolerance at once
+                rtol = self.cg_rtol if tol is None else min(self.cg_rtol, 0.5 * tol / residual)
+                cap = max(self.cg_iterations, 2 * math.isqrt(v[0].numel()) + 10)
+                delta, used, cg_res = _pcg(psi.full_matvec, r_exact / eta, p, cap, rtol)
+                r_new = eta * cg_res  # exact: r − η H δ
+            else:
+                idx = psi.sampler.draw(n, b, device=v.device)
+                delta, used, _ = _pcg(
+                    lambda u, idx=idx: psi.matvec(u, idx),
+                    r_exact / eta,
+                    p,
+                    self.cg_iterations,
+                    self.cg_rtol,
+                )
+                # the residual after the step, r − η Ĥ δ with Ĥ on a fresh minibatch:
+                # unbiased, and only the product with the correction δ is sampled
+                r_new = r_exact - eta * psi.matvec(delta, psi.draw(v.device))
+            self.products += used
+            new = _max_norm(r_new)
+            if new > 0.5 * residual:  # the sampled system misled CG: sample more
+                self._batch = min(2 * b, n)
+            if new < residual:
+                v, r_est, r_exact, residual = v + delta, r_new, None, new
+            _check_iterate(v, s + 1, repr(self), "use larger minibatches")
+        return StochasticSolution(v, v, rounds, 0, math.nan, residual)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The anchor (w̃, θ̃, ṽ, H̃ṽ), the iterations since it was taken, and λ̂ (an
+        ``nn.Module`` θ̃ is saved as its state dict)."""
+        a = self._anchor
+        if a is None:
+            return {"anchor": None, "batch": self._batch}
+        theta = a["theta"]
+        return {
+            "anchor": {
+                **a,
+                "theta": theta.state_dict() if isinstance(theta, nn.Module) else theta,
+                "current": False,
+            },
+            "since_refresh": self._since_refresh,
+            "top": self._top,
+            "refreshes": self._refreshes,
+            "batch": self._batch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the anchor is used if the next call's iterate has its
+        shape (the problem is assumed to be the checkpoint's), else a new one is taken."""
+        self.reset()
+        self._batch = None if state.get("batch") is None else int(state["batch"])
+        a = state.get("anchor")
+        if a is None:
+            return
+        self._anchor = dict(a)
+        self._since_refresh = int(state["since_refresh"])
+        self._top = None if state.get("top") is None else float(state["top"])
+        self._refreshes = int(state.get("refreshes", 0))
+        self._key = _RESTORED
+
+    def _adopt(self, psi: AdjointMap, v: Tensor, key: tuple[Any, ...]) -> None:
+        a = self._anchor
+        if a is None or a["v"].shape != v.shape:
+            self.reset()
+            return
+        theta = a["theta"]
+        if isinstance(psi.problem.theta, nn.Module):
+            module = snapshot_theta(psi.problem.theta)
+            module.load_state_dict(theta)
+            a["theta"] = module
+        for name in ("w", "v", "hv"):
+            a[name] = a[name].to(v)
+        self._key = key
+
+
 # ---------------------------------------------------------------------------------------------
 # the stochastic maps of SID
 
@@ -522,11 +978,87 @@ def _checked_values(name: str, value: Any, n: int) -> Tensor:
     return value
 
 
+#: (w, θ, index) -> diag ∇²_ww ĥ(w, θ; I), shaped like w (index None: all samples).
+Diagonal = Callable[[Tensor, Any, Tensor | None], Tensor]
+
+_HUTCHINSON_PROBES = 8  # Rademacher probes of the Hessian-diagonal estimate without a Diagonal
+
+
+def _sample_hvp(problem: BilevelProblem, w: Tensor, theta: Any, v: Tensor, idx: Tensor | None):
+    """Ĥ(w, θ; I) v per instance (I = ``idx``; None: the full lower energy), detached."""
+    with torch.enable_grad():
+        wr = w.detach().requires_grad_(True)
+        if idx is None:
+            e = _checked_values("lower_energy", problem.lower_energy(wr, theta, None), w.shape[0])
+        else:
+            e = problem.lower_sample_energy(wr, theta, idx)
+            e = _checked_values("lower_sample_energy", e, w.shape[0])
+        (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
+        (hv,) = torch.autograd.grad(g, wr, v, allow_unused=True)
+    return torch.zeros_like(v) if hv is None else hv.detach()
+
+
+class _Curvature:
+    """The minibatch Hessian diagonal (Jacobi preconditioner P) and λ̂ = λ_max(P^{-½} Ĥ P^{-½})
+    of the lower level at a point, shared by the maps of SID's stages.
+
+    P comes from ``diagonal`` (exact, e.g. :meth:`~bilevel.learning.models.FiniteSumModel.
+    lower_sample_diagonal`) or, without it, from Hutchinson's estimate mean_r z_r ⊙ Ĥ z_r
+    (8 Rademacher probes, noisy); entries are floored at 10⁻³ of their mean so that P⁻¹ stays
+    bounded. λ̂ is the Rayleigh quotient after ``iterations`` power iterations on one minibatch
+    (an estimate from below of the minibatch's top curvature; steps are a fraction of 1/λ̂)."""
+
+    def __init__(self, problem: BilevelProblem, diagonal: Diagonal | None, cost: Cost) -> None:
+        self.problem = problem
+        self.diagonal_fn = diagonal
+        self.cost = cost
+
+    def diagonal(self, w: Tensor, theta: Any, idx: Tensor | None, n: int) -> Tensor:
+        b = n if idx is None else idx.numel()
+        if self.diagonal_fn is not None:
+            d = self.diagonal_fn(w.detach(), theta, idx).detach()
+            if not isinstance(d, Tensor) or d.shape != w.shape:
+                raise BilevelError("the Hessian diagonal must have the shape of w")
+            self.cost.grad_evals += w.shape[0] * b / n
+        else:
+            gen = torch.Generator().manual_seed(0)
+            d = torch.zeros_like(w)
+            for _ in range(_HUTCHINSON_PROBES):
+                z = (torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w)
+                d += z * _sample_hvp(self.problem, w, theta, z, idx)
+            d /= _HUTCHINSON_PROBES
+            self.cost.hvps += _HUTCHINSON_PROBES * w.shape[0] * b / n
+        if not bool(torch.isfinite(d).all()):
+            raise NonFiniteError("the Hessian diagonal of the lower level is NaN or infinite")
+        mean = d.reshape(d.shape[0], -1).abs().mean(dim=1).clamp_min(1e-300)
+        return torch.maximum(d, 1e-3 * mean.reshape(-1, *[1] * (d.dim() - 1)))
+
+    def top(self, w: Tensor, theta: Any, idx: Tensor, n: int, p: Tensor, iterations: int) -> float:
+        """λ̂ = max_b λ_max(P_b^{-½} Ĥ_b P_b^{-½}) on the minibatch ``idx``."""
+        scale = p.rsqrt()
+        gen = torch.Generator().manual_seed(1)
+        u = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w)
+        lam = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        for _ in range(iterations):
+            u = u / u.reshape(u.shape[0], -1).norm(dim=1).clamp_min(1e-300).reshape(
+                -1, *[1] * (u.dim() - 1)
+            )
+            hu = scale * _sample_hvp(self.problem, w, theta, scale * u, idx)
+            lam = (u * hu).reshape(u.shape[0], -1).sum(dim=1)
+            u = hu
+        self.cost.hvps += iterations * w.shape[0] * idx.numel() / n
+        top = float(lam.max())
+        if not (math.isfinite(top) and top > 0):
+            raise NonFiniteError(f"the estimated preconditioned curvature is {top}, not > 0")
+        return top
+
+
 class LowerMap:
     """Φ̂(w) = w − η ∇_w ĥ(w, θ; I), a fresh minibatch I of ``batch_size`` samples per call.
 
     ``batch_size=None`` uses all N samples (then Φ̂ = Φ). Each call counts B·b/N gradient
-    evaluations in ``cost``.
+    evaluations in ``cost``. ``diagonal`` (optional) gives the exact minibatch Hessian
+    diagonal for the preconditioned solvers (:meth:`curvature`).
     """
 
     def __init__(
@@ -536,6 +1068,7 @@ class LowerMap:
         sampler: MinibatchSampler,
         batch_size: int | None,
         cost: Cost,
+        diagonal: Diagonal | None = None,
     ) -> None:
         self.problem = problem
         self.step = float(step)
@@ -543,6 +1076,7 @@ class LowerMap:
         self.n = int(problem.n_lower_samples)
         self.batch_size = self.n if batch_size is None else int(batch_size)
         self.cost = cost
+        self.curvature = _Curvature(problem, diagonal, cost)
 
     def draw(self, device: torch.device | str | None = None) -> Tensor:
         """A fresh minibatch of ``batch_size`` sample positions (nothing is counted)."""
@@ -573,6 +1107,12 @@ class LowerMap:
         self.cost.grad_evals += w.shape[0]
         return g
 
+    def hvp(self, w: Tensor, v: Tensor, index: Tensor, theta: Any = None) -> Tensor:
+        """Ĥ(w, θ; I) v on the minibatch ``index`` (θ default: the problem's), counted."""
+        theta = self.problem.theta if theta is None else theta
+        self.cost.hvps += w.shape[0] * index.numel() / self.n
+        return _sample_hvp(self.problem, w, theta, v, index)
+
     def __call__(self, w: Tensor) -> Tensor:
         return w - self.step * self.gradient(w)
 
@@ -596,6 +1136,7 @@ class AdjointMap:
         upper_batch: int | None,
         cost: Cost,
         exact_rhs: Tensor | None = None,
+        diagonal: Diagonal | None = None,
     ) -> None:
         self.problem = problem
         self.w = w.detach()
@@ -606,21 +1147,32 @@ class AdjointMap:
         self.upper_batch = upper_batch
         self.cost = cost
         self.exact_rhs = exact_rhs
+        self.curvature = _Curvature(problem, diagonal, cost)
         if upper_batch is None and exact_rhs is None:
             raise BilevelError("AdjointMap needs upper_batch or the exact right-hand side")
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """Ĥ(w; I) v on a fresh lower minibatch (detached)."""
-        w = self.w
-        idx = self.sampler.draw(self.n, self.batch_size, device=w.device)
-        with torch.enable_grad():
-            wr = w.detach().requires_grad_(True)
-            e = self.problem.lower_sample_energy(wr, self.problem.theta, idx)
-            e = _checked_values("lower_sample_energy", e, w.shape[0])
-            (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
-            (hv,) = torch.autograd.grad(g, wr, v, allow_unused=True)
-        self.cost.hvps += w.shape[0] * self.batch_size / self.n
-        return torch.zeros_like(v) if hv is None else hv
+    def draw(self, device: torch.device | str | None = None) -> Tensor:
+        """A fresh lower minibatch of ``batch_size`` positions (nothing is counted)."""
+        return self.sampler.draw(self.n, self.batch_size, device=device)
+
+    def matvec(
+        self, v: Tensor, index: Tensor | None = None, w: Tensor | None = None, theta: Any = None
+    ) -> Tensor:
+        """Ĥ(w, θ; I) v on the minibatch ``index`` (default: a fresh one; w and θ default to
+        the map's point and the problem's θ), detached, counting B·b/N products."""
+        w = self.w if w is None else w
+        theta = self.problem.theta if theta is None else theta
+        idx = self.draw(w.device) if index is None else index
+        self.cost.hvps += w.shape[0] * idx.numel() / self.n
+        return _sample_hvp(self.problem, w, theta, v, idx)
+
+    def full_matvec(self, v: Tensor, w: Tensor | None = None, theta: Any = None) -> Tensor:
+        """H(w, θ) v on all N samples (the problem's ``lower_energy``), one product per
+        instance."""
+        w = self.w if w is None else w
+        theta = self.problem.theta if theta is None else theta
+        self.cost.hvps += w.shape[0]
+        return _sample_hvp(self.problem, w, theta, v, None)
 
     def rhs(self) -> Tensor:
         """∇_w Ê(w; I') per instance on a fresh upper minibatch (or the exact ∇_w f)."""
@@ -645,17 +1197,83 @@ class AdjointMap:
 
 
 @dataclass(frozen=True)
+class InnerAccuracy:
+    """SID's adaptive inner accuracy: t and k follow the upper method's tolerances.
+
+    At upper step k the caller (ISGD) passes its accuracy schedule's ε_k and δ_k as
+    ``lower_tol`` and ``adjoint_tol``, with the meaning they have for AID: stage 1 iterates
+    until the estimated ‖∇_w h(w_t)‖ ≤ s·ε_k and stage 2 until the estimated adjoint residual
+    ‖H q − ∇_w f‖ ≤ s·δ_k (q = η v), each measured on the solver's own minibatch at every
+    iteration (for the variance-reduced solvers an unbiased estimate whose noise vanishes at
+    the anchor), at most ``max_lower`` / ``max_adjoint`` iterations. s is the estimator's
+    accuracy scale (1 at the start): :meth:`SID.tighten` multiplies it by ``factor`` (down to
+    ``min_scale``) when the run sees the upper loss rise, i.e. asks for more accuracy.
+    """
+
+    max_lower: int = 500
+    max_adjoint: int = 500
+    factor: float = 0.3
+    min_scale: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _positive_int("max_lower", self.max_lower)
+        _positive_int("max_adjoint", self.max_adjoint)
+        for name in ("factor", "min_scale"):
+            v = _positive_float(name, getattr(self, name))
+            if v >= 1:
+                raise BilevelError(f"{name} must be in (0, 1), got {v}")
+
+
+@dataclass(frozen=True)
 class StochasticHypergradient(Hypergradient):
     """A :class:`~bilevel.hypergrad.Hypergradient` from :class:`SID`, with its reports.
 
     Attributes (besides the inherited ones):
         map_step: η, the step of the map Φ(w) = w − η∇_w h.
         lower_report, linear_report: the :class:`StochasticSolution` of stages 1 and 2.
+        lower_target, adjoint_target: the targets s·ε_k, s·δ_k of the adaptive accuracy
+            (nan with fixed t and k).
+        accuracy_scale: s, the accuracy scale of the estimator at this call.
     """
 
     map_step: float = math.nan
     lower_report: StochasticSolution | None = None
     linear_report: StochasticSolution | None = None
+    lower_target: float = math.nan
+    adjoint_target: float = math.nan
+    accuracy_scale: float = 1.0
+
+    @property
+    def lower_residual(self) -> float:
+        """Estimated ‖∇_w h(w_t)‖ (units of ∇_w h; nan when not measured)."""
+        r = self.lower_report.residual if self.lower_report is not None else math.nan
+        return r / self.map_step
+
+    @property
+    def adjoint_residual(self) -> float:
+        """Estimated ‖H q − ∇_w f‖ (units of ∇_w f; nan when not measured)."""
+        return self.linear_report.residual if self.linear_report is not None else math.nan
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Per-step values for the run's records: ``sid_t``, ``sid_k`` (iterations of stages 1
+        and 2) and, when measured, the estimated residuals ``sid_lower_residual``,
+        ``sid_adjoint_residual``, their targets ``sid_lower_target``, ``sid_adjoint_target``
+        and the accuracy scale ``sid_accuracy_scale``."""
+        out: dict[str, float] = {
+            "sid_t": self.lower_report.iterations if self.lower_report else 0,
+            "sid_k": self.linear_report.iterations if self.linear_report else 0,
+        }
+        values = {
+            "sid_lower_residual": self.lower_residual,
+            "sid_adjoint_residual": self.adjoint_residual,
+            "sid_lower_target": self.lower_target,
+            "sid_adjoint_target": self.adjoint_target,
+        }
+        out.update({k: v for k, v in values.items() if math.isfinite(v)})
+        if math.isfinite(self.lower_target):
+            out["sid_accuracy_scale"] = self.accuracy_scale
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -719,10 +1337,19 @@ class SID(Estimator):
     final_minibatches: int = 1
     replace: bool = False
     seed: int | None = 0
+    accuracy: InnerAccuracy | None = None
+    diagonal: Diagonal | None = None
 
     uses_tolerances: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        if self.accuracy is not None and not isinstance(self.accuracy, InnerAccuracy):
+            raise BilevelError(
+                f"accuracy must be an InnerAccuracy or None, got {type(self.accuracy).__name__}"
+            )
+        if self.diagonal is not None and not callable(self.diagonal):
+            raise BilevelError("diagonal must be a callable (w, theta, index) -> diag")
+        object.__setattr__(self, "_scale", 1.0)
         for name in ("lower_batch", "linear_batch", "final_batch", "upper_batch"):
             object.__setattr__(self, name, _batch_size(name, getattr(self, name)))
         object.__setattr__(
@@ -747,19 +1374,40 @@ class SID(Estimator):
         """The three minibatch streams owned by this estimator."""
         return self._samplers  # type: ignore[attr-defined]
 
+    @property
+    def accuracy_scale(self) -> float:
+        """s: the inner targets are s·ε_k and s·δ_k (1 until :meth:`tighten` is called)."""
+        return self._scale  # type: ignore[attr-defined]
+
+    def tighten(self) -> float:
+        """Ask for more inner accuracy: s ← max(factor·s, min_scale) (see
+        :class:`InnerAccuracy`); returns the new s. Without an adaptive accuracy (fixed t and
+        k) this is an error."""
+        if self.accuracy is None:
+            raise BilevelError("tighten needs SID(accuracy=InnerAccuracy(...))")
+        scale = max(self.accuracy.factor * self.accuracy_scale, self.accuracy.min_scale)
+        object.__setattr__(self, "_scale", scale)
+        return scale
+
     _SOLVERS = ("lower_solver", "linear_solver")
 
     def solver_state_dict(self) -> dict[str, Any]:
-        """The states of stateful stage solvers (those with ``state_dict``), for checkpoints."""
-        return {
+        """The states of stateful stage solvers (those with ``state_dict``) and the accuracy
+        scale, for checkpoints."""
+        state: dict[str, Any] = {
             name: getattr(self, name).state_dict()
             for name in self._SOLVERS
             if callable(getattr(getattr(self, name), "state_dict", None))
         }
+        state["accuracy_scale"] = self.accuracy_scale
+        return state
 
     def load_solver_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`solver_state_dict`."""
         for name, solver_state in state.items():
+            if name == "accuracy_scale":
+                object.__setattr__(self, "_scale", _positive_float(name, solver_state))
+                continue
             if name not in self._SOLVERS:
                 raise BilevelError(f"unknown SID solver {name!r} in the saved state")
             getattr(self, name).load_state_dict(solver_state)
@@ -817,9 +1465,27 @@ class SID(Estimator):
         return 1.0 / lip
 
     @staticmethod
-    def _stage(name: str, solver: Any, fn: Any, x0: Tensor, detail: str) -> StochasticSolution:
+    def _stage(
+        name: str,
+        solver: Any,
+        fn: Any,
+        x0: Tensor,
+        detail: str,
+        tol: float | None = None,
+        max_iter: int | None = None,
+    ) -> StochasticSolution:
+        if tol is not None and not {"tol", "max_iter"} <= set(
+            inspect.signature(solver.solve).parameters
+        ):
+            raise BilevelError(
+                f"SID {name}: the adaptive accuracy needs solve(fn, x0, tol=, max_iter=), "
+                f"which {type(solver).__name__} lacks; pass accuracy=None for fixed counts"
+            )
         try:
-            sol = solver.solve(fn, x0)
+            if tol is None:
+                sol = solver.solve(fn, x0)
+            else:
+                sol = solver.solve(fn, x0, tol=tol, max_iter=max_iter)
         except NonFiniteError as err:
             raise NonFiniteError(f"SID {name} ({detail}): {err}") from err
         if not isinstance(sol, StochasticSolution) or sol.x.shape != x0.shape:
@@ -849,10 +1515,22 @@ class SID(Estimator):
             size = n if b is None else b
             return f"minibatches of {size} of {n} samples, map step η = {eta:.4g}"
 
+        acc, scale = self.accuracy, self.accuracy_scale
+        lower_target = adjoint_target = math.nan
+        if acc is not None:
+            lower_target = scale * _tolerance("lower_tol", lower_tol)
+            adjoint_target = scale * _tolerance("adjoint_tol", adjoint_tol)
+
         # stage 1: w_t
-        phi = LowerMap(problem, eta, samplers.lower, self.lower_batch, cost)
+        phi = LowerMap(problem, eta, samplers.lower, self.lower_batch, cost, self.diagonal)
         low = self._stage(
-            "stage 1 (lower level)", self.lower_solver, phi, x0, detail(phi.batch_size)
+            "stage 1 (lower level)",
+            self.lower_solver,
+            phi,
+            x0,
+            detail(phi.batch_size),
+            None if acc is None else eta * lower_target,
+            None if acc is None else acc.max_lower,
         )
         w = low.x.detach()
 
@@ -861,10 +1539,26 @@ class SID(Estimator):
         if self.upper_batch is None:
             losses, exact, grad_theta = upper_gradients(problem, w, None)
         psi = AdjointMap(
-            problem, w, eta, samplers.linear, self.linear_batch, self.upper_batch, cost, exact
+            problem,
+            w,
+            eta,
+            samplers.linear,
+            self.linear_batch,
+            self.upper_batch,
+            cost,
+            exact,
+            self.diagonal,
         )
         v0 = torch.zeros_like(w) if adjoint0 is None else adjoint0.detach().to(w) / eta
-        lin = self._stage("stage 2 (adjoint)", self.linear_solver, psi, v0, detail(psi.batch_size))
+        lin = self._stage(
+            "stage 2 (adjoint)",
+            self.linear_solver,
+            psi,
+            v0,
+            detail(psi.batch_size),
+            None if acc is None else adjoint_target,
+            None if acc is None else acc.max_adjoint,
+        )
         v = lin.x.detach()
 
         # stage 3: ĝ = ∇_λ Ê − η Ĵᵀ v, averaged over J minibatches
@@ -906,6 +1600,9 @@ class SID(Estimator):
                 )
         nan = torch.full((n_inst,), math.nan, dtype=w.dtype, device=w.device)
         mu = problem.mu
+        # estimated distance ‖w_t − w(θ)‖ ≤ ‖∇h(w_t)‖/μ and adjoint residual, when measured
+        dist = nan if mu is None else torch.full_like(nan, low.residual / eta / mu)
+        resid = torch.full_like(nan, lin.residual)
         return StochasticHypergradient(
             grad=[gr.detach() for gr in grad],
             loss=loss,
@@ -914,8 +1611,8 @@ class SID(Estimator):
             bound_certified=False,
             x=w,
             adjoint=eta * v,
-            eps=nan,
-            delta=nan.clone(),
+            eps=dist,
+            delta=resid,
             lower=None,
             linear=None,
             mu=mu,
@@ -924,4 +1621,7 @@ class SID(Estimator):
             map_step=eta,
             lower_report=low,
             linear_report=lin,
+            lower_target=lower_target,
+            adjoint_target=adjoint_target,
+            accuracy_scale=scale,
         )

@@ -89,6 +89,9 @@ from bilevel.runs import (
 from bilevel.schedules import Accuracy, Clipped, Polynomial, as_schedule
 from bilevel.stochastic import (
     SID,
+    InnerAccuracy,
+    PreconditionedSVRG,
+    PreconditionedSVRGLinear,
     StochasticFixedPoint,
     StochasticLinearFixedPoint,
     VarianceReducedFixedPoint,
@@ -101,21 +104,26 @@ __all__ = [
     "METHODS",
     "MODELS",
     "LowerEvaluator",
+    "RiseGuard",
     "lower_instances",
     "add_arguments",
     "attach_lipschitz",
     "box_projection",
     "build_model",
+    "default_method",
+    "evaluation_noise",
+    "guard_sid",
     "default_shrinkage",
     "hpo_estimator",
     "hpo_method",
     "load_data",
     "run",
+    "sid_capped",
     "single_strength_baseline",
 ]
 
 METHODS = ("sid", "aid-cg", "itd")
-SID_SOLVERS = ("svrg", "sgd")  # stage-1 solvers of SID in `bilevel hpo`
+SID_SOLVERS = ("precond", "svrg", "sgd")  # stage solvers of SID in `bilevel hpo`
 MODELS = ("logistic", "ridge", "hypercleaning")
 
 #: Box [θ_lo, θ_hi] for the log-strengths (logistic, ridge: λ ∈ [4.5e-5, 20]) and for the
@@ -141,6 +149,14 @@ _EVAL_RTOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 _LIPSCHITZ_MARGIN = 1.1
 #: η of SID's fixed-point map steps (of the map w − ∇_w ĥ(w)/L(θ): SGD with step η/L)
 SID_MAP_STEP = 0.5
+#: SID's preconditioned solvers: step β/λ̂ (λ̂ the measured preconditioned curvature) and
+#: heavy-ball momentum.
+SID_STEP = 0.5
+SID_MOMENTUM = 0.0
+SID_CG_LOWER = 0
+SID_CG_ADJOINT = 20
+#: SID with adaptive accuracy: at most this many iterations per stage and upper step.
+SID_MAX_INNER = 200
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,6 +437,96 @@ def box_projection(lo: float, hi: float) -> Callable[[Tensor], None]:
     return project
 
 
+#: Training-set size from which ``bilevel hpo`` uses SID by default (the size rule of
+#: :func:`default_method`, measured in docs/benchmarks_hpo.md: SID wins on the 120 000-sample
+#: training sets there and loses on those of 1 000 to 6 000 samples).
+SID_MIN_TRAIN = 100_000
+DEFAULT_METHOD_RULE = f"sid from {SID_MIN_TRAIN} training samples on, else aid-cg"
+
+
+def default_method(n_train: int, cv: int | None = None) -> str:
+    """The method of ``bilevel hpo`` when none is given: ``"sid"`` for training sets of at
+    least :data:`SID_MIN_TRAIN` samples (without cross validation, which SID does not
+    support), else ``"aid-cg"``."""
+    return "sid" if cv is None and n_train >= SID_MIN_TRAIN else "aid-cg"
+
+
+def evaluation_noise(evaluator: LowerEvaluator) -> float:
+    """How far F(θ) from the evaluator's solve may be from the true F (units of F): the solve
+    stops at ‖∇_w h‖ ≤ tol, so r = ‖w̃ − w(θ)‖ ≤ tol/μ and |f(w̃) − f(w(θ))| ≤ ‖∇f(w̃)‖ r +
+    L_f r²/2, with L_f ≤ ‖X_val‖_F²/n_val (every loss curvature here is at most 1). At the
+    evaluator's current w; at least 10⁻¹² of |F|."""
+    model = evaluator.model
+    w = evaluator.w.detach().requires_grad_(True)
+    with torch.enable_grad():
+        f = model.upper_loss(w, model.theta, model.instance_batch()).sum()
+        (g,) = torch.autograd.grad(f, w)
+    mu = model.problem.mu or math.nan
+    r = evaluator.tol / mu
+    X = model.X_val
+    sq = X.values() if model.sparse else X
+    lf = float((sq.to(torch.float64) ** 2).sum()) / max(model.n_val, 1)
+    noise = float(g.norm()) * r + 0.5 * lf * r * r
+    value = abs(float(f.detach()))
+    return max(noise, 1e-12 * value) if math.isfinite(noise) else math.inf
+
+
+class RiseGuard:
+    """An ``evaluate`` callback around another that watches SID's upper objective: when
+    F(θ_k) (+ the shrinkage penalty) exceeds its value at the start by more than ``noise``
+    (the evaluation noise), it asks SID for more inner accuracy (:meth:`SID.tighten`: the
+    targets s·ε_k, s·δ_k shrink by the :class:`InnerAccuracy` factor) and warns on
+    ``stream``. The scale is part of SID's checkpointed state, so a resumed run keeps it. The
+    records get ``sid_tightened`` = the new scale at those steps."""
+
+    def __init__(
+        self,
+        evaluate: Callable[[Any, int], dict[str, float]],
+        estimator: SID,
+        start: float,
+        noise: float,
+        stream: Any = None,
+    ) -> None:
+        self.evaluate = evaluate
+        self.estimator = estimator
+        self.start = float(start)
+        self.noise = float(noise)
+        self.stream = stream
+
+    def __call__(self, theta: Any, step: int) -> dict[str, float]:
+        out = self.evaluate(theta, step)
+        if "val_loss" not in out:
+            return out
+        value = float(out["val_loss"]) + float(out.get("shrinkage_penalty", 0.0))
+        if value > self.start + self.noise:
+            old = self.estimator.accuracy_scale
+            scale = self.estimator.tighten()
+            out = {**out, "sid_tightened": scale}
+            print(
+                f"warning: at step {step} the upper objective {value:.6g} exceeds its start "
+                f"{self.start:.6g} by more than the evaluation noise {self.noise:.2g}: SID's "
+                f"inner tolerances tightened from {old:.3g}·ε_k to {scale:.3g}·ε_k",
+                file=self.stream or sys.stderr,
+            )
+        return out
+
+
+def guard_sid(
+    evaluate: Callable[[Any, int], dict[str, float]],
+    method: ISGD,
+    evaluator: LowerEvaluator,
+    initial: Mapping[str, float],
+) -> Callable[[Any, int], dict[str, float]]:
+    """``evaluate`` wrapped in a :class:`RiseGuard` when ``method`` runs SID with adaptive
+    accuracy (start: the objective in ``initial``, noise: :func:`evaluation_noise`), else
+    ``evaluate`` itself."""
+    est = method.estimator
+    if not isinstance(est, SID) or est.accuracy is None:
+        return evaluate
+    start = float(initial["val_loss"]) + float(initial.get("shrinkage_penalty", 0.0))
+    return RiseGuard(evaluate, est, start, evaluation_noise(evaluator))
+
+
 def _default_batch(n: int) -> int:
     """SID minibatch size: 12√N, between 64 and 4096 (at most N)."""
     return int(min(n, max(64, min(4096, round(12 * math.sqrt(n))))))
@@ -433,19 +539,23 @@ def hpo_estimator(
     inner_steps: int | None = None,
     batch_size: int | None = None,
     seed: int = 0,
-    sid_solver: str = "svrg",
+    sid_solver: str = "precond",
 ) -> Estimator:
     """The hypergradient estimator of ``method`` for ``model``, configured for warm starts.
 
-    * ``sid``: t = k = ``inner_steps`` (default 3) constant-step iterations η_s ≡ 0.5 with
-      the map Φ(w) = w − ∇_w ĥ(w)/L(θ) (steps 0.5/L) on minibatches of ``batch_size``
-      training samples (default 12√N, in [64, 4096]), with the exact validation gradient.
-      Stage 1 (``sid_solver``) is :class:`VarianceReducedFixedPoint` (``"svrg"``: its anchor,
-      a full gradient every ⌈N/b⌉ iterations, is carried across upper-level steps) or plain
-      SGD (``"sgd"``: :class:`StochasticFixedPoint`); stage 2 is plain. The final stage uses
-      one sample for the per-feature models (θ enters only the regulariser, so
-      J = ∂_θ∇_w Ω involves no data) and all samples for hypercleaning (θ weights every
-      sample);
+    * ``sid``: minibatches of ``batch_size`` training samples (default 12√N, in [64, 4096])
+      and the exact validation gradient, map Φ(w) = w − ∇_w ĥ(w)/L(θ). Stage solvers
+      (``sid_solver``): ``"precond"`` (default) :class:`PreconditionedSVRG` and
+      :class:`PreconditionedSVRGLinear` (Jacobi preconditioner from the model's exact
+      minibatch Hessian diagonal, steps 0.5/λ̂ from the measured curvature, momentum
+      :data:`SID_MOMENTUM`, variance-reduced in both stages); ``"svrg"``
+      :class:`VarianceReducedFixedPoint` and plain fixed-point adjoint steps, ``"sgd"`` plain
+      steps in both (constant steps 0.5 of the map). With ``inner_steps`` None (default) t and
+      k adapt (:class:`InnerAccuracy`): each stage iterates until its estimated residual meets
+      the step's ε_k, δ_k of :func:`hpo_method` (at most :data:`SID_MAX_INNER` iterations);
+      else t = k = ``inner_steps``. The final stage uses one sample for the per-feature
+      models (θ enters only the regulariser, so J = ∂_θ∇_w Ω involves no data) and all
+      samples for hypercleaning (θ weights every sample);
     * ``aid-cg``: L-BFGS lower solve and CG adjoint to the tolerances of :func:`hpo_method`
       (at most ``inner_steps`` iterations each, default 200);
     * ``itd``: ``inner_steps`` (default 20) differentiated gradient steps of length 1/L(θ).
@@ -462,22 +572,37 @@ def hpo_estimator(
             raise BilevelError(
                 f"unknown SID solver {sid_solver!r}; choose one of {', '.join(SID_SOLVERS)}"
             )
-        t = 3 if inner_steps is None else int(inner_steps)
+        adaptive = inner_steps is None
+        t = SID_MAX_INNER if adaptive else int(inner_steps)
         n = model.n_train
         b = _default_batch(n) if batch_size is None else int(batch_size)
         if not 1 <= b <= n:
             raise BilevelError(f"batch size must be in [1, {n}] (training samples), got {b}")
         # θ enters only Ω for per-feature models: J = ∂_θ∇_w Ω needs no data, one sample does
         final = None if isinstance(model, HypercleaningModel) else 1
+        if sid_solver == "precond":
+            lower: Any = PreconditionedSVRG(
+                t, SID_STEP, momentum=SID_MOMENTUM, cg_iterations=SID_CG_LOWER
+            )
+            linear: Any = PreconditionedSVRGLinear(
+                t, SID_STEP, momentum=SID_MOMENTUM, cg_iterations=SID_CG_ADJOINT
+            )
+        else:
+            lower = (
+                VarianceReducedFixedPoint(t, SID_MAP_STEP)
+                if sid_solver == "svrg"
+                else StochasticFixedPoint.constant(SID_MAP_STEP, t)
+            )
+            linear = StochasticLinearFixedPoint.constant(SID_MAP_STEP, t)
         return SID(
-            lower_solver=VarianceReducedFixedPoint(t, SID_MAP_STEP)
-            if sid_solver == "svrg"
-            else StochasticFixedPoint.constant(SID_MAP_STEP, t),
-            linear_solver=StochasticLinearFixedPoint.constant(SID_MAP_STEP, t),
+            lower_solver=lower,
+            linear_solver=linear,
             lower_batch=b,
             linear_batch=b,
             final_batch=final,
             seed=seed,
+            accuracy=InnerAccuracy(SID_MAX_INNER, SID_MAX_INNER) if adaptive else None,
+            diagonal=model.lower_sample_diagonal,
         )
     if method == "aid-cg":
         cap = 200 if inner_steps is None else int(inner_steps)
@@ -506,7 +631,7 @@ def hpo_method(
     theta_range: tuple[float, float] | None = None,
     inner_steps: int | None = None,
     batch_size: int | None = None,
-    sid_solver: str = "svrg",
+    sid_solver: str = "precond",
 ) -> ISGD:
     """ISGD with Adam (steps α_k = ``step``) and the estimator of ``method``.
 
@@ -768,9 +893,10 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
     meth.add_argument(
         "--method",
         choices=METHODS,
-        default="aid-cg",
-        help="hypergradient: aid-cg (default; full-batch L-BFGS + CG), sid (minibatches; for "
-        "large, well-conditioned training sets), itd (unrolled gradient steps)",
+        default=None,
+        help="hypergradient: aid-cg (full-batch L-BFGS + CG), sid (stochastic implicit "
+        "differentiation on minibatches), itd (unrolled gradient steps); default: "
+        f"{DEFAULT_METHOD_RULE}",
     )
     meth.add_argument(
         "--cv",
@@ -789,8 +915,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
         "--inner-steps",
         type=int,
         default=None,
-        help="sid: t = k iterations per step (3); itd: unrolled steps (20); aid-cg: "
-        "iteration cap of L-BFGS and CG (200)",
+        help="sid: fixed t = k iterations per step (default: adaptive, each stage until its "
+        f"estimated residual meets the step's tolerance, at most {SID_MAX_INNER}); itd: "
+        "unrolled steps (20); aid-cg: iteration cap of L-BFGS and CG (200)",
     )
     meth.add_argument(
         "--batch-size", type=int, default=None, help="sid: minibatch size (default 12√N ≤ 4096)"
@@ -798,9 +925,10 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "hpo") -> None:
     meth.add_argument(
         "--sid-solver",
         choices=SID_SOLVERS,
-        default="svrg",
-        help="sid: stage-1 solver, svrg (default; variance-reduced, a full gradient every N/b "
-        "iterations) or sgd",
+        default="precond",
+        help="sid: stage solvers, precond (default; Jacobi-preconditioned variance-reduced "
+        "steps from the measured curvature, and CG refinement on minibatches for the adjoint), "
+        "svrg (variance-reduced lower steps of 0.5/L, plain adjoint steps) or sgd",
     )
     budget = parser.add_argument_group("budget (the first limit reached ends the run)")
     budget.add_argument("--budget", type=float, default=None, help="oracle calls")
@@ -1039,7 +1167,9 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_options(args)
     run_dir = (
-        pathlib.Path(args.run_dir) if args.run_dir else _default_run_dir(args.data, args.method)
+        pathlib.Path(args.run_dir)
+        if args.run_dir
+        else _default_run_dir(args.data, args.method or "auto")
     )
     zero_based = {"auto": "auto", "zero": True, "one": False}[args.svmlight_indexing]
     read_info: dict[str, Any] = {}
@@ -1054,6 +1184,11 @@ def run(args: argparse.Namespace) -> int:
         info=read_info,
     )
     say(f"bilevel hpo: {data!r}")
+    if args.method is None:  # the size rule: SID for large training sets
+        args.method = default_method(data.n_train, args.cv)
+        say(f"method: {args.method} ({data.n_train} training samples; {DEFAULT_METHOD_RULE})")
+    if args.cv is not None and args.method == "sid":
+        raise BilevelError("--cv needs --method aid-cg or itd (SID samples one training set)")
     if "zero_based" in read_info:
         base = "zero" if read_info["zero_based"] else "one"
         why = "--svmlight-indexing"
@@ -1167,6 +1302,7 @@ def _train(
         batch_size=args.batch_size,
         sid_solver=args.sid_solver,
     )
+    evaluate = guard_sid(evaluate, method, evaluator, initial)
     result: RunResult = method.run(
         model.problem,
         lower_instances(model, evaluator.w),
@@ -1224,11 +1360,20 @@ def _train(
         _print_summary(summary)
     gap = summary["lower_gap"]
     if args.method in _TRACKING_ADVICE and gap is not None and gap["relative"] > TRACKING_WARNING:
+        if args.method == "sid" and args.inner_steps is None and not sid_capped(result.records):
+            cause = (
+                "SID met its inner tolerances ‖∇_w h‖ ≤ ε_k at every step, and with this "
+                "problem's small strong convexity μ the lower iterate may lie up to ε_k/μ from "
+                "w(θ); the gap closes as ε_k decreases."
+            )
+        else:
+            cause = (
+                "its lower-level iterations per step do not keep up with θ, so the "
+                f"hypergradients were taken far from w(θ). {_TRACKING_ADVICE[args.method]}"
+            )
         print(
             f"warning: at step {gap['step']} the upper loss at {args.method}'s lower iterate "
-            f"and at w(θ) differ by {100 * gap['relative']:.0f} %: its fixed number of "
-            "lower-level iterations per step does not keep up with θ, so the hypergradients "
-            f"were taken far from w(θ). {_TRACKING_ADVICE[args.method]}",
+            f"and at w(θ) differ by {100 * gap['relative']:.0f} %: {cause}",
             file=sys.stderr,
         )
     return 0 if result.ok else 1
@@ -1262,14 +1407,27 @@ def _best_summary(result: RunResult) -> dict[str, Any] | None:
 TRACKING_WARNING = 0.1
 
 
-#: What to do when a method with a fixed iteration count lags behind w(θ) (aid-cg solves to a
-#: tolerance instead, so its gap follows the accuracy schedule).
+#: What to do when a method's lower iterate lags behind w(θ) (aid-cg solves to a tolerance, so
+#: its gap follows the accuracy schedule; SID does too unless its iteration caps are reached or
+#: --inner-steps fixes t and k).
 _TRACKING_ADVICE = {
-    "sid": "The lower level is probably ill-conditioned (L/μ large): each SID iteration "
-    "contracts by only about 1 − 0.5 μ/L, so more --inner-steps help slowly; --method aid-cg "
-    "(L-BFGS and CG need about √(L/μ) iterations) suits this problem.",
+    "sid": "SID's inner iterations stopped at their cap (or at the fixed --inner-steps) before "
+    "the lower level met its tolerance: drop --inner-steps (adaptive t and k), raise "
+    "--batch-size, or use --method aid-cg (L-BFGS and CG need about √(L/μ) iterations) on "
+    "small, ill-conditioned sets.",
     "itd": "Raise --inner-steps, or use --method aid-cg.",
 }
+
+
+def sid_capped(records: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether some SID step stopped at its iteration cap with an estimated residual above its
+    target (records with ``sid_lower_residual`` / ``sid_lower_target`` and the adjoint's)."""
+    for r in records:
+        for stage in ("lower", "adjoint"):
+            res, target = r.get(f"sid_{stage}_residual"), r.get(f"sid_{stage}_target")
+            if res is not None and target is not None and res > target:
+                return True
+    return False
 
 
 def lower_level_gap(records: list[Mapping[str, Any]]) -> dict[str, float] | None:

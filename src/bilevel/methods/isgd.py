@@ -264,6 +264,7 @@ class _ISGDEngine(Engine):
             "grad_norm": hg.norm,
             "distance": float(hg.eps.max()),
         }
+        record.update(getattr(hg, "metrics", None) or {})  # estimator reports (SID: t, k, ...)
         self.step += 1
         self.pos += p.index.numel()
         b = cfg.batch_size

@@ -299,5 +299,5 @@ def test_reconstruct_api_refuses_a_misshapen_x0():
     y = torch.rand(2, 1, 12, 12)
     problem = reconstruction_problem(SmoothedTV(strength=0.05))
     for x0 in (y[0], y[:, :, :8, :8], y[:1]):
-        with pytest.raises(BilevelError, match="x0 must have the measurements' shape"):
+        with pytest.raises(BilevelError, match="x0 must have the images' shape"):
             reconstruct(problem, (y, y), x0=x0)

@@ -794,7 +794,8 @@ def _track(model, sid: SID, steps: int) -> list[dict[str, float]]:
     rows = []
     for k in range(steps):
         eps = 2e-4 / math.sqrt(k + 1)
-        hg = sid(model.problem, None, w, lower_tol=eps, adjoint_tol=eps, adjoint0=q)
+        tols = {"lower_tol": eps, "adjoint_tol": eps} if sid.uses_tolerances else {}
+        hg = sid(model.problem, None, w, adjoint0=q, **tols)
         w, q = hg.x, hg.adjoint
         H = _ridge_hessian(model)
         X, y, Xv, yv = model.X_train, model.y_train, model.X_val, model.y_val

@@ -49,7 +49,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -1307,6 +1307,13 @@ class SID(Estimator):
             so successive upper-level steps see fresh samples, and two objects built with the
             same seed produce the same sequence of estimates. ``samplers.reset()`` restarts
             them; ``samplers.state_dict()`` saves them for checkpoints.
+        accuracy: ``None``: t and k are the solvers' fixed iteration counts, and passing
+            ``lower_tol`` or ``adjoint_tol`` is an error; an :class:`InnerAccuracy`: each stage
+            runs until its estimated residual meets s·``lower_tol`` (‖∇_w h‖) or
+            s·``adjoint_tol`` (‖H q − ∇_w f‖), s = :attr:`accuracy_scale` (the solvers must
+            accept ``tol`` and ``max_iter``; ``lower_tol`` defaults to 1e-4 as for AID).
+        diagonal: (w, θ, index) -> the minibatch Hessian diagonal, for the Jacobi
+            preconditioner of the preconditioned solvers (``None``: Hutchinson's estimate).
 
     Warm starts: ``x0`` is w_0 and ``adjoint0`` is the adjoint q_0 in the convention of every
     estimator (H q ≈ ∇_w f), so v_0 = q_0/η; the result's ``x`` (w_t, or its tail average) and
@@ -1314,8 +1321,9 @@ class SID(Estimator):
 
     Reported evidence: no a-posteriori bound exists for a stochastic estimate, so ``bound`` is
     None and ``bound_certified`` False; ``eps`` and ``delta`` are NaN (computing them would
-    need full-data gradients). Passing ``lower_tol`` or ``adjoint_tol`` is an error: the
-    iteration counts t and k are fixed by the solvers. ``loss`` and ``losses`` are the upper
+    need full-data gradients) unless ``accuracy`` is set. Without ``accuracy``, passing
+    ``lower_tol`` or ``adjoint_tol`` is an error: the iteration counts t and k are fixed by the
+    solvers. ``loss`` and ``losses`` are the upper
     loss at w_t, exact when ``upper_batch`` is None, else the mean over the J stage-3 upper
     minibatches.
     The inherited fields ``constants``, ``compute_bound`` and ``warn_unconverged`` are unused.
@@ -1340,7 +1348,10 @@ class SID(Estimator):
     accuracy: InnerAccuracy | None = None
     diagonal: Diagonal | None = None
 
-    uses_tolerances: ClassVar[bool] = False
+    @property
+    def uses_tolerances(self) -> bool:  # type: ignore[override]
+        """Whether ``lower_tol``/``adjoint_tol`` set the inner accuracy: with ``accuracy``."""
+        return self.accuracy is not None
 
     def __post_init__(self) -> None:
         if self.accuracy is not None and not isinstance(self.accuracy, InnerAccuracy):

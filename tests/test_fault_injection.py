@@ -114,6 +114,9 @@ def _check_every_file(run_dir: pathlib.Path) -> None:
         elif name.endswith(".csv"):
             rows = list(csv.reader(path.open()))
             assert len(rows) >= 2 and len({len(r) for r in rows}) == 1
+        elif name.endswith(".html"):
+            text = path.read_text(encoding="utf-8")
+            assert text.lstrip().lower().startswith("<!doctype html") and "</html>" in text
         elif name == ".lock":
             assert path.read_text().strip().isdigit()
         else:
@@ -129,18 +132,20 @@ def _faults(seed: int, checkpoints: int, steps: int, writes: int) -> list[str]:
     """Seven kills at random moments: before the first checkpoint (after step 1), inside an
     atomic write, between the two renames of a checkpoint, in the middle of a metrics line,
     after step 2 or 3 of a session, and twice at a random time (within the first half of an
-    uninterrupted run's duration; a resumed session may finish before it); then SIGTERM after
-    a step, which writes a checkpoint and ends the run as interrupted (status 130)."""
+    uninterrupted run's duration; a resumed session may finish before it). SIGTERM after a
+    step, which writes a checkpoint and ends the run as interrupted (status 130), comes second:
+    the session it stops still has steps to take (a later one may start after the last step,
+    when only the final files remain to be written)."""
     rng = random.Random(seed)
     return [
         "step:1",
+        f"step:{rng.randint(1, 2)}:TERM",
         f"write:{rng.randint(1, writes)}",
         f"checkpoint:{rng.randint(1, checkpoints)}",
         f"log:{rng.randint(1, steps)}",
         f"step:{rng.randint(2, 3)}",
         "time",
         "time",
-        f"step:{rng.randint(1, 2)}:TERM",
     ]
 
 
@@ -219,7 +224,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(job, tmp_path):
     attempts = report["attempts"]
     killed = [a for a in attempts if a[1] == -9]
     assert len(killed) >= 5, attempts  # at least five of the seven kills struck
-    assert attempts[-2][0].endswith(":TERM") and attempts[-2][1] == 130, attempts
+    assert attempts[1][0].endswith(":TERM") and attempts[1][1] == 130, attempts
     assert attempts[-1][:2] == ["final", 0], attempts
     reference, run = tmp_path / "reference", tmp_path / "run"
     for a, b in zip(_final_theta(reference), _final_theta(run), strict=True):

@@ -218,30 +218,14 @@ def test_hpo_resume_needs_a_run(tmp_path, capsys):
 
 def test_a_second_writer_of_a_run_directory_is_refused(tmp_path, capsys):
     """A new run and a --resume on one directory interleaved metrics.jsonl."""
-    import subprocess
-    import sys
+    from test_runs import lock_held_by_another_process
 
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from bilevel.runs import RunLock\n"
-            f"with RunLock({str(run_dir)!r}):\n"
-            "    print('locked', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(run_dir) as holder:
         argv = ["denoise", *TINY, "--budget", "300", "--run-dir", str(run_dir)]
-        _one_line_error(capsys, argv, "in use by another run", f"process {holder.pid}")
+        _one_line_error(capsys, argv, "in use by another run", f"process {holder}")
         argv = ["hpo", "--data", "iris", "--no-progress", "--run-dir", str(run_dir)]
-        _one_line_error(capsys, argv, "in use by another run", f"process {holder.pid}")
-    finally:
-        holder.communicate("")
+        _one_line_error(capsys, argv, "in use by another run", f"process {holder}")
     assert not (run_dir / "job.json").exists()
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import random
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -460,29 +460,39 @@ def test_plots_without_matplotlib_say_how_to_install(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- lock, atomic files
 
 
+@contextlib.contextmanager
+def lock_held_by_another_process(path):
+    """A forked process holds the RunLock of ``path`` inside the block; yields its PID."""
+    go, hold = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder: take the lock, say so, wait for the end of the block
+        try:
+            os.close(hold)
+            RunLock(path).acquire()
+            os.write(ready_w, b"1")
+            os.read(go, 1)
+        finally:
+            os._exit(0)
+    os.close(go)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        yield pid
+    finally:
+        os.close(hold)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+
+
 def test_a_second_writer_fails_fast_naming_the_holder(tmp_path):
     """Two writers on one run directory interleaved metrics.jsonl or deleted each other's
     temporary files; now the second fails at once and names the first one's PID."""
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from bilevel.runs import RunLock\n"
-            f"with RunLock({str(tmp_path)!r}):\n"
-            "    print('locked', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(BilevelError, match=f"in use by another run \\(process {holder.pid}\\)"):
+    with lock_held_by_another_process(tmp_path) as holder:
+        with pytest.raises(BilevelError, match=f"in use by another run \\(process {holder}\\)"):
             RunDirectory(tmp_path)
-        with pytest.raises(BilevelError, match=str(holder.pid)):
+        with pytest.raises(BilevelError, match=str(holder)):
             RunLock(tmp_path).acquire()
-    finally:
-        holder.communicate("")
     # the lock dies with its holder; within one process it is re-entrant
     with RunLock(tmp_path), RunDirectory(tmp_path) as run:
         run.log({"step": 0})

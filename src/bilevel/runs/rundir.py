@@ -579,6 +579,8 @@ class RunDirectory:
         if self.resume and self.config_path.exists():
             old = self.read_config()
             a, b = json.loads(json.dumps(old)), json.loads(json.dumps(data))
+            if isinstance(a, dict):
+                a.pop(NON_FINITE_KEY, None)
             for key in ignore:
                 _drop(a, key)
                 _drop(b, key)
@@ -589,8 +591,7 @@ class RunDirectory:
                     f"cannot resume {self.path}: the configuration differs from the stored "
                     f"one ({shown}). Use the same settings, or start a new run."
                 )
-        text = json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-        write_text(self.config_path, text)
+        write_text(self.config_path, dumps_json(config, indent=2, where="config") + "\n")
         return data
 
     def read_config(self) -> dict[str, Any] | None:

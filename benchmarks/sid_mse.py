@@ -21,7 +21,12 @@ MSE = mean over ``--seeds`` independent runs of ‖ĝ − ∇F‖². The slope i
 slope of log MSE against log t over t ≥ 300 (t = 300, 1000, 3000). Writes a markdown report
 and a PNG plot next to it. About 3 to 5 minutes with two worker processes.
 
+With ``--solvers`` it instead measures SID's stage solvers on two ill-conditioned problems
+(κ ≥ 10³; see :func:`solver_study`) and writes that section between the markers
+``<!-- solvers -->`` at the end of the report, leaving the rest of it as it is (about 1 minute).
+
 Usage: python benchmarks/sid_mse.py [--seeds 8] [--workers 2] [--out docs/benchmarks_sid.md]
+       python benchmarks/sid_mse.py --solvers [--out docs/benchmarks_sid.md]
 """
 
 from __future__ import annotations
@@ -38,8 +43,21 @@ import numpy as np
 import torch
 
 from bilevel import CG, Exact, Implicit
+from bilevel.autodiff import Cost
 from bilevel.learning import load_sklearn, logistic_model, ridge_model
-from bilevel.stochastic import SID, StochasticFixedPoint, StochasticLinearFixedPoint
+from bilevel.learning.job import build_model, load_data
+from bilevel.lower import LBFGS, solve_lower
+from bilevel.stochastic import (
+    SID,
+    AdjointMap,
+    LowerMap,
+    MinibatchSampler,
+    PreconditionedSVRG,
+    PreconditionedSVRGLinear,
+    StochasticFixedPoint,
+    StochasticLinearFixedPoint,
+    VarianceReducedFixedPoint,
+)
 
 T_GRID = (10, 30, 100, 300, 1000, 3000)
 T_CONSTANT = (10, 30, 100, 300, 1000)
@@ -127,9 +145,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="docs/benchmarks_sid.md")
+    parser.add_argument("--solvers", action="store_true", help="only the stage-solver study")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
+    if args.solvers:
+        out = pathlib.Path(args.out)
+        text = out.read_text() if out.exists() else ""
+        head = text.split(SOLVER_MARK)[0].rstrip("\n")
+        section = solver_study()
+        out.write_text(f"{head}\n\n{SOLVER_MARK}\n{section}\n{SOLVER_MARK}\n")
+        print(section)
+        return
 
     tasks = [
         (name, kind, value, b, t, args.seeds)
@@ -297,6 +324,136 @@ def plot(results: dict, path: pathlib.Path) -> None:
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# --------------------------------------------------------------------------------------------
+# stage solvers on ill-conditioned problems
+
+SOLVER_MARK = "<!-- solvers -->"
+SOLVER_CAP = 3000  # iterations (refinement rounds: 200)
+
+
+def ill_ridge(n: int = 2000, d: int = 10, lam: float = 5e-4, seed: int = 0):
+    """Ridge with correlated features (Gram spectrum over 10⁴, rotated, so that a diagonal
+    preconditioner cannot remove it) and λ = 5·10⁻⁴: κ ≈ 1760 (the test problem of
+    tests/test_stochastic.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    A = Q * torch.logspace(0, -2, d, dtype=torch.float64)
+    X = torch.randn(n + n // 2, d, generator=gen, dtype=torch.float64) @ A.T
+    w = 3 * torch.randn(d, generator=gen, dtype=torch.float64)
+    y = X @ w + 0.1 * torch.randn(n + n // 2, generator=gen, dtype=torch.float64)
+    return ridge_model(X[:n], y[:n], X[n:], y[n:], math.log(lam))
+
+
+def _stage_problems():
+    """(label, model, minibatch size): the ill-conditioned ridge and digits' multinomial
+    logistic regression at the best common strength λ = e⁻⁷ (as in docs/benchmarks_hpo.md)."""
+    ridge = ill_ridge()
+    digits = build_model(load_data("digits", seed=0), "logistic", theta0=-7.0)
+    return [("ridge, κ ≈ 1.8·10³", ridge, 200), ("digits logistic, κ ≈ 1.5·10³", digits, 394)]
+
+
+def _exact(model, theta):
+    """w(θ) by L-BFGS to 10⁻¹⁰ of the initial gradient."""
+    from bilevel.autodiff import LowerLevel
+
+    with torch.no_grad():
+        model.theta.copy_(theta)
+    lower = LowerLevel(model.problem, None, Cost())
+    w0 = model.init_w()
+    _, g0 = lower.value_and_grad(w0)
+    return solve_lower(lower, w0, 1e-10 * float(g0.norm()), LBFGS(max_iter=5000), None).x
+
+
+def _residual(problem, w: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    """∇_w h(w, θ) (or ∇_w f(w) with ``upper``) on all samples."""
+    with torch.enable_grad():
+        wr = w.detach().requires_grad_(True)
+        fn = problem.upper_loss if upper else problem.lower_energy
+        (g,) = torch.autograd.grad(fn(wr, problem.theta).sum(), wr)
+    return g
+
+
+def _study_one(label: str, model, b: int) -> list[str]:
+    """The table rows of one problem (see :func:`solver_study`)."""
+    rows = []
+    theta0 = model.theta.detach().clone()
+    w0 = _exact(model, theta0)
+    w1 = _exact(model, theta0 + 0.1)  # leaves θ = θ₀ + 0.1
+    eta = 1.0 / model.smoothness()
+    problem = model.problem
+    start = float(_residual(problem, w0).norm())
+    stage1 = [
+        ("SVRG, steps 0.5/L", VarianceReducedFixedPoint(SOLVER_CAP, 0.5)),
+        ("Jacobi SVRG, steps 0.5/λ̂", PreconditionedSVRG(SOLVER_CAP, 0.5)),
+        ("Jacobi SVRG, 0.5/λ̂, momentum 0.5", PreconditionedSVRG(SOLVER_CAP, 0.5, momentum=0.5)),
+    ]
+    for name, solver in stage1:
+        cost = Cost()
+        phi = LowerMap(problem, eta, MinibatchSampler(0), b, cost, model.lower_sample_diagonal)
+        t0 = time.perf_counter()
+        sol = solver.solve(phi, w0, tol=eta * 1e-3 * start)
+        wall = time.perf_counter() - t0
+        res = float(_residual(problem, sol.x).norm()) / start
+        rows.append(
+            f"| {label} | 1 | {name} | {sol.iterations} | {cost.oracle_calls:.4g} | "
+            f"{wall:.2f} | {res:.2e} |"
+        )
+    gf = _residual(problem, w1, upper=True)
+    exact = AdjointMap(problem, w1, eta, MinibatchSampler(9), None, None, Cost(), gf)
+    stage2 = [
+        ("plain fixed point, steps 0.5", StochasticLinearFixedPoint.constant(0.5, SOLVER_CAP)),
+        ("Jacobi SVRG Richardson, 0.5/λ̂", PreconditionedSVRGLinear(SOLVER_CAP, 0.5)),
+        (
+            "CG refinement on minibatches (default)",
+            PreconditionedSVRGLinear(200, 0.5, cg_iterations=20, max_rounds=200),
+        ),
+    ]
+    for name, solver in stage2:
+        cost = Cost()
+        psi = AdjointMap(
+            problem, w1, eta, MinibatchSampler(1), b, None, cost, gf, model.lower_sample_diagonal
+        )
+        t0 = time.perf_counter()
+        sol = solver.solve(psi, torch.zeros_like(w1), tol=1e-3 * float(gf.norm()))
+        wall = time.perf_counter() - t0
+        res = float((exact.full_matvec(eta * sol.x) - gf).norm()) / float(gf.norm())
+        rows.append(
+            f"| {label} | 2 | {name} | {sol.iterations} | {cost.oracle_calls:.4g} | "
+            f"{wall:.2f} | {res:.2e} |"
+        )
+    with torch.no_grad():
+        model.theta.copy_(theta0)
+    return rows
+
+
+def solver_study() -> str:
+    """Iterations, oracle calls and wall time of SID's stage solvers to a residual 10⁻³ of
+    the starting one, on a warm start after θ moved (stage 1) and from q = 0 (stage 2)."""
+    lines = [
+        "## Stage solvers on ill-conditioned problems",
+        "",
+        "Produced by `benchmarks/sid_mse.py --solvers`. Stage 1: from w(θ₀), θ moved by +0.1 "
+        "in every coordinate, to ‖∇h‖ ≤ 10⁻³ of its value at the start. Stage 2: the adjoint "
+        "H q = ∇f at w(θ) from q = 0 to ‖Hq − ∇f‖ ≤ 10⁻³‖∇f‖. Each solver stops on its own "
+        "minibatch estimate of the residual; the last column is the true residual at the end, "
+        "relative to the start (≤ 10⁻³ is a success). Map step η = 1/L from the global bound "
+        f"L; caps {SOLVER_CAP} iterations (CG refinement: 200 rounds). One torch thread.",
+        "",
+        "| problem | stage | solver | iterations | oracle calls | wall [s] | true residual |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, model, b in _stage_problems():
+        lines += _study_one(label, model, b)
+    lines += [
+        "",
+        "Oracle calls count a minibatch of b of N samples as b/N of a call. The CG refinement "
+        "rounds each take one full Hessian-vector product (the exact residual at the anchor) "
+        "and at most 20 conjugate-gradient products on a fresh minibatch, the minibatch grown "
+        "when the sampled system misleads CG; its iterations are rounds.",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

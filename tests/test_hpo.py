@@ -25,10 +25,12 @@ from bilevel.learning.job import (
     hpo_estimator,
     hpo_method,
     load_data,
+    lower_instances,
     lower_level_gap,
     sid_capped,
     single_strength_baseline,
 )
+from bilevel.methods import Budget
 from bilevel.problem import BilevelError
 from bilevel.stochastic import (
     SID,
@@ -680,3 +682,23 @@ def test_guard_sid_wraps_adaptive_sid_only():
     assert guard_sid(evaluator, hpo_method(model, "aid-cg"), evaluator, initial) is evaluator
     fixed = hpo_method(model, "sid", inner_steps=3)
     assert guard_sid(evaluator, fixed, evaluator, initial) is evaluator
+
+
+def test_tightened_sid_accuracy_survives_checkpoint_and_resume(tmp_path):
+    """The accuracy scale set by the rise guard is part of ISGD's checkpoint: a resumed run
+    continues with it."""
+    data = load_data("breast_cancer")
+    model = build_model(data, theta0=-5.0)
+    w0 = LowerEvaluator(model, data.X_test, data.y_test).solve()
+    method = hpo_method(model, "sid")
+    method.estimator.tighten()
+    run = {"run_dir": tmp_path / "run", "progress": False, "plot": False}
+    method.run(model.problem, lower_instances(model, w0), Budget(steps=3), **run)
+    again = build_model(data, theta0=-5.0)
+    resumed = hpo_method(again, "sid")
+    assert resumed.estimator.accuracy_scale == 1.0
+    result = resumed.run(
+        again.problem, lower_instances(again, w0), Budget(steps=5), resume=True, **run
+    )
+    assert result.step == 5 and resumed.estimator.accuracy_scale == pytest.approx(0.3)
+    assert result.records[-1]["sid_accuracy_scale"] == pytest.approx(0.3)

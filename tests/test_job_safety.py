@@ -157,6 +157,10 @@ def test_interrupted_run_is_unfinished_refused_and_resumable(tmp_path, capsys, m
     _one_line_error(capsys, ["reconstruct", str(run_dir), str(image)], "was interrupted")
 
 
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_summary_agrees_with_the_run_result_and_keeps_the_best_model(tmp_path, capsys):
     """summary.json and result.json disagreed (PSNR 28.364 vs 28.367, time 64.4 vs 53.6 s)
     and after a resume wall_time_s counted only the last session."""
@@ -170,6 +174,14 @@ def test_summary_agrees_with_the_run_result_and_keeps_the_best_model(tmp_path, c
     assert second["test"]["learned"]["psnr"] == result["evaluation"]["test_psnr"]
     assert second["wall_time_s"] == result["wall_time"] >= first["wall_time_s"]
     assert second["best"]["step"] == result["best"]["step"]
+    # the best θ is chosen on validation crops of the training images, never on the test crops
+    assert result["best"]["metric"] == "val_psnr"
+    evaluations = [r for r in _records(run_dir) if "val_psnr" in r]
+    evaluations.append({"step": result["step"], **result["evaluation"]})  # the final one
+    top = max(evaluations, key=lambda r: r["val_psnr"])
+    assert second["best"]["step"] == top["step"]
+    assert second["best"]["val_psnr"] == top["val_psnr"]
+    assert second["best"]["test_psnr"] == top["test_psnr"]
     assert (run_dir / "model_best.pt").is_file()
     assert main(["reconstruct", str(run_dir), str(tmp_path / "none.png"), "--best"]) == 2
     assert "does not exist" in capsys.readouterr().err

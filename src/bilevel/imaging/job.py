@@ -8,7 +8,8 @@ regulariser's parameters θ with (by default) Adam-preconditioned ISGD on
 compares the learned regulariser on the test set with the degraded input and with total
 variation tuned by grid search on the training set, and writes everything to a run
 directory: ``config.json``, ``metrics.jsonl``, checkpoints, ``plots/``, ``reconstructions.png``,
-``model.pt`` (the last θ), ``model_best.pt`` (θ of the best test PSNR of the evaluations) and
+``model.pt`` (the last θ), ``model_best.pt`` (θ of the evaluation with the best PSNR on
+validation crops of the training images: the test crops never choose a model) and
 ``summary.json``. Every option is checked before any work; the directory is locked while the
 run writes it. Interrupting (Ctrl-C or SIGTERM) writes a checkpoint and a summary marked
 unfinished (no ``model.pt``); ``--resume`` continues.
@@ -156,6 +157,13 @@ def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     a("--train-size", type=int, default=32, help="training crops (default: 32)")
     a("--test-size", type=int, default=16, help="test crops (default: 16)")
     a(
+        "--val-size",
+        type=int,
+        default=8,
+        help="validation crops, cut from the training images, that choose the best θ of the "
+        "evaluations (model_best.pt; 0: none) (default: 8)",
+    )
+    a(
         "--sigma",
         type=float,
         default=25.0 if task == "denoise" else 5.0,
@@ -234,6 +242,8 @@ class Setup:
     test: DegradedImages
     operator: LinearOperator
     gamma: float
+    #: crops of the training images (other crops, other noise) that rank the evaluations
+    val: DegradedImages | None = None
 
 
 def make_regulariser(args: argparse.Namespace, channels: int) -> Regulariser:
@@ -330,6 +340,8 @@ def check_options(args: argparse.Namespace) -> None:
         "kernel_size",
     ):
         _positive_int(args, name)
+    if getattr(args, "val_size", 0) < 0:
+        raise BilevelError(f"--val-size must be 0 or positive, got {args.val_size}")
     if not (math.isfinite(args.sigma) and args.sigma >= 0):
         raise BilevelError(f"--sigma must be a finite non-negative number, got {args.sigma}")
     if args.job == "denoise" and args.sigma == 0:
@@ -406,10 +418,17 @@ def build(args: argparse.Namespace) -> Setup:
     train = DegradedImages(train_clean, operator, sigma=sigma, seed=args.seed + 2)
     test = DegradedImages(test_clean, operator, sigma=sigma, seed=args.seed + 3)
     train, test = train.to(args.device), test.to(args.device)
+    val = None
+    if args.val_size > 0:
+        val_clean = random_crops(
+            _images(args, "train", dtype), args.crop, args.val_size, generator=args.seed + 4
+        )
+        val = DegradedImages(val_clean, operator, sigma=sigma, seed=args.seed + 5)
+        val = val.to(args.device)
     regulariser = make_regulariser(args, train_clean.shape[1]).to(args.device, dtype)
     operator = operator.to(args.device, dtype)
     problem = reconstruction_problem(regulariser, operator, gamma=gamma)
-    return Setup(problem, train, test, operator, gamma)
+    return Setup(problem, train, test, operator, gamma, val)
 
 
 def tune_tv(setup: Setup) -> GridSearchResult:
@@ -456,31 +475,52 @@ def make_method(args: argparse.Namespace) -> ISGD | MAID:
 
 
 class TestEvaluation:
-    """The ``evaluate`` callback of a run: mean test PSNR (dB) of the current regulariser,
-    reconstructions to ‖∇ₓh‖ ≤ :data:`EVAL_TOL`, warm-started across calls. ``last`` holds the
+    """The ``evaluate`` callback of a run: mean test PSNR (dB) of the current regulariser and,
+    when the setup has validation crops, their mean PSNR ``val_psnr`` (which alone ranks the
+    evaluations: the test crops never choose a model); reconstructions to
+    ‖∇ₓh‖ ≤ :data:`EVAL_TOL`, warm-started across calls. ``last`` holds the test
     reconstructions of the latest call, so that the summary scores the very images whose PSNR
     the run reported; ``bound_note`` (logged as such) says why a run's records hold no bound ω."""
 
     def __init__(self, setup: Setup, bound_note: str | None = None) -> None:
         self.setup = setup
         self.batch = setup.test.batch()
+        self.val_batch = setup.val.batch() if setup.val is not None else None
         self.tol = EVAL_TOL[self.batch[1].dtype]
         self.bound_note = bound_note
         self.last: Tensor | None = None
+        self.last_val: Tensor | None = None
 
     def __call__(self, theta: Any, step: int) -> dict[str, Any]:
         x = reconstruct(self.setup.problem, self.batch, x0=self.last, tol=self.tol)
         self.last = x
         out: dict[str, Any] = {"test_psnr": float(psnr(x.clamp(0, 1), self.batch[1]).mean())}
+        if self.val_batch is not None:
+            v = reconstruct(self.setup.problem, self.val_batch, x0=self.last_val, tol=self.tol)
+            self.last_val = v
+            out["val_psnr"] = float(psnr(v.clamp(0, 1), self.val_batch[1]).mean())
         if self.bound_note is not None:
             out["bound_note"] = self.bound_note
         return out
 
 
+def ranked(evaluation: Callable[[Any, int], dict[str, Any]], setup: Setup) -> Callable:
+    """``evaluation`` ranked by validation PSNR when the setup has validation crops (the run
+    keeps the θ of the best one, see :func:`bilevel.methods.common.ranked_by`), else as is."""
+    return evaluation if setup.val is None else ranked_by(evaluation, "val_psnr", "max")
+
+
 def test_evaluation(setup: Setup) -> Callable[[Any, int], dict[str, float]]:
-    """The ``evaluate`` callback of a run (:class:`TestEvaluation`), ranked by test PSNR
-    (the run keeps the θ of the best one, see :func:`bilevel.methods.common.ranked_by`)."""
-    return ranked_by(TestEvaluation(setup), "test_psnr", "max")
+    """The ``evaluate`` callback of a run (:class:`TestEvaluation`, ranked by :func:`ranked`)."""
+    return ranked(TestEvaluation(setup), setup)
+
+
+def _test_psnr_at(result: RunResult, step: int) -> float | None:
+    """The test PSNR that the run's evaluation of θ_step logged (the final one included)."""
+    evaluations = [*result.records, {"step": result.step, **(result.evaluation or {})}]
+    return next(
+        (r["test_psnr"] for r in evaluations if r.get("step") == step and "test_psnr" in r), None
+    )
 
 
 def _scores(x: Tensor, clean: Tensor) -> dict[str, float]:
@@ -509,6 +549,7 @@ TRAINING_OPTIONS = (
     "crop",
     "train_size",
     "test_size",
+    "val_size",
     "seed",
     "method",
     "step",
@@ -517,7 +558,7 @@ TRAINING_OPTIONS = (
 )
 #: θ of the finished run (``problem.theta.state_dict()``), in the run directory.
 MODEL_FILE = "model.pt"
-#: θ of the run's best evaluation (highest mean test PSNR), beside :data:`MODEL_FILE`.
+#: θ of the run's best evaluation (highest mean validation PSNR), beside :data:`MODEL_FILE`.
 BEST_MODEL_FILE = "model_best.pt"
 #: Files a run writes besides those of its run loop (removed by ``--overwrite``).
 JOB_FILES = ("job.json", MODEL_FILE, BEST_MODEL_FILE, "summary.json", "reconstructions.png")
@@ -617,13 +658,13 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
     )
     eval_tol = test.tol
     if tensorboard is None:
-        evaluate = ranked_by(test, "test_psnr", "max")
+        evaluate = ranked(test, setup)
     else:
         shown = (y_test[:GRID_IMAGES], x_test[:GRID_IMAGES])
         logged = TensorBoardEvaluation(
             test, tensorboard, lambda: reconstruct(setup.problem, shown, tol=eval_tol), regulariser
         )
-        evaluate = ranked_by(logged, "test_psnr", "max")
+        evaluate = ranked(logged, setup)
     result: RunResult = make_method(args).run(
         setup.problem,
         samples,
@@ -669,7 +710,8 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
         save_torch(run_dir / BEST_MODEL_FILE, theta_state(setup.problem, result.best_theta))
         best = {
             "step": result.best["step"],
-            "test_psnr": result.best["value"],
+            "val_psnr": result.best["value"],
+            "test_psnr": _test_psnr_at(result, result.best["step"]),
             "model": BEST_MODEL_FILE,
         }
     # the reconstructions of the final evaluation: the summary and result.json agree
@@ -698,7 +740,13 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
         for name in ("degraded", "tv", "learned"):
             print(f"    {name:<9} {t[name]['psnr']:6.2f} dB   {t[name]['ssim']:.4f}")
         if best is not None:
-            print(f"    best evaluation: {best['test_psnr']:.2f} dB at step {best['step']}")
+            at_best = best["test_psnr"]
+            print(
+                f"    best validation PSNR {best['val_psnr']:.2f} dB at step {best['step']} "
+                f"({BEST_MODEL_FILE}"
+                + ("" if at_best is None else f"; test PSNR {at_best:.2f} dB there")
+                + ")"
+            )
         print(
             f"  cost: {result.cost} oracle calls, {result.step} steps, "
             f"{result.wall_time:.0f} s; status: {result.status} ({result.message})"

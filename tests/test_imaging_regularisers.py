@@ -356,6 +356,7 @@ def test_weakly_convex_ridge_modulus_stays_below_its_cap(seed):
     ).mu == pytest.approx(0.5)
 
 
+@torch.no_grad()
 def test_noise_level_scaling() -> None:
     reg = _ridge_net(ConvexRidgeNetwork)
     x = torch.rand(1, 1, 12, 12, generator=_gen(3), dtype=torch.float64)

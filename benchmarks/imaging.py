@@ -56,13 +56,13 @@ from bilevel.methods import Budget, with_initial
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path("/work/shared/data/bsds300")
 CACHE = ROOT / "docs" / "benchmarks_imaging.json"
-# Fields of Experts of the foe and deblur studies (the job's FoE: finite-difference/DCT initial
+# Fields of Experts of the foe and deblur studies (the job's FoE: directional-derivative initial
 # filters, learned per-filter smoothing, weights calibrated on the grid-tuned TV strength)
 FOE_FILTERS, FOE_SIZE = 16, 5
 FOE_DESCRIPTION = (
     f"FoE with {FOE_FILTERS} filters of {FOE_SIZE}×{FOE_SIZE} (smoothed-ℓ1 experts, learned "
-    f"smoothing ν_k from {FOE_SMOOTHING:g}; initial filters finite differences then DCT, "
-    "initial weights 2λ_TV/K from the task's grid-tuned TV strength λ_TV)"
+    f"smoothing ν_k from {FOE_SMOOTHING:g}; initial filters directional derivatives, "
+    "initial weights λ_TV π/(2K) from the task's grid-tuned TV strength λ_TV)"
 )
 # Adam steps of the foe study: a faster decay than the job's default (poly:3e-2,0.25), whose
 # test PSNR still fluctuates by ±0.1 dB after 250 steps

@@ -75,7 +75,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--dtype", choices=("float32", "float64"), default="float32")
     a("--threads", type=int, default=1)
     a("--seed", type=int, default=0)
-    a("--run-dir", required=True)
+    a("--run-dir", required=True, help="run directory (with --from-run: a finished run)")
+    a(
+        "--from-run",
+        action="store_true",
+        help="export the crr/wcrr model of the finished `bilevel denoise` run in --run-dir "
+        "(job.json, model.pt, summary.json) instead of training",
+    )
     a("--resume", action="store_true")
     a("--export", default=None, help="write the trained model as pretrained model NAME")
     return p.parse_args(argv)
@@ -112,8 +118,48 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     return ConvexRidgeNetwork(**kwargs), kwargs
 
 
+def export_run(run_dir: Path, name: str) -> Path:
+    """Ship the (weakly) convex ridge network of a finished ``bilevel denoise`` run."""
+    from bilevel.imaging.apply import load_learned
+
+    model, options = load_learned(run_dir)
+    if options["regulariser"] not in ("crr", "wcrr") or options["job"] != "denoise":
+        sys.exit("train_regulariser: --from-run needs a bilevel denoise run of crr or wcrr")
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    layers, kernel = ridge_layers(options["filter_size"])
+    kwargs = {"num_filters": options["filters"], "channels": 1, "layers": layers}
+    kwargs.update(kernel_size=kernel, noise_level=options["sigma"] / 255.0)
+    if options["regulariser"] == "wcrr":
+        kwargs["max_weak_convexity"] = model.max_weak_convexity
+    flags = {k: v for k, v in options.items() if k not in ("job", "color", "dtype")}
+    info = {
+        "class": type(model).__name__,
+        "kwargs": kwargs,
+        "sigma": options["sigma"],
+        "description": f"{options['regulariser']} with {options['filters']} filters of "
+        f"{options['filter_size']}×{options['filter_size']}, grayscale, "
+        f"σ = {options['sigma']:g}/255",
+        "training": {
+            "command": "bilevel denoise "
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()),
+            "config": options,
+            "data": f"{options['train_size']} random {options['crop']}px crops of the "
+            f"{options['data']} training images, noise frozen per crop",
+            "seed": options["seed"],
+            "summary": summary,
+        },
+        "check": reference_check(model, options["sigma"]),
+    }
+    return save_pretrained(model, name, info)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.from_run:
+        if not args.export:
+            sys.exit("train_regulariser: --from-run needs --export NAME")
+        print(f"exported to {export_run(Path(args.run_dir), args.export)}")
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

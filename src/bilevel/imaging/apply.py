@@ -12,6 +12,9 @@ given by ``--mask``), until the root mean square of ∇ₓh over the pixels is a
 and writes x̂ as a PNG. The image is taken as the
 measurement y, or, with ``--add-noise``, as a clean image that is first degraded as in training
 (y = A x + σ ε with the run's σ), so that PSNR and SSIM of y and of x̂ can be reported.
+``--model NAME`` uses a shipped pretrained denoising model (``bilevel models``) in place of a
+run directory; ``--json`` prints per-image ``file``, ``psnr``, ``ssim``, ``degraded_psnr`` and
+their ``mean``.
 """
 
 from __future__ import annotations
@@ -151,7 +154,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "reconstruct") ->
         help="noise σ on the 0-255 scale of --add-noise and of a σ-aware model (default: the "
         "σ the model was trained for)",
     )
-    a("--out", default=None, help="output folder (default: RUN_DIR/reconstructed)")
+    a(
+        "--out",
+        default=None,
+        help="output folder (default: RUN_DIR/reconstructed, or reconstructed-NAME with --model)",
+    )
     a(
         "--add-noise",
         action="store_true",

@@ -780,7 +780,7 @@ class WeaklyConvexRidge(_SplineRidge):
     def knot_curvatures(self, filters: Tensor, alpha: Tensor) -> Tensor:
         return alpha * self.log_slopes.exp() - self.concave_curvatures(filters)
 
-    def weak_convexity_estimate(self) -> float:
+    def current_weak_convexity_bound(self) -> float:
         """The tighter bound G·sup_ω λ_max(Σ_k max_j (−ψ_kj'')₊ ŵ_k ŵ_kᴴ) ≤ ρ_max at the
         current θ and σ."""
         with torch.no_grad():

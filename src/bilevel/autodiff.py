@@ -127,6 +127,7 @@ class HessianOperator:
             (g,) = torch.autograd.grad(energy.sum(), xr, create_graph=True)
         lower.cost.grad_evals += x.shape[0]
         self._index, self._x, self._g = index, xr, g
+        self._known: Tensor | None = index
 
     @property
     def gradient(self) -> Tensor:
@@ -134,16 +135,23 @@ class HessianOperator:
         return self._full[2].detach()
 
     def matvec(self, v: Tensor, index: Tensor) -> Tensor:
-        """H_index v for the instances ``index`` (positions in the full batch)."""
-        if index.numel() != self._index.numel() or not bool((index == self._index).all()):
-            if 2 * index.numel() <= self._index.numel():
-                pos = _positions(self.full_index, index)
-                self._build(index, self.x_full[pos])
-            else:
-                pos = _positions(self._index, index)
-                padded = torch.zeros_like(self._x)
-                padded[pos] = v
-                return self._hvp(padded)[pos]
+        """H_index v for the instances ``index`` (positions in the full batch).
+
+        An ``index`` object seen before on the current graph is trusted without comparing its
+        values (solvers pass the same tensor between changes of their active set), so the
+        product costs no host synchronisation.
+        """
+        if index is not self._known:
+            if index.numel() != self._index.numel() or not bool((index == self._index).all()):
+                if 2 * index.numel() <= self._index.numel():
+                    pos = _positions(self.full_index, index)
+                    self._build(index, self.x_full[pos])
+                else:
+                    pos = _positions(self._index, index)
+                    padded = torch.zeros_like(self._x)
+                    padded[pos] = v
+                    return self._hvp(padded)[pos]
+            self._known = index
         return self._hvp(v)
 
     def _hvp(self, v: Tensor) -> Tensor:
@@ -155,6 +163,7 @@ class HessianOperator:
     def full_matvec(self, v: Tensor) -> Tensor:
         """H v for all instances, on the full graph."""
         self._index, self._x, self._g = self._full
+        self._known = None
         return self._hvp(v)
 
     def jacobian_vjp(self, q: Tensor, params: list[Tensor]) -> list[Tensor]:

@@ -56,6 +56,14 @@ class Cost:
         }
 
 
+def nonfinite_gradient() -> NonFiniteError:
+    """The error for a NaN or infinite lower-level gradient."""
+    return NonFiniteError(
+        "the lower-level gradient became NaN or infinite; the iterates diverged "
+        "(step size too large for the energy's curvature, or non-finite data)"
+    )
+
+
 def batch_norm(v: Tensor) -> Tensor:
     """Per-instance Euclidean norm of a (B, ...) tensor, shape (B,)."""
     return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1)
@@ -82,19 +90,34 @@ class LowerLevel:
     problem: BilevelProblem
     batch: Batch
     cost: Cost = field(default_factory=Cost)
+    _selected: tuple[Tensor | None, Batch] = field(default=(None, None), init=False, repr=False)
 
-    def value_and_grad(self, x: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Energies h_i(x_i) (b,) and gradients ∇ₓh_i(x_i) (b, ...), detached."""
+    def select(self, index: Tensor | None) -> Batch:
+        """``batch`` restricted to ``index`` (the last selection is kept: solvers pass the same
+        ``index`` tensor until their active set changes, and must not modify it in place)."""
+        if index is None:
+            return self.batch
+        last, selected = self._selected
+        if index is not last:
+            selected = index_batch(self.batch, index)
+            self._selected = (index, selected)
+        return selected
+
+    def value_and_grad(
+        self, x: Tensor, index: Tensor | None = None, check: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Energies h_i(x_i) (b,) and gradients ∇ₓh_i(x_i) (b, ...), detached.
+
+        ``check=False`` skips the finiteness test of the gradient (a host synchronisation);
+        the caller then tests the gradient norms it computes anyway.
+        """
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            energy = self.problem.energy(x, index_batch(self.batch, index))
+            energy = self.problem.energy(x, self.select(index))
             (grad,) = torch.autograd.grad(energy.sum(), x)
         self.cost.grad_evals += x.shape[0]
-        if not bool(torch.isfinite(grad).all()):
-            raise NonFiniteError(
-                "the lower-level gradient became NaN or infinite; the iterates diverged "
-                "(step size too large for the energy's curvature, or non-finite data)"
-            )
+        if check and not bool(torch.isfinite(grad).all()):
+            raise nonfinite_gradient()
         return energy.detach(), grad
 
     def hessian(self, x: Tensor, index: Tensor | None = None) -> HessianOperator:
@@ -155,8 +178,7 @@ class HessianOperator:
         return self._hvp(v)
 
     def _hvp(self, v: Tensor) -> Tensor:
-        with torch.enable_grad():
-            (hv,) = torch.autograd.grad(self._g, self._x, v, retain_graph=True)
+        (hv,) = torch.autograd.grad(self._g, self._x, v, retain_graph=True)
         self.lower.cost.hvps += v.shape[0]
         return hv
 

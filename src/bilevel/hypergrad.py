@@ -127,7 +127,11 @@ class Estimator:
 
     lower_solver: LowerSolver = field(default_factory=Nesterov)
     constants: BoundConstants = field(default_factory=BoundConstants)
-    compute_bound: bool = True
+    compute_bound: bool | None = None
+    """Compute the a-posteriori bound ω (and check a stated μ against the curvature at x̃):
+    True always, False never (MAID and HOAG refuse it), None (default) only when the caller
+    needs it — MAID and HOAG turn it on; a plain call returns ``bound=None`` and uses a
+    stated μ unchecked."""
     warn_unconverged: bool = True
 
     uses_tolerances: ClassVar[bool] = True
@@ -200,6 +204,8 @@ class Estimator:
         a seeded Lanczos run. Evidence below μ means the stated μ is wrong: warn, and use an
         estimate no larger than the evidence.
         """
+        if not self.compute_bound:  # nothing to certify: μ as stated
+            return mu, ConstantReport(float(mu.min()), "stated", "not checked (no bound)")
         c = self.constants
         n, dim = x.shape[0], x[0].numel()
         evidence = torch.full((n,), math.nan, dtype=x.dtype, device=x.device)
@@ -209,7 +215,7 @@ class Estimator:
             if linear.krylov_steps is not None:
                 steps = linear.krylov_steps
         need = min(dim, c.curvature_iterations)
-        if self.compute_bound and c.curvature_iterations > 0 and bool((steps < need).any()):
+        if c.curvature_iterations > 0 and bool((steps < need).any()):
             ritz = lanczos_extremes(op.matvec, x, need, generator_for(x, c.seed))
             evidence = torch.fmin(evidence, ritz.smallest)
             steps = torch.maximum(steps, ritz.steps)
@@ -236,8 +242,6 @@ class Estimator:
             return est, ConstantReport(
                 float(est.min()), "estimated", "stated μ contradicted at x̃; Ritz value / safety"
             )
-        if not self.compute_bound:
-            return mu, ConstantReport(float(mu.min()), "stated")
         if c.curvature_iterations <= 0:
             warnings.warn(
                 "the stated mu was not checked (curvature_iterations=0): bounds are not certified",

@@ -61,6 +61,26 @@ __all__ = [
 ]
 
 
+class _Deferred:
+    """A dataclass field that may be given as a zero-argument function, called once on first
+    access (the Ritz values cost a small eigenvalue problem that many callers never read)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_deferred_" + name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Tensor:
+        if obj is None:
+            raise AttributeError(self.slot)  # no class-level default
+        value = obj.__dict__[self.slot]
+        if callable(value) and not isinstance(value, Tensor):
+            value = value()
+            obj.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, obj: object, value: Tensor | Callable[[], Tensor]) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass(frozen=True)
 class LinearSolution:
     """Result of a batched linear solve.
@@ -85,7 +105,7 @@ class LinearSolution:
     iterations: Tensor
     converged: Tensor
     matvecs: int
-    min_curvature: Tensor
+    min_curvature: Tensor = _Deferred()  # type: ignore[assignment]
     krylov_steps: Tensor | None = None
 
 
@@ -445,14 +465,14 @@ class _Batch:
 
     def coefficients(self, index: Tensor, diag: Tensor, off: Tensor) -> None:
         if len(self.hist) < RITZ_STEPS:
-            self.hist.append((index, diag.reshape(-1), off.reshape(-1)))
+            self.hist.append((index, diag, off))
 
     def rows(self, which: int) -> Tensor:
         """The kept coefficients as a ``(B, k)`` table, ``nan`` for instances not in a step."""
         n = self.iterations.shape[0]
         cols = []
         for index, *values in self.hist:
-            v = values[which]
+            v = values[which].reshape(-1)
             if index.numel() != n:
                 row = torch.full((n,), math.nan, dtype=v.dtype, device=v.device)
                 row[index] = v
@@ -460,12 +480,21 @@ class _Batch:
             cols.append(v)
         return torch.stack(cols, 1)
 
-    def solution(self, matvecs: int, ritz: Tensor | None) -> LinearSolution:
+    def solution(
+        self, matvecs: int, tridiagonal: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    ) -> LinearSolution:
+        """The result; ``min_curvature`` is computed on first access, from the Lanczos
+        tridiagonal (diagonal, off-diagonal) that ``tridiagonal`` builds from the kept
+        coefficient tables."""
         steps = torch.clamp(self.iterations, max=len(self.hist))
-        n = self.iterations.shape[0]
-        curvature = torch.full((n,), math.nan, dtype=self.out.dtype, device=self.out.device)
-        if ritz is not None:
-            curvature = ritz
+
+        def curvature() -> Tensor:
+            if not self.hist:
+                n, like = self.iterations.shape[0], self.out
+                return torch.full((n,), math.nan, dtype=like.dtype, device=like.device)
+            diag, off = tridiagonal(self.rows(0), self.rows(1))
+            return tridiagonal_smallest(diag, off, steps)
+
         return LinearSolution(
             self.out.reshape(self.shape),
             self.residual_norm,
@@ -475,6 +504,18 @@ class _Batch:
             curvature,
             steps,
         )
+
+
+def _cg_tridiagonal(al: Tensor, be: Tensor) -> tuple[Tensor, Tensor]:
+    """The Lanczos tridiagonal from CG's α, β (Saad, Iterative Methods §6.7.3)."""
+    diag = 1.0 / al
+    diag[:, 1:] = diag[:, 1:] + be[:, :-1] / al[:, :-1]
+    return diag, be[:, :-1].clamp_min(0.0).sqrt() / al[:, :-1]
+
+
+def _minres_tridiagonal(al: Tensor, be: Tensor) -> tuple[Tensor, Tensor]:
+    """MINRES's Lanczos tridiagonal itself: diagonal α_k, off-diagonal β_{k+1}."""
+    return al, be[:, :-1]
 
 
 def _step_sizes(
@@ -569,6 +610,7 @@ class CG:
         tol_all = _tolerance(tol, b)
         x0, r0, matvecs = _initial(matvec, b, x0)
         n, event = b.shape[0], tuple(b.shape[1:])
+        flat = b.dim() == 2
         x = torch.zeros_like(b) if x0 is None else x0
         r = r0.reshape(n, -1)
         rr = (r * r).sum(1, keepdim=True)
@@ -594,32 +636,34 @@ class CG:
         p = r
         iters = torch.zeros_like(rr, dtype=torch.long)
         zero = rr.new_zeros(())
-        chunk = state.chunk
+        chunk, hist = state.chunk, state.hist
         k = 0
         while n_active > 0 and k < self.max_iter:
             m = index.numel()
-            hp = _apply(matvec, p.reshape((m,) + event), index).reshape(m, -1)
+            hp = _apply(matvec, p if flat else p.reshape((m,) + event), index)
+            hp = hp if flat else hp.reshape(m, -1)
             matvecs += m
             k += 1
             php = (p * hp).sum(1, keepdim=True)
             alpha = rr / php
-            a = torch.where(active, alpha, zero)
+            a = torch.where(active, alpha, zero)  # stopped instances are frozen
             x = torch.addcmul(x, a, p)
             r = torch.addcmul(r, a, hp, value=-1)
             rr_new = (r * r).sum(1, keepdim=True)
+            chunk.append((active, php, alpha, rr_new))
+            # a breakdown (pᵀHp ≤ 0 or not finite) stops its instance: a ≤ 0 or NaN
+            active = (rr_new > thresh2) & (a > 0)
             beta = torch.where(active, rr_new / rr, zero)
             p = torch.addcmul(r, beta, p)
-            iters = iters + active
-            chunk.append((active, php, alpha, rr_new))
-            state.coefficients(index, alpha, beta)
-            active = active & (rr_new > thresh2) & (alpha > 0)
+            if len(hist) < RITZ_STEPS:
+                hist.append((index, alpha, beta))
             rr = rr_new
             if k % every and k < self.max_iter:
                 continue
             now = int(active.sum())
             if now == n_active and k < self.max_iter:
                 continue
-            self._validate(state, index, k)
+            iters = iters + self._validate(state, index, k)
             n_active = now
             if 0 < now and 2 * now <= index.numel():
                 state.record(index, x, rr.sqrt(), iters)
@@ -628,21 +672,14 @@ class CG:
                     t[keep] for t in (index, x, r, p, rr, thresh2, active, iters)
                 )
         if chunk:
-            self._validate(state, index, k)
+            iters = iters + self._validate(state, index, k)
         state.record(index, x, rr.sqrt(), iters)
-        ritz = None
-        if state.hist:
-            # Lanczos tridiagonal from the CG coefficients (Saad, Iterative Methods §6.7.3).
-            al, be = state.rows(0), state.rows(1)
-            diag = 1.0 / al
-            diag[:, 1:] = diag[:, 1:] + be[:, :-1] / al[:, :-1]
-            off = be[:, :-1].clamp_min(0.0).sqrt() / al[:, :-1]
-            ritz = tridiagonal_smallest(diag, off, torch.clamp(state.iterations, max=len(al[0])))
-        return state.solution(matvecs, ritz)
+        return state.solution(matvecs, _cg_tridiagonal)
 
     @staticmethod
-    def _validate(state: _Batch, index: Tensor, k: int) -> None:
-        """Raise for the first breakdown among the iterations since the last check.
+    def _validate(state: _Batch, index: Tensor, k: int) -> Tensor:
+        """Raise for the first breakdown among the iterations since the last check; return
+        each instance's number of those iterations, ``(m, 1)``.
 
         Order within an iteration: a non-finite product, then non-positive curvature (which
         makes α infinite or negative), then non-finite iterates; earlier iterations first.
@@ -654,7 +691,7 @@ class CG:
         ok = torch.isfinite(php) & (php > 0) & torch.isfinite(alpha) & torch.isfinite(rr)
         bad = act & ~ok
         if not bool(bad.any()):
-            return
+            return act.sum(1, keepdim=True)
         j = int(bad.any(0).nonzero()[0, 0])
         it = first + j
         col = bad[:, j]
@@ -714,9 +751,7 @@ class MINRES:
         eps = torch.finfo(b.dtype).eps
         r1 = r0.reshape(n, -1)
         beta = torch.linalg.vector_norm(r1, dim=1, keepdim=True)
-        state = _Batch(
-            b, beta.reshape(-1), tol_all, torch.zeros_like(b) if x0 is None else x0
-        )
+        state = _Batch(b, beta.reshape(-1), tol_all, torch.zeros_like(b) if x0 is None else x0)
         tol_c = tol_all.reshape(n, 1)
         if self.fixed_iterations:
             thresh = torch.zeros_like(tol_c)
@@ -776,15 +811,14 @@ class MINRES:
             w = (v - oldeps * w1 - delta * w2) / gamma
             x = torch.where(active, torch.addcmul(x, phi, w), x)
             phibar = torch.where(active, sn * phibar, phibar)
-            iters = iters + active
             chunk.append((active, alfa, beta, phi))
-            active = active & (phibar > thresh)
+            active = phibar > thresh  # NaN stops; stopped instances keep their φ̄
             if k % every and k < self.max_iter:
                 continue
             now = int(active.sum())
             if now == n_active and k < self.max_iter:
                 continue
-            self._validate(state, index, k, x)
+            iters = iters + self._validate(state, index, k, x)
             n_active = now
             if 0 < now and 2 * now <= index.numel():
                 state.record(index, x, phibar, iters)
@@ -796,21 +830,15 @@ class MINRES:
                     t[keep] for t in (beta, oldb, dbar, epsln, phibar, cs, sn)
                 )
         if chunk:
-            self._validate(state, index, k, x)
+            iters = iters + self._validate(state, index, k, x)
         state.record(index, x, phibar, iters)
-        ritz = None
-        if state.hist:
-            # the Lanczos tridiagonal itself: diagonal α_k, off-diagonal β_{k+1}
-            diag, be = state.rows(0), state.rows(1)
-            ritz = tridiagonal_smallest(
-                diag, be[:, :-1], torch.clamp(state.iterations, max=diag.shape[1])
-            )
-        return state.solution(matvecs, ritz)
+        return state.solution(matvecs, _minres_tridiagonal)
 
     @staticmethod
-    def _validate(state: _Batch, index: Tensor, k: int, x: Tensor) -> None:
+    def _validate(state: _Batch, index: Tensor, k: int, x: Tensor) -> Tensor:
         """Raise for the first non-finite coefficient among the iterations since the last
-        check, or for a non-finite iterate."""
+        check, or for a non-finite iterate; return each instance's number of those
+        iterations, ``(m, 1)``."""
         chunk = state.chunk
         act, alfa, beta, phi = (torch.cat(t, 1) for t in zip(*chunk))
         first = k - len(chunk) + 1
@@ -823,6 +851,7 @@ class MINRES:
             raise _nonfinite_error("MINRES", _first_bad(bad[:, j], index)[1], first + j)
         if flags[1]:
             raise _nonfinite_error("MINRES", _first_bad(bad_x, index)[1], k)
+        return act.sum(1, keepdim=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -232,17 +232,17 @@ def next_check(it: int, every: int) -> int:
     return it + max(1, min(every, it // 4))
 
 
-def _test(gnorm: Tensor, tol: Tensor, stalled: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """(done, stalled) at a stopping test, raising for a non-finite gradient: one host
-    synchronisation."""
+def _test(gnorm: Tensor, tol: Tensor, stalled: Tensor | None) -> tuple[Tensor, Tensor | None, int]:
+    """(done, stalled, number done) at a stopping test, raising for a non-finite gradient:
+    one host synchronisation."""
     done = gnorm <= tol
     if stalled is not None:
         stalled = stalled & ~done
         done = done | stalled
-    flags = torch.stack([~torch.isfinite(gnorm).all(), done.any()]).tolist()
-    if flags[0]:
+    bad, n_done = torch.stack([~torch.isfinite(gnorm).all(), done.sum()]).tolist()
+    if bad:
         raise nonfinite_gradient()
-    return done, stalled
+    return done, stalled, n_done
 
 
 @dataclass(frozen=True)
@@ -291,15 +291,14 @@ class GradientDescent:
             if it == check or it == self.max_iter:
                 check = next_check(it, every)
                 gnorm = batch_norm(grad)
-                done, _ = _test(gnorm, tol_a, None)
-                if it == self.max_iter:
-                    done = torch.ones_like(done)
-                if bool(done.any()):
+                done, _, n_done = _test(gnorm, tol_a, None)
+                if it == self.max_iter or n_done == active.numel():
+                    rec.store(active, x, energy, gnorm, it)
+                    break
+                if n_done:
                     active, x, energy, grad, lip, tol_a = _retire(
                         rec, done, it, gnorm, active, x, energy, grad, lip, tol_a
                     )
-                    if active.numel() == 0:
-                        break
                     step = expand_as_batch(1.0 / lip, x)
             x_new = x - step * grad
             e_new, g_new = lower.value_and_grad(x_new, active, check=False)
@@ -374,6 +373,7 @@ class Nesterov:
         e_prev = torch.full((n,), math.inf, dtype=x0.dtype, device=x0.device)
         stagnation = _Stagnation(x0, self.stall_iterations)
         zero = y.new_zeros(())
+        dims = tuple(range(1, y.dim()))
         neg_step, momentum = self._coefficients(lip, mu, y)
         check = 0
         for it in range(self.max_iter + 1):
@@ -381,31 +381,20 @@ class Nesterov:
             if it == check or it == self.max_iter:
                 check = next_check(it, self.check_every)
                 gnorm = batch_norm(grad)
-                done, stalled = _test(gnorm, tol_a, stagnation.update(gnorm, it))
-                if it == self.max_iter:
-                    done = torch.ones_like(done)
-                if bool(done.any()):
+                done, stalled, n_done = _test(gnorm, tol_a, stagnation.update(gnorm, it))
+                if it == self.max_iter or n_done == active.numel():
+                    rec.store(active, y, energy, gnorm, it)
+                    if stalled is not None:
+                        rec.stalled[active[stalled]] = True
+                    break
+                if n_done:
                     if stalled is not None:
                         rec.stalled[active[stalled]] = True
                     stagnation.keep(~done)
                     active, y, energy, x_prev, grad, lip, t, plain, e_prev, tol_a = _retire(
-                        rec,
-                        done,
-                        it,
-                        gnorm,
-                        active,
-                        y,
-                        energy,
-                        x_prev,
-                        grad,
-                        lip,
-                        t,
-                        plain,
-                        e_prev,
-                        tol_a,
-                    )
-                    if active.numel() == 0:
-                        break
+                        rec, done, it, gnorm, active, y, energy, x_prev, grad, lip, t, plain,
+                        e_prev, tol_a,
+                    )  # fmt: skip
                     neg_step, momentum = self._coefficients(lip, mu, y)
             if not trusted:
                 lip = torch.where(plain & _increased(energy, e_prev), 2.0 * lip, lip)
@@ -417,29 +406,28 @@ class Nesterov:
                 beta = momentum
             else:
                 t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
-                beta = (t - 1.0) / t_new
+                beta = expand_as_batch((t - 1.0) / t_new, y)
                 t = t_new
             if self.restart:
-                reset = (grad * diff).flatten(1).sum(1) > 0
-                beta = torch.where(reset, zero, beta.reshape(-1))
+                reset = (grad * diff).sum(dims, keepdim=True) > 0
+                beta = torch.where(reset, zero, beta)
                 if momentum is None:
-                    t = torch.where(reset, torch.ones_like(t), t)
-            beta = beta.reshape(-1)
+                    t = torch.where(reset.reshape(-1), torch.ones_like(t), t)
             if not trusted:
-                plain = beta == 0
-            y = torch.addcmul(x_new, expand_as_batch(beta, x_new), diff)
+                plain = (beta == 0).reshape(-1)
+            y = torch.addcmul(x_new, beta, diff)
             x_prev = x_new
         return rec.result(lower, tol_t, mu, evals0)
 
     @staticmethod
     def _coefficients(lip: Tensor, mu: float | None, like: Tensor) -> tuple[Tensor, Tensor | None]:
-        """−1/L broadcast against the iterates, and the strongly convex momentum
-        β = (√L − √μ)/(√L + √μ) when μ is known (None: the FISTA sequence)."""
+        """−1/L and, when μ is known, the strongly convex momentum β = (√L − √μ)/(√L + √μ)
+        (None: the FISTA sequence), both broadcast against the iterates."""
         neg_step = expand_as_batch(-1.0 / lip, like)
         if mu is None:
             return neg_step, None
         sl, sm = lip.sqrt(), math.sqrt(mu)
-        return neg_step, ((sl - sm) / (sl + sm)).clamp_min(0.0)
+        return neg_step, expand_as_batch(((sl - sm) / (sl + sm)).clamp_min(0.0), like)
 
 
 FISTA = Nesterov

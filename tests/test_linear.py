@@ -455,3 +455,50 @@ def test_cg_with_autograd_hessian_vector_products() -> None:
     hess = a + torch.diag_embed(1.0 / torch.cosh(x.reshape(batch, -1)) ** 2)
     assert (rel_err(sol.solution, dense_solve(hess, b)) < 1e-9).all()
     assert seen[0] == list(range(batch))
+
+
+@pytest.mark.parametrize("solver", [CG(check_every=4), MINRES(check_every=4)], ids=["cg", "minres"])
+def test_checks_every_few_iterations_keep_per_instance_results(solver: LinearSolver) -> None:
+    """Checking every 4 iterations changes no instance's iterations, solution or residual:
+    an instance stops on the device at the iteration that meets its tolerance."""
+    h = spd_batch(5, 30, cond=300.0, seed=40)
+    b = torch.randn(5, 30, generator=_gen(41), dtype=torch.float64)
+    tol = torch.tensor([1e-3, 1e-6, 1e-9, 1e-12, 1e-4], dtype=torch.float64)
+    every = solver.solve(CountingOperator(h), b, tol)
+    each = type(solver)(check_every=1).solve(CountingOperator(h), b, tol)
+    assert every.converged.all() and (every.residual_norm <= tol).all()
+    assert torch.equal(every.iterations, each.iterations)
+    assert torch.allclose(every.solution, each.solution, rtol=0, atol=1e-14)
+    assert torch.allclose(every.min_curvature, each.min_curvature, rtol=1e-12)
+
+
+@pytest.mark.parametrize("solver", [CG, MINRES], ids=["cg", "minres"])
+def test_fixed_iterations_run_exactly_max_iter(solver) -> None:
+    h = spd_batch(3, 10, cond=100.0, seed=42)
+    b = torch.randn(3, 10, generator=_gen(43), dtype=torch.float64)
+    op = CountingOperator(h)
+    sol = solver(max_iter=25, fixed_iterations=True).solve(op, b, 1e-3)
+    # past convergence and past the rounding floor: 25 iterations for every instance
+    assert (sol.iterations == 25).all() and op.products == sol.matvecs == 75
+    assert sol.converged.all()  # tol only sets `converged`
+    stopping = solver(max_iter=25).solve(CountingOperator(h), b, 1e-3)
+    assert (stopping.iterations < 25).all()
+    assert (true_residual(h, sol.solution, b) < 1e-8).all()
+
+
+def test_breakdown_found_between_checks() -> None:
+    """Negative curvature in the middle of a check interval is reported at its iteration."""
+    eigs = torch.linspace(1.0, 4.0, 8, dtype=torch.float64).expand(3, 8).clone()
+    eigs[2, 0] = -5.0
+    h = sym_matrices(eigs, seed=12)
+    b = torch.randn(3, 8, generator=_gen(13), dtype=torch.float64)
+    _, vecs = torch.linalg.eigh(h[2])
+    b[2] = vecs[:, 0] + 0.05 * b[2]
+    for every in (1, 7, 1000):
+        with pytest.raises(NotStronglyConvexError, match=r"instance 2 at iteration 1;"):
+            CG(check_every=every).solve(CountingOperator(h), b, 1e-10)
+    with pytest.raises(NotStronglyConvexError, match="instance 2"):
+        CG(max_iter=5, fixed_iterations=True).solve(CountingOperator(h), b, 0.0)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(BilevelError, match="check_every"):
+            CG(check_every=bad)

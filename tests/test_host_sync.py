@@ -58,9 +58,9 @@ def ill_conditioned(batch: int, dim: int, device: str = "cpu"):
     return matvec, b
 
 
-def count_syncs(fn) -> int:
+def count_syncs(fn, *args) -> int:
     with SyncCounter() as counter:
-        fn()
+        fn(*args)
     return counter.count
 
 
@@ -80,7 +80,7 @@ def test_krylov_loop_syncs_once_per_check(solver, every: int) -> None:
     runs = {}
     for iterations in (40, 120):
         s = solver(max_iter=iterations, check_every=every)
-        runs[iterations] = count_syncs(lambda: s.solve(matvec, b, 1e-12))
+        runs[iterations] = count_syncs(s.solve, matvec, b, 1e-12)
         sol = s.solve(matvec, b, 1e-12)
         assert (sol.iterations == iterations).all() and not sol.converged.any()
     extra = runs[120] - runs[40]
@@ -95,7 +95,7 @@ def test_fixed_iterations_sync_only_after_the_loop(solver) -> None:
     counts = []
     for iterations in (10, 60):
         s = solver(max_iter=iterations, fixed_iterations=True)
-        counts.append(count_syncs(lambda: s.solve(matvec, b, 0.0)))
+        counts.append(count_syncs(s.solve, matvec, b, 0.0))
     assert counts[0] == counts[1]
 
 
@@ -120,7 +120,7 @@ def test_lower_solver_syncs_once_per_check(solver, every: int) -> None:
     counts = {}
     for iterations in (200, 600):
         s = solver(max_iter=iterations, check_every=every)
-        counts[iterations] = count_syncs(lambda: s.solve(lower, x0, 0.0, 6e-6))
+        counts[iterations] = count_syncs(s.solve, lower, x0, 0.0, 6e-6)
         assert (s.solve(lower, x0, 0.0, 6e-6).iterations == iterations).all()
     checks = sum(1 for _ in _checks(600, every)) - sum(1 for _ in _checks(200, every))
     assert counts[600] - counts[200] <= checks + 1
@@ -138,23 +138,23 @@ def _checks(max_iter: int, every: int):
 def test_cuda_solver_loops_sync_once_per_check() -> None:
     """With CUDA, count the synchronisations the device reports (sync debug mode 'warn')."""
 
-    def device_syncs(fn) -> int:
+    def device_syncs(fn, *args) -> int:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                fn()
+                fn(*args)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
 
     matvec, b = ill_conditioned(4, 200, "cuda")
-    short, long = (device_syncs(lambda: CG(max_iter=k).solve(matvec, b, 1e-12)) for k in (40, 120))
+    short, long = (device_syncs(CG(max_iter=k).solve, matvec, b, 1e-12) for k in (40, 120))
     every = 8  # CG's default away from the CPU
     assert long - short <= math.ceil(80 / every) * 2 + 2, (short, long)
     lower, x0 = logistic_lower("cuda")
     short, long = (
-        device_syncs(lambda: Nesterov(max_iter=k).solve(lower, x0, 0.0, 6e-6)) for k in (200, 600)
+        device_syncs(Nesterov(max_iter=k).solve, lower, x0, 0.0, 6e-6) for k in (200, 600)
     )
     assert long - short <= 2 * math.ceil(400 / 10) + 2, (short, long)

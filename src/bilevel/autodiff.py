@@ -111,14 +111,21 @@ class LowerLevel:
         ``check=False`` skips the finiteness test of the gradient (a host synchronisation);
         the caller then tests the gradient norms it computes anyway.
         """
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            energy = self.problem.energy(x, self.select(index))
-            (grad,) = torch.autograd.grad(energy.sum(), x)
+        if torch.is_grad_enabled():
+            energy, grad = self._value_and_grad(x, index)
+        else:
+            with torch.enable_grad():
+                energy, grad = self._value_and_grad(x, index)
         self.cost.grad_evals += x.shape[0]
         if check and not bool(torch.isfinite(grad).all()):
             raise nonfinite_gradient()
         return energy.detach(), grad
+
+    def _value_and_grad(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        x = x.detach().requires_grad_(True)
+        energy = self.problem.energy(x, self.select(index))
+        (grad,) = torch.autograd.grad(energy.sum(), x)
+        return energy, grad
 
     def hessian(self, x: Tensor, index: Tensor | None = None) -> HessianOperator:
         """The Hessian ∇²ₓₓh at ``x`` as a batched matrix-free operator (keeps the graph)."""

@@ -569,7 +569,8 @@ class CG:
 
     ``fixed_iterations=True`` runs exactly ``max_iter`` iterations for every instance (for
     fixed-work comparisons, like :class:`Neumann`): neither tol nor the rounding floor stops
-    an instance (tol only sets ``converged``); only an exactly zero residual does.
+    an instance (tol only sets ``converged``); only a residual in the underflow range
+    (‖r‖² ≤ tiny/ε, where pᵀHp would underflow to zero) does.
 
     The iteration runs on the device without host synchronisation: stopping is decided per
     instance on the device (a stopped instance is frozen, its step masked to zero), and the
@@ -618,8 +619,8 @@ class CG:
         eps = torch.finfo(b.dtype).eps
         shrink = 1.0 - 4 * eps  # so that ‖r‖² ≤ tol²·shrink implies ‖r‖ ≤ tol after rounding
         tol2 = (tol_all * tol_all * shrink).reshape(n, 1)
-        if self.fixed_iterations:
-            thresh2 = torch.zeros_like(tol2)
+        if self.fixed_iterations:  # stop only where pᵀHp could underflow
+            thresh2 = torch.full_like(tol2, torch.finfo(b.dtype).tiny / eps)
             every = self.max_iter + 1
             active = rr > thresh2
         else:

@@ -1,13 +1,16 @@
 """Batched lower-level solvers with per-instance stopping and certified accuracy.
 
 Every solver minimises the B independent energies h_i(·, θ, batch_i) together and stops
-instance i as soon as ‖∇ₓh_i(x_i)‖₂ ≤ tol_i.  ``tol`` is an *absolute* tolerance on the
-Euclidean norm of one instance's gradient (same units as ∇ₓh); it does not depend on the
-batch size.  The rule is that of the linear solvers (:func:`bilevel.problem.check_tolerance`):
-≥ 0, and 0 asks for the most accurate point the solver reaches within ``max_iter``.  With
-μ-strong convexity the returned point is certified to satisfy
-‖x_i − x̂_i‖ ≤ ‖∇ₓh_i(x_i)‖ / μ (``distance_bound``).  The returned point of each instance is
-always one at which its gradient was evaluated, so the certificate is exact, never stale.
+instance i at the first stopping test at which ‖∇ₓh_i(x_i)‖₂ ≤ tol_i (``GradientDescent``
+and ``Nesterov`` test every few iterations, see :func:`next_check`, so as not to synchronise
+with the host at every step; backtracking solvers test every step).  ``tol`` is an
+*absolute* tolerance on the Euclidean norm of one instance's gradient (same units as ∇ₓh);
+it does not depend on the batch size.  The rule is that of the linear solvers
+(:func:`bilevel.problem.check_tolerance`): ≥ 0, and 0 asks for the most accurate point the
+solver reaches within ``max_iter``.  With μ-strong convexity the returned point is certified
+to satisfy ‖x_i − x̂_i‖ ≤ ‖∇ₓh_i(x_i)‖ / μ (``distance_bound``).  The returned point of each
+instance is always one at which its gradient was evaluated, so the certificate is exact,
+never stale.
 
 Converged instances are removed from the active set and cost no further gradient
 evaluations.  Solvers are small immutable configuration objects with a ``solve`` method.
@@ -344,6 +347,11 @@ class Nesterov:
     gradient norm has not fallen by 10 % within that many iterations, which happens only at
     the floor set by rounding errors (Nesterov's gradient norms fall by a constant factor per
     O(√(L/μ)) iterations); None never stops early.
+
+    The stopping test (one host synchronisation, which also catches a non-finite gradient)
+    runs at the iterations of :func:`next_check` (at most every ``check_every``), not at
+    every step: an instance stops at the first test that finds ‖∇h(y)‖ ≤ tol, which may be up
+    to min(k/4, check_every − 1) iterations after the first iterate k that met it.
     """
 
     max_iter: int = 10_000

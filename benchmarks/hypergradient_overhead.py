@@ -190,44 +190,45 @@ def jax_functions(inst: dict, k: int, m: int):
     lip, mu = inst["lip"], inst["mu"]
     beta = (math.sqrt(lip) - math.sqrt(mu)) / (math.sqrt(lip) + math.sqrt(mu))
 
-    def h(w, th):
-        z = x_tr @ w
-        return jnp.mean(jax.nn.softplus(z) - y_tr * z) + 0.5 * jnp.sum(jnp.exp(th) * w * w)
+    def h(w, th, x, y):
+        z = x @ w
+        return jnp.mean(jax.nn.softplus(z) - y * z) + 0.5 * jnp.sum(jnp.exp(th) * w * w)
 
-    def f(w):
-        z = x_va @ w
-        return jnp.mean(jax.nn.softplus(z) - y_va * z)
+    def f(w, x, y):
+        z = x @ w
+        return jnp.mean(jax.nn.softplus(z) - y * z)
 
     grad_w = jax.grad(h)
 
-    @jax.jit
-    def lower(th):
+    @jax.jit  # the data are arguments, not constants folded into the program
+    def lower(th, x, y):
         def step(_, state):
-            y, x_prev = state
-            g = grad_w(y, th)
-            x_new = y - g / lip
+            yk, x_prev = state
+            g = grad_w(yk, th, x, y)
+            x_new = yk - g / lip
             diff = x_new - x_prev
             return x_new + jnp.where(jnp.vdot(g, diff) > 0, 0.0, beta) * diff, x_new
 
         w0 = jnp.zeros_like(th)
-        y, _ = jax.lax.fori_loop(0, k, step, (w0, w0))
-        return y, jnp.linalg.norm(grad_w(y, th))
+        yk, _ = jax.lax.fori_loop(0, k, step, (w0, w0))
+        return yk, jnp.linalg.norm(grad_w(yk, th, x, y))
 
     @jax.jit
-    def hypergradient(w, th):
+    def hypergradient(w, th, x, y, xv, yv):
         def hvp(v):
-            return jax.jvp(lambda u: grad_w(u, th), (w,), (v,))[1]
+            return jax.jvp(lambda u: grad_w(u, th, x, y), (w,), (v,))[1]
 
-        b = jax.grad(f)(w)
+        b = jax.grad(f)(w, xv, yv)
         q, _ = jax.scipy.sparse.linalg.cg(hvp, b, tol=0.0, atol=0.0, maxiter=m)
-        _, pullback = jax.vjp(lambda t: grad_w(w, t), th)
+        _, pullback = jax.vjp(lambda t: grad_w(w, t, x, y), th)
         return -pullback(q)[0]
 
     def run_lower():
-        return lower(theta)[0].block_until_ready()
+        return lower(theta, x_tr, y_tr)[0].block_until_ready()
 
     def run_hyper(w):
-        return hypergradient(jnp.asarray(w.reshape(-1).numpy(), dt), theta).block_until_ready()
+        wj = jnp.asarray(w.reshape(-1).numpy(), dt)
+        return hypergradient(wj, theta, x_tr, y_tr, x_va, y_va).block_until_ready()
 
     return run_lower, run_hyper
 

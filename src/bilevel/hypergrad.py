@@ -81,8 +81,10 @@ class Hypergradient:
         x: lower-level solutions x̃ (B, ...), for warm starts.
         adjoint: adjoint solutions q̃ (B, ...) (None for ITD), for warm starts.
         eps: certified per-instance distances ‖x̃_i − x̂_i‖ ≤ ε_i (B,).
-        delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (B,), recomputed at
-            q̃ and enlarged by the rounding margin of the working precision.
+        delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (B,): with the bound
+            (or without a linear solver), recomputed at q̃ and, with the bound, enlarged by
+            the rounding margin of the working precision; otherwise the residual the
+            adjoint solver reports (for CG and MINRES the recursive one).
         lower: the lower-level solve's report; linear: the adjoint solve's report.
         mu: the strong-convexity modulus used (the smallest over instances);
             mu_estimated: whether it was estimated (not stated, or contradicted).
@@ -283,9 +285,12 @@ class Estimator:
             grad = [g if r is None else g + r for g, r in zip(grad, reg_grads)]
             loss += float(reg.detach())
         x = sol.x
-        hq = op.full_matvec(q)
-        delta = batch_norm(hq - grad_x)
         gnorm = sol.grad_norm
+        if self.compute_bound or linear is None:  # the true residual at q̃
+            hq = op.full_matvec(q)
+            delta = batch_norm(hq - grad_x)
+        else:  # no bound: the adjoint solver's own residual (one product fewer)
+            delta = linear.residual_norm
         if self.compute_bound:  # rounding of the computed residuals (see bilevel.bounds)
             delta = delta + rounding_margin(x, batch_norm(hq) + batch_norm(grad_x))
             gnorm = gnorm + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + gnorm)

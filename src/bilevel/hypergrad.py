@@ -50,6 +50,7 @@ from bilevel.bounds import (
     compute_error_bound,
     estimate_mu,
     generator_for,
+    recompute_float64,
     rounding_margin,
 )
 from bilevel.linear import CG, LinearSolution, LinearSolver, lanczos_extremes
@@ -282,9 +283,15 @@ class Estimator:
         hq = op.full_matvec(q)
         delta = batch_norm(hq - grad_x)
         gnorm = sol.grad_norm
+        z_rounding = None
         if self.compute_bound:  # rounding of the computed residuals (see bilevel.bounds)
-            delta = delta + rounding_margin(x, batch_norm(hq) + batch_norm(grad_x))
-            gnorm = gnorm + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + gnorm)
+            z_core = [gt - j / n for gt, j in zip(grad_theta, jtq)]
+            exact = recompute_float64(problem, batch, x, q, z_core, lower.cost)
+            if exact is not None:
+                gnorm, delta, z_rounding = exact.grad_norm, exact.delta, exact.z_rounding
+            else:
+                delta = delta + rounding_margin(x, batch_norm(hq) + batch_norm(grad_x))
+                gnorm = gnorm + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + gnorm)
         if mu_estimated:
             mu_report = ConstantReport(
                 float(mu.min()), "estimated", "Lanczos at x̃: max(θ_min − r, θ_min/10) / safety"
@@ -298,7 +305,17 @@ class Estimator:
         constants: dict[str, ConstantReport] = {"mu": mu_report}
         if self.compute_bound:
             eb = compute_error_bound(
-                problem, batch, op, eps, delta, grad_x, mu, mu_report, self.constants, q
+                problem,
+                batch,
+                op,
+                eps,
+                delta,
+                grad_x,
+                mu,
+                mu_report,
+                self.constants,
+                q,
+                z_rounding,
             )
             bound, certified, constants = eb.value, eb.certified, eb.constants
         return Hypergradient(

@@ -48,8 +48,9 @@ that is itself estimated when it is smaller. Products spent on the bound's const
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,6 +64,7 @@ from bilevel.problem import (
     NotStronglyConvexError,
     evaluate_constant,
     index_batch,
+    parameter_list,
 )
 
 ROUNDING_FACTOR = 8.0
@@ -187,18 +189,20 @@ def recompute_float64(
     """
     if x.dtype == torch.float64 or not x.is_floating_point():
         return None
-    params = problem.params
     n = x.shape[0]
-    x64, q64, b64 = x.detach().double(), q.detach().double(), _as_float64(batch)
+    x64, q64, b64 = x.detach().double(), q.detach().double(), as_float64(batch)
+    theta64, params = _theta_float64(problem.theta)
     try:
         with torch.enable_grad():
             xr = x64.requires_grad_(True)
-            energy = problem.energy(xr, b64)
+            energy = problem.lower_energy(xr, theta64, b64)
             (g,) = torch.autograd.grad(energy.sum(), xr, create_graph=True)
             hq, *jtq = torch.autograd.grad(g, [xr, *params], q64, allow_unused=True)
-            losses = problem.loss(xr, b64)
+            losses = problem.upper_loss(xr, theta64, b64)
             gf, *gtheta = torch.autograd.grad(losses.sum(), [xr, *params], allow_unused=True)
     except (RuntimeError, TypeError):
+        return None
+    if energy.shape != (n,) or losses.shape != (n,):
         return None
     cost.grad_evals += n
     cost.hvps += n
@@ -221,14 +225,38 @@ def recompute_float64(
     )
 
 
-def _as_float64(batch: Batch) -> Batch:
+def _theta_float64(theta: Any) -> tuple[Any, list[Tensor]]:
+    """θ with float64 copies of its tensors (same structure) and their leaves requiring grad,
+    in the order of ``problem.params``; an ``nn.Module`` is returned as is (its parameters
+    are cast by the modules that use them, or the computation falls back)."""
+
+    def cast(t: Tensor) -> Tensor:
+        if not t.is_floating_point():
+            return t
+        return t.detach().double().requires_grad_(t.requires_grad)
+
+    if isinstance(theta, Tensor):
+        out: Any = cast(theta)
+        leaves = [out]
+    elif isinstance(theta, Mapping):
+        out = {k: cast(v) for k, v in theta.items()}
+        leaves = list(out.values())
+    elif isinstance(theta, Sequence):
+        out = [cast(v) for v in theta]
+        leaves = out
+    else:
+        return theta, parameter_list(theta)
+    return out, [t for t in leaves if t.requires_grad]
+
+
+def as_float64(batch: Batch) -> Batch:
     """``batch`` with its floating tensors cast to float64."""
     if isinstance(batch, Tensor):
         return batch.double() if batch.is_floating_point() else batch
     if isinstance(batch, tuple | list):
-        return type(batch)(_as_float64(b) for b in batch)
+        return type(batch)(as_float64(b) for b in batch)
     if isinstance(batch, dict):
-        return {k: _as_float64(v) for k, v in batch.items()}
+        return {k: as_float64(v) for k, v in batch.items()}
     return batch
 
 
@@ -508,6 +536,10 @@ def _upper_hessian_norm(
         _, g = problem.loss_and_grad_x(xr, batch, leaf=True)
     n = x.shape[0]
     dim = x[0].numel()
+    if not g.requires_grad:  # ∇ₓf has no graph: f is linear in x (and θ does not enter ∇ₓf)
+        return torch.zeros(n, dtype=x.dtype, device=x.device), ConstantReport(
+            0.0, "computed", "∇ₓf does not depend on x (autograd graph)"
+        )
 
     def matvec(v: Tensor, index: Tensor) -> Tensor:
         full = torch.zeros_like(xr)
@@ -520,7 +552,10 @@ def _upper_hessian_norm(
 
     def upper_hv(xr: Tensor) -> list[Tensor]:
         _, gx = problem.loss_and_grad_x(xr, batch, leaf=True)
-        return list(torch.autograd.grad(gx, xr, torch.ones_like(gx), create_graph=True))
+        if not gx.requires_grad:
+            return []
+        hv = torch.autograd.grad(gx, xr, torch.ones_like(gx), create_graph=True, allow_unused=True)
+        return [h for h in hv if h is not None]
 
     constant = _constant_in_x(upper_hv, x, c.seed)
     if constant and dim <= c.exact_max_dim:

@@ -54,7 +54,14 @@ from bilevel.bounds import (
     rounding_margin,
 )
 from bilevel.linear import CG, LinearSolution, LinearSolver, lanczos_extremes
-from bilevel.lower import LowerSolution, LowerSolver, Nesterov, estimate_lipschitz, solve_lower
+from bilevel.lower import (
+    ConvergenceWarning,
+    LowerSolution,
+    LowerSolver,
+    Nesterov,
+    estimate_lipschitz,
+    solve_lower,
+)
 from bilevel.problem import (
     Batch,
     BilevelError,
@@ -266,8 +273,10 @@ class Estimator:
         losses: Tensor,
         grad_x: Tensor,
         grad_theta: list[Tensor],
+        adjoint_missed: bool = False,
     ) -> Hypergradient:
-        """z = ∇_θ f̄ − (1/B) Σ J_iᵀ q_i; true residuals δ_i; the bound ω."""
+        """z = ∇_θ f̄ − (1/B) Σ J_iᵀ q_i; true residuals δ_i; the bound ω (not certified when
+        ``adjoint_missed``: the adjoint solve missed its tolerance)."""
         params = problem.params
         n = q.shape[0]
         jtq = op.jacobian_vjp(q, params)
@@ -317,7 +326,11 @@ class Estimator:
                 q,
                 z_rounding,
             )
-            bound, certified, constants = eb.value, eb.certified, eb.constants
+            bound, certified, constants = (
+                eb.value,
+                eb.certified and not adjoint_missed,
+                eb.constants,
+            )
         return Hypergradient(
             grad=grad,
             loss=loss,
@@ -341,9 +354,48 @@ class Estimator:
         sol, op, mu, mu_est = self._solve(problem, lower, x0, lower_tol)
         losses, grad_x, grad_theta = upper_gradients(problem, sol.x, batch)
         q, linear = self._adjoint(op, sol.x, grad_x, adjoint_tol, adjoint0, mu)
+        missed = self._adjoint_missed(linear, adjoint_tol, grad_x)
         return self._finish(
-            problem, batch, lower, sol, op, mu, mu_est, q, linear, losses, grad_x, grad_theta
+            problem,
+            batch,
+            lower,
+            sol,
+            op,
+            mu,
+            mu_est,
+            q,
+            linear,
+            losses,
+            grad_x,
+            grad_theta,
+            adjoint_missed=missed,
         )
+
+    def _adjoint_missed(
+        self, linear: LinearSolution | None, tol: float | Tensor, like: Tensor
+    ) -> bool:
+        """Whether the adjoint solve missed a positive ``adjoint_tol`` on some instance; warns
+        (``ConvergenceWarning``) if so and ``warn_unconverged``. Such a bound uses the measured
+        residual δ but is not certified. A tolerance of 0 ("as accurate as the solver gets")
+        is met wherever the solver stopped."""
+        if linear is None:
+            return False
+        tol_t = torch.as_tensor(tol, dtype=like.dtype, device=like.device).expand(like.shape[0])
+        missed = ~linear.converged & (tol_t > 0)
+        if not bool(missed.any()):
+            return False
+        if self.warn_unconverged:
+            i = int(missed.nonzero()[0])
+            warnings.warn(
+                f"adjoint solver {type(getattr(self, 'linear_solver', self)).__name__} missed "
+                f"adjoint_tol on {int(missed.sum())} of {missed.numel()} instances (instance "
+                f"{i}: residual {float(linear.residual_norm[i]):.3e} > {float(tol_t[i]):.3e} "
+                f"after {int(linear.iterations[i])} iterations); raise max_iter or loosen "
+                "adjoint_tol: the bound uses the measured residual but is not certified",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        return True
 
     def _adjoint(
         self,

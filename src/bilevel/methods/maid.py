@@ -415,6 +415,11 @@ class _LineSearchEngine(Engine):
         eps_old = torch.nan_to_num(hg.eps, nan=math.inf).to(losses.dtype)
         old = float((losses - gnorm * eps_old - rounding).mean()) + _regulariser(problem)
         z_sq = hg.norm**2
+        # ⟨∇F(θ), z⟩ ≤ ‖z‖(‖z‖ + ω): a trial whose first-order decrease α‖z‖(‖z‖ + ω) − cα‖z‖²
+        # falls short of the old side's inexactness mean_i ‖∇ₓf_i‖ε_i cannot pass the test
+        # unless F curves downwards; it and the smaller trials after it are not solved for
+        slack = float((gnorm * eps_old + rounding).mean())
+        reach = hg.norm * (hg.norm + float(hg.bound)) - cfg.decrease * z_sq
         theta0 = snapshot(self.params)
         trial_cost = Cost()
         try:
@@ -423,6 +428,8 @@ class _LineSearchEngine(Engine):
                     p.exhausted = True
                     break
                 alpha = self.alpha * cfg.backtrack**i
+                if alpha * reach < slack:
+                    break
                 p.trials = i + 1
                 with torch.no_grad():
                     for param, t0, g in zip(self.params, theta0, hg.grad):

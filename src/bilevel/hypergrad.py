@@ -90,7 +90,8 @@ class Hypergradient:
         adjoint: adjoint solutions q̃ (B, ...) (None for ITD), for warm starts.
         eps: certified per-instance distances ‖x̃_i − x̂_i‖ ≤ ε_i (B,).
         delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (B,), recomputed at
-            q̃ and enlarged by the rounding margin of the working precision.
+            q̃ (in float64 below float64, else enlarged by the rounding margin of the working
+            precision; see :mod:`bilevel.bounds`).
         lower: the lower-level solve's report; linear: the adjoint solve's report.
         mu: the strong-convexity modulus used (the smallest over instances);
             mu_estimated: whether it was estimated (not stated, or contradicted).

@@ -14,16 +14,23 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
 
    The left side is an upper bound on F(θ⁺) (∇ₓf_i is L_f-Lipschitz), the right side minus
    the margin a lower bound on F(θ) (f_i convex in x), so an accepted step certainly
-   decreases the true F. L_f and μ come from the one place that states them: the
-   estimator's ``BoundConstants.upper_grad_lipschitz`` (else the value the bound computed or
-   estimated, ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a
-   non-convex f_i or a wrong L_f the certificate does not hold.
+   decreases the true F. Below float64, f_i, ‖∇ₓf_i‖ and the trial's ‖∇ₓh_i‖ (hence ε⁺_i) are
+   evaluated in float64 at the computed points (else they carry the rounding margin of the
+   working precision), so that rounding cannot fake a decrease. Trials whose first-order
+   decrease α‖z‖(‖z‖ + ω) − cα‖z‖² cannot cover the old side's mean_i ‖∇ₓf_i‖ε_i are not
+   solved for (the line search fails at once and the accuracy is tightened). L_f and μ come
+   from the one place that states them: the estimator's
+   ``BoundConstants.upper_grad_lipschitz`` (else the value the bound computed or estimated,
+   ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a non-convex f_i
+   or a wrong L_f the certificate does not hold.
 3. Adapt. On success the next trial step is αρⁱ·growth; MAID multiplies ε and δ by ν ≥ 1.
    On failure θ is kept, and MAID multiplies ε and δ by τ < 1 (the trial step α is kept).
 
 :class:`MAID` adapts the accuracy as above; :class:`HOAG` uses a fixed (summable) accuracy
 schedule ε_k, δ_k with the same line search. Every oracle call is counted, including those
-of rejected trials and of recomputations at tighter accuracy.
+of rejected trials, of recomputations at tighter accuracy and of the error bound's constants;
+an oracle-call budget is checked before each recomputation and each trial, so that a step
+stops where the budget runs out (θ and the accuracies are then kept).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from bilevel import BilevelError, BilevelProblem
 from bilevel.bounds import BoundConstants
 from bilevel.hypergrad import BoundWarning, Exact, Implicit, JacobianFree, Unrolled
 from bilevel.linear import CG, MINRES, FixedPoint, Neumann
-from bilevel.lower import LBFGS, GradientDescent, Nesterov
+from bilevel.lower import LBFGS, ConvergenceWarning, GradientDescent, Nesterov
 from bilevel.problem import NotStronglyConvexError
 
 F64 = torch.float64
@@ -477,3 +477,87 @@ def test_property_certified_bounds_never_lie():
     check()
     assert len(estimated) >= 20
     assert sum(estimated) >= 0.99 * len(estimated), (sum(estimated), len(estimated))
+
+
+# -- a-posteriori estimate, float64 residuals, robustness ---------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_posteriori_estimate_covers_the_error_and_is_tight(dtype):
+    """Logistic lower levels (L_H, L_J estimated): the first-order a-posteriori estimate covers
+    the true error and is far tighter than the worst-case estimated bound."""
+    ratios, worst = [], []
+    for seed in range(12):
+        problem, batch, exact = logistic(seed, 3, 6, 2, seed % 2 == 1, dtype)
+        x0 = torch.zeros(3, 6, dtype=dtype)
+        for tol in (1e-1, 1e-3):
+            hg = Implicit(CG(), constants=BoundConstants(a_posteriori=True))(
+                problem, batch, x0, lower_tol=tol, adjoint_tol=tol
+            )
+            err = float((hg.grad[0].to(F64) - exact()).norm())
+            assert not hg.bound_certified and hg.constants["a_posteriori"].value == hg.bound
+            ratios.append(hg.bound / err)
+            worst_case = Implicit(CG())(problem, batch, x0, lower_tol=tol, adjoint_tol=tol)
+            worst.append(worst_case.bound / err)
+    ratios.sort()
+    assert ratios[0] >= 1.0, ratios[:3]
+    assert ratios[len(ratios) // 2] <= 10.0
+    assert sorted(worst)[len(worst) // 2] >= 5 * ratios[len(ratios) // 2]
+
+
+def test_certified_bound_is_kept_when_a_posteriori_is_asked_for():
+    problem, batch, exact = random_quadratic(3, 2, 5, 2)
+    hg = Implicit(CG(), constants=BoundConstants(a_posteriori=True))(
+        problem, batch, torch.zeros(2, 5, dtype=F64), lower_tol=1e-3
+    )
+    assert hg.bound_certified and "a_posteriori" not in hg.constants
+    assert error(hg, exact) <= hg.bound
+
+
+def test_float32_residuals_are_recomputed_in_float64():
+    """ε and δ of a float32 estimate are the float64 residuals at x̃, q̃ (no worst-case margin),
+    and the bound still covers the error of the float32 z."""
+    problem, batch, exact = random_quadratic(5, 2, 400, 2, dtype=torch.float32)
+    problem.mu = float(problem.true_lambda_min.min())
+    est = Implicit(CG(), constants=BoundConstants(upper_grad_lipschitz=1.0))
+    hg = est(problem, batch, torch.zeros(2, 400), lower_tol=1e-4, adjoint_tol=1e-4)
+    a, m, c, t = (v.to(F64) for v in batch)
+    x = hg.x.to(F64)
+    th = problem.theta.detach().to(F64)
+    grad_h = torch.einsum("bij,bj->bi", a, x) - (m @ th + c)
+    residual = torch.einsum("bij,bj->bi", a, hg.adjoint.to(F64)) - (x - t)
+    torch.testing.assert_close(hg.eps.to(F64) * problem.mu, grad_h.norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(hg.delta.to(F64), residual.norm(dim=1), rtol=1e-6, atol=0)
+    assert hg.bound_certified and error(hg, exact) <= hg.bound
+
+
+def test_upper_loss_linear_in_x_has_a_zero_hessian():
+    """f_i = ⟨t_i, x⟩ (∇ₓf constant, no graph): L_f is computed as 0, the bound certified."""
+    for dim in (4, 100):
+        problem, batch, _ = random_quadratic(1, 2, dim, 2)
+        problem.upper_loss = lambda x, th, b: (x * b[3]).sum(1)
+        a, m, c, t = batch
+        th = problem.theta.detach()
+        q = torch.linalg.solve(a, t.unsqueeze(-1)).squeeze(-1)
+        exact = torch.einsum("bip,bi->p", m, q) / 2
+        hg = Implicit(CG())(problem, batch, torch.zeros(2, dim, dtype=F64), lower_tol=1e-6)
+        assert hg.constants["L_f"].value == 0.0 and hg.constants["L_f"].source == "computed"
+        assert hg.bound_certified
+        assert float((hg.grad[0] - exact).norm()) <= hg.bound
+        del th
+
+
+def test_unconverged_adjoint_warns_and_is_not_certified():
+    problem, batch, exact = random_quadratic(2, 2, 30, 2, eig_low=0.01, eig_high=10.0)
+    est = Implicit(CG(max_iter=3))
+    x0 = torch.zeros(2, 30, dtype=F64)
+    with pytest.warns(
+        ConvergenceWarning, match="adjoint solver CG missed adjoint_tol.*not certified"
+    ):
+        hg = est(problem, batch, x0, lower_tol=1e-8, adjoint_tol=1e-8)
+    assert not hg.bound_certified
+    assert error(hg, exact) <= hg.bound  # the measured residual still bounds the error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        hg = Implicit(CG(max_iter=200))(problem, batch, x0, lower_tol=1e-8, adjoint_tol=1e-8)
+    assert hg.bound_certified

@@ -304,7 +304,11 @@ def test_cost_is_reported():
     assert hg.cost.grad_evals >= hg.lower.grad_evals > 0
     assert hg.cost.hvps >= hg.linear.matvecs > 0
     assert hg.cost.vjps > 0 and hg.cost.wall_time > 0
-    assert hg.cost.oracle_calls == hg.cost.grad_evals + hg.cost.hvps
+    # the Jacobian products of the bound's ‖J‖ are oracle calls too
+    assert 0 < hg.cost.bound_products <= hg.cost.vjps
+    assert hg.cost.oracle_calls == hg.cost.grad_evals + hg.cost.hvps + hg.cost.bound_products
+    bare = Implicit(compute_bound=False)(problem, batch, torch.zeros(4, 6, dtype=F64))
+    assert bare.cost.bound_products == 0
 
 
 def test_float32_runs():

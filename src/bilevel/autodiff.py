@@ -26,17 +26,22 @@ class Cost:
     """Oracle calls spent, counted per instance, and wall time in seconds.
 
     A stochastic oracle on a minibatch of b out of N samples counts b/N of a call.
+    ``bound_products`` are the Jacobian products spent on an error bound's constants (also
+    counted in ``vjps``): each is a backward pass through the gradient graph like an HVP, so
+    they count as oracle calls.
     """
 
     grad_evals: float = 0
     hvps: float = 0
     vjps: float = 0
     wall_time: float = 0.0
+    bound_products: float = 0
 
     @property
     def oracle_calls(self) -> float:
-        """Lower-level gradient evaluations + Hessian-vector products (the papers' x-axis)."""
-        return self.grad_evals + self.hvps
+        """Lower-level gradient evaluations + Hessian-vector products (the papers' x-axis),
+        plus the products spent on error bounds."""
+        return self.grad_evals + self.hvps + self.bound_products
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(
@@ -44,6 +49,7 @@ class Cost:
             self.hvps + other.hvps,
             self.vjps + other.vjps,
             self.wall_time + other.wall_time,
+            self.bound_products + other.bound_products,
         )
 
     def as_dict(self) -> dict[str, float]:
@@ -51,6 +57,7 @@ class Cost:
             "grad_evals": self.grad_evals,
             "hvps": self.hvps,
             "vjps": self.vjps,
+            "bound_products": self.bound_products,
             "oracle_calls": self.oracle_calls,
             "wall_time": self.wall_time,
         }

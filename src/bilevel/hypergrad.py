@@ -50,10 +50,18 @@ from bilevel.bounds import (
     compute_error_bound,
     estimate_mu,
     generator_for,
+    recompute_float64,
     rounding_margin,
 )
 from bilevel.linear import CG, LinearSolution, LinearSolver, lanczos_extremes
-from bilevel.lower import LowerSolution, LowerSolver, Nesterov, estimate_lipschitz, solve_lower
+from bilevel.lower import (
+    ConvergenceWarning,
+    LowerSolution,
+    LowerSolver,
+    Nesterov,
+    estimate_lipschitz,
+    solve_lower,
+)
 from bilevel.problem import (
     Batch,
     BilevelError,
@@ -82,9 +90,10 @@ class Hypergradient:
         adjoint: adjoint solutions q̃ (B, ...) (None for ITD), for warm starts.
         eps: certified per-instance distances ‖x̃_i − x̂_i‖ ≤ ε_i (B,).
         delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (B,): with the bound
-            (or without a linear solver), recomputed at q̃ and, with the bound, enlarged by
-            the rounding margin of the working precision; otherwise the residual the
-            adjoint solver reports (for CG and MINRES the recursive one).
+            (or without a linear solver), recomputed at q̃ (in float64 below float64, else
+            enlarged by the rounding margin of the working precision; see
+            :mod:`bilevel.bounds`); otherwise the residual the adjoint solver reports (for CG
+            and MINRES the recursive one).
         lower: the lower-level solve's report; linear: the adjoint solve's report.
         mu: the strong-convexity modulus used (the smallest over instances);
             mu_estimated: whether it was estimated (not stated, or contradicted).
@@ -271,8 +280,10 @@ class Estimator:
         losses: Tensor,
         grad_x: Tensor,
         grad_theta: list[Tensor],
+        adjoint_missed: bool = False,
     ) -> Hypergradient:
-        """z = ∇_θ f̄ − (1/B) Σ J_iᵀ q_i; true residuals δ_i; the bound ω."""
+        """z = ∇_θ f̄ − (1/B) Σ J_iᵀ q_i; true residuals δ_i; the bound ω (not certified when
+        ``adjoint_missed``: the adjoint solve missed its tolerance)."""
         params = problem.params
         n = q.shape[0]
         jtq = op.jacobian_vjp(q, params)
@@ -286,14 +297,20 @@ class Estimator:
             loss += float(reg.detach())
         x = sol.x
         gnorm = sol.grad_norm
+        z_rounding = None
         if self.compute_bound or linear is None:  # the true residual at q̃
             hq = op.full_matvec(q)
             delta = batch_norm(hq - grad_x)
         else:  # no bound: the adjoint solver's own residual (one product fewer)
             delta = linear.residual_norm
         if self.compute_bound:  # rounding of the computed residuals (see bilevel.bounds)
-            delta = delta + rounding_margin(x, batch_norm(hq) + batch_norm(grad_x))
-            gnorm = gnorm + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + gnorm)
+            z_core = [gt - j / n for gt, j in zip(grad_theta, jtq)]
+            exact = recompute_float64(problem, batch, x, q, z_core, lower.cost)
+            if exact is not None:
+                gnorm, delta, z_rounding = exact.grad_norm, exact.delta, exact.z_rounding
+            else:
+                delta = delta + rounding_margin(x, batch_norm(hq) + batch_norm(grad_x))
+                gnorm = gnorm + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + gnorm)
         if mu_estimated:
             mu_report = ConstantReport(
                 float(mu.min()), "estimated", "Lanczos at x̃: max(θ_min − r, θ_min/10) / safety"
@@ -307,9 +324,23 @@ class Estimator:
         constants: dict[str, ConstantReport] = {"mu": mu_report}
         if self.compute_bound:
             eb = compute_error_bound(
-                problem, batch, op, eps, delta, grad_x, mu, mu_report, self.constants, q
+                problem,
+                batch,
+                op,
+                eps,
+                delta,
+                grad_x,
+                mu,
+                mu_report,
+                self.constants,
+                q,
+                z_rounding,
             )
-            bound, certified, constants = eb.value, eb.certified, eb.constants
+            bound, certified, constants = (
+                eb.value,
+                eb.certified and not adjoint_missed,
+                eb.constants,
+            )
         return Hypergradient(
             grad=grad,
             loss=loss,
@@ -333,9 +364,48 @@ class Estimator:
         sol, op, mu, mu_est = self._solve(problem, lower, x0, lower_tol)
         losses, grad_x, grad_theta = upper_gradients(problem, sol.x, batch)
         q, linear = self._adjoint(op, sol.x, grad_x, adjoint_tol, adjoint0, mu)
+        missed = self._adjoint_missed(linear, adjoint_tol, grad_x)
         return self._finish(
-            problem, batch, lower, sol, op, mu, mu_est, q, linear, losses, grad_x, grad_theta
+            problem,
+            batch,
+            lower,
+            sol,
+            op,
+            mu,
+            mu_est,
+            q,
+            linear,
+            losses,
+            grad_x,
+            grad_theta,
+            adjoint_missed=missed,
         )
+
+    def _adjoint_missed(
+        self, linear: LinearSolution | None, tol: float | Tensor, like: Tensor
+    ) -> bool:
+        """Whether the adjoint solve missed a positive ``adjoint_tol`` on some instance; warns
+        (``ConvergenceWarning``) if so and ``warn_unconverged``. Such a bound uses the measured
+        residual δ but is not certified. A tolerance of 0 ("as accurate as the solver gets")
+        is met wherever the solver stopped."""
+        if linear is None:
+            return False
+        tol_t = torch.as_tensor(tol, dtype=like.dtype, device=like.device).expand(like.shape[0])
+        missed = ~linear.converged & (tol_t > 0)
+        if not bool(missed.any()):
+            return False
+        if self.warn_unconverged:
+            i = int(missed.nonzero()[0])
+            warnings.warn(
+                f"adjoint solver {type(getattr(self, 'linear_solver', self)).__name__} missed "
+                f"adjoint_tol on {int(missed.sum())} of {missed.numel()} instances (instance "
+                f"{i}: residual {float(linear.residual_norm[i]):.3e} > {float(tol_t[i]):.3e} "
+                f"after {int(linear.iterations[i])} iterations); raise max_iter or loosen "
+                "adjoint_tol: the bound uses the measured residual but is not certified",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        return True
 
     def _adjoint(
         self,

@@ -590,7 +590,7 @@ class CG:
 
     Raises:
         NotStronglyConvexError: pᵀHp ≤ 0 for an active instance (H_i is not positive definite);
-            the message names the instance and the curvature pᵀHp / ‖p‖².
+            the message names the instance, the iteration and pᵀHp.
         NonFiniteError: NaN or infinity in b, x0, an operator output or an iterate.
 
     ``min_curvature`` is the smallest Ritz value of the Krylov space (the Lanczos tridiagonal

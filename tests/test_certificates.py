@@ -66,6 +66,9 @@ def random_quadratic(
         return 0.5 * (r * r).sum(1)
 
     def exact():
+        """∇F of the problem as given: its data rounded to ``dtype``, solved in float64."""
+        a, m, c, t = (v.to(F64) for v in (a_, m_, c_, t_))
+        p = None if p_ is None else p_.to(F64)
         th = theta.detach().to(F64)
         x = torch.linalg.solve(a, (m @ th + c).unsqueeze(-1)).squeeze(-1)
         g = x - t + (0.0 if p is None else p @ th)
@@ -367,8 +370,8 @@ def logistic(seed, n_batch, dim, n_params, theta_in_f, dtype):
     theta0 = 0.5 * torch.randn(n_params, generator=gen, dtype=F64) - 0.5
     expand = torch.rand(dim, n_params, generator=gen, dtype=F64) / n_params
 
-    def make(dt, theta):
-        pr, ex = proj.to(dt), expand.to(dt)
+    def make(dt, theta):  # the constants rounded to ``dtype`` as the problem sees them
+        pr, ex = proj.to(dtype).to(dt), expand.to(dtype).to(dt)
 
         def h(x, th, batch):
             fe, la, _ = batch
@@ -389,8 +392,9 @@ def logistic(seed, n_batch, dim, n_params, theta_in_f, dtype):
     def reference():
         th64 = theta.detach().to(F64).requires_grad_(True)
         ref_problem = make(F64, th64)
+        as_given = tuple(v.to(dtype).to(F64) for v in data)
         hg = Exact(lower_solver=Nesterov(max_iter=20000))(
-            ref_problem, data, torch.zeros(n_batch, dim, dtype=F64), lower_tol=1e-13
+            ref_problem, as_given, torch.zeros(n_batch, dim, dtype=F64), lower_tol=1e-13
         )
         return hg.grad[0]
 

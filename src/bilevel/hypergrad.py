@@ -89,9 +89,11 @@ class Hypergradient:
         x: lower-level solutions x̃ (B, ...), for warm starts.
         adjoint: adjoint solutions q̃ (B, ...) (None for ITD), for warm starts.
         eps: certified per-instance distances ‖x̃_i − x̂_i‖ ≤ ε_i (B,).
-        delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (B,), recomputed at
-            q̃ (in float64 below float64, else enlarged by the rounding margin of the working
-            precision; see :mod:`bilevel.bounds`).
+        delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (B,): with the bound
+            (or without a linear solver), recomputed at q̃ (in float64 below float64, else
+            enlarged by the rounding margin of the working precision; see
+            :mod:`bilevel.bounds`); otherwise the residual the adjoint solver reports (for CG
+            and MINRES the recursive one).
         lower: the lower-level solve's report; linear: the adjoint solve's report.
         mu: the strong-convexity modulus used (the smallest over instances);
             mu_estimated: whether it was estimated (not stated, or contradicted).
@@ -136,7 +138,11 @@ class Estimator:
 
     lower_solver: LowerSolver = field(default_factory=Nesterov)
     constants: BoundConstants = field(default_factory=BoundConstants)
-    compute_bound: bool = True
+    compute_bound: bool | None = None
+    """Compute the a-posteriori bound ω (and check a stated μ against the curvature at x̃):
+    True always, False never (MAID and HOAG refuse it), None (default) only when the caller
+    needs it — MAID and HOAG turn it on; a plain call returns ``bound=None`` and uses a
+    stated μ unchecked."""
     warn_unconverged: bool = True
 
     uses_tolerances: ClassVar[bool] = True
@@ -209,6 +215,8 @@ class Estimator:
         a seeded Lanczos run. Evidence below μ means the stated μ is wrong: warn, and use an
         estimate no larger than the evidence.
         """
+        if not self.compute_bound:  # nothing to certify: μ as stated
+            return mu, ConstantReport(float(mu.min()), "stated", "not checked (no bound)")
         c = self.constants
         n, dim = x.shape[0], x[0].numel()
         evidence = torch.full((n,), math.nan, dtype=x.dtype, device=x.device)
@@ -218,7 +226,7 @@ class Estimator:
             if linear.krylov_steps is not None:
                 steps = linear.krylov_steps
         need = min(dim, c.curvature_iterations)
-        if self.compute_bound and c.curvature_iterations > 0 and bool((steps < need).any()):
+        if c.curvature_iterations > 0 and bool((steps < need).any()):
             ritz = lanczos_extremes(op.matvec, x, need, generator_for(x, c.seed))
             evidence = torch.fmin(evidence, ritz.smallest)
             steps = torch.maximum(steps, ritz.steps)
@@ -245,8 +253,6 @@ class Estimator:
             return est, ConstantReport(
                 float(est.min()), "estimated", "stated μ contradicted at x̃; Ritz value / safety"
             )
-        if not self.compute_bound:
-            return mu, ConstantReport(float(mu.min()), "stated")
         if c.curvature_iterations <= 0:
             warnings.warn(
                 "the stated mu was not checked (curvature_iterations=0): bounds are not certified",
@@ -290,10 +296,13 @@ class Estimator:
             grad = [g if r is None else g + r for g, r in zip(grad, reg_grads)]
             loss += float(reg.detach())
         x = sol.x
-        hq = op.full_matvec(q)
-        delta = batch_norm(hq - grad_x)
         gnorm = sol.grad_norm
         z_rounding = None
+        if self.compute_bound or linear is None:  # the true residual at q̃
+            hq = op.full_matvec(q)
+            delta = batch_norm(hq - grad_x)
+        else:  # no bound: the adjoint solver's own residual (one product fewer)
+            delta = linear.residual_norm
         if self.compute_bound:  # rounding of the computed residuals (see bilevel.bounds)
             z_core = [gt - j / n for gt, j in zip(grad_theta, jtq)]
             exact = recompute_float64(problem, batch, x, q, z_core, lower.cost)

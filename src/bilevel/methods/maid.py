@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,8 @@ class _LineSearch:
                 f"{type(self).__name__} needs the error bound ω: use an estimator with "
                 "compute_bound=True"
             )
+        if getattr(self.estimator, "compute_bound", True) is None:  # the default: ask for ω
+            object.__setattr__(self, "estimator", replace(self.estimator, compute_bound=True))
         _check("step", self.step, 0.0, math.inf)
         _check("backtrack", self.backtrack, 0.0, 1.0 - 1e-12)
         if (

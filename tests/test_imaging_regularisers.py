@@ -287,12 +287,12 @@ def test_spline_potential_derivatives_match_its_knots() -> None:
     gen = _gen(2)
     slopes = torch.rand(3, 6, generator=gen, dtype=torch.float64) * 2 - 0.5
     spacing, beta = 0.1, torch.tensor(1.7, dtype=torch.float64)
-    params = (*_spline_tables(slopes, spacing), beta)
+    params = (torch.stack(_spline_tables(slopes, spacing), -1), beta)
     spline = Spline(spacing)
     t = (torch.rand(1, 3, 7, 7, generator=gen, dtype=torch.float64) - 0.5) * 1.6 / 1.7
     t[0, :, 0, 0] = 0.0
     t = t.requires_grad_(True)
-    phi, d1 = spline.value_and_first(t, params)
+    phi, d1, d2 = spline.evaluate(t, params)
     (d1_autograd,) = torch.autograd.grad(phi.sum(), t)
     h = 1e-6
     with torch.no_grad():
@@ -303,6 +303,7 @@ def test_spline_potential_derivatives_match_its_knots() -> None:
     table = torch.cat([slopes, torch.zeros(3, 1, dtype=torch.float64)], 1)
     expected = table[torch.arange(3).view(1, 3, 1, 1), j]
     assert torch.allclose(spline.second(t, params), expected, atol=1e-12)
+    assert torch.allclose(d2, expected, atol=1e-12)
     assert torch.allclose(phi.detach(), spline.value(-t.detach(), params))  # even
 
 

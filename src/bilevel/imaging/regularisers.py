@@ -597,9 +597,9 @@ class _SplineRidge(Regulariser):
         curv = self.knot_curvatures(filters, alpha).to(**kw)
         beta = beta.to(**kw)
         # β⁻² ψ(β t) has second derivative ψ''(βt) in t: the knots' curvatures are in t-units.
-        tables = _spline_tables(curv, self.knot_spacing)
+        table = torch.stack(_spline_tables(curv, self.knot_spacing), -1)
         potential = Spline(self.knot_spacing)
-        return ridge_energy(x, filters.to(**kw), (*tables, beta), potential, self.boundary)
+        return ridge_energy(x, filters.to(**kw), (table, beta), potential, self.boundary)
 
     def _bank_bound(self, per_filter: Tensor) -> float:
         filters = self.effective_filters().detach()

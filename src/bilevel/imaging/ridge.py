@@ -126,9 +126,9 @@ class Potential:
     def value(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def value_and_first(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """(φ(t), φ'(t)); potentials override it to share work."""
-        return self.value(t, params), self.first(t, params)
+    def evaluate(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(φ(t), φ'(t), φ''(t) where it comes at no extra cost, else None)."""
+        return self.value(t, params), self.first(t, params), None
 
     def first(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -146,10 +146,10 @@ class SmoothedL1(Potential):
         w, nu = params
         return w * (torch.sqrt(t * t + nu * nu) - nu)
 
-    def value_and_first(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def evaluate(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, None]:
         w, nu = params
         s = torch.sqrt(t * t + nu * nu)
-        return w * (s - nu), w * t / s
+        return w * (s - nu), w * t / s, None
 
     def first(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
         w, nu = params
@@ -212,47 +212,44 @@ class LogCoshSum(Potential):
 class Spline(Potential):
     """φ_k(t) = β⁻² ψ_k(β t) for the even C¹ piecewise-quadratic spline ψ_k with ψ(0) = ψ'(0)
     = 0 and ψ'' = κ_kj on [τ_j, τ_{j+1}), τ_j = j Δ (j < M), 0 beyond τ_M; params
-    (d0, d1, d2, β): the tables ψ(τ_j), ψ'(τ_j), ψ''_j, each (K, M + 1), and β > 0 (a scalar).
+    (table, β): table (K, M + 1, 3) holds ψ(τ_j), ψ'(τ_j) and ψ''_j, and β > 0 is a scalar.
 
-    With a = |β t|, j = min(⌊a/Δ⌋, M), r = a − j Δ: ψ = d0_j + d1_j r + ½ d2_j r²,
-    φ' = sign(t) (d1_j + d2_j r)/β, φ'' = d2_j (the curvatures are in the units of t).
+    With a = |β t|, j = min(⌊a/Δ⌋, M), r = a − j Δ and s = ψ'(a) = ψ'(τ_j) + ψ''_j r:
+    ψ(a) = ψ(τ_j) + ½ r (ψ'(τ_j) + s), φ' = sign(t) s/β, φ'' = ψ''_j (in the units of t).
+    One table lookup (an embedding of the three columns) serves all three.
     """
 
     def __init__(self, spacing: float) -> None:
         self.spacing = float(spacing)
 
-    def _locate(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """(flat table index (B, K, H, W), offset r) of every response."""
-        d0, _, _, beta = params
-        k, m1 = d0.shape
+    def _lookup(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(ψ(τ_j), ψ'(τ_j), ψ''_j, r) for every response."""
+        table, beta = params
+        k, m1, _ = table.shape
         a = (beta * t).abs()
-        j = torch.floor(a.detach() / self.spacing).clamp_(max=m1 - 1)
-        r = a - j * self.spacing
-        offsets = torch.arange(0, k * m1, m1, device=t.device).view(1, k, 1, 1)
-        return j.long().add_(offsets), r
+        j = (a.detach() * (1.0 / self.spacing)).floor_().clamp_(max=m1 - 1)
+        r = a.sub(j, alpha=self.spacing)
+        offsets = torch.arange(0, k * m1, m1, device=t.device, dtype=torch.int32)
+        idx = j.to(torch.int32).add_(offsets.view(1, k, 1, 1))
+        c0, c1, c2 = F.embedding(idx, table.reshape(k * m1, 3)).unbind(-1)
+        return c0, c1, c2, r
 
     def value(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
-        d0, d1, d2, beta = params
-        idx, r = self._locate(t, params)
-        psi = d0.reshape(-1)[idx] + r * (d1.reshape(-1)[idx] + 0.5 * r * d2.reshape(-1)[idx])
-        return psi / (beta * beta)
+        return self.evaluate(t, params)[0]
 
-    def value_and_first(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        d0, d1, d2, beta = params
-        idx, r = self._locate(t, params)
-        slope = d1.reshape(-1)[idx]
-        curv = d2.reshape(-1)[idx]
-        psi = d0.reshape(-1)[idx] + r * (slope + 0.5 * r * curv)
-        return psi / (beta * beta), t.sign() * (slope + curv * r) / beta
+    def evaluate(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        beta = params[1]
+        c0, c1, c2, r = self._lookup(t, params)
+        slope = torch.addcmul(c1, c2, r)
+        psi = torch.addcmul(c0, r, c1 + slope, value=0.5)
+        return psi / (beta * beta), slope * t.sign() / beta, c2
 
     def first(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
-        _, d1, d2, beta = params
-        idx, r = self._locate(t, params)
-        return t.sign() * (d1.reshape(-1)[idx] + d2.reshape(-1)[idx] * r) / beta
+        _, c1, c2, r = self._lookup(t, params)
+        return torch.addcmul(c1, c2, r) * t.sign() / params[1]
 
     def second(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
-        idx, _ = self._locate(t, params)
-        return params[2].reshape(-1)[idx]
+        return self._lookup(t, params)[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,8 +329,8 @@ class _Value(torch.autograd.Function):
         w, params = ridge.detached()
         t = correlate(x, w, ridge.boundary)
         if ctx.needs_input_grad[0]:
-            phi, dphi = ridge.potential.value_and_first(t, params)
-            ctx.cache = (t, dphi)
+            phi, dphi, curvature = ridge.potential.evaluate(t, params)
+            ctx.cache = (t, dphi, curvature)
         else:
             phi = ridge.potential.value(t, params)
         ctx.ridge = ridge
@@ -347,8 +344,7 @@ class _Value(torch.autograd.Function):
         scale = grad_out.reshape(-1, 1, 1, 1)
         if torch.is_grad_enabled():  # create_graph: a gradient that is differentiable itself
             return scale * ridge_gradient(x, ridge, ctx.cache), None
-        dphi = ctx.cache[1]
-        grad = correlate_adjoint(dphi, ridge.filters.detach(), ridge.boundary, x.shape)
+        grad = correlate_adjoint(ctx.cache[1], ridge.filters.detach(), ridge.boundary, x.shape)
         return scale * grad, None
 
 
@@ -372,20 +368,16 @@ class _ValueTheta(torch.autograd.Function):
 
 
 class _Gradient(torch.autograd.Function):
-    """x ↦ ∇R(x) = Kᵀ φ'(K x); backward the closed-form HVP Kᵀ(φ''(K x) ⊙ K v), with
-    φ''(K x) computed at the first product and kept for the next ones."""
+    """x ↦ ∇R(x) = Kᵀ φ'(K x) from the (K x, φ'(K x), φ''(K x) or None) of the energy's
+    forward pass; backward the closed-form HVP Kᵀ(φ''(K x) ⊙ K v), φ''(K x) computed at most
+    once and kept for the next products."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, ridge: _Ridge, cache: tuple[Tensor, Tensor] | None) -> Tensor:
-        w, params = ridge.detached()
-        if cache is None:
-            t = correlate(x, w, ridge.boundary)
-            dphi = ridge.potential.first(t, params)
-        else:
-            t, dphi = cache
-        ctx.ridge, ctx.t, ctx.curvature = ridge, t, None
+    def forward(ctx, x: Tensor, ridge: _Ridge, cache: tuple) -> Tensor:
+        t, dphi, ctx.curvature = cache
+        ctx.ridge, ctx.t = ridge, t
         ctx.save_for_backward(x)
-        return correlate_adjoint(dphi, w, ridge.boundary, x.shape)
+        return correlate_adjoint(dphi, ridge.filters.detach(), ridge.boundary, x.shape)
 
     @staticmethod
     def backward(ctx, v: Tensor) -> tuple[Tensor, None, None]:
@@ -420,8 +412,8 @@ class _GradientTheta(torch.autograd.Function):
             return (None, *_theta_grads(out, (w, *params), create))
 
 
-def ridge_gradient(x: Tensor, ridge: _Ridge, cache: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """∇R(x) as a differentiable tensor (x-path and θ-path nodes)."""
+def ridge_gradient(x: Tensor, ridge: _Ridge, cache: tuple) -> Tensor:
+    """∇R(x) as a differentiable tensor (x-path and θ-path nodes) from the energy's cache."""
     g = _Gradient.apply(x, ridge, cache)
     if ridge.theta_requires_grad():
         g = g + _GradientTheta.apply(ridge, *ridge.theta)

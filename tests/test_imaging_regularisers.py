@@ -287,7 +287,7 @@ def test_spline_potential_derivatives_match_its_knots() -> None:
     gen = _gen(2)
     slopes = torch.rand(3, 6, generator=gen, dtype=torch.float64) * 2 - 0.5
     spacing, beta = 0.1, torch.tensor(1.7, dtype=torch.float64)
-    params = (torch.stack(_spline_tables(slopes, spacing), -1), beta)
+    params = (torch.stack(_spline_tables(slopes, spacing)), beta)
     spline = Spline(spacing)
     t = (torch.rand(1, 3, 7, 7, generator=gen, dtype=torch.float64) - 0.5) * 1.6 / 1.7
     t[0, :, 0, 0] = 0.0

@@ -597,7 +597,7 @@ class _SplineRidge(Regulariser):
         curv = self.knot_curvatures(filters, alpha).to(**kw)
         beta = beta.to(**kw)
         # β⁻² ψ(β t) has second derivative ψ''(βt) in t: the knots' curvatures are in t-units.
-        table = torch.stack(_spline_tables(curv, self.knot_spacing), -1)
+        table = torch.stack(_spline_tables(curv, self.knot_spacing))
         potential = Spline(self.knot_spacing)
         return ridge_energy(x, filters.to(**kw), (table, beta), potential, self.boundary)
 

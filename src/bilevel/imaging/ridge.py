@@ -212,11 +212,11 @@ class LogCoshSum(Potential):
 class Spline(Potential):
     """φ_k(t) = β⁻² ψ_k(β t) for the even C¹ piecewise-quadratic spline ψ_k with ψ(0) = ψ'(0)
     = 0 and ψ'' = κ_kj on [τ_j, τ_{j+1}), τ_j = j Δ (j < M), 0 beyond τ_M; params
-    (table, β): table (K, M + 1, 3) holds ψ(τ_j), ψ'(τ_j) and ψ''_j, and β > 0 is a scalar.
+    (table, β): table (3, K, M + 1) holds ψ(τ_j), ψ'(τ_j) and ψ''_j, and β > 0 is a scalar.
 
     With a = |β t|, j = min(⌊a/Δ⌋, M), r = a − j Δ and s = ψ'(a) = ψ'(τ_j) + ψ''_j r:
     ψ(a) = ψ(τ_j) + ½ r (ψ'(τ_j) + s), φ' = sign(t) s/β, φ'' = ψ''_j (in the units of t).
-    One table lookup (an embedding of the three columns) serves all three.
+    One lookup (``index_select`` of the three table rows) serves all three.
     """
 
     def __init__(self, spacing: float) -> None:
@@ -225,13 +225,14 @@ class Spline(Potential):
     def _lookup(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(ψ(τ_j), ψ'(τ_j), ψ''_j, r) for every response."""
         table, beta = params
-        k, m1, _ = table.shape
+        _, k, m1 = table.shape
         a = (beta * t).abs()
         j = (a.detach() * (1.0 / self.spacing)).floor_().clamp_(max=m1 - 1)
         r = a.sub(j, alpha=self.spacing)
         offsets = torch.arange(0, k * m1, m1, device=t.device, dtype=torch.int32)
         idx = j.to(torch.int32).add_(offsets.view(1, k, 1, 1))
-        c0, c1, c2 = F.embedding(idx, table.reshape(k * m1, 3)).unbind(-1)
+        rows = table.reshape(3, k * m1).index_select(1, idx.reshape(-1))
+        c0, c1, c2 = rows.view(3, *t.shape).unbind(0)
         return c0, c1, c2, r
 
     def value(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:

@@ -89,9 +89,12 @@ def pad_adjoint(z: Tensor, filter_size: int, boundary: str, shape: Sequence[int]
     return _fold(_fold(z, -2, lo, hi), -1, lo, hi)
 
 
-def _grouped_kernels(x: Tensor) -> bool:
-    """Whether grouped (per-filter) convolutions are the fast path: oneDNN on CPU, not float64."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+def _grouped_adjoint(u: Tensor, filters: Tensor) -> bool:
+    """Whether the adjoint takes the grouped transposed convolution: several filters, one
+    image channel, oneDNN on CPU (float32 or bfloat16); with C > 1 output channels per group,
+    or in float64, the grouped form is the slower one."""
+    k, c = filters.shape[:2]
+    return u.device.type == "cpu" and u.dtype in (torch.float32, torch.bfloat16) and k > 1 == c
 
 
 def correlate(x: Tensor, filters: Tensor, boundary: str) -> Tensor:
@@ -101,10 +104,8 @@ def correlate(x: Tensor, filters: Tensor, boundary: str) -> Tensor:
 
 def correlate_adjoint(u: Tensor, filters: Tensor, boundary: str, shape: Sequence[int]) -> Tensor:
     """Kᵀ u = Pᵀ Σ_k k_k ⋆ᵀ u_k for responses u (B, K, H', W'), images of ``shape``."""
-    k, c = filters.shape[:2]
-    if _grouped_kernels(u) and k > 1:
-        z = F.conv_transpose2d(u, filters, groups=k)  # (B, K·C, ...): filter k to C channels
-        z = z.sum(1, keepdim=True) if c == 1 else z.unflatten(1, (k, c)).sum(1)
+    if _grouped_adjoint(u, filters):  # (B, K, ...): filter k to the one channel, then Σ_k
+        z = F.conv_transpose2d(u, filters, groups=filters.shape[0]).sum(1, keepdim=True)
     else:
         z = F.conv_transpose2d(u, filters)
     return pad_adjoint(z, filters.shape[-1], boundary, shape)
@@ -127,8 +128,10 @@ class Potential:
         raise NotImplementedError
 
     def evaluate(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(φ(t), φ'(t), φ''(t) where it comes at no extra cost, else None)."""
-        return self.value(t, params), self.first(t, params), None
+        """(Σ_{k,pixels} φ_k(t) per image (B,), φ'(t), φ''(t) where it comes at no extra cost,
+        else None). Called without autograd recording (a forward pass), so it may work in
+        place on its own intermediates."""
+        return self.value(t, params).sum(dim=(1, 2, 3)), self.first(t, params), None
 
     def first(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -148,8 +151,10 @@ class SmoothedL1(Potential):
 
     def evaluate(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, None]:
         w, nu = params
-        s = torch.sqrt(t * t + nu * nu)
-        return w * (s - nu), w * t / s, None
+        s = torch.addcmul(nu * nu, t, t).sqrt_()  # sqrt(t² + ν²)
+        pixels = t.shape[2] * t.shape[3]
+        energy = (s.sum(dim=(2, 3)) - pixels * nu.view(1, -1)) @ w.view(-1)
+        return energy, t * s.reciprocal_().mul_(w), None
 
     def first(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
         w, nu = params
@@ -236,14 +241,17 @@ class Spline(Potential):
         return c0, c1, c2, r
 
     def value(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
-        return self.evaluate(t, params)[0]
+        c0, c1, c2, r = self._lookup(t, params)
+        psi = c0 + 0.5 * r * (c1 + torch.addcmul(c1, c2, r))
+        return psi / (params[1] * params[1])
 
     def evaluate(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         beta = params[1]
         c0, c1, c2, r = self._lookup(t, params)
-        slope = torch.addcmul(c1, c2, r)
-        psi = torch.addcmul(c0, r, c1 + slope, value=0.5)
-        return psi / (beta * beta), slope * t.sign() / beta, c2
+        slope = torch.addcmul(c1, c2, r)  # ψ'(a)
+        # Σ ψ(a) = Σ ψ(τ_j) + ½ Σ r (ψ'(τ_j) + ψ'(a))
+        psi_sum = c0.sum(dim=(1, 2, 3)) + 0.5 * (r.mul_(c1 + slope)).sum(dim=(1, 2, 3))
+        return psi_sum / (beta * beta), slope.mul_(t.sign()).div_(beta), c2
 
     def first(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
         _, c1, c2, r = self._lookup(t, params)
@@ -330,13 +338,13 @@ class _Value(torch.autograd.Function):
         w, params = ridge.detached()
         t = correlate(x, w, ridge.boundary)
         if ctx.needs_input_grad[0]:
-            phi, dphi, curvature = ridge.potential.evaluate(t, params)
+            energy, dphi, curvature = ridge.potential.evaluate(t, params)
             ctx.cache = (t, dphi, curvature)
         else:
-            phi = ridge.potential.value(t, params)
+            energy = ridge.potential.value(t, params).sum(dim=(1, 2, 3))
         ctx.ridge = ridge
         ctx.save_for_backward(x)
-        return phi.sum(dim=(1, 2, 3))
+        return energy
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:

@@ -92,7 +92,7 @@ def pad_adjoint(z: Tensor, filter_size: int, boundary: str, shape: Sequence[int]
 def _grouped_adjoint(u: Tensor, filters: Tensor) -> bool:
     """Whether the adjoint takes the grouped transposed convolution: several filters, one
     image channel, oneDNN on CPU (float32 or bfloat16); with C > 1 output channels per group,
-    or in float64, the grouped form is the slower one."""
+    or in float64, the grouped form is the slower one (oneDNN or not)."""
     k, c = filters.shape[:2]
     return u.device.type == "cpu" and u.dtype in (torch.float32, torch.bfloat16) and k > 1 == c
 
@@ -106,8 +106,16 @@ def correlate_adjoint(u: Tensor, filters: Tensor, boundary: str, shape: Sequence
     """Kᵀ u = Pᵀ Σ_k k_k ⋆ᵀ u_k for responses u (B, K, H', W'), images of ``shape``."""
     if _grouped_adjoint(u, filters):  # (B, K, ...): filter k to the one channel, then Σ_k
         z = F.conv_transpose2d(u, filters, groups=filters.shape[0]).sum(1, keepdim=True)
-    else:
-        z = F.conv_transpose2d(u, filters)
+    else:  # the input gradient of the correlation: faster than conv_transpose2d in float64
+        size = [
+            u.shape[0],
+            filters.shape[1],
+            *(n + m - 1 for n, m in zip(u.shape[2:], filters.shape[2:])),
+        ]
+        like = u.new_empty(()).expand(size)  # only its shape is read
+        z = torch.ops.aten.convolution_backward(
+            u, like, filters, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
+        )[0]
     return pad_adjoint(z, filters.shape[-1], boundary, shape)
 
 

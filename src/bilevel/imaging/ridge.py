@@ -19,10 +19,12 @@ differentiable to every order in x and in θ (the filters and the potentials' pa
 * a backward pass with ``create_graph=True`` evaluates the same closed forms with autograd
   recording, so higher derivatives (in x, θ and the cotangent) are exact.
 
-Adjoint convolutions: ``conv_transpose2d`` from K channels to C is slow on CPU in float32
+Adjoint convolutions: ``conv_transpose2d`` from K channels to one is slow on CPU in float32
 (oneDNN's backward-data path); a grouped transposed convolution followed by a sum over the
-filters computes the same and is several times faster there. float64 and CUDA use the plain
-ops (grouped convolutions have no fast float64 CPU kernel).
+filters computes the same several times faster there. Elsewhere (float64, several image
+channels, CUDA) the adjoint is the correlation's input gradient
+(``aten.convolution_backward``), up to twice as fast as ``conv_transpose2d`` in float64 on
+small crops (``benchmarks/imaging_throughput.py``).
 """
 
 from __future__ import annotations
@@ -91,10 +93,11 @@ def pad_adjoint(z: Tensor, filter_size: int, boundary: str, shape: Sequence[int]
 
 def _grouped_adjoint(u: Tensor, filters: Tensor) -> bool:
     """Whether the adjoint takes the grouped transposed convolution: several filters, one
-    image channel, oneDNN on CPU (float32 or bfloat16); with C > 1 output channels per group,
-    or in float64, the grouped form is the slower one (oneDNN or not)."""
+    image channel, CPU in float32 or bfloat16 (oneDNN). With several channels per group, or in
+    float64, the grouped form is the slower one."""
     k, c = filters.shape[:2]
-    return u.device.type == "cpu" and u.dtype in (torch.float32, torch.bfloat16) and k > 1 == c
+    fast_dtype = u.dtype in (torch.float32, torch.bfloat16)
+    return u.device.type == "cpu" and fast_dtype and k > 1 and c == 1
 
 
 def correlate(x: Tensor, filters: Tensor, boundary: str) -> Tensor:

@@ -267,7 +267,7 @@ def on_writer(fn: Callable[[], T]) -> T | None:
     if shard.rank == 0:
         try:
             value = fn()
-        except BilevelError as err:
+        except Exception as err:  # noqa: BLE001 (raised again below, on every rank)
             error = err
     shard.check(error)
     return value

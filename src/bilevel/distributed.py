@@ -134,11 +134,22 @@ class Shard:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64)
         return [float(v) for v in self.sum(t)]
 
+    def maximum(self, values: Sequence[float]) -> list[float]:
+        """The largest over ranks of each number (one all-reduce in float64)."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        self._collective("an all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+        return [float(v) for v in t.cpu()]
+
     def extreme(self, value: float, largest: bool) -> float:
         """The largest (or smallest) of the ranks' ``value``."""
-        t = torch.tensor([value if largest else -value], dtype=torch.float64, device=self.device)
-        self._collective("an all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
-        return float(t) if largest else -float(t)
+        (out,) = self.maximum([value if largest else -value])
+        return out if largest else -out
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (e.g. its clock's decision to stop)."""
+        t = torch.tensor([float(flag)], dtype=torch.float64, device=self.device)
+        self._collective("a broadcast", lambda: dist.broadcast(t, src=0))
+        return bool(t.item())
 
     def merge_rows(self, table: Tensor) -> Tensor:
         """The (n, ...) table whose row i is rank (i mod N)'s row i: each rank keeps the rows of
@@ -170,9 +181,12 @@ class Shard:
         """Raise on every rank if any rank's step failed: its own ``error``, or on the others
         the first failing rank's exception type (a :class:`BilevelError` subclass) with its
         message, so that every rank ends the step the same way."""
-        failed = self.extreme(1.0 if error is not None else 0.0, largest=True)
-        if failed == 0.0:
-            return
+        (failed,) = self.maximum([1.0 if error is not None else 0.0])
+        if failed:
+            self.raise_reported(error)
+
+    def raise_reported(self, error: BaseException | None) -> None:
+        """Raise the failure of a step that failed on some rank (see :meth:`check`)."""
         reports = self.gather_object(None if error is None else (type(error).__name__, str(error)))
         if error is not None:
             raise error
@@ -273,14 +287,25 @@ def on_writer(fn: Callable[[], T]) -> T | None:
     return value
 
 
-def reduce_hypergradient(hg: Any, count: int, params: list[Tensor], shard: Shard) -> Any:
+def reduce_hypergradient(
+    hg: Any, count: int, params: list[Tensor], shard: Shard, error: BaseException | None = None
+) -> tuple[Any, float]:
     """The hypergradient of the whole minibatch from each rank's estimate ``hg`` on its
-    ``count`` instances (``hg`` None when it has none): z and the loss as count-weighted means,
-    ω = Σ_r (B_r/B) ω_r (None if any rank has none), certified only if every rank's is, μ the
-    smallest, oracle counts and wall time summed. Per-instance fields stay local.
+    ``count`` instances (``hg`` None when it has none, or when it failed with ``error``): z and
+    the loss as count-weighted means, ω = Σ_r (B_r/B) ω_r (None if any rank has none),
+    certified only if every rank's is, μ the smallest, oracle counts and wall time summed;
+    per-instance fields stay local. Also returns the largest certified distance max_i ε_i.
+    Two all-reduces; a failure on any rank is raised on every rank (:meth:`Shard.check`).
 
     Every rank must call it, with the same parameters, in the same step."""
     from bilevel.autodiff import Cost
+
+    local_mu = math.inf if hg is None or hg.mu is None else float(hg.mu)
+    distance = -math.inf if hg is None or count == 0 else float(hg.eps.max())
+    failed, neg_mu, distance = shard.maximum([float(error is not None), -local_mu, distance])
+    if failed:
+        shard.raise_reported(error)
+    mu = -neg_mu
 
     grads = (
         [torch.zeros_like(p) for p in params]
@@ -314,12 +339,11 @@ def reduce_hypergradient(hg: Any, count: int, params: list[Tensor], shard: Shard
     for p in params:
         grad.append((grad_sum[offset : offset + p.numel()] / n).reshape(p.shape).to(p))
         offset += p.numel()
-    mu = shard.extreme(math.inf if hg is None or hg.mu is None else float(hg.mu), largest=False)
     every_bound = s[3] == shard.world
     reduced = Cost(s[5], s[6], s[7], s[8])
     if hg is None:
-        return _EmptyReduced(grad, s[1] / n, s[2] / n if every_bound else None, reduced)
-    return replace(
+        return _EmptyReduced(grad, s[1] / n, s[2] / n if every_bound else None, reduced), distance
+    out = replace(
         hg,
         grad=grad,
         loss=s[1] / n,
@@ -328,6 +352,7 @@ def reduce_hypergradient(hg: Any, count: int, params: list[Tensor], shard: Shard
         mu=mu if math.isfinite(mu) else hg.mu,
         cost=reduced,
     )
+    return out, distance
 
 
 @dataclass

@@ -165,15 +165,17 @@ class MinibatchSampler:
         """
         if size > n:
             raise BilevelError(f"minibatch of {size} samples exceeds the {n} available")
-        if self.shard is not None:  # this process's share, from its block of rows
+        if self.shard is not None:
+            # this process's share, from its block of rows; a minibatch smaller than the
+            # number of processes is drawn whole from every block (the combination
+            # Σ_r (N_r/n)·mean_r stays an unbiased estimate of the mean)
             start, stop = self.shard.block(n)
-            share = min(self.shard.share(size), stop - start)
-            if share < 1:
+            if stop == start:
                 raise BilevelError(
-                    f"a minibatch of {size} of {n} samples leaves process {self.shard.rank} of "
-                    f"{self.shard.world} no sample: use minibatches of at least "
-                    f"{self.shard.world} samples"
+                    f"{n} samples leave process {self.shard.rank} of {self.shard.world} no "
+                    "row: use at most as many processes as samples"
                 )
+            share = min(self.shard.share(size) or size, stop - start)
             return start + self._draw(stop - start, share, count, device)
         return self._draw(n, size, count, device)
 

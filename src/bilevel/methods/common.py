@@ -878,7 +878,9 @@ def _drive(
                     engine.step, engine.epoch, engine.cost, clock.elapsed() - eval_seconds
                 )
                 if shard is not None:  # rank 0's clock decides for every rank
-                    reason = shard.broadcast_object(reason)
+                    stop = shard.agree(reason is not None)
+                    if stop != (reason is not None):
+                        reason = "rank 0 reached the budget" if stop else None
                 if reason is not None:
                     message = reason
                     break

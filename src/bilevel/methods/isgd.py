@@ -238,11 +238,12 @@ class _ISGDEngine(Engine):
             if shard is None:
                 raise
             error = exc
-        distance = math.nan if hg is None else float(hg.eps.max())
-        if shard is not None:  # every rank gets the minibatch's hypergradient
-            shard.check(error)
-            hg = distributed.reduce_hypergradient(hg, local.numel(), self.params, shard)
-            distance = shard.extreme(-math.inf if local.numel() == 0 else distance, True)
+        if shard is None:
+            distance = float(hg.eps.max())
+        else:  # every rank gets the minibatch's hypergradient
+            hg, distance = distributed.reduce_hypergradient(
+                hg, local.numel(), self.params, shard, error
+            )
         if not math.isfinite(hg.loss):
             raise NonFiniteError(f"the upper-level loss is {hg.loss}")
         return _Pending(index, hg, eps, delta, alpha, local, distance)

@@ -304,6 +304,7 @@ class _LineSearchEngine(Engine):
         self.alpha = float(cfg.step)
         self.tol, self.adjoint_tol = cfg.initial_tolerances()
         self.finished: tuple[str, str] | None = None
+        self.distance = math.nan  # max_i ε_i of the latest hypergradient (all processes)
 
     def check_finished(self) -> None:
         if self.finished is not None:
@@ -321,6 +322,7 @@ class _LineSearchEngine(Engine):
         self, x0: Tensor, a0: Tensor | None, eps: float, delta: float
     ) -> Hypergradient:
         shard = self.shard
+        hg, error = None, None
         try:
             hg = self.cfg.estimator(
                 self.problem, self.batch, x0, lower_tol=eps, adjoint_tol=delta, adjoint0=a0
@@ -328,10 +330,13 @@ class _LineSearchEngine(Engine):
         except BilevelError as exc:  # NonFiniteError included
             if shard is None:
                 raise
-            shard.check(exc)
+            error = exc
         if shard is not None:  # the hypergradient, loss and bound of all n samples
-            shard.check(None)
-            hg = distributed.reduce_hypergradient(hg, x0.shape[0], self.params, shard)
+            hg, self.distance = distributed.reduce_hypergradient(
+                hg, x0.shape[0], self.params, shard, error
+            )
+        else:
+            self.distance = float(hg.eps.max())
         if not math.isfinite(hg.loss):
             raise NonFiniteError(f"the upper-level loss is {hg.loss}")
         if hg.bound is None:
@@ -442,7 +447,7 @@ class _LineSearchEngine(Engine):
             "bound": hg.bound,
             "cost": self.cost,
             "grad_norm": hg.norm,
-            "distance": self._distance(hg.eps),
+            "distance": self.distance,
             "accepted": p.accepted,
             "backtracks": p.trials,
             "certified": hg.bound_certified,
@@ -471,10 +476,6 @@ class _LineSearchEngine(Engine):
         self.step += 1
         self.epoch += 1
         return record
-
-    def _distance(self, eps: Tensor) -> float:
-        distance = float(eps.max())
-        return distance if self.shard is None else self.shard.extreme(distance, largest=True)
 
     # -- state -----------------------------------------------------------------------------
 

@@ -16,7 +16,12 @@ gives the latency α and bandwidth β of this machine; from them the model
     T_N = (C / N)·I(N) + M·α·⌈log₂ N⌉ + 2 (N−1)/N · V/β,       E(N) = C / (N·T_N)
 
 (C: one process's compute per step, M messages and V bytes per step, I(N) the load imbalance
-of the split) predicts the efficiency at 8 and 64 processes.
+of the split: E[max_r B_r]/(B/N) for a minibatch of B images owned i mod N, 1 for SID's
+blocks) predicts the efficiency at 8 and 64 processes, for this problem (strong scaling) and
+for one N/2 times as large (weak scaling: each process keeps its work at N = 2). Each process
+also reports its CPU seconds: on a loaded machine, T₁/(N·T_N) mixes the algorithm's overhead
+with the CPU time the processes did not get; the CPU efficiency (CPU seconds of one process
+over those of all N) and the share of T_N rank 0 spent in collectives separate the two.
 
     OMP_NUM_THREADS=1 python benchmarks/distributed.py            # full sizes
     OMP_NUM_THREADS=1 python benchmarks/distributed.py --quick    # small, for a smoke test
@@ -49,25 +54,29 @@ def _free_port() -> int:
 
 
 class _Counter:
-    """Counts the collectives of this process (wraps torch.distributed's functions)."""
+    """Counts the collectives of this process and the seconds spent in them (waiting for the
+    other processes included), by wrapping torch.distributed's functions."""
 
     def __init__(self) -> None:
         self.messages = 0
         self.bytes = 0
-        reduce, broadcast = dist.all_reduce, dist.broadcast_object_list
+        self.seconds = 0.0
+        for name in ("all_reduce", "broadcast"):
+            self._wrap(name)
 
-        def all_reduce(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def _wrap(self, name: str) -> None:
+        original = getattr(dist, name)
+
+        def wrapped(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.messages += 1
             self.bytes += t.numel() * t.element_size()
-            return reduce(t, *args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return original(t, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
 
-        def broadcast_object_list(objs: list[Any], *args: Any, **kwargs: Any) -> Any:
-            self.messages += 2  # a size, then the pickled object
-            self.bytes += 64
-            return broadcast(objs, *args, **kwargs)
-
-        dist.all_reduce = all_reduce
-        dist.broadcast_object_list = broadcast_object_list
+        setattr(dist, name, wrapped)
 
 
 def _foe(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -118,14 +127,17 @@ def _worker(rank: int, world: int, port: int, case: str, cfg: dict[str, Any], ou
     shard = distributed.current()
     if shard is not None:
         dist.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     method.run(problem, samples, {"steps": cfg["steps"]}, progress=False, plot=False)
+    cpu = time.process_time() - cpu
     if shard is not None:
         dist.barrier()
     total = time.perf_counter() - start
-    result = {"seconds": total}
+    if shard is not None:  # CPU seconds of all processes
+        (cpu,) = shard.sum_floats([cpu])
+    result = {"seconds": total, "cpu": cpu}
     if counter is not None:
-        result.update(messages=counter.messages, bytes=counter.bytes)
+        result.update(messages=counter.messages, bytes=counter.bytes, waiting=counter.seconds)
         result.update(_latency_bandwidth())
     if rank == 0:
         Path(out).write_text(json.dumps(result))
@@ -198,9 +210,9 @@ def main() -> None:
     parser.add_argument("--foe-batch", type=int, default=32)
     parser.add_argument("--crop", type=int, default=32)
     parser.add_argument("--sid-samples", type=int, default=1_000_000)
-    parser.add_argument("--sid-batch", type=int, default=50_000)
+    parser.add_argument("--sid-batch", type=int, default=100_000)
     parser.add_argument("--features", type=int, default=20)
-    parser.add_argument("--inner-steps", type=int, default=20)
+    parser.add_argument("--inner-steps", type=int, default=10)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     cfg = {k: v for k, v in vars(args).items() if k not in ("quick", "repeats", "cases")}
@@ -208,30 +220,54 @@ def main() -> None:
         cfg.update(foe_batch=8, crop=16, sid_samples=20_000, sid_batch=2_000, steps=2)
     for case in args.cases.split(","):
         times: dict[int, list[float]] = {1: [], 2: []}
+        cpus: dict[int, list[float]] = {1: [], 2: []}
         comm: dict[str, float] = {}
+        waiting: list[float] = []
         for _ in range(args.repeats):  # interleaved: the load of the machine hits both alike
             for world in (1, 2):
                 r = _run(case, world, cfg)
                 times[world].append(r["seconds"])
+                cpus[world].append(r["cpu"])
                 if world == 2:
                     comm = r
+                    waiting.append(r["waiting"] / r["seconds"])
         t1, t2 = statistics.median(times[1]), statistics.median(times[2])
         steps = cfg["steps"]
         compute = t1 / steps
         messages, volume = comm["messages"] / steps, comm["bytes"] / steps
         batch = cfg["foe_batch"] if case == "foe" else None
         print(f"\n{case}: {json.dumps(cfg)}")
-        print(f"  T1 = {t1:.2f} s, T2 = {t2:.2f} s  (runs: {times[1]}, {times[2]})")
-        print(f"  efficiency T1/(2 T2) = {t1 / (2 * t2):.3f}")
+        runs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(times[1], times[2]))
+        print(f"  T1 = {t1:.2f} s, T2 = {t2:.2f} s (medians; runs T1/T2: {runs} s)")
+        print(
+            f"  efficiency T1/(2 T2) = {t1 / (2 * t2):.3f} (medians), "
+            f"{min(times[1]) / (2 * min(times[2])):.3f} (fastest runs); rank 0 spent "
+            f"{100 * statistics.median(waiting):.0f} % of T2 in collectives"
+        )
+        c1, c2 = statistics.median(cpus[1]), statistics.median(cpus[2])
+        print(
+            f"  CPU seconds: one process {c1:.2f}, two together {c2:.2f}: CPU efficiency "
+            f"{c1 / c2:.3f}; CPU share of the wall time: {c1 / t1:.2f} (one), "
+            f"{c2 / (2 * t2):.2f} (each of two)"
+        )
         print(
             f"  per step: compute {compute * 1e3:.1f} ms, {messages:.1f} messages, "
             f"{volume:.0f} bytes all-reduced; α = {comm['alpha'] * 1e6:.0f} µs, "
             f"β = {comm['beta'] / 1e6:.0f} MB/s"
         )
         for world in (2, 8, 64):
+            # strong scaling: this problem on N processes; weak: N/2 times this problem
+            # (minibatch or rows), so each process keeps the work it has at N = 2
             imb = imbalance(batch, world) if batch is not None else 1.0
-            e = predict(compute, messages, volume, comm["alpha"], comm["beta"], world, imb)
-            print(f"  model N = {world:>2}: imbalance {imb:.2f}, predicted efficiency {e:.3f}")
+            weak_imb = imbalance(batch * world // 2, world) if batch is not None else 1.0
+            strong = predict(compute, messages, volume, comm["alpha"], comm["beta"], world, imb)
+            weak = predict(
+                compute * world / 2, messages, volume, comm["alpha"], comm["beta"], world, weak_imb
+            )
+            print(
+                f"  model N = {world:>2}: strong scaling {strong:.3f} (imbalance {imb:.2f}), "
+                f"weak scaling {weak:.3f} (imbalance {weak_imb:.2f})"
+            )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ dies must stop the others with a clear message."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -131,12 +132,14 @@ def _sid_run(steps: int, minibatch: bool):
     return result, sid
 
 
-def _trajectories(rank: int, world: int, port: int, out: str) -> None:
+def _scenarios(rank: int, world: int, port: int, out: str) -> None:
+    """Every two-process scenario in one pair of processes (each costs seconds to start)."""
     _join(rank, world, port, TIMEOUT)
     isgd = _isgd(6, run_dir=Path(out) / "isgd")
     maid = _maid(4)
     sid_full, _ = _sid_run(3, minibatch=False)
     sid_mini, sid = _sid_run(3, minibatch=True)
+    from_one = _isgd(6, run_dir=Path(out) / "one", resume=True)  # a 3-step single-process run
     torch.save(
         {
             "isgd": isgd.theta[0],
@@ -147,34 +150,54 @@ def _trajectories(rank: int, world: int, port: int, out: str) -> None:
             "sid_full": sid_full.theta[0],
             "sid_mini": sid_mini.theta[0],
             "sid_seed": sid.samplers.lower.seed,
+            "from_one": from_one.theta[0],
         },
         Path(out) / f"rank{rank}.pt",
     )
-    distributed.shutdown()
+    # last: rank 1 dies (SIGKILL after its fifth step); rank 0 must stop with a message
+    if rank == 1:
+        os.environ["BILEVEL_FAULT"] = "step:5"
+    start = time.perf_counter()
+    try:
+        _isgd(8, run_dir=Path(out) / "dies")
+    except distributed.DistributedError as err:
+        (Path(out) / "dies.txt").write_text(f"{time.perf_counter() - start}\n{err}")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
+@functools.cache
+def _single(name: str, steps: int):
+    """The single-process reference runs (computed once)."""
+    if name == "isgd":
+        return _isgd(steps)
+    if name == "maid":
+        return _maid(steps)
+    return _sid_run(steps, minibatch=name == "sid_mini")[0]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
-    assert _spawn(_trajectories, 2, str(out)) == [0, 0]
+    _isgd(3, run_dir=out / "one")  # a single-process checkpoint, resumed by two processes
+    codes = _spawn(_scenarios, 2, str(out))
+    assert codes[0] == 0 and codes[1] != 0  # rank 1 was killed in the last scenario
     return out, [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
 def test_two_processes_follow_the_single_process_trajectory(two_ranks):
     out, ranks = two_ranks
-    single = _isgd(6)
+    single = _single("isgd", 6)
     for r in ranks:
         assert _close(r["isgd"], single.theta[0]) <= 1e-5
         assert r["isgd_cost"] == pytest.approx(single.cost, rel=1e-12)
         assert r["isgd_loss"] == pytest.approx([x["upper_loss"] for x in single.records])
     assert not torch.equal(single.theta[0], torch.zeros(3))  # θ moved
-    maid = _maid(4)
+    maid = _single("maid", 4)
     assert [x["accepted"] for x in maid.records] == ranks[0]["maid_accepted"]
-    sid_full, _ = _sid_run(3, minibatch=False)
+    sid_full = _single("sid_full", 3)
     for r in ranks:
         assert _close(r["maid"], maid.theta[0]) <= 1e-5
         assert _close(r["sid_full"], sid_full.theta[0]) <= 1e-5
@@ -192,37 +215,30 @@ def test_sid_ranks_draw_own_streams_and_agree_on_theta(two_ranks):
 
 def test_checkpoint_of_two_processes_resumes_on_one(two_ranks, tmp_path):
     out, _ = two_ranks
-    single = _isgd(6)
     resumed_dir = tmp_path / "isgd"
     # the two-process run's final checkpoint (step 6), continued alone
     state = torch.load(out / "isgd" / "checkpoint.pt", weights_only=True)["state"]
     assert state["engine"]["step"] == 6 and len(state["rank_rng"]) == 2
     shutil.copytree(out / "isgd", resumed_dir)
     more = _isgd(9, run_dir=resumed_dir, resume=True)
-    reference = _isgd(9)
+    reference = _single("isgd", 9).theta[0]
     assert more.step == 9
-    assert _close(more.theta[0], reference.theta[0]) <= 1e-5
-    assert _close(single.theta[0], reference.theta[0]) > 0  # it did take 3 more steps
+    assert _close(more.theta[0], reference) <= 1e-5
+    assert _close(_single("isgd", 6).theta[0], reference) > 1e-3  # 3 more steps moved θ
 
 
-def _dies(rank: int, world: int, port: int, out: str) -> None:
-    _join(rank, world, port, 10.0)
-    if rank == 1:
-        os.environ["BILEVEL_FAULT"] = "step:5"  # SIGKILL after its fifth step
-    start = time.perf_counter()
-    try:
-        _isgd(8, run_dir=Path(out) / "run")
-    except distributed.DistributedError as err:
-        (Path(out) / "rank0.txt").write_text(f"{time.perf_counter() - start}\n{err}")
+def test_checkpoint_of_one_process_resumes_on_two(two_ranks):
+    _, ranks = two_ranks
+    for r in ranks:
+        assert _close(r["from_one"], _single("isgd", 6).theta[0]) <= 1e-5
 
 
-def test_a_dead_rank_stops_the_others_and_the_checkpoint_resumes(tmp_path):
-    codes = _spawn(_dies, 2, str(tmp_path))
-    assert codes[1] != 0
-    seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
-    assert float(seconds) < 10.0 + 15.0
+def test_a_dead_rank_stops_the_others_and_the_checkpoint_resumes(two_ranks):
+    out, _ = two_ranks
+    seconds, message = (out / "dies.txt").read_text().split("\n", 1)
+    assert float(seconds) < TIMEOUT + 15.0  # the run itself takes a few seconds
     assert "rank 0 of 2" in message and "resume" in message
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]
+    state = torch.load(out / "dies" / "checkpoint.pt", weights_only=True)["state"]
     assert state["engine"]["step"] == 4  # the last periodic checkpoint
-    resumed = _isgd(8, run_dir=tmp_path / "run", resume=True)
-    assert _close(resumed.theta[0], _isgd(8).theta[0]) <= 1e-5
+    resumed = _isgd(8, run_dir=out / "dies", resume=True)
+    assert _close(resumed.theta[0], _single("isgd", 8).theta[0]) <= 1e-5

@@ -1054,6 +1054,30 @@ def _combined(t: Tensor, n: int) -> Tensor:
     return t if shard is None else shard.combine(t, n)
 
 
+def _exact_upper(problem: BilevelProblem, w: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """:func:`~bilevel.autodiff.upper_gradients` of the exact upper loss (f, ∇_w f, ∇_θ f);
+    data parallel with ``upper_sample_loss``, each process's block of the upper samples,
+    combined."""
+    shard = distributed.current()
+    if shard is None or problem.upper_sample_loss is None or problem.n_upper_samples is None:
+        return upper_gradients(problem, w, None)
+    n_up, params = int(problem.n_upper_samples), problem.params
+    block = _block(n_up).to(w.device)
+    with torch.enable_grad():
+        wr = w.detach().requires_grad_(True)
+        loss = _checked_values(
+            "upper_sample_loss", problem.upper_sample_loss(wr, problem.theta, block), w.shape[0]
+        )
+        grads = torch.autograd.grad(loss.sum(), [wr, *params], allow_unused=True)
+    if grads[0] is None:
+        raise BilevelError("upper_sample_loss does not depend on x through autograd")
+    grad_theta = [
+        torch.zeros_like(p) if g is None else g / w.shape[0] for p, g in zip(params, grads[1:])
+    ]
+    combined = [_combined(t, n_up) for t in (loss.detach(), grads[0], *grad_theta)]
+    return combined[0], combined[1], combined[2:]
+
+
 def _share(n: int) -> float:
     """The fraction of n rows in this process's block (1 without data parallelism)."""
     shard = distributed.current()
@@ -1654,7 +1678,7 @@ class SID(Estimator):
         # stage 2: v_k
         exact = None
         if self.upper_batch is None:
-            losses, exact, grad_theta = upper_gradients(problem, w, None)
+            losses, exact, grad_theta = _exact_upper(problem, w)
         psi = AdjointMap(
             problem,
             w,

@@ -234,7 +234,7 @@ class _ISGDEngine(Engine):
         try:
             if local.numel():
                 hg = self._estimate(local, eps, delta)
-        except (NonFiniteError, BilevelError) as exc:
+        except BilevelError as exc:  # NonFiniteError included
             if shard is None:
                 raise
             error = exc

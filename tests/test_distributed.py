@@ -5,6 +5,7 @@ dies must stop the others with a clear message."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -69,7 +70,8 @@ def _isgd(steps_budget: int, run_dir: Path | None = None, resume: bool = False, 
         accuracy=1e-10,
         batch_size=5,
         optimizer="adam",
-        estimator=q.estimator(),
+        # no ω (ISGD does not use it): its computation costs per call, not per instance
+        estimator=dataclasses.replace(q.estimator(), compute_bound=False),
         seed=3,
     )
     result = method.run(

@@ -1748,9 +1748,10 @@ class SID(Estimator):
             )
             cost.grad_evals, cost.hvps, cost.vjps = (c + d for c, d in zip(counted, spent))
         nan = torch.full((n_inst,), math.nan, dtype=w.dtype, device=w.device)
-        mu = problem.mu
+        mu_t = problem.mu_values(batch, w)  # a function of θ is evaluated at the current θ
+        mu = None if mu_t is None else float(mu_t.min())
         # estimated distance ‖w_t − w(θ)‖ ≤ ‖∇h(w_t)‖/μ and adjoint residual, when measured
-        dist = nan if mu is None else torch.full_like(nan, low.residual / eta / mu)
+        dist = nan if mu_t is None else low.residual / eta / mu_t
         resid = torch.full_like(nan, lin.residual)
         return StochasticHypergradient(
             grad=[gr.detach() for gr in grad],

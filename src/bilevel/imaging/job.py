@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from bilevel import distributed
+from bilevel.bounds import BoundConstants
 from bilevel.hypergrad import Implicit
 from bilevel.imaging.data import (
     DegradedImages,
@@ -57,6 +58,7 @@ from bilevel.imaging.regularisers import (
     Regulariser,
     SmoothedTV,
     WeaklyConvexRidge,
+    _directional_derivatives,
     ridge_layers,
 )
 from bilevel.imaging.report import (
@@ -286,6 +288,20 @@ def calibrate_foe_weights(regulariser: FieldsOfExperts, tv_strength: float) -> N
 
 
 @torch.no_grad()
+def calibrate_convex_ridge(regulariser: ConvexRidge, tv_strength: float) -> None:
+    """Start a convex ridge regulariser at smoothed isotropic TV of the grid-tuned strength
+    λ_TV: directional-derivative filters (as the job's Fields of Experts) and profiles
+    ψ_k ≈ λ_TV π/(2K) · σ₀ log cosh(t/σ₀), the weight on the smallest scale σ₀ (the other
+    scales keep 10⁻³ of it, since the coefficients are softplus-positive)."""
+    k, channels, size, _ = regulariser.filters.shape
+    regulariser.filters.copy_(_directional_derivatives(k, channels, size))
+    weight = tv_strength * math.pi / (2 * k)
+    coefficients = torch.full(regulariser.raw_coefficients.shape, 1e-3 * weight)
+    coefficients[:, 0] = weight
+    regulariser.raw_coefficients.copy_(coefficients + torch.log(-torch.expm1(-coefficients)))
+
+
+@torch.no_grad()
 def calibrate_ridge_strength(regulariser: ConvexRidgeNetwork, tv_strength: float) -> None:
     """Start a (weakly) convex ridge network at smoothed isotropic TV of the grid-tuned
     strength λ_TV: α(σ) = λ_TV π/(2K) at the task's σ (see :class:`ConvexRidgeNetwork`)."""
@@ -463,8 +479,9 @@ def make_method(args: argparse.Namespace) -> ISGD | MAID:
     estimator = Implicit(
         CG(max_iter=500), lower_solver=Nesterov(max_iter=5000), compute_bound=args.method == "maid"
     )
-    if args.method == "maid":
-        return MAID(estimator=estimator, lower_tol=1e-1, step=1e-2)
+    if args.method == "maid":  # worst-case constants of ω are 10⁴× loose for image energies
+        estimator = replace(estimator, constants=BoundConstants(a_posteriori=True))
+        return MAID(estimator=estimator, lower_tol=1e-1, step=1.0)
     default_step = DEFAULT_STEPS[args.method].get(args.regulariser, DEFAULT_STEPS[args.method][""])
     return ISGD(
         step=args.step or default_step,
@@ -674,6 +691,8 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
         calibrate_foe_weights(regulariser, tv.strength)
     if isinstance(regulariser, ConvexRidgeNetwork | WeaklyConvexRidge) and not args.resume:
         calibrate_ridge_strength(regulariser, tv.strength)
+    if isinstance(regulariser, ConvexRidge):
+        calibrate_convex_ridge(regulariser, tv.strength)
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=args.budget, wall_time=args.time)
     test = TestEvaluation(

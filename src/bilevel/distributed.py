@@ -255,13 +255,6 @@ def init_from_env(timeout: float | None = None, backend: str | None = None) -> S
     return _SHARD
 
 
-def use(shard: Shard | None) -> None:
-    """Make ``shard`` the current one (for a process group set up by the caller; None ends
-    data parallelism in this process without touching the group)."""
-    global _SHARD
-    _SHARD = shard
-
-
 def shutdown() -> None:
     """Leave the process group (if this module joined one)."""
     global _SHARD

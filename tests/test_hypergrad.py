@@ -307,8 +307,8 @@ def test_cost_is_reported():
     # the Jacobian products of the bound's ‖J‖ are oracle calls too
     assert 0 < hg.cost.bound_products <= hg.cost.vjps
     assert hg.cost.oracle_calls == hg.cost.grad_evals + hg.cost.hvps + hg.cost.bound_products
-    bare = Implicit(compute_bound=False)(problem, batch, torch.zeros(4, 6, dtype=F64))
-    assert bare.cost.bound_products == 0
+    bare = Implicit()(problem, batch, torch.zeros(4, 6, dtype=F64))  # no bound by default
+    assert bare.cost.bound_products == 0 and bare.bound is None
 
 
 def test_float32_runs():

@@ -14,6 +14,7 @@ import shlex
 import sys
 import traceback
 
+from bilevel import distributed
 from bilevel.problem import BilevelError
 
 # subcommand -> (module, one-line help)
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help (0) or a usage error (2); argparse printed it
         return done.code if isinstance(done.code, int) else 2
     module = importlib.import_module(JOBS[args.job][0])
+    distributed.init_from_env()  # under torchrun: join the data-parallel process group
     prefix = f"bilevel {args.job}"
     args.argv = argv[argv.index(args.job) + 1 :] if args.job in argv else []
     try:

@@ -29,6 +29,7 @@ grid.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel
 from bilevel.hypergrad import Estimator, Implicit, Unrolled
 from bilevel.learning.datasets import (
@@ -1095,7 +1097,10 @@ class ThrottledEvaluation:
         now = self.clock()
         if self.start is None:
             self.start = now
-        elif self.spent > self.share * (now - self.start):
+        skip = self.spent > self.share * (now - self.start)
+        if distributed.current() is not None:  # rank 0's clock decides for every process
+            skip = distributed.current().broadcast_object(skip)
+        if skip:
             return {}
         out = self.evaluate(theta, step)
         self.spent += self.clock() - now
@@ -1221,8 +1226,11 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "cv": args.cv,
     }
+    if distributed.current() is not None:  # every process writes into rank 0's directory
+        run_dir = pathlib.Path(distributed.current().broadcast_object(str(run_dir)))
     args.run_dir = str(run_dir)
-    with RunLock(run_dir):
+
+    def prepare() -> None:
         present = [n for n in ("job.json", "config.json") if (run_dir / n).exists()]
         if args.resume:
             check_job_record(run_dir, job)
@@ -1235,6 +1243,10 @@ def run(args: argparse.Namespace) -> int:
             for name in JOB_FILES:
                 (run_dir / name).unlink(missing_ok=True)
         write_json(run_dir / "job.json", job)
+
+    # data parallel (bilevel.distributed): rank 0 alone writes the run's files
+    with RunLock(run_dir) if distributed.is_writer() else contextlib.nullcontext():
+        distributed.on_writer(prepare)
         args.started = True  # from here on, an interrupted run can be resumed
         return _train(
             args,
@@ -1316,6 +1328,8 @@ def _train(
         progress=not args.no_progress,
         plot=not args.no_plots,
     )
+    if not distributed.is_writer():
+        return 0 if result.ok else 130 if not result.finished else 1
     if not result.finished:
         from bilevel.cli import resume_command
 

@@ -571,3 +571,37 @@ def test_unconverged_adjoint_warns_and_is_not_certified():
             problem, batch, x0, lower_tol=1e-8, adjoint_tol=1e-8
         )
     assert hg.bound_certified
+
+
+# -- piecewise-constant Hessians are not constant ----------------------------------------------
+
+
+def test_piecewise_constant_hessian_is_not_taken_for_constant():
+    """A spline potential's ψ'' is looked up by interval: no graph reaches x and the
+    derivative vanishes almost everywhere, yet the Hessian jumps, so L_H = 0 would be false."""
+    from bilevel.bounds import _constant_in_x
+
+    x = torch.linspace(-1.0, 1.0, 12, dtype=F64).reshape(2, 6)
+    v = torch.ones_like(x)
+    jumps = _constant_in_x(lambda xr: [(torch.floor(100 * xr.detach()) % 2 + 1) * v], x, seed=0)
+    linear = _constant_in_x(lambda xr: [2.0 * v + 0 * xr], x, seed=0)
+    graph_free = _constant_in_x(lambda xr: [5.0 * v], x, seed=0)
+    quadratic = _constant_in_x(lambda xr: [xr * v], x, seed=0)
+    assert (jumps, linear, graph_free, quadratic) == (False, True, True, False)
+
+
+def test_spline_ridge_energy_gets_no_computed_zero_hessian_lipschitz():
+    from bilevel.imaging.regularisers import ConvexRidgeNetwork
+    from bilevel.imaging.tasks import reconstruction_problem
+
+    torch.manual_seed(0)
+    reg = ConvexRidgeNetwork(num_filters=4, layers=1, kernel_size=3, num_knots=16).double()
+    problem = reconstruction_problem(reg)
+    x_true = torch.rand(2, 1, 10, 10, dtype=F64)
+    y = x_true + 0.1 * torch.randn(x_true.shape, dtype=F64)
+    hg = Implicit(CG(), compute_bound=True)(
+        problem, (y, x_true), y.clone(), lower_tol=1e-3, adjoint_tol=1e-3
+    )
+    report = hg.constants["L_H"]
+    assert not (report.source == "computed" and report.value == 0.0), report
+    assert not hg.bound_certified

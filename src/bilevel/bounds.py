@@ -493,14 +493,18 @@ def _unflatten(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
 
 
 def _constant_in_x(make: Callable[[Tensor], list[Tensor]], x: Tensor, seed: int) -> bool:
-    """Whether the tensors ``make(x)`` are constant in x (their x-derivative vanishes).
+    """Whether the tensors ``make(x)`` are constant in x.
 
-    Proved when their autograd graph does not reach x; otherwise a randomised identity test:
-    the derivative of ⟨make(x), w⟩ (w random) is exactly zero at x̃ and at a random point
-    x̃ + Δ. An analytic function passes the test at random points only if it is constant
-    (up to events of probability zero).
+    Proved when their autograd graph does not reach x and their values at x̃ and at a random
+    point x̃ + Δ agree; otherwise a randomised identity test: the derivative of ⟨make(x), w⟩
+    (w random) is exactly zero at x̃ and at x̃ + Δ, and the values agree there. An analytic
+    function passes the test at random points only if it is constant (up to events of
+    probability zero). The comparison of values catches what derivatives cannot: a
+    piecewise-constant Hessian (e.g. of a spline potential, whose ψ'' is looked up by
+    interval) has a zero derivative almost everywhere, or no graph to x at all, yet it jumps.
     """
     gen = generator_for(x, seed)
+    values: list[list[Tensor]] = []
     for k in range(2):
         xk = x.detach()
         if k:
@@ -509,15 +513,30 @@ def _constant_in_x(make: Callable[[Tensor], list[Tensor]], x: Tensor, seed: int)
             xk = xk + expand_as_batch(scale, step) * step
         with torch.enable_grad():
             xr = xk.requires_grad_(True)
-            outs = [o for o in make(xr) if o is not None and o.requires_grad]
-            if not outs:
-                return True
-            total = sum(
-                (o * torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device)).sum()
-                for o in outs
-            )
-            (d,) = torch.autograd.grad(total, xr, allow_unused=True)
-        if d is not None and bool((d != 0).any()):
+            outs = [o for o in make(xr) if o is not None]
+            values.append([o.detach() for o in outs])
+            graphs = [o for o in outs if o.requires_grad]
+            if graphs:
+                total = sum(
+                    (o * torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device)).sum()
+                    for o in graphs
+                )
+                (d,) = torch.autograd.grad(total, xr, allow_unused=True)
+                if d is not None and bool((d != 0).any()):
+                    return False
+    return _same_values(values[0], values[1])
+
+
+def _same_values(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Whether two evaluations of the same tensors agree up to the rounding of their
+    computation (64 units in the last place of their largest magnitude)."""
+    if len(a) != len(b):
+        return False
+    for u, v in zip(a, b):
+        if u.shape != v.shape:
+            return False
+        scale = torch.maximum(u.abs().max(), v.abs().max()) if u.numel() else u.new_zeros(())
+        if bool(((u - v).abs() > 64 * torch.finfo(u.dtype).eps * scale).any()):
             return False
     return True
 

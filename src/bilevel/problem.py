@@ -31,6 +31,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from bilevel.errors import BilevelError
+
 Theta = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor], nn.Module]  # noqa: UP007
 Batch = Any
 EnergyFn = Callable[[Tensor, Any, Batch], Tensor]
@@ -38,10 +40,6 @@ Constant = Union[float, Tensor, Callable[..., Any], None]  # noqa: UP007
 """A stated constant: a number, a (B,) tensor (one value per instance), or a callable
 ``(theta, batch) -> number or (B,) tensor`` evaluated at the current θ (a callable without
 arguments is also accepted). ``None`` means "not stated"."""
-
-
-class BilevelError(ValueError):
-    """Bad input or a problem that violates the assumptions of the method."""
 
 
 class NotStronglyConvexError(BilevelError):

@@ -8,12 +8,12 @@ loss; the learnt hyperparameters; and the options of the run.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bilevel.config import config_dict
 from bilevel.runs.plots import plot_metrics
 from bilevel.runs.report import Report
 from bilevel.runs.rundir import read_metrics
@@ -24,7 +24,7 @@ __all__ = ["write_report"]
 METRICS = ("val_loss", "test_accuracy", "test_mse", "test_r2")
 
 
-def write_report(run_dir: Path, args: argparse.Namespace, summary: Mapping[str, Any]) -> Path:
+def write_report(run_dir: Path, config: Any, summary: Mapping[str, Any]) -> Path:
     """Redraw the evaluation plots of ``run_dir/plots`` with the final evaluation and the grid
     baseline, then write ``run_dir/report.html``; returns its path."""
     metrics = run_dir / "metrics.jsonl"
@@ -87,5 +87,5 @@ def write_report(run_dir: Path, args: argparse.Namespace, summary: Mapping[str, 
             note=True,
         )
     report.heading("Configuration")
-    report.key_values({k: v for k, v in sorted(vars(args).items()) if k != "func"})
+    report.key_values(dict(sorted(config_dict(config).items())))
     return report.write(run_dir / "report.html")

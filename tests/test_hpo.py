@@ -10,25 +10,30 @@ import torch
 
 from bilevel.cli import main
 from bilevel.learning import job
-from bilevel.learning.job import (
-    TRACKING_WARNING,
+from bilevel.learning.evaluation import (
     LowerEvaluator,
     RiseGuard,
     ThrottledEvaluation,
+    evaluation_noise,
+    guard_sid,
+    lower_instances,
+    single_strength_baseline,
+)
+from bilevel.learning.hpo import (
+    SID_MIN_TRAIN,
     attach_lipschitz,
     box_projection,
     build_model,
     default_method,
     default_shrinkage,
-    evaluation_noise,
-    guard_sid,
     hpo_estimator,
     hpo_method,
     load_data,
-    lower_instances,
+)
+from bilevel.learning.job import (
+    TRACKING_WARNING,
     lower_level_gap,
     sid_capped,
-    single_strength_baseline,
 )
 from bilevel.methods import Budget
 from bilevel.problem import BilevelError
@@ -630,7 +635,7 @@ def test_hyperparameter_plot_without_matplotlib_warns(tmp_path, monkeypatch):
 
 def test_default_method_is_chosen_by_the_training_set_size(tmp_path, capsys, monkeypatch):
     """SID from SID_MIN_TRAIN training samples on, AID-CG below and with cross validation."""
-    assert job.SID_MIN_TRAIN == 100_000
+    assert SID_MIN_TRAIN == 100_000
     assert default_method(99_999) == "aid-cg"
     assert default_method(100_000) == "sid" and default_method(10**6) == "sid"
     assert default_method(10**6, cv=3) == "aid-cg"

@@ -126,8 +126,8 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     given = {f.name: getattr(args, f.name) for f, _ in config_fields(cls) if hasattr(args, f.name)}
     path = getattr(args, "config", None)
     if path is not None:
-        return load_config(cls, path, **given)
-    return config_from_dict(cls, {}, "options", **given)
+        return load_config(cls, path, given)
+    return config_from_dict(cls, {}, "options", given)
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser, name: str) -> None:

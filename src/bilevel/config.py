@@ -116,14 +116,17 @@ def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
 
 
 def config_from_dict(
-    cls: type[C], data: Mapping[str, Any], where: str = "configuration", **overrides: Any
+    cls: type[C],
+    values: Mapping[str, Any],
+    where: str = "configuration",
+    overrides: Mapping[str, Any] | None = None,
 ) -> C:
-    """The configuration ``cls`` with the values of ``data`` and then ``overrides`` (field
+    """The configuration ``cls`` with ``values`` and then ``overrides`` (field
     defaults elsewhere). Unknown keys, wrong types and values outside a field's choices are a
     :class:`~bilevel.errors.BilevelError` naming the key and ``where`` it came from."""
     fields = {f.name: (f, tp) for f, tp in config_fields(cls)}
-    values: dict[str, Any] = {}
-    for source, items in ((where, data), ("options", overrides)):
+    chosen: dict[str, Any] = {}
+    for source, items in ((where, values), ("options", overrides or {})):
         for key, value in items.items():
             if key not in fields:
                 raise BilevelError(
@@ -137,8 +140,8 @@ def config_from_dict(
                 raise BilevelError(
                     f"{source}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}"
                 )
-            values[key] = value
-    return cls(**values)
+            chosen[key] = value
+    return cls(**chosen)
 
 
 def _job_name(cls: type) -> str:
@@ -146,7 +149,9 @@ def _job_name(cls: type) -> str:
     return f"bilevel {job}" if job else cls.__name__
 
 
-def load_config(cls: type[C], path: str | Path, **overrides: Any) -> C:
+def load_config(
+    cls: type[C], path: str | Path, overrides: Mapping[str, Any] | None = None
+) -> C:
     """The configuration ``cls`` read from the TOML file ``path``, then ``overrides``.
 
     Raises:
@@ -168,7 +173,7 @@ def load_config(cls: type[C], path: str | Path, **overrides: Any) -> C:
     if table is not None:
         key = next(k for k, v in data.items() if isinstance(v, dict))
         raise BilevelError(f"{p}: unknown table [{key}] (a configuration has no tables)")
-    return config_from_dict(cls, data, str(p), **overrides)
+    return config_from_dict(cls, data, str(p), overrides)
 
 
 def config_dict(config: Any) -> dict[str, Any]:

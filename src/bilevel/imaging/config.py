@@ -153,7 +153,7 @@ def job_config(task: str, **options: Any) -> ImagingConfig:
     (e.g. ``train_size=64``): for scripts that build runs as the job does."""
     if task not in TASKS:
         raise BilevelError(f"unknown imaging task {task!r}; choose denoise, deblur or inpaint")
-    return config_from_dict(TASKS[task], {}, **options)
+    return config_from_dict(TASKS[task], {}, "options", options)
 
 
 @dataclass

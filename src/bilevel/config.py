@@ -149,9 +149,7 @@ def _job_name(cls: type) -> str:
     return f"bilevel {job}" if job else cls.__name__
 
 
-def load_config(
-    cls: type[C], path: str | Path, overrides: Mapping[str, Any] | None = None
-) -> C:
+def load_config(cls: type[C], path: str | Path, overrides: Mapping[str, Any] | None = None) -> C:
     """The configuration ``cls`` read from the TOML file ``path``, then ``overrides``.
 
     Raises:

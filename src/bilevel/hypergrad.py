@@ -5,7 +5,7 @@ it returns a :class:`Hypergradient`: the estimate z of ∇F(θ) for the mean upp
 batch (shaped like θ), the a-posteriori error bound ω with a certified/estimated flag, the
 lower-level and adjoint solutions (for warm starts), and the cost in oracle calls.
 
-    z = ∇_θ f̄ − (1/B) Σ_i J_iᵀ q_i,    H_i q_i = ∇ₓf_i(x̃_i)                (PAPERS.md §2)
+    z = ∇_θ f̄ − (1/B) Σ_i J_iᵀ q_i,    H_i q_i = ∇ₓf_i(x̃_i)                (docs/concepts.md)
 
 Estimators: :class:`Implicit` (AID with any linear solver), :class:`Unrolled` (ITD),
 :class:`JacobianFree` (JFB: H⁻¹ replaced by a multiple of the identity), :class:`Exact`

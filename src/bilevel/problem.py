@@ -237,10 +237,6 @@ class BilevelProblem:
         value = self.lipschitz() if callable(self.lipschitz) else self.lipschitz
         return None if value is None else float(value)
 
-    @property
-    def mu_is_estimated(self) -> bool:
-        return self.mu is None
-
     def mu_values(self, batch: Batch, like: Tensor) -> Tensor | None:
         """The stated μ per instance at the current θ, shape (B,) (``None`` if not stated)."""
         return evaluate_constant("mu", self.mu, self.theta, batch, like, positive=True)

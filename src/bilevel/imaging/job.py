@@ -94,9 +94,8 @@ from bilevel.runs import (
 from bilevel.runs.tensorboard import TensorBoardLog
 
 TV_GRID = (0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
-#: Tolerance on each test image's ‖∇ₓh‖ for the reported reconstructions. In float32 the
-#: gradient of a learned FoE with smoothings of a few 1e-3 stalls at about 1.6e-3 from
-#: roundoff (10 000 accelerated steps did no better than 2000), hence the looser value.
+#: Tolerance on each test image's ‖∇ₓh‖ for the reported reconstructions; looser in float32,
+#: where the gradient of a learned FoE with small smoothings stalls at its rounding floor.
 EVAL_TOL = {torch.float64: 1e-3, torch.float32: 3e-3}
 #: Initial smoothing ν_k of the Fields-of-Experts potentials (learned during the run).
 FOE_SMOOTHING = 0.003

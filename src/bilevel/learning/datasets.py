@@ -159,15 +159,6 @@ def random_folds(n: int, k: int, seed: int = 0) -> Tensor:
     return masks
 
 
-def _csr_row_ids(X: Tensor) -> Tensor:
-    """Row index of every stored entry of a CSR matrix."""
-    crow = X.crow_indices()
-    counts = crow[1:] - crow[:-1]
-    return torch.repeat_interleave(
-        torch.arange(X.shape[0], device=crow.device), counts, output_size=X.values().numel()
-    )
-
-
 def scale_columns(X: Tensor, scale: Tensor) -> Tensor:
     """X diag(1/scale) for a sparse matrix (the result is CSR)."""
     X = to_csr(X)

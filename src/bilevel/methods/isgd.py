@@ -1,4 +1,4 @@
-"""ISGD: inexact stochastic gradient descent on the upper level (PAPERS.md §3).
+"""ISGD: inexact stochastic gradient descent on the upper level ([ISGD], docs/concepts.md).
 
 At step k, with S_k the next minibatch of a random permutation of the n samples (reshuffled
 every epoch, drawn from the method's own seeded ``torch.Generator``):

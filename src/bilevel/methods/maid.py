@@ -1,4 +1,4 @@
-"""Deterministic full-batch baselines with an inexact backtracking line search (PAPERS.md §4).
+"""Deterministic full-batch baselines with an inexact backtracking line search ([MAID]).
 
 One iteration at θ with tolerances (ε, δ) on all n samples at once:
 

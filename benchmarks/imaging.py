@@ -76,8 +76,9 @@ SCHEDULE_STEPS = {"ridge": {"sgd": 1e-2, "adam": 5e-2}, "icnn": {"sgd": 1e-4, "a
 
 
 def job_args(spec: dict[str, Any]) -> ImagingConfig:
-    """The configuration of ``bilevel <task>`` that reproduces one run of a study: the runs are built
-    exactly as the imaging job builds them (data, operator, regulariser, method, evaluation)."""
+    """The configuration of ``bilevel <task>`` that reproduces one run of a study: the runs
+    are built exactly as the imaging job builds them (data, operator, regulariser, method,
+    evaluation)."""
     options: dict[str, Any] = {
         "data": str(spec["data"]),
         "crop": spec["crop"],

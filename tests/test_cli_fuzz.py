@@ -23,8 +23,8 @@ from bilevel.imaging import job as imaging_job
 from bilevel.imaging.config import DenoiseConfig, job_config
 from bilevel.imaging.data import load_image
 from bilevel.learning import job as hpo_job
-from bilevel.learning.hpo import load_data
 from bilevel.learning.datasets import read_csv, read_svmlight
+from bilevel.learning.hpo import load_data
 from bilevel.problem import BilevelError
 from bilevel.runs import save_torch, write_json
 

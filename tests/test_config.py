@@ -221,3 +221,38 @@ def test_hpo_job_json_is_its_configuration(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--seed", "1", "--resume", "--no-progress", "--no-plots"]) == 2
     assert "seed: 0 -> 1" in capsys.readouterr().err
+
+
+def test_named_grad_maps_parameter_names_to_the_hypergradient():
+    """hg.named_grad(θ) for a Module θ: the names of named_parameters() (frozen ones left
+    out), each with the entry of hg.grad in parameter_list's order."""
+    import torch
+    from torch import nn
+
+    from bilevel import BilevelProblem, Exact
+
+    theta = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).double()
+    theta[0].bias.requires_grad_(False)
+
+    def lower(x, th, batch):
+        return 0.5 * (x**2).sum(1) - (x * th(batch)).sum(1)
+
+    def upper(x, th, batch):
+        return 0.5 * (x**2).sum(1)
+
+    batch = torch.randn(3, 2, dtype=torch.float64)
+    problem = BilevelProblem(lower, upper, theta, mu=1.0)
+    hg = Exact()(problem, batch, torch.zeros(3, 1, dtype=torch.float64), lower_tol=1e-12)
+    named = hg.named_grad(theta)
+    assert list(named) == ["0.weight", "1.weight", "1.bias"]
+    for (name, p), g in zip(
+        ((n, p) for n, p in theta.named_parameters() if p.requires_grad), hg.grad
+    ):
+        assert named[name] is g and g.shape == p.shape
+    # x̂ = θ(batch), F = mean ½‖x̂‖²: ∂F/∂(last bias) = mean x̂
+    assert torch.allclose(named["1.bias"], theta(batch).mean(0).detach())
+    assert list(hg.named_grad([theta[1].weight, theta[1].bias, theta[0].weight])) == [
+        "0",
+        "1",
+        "2",
+    ]

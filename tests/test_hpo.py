@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bilevel.cli import main
-from bilevel.learning import job
+from bilevel.learning import hpo
 from bilevel.learning.evaluation import (
     LowerEvaluator,
     RiseGuard,
@@ -643,7 +643,7 @@ def test_default_method_is_chosen_by_the_training_set_size(tmp_path, capsys, mon
     code, s, _ = _hpo(capsys, *common, "--run-dir", str(tmp_path / "small"))
     assert code == 0 and s["method"] == "aid-cg"  # breast cancer: 341 training samples
     assert json.loads((tmp_path / "small" / "job.json").read_text())["method"] == "aid-cg"
-    monkeypatch.setattr(job, "SID_MIN_TRAIN", 300)  # the rule, with a lower threshold
+    monkeypatch.setattr(hpo, "SID_MIN_TRAIN", 300)  # the rule, with a lower threshold
     code, s, _ = _hpo(capsys, *common, "--run-dir", str(tmp_path / "large"))
     assert code == 0 and s["method"] == "sid"
     records = (tmp_path / "large" / "metrics.jsonl").read_text().splitlines()

@@ -60,7 +60,9 @@ from bilevel.problem import (
     BilevelProblem,
     NonFiniteError,
     NotStronglyConvexError,
+    Theta,
     check_finite,
+    parameter_names,
 )
 
 
@@ -111,6 +113,17 @@ class Hypergradient:
     def norm(self) -> float:
         """‖z‖₂ over all parameters."""
         return math.sqrt(sum(float((g * g).sum()) for g in self.grad))
+
+    def named_grad(self, theta: Theta) -> dict[str, Tensor]:
+        """z by parameter name for the θ it was computed at: ``{"layer.weight": ...}`` for an
+        ``nn.Module``, the keys of a dict, ``"0"``, ``"1"``, ... for a sequence and ``"theta"``
+        for one tensor (see :func:`~bilevel.problem.parameter_names`)."""
+        names = parameter_names(theta)
+        if len(names) != len(self.grad):
+            raise BilevelError(
+                f"theta has {len(names)} parameters but the hypergradient {len(self.grad)}"
+            )
+        return dict(zip(names, self.grad))
 
     def accumulate_into(self, params: list[Tensor]) -> None:
         """Add z to ``p.grad`` so that any ``torch.optim`` optimiser can take the step."""

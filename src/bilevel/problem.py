@@ -74,6 +74,22 @@ def parameter_list(theta: Theta) -> list[Tensor]:
     return params
 
 
+def parameter_names(theta: Theta) -> list[str]:
+    """Names of the tensors of :func:`parameter_list`, in its order: the parameter names of an
+    ``nn.Module`` (``"layer.weight"``), the keys of a dict, ``"0"``, ``"1"``, ... for a
+    sequence and ``"theta"`` for one tensor."""
+    parameter_list(theta)  # validates θ
+    if isinstance(theta, nn.Module):
+        named = list(theta.named_parameters())
+    elif isinstance(theta, Tensor):
+        named = [("theta", theta)]
+    elif isinstance(theta, Mapping):
+        named = [(str(k), v) for k, v in theta.items()]
+    else:
+        named = [(str(i), t) for i, t in enumerate(theta)]
+    return [name for name, t in named if t.requires_grad]
+
+
 def evaluate_constant(
     name: str, value: Constant, theta: Any, batch: Batch, like: Tensor, *, positive: bool = False
 ) -> Tensor | None:

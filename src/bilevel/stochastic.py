@@ -7,7 +7,8 @@ gradient step,
 
 (η > 0 the *map step*, in units of w per unit of ∇_w h, i.e. 1 / curvature; H = ∇²_ww h and
 J = ∇²_λw h), and Φ̂ is the same map on a minibatch I of the N samples. With
-v* = (I − ∂_wΦᵀ)⁻¹ ∇_w E = H⁻¹∇_w E / η the hypergradient is ∇_λE + ∂_λΦᵀ v* ([SID]; references in docs/concepts.md).
+v* = (I − ∂_wΦᵀ)⁻¹ ∇_w E = H⁻¹∇_w E / η the hypergradient is ∇_λE + ∂_λΦᵀ v* ([SID],
+docs/concepts.md).
 SID computes it in three stages, each on its own stream of fresh minibatches:
 
 1. t steps of a stochastic solver for w; the default :class:`StochasticFixedPoint` is

@@ -124,8 +124,8 @@ class ISGD:
         evaluate: Evaluation | None = None,
         eval_every: int = 1,
         checkpoint_every: int = 50,
-        progress: bool = True,
-        plot: bool = True,
+        progress: bool = False,
+        plot: bool = False,
         keep_history: bool = False,
     ) -> RunResult:
         """Train ``problem.theta`` in place on ``samples`` until ``budget`` is spent.
@@ -140,8 +140,10 @@ class ISGD:
                 steps (logged with step k's record) and once at the end.
             checkpoint_every: steps between checkpoints (one is also written at the end and
                 on KeyboardInterrupt).
-            progress: show a progress bar on stderr.
-            plot: write plots of the metrics to ``run_dir/plots`` at the end.
+            progress: show a progress bar on stderr (off by default for library use; the
+                jobs turn it on).
+            plot: write plots of the metrics to ``run_dir/plots`` at the end (off by
+                default; the jobs turn it on).
             keep_history: keep θ after every step in ``RunResult.history``.
 
         Returns:

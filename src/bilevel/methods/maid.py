@@ -150,8 +150,8 @@ class _LineSearch:
         evaluate: Evaluation | None = None,
         eval_every: int = 1,
         checkpoint_every: int = 10,
-        progress: bool = True,
-        plot: bool = True,
+        progress: bool = False,
+        plot: bool = False,
         keep_history: bool = False,
     ) -> RunResult:
         """Optimise ``problem.theta`` in place on all of ``samples`` until ``budget`` is spent

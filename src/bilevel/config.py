@@ -28,6 +28,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "Invocation",
     "base_type",
     "config_dict",
     "config_fields",
@@ -177,6 +178,18 @@ def load_config(cls: type[C], path: str | Path, overrides: Mapping[str, Any] | N
 def config_dict(config: Any) -> dict[str, Any]:
     """The fields of a configuration as a plain dict (``job.json``, summaries)."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+@dataclasses.dataclass
+class Invocation:
+    """How a job is run, beside what its configuration says it computes: continue
+    (``resume``) or replace (``overwrite``) the run in the run directory, print the summary
+    as JSON, and the command-line arguments (``argv``) that the resume hint repeats."""
+
+    resume: bool = False
+    overwrite: bool = False
+    json: bool = False
+    argv: list[str] | None = None
 
 
 def resumable_fields(config: Any) -> tuple[str, ...]:

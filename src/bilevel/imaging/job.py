@@ -7,12 +7,13 @@ regulariser's parameters θ with (by default) Adam-preconditioned ISGD on
 
 compares the learned regulariser on the test set with the degraded input and with total
 variation tuned by grid search on the training set, and writes everything to a run
-directory: ``config.json``, ``metrics.jsonl``, checkpoints, ``plots/``, ``reconstructions.png``,
-``model.pt`` (the last θ), ``model_best.pt`` (θ of the evaluation with the best PSNR on
-validation crops of the training images: the test crops never choose a model) and
-``summary.json``. Every option is checked before any work; the directory is locked while the
-run writes it. Interrupting (Ctrl-C or SIGTERM) writes a checkpoint and a summary marked
-unfinished (no ``model.pt``); ``--resume`` continues.
+directory: ``job.json`` (the job's configuration, :mod:`bilevel.imaging.config`),
+``config.json`` (the run loop's), ``metrics.jsonl``, checkpoints, ``plots/``,
+``reconstructions.png``, ``model.pt`` (the last θ), ``model_best.pt`` (θ of the evaluation
+with the best PSNR on validation crops of the training images: the test crops never choose a
+model) and ``summary.json``. Every option is checked before any work; the directory is locked
+while the run writes it. Interrupting (Ctrl-C or SIGTERM) writes a checkpoint and a summary
+marked unfinished (no ``model.pt``); ``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.config import job_record, resumable_fields, resume_command
+from bilevel.config import Invocation, job_record, resumable_fields, resume_command
 from bilevel.hypergrad import Implicit
 from bilevel.imaging.config import (
     FILTER_SIZES,
@@ -446,18 +447,6 @@ def theta_state(problem: BilevelProblem, values: list[Tensor] | None = None) -> 
         return {k: v.detach().clone() for k, v in problem.theta.state_dict().items()}
     finally:
         load_params(problem.params, current)
-
-
-@dataclass
-class Invocation:
-    """How a job is run, beside what its configuration says it computes: continue
-    (``resume``) or replace (``overwrite``) the run in the run directory, print the summary
-    as JSON, and the command-line arguments (``argv``) that the resume hint repeats."""
-
-    resume: bool = False
-    overwrite: bool = False
-    json: bool = False
-    argv: list[str] | None = None
 
 
 def run(

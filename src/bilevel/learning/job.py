@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bilevel.config import job_record, resumable_fields, resume_command
+from bilevel.config import Invocation, job_record, resumable_fields, resume_command
 from bilevel.learning.config import DEFAULT_METHOD_RULE, HpoConfig
 from bilevel.learning.datasets import SplitData
 from bilevel.learning.evaluation import (
@@ -215,16 +215,6 @@ def _check_options(config: HpoConfig, resume: bool, overwrite: bool) -> None:
             raise BilevelError(f"--run-dir {config.run_dir} is a file, not a directory")
 
 
-@dataclasses.dataclass
-class _Invocation:
-    """How a job is run, beside what its configuration says it computes."""
-
-    resume: bool = False
-    overwrite: bool = False
-    json: bool = False
-    argv: list[str] | None = None
-
-
 def run(
     config: HpoConfig,
     *,
@@ -243,7 +233,7 @@ def run(
     option is checked before any work; the run directory is locked while the run writes it."""
     if not isinstance(config, HpoConfig):
         raise BilevelError(f"bilevel hpo needs an HpoConfig, got {type(config).__name__}")
-    inv = _Invocation(resume, overwrite, json, argv)
+    inv = Invocation(resume, overwrite, json, argv)
     t_start = time.perf_counter()
     log = sys.stderr
 
@@ -346,7 +336,7 @@ def run(
 
 def _train(
     config: HpoConfig,
-    inv: _Invocation,
+    inv: Invocation,
     data: SplitData,
     job: dict[str, Any],
     theta_range: tuple[float, float],

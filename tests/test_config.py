@@ -167,6 +167,11 @@ def test_unknown_or_wrong_keys_are_one_line_errors(tmp_path):
     path.write_text('crop = "16"\n')
     with pytest.raises(BilevelError, match="crop must be an integer"):
         load_config(DenoiseConfig, path)
+    path.write_text("step = 0.05\naccuracy = 1\n")  # numbers for text fields: schedules
+    assert (load_config(DenoiseConfig, path).step, load_config(DenoiseConfig, path).accuracy) == (
+        "0.05",
+        "1",
+    )
     path.write_text('regulariser = "foo"\n')
     with pytest.raises(BilevelError, match="regulariser must be one of"):
         load_config(DenoiseConfig, path)

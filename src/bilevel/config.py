@@ -95,7 +95,8 @@ def base_type(tp: Any) -> tuple[Any, bool]:
 
 
 def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
-    """``value`` checked against the field type ``tp`` (an int is accepted for a float)."""
+    """``value`` checked against the field type ``tp`` (an int is accepted for a float, and a
+    number for a text field such as a step schedule ``0.05`` or a column index ``-1``)."""
     base, optional = base_type(tp)
     if value is None:
         if optional:
@@ -107,6 +108,8 @@ def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
         raise BilevelError(f"{where}: {name} must be a list of strings, got {value!r}")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value)  # a number where text is expected: a step of 0.05, a column -1
     if base is bool and not isinstance(value, bool):
         raise BilevelError(f"{where}: {name} must be true or false, got {value!r}")
     if base is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -71,7 +71,7 @@ JOBS: dict[str, tuple[str | None, str, str]] = {
 #: Jobs that write a run directory (and take --resume / --overwrite).
 TRAINING_JOBS = ("denoise", "deblur", "inpaint", "hpo")
 
-DEBUG_HELP = "show the traceback of an error"
+DEBUG_HELP = "show the traceback of an error (default: off)"
 
 
 def _load(spec: str) -> Any:
@@ -133,7 +133,9 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 def _add_job_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     config_spec = JOBS[name][0]
     if config_spec is None:  # bilevel models
-        parser.add_argument("--json", action="store_true", help="print the records as JSON")
+        parser.add_argument(
+            "--json", action="store_true", help="print the records as JSON (default: off)"
+        )
         return
     cls = _load(config_spec)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -160,47 +160,47 @@ def _scores(x: Tensor, clean: Tensor) -> dict[str, float]:
 def run(config: ReconstructConfig, *, json: bool = False) -> int:
     """Reconstruct every image of ``config.images``; print one line each (or with ``json``
     one JSON object); return the exit status."""
-    args = dataclasses.replace(config, images=list(config.images))
-    if not args.tol > 0:
-        raise BilevelError(f"--tol must be positive, got {args.tol}")
-    if args.max_iter < 1:
-        raise BilevelError(f"--max-iter must be positive, got {args.max_iter}")
-    if args.model:  # the positionals are all images
-        args.images = ([args.run_dir] if args.run_dir else []) + list(args.images)
-        regulariser = pretrained(args.model)
-        info = model_info(args.model)
+    cfg = dataclasses.replace(config, images=list(config.images))
+    if not cfg.tol > 0:
+        raise BilevelError(f"--tol must be positive, got {cfg.tol}")
+    if cfg.max_iter < 1:
+        raise BilevelError(f"--max-iter must be positive, got {cfg.max_iter}")
+    if cfg.model:  # the positionals are all images
+        cfg.images = ([cfg.run_dir] if cfg.run_dir else []) + list(cfg.images)
+        regulariser = pretrained(cfg.model)
+        info = model_info(cfg.model)
         options = job_config("denoise", sigma=float(info["sigma"]), dtype="float32")
-        run_dir = Path(args.out or f"reconstructed-{args.model}")
+        run_dir = Path(cfg.out or f"reconstructed-{cfg.model}")
     else:
-        if not args.run_dir:
+        if not cfg.run_dir:
             raise BilevelError("give a run directory or --model NAME")
-        run_dir = Path(args.run_dir)
-        regulariser, options = load_learned(run_dir, best=args.best)
-    if not args.images:
+        run_dir = Path(cfg.run_dir)
+        regulariser, options = load_learned(run_dir, best=cfg.best)
+    if not cfg.images:
         raise BilevelError("no images given")
-    if args.sigma is not None:
-        if not (math.isfinite(args.sigma) and 0 < args.sigma < 255):
-            raise BilevelError(f"--sigma must be in (0, 255), got {args.sigma}")
-        options = dataclasses.replace(options, sigma=args.sigma)
+    if cfg.sigma is not None:
+        if not (math.isfinite(cfg.sigma) and 0 < cfg.sigma < 255):
+            raise BilevelError(f"--sigma must be in (0, 255), got {cfg.sigma}")
+        options = dataclasses.replace(options, sigma=cfg.sigma)
         if hasattr(regulariser, "set_noise_level"):
-            regulariser.set_noise_level(args.sigma / 255.0)
+            regulariser.set_noise_level(cfg.sigma / 255.0)
     inpaint = options.job == "inpaint"
-    if inpaint and not args.mask:
+    if inpaint and not cfg.mask:
         raise BilevelError("an inpainting model needs the mask of the images (--mask FILE)")
-    if args.mask and not inpaint:
+    if cfg.mask and not inpaint:
         raise BilevelError(f"--mask applies to inpainting runs; {run_dir} is a {options.job} run")
-    stems = [Path(name).stem for name in args.images]
+    stems = [Path(name).stem for name in cfg.images]
     clash = next((s for s in stems if stems.count(s) > 1), None)
     if clash is not None:
         raise BilevelError(f"two images are named {clash!r}: their outputs would overwrite")
     dtype = getattr(torch, options.dtype)
     images = []
-    for name in args.images:  # read them all first: a bad file fails before any work
+    for name in cfg.images:  # read them all first: a bad file fails before any work
         images.append(load_image(name, color=options.color, dtype=dtype))
     if inpaint:  # check every mask before any work too
         for image in images:
-            _mask(args.mask, image)
-    out_dir = Path(args.out) if args.out else run_dir if args.model else run_dir / "reconstructed"
+            _mask(cfg.mask, image)
+    out_dir = Path(cfg.out) if cfg.out else run_dir if cfg.model else run_dir / "reconstructed"
     if out_dir.exists() and not out_dir.is_dir():
         raise BilevelError(f"--out {out_dir} is a file, not a folder")
     try:
@@ -209,19 +209,19 @@ def run(config: ReconstructConfig, *, json: bool = False) -> int:
         raise BilevelError(f"cannot create the output folder {out_dir}: {err.strerror}") from None
     results = []
     problem = None if inpaint else learned_problem(regulariser, options)
-    for k, (name, image) in enumerate(zip(args.images, images)):
+    for k, (name, image) in enumerate(zip(cfg.images, images)):
         if inpaint:  # each image brings its own mask
-            problem = learned_problem(regulariser, options, _mask(args.mask, image))
+            problem = learned_problem(regulariser, options, _mask(cfg.mask, image))
         op = problem.theta["operator"]
         x = image.unsqueeze(0)
         y = x
-        if args.add_noise:
-            gen = torch.Generator().manual_seed(args.seed + k)
+        if cfg.add_noise:
+            gen = torch.Generator().manual_seed(cfg.seed + k)
             noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(dtype)
             y = op(x) + options.sigma / 255.0 * noise
         start = time.perf_counter()
-        tol = args.tol * x.numel() ** 0.5  # an RMS tolerance: the same for every image size
-        x_hat = reconstruct(problem, (y, y), x0=op.adjoint(y), tol=tol, max_iter=args.max_iter)
+        tol = cfg.tol * x.numel() ** 0.5  # an RMS tolerance: the same for every image size
+        x_hat = reconstruct(problem, (y, y), x0=op.adjoint(y), tol=tol, max_iter=cfg.max_iter)
         seconds = time.perf_counter() - start
         stem = Path(name).stem
         record: dict[str, Any] = {
@@ -230,7 +230,7 @@ def run(config: ReconstructConfig, *, json: bool = False) -> int:
             "seconds": seconds,
         }
         save_image(x_hat[0], record["output"])
-        if args.add_noise:
+        if cfg.add_noise:
             record["degraded_output"] = str(out_dir / f"{stem}_degraded.png")
             save_image(op.adjoint(y)[0], record["degraded_output"])
             record["degraded"] = _scores(op.adjoint(y), x)
@@ -244,7 +244,7 @@ def run(config: ReconstructConfig, *, json: bool = False) -> int:
         results.append(record)
         if not json:
             line = f"  {name} -> {record['output']} ({seconds:.1f} s)"
-            if args.add_noise:
+            if cfg.add_noise:
                 d, r = record["degraded"], record["reconstructed"]
                 line += f"; PSNR {d['psnr']:.2f} dB degraded, {r['psnr']:.2f} dB reconstructed"
             print(line)
@@ -254,6 +254,6 @@ def run(config: ReconstructConfig, *, json: bool = False) -> int:
             k: (None if any(r[k] is None for r in results) else _mean([r[k] for r in results]))
             for k in keys
         }
-        head = {"model": args.model} if args.model else {"run_dir": str(run_dir)}
+        head = {"model": cfg.model} if cfg.model else {"run_dir": str(run_dir)}
         print(dumps_json({**head, "task": options.job, "images": results, "mean": mean}))
     return 0

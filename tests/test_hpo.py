@@ -614,18 +614,18 @@ def test_sklearn_compatible(estimator, check):
 
 
 def test_hyperparameter_plot_without_matplotlib_warns(tmp_path, monkeypatch):
-    import bilevel.learning.job as job
+    import bilevel.learning.report as report
 
     def missing(*args):
         raise ImportError("plotting needs matplotlib")
 
     data = load_data("breast_cancer", seed=0)
     model = build_model(data, "logistic", theta0=-3.0)
-    job.plot_hyperparameters(tmp_path / "with.png", model, data, -3.0)
+    report.plot_hyperparameters(tmp_path / "with.png", model, data, -3.0)
     assert (tmp_path / "with.png").is_file()
-    monkeypatch.setattr(job, "new_figure", missing)
+    monkeypatch.setattr(report, "new_figure", missing)
     with pytest.warns(RuntimeWarning, match="no hyperparameter plot: plotting needs matplotlib"):
-        job.plot_hyperparameters(tmp_path / "without.png", model, data, -3.0)
+        report.plot_hyperparameters(tmp_path / "without.png", model, data, -3.0)
     assert not (tmp_path / "without.png").exists()
 
 

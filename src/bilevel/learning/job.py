@@ -8,7 +8,6 @@ models, estimators, method) and :mod:`bilevel.learning.evaluation` (F(θ), the b
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import math
@@ -16,11 +15,9 @@ import pathlib
 import re
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from bilevel.config import Invocation, job_record, resumable_fields, resume_command
@@ -44,32 +41,26 @@ from bilevel.learning.hpo import (
     load_data,
 )
 from bilevel.learning.models import FiniteSumModel, HypercleaningModel
-from bilevel.learning.report import write_report
+from bilevel.learning.report import (
+    BEST_HYPERPARAMETERS_FILE,
+    HYPERPARAMETERS_FILE,
+    plot_hyperparameters,
+    write_hyperparameters,
+    write_report,
+)
 from bilevel.methods import Budget, RunResult
 from bilevel.methods.common import ranked_by
 from bilevel.problem import BilevelError
 from bilevel.runs import (
     RunLock,
-    atomic_output,
     check_resume,
     dumps_json,
-    new_figure,
     to_jsonable,
     write_json,
 )
 from bilevel.schedules import as_schedule
 
-__all__ = [
-    "BEST_HYPERPARAMETERS_FILE",
-    "HYPERPARAMETERS_FILE",
-    "JOB_FILES",
-    "TRACKING_WARNING",
-    "lower_level_gap",
-    "plot_hyperparameters",
-    "run",
-    "sid_capped",
-    "write_hyperparameters",
-]
+__all__ = ["JOB_FILES", "TRACKING_WARNING", "lower_level_gap", "run", "sid_capped"]
 
 
 def _parse_shrinkage(value: float | None, model: str) -> float | None:
@@ -523,85 +514,6 @@ def lower_level_gap(records: list[Mapping[str, Any]]) -> dict[str, float] | None
                 "relative": abs(f_iterate - val) / max(abs(val), 1e-300),
             }
     return None
-
-
-#: The learnt hyperparameters, one row each, in the run directory.
-HYPERPARAMETERS_FILE = "hyperparameters.csv"
-#: The hyperparameters of the best evaluation (lowest validation loss), beside them.
-BEST_HYPERPARAMETERS_FILE = "hyperparameters_best.csv"
-
-
-def write_hyperparameters(path: pathlib.Path, model: FiniteSumModel, data: SplitData) -> None:
-    """The learnt θ as CSV: for per-feature models one row per feature (``feature``: its name
-    or ``x<k>``, ``theta``, ``strength`` λ = exp θ, for the standardised feature), for
-    hyper-cleaning one row per training sample (``row``: its row in the original data,
-    ``theta``, ``weight`` σ(θ), and ``corrupted`` when the corruption is known)."""
-    theta = model.theta.detach().to("cpu", torch.float64).reshape(-1)
-    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        out = csv.writer(f)
-        if isinstance(model, HypercleaningModel):
-            rows = data.train_index if data.train_index is not None else torch.arange(len(theta))
-            columns = [rows.tolist(), [f"{v:.9g}" for v in theta.tolist()]]
-            columns.append([f"{v:.9g}" for v in torch.sigmoid(theta).tolist()])
-            header = ["row", "theta", "weight"]
-            if model.corrupted is not None:
-                header.append("corrupted")
-                columns.append(model.corrupted.int().tolist())
-            out.writerow(header)
-            out.writerows(zip(*columns))
-            return
-        d = data.n_features
-        names = data.feature_names if data.feature_names else [f"x{k}" for k in range(d)]
-        if len(theta) != d:  # one common strength, or one per coefficient
-            names = [f"theta{k}" for k in range(len(theta))]
-        out.writerow(["feature", "theta", "strength"])
-        for name, value in zip(names, theta.tolist()):
-            out.writerow([name, f"{value:.9g}", f"{math.exp(value):.9g}"])
-
-
-def plot_hyperparameters(
-    path: pathlib.Path, model: FiniteSumModel, data: SplitData, theta0: float
-) -> None:
-    """A figure of the learnt θ: the strengths λ_k per feature (log scale) against the common
-    starting value exp θ₀, or for hyper-cleaning the histogram of the sample weights σ(θ_j),
-    clean and corrupted samples apart when the corruption is known."""
-    try:
-        fig = new_figure(8, 3.5)
-    except ImportError as exc:
-        warnings.warn(f"no hyperparameter plot: {exc}", RuntimeWarning, stacklevel=2)
-        return
-    ax = fig.add_subplot()
-    theta = model.theta.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    if isinstance(model, HypercleaningModel):
-        weights = 1.0 / (1.0 + np.exp(-theta))
-        bins = np.linspace(0.0, 1.0, 41)
-        if model.corrupted is not None:
-            bad = model.corrupted.cpu().numpy()
-            ax.hist(weights[~bad], bins=bins, alpha=0.7, label="clean labels")
-            ax.hist(weights[bad], bins=bins, alpha=0.7, label="corrupted labels")
-            ax.legend()
-        else:
-            ax.hist(weights, bins=bins)
-        ax.set(xlabel="learnt sample weight σ(θ_j)", ylabel="training samples")
-    else:
-        k = np.arange(len(theta))
-        ax.bar(k, np.exp(theta), color="C0")
-        ax.axhline(
-            math.exp(theta0), color="C3", linestyle="--", label=f"start: λ = {math.exp(theta0):.3g}"
-        )
-        ax.set_yscale("log")
-        values = [*np.exp(theta), math.exp(theta0)]
-        ax.set_ylim(min(values) / 1.5, max(values) * 1.5)  # a range even when all are equal
-        ax.set(xlabel="feature", ylabel="learnt strength λ_k")
-        names = data.feature_names
-        if names and len(names) == len(theta) and len(theta) <= 40:
-            ax.set_xticks(k, names, rotation=90, fontsize=7)
-        ax.legend()
-    ax.set_title(f"{type(model).__name__} on {data.name}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
 
 
 def _summary(

@@ -1,172 +1,319 @@
-"""Overhead of the library's implicit hypergradient against a minimal torch.func version.
+"""Overhead of the library's lower solve and implicit hypergradient against minimal versions.
 
-Both sides perform exactly the same iterations: K accelerated-gradient steps on the lower
-level (step 1/L, strongly convex momentum, gradient restart), then M conjugate-gradient
-iterations on the adjoint system, then one mixed VJP.  The library is run with a tolerance it
-cannot reach, so that it too stops at the iteration caps; it additionally certifies its
-result (per-instance gradient norms, one true-residual product) — that is the overhead
-measured here.  The error bound is switched off on both sides.
+Per-feature ℓ2 logistic regression, h(w, θ) = mean_j softplus-loss(x_jᵀw, y_j) + ½ Σ e^θ_k w_k²
+(training rows), f(w) = the same loss on validation rows, one lower-level instance:
 
-Cases: (a) per-feature ℓ2 logistic regression on scikit-learn's breast-cancer data;
-(b) a batch of 16 noisy 64×64 images with a smoothed total-variation regulariser with two
-parameters (log strength, log smoothing).
+* (a) scikit-learn's breast-cancer data, d = 30 (400 training rows);
+* (b) synthetic, 20 000 × 200;
+* (c) synthetic, 200 000 × 100 (``--rows-c`` makes it smaller).
 
-Prints the median time per hypergradient of each side and their ratio, measured in one run.
-Usage: python benchmarks/hypergradient_overhead.py [--repeats 15]
+K lower steps and M CG iterations: (a) 1000 and 30, (b) 100 and 30, (c) 30 and 10 (on (c) CG
+reaches the float32 underflow range well before 30 iterations).
+
+Two measurements per instance and dtype (float32 and float64), each against a minimal
+PyTorch implementation doing exactly the same work, and against the same algorithm written
+in JAX and jitted (``jax`` optional: its columns are skipped when it is not installed):
+
+* **lower solve**: K accelerated-gradient steps from w = 0 (step 1/L, strongly convex
+  momentum, gradient restart; K + 1 gradient evaluations; the library's stopping test at the
+  iterations of ``bilevel.lower.next_check`` is repeated by the minimal version) — the library
+  runs ``Nesterov(max_iter=K)`` with an unreachable tolerance;
+* **hypergradient given w**: the first-derivative graph at the lower solution, ∇f, exactly M CG
+  iterations (``CG(max_iter=M, fixed_iterations=True)``), one mixed VJP; the minimal version
+  answers every Hessian-vector product by one backward pass through the one graph (plain
+  autograd), the JAX version by ``jvp`` of ``grad`` inside one jitted function. The library
+  additionally evaluates ∇h at w (its lower solve stops at once) and the true adjoint residual
+  (one product); its error bound is off.
+
+Times are medians over ``--repeats`` interleaved repeats (library, minimal, JAX in turn), one
+thread per stack by default; JAX compiles once before the repeats (the compile time is printed).
+Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--rows-c 200000]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
 import torch
-from torch.func import grad, jvp, vjp
+import torch.nn.functional as F
 
 from bilevel import CG, BilevelProblem, Implicit, Nesterov
+from bilevel.lower import CHECK_EVERY, next_check
 
 
-def logistic_case(dtype=torch.float64):
-    from sklearn.datasets import load_breast_cancer
+def instance(name: str, dtype: torch.dtype, rows_c: int) -> dict:
+    """Training/validation data, θ, the Lipschitz bound L and μ of one instance."""
+    gen = torch.Generator().manual_seed(0)
+    if name == "a":
+        from sklearn.datasets import load_breast_cancer
 
-    data = load_breast_cancer()
-    x = torch.tensor(data.data, dtype=dtype)
-    x = (x - x.mean(0)) / x.std(0)
-    y = torch.tensor(data.target, dtype=dtype)
-    x_tr, y_tr, x_va, y_va = x[:400], y[:400], x[400:], y[400:]
-    theta = torch.full((30,), -2.0, dtype=dtype, requires_grad=True)
+        data = load_breast_cancer()
+        x = torch.tensor(data.data, dtype=torch.float64)
+        x = (x - x.mean(0)) / x.std(0)
+        y = torch.tensor(data.target, dtype=torch.float64)
+        n_train = 400
+    else:
+        n, d = (20_000, 200) if name == "b" else (rows_c, 100)
+        x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        w_true = torch.randn(d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+        y = (torch.rand(n, generator=gen, dtype=torch.float64) < torch.sigmoid(x @ w_true)).double()
+        n_train = n * 4 // 5
+    d = x.shape[1]
+    theta0 = -2.0
+    lip = 0.25 * float(torch.linalg.matrix_norm(x[:n_train], ord=2)) ** 2 / n_train
+    return {
+        "x_tr": x[:n_train].to(dtype).contiguous(),
+        "y_tr": y[:n_train].to(dtype),
+        "x_va": x[n_train:].to(dtype).contiguous(),
+        "y_va": y[n_train:].to(dtype),
+        "theta": torch.full((d,), theta0, dtype=dtype),
+        "lip": lip + math.exp(theta0),
+        "mu": math.exp(theta0),
+    }
+
+
+def energies(inst: dict):
+    x_tr, y_tr, x_va, y_va = inst["x_tr"], inst["y_tr"], inst["x_va"], inst["y_va"]
 
     def h(w, th, _):
-        z = w @ x_tr.T
-        ce = torch.nn.functional.softplus(z) - y_tr * z
-        return ce.mean(1) + 0.5 * (torch.exp(th) * w * w).sum(1)
+        z = F.linear(w, x_tr)
+        return (F.softplus(z) - y_tr * z).mean(1) + 0.5 * (torch.exp(th) * w * w).sum(1)
 
     def f(w, th, _):
-        z = w @ x_va.T
-        return (torch.nn.functional.softplus(z) - y_va * z).mean(1)
+        z = F.linear(w, x_va)
+        return (F.softplus(z) - y_va * z).mean(1)
 
-    lip = 0.25 * float(torch.linalg.matrix_norm(x_tr, ord=2)) ** 2 / 400 + math.exp(-2.0)
-    mu = math.exp(-2.0)
-    x0 = torch.zeros(1, 30, dtype=dtype)
-    return h, f, theta, None, x0, lip, mu
+    return h, f
 
 
-def tv_case(dtype=torch.float32, n=16, size=64):
-    gen = torch.Generator().manual_seed(0)
-    grid = torch.linspace(0, 1, size)
-    clean = ((grid[None, :, None] > 0.3) & (grid[None, None, :] < 0.6)).to(dtype)
-    clean = clean + 0.5 * torch.sin(6 * grid)[None, None, :]
-    clean = clean.expand(n, size, size) * torch.rand(n, 1, 1, generator=gen, dtype=dtype)
-    noisy = clean + 0.1 * torch.randn(clean.shape, generator=gen, dtype=dtype)
-    theta = torch.tensor([math.log(0.05), math.log(0.05)], dtype=dtype, requires_grad=True)
-
-    def tv(x, th):
-        dx = torch.diff(x, dim=-1, append=x[..., -1:])
-        dy = torch.diff(x, dim=-2, append=x[..., -1:, :])
-        return torch.exp(th[0]) * torch.sqrt(dx * dx + dy * dy + torch.exp(2 * th[1])).sum((1, 2))
-
-    def h(x, th, batch):
-        y, _ = batch
-        return 0.5 * ((x - y) ** 2).sum((1, 2)) + tv(x, th)
-
-    def f(x, th, batch):
-        _, xc = batch
-        return 0.5 * ((x - xc) ** 2).sum((1, 2))
-
-    lip = 1.0 + 8.0 * 0.05 / 0.05
-    return h, f, theta, (noisy, clean), noisy.clone(), lip, 1.0
+# --- the library ----------------------------------------------------------------------------
 
 
-def handwritten(h, f, theta, batch, x0, lip, mu, k_lower, m_cg):
-    """Minimal torch.func implicit hypergradient: K Nesterov steps, M CG steps, one VJP."""
-    th = theta.detach()
+def library_lower(inst: dict, k: int) -> torch.Tensor:
+    h, f = energies(inst)
+    theta = inst["theta"].clone().requires_grad_(True)
+    problem = BilevelProblem(h, f, theta, mu=inst["mu"], lipschitz=inst["lip"])
+    w0 = torch.zeros(1, theta.shape[0], dtype=theta.dtype)
+    from bilevel.autodiff import LowerLevel
 
-    def energy_sum(x, t):
-        return h(x, t, batch).sum()
-
-    grad_x = grad(energy_sum, argnums=0)
-    beta = (math.sqrt(lip) - math.sqrt(mu)) / (math.sqrt(lip) + math.sqrt(mu))
-    y, x_prev = x0, x0
-    n = x0.shape[0]
-    shape = (n,) + (1,) * (x0.dim() - 1)
-    for _ in range(k_lower):
-        g = grad_x(y, th)
-        _ = torch.linalg.vector_norm(g.reshape(n, -1), dim=1)  # the stopping test
-        x_new = y - g / lip
-        restart = ((g * (x_new - x_prev)).reshape(n, -1).sum(1) > 0).reshape(shape)
-        y_new = x_new + torch.where(restart, 0.0, beta) * (x_new - x_prev)
-        x_prev, y = x_new, y_new
-    x = y
-    b = grad(lambda x_: f(x_, th, batch).sum())(x)
-
-    def hvp(v):
-        return jvp(lambda x_: grad_x(x_, th), (x,), (v,))[1]
-
-    q = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = (r * r).reshape(n, -1).sum(1)
-    for _ in range(m_cg):
-        hp = hvp(p)
-        alpha = (rs / (p * hp).reshape(n, -1).sum(1)).reshape(shape)
-        q = q + alpha * p
-        r = r - alpha * hp
-        rs_new = (r * r).reshape(n, -1).sum(1)
-        p = r + (rs_new / rs).reshape(shape) * p
-        rs = rs_new
-    _, pullback = vjp(lambda t: grad_x(x, t), th)
-    (jtq,) = pullback(q)
-    grad_theta = grad(lambda t: f(x, t, batch).mean())(th)
-    return grad_theta - jtq / n
+    lower = LowerLevel(problem, None)
+    sol = Nesterov(max_iter=k).solve(lower, w0, 0.0, inst["mu"])
+    return sol.x
 
 
-def library(h, f, theta, batch, x0, lip, mu, k_lower, m_cg):
-    problem = BilevelProblem(h, f, theta, mu=mu, lipschitz=lip)
+def library_hypergradient(inst: dict, w: torch.Tensor, m: int) -> torch.Tensor:
+    h, f = energies(inst)
+    theta = inst["theta"].clone().requires_grad_(True)
+    problem = BilevelProblem(h, f, theta, mu=inst["mu"], lipschitz=inst["lip"])
     est = Implicit(
-        CG(max_iter=m_cg),
-        lower_solver=Nesterov(max_iter=k_lower),
+        CG(max_iter=m, fixed_iterations=True),
+        lower_solver=Nesterov(max_iter=0),
         compute_bound=False,
         warn_unconverged=False,
     )
-    tiny = torch.finfo(x0.dtype).tiny
-    return est(problem, batch, x0, lower_tol=tiny, adjoint_tol=tiny).grad[0]
+    return est(problem, None, w, lower_tol=math.inf, adjoint_tol=0.0).grad[0]
 
 
-def measure(case, k_lower, m_cg, repeats):
-    args = case()
-    lib = library(*args, k_lower, m_cg)
-    hand = handwritten(*args, k_lower, m_cg)
-    agree = float((lib - hand).norm() / hand.norm())
-    times = {"library": [], "handwritten": []}
+# --- minimal PyTorch ------------------------------------------------------------------------
+
+
+def minimal_lower(inst: dict, k: int) -> torch.Tensor:
+    """K Nesterov steps with plain autograd gradients; the same stopping tests."""
+    h, _ = energies(inst)
+    th = inst["theta"]
+    lip, mu = inst["lip"], inst["mu"]
+    beta = (math.sqrt(lip) - math.sqrt(mu)) / (math.sqrt(lip) + math.sqrt(mu))
+    y = torch.zeros(1, th.shape[0], dtype=th.dtype)
+    x_prev = y
+    check = 0
+    for it in range(k + 1):
+        yr = y.requires_grad_(True)
+        (g,) = torch.autograd.grad(h(yr, th, None).sum(), yr)
+        y = y.detach()
+        if it == check or it == k:
+            check = next_check(it, CHECK_EVERY)
+            if bool((torch.linalg.vector_norm(g, dim=1) <= 0.0).all()):
+                break
+        if it == k:
+            break
+        x_new = y - g / lip
+        diff = x_new - x_prev
+        restart = (g * diff).sum(1, keepdim=True) > 0
+        y = x_new + torch.where(restart, 0.0, beta) * diff
+        x_prev = x_new
+    return y
+
+
+def minimal_hypergradient(inst: dict, w: torch.Tensor, m: int) -> torch.Tensor:
+    """One first-derivative graph, M CG iterations by autograd HVPs, one VJP."""
+    h, f = energies(inst)
+    th = inst["theta"].clone().requires_grad_(True)
+    x = w.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(h(x, th, None).sum(), x, create_graph=True)
+        (b,) = torch.autograd.grad(f(x, th, None).sum(), x)
+    q = torch.zeros_like(b)
+    r = b
+    p = r
+    rr = (r * r).sum(1, keepdim=True)
+    for _ in range(m):
+        (hp,) = torch.autograd.grad(g, x, p, retain_graph=True)
+        alpha = rr / (p * hp).sum(1, keepdim=True)
+        q = q + alpha * p
+        r = r - alpha * hp
+        rr_new = (r * r).sum(1, keepdim=True)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    (jtq,) = torch.autograd.grad(g, th, q)
+    return -jtq / w.shape[0]
+
+
+# --- jitted JAX -----------------------------------------------------------------------------
+
+
+def jax_functions(inst: dict, k: int, m: int):
+    """Jitted JAX lower solve and hypergradient (the same algorithms), or None without JAX."""
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    jax.config.update("jax_enable_x64", True)
+    dt = jnp.float64 if inst["x_tr"].dtype == torch.float64 else jnp.float32
+    x_tr, y_tr = jnp.asarray(inst["x_tr"].numpy(), dt), jnp.asarray(inst["y_tr"].numpy(), dt)
+    x_va, y_va = jnp.asarray(inst["x_va"].numpy(), dt), jnp.asarray(inst["y_va"].numpy(), dt)
+    theta = jnp.asarray(inst["theta"].numpy(), dt)
+    lip, mu = inst["lip"], inst["mu"]
+    beta = (math.sqrt(lip) - math.sqrt(mu)) / (math.sqrt(lip) + math.sqrt(mu))
+
+    def h(w, th, x, y):
+        z = x @ w
+        return jnp.mean(jax.nn.softplus(z) - y * z) + 0.5 * jnp.sum(jnp.exp(th) * w * w)
+
+    def f(w, x, y):
+        z = x @ w
+        return jnp.mean(jax.nn.softplus(z) - y * z)
+
+    grad_w = jax.grad(h)
+
+    @jax.jit  # the data are arguments, not constants folded into the program
+    def lower(th, x, y):
+        def step(_, state):
+            yk, x_prev = state
+            g = grad_w(yk, th, x, y)
+            x_new = yk - g / lip
+            diff = x_new - x_prev
+            return x_new + jnp.where(jnp.vdot(g, diff) > 0, 0.0, beta) * diff, x_new
+
+        w0 = jnp.zeros_like(th)
+        yk, _ = jax.lax.fori_loop(0, k, step, (w0, w0))
+        return yk, jnp.linalg.norm(grad_w(yk, th, x, y))
+
+    @jax.jit
+    def hypergradient(w, th, x, y, xv, yv):
+        def hvp(v):
+            return jax.jvp(lambda u: grad_w(u, th, x, y), (w,), (v,))[1]
+
+        b = jax.grad(f)(w, xv, yv)
+        q, _ = jax.scipy.sparse.linalg.cg(hvp, b, tol=0.0, atol=0.0, maxiter=m)
+        _, pullback = jax.vjp(lambda t: grad_w(w, t, x, y), th)
+        return -pullback(q)[0]
+
+    def run_lower():
+        return lower(theta, x_tr, y_tr)[0].block_until_ready()
+
+    def run_hyper(w):
+        wj = jnp.asarray(w.reshape(-1).numpy(), dt)
+        return hypergradient(wj, theta, x_tr, y_tr, x_va, y_va).block_until_ready()
+
+    return run_lower, run_hyper
+
+
+# --- measurement ----------------------------------------------------------------------------
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def measure(name: str, dtype: torch.dtype, k: int, m: int, repeats: int, rows_c: int) -> dict:
+    inst = instance(name, dtype, rows_c)
+    w_lib, w_min = library_lower(inst, k), minimal_lower(inst, k)
+    lower_diff = float((w_lib - w_min).norm() / w_min.norm())
+    z_lib, z_min = library_hypergradient(inst, w_lib, m), minimal_hypergradient(inst, w_lib, m)
+    hyper_diff = float((z_lib - z_min).norm() / z_min.norm())
+    jx = jax_functions(inst, k, m)
+    compile_s = math.nan
+    if jx is not None:
+        start = time.perf_counter()
+        jx[0]()
+        jx[1](w_lib)
+        compile_s = time.perf_counter() - start
+    sides = {
+        "lower": [("library", library_lower, (inst, k)), ("minimal", minimal_lower, (inst, k))],
+        "hyper": [
+            ("library", library_hypergradient, (inst, w_lib, m)),
+            ("minimal", minimal_hypergradient, (inst, w_lib, m)),
+        ],
+    }
+    if jx is not None:
+        sides["lower"].append(("jax", jx[0], ()))
+        sides["hyper"].append(("jax", jx[1], (w_lib,)))
+    times = {(task, side): [] for task, entries in sides.items() for side, _, _ in entries}
     for _ in range(repeats):
-        for name, fn in (("library", library), ("handwritten", handwritten)):
-            start = time.perf_counter()
-            fn(*args, k_lower, m_cg)
-            times[name].append(time.perf_counter() - start)
-    t_lib = statistics.median(times["library"])
-    t_hand = statistics.median(times["handwritten"])
-    return t_lib, t_hand, agree
+        for task, entries in sides.items():
+            for side, fn, args in entries:
+                times[task, side].append(timed(fn, *args))
+    med = {key: statistics.median(v) for key, v in times.items()}
+    return {"med": med, "lower_diff": lower_diff, "hyper_diff": hyper_diff, "compile": compile_s}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows-c", type=int, default=200_000, help="rows of instance (c)")
+    parser.add_argument("--cases", default="abc", help="subset of the instances a, b, c")
+    parser.add_argument("--dtypes", default="float32,float64")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'case':<34} {'library':>10} {'torch.func':>11} {'ratio':>7} {'rel.diff':>9}")
-    cases = [
-        ("(a) logistic, breast_cancer, d=30", logistic_case, 200, 30),
-        ("(b) smoothed TV, 16 x 64x64, 2 par", tv_case, 100, 30),
-    ]
-    for label, case, k, m in cases:
-        t_lib, t_hand, agree = measure(case, k, m, args.repeats)
-        print(
-            f"{label:<34} {1e3 * t_lib:>8.1f}ms {1e3 * t_hand:>9.1f}ms "
-            f"{t_lib / t_hand:>7.3f} {agree:>9.1e}"
+    torch.set_num_threads(args.threads)
+    if args.threads == 1:  # before JAX is imported
+        os.environ.setdefault(
+            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} repeats")
+    # K lower steps and M CG iterations per instance
+    plan = {"a": (1000, 30), "b": (100, 30), "c": (30, 10)}
+    header = (
+        f"{'case':<28} {'task':<6} {'library':>9} {'minimal':>9} {'jax':>9} "
+        f"{'lib/min':>8} {'lib/jax':>8} {'rel.diff':>9}"
+    )
+    print(header)
+    for name in args.cases:
+        k, m = plan[name]
+        for dt_name in args.dtypes.split(","):
+            dtype = getattr(torch, dt_name)
+            res = measure(name, dtype, k, m, args.repeats, args.rows_c)
+            med = res["med"]
+            for task, label, diff in (
+                ("lower", f"K={k}", res["lower_diff"]),
+                ("hyper", f"M={m}", res["hyper_diff"]),
+            ):
+                lib, mini = med[task, "library"], med[task, "minimal"]
+                jx = med.get((task, "jax"), math.nan)
+                print(
+                    f"({name}) {dt_name} {label:<14} {task:<6} {1e3 * lib:>7.2f}ms "
+                    f"{1e3 * mini:>7.2f}ms {1e3 * jx:>7.2f}ms {lib / mini:>8.3f} "
+                    f"{lib / jx:>8.2f} {diff:>9.1e}"
+                )
+            if not math.isnan(res["compile"]):
+                print(f"({name}) {dt_name} JAX compile + first run: {res['compile']:.2f} s")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from bilevel import BilevelError, BilevelProblem
 from bilevel.bounds import BoundConstants
 from bilevel.hypergrad import BoundWarning, Exact, Implicit, JacobianFree, Unrolled
 from bilevel.linear import CG, MINRES, FixedPoint, Neumann
-from bilevel.lower import LBFGS, GradientDescent, Nesterov
+from bilevel.lower import LBFGS, ConvergenceWarning, GradientDescent, Nesterov
 from bilevel.problem import NotStronglyConvexError
 
 F64 = torch.float64
@@ -97,7 +97,7 @@ def test_upper_loss_depending_on_theta_is_covered(stated):
         if stated:
             p_norm = float(torch.linalg.matrix_norm(problem.upper_projection, ord=2))
             consts = BoundConstants(upper_grad_lipschitz=1.0, upper_mixed_lipschitz=p_norm)
-        est = Implicit(CG(), lower_solver=GradientDescent(), constants=consts)
+        est = Implicit(CG(), lower_solver=GradientDescent(), constants=consts, compute_bound=True)
         x0 = torch.zeros(3, 5, dtype=F64)
         hg = est(problem, batch, x0, lower_tol=1e-2, adjoint_tol=1e-2)
         assert hg.bound_certified, hg.constants
@@ -108,12 +108,12 @@ def test_upper_loss_depending_on_theta_is_covered(stated):
 # -- failure 2: a stated μ larger than the true strong-convexity constant ----------------------
 
 WRONG_MU_ESTIMATORS = {
-    "cg": Implicit(CG(), lower_solver=LBFGS()),
-    "minres": Implicit(MINRES(), lower_solver=LBFGS()),
-    "fixed_point": Implicit(FixedPoint(max_iter=300), lower_solver=LBFGS()),
-    "neumann": Implicit(Neumann(terms=100), lower_solver=LBFGS()),
-    "exact": Exact(lower_solver=LBFGS()),
-    "jacobian_free": JacobianFree(lower_solver=LBFGS()),
+    "cg": Implicit(CG(), lower_solver=LBFGS(), compute_bound=True),
+    "minres": Implicit(MINRES(), lower_solver=LBFGS(), compute_bound=True),
+    "fixed_point": Implicit(FixedPoint(max_iter=300), lower_solver=LBFGS(), compute_bound=True),
+    "neumann": Implicit(Neumann(terms=100), lower_solver=LBFGS(), compute_bound=True),
+    "exact": Exact(lower_solver=LBFGS(), compute_bound=True),
+    "jacobian_free": JacobianFree(lower_solver=LBFGS(), compute_bound=True),
 }
 
 
@@ -180,7 +180,7 @@ def test_estimated_mu_is_on_the_safe_side():
         consts = BoundConstants(
             upper_grad_lipschitz=1.0, jacobian_lipschitz=0.0, hessian_lipschitz=0.0
         )
-        hg = Implicit(CG(), lower_solver=GradientDescent(), constants=consts)(
+        hg = Implicit(CG(), lower_solver=GradientDescent(), constants=consts, compute_bound=True)(
             problem, batch, torch.zeros(2, dim, dtype=F64), lower_tol=1e-2, adjoint_tol=1e-2
         )
         assert hg.mu_estimated and not hg.bound_certified
@@ -196,9 +196,9 @@ def test_estimated_mu_is_on_the_safe_side():
 def test_float32_certificate_accounts_for_rounding(name):
     """Scalar and tiny float32 problems, where ω is attained up to rounding."""
     est = {
-        "cg": Implicit(CG(), lower_solver=GradientDescent()),
-        "jacobian_free": JacobianFree(lower_solver=GradientDescent()),
-        "exact": Exact(lower_solver=GradientDescent()),
+        "cg": Implicit(CG(), lower_solver=GradientDescent(), compute_bound=True),
+        "jacobian_free": JacobianFree(lower_solver=GradientDescent(), compute_bound=True),
+        "exact": Exact(lower_solver=GradientDescent(), compute_bound=True),
     }[name]
     for seed in range(40):
         dim = 1 + seed % 3
@@ -216,7 +216,14 @@ def test_float32_certificate_accounts_for_rounding(name):
 
 
 @pytest.mark.parametrize(
-    "est", [Implicit(), Exact(), JacobianFree(), Unrolled(steps=5)], ids=lambda e: type(e).__name__
+    "est",
+    [
+        Implicit(compute_bound=True),
+        Exact(compute_bound=True),
+        JacobianFree(compute_bound=True),
+        Unrolled(steps=5),
+    ],
+    ids=lambda e: type(e).__name__,
 )
 @pytest.mark.parametrize("uses_theta", [False, True])
 def test_upper_loss_without_x_is_a_clear_error(est, uses_theta):
@@ -266,7 +273,7 @@ def test_mu_depending_on_theta_is_evaluated_at_the_current_theta():
     problem, theta, closed_form = ridge_per_feature()
     # J(w) = ∇²_θw h = diag(e^θ ∘ w) moves with w: L_J = max_k e^{θ_k}, stated as a function of θ
     consts = BoundConstants(jacobian_lipschitz=lambda th, batch: torch.exp(th).max())
-    est = Implicit(CG(), lower_solver=GradientDescent(), constants=consts)
+    est = Implicit(CG(), lower_solver=GradientDescent(), constants=consts, compute_bound=True)
     for shift in (0.0, -2.0, 1.5):
         with torch.no_grad():
             theta.copy_(torch.linspace(-1.0, 1.0, theta.numel(), dtype=F64) + shift)
@@ -281,7 +288,7 @@ def test_mu_depending_on_theta_is_evaluated_at_the_current_theta():
 def test_mu_per_instance():
     problem, batch, exact = random_quadratic(3, 3, 4, 2)
     problem.mu = problem.true_lambda_min.clone()
-    hg = Implicit(CG(), lower_solver=GradientDescent())(
+    hg = Implicit(CG(), lower_solver=GradientDescent(), compute_bound=True)(
         problem, batch, torch.zeros(3, 4, dtype=F64), lower_tol=1e-2
     )
     assert hg.bound_certified
@@ -292,7 +299,7 @@ def test_mu_per_instance():
 
 def test_constants_say_where_they_came_from():
     problem, batch, _ = random_quadratic(1, 2, 5, 2)
-    hg = Implicit()(problem, batch, torch.zeros(2, 5, dtype=F64), lower_tol=1e-3)
+    hg = Implicit(compute_bound=True)(problem, batch, torch.zeros(2, 5, dtype=F64), lower_tol=1e-3)
     sources = {k: v.source for k, v in hg.constants.items()}
     assert sources == {
         "mu": "stated",
@@ -305,7 +312,7 @@ def test_constants_say_where_they_came_from():
     assert hg.constants["L_H"].value == 0.0 and hg.constants["L_ftheta"].value == 0.0
     assert hg.constants["L_f"].value == pytest.approx(1.0)
     assert hg.bound_certified
-    stated = Implicit(constants=BoundConstants(upper_grad_lipschitz=2.0))(
+    stated = Implicit(constants=BoundConstants(upper_grad_lipschitz=2.0), compute_bound=True)(
         problem, batch, torch.zeros(2, 5, dtype=F64), lower_tol=1e-3
     )
     assert stated.constants["L_f"].source == "stated" and stated.constants["L_f"].value == 2.0
@@ -314,8 +321,10 @@ def test_constants_say_where_they_came_from():
 def test_stated_jacobian_norm_never_loosens_the_bound():
     problem, batch, _ = random_quadratic(2, 4, 5, 2)
     x0 = torch.zeros(4, 5, dtype=F64)
-    plain = Implicit()(problem, batch, x0, lower_tol=1e-3)
-    huge = Implicit(constants=BoundConstants(jacobian_norm=1e6))(problem, batch, x0, lower_tol=1e-3)
+    plain = Implicit(compute_bound=True)(problem, batch, x0, lower_tol=1e-3)
+    huge = Implicit(constants=BoundConstants(jacobian_norm=1e6), compute_bound=True)(
+        problem, batch, x0, lower_tol=1e-3
+    )
     assert huge.bound == pytest.approx(plain.bound)
 
 
@@ -329,13 +338,13 @@ def test_unrolled_refuses_tolerances(kw):
 def test_one_tolerance_rule_for_lower_and_linear_solvers():
     problem, batch, exact = random_quadratic(0, 2, 4, 2)
     x0 = torch.zeros(2, 4, dtype=F64)
-    hg = Implicit(CG(), lower_solver=Nesterov(max_iter=300))(
+    hg = Implicit(CG(), lower_solver=Nesterov(max_iter=300), compute_bound=True)(
         problem, batch, x0, lower_tol=0.0, adjoint_tol=0.0
     )
     assert error(hg, exact) < 1e-10
     for bad in (-1e-3, math.nan):
         with pytest.raises(BilevelError, match="non-negative"):
-            Implicit()(problem, batch, x0, lower_tol=bad)
+            Implicit(compute_bound=True)(problem, batch, x0, lower_tol=bad)
         with pytest.raises(BilevelError, match="non-negative"):
             CG().solve(lambda v, i: v, x0 + 1.0, bad)
 
@@ -343,7 +352,7 @@ def test_one_tolerance_rule_for_lower_and_linear_solvers():
 def test_power_iteration_is_seeded_from_the_call():
     """Without ``lipschitz``: x̃ of an instance does not depend on the batch or the global RNG."""
     problem, batch, _ = random_quadratic(4, 3, 5, 2)
-    est = Implicit(lower_solver=GradientDescent(max_iter=7))
+    est = Implicit(lower_solver=GradientDescent(max_iter=7), compute_bound=True)
     x0 = torch.zeros(3, 5, dtype=F64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -389,7 +398,7 @@ def logistic(seed, n_batch, dim, n_params, theta_in_f, dtype):
     def reference():
         th64 = theta.detach().to(F64).requires_grad_(True)
         ref_problem = make(F64, th64)
-        hg = Exact(lower_solver=Nesterov(max_iter=20000))(
+        hg = Exact(lower_solver=Nesterov(max_iter=20000), compute_bound=True)(
             ref_problem, data, torch.zeros(n_batch, dim, dtype=F64), lower_tol=1e-13
         )
         return hg.grad[0]
@@ -451,9 +460,9 @@ def test_property_certified_bounds_never_lie():
             problem.mu = None
         lower = LOWER[case["lower"]]
         est = {
-            "implicit": Implicit(LINEAR[case["linear"]], lower_solver=lower),
-            "exact": Exact(lower_solver=lower),
-            "jacobian_free": JacobianFree(lower_solver=lower),
+            "implicit": Implicit(LINEAR[case["linear"]], lower_solver=lower, compute_bound=True),
+            "exact": Exact(lower_solver=lower, compute_bound=True),
+            "jacobian_free": JacobianFree(lower_solver=lower, compute_bound=True),
         }[case["estimator"]]
         x0 = torch.zeros(case["n_batch"], case["dim"], dtype=dtype)
         with warnings.catch_warnings():
@@ -468,3 +477,87 @@ def test_property_certified_bounds_never_lie():
     check()
     assert len(estimated) >= 20
     assert sum(estimated) >= 0.99 * len(estimated), (sum(estimated), len(estimated))
+
+
+# -- a-posteriori estimate, float64 residuals, robustness ---------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_posteriori_estimate_covers_the_error_and_is_tight(dtype):
+    """Logistic lower levels (L_H, L_J estimated): the first-order a-posteriori estimate covers
+    the true error and is far tighter than the worst-case estimated bound."""
+    ratios, worst = [], []
+    for seed in range(12):
+        problem, batch, exact = logistic(seed, 3, 6, 2, seed % 2 == 1, dtype)
+        x0 = torch.zeros(3, 6, dtype=dtype)
+        for tol in (1e-1, 1e-3):
+            hg = Implicit(CG(), constants=BoundConstants(a_posteriori=True))(
+                problem, batch, x0, lower_tol=tol, adjoint_tol=tol
+            )
+            err = float((hg.grad[0].to(F64) - exact()).norm())
+            assert not hg.bound_certified and hg.constants["a_posteriori"].value == hg.bound
+            ratios.append(hg.bound / err)
+            worst_case = Implicit(CG())(problem, batch, x0, lower_tol=tol, adjoint_tol=tol)
+            worst.append(worst_case.bound / err)
+    ratios.sort()
+    assert ratios[0] >= 1.0, ratios[:3]
+    assert ratios[len(ratios) // 2] <= 10.0
+    assert sorted(worst)[len(worst) // 2] >= 5 * ratios[len(ratios) // 2]
+
+
+def test_certified_bound_is_kept_when_a_posteriori_is_asked_for():
+    problem, batch, exact = random_quadratic(3, 2, 5, 2)
+    hg = Implicit(CG(), constants=BoundConstants(a_posteriori=True))(
+        problem, batch, torch.zeros(2, 5, dtype=F64), lower_tol=1e-3
+    )
+    assert hg.bound_certified and "a_posteriori" not in hg.constants
+    assert error(hg, exact) <= hg.bound
+
+
+def test_float32_residuals_are_recomputed_in_float64():
+    """ε and δ of a float32 estimate are the float64 residuals at x̃, q̃ (no worst-case margin),
+    and the bound still covers the error of the float32 z."""
+    problem, batch, exact = random_quadratic(5, 2, 400, 2, dtype=torch.float32)
+    problem.mu = float(problem.true_lambda_min.min())
+    est = Implicit(CG(), constants=BoundConstants(upper_grad_lipschitz=1.0))
+    hg = est(problem, batch, torch.zeros(2, 400), lower_tol=1e-4, adjoint_tol=1e-4)
+    a, m, c, t = (v.to(F64) for v in batch)
+    x = hg.x.to(F64)
+    th = problem.theta.detach().to(F64)
+    grad_h = torch.einsum("bij,bj->bi", a, x) - (m @ th + c)
+    residual = torch.einsum("bij,bj->bi", a, hg.adjoint.to(F64)) - (x - t)
+    torch.testing.assert_close(hg.eps.to(F64) * problem.mu, grad_h.norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(hg.delta.to(F64), residual.norm(dim=1), rtol=1e-6, atol=0)
+    assert hg.bound_certified and error(hg, exact) <= hg.bound
+
+
+def test_upper_loss_linear_in_x_has_a_zero_hessian():
+    """f_i = ⟨t_i, x⟩ (∇ₓf constant, no graph): L_f is computed as 0, the bound certified."""
+    for dim in (4, 100):
+        problem, batch, _ = random_quadratic(1, 2, dim, 2)
+        problem.upper_loss = lambda x, th, b: (x * b[3]).sum(1)
+        a, m, c, t = batch
+        th = problem.theta.detach()
+        q = torch.linalg.solve(a, t.unsqueeze(-1)).squeeze(-1)
+        exact = torch.einsum("bip,bi->p", m, q) / 2
+        hg = Implicit(CG())(problem, batch, torch.zeros(2, dim, dtype=F64), lower_tol=1e-6)
+        assert hg.constants["L_f"].value == 0.0 and hg.constants["L_f"].source == "computed"
+        assert hg.bound_certified
+        assert float((hg.grad[0] - exact).norm()) <= hg.bound
+        del th
+
+
+def test_unconverged_adjoint_warns_and_is_not_certified():
+    problem, batch, exact = random_quadratic(2, 2, 30, 2, eig_low=0.01, eig_high=10.0)
+    est = Implicit(CG(max_iter=3))
+    x0 = torch.zeros(2, 30, dtype=F64)
+    with pytest.warns(
+        ConvergenceWarning, match="adjoint solver CG missed adjoint_tol.*not certified"
+    ):
+        hg = est(problem, batch, x0, lower_tol=1e-8, adjoint_tol=1e-8)
+    assert not hg.bound_certified
+    assert error(hg, exact) <= hg.bound  # the measured residual still bounds the error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        hg = Implicit(CG(max_iter=200))(problem, batch, x0, lower_tol=1e-8, adjoint_tol=1e-8)
+    assert hg.bound_certified

@@ -129,6 +129,8 @@ def test_cli_json_breast_cancer(tmp_path, capsys, method):
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 40
+    evaluated = [r for r in records if "val_loss" in r]
+    assert evaluated and all(r["bound"] is not None or r["bound_note"] for r in evaluated)
     # the learnt strengths, one row per named feature
     rows = (run_dir / "hyperparameters.csv").read_text().splitlines()
     assert rows[0] == "feature,theta,strength" and len(rows) == 31

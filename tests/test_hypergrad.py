@@ -125,7 +125,9 @@ def test_estimators_agree_with_exact_on_logistic(name):
 def test_jacobian_free_is_biased_but_its_bound_covers_the_bias():
     problem, batch, theta = quadratic_problem(n_batch=3, dim=5, seed=4)
     expected, _ = quadratic_exact(problem, batch)
-    hg = JacobianFree()(problem, batch, torch.zeros(3, 5, dtype=F64), lower_tol=1e-10)
+    hg = JacobianFree(compute_bound=True)(
+        problem, batch, torch.zeros(3, 5, dtype=F64), lower_tol=1e-10
+    )
     err = float((hg.grad[0] - expected).norm())
     assert err > 1e-3  # JFB is biased on this problem
     assert hg.bound >= err
@@ -174,7 +176,9 @@ def test_certified_bound_never_below_true_error(seed, eps_exp, delta_exp, n_batc
     problem, batch, theta = quadratic_problem(n_batch=n_batch, dim=5, seed=seed, quartic=0.0)
     expected, _ = quadratic_exact(problem, batch)
     consts = BoundConstants(upper_grad_lipschitz=1.0, jacobian_lipschitz=0.0, hessian_lipschitz=0.0)
-    est = Implicit(CG(max_iter=200), lower_solver=GradientDescent(), constants=consts)
+    est = Implicit(
+        CG(max_iter=200), lower_solver=GradientDescent(), constants=consts, compute_bound=True
+    )
     x0 = torch.randn(n_batch, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
     hg = est(problem, batch, x0, lower_tol=10**eps_exp, adjoint_tol=10**delta_exp)
     err = float((hg.grad[0] - expected).norm())
@@ -187,8 +191,10 @@ def test_certified_bound_never_below_true_error(seed, eps_exp, delta_exp, n_batc
 def test_estimated_bound_covers_error_on_logistic(seed, tol_exp):
     problem, theta = logistic_setup(seed=seed % 50)
     x0 = torch.zeros(1, 5, dtype=F64)
-    ref = Exact()(problem, None, x0, lower_tol=1e-12)
-    hg = Implicit(CG())(problem, None, x0, lower_tol=10**tol_exp, adjoint_tol=10**tol_exp)
+    ref = Exact(compute_bound=True)(problem, None, x0, lower_tol=1e-12)
+    hg = Implicit(CG(), compute_bound=True)(
+        problem, None, x0, lower_tol=10**tol_exp, adjoint_tol=10**tol_exp
+    )
     err = float((hg.grad[0] - ref.grad[0]).norm())
     assert not hg.bound_certified
     assert hg.bound >= err, (hg.bound, err)
@@ -298,7 +304,11 @@ def test_cost_is_reported():
     assert hg.cost.grad_evals >= hg.lower.grad_evals > 0
     assert hg.cost.hvps >= hg.linear.matvecs > 0
     assert hg.cost.vjps > 0 and hg.cost.wall_time > 0
-    assert hg.cost.oracle_calls == hg.cost.grad_evals + hg.cost.hvps
+    # the Jacobian products of the bound's ‖J‖ are oracle calls too
+    assert 0 < hg.cost.bound_products <= hg.cost.vjps
+    assert hg.cost.oracle_calls == hg.cost.grad_evals + hg.cost.hvps + hg.cost.bound_products
+    bare = Implicit(compute_bound=False)(problem, batch, torch.zeros(4, 6, dtype=F64))
+    assert bare.cost.bound_products == 0
 
 
 def test_float32_runs():

@@ -42,6 +42,21 @@ def test_denoise_learns_tv_that_beats_its_initial_value(tmp_path, capsys):
     assert any((run_dir / "plots").glob("test_psnr_vs_cost.png"))
 
 
+@pytest.mark.parametrize("method", ["maid", "isgd"])
+def test_every_evaluation_records_the_bound_or_why_there_is_none(method, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    options = ["--regulariser", "tv", "--method", method, "--budget", "3000", *SMALL]
+    assert main(["denoise", *options, "--eval-every", "1", "--run-dir", str(run_dir)]) == 0
+    records = read_metrics(run_dir / "metrics.jsonl")
+    evaluated = [r for r in records if "test_psnr" in r]
+    assert len(evaluated) == len(records) > 0
+    for r in evaluated:
+        if method == "maid":
+            assert r["bound"] > 0 and "certified" in r
+        else:
+            assert r["bound"] is None and "ω" in r["bound_note"]
+
+
 def test_resume_continues_a_run(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     assert (

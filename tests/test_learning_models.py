@@ -625,3 +625,22 @@ def test_cross_validation_errors(diabetes, wine):
     cleaning = HypercleaningModel(wine.X_train, y_noisy, wine.X_val, wine.y_val, 0.0, 3)
     with pytest.raises(BilevelError, match="per-feature models"):
         cleaning.cross_validate(random_folds(wine.n_train, 3))
+
+
+def test_cross_validation_keeps_a_mu_that_is_a_function_of_theta(diabetes):
+    """A μ stated as a function of θ survives cross_validate: the data curvature, which no
+    longer applies to a training part, is taken off its values."""
+    X, y = diabetes.X_train, diabetes.y_train
+    theta = torch.linspace(-2.0, 1.0, X.shape[1], dtype=X.dtype)
+    model = RidgeModel(X, y, X, y, theta.clone(), exact_mu=True)
+    curvature = model.data_curvature
+    assert curvature > 0
+    model.problem.mu = lambda th, batch: curvature + th.detach().exp().min()
+    model.cross_validate(random_folds(len(X), 3))
+    like = model.init_w(3)
+    mu = model.problem.mu_values(model.instance_batch(), like)
+    torch.testing.assert_close(mu, theta.exp().min().expand(3))
+    with torch.no_grad():
+        model.theta.add_(0.5)  # evaluated at the current θ
+    mu = model.problem.mu_values(model.instance_batch(), like)
+    torch.testing.assert_close(mu, (theta + 0.5).exp().min().expand(3))

@@ -58,6 +58,15 @@ class CountingOperator:
         return hv.reshape(v.shape)
 
 
+def assert_products(sol: LinearSolution, op: CountingOperator, initial: int = 0) -> None:
+    """``matvecs`` counts every product; an instance's products cover its own iterations (a
+    Krylov solver may keep a stopped instance in a masked batch until half have stopped)."""
+    assert sol.matvecs == op.products
+    assert (op.per_instance >= sol.iterations + initial).all()
+    assert op.products >= int(sol.iterations.sum()) + initial * sol.iterations.numel()
+    assert (op.per_instance <= int(sol.iterations.max()) + initial).all()
+
+
 def true_residual(h: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     hq = (h @ q.reshape(q.shape[0], -1, 1)).reshape(q.shape)
     return torch.linalg.vector_norm((hq - b).reshape(b.shape[0], -1), dim=-1)
@@ -92,7 +101,7 @@ def test_krylov_matches_dense_solve(solver: LinearSolver, event_shape: tuple[int
     # the reported residual is the residual of the returned solution, up to rounding
     true = true_residual(h, sol.solution, b)
     assert torch.allclose(sol.residual_norm, true, rtol=0.0, atol=1e-13 * bnorm.max())
-    assert sol.matvecs == op.products == int(sol.iterations.sum())
+    assert_products(sol, op)
     assert sol.iterations.dtype == torch.long and sol.converged.dtype == torch.bool
     assert sol.min_curvature.shape == (4,)
     assert (sol.min_curvature >= 1.0 - 1e-10).all() and (sol.min_curvature <= 50.0).all()
@@ -112,9 +121,10 @@ def test_per_instance_stopping(solver: LinearSolver) -> None:
     assert (sol.residual_norm <= 1e-9).all()
     easy = sol.iterations[1:]
     assert int(easy.max()) * 3 < int(sol.iterations[0])
-    # converged instances are no longer passed to the operator
-    assert torch.equal(op.per_instance, sol.iterations)
-    assert sol.matvecs == op.products == int(sol.iterations.sum())
+    # converged instances are no longer passed to the operator once most have converged
+    assert_products(sol, op)
+    assert op.per_instance[0] == sol.iterations[0]
+    assert (op.per_instance[1:] <= int(easy.max())).all()
     assert (rel_err(sol.solution, dense_solve(h, b)) < 1e-6).all()
 
 
@@ -165,7 +175,7 @@ def test_warm_start_from_nearby_point_counts_products(solver: LinearSolver) -> N
     warm = solver.solve(op, b, 1e-10, x0=x0)
     assert warm.converged.all()
     assert (warm.iterations < cold.iterations).all()
-    assert warm.matvecs == op.products == int(warm.iterations.sum()) + 3
+    assert_products(warm, op, initial=1)
     assert (rel_err(warm.solution, x_star) < 1e-8).all()
 
 
@@ -215,7 +225,7 @@ def test_minres_solves_symmetric_indefinite() -> None:
     assert (rel_err(sol.solution, dense_solve(h, b)) < 1e-8).all()
     assert (true_residual(h, sol.solution, b) < 1e-10).all()
     assert (sol.min_curvature < 0).all()  # the Lanczos Rayleigh quotients saw the negative part
-    assert sol.matvecs == op.products == int(sol.iterations.sum())
+    assert_products(sol, op)
 
 
 def test_fixed_point_error_decreases() -> None:
@@ -339,9 +349,10 @@ def test_zero_rhs_in_a_batch_float32(solver: LinearSolver) -> None:
     op = CountingOperator(h)
     sol = solver.solve(op, b, 1e-4)
     assert torch.isfinite(sol.solution).all() and sol.converged.all()
-    assert int(sol.iterations[1]) == 0 and int(op.per_instance[1]) == 0
-    assert torch.equal(sol.solution[1], torch.zeros(10))
+    assert int(sol.iterations[1]) == 0 and sol.residual_norm[1] == 0
+    assert torch.equal(sol.solution[1], torch.zeros(10))  # frozen while riding in the batch
     assert (sol.iterations[[0, 2]] > 0).all()
+    assert_products(sol, op)
 
 
 def test_max_iter_reports_not_converged() -> None:
@@ -440,7 +451,54 @@ def test_cg_with_autograd_hessian_vector_products() -> None:
         return hv
 
     sol = CG().solve(hvp, b, 1e-11)
-    assert sol.converged.all() and sol.matvecs == int(sol.iterations.sum())
+    assert sol.converged.all() and sol.matvecs == sum(map(len, seen)) >= int(sol.iterations.sum())
     hess = a + torch.diag_embed(1.0 / torch.cosh(x.reshape(batch, -1)) ** 2)
     assert (rel_err(sol.solution, dense_solve(hess, b)) < 1e-9).all()
     assert seen[0] == list(range(batch))
+
+
+@pytest.mark.parametrize("solver", [CG(check_every=4), MINRES(check_every=4)], ids=["cg", "minres"])
+def test_checks_every_few_iterations_keep_per_instance_results(solver: LinearSolver) -> None:
+    """Checking every 4 iterations changes no instance's iterations, solution or residual:
+    an instance stops on the device at the iteration that meets its tolerance."""
+    h = spd_batch(5, 30, cond=300.0, seed=40)
+    b = torch.randn(5, 30, generator=_gen(41), dtype=torch.float64)
+    tol = torch.tensor([1e-3, 1e-6, 1e-9, 1e-12, 1e-4], dtype=torch.float64)
+    every = solver.solve(CountingOperator(h), b, tol)
+    each = type(solver)(check_every=1).solve(CountingOperator(h), b, tol)
+    assert every.converged.all() and (every.residual_norm <= tol).all()
+    assert torch.equal(every.iterations, each.iterations)
+    assert torch.allclose(every.solution, each.solution, rtol=0, atol=1e-14)
+    assert torch.allclose(every.min_curvature, each.min_curvature, rtol=1e-12)
+
+
+@pytest.mark.parametrize("solver", [CG, MINRES], ids=["cg", "minres"])
+def test_fixed_iterations_run_exactly_max_iter(solver) -> None:
+    h = spd_batch(3, 10, cond=100.0, seed=42)
+    b = torch.randn(3, 10, generator=_gen(43), dtype=torch.float64)
+    op = CountingOperator(h)
+    sol = solver(max_iter=25, fixed_iterations=True).solve(op, b, 1e-3)
+    # past convergence and past the rounding floor: 25 iterations for every instance
+    assert (sol.iterations == 25).all() and op.products == sol.matvecs == 75
+    assert sol.converged.all()  # tol only sets `converged`
+    stopping = solver(max_iter=25).solve(CountingOperator(h), b, 1e-3)
+    assert (stopping.iterations < 25).all()
+    assert (true_residual(h, sol.solution, b) < 1e-8).all()
+
+
+def test_breakdown_found_between_checks() -> None:
+    """Negative curvature in the middle of a check interval is reported at its iteration."""
+    eigs = torch.linspace(1.0, 4.0, 8, dtype=torch.float64).expand(3, 8).clone()
+    eigs[2, 0] = -5.0
+    h = sym_matrices(eigs, seed=12)
+    b = torch.randn(3, 8, generator=_gen(13), dtype=torch.float64)
+    _, vecs = torch.linalg.eigh(h[2])
+    b[2] = vecs[:, 0] + 0.05 * b[2]
+    for every in (1, 7, 1000):
+        with pytest.raises(NotStronglyConvexError, match=r"instance 2 at iteration 1;"):
+            CG(check_every=every).solve(CountingOperator(h), b, 1e-10)
+    with pytest.raises(NotStronglyConvexError, match="instance 2"):
+        CG(max_iter=5, fixed_iterations=True).solve(CountingOperator(h), b, 0.0)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(BilevelError, match="check_every"):
+            CG(check_every=bad)

@@ -982,3 +982,18 @@ def test_sample_hessian_diagonal_is_exact(kind):
         torch.testing.assert_close(diag[b].reshape(-1), H.diagonal(), rtol=1e-10, atol=1e-12)
     full = model.lower_sample_diagonal(w, model.theta)
     assert full.shape == w.shape and bool((full > 0).all())
+
+
+def test_sid_evaluates_a_mu_that_is_a_function_of_theta():
+    model = _ridge()
+    stated = float(model.problem.mu)
+    model.problem.mu = lambda th, batch: torch.tensor(stated, dtype=torch.float64)
+    sid = SID(
+        lower_solver=StochasticFixedPoint(10, 4.0, 8.0),
+        linear_solver=StochasticLinearFixedPoint(5, 4.0, 8.0),
+        step=0.2,
+        lower_batch=12,
+    )
+    hg = sid(model.problem, None, model.init_w())
+    assert hg.mu == pytest.approx(stated) and not hg.mu_estimated
+    assert bool(torch.isfinite(hg.eps).all()) or bool(torch.isnan(hg.eps).all())

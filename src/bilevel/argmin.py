@@ -288,8 +288,8 @@ def argmin(
         lower_tol: stop instance i when ‖∇ₓh_i(x̂_i)‖ ≤ lower_tol (absolute, per instance).
         adjoint_tol: tolerance on ‖H_i q_i − ∂L/∂x̂_i‖ (defaults to ``lower_tol``).
         estimator: the hypergradient estimator whose lower solver and adjoint solve are used
-            (default ``Implicit(CG())``, which also computes the a-posteriori bound ω of each
-            backward pass; ``Implicit(CG(), compute_bound=False)`` skips it).
+            (default ``Implicit(CG())``; ``Implicit(CG(), compute_bound=True)`` also computes
+            the a-posteriori bound ω of each backward pass).
         mu: the strong-convexity modulus of h in x, if known (makes ``distance_bound`` a
             certificate and skips its estimation in the backward pass).
         lipschitz: a bound on the Lipschitz constant of ∇ₓh (step size of the lower solver).

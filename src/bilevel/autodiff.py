@@ -25,17 +25,22 @@ class Cost:
     """Oracle calls spent, counted per instance, and wall time in seconds.
 
     A stochastic oracle on a minibatch of b out of N samples counts b/N of a call.
+    ``bound_products`` are the Jacobian products spent on an error bound's constants (also
+    counted in ``vjps``): each is a backward pass through the gradient graph like an HVP, so
+    they count as oracle calls.
     """
 
     grad_evals: float = 0
     hvps: float = 0
     vjps: float = 0
     wall_time: float = 0.0
+    bound_products: float = 0
 
     @property
     def oracle_calls(self) -> float:
-        """Lower-level gradient evaluations + Hessian-vector products (the papers' x-axis)."""
-        return self.grad_evals + self.hvps
+        """Lower-level gradient evaluations + Hessian-vector products (the papers' x-axis),
+        plus the products spent on error bounds."""
+        return self.grad_evals + self.hvps + self.bound_products
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(
@@ -43,7 +48,16 @@ class Cost:
             self.hvps + other.hvps,
             self.vjps + other.vjps,
             self.wall_time + other.wall_time,
+            self.bound_products + other.bound_products,
         )
+
+
+def nonfinite_gradient() -> NonFiniteError:
+    """The error for a NaN or infinite lower-level gradient."""
+    return NonFiniteError(
+        "the lower-level gradient became NaN or infinite; the iterates diverged "
+        "(step size too large for the energy's curvature, or non-finite data)"
+    )
 
 
 def batch_norm(v: Tensor) -> Tensor:
@@ -72,20 +86,42 @@ class LowerLevel:
     problem: BilevelProblem
     batch: Batch
     cost: Cost = field(default_factory=Cost)
+    _selected: tuple[Tensor | None, Batch] = field(default=(None, None), init=False, repr=False)
 
-    def value_and_grad(self, x: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Energies h_i(x_i) (b,) and gradients ∇ₓh_i(x_i) (b, ...), detached."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            energy = self.problem.energy(x, index_batch(self.batch, index))
-            (grad,) = torch.autograd.grad(energy.sum(), x)
+    def select(self, index: Tensor | None) -> Batch:
+        """``batch`` restricted to ``index`` (the last selection is kept: solvers pass the same
+        ``index`` tensor until their active set changes, and must not modify it in place)."""
+        if index is None:
+            return self.batch
+        last, selected = self._selected
+        if index is not last:
+            selected = index_batch(self.batch, index)
+            self._selected = (index, selected)
+        return selected
+
+    def value_and_grad(
+        self, x: Tensor, index: Tensor | None = None, check: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Energies h_i(x_i) (b,) and gradients ∇ₓh_i(x_i) (b, ...), detached.
+
+        ``check=False`` skips the finiteness test of the gradient (a host synchronisation);
+        the caller then tests the gradient norms it computes anyway.
+        """
+        if torch.is_grad_enabled():
+            energy, grad = self._value_and_grad(x, index)
+        else:
+            with torch.enable_grad():
+                energy, grad = self._value_and_grad(x, index)
         self.cost.grad_evals += x.shape[0]
-        if not bool(torch.isfinite(grad).all()):
-            raise NonFiniteError(
-                "the lower-level gradient became NaN or infinite; the iterates diverged "
-                "(step size too large for the energy's curvature, or non-finite data)"
-            )
+        if check and not bool(torch.isfinite(grad).all()):
+            raise nonfinite_gradient()
         return energy.detach(), grad
+
+    def _value_and_grad(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        x = x.detach().requires_grad_(True)
+        energy = self.problem.energy(x, self.select(index))
+        (grad,) = torch.autograd.grad(energy.sum(), x)
+        return energy, grad
 
     def hessian(self, x: Tensor, index: Tensor | None = None) -> HessianOperator:
         """The Hessian ∇²ₓₓh at ``x`` as a batched matrix-free operator (keeps the graph)."""
@@ -117,6 +153,7 @@ class HessianOperator:
             (g,) = torch.autograd.grad(energy.sum(), xr, create_graph=True)
         lower.cost.grad_evals += x.shape[0]
         self._index, self._x, self._g = index, xr, g
+        self._known: Tensor | None = index
 
     @property
     def gradient(self) -> Tensor:
@@ -124,27 +161,34 @@ class HessianOperator:
         return self._full[2].detach()
 
     def matvec(self, v: Tensor, index: Tensor) -> Tensor:
-        """H_index v for the instances ``index`` (positions in the full batch)."""
-        if index.numel() != self._index.numel() or not bool((index == self._index).all()):
-            if 2 * index.numel() <= self._index.numel():
-                pos = _positions(self.full_index, index)
-                self._build(index, self.x_full[pos])
-            else:
-                pos = _positions(self._index, index)
-                padded = torch.zeros_like(self._x)
-                padded[pos] = v
-                return self._hvp(padded)[pos]
+        """H_index v for the instances ``index`` (positions in the full batch).
+
+        An ``index`` object seen before on the current graph is trusted without comparing its
+        values (solvers pass the same tensor between changes of their active set), so the
+        product costs no host synchronisation.
+        """
+        if index is not self._known:
+            if index.numel() != self._index.numel() or not bool((index == self._index).all()):
+                if 2 * index.numel() <= self._index.numel():
+                    pos = _positions(self.full_index, index)
+                    self._build(index, self.x_full[pos])
+                else:
+                    pos = _positions(self._index, index)
+                    padded = torch.zeros_like(self._x)
+                    padded[pos] = v
+                    return self._hvp(padded)[pos]
+            self._known = index
         return self._hvp(v)
 
     def _hvp(self, v: Tensor) -> Tensor:
-        with torch.enable_grad():
-            (hv,) = torch.autograd.grad(self._g, self._x, v, retain_graph=True)
+        (hv,) = torch.autograd.grad(self._g, self._x, v, retain_graph=True)
         self.lower.cost.hvps += v.shape[0]
         return hv
 
     def full_matvec(self, v: Tensor) -> Tensor:
         """H v for all instances, on the full graph."""
         self._index, self._x, self._g = self._full
+        self._known = None
         return self._hvp(v)
 
     def jacobian_vjp(self, q: Tensor, params: list[Tensor]) -> list[Tensor]:

@@ -50,10 +50,18 @@ from bilevel.bounds import (
     compute_error_bound,
     estimate_mu,
     generator_for,
+    recompute_float64,
     rounding_margin,
 )
 from bilevel.linear import CG, LinearSolution, LinearSolver, lanczos_extremes
-from bilevel.lower import LowerSolution, LowerSolver, Nesterov, estimate_lipschitz, solve_lower
+from bilevel.lower import (
+    ConvergenceWarning,
+    LowerSolution,
+    LowerSolver,
+    Nesterov,
+    estimate_lipschitz,
+    solve_lower,
+)
 from bilevel.problem import (
     Batch,
     BilevelError,
@@ -83,8 +91,11 @@ class Hypergradient:
         x: lower-level solutions x̃ (B, ...), for warm starts.
         adjoint: adjoint solutions q̃ (B, ...) (None for ITD), for warm starts.
         eps: certified per-instance distances ‖x̃_i − x̂_i‖ ≤ ε_i (B,).
-        delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (B,), recomputed at
-            q̃ and enlarged by the rounding margin of the working precision.
+        delta: per-instance adjoint residual norms ‖H_i q̃_i − ∇ₓf_i‖ (B,): with the bound
+            (or without a linear solver), recomputed at q̃ (in float64 below float64, else
+            enlarged by the rounding margin of the working precision; see
+            :mod:`bilevel.bounds`); otherwise the residual the adjoint solver reports (for CG
+            and MINRES the recursive one).
         lower: the lower-level solve's report; linear: the adjoint solve's report.
         mu: the strong-convexity modulus used (the smallest over instances);
             mu_estimated: whether it was estimated (not stated, or contradicted).
@@ -140,7 +151,11 @@ class Estimator:
 
     lower_solver: LowerSolver = field(default_factory=Nesterov)
     constants: BoundConstants = field(default_factory=BoundConstants)
-    compute_bound: bool = True
+    compute_bound: bool | None = None
+    """Compute the a-posteriori bound ω (and check a stated μ against the curvature at x̃):
+    True always, False never (MAID and HOAG refuse it), None (default) only when the caller
+    needs it — MAID and HOAG turn it on; a plain call returns ``bound=None`` and uses a
+    stated μ unchecked."""
     warn_unconverged: bool = True
 
     uses_tolerances: ClassVar[bool] = True
@@ -213,6 +228,8 @@ class Estimator:
         a seeded Lanczos run. Evidence below μ means the stated μ is wrong: warn, and use an
         estimate no larger than the evidence.
         """
+        if not self.compute_bound:  # nothing to certify: μ as stated
+            return mu, ConstantReport(float(mu.min()), "stated", "not checked (no bound)")
         c = self.constants
         n, dim = x.shape[0], x[0].numel()
         evidence = torch.full((n,), math.nan, dtype=x.dtype, device=x.device)
@@ -222,7 +239,7 @@ class Estimator:
             if linear.krylov_steps is not None:
                 steps = linear.krylov_steps
         need = min(dim, c.curvature_iterations)
-        if self.compute_bound and c.curvature_iterations > 0 and bool((steps < need).any()):
+        if c.curvature_iterations > 0 and bool((steps < need).any()):
             ritz = lanczos_extremes(op.matvec, x, need, generator_for(x, c.seed))
             evidence = torch.fmin(evidence, ritz.smallest)
             steps = torch.maximum(steps, ritz.steps)
@@ -249,8 +266,6 @@ class Estimator:
             return est, ConstantReport(
                 float(est.min()), "estimated", "stated μ contradicted at x̃; Ritz value / safety"
             )
-        if not self.compute_bound:
-            return mu, ConstantReport(float(mu.min()), "stated")
         if c.curvature_iterations <= 0:
             warnings.warn(
                 "the stated mu was not checked (curvature_iterations=0): bounds are not certified",
@@ -278,8 +293,10 @@ class Estimator:
         losses: Tensor,
         grad_x: Tensor,
         grad_theta: list[Tensor],
+        adjoint_missed: bool = False,
     ) -> Hypergradient:
-        """z = ∇_θ f̄ − (1/B) Σ J_iᵀ q_i; true residuals δ_i; the bound ω."""
+        """z = ∇_θ f̄ − (1/B) Σ J_iᵀ q_i; true residuals δ_i; the bound ω (not certified when
+        ``adjoint_missed``: the adjoint solve missed its tolerance)."""
         params = problem.params
         n = q.shape[0]
         jtq = op.jacobian_vjp(q, params)
@@ -292,12 +309,21 @@ class Estimator:
             grad = [g if r is None else g + r for g, r in zip(grad, reg_grads)]
             loss += float(reg.detach())
         x = sol.x
-        hq = op.full_matvec(q)
-        delta = batch_norm(hq - grad_x)
         gnorm = sol.grad_norm
+        z_rounding = None
+        if self.compute_bound or linear is None:  # the true residual at q̃
+            hq = op.full_matvec(q)
+            delta = batch_norm(hq - grad_x)
+        else:  # no bound: the adjoint solver's own residual (one product fewer)
+            delta = linear.residual_norm
         if self.compute_bound:  # rounding of the computed residuals (see bilevel.bounds)
-            delta = delta + rounding_margin(x, batch_norm(hq) + batch_norm(grad_x))
-            gnorm = gnorm + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + gnorm)
+            z_core = [gt - j / n for gt, j in zip(grad_theta, jtq)]
+            exact = recompute_float64(problem, batch, x, q, z_core, lower.cost)
+            if exact is not None:
+                gnorm, delta, z_rounding = exact.grad_norm, exact.delta, exact.z_rounding
+            else:
+                delta = delta + rounding_margin(x, batch_norm(hq) + batch_norm(grad_x))
+                gnorm = gnorm + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + gnorm)
         if mu_estimated:
             mu_report = ConstantReport(
                 float(mu.min()), "estimated", "Lanczos at x̃: max(θ_min − r, θ_min/10) / safety"
@@ -311,9 +337,23 @@ class Estimator:
         constants: dict[str, ConstantReport] = {"mu": mu_report}
         if self.compute_bound:
             eb = compute_error_bound(
-                problem, batch, op, eps, delta, grad_x, mu, mu_report, self.constants, q
+                problem,
+                batch,
+                op,
+                eps,
+                delta,
+                grad_x,
+                mu,
+                mu_report,
+                self.constants,
+                q,
+                z_rounding,
             )
-            bound, certified, constants = eb.value, eb.certified, eb.constants
+            bound, certified, constants = (
+                eb.value,
+                eb.certified and not adjoint_missed,
+                eb.constants,
+            )
         return Hypergradient(
             grad=grad,
             loss=loss,
@@ -337,9 +377,48 @@ class Estimator:
         sol, op, mu, mu_est = self._solve(problem, lower, x0, lower_tol)
         losses, grad_x, grad_theta = upper_gradients(problem, sol.x, batch)
         q, linear = self._adjoint(op, sol.x, grad_x, adjoint_tol, adjoint0, mu)
+        missed = self._adjoint_missed(linear, adjoint_tol, grad_x)
         return self._finish(
-            problem, batch, lower, sol, op, mu, mu_est, q, linear, losses, grad_x, grad_theta
+            problem,
+            batch,
+            lower,
+            sol,
+            op,
+            mu,
+            mu_est,
+            q,
+            linear,
+            losses,
+            grad_x,
+            grad_theta,
+            adjoint_missed=missed,
         )
+
+    def _adjoint_missed(
+        self, linear: LinearSolution | None, tol: float | Tensor, like: Tensor
+    ) -> bool:
+        """Whether the adjoint solve missed a positive ``adjoint_tol`` on some instance; warns
+        (``ConvergenceWarning``) if so and ``warn_unconverged``. Such a bound uses the measured
+        residual δ but is not certified. A tolerance of 0 ("as accurate as the solver gets")
+        is met wherever the solver stopped."""
+        if linear is None:
+            return False
+        tol_t = torch.as_tensor(tol, dtype=like.dtype, device=like.device).expand(like.shape[0])
+        missed = ~linear.converged & (tol_t > 0)
+        if not bool(missed.any()):
+            return False
+        if self.warn_unconverged:
+            i = int(missed.nonzero()[0])
+            warnings.warn(
+                f"adjoint solver {type(getattr(self, 'linear_solver', self)).__name__} missed "
+                f"adjoint_tol on {int(missed.sum())} of {missed.numel()} instances (instance "
+                f"{i}: residual {float(linear.residual_norm[i]):.3e} > {float(tol_t[i]):.3e} "
+                f"after {int(linear.iterations[i])} iterations); raise max_iter or loosen "
+                "adjoint_tol: the bound uses the measured residual but is not certified",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        return True
 
     def _adjoint(
         self,

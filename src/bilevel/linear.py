@@ -61,6 +61,26 @@ __all__ = [
 ]
 
 
+class _Deferred:
+    """A dataclass field that may be given as a zero-argument function, called once on first
+    access (the Ritz values cost a small eigenvalue problem that many callers never read)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_deferred_" + name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Tensor:
+        if obj is None:
+            raise AttributeError(self.slot)  # no class-level default
+        value = obj.__dict__[self.slot]
+        if callable(value) and not isinstance(value, Tensor):
+            value = value()
+            obj.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, obj: object, value: Tensor | Callable[[], Tensor]) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass(frozen=True)
 class LinearSolution:
     """Result of a batched linear solve.
@@ -85,7 +105,7 @@ class LinearSolution:
     iterations: Tensor
     converged: Tensor
     matvecs: int
-    min_curvature: Tensor
+    min_curvature: Tensor = _Deferred()  # type: ignore[assignment]
     krylov_steps: Tensor | None = None
 
 
@@ -378,13 +398,21 @@ def lanczos_extremes(
 RITZ_STEPS = 64
 """Krylov steps of CG and MINRES whose coefficients are kept for the Ritz values."""
 
+CHECK_EVERY_ACCELERATOR = 8
+"""Iterations between host synchronisations of CG and MINRES on an accelerator by default."""
 
-def _record_coefficients(hist: list[Tensor], n: int, index: Tensor, values: Tensor) -> None:
-    """Append the active instances' coefficients of one step as a full ``(B,)`` row."""
-    if len(hist) < RITZ_STEPS:
-        row = torch.full((n,), math.nan, dtype=values.dtype, device=values.device)
-        row[index] = values
-        hist.append(row)
+
+def _check_every(value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise BilevelError(f"check_every must be None or a positive integer, got {value!r}")
+
+
+def _every(check_every: int | None, device: torch.device) -> int:
+    """Iterations between host synchronisations: ``check_every``, or by default 1 on the CPU
+    (where reading a flag costs no synchronisation) and ``CHECK_EVERY_ACCELERATOR`` elsewhere."""
+    if check_every is not None:
+        return check_every
+    return 1 if device.type == "cpu" else CHECK_EVERY_ACCELERATOR
 
 
 def tridiagonal_smallest(diag: Tensor, off: Tensor, steps: Tensor) -> Tensor:
@@ -405,6 +433,89 @@ def tridiagonal_smallest(diag: Tensor, off: Tensor, steps: Tensor) -> Tensor:
         t = t + torch.diag_embed(offs, 1) + torch.diag_embed(offs, -1)
     low = torch.linalg.eigvalsh(t)[:, 0]
     return torch.where(steps > 0, low, torch.full_like(low, math.nan))
+
+
+class _Batch:
+    """The instances a Krylov solver iterates on, with per-instance state as ``(m, 1)`` columns.
+
+    Instances that stop are *frozen* in place (their step lengths masked to zero) while more
+    than half of the batch is active; the batch is compacted to the active instances only when
+    at most half remain, so the operator is called with the same ``index`` object between
+    compactions. ``iters`` counts each instance's own iterations; the products spent on frozen
+    instances are counted in ``matvecs`` (never in ``iterations``).
+    """
+
+    def __init__(self, b: Tensor, rnorm: Tensor, tol: Tensor, x: Tensor) -> None:
+        n = b.shape[0]
+        self.shape = b.shape
+        self.out = x.reshape(n, -1).clone()
+        self.residual_norm = rnorm.clone()
+        self.iterations = torch.zeros(n, dtype=torch.long, device=b.device)
+        self.tol = tol
+        self.index = torch.arange(n, device=b.device)
+        self.hist: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.chunk: list[tuple[Tensor, ...]] = []
+
+    def record(self, index: Tensor, x: Tensor, rnorm: Tensor, iters: Tensor) -> None:
+        """Write the current set's solutions, residual norms and iteration counts."""
+        if x is not self.out:
+            self.out[index] = x
+        self.residual_norm[index] = rnorm.reshape(-1)
+        self.iterations[index] = iters.reshape(-1)
+
+    def coefficients(self, index: Tensor, diag: Tensor, off: Tensor) -> None:
+        if len(self.hist) < RITZ_STEPS:
+            self.hist.append((index, diag, off))
+
+    def rows(self, which: int) -> Tensor:
+        """The kept coefficients as a ``(B, k)`` table, ``nan`` for instances not in a step."""
+        n = self.iterations.shape[0]
+        cols = []
+        for index, *values in self.hist:
+            v = values[which].reshape(-1)
+            if index.numel() != n:
+                row = torch.full((n,), math.nan, dtype=v.dtype, device=v.device)
+                row[index] = v
+                v = row
+            cols.append(v)
+        return torch.stack(cols, 1)
+
+    def solution(
+        self, matvecs: int, tridiagonal: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    ) -> LinearSolution:
+        """The result; ``min_curvature`` is computed on first access, from the Lanczos
+        tridiagonal (diagonal, off-diagonal) that ``tridiagonal`` builds from the kept
+        coefficient tables."""
+        steps = torch.clamp(self.iterations, max=len(self.hist))
+
+        def curvature() -> Tensor:
+            if not self.hist:
+                n, like = self.iterations.shape[0], self.out
+                return torch.full((n,), math.nan, dtype=like.dtype, device=like.device)
+            diag, off = tridiagonal(self.rows(0), self.rows(1))
+            return tridiagonal_smallest(diag, off, steps)
+
+        return LinearSolution(
+            self.out.reshape(self.shape),
+            self.residual_norm,
+            self.iterations,
+            self.residual_norm <= self.tol,
+            matvecs,
+            curvature,
+            steps,
+        )
+
+
+def _cg_tridiagonal(al: Tensor, be: Tensor) -> tuple[Tensor, Tensor]:
+    """The Lanczos tridiagonal from CG's α, β (Saad, Iterative Methods §6.7.3)."""
+    diag = 1.0 / al
+    diag[:, 1:] = diag[:, 1:] + be[:, :-1] / al[:, :-1]
+    return diag, be[:, :-1].clamp_min(0.0).sqrt() / al[:, :-1]
+
+
+def _minres_tridiagonal(al: Tensor, be: Tensor) -> tuple[Tensor, Tensor]:
+    """MINRES's Lanczos tridiagonal itself: diagonal α_k, off-diagonal β_{k+1}."""
+    return al, be[:, :-1]
 
 
 def _step_sizes(
@@ -456,21 +567,41 @@ class CG:
     ε‖b‖ (ε the dtype's machine epsilon) without meeting tol stops there, unconverged: further
     iterations cannot improve the true residual, and pᵀHp would eventually underflow.
 
+    ``fixed_iterations=True`` runs exactly ``max_iter`` iterations for every instance (for
+    fixed-work comparisons, like :class:`Neumann`): neither tol nor the rounding floor stops
+    an instance (tol only sets ``converged``); only a residual in the underflow range
+    (‖r‖² ≤ tiny/ε, where pᵀHp would underflow to zero) does.
+
+    The iteration runs on the device without host synchronisation: stopping is decided per
+    instance on the device (a stopped instance is frozen, its step masked to zero), and the
+    host reads the number of active instances every ``check_every`` iterations (None: every
+    iteration on the CPU, where that costs no synchronisation, every
+    ``CHECK_EVERY_ACCELERATOR`` elsewhere; with ``fixed_iterations`` only at the end). The
+    checks for breakdown and non-finite values run over the iterations since the last check
+    whenever an instance has stopped, and at the end; a breakdown stops its instance at once,
+    so the error names the iteration where it occurred. Stopped instances stay in the batch
+    (costing products, counted in ``matvecs``) while more than half of it is active, and are
+    removed at the first check at which at most half remain: ``matvecs ≥ Σ iterations``
+    (+ B for the initial residual when x0 is given), with equality when all instances stop
+    together.
+
     Raises:
         NotStronglyConvexError: pᵀHp ≤ 0 for an active instance (H_i is not positive definite);
             the message names the instance and the curvature pᵀHp / ‖p‖².
         NonFiniteError: NaN or infinity in b, x0, an operator output or an iterate.
 
     ``min_curvature`` is the smallest Ritz value of the Krylov space (the Lanczos tridiagonal
-    rebuilt from the CG coefficients α, β of the first ``RITZ_STEPS`` steps) or the smallest
-    pᵀHp / ‖p‖² if smaller, an upper bound on λ_min(H_i) that converges to it quickly.
-    ``matvecs = Σ iterations`` (+ B for the initial residual when x0 is given).
+    rebuilt from the CG coefficients α, β of the first ``RITZ_STEPS`` steps), an upper bound on
+    λ_min(H_i) that converges to it quickly.
     """
 
     max_iter: int = 1000
+    check_every: int | None = None
+    fixed_iterations: bool = False
 
     def __post_init__(self) -> None:
         _check_max_iter("max_iter", self.max_iter)
+        _check_every(self.check_every)
 
     def solve(
         self, matvec: MatVec, b: Tensor, tol: float | Tensor, x0: Tensor | None = None
@@ -478,94 +609,105 @@ class CG:
         """Solve H_i q_i = b_i for all instances to absolute residual tolerance ``tol``."""
         _check_rhs(b)
         tol_all = _tolerance(tol, b)
-        x0, r, matvecs = _initial(matvec, b, x0)
-        out = torch.zeros_like(b) if x0 is None else x0.clone()
-        rec = _Record(b)
-
-        rr = _dot(r, r)
-        rnorm = rr.sqrt()
-        done = rnorm <= tol_all
-        index = torch.arange(b.shape[0], device=b.device)
-        rec.retire(index[done], rnorm[done], 0, True)
-        keep = ~done
-        floor_all = torch.finfo(b.dtype).eps * _dot(b, b).sqrt()
-        index, tol_a, floor_a, rr, r = (t[keep] for t in (index, tol_all, floor_all, rr, r))
-        x = out[keep]
-        p = r.clone()
-        curv = torch.full_like(rr, math.nan)
-        a_hist: list[Tensor] = []
-        b_hist: list[Tensor] = []
-
+        x0, r0, matvecs = _initial(matvec, b, x0)
+        n, event = b.shape[0], tuple(b.shape[1:])
+        flat = b.dim() == 2
+        x = torch.zeros_like(b) if x0 is None else x0
+        r = r0.reshape(n, -1)
+        rr = (r * r).sum(1, keepdim=True)
+        state = _Batch(b, rr.sqrt().reshape(-1), tol_all, x)
+        eps = torch.finfo(b.dtype).eps
+        shrink = 1.0 - 4 * eps  # so that ‖r‖² ≤ tol²·shrink implies ‖r‖ ≤ tol after rounding
+        tol2 = (tol_all * tol_all * shrink).reshape(n, 1)
+        if self.fixed_iterations:  # stop only where pᵀHp could underflow
+            thresh2 = torch.full_like(tol2, torch.finfo(b.dtype).tiny / eps)
+            every = self.max_iter + 1
+            active = rr > thresh2
+        else:
+            floor = eps * _norm(b).reshape(n, 1)
+            thresh2 = torch.maximum(tol2, floor * floor * shrink)
+            every = _every(self.check_every, b.device)
+            active = rr > tol2
+        index = state.index
+        x = state.out
+        n_active = int(active.sum())
+        if 0 < n_active and 2 * n_active <= n:
+            keep = active.reshape(-1)
+            index, x, r, rr, thresh2, active = (t[keep] for t in (index, x, r, rr, thresh2, active))
+        p = r
+        iters = torch.zeros_like(rr, dtype=torch.long)
+        zero = rr.new_zeros(())
+        chunk, hist = state.chunk, state.hist
         k = 0
-        while index.numel() > 0 and k < self.max_iter:
-            hp = _apply(matvec, p, index)
-            matvecs += index.numel()
+        while n_active > 0 and k < self.max_iter:
+            m = index.numel()
+            hp = _apply(matvec, p if flat else p.reshape((m,) + event), index)
+            hp = hp if flat else hp.reshape(m, -1)
+            matvecs += m
             k += 1
-            php = _dot(p, hp)
-            pp = _dot(p, p)
+            php = (p * hp).sum(1, keepdim=True)
             alpha = rr / php
-            x = x + _bc(alpha, x) * p
-            r = r - _bc(alpha, r) * hp
-            rr_new = _dot(r, r)
-            beta = rr_new / rr
-            curv = torch.fmin(curv, php / pp)
-            _record_coefficients(a_hist, b.shape[0], index, alpha)
-            _record_coefficients(b_hist, b.shape[0], index, beta)
-
-            # Order of checks: a non-finite product, then non-positive curvature (which makes
-            # α infinite or negative), then non-finite iterates.
-            bad_product = ~(torch.isfinite(php) & torch.isfinite(pp))
-            nonpos = php <= 0
-            bad_iterate = ~(torch.isfinite(alpha) & torch.isfinite(rr_new) & torch.isfinite(beta))
-            rnorm = rr_new.sqrt()
-            converged = rnorm <= tol_a
-            done = converged | (rnorm <= floor_a)
-            flags = torch.stack(
-                [bad_product.any(), nonpos.any(), bad_iterate.any(), done.any()]
-            ).tolist()
-            if flags[0]:
-                raise _nonfinite_error("CG", _first_bad(bad_product, index)[1], k)
-            if flags[1]:
-                pos, inst = _first_bad(nonpos, index)
-                raise NotStronglyConvexError(
-                    f"CG: non-positive curvature p^T H p / ||p||^2 = "
-                    f"{float(php[pos] / pp[pos]):.6g} for instance {inst} at iteration {k}; "
-                    "the operator (lower-level Hessian) is not positive definite"
-                )
-            if flags[2]:
-                raise _nonfinite_error("CG", _first_bad(bad_iterate, index)[1], k)
-            p = r + _bc(beta, p) * p
+            a = torch.where(active, alpha, zero)  # stopped instances are frozen
+            x = torch.addcmul(x, a, p)
+            r = torch.addcmul(r, a, hp, value=-1)
+            rr_new = (r * r).sum(1, keepdim=True)
+            chunk.append((active, php, alpha, rr_new))
+            # a breakdown (pᵀHp ≤ 0 or not finite) stops its instance: a ≤ 0 or NaN
+            active = (rr_new > thresh2) & (a > 0)
+            beta = torch.where(active, rr_new / rr, zero)
+            p = torch.addcmul(r, beta, p)
+            if len(hist) < RITZ_STEPS:
+                hist.append((index, alpha, beta))
             rr = rr_new
-            if flags[3]:
-                gidx = index[done]
-                out[gidx] = x[done]
-                rec.retire(gidx, rnorm[done], k, converged[done], curv[done])
-                keep = ~done
-                index, tol_a, floor_a, rr, r, p, x, curv = (
-                    t[keep] for t in (index, tol_a, floor_a, rr, r, p, x, curv)
+            if k % every and k < self.max_iter:
+                continue
+            now = int(active.sum())
+            if now == n_active and k < self.max_iter:
+                continue
+            iters = iters + self._validate(state, index, k)
+            n_active = now
+            if 0 < now and 2 * now <= index.numel():
+                state.record(index, x, rr.sqrt(), iters)
+                keep = active.reshape(-1)
+                index, x, r, p, rr, thresh2, active, iters = (
+                    t[keep] for t in (index, x, r, p, rr, thresh2, active, iters)
                 )
+        if chunk:
+            iters = iters + self._validate(state, index, k)
+        state.record(index, x, rr.sqrt(), iters)
+        return state.solution(matvecs, _cg_tridiagonal)
 
-        if index.numel() > 0:
-            out[index] = x
-            rec.retire(index, rr.sqrt(), k, False, curv)
-        steps = torch.clamp(rec.iterations, max=len(a_hist))
-        if a_hist:
-            # Lanczos tridiagonal from the CG coefficients (Saad, Iterative Methods §6.7.3).
-            al, be = torch.stack(a_hist, 1), torch.stack(b_hist, 1)
-            diag = 1.0 / al
-            diag[:, 1:] = diag[:, 1:] + be[:, :-1] / al[:, :-1]
-            off = be[:, :-1].clamp_min(0.0).sqrt() / al[:, :-1]
-            ritz = tridiagonal_smallest(diag, off, steps)
-            rec.min_curvature = torch.fmin(rec.min_curvature, ritz)
-        return LinearSolution(
-            out,
-            rec.residual_norm,
-            rec.iterations,
-            rec.converged,
-            matvecs,
-            rec.min_curvature,
-            steps,
-        )
+    @staticmethod
+    def _validate(state: _Batch, index: Tensor, k: int) -> Tensor:
+        """Raise for the first breakdown among the iterations since the last check; return
+        each instance's number of those iterations, ``(m, 1)``.
+
+        Order within an iteration: a non-finite product, then non-positive curvature (which
+        makes α infinite or negative), then non-finite iterates; earlier iterations first.
+        """
+        chunk = state.chunk
+        act, php, alpha, rr = (torch.cat(t, 1) for t in zip(*chunk))
+        first = k - len(chunk) + 1
+        chunk.clear()
+        ok = torch.isfinite(php) & (php > 0) & torch.isfinite(alpha) & torch.isfinite(rr)
+        bad = act & ~ok
+        if not bool(bad.any()):
+            return act.sum(1, keepdim=True)
+        j = int(bad.any(0).nonzero()[0, 0])
+        it = first + j
+        col = bad[:, j]
+        bad_product = col & ~torch.isfinite(php[:, j])
+        nonpos = col & (php[:, j] <= 0)
+        if bool(bad_product.any()):
+            raise _nonfinite_error("CG", _first_bad(bad_product, index)[1], it)
+        if bool(nonpos.any()):
+            pos, inst = _first_bad(nonpos, index)
+            raise NotStronglyConvexError(
+                f"CG: non-positive curvature p^T H p = {float(php[pos, j]):.6g} for instance "
+                f"{inst} at iteration {it}; the operator (lower-level Hessian) is not positive "
+                "definite"
+            )
+        raise _nonfinite_error("CG", _first_bad(col, index)[1], it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,18 +725,21 @@ class MINRES:
     exact arithmetic). ``min_curvature`` is the smallest Ritz value of the Lanczos
     tridiagonal (first ``RITZ_STEPS`` steps), an upper bound on λ_min(H_i); a negative value
     signals an indefinite operator, which MINRES solves without breaking down (nonsingular H_i).
-    ``matvecs = Σ iterations`` (+ B for the initial residual when x0 is given). As in
-    :class:`CG`, an instance whose residual estimate falls to the rounding floor ε‖b‖ without
-    meeting tol stops there, unconverged.
+    As in :class:`CG`, an instance whose residual estimate falls to the rounding floor ε‖b‖
+    without meeting tol stops there, unconverged; ``check_every``, ``fixed_iterations``, the
+    freezing of stopped instances and ``matvecs ≥ Σ iterations`` are as in :class:`CG`.
 
     Raises:
         NonFiniteError: NaN or infinity in b, x0, an operator output or an iterate.
     """
 
     max_iter: int = 1000
+    check_every: int | None = None
+    fixed_iterations: bool = False
 
     def __post_init__(self) -> None:
         _check_max_iter("max_iter", self.max_iter)
+        _check_every(self.check_every)
 
     def solve(
         self, matvec: MatVec, b: Tensor, tol: float | Tensor, x0: Tensor | None = None
@@ -603,22 +748,30 @@ class MINRES:
         _check_rhs(b)
         tol_all = _tolerance(tol, b)
         x0, r0, matvecs = _initial(matvec, b, x0)
-        out = torch.zeros_like(b) if x0 is None else x0.clone()
-        rec = _Record(b)
+        n, event = b.shape[0], tuple(b.shape[1:])
         eps = torch.finfo(b.dtype).eps
-
-        beta1 = _norm(r0)
-        done = beta1 <= tol_all
-        index = torch.arange(b.shape[0], device=b.device)
-        rec.retire(index[done], beta1[done], 0, True)
-        keep = ~done
-        floor_all = eps * _norm(b)
-        index, tol_a, floor_a, beta, r1 = (t[keep] for t in (index, tol_all, floor_all, beta1, r0))
-        x = out[keep]
+        r1 = r0.reshape(n, -1)
+        beta = torch.linalg.vector_norm(r1, dim=1, keepdim=True)
+        state = _Batch(b, beta.reshape(-1), tol_all, torch.zeros_like(b) if x0 is None else x0)
+        tol_c = tol_all.reshape(n, 1)
+        if self.fixed_iterations:
+            thresh = torch.zeros_like(tol_c)
+            every = self.max_iter + 1
+            active = beta > 0
+        else:
+            thresh = torch.maximum(tol_c, eps * _norm(b).reshape(n, 1))
+            every = _every(self.check_every, b.device)
+            active = beta > tol_c
+        index, x = state.index, state.out
+        n_active = int(active.sum())
+        if 0 < n_active and 2 * n_active <= n:
+            keep = active.reshape(-1)
+            index, x, r1, beta, thresh, active = (
+                t[keep] for t in (index, x, r1, beta, thresh, active)
+            )
         # Vectors: r1, r2 = previous two unnormalised Lanczos vectors, y = next one,
         # w, w2 = last two search directions of the solution update.
-        y = r1
-        r2 = r1
+        y, r2 = r1, r1
         w = torch.zeros_like(r1)
         w2 = torch.zeros_like(r1)
         oldb = torch.zeros_like(beta)
@@ -627,26 +780,23 @@ class MINRES:
         phibar = beta.clone()
         cs = torch.full_like(beta, -1.0)
         sn = torch.zeros_like(beta)
-        curv = torch.full_like(beta, math.nan)
-        a_hist: list[Tensor] = []
-        b_hist: list[Tensor] = []
-
+        iters = torch.zeros_like(beta, dtype=torch.long)
+        chunk = state.chunk
         k = 0
-        while index.numel() > 0 and k < self.max_iter:
-            v = y / _bc(beta, y)
-            y = _apply(matvec, v, index)
-            matvecs += index.numel()
+        while n_active > 0 and k < self.max_iter:
+            m = index.numel()
+            v = y / beta
+            y = _apply(matvec, v.reshape((m,) + event), index).reshape(m, -1)
+            matvecs += m
             k += 1
             if k >= 2:
-                y = y - _bc(beta / oldb, r1) * r1
-            alfa = _dot(v, y)
-            curv = torch.fmin(curv, alfa)
-            y = y - _bc(alfa / beta, r2) * r2
+                y = y - (beta / oldb) * r1
+            alfa = (v * y).sum(1, keepdim=True)
+            y = y - (alfa / beta) * r2
             r1, r2 = r2, y
             oldb = beta
-            beta = _norm(y)
-            _record_coefficients(a_hist, b.shape[0], index, alfa)
-            _record_coefficients(b_hist, b.shape[0], index, beta)
+            beta = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+            state.coefficients(index, alfa, beta)
 
             oldeps = epsln
             delta = cs * dbar + sn * alfa
@@ -657,49 +807,52 @@ class MINRES:
             cs = gbar / gamma
             sn = beta / gamma
             phi = cs * phibar
-            phibar = sn * phibar
 
             w1, w2 = w2, w
-            w = (v - _bc(oldeps, w1) * w1 - _bc(delta, w2) * w2) / _bc(gamma, v)
-            x = x + _bc(phi, w) * w
-
-            finite = torch.isfinite(alfa) & torch.isfinite(beta) & torch.isfinite(phi)
-            finite &= torch.isfinite(_dot(w, w))
-            converged = phibar <= tol_a
-            done = converged | (phibar <= floor_a)
-            flags = torch.stack([(~finite).any(), done.any()]).tolist()
-            if flags[0]:
-                raise _nonfinite_error("MINRES", _first_bad(~finite, index)[1], k)
-            if flags[1]:
-                gidx = index[done]
-                out[gidx] = x[done]
-                rec.retire(gidx, phibar[done], k, converged[done], curv[done])
-                keep = ~done
-                (index, tol_a, floor_a, x, y, r1, r2, w, w2) = (
-                    t[keep] for t in (index, tol_a, floor_a, x, y, r1, r2, w, w2)
+            w = (v - oldeps * w1 - delta * w2) / gamma
+            x = torch.where(active, torch.addcmul(x, phi, w), x)
+            phibar = torch.where(active, sn * phibar, phibar)
+            chunk.append((active, alfa, beta, phi))
+            active = phibar > thresh  # NaN stops; stopped instances keep their φ̄
+            if k % every and k < self.max_iter:
+                continue
+            now = int(active.sum())
+            if now == n_active and k < self.max_iter:
+                continue
+            iters = iters + self._validate(state, index, k, x)
+            n_active = now
+            if 0 < now and 2 * now <= index.numel():
+                state.record(index, x, phibar, iters)
+                keep = active.reshape(-1)
+                (index, x, y, r1, r2, w, w2, iters, active, thresh) = (
+                    t[keep] for t in (index, x, y, r1, r2, w, w2, iters, active, thresh)
                 )
-                (beta, oldb, dbar, epsln, phibar, cs, sn, curv) = (
-                    t[keep] for t in (beta, oldb, dbar, epsln, phibar, cs, sn, curv)
+                (beta, oldb, dbar, epsln, phibar, cs, sn) = (
+                    t[keep] for t in (beta, oldb, dbar, epsln, phibar, cs, sn)
                 )
+        if chunk:
+            iters = iters + self._validate(state, index, k, x)
+        state.record(index, x, phibar, iters)
+        return state.solution(matvecs, _minres_tridiagonal)
 
-        if index.numel() > 0:
-            out[index] = x
-            rec.retire(index, phibar, k, False, curv)
-        steps = torch.clamp(rec.iterations, max=len(a_hist))
-        if a_hist:
-            # the Lanczos tridiagonal itself: diagonal α_k, off-diagonal β_{k+1}
-            diag, be = torch.stack(a_hist, 1), torch.stack(b_hist, 1)
-            ritz = tridiagonal_smallest(diag, be[:, :-1], steps)
-            rec.min_curvature = torch.fmin(rec.min_curvature, ritz)
-        return LinearSolution(
-            out,
-            rec.residual_norm,
-            rec.iterations,
-            rec.converged,
-            matvecs,
-            rec.min_curvature,
-            steps,
-        )
+    @staticmethod
+    def _validate(state: _Batch, index: Tensor, k: int, x: Tensor) -> Tensor:
+        """Raise for the first non-finite coefficient among the iterations since the last
+        check, or for a non-finite iterate; return each instance's number of those
+        iterations, ``(m, 1)``."""
+        chunk = state.chunk
+        act, alfa, beta, phi = (torch.cat(t, 1) for t in zip(*chunk))
+        first = k - len(chunk) + 1
+        chunk.clear()
+        bad = act & ~(torch.isfinite(alfa) & torch.isfinite(beta) & torch.isfinite(phi))
+        bad_x = ~torch.isfinite(x).all(1)
+        flags = torch.stack([bad.any(), bad_x.any()]).tolist()
+        if flags[0]:
+            j = int(bad.any(0).nonzero()[0, 0])
+            raise _nonfinite_error("MINRES", _first_bad(bad[:, j], index)[1], first + j)
+        if flags[1]:
+            raise _nonfinite_error("MINRES", _first_bad(bad_x, index)[1], k)
+        return act.sum(1, keepdim=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """Batched lower-level solvers with per-instance stopping and certified accuracy.
 
 Every solver minimises the B independent energies h_i(·, θ, batch_i) together and stops
-instance i as soon as ‖∇ₓh_i(x_i)‖₂ ≤ tol_i.  ``tol`` is an *absolute* tolerance on the
-Euclidean norm of one instance's gradient (same units as ∇ₓh); it does not depend on the
-batch size.  The rule is that of the linear solvers (:func:`bilevel.problem.check_tolerance`):
-≥ 0, and 0 asks for the most accurate point the solver reaches within ``max_iter``.  With
-μ-strong convexity the returned point is certified to satisfy
-‖x_i − x̂_i‖ ≤ ‖∇ₓh_i(x_i)‖ / μ (``distance_bound``).  The returned point of each instance is
-always one at which its gradient was evaluated, so the certificate is exact, never stale.
+instance i at the first stopping test at which ‖∇ₓh_i(x_i)‖₂ ≤ tol_i (``GradientDescent``
+and ``Nesterov`` test every few iterations, see :func:`next_check`, so as not to synchronise
+with the host at every step; backtracking solvers test every step).  ``tol`` is an
+*absolute* tolerance on the Euclidean norm of one instance's gradient (same units as ∇ₓh);
+it does not depend on the batch size.  The rule is that of the linear solvers
+(:func:`bilevel.problem.check_tolerance`): ≥ 0, and 0 asks for the most accurate point the
+solver reaches within ``max_iter``.  With μ-strong convexity the returned point is certified
+to satisfy ‖x_i − x̂_i‖ ≤ ‖∇ₓh_i(x_i)‖ / μ (``distance_bound``).  The returned point of each
+instance is always one at which its gradient was evaluated, so the certificate is exact,
+never stale.
 
 Converged instances are removed from the active set and cost no further gradient
 evaluations.  Solvers are small immutable configuration objects with a ``solve`` method.
@@ -23,7 +26,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from bilevel.autodiff import LowerLevel, batch_dot, batch_norm, expand_as_batch
+from bilevel.autodiff import (
+    LowerLevel,
+    batch_norm,
+    expand_as_batch,
+    nonfinite_gradient,
+)
 from bilevel.linear import largest_eigenvalue
 from bilevel.problem import BilevelError, Constant, check_tolerance, evaluate_constant
 
@@ -176,30 +184,32 @@ def _retire(
 class _Stagnation:
     """Per-instance test for a gradient norm that stopped decreasing.
 
-    An instance stalls when its smallest gradient norm so far has not fallen below
-    ``factor`` × the reference value for ``window`` iterations (the reference is reset at each
-    such fall). Accelerated methods in float32 reach such a floor, set by rounding errors,
-    above tolerances of about 1e-3 on images; without the test they spend every remaining
-    iteration there. The running minimum costs one operation per iteration; the comparison
-    runs every ``window // 10`` iterations.
+    An instance stalls when its smallest gradient norm so far (over the iterations at which
+    the solver checks its instances) has not fallen below ``factor`` × the reference value
+    for ``window`` iterations (the reference is reset at each such fall). Accelerated methods
+    in float32 reach such a floor, set by rounding errors, above tolerances of about 1e-3 on
+    images; without the test they spend every remaining iteration there. The comparison runs
+    at most every ``window // 10`` iterations.
     """
 
     def __init__(self, x0: Tensor, window: int | None, factor: float = 0.9) -> None:
         n = x0.shape[0]
         self.window, self.factor = window, factor
         self.every = max(1, (window or 1) // 10)
+        self.last = -self.every
         self.best = torch.full((n,), math.inf, dtype=x0.dtype, device=x0.device)
         self.ref = self.best.clone()
         self.since = torch.zeros(n, dtype=torch.long, device=x0.device)
 
     def update(self, gnorm: Tensor, it: int) -> Tensor | None:
-        """The stalled instances among the active ones after iteration ``it`` (None: no test
-        at this iteration)."""
+        """The stalled instances among the active ones at check iteration ``it`` (None: no
+        test at this iteration)."""
         if self.window is None:
             return None
         self.best = torch.minimum(self.best, gnorm)
-        if it % self.every:
+        if it - self.last < self.every:
             return None
+        self.last = it
         fell = self.best <= self.factor * self.ref
         self.ref = torch.where(fell, self.best, self.ref)
         self.since = torch.where(fell, torch.full_like(self.since, it), self.since)
@@ -207,6 +217,35 @@ class _Stagnation:
 
     def keep(self, keep: Tensor) -> None:
         self.best, self.ref, self.since = self.best[keep], self.ref[keep], self.since[keep]
+
+
+CHECK_EVERY = 10
+"""Default largest number of iterations between two stopping tests of a lower solver."""
+
+
+def _check_every(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BilevelError(f"check_every must be a positive integer, got {value!r}")
+
+
+def next_check(it: int, every: int) -> int:
+    """The iteration of the stopping test after the one at ``it``: ``it + clamp(it // 4, 1,
+    every)``, so a solve of k iterations overshoots by at most min(k/4, every − 1) iterations
+    and tests O(log every + k / every) times."""
+    return it + max(1, min(every, it // 4))
+
+
+def _test(gnorm: Tensor, tol: Tensor, stalled: Tensor | None) -> tuple[Tensor, Tensor | None, int]:
+    """(done, stalled, number done) at a stopping test, raising for a non-finite gradient:
+    one host synchronisation."""
+    done = gnorm <= tol
+    if stalled is not None:
+        stalled = stalled & ~done
+        done = done | stalled
+    bad, n_done = torch.stack([~torch.isfinite(gnorm).all(), done.sum()]).tolist()
+    if bad:
+        raise nonfinite_gradient()
+    return done, stalled, n_done
 
 
 @dataclass(frozen=True)
@@ -219,12 +258,20 @@ class GradientDescent:
     whenever its energy increases.  With ``backtracking=True`` each step is an Armijo
     backtracking search (sufficient decrease h(x − g/L) ≤ h(x) − ‖g‖²/(2L), L doubled until
     it holds, then multiplied by 0.9 for the next step), which needs no Lipschitz constant.
+
+    Without backtracking the stopping test (one host synchronisation) runs at the iterations
+    of :func:`next_check` (at most every ``check_every``), not at every step; an instance
+    stops at the first test that finds ‖∇h‖ ≤ tol. Backtracking decides every step on the host.
     """
 
     max_iter: int = 10_000
     lipschitz: float | None = None
     backtracking: bool = False
     margin: float = 1.0
+    check_every: int = CHECK_EVERY
+
+    def __post_init__(self) -> None:
+        _check_every(self.check_every)
 
     def solve(
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
@@ -233,30 +280,39 @@ class GradientDescent:
         tol_t = _tolerance(tol, x0)
         rec = _Record(x0)
         active = torch.arange(x0.shape[0], device=x0.device)
+        tol_a = tol_t
         x = x0.detach()
         if self.backtracking:
             lip, trusted = torch.ones(x0.shape[0], dtype=x0.dtype, device=x0.device), False
         else:
             lip, trusted = _initial_lipschitz(lower, x0, self.lipschitz, self.margin)
-        energy, grad = lower.value_and_grad(x, active)
+        every = 1 if self.backtracking else self.check_every
+        energy, grad = lower.value_and_grad(x, active, check=False)
+        step = expand_as_batch(1.0 / lip, x)
+        check = 0
         for it in range(self.max_iter + 1):
-            gnorm = batch_norm(grad)
-            done = _finished(gnorm, tol_t[active], it, self.max_iter)
-            if bool(done.any()):
-                active, x, energy, grad, lip = _retire(
-                    rec, done, it, gnorm, active, x, energy, grad, lip
-                )
-                if active.numel() == 0:
+            if it == check or it == self.max_iter:
+                check = next_check(it, every)
+                gnorm = batch_norm(grad)
+                done, _, n_done = _test(gnorm, tol_a, None)
+                if it == self.max_iter or n_done == active.numel():
+                    rec.store(active, x, energy, gnorm, it)
                     break
-            step = expand_as_batch(1.0 / lip, x)
+                if n_done:
+                    active, x, energy, grad, lip, tol_a = _retire(
+                        rec, done, it, gnorm, active, x, energy, grad, lip, tol_a
+                    )
+                    step = expand_as_batch(1.0 / lip, x)
             x_new = x - step * grad
-            e_new, g_new = lower.value_and_grad(x_new, active)
+            e_new, g_new = lower.value_and_grad(x_new, active, check=False)
             if self.backtracking:
                 e_new, g_new, x_new, lip = self._backtrack(
                     lower, active, x, energy, grad, x_new, e_new, g_new, lip
                 )
+                step = expand_as_batch(1.0 / lip, x)
             elif not trusted:
                 lip = torch.where(_increased(e_new, energy), 2.0 * lip, lip)
+                step = expand_as_batch(1.0 / lip, x)
             x, energy, grad = x_new, e_new, g_new
         return rec.result(lower, tol_t, mu, evals0)
 
@@ -291,6 +347,11 @@ class Nesterov:
     gradient norm has not fallen by 10 % within that many iterations, which happens only at
     the floor set by rounding errors (Nesterov's gradient norms fall by a constant factor per
     O(√(L/μ)) iterations); None never stops early.
+
+    The stopping test (one host synchronisation, which also catches a non-finite gradient)
+    runs at the iterations of :func:`next_check` (at most every ``check_every``), not at
+    every step: an instance stops at the first test that finds ‖∇h(y)‖ ≤ tol, which may be up
+    to min(k/4, check_every − 1) iterations after the first iterate k that met it.
     """
 
     max_iter: int = 10_000
@@ -298,6 +359,10 @@ class Nesterov:
     restart: bool = True
     margin: float = 1.5
     stall_iterations: int | None = 1000
+    check_every: int = CHECK_EVERY
+
+    def __post_init__(self) -> None:
+        _check_every(self.check_every)
 
     def solve(
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
@@ -307,6 +372,7 @@ class Nesterov:
         rec = _Record(x0)
         n = x0.shape[0]
         active = torch.arange(n, device=x0.device)
+        tol_a = tol_t
         lip, trusted = _initial_lipschitz(lower, x0, self.lipschitz, self.margin)
         y = x0.detach()
         x_prev = y
@@ -314,42 +380,62 @@ class Nesterov:
         plain = torch.ones(n, dtype=torch.bool, device=x0.device)
         e_prev = torch.full((n,), math.inf, dtype=x0.dtype, device=x0.device)
         stagnation = _Stagnation(x0, self.stall_iterations)
+        zero = y.new_zeros(())
+        dims = tuple(range(1, y.dim()))
+        neg_step, momentum = self._coefficients(lip, mu, y)
+        check = 0
         for it in range(self.max_iter + 1):
-            energy, grad = lower.value_and_grad(y, active)
-            gnorm = batch_norm(grad)
-            done = _finished(gnorm, tol_t[active], it, self.max_iter)
-            stalled = stagnation.update(gnorm, it)
-            if stalled is not None:
-                stalled = stalled & ~done
-                done = done | stalled
-            if bool(done.any()):
-                if stalled is not None:
-                    rec.stalled[active[stalled]] = True
-                stagnation.keep(~done)
-                active, y, energy, x_prev, grad, lip, t, plain, e_prev = _retire(
-                    rec, done, it, gnorm, active, y, energy, x_prev, grad, lip, t, plain, e_prev
-                )
-                if active.numel() == 0:
+            energy, grad = lower.value_and_grad(y, active, check=False)
+            if it == check or it == self.max_iter:
+                check = next_check(it, self.check_every)
+                gnorm = batch_norm(grad)
+                done, stalled, n_done = _test(gnorm, tol_a, stagnation.update(gnorm, it))
+                if it == self.max_iter or n_done == active.numel():
+                    rec.store(active, y, energy, gnorm, it)
+                    if stalled is not None:
+                        rec.stalled[active[stalled]] = True
                     break
+                if n_done:
+                    if stalled is not None:
+                        rec.stalled[active[stalled]] = True
+                    stagnation.keep(~done)
+                    active, y, energy, x_prev, grad, lip, t, plain, e_prev, tol_a = _retire(
+                        rec, done, it, gnorm, active, y, energy, x_prev, grad, lip, t, plain,
+                        e_prev, tol_a,
+                    )  # fmt: skip
+                    neg_step, momentum = self._coefficients(lip, mu, y)
             if not trusted:
                 lip = torch.where(plain & _increased(energy, e_prev), 2.0 * lip, lip)
-            x_new = y - expand_as_batch(1.0 / lip, y) * grad
-            if mu is not None:
-                sl, sm = lip.sqrt(), math.sqrt(mu)
-                beta = ((sl - sm) / (sl + sm)).clamp_min(0.0)
+                neg_step, momentum = self._coefficients(lip, mu, y)
+                e_prev = energy
+            x_new = torch.addcmul(y, neg_step, grad)
+            diff = x_new - x_prev
+            if momentum is not None:
+                beta = momentum
             else:
                 t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
-                beta = (t - 1.0) / t_new
+                beta = expand_as_batch((t - 1.0) / t_new, y)
                 t = t_new
             if self.restart:
-                reset = batch_dot(grad, x_new - x_prev) > 0
-                beta = torch.where(reset, torch.zeros_like(beta), beta)
-                t = torch.where(reset, torch.ones_like(t), t)
-            plain = beta == 0
-            e_prev = energy
-            y = x_new + expand_as_batch(beta, x_new) * (x_new - x_prev)
+                reset = (grad * diff).sum(dims, keepdim=True) > 0
+                beta = torch.where(reset, zero, beta)
+                if momentum is None:
+                    t = torch.where(reset.reshape(-1), torch.ones_like(t), t)
+            if not trusted:
+                plain = (beta == 0).reshape(-1)
+            y = torch.addcmul(x_new, beta, diff)
             x_prev = x_new
         return rec.result(lower, tol_t, mu, evals0)
+
+    @staticmethod
+    def _coefficients(lip: Tensor, mu: float | None, like: Tensor) -> tuple[Tensor, Tensor | None]:
+        """−1/L and, when μ is known, the strongly convex momentum β = (√L − √μ)/(√L + √μ)
+        (None: the FISTA sequence), both broadcast against the iterates."""
+        neg_step = expand_as_batch(-1.0 / lip, like)
+        if mu is None:
+            return neg_step, None
+        sl, sm = lip.sqrt(), math.sqrt(mu)
+        return neg_step, expand_as_batch(((sl - sm) / (sl + sm)).clamp_min(0.0), like)
 
 
 FISTA = Nesterov

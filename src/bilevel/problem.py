@@ -22,6 +22,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -101,15 +102,18 @@ def evaluate_constant(
     if value is None:
         return None
     if callable(value) and not isinstance(value, Tensor):
-        try:
-            n_args = len(inspect.signature(value).parameters)
-        except (TypeError, ValueError):
-            n_args = 2
+        n_args = _arity(value)
         with torch.no_grad():
             value = value() if n_args == 0 else value(theta, batch)
         if value is None:
             return None
     n = like.shape[0]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)  # checked without tensors (no host synchronisation)
+        if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+            need = "finite positive" if positive else "finite non-negative"
+            raise BilevelError(f"{name} must be {need}, got {v}")
+        return torch.full((n,), v, dtype=like.dtype, device=like.device)
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device).detach()
     if t.dim() == 0:
         t = t.expand(n)
@@ -125,6 +129,22 @@ def evaluate_constant(
     return t.clone()
 
 
+def _arity(fn: Callable[..., Any]) -> int:
+    """Number of parameters of ``fn`` (2 when it cannot be inspected), cached per callable."""
+    try:
+        return _arity_cached(fn)
+    except TypeError:  # unhashable callable
+        return _arity_cached.__wrapped__(fn)
+
+
+@functools.lru_cache(maxsize=256)
+def _arity_cached(fn: Callable[..., Any]) -> int:
+    try:
+        return len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return 2
+
+
 def check_tolerance(name: str, tol: float | Tensor, like: Tensor) -> Tensor:
     """An absolute tolerance as a (B,) tensor; the one rule shared by every solver.
 
@@ -133,6 +153,10 @@ def check_tolerance(name: str, tol: float | Tensor, like: Tensor) -> Tensor:
     errors stop progress); ``inf`` accepts the starting point.
     """
     n = like.shape[0]
+    if isinstance(tol, (int, float)) and not isinstance(tol, bool):
+        if math.isnan(tol) or tol < 0:  # checked without tensors (no host synchronisation)
+            raise BilevelError(f"{name} must be non-negative (an absolute tolerance), got {tol}")
+        return torch.full((n,), float(tol), dtype=like.dtype, device=like.device)
     t = torch.as_tensor(tol, dtype=like.dtype, device=like.device).detach()
     if t.dim() == 0:
         t = t.expand(n)

@@ -1634,9 +1634,10 @@ class SID(Estimator):
                     "data and θ, or the stability of stages 1 and 2)"
                 )
         nan = torch.full((n_inst,), math.nan, dtype=w.dtype, device=w.device)
-        mu = problem.mu
+        mu_t = problem.mu_values(batch, w)  # a function of θ is evaluated at the current θ
+        mu = None if mu_t is None else float(mu_t.min())
         # estimated distance ‖w_t − w(θ)‖ ≤ ‖∇h(w_t)‖/μ and adjoint residual, when measured
-        dist = nan if mu is None else torch.full_like(nan, low.residual / eta / mu)
+        dist = nan if mu_t is None else low.residual / eta / mu_t
         resid = torch.full_like(nan, lin.residual)
         return StochasticHypergradient(
             grad=[gr.detach() for gr in grad],

@@ -18,19 +18,19 @@ marked unfinished (no ``model.pt``); ``--resume`` continues.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from bilevel.bounds import BoundConstants
 from bilevel.config import Invocation, job_record, resumable_fields, resume_command
 from bilevel.hypergrad import Implicit
 from bilevel.imaging.config import (
@@ -61,6 +61,7 @@ from bilevel.imaging.regularisers import (
     Regulariser,
     SmoothedTV,
     WeaklyConvexRidge,
+    _directional_derivatives,
     ridge_layers,
 )
 from bilevel.imaging.report import (
@@ -157,6 +158,20 @@ def calibrate_foe_weights(regulariser: FieldsOfExperts, tv_strength: float) -> N
     """
     k = regulariser.log_weights.numel()
     regulariser.log_weights.fill_(math.log(tv_strength * math.pi / (2 * k)))
+
+
+@torch.no_grad()
+def calibrate_convex_ridge(regulariser: ConvexRidge, tv_strength: float) -> None:
+    """Start a convex ridge regulariser at smoothed isotropic TV of the grid-tuned strength
+    λ_TV: directional-derivative filters (as the job's Fields of Experts) and profiles
+    ψ_k ≈ λ_TV π/(2K) · σ₀ log cosh(t/σ₀), the weight on the smallest scale σ₀ (the other
+    scales keep 10⁻³ of it, since the coefficients are softplus-positive)."""
+    k, channels, size, _ = regulariser.filters.shape
+    regulariser.filters.copy_(_directional_derivatives(k, channels, size))
+    weight = tv_strength * math.pi / (2 * k)
+    coefficients = torch.full(regulariser.raw_coefficients.shape, 1e-3 * weight)
+    coefficients[:, 0] = weight
+    regulariser.raw_coefficients.copy_(coefficients + torch.log(-torch.expm1(-coefficients)))
 
 
 @torch.no_grad()
@@ -341,8 +356,9 @@ def make_method(config: ImagingConfig) -> ISGD | MAID:
         lower_solver=Nesterov(max_iter=5000),
         compute_bound=config.method == "maid",
     )
-    if config.method == "maid":
-        return MAID(estimator=estimator, lower_tol=1e-1, step=1e-2)
+    if config.method == "maid":  # worst-case constants of ω are 10⁴× loose for image energies
+        estimator = replace(estimator, constants=BoundConstants(a_posteriori=True))
+        return MAID(estimator=estimator, lower_tol=1e-1, step=1.0)
     default_step = DEFAULT_STEPS[config.method].get(
         config.regulariser, DEFAULT_STEPS[config.method][""]
     )
@@ -470,7 +486,7 @@ def run(
         raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
     check_options(config, resume=resume, overwrite=overwrite)
     run_dir = Path(config.run_dir or f"runs/{config.job}-{time.strftime('%Y%m%d-%H%M%S')}")
-    config = dataclasses.replace(
+    config = replace(
         config,
         run_dir=str(run_dir),
         filter_size=config.filter_size or FILTER_SIZES.get(config.regulariser, 5),
@@ -514,6 +530,8 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
         calibrate_foe_weights(regulariser, tv.strength)
     if isinstance(regulariser, ConvexRidgeNetwork | WeaklyConvexRidge) and not inv.resume:
         calibrate_ridge_strength(regulariser, tv.strength)
+    if isinstance(regulariser, ConvexRidge):
+        calibrate_convex_ridge(regulariser, tv.strength)
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=config.budget, wall_time=config.time)
     test = TestEvaluation(

@@ -26,6 +26,7 @@ Computations run in the dtype and on the device of ``X_train``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bilevel.learning.datasets import _check_labels, is_sparse, select_rows, to_csr
-from bilevel.problem import BilevelError, BilevelProblem, NonFiniteError
+from bilevel.problem import BilevelError, BilevelProblem, Constant, NonFiniteError
 
 __all__ = [
     "FiniteSumModel",
@@ -654,6 +655,24 @@ class _PerFeatureL2(FiniteSumModel):
         return float(torch.exp(theta.detach()).max())
 
 
+def _without_curvature(mu: Constant, curvature: float) -> Constant:
+    """The stated μ less ``curvature``: a number, a tensor, or a function of θ (called with
+    ``(theta, batch)`` or no arguments) whose values are reduced by it."""
+    if mu is None or curvature == 0.0:
+        return mu
+    if not callable(mu) or isinstance(mu, Tensor):
+        return mu - curvature
+
+    def reduced(theta: Any, batch: Any) -> Any:
+        try:
+            n_args = len(inspect.signature(mu).parameters)
+        except (TypeError, ValueError):
+            n_args = 2
+        return (mu() if n_args == 0 else mu(theta, batch)) - curvature
+
+    return reduced
+
+
 class RidgeModel(_PerFeatureL2):
     """Ridge regression with one strength per feature.
 
@@ -703,7 +722,7 @@ class RidgeModel(_PerFeatureL2):
         """See :meth:`FiniteSumModel.cross_validate`; μ then comes from the strengths alone,
         since λ_min(XᵀX/N) of all rows does not bound that of a training part."""
         super().cross_validate(folds)
-        self.problem.mu -= self.data_curvature
+        self.problem.mu = _without_curvature(self.problem.mu, self.data_curvature)
         self.data_curvature = 0.0
 
     def mu(self, theta: Tensor | None = None) -> float:

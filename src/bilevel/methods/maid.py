@@ -14,23 +14,30 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
 
    The left side is an upper bound on F(θ⁺) (∇ₓf_i is L_f-Lipschitz), the right side minus
    the margin a lower bound on F(θ) (f_i convex in x), so an accepted step certainly
-   decreases the true F. L_f and μ come from the one place that states them: the
-   estimator's ``BoundConstants.upper_grad_lipschitz`` (else the value the bound computed or
-   estimated, ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a
-   non-convex f_i or a wrong L_f the certificate does not hold.
+   decreases the true F. Below float64, f_i, ‖∇ₓf_i‖ and the trial's ‖∇ₓh_i‖ (hence ε⁺_i) are
+   evaluated in float64 at the computed points (else they carry the rounding margin of the
+   working precision), so that rounding cannot fake a decrease. Trials whose first-order
+   decrease α‖z‖(‖z‖ + ω) − cα‖z‖² cannot cover the old side's mean_i ‖∇ₓf_i‖ε_i are not
+   solved for (the line search fails at once and the accuracy is tightened). L_f and μ come
+   from the one place that states them: the estimator's
+   ``BoundConstants.upper_grad_lipschitz`` (else the value the bound computed or estimated,
+   ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a non-convex f_i
+   or a wrong L_f the certificate does not hold.
 3. Adapt. On success the next trial step is αρⁱ·growth; MAID multiplies ε and δ by ν ≥ 1.
    On failure θ is kept, and MAID multiplies ε and δ by τ < 1 (the trial step α is kept).
 
 :class:`MAID` adapts the accuracy as above; :class:`HOAG` uses a fixed (summable) accuracy
 schedule ε_k, δ_k with the same line search. Every oracle call is counted, including those
-of rejected trials and of recomputations at tighter accuracy.
+of rejected trials, of recomputations at tighter accuracy and of the error bound's constants;
+an oracle-call budget is checked before each recomputation and each trial, so that a step
+stops where the budget runs out (θ and the accuracies are then kept).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,7 @@ import torch
 from torch import Tensor
 
 from bilevel.autodiff import Cost, LowerLevel, batch_norm
+from bilevel.bounds import as_float64, rounding_margin
 from bilevel.hypergrad import Estimator, Hypergradient, Implicit
 from bilevel.lower import solve_lower
 from bilevel.methods.common import (
@@ -118,6 +126,8 @@ class _LineSearch:
                 f"{type(self).__name__} needs the error bound ω: use an estimator with "
                 "compute_bound=True"
             )
+        if getattr(self.estimator, "compute_bound", True) is None:  # the default: ask for ω
+            object.__setattr__(self, "estimator", replace(self.estimator, compute_bound=True))
         _check("step", self.step, 0.0, math.inf)
         _check("backtrack", self.backtrack, 0.0, 1.0 - 1e-12)
         if (
@@ -174,7 +184,7 @@ class _LineSearch:
             plot=plot,
             keep_history=keep_history,
         )
-        engine = _LineSearchEngine(self, problem, samples)
+        engine = _LineSearchEngine(self, problem, samples, options.budget)
         name = type(self).__name__.lower()
         return drive(engine, options, {"method": name, name: self.to_config()}, len(samples))
 
@@ -256,16 +266,59 @@ class _Pending:
     alpha: float = 0.0
     trials: int = 0
     finished: tuple[str, str] | None = None
+    exhausted: bool = False
 
 
-def _upper_values(problem: BilevelProblem, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Per-instance f_i(x_i) and ‖∇ₓf_i(x_i)‖ (no oracle cost: upper-level derivatives)."""
+def _upper_values(
+    problem: BilevelProblem, x: Tensor, batch: Batch
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-instance f_i(x_i), ‖∇ₓf_i(x_i)‖ and an allowance for the rounding of f_i (no
+    oracle cost: upper-level derivatives).
+
+    Below float64 they are evaluated in float64 at the given points (the allowance is then
+    the float64 one, negligible); where the loss does not evaluate in float64, in the working
+    precision with the margin 8·u·√n·|f_i| on f_i and on ‖∇ₓf_i‖.
+    """
+    precise = x.dtype != torch.float64
+    if precise:
+        try:
+            return _upper_values_in(problem, x.detach().double(), as_float64(batch))
+        except (RuntimeError, TypeError):
+            pass
+    return _upper_values_in(problem, x, batch)
+
+
+def _upper_values_in(
+    problem: BilevelProblem, x: Tensor, batch: Batch
+) -> tuple[Tensor, Tensor, Tensor]:
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         losses = problem.loss(xr, batch)
         (g,) = torch.autograd.grad(losses.sum(), xr, allow_unused=True)
-    gnorm = torch.zeros_like(losses) if g is None else batch_norm(g)
-    return losses.detach(), gnorm.detach()
+    if losses.dtype != x.dtype:
+        raise TypeError("the loss was not evaluated in the requested precision")
+    losses = losses.detach()
+    gnorm = torch.zeros_like(losses) if g is None else batch_norm(g.detach())
+    margin = rounding_margin(x, losses.abs() + gnorm)  # float64: negligible, kept for rigour
+    return losses, gnorm + margin, margin
+
+
+def _lower_grad_norm(lower: LowerLevel, x: Tensor, computed: Tensor) -> Tensor:
+    """‖∇ₓh_i(x_i)‖ recomputed in float64 at the float32 points (one counted gradient
+    evaluation), else ``computed`` plus the rounding margin of the working precision."""
+    if x.dtype != torch.float64:
+        try:
+            with torch.enable_grad():
+                xr = x.detach().double().requires_grad_(True)
+                energy = lower.problem.energy(xr, as_float64(lower.batch))
+                (g,) = torch.autograd.grad(energy.sum(), xr)
+            lower.cost.grad_evals += x.shape[0]
+            if energy.dtype == torch.float64:
+                return batch_norm(g) * (1.0 + 4 * torch.finfo(x.dtype).eps)
+        except (RuntimeError, TypeError):
+            pass
+    op = lower.hessian(x)  # the magnitude ‖H x‖ of the terms summed into ∇ₓh
+    return computed + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + computed)
 
 
 def _regulariser(problem: BilevelProblem) -> float:
@@ -276,9 +329,16 @@ def _regulariser(problem: BilevelProblem) -> float:
 
 
 class _LineSearchEngine(Engine):
-    def __init__(self, cfg: _LineSearch, problem: BilevelProblem, samples: SampleSet) -> None:
+    def __init__(
+        self,
+        cfg: _LineSearch,
+        problem: BilevelProblem,
+        samples: SampleSet,
+        budget: Budget | None = None,
+    ) -> None:
         super().__init__(problem)
         self.cfg = cfg
+        self.budget_calls = None if budget is None else budget.oracle_calls
         self.name = type(cfg).__name__.lower()
         n = len(samples)
         index = torch.arange(n)
@@ -297,6 +357,11 @@ class _LineSearchEngine(Engine):
     def check_finished(self) -> None:
         if self.finished is not None:
             raise Stop(*self.finished)
+
+    def _spent(self, cost: float) -> bool:
+        """Whether the oracle-call budget is spent with ``cost`` more calls of this step (the
+        run loop then stops before the next step)."""
+        return self.budget_calls is not None and self.cost + cost >= self.budget_calls
 
     # -- compute ---------------------------------------------------------------------------
 
@@ -333,6 +398,8 @@ class _LineSearchEngine(Engine):
                 return _Pending(hg, eps, delta, cost, finished=("converged", message))
             if not cfg.adaptive or omega <= (1.0 - cfg.descent_margin) * znorm:
                 break
+            if self._spent(cost):
+                return _Pending(hg, eps, delta, cost, exhausted=True)
             if eps * cfg.shrink < cfg.min_tol:
                 message = (
                     f"ω = {omega:.3e} > (1 − η)‖z‖ = {(1 - cfg.descent_margin) * znorm:.3e} "
@@ -353,15 +420,25 @@ class _LineSearchEngine(Engine):
         stated_lf = getattr(cfg.estimator.constants, "upper_grad_lipschitz", None)
         l_f_report = hg.constants.get("L_f")
         l_f_default = 1.0 if l_f_report is None else l_f_report.value
-        losses, gnorm = _upper_values(problem, hg.x, self.batch)
-        eps_old = torch.nan_to_num(hg.eps, nan=math.inf)
-        old = float((losses - gnorm * eps_old).mean()) + _regulariser(problem)
+        losses, gnorm, rounding = _upper_values(problem, hg.x, self.batch)
+        eps_old = torch.nan_to_num(hg.eps, nan=math.inf).to(losses.dtype)
+        old = float((losses - gnorm * eps_old - rounding).mean()) + _regulariser(problem)
         z_sq = hg.norm**2
+        # ⟨∇F(θ), z⟩ ≤ ‖z‖(‖z‖ + ω): a trial whose first-order decrease α‖z‖(‖z‖ + ω) − cα‖z‖²
+        # falls short of the old side's inexactness mean_i ‖∇ₓf_i‖ε_i cannot pass the test
+        # unless F curves downwards; it and the smaller trials after it are not solved for
+        slack = float((gnorm * eps_old + rounding).mean())
+        reach = hg.norm * (hg.norm + float(hg.bound)) - cfg.decrease * z_sq
         theta0 = snapshot(self.params)
         trial_cost = Cost()
         try:
             for i in range(cfg.max_backtracks):
+                if self._spent(p.cost + trial_cost.oracle_calls):
+                    p.exhausted = True
+                    break
                 alpha = self.alpha * cfg.backtrack**i
+                if alpha * reach < slack:
+                    break
                 p.trials = i + 1
                 with torch.no_grad():
                     for param, t0, g in zip(self.params, theta0, hg.grad):
@@ -379,13 +456,15 @@ class _LineSearchEngine(Engine):
                     )
                 except NonFiniteError:
                     continue  # the trial point is unusable: backtrack
-                new_losses, new_gnorm = _upper_values(problem, sol.x, self.batch)
-                dist = sol.distance_bound
+                new_losses, new_gnorm, new_rounding = _upper_values(problem, sol.x, self.batch)
+                mu_new = problem.mu_values(self.batch, sol.x)
+                mu_new = torch.full_like(sol.grad_norm, hg.mu) if mu_new is None else mu_new
+                dist = (_lower_grad_norm(lower, sol.x, sol.grad_norm) / mu_new).to(new_losses)
                 l_f = evaluate_constant(
                     "upper_grad_lipschitz", stated_lf, problem.theta, self.batch, sol.x
                 )
-                l_f = l_f_default if l_f is None else l_f
-                upper = new_losses + new_gnorm * dist + 0.5 * l_f * dist**2
+                l_f = l_f_default if l_f is None else l_f.to(new_losses)
+                upper = new_losses + new_gnorm * dist + 0.5 * l_f * dist**2 + new_rounding
                 new = float(upper.mean()) + _regulariser(problem)
                 if math.isfinite(new) and new <= old - cfg.decrease * alpha * z_sq:
                     p.accepted, p.alpha = True, alpha
@@ -420,6 +499,8 @@ class _LineSearchEngine(Engine):
             self.finished = p.finished
             self.x_warm = hg.x.detach().clone()
             self.tol, self.adjoint_tol = p.eps, p.delta
+        elif p.exhausted:  # the budget ran out within the step: θ and accuracies are kept
+            self.x_warm = hg.x.detach().clone()
         elif p.accepted:
             load_params(self.params, p.theta)
             self.x_warm = p.x

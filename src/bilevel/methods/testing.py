@@ -90,7 +90,8 @@ class QuadraticFiniteSum:
         return float(torch.linalg.matrix_norm(m.T @ m, ord=2))
 
     def estimator(self, max_iter: int = 10_000) -> Implicit:
-        """``Implicit(CG())`` with the stated Lipschitz constant and certified bound constants."""
+        """``Implicit(CG())`` with the stated Lipschitz constant and certified bound constants,
+        computing the bound ω."""
         constants = BoundConstants(
             upper_grad_lipschitz=1.0,
             jacobian_norm=float(torch.linalg.matrix_norm(self.b, ord=2)),
@@ -101,6 +102,7 @@ class QuadraticFiniteSum:
             lower_solver=Nesterov(max_iter=max_iter, lipschitz=self.lipschitz),
             linear_solver=CG(max_iter=max_iter),
             constants=constants,
+            compute_bound=True,
         )
 
 

@@ -66,6 +66,9 @@ def random_quadratic(
         return 0.5 * (r * r).sum(1)
 
     def exact():
+        """∇F of the problem as given: its data rounded to ``dtype``, solved in float64."""
+        a, m, c, t = (v.to(F64) for v in (a_, m_, c_, t_))
+        p = None if p_ is None else p_.to(F64)
         th = theta.detach().to(F64)
         x = torch.linalg.solve(a, (m @ th + c).unsqueeze(-1)).squeeze(-1)
         g = x - t + (0.0 if p is None else p @ th)
@@ -376,8 +379,8 @@ def logistic(seed, n_batch, dim, n_params, theta_in_f, dtype):
     theta0 = 0.5 * torch.randn(n_params, generator=gen, dtype=F64) - 0.5
     expand = torch.rand(dim, n_params, generator=gen, dtype=F64) / n_params
 
-    def make(dt, theta):
-        pr, ex = proj.to(dt), expand.to(dt)
+    def make(dt, theta):  # the constants rounded to ``dtype`` as the problem sees them
+        pr, ex = proj.to(dtype).to(dt), expand.to(dtype).to(dt)
 
         def h(x, th, batch):
             fe, la, _ = batch
@@ -398,8 +401,9 @@ def logistic(seed, n_batch, dim, n_params, theta_in_f, dtype):
     def reference():
         th64 = theta.detach().to(F64).requires_grad_(True)
         ref_problem = make(F64, th64)
+        as_given = tuple(v.to(dtype).to(F64) for v in data)
         hg = Exact(lower_solver=Nesterov(max_iter=20000), compute_bound=True)(
-            ref_problem, data, torch.zeros(n_batch, dim, dtype=F64), lower_tol=1e-13
+            ref_problem, as_given, torch.zeros(n_batch, dim, dtype=F64), lower_tol=1e-13
         )
         return hg.grad[0]
 
@@ -491,13 +495,15 @@ def test_a_posteriori_estimate_covers_the_error_and_is_tight(dtype):
         problem, batch, exact = logistic(seed, 3, 6, 2, seed % 2 == 1, dtype)
         x0 = torch.zeros(3, 6, dtype=dtype)
         for tol in (1e-1, 1e-3):
-            hg = Implicit(CG(), constants=BoundConstants(a_posteriori=True))(
+            hg = Implicit(CG(), compute_bound=True, constants=BoundConstants(a_posteriori=True))(
                 problem, batch, x0, lower_tol=tol, adjoint_tol=tol
             )
             err = float((hg.grad[0].to(F64) - exact()).norm())
             assert not hg.bound_certified and hg.constants["a_posteriori"].value == hg.bound
             ratios.append(hg.bound / err)
-            worst_case = Implicit(CG())(problem, batch, x0, lower_tol=tol, adjoint_tol=tol)
+            worst_case = Implicit(CG(), compute_bound=True)(
+                problem, batch, x0, lower_tol=tol, adjoint_tol=tol
+            )
             worst.append(worst_case.bound / err)
     ratios.sort()
     assert ratios[0] >= 1.0, ratios[:3]
@@ -507,7 +513,7 @@ def test_a_posteriori_estimate_covers_the_error_and_is_tight(dtype):
 
 def test_certified_bound_is_kept_when_a_posteriori_is_asked_for():
     problem, batch, exact = random_quadratic(3, 2, 5, 2)
-    hg = Implicit(CG(), constants=BoundConstants(a_posteriori=True))(
+    hg = Implicit(CG(), compute_bound=True, constants=BoundConstants(a_posteriori=True))(
         problem, batch, torch.zeros(2, 5, dtype=F64), lower_tol=1e-3
     )
     assert hg.bound_certified and "a_posteriori" not in hg.constants
@@ -519,7 +525,7 @@ def test_float32_residuals_are_recomputed_in_float64():
     and the bound still covers the error of the float32 z."""
     problem, batch, exact = random_quadratic(5, 2, 400, 2, dtype=torch.float32)
     problem.mu = float(problem.true_lambda_min.min())
-    est = Implicit(CG(), constants=BoundConstants(upper_grad_lipschitz=1.0))
+    est = Implicit(CG(), compute_bound=True, constants=BoundConstants(upper_grad_lipschitz=1.0))
     hg = est(problem, batch, torch.zeros(2, 400), lower_tol=1e-4, adjoint_tol=1e-4)
     a, m, c, t = (v.to(F64) for v in batch)
     x = hg.x.to(F64)
@@ -540,7 +546,9 @@ def test_upper_loss_linear_in_x_has_a_zero_hessian():
         th = problem.theta.detach()
         q = torch.linalg.solve(a, t.unsqueeze(-1)).squeeze(-1)
         exact = torch.einsum("bip,bi->p", m, q) / 2
-        hg = Implicit(CG())(problem, batch, torch.zeros(2, dim, dtype=F64), lower_tol=1e-6)
+        hg = Implicit(CG(), compute_bound=True)(
+            problem, batch, torch.zeros(2, dim, dtype=F64), lower_tol=1e-6
+        )
         assert hg.constants["L_f"].value == 0.0 and hg.constants["L_f"].source == "computed"
         assert hg.bound_certified
         assert float((hg.grad[0] - exact).norm()) <= hg.bound
@@ -549,7 +557,7 @@ def test_upper_loss_linear_in_x_has_a_zero_hessian():
 
 def test_unconverged_adjoint_warns_and_is_not_certified():
     problem, batch, exact = random_quadratic(2, 2, 30, 2, eig_low=0.01, eig_high=10.0)
-    est = Implicit(CG(max_iter=3))
+    est = Implicit(CG(max_iter=3), compute_bound=True)
     x0 = torch.zeros(2, 30, dtype=F64)
     with pytest.warns(
         ConvergenceWarning, match="adjoint solver CG missed adjoint_tol.*not certified"
@@ -559,5 +567,7 @@ def test_unconverged_adjoint_warns_and_is_not_certified():
     assert error(hg, exact) <= hg.bound  # the measured residual still bounds the error
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        hg = Implicit(CG(max_iter=200))(problem, batch, x0, lower_tol=1e-8, adjoint_tol=1e-8)
+        hg = Implicit(CG(max_iter=200), compute_bound=True)(
+            problem, batch, x0, lower_tol=1e-8, adjoint_tol=1e-8
+        )
     assert hg.bound_certified

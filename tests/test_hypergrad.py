@@ -300,15 +300,15 @@ def test_accumulate_into_grad_and_optimizer_step():
 
 def test_cost_is_reported():
     problem, batch, theta = quadratic_problem()
-    hg = Implicit()(problem, batch, torch.zeros(4, 6, dtype=F64), lower_tol=1e-6)
+    hg = Implicit(compute_bound=True)(problem, batch, torch.zeros(4, 6, dtype=F64), lower_tol=1e-6)
     assert hg.cost.grad_evals >= hg.lower.grad_evals > 0
     assert hg.cost.hvps >= hg.linear.matvecs > 0
     assert hg.cost.vjps > 0 and hg.cost.wall_time > 0
     # the Jacobian products of the bound's ‖J‖ are oracle calls too
     assert 0 < hg.cost.bound_products <= hg.cost.vjps
     assert hg.cost.oracle_calls == hg.cost.grad_evals + hg.cost.hvps + hg.cost.bound_products
-    bare = Implicit(compute_bound=False)(problem, batch, torch.zeros(4, 6, dtype=F64))
-    assert bare.cost.bound_products == 0
+    bare = Implicit()(problem, batch, torch.zeros(4, 6, dtype=F64))  # no bound by default
+    assert bare.cost.bound_products == 0 and bare.bound is None
 
 
 def test_float32_runs():

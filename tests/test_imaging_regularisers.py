@@ -17,7 +17,8 @@ from bilevel.imaging import (
     WeaklyConvexRidge,
     reconstruction_problem,
 )
-from bilevel.imaging.regularisers import _spline, ridge_layers
+from bilevel.imaging.regularisers import _spline_tables, ridge_layers
+from bilevel.imaging.ridge import Spline
 
 SIZE = 14
 
@@ -281,26 +282,31 @@ def test_ridge_layers_compose_to_the_requested_support() -> None:
 
 
 def test_spline_potential_derivatives_match_its_knots() -> None:
-    # ψ' by autograd matches central differences of ψ; ψ'' by double backward is the knot
-    # curvature of the interval (0 beyond the last knot), also at u = 0.
+    # φ(t) = β⁻²ψ(βt): φ' (closed form and by autograd) matches central differences of φ;
+    # φ'' is the knot curvature of the interval of βt (0 beyond the last knot), also at t = 0.
     gen = _gen(2)
     slopes = torch.rand(3, 6, generator=gen, dtype=torch.float64) * 2 - 0.5
-    spacing = 0.1
-    u = (torch.rand(1, 3, 7, 7, generator=gen, dtype=torch.float64) - 0.5) * 1.6
-    u[0, :, 0, 0] = 0.0
-    u = u.requires_grad_(True)
-    psi = _spline(u, slopes, spacing)
-    (d1,) = torch.autograd.grad(psi.sum(), u, create_graph=True)
-    (d2,) = torch.autograd.grad(d1.sum(), u)
+    spacing, beta = 0.1, torch.tensor(1.7, dtype=torch.float64)
+    params = (torch.stack(_spline_tables(slopes, spacing)), beta)
+    spline = Spline(spacing)
+    t = (torch.rand(1, 3, 7, 7, generator=gen, dtype=torch.float64) - 0.5) * 1.6 / 1.7
+    t[0, :, 0, 0] = 0.0
+    t = t.requires_grad_(True)
+    phi = spline.value(t, params)
+    energy, d1, d2 = spline.evaluate(t.detach(), params)
+    assert torch.allclose(energy, phi.detach().sum(dim=(1, 2, 3)), rtol=1e-12)
+    (d1_autograd,) = torch.autograd.grad(phi.sum(), t)
     h = 1e-6
     with torch.no_grad():
-        fd = (_spline(u + h, slopes, spacing) - _spline(u - h, slopes, spacing)) / (2 * h)
-    assert torch.allclose(d1, fd, atol=1e-7)
-    j = torch.clamp(torch.floor(u.detach().abs() / spacing), max=6).long()
+        fd = (spline.value(t + h, params) - spline.value(t - h, params)) / (2 * h)
+    assert torch.allclose(d1, fd, atol=1e-7) and torch.allclose(d1_autograd, d1, atol=1e-12)
+    assert torch.allclose(spline.first(t, params), d1, atol=1e-15)
+    j = torch.clamp(torch.floor(1.7 * t.detach().abs() / spacing), max=6).long()
     table = torch.cat([slopes, torch.zeros(3, 1, dtype=torch.float64)], 1)
     expected = table[torch.arange(3).view(1, 3, 1, 1), j]
+    assert torch.allclose(spline.second(t, params), expected, atol=1e-12)
     assert torch.allclose(d2, expected, atol=1e-12)
-    assert torch.allclose(psi.detach(), _spline(-u.detach(), slopes, spacing))  # even
+    assert torch.allclose(phi.detach(), spline.value(-t.detach(), params))  # even
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -13,6 +13,7 @@ from bilevel.imaging import (
     ConvexRidgeNetwork,
     available_models,
     pretrained,
+    psnr,
     reconstruct,
     reconstruction_problem,
     save_image,
@@ -113,3 +114,27 @@ def test_cli_reconstruct_model_errors(tiny_zoo, capsys):
     assert main(["reconstruct", "--model", "tiny-crr"]) == 2
     assert "no images" in capsys.readouterr().err
     assert main(["reconstruct", "--model", "tiny-crr", images[0], "--sigma", "-3"]) == 2
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_reconstruct_command_reaches_the_converged_psnr(name, tmp_path, capsys):
+    # `bilevel reconstruct --model NAME IMAGE --add-noise` with its default tolerance ends
+    # within 0.01 dB of the PSNR of the converged solution (float64, RMS of ∇ₓh ≤ 1e-9).
+    from bilevel.imaging.data import _skimage_array, _to_tensor, load_image
+
+    image = _to_tensor(_skimage_array("camera", False), torch.float32)[:, 180:260, 200:264]
+    path = tmp_path / "crop.png"
+    save_image(image, path)
+    capsys.readouterr()
+    args = ["reconstruct", "--model", name, str(path), "--add-noise", "--out", str(tmp_path)]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["images"][0]
+    # the same problem (the command's noise: seed 0, drawn in float32), solved to convergence
+    x = load_image(path, color=False, dtype=torch.float32).unsqueeze(0)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    y = (x + pm.model_info(name)["sigma"] / 255.0 * noise).double()
+    problem = reconstruction_problem(pretrained(name).double())
+    converged = reconstruct(problem, (y, y), tol=1e-9 * x.numel() ** 0.5, max_iter=5000)
+    reference = float(psnr(converged.clamp(0, 1), x.double())[0])
+    assert result["psnr"] == pytest.approx(reference, abs=0.01)
+    assert result["psnr"] > result["degraded_psnr"] + 5

@@ -1,4 +1,4 @@
-"""``python -m bilevel``: the command line (:mod:`bilevel.cli`)."""
+"""``python -m bilevel JOB ...`` (and ``torchrun --nproc-per-node N -m bilevel JOB ...``)."""
 
 import sys
 

@@ -203,6 +203,9 @@ def _run_job(args: argparse.Namespace) -> int:
         print(to_toml(config), end="")
         return 0
     job = _load(job_spec)
+    from bilevel import distributed  # torch: only once a job runs
+
+    distributed.init_from_env()  # under torchrun: join the data-parallel process group
     if args.job not in TRAINING_JOBS:
         return int(job(config, json=args.json) or 0)
 

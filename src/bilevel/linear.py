@@ -11,8 +11,11 @@ Conventions
 * The right-hand side ``b`` has shape ``(B, *event_shape)``; instance ``i`` is ``b[i]``.
 * The operator is a callable ``matvec(v, index) -> H_index v``. ``index`` is a 1-D long tensor
   of instance indices into the full batch of ``B`` and ``v`` has shape
-  ``(len(index), *event_shape)``; the result has the shape of ``v``. Solvers pass only the
-  instances that have not converged yet, so converged instances cost no further products.
+  ``(len(index), *event_shape)``; the result has the shape of ``v``. Solvers stop passing
+  converged instances (CG and MINRES once at most half of their batch is active: until then a
+  stopped instance rides along, masked, so that the batch and its ``index`` stay unchanged).
+  Solvers pass the same ``index`` tensor between changes of their active set and never
+  modify it in place, so an operator may recognise it by identity.
 * All norms are per instance: the Euclidean norm over the entries of that instance.
 * ``tol`` is an **absolute** tolerance on the residual norm ``‖H_i q_i − b_i‖₂`` of each
   instance: a float shared by all instances or a ``(B,)`` tensor. Its meaning does not depend
@@ -587,7 +590,7 @@ class CG:
 
     Raises:
         NotStronglyConvexError: pᵀHp ≤ 0 for an active instance (H_i is not positive definite);
-            the message names the instance and the curvature pᵀHp / ‖p‖².
+            the message names the instance, the iteration and pᵀHp.
         NonFiniteError: NaN or infinity in b, x0, an operator output or an iterate.
 
     ``min_curvature`` is the smallest Ritz value of the Krylov space (the Lanczos tridiagonal

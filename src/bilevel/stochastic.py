@@ -59,12 +59,13 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel, upper_gradients
 from bilevel.hypergrad import Estimator, Hypergradient
 from bilevel.linear import largest_eigenvalue
@@ -153,6 +154,8 @@ class MinibatchSampler:
         self.replace = bool(replace)
         self.generator = torch.Generator()
         self.generator.manual_seed(self.seed)
+        #: data parallel (:mod:`bilevel.distributed`): draws come from this process's block
+        self.shard: distributed.Shard | None = None
 
     def draw(
         self, n: int, size: int, count: int = 1, device: torch.device | str | None = None
@@ -163,6 +166,21 @@ class MinibatchSampler:
         """
         if size > n:
             raise BilevelError(f"minibatch of {size} samples exceeds the {n} available")
+        if self.shard is not None:
+            # this process's share, from its block of rows; a minibatch smaller than the
+            # number of processes is drawn whole from every block (the combination
+            # Σ_r (N_r/n)·mean_r stays an unbiased estimate of the mean)
+            start, stop = self.shard.block(n)
+            if stop == start:
+                raise BilevelError(
+                    f"{n} samples leave process {self.shard.rank} of {self.shard.world} no "
+                    "row: use at most as many processes as samples"
+                )
+            share = min(self.shard.share(size) or size, stop - start)
+            return start + self._draw(stop - start, share, count, device)
+        return self._draw(n, size, count, device)
+
+    def _draw(self, n: int, size: int, count: int, device: torch.device | str | None) -> Tensor:
         g = self.generator
         if self.replace:
             idx = torch.randint(n, (count * size,), generator=g)
@@ -227,6 +245,26 @@ class StageSamplers:
         """Restart all three streams from their seeds."""
         for s in (self.lower, self.linear, self.final):
             s.reset()
+
+    def assign(self, rank: int, world: int, force: bool = False) -> None:
+        """Data parallel: draw from process ``rank``'s block of rows (of ``world``), with the
+        streams of that rank. Rank 0 keeps the streams of a single process; rank r > 0 uses
+        the children 3r, 3r+1, 3r+2 of the seed's ``SeedSequence``, fresh and independent.
+        Nothing changes if the streams are already this rank's (unless ``force``)."""
+        current = self.lower.shard
+        if not force and current is not None and (current.rank, current.world) == (rank, world):
+            return
+        shard = distributed.current()
+        if shard is None or (shard.rank, shard.world) != (rank, world):
+            raise BilevelError(f"no data-parallel process group with rank {rank} of {world}")
+        if rank > 0 or force:
+            root = np.random.SeedSequence(self.entropy)
+            children = root.spawn(3 * (rank + 1))[3 * rank :]
+            for sampler, child in zip((self.lower, self.linear, self.final), children):
+                sampler.seed = int(child.generate_state(1, np.uint64)[0])
+                sampler.reset()
+        for sampler in (self.lower, self.linear, self.final):
+            sampler.shard = shard
 
     def state_dict(self) -> dict[str, Tensor]:
         """Generator states (uint8 tensors), for checkpoints."""
@@ -1008,8 +1046,62 @@ Diagonal = Callable[[Tensor, Any, Tensor | None], Tensor]
 _HUTCHINSON_PROBES = 8  # Rademacher probes of the Hessian-diagonal estimate without a Diagonal
 
 
+def _combined(t: Tensor, n: int) -> Tensor:
+    """Data parallel: the mean over all n rows from each process's mean over (a minibatch of)
+    its block, Σ_r (N_r/n)·t_r (:meth:`bilevel.distributed.Shard.combine`); else ``t``."""
+    shard = distributed.current()
+    return t if shard is None else shard.combine(t, n)
+
+
+def _exact_upper(problem: BilevelProblem, w: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """:func:`~bilevel.autodiff.upper_gradients` of the exact upper loss (f, ∇_w f, ∇_θ f);
+    data parallel with ``upper_sample_loss``, each process's block of the upper samples,
+    combined."""
+    shard = distributed.current()
+    if shard is None or problem.upper_sample_loss is None or problem.n_upper_samples is None:
+        return upper_gradients(problem, w, None)
+    n_up, params = int(problem.n_upper_samples), problem.params
+    block = _block(n_up).to(w.device)
+    with torch.enable_grad():
+        wr = w.detach().requires_grad_(True)
+        loss = _checked_values(
+            "upper_sample_loss", problem.upper_sample_loss(wr, problem.theta, block), w.shape[0]
+        )
+        grads = torch.autograd.grad(loss.sum(), [wr, *params], allow_unused=True)
+    if grads[0] is None:
+        raise BilevelError("upper_sample_loss does not depend on x through autograd")
+    grad_theta = [
+        torch.zeros_like(p) if g is None else g / w.shape[0] for p, g in zip(params, grads[1:])
+    ]
+    combined = [_combined(t, n_up) for t in (loss.detach(), grads[0], *grad_theta)]
+    return combined[0], combined[1], combined[2:]
+
+
+def _share(n: int) -> float:
+    """The fraction of n rows in this process's block (1 without data parallelism)."""
+    shard = distributed.current()
+    if shard is None:
+        return 1.0
+    start, stop = shard.block(n)
+    return (stop - start) / n
+
+
+def _block(n: int) -> Tensor | None:
+    """This process's block of n rows (None without data parallelism: all of them)."""
+    shard = distributed.current()
+    return None if shard is None else torch.arange(*shard.block(n))
+
+
 def _sample_hvp(problem: BilevelProblem, w: Tensor, theta: Any, v: Tensor, idx: Tensor | None):
-    """Ĥ(w, θ; I) v per instance (I = ``idx``; None: the full lower energy), detached."""
+    """Ĥ(w, θ; I) v per instance (I = ``idx``; None: the full lower energy), detached; data
+    parallel, combined over the processes (``idx`` None: each process's block)."""
+    n = int(problem.n_lower_samples)
+    if idx is None and distributed.current() is not None:
+        idx = _block(n).to(w.device)
+    return _combined(_local_hvp(problem, w, theta, v, idx), n)
+
+
+def _local_hvp(problem: BilevelProblem, w: Tensor, theta: Any, v: Tensor, idx: Tensor | None):
     with torch.enable_grad():
         wr = w.detach().requires_grad_(True)
         if idx is None:
@@ -1043,6 +1135,7 @@ class _Curvature:
             d = self.diagonal_fn(w.detach(), theta, idx).detach()
             if not isinstance(d, Tensor) or d.shape != w.shape:
                 raise BilevelError("the Hessian diagonal must have the shape of w")
+            d = _combined(d, n)
             self.cost.grad_evals += w.shape[0] * b / n
         else:
             gen = torch.Generator().manual_seed(0)
@@ -1117,19 +1210,23 @@ class LowerMap:
             e = _checked_values("lower_sample_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
         self.cost.grad_evals += w.shape[0] * idx.numel() / self.n
-        return g
+        return _combined(g, self.n)
 
     def full_gradient(self, w: Tensor, theta: Any = None) -> Tensor:
         """∇_w h(w, θ) on all N samples (the problem's ``lower_energy`` with ``batch=None``),
         counting one gradient evaluation per instance."""
         theta = self.problem.theta if theta is None else theta
+        block = _block(self.n)  # data parallel: this process's rows, combined
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
-            e = self.problem.lower_energy(wr, theta, None)
+            if block is None:
+                e = self.problem.lower_energy(wr, theta, None)
+            else:
+                e = self.problem.lower_sample_energy(wr, theta, block.to(w.device))
             e = _checked_values("lower_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
-        self.cost.grad_evals += w.shape[0]
-        return g
+        self.cost.grad_evals += w.shape[0] * _share(self.n)
+        return _combined(g, self.n)
 
     def hvp(self, w: Tensor, v: Tensor, index: Tensor, theta: Any = None) -> Tensor:
         """Ĥ(w, θ; I) v on the minibatch ``index`` (θ default: the problem's), counted."""
@@ -1195,7 +1292,7 @@ class AdjointMap:
         instance."""
         w = self.w if w is None else w
         theta = self.problem.theta if theta is None else theta
-        self.cost.hvps += w.shape[0]
+        self.cost.hvps += w.shape[0] * _share(self.n)
         return _sample_hvp(self.problem, w, theta, v, None)
 
     def rhs(self) -> Tensor:
@@ -1210,7 +1307,7 @@ class AdjointMap:
             loss = self.problem.upper_sample_loss(wr, self.problem.theta, idx)
             loss = _checked_values("upper_sample_loss", loss, w.shape[0])
             (g,) = torch.autograd.grad(loss.sum(), wr, allow_unused=True)
-        return torch.zeros_like(w) if g is None else g
+        return _combined(torch.zeros_like(w) if g is None else g, n_up)
 
     def __call__(self, v: Tensor) -> Tensor:
         return v - self.step * self.matvec(v) + self.rhs()
@@ -1371,6 +1468,10 @@ class SID(Estimator):
     seed: int | None = 0
     accuracy: InnerAccuracy | None = None
     diagonal: Diagonal | None = None
+
+    #: Data parallel, SID splits the finite sum's rows over the processes itself (the
+    #: upper-level method then gives every process every instance).
+    shards_rows: ClassVar[bool] = True
 
     @property
     def uses_tolerances(self) -> bool:  # type: ignore[override]
@@ -1545,6 +1646,10 @@ class SID(Estimator):
         n_inst = x0.shape[0]
         eta = self._map_step(problem, lower, x0)
         samplers = self.samplers
+        shard = distributed.current()
+        if shard is not None:  # data parallel: this process's rows and streams
+            samplers.assign(shard.rank, shard.world)
+        counted = (cost.grad_evals, cost.hvps, cost.vjps)
 
         def detail(b: int | None) -> str:
             size = n if b is None else b
@@ -1572,7 +1677,7 @@ class SID(Estimator):
         # stage 2: v_k
         exact = None
         if self.upper_batch is None:
-            losses, exact, grad_theta = upper_gradients(problem, w, None)
+            losses, exact, grad_theta = _exact_upper(problem, w)
         psi = AdjointMap(
             problem,
             w,
@@ -1606,7 +1711,8 @@ class SID(Estimator):
             e = _checked_values("lower_sample_energy", e, n_inst)
             (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
             jtv = torch.autograd.grad(g, params, v, allow_unused=True)
-        cost.vjps += n_inst * J * b3 / n
+        jtv = [None if j is None else _combined(j, n) for j in jtv]
+        cost.vjps += n_inst * idx.numel() / n
         if self.upper_batch is not None:
             idx_up = samplers.final.draw(n_up, self.upper_batch, count=J, device=w.device)
             with torch.enable_grad():
@@ -1617,8 +1723,10 @@ class SID(Estimator):
                     if up.requires_grad
                     else [None] * len(params)
                 )
-            grad_theta = [torch.zeros_like(p) if t is None else t for p, t in zip(params, gt)]
-            losses = up.detach()
+            grad_theta = [
+                _combined(torch.zeros_like(p) if t is None else t, n_up) for p, t in zip(params, gt)
+            ]
+            losses = _combined(up.detach(), n_up)
         grad = [gt if j is None else gt - (eta / n_inst) * j for gt, j in zip(grad_theta, jtv)]
         loss = float(losses.mean())
         if problem.upper_regulariser is not None:
@@ -1633,6 +1741,11 @@ class SID(Estimator):
                     "SID stage 3: the hypergradient estimate is NaN or infinite (check the "
                     "data and θ, or the stability of stages 1 and 2)"
                 )
+        if shard is not None:  # oracle calls of every process
+            spent = shard.sum_floats(
+                [cost.grad_evals - counted[0], cost.hvps - counted[1], cost.vjps - counted[2]]
+            )
+            cost.grad_evals, cost.hvps, cost.vjps = (c + d for c, d in zip(counted, spent))
         nan = torch.full((n_inst,), math.nan, dtype=w.dtype, device=w.device)
         mu_t = problem.mu_values(batch, w)  # a function of θ is evaluated at the current θ
         mu = None if mu_t is None else float(mu_t.min())

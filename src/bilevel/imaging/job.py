@@ -18,6 +18,7 @@ marked unfinished (no ``model.pt``); ``--resume`` continues.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel import distributed
 from bilevel.bounds import BoundConstants
 from bilevel.config import Invocation, job_record, resumable_fields, resume_command
 from bilevel.hypergrad import Implicit
@@ -390,16 +392,34 @@ class TestEvaluation:
         self.last_val: Tensor | None = None
 
     def __call__(self, theta: Any, step: int) -> dict[str, Any]:
-        x = reconstruct(self.setup.problem, self.batch, x0=self.last, tol=self.tol)
+        x = sharded_reconstruct(self.setup.problem, self.batch, self.last, self.tol)
         self.last = x
         out: dict[str, Any] = {"test_psnr": float(psnr(x.clamp(0, 1), self.batch[1]).mean())}
         if self.val_batch is not None:
-            v = reconstruct(self.setup.problem, self.val_batch, x0=self.last_val, tol=self.tol)
+            v = sharded_reconstruct(self.setup.problem, self.val_batch, self.last_val, self.tol)
             self.last_val = v
             out["val_psnr"] = float(psnr(v.clamp(0, 1), self.val_batch[1]).mean())
         if self.bound_note is not None:
             out["bound_note"] = self.bound_note
         return out
+
+
+def sharded_reconstruct(
+    problem: BilevelProblem, batch: tuple[Tensor, ...], x0: Tensor | None, tol: float
+) -> Tensor:
+    """:func:`reconstruct` of the images ``batch = (y, x_true, ...)``; data parallel
+    (:mod:`bilevel.distributed`), each process reconstructs the images it owns and every
+    process gets all of them."""
+    shard = distributed.current()
+    if shard is None:
+        return reconstruct(problem, batch, x0=x0, tol=tol)
+    n = batch[0].shape[0]
+    own = shard.owned(torch.arange(n, device=batch[0].device))
+    local = torch.empty_like(batch[1][own])
+    if own.numel():
+        start = None if x0 is None else x0[own]
+        local = reconstruct(problem, tuple(t[own] for t in batch), x0=start, tol=tol)
+    return shard.gather_rows(local, own, n)
 
 
 def ranked(evaluation: Callable[[Any, int], dict[str, Any]], setup: Setup) -> Callable:
@@ -486,6 +506,8 @@ def run(
         raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
     check_options(config, resume=resume, overwrite=overwrite)
     run_dir = Path(config.run_dir or f"runs/{config.job}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if distributed.current() is not None:  # every process writes into rank 0's directory
+        run_dir = Path(distributed.current().broadcast_object(str(run_dir)))
     config = replace(
         config,
         run_dir=str(run_dir),
@@ -494,8 +516,9 @@ def run(
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     setup = build(config)
-    with RunLock(run_dir):
-        _prepare_run_dir(run_dir, config, inv)
+    writer = distributed.is_writer()  # data parallel: rank 0 alone writes the run's files
+    with RunLock(run_dir) if writer else contextlib.nullcontext():
+        distributed.on_writer(lambda: _prepare_run_dir(run_dir, config, inv))
         if on_start is not None:
             on_start(run_dir)
         return train(config, inv, setup, run_dir)
@@ -510,7 +533,7 @@ def _resume_hint(config: ImagingConfig, inv: Invocation) -> str:
 def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -> int:
     """The work of a run whose options are checked and whose directory is locked: TV grid
     search, the bilevel run, the test comparison and the files of the run directory."""
-    tensorboard = _tensorboard(run_dir) if config.tensorboard else None
+    tensorboard = _tensorboard(run_dir) if config.tensorboard and distributed.is_writer() else None
     log = sys.stderr if inv.json else sys.stdout
     y_test, x_test = setup.test.batch()[:2]
 
@@ -559,6 +582,8 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
         progress=config.progress,
         plot=config.plots,
     )
+    if not distributed.is_writer():
+        return 0 if result.ok else 130 if not result.finished else 1
     base = {
         "task": config.job,
         "regulariser": config.regulariser,

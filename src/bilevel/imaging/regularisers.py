@@ -2,7 +2,8 @@
 
 Every regulariser maps a batch ``x`` of shape (B, C, H, W) (values on the [0, 1] scale) to its
 energies, shape (B,), and is twice differentiable in x (Hessian-vector products by double
-backward). Each one provides
+backward; the ridge and Fields-of-Experts families evaluate their gradients and
+Hessian-vector products in closed form through :mod:`bilevel.imaging.ridge`). Each one provides
 
 * ``convex``: True when R_θ is convex in x for every value of θ;
 * ``curvature_bound()``: an upper bound on the largest eigenvalue of ∇²R_θ(x) over all x (a
@@ -27,6 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bilevel.imaging.ridge import (
+    BOUNDARIES,
+    LogCoshSum,
+    SmoothedL1,
+    Spline,
+    StudentT,
+    correlate,
+    ridge_energy,
+)
 from bilevel.problem import BilevelError
 
 __all__ = [
@@ -65,6 +75,11 @@ class Regulariser(nn.Module):
         return self
 
 
+_SMOOTHED_L1 = SmoothedL1()
+_STUDENT_T = StudentT()
+_LOG_COSH = LogCoshSum()
+
+
 def _check_image(x: Tensor, channels: int | None = None, min_size: int = 1) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -78,25 +93,6 @@ def _check_image(x: Tensor, channels: int | None = None, min_size: int = 1) -> N
 def _inv_softplus(y: Tensor) -> Tensor:
     """softplus⁻¹(y) = log(exp(y) − 1) for y > 0."""
     return y + torch.log(-torch.expm1(-y))
-
-
-BOUNDARIES = ("reflect", "valid", "circular")
-
-
-def _pad(x: Tensor, filter_size: int, boundary: str) -> Tensor:
-    """Pad x so that a "valid" correlation with s×s filters returns H×W responses.
-
-    Every pixel then carries the same number of filter responses, so image borders are
-    regularised like the interior.  Reflect padding P (width < H, W) repeats a pixel at most
-    twice per axis, so ‖P‖² ≤ 4: the curvature bounds multiply by :func:`_padding_gain`.
-    Circular padding makes the correlation circulant, whose norm is at most the supremum of
-    the filter symbol (gain 1), at the price of coupling opposite borders.
-    """
-    if boundary == "valid":
-        return x
-    lo = (filter_size - 1) // 2
-    hi = filter_size - 1 - lo
-    return F.pad(x, (lo, hi, lo, hi), mode=boundary)
 
 
 def _padding_gain(boundary: str) -> float:
@@ -282,14 +278,6 @@ class SmoothedTV(Regulariser):
 # --------------------------------------------------------------------------------------------
 
 
-def _smoothed_l1(t: Tensor, nu: Tensor) -> Tensor:
-    return torch.sqrt(t * t + nu * nu) - nu
-
-
-def _student_t(t: Tensor, nu: Tensor) -> Tensor:
-    return torch.log1p(t * t / (nu * nu))
-
-
 class FieldsOfExperts(Regulariser):
     """Fields of Experts  R(x) = Σ_k exp(α_k) Σ_pixels φ((k_k ⋆ x)_pixel).
 
@@ -367,8 +355,8 @@ class FieldsOfExperts(Regulariser):
     def responses(self, x: Tensor) -> Tensor:
         """Filter responses k_k ⋆ x: (B, K, H, W) with ``boundary="reflect"``, else "valid"."""
         _check_image(x, self.channels, self.filter_size)
-        x = _pad(x, self.filter_size, self.boundary)
-        return F.conv2d(x, self.effective_filters().to(dtype=x.dtype, device=x.device))
+        filters = self.effective_filters().to(dtype=x.dtype, device=x.device)
+        return correlate(x, filters, self.boundary)
 
     @property
     def smoothing(self) -> Tensor:
@@ -376,11 +364,13 @@ class FieldsOfExperts(Regulariser):
         return self.log_smoothing.exp()
 
     def forward(self, x: Tensor) -> Tensor:
-        t = self.responses(x)
-        phi = _smoothed_l1 if self.potential == "smoothed_l1" else _student_t
-        nu = self.smoothing.to(dtype=x.dtype, device=x.device)[:, None, None]
-        per_filter = phi(t, nu).sum(dim=(2, 3))  # (B, K)
-        return per_filter @ self.log_weights.exp().to(dtype=x.dtype, device=x.device)
+        _check_image(x, self.channels, self.filter_size)
+        kw = {"dtype": x.dtype, "device": x.device}
+        weights = self.log_weights.exp().to(**kw)[:, None, None]
+        nu = self.smoothing.to(**kw)[:, None, None]
+        potential = _SMOOTHED_L1 if self.potential == "smoothed_l1" else _STUDENT_T
+        filters = self.effective_filters().to(**kw)
+        return ridge_energy(x, filters, (weights, nu), potential, self.boundary)
 
     def curvature_bound(self) -> float:
         with torch.no_grad():
@@ -398,11 +388,6 @@ class FieldsOfExperts(Regulariser):
 # --------------------------------------------------------------------------------------------
 # Convex ridge regulariser
 # --------------------------------------------------------------------------------------------
-
-
-def _logcosh(u: Tensor) -> Tensor:
-    """log cosh(u) = u + softplus(−2u) − log 2: stable and smooth under double backward."""
-    return u + F.softplus(-2.0 * u) - math.log(2.0)
 
 
 class ConvexRidge(Regulariser):
@@ -462,19 +447,12 @@ class ConvexRidge(Regulariser):
             return self.filters - self.filters.mean(dim=(1, 2, 3), keepdim=True)
         return self.filters
 
-    def profile(self, t: Tensor) -> Tensor:
-        """ψ_k(t) for responses t of shape (B, K, ...), same shape."""
-        c = self.coefficients().to(dtype=t.dtype, device=t.device)  # (K, M)
-        s = self.scales.to(dtype=t.dtype, device=t.device)  # (M,)
-        shape = (1, c.shape[0]) + (1,) * (t.dim() - 2) + (c.shape[1],)
-        basis = s * _logcosh(t.unsqueeze(-1) / s)  # (..., M)
-        return (basis * c.reshape(shape)).sum(-1)
-
     def forward(self, x: Tensor) -> Tensor:
         _check_image(x, self.channels, self.filter_size)
-        x = _pad(x, self.filter_size, self.boundary)
-        t = F.conv2d(x, self.effective_filters().to(dtype=x.dtype, device=x.device))
-        return self.profile(t).sum(dim=(1, 2, 3))
+        kw = {"dtype": x.dtype, "device": x.device}
+        params = (self.coefficients().to(**kw), self.scales.to(**kw))
+        filters = self.effective_filters().to(**kw)
+        return ridge_energy(x, filters, params, _LOG_COSH, self.boundary)
 
     def curvature_bound(self) -> float:
         with torch.no_grad():
@@ -520,24 +498,6 @@ def _spline_tables(slopes: Tensor, spacing: float) -> tuple[Tensor, Tensor, Tens
     steps = spacing * d1[:, :-1] + 0.5 * spacing**2 * slopes
     d0 = torch.cat([zero, steps.cumsum(1)], 1)
     return d0, d1, torch.cat([slopes, zero], 1)
-
-
-def _spline(u: Tensor, slopes: Tensor, spacing: float) -> Tensor:
-    """ψ_k(u) for responses u (B, K, H, W) of the even C¹ piecewise-quadratic spline of
-    :func:`_spline_tables`: ψ(u) = ψ(τ_j) + ψ'(τ_j) r + ½ ψ''_j r², r = |u| − τ_j.
-
-    |u| is formed as u·sign(u) with a constant sign (+1 at 0), so that double backward gives
-    ψ''(u) = ψ''_j on every interval, also at u = 0.
-    """
-    d0, d1, d2 = _spline_tables(slopes.to(u.dtype), spacing)
-    m = slopes.shape[1]
-    sign = torch.where(u >= 0, 1.0, -1.0).to(u.dtype).detach()
-    a = u * sign
-    j = torch.clamp(torch.floor(a.detach() / spacing), 0, m).long()
-    r = a - j.to(u.dtype) * spacing
-    shape = (1, -1) + (1,) * (u.dim() - 2)
-    idx = j + (m + 1) * torch.arange(u.shape[1], device=u.device).view(shape)
-    return d0.reshape(-1)[idx] + d1.reshape(-1)[idx] * r + 0.5 * d2.reshape(-1)[idx] * r * r
 
 
 def _young_bound(filters: Tensor) -> Tensor:
@@ -620,8 +580,10 @@ class _SplineRidge(Regulariser):
 
     def effective_filters(self) -> Tensor:
         """The composite filters (K, C, S, S); the first layer is zero-mean, hence all are."""
-        first = self.layers[0] - self.layers[0].mean(dim=(1, 2, 3), keepdim=True)
-        return _compose_filters([first, *self.layers[1:]])
+        # list(), not a slice: slicing an nn.ParameterList re-wraps its entries as new
+        # Parameters, which would cut them off from torch.func.functional_call's tensors
+        head, *tail = list(self.layers)
+        return _compose_filters([head - head.mean(dim=(1, 2, 3), keepdim=True), *tail])
 
     def knot_curvatures(self, filters: Tensor, alpha: Tensor) -> Tensor:  # pragma: no cover
         """ψ_k'' on the knot intervals in the units of the responses t, shape (K, M)."""
@@ -634,9 +596,10 @@ class _SplineRidge(Regulariser):
         kw = {"dtype": x.dtype, "device": x.device}
         curv = self.knot_curvatures(filters, alpha).to(**kw)
         beta = beta.to(**kw)
-        t = F.conv2d(_pad(x, self.filter_size, self.boundary), filters.to(**kw))
         # β⁻² ψ(β t) has second derivative ψ''(βt) in t: the knots' curvatures are in t-units.
-        return _spline(beta * t, curv, self.knot_spacing).sum(dim=(1, 2, 3)) / (beta * beta)
+        table = torch.stack(_spline_tables(curv, self.knot_spacing))
+        potential = Spline(self.knot_spacing)
+        return ridge_energy(x, filters.to(**kw), (table, beta), potential, self.boundary)
 
     def _bank_bound(self, per_filter: Tensor) -> float:
         filters = self.effective_filters().detach()

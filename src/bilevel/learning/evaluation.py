@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel
 from bilevel.learning.hpo import gradient_scale, theta_box
 from bilevel.learning.models import (
@@ -282,7 +283,10 @@ class ThrottledEvaluation:
         now = self.clock()
         if self.start is None:
             self.start = now
-        elif self.spent > self.share * (now - self.start):
+        skip = self.spent > self.share * (now - self.start)
+        if distributed.current() is not None:  # rank 0's clock decides for every process
+            skip = distributed.current().broadcast_object(skip)
+        if skip:
             return {}
         out = self.evaluate(theta, step)
         self.spent += self.clock() - now

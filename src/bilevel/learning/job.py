@@ -8,6 +8,7 @@ models, estimators, method) and :mod:`bilevel.learning.evaluation` (F(θ), the b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from bilevel import distributed
 from bilevel.config import Invocation, job_record, resumable_fields, resume_command
 from bilevel.learning.config import DEFAULT_METHOD_RULE, HpoConfig
 from bilevel.learning.datasets import SplitData
@@ -283,6 +285,8 @@ def run(
     if shrinkage is None:  # with --cv every training and validation row validates once
         n_validation = int(data.X_val.shape[0]) + (data.n_train if config.cv is not None else 0)
         shrinkage = default_shrinkage(n_validation)
+    if distributed.current() is not None:  # every process writes into rank 0's directory
+        run_dir = pathlib.Path(distributed.current().broadcast_object(str(run_dir)))
     # the effective configuration: every choice left to the job made (job.json)
     config = dataclasses.replace(
         config,
@@ -295,7 +299,8 @@ def run(
         run_dir=str(run_dir),
     )
     job = job_record(config)
-    with RunLock(run_dir):
+
+    def prepare() -> None:
         present = [n for n in ("job.json", "config.json") if (run_dir / n).exists()]
         if resume:
             check_resume(run_dir / "job.json", job, ignore=resumable_fields(config))
@@ -308,6 +313,10 @@ def run(
             for name in JOB_FILES:
                 (run_dir / name).unlink(missing_ok=True)
         write_json(run_dir / "job.json", job)
+
+    # data parallel (bilevel.distributed): rank 0 alone writes the run's files
+    with RunLock(run_dir) if distributed.is_writer() else contextlib.nullcontext():
+        distributed.on_writer(prepare)
         if on_start is not None:
             on_start(run_dir)
         return _train(
@@ -388,6 +397,8 @@ def _train(
         progress=config.progress,
         plot=config.plots,
     )
+    if not distributed.is_writer():
+        return 0 if result.ok else 130 if not result.finished else 1
     if not result.finished:
         hint = resume_command("hpo", inv.argv or [], str(run_dir))
         partial = {

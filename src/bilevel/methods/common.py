@@ -48,6 +48,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from bilevel import distributed
 from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError, Theta
 from bilevel.runs import (
     METRIC_KEYS,
@@ -546,6 +547,10 @@ class Engine:
     def check_finished(self) -> None:
         """Raise :class:`Stop` if the method has finished on its own (e.g. converged)."""
 
+    def new_rank_streams(self) -> None:
+        """Data parallel, resumed on more processes than wrote the checkpoint: derive this
+        process's own random streams (those not shared by all ranks) afresh."""
+
     def compute(self) -> Any:
         """Everything of a step that changes no persistent state; returns what commit needs."""
         raise NotImplementedError
@@ -773,8 +778,12 @@ def drive(
     """Run ``engine`` under ``options``: the loop shared by every method."""
     check_sample_dtypes(engine.problem, getattr(engine, "samples", None))
     run = None
-    if options.run_dir is not None:
-        run = RunDirectory(options.run_dir, resume=options.resume, overwrite=options.overwrite)
+    if options.run_dir is not None:  # data parallel: rank 0 alone writes the run's files
+        run = distributed.on_writer(
+            lambda: RunDirectory(
+                options.run_dir, resume=options.resume, overwrite=options.overwrite
+            )
+        )
     try:
         return _drive(engine, options, config, samples_count, run)
     finally:
@@ -791,24 +800,35 @@ def _drive(
 ) -> RunResult:
     opts = options
     problem = engine.problem
-    if run is not None:
+    shard = distributed.current()
+
+    def start_run() -> dict[str, Any] | None:
+        if run is None:
+            return None
         full = {
             **config,
             "problem": problem_description(problem, samples_count),
             "run": opts.describe(),
         }
         run.write_config(full, ignore=RESUMABLE_KEYS)
+        return run.load_checkpoint()
+
     gens = engine.generators
     best = _Best(opts.evaluate)
     elapsed0, eval_seconds = 0.0, 0.0
+    state = distributed.on_writer(start_run)
+    if shard is not None and opts.run_dir is not None:
+        state = shard.broadcast_object(state)  # rank 0 read it
+    if state is not None:
+        engine.load_state_dict(state["engine"])
+        rng, own = _rank_rng(state)
+        set_rng_state(rng, gens)
+        if not own:
+            engine.new_rank_streams()
+        elapsed0 = float(state["elapsed"])
+        eval_seconds = float(state["eval_seconds"])
+        best.load_state_dict(state.get("best"))
     if run is not None:
-        state = run.load_checkpoint()
-        if state is not None:
-            engine.load_state_dict(state["engine"])
-            set_rng_state(state["rng"], gens)
-            elapsed0 = float(state["elapsed"])
-            eval_seconds = float(state["eval_seconds"])
-            best.load_state_dict(state.get("best"))
         write_json(run.path / RESULT_NAME, {"status": "running", "finished": False})
     clock = Stopwatch(elapsed0)
     records: list[dict[str, Any]] = []
@@ -828,24 +848,27 @@ def _drive(
         }[unit]
 
     def checkpoint(rng: dict[str, Any] | None = None, best_state: Any = "current") -> None:
-        if run is None:
+        if opts.run_dir is None:
             return
-        run.save_checkpoint(
-            {
-                "engine": engine.state_dict(),
-                "rng": rng if rng is not None else rng_state(gens),
-                "elapsed": clock.elapsed(),
-                "eval_seconds": eval_seconds,
-                "best": best.state_dict() if best_state == "current" else best_state,
-            }
-        )
+        rng = rng if rng is not None else rng_state(gens)
+        state = {
+            "engine": engine.state_dict(),  # collective when data parallel: every rank's rows
+            "rng": rng,
+            "elapsed": clock.elapsed(),
+            "eval_seconds": eval_seconds,
+            "best": best.state_dict() if best_state == "current" else best_state,
+        }
+        if shard is not None:
+            state["rank_rng"] = shard.gather_object(rng)
+        if run is not None:
+            run.save_checkpoint(state)
 
     bar = Progress(
         total,
         unit=unit.replace("_", " "),
         description=engine.name,
         initial=done_units(),
-        enabled=opts.progress,
+        enabled=opts.progress and distributed.is_writer(),
     )
     status, message = "budget", ""
     try:
@@ -854,6 +877,10 @@ def _drive(
                 reason = opts.budget.exhausted(
                     engine.step, engine.epoch, engine.cost, clock.elapsed() - eval_seconds
                 )
+                if shard is not None:  # rank 0's clock decides for every rank
+                    stop = shard.agree(reason is not None)
+                    if stop != (reason is not None):
+                        reason = "rank 0 reached the budget" if stop else None
                 if reason is not None:
                     message = reason
                     break
@@ -920,7 +947,9 @@ def _drive(
         status = "interrupted"
         signal_name = "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
         message = f"interrupted ({signal_name}) at step {engine.step}"
-        if run is not None:
+        if shard is not None:  # the ranks stopped at different moments: no common state
+            message += "; resume from the last periodic checkpoint with resume=True"
+        elif run is not None:
             checkpoint(
                 boundary_rng,
                 best.state_dict() if boundary_rng is None else boundary_best,
@@ -929,7 +958,7 @@ def _drive(
     if status not in ("interrupted", "non_finite"):
         checkpoint()
     bar.close()
-    if opts.progress:
+    if opts.progress and distributed.is_writer():
         bar.write(f"{engine.name}: {status}: {message}")
     if status == "non_finite":
         warnings.warn(f"{engine.name}: {message}", RuntimeWarning, stacklevel=3)
@@ -972,6 +1001,16 @@ def _drive(
         if opts.plot and result.records:
             _plot(run, result.records, extra_keys=list((evaluation or {}).keys()))
     return result
+
+
+def _rank_rng(state: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The generator states this process resumes from, and whether they are its own: its
+    rank's when the checkpoint holds them (it was written by at least rank + 1 processes),
+    else rank 0's (then the engine derives its per-process streams anew)."""
+    shard = distributed.current()
+    ranks = state.get("rank_rng") or [state["rng"]]
+    rank = 0 if shard is None else shard.rank
+    return (ranks[rank], True) if rank < len(ranks) else (ranks[0], False)
 
 
 def _plot(run: RunDirectory, records: list[dict[str, Any]], extra_keys: list[str]) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel import distributed
 from bilevel.hypergrad import Estimator, Hypergradient, Implicit
 from bilevel.methods.common import (
     Budget,
@@ -174,6 +175,8 @@ class _Pending:
     eps: float
     delta: float
     alpha: float
+    local: Tensor  # the instances of ``index`` solved by this process
+    distance: float
 
 
 class _ISGDEngine(Engine):
@@ -199,6 +202,12 @@ class _ISGDEngine(Engine):
         self.optimizer = make_optimizer(
             cfg.optimizer, self.params, cfg.step(0), cfg.optimizer_options
         )
+        # data parallelism (bilevel.distributed): SID shards its finite sum's rows itself;
+        # other estimators get this process's instances of each minibatch
+        self.shard = distributed.current()
+        self.shards_rows = bool(getattr(cfg.estimator, "shards_rows", False))
+        if self.shard is not None and self.shards_rows:
+            cfg.estimator.samplers.assign(self.shard.rank, self.shard.world)
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
@@ -211,13 +220,39 @@ class _ISGDEngine(Engine):
                 gens[f"estimator_{stage}"] = sampler.generator
         return gens
 
+    def new_rank_streams(self) -> None:
+        if self.shard is not None and self.shards_rows:
+            self.cfg.estimator.samplers.assign(self.shard.rank, self.shard.world, force=True)
+
     def compute(self) -> _Pending:
         cfg = self.cfg
         k = self.step
         index = self.perm[self.pos : self.pos + cfg.batch_size]
-        batch = self.samples.batch(index)
+        shard = None if self.shards_rows else self.shard
+        local = index if shard is None else shard.owned(index)
         eps, delta = cfg.accuracy(k)
         alpha = cfg.step(k)
+        hg, error = None, None
+        try:
+            if local.numel():
+                hg = self._estimate(local, eps, delta)
+        except BilevelError as exc:  # NonFiniteError included
+            if shard is None:
+                raise
+            error = exc
+        if shard is None:
+            distance = float(hg.eps.max())
+        else:  # every rank gets the minibatch's hypergradient
+            hg, distance = distributed.reduce_hypergradient(
+                hg, local.numel(), self.params, shard, error
+            )
+        if not math.isfinite(hg.loss):
+            raise NonFiniteError(f"the upper-level loss is {hg.loss}")
+        return _Pending(index, hg, eps, delta, alpha, local, distance)
+
+    def _estimate(self, index: Tensor, eps: float, delta: float) -> Hypergradient:
+        cfg = self.cfg
+        batch = self.samples.batch(index)
         if cfg.warm_start:
             x0 = self.x_warm[index.to(self.x_warm.device)]
             a0 = None if self.adjoint is None else self.adjoint[index.to(self.adjoint.device)]
@@ -226,10 +261,7 @@ class _ISGDEngine(Engine):
         tols = {"lower_tol": eps, "adjoint_tol": delta}
         if not getattr(cfg.estimator, "uses_tolerances", True):
             tols = {}  # accuracy set by the estimator's iteration counts (Unrolled, SID)
-        hg = cfg.estimator(self.problem, batch, x0, adjoint0=a0, **tols)
-        if not math.isfinite(hg.loss):
-            raise NonFiniteError(f"the upper-level loss is {hg.loss}")
-        return _Pending(index, hg, eps, delta, alpha)
+        return cfg.estimator(self.problem, batch, x0, adjoint0=a0, **tols)
 
     def commit(self, p: _Pending) -> dict[str, Any]:
         cfg, hg = self.cfg, p.hg
@@ -246,8 +278,8 @@ class _ISGDEngine(Engine):
                 f"θ became non-finite after the optimiser step (α = {p.alpha:g}, "
                 f"‖z‖ = {hg.norm:.3e}): the step size is too large"
             )
-        if cfg.warm_start:
-            where = p.index.to(self.x_warm.device)
+        if cfg.warm_start and p.local.numel():
+            where = p.local.to(self.x_warm.device)
             self.x_warm[where] = hg.x.detach().to(self.x_warm.dtype)
             if hg.adjoint is not None:
                 if self.adjoint is None:
@@ -264,7 +296,7 @@ class _ISGDEngine(Engine):
             "bound": hg.bound,
             "cost": self.cost,
             "grad_norm": hg.norm,
-            "distance": float(hg.eps.max()),
+            "distance": p.distance,
         }
         record.update(getattr(hg, "metrics", None) or {})  # estimator reports (SID: t, k, ...)
         self.step += 1
@@ -278,11 +310,17 @@ class _ISGDEngine(Engine):
 
     def state_dict(self) -> dict[str, Any]:
         solver_state = getattr(self.cfg.estimator, "solver_state_dict", None)
+        x_warm, adjoint = self.x_warm.clone(), None if self.adjoint is None else self.adjoint
+        shard = None if self.shards_rows else self.shard
+        if shard is not None:  # each row from the process that owns its sample
+            x_warm = shard.merge_rows(x_warm)
+            if shard.extreme(float(adjoint is not None), largest=True):
+                adjoint = shard.merge_rows(torch.zeros_like(x_warm) if adjoint is None else adjoint)
         return {
             **self.base_state(),
             "optimizer": self.optimizer.state_dict(),
-            "x_warm": self.x_warm.clone(),
-            "adjoint": None if self.adjoint is None else self.adjoint.clone(),
+            "x_warm": x_warm,
+            "adjoint": None if adjoint is None else adjoint.clone(),
             "perm": self.perm.clone(),
             "pos": self.pos,
             # stateful stage solvers of SID (e.g. the anchor of VarianceReducedFixedPoint)

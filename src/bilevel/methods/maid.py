@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel, batch_norm
 from bilevel.bounds import as_float64, rounding_margin
 from bilevel.hypergrad import Estimator, Hypergradient, Implicit
@@ -340,11 +341,21 @@ class _LineSearchEngine(Engine):
         self.cfg = cfg
         self.budget_calls = None if budget is None else budget.oracle_calls
         self.name = type(cfg).__name__.lower()
-        n = len(samples)
+        self.n = n = len(samples)
+        # data parallel (bilevel.distributed): this process's instances, reduced sums
+        self.shard = distributed.current()
         index = torch.arange(n)
+        if self.shard is not None:
+            if n < self.shard.world:
+                raise BilevelError(
+                    f"{n} samples cannot be shared by {self.shard.world} processes: use at "
+                    "most as many processes as samples"
+                )
+            index = self.shard.owned(index)
+        self.index = index
         self.batch = samples.batch(index)
         self.x_warm = samples.initial(index).detach().clone()
-        if self.x_warm.dim() < 1 or self.x_warm.shape[0] != n:
+        if self.x_warm.dim() < 1 or self.x_warm.shape[0] != index.numel():
             raise BilevelError(
                 f"samples.initial(arange(n)) must have leading dimension n = {n}, got shape "
                 f"{tuple(self.x_warm.shape)}"
@@ -353,6 +364,7 @@ class _LineSearchEngine(Engine):
         self.alpha = float(cfg.step)
         self.tol, self.adjoint_tol = cfg.initial_tolerances()
         self.finished: tuple[str, str] | None = None
+        self.distance = math.nan  # max_i ε_i of the latest hypergradient (all processes)
 
     def check_finished(self) -> None:
         if self.finished is not None:
@@ -365,12 +377,31 @@ class _LineSearchEngine(Engine):
 
     # -- compute ---------------------------------------------------------------------------
 
+    def _mean(self, total: float) -> float:
+        """The mean over all n samples of per-instance values whose local sum is ``total``."""
+        if self.shard is not None:
+            (total,) = self.shard.sum_floats([total])
+        return total / self.n
+
     def _hypergradient(
         self, x0: Tensor, a0: Tensor | None, eps: float, delta: float
     ) -> Hypergradient:
-        hg = self.cfg.estimator(
-            self.problem, self.batch, x0, lower_tol=eps, adjoint_tol=delta, adjoint0=a0
-        )
+        shard = self.shard
+        hg, error = None, None
+        try:
+            hg = self.cfg.estimator(
+                self.problem, self.batch, x0, lower_tol=eps, adjoint_tol=delta, adjoint0=a0
+            )
+        except BilevelError as exc:  # NonFiniteError included
+            if shard is None:
+                raise
+            error = exc
+        if shard is not None:  # the hypergradient, loss and bound of all n samples
+            hg, self.distance = distributed.reduce_hypergradient(
+                hg, x0.shape[0], self.params, shard, error
+            )
+        else:
+            self.distance = float(hg.eps.max())
         if not math.isfinite(hg.loss):
             raise NonFiniteError(f"the upper-level loss is {hg.loss}")
         if hg.bound is None:
@@ -420,20 +451,24 @@ class _LineSearchEngine(Engine):
         stated_lf = getattr(cfg.estimator.constants, "upper_grad_lipschitz", None)
         l_f_report = hg.constants.get("L_f")
         l_f_default = 1.0 if l_f_report is None else l_f_report.value
+        if self.shard is not None:
+            l_f_default = self.shard.extreme(l_f_default, largest=True)
         losses, gnorm, rounding = _upper_values(problem, hg.x, self.batch)
         eps_old = torch.nan_to_num(hg.eps, nan=math.inf).to(losses.dtype)
-        old = float((losses - gnorm * eps_old - rounding).mean()) + _regulariser(problem)
+        old = self._mean(float((losses - gnorm * eps_old - rounding).sum()))
+        old += _regulariser(problem)
         z_sq = hg.norm**2
         # ⟨∇F(θ), z⟩ ≤ ‖z‖(‖z‖ + ω): a trial whose first-order decrease α‖z‖(‖z‖ + ω) − cα‖z‖²
         # falls short of the old side's inexactness mean_i ‖∇ₓf_i‖ε_i cannot pass the test
         # unless F curves downwards; it and the smaller trials after it are not solved for
-        slack = float((gnorm * eps_old + rounding).mean())
+        slack = self._mean(float((gnorm * eps_old + rounding).sum()))
         reach = hg.norm * (hg.norm + float(hg.bound)) - cfg.decrease * z_sq
         theta0 = snapshot(self.params)
         trial_cost = Cost()
         try:
             for i in range(cfg.max_backtracks):
-                if self._spent(p.cost + trial_cost.oracle_calls):
+                trial_calls = self._mean(trial_cost.oracle_calls) * self.n  # all processes
+                if self._spent(p.cost + trial_calls):
                     p.exhausted = True
                     break
                 alpha = self.alpha * cfg.backtrack**i
@@ -455,6 +490,8 @@ class _LineSearchEngine(Engine):
                         warn=getattr(cfg.estimator, "warn_unconverged", True),
                     )
                 except NonFiniteError:
+                    if self.shard is not None:
+                        self._mean(math.nan)  # every process rejects the trial
                     continue  # the trial point is unusable: backtrack
                 new_losses, new_gnorm, new_rounding = _upper_values(problem, sol.x, self.batch)
                 mu_new = problem.mu_values(self.batch, sol.x)
@@ -465,14 +502,15 @@ class _LineSearchEngine(Engine):
                 )
                 l_f = l_f_default if l_f is None else l_f.to(new_losses)
                 upper = new_losses + new_gnorm * dist + 0.5 * l_f * dist**2 + new_rounding
-                new = float(upper.mean()) + _regulariser(problem)
+                new = self._mean(float(upper.sum())) + _regulariser(problem)
                 if math.isfinite(new) and new <= old - cfg.decrease * alpha * z_sq:
                     p.accepted, p.alpha = True, alpha
                     p.theta, p.x = snapshot(self.params), sol.x.detach()
                     break
         finally:
             load_params(self.params, theta0)
-            p.cost += trial_cost.oracle_calls
+            calls = trial_cost.oracle_calls
+            p.cost += calls if self.shard is None else self._mean(calls) * self.n
 
     # -- commit ----------------------------------------------------------------------------
 
@@ -489,7 +527,7 @@ class _LineSearchEngine(Engine):
             "bound": hg.bound,
             "cost": self.cost,
             "grad_norm": hg.norm,
-            "distance": float(hg.eps.max()),
+            "distance": self.distance,
             "accepted": p.accepted,
             "backtracks": p.trials,
             "certified": hg.bound_certified,
@@ -523,11 +561,17 @@ class _LineSearchEngine(Engine):
 
     # -- state -----------------------------------------------------------------------------
 
+    def _rows(self, local: Tensor | None) -> Tensor | None:
+        """All n rows of a per-instance tensor (gathered from every process)."""
+        if self.shard is None or local is None:
+            return None if local is None else local.clone()
+        return self.shard.gather_rows(local, self.index, self.n)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **self.base_state(),
-            "x_warm": self.x_warm.clone(),
-            "adjoint": None if self.adjoint is None else self.adjoint.clone(),
+            "x_warm": self._rows(self.x_warm),
+            "adjoint": self._rows(self.adjoint),
             "alpha": self.alpha,
             "tol": self.tol,
             "adjoint_tol": self.adjoint_tol,
@@ -536,15 +580,17 @@ class _LineSearchEngine(Engine):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         x_warm = state["x_warm"]
-        if x_warm.shape != self.x_warm.shape:
+        expected = (self.n, *self.x_warm.shape[1:])
+        if x_warm.shape != expected:
             raise BilevelError(
                 f"the checkpoint's lower-level points have shape {tuple(x_warm.shape)}, "
-                f"expected {tuple(self.x_warm.shape)}: not the same samples"
+                f"expected {expected}: not the same samples"
             )
         self.load_base_state(state)
-        self.x_warm = x_warm.to(self.x_warm)
+        where = self.index.to(x_warm.device)
+        self.x_warm = x_warm[where].to(self.x_warm)
         adjoint = state["adjoint"]
-        self.adjoint = None if adjoint is None else adjoint.to(self.x_warm)
+        self.adjoint = None if adjoint is None else adjoint[where].to(self.x_warm)
         self.alpha = float(state["alpha"])
         self.tol, self.adjoint_tol = float(state["tol"]), float(state["adjoint_tol"])
         finished = state["finished"]

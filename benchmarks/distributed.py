@@ -1,0 +1,274 @@
+"""Parallel efficiency of data-parallel runs (bilevel.distributed) and a communication model.
+
+Measures T₁ (one process) and T_N (N processes, gloo, one thread each) for a fixed number of
+upper-level steps of
+
+* FoE denoising: Adam-ISGD with warm-started Nesterov/CG solves, a minibatch of ``--foe-batch``
+  crops split over the processes by sample ownership;
+* SID (``bilevel hpo --method sid``): logistic regression on a synthetic set of
+  ``--sid-samples`` rows (default 10⁶) split into blocks, fixed t = k = ``--inner-steps``,
+  minibatches of ``--sid-batch`` rows per inner iteration, SVRG anchors every ⌈N/b⌉ iterations;
+
+and reports the efficiency T₁ / (N·T_N) (medians of interleaved repeats). Each process counts
+its collectives (messages and bytes all-reduced per step), and an all-reduce micro-benchmark
+gives the latency α and bandwidth β of this machine; from them the model
+
+    T_N = (C / N)·I(N) + M·α·⌈log₂ N⌉ + 2 (N−1)/N · V/β,       E(N) = C / (N·T_N)
+
+(C: one process's compute per step, M messages and V bytes per step, I(N) the load imbalance
+of the split: E[max_r B_r]/(B/N) for a minibatch of B images owned i mod N, 1 for SID's
+blocks) predicts the efficiency at 8 and 64 processes, for this problem (strong scaling) and
+for one N/2 times as large (weak scaling: each process keeps its work at N = 2). Each process
+also reports its CPU seconds: on a loaded machine, T₁/(N·T_N) mixes the algorithm's overhead
+with the CPU time the processes did not get; the CPU efficiency (CPU seconds of one process
+over those of all N) and the share of T_N rank 0 spent in collectives separate the two.
+
+    OMP_NUM_THREADS=1 python benchmarks/distributed.py            # full sizes
+    OMP_NUM_THREADS=1 python benchmarks/distributed.py --quick    # small, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bilevel import distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Counter:
+    """Counts the collectives of this process and the seconds spent in them (waiting for the
+    other processes included), by wrapping torch.distributed's functions."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.bytes = 0
+        self.seconds = 0.0
+        for name in ("all_reduce", "broadcast"):
+            self._wrap(name)
+
+    def _wrap(self, name: str) -> None:
+        original = getattr(dist, name)
+
+        def wrapped(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.messages += 1
+            self.bytes += t.numel() * t.element_size()
+            start = time.perf_counter()
+            try:
+                return original(t, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        setattr(dist, name, wrapped)
+
+
+def _foe(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
+    from bilevel.imaging.job import build, job_arguments, make_method
+    from bilevel.methods import with_initial
+
+    args = job_arguments(
+        "denoise",
+        crop=cfg["crop"],
+        train_size=cfg["foe_batch"],
+        test_size=1,
+        val_size=0,
+        batch_size=cfg["foe_batch"],
+        dtype="float64",
+    )
+    setup = build(args)
+    samples = with_initial(setup.train, lambda b: b[0].clone())
+    return make_method(args), setup.problem, samples
+
+
+def _sid(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
+    from bilevel.learning.job import build_model, hpo_method, load_data, lower_instances
+
+    data = load_data(f"synthetic:{cfg['sid_samples']}:{cfg['features']}", regression=False)
+    model = build_model(data, "logistic", theta0=0.0)
+    method = hpo_method(
+        model,
+        "sid",
+        inner_steps=cfg["inner_steps"],
+        batch_size=cfg["sid_batch"],
+        sid_solver="svrg",
+    )
+    return method, model.problem, lower_instances(model)
+
+
+def _worker(rank: int, world: int, port: int, case: str, cfg: dict[str, Any], out: str) -> None:
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+        )
+        distributed.init_from_env(backend="gloo")
+    build = _foe if case == "foe" else _sid
+    method, problem, samples = build(cfg)  # one untimed step: lazy imports, first calls
+    method.run(problem, samples, {"steps": 1}, progress=False, plot=False)
+    method, problem, samples = build(cfg)
+    counter = _Counter() if world > 1 else None
+    shard = distributed.current()
+    if shard is not None:
+        dist.barrier()
+    start, cpu = time.perf_counter(), time.process_time()
+    method.run(problem, samples, {"steps": cfg["steps"]}, progress=False, plot=False)
+    cpu = time.process_time() - cpu
+    if shard is not None:
+        dist.barrier()
+    total = time.perf_counter() - start
+    if shard is not None:  # CPU seconds of all processes
+        (cpu,) = shard.sum_floats([cpu])
+    result = {"seconds": total, "cpu": cpu}
+    if counter is not None:
+        result.update(messages=counter.messages, bytes=counter.bytes, waiting=counter.seconds)
+        result.update(_latency_bandwidth())
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    distributed.shutdown()
+
+
+def _latency_bandwidth() -> dict[str, float]:
+    """α (s per small all-reduce) and β (bytes/s of a 4 MB all-reduce) among the processes."""
+    small, big = torch.zeros(1, dtype=torch.float64), torch.zeros(2**19, dtype=torch.float64)
+    times = []
+    for t, reps in ((small, 200), (big, 10)):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(reps):
+            dist.all_reduce(t)
+        times.append((time.perf_counter() - start) / reps)
+    world = dist.get_world_size()
+    alpha = times[0]
+    beta = 2 * (world - 1) / world * big.numel() * 8 / max(times[1] - alpha, 1e-9)
+    return {"alpha": alpha, "beta": beta}
+
+
+def _run(case: str, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        port = _free_port()
+        procs = [
+            ctx.Process(target=_worker, args=(r, world, port, case, cfg, out)) for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"{case} with {world} processes failed")
+        return json.loads(Path(out).read_text())
+
+
+def imbalance(batch: int, world: int, trials: int = 4000) -> float:
+    """E[max_r B_r] / (B/N) for a uniformly random minibatch of ``batch`` samples of a large
+    set split by ownership i mod N (Monte Carlo)."""
+    if world == 1:
+        return 1.0
+    gen = torch.Generator().manual_seed(0)
+    owners = torch.randint(world, (trials, batch), generator=gen)
+    counts = torch.nn.functional.one_hot(owners, world).sum(1)
+    return float(counts.max(1).values.float().mean()) / (batch / world)
+
+
+def predict(
+    compute: float,
+    messages: float,
+    volume: float,
+    alpha: float,
+    beta: float,
+    world: int,
+    imb: float,
+) -> float:
+    """E(N) of the model in the module docstring (one step)."""
+    comm = messages * alpha * math.ceil(math.log2(world)) + 2 * (world - 1) / world * volume / beta
+    return compute / (world * (compute / world * imb + comm))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", default="foe,sid")
+    parser.add_argument("--foe-batch", type=int, default=32)
+    parser.add_argument("--crop", type=int, default=32)
+    parser.add_argument("--sid-samples", type=int, default=1_000_000)
+    parser.add_argument("--sid-batch", type=int, default=100_000)
+    parser.add_argument("--features", type=int, default=20)
+    parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    cfg = {k: v for k, v in vars(args).items() if k not in ("quick", "repeats", "cases")}
+    if args.quick:
+        cfg.update(foe_batch=8, crop=16, sid_samples=20_000, sid_batch=2_000, steps=2)
+    for case in args.cases.split(","):
+        times: dict[int, list[float]] = {1: [], 2: []}
+        cpus: dict[int, list[float]] = {1: [], 2: []}
+        comm: dict[str, float] = {}
+        waiting: list[float] = []
+        for _ in range(args.repeats):  # interleaved: the load of the machine hits both alike
+            for world in (1, 2):
+                r = _run(case, world, cfg)
+                times[world].append(r["seconds"])
+                cpus[world].append(r["cpu"])
+                if world == 2:
+                    comm = r
+                    waiting.append(r["waiting"] / r["seconds"])
+        t1, t2 = statistics.median(times[1]), statistics.median(times[2])
+        steps = cfg["steps"]
+        compute = t1 / steps
+        messages, volume = comm["messages"] / steps, comm["bytes"] / steps
+        batch = cfg["foe_batch"] if case == "foe" else None
+        print(f"\n{case}: {json.dumps(cfg)}")
+        runs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(times[1], times[2]))
+        print(f"  T1 = {t1:.2f} s, T2 = {t2:.2f} s (medians; runs T1/T2: {runs} s)")
+        print(
+            f"  efficiency T1/(2 T2) = {t1 / (2 * t2):.3f} (medians), "
+            f"{min(times[1]) / (2 * min(times[2])):.3f} (fastest runs); rank 0 spent "
+            f"{100 * statistics.median(waiting):.0f} % of T2 in collectives"
+        )
+        c1, c2 = statistics.median(cpus[1]), statistics.median(cpus[2])
+        print(
+            f"  CPU seconds: one process {c1:.2f}, two together {c2:.2f}: CPU efficiency "
+            f"{c1 / c2:.3f}; CPU share of the wall time: {c1 / t1:.2f} (one), "
+            f"{c2 / (2 * t2):.2f} (each of two)"
+        )
+        print(
+            f"  per step: compute {compute * 1e3:.1f} ms, {messages:.1f} messages, "
+            f"{volume:.0f} bytes all-reduced; α = {comm['alpha'] * 1e6:.0f} µs, "
+            f"β = {comm['beta'] / 1e6:.0f} MB/s"
+        )
+        for world in (2, 8, 64):
+            # strong scaling: this problem on N processes; weak: N/2 times this problem
+            # (minibatch or rows), so each process keeps the work it has at N = 2
+            imb = imbalance(batch, world) if batch is not None else 1.0
+            weak_imb = imbalance(batch * world // 2, world) if batch is not None else 1.0
+            strong = predict(compute, messages, volume, comm["alpha"], comm["beta"], world, imb)
+            weak = predict(
+                compute * world / 2, messages, volume, comm["alpha"], comm["beta"], world, weak_imb
+            )
+            print(
+                f"  model N = {world:>2}: strong scaling {strong:.3f} (imbalance {imb:.2f}), "
+                f"weak scaling {weak:.3f} (imbalance {weak_imb:.2f})"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Throughput of the imaging oracles against bare convolutions of the same shapes.
+
+    python benchmarks/imaging_throughput.py [--repeats 11] [--threads 1] [--quick]
+
+A ridge / Fields-of-Experts gradient ∇R(x) = Kᵀ φ'(K x) and a Hessian-vector product
+∇²R(x) v = Kᵀ(φ''(K x) ⊙ K v) each need one correlation K (C → K channels) and one adjoint
+(K → C channels). The baseline "bare convolutions" is that pair done with bare torch calls:
+``F.conv2d`` of the padded image followed by the fastest of three equivalent adjoints
+(``F.conv_transpose2d`` K → C, a grouped transposed convolution and a sum over the K filters,
+or the input gradient ``aten.convolution_backward`` of the correlation; the fastest is taken
+per configuration and repeat statistic), and nothing else. For each
+configuration it times
+
+* ``gradient``: ``torch.autograd.grad(R(x).sum(), x)`` with θ requiring gradients, as in a
+  lower-level solve (the energy's value comes with it);
+* ``HVP``: one ``torch.autograd.grad(g, x, v, retain_graph=True)`` through the gradient graph
+  g = ∇R(x) built once with ``create_graph=True`` (what ``HessianOperator`` does);
+* the same two through a plain autograd implementation of the same energy (double backward,
+  ``F.conv_transpose2d`` adjoint), the library's code before the fused oracles.
+
+Fraction = time(bare convolutions) / time(oracle): the share of the oracle's time spent in the
+convolutions it cannot avoid (1.0 = no overhead). Variants are interleaved within each repeat;
+the medians over ``--repeats`` are reported, then the minima (the least disturbed repeat, a
+better estimate on a machine shared with other jobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bilevel.imaging import ConvexRidgeNetwork, FieldsOfExperts, pretrained
+from bilevel.imaging.regularisers import _spline_tables
+from bilevel.imaging.ridge import pad
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=11, help="interleaved repeats (default 11)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--quick", action="store_true", help="3 repeats, for a smoke test")
+    return p.parse_args(argv)
+
+
+def plain_energy(model, x: torch.Tensor) -> torch.Tensor:
+    """R(x) by plain autograd operations (FoE with smoothed-ℓ1 experts, spline ridge)."""
+    filters = model.effective_filters().to(x.dtype)
+    t = F.conv2d(pad(x, filters.shape[-1], model.boundary), filters)
+    if isinstance(model, FieldsOfExperts):
+        nu = model.smoothing.to(x.dtype)[:, None, None]
+        phi = torch.sqrt(t * t + nu * nu) - nu
+        return phi.sum(dim=(2, 3)) @ model.log_weights.exp().to(x.dtype)
+    alpha, beta = model.scalings()
+    curv = model.knot_curvatures(filters, alpha).to(x.dtype)
+    d0, d1, d2 = _spline_tables(curv, model.knot_spacing)
+    u = beta * t
+    sign = torch.where(u >= 0, 1.0, -1.0).to(x.dtype).detach()
+    a = u * sign
+    j = torch.clamp(torch.floor(a.detach() / model.knot_spacing), 0, curv.shape[1]).long()
+    r = a - j.to(x.dtype) * model.knot_spacing
+    k = torch.arange(t.shape[1]).view(1, -1, 1, 1)
+    psi = d0[k, j] + d1[k, j] * r + 0.5 * d2[k, j] * r * r
+    return psi.sum(dim=(1, 2, 3)) / (beta * beta)
+
+
+def configurations() -> list[tuple[str, object, tuple[int, ...], torch.dtype]]:
+    """(name, regulariser, image batch shape, dtype)."""
+    foe = FieldsOfExperts(8, 5, init="directional", learn_smoothing=True, smoothing=0.003)
+    foe7 = FieldsOfExperts(16, 7, init="directional", learn_smoothing=True, smoothing=0.003)
+    crr = pretrained("crr8-sigma25-bundled")
+    crr_small = ConvexRidgeNetwork(8, layers=3, kernel_size=5)
+    return [
+        ("FoE 8×5², 8×32² (bilevel denoise)", foe, (8, 1, 32, 32), torch.float32),
+        ("FoE 8×5², 8×64²", foe, (8, 1, 64, 64), torch.float32),
+        ("FoE 16×7², 481×321", foe7, (1, 1, 481, 321), torch.float32),
+        ("CRR 8×13², 8×32²", crr_small, (8, 1, 32, 32), torch.float32),
+        ("CRR 8×13², 481×321 (bilevel reconstruct)", crr, (1, 1, 481, 321), torch.float32),
+        ("FoE 8×5², 8×32², float64", foe, (8, 1, 32, 32), torch.float64),
+    ]
+
+
+def timer(fn: Callable[[], object], min_time: float = 0.05) -> Callable[[], float]:
+    """A function returning the mean seconds of one call over enough calls for min_time."""
+    fn()
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < min_time / 4:
+        fn()
+        calls += 1
+    per = (time.perf_counter() - start) / calls
+    n = max(1, math.ceil(min_time / per))
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    return run
+
+
+def measure(
+    model, shape: tuple[int, ...], dtype: torch.dtype, repeats: int
+) -> dict[str, list[float]]:
+    gen = torch.Generator().manual_seed(0)
+    model = model.to(dtype)
+    x = torch.rand(shape, generator=gen, dtype=dtype)
+    v = torch.randn(shape, generator=gen, dtype=dtype)
+    w = model.effective_filters().detach().to(dtype)
+    k, s = w.shape[0], w.shape[-1]
+    xp = pad(x, s, model.boundary)
+    u = F.conv2d(xp, w)
+
+    def bare_plain() -> None:
+        F.conv_transpose2d(F.conv2d(pad(x, s, model.boundary), w), w)
+
+    def bare_grouped() -> None:
+        t = F.conv2d(pad(x, s, model.boundary), w)
+        F.conv_transpose2d(t, w, groups=k).sum(1, keepdim=True)
+
+    def bare_backward() -> None:
+        xp = pad(x, s, model.boundary)
+        t = F.conv2d(xp, w)
+        torch.ops.aten.convolution_backward(
+            t, xp, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
+        )
+
+    def oracles(energy) -> tuple[Callable[[], None], Callable[[], None]]:
+        xr = x.clone().requires_grad_(True)
+
+        def gradient() -> None:
+            torch.autograd.grad(energy(xr).sum(), xr)
+
+        (g,) = torch.autograd.grad(energy(xr).sum(), xr, create_graph=True)
+
+        def hvp() -> None:
+            torch.autograd.grad(g, xr, v, retain_graph=True)
+
+        return gradient, hvp
+
+    fused = oracles(model)
+    plain = oracles(lambda z: plain_energy(model, z))
+    assert u.shape[1] == k
+    variants = {
+        "bare plain": timer(bare_plain),
+        "bare grouped": timer(bare_grouped),
+        "bare backward": timer(bare_backward),
+        "gradient": timer(fused[0]),
+        "HVP": timer(fused[1]),
+        "plain gradient": timer(plain[0]),
+        "plain HVP": timer(plain[1]),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            times[name].append(run())
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else args.repeats
+    print(f"torch {torch.__version__}, {args.threads} thread(s), medians of {repeats} repeats")
+    head = (
+        "| configuration | bare conv ms | gradient ms | fraction | HVP ms | fraction "
+        "| plain gradient ms | fraction | plain HVP ms | fraction |"
+    )
+    results = [(name, measure(*config, repeats)) for name, *config in configurations()]
+    for label, statistic in (("medians", statistics.median), ("minima", min)):
+        print(f"\n{label} over the repeats\n\n{head}\n" + "|---" * 10 + "|")
+        for name, times in results:
+            m = {key: statistic(ts) for key, ts in times.items()}
+            bare = min(m["bare plain"], m["bare grouped"], m["bare backward"])
+            cells = [f"{1e3 * bare:.2f}"]
+            for key in ("gradient", "HVP", "plain gradient", "plain HVP"):
+                cells += [f"{1e3 * m[key]:.2f}", f"{bare / m[key]:.2f}"]
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

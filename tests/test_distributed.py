@@ -1,0 +1,246 @@
+"""Data-parallel runs (bilevel.distributed): gloo on CPU, processes spawned by
+torch.multiprocessing. An N = 2 run must follow the single-process trajectory (float64,
+≤ 1e-5 relative), checkpoints must resume on another number of processes, and a rank that
+dies must stop the others with a clear message."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from bilevel import distributed
+from bilevel.learning.models import ridge_model
+from bilevel.methods import ISGD, MAID, TensorSamples
+from bilevel.methods.testing import quadratic_finite_sum
+from bilevel.stochastic import (
+    SID,
+    StochasticFixedPoint,
+    StochasticLinearFixedPoint,
+    VarianceReducedFixedPoint,
+)
+
+TIMEOUT = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int, timeout: float) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    distributed.init_from_env(timeout=timeout, backend="gloo")
+
+
+def _spawn(fn, world: int, *args) -> list[int | None]:
+    """Run fn(rank, world, port, *args) in ``world`` fresh processes; their exit codes."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=fn, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return [p.exitcode for p in procs]
+
+
+# ---------------------------------------------------------------------------- the problems
+
+
+def _isgd(steps_budget: int, run_dir: Path | None = None, resume: bool = False, **options):
+    q = quadratic_finite_sum(n=10, dim=6, n_params=3, seed=1)
+    method = ISGD(
+        step=0.3,
+        accuracy=1e-10,
+        batch_size=5,
+        optimizer="adam",
+        # no ω (ISGD does not use it): its computation costs per call, not per instance
+        estimator=dataclasses.replace(q.estimator(), compute_bound=False),
+        seed=3,
+    )
+    result = method.run(
+        q.problem,
+        q.samples,
+        {"steps": steps_budget},
+        run_dir=run_dir,
+        resume=resume,
+        checkpoint_every=2,
+        progress=False,
+        plot=False,
+        **options,
+    )
+    return result
+
+
+def _maid(steps: int):
+    q = quadratic_finite_sum(n=6, dim=5, n_params=3, seed=2)
+    result = MAID(estimator=q.estimator(), lower_tol=1e-6, step=0.5).run(
+        q.problem, q.samples, {"steps": steps}, progress=False, plot=False
+    )
+    return result
+
+
+def _ridge_model():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(90, 4, generator=gen, dtype=torch.float64)
+    y = X @ torch.randn(4, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(
+        90, generator=gen, dtype=torch.float64
+    )
+    return ridge_model(X[:60], y[:60], X[60:], y[60:], 0.0)
+
+
+def _sid_run(steps: int, minibatch: bool):
+    model = _ridge_model()
+    eta = 1.0 / model.smoothness()
+    if minibatch:
+        sid = SID(
+            lower_solver=VarianceReducedFixedPoint(15, 0.5, refresh=5),
+            linear_solver=StochasticLinearFixedPoint.constant(0.5, 15),
+            step=eta,
+            lower_batch=10,
+            linear_batch=10,
+            final_batch=10,
+            seed=4,
+        )
+    else:  # full batches and unit steps: deterministic AID-FP, whatever the sampling
+        sid = SID(
+            lower_solver=StochasticFixedPoint.constant(1.0, 30),
+            linear_solver=StochasticLinearFixedPoint.constant(1.0, 30),
+            step=eta,
+            lower_batch=None,
+            linear_batch=None,
+            final_batch=None,
+        )
+    samples = TensorSamples(x_init=model.init_w(model.n_instances))
+    result = ISGD(step=0.5, batch_size=1, estimator=sid).run(
+        model.problem, samples, {"steps": steps}, progress=False, plot=False
+    )
+    return result, sid
+
+
+def _scenarios(rank: int, world: int, port: int, out: str) -> None:
+    """Every two-process scenario in one pair of processes (each costs seconds to start)."""
+    _join(rank, world, port, TIMEOUT)
+    isgd = _isgd(6, run_dir=Path(out) / "isgd")
+    maid = _maid(4)
+    sid_full, _ = _sid_run(3, minibatch=False)
+    sid_mini, sid = _sid_run(3, minibatch=True)
+    from_one = _isgd(6, run_dir=Path(out) / "one", resume=True)  # a 3-step single-process run
+    torch.save(
+        {
+            "isgd": isgd.theta[0],
+            "isgd_cost": isgd.cost,
+            "isgd_loss": [r["upper_loss"] for r in isgd.records],
+            "maid": maid.theta[0],
+            "maid_accepted": [r["accepted"] for r in maid.records],
+            "sid_full": sid_full.theta[0],
+            "sid_mini": sid_mini.theta[0],
+            "sid_seed": sid.samplers.lower.seed,
+            "from_one": from_one.theta[0],
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+    # last: rank 1 dies (SIGKILL after its fifth step); rank 0 must stop with a message
+    if rank == 1:
+        os.environ["BILEVEL_FAULT"] = "step:5"
+    start = time.perf_counter()
+    try:
+        _isgd(8, run_dir=Path(out) / "dies")
+    except distributed.DistributedError as err:
+        (Path(out) / "dies.txt").write_text(f"{time.perf_counter() - start}\n{err}")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@functools.cache
+def _single(name: str, steps: int):
+    """The single-process reference runs (computed once)."""
+    if name == "isgd":
+        return _isgd(steps)
+    if name == "maid":
+        return _maid(steps)
+    return _sid_run(steps, minibatch=name == "sid_mini")[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp")
+    _isgd(3, run_dir=out / "one")  # a single-process checkpoint, resumed by two processes
+    codes = _spawn(_scenarios, 2, str(out))
+    assert codes[0] == 0 and codes[1] != 0  # rank 1 was killed in the last scenario
+    return out, [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_two_processes_follow_the_single_process_trajectory(two_ranks):
+    out, ranks = two_ranks
+    single = _single("isgd", 6)
+    for r in ranks:
+        assert _close(r["isgd"], single.theta[0]) <= 1e-5
+        assert r["isgd_cost"] == pytest.approx(single.cost, rel=1e-12)
+        assert r["isgd_loss"] == pytest.approx([x["upper_loss"] for x in single.records])
+    assert not torch.equal(single.theta[0], torch.zeros(3))  # θ moved
+    maid = _single("maid", 4)
+    assert [x["accepted"] for x in maid.records] == ranks[0]["maid_accepted"]
+    sid_full = _single("sid_full", 3)
+    for r in ranks:
+        assert _close(r["maid"], maid.theta[0]) <= 1e-5
+        assert _close(r["sid_full"], sid_full.theta[0]) <= 1e-5
+
+
+def test_sid_ranks_draw_own_streams_and_agree_on_theta(two_ranks):
+    _, ranks = two_ranks
+    single, sid = _sid_run(3, minibatch=True)
+    assert torch.equal(ranks[0]["sid_mini"], ranks[1]["sid_mini"])  # same step on every rank
+    assert ranks[0]["sid_seed"] == sid.samplers.lower.seed  # rank 0: the single-process stream
+    assert ranks[1]["sid_seed"] != ranks[0]["sid_seed"]
+    # another estimate of the same hypergradient: close, not equal, to one process's
+    assert _close(ranks[0]["sid_mini"], single.theta[0]) < 0.2
+
+
+def test_checkpoint_of_two_processes_resumes_on_one(two_ranks, tmp_path):
+    out, _ = two_ranks
+    resumed_dir = tmp_path / "isgd"
+    # the two-process run's final checkpoint (step 6), continued alone
+    state = torch.load(out / "isgd" / "checkpoint.pt", weights_only=True)["state"]
+    assert state["engine"]["step"] == 6 and len(state["rank_rng"]) == 2
+    shutil.copytree(out / "isgd", resumed_dir)
+    more = _isgd(9, run_dir=resumed_dir, resume=True)
+    reference = _single("isgd", 9).theta[0]
+    assert more.step == 9
+    assert _close(more.theta[0], reference) <= 1e-5
+    assert _close(_single("isgd", 6).theta[0], reference) > 1e-3  # 3 more steps moved θ
+
+
+def test_checkpoint_of_one_process_resumes_on_two(two_ranks):
+    _, ranks = two_ranks
+    for r in ranks:
+        assert _close(r["from_one"], _single("isgd", 6).theta[0]) <= 1e-5
+
+
+def test_a_dead_rank_stops_the_others_and_the_checkpoint_resumes(two_ranks):
+    out, _ = two_ranks
+    seconds, message = (out / "dies.txt").read_text().split("\n", 1)
+    assert float(seconds) < TIMEOUT + 15.0  # the run itself takes a few seconds
+    assert "rank 0 of 2" in message and "resume" in message
+    state = torch.load(out / "dies" / "checkpoint.pt", weights_only=True)["state"]
+    assert state["engine"]["step"] == 4  # the last periodic checkpoint
+    resumed = _isgd(8, run_dir=out / "dies", resume=True)
+    assert _close(resumed.theta[0], _single("isgd", 8).theta[0]) <= 1e-5

@@ -114,11 +114,12 @@ def test_damaged_files_of_a_run(tmp_path, capsys):
 
 
 def _interrupt_at(monkeypatch, step):
-    """Make the run loop's evaluation raise KeyboardInterrupt (Ctrl-C) at ``step``."""
+    """Make the run loop's evaluation raise KeyboardInterrupt (Ctrl-C) at its first call at
+    or after ``step``."""
     call = imaging_job.TestEvaluation.__call__
 
     def interrupted(self, theta, k):
-        if k == step:
+        if k >= step:
             raise KeyboardInterrupt
         return call(self, theta, k)
 

@@ -502,3 +502,15 @@ def test_breakdown_found_between_checks() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(BilevelError, match="check_every"):
             CG(check_every=bad)
+
+
+def test_min_curvature_is_computed_on_access_and_survives_pickling() -> None:
+    import pickle
+
+    h = spd_batch(2, 6, cond=4.0, seed=44)
+    b = torch.randn(2, 6, generator=_gen(45), dtype=torch.float64)
+    sol = CG().solve(CountingOperator(h), b, 1e-10)
+    again = pickle.loads(pickle.dumps(sol))
+    lam = torch.linalg.eigvalsh(h)[:, 0]
+    assert torch.allclose(again.min_curvature, sol.min_curvature)
+    assert torch.allclose(sol.min_curvature, lam, rtol=1e-8)  # full Krylov space: exact

@@ -414,7 +414,7 @@ class Estimator:
                 f"adjoint_tol on {int(missed.sum())} of {missed.numel()} instances (instance "
                 f"{i}: residual {float(linear.residual_norm[i]):.3e} > {float(tol_t[i]):.3e} "
                 f"after {int(linear.iterations[i])} iterations); raise max_iter or loosen "
-                "adjoint_tol: the bound uses the measured residual but is not certified",
+                "adjoint_tol: a bound uses the measured residual but is not certified",
                 ConvergenceWarning,
                 stacklevel=4,
             )

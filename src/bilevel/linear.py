@@ -111,6 +111,10 @@ class LinearSolution:
     min_curvature: Tensor = _Deferred()  # type: ignore[assignment]
     krylov_steps: Tensor | None = None
 
+    def __getstate__(self) -> dict:
+        _ = self.min_curvature  # computed, so that no function is pickled
+        return self.__dict__
+
 
 @runtime_checkable
 class LinearSolver(Protocol):

@@ -1,7 +1,7 @@
 """Hyperparameter learning for per-feature ℓ2 logistic regression: SID vs AID-CG vs ITD vs a
 single-strength grid search (scikit-learn's LogisticRegressionCV).
 
-Problem (:mod:`bilevel.learning.job`): λ_k = exp θ_k, one strength per feature,
+Problem (:mod:`bilevel.learning.hpo`): λ_k = exp θ_k, one strength per feature,
 
     min_θ F(θ) = validation cross-entropy of w(θ),
     w(θ) = argmin_w mean training cross-entropy + ½ Σ_k λ_k ‖w_k‖² (+ 1e-4/2 ‖b‖²),
@@ -64,17 +64,19 @@ import torch
 from bilevel import BilevelError
 from bilevel.learning import SplitData, accuracy
 from bilevel.learning.datasets import make_synthetic_classification, split_data, stack_rows
-from bilevel.learning.job import (
-    DEFAULT_PRIOR_STD,
-    DEFAULT_THETA_RANGE,
+from bilevel.learning.evaluation import (
     LowerEvaluator,
-    build_model,
-    default_shrinkage,
     guard_sid,
-    hpo_method,
-    load_data,
     lower_instances,
     single_strength_baseline,
+)
+from bilevel.learning.hpo import (
+    DEFAULT_PRIOR_STD,
+    DEFAULT_THETA_RANGE,
+    build_model,
+    default_shrinkage,
+    hpo_method,
+    load_data,
 )
 from bilevel.methods import Budget
 

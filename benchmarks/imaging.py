@@ -39,13 +39,13 @@ from typing import Any
 import torch
 
 from bilevel.imaging import FieldsOfExperts, psnr
+from bilevel.imaging.config import ImagingConfig, job_config
 from bilevel.imaging.job import (
     EVAL_TOL,
     FOE_SMOOTHING,
     TV_GRID,
     build,
     calibrate_foe_weights,
-    job_arguments,
     make_method,
     test_evaluation,
     tune_tv,
@@ -75,9 +75,10 @@ SCHEDULE_STEPS = {"ridge": {"sgd": 1e-2, "adam": 5e-2}, "icnn": {"sgd": 1e-4, "a
 # ----------------------------------------------------------------------------- one run
 
 
-def job_args(spec: dict[str, Any]) -> argparse.Namespace:
-    """The options of ``bilevel <task>`` that reproduce one run of a study: the runs are built
-    exactly as the imaging job builds them (data, operator, regulariser, method, evaluation)."""
+def job_args(spec: dict[str, Any]) -> ImagingConfig:
+    """The configuration of ``bilevel <task>`` that reproduces one run of a study: the runs
+    are built exactly as the imaging job builds them (data, operator, regulariser, method,
+    evaluation)."""
     options: dict[str, Any] = {
         "data": str(spec["data"]),
         "crop": spec["crop"],
@@ -106,7 +107,7 @@ def job_args(spec: dict[str, Any]) -> argparse.Namespace:
             "step": spec["step"],
             "accuracy": spec["accuracy"],
         }
-    return job_arguments(spec["task"], **options)
+    return job_config(spec["task"], **options)
 
 
 def run_learned(spec: dict[str, Any]) -> dict[str, Any]:

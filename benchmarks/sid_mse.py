@@ -45,7 +45,7 @@ import torch
 from bilevel import CG, Exact, Implicit
 from bilevel.autodiff import Cost
 from bilevel.learning import load_sklearn, logistic_model, ridge_model
-from bilevel.learning.job import build_model, load_data
+from bilevel.learning.hpo import build_model, load_data
 from bilevel.lower import LBFGS, solve_lower
 from bilevel.stochastic import (
     SID,

@@ -120,9 +120,11 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
 
 def export_run(run_dir: Path, name: str) -> Path:
     """Ship the (weakly) convex ridge network of a finished ``bilevel denoise`` run."""
+    from bilevel.config import job_record, resumable_fields
     from bilevel.imaging.apply import load_learned
 
-    model, options = load_learned(run_dir)
+    model, config = load_learned(run_dir)
+    options = job_record(config)
     if options["regulariser"] not in ("crr", "wcrr") or options["job"] != "denoise":
         sys.exit("train_regulariser: --from-run needs a bilevel denoise run of crr or wcrr")
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
@@ -131,7 +133,8 @@ def export_run(run_dir: Path, name: str) -> Path:
     kwargs.update(kernel_size=kernel, noise_level=options["sigma"] / 255.0)
     if options["regulariser"] == "wcrr":
         kwargs["max_weak_convexity"] = model.max_weak_convexity
-    flags = {k: v for k, v in options.items() if k not in ("job", "color", "dtype")}
+    skip = ("job", "color", "dtype", *resumable_fields(config))
+    flags = {k: v for k, v in options.items() if k not in skip and v is not None}
     info = {
         "class": type(model).__name__,
         "kwargs": kwargs,

@@ -5,7 +5,6 @@ begin: after every option and input has been checked."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import pathlib
@@ -18,11 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bilevel.cli import main
+from bilevel.config import job_record
 from bilevel.imaging import apply as imaging_apply
 from bilevel.imaging import job as imaging_job
+from bilevel.imaging.config import DenoiseConfig, job_config
 from bilevel.imaging.data import load_image
 from bilevel.learning import job as hpo_job
 from bilevel.learning.datasets import read_csv, read_svmlight
+from bilevel.learning.hpo import load_data
 from bilevel.problem import BilevelError
 from bilevel.runs import save_torch, write_json
 
@@ -182,9 +184,9 @@ def test_hpo_options_fuzz(no_work):
 def finished_run(tmp_path_factory):
     """A finished denoise run directory (tiny FoE; θ as initialised)."""
     run_dir = tmp_path_factory.mktemp("run")
-    args = imaging_job.job_arguments("denoise", filters=2, filter_size=3)
-    regulariser = imaging_job.make_regulariser(args, 1)
-    write_json(run_dir / "job.json", imaging_job.job_record(args))
+    config = job_config("denoise", filters=2, filter_size=3)
+    regulariser = imaging_job.make_regulariser(config, 1)
+    write_json(run_dir / "job.json", job_record(config))
     state = {f"regulariser.{k}": v for k, v in regulariser.state_dict().items()}
     save_torch(run_dir / "model.pt", state)
     write_json(run_dir / "result.json", {"status": "budget", "finished": True})
@@ -284,7 +286,7 @@ def test_csv_reader_and_labels_fuzz(text, label):
             return
         assert bool(torch.isfinite(X).all()) and X.shape[0] == len(labels) >= 1
         try:
-            data = hpo_job.load_data(str(path), label_column=label)
+            data = load_data(str(path), label_column=label)
         except BilevelError:
             return
         assert data.n_classes >= 2
@@ -323,4 +325,4 @@ def test_image_reader_fuzz(data, color):
 def test_namespace_marker_is_not_a_user_option():
     """The fuzzers stop at the work functions; make sure those are what the jobs call."""
     assert callable(imaging_job.train) and callable(hpo_job._train)
-    assert isinstance(imaging_job.job_arguments("denoise"), argparse.Namespace)
+    assert isinstance(job_config("denoise"), DenoiseConfig)

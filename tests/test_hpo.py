@@ -9,26 +9,31 @@ import pytest
 import torch
 
 from bilevel.cli import main
-from bilevel.learning import job
-from bilevel.learning.job import (
-    TRACKING_WARNING,
+from bilevel.learning import hpo
+from bilevel.learning.evaluation import (
     LowerEvaluator,
     RiseGuard,
     ThrottledEvaluation,
+    evaluation_noise,
+    guard_sid,
+    lower_instances,
+    single_strength_baseline,
+)
+from bilevel.learning.hpo import (
+    SID_MIN_TRAIN,
     attach_lipschitz,
     box_projection,
     build_model,
     default_method,
     default_shrinkage,
-    evaluation_noise,
-    guard_sid,
     hpo_estimator,
     hpo_method,
     load_data,
-    lower_instances,
+)
+from bilevel.learning.job import (
+    TRACKING_WARNING,
     lower_level_gap,
     sid_capped,
-    single_strength_baseline,
 )
 from bilevel.methods import Budget
 from bilevel.problem import BilevelError
@@ -611,18 +616,18 @@ def test_sklearn_compatible(estimator, check):
 
 
 def test_hyperparameter_plot_without_matplotlib_warns(tmp_path, monkeypatch):
-    import bilevel.learning.job as job
+    import bilevel.learning.report as report
 
     def missing(*args):
         raise ImportError("plotting needs matplotlib")
 
     data = load_data("breast_cancer", seed=0)
     model = build_model(data, "logistic", theta0=-3.0)
-    job.plot_hyperparameters(tmp_path / "with.png", model, data, -3.0)
+    report.plot_hyperparameters(tmp_path / "with.png", model, data, -3.0)
     assert (tmp_path / "with.png").is_file()
-    monkeypatch.setattr(job, "new_figure", missing)
+    monkeypatch.setattr(report, "new_figure", missing)
     with pytest.warns(RuntimeWarning, match="no hyperparameter plot: plotting needs matplotlib"):
-        job.plot_hyperparameters(tmp_path / "without.png", model, data, -3.0)
+        report.plot_hyperparameters(tmp_path / "without.png", model, data, -3.0)
     assert not (tmp_path / "without.png").exists()
 
 
@@ -632,7 +637,7 @@ def test_hyperparameter_plot_without_matplotlib_warns(tmp_path, monkeypatch):
 
 def test_default_method_is_chosen_by_the_training_set_size(tmp_path, capsys, monkeypatch):
     """SID from SID_MIN_TRAIN training samples on, AID-CG below and with cross validation."""
-    assert job.SID_MIN_TRAIN == 100_000
+    assert SID_MIN_TRAIN == 100_000
     assert default_method(99_999) == "aid-cg"
     assert default_method(100_000) == "sid" and default_method(10**6) == "sid"
     assert default_method(10**6, cv=3) == "aid-cg"
@@ -640,7 +645,7 @@ def test_default_method_is_chosen_by_the_training_set_size(tmp_path, capsys, mon
     code, s, _ = _hpo(capsys, *common, "--run-dir", str(tmp_path / "small"))
     assert code == 0 and s["method"] == "aid-cg"  # breast cancer: 341 training samples
     assert json.loads((tmp_path / "small" / "job.json").read_text())["method"] == "aid-cg"
-    monkeypatch.setattr(job, "SID_MIN_TRAIN", 300)  # the rule, with a lower threshold
+    monkeypatch.setattr(hpo, "SID_MIN_TRAIN", 300)  # the rule, with a lower threshold
     code, s, _ = _hpo(capsys, *common, "--run-dir", str(tmp_path / "large"))
     assert code == 0 and s["method"] == "sid"
     records = (tmp_path / "large" / "metrics.jsonl").read_text().splitlines()

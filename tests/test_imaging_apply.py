@@ -10,7 +10,8 @@ import torch
 from bilevel.cli import main
 from bilevel.imaging import bundled_images, psnr, random_crops, reconstruct, save_image
 from bilevel.imaging.apply import learned_problem, load_learned
-from bilevel.imaging.job import build, job_arguments
+from bilevel.imaging.config import job_config
+from bilevel.imaging.job import build
 
 SMALL = ["--crop", "16", "--train-size", "8", "--test-size", "4", "--batch-size", "4"]
 QUIET = ["--no-progress", "--json"]
@@ -46,15 +47,15 @@ def test_the_saved_model_reproduces_the_runs_test_psnr(denoise_run):
     """θ in model.pt and the options in job.json rebuild the run's final regulariser: the
     learned test PSNR of the summary is reproduced on the run's own test crops."""
     regulariser, options = load_learned(denoise_run)
-    assert options["job"] == "denoise" and options["regulariser"] == "foe"
+    assert options.job == "denoise" and options.regulariser == "foe"
     summary = json.loads((denoise_run / "summary.json").read_text())
-    setup = build(job_arguments("denoise", crop=16, train_size=8, test_size=4))
+    setup = build(job_config("denoise", crop=16, train_size=8, test_size=4))
     y, x = setup.test.batch()[:2]
     problem = learned_problem(regulariser, options)
     x_hat = reconstruct(problem, (y, x), tol=3e-3)  # the job's evaluation tolerance (float32)
     learned = float(psnr(x_hat.clamp(0, 1), x).mean())
     assert learned == pytest.approx(summary["test"]["learned"]["psnr"], abs=0.02)
-    initial = build(job_arguments("denoise", crop=16, train_size=8, test_size=4)).problem
+    initial = build(job_config("denoise", crop=16, train_size=8, test_size=4)).problem
     assert any(
         not torch.equal(a, b)
         for a, b in zip(regulariser.parameters(), initial.theta["regulariser"].parameters())

@@ -154,23 +154,24 @@ def test_foe_weights_start_from_the_tuned_tv_strength():
     assert reg.log_weights.requires_grad
 
 
-def test_job_arguments_build_runs_like_the_command_line():
+def test_job_config_builds_runs_like_the_command_line():
     import pytest
 
     from bilevel import BilevelError
     from bilevel.imaging import FieldsOfExperts, SmoothedTV
-    from bilevel.imaging.job import build, job_arguments, make_method
+    from bilevel.imaging.config import job_config
+    from bilevel.imaging.job import build, make_method
     from bilevel.methods import MAID
 
-    args = job_arguments("deblur", train_size=4, test_size=2, crop=16, method="maid")
+    args = job_config("deblur", train_size=4, test_size=2, crop=16, method="maid")
     assert (args.job, args.blur, args.sigma, args.regulariser) == ("deblur", 1.5, 5.0, "foe")
     setup = build(args)
     assert len(setup.train) == 4 and len(setup.test) == 2 and setup.gamma == args.gamma
     assert isinstance(setup.problem.theta["regulariser"], FieldsOfExperts)
     assert isinstance(make_method(args), MAID)
-    tv = build(job_arguments("denoise", regulariser="tv", train_size=2, test_size=2, crop=16))
+    tv = build(job_config("denoise", regulariser="tv", train_size=2, test_size=2, crop=16))
     assert isinstance(tv.problem.theta["regulariser"], SmoothedTV)
-    with pytest.raises(BilevelError, match="unknown option"):
-        job_arguments("denoise", filterz=3)
+    with pytest.raises(BilevelError, match="unknown key 'filterz'"):
+        job_config("denoise", filterz=3)
     with pytest.raises(BilevelError, match="unknown imaging task"):
-        job_arguments("segment")
+        job_config("segment")

@@ -399,10 +399,11 @@ def test_initialisation_starts_at_or_above_tuned_tv(tv_tuned_crops, model, filte
     """The job's initial models, calibrated on the tuned TV strength λ, denoise at least as
     well as that TV (they reproduce smoothed isotropic TV, with a smaller smoothing)."""
     from bilevel.imaging import psnr, reconstruct
-    from bilevel.imaging.job import job_arguments, make_regulariser
+    from bilevel.imaging.config import job_config
+    from bilevel.imaging.job import make_regulariser
 
     batch, tv = tv_tuned_crops
-    args = job_arguments("denoise", regulariser=model, filters=filters, filter_size=size)
+    args = job_config("denoise", regulariser=model, filters=filters, filter_size=size)
     reg = make_regulariser(args, channels=1).double()
     if model == "foe":
         from bilevel.imaging.job import calibrate_foe_weights

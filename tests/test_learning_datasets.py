@@ -36,7 +36,7 @@ from bilevel.learning.datasets import (
     sparse_column_scaling,
     stack_rows,
 )
-from bilevel.learning.job import load_data
+from bilevel.learning.hpo import load_data
 from bilevel.problem import BilevelError
 
 MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

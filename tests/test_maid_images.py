@@ -10,7 +10,8 @@ import torch
 
 from bilevel import CG, Implicit, Nesterov
 from bilevel.imaging import reconstruction_problem
-from bilevel.imaging.job import build, calibrate_foe_weights, job_arguments, make_method
+from bilevel.imaging.config import job_config
+from bilevel.imaging.job import build, calibrate_foe_weights, make_method
 from bilevel.methods import Budget, with_initial
 
 F64 = torch.float64
@@ -27,7 +28,7 @@ def _reference(problem, batch, x0):
 
 def test_maid_accepts_steps_on_float32_fields_of_experts():
     torch.manual_seed(0)
-    args = job_arguments(
+    args = job_config(
         "denoise",
         regulariser="foe",
         filters=10,

@@ -346,7 +346,7 @@ def test_run_directory_holds_config_metrics_checkpoint_and_plots(tmp_path):
         run_dir=tmp_path,
         evaluate=lambda theta, k: {"grad_F": q.gradient(theta).norm()},
         eval_every=2,
-        progress=False,
+        plot=True,
     )
     assert result.status == "budget" and "oracle-call" in result.message
     assert result.cost >= 3000 and result.records[-2]["cost"] < 3000

@@ -118,10 +118,11 @@ def test_run_writes_labelled_grid_and_self_contained_report(deblur_run):
 
 def test_deblur_degraded_column_is_the_measurement(deblur_run):
     """The degraded score is that of y (the measurement), not of Aᵀy."""
-    from bilevel.imaging.job import build, job_arguments
+    from bilevel.imaging.config import job_config
+    from bilevel.imaging.job import build
     from bilevel.imaging.metrics import psnr
 
-    args = job_arguments("deblur", crop=16, train_size=8, test_size=4)
+    args = job_config("deblur", crop=16, train_size=8, test_size=4)
     setup = build(args)
     y, x = setup.test.batch()[:2]
     summary = json.loads((deblur_run / "summary.json").read_text())

@@ -26,7 +26,7 @@ from bilevel.runs import (
     RunLock,
     Stopwatch,
     atomic_output,
-    check_job_record,
+    check_resume,
     dumps_json,
     format_duration,
     plot_metrics,
@@ -544,7 +544,21 @@ def test_non_finite_values_are_null_with_a_reason_and_restored():
 def test_damaged_job_record_is_a_clear_error(tmp_path):
     (tmp_path / "job.json").write_text('{"job": "deno')
     with pytest.raises(BilevelError, match="job.json is damaged"):
-        check_job_record(tmp_path, {"job": "denoise"})
+        check_resume(tmp_path / "job.json", {"job": "denoise"})
+
+
+def test_one_resume_check_for_job_records(tmp_path):
+    """``job.json`` goes through the same check as the run loop's ``config.json``: every
+    difference named, ignored keys skipped, no stored file no check."""
+    check_resume(tmp_path / "job.json", {"a": 1})  # nothing stored yet
+    (tmp_path / "job.json").write_text('{"job": "denoise", "crop": 32, "budget": 10}')
+    check_resume(
+        tmp_path / "job.json", {"job": "denoise", "crop": 32, "budget": 99}, ignore=("budget",)
+    )
+    with pytest.raises(
+        BilevelError, match=r"crop: 32 -> 16.*budget \(missing\)|budget.*crop: 32 -> 16"
+    ):
+        check_resume(tmp_path / "job.json", {"job": "denoise", "crop": 16})
 
 
 # ----------------------------------------------------------------------------- metrics repair

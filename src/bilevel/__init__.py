@@ -4,83 +4,138 @@ The flat namespace holds what users call; submodules hold the rest:
 ``bilevel.imaging`` (operators, regularisers, data, metrics), ``bilevel.learning``
 (hyperparameter-learning models and data), ``bilevel.methods`` (ISGD, MAID, ...),
 ``bilevel.runs`` (run directories, checkpoints, progress, plots).
+
+The names are loaded on first use (``from bilevel import ISGD`` works as usual), so that the
+command line, which needs none of them to parse its options, starts without importing torch.
 """
 
-from bilevel.argmin import ArgminInfo, ArgminLayer, argmin
-from bilevel.autodiff import Cost
-from bilevel.bounds import BoundConstants
-from bilevel.hypergrad import (
-    Estimator,
-    Exact,
-    Hypergradient,
-    Implicit,
-    JacobianFree,
-    Unrolled,
-    hypergradient,
-)
-from bilevel.linear import CG, MINRES, FixedPoint, LinearSolution, Neumann
-from bilevel.lower import FISTA, LBFGS, GradientDescent, LowerSolution, Nesterov
-from bilevel.methods import (
-    HOAG,
-    ISGD,
-    MAID,
-    Budget,
-    RunResult,
-    TensorSamples,
-    fixed_iterations,
-    with_initial,
-)
-from bilevel.problem import (
-    BilevelError,
-    BilevelProblem,
-    NonFiniteError,
-    NotStronglyConvexError,
-)
-from bilevel.stochastic import (
-    SID,
-    StochasticFixedPoint,
-    StochasticLinearFixedPoint,
-    VarianceReducedFixedPoint,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ArgminInfo",
-    "ArgminLayer",
-    "argmin",
-    "CG",
-    "HOAG",
-    "ISGD",
-    "MAID",
-    "Budget",
-    "RunResult",
-    "SID",
-    "StochasticFixedPoint",
-    "StochasticLinearFixedPoint",
-    "VarianceReducedFixedPoint",
-    "TensorSamples",
-    "fixed_iterations",
-    "with_initial",
-    "FISTA",
-    "LBFGS",
-    "MINRES",
-    "BilevelError",
-    "BilevelProblem",
-    "BoundConstants",
-    "Cost",
-    "Estimator",
-    "Exact",
-    "FixedPoint",
-    "GradientDescent",
-    "Hypergradient",
-    "Implicit",
-    "JacobianFree",
-    "LinearSolution",
-    "LowerSolution",
-    "Nesterov",
-    "Neumann",
-    "NonFiniteError",
-    "NotStronglyConvexError",
-    "Unrolled",
-    "hypergradient",
-]
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("ArgminInfo", "ArgminLayer", "argmin"), "bilevel.argmin"),
+    "Cost": "bilevel.autodiff",
+    "BoundConstants": "bilevel.bounds",
+    **dict.fromkeys(
+        (
+            "Estimator",
+            "Exact",
+            "Hypergradient",
+            "Implicit",
+            "JacobianFree",
+            "Unrolled",
+            "hypergradient",
+        ),
+        "bilevel.hypergrad",
+    ),
+    **dict.fromkeys(("CG", "MINRES", "FixedPoint", "LinearSolution", "Neumann"), "bilevel.linear"),
+    **dict.fromkeys(
+        ("FISTA", "LBFGS", "GradientDescent", "LowerSolution", "Nesterov"), "bilevel.lower"
+    ),
+    **dict.fromkeys(
+        (
+            "HOAG",
+            "ISGD",
+            "MAID",
+            "Budget",
+            "RunResult",
+            "TensorSamples",
+            "fixed_iterations",
+            "with_initial",
+        ),
+        "bilevel.methods",
+    ),
+    **dict.fromkeys(
+        ("BilevelError", "BilevelProblem", "NonFiniteError", "NotStronglyConvexError"),
+        "bilevel.problem",
+    ),
+    **dict.fromkeys(
+        (
+            "SID",
+            "StochasticFixedPoint",
+            "StochasticLinearFixedPoint",
+            "VarianceReducedFixedPoint",
+        ),
+        "bilevel.stochastic",
+    ),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+class _Package(types.ModuleType):
+    """The package module: importing the submodule ``bilevel.argmin`` must not replace the
+    function ``bilevel.argmin`` (Python sets a package attribute for each loaded submodule)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
+    from bilevel.argmin import ArgminInfo, ArgminLayer, argmin  # noqa: F401
+    from bilevel.autodiff import Cost  # noqa: F401
+    from bilevel.bounds import BoundConstants  # noqa: F401
+    from bilevel.hypergrad import (  # noqa: F401
+        Estimator,
+        Exact,
+        Hypergradient,
+        Implicit,
+        JacobianFree,
+        Unrolled,
+        hypergradient,
+    )
+    from bilevel.linear import CG, MINRES, FixedPoint, LinearSolution, Neumann  # noqa: F401
+    from bilevel.lower import (  # noqa: F401
+        FISTA,
+        LBFGS,
+        GradientDescent,
+        LowerSolution,
+        Nesterov,
+    )
+    from bilevel.methods import (  # noqa: F401
+        HOAG,
+        ISGD,
+        MAID,
+        Budget,
+        RunResult,
+        TensorSamples,
+        fixed_iterations,
+        with_initial,
+    )
+    from bilevel.problem import (  # noqa: F401
+        BilevelError,
+        BilevelProblem,
+        NonFiniteError,
+        NotStronglyConvexError,
+    )
+    from bilevel.stochastic import (  # noqa: F401
+        SID,
+        StochasticFixedPoint,
+        StochasticLinearFixedPoint,
+        VarianceReducedFixedPoint,
+    )

@@ -12,7 +12,6 @@ Costs are counted per instance: an evaluation on a batch of ``b`` active instanc
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -51,16 +50,6 @@ class Cost:
             self.wall_time + other.wall_time,
             self.bound_products + other.bound_products,
         )
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "grad_evals": self.grad_evals,
-            "hvps": self.hvps,
-            "vjps": self.vjps,
-            "bound_products": self.bound_products,
-            "oracle_calls": self.oracle_calls,
-            "wall_time": self.wall_time,
-        }
 
 
 def nonfinite_gradient() -> NonFiniteError:
@@ -250,17 +239,3 @@ def upper_gradients(
     n = x.shape[0]
     grad_theta = [torch.zeros_like(p) if g is None else g / n for p, g in zip(params, grads[1:])]
     return losses.detach(), grads[0], grad_theta
-
-
-class Stopwatch:
-    """Wall time accumulated into a :class:`Cost`."""
-
-    def __init__(self, cost: Cost) -> None:
-        self.cost = cost
-
-    def __enter__(self) -> Stopwatch:
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cost.wall_time += time.perf_counter() - self._start

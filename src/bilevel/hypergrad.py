@@ -5,7 +5,7 @@ it returns a :class:`Hypergradient`: the estimate z of ∇F(θ) for the mean upp
 batch (shaped like θ), the a-posteriori error bound ω with a certified/estimated flag, the
 lower-level and adjoint solutions (for warm starts), and the cost in oracle calls.
 
-    z = ∇_θ f̄ − (1/B) Σ_i J_iᵀ q_i,    H_i q_i = ∇ₓf_i(x̃_i)                (PAPERS.md §2)
+    z = ∇_θ f̄ − (1/B) Σ_i J_iᵀ q_i,    H_i q_i = ∇ₓf_i(x̃_i)                (docs/concepts.md)
 
 Estimators: :class:`Implicit` (AID with any linear solver), :class:`Unrolled` (ITD),
 :class:`JacobianFree` (JFB: H⁻¹ replaced by a multiple of the identity), :class:`Exact`
@@ -68,7 +68,9 @@ from bilevel.problem import (
     BilevelProblem,
     NonFiniteError,
     NotStronglyConvexError,
+    Theta,
     check_finite,
+    parameter_names,
 )
 
 
@@ -122,6 +124,17 @@ class Hypergradient:
     def norm(self) -> float:
         """‖z‖₂ over all parameters."""
         return math.sqrt(sum(float((g * g).sum()) for g in self.grad))
+
+    def named_grad(self, theta: Theta) -> dict[str, Tensor]:
+        """z by parameter name for the θ it was computed at: ``{"layer.weight": ...}`` for an
+        ``nn.Module``, the keys of a dict, ``"0"``, ``"1"``, ... for a sequence and ``"theta"``
+        for one tensor (see :func:`~bilevel.problem.parameter_names`)."""
+        names = parameter_names(theta)
+        if len(names) != len(self.grad):
+            raise BilevelError(
+                f"theta has {len(names)} parameters but the hypergradient {len(self.grad)}"
+            )
+        return dict(zip(names, self.grad))
 
     def accumulate_into(self, params: list[Tensor]) -> None:
         """Add z to ``p.grad`` so that any ``torch.optim`` optimiser can take the step."""

@@ -32,6 +32,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from bilevel.errors import BilevelError
+
 Theta = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor], nn.Module]  # noqa: UP007
 Batch = Any
 EnergyFn = Callable[[Tensor, Any, Batch], Tensor]
@@ -39,10 +41,6 @@ Constant = Union[float, Tensor, Callable[..., Any], None]  # noqa: UP007
 """A stated constant: a number, a (B,) tensor (one value per instance), or a callable
 ``(theta, batch) -> number or (B,) tensor`` evaluated at the current θ (a callable without
 arguments is also accepted). ``None`` means "not stated"."""
-
-
-class BilevelError(ValueError):
-    """Bad input or a problem that violates the assumptions of the method."""
 
 
 class NotStronglyConvexError(BilevelError):
@@ -75,6 +73,22 @@ def parameter_list(theta: Theta) -> list[Tensor]:
     if not params:
         raise BilevelError("theta has no tensor with requires_grad=True: nothing to learn")
     return params
+
+
+def parameter_names(theta: Theta) -> list[str]:
+    """Names of the tensors of :func:`parameter_list`, in its order: the parameter names of an
+    ``nn.Module`` (``"layer.weight"``), the keys of a dict, ``"0"``, ``"1"``, ... for a
+    sequence and ``"theta"`` for one tensor."""
+    parameter_list(theta)  # validates θ
+    if isinstance(theta, nn.Module):
+        named = list(theta.named_parameters())
+    elif isinstance(theta, Tensor):
+        named = [("theta", theta)]
+    elif isinstance(theta, Mapping):
+        named = [(str(k), v) for k, v in theta.items()]
+    else:
+        named = [(str(i), t) for i, t in enumerate(theta)]
+    return [name for name, t in named if t.requires_grad]
 
 
 def evaluate_constant(
@@ -262,10 +276,6 @@ class BilevelProblem:
         """The stated bound on the Lipschitz constant of ∇ₓh at the current θ, if any."""
         value = self.lipschitz() if callable(self.lipschitz) else self.lipschitz
         return None if value is None else float(value)
-
-    @property
-    def mu_is_estimated(self) -> bool:
-        return self.mu is None
 
     def mu_values(self, batch: Batch, like: Tensor) -> Tensor | None:
         """The stated μ per instance at the current θ, shape (B,) (``None`` if not stated)."""

@@ -7,7 +7,8 @@ gradient step,
 
 (η > 0 the *map step*, in units of w per unit of ∇_w h, i.e. 1 / curvature; H = ∇²_ww h and
 J = ∇²_λw h), and Φ̂ is the same map on a minibatch I of the N samples. With
-v* = (I − ∂_wΦᵀ)⁻¹ ∇_w E = H⁻¹∇_w E / η the hypergradient is ∇_λE + ∂_λΦᵀ v* (PAPERS.md §5).
+v* = (I − ∂_wΦᵀ)⁻¹ ∇_w E = H⁻¹∇_w E / η the hypergradient is ∇_λE + ∂_λΦᵀ v* ([SID],
+docs/concepts.md).
 SID computes it in three stages, each on its own stream of fresh minibatches:
 
 1. t steps of a stochastic solver for w; the default :class:`StochasticFixedPoint` is
@@ -663,9 +664,9 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
 
     Why preconditioned, and why from measured curvature: the map step η = 1/L of SID uses
     the global bound L = c_ℓ‖X‖²/N + max_k λ_k, which for per-feature strengths is set by the
-    largest λ_k and the worst-case loss curvature. At w(θ) on digits the largest Hessian
-    eigenvalue is about 1/27 of that bound, and per-feature strengths spread over orders of
-    magnitude as θ is learnt; steps 0.5/L then crawl along every other coordinate. With P
+    largest λ_k and the worst-case loss curvature: the Hessian at w(θ) can lie far below it, and
+    per-feature strengths spread over orders of magnitude as θ is learnt; steps 0.5/L then
+    crawl along every other coordinate. With P
     the regulariser's spread is removed exactly, and 1/λ̂ is the step the data allow
     (measurements: docs/benchmarks_hpo.md). Per iteration: two minibatch gradients; per call:
     one minibatch diagonal; per refresh: one full gradient and ``power_iterations`` minibatch
@@ -810,10 +811,8 @@ class PreconditionedSVRGLinear:
     Why: plain fixed-point steps contract by 1 − ημ per step with the global η = 1/L and keep
     the minibatch noise of Ĥ v at a floor ∝ the step (docs/benchmarks_sid.md); the
     variance-reduced, preconditioned Richardson steps remove the floor but still need O(κ)
-    steps; CG needs O(√κ). Measured on two problems with κ ≈ 1.5·10³ to 1.8·10³ (section
-    "Stage solvers" of docs/benchmarks_sid.md), to 10⁻³ of the residual from q = 0: CG
-    refinement 3 to 6 rounds, 0.2 to 0.7 s, against 1 900 to 3 000 Richardson iterations and
-    10 to 40 s (plain steps did not get there in 3 000).
+    steps; CG needs O(√κ) (the comparison: section "Stage solvers" of
+    docs/benchmarks_sid.md).
 
     Raises:
         BilevelError: ``psi`` is not an :class:`AdjointMap`; a momentum outside [0, 1).

@@ -1,76 +1,61 @@
-"""Imaging: forward operators, learnable regularisers, data, metrics and bilevel tasks."""
+"""Imaging: forward operators, learnable regularisers, data, metrics and bilevel tasks.
 
-from bilevel.imaging.data import (
-    BUNDLED_SPLITS,
-    DegradedImages,
-    bundled_images,
-    load_image,
-    load_image_folder,
-    random_crops,
-    save_image,
-)
-from bilevel.imaging.metrics import mse, psnr, ssim
-from bilevel.imaging.operators import (
-    Convolution,
-    Identity,
-    InpaintingMask,
-    LearnableMask,
-    LinearOperator,
-    gaussian_kernel,
-    motion_blur_kernel,
-    random_mask,
-)
-from bilevel.imaging.pretrained_models import available_models, pretrained
-from bilevel.imaging.regularisers import (
-    ConvexRidge,
-    ConvexRidgeNetwork,
-    FieldsOfExperts,
-    InputConvexNetwork,
-    Regulariser,
-    SmoothedTV,
-    WeaklyConvexRidge,
-    ridge_layers,
-)
-from bilevel.imaging.tasks import (
-    GridSearchResult,
-    grid_search_tv,
-    lipschitz_bound,
-    reconstruct,
-    reconstruction_problem,
-)
+Names are loaded on first use, so that importing the package (or its torch-free
+:mod:`bilevel.imaging.config`) imports no torch.
+"""
 
-__all__ = [
-    "BUNDLED_SPLITS",
-    "ConvexRidge",
-    "ConvexRidgeNetwork",
-    "Convolution",
-    "DegradedImages",
-    "FieldsOfExperts",
-    "GridSearchResult",
-    "Identity",
-    "InpaintingMask",
-    "InputConvexNetwork",
-    "LearnableMask",
-    "LinearOperator",
-    "Regulariser",
-    "SmoothedTV",
-    "WeaklyConvexRidge",
-    "available_models",
-    "bundled_images",
-    "gaussian_kernel",
-    "grid_search_tv",
-    "lipschitz_bound",
-    "load_image",
-    "load_image_folder",
-    "motion_blur_kernel",
-    "mse",
-    "pretrained",
-    "psnr",
-    "random_crops",
-    "random_mask",
-    "reconstruct",
-    "save_image",
-    "reconstruction_problem",
-    "ridge_layers",
-    "ssim",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "BUNDLED_SPLITS": "bilevel.imaging.data",
+    "DegradedImages": "bilevel.imaging.data",
+    "bundled_images": "bilevel.imaging.data",
+    "load_image": "bilevel.imaging.data",
+    "load_image_folder": "bilevel.imaging.data",
+    "random_crops": "bilevel.imaging.data",
+    "save_image": "bilevel.imaging.data",
+    "mse": "bilevel.imaging.metrics",
+    "psnr": "bilevel.imaging.metrics",
+    "ssim": "bilevel.imaging.metrics",
+    "Convolution": "bilevel.imaging.operators",
+    "Identity": "bilevel.imaging.operators",
+    "InpaintingMask": "bilevel.imaging.operators",
+    "LearnableMask": "bilevel.imaging.operators",
+    "LinearOperator": "bilevel.imaging.operators",
+    "gaussian_kernel": "bilevel.imaging.operators",
+    "motion_blur_kernel": "bilevel.imaging.operators",
+    "random_mask": "bilevel.imaging.operators",
+    "available_models": "bilevel.imaging.pretrained_models",
+    "pretrained": "bilevel.imaging.pretrained_models",
+    "ConvexRidge": "bilevel.imaging.regularisers",
+    "ConvexRidgeNetwork": "bilevel.imaging.regularisers",
+    "FieldsOfExperts": "bilevel.imaging.regularisers",
+    "InputConvexNetwork": "bilevel.imaging.regularisers",
+    "Regulariser": "bilevel.imaging.regularisers",
+    "SmoothedTV": "bilevel.imaging.regularisers",
+    "WeaklyConvexRidge": "bilevel.imaging.regularisers",
+    "ridge_layers": "bilevel.imaging.regularisers",
+    "GridSearchResult": "bilevel.imaging.tasks",
+    "grid_search_tv": "bilevel.imaging.tasks",
+    "lipschitz_bound": "bilevel.imaging.tasks",
+    "reconstruct": "bilevel.imaging.tasks",
+    "reconstruction_problem": "bilevel.imaging.tasks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -19,7 +19,7 @@ their ``mean``.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -28,18 +28,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel.config import config_from_dict
+from bilevel.imaging.config import TASKS, ImagingConfig, ReconstructConfig, job_config
 from bilevel.imaging.data import load_image, save_image
 from bilevel.imaging.job import (
     BEST_MODEL_FILE,
     MODEL_FILE,
-    MODEL_OPTIONS,
     make_operator,
     make_regulariser,
     read_job_record,
 )
 from bilevel.imaging.metrics import SSIM_WINDOW, psnr, ssim
 from bilevel.imaging.operators import InpaintingMask, LinearOperator
-from bilevel.imaging.pretrained_models import available_models, model_info, pretrained
+from bilevel.imaging.pretrained_models import model_info, pretrained
 from bilevel.imaging.regularisers import Regulariser
 from bilevel.imaging.tasks import reconstruct, reconstruction_problem
 from bilevel.problem import BilevelError, BilevelProblem
@@ -65,9 +66,9 @@ def _check_finished(run_dir: Path) -> None:
         )
 
 
-def load_learned(run_dir: str | Path, best: bool = False) -> tuple[Regulariser, dict[str, Any]]:
+def load_learned(run_dir: str | Path, best: bool = False) -> tuple[Regulariser, ImagingConfig]:
     """The regulariser learned by a finished imaging run (θ from ``model.pt``, or with
-    ``best`` from ``model_best.pt``) and the run's model options (``job.json``: task,
+    ``best`` from ``model_best.pt``) and the run's configuration (``job.json``: task,
     regulariser, filters, dtype, σ, blur, γ, ...).
 
     Raises:
@@ -89,14 +90,14 @@ def load_learned(run_dir: str | Path, best: bool = False) -> tuple[Regulariser, 
     missing = [k for k in ("job", "regulariser", "dtype") if k not in options]
     if missing:
         raise BilevelError(f"{job_file}: missing entries {missing}")
-    if options["dtype"] not in ("float32", "float64"):
-        raise BilevelError(f"{job_file}: dtype {options['dtype']!r} is not float32 or float64")
-    args = argparse.Namespace(
-        seed=0, **{k: options.get(k) for k in MODEL_OPTIONS}
-    )  # θ loaded below
-    channels = 3 if options.get("color") else 1
-    try:
-        regulariser = make_regulariser(args, channels).to(getattr(torch, options["dtype"]))
+    task = options.pop("job")
+    if task not in TASKS:
+        raise BilevelError(f"{job_file}: job {task!r} is not denoise, deblur or inpaint")
+    options.pop("non_finite", None)
+    config = config_from_dict(TASKS[task], options, str(job_file))
+    channels = 3 if config.color else 1
+    try:  # θ loaded below
+        regulariser = make_regulariser(config, channels).to(getattr(torch, config.dtype))
     except (TypeError, ValueError) as err:
         raise BilevelError(f"{job_file} does not describe a model: {err}") from None
     try:
@@ -114,73 +115,23 @@ def load_learned(run_dir: str | Path, best: bool = False) -> tuple[Regulariser, 
         regulariser.load_state_dict(learned)
     except RuntimeError as err:
         raise BilevelError(f"{model_file} does not fit the model of {job_file}: {err}") from None
-    return regulariser, options
+    return regulariser, config
 
 
 def learned_problem(
-    regulariser: Regulariser, options: dict[str, Any], operator: LinearOperator | None = None
+    regulariser: Regulariser, config: ImagingConfig, operator: LinearOperator | None = None
 ) -> BilevelProblem:
-    """The run's reconstruction problem with ``regulariser``; ``operator`` replaces the run's
-    forward operator (required for inpainting: its training mask fits the training crops)."""
-    dtype = getattr(torch, options["dtype"])
+    """The run's reconstruction problem with ``regulariser`` (``config``: the run's
+    configuration); ``operator`` replaces the run's forward operator (required for
+    inpainting: its training mask fits the training crops)."""
+    dtype = getattr(torch, config.dtype)
     if operator is None:
-        if options["job"] == "inpaint":
+        if config.job == "inpaint":
             raise BilevelError("an inpainting model needs the mask of each image (--mask FILE)")
-        operator, gamma = make_operator(argparse.Namespace(**options), dtype)
+        operator, gamma = make_operator(config, dtype)
     else:
-        gamma = float(options.get("gamma") or 0.0)
+        gamma = float(getattr(config, "gamma", 0.0))
     return reconstruction_problem(regulariser, operator.to(dtype=dtype), gamma=gamma)
-
-
-def add_arguments(parser: argparse.ArgumentParser, name: str = "reconstruct") -> None:
-    a = parser.add_argument
-    a(
-        "run_dir",
-        nargs="?",
-        help="run directory of a finished bilevel denoise / deblur / inpaint run (omitted "
-        "with --model)",
-    )
-    a("images", nargs="*", help="image files (png, jpg, bmp, tif)")
-    a(
-        "--model",
-        default=None,
-        help="use the shipped pretrained denoising model NAME instead of a run directory "
-        f"(available: {', '.join(available_models()) or 'none'}; see bilevel models)",
-    )
-    a(
-        "--sigma",
-        type=float,
-        default=None,
-        help="noise σ on the 0-255 scale of --add-noise and of a σ-aware model (default: the "
-        "σ the model was trained for)",
-    )
-    a(
-        "--out",
-        default=None,
-        help="output folder (default: RUN_DIR/reconstructed, or reconstructed-NAME with --model)",
-    )
-    a(
-        "--add-noise",
-        action="store_true",
-        help="treat the images as clean: degrade them as in training (the run's operator and "
-        "σ), then report PSNR / SSIM of the degraded and the reconstructed image",
-    )
-    a("--mask", default=None, help="inpainting runs: image whose non-zero pixels are observed")
-    a(
-        "--tol",
-        type=float,
-        default=1e-4,
-        help="stop when the root mean square of ∇ₓh over the pixels is ≤ TOL, i.e. "
-        "‖∇ₓh‖ ≤ TOL·√(pixels · channels) (intensities in [0, 1]; default 1e-4)",
-    )
-    a("--max-iter", type=int, default=5000, help="solver iterations at most (default 5000)")
-    a("--seed", type=int, default=0, help="seed of the noise of --add-noise")
-    a(
-        "--best",
-        action="store_true",
-        help=f"use θ of the run's best evaluation ({BEST_MODEL_FILE}) instead of the last",
-    )
-    a("--json", action="store_true", help="print the results as one JSON object")
 
 
 def _mask(path: str, like: Tensor) -> InpaintingMask:
@@ -206,50 +157,50 @@ def _scores(x: Tensor, clean: Tensor) -> dict[str, float]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    """Reconstruct every image of ``args.images``; print one line each (or one JSON object)."""
-    if not args.tol > 0:
-        raise BilevelError(f"--tol must be positive, got {args.tol}")
-    if args.max_iter < 1:
-        raise BilevelError(f"--max-iter must be positive, got {args.max_iter}")
-    if args.model:  # the positionals are all images
-        args.images = ([args.run_dir] if args.run_dir else []) + list(args.images)
-        regulariser = pretrained(args.model)
-        info = model_info(args.model)
-        options = {"job": "denoise", "sigma": info["sigma"], "dtype": "float32", "color": False}
-        run_dir = Path(args.out or f"reconstructed-{args.model}")
+def run(config: ReconstructConfig, *, json: bool = False) -> int:
+    """Reconstruct every image of ``config.images``; print one line each (or with ``json``
+    one JSON object); return the exit status."""
+    cfg = dataclasses.replace(config, images=list(config.images))
+    if not cfg.tol > 0:
+        raise BilevelError(f"--tol must be positive, got {cfg.tol}")
+    if cfg.max_iter < 1:
+        raise BilevelError(f"--max-iter must be positive, got {cfg.max_iter}")
+    if cfg.model:  # the positionals are all images
+        cfg.images = ([cfg.run_dir] if cfg.run_dir else []) + list(cfg.images)
+        regulariser = pretrained(cfg.model)
+        info = model_info(cfg.model)
+        options = job_config("denoise", sigma=float(info["sigma"]), dtype="float32")
+        run_dir = Path(cfg.out or f"reconstructed-{cfg.model}")
     else:
-        if not args.run_dir:
+        if not cfg.run_dir:
             raise BilevelError("give a run directory or --model NAME")
-        run_dir = Path(args.run_dir)
-        regulariser, options = load_learned(run_dir, best=args.best)
-    if not args.images:
+        run_dir = Path(cfg.run_dir)
+        regulariser, options = load_learned(run_dir, best=cfg.best)
+    if not cfg.images:
         raise BilevelError("no images given")
-    if args.sigma is not None:
-        if not (math.isfinite(args.sigma) and 0 < args.sigma < 255):
-            raise BilevelError(f"--sigma must be in (0, 255), got {args.sigma}")
-        options["sigma"] = args.sigma
+    if cfg.sigma is not None:
+        if not (math.isfinite(cfg.sigma) and 0 < cfg.sigma < 255):
+            raise BilevelError(f"--sigma must be in (0, 255), got {cfg.sigma}")
+        options = dataclasses.replace(options, sigma=cfg.sigma)
         if hasattr(regulariser, "set_noise_level"):
-            regulariser.set_noise_level(args.sigma / 255.0)
-    inpaint = options["job"] == "inpaint"
-    if inpaint and not args.mask:
+            regulariser.set_noise_level(cfg.sigma / 255.0)
+    inpaint = options.job == "inpaint"
+    if inpaint and not cfg.mask:
         raise BilevelError("an inpainting model needs the mask of the images (--mask FILE)")
-    if args.mask and not inpaint:
-        raise BilevelError(
-            f"--mask applies to inpainting runs; {run_dir} is a {options['job']} run"
-        )
-    stems = [Path(name).stem for name in args.images]
+    if cfg.mask and not inpaint:
+        raise BilevelError(f"--mask applies to inpainting runs; {run_dir} is a {options.job} run")
+    stems = [Path(name).stem for name in cfg.images]
     clash = next((s for s in stems if stems.count(s) > 1), None)
     if clash is not None:
         raise BilevelError(f"two images are named {clash!r}: their outputs would overwrite")
-    dtype = getattr(torch, options["dtype"])
+    dtype = getattr(torch, options.dtype)
     images = []
-    for name in args.images:  # read them all first: a bad file fails before any work
-        images.append(load_image(name, color=bool(options.get("color")), dtype=dtype))
+    for name in cfg.images:  # read them all first: a bad file fails before any work
+        images.append(load_image(name, color=options.color, dtype=dtype))
     if inpaint:  # check every mask before any work too
         for image in images:
-            _mask(args.mask, image)
-    out_dir = Path(args.out) if args.out else run_dir if args.model else run_dir / "reconstructed"
+            _mask(cfg.mask, image)
+    out_dir = Path(cfg.out) if cfg.out else run_dir if cfg.model else run_dir / "reconstructed"
     if out_dir.exists() and not out_dir.is_dir():
         raise BilevelError(f"--out {out_dir} is a file, not a folder")
     try:
@@ -258,19 +209,19 @@ def run(args: argparse.Namespace) -> int:
         raise BilevelError(f"cannot create the output folder {out_dir}: {err.strerror}") from None
     results = []
     problem = None if inpaint else learned_problem(regulariser, options)
-    for k, (name, image) in enumerate(zip(args.images, images)):
+    for k, (name, image) in enumerate(zip(cfg.images, images)):
         if inpaint:  # each image brings its own mask
-            problem = learned_problem(regulariser, options, _mask(args.mask, image))
+            problem = learned_problem(regulariser, options, _mask(cfg.mask, image))
         op = problem.theta["operator"]
         x = image.unsqueeze(0)
         y = x
-        if args.add_noise:
-            gen = torch.Generator().manual_seed(args.seed + k)
+        if cfg.add_noise:
+            gen = torch.Generator().manual_seed(cfg.seed + k)
             noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(dtype)
-            y = op(x) + float(options["sigma"]) / 255.0 * noise
+            y = op(x) + options.sigma / 255.0 * noise
         start = time.perf_counter()
-        tol = args.tol * x.numel() ** 0.5  # an RMS tolerance: the same for every image size
-        x_hat = reconstruct(problem, (y, y), x0=op.adjoint(y), tol=tol, max_iter=args.max_iter)
+        tol = cfg.tol * x.numel() ** 0.5  # an RMS tolerance: the same for every image size
+        x_hat = reconstruct(problem, (y, y), x0=op.adjoint(y), tol=tol, max_iter=cfg.max_iter)
         seconds = time.perf_counter() - start
         stem = Path(name).stem
         record: dict[str, Any] = {
@@ -279,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             "seconds": seconds,
         }
         save_image(x_hat[0], record["output"])
-        if args.add_noise:
+        if cfg.add_noise:
             record["degraded_output"] = str(out_dir / f"{stem}_degraded.png")
             save_image(op.adjoint(y)[0], record["degraded_output"])
             record["degraded"] = _scores(op.adjoint(y), x)
@@ -291,18 +242,18 @@ def run(args: argparse.Namespace) -> int:
             degraded_psnr=record.get("degraded", {}).get("psnr"),
         )
         results.append(record)
-        if not args.json:
+        if not json:
             line = f"  {name} -> {record['output']} ({seconds:.1f} s)"
-            if args.add_noise:
+            if cfg.add_noise:
                 d, r = record["degraded"], record["reconstructed"]
                 line += f"; PSNR {d['psnr']:.2f} dB degraded, {r['psnr']:.2f} dB reconstructed"
             print(line)
-    if args.json:
+    if json:
         keys = ("psnr", "ssim", "degraded_psnr")
         mean = {
             k: (None if any(r[k] is None for r in results) else _mean([r[k] for r in results]))
             for k in keys
         }
-        head = {"model": args.model} if args.model else {"run_dir": str(run_dir)}
-        print(dumps_json({**head, "task": options["job"], "images": results, "mean": mean}))
+        head = {"model": cfg.model} if cfg.model else {"run_dir": str(run_dir)}
+        print(dumps_json({**head, "task": options.job, "images": results, "mean": mean}))
     return 0

@@ -7,17 +7,17 @@ regulariser's parameters θ with (by default) Adam-preconditioned ISGD on
 
 compares the learned regulariser on the test set with the degraded input and with total
 variation tuned by grid search on the training set, and writes everything to a run
-directory: ``config.json``, ``metrics.jsonl``, checkpoints, ``plots/``, ``reconstructions.png``,
-``model.pt`` (the last θ), ``model_best.pt`` (θ of the evaluation with the best PSNR on
-validation crops of the training images: the test crops never choose a model) and
-``summary.json``. Every option is checked before any work; the directory is locked while the
-run writes it. Interrupting (Ctrl-C or SIGTERM) writes a checkpoint and a summary marked
-unfinished (no ``model.pt``); ``--resume`` continues.
+directory: ``job.json`` (the job's configuration, :mod:`bilevel.imaging.config`),
+``config.json`` (the run loop's), ``metrics.jsonl``, checkpoints, ``plots/``,
+``reconstructions.png``, ``model.pt`` (the last θ), ``model_best.pt`` (θ of the evaluation
+with the best PSNR on validation crops of the training images: the test crops never choose a
+model) and ``summary.json``. Every option is checked before any work; the directory is locked
+while the run writes it. Interrupting (Ctrl-C or SIGTERM) writes a checkpoint and a summary
+marked unfinished (no ``model.pt``); ``--resume`` continues.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import sys
@@ -33,7 +33,12 @@ from torch import Tensor
 
 from bilevel import distributed
 from bilevel.bounds import BoundConstants
+from bilevel.config import Invocation, job_record, resumable_fields, resume_command
 from bilevel.hypergrad import Implicit
+from bilevel.imaging.config import (
+    FILTER_SIZES,
+    ImagingConfig,
+)
 from bilevel.imaging.data import (
     DegradedImages,
     ImageFileError,
@@ -84,7 +89,7 @@ from bilevel.problem import BilevelError, BilevelProblem
 from bilevel.runs import (
     RunLock,
     atomic_output,
-    check_job_record,
+    check_resume,
     dumps_json,
     read_json,
     save_torch,
@@ -92,14 +97,9 @@ from bilevel.runs import (
 )
 from bilevel.runs.tensorboard import TensorBoardLog
 
-REGULARISERS = ("foe", "crr", "wcrr", "ridge", "icnn", "tv")
-#: Default --filter-size per regulariser (crr/wcrr: the composite filters' support).
-FILTER_SIZES = {"crr": 13, "wcrr": 13}
-METHODS = ("adam-isgd", "isgd", "maid")
 TV_GRID = (0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
-#: Tolerance on each test image's ‖∇ₓh‖ for the reported reconstructions. In float32 the
-#: gradient of a learned FoE with smoothings of a few 1e-3 stalls at about 1.6e-3 from
-#: roundoff (10 000 accelerated steps did no better than 2000), hence the looser value.
+#: Tolerance on each test image's ‖∇ₓh‖ for the reported reconstructions; looser in float32,
+#: where the gradient of a learned FoE with small smoothings stalls at its rounding floor.
 EVAL_TOL = {torch.float64: 1e-3, torch.float32: 3e-3}
 #: Initial smoothing ν_k of the Fields-of-Experts potentials (learned during the run).
 FOE_SMOOTHING = 0.003
@@ -110,131 +110,6 @@ DEFAULT_STEPS = {
     "adam-isgd": {"icnn": "poly:2e-3,0.5", "foe": "poly:3e-2,0.25", "": "poly:5e-2,0.5"},
     "isgd": {"foe": "poly:1e-1,0.5", "": "poly:1e-3,0.5"},
 }
-
-
-def add_arguments(parser: argparse.ArgumentParser, task: str) -> None:
-    """Options of the imaging jobs (``task`` is denoise, deblur or inpaint)."""
-    a = parser.add_argument
-    a(
-        "--regulariser",
-        choices=REGULARISERS,
-        default="foe",
-        help="foe: Fields of Experts (convex potential); crr: convex ridge network (CRR-NN); "
-        "wcrr: weakly convex ridge network; ridge: convex ridge; icnn: input-convex network; "
-        "tv: smoothed total variation (default: foe)",
-    )
-    a("--filters", type=int, default=8, help="filters of foe/crr/wcrr/ridge (default: 8)")
-    a(
-        "--filter-size",
-        type=int,
-        default=None,
-        help="filter size of foe/ridge (default: 5), composite filter support of crr/wcrr "
-        "(default: 13, three layers of 5×5)",
-    )
-    a(
-        "--method",
-        choices=METHODS,
-        default="adam-isgd",
-        help="upper-level method (default: adam-isgd)",
-    )
-    a(
-        "--step",
-        default=None,
-        help="step schedule, e.g. poly:5e-2,0.5 (default for adam-isgd: poly:3e-2,0.25 with "
-        "foe, poly:2e-3,0.5 with icnn, else poly:5e-2,0.5; for isgd: poly:1e-1,0.5 with foe, "
-        "else poly:1e-3,0.5; MAID adapts its own)",
-    )
-    a(
-        "--accuracy",
-        default="poly:1e-1,0.5",
-        help="accuracy schedule ε_k = δ_k: absolute tolerance on each image's ‖∇ₓh‖ and adjoint "
-        "residual (default: poly:1e-1,0.5)",
-    )
-    a("--batch-size", type=int, default=8, help="images per ISGD step (default: 8)")
-    a(
-        "--data",
-        default="bundled",
-        help="'bundled' (scikit-image images) or a folder with train/ and test/ image folders",
-    )
-    a("--color", action="store_true", help="colour images (default: grayscale)")
-    a("--crop", type=int, default=32, help="crop size in pixels (default: 32)")
-    a("--train-size", type=int, default=32, help="training crops (default: 32)")
-    a("--test-size", type=int, default=16, help="test crops (default: 16)")
-    a(
-        "--val-size",
-        type=int,
-        default=8,
-        help="validation crops, cut from the training images, that choose the best θ of the "
-        "evaluations (model_best.pt; 0: none) (default: 8)",
-    )
-    a(
-        "--sigma",
-        type=float,
-        default=25.0 if task == "denoise" else 5.0,
-        help="noise standard deviation on the 0-255 scale",
-    )
-    a(
-        "--budget",
-        type=int,
-        default=150_000,
-        help="oracle calls (lower-level gradients + Hessian-vector products; default 150000)",
-    )
-    a("--time", type=float, default=None, help="wall-time budget in seconds")
-    a("--eval-every", type=int, default=20, help="steps between test evaluations (default: 20)")
-    if task == "deblur":
-        a("--blur", type=float, default=1.5, help="Gaussian blur σ in pixels (default: 1.5)")
-        a("--kernel-size", type=int, default=7, help="blur kernel size (default: 7)")
-    if task == "inpaint":
-        a("--keep", type=float, default=0.7, help="fraction of pixels observed (default: 0.7)")
-    if task in ("deblur", "inpaint"):
-        a(
-            "--gamma",
-            type=float,
-            default=1e-2,
-            help="γ of the γ/2‖x‖² term that keeps the lower level strongly convex (μ = γ)",
-        )
-    a("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    a(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads for torch (default: 1, fastest for small crops)",
-    )
-    a("--dtype", choices=("float32", "float64"), default="float32")
-    a("--seed", type=int, default=0)
-    a("--run-dir", default=None, help="run directory (default: runs/<task>-<timestamp>)")
-    a("--resume", action="store_true", help="continue the run in --run-dir")
-    a("--overwrite", action="store_true", help="replace a run already in --run-dir")
-    a(
-        "--checkpoint-every",
-        type=int,
-        default=50,
-        help="steps between checkpoints (default: 50; one is also written at the end)",
-    )
-    a("--json", action="store_true", help="print the summary as one JSON object on stdout")
-    a(
-        "--tensorboard",
-        action="store_true",
-        help="also log metrics, filters and reconstructions to RUN_DIR/tensorboard (needs "
-        "pip install 'bilevel[tensorboard]')",
-    )
-    a("--no-progress", action="store_true", help="no progress bar")
-    a("--no-plots", action="store_true", help="do not write plots of the metrics")
-
-
-def job_arguments(task: str, **options: Any) -> argparse.Namespace:
-    """The options of ``bilevel <task>`` at their defaults, overridden by ``options`` (given by
-    attribute name, e.g. ``train_size=64``): for scripts that build runs as the job does."""
-    if task not in ("denoise", "deblur", "inpaint"):
-        raise BilevelError(f"unknown imaging task {task!r}; choose denoise, deblur or inpaint")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, task)
-    args = parser.parse_args([])
-    unknown = sorted(set(options) - set(vars(args)))
-    if unknown:
-        raise BilevelError(f"unknown option(s) of bilevel {task}: {', '.join(unknown)}")
-    vars(args).update(options, job=task)
-    return args
 
 
 @dataclass
@@ -250,28 +125,28 @@ class Setup:
     val: DegradedImages | None = None
 
 
-def make_regulariser(args: argparse.Namespace, channels: int) -> Regulariser:
-    """The regulariser of ``args.regulariser`` at its initial θ, for ``channels`` channels."""
-    size = args.filter_size or FILTER_SIZES.get(args.regulariser, 5)
-    if args.regulariser in ("crr", "wcrr"):
+def make_regulariser(config: ImagingConfig, channels: int) -> Regulariser:
+    """The regulariser of ``config.regulariser`` at its initial θ, for ``channels`` channels."""
+    size = config.filter_size or FILTER_SIZES.get(config.regulariser, 5)
+    if config.regulariser in ("crr", "wcrr"):
         layers, kernel = ridge_layers(size)
-        model = ConvexRidgeNetwork if args.regulariser == "crr" else WeaklyConvexRidge
-        sigma = float(args.sigma) / 255.0
-        return model(args.filters, channels, layers, kernel, noise_level=sigma)
-    if args.regulariser == "foe":
+        model = ConvexRidgeNetwork if config.regulariser == "crr" else WeaklyConvexRidge
+        sigma = float(config.sigma) / 255.0
+        return model(config.filters, channels, layers, kernel, noise_level=sigma)
+    if config.regulariser == "foe":
         return FieldsOfExperts(
-            args.filters,
+            config.filters,
             size,
             init="directional",
             channels=channels,
             smoothing=FOE_SMOOTHING,
             learn_smoothing=True,
-            seed=args.seed,
+            seed=config.seed,
         )
-    if args.regulariser == "ridge":
-        return ConvexRidge(args.filters, size, channels=channels, seed=args.seed)
-    if args.regulariser == "icnn":
-        return InputConvexNetwork(channels=channels, seed=args.seed)
+    if config.regulariser == "ridge":
+        return ConvexRidge(config.filters, size, channels=channels, seed=config.seed)
+    if config.regulariser == "icnn":
+        return InputConvexNetwork(channels=channels, seed=config.seed)
     return SmoothedTV(strength=0.02)
 
 
@@ -310,40 +185,43 @@ def calibrate_ridge_strength(regulariser: ConvexRidgeNetwork, tv_strength: float
     regulariser.rescale_(tv_strength * math.pi / (2 * k) / alpha)
 
 
-def make_operator(args: argparse.Namespace, dtype: torch.dtype) -> tuple[LinearOperator, float]:
+def make_operator(config: ImagingConfig, dtype: torch.dtype) -> tuple[LinearOperator, float]:
     """(A, γ) of the task: the identity and 0 (denoise), the Gaussian blur of ``--blur`` and
     ``--kernel-size`` (deblur) or a random mask of the crop size (inpaint), with ``--gamma``."""
-    if args.job == "deblur":
-        kernel = gaussian_kernel(args.kernel_size, args.blur, dtype=dtype)
-        return Convolution(kernel), args.gamma
-    if args.job == "inpaint":
-        if not 0.0 < args.keep <= 1.0:
-            raise BilevelError(f"--keep must be in (0, 1], got {args.keep}")
-        mask = random_mask((args.crop, args.crop), args.keep, generator=args.seed, dtype=dtype)
-        return InpaintingMask(mask), args.gamma
+    if config.job == "deblur":
+        kernel = gaussian_kernel(config.kernel_size, config.blur, dtype=dtype)
+        return Convolution(kernel), config.gamma
+    if config.job == "inpaint":
+        if not 0.0 < config.keep <= 1.0:
+            raise BilevelError(f"--keep must be in (0, 1], got {config.keep}")
+        mask = random_mask(
+            (config.crop, config.crop), config.keep, generator=config.seed, dtype=dtype
+        )
+        return InpaintingMask(mask), config.gamma
     return Identity(), 0.0
 
 
-def _images(args: argparse.Namespace, split: str, dtype: torch.dtype) -> list[Tensor]:
-    if args.data == "bundled":
-        return bundled_images(split, color=args.color, dtype=dtype)
-    folder = Path(args.data) / split
+def _images(config: ImagingConfig, split: str, dtype: torch.dtype) -> list[Tensor]:
+    if config.data == "bundled":
+        return bundled_images(split, color=config.color, dtype=dtype)
+    folder = Path(config.data) / split
     if not folder.is_dir():
-        raise BilevelError(f"--data {args.data}: expected a folder with {split}/ inside")
+        raise BilevelError(f"--data {config.data}: expected a folder with {split}/ inside")
     try:
-        return load_image_folder(folder, color=args.color, dtype=dtype)
+        return load_image_folder(folder, color=config.color, dtype=dtype)
     except ImageFileError as err:
-        raise BilevelError(f"--data {args.data}: {err}") from None
+        raise BilevelError(f"--data {config.data}: {err}") from None
 
 
-def _positive_int(args: argparse.Namespace, name: str) -> None:
-    value = getattr(args, name, None)
+def _positive_int(config: ImagingConfig, name: str) -> None:
+    value = getattr(config, name, None)
     if value is not None and value < 1:
         raise BilevelError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """Refuse bad options with one message each, before any data are read or work is done."""
+def check_options(config: ImagingConfig, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse bad options with one message each, before any data are read or work is done
+    (with ``resume`` / ``overwrite``: also a run directory that cannot be resumed)."""
     for name in (
         "crop",
         "train_size",
@@ -357,94 +235,93 @@ def check_options(args: argparse.Namespace) -> None:
         "checkpoint_every",
         "kernel_size",
     ):
-        _positive_int(args, name)
-    if getattr(args, "val_size", 0) < 0:
-        raise BilevelError(f"--val-size must be 0 or positive, got {args.val_size}")
-    if not (math.isfinite(args.sigma) and args.sigma >= 0):
-        raise BilevelError(f"--sigma must be a finite non-negative number, got {args.sigma}")
-    if args.job == "denoise" and args.sigma == 0:
+        _positive_int(config, name)
+    if getattr(config, "val_size", 0) < 0:
+        raise BilevelError(f"--val-size must be 0 or positive, got {config.val_size}")
+    if not (math.isfinite(config.sigma) and config.sigma >= 0):
+        raise BilevelError(f"--sigma must be a finite non-negative number, got {config.sigma}")
+    if config.job == "denoise" and config.sigma == 0:
         raise BilevelError(
             "--sigma 0 leaves nothing to denoise (the measurements are the clean images); "
             "give a positive noise level"
         )
-    if args.crop < SSIM_WINDOW:
+    if config.crop < SSIM_WINDOW:
         raise BilevelError(
-            f"--crop must be at least {SSIM_WINDOW} pixels (the SSIM window), got {args.crop}"
+            f"--crop must be at least {SSIM_WINDOW} pixels (the SSIM window), got {config.crop}"
         )
-    if args.filter_size is None:
-        args.filter_size = FILTER_SIZES.get(args.regulariser, 5)
-    if args.regulariser in ("foe", "ridge", "crr", "wcrr") and args.crop < args.filter_size:
+    size = config.filter_size or FILTER_SIZES.get(config.regulariser, 5)
+    if config.regulariser in ("foe", "ridge", "crr", "wcrr") and config.crop < size:
         raise BilevelError(
-            f"--crop {args.crop} is smaller than --filter-size {args.filter_size}: the "
+            f"--crop {config.crop} is smaller than --filter-size {size}: the "
             "convolutional regulariser needs crops at least as large as its filters"
         )
-    if args.job == "deblur":
-        if not (math.isfinite(args.blur) and args.blur > 0):
-            raise BilevelError(f"--blur must be a finite positive σ in pixels, got {args.blur}")
-        if args.kernel_size % 2 == 0:
-            raise BilevelError(f"--kernel-size must be odd, got {args.kernel_size}")
-    if args.job == "inpaint" and not (math.isfinite(args.keep) and 0.0 < args.keep <= 1.0):
-        raise BilevelError(f"--keep must be in (0, 1], got {args.keep}")
-    gamma = getattr(args, "gamma", None)
+    if config.job == "deblur":
+        if not (math.isfinite(config.blur) and config.blur > 0):
+            raise BilevelError(f"--blur must be a finite positive σ in pixels, got {config.blur}")
+        if config.kernel_size % 2 == 0:
+            raise BilevelError(f"--kernel-size must be odd, got {config.kernel_size}")
+    if config.job == "inpaint" and not (math.isfinite(config.keep) and 0.0 < config.keep <= 1.0):
+        raise BilevelError(f"--keep must be in (0, 1], got {config.keep}")
+    gamma = getattr(config, "gamma", None)
     if gamma is not None and not (math.isfinite(gamma) and gamma > 0):
         raise BilevelError(
             f"--gamma must be a finite positive number (it makes the lower level strongly "
             f"convex), got {gamma}"
         )
-    if args.time is not None and not (math.isfinite(args.time) and args.time > 0):
-        raise BilevelError(f"--time must be a finite positive number of seconds, got {args.time}")
+    if config.time is not None and not (math.isfinite(config.time) and config.time > 0):
+        raise BilevelError(f"--time must be a finite positive number of seconds, got {config.time}")
     try:
-        device = torch.device(args.device)
+        device = torch.device(config.device)
     except (RuntimeError, ValueError):
         raise BilevelError(
-            f"--device {args.device!r} is not a device (use cpu, cuda, cuda:1, ...)"
+            f"--device {config.device!r} is not a device (use cpu, cuda, cuda:1, ...)"
         ) from None
     if device.type not in ("cpu", "cuda"):
-        raise BilevelError(f"--device {args.device!r}: use cpu or cuda")
+        raise BilevelError(f"--device {config.device!r}: use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BilevelError(f"--device {args.device} requested but CUDA is not available")
-    if args.data != "bundled" and not Path(args.data).is_dir():
+        raise BilevelError(f"--device {config.device} requested but CUDA is not available")
+    if config.data != "bundled" and not Path(config.data).is_dir():
         raise BilevelError(
-            f"--data {args.data}: not a folder (use 'bundled' or a folder with train/ and test/)"
+            f"--data {config.data}: not a folder (use 'bundled' or a folder with train/ and test/)"
         )
-    run_dir = getattr(args, "run_dir", None)
-    if getattr(args, "resume", False):
+    run_dir = config.run_dir
+    if resume:
         if run_dir is None:
             raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
-        if getattr(args, "overwrite", False):
+        if overwrite:
             raise BilevelError("--resume and --overwrite exclude each other")
         if not (Path(run_dir) / "job.json").is_file():
             raise BilevelError(f"--resume: no run to resume in {run_dir} (no job.json there)")
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise BilevelError(f"--run-dir {run_dir} is a file, not a directory")
-    make_method(args)  # parses --step and --accuracy
+    make_method(config)  # parses --step and --accuracy
 
 
-def build(args: argparse.Namespace) -> Setup:
-    """Data, operator, regulariser and bilevel problem for the options ``args`` (checked
+def build(config: ImagingConfig) -> Setup:
+    """Data, operator, regulariser and bilevel problem for the configuration ``config`` (checked
     first by :func:`check_options`)."""
-    check_options(args)
-    dtype = getattr(torch, args.dtype)
-    operator, gamma = make_operator(args, dtype)
-    sigma = args.sigma / 255.0
+    check_options(config)
+    dtype = getattr(torch, config.dtype)
+    operator, gamma = make_operator(config, dtype)
+    sigma = config.sigma / 255.0
     train_clean = random_crops(
-        _images(args, "train", dtype), args.crop, args.train_size, generator=args.seed
+        _images(config, "train", dtype), config.crop, config.train_size, generator=config.seed
     )
     test_clean = random_crops(
-        _images(args, "test", dtype), args.crop, args.test_size, generator=args.seed + 1
+        _images(config, "test", dtype), config.crop, config.test_size, generator=config.seed + 1
     )
-    train = DegradedImages(train_clean, operator, sigma=sigma, seed=args.seed + 2)
-    test = DegradedImages(test_clean, operator, sigma=sigma, seed=args.seed + 3)
-    train, test = train.to(args.device), test.to(args.device)
+    train = DegradedImages(train_clean, operator, sigma=sigma, seed=config.seed + 2)
+    test = DegradedImages(test_clean, operator, sigma=sigma, seed=config.seed + 3)
+    train, test = train.to(config.device), test.to(config.device)
     val = None
-    if args.val_size > 0:
+    if config.val_size > 0:
         val_clean = random_crops(
-            _images(args, "train", dtype), args.crop, args.val_size, generator=args.seed + 4
+            _images(config, "train", dtype), config.crop, config.val_size, generator=config.seed + 4
         )
-        val = DegradedImages(val_clean, operator, sigma=sigma, seed=args.seed + 5)
-        val = val.to(args.device)
-    regulariser = make_regulariser(args, train_clean.shape[1]).to(args.device, dtype)
-    operator = operator.to(args.device, dtype)
+        val = DegradedImages(val_clean, operator, sigma=sigma, seed=config.seed + 5)
+        val = val.to(config.device)
+    regulariser = make_regulariser(config, train_clean.shape[1]).to(config.device, dtype)
+    operator = operator.to(config.device, dtype)
     problem = reconstruction_problem(regulariser, operator, gamma=gamma)
     return Setup(problem, train, test, operator, gamma, val)
 
@@ -473,23 +350,27 @@ def tv_reconstructions(setup: Setup, strength: float) -> Tensor:
     return reconstruct(problem, (y, x_true), tol=EVAL_TOL[x_true.dtype])
 
 
-def make_method(args: argparse.Namespace) -> ISGD | MAID:
+def make_method(config: ImagingConfig) -> ISGD | MAID:
     """The upper-level method of the options: Adam-ISGD, ISGD or MAID, with warm-started
     Nesterov lower solves and CG adjoints."""
     estimator = Implicit(
-        CG(max_iter=500), lower_solver=Nesterov(max_iter=5000), compute_bound=args.method == "maid"
+        CG(max_iter=500),
+        lower_solver=Nesterov(max_iter=5000),
+        compute_bound=config.method == "maid",
     )
-    if args.method == "maid":  # worst-case constants of ω are 10⁴× loose for image energies
+    if config.method == "maid":  # worst-case constants of ω are 10⁴× loose for image energies
         estimator = replace(estimator, constants=BoundConstants(a_posteriori=True))
         return MAID(estimator=estimator, lower_tol=1e-1, step=1.0)
-    default_step = DEFAULT_STEPS[args.method].get(args.regulariser, DEFAULT_STEPS[args.method][""])
+    default_step = DEFAULT_STEPS[config.method].get(
+        config.regulariser, DEFAULT_STEPS[config.method][""]
+    )
     return ISGD(
-        step=args.step or default_step,
-        accuracy=args.accuracy,
-        batch_size=min(args.batch_size, args.train_size),
-        optimizer="adam" if args.method == "adam-isgd" else "sgd",
+        step=config.step or default_step,
+        accuracy=config.accuracy,
+        batch_size=min(config.batch_size, config.train_size),
+        optimizer="adam" if config.method == "adam-isgd" else "sgd",
         estimator=estimator,
-        seed=args.seed,
+        seed=config.seed,
     )
 
 
@@ -565,34 +446,6 @@ def _scores(x: Tensor, clean: Tensor) -> dict[str, float]:
     return {"psnr": float(psnr(x, clean).mean()), "ssim": float(ssim(x, clean).mean())}
 
 
-#: The options that define a learned model (everything ``bilevel reconstruct`` needs besides
-#: θ), stored in the run directory's ``job.json``.
-MODEL_OPTIONS = (
-    "job",
-    "regulariser",
-    "filters",
-    "filter_size",
-    "color",
-    "dtype",
-    "sigma",
-    "blur",
-    "kernel_size",
-    "keep",
-    "gamma",
-)
-#: Options that must also match for ``--resume`` to continue a run (the budget may change).
-TRAINING_OPTIONS = (
-    "data",
-    "crop",
-    "train_size",
-    "test_size",
-    "val_size",
-    "seed",
-    "method",
-    "step",
-    "accuracy",
-    "batch_size",
-)
 #: θ of the finished run (``problem.theta.state_dict()``), in the run directory.
 MODEL_FILE = "model.pt"
 #: θ of the run's best evaluation (highest mean validation PSNR), beside :data:`MODEL_FILE`.
@@ -601,26 +454,19 @@ BEST_MODEL_FILE = "model_best.pt"
 JOB_FILES = ("job.json", MODEL_FILE, BEST_MODEL_FILE, "summary.json", "reconstructions.png")
 
 
-def job_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The entries of :data:`MODEL_OPTIONS` and :data:`TRAINING_OPTIONS` that ``args`` has
-    (the run directory's ``job.json``)."""
-    keys = MODEL_OPTIONS + TRAINING_OPTIONS
-    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
-
-
-def _prepare_run_dir(run_dir: Path, args: argparse.Namespace) -> None:
-    """Check the run directory against ``--resume`` / ``--overwrite`` and write ``job.json``
-    (the caller holds the directory's lock)."""
-    record = job_record(args)
+def _prepare_run_dir(run_dir: Path, config: ImagingConfig, inv: Invocation) -> None:
+    """Check the run directory against ``--resume`` / ``--overwrite`` and write ``job.json``,
+    the effective configuration (the caller holds the directory's lock)."""
+    record = job_record(config)
     present = [name for name in ("job.json", "config.json") if (run_dir / name).exists()]
-    if args.resume:
-        check_job_record(run_dir, record)
-    elif present and not args.overwrite:
+    if inv.resume:
+        check_resume(run_dir / "job.json", record, ignore=resumable_fields(config))
+    elif present and not inv.overwrite:
         raise BilevelError(
             f"{run_dir} already holds a run ({', '.join(present)}): resume it (--resume), "
             "start again (--overwrite), or choose another --run-dir"
         )
-    elif args.overwrite:
+    elif inv.overwrite:
         for name in JOB_FILES:
             (run_dir / name).unlink(missing_ok=True)
     write_json(run_dir / "job.json", record)
@@ -639,46 +485,62 @@ def theta_state(problem: BilevelProblem, values: list[Tensor] | None = None) -> 
         load_params(problem.params, current)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the imaging job described by ``args``; print the summary. Every option is checked
-    before any work (:func:`build`); then the run directory is locked for this process."""
-    if args.resume and args.run_dir is None:
+def run(
+    config: ImagingConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    json: bool = False,
+    argv: list[str] | None = None,
+    on_start: Callable[[Path], None] | None = None,
+) -> int:
+    """Run the imaging job ``config`` describes (a :class:`DenoiseConfig`,
+    :class:`DeblurConfig` or :class:`InpaintConfig`); print the summary; return the exit
+    status. Every option is checked before any work (:func:`build`); then the run directory
+    is locked for this process, ``job.json`` (the effective configuration) written and
+    ``on_start(run_dir)`` called: from then on an interrupted run can be resumed."""
+    if not isinstance(config, ImagingConfig) or not config.job:
+        raise BilevelError(f"an imaging job needs a task configuration, got {config!r}")
+    inv = Invocation(resume, overwrite, json, argv)
+    if resume and config.run_dir is None:
         raise BilevelError("--resume needs --run-dir (the directory of the run to continue)")
-    check_options(args)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    setup = build(args)
-    run_dir = Path(args.run_dir or f"runs/{args.job}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_options(config, resume=resume, overwrite=overwrite)
+    run_dir = Path(config.run_dir or f"runs/{config.job}-{time.strftime('%Y%m%d-%H%M%S')}")
     if distributed.current() is not None:  # every process writes into rank 0's directory
         run_dir = Path(distributed.current().broadcast_object(str(run_dir)))
-    args.run_dir = str(run_dir)
+    config = replace(
+        config,
+        run_dir=str(run_dir),
+        filter_size=config.filter_size or FILTER_SIZES.get(config.regulariser, 5),
+    )
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    setup = build(config)
     writer = distributed.is_writer()  # data parallel: rank 0 alone writes the run's files
     with RunLock(run_dir) if writer else contextlib.nullcontext():
-        distributed.on_writer(lambda: _prepare_run_dir(run_dir, args))
-        args.started = True  # from here on, an interrupted run can be resumed
-        return train(args, setup, run_dir)
+        distributed.on_writer(lambda: _prepare_run_dir(run_dir, config, inv))
+        if on_start is not None:
+            on_start(run_dir)
+        return train(config, inv, setup, run_dir)
 
 
-def _resume_hint(args: argparse.Namespace) -> str:
-    from bilevel.cli import resume_command
-
-    argv = getattr(args, "argv", None)
-    if argv is None:
-        return f"bilevel {args.job} ... --run-dir {args.run_dir} --resume (the same options)"
-    return resume_command(args.job, argv, args.run_dir)
+def _resume_hint(config: ImagingConfig, inv: Invocation) -> str:
+    if inv.argv is None:
+        return f"bilevel {config.job} ... --run-dir {config.run_dir} --resume (the same options)"
+    return resume_command(config.job, inv.argv, config.run_dir)
 
 
-def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
+def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -> int:
     """The work of a run whose options are checked and whose directory is locked: TV grid
     search, the bilevel run, the test comparison and the files of the run directory."""
-    tensorboard = _tensorboard(run_dir) if args.tensorboard and distributed.is_writer() else None
-    log = sys.stderr if args.json else sys.stdout
+    tensorboard = _tensorboard(run_dir) if config.tensorboard and distributed.is_writer() else None
+    log = sys.stderr if inv.json else sys.stdout
     y_test, x_test = setup.test.batch()[:2]
 
     print(
-        f"bilevel {args.job}: {args.regulariser} regulariser, {args.method}, "
-        f"{len(setup.train)} training / {len(setup.test)} test crops of {args.crop}px, "
-        f"σ = {args.sigma:g}/255, run directory {run_dir}",
+        f"bilevel {config.job}: {config.regulariser} regulariser, {config.method}, "
+        f"{len(setup.train)} training / {len(setup.test)} test crops of {config.crop}px, "
+        f"σ = {config.sigma:g}/255, run directory {run_dir}",
         file=log,
     )
     start = time.perf_counter()
@@ -689,14 +551,14 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
     regulariser = setup.problem.theta["regulariser"]
     if isinstance(regulariser, FieldsOfExperts):  # θ₀; a checkpoint, if any, replaces it
         calibrate_foe_weights(regulariser, tv.strength)
-    if isinstance(regulariser, ConvexRidgeNetwork | WeaklyConvexRidge) and not args.resume:
+    if isinstance(regulariser, ConvexRidgeNetwork | WeaklyConvexRidge) and not inv.resume:
         calibrate_ridge_strength(regulariser, tv.strength)
     if isinstance(regulariser, ConvexRidge):
         calibrate_convex_ridge(regulariser, tv.strength)
     samples = with_initial(setup.train, lambda b: b[0].clone())
-    budget = Budget(oracle_calls=args.budget, wall_time=args.time)
+    budget = Budget(oracle_calls=config.budget, wall_time=config.time)
     test = TestEvaluation(
-        setup, None if args.method == "maid" else "not computed: ISGD steps do not use ω"
+        setup, None if config.method == "maid" else "not computed: ISGD steps do not use ω"
     )
     eval_tol = test.tol
     if tensorboard is None:
@@ -707,25 +569,25 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
             test, tensorboard, lambda: reconstruct(setup.problem, shown, tol=eval_tol), regulariser
         )
         evaluate = ranked(logged, setup)
-    result: RunResult = make_method(args).run(
+    result: RunResult = make_method(config).run(
         setup.problem,
         samples,
         budget,
         run_dir=run_dir,
-        resume=args.resume,
-        overwrite=args.overwrite,
+        resume=inv.resume,
+        overwrite=inv.overwrite,
         evaluate=evaluate,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress,
-        plot=not args.no_plots,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        progress=config.progress,
+        plot=config.plots,
     )
     if not distributed.is_writer():
         return 0 if result.ok else 130 if not result.finished else 1
     base = {
-        "task": args.job,
-        "regulariser": args.regulariser,
-        "method": args.method,
+        "task": config.job,
+        "regulariser": config.regulariser,
+        "method": config.method,
         "status": result.status,
         "finished": result.finished,
         "message": result.message,
@@ -738,12 +600,12 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
         "run_dir": str(run_dir),
     }
     if not result.finished:
-        hint = _resume_hint(args)
+        hint = _resume_hint(config, inv)
         write_json(run_dir / "summary.json", {**base, "resume": hint})
-        if args.json:
+        if inv.json:
             print(dumps_json({**base, "resume": hint}))
         print(
-            f"bilevel {args.job}: {result.message.split(';')[0]}; not finished (no "
+            f"bilevel {config.job}: {result.message.split(';')[0]}; not finished (no "
             f"{MODEL_FILE}); resume with: {hint}",
             file=sys.stderr,
         )
@@ -772,11 +634,11 @@ def train(args: argparse.Namespace, setup: Setup, run_dir: Path) -> int:
     write_json(run_dir / "summary.json", summary)
     # the measurement y itself (for deblurring not Aᵀy, whose frame the zero boundary darkens)
     images = {"clean": x_test, "measurement": y_test, "tv": x_tv, "learned": x_learned}
-    _write_figures(args, run_dir, summary, result, regulariser, eval_tol, images)
+    _write_figures(config, run_dir, summary, result, regulariser, eval_tol, images)
     if tensorboard is not None:  # the final evaluation went through the callback already
         tensorboard.sync()
         tensorboard.close()
-    if args.json:
+    if inv.json:
         print(dumps_json(summary))
     else:
         t = summary["test"]
@@ -820,7 +682,7 @@ def _tensorboard(run_dir: Path) -> TensorBoardLog:
 
 
 def _write_figures(
-    args: argparse.Namespace,
+    config: ImagingConfig,
     run_dir: Path,
     summary: dict[str, Any],
     result: RunResult,
@@ -836,9 +698,9 @@ def _write_figures(
         grid = reconstruction_figure(
             images["clean"],
             [
-                (measurement_title(args.job), images["measurement"]),
+                (measurement_title(config.job), images["measurement"]),
                 (f"TV (λ = {test['tv']['strength']:g})", images["tv"]),
-                (f"learned {args.regulariser}", images["learned"]),
+                (f"learned {config.regulariser}", images["learned"]),
             ],
         )
         with atomic_output(run_dir / "reconstructions.png") as tmp:
@@ -848,7 +710,13 @@ def _write_figures(
             run_dir, records, final_record(result), test["tv"]["psnr"], test["tv"]["strength"]
         )
         write_report(
-            run_dir, args, summary, records, regulariser, run_dir / "reconstructions.png", eval_tol
+            run_dir,
+            config,
+            summary,
+            records,
+            regulariser,
+            run_dir / "reconstructions.png",
+            eval_tol,
         )
     except ImportError as exc:
         warnings.warn(f"no figures or report.html: {exc}", RuntimeWarning, stacklevel=2)

@@ -9,7 +9,6 @@ SSIM that were measured on held-out images. ``pretrained(NAME)`` rebuilds the mo
 
 from __future__ import annotations
 
-import argparse
 import json
 from importlib import resources
 from pathlib import Path
@@ -26,6 +25,7 @@ __all__ = [
     "available_models",
     "model_info",
     "pretrained",
+    "print_models",
     "reference_check",
     "save_pretrained",
 ]
@@ -119,15 +119,11 @@ def save_pretrained(
     return path
 
 
-def add_arguments(parser: argparse.ArgumentParser, name: str = "models") -> None:
-    """Options of ``bilevel models``."""
-    parser.add_argument("--json", action="store_true", help="print the records as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``bilevel models``: one line per shipped model (name, σ, measured test PSNR)."""
+def print_models(as_json: bool = False) -> int:
+    """``bilevel models``: one line per shipped model (name, σ, measured test PSNR), or with
+    ``as_json`` their records as one JSON object; returns the exit status 0."""
     infos = {name: model_info(name) for name in available_models()}
-    if args.json:
+    if as_json:
         print(json.dumps(infos))
         return 0
     if not infos:

@@ -13,7 +13,6 @@ Matplotlib (``bilevel[plots]``) draws every figure.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bilevel.config import config_dict
 from bilevel.imaging.metrics import psnr
 from bilevel.runs.plots import image_grid, new_figure, plot_metrics
 from bilevel.runs.report import Report
@@ -213,7 +213,7 @@ def write_run_figures(
 
 def write_report(
     run_dir: Path,
-    args: argparse.Namespace,
+    config: Any,
     summary: Mapping[str, Any],
     records: Sequence[Mapping[str, Any]],
     regulariser: nn.Module,
@@ -240,7 +240,7 @@ def write_report(
     report.table(
         ["", "PSNR (dB)", "SSIM"],
         [[label, test[key]["psnr"], test[key]["ssim"]] for key, label in names.items()],
-        caption=f"mean over the {args.test_size} test crops of {args.crop} px",
+        caption=f"mean over the {config.test_size} test crops of {config.crop} px",
     )
     report.figure(grid_png, "first test crops; PSNR of each image against the clean one")
 
@@ -259,7 +259,7 @@ def write_report(
     report.table(
         ["accuracy", "value"],
         [
-            ["accuracy schedule (ε_k = δ_k)", getattr(args, "accuracy", None)],
+            ["accuracy schedule (ε_k = δ_k)", getattr(config, "accuracy", None)],
             ["last ε_k (‖∇ₓh_i‖ per image)", last.get("eps")],
             ["last δ_k (adjoint residual)", last.get("delta")],
             ["last bound ω_k", last.get("bound")],
@@ -274,7 +274,7 @@ def write_report(
     report.table(["parameter", "shape", "values"], hyperparameter_rows(regulariser))
 
     report.heading("Configuration")
-    report.key_values({k: v for k, v in sorted(vars(args).items()) if k != "func"})
+    report.key_values(dict(sorted(config_dict(config).items())))
     report.paragraph(
         "Files in the run directory: summary.json, metrics.jsonl, reconstructions.png, plots/, "
         "model.pt (apply it with bilevel reconstruct RUN_DIR IMAGE ...).",

@@ -149,7 +149,11 @@ def stack_rows(A: Tensor, B: Tensor) -> Tensor:
 
 def random_folds(n: int, k: int, seed: int = 0) -> Tensor:
     """(k, n) boolean masks of k folds of n rows: a seeded random permutation cut into k parts
-    whose sizes differ by at most one."""
+    whose sizes differ by at most one.
+
+    Not scikit-learn's ``KFold``: scikit-learn is an optional dependency (``bilevel hpo --cv``
+    runs on CSV, svmlight and synthetic data without it), and this seeded torch permutation
+    defines the folds of recorded cross-validation results."""
     if not (isinstance(k, int) and 2 <= k <= n):
         raise BilevelError(f"need 2 <= folds <= {n} rows, got {k!r}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
@@ -157,15 +161,6 @@ def random_folds(n: int, k: int, seed: int = 0) -> Tensor:
     for j, part in enumerate(order.chunk(k)):
         masks[j, part] = True
     return masks
-
-
-def _csr_row_ids(X: Tensor) -> Tensor:
-    """Row index of every stored entry of a CSR matrix."""
-    crow = X.crow_indices()
-    counts = crow[1:] - crow[:-1]
-    return torch.repeat_interleave(
-        torch.arange(X.shape[0], device=crow.device), counts, output_size=X.values().numel()
-    )
 
 
 def scale_columns(X: Tensor, scale: Tensor) -> Tensor:
@@ -314,6 +309,10 @@ def split_data(
     dtype: torch.dtype | None = None,
 ) -> SplitData:
     """Split (X, y) into train / validation / test and standardise with training statistics.
+
+    Not scikit-learn's ``train_test_split``: scikit-learn is an optional dependency, the split
+    keeps sparse CSR tensors and the row indices of each part (``train_index``, ...), and its
+    seeded torch permutation defines the data sets of recorded results.
 
     Args:
         X: features (N, d), dense or sparse (sparse becomes CSR).
@@ -724,6 +723,11 @@ def read_svmlight(
     unless ``zero_based`` is True; ``"auto"`` (scikit-learn's ``load_svmlight_file``
     convention, with the same result) treats the file as zero-based when index 0 occurs.
     ``info``, if given, receives ``"zero_based"``: the convention used.
+
+    Why not scikit-learn's ``load_svmlight_file`` (which the tests use as the oracle): it
+    refuses feature indices that are not sorted within a line, which files written by other
+    tools can have; this reader sorts them, refuses duplicates and names the line of any bad
+    token; and scikit-learn is an optional dependency.
 
     Returns:
         (X, y): X (N, n_features) dense or ``torch.sparse_csr`` of ``dtype``; y (N,) float64

@@ -9,7 +9,7 @@ models whose penalty ½ Σ_k λ_k ‖w_k‖² has one strength λ_k = exp θ_k p
    the classifier),
 3. picks the best common θ on a grid by validation loss (``init="baseline"``),
 4. learns θ per feature by ISGD with Adam on the validation loss F(θ) = f(w(θ)), with AID-CG or
-   SID hypergradients (:func:`bilevel.learning.job.hpo_method`),
+   SID hypergradients (:func:`bilevel.learning.hpo.hpo_method`),
 5. refits w on all rows with the learned strengths (L-BFGS to a tight tolerance for the
    classifier, a dense solve for ridge).
 
@@ -33,15 +33,17 @@ from bilevel.learning.datasets import (
     select_rows,
     sparse_column_scaling,
 )
-from bilevel.learning.job import (
+from bilevel.learning.evaluation import (
+    LowerEvaluator,
+    lower_instances,
+    single_strength_baseline,
+)
+from bilevel.learning.hpo import (
     DEFAULT_STEP,
     DEFAULT_THETA_RANGE,
-    LowerEvaluator,
     attach_lipschitz,
     default_shrinkage,
     hpo_method,
-    lower_instances,
-    single_strength_baseline,
 )
 from bilevel.learning.models import FiniteSumModel, LogisticModel, RidgeModel
 from bilevel.methods import Budget
@@ -79,10 +81,10 @@ _PARAMETERS = """
         shrinkage: ρ ≥ 0 of the penalty (ρ/2) Σ_k (θ_k − θ̄)² added to the validation loss; it
             pulls the strengths towards a common value so that they do not overfit the
             validation split (0: none). ``"auto"``: ρ = 1/(n_val τ²) with τ = 0.5, a Gaussian
-            prior on the log-strengths (:func:`bilevel.learning.job.default_shrinkage`).
+            prior on the log-strengths (:func:`bilevel.learning.hpo.default_shrinkage`).
         fit_intercept: fit an unpenalised (ridge) or weakly penalised (logistic) bias.
         standardize: standardise the features before learning (recommended).
-        inner_steps, batch_size: see :func:`bilevel.learning.job.hpo_estimator`.
+        inner_steps, batch_size: see :func:`bilevel.learning.hpo.hpo_estimator`.
         random_state: seed (int), ``numpy.random.RandomState`` or None, for the split and the
             stochastic parts.
         verbose: show a progress bar on stderr."""

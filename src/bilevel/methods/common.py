@@ -661,8 +661,8 @@ class RunOptions:
     evaluate: Evaluation | None = None
     eval_every: int = 1
     checkpoint_every: int = 50
-    progress: bool = True
-    plot: bool = True
+    progress: bool = False
+    plot: bool = False
     keep_history: bool = False
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""ISGD: inexact stochastic gradient descent on the upper level (PAPERS.md §3).
+"""ISGD: inexact stochastic gradient descent on the upper level ([ISGD], docs/concepts.md).
 
 At step k, with S_k the next minibatch of a random permutation of the n samples (reshuffled
 every epoch, drawn from the method's own seeded ``torch.Generator``):
@@ -125,8 +125,8 @@ class ISGD:
         evaluate: Evaluation | None = None,
         eval_every: int = 1,
         checkpoint_every: int = 50,
-        progress: bool = True,
-        plot: bool = True,
+        progress: bool = False,
+        plot: bool = False,
         keep_history: bool = False,
     ) -> RunResult:
         """Train ``problem.theta`` in place on ``samples`` until ``budget`` is spent.
@@ -141,8 +141,10 @@ class ISGD:
                 steps (logged with step k's record) and once at the end.
             checkpoint_every: steps between checkpoints (one is also written at the end and
                 on KeyboardInterrupt).
-            progress: show a progress bar on stderr.
-            plot: write plots of the metrics to ``run_dir/plots`` at the end.
+            progress: show a progress bar on stderr (off by default for library use; the
+                jobs turn it on).
+            plot: write plots of the metrics to ``run_dir/plots`` at the end (off by
+                default; the jobs turn it on).
             keep_history: keep θ after every step in ``RunResult.history``.
 
         Returns:

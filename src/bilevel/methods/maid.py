@@ -1,4 +1,4 @@
-"""Deterministic full-batch baselines with an inexact backtracking line search (PAPERS.md §4).
+"""Deterministic full-batch baselines with an inexact backtracking line search ([MAID]).
 
 One iteration at θ with tolerances (ε, δ) on all n samples at once:
 
@@ -161,8 +161,8 @@ class _LineSearch:
         evaluate: Evaluation | None = None,
         eval_every: int = 1,
         checkpoint_every: int = 10,
-        progress: bool = True,
-        plot: bool = True,
+        progress: bool = False,
+        plot: bool = False,
         keep_history: bool = False,
     ) -> RunResult:
         """Optimise ``problem.theta`` in place on all of ``samples`` until ``budget`` is spent

@@ -3,6 +3,12 @@
 On a terminal the bar is redrawn in place (carriage return) at most every ``tty_interval``
 seconds. Elsewhere (CI logs, files, pipes) a plain line is printed at the first update, then at
 most every ``interval`` seconds, and once more at the end, so logs stay short and readable.
+
+Not tqdm, whose behaviour differs where it matters here: off a terminal tqdm still writes
+carriage-return redraws (one long line in a log file) rather than occasional plain lines, it
+counts increments where the run loop reports cumulative budget use (oracle calls, seconds,
+steps: whichever limit is nearest), and its rate on a resumed run includes the work of earlier
+sessions unless reset by hand; and it would be one more dependency of the core package.
 """
 
 from __future__ import annotations

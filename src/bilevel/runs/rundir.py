@@ -576,21 +576,8 @@ class RunDirectory:
         if not isinstance(config, Mapping):
             raise BilevelError(f"config must be a dict, got {type(config).__name__}")
         data = to_jsonable(config, where="config")
-        if self.resume and self.config_path.exists():
-            old = self.read_config()
-            a, b = json.loads(json.dumps(old)), json.loads(json.dumps(data))
-            if isinstance(a, dict):
-                a.pop(NON_FINITE_KEY, None)
-            for key in ignore:
-                _drop(a, key)
-                _drop(b, key)
-            diffs = _differences(a, b)
-            if diffs:
-                shown = "; ".join(diffs[:10]) + ("; ..." if len(diffs) > 10 else "")
-                raise BilevelError(
-                    f"cannot resume {self.path}: the configuration differs from the stored "
-                    f"one ({shown}). Use the same settings, or start a new run."
-                )
+        if self.resume:
+            check_resume(self.config_path, config, ignore=ignore)
         write_text(self.config_path, dumps_json(config, indent=2, where="config") + "\n")
         return data
 
@@ -798,29 +785,33 @@ class Stopwatch:
         self._start = time.perf_counter()
 
 
-def check_job_record(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Refuse to resume the run in ``run_dir`` with options other than those stored in its
-    ``job.json`` (compared as JSON stores them); no stored record, no check.
+def check_resume(
+    path: str | os.PathLike, config: Mapping[str, Any], *, ignore: Iterable[str] = ()
+) -> None:
+    """The one resume check: refuse to continue a run whose stored configuration ``path``
+    (``config.json`` of the run loop, ``job.json`` of a job) differs from ``config``, compared
+    as JSON stores them, except for the keys in ``ignore`` (dotted paths such as
+    ``"budget"`` or ``"upper.budget"``: what may change on resume). No stored file, no check.
 
     Raises:
-        BilevelError: naming every option that differs, old → new.
+        BilevelError: a damaged file, or naming every entry that differs, old -> new.
     """
-    path = Path(run_dir) / "job.json"
-    if not path.is_file():
+    p = Path(path)
+    if not p.is_file():
         return
-    old = read_json(path, "the run's option record")
+    old = read_json(p, "the run's stored configuration")
     if not isinstance(old, dict):
-        raise BilevelError(f"{path} is damaged (not a JSON object); start a new run")
-    new = json.loads(dumps_json(record))
+        raise BilevelError(f"{p} is damaged (not a JSON object); start a new run")
+    new = json.loads(dumps_json(config))
     old.pop(NON_FINITE_KEY, None)
     new.pop(NON_FINITE_KEY, None)
-    diffs = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k)
-    ]
+    for key in ignore:
+        _drop(old, key)
+        _drop(new, key)
+    diffs = _differences(old, new)
     if diffs:
+        shown = "; ".join(diffs[:10]) + ("; ..." if len(diffs) > 10 else "")
         raise BilevelError(
-            f"cannot resume {run_dir}: the options differ from the stored run "
-            f"({'; '.join(diffs)}). Use the same options, or start a new run."
+            f"cannot resume {p.parent}: the configuration differs from the stored one "
+            f"({shown}). Use the same settings, or start a new run."
         )

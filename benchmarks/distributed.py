@@ -80,10 +80,11 @@ class _Counter:
 
 
 def _foe(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
-    from bilevel.imaging.job import build, job_arguments, make_method
+    from bilevel.imaging.config import job_config
+    from bilevel.imaging.job import build, make_method
     from bilevel.methods import with_initial
 
-    args = job_arguments(
+    args = job_config(
         "denoise",
         crop=cfg["crop"],
         train_size=cfg["foe_batch"],
@@ -98,7 +99,8 @@ def _foe(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
 
 
 def _sid(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
-    from bilevel.learning.job import build_model, hpo_method, load_data, lower_instances
+    from bilevel.learning.evaluation import lower_instances
+    from bilevel.learning.hpo import build_model, hpo_method, load_data
 
     data = load_data(f"synthetic:{cfg['sid_samples']}:{cfg['features']}", regression=False)
     model = build_model(data, "logistic", theta0=0.0)

@@ -163,9 +163,10 @@ def foe(crop: int = 48, images: int = 2) -> list[dict]:
     import copy
 
     from bilevel.imaging import reconstruction_problem
-    from bilevel.imaging.job import build, calibrate_foe_weights, job_arguments
+    from bilevel.imaging.config import job_config
+    from bilevel.imaging.job import build, calibrate_foe_weights
 
-    args = job_arguments(
+    args = job_config(
         "denoise",
         regulariser="foe",
         filters=10,

@@ -34,6 +34,7 @@ or did not answer within the timeout) raises :class:`DistributedError` on the ot
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -256,9 +257,13 @@ def init_from_env(timeout: float | None = None, backend: str | None = None) -> S
 
 
 def shutdown() -> None:
-    """Leave the process group (if this module joined one)."""
+    """Leave the process group (if this module joined one). The processes first meet at a
+    barrier: one that tears down gloo while another is still in a collective aborts
+    ("terminate called without an active exception") and exits non-zero."""
     global _SHARD
     if _SHARD is not None and dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # a peer that died: nothing left to wait for
+            dist.barrier()
         dist.destroy_process_group()
     _SHARD = None
 

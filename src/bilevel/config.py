@@ -36,6 +36,7 @@ __all__ = [
     "job_record",
     "load_config",
     "option",
+    "read_text",
     "resumable_fields",
     "resume_command",
     "to_toml",
@@ -153,6 +154,21 @@ def _job_name(cls: type) -> str:
     return f"bilevel {job}" if job else cls.__name__
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``.
+
+    Raises:
+        BilevelError: the file is missing or unreadable (naming ``what``).
+    """
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BilevelError(f"{what} {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BilevelError(f"cannot read {what} {p}: {exc}") from None
+
+
 def load_config(cls: type[C], path: str | Path, overrides: Mapping[str, Any] | None = None) -> C:
     """The configuration ``cls`` read from the TOML file ``path``, then ``overrides``.
 
@@ -161,12 +177,7 @@ def load_config(cls: type[C], path: str | Path, overrides: Mapping[str, Any] | N
             (one line naming it).
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BilevelError(f"configuration file {p} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BilevelError(f"cannot read configuration file {p}: {exc}") from None
+    text = read_text(p, "configuration file")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

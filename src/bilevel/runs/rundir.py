@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bilevel.config import read_text
 from bilevel.problem import BilevelError
 
 __all__ = [
@@ -230,12 +231,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         BilevelError: the file is missing, unreadable or not valid JSON (naming ``what``).
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BilevelError(f"{what} {p} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BilevelError(f"cannot read {what} {p}: {exc}") from None
+    text = read_text(p, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

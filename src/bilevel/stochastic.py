@@ -753,7 +753,7 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
             if self.cg_iterations:  # subsampled Newton step: Ĥ_S δ = g̃ on a fresh minibatch
                 idx = phi.draw(x.device)
                 delta, used, _ = _pcg(
-                    lambda u, x=x, idx=idx: phi.hvp(x, u, idx),
+                    phi.hessian(x, idx),
                     g,
                     p,
                     self.cg_iterations,
@@ -859,12 +859,20 @@ class PreconditionedSVRGLinear:
         self._top: float | None = None
         self._refreshes = 0
 
-    def _take_anchor(self, psi: AdjointMap, v: Tensor, key: tuple[Any, ...]) -> None:
+    def _take_anchor(
+        self,
+        psi: AdjointMap,
+        v: Tensor,
+        key: tuple[Any, ...],
+        full: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Anchor at (w, θ, v) with H v from ``full`` (the full Hessian operator at w, if
+        the caller holds one) or one full product."""
         self._anchor = {
             "w": psi.w,
             "theta": snapshot_theta(psi.problem.theta),
             "v": v.detach().clone(),
-            "hv": psi.full_matvec(v.detach()),
+            "hv": psi.full_matvec(v.detach()) if full is None else full(v.detach()),
             "current": True,
         }
         self._key = key
@@ -942,13 +950,15 @@ class PreconditionedSVRGLinear:
         r_exact = None  # the residual at v from a full product, when known
         residual = math.nan
         rounds = 0
+        full: Callable[[Tensor], Tensor] | None = None  # H at (w, θ): one graph per call
         for s in range(t):
             if r_exact is None:
                 if r_est is not None:
                     residual = _max_norm(r_est)
                     if tol is not None and residual <= tol:
                         break
-                self._take_anchor(psi, v, key)  # one full product: the residual at v
+                full = full or psi.hessian(None)
+                self._take_anchor(psi, v, key, full)  # one full product: the residual at v
                 r_exact = psi.rhs() - eta * self._anchor["hv"]
             residual = _max_norm(r_exact)
             if tol is not None and residual <= tol:
@@ -958,12 +968,13 @@ class PreconditionedSVRGLinear:
             if b >= n:  # the whole sum: CG on H itself, to the tolerance at once
                 rtol = self.cg_rtol if tol is None else min(self.cg_rtol, 0.5 * tol / residual)
                 cap = max(self.cg_iterations, 2 * math.isqrt(v[0].numel()) + 10)
-                delta, used, cg_res = _pcg(psi.full_matvec, r_exact / eta, p, cap, rtol)
+                full = full or psi.hessian(None)
+                delta, used, cg_res = _pcg(full, r_exact / eta, p, cap, rtol)
                 r_new = eta * cg_res  # exact: r − η H δ
             else:
                 idx = psi.sampler.draw(n, b, device=v.device)
                 delta, used, _ = _pcg(
-                    lambda u, idx=idx: psi.matvec(u, idx),
+                    psi.hessian(idx),
                     r_exact / eta,
                     p,
                     self.cg_iterations,
@@ -1095,23 +1106,40 @@ def _block(n: int) -> Tensor | None:
 def _sample_hvp(problem: BilevelProblem, w: Tensor, theta: Any, v: Tensor, idx: Tensor | None):
     """Ĥ(w, θ; I) v per instance (I = ``idx``; None: the full lower energy), detached; data
     parallel, combined over the processes (``idx`` None: each process's block)."""
-    n = int(problem.n_lower_samples)
-    if idx is None and distributed.current() is not None:
-        idx = _block(n).to(w.device)
-    return _combined(_local_hvp(problem, w, theta, v, idx), n)
+    return _SampledHessian(problem, w, theta, idx)(v)
 
 
-def _local_hvp(problem: BilevelProblem, w: Tensor, theta: Any, v: Tensor, idx: Tensor | None):
-    with torch.enable_grad():
-        wr = w.detach().requires_grad_(True)
-        if idx is None:
-            e = _checked_values("lower_energy", problem.lower_energy(wr, theta, None), w.shape[0])
-        else:
-            e = problem.lower_sample_energy(wr, theta, idx)
-            e = _checked_values("lower_sample_energy", e, w.shape[0])
-        (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
-        (hv,) = torch.autograd.grad(g, wr, v, allow_unused=True)
-    return torch.zeros_like(v) if hv is None else hv.detach()
+class _SampledHessian:
+    """v ↦ Ĥ(w, θ; I) v at a fixed point (w, θ) and minibatch I (None: the full lower energy;
+    data parallel, each process's block, the products combined).
+
+    The first-derivative graph g = ∇_w ĥ(w, θ; I) is built once; every product is one
+    backward pass through it (``retain_graph``), so the k products of a CG solve or a power
+    iteration build one graph instead of k (the per-call cost that dominates small
+    minibatches). Products are detached; nothing is counted here (the callers count)."""
+
+    def __init__(self, problem: BilevelProblem, w: Tensor, theta: Any, idx: Tensor | None):
+        self.n = int(problem.n_lower_samples)
+        if idx is None and distributed.current() is not None:
+            idx = _block(self.n).to(w.device)
+        with torch.enable_grad():
+            self._w = w.detach().requires_grad_(True)
+            if idx is None:
+                e = problem.lower_energy(self._w, theta, None)
+                e = _checked_values("lower_energy", e, w.shape[0])
+            else:
+                e = problem.lower_sample_energy(self._w, theta, idx)
+                e = _checked_values("lower_sample_energy", e, w.shape[0])
+            (self._g,) = torch.autograd.grad(e.sum(), self._w, create_graph=True)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        hv = None
+        if self._g.requires_grad:  # else ∇ĥ is constant in w: Ĥ = 0
+            with torch.enable_grad():
+                (hv,) = torch.autograd.grad(
+                    self._g, self._w, v, retain_graph=True, allow_unused=True
+                )
+        return _combined(torch.zeros_like(v) if hv is None else hv.detach(), self.n)
 
 
 class _Curvature:
@@ -1140,9 +1168,10 @@ class _Curvature:
         else:
             gen = torch.Generator().manual_seed(0)
             d = torch.zeros_like(w)
+            hessian = _SampledHessian(self.problem, w, theta, idx)
             for _ in range(_HUTCHINSON_PROBES):
                 z = (torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w)
-                d += z * _sample_hvp(self.problem, w, theta, z, idx)
+                d += z * hessian(z)
             d /= _HUTCHINSON_PROBES
             self.cost.hvps += _HUTCHINSON_PROBES * w.shape[0] * b / n
         if not bool(torch.isfinite(d).all()):
@@ -1156,11 +1185,12 @@ class _Curvature:
         gen = torch.Generator().manual_seed(1)
         u = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w)
         lam = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        hessian = _SampledHessian(self.problem, w, theta, idx)
         for _ in range(iterations):
             u = u / u.reshape(u.shape[0], -1).norm(dim=1).clamp_min(1e-300).reshape(
                 -1, *[1] * (u.dim() - 1)
             )
-            hu = scale * _sample_hvp(self.problem, w, theta, scale * u, idx)
+            hu = scale * hessian(scale * u)
             lam = (u * hu).reshape(u.shape[0], -1).sum(dim=1)
             u = hu
         self.cost.hvps += iterations * w.shape[0] * idx.numel() / n
@@ -1168,6 +1198,18 @@ class _Curvature:
         if not (math.isfinite(top) and top > 0):
             raise NonFiniteError(f"the estimated preconditioned curvature is {top}, not > 0")
         return top
+
+
+class _Counted:
+    """A Hessian operator whose every product adds ``calls`` Hessian-vector products to
+    ``cost`` (per instance: B·b/N for a minibatch of b of N samples)."""
+
+    def __init__(self, hessian: _SampledHessian, cost: Cost, calls: float) -> None:
+        self.hessian, self.cost, self.calls = hessian, cost, float(calls)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        self.cost.hvps += self.calls
+        return self.hessian(v)
 
 
 class LowerMap:
@@ -1228,11 +1270,14 @@ class LowerMap:
         self.cost.grad_evals += w.shape[0] * _share(self.n)
         return _combined(g, self.n)
 
-    def hvp(self, w: Tensor, v: Tensor, index: Tensor, theta: Any = None) -> Tensor:
-        """Ĥ(w, θ; I) v on the minibatch ``index`` (θ default: the problem's), counted."""
-        theta = self.problem.theta if theta is None else theta
-        self.cost.hvps += w.shape[0] * index.numel() / self.n
-        return _sample_hvp(self.problem, w, theta, v, index)
+    def hessian(self, w: Tensor, index: Tensor) -> Callable[[Tensor], Tensor]:
+        """v ↦ Ĥ(w, θ; I) v on the minibatch ``index`` at the problem's θ, each product
+        counted as B·b/N Hessian-vector products (one gradient graph for all of them)."""
+        return _Counted(
+            _SampledHessian(self.problem, w, self.problem.theta, index),
+            self.cost,
+            w.shape[0] * index.numel() / self.n,
+        )
 
     def __call__(self, w: Tensor) -> Tensor:
         return w - self.step * self.gradient(w)
@@ -1286,6 +1331,14 @@ class AdjointMap:
         idx = self.draw(w.device) if index is None else index
         self.cost.hvps += w.shape[0] * idx.numel() / self.n
         return _sample_hvp(self.problem, w, theta, v, idx)
+
+    def hessian(self, index: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        """v ↦ Ĥ(w, θ; I) v at the map's point and the problem's θ on the minibatch ``index``
+        (None: all N samples, as :meth:`full_matvec`), each product counted as B·b/N
+        Hessian-vector products; one gradient graph serves all products."""
+        b = self.n * _share(self.n) if index is None else index.numel()
+        hessian = _SampledHessian(self.problem, self.w, self.problem.theta, index)
+        return _Counted(hessian, self.cost, self.w.shape[0] * b / self.n)
 
     def full_matvec(self, v: Tensor, w: Tensor | None = None, theta: Any = None) -> Tensor:
         """H(w, θ) v on all N samples (the problem's ``lower_energy``), one product per

@@ -730,7 +730,7 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
         if self._anchor_key != key:
             self._adopt_restored(phi, x, key)
         theta = phi.problem.theta
-        p = phi.curvature.diagonal(x, theta, phi.draw(x.device), phi.n)
+        p = None  # the preconditioner, at the first step taken (a met tolerance needs none)
         eta = phi.step
         t = self.iterations if max_iter is None else _nonnegative_int("max_iter", max_iter)
         residual = math.nan
@@ -738,10 +738,6 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
             if self._anchor is None or self._since_refresh >= refresh:
                 self._take_anchor(phi, x, key)
                 self._refreshes += 1
-            if self._top is None or self._refreshes >= _CURVATURE_EVERY:
-                idx = phi.draw(x.device)
-                self._top = phi.curvature.top(x, theta, idx, phi.n, p, self.power_iterations)
-                self._refreshes = 0
             idx = phi.draw(x.device)
             g = phi.gradient(x, idx) - phi.gradient(self._anchor, idx, self._anchor_theta)
             g = g + self._anchor_gradient
@@ -750,6 +746,12 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
                 if residual <= tol:
                     t = s
                     break
+            if p is None:
+                p = phi.curvature.diagonal(x, theta, phi.draw(x.device), phi.n)
+            if self._top is None or self._refreshes >= _CURVATURE_EVERY:
+                idx = phi.draw(x.device)
+                self._top = phi.curvature.top(x, theta, idx, phi.n, p, self.power_iterations)
+                self._refreshes = 0
             if self.cg_iterations:  # subsampled Newton step: Ĥ_S δ = g̃ on a fresh minibatch
                 idx = phi.draw(x.device)
                 delta, used, _ = _pcg(
@@ -767,7 +769,8 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
             self._since_refresh += 1
             if (s + 1) % _CHECK_EVERY == 0 or s == t - 1:
                 _check_iterate(x, s + 1, repr(self), "decrease the step or the momentum")
-        return StochasticSolution(x, x, t, 0, self.step / self._top if t else math.nan, residual)
+        last = self.step / self._top if t else math.nan
+        return StochasticSolution(x, x, t, 0, last, residual)
 
     def state_dict(self) -> dict[str, Any]:
         """The anchor (see :class:`VarianceReducedFixedPoint`), λ̂ and the refreshes since."""
@@ -902,10 +905,10 @@ class PreconditionedSVRGLinear:
         if self._anchor is not None:
             self._anchor["current"] = False  # w and θ have moved since
         theta, eta = psi.problem.theta, psi.step
-        p = psi.curvature.diagonal(psi.w, theta, psi.draw(v.device), psi.n)
         t = self.iterations if max_iter is None else _nonnegative_int("max_iter", max_iter)
         if self.cg_iterations:
-            return self._refine(psi, v, p, key, tol, min(t, self.max_rounds))
+            return self._refine(psi, v, key, tol, min(t, self.max_rounds))
+        p = psi.curvature.diagonal(psi.w, theta, psi.draw(v.device), psi.n)
         residual = math.nan
         for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
@@ -939,7 +942,7 @@ class PreconditionedSVRGLinear:
         return psi.rhs() - psi.step * hv
 
     def _refine(
-        self, psi: AdjointMap, v: Tensor, p: Tensor, key: tuple[Any, ...], tol: float | None, t: int
+        self, psi: AdjointMap, v: Tensor, key: tuple[Any, ...], tol: float | None, t: int
     ) -> StochasticSolution:
         """Refinement rounds (``cg_iterations`` > 0); see the class docstring."""
         eta, n = psi.step, psi.n
@@ -951,6 +954,7 @@ class PreconditionedSVRGLinear:
         residual = math.nan
         rounds = 0
         full: Callable[[Tensor], Tensor] | None = None  # H at (w, θ): one graph per call
+        p: Tensor | None = None  # the preconditioner, at the first round (lazily)
         for s in range(t):
             if r_exact is None:
                 if r_est is not None:
@@ -964,6 +968,8 @@ class PreconditionedSVRGLinear:
             if tol is not None and residual <= tol:
                 break
             rounds = s + 1
+            if p is None:
+                p = psi.curvature.diagonal(psi.w, psi.problem.theta, psi.draw(v.device), n)
             b = self._batch
             if b >= n:  # the whole sum: CG on H itself, to the tolerance at once
                 rtol = self.cg_rtol if tol is None else min(self.cg_rtol, 0.5 * tol / residual)
@@ -985,7 +991,7 @@ class PreconditionedSVRGLinear:
                 r_new = r_exact - eta * psi.matvec(delta, psi.draw(v.device))
             self.products += used
             new = _max_norm(r_new)
-            if new > 0.5 * residual:  # the sampled system misled CG: sample more
+            if new > max(0.5 * residual, tol or 0.0):  # the sampled system misled CG
                 self._batch = min(2 * b, n)
             if new < residual:
                 v, r_est, r_exact, residual = v + delta, r_new, None, new

@@ -800,16 +800,19 @@ class PreconditionedSVRGLinear:
     ‖r̃‖ at the returned iterate (units of ∇_w f: the adjoint residual ‖H q − ∇_w f‖).
 
     With ``cg_iterations`` > 0 (the default of ``bilevel hpo``) the iteration is instead a
-    refinement with a sampled system, in rounds: take the anchor at v (one full product, so
-    the residual r = ∇_w E − ηH v at v is exact), stop if ‖r‖ ≤ tol, else solve Ĥ_S δ = r/η
-    by Jacobi-preconditioned CG (at most ``cg_iterations`` products, relative residual
-    ``cg_rtol``) on a fresh minibatch S and set v ← v + δ if the residual estimated after the
-    step, r − ηĤ_{S'}δ on another minibatch, decreased. When it did not halve, the sampled
-    system misled CG and the size of S doubles (up to N, where CG runs on H itself to the
-    tolerance); the size is kept across calls. At the start of a call the warm start is
-    tested against the previous anchor with r̃ (no full product), so a warm start that
-    already meets the tolerance costs two minibatch products. ``iterations`` of the result
-    are rounds (at most ``max_rounds``).
+    refinement with a sampled system, in rounds: the residual r at v is r̃(v) against the
+    anchor of an earlier call (two minibatch products), or exact from a new anchor at v (one
+    full product) when there is none or when the minibatch products since it reach ⌈N/b⌉
+    (so that full products cost at most as much as the minibatch ones); stop if ‖r‖ ≤ tol,
+    else solve Ĥ_S δ = r/η by Jacobi-preconditioned CG (at most ``cg_iterations`` products on
+    one gradient graph, relative residual ``cg_rtol``) on a fresh minibatch S and set
+    v ← v + δ, r ← r − ηĤ_{S'}δ (another fresh minibatch) if that estimate decreased; a round
+    that does not decrease it is followed by an exact anchor. When a round misses both half
+    the residual and the tolerance, the sampled system misled CG and the size of S doubles
+    (up to N, where CG runs on H itself to the tolerance); the size is kept across calls.
+    The preconditioner is computed at the first round, so a warm start that already meets
+    the tolerance costs two minibatch products. ``iterations`` of the result are rounds (at
+    most ``max_rounds``).
 
     Why: plain fixed-point steps contract by 1 − ημ per step with the global η = 1/L and keep
     the minibatch noise of Ĥ v at a floor ∝ the step (docs/benchmarks_sid.md); the
@@ -948,23 +951,23 @@ class PreconditionedSVRGLinear:
         eta, n = psi.step, psi.n
         if self._batch is None:
             self._batch = psi.batch_size
-        # the warm start, tested against the anchor of an earlier call (no full product)
-        r_est = None if self._anchor is None else self._estimate(psi, v)
-        r_exact = None  # the residual at v from a full product, when known
-        residual = math.nan
-        rounds = 0
+        # minibatch products after which the anchor is renewed: its full product then costs
+        # at most as much as the minibatch products it serves
+        renew = self.refresh or math.ceil(n / psi.batch_size)
         full: Callable[[Tensor], Tensor] | None = None  # H at (w, θ): one graph per call
         p: Tensor | None = None  # the preconditioner, at the first round (lazily)
+        r: Tensor | None = None  # the residual ∇_w E − ηHv at v (exact, or r̃ estimated)
+        if self._anchor is not None and self._since_refresh < renew:
+            r = self._estimate(psi, v)  # the warm start against the earlier anchor
+            self._since_refresh += 1 if self._anchor["current"] else 2
+        residual = math.nan
+        rounds = 0
         for s in range(t):
-            if r_exact is None:
-                if r_est is not None:
-                    residual = _max_norm(r_est)
-                    if tol is not None and residual <= tol:
-                        break
+            if r is None:  # a new anchor: one full product, the exact residual at v
                 full = full or psi.hessian(None)
-                self._take_anchor(psi, v, key, full)  # one full product: the residual at v
-                r_exact = psi.rhs() - eta * self._anchor["hv"]
-            residual = _max_norm(r_exact)
+                self._take_anchor(psi, v, key, full)
+                r = psi.rhs() - eta * self._anchor["hv"]
+            residual = _max_norm(r)
             if tol is not None and residual <= tol:
                 break
             rounds = s + 1
@@ -975,26 +978,27 @@ class PreconditionedSVRGLinear:
                 rtol = self.cg_rtol if tol is None else min(self.cg_rtol, 0.5 * tol / residual)
                 cap = max(self.cg_iterations, 2 * math.isqrt(v[0].numel()) + 10)
                 full = full or psi.hessian(None)
-                delta, used, cg_res = _pcg(full, r_exact / eta, p, cap, rtol)
+                delta, used, cg_res = _pcg(full, r / eta, p, cap, rtol)
                 r_new = eta * cg_res  # exact: r − η H δ
             else:
                 idx = psi.sampler.draw(n, b, device=v.device)
                 delta, used, _ = _pcg(
-                    psi.hessian(idx),
-                    r_exact / eta,
-                    p,
-                    self.cg_iterations,
-                    self.cg_rtol,
+                    psi.hessian(idx), r / eta, p, self.cg_iterations, self.cg_rtol
                 )
                 # the residual after the step, r − η Ĥ δ with Ĥ on a fresh minibatch:
                 # unbiased, and only the product with the correction δ is sampled
-                r_new = r_exact - eta * psi.matvec(delta, psi.draw(v.device))
+                r_new = r - eta * psi.matvec(delta, psi.draw(v.device))
+                self._since_refresh += (used + 1) * b / psi.batch_size
             self.products += used
             new = _max_norm(r_new)
             if new > max(0.5 * residual, tol or 0.0):  # the sampled system misled CG
                 self._batch = min(2 * b, n)
             if new < residual:
-                v, r_est, r_exact, residual = v + delta, r_new, None, new
+                v, r, residual = v + delta, r_new, new
+            else:  # rejected: the residual at v exactly before the next round
+                r = None
+            if self._since_refresh >= renew:
+                r = None
             _check_iterate(v, s + 1, repr(self), "use larger minibatches")
         return StochasticSolution(v, v, rounds, 0, math.nan, residual)
 

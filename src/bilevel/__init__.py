@@ -26,9 +26,11 @@ _EXPORTS: dict[str, str] = {
     "BoundConstants": "bilevel.bounds",
     **dict.fromkeys(
         (
-            "Estimator",
+            "AdjointEstimator",
+            "EstimatorState",
             "Exact",
             "Hypergradient",
+            "HypergradientEstimator",
             "Implicit",
             "JacobianFree",
             "Unrolled",
@@ -60,6 +62,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         (
             "SID",
+            "SIDState",
             "StochasticFixedPoint",
             "StochasticLinearFixedPoint",
             "VarianceReducedFixedPoint",
@@ -92,9 +95,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from bilevel.autodiff import Cost  # noqa: F401
     from bilevel.bounds import BoundConstants  # noqa: F401
     from bilevel.hypergrad import (  # noqa: F401
-        Estimator,
+        AdjointEstimator,
+        EstimatorState,
         Exact,
         Hypergradient,
+        HypergradientEstimator,
         Implicit,
         JacobianFree,
         Unrolled,
@@ -126,6 +131,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     )
     from bilevel.stochastic import (  # noqa: F401
         SID,
+        SIDState,
         StochasticFixedPoint,
         StochasticLinearFixedPoint,
         VarianceReducedFixedPoint,

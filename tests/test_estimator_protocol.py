@@ -31,7 +31,11 @@ from bilevel.linear import CG, Neumann
 from bilevel.lower import LBFGS
 from bilevel.methods import fixed_iterations
 from bilevel.methods.testing import quadratic_finite_sum
-from bilevel.stochastic import StochasticFixedPoint, StochasticLinearFixedPoint
+from bilevel.stochastic import (
+    StochasticFixedPoint,
+    StochasticLinearFixedPoint,
+    finite_sum_problem,
+)
 
 F64 = torch.float64
 
@@ -230,3 +234,30 @@ def test_every_estimator_adds_the_upper_regulariser_once():
         torch.testing.assert_close(reg.grad[0] - plain.grad[0], theta + 1.0)
         assert reg.loss - plain.loss == pytest.approx(float(r(theta)), rel=1e-12)
         assert math.isfinite(reg.loss)
+
+
+def test_a_finite_sum_problem_is_written_with_one_energy():
+    """finite_sum_problem: h is the sample energy on all N positions; SID and AID agree with
+    the problem written with two energies, and with the closed form."""
+    ridge = _ridge()
+    p = ridge.problem
+    one = finite_sum_problem(
+        ridge.lower_sample_energy,
+        ridge.upper_loss,
+        ridge.theta,
+        ridge.n_train,
+        mu=p.mu,
+        lipschitz=p.lipschitz,
+        upper_sample_loss=p.upper_sample_loss,
+        n_upper_samples=p.n_upper_samples,
+    )
+    x0 = ridge.init_w()
+    torch.testing.assert_close(one.energy(x0 + 0.3, None), p.energy(x0 + 0.3, None))
+    aid = Implicit(CG(max_iter=500))(one, None, x0, lower_tol=1e-11, adjoint_tol=1e-11)
+    torch.testing.assert_close(aid.grad[0], ridge.hypergradient(), rtol=1e-7, atol=1e-10)
+    sid = _svrg_sid(upper_batch=5)
+    assert torch.equal(sid(one, None, x0).grad[0], sid(p, None, x0).grad[0])
+    with pytest.raises(BilevelError, match="batch must be None"):
+        one.energy(x0, torch.zeros(1))
+    with pytest.raises(BilevelError, match="n_samples"):
+        finite_sum_problem(ridge.lower_sample_energy, ridge.upper_loss, ridge.theta, 0)

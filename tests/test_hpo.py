@@ -52,7 +52,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits  # n
 from sklearn.model_selection import train_test_split  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
-from bilevel.learning.estimator import BilevelLogisticRegression, BilevelRidge  # noqa: E402
+from bilevel.learning.scikit_learn import BilevelLogisticRegression, BilevelRidge  # noqa: E402
 
 SUMMARY_KEYS = {
     "data",

@@ -93,6 +93,7 @@ __all__ = [
     "StochasticMap",
     "StochasticSolution",
     "VarianceReducedFixedPoint",
+    "finite_sum_problem",
     "snapshot_theta",
 ]
 
@@ -1489,7 +1490,8 @@ class SID(HypergradientEstimator):
     fresh one: it is a function of the seed and its inputs alone. The problem must provide
     ``lower_sample_energy`` and ``n_lower_samples`` (and ``upper_sample_loss`` /
     ``n_upper_samples`` when ``upper_batch`` is set); ``batch`` must be None, the finite-sum
-    data being closed over.
+    data being closed over (:func:`finite_sum_problem` builds such a problem from the sample
+    energy alone).
 
     Attributes:
         lower_solver: stage 1, a :class:`StochasticLowerSolver` (t = its iterations).
@@ -1598,9 +1600,10 @@ class SID(HypergradientEstimator):
         if problem.lower_sample_energy is None or problem.n_lower_samples is None:
             raise BilevelError(
                 "SID needs minibatch access to the lower level: build the BilevelProblem with "
-                "lower_sample_energy(x, theta, index) -> (B,) and n_lower_samples = N (the "
-                "models of bilevel.learning provide them); for problems without a finite sum "
-                "use Implicit(...)"
+                "lower_sample_energy(x, theta, index) -> (B,) and n_lower_samples = N "
+                "(finite_sum_problem builds one from that energy alone; the models of "
+                "bilevel.learning provide them); for problems without a finite sum use "
+                "Implicit(...)"
             )
         if batch is not None:
             raise BilevelError(
@@ -1816,3 +1819,49 @@ class SID(HypergradientEstimator):
             adjoint_target=adjoint_target,
             accuracy_scale=scale,
         )
+
+
+def finite_sum_problem(
+    sample_energy: Callable[[Tensor, Any, Tensor], Tensor],
+    upper_loss: Callable[[Tensor, Any, Any], Tensor],
+    theta: Any,
+    n_samples: int,
+    *,
+    mu: Any = None,
+    lipschitz: float | Callable[[], float] | None = None,
+    upper_regulariser: Callable[[Any], Tensor] | None = None,
+    upper_sample_loss: Callable[[Tensor, Any, Tensor], Tensor] | None = None,
+    n_upper_samples: int | None = None,
+) -> BilevelProblem:
+    """The :class:`~bilevel.problem.BilevelProblem` of a finite-sum lower level from its one
+    energy, for SID and every other estimator.
+
+    ``sample_energy(x, theta, index) -> (B,)`` is ĥ over the samples ``index`` (positions in
+    0..N−1, N = ``n_samples``): the mean of their terms plus any regulariser, an unbiased
+    estimate of h when ``index`` is drawn uniformly. The full energy h(x, θ) is the same
+    function on all N positions, so it is written once. The data live in the closures:
+    ``batch`` is None (one lower-level instance per row of x, all on the same data).
+    ``upper_loss(x, theta, batch)`` is f; the other arguments are those of
+    :class:`~bilevel.problem.BilevelProblem`.
+    """
+    n = _positive_int("n_samples", n_samples)
+
+    def lower_energy(x: Tensor, th: Any, batch: Any) -> Tensor:
+        if batch is not None:
+            raise BilevelError(
+                "a finite_sum_problem keeps its data in the closures: batch must be None"
+            )
+        return sample_energy(x, th, torch.arange(n, device=x.device))
+
+    return BilevelProblem(
+        lower_energy,
+        upper_loss,
+        theta,
+        mu=mu,
+        upper_regulariser=upper_regulariser,
+        lipschitz=lipschitz,
+        lower_sample_energy=sample_energy,
+        n_lower_samples=n,
+        upper_sample_loss=upper_sample_loss,
+        n_upper_samples=n_upper_samples,
+    )

@@ -83,8 +83,8 @@ from bilevel.imaging.tasks import (
 )
 from bilevel.linear import CG
 from bilevel.lower import Nesterov
-from bilevel.methods import ISGD, MAID, Budget, RunResult, with_initial
-from bilevel.methods.common import load_params, ranked_by
+from bilevel.methods import ISGD, MAID, Budget, RunResult, ranked_by, with_initial
+from bilevel.methods.optim import load_params
 from bilevel.problem import BilevelError, BilevelProblem
 from bilevel.runs import (
     RunLock,
@@ -424,7 +424,7 @@ def sharded_reconstruct(
 
 def ranked(evaluation: Callable[[Any, int], dict[str, Any]], setup: Setup) -> Callable:
     """``evaluation`` ranked by validation PSNR when the setup has validation crops (the run
-    keeps the θ of the best one, see :func:`bilevel.methods.common.ranked_by`), else as is."""
+    keeps the θ of the best one, see :func:`bilevel.methods.ranked_by`), else as is."""
     return evaluation if setup.val is None else ranked_by(evaluation, "val_psnr", "max")
 
 

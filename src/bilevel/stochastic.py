@@ -1055,21 +1055,23 @@ def _combined(t: Tensor, n: int) -> Tensor:
 
 def _exact_upper(problem: BilevelProblem, w: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
     """:func:`~bilevel.autodiff.upper_gradients` of the exact upper loss (f, ∇_w f, ∇_θ f);
-    data parallel with ``upper_sample_loss``, each process's block of the upper samples,
+    data parallel with ``finite_sum.upper_loss``, each process's block of the upper samples,
     combined."""
     shard = distributed.current()
-    if shard is None or problem.upper_sample_loss is None or problem.n_upper_samples is None:
+    if shard is None or problem.finite_sum is None or problem.finite_sum.upper_loss is None:
         return upper_gradients(problem, w, None)
-    n_up, params = int(problem.n_upper_samples), problem.params
+    n_up, params = int(problem.finite_sum.n_upper), problem.params
     block = _block(n_up).to(w.device)
     with torch.enable_grad():
         wr = w.detach().requires_grad_(True)
         loss = _checked_values(
-            "upper_sample_loss", problem.upper_sample_loss(wr, problem.theta, block), w.shape[0]
+            "finite_sum.upper_loss",
+            problem.finite_sum.upper_loss(wr, problem.theta, block),
+            w.shape[0],
         )
         grads = torch.autograd.grad(loss.sum(), [wr, *params], allow_unused=True)
     if grads[0] is None:
-        raise BilevelError("upper_sample_loss does not depend on x through autograd")
+        raise BilevelError("finite_sum.upper_loss does not depend on x through autograd")
     grad_theta = [
         torch.zeros_like(p) if g is None else g / w.shape[0] for p, g in zip(params, grads[1:])
     ]
@@ -1095,7 +1097,7 @@ def _block(n: int) -> Tensor | None:
 def _sample_hvp(problem: BilevelProblem, w: Tensor, theta: Any, v: Tensor, idx: Tensor | None):
     """Ĥ(w, θ; I) v per instance (I = ``idx``; None: the full lower energy), detached; data
     parallel, combined over the processes (``idx`` None: each process's block)."""
-    n = int(problem.n_lower_samples)
+    n = int(problem.finite_sum.n_lower)
     if idx is None and distributed.current() is not None:
         idx = _block(n).to(w.device)
     return _combined(_local_hvp(problem, w, theta, v, idx), n)
@@ -1107,8 +1109,8 @@ def _local_hvp(problem: BilevelProblem, w: Tensor, theta: Any, v: Tensor, idx: T
         if idx is None:
             e = _checked_values("lower_energy", problem.lower_energy(wr, theta, None), w.shape[0])
         else:
-            e = problem.lower_sample_energy(wr, theta, idx)
-            e = _checked_values("lower_sample_energy", e, w.shape[0])
+            e = problem.finite_sum.lower_energy(wr, theta, idx)
+            e = _checked_values("finite_sum.lower_energy", e, w.shape[0])
         (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
         (hv,) = torch.autograd.grad(g, wr, v, allow_unused=True)
     return torch.zeros_like(v) if hv is None else hv.detach()
@@ -1190,7 +1192,7 @@ class LowerMap:
         self.problem = problem
         self.step = float(step)
         self.sampler = sampler
-        self.n = int(problem.n_lower_samples)
+        self.n = int(problem.finite_sum.n_lower)
         self.batch_size = self.n if batch_size is None else int(batch_size)
         self.cost = cost
         self.curvature = _Curvature(problem, diagonal, cost)
@@ -1206,8 +1208,8 @@ class LowerMap:
         theta = self.problem.theta if theta is None else theta
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
-            e = self.problem.lower_sample_energy(wr, theta, idx)
-            e = _checked_values("lower_sample_energy", e, w.shape[0])
+            e = self.problem.finite_sum.lower_energy(wr, theta, idx)
+            e = _checked_values("finite_sum.lower_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
         self.cost.grad_evals += w.shape[0] * idx.numel() / self.n
         return _combined(g, self.n)
@@ -1222,7 +1224,7 @@ class LowerMap:
             if block is None:
                 e = self.problem.lower_energy(wr, theta, None)
             else:
-                e = self.problem.lower_sample_energy(wr, theta, block.to(w.device))
+                e = self.problem.finite_sum.lower_energy(wr, theta, block.to(w.device))
             e = _checked_values("lower_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
         self.cost.grad_evals += w.shape[0] * _share(self.n)
@@ -1263,7 +1265,7 @@ class AdjointMap:
         self.w = w.detach()
         self.step = float(step)
         self.sampler = sampler
-        self.n = int(problem.n_lower_samples)
+        self.n = int(problem.finite_sum.n_lower)
         self.batch_size = self.n if batch_size is None else int(batch_size)
         self.upper_batch = upper_batch
         self.cost = cost
@@ -1300,12 +1302,12 @@ class AdjointMap:
         if self.upper_batch is None:
             return self.exact_rhs
         w = self.w
-        n_up = int(self.problem.n_upper_samples)
+        n_up = int(self.problem.finite_sum.n_upper)
         idx = self.sampler.draw(n_up, self.upper_batch, device=w.device)
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
-            loss = self.problem.upper_sample_loss(wr, self.problem.theta, idx)
-            loss = _checked_values("upper_sample_loss", loss, w.shape[0])
+            loss = self.problem.finite_sum.upper_loss(wr, self.problem.theta, idx)
+            loss = _checked_values("finite_sum.upper_loss", loss, w.shape[0])
             (g,) = torch.autograd.grad(loss.sum(), wr, allow_unused=True)
         return _combined(torch.zeros_like(w) if g is None else g, n_up)
 
@@ -1403,9 +1405,9 @@ class SID(Estimator):
 
     Called like every :class:`~bilevel.hypergrad.Estimator`,
     ``SID(...)(problem, batch, x0, adjoint0=..., accumulate=...)``, it returns a
-    :class:`StochasticHypergradient`. The problem must provide ``lower_sample_energy`` and
-    ``n_lower_samples`` (and ``upper_sample_loss`` / ``n_upper_samples`` when ``upper_batch``
-    is set); ``batch`` must be None, the finite-sum data being closed over.
+    :class:`StochasticHypergradient`. The problem must provide a
+    :class:`~bilevel.problem.FiniteSum` (with ``upper_loss`` when ``upper_batch`` is set);
+    ``batch`` must be None, the finite-sum data being closed over.
 
     Attributes:
         lower_solver: stage 1, a :class:`StochasticLowerSolver` (t = its iterations).
@@ -1450,8 +1452,8 @@ class SID(Estimator):
     The inherited fields ``constants``, ``compute_bound`` and ``warn_unconverged`` are unused.
 
     Raises:
-        BilevelError: no ``lower_sample_energy``; ``upper_batch`` without
-            ``upper_sample_loss``; a batch size not positive or larger than the number of
+        BilevelError: no ``finite_sum``; ``upper_batch`` without
+            ``finite_sum.upper_loss``; a batch size not positive or larger than the number of
             samples; ``batch`` not None.
         NonFiniteError: an iterate of stage 1 or 2 became NaN or infinite (with advice).
     """
@@ -1551,19 +1553,19 @@ class SID(Estimator):
     # -- checks ----------------------------------------------------------------------------
 
     def _check_problem(self, problem: BilevelProblem, batch: Batch) -> tuple[int, int | None]:
-        if problem.lower_sample_energy is None or problem.n_lower_samples is None:
+        if problem.finite_sum is None:
             raise BilevelError(
                 "SID needs minibatch access to the lower level: build the BilevelProblem with "
-                "lower_sample_energy(x, theta, index) -> (B,) and n_lower_samples = N (the "
-                "models of bilevel.learning provide them); for problems without a finite sum "
+                "finite_sum=FiniteSum(lower_energy=(x, theta, index) -> (B,), n_lower=N) (the "
+                "models of bilevel.learning provide it); for problems without a finite sum "
                 "use Implicit(...)"
             )
         if batch is not None:
             raise BilevelError(
-                "SID draws its own minibatches through lower_sample_energy(x, theta, index): "
+                "SID draws its own minibatches through finite_sum.lower_energy(x, theta, index): "
                 "batch must be None (close over the data instead)"
             )
-        n = int(problem.n_lower_samples)
+        n = int(problem.finite_sum.n_lower)
         for name in ("lower_batch", "linear_batch", "final_batch"):
             b = getattr(self, name)
             if b is not None and b > n:
@@ -1573,13 +1575,13 @@ class SID(Estimator):
                 )
         n_up = None
         if self.upper_batch is not None:
-            if problem.upper_sample_loss is None or problem.n_upper_samples is None:
+            if problem.finite_sum.upper_loss is None:
                 raise BilevelError(
-                    f"upper_batch={self.upper_batch} needs upper_sample_loss(x, theta, index) "
-                    "and n_upper_samples in the BilevelProblem; pass upper_batch=None to use "
-                    "the exact upper loss"
+                    f"upper_batch={self.upper_batch} needs FiniteSum(upper_loss=(x, theta, "
+                    "index) -> (B,), n_upper=...) in the BilevelProblem; pass upper_batch=None "
+                    "to use the exact upper loss"
                 )
-            n_up = int(problem.n_upper_samples)
+            n_up = int(problem.finite_sum.n_upper)
             if self.upper_batch > n_up:
                 raise BilevelError(
                     f"upper_batch={self.upper_batch} exceeds the number of upper-level samples "
@@ -1707,8 +1709,8 @@ class SID(Estimator):
         idx = samplers.final.draw(n, b3, count=J, device=w.device)
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
-            e = problem.lower_sample_energy(wr, problem.theta, idx)
-            e = _checked_values("lower_sample_energy", e, n_inst)
+            e = problem.finite_sum.lower_energy(wr, problem.theta, idx)
+            e = _checked_values("finite_sum.lower_energy", e, n_inst)
             (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
             jtv = torch.autograd.grad(g, params, v, allow_unused=True)
         jtv = [None if j is None else _combined(j, n) for j in jtv]
@@ -1716,8 +1718,8 @@ class SID(Estimator):
         if self.upper_batch is not None:
             idx_up = samplers.final.draw(n_up, self.upper_batch, count=J, device=w.device)
             with torch.enable_grad():
-                up = problem.upper_sample_loss(w, problem.theta, idx_up)
-                up = _checked_values("upper_sample_loss", up, n_inst)
+                up = problem.finite_sum.upper_loss(w, problem.theta, idx_up)
+                up = _checked_values("finite_sum.upper_loss", up, n_inst)
                 gt = (
                     torch.autograd.grad(up.mean(), params, allow_unused=True)
                     if up.requires_grad

@@ -248,8 +248,8 @@ def test_a_finite_sum_problem_is_written_with_one_energy():
         ridge.n_train,
         mu=p.mu,
         lipschitz=p.lipschitz,
-        upper_sample_loss=p.upper_sample_loss,
-        n_upper_samples=p.n_upper_samples,
+        upper_sample_loss=p.finite_sum.upper_loss,
+        n_upper_samples=p.finite_sum.n_upper,
     )
     x0 = ridge.init_w()
     torch.testing.assert_close(one.energy(x0 + 0.3, None), p.energy(x0 + 0.3, None))

@@ -21,7 +21,6 @@ from bilevel.learning.evaluation import (
 )
 from bilevel.learning.hpo import (
     SID_MIN_TRAIN,
-    attach_lipschitz,
     box_projection,
     build_model,
     default_method,
@@ -384,7 +383,7 @@ def test_cli_reads_csv_and_tsv_files(tmp_path, capsys):
 def test_building_blocks():
     data = load_data("breast_cancer", seed=0)
     model = build_model(data, "logistic", theta0=0.0)
-    lip = attach_lipschitz(model)
+    lip = model.problem.lipschitz_bound()  # stated by build_model
     assert lip == pytest.approx(1.1 * model.smoothness(), rel=0.05)
     evaluator = LowerEvaluator(model, data.X_test, data.y_test)
     base = single_strength_baseline(model, evaluator, patience=None)

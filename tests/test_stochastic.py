@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -12,6 +13,7 @@ from conftest import quadratic_problem
 from bilevel import (
     BilevelError,
     BilevelProblem,
+    FiniteSum,
     FixedPoint,
     GradientDescent,
     Hypergradient,
@@ -216,8 +218,7 @@ def test_aid_fp_equivalence_with_upper_regulariser():
         model.theta,
         mu=model.mu(),
         upper_regulariser=lambda th: 0.05 * (th**2).sum(),
-        lower_sample_energy=model.lower_sample_energy,
-        n_lower_samples=model.n_train,
+        finite_sum=FiniteSum(model.lower_sample_energy, model.n_train),
     )
     lip = model.smoothness()
     x0 = model.init_w()
@@ -291,8 +292,7 @@ def _recording(model):
         model.upper_loss,
         model.theta,
         mu=model.mu(),
-        lower_sample_energy=energy,
-        n_lower_samples=model.n_train,
+        finite_sum=FiniteSum(energy, model.n_train),
     )
     return problem, calls
 
@@ -505,7 +505,7 @@ def test_stochastic_fixed_point_steps_and_averaging():
 
 def test_bad_inputs(ridge):
     problem, batch, _ = quadratic_problem()
-    with pytest.raises(BilevelError, match="lower_sample_energy"):
+    with pytest.raises(BilevelError, match="finite_sum"):
         SID()(problem, batch, torch.zeros(4, 6, dtype=torch.float64))
     for name in ("lower_batch", "linear_batch", "final_batch", "upper_batch"):
         for bad in (0, -3, 2.5, True):
@@ -532,10 +532,9 @@ def test_bad_inputs(ridge):
         ridge.upper_loss,
         ridge.theta,
         mu=1.0,
-        lower_sample_energy=ridge.lower_sample_energy,
-        n_lower_samples=n,
+        finite_sum=FiniteSum(ridge.lower_sample_energy, n),
     )
-    with pytest.raises(BilevelError, match="upper_sample_loss"):
+    with pytest.raises(BilevelError, match="upper_loss"):
         SID(step=0.1, upper_batch=5)(no_upper, None, x0)
     with pytest.raises(BilevelError, match="batch must be None"):
         SID(step=0.1)(ridge.problem, torch.zeros(1), x0)
@@ -1012,13 +1011,15 @@ def test_sample_hessian_diagonal_is_exact(kind):
 def test_sid_evaluates_a_mu_that_is_a_function_of_theta():
     model = _ridge()
     stated = float(model.problem.mu)
-    model.problem.mu = lambda th, batch: torch.tensor(stated, dtype=torch.float64)
+    problem = dataclasses.replace(
+        model.problem, mu=lambda th, batch: torch.tensor(stated, dtype=torch.float64)
+    )
     sid = SID(
         lower_solver=StochasticFixedPoint(10, 4.0, 8.0),
         linear_solver=StochasticLinearFixedPoint(5, 4.0, 8.0),
         step=0.2,
         lower_batch=12,
     )
-    hg = sid(model.problem, None, model.init_w())
+    hg = sid(problem, None, model.init_w())
     assert hg.mu == pytest.approx(stated) and not hg.mu_estimated
     assert hg.eps.shape == (1,)

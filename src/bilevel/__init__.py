@@ -56,7 +56,13 @@ _EXPORTS: dict[str, str] = {
         "bilevel.methods",
     ),
     **dict.fromkeys(
-        ("BilevelError", "BilevelProblem", "NonFiniteError", "NotStronglyConvexError"),
+        (
+            "BilevelError",
+            "BilevelProblem",
+            "FiniteSum",
+            "NonFiniteError",
+            "NotStronglyConvexError",
+        ),
         "bilevel.problem",
     ),
     **dict.fromkeys(
@@ -126,6 +132,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from bilevel.problem import (  # noqa: F401
         BilevelError,
         BilevelProblem,
+        FiniteSum,
         NonFiniteError,
         NotStronglyConvexError,
     )

@@ -72,7 +72,7 @@ from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel, upper_gradients
 from bilevel.hypergrad import EstimatorState, Hypergradient, HypergradientEstimator
 from bilevel.linear import largest_eigenvalue
-from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError
+from bilevel.problem import Batch, BilevelError, BilevelProblem, FiniteSum, NonFiniteError
 
 __all__ = [
     "SID",
@@ -1060,21 +1060,23 @@ def _combined(t: Tensor, n: int) -> Tensor:
 
 def _exact_upper(problem: BilevelProblem, w: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
     """:func:`~bilevel.autodiff.upper_gradients` of the exact upper loss (f, ∇_w f, ∇_θ f);
-    data parallel with ``upper_sample_loss``, each process's block of the upper samples,
+    data parallel with ``finite_sum.upper_loss``, each process's block of the upper samples,
     combined."""
     shard = distributed.current()
-    if shard is None or problem.upper_sample_loss is None or problem.n_upper_samples is None:
+    if shard is None or problem.finite_sum is None or problem.finite_sum.upper_loss is None:
         return upper_gradients(problem, w, None)
-    n_up, params = int(problem.n_upper_samples), problem.params
+    n_up, params = int(problem.finite_sum.n_upper), problem.params
     block = _block(n_up).to(w.device)
     with torch.enable_grad():
         wr = w.detach().requires_grad_(True)
         loss = _checked_values(
-            "upper_sample_loss", problem.upper_sample_loss(wr, problem.theta, block), w.shape[0]
+            "finite_sum.upper_loss",
+            problem.finite_sum.upper_loss(wr, problem.theta, block),
+            w.shape[0],
         )
         grads = torch.autograd.grad(loss.sum(), [wr, *params], allow_unused=True)
     if grads[0] is None:
-        raise BilevelError("upper_sample_loss does not depend on x through autograd")
+        raise BilevelError("finite_sum.upper_loss does not depend on x through autograd")
     grad_theta = [
         torch.zeros_like(p) if g is None else g / w.shape[0] for p, g in zip(params, grads[1:])
     ]
@@ -1100,7 +1102,7 @@ def _block(n: int) -> Tensor | None:
 def _sample_hvp(problem: BilevelProblem, w: Tensor, theta: Any, v: Tensor, idx: Tensor | None):
     """Ĥ(w, θ; I) v per instance (I = ``idx``; None: the full lower energy), detached; data
     parallel, combined over the processes (``idx`` None: each process's block)."""
-    n = int(problem.n_lower_samples)
+    n = int(problem.finite_sum.n_lower)
     if idx is None and distributed.current() is not None:
         idx = _block(n).to(w.device)
     return _combined(_local_hvp(problem, w, theta, v, idx), n)
@@ -1112,8 +1114,8 @@ def _local_hvp(problem: BilevelProblem, w: Tensor, theta: Any, v: Tensor, idx: T
         if idx is None:
             e = _checked_values("lower_energy", problem.lower_energy(wr, theta, None), w.shape[0])
         else:
-            e = problem.lower_sample_energy(wr, theta, idx)
-            e = _checked_values("lower_sample_energy", e, w.shape[0])
+            e = problem.finite_sum.lower_energy(wr, theta, idx)
+            e = _checked_values("finite_sum.lower_energy", e, w.shape[0])
         (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
         (hv,) = torch.autograd.grad(g, wr, v, allow_unused=True)
     return torch.zeros_like(v) if hv is None else hv.detach()
@@ -1195,7 +1197,7 @@ class LowerMap:
         self.problem = problem
         self.step = float(step)
         self.sampler = sampler
-        self.n = int(problem.n_lower_samples)
+        self.n = int(problem.finite_sum.n_lower)
         self.batch_size = self.n if batch_size is None else int(batch_size)
         self.cost = cost
         self.curvature = _Curvature(problem, diagonal, cost)
@@ -1211,8 +1213,8 @@ class LowerMap:
         theta = self.problem.theta if theta is None else theta
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
-            e = self.problem.lower_sample_energy(wr, theta, idx)
-            e = _checked_values("lower_sample_energy", e, w.shape[0])
+            e = self.problem.finite_sum.lower_energy(wr, theta, idx)
+            e = _checked_values("finite_sum.lower_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
         self.cost.grad_evals += w.shape[0] * idx.numel() / self.n
         return _combined(g, self.n)
@@ -1227,7 +1229,7 @@ class LowerMap:
             if block is None:
                 e = self.problem.lower_energy(wr, theta, None)
             else:
-                e = self.problem.lower_sample_energy(wr, theta, block.to(w.device))
+                e = self.problem.finite_sum.lower_energy(wr, theta, block.to(w.device))
             e = _checked_values("lower_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
         self.cost.grad_evals += w.shape[0] * _share(self.n)
@@ -1268,7 +1270,7 @@ class AdjointMap:
         self.w = w.detach()
         self.step = float(step)
         self.sampler = sampler
-        self.n = int(problem.n_lower_samples)
+        self.n = int(problem.finite_sum.n_lower)
         self.batch_size = self.n if batch_size is None else int(batch_size)
         self.upper_batch = upper_batch
         self.cost = cost
@@ -1305,12 +1307,12 @@ class AdjointMap:
         if self.upper_batch is None:
             return self.exact_rhs
         w = self.w
-        n_up = int(self.problem.n_upper_samples)
+        n_up = int(self.problem.finite_sum.n_upper)
         idx = self.sampler.draw(n_up, self.upper_batch, device=w.device)
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
-            loss = self.problem.upper_sample_loss(wr, self.problem.theta, idx)
-            loss = _checked_values("upper_sample_loss", loss, w.shape[0])
+            loss = self.problem.finite_sum.upper_loss(wr, self.problem.theta, idx)
+            loss = _checked_values("finite_sum.upper_loss", loss, w.shape[0])
             (g,) = torch.autograd.grad(loss.sum(), wr, allow_unused=True)
         return _combined(torch.zeros_like(w) if g is None else g, n_up)
 
@@ -1487,11 +1489,10 @@ class SID(HypergradientEstimator):
     :class:`StochasticHypergradient`. The configuration is immutable; what evolves (minibatch
     streams, anchors, accuracy scale) lives in the :class:`SIDState` of :meth:`init_state`,
     which the upper-level method carries and checkpoints. A call without ``state`` uses a
-    fresh one: it is a function of the seed and its inputs alone. The problem must provide
-    ``lower_sample_energy`` and ``n_lower_samples`` (and ``upper_sample_loss`` /
-    ``n_upper_samples`` when ``upper_batch`` is set); ``batch`` must be None, the finite-sum
-    data being closed over (:func:`finite_sum_problem` builds such a problem from the sample
-    energy alone).
+    fresh one: it is a function of the seed and its inputs alone. The problem must provide a
+    :class:`~bilevel.problem.FiniteSum` (with ``upper_loss`` when ``upper_batch`` is set);
+    ``batch`` must be None, the finite-sum data being closed over (:func:`finite_sum_problem`
+    builds such a problem from the sample energy alone).
 
     Attributes:
         lower_solver: stage 1, a :class:`StochasticLowerSolver` (t = its iterations).
@@ -1534,8 +1535,8 @@ class SID(HypergradientEstimator):
     upper minibatches.
 
     Raises:
-        BilevelError: no ``lower_sample_energy``; ``upper_batch`` without
-            ``upper_sample_loss``; a batch size not positive or larger than the number of
+        BilevelError: no ``finite_sum``; ``upper_batch`` without
+            ``finite_sum.upper_loss``; a batch size not positive or larger than the number of
             samples; ``batch`` not None.
         NonFiniteError: an iterate of stage 1 or 2 became NaN or infinite (with advice).
     """
@@ -1597,20 +1598,20 @@ class SID(HypergradientEstimator):
     # -- checks ----------------------------------------------------------------------------
 
     def _check_problem(self, problem: BilevelProblem, batch: Batch) -> tuple[int, int | None]:
-        if problem.lower_sample_energy is None or problem.n_lower_samples is None:
+        if problem.finite_sum is None:
             raise BilevelError(
                 "SID needs minibatch access to the lower level: build the BilevelProblem with "
-                "lower_sample_energy(x, theta, index) -> (B,) and n_lower_samples = N "
+                "finite_sum=FiniteSum(lower_energy=(x, theta, index) -> (B,), n_lower=N) "
                 "(finite_sum_problem builds one from that energy alone; the models of "
-                "bilevel.learning provide them); for problems without a finite sum use "
+                "bilevel.learning provide it); for problems without a finite sum use "
                 "Implicit(...)"
             )
         if batch is not None:
             raise BilevelError(
-                "SID draws its own minibatches through lower_sample_energy(x, theta, index): "
+                "SID draws its own minibatches through finite_sum.lower_energy(x, theta, index): "
                 "batch must be None (close over the data instead)"
             )
-        n = int(problem.n_lower_samples)
+        n = int(problem.finite_sum.n_lower)
         for name in ("lower_batch", "linear_batch", "final_batch"):
             b = getattr(self, name)
             if b is not None and b > n:
@@ -1620,13 +1621,13 @@ class SID(HypergradientEstimator):
                 )
         n_up = None
         if self.upper_batch is not None:
-            if problem.upper_sample_loss is None or problem.n_upper_samples is None:
+            if problem.finite_sum.upper_loss is None:
                 raise BilevelError(
-                    f"upper_batch={self.upper_batch} needs upper_sample_loss(x, theta, index) "
-                    "and n_upper_samples in the BilevelProblem; pass upper_batch=None to use "
-                    "the exact upper loss"
+                    f"upper_batch={self.upper_batch} needs FiniteSum(upper_loss=(x, theta, "
+                    "index) -> (B,), n_upper=...) in the BilevelProblem; pass upper_batch=None "
+                    "to use the exact upper loss"
                 )
-            n_up = int(problem.n_upper_samples)
+            n_up = int(problem.finite_sum.n_upper)
             if self.upper_batch > n_up:
                 raise BilevelError(
                     f"upper_batch={self.upper_batch} exceeds the number of upper-level samples "
@@ -1758,8 +1759,8 @@ class SID(HypergradientEstimator):
         idx = samplers.final.draw(n, b3, count=J, device=w.device)
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
-            e = problem.lower_sample_energy(wr, problem.theta, idx)
-            e = _checked_values("lower_sample_energy", e, n_inst)
+            e = problem.finite_sum.lower_energy(wr, problem.theta, idx)
+            e = _checked_values("finite_sum.lower_energy", e, n_inst)
             (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
             jtv = torch.autograd.grad(g, params, v, allow_unused=True)
         jtv = [None if j is None else _combined(j, n) for j in jtv]
@@ -1767,8 +1768,8 @@ class SID(HypergradientEstimator):
         if self.upper_batch is not None:
             idx_up = samplers.final.draw(n_up, self.upper_batch, count=J, device=w.device)
             with torch.enable_grad():
-                up = problem.upper_sample_loss(w, problem.theta, idx_up)
-                up = _checked_values("upper_sample_loss", up, n_inst)
+                up = problem.finite_sum.upper_loss(w, problem.theta, idx_up)
+                up = _checked_values("finite_sum.upper_loss", up, n_inst)
                 gt = (
                     torch.autograd.grad(up.mean(), params, allow_unused=True)
                     if up.requires_grad
@@ -1834,7 +1835,8 @@ def finite_sum_problem(
     n_upper_samples: int | None = None,
 ) -> BilevelProblem:
     """The :class:`~bilevel.problem.BilevelProblem` of a finite-sum lower level from its one
-    energy, for SID and every other estimator.
+    energy (its :class:`~bilevel.problem.FiniteSum` and its h), for SID and every other
+    estimator.
 
     ``sample_energy(x, theta, index) -> (B,)`` is ĥ over the samples ``index`` (positions in
     0..N−1, N = ``n_samples``): the mean of their terms plus any regulariser, an unbiased
@@ -1860,8 +1862,5 @@ def finite_sum_problem(
         mu=mu,
         upper_regulariser=upper_regulariser,
         lipschitz=lipschitz,
-        lower_sample_energy=sample_energy,
-        n_lower_samples=n,
-        upper_sample_loss=upper_sample_loss,
-        n_upper_samples=n_upper_samples,
+        finite_sum=FiniteSum(sample_energy, n, upper_sample_loss, n_upper_samples),
     )

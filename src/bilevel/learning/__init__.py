@@ -40,7 +40,6 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(
         (
-            "attach_lipschitz",
             "box_projection",
             "build_model",
             "hpo_estimator",
@@ -51,7 +50,9 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(
         (
+            "CrossValidation",
             "FiniteSumModel",
+            "HeldOut",
             "HypercleaningModel",
             "LogisticModel",
             "RidgeModel",

@@ -50,8 +50,7 @@ from bilevel.learning.report import (
     write_hyperparameters,
     write_report,
 )
-from bilevel.methods import Budget, RunResult
-from bilevel.methods.common import ranked_by
+from bilevel.methods import Budget, RunResult, ranked_by
 from bilevel.problem import BilevelError
 from bilevel.runs import (
     RunLock,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,24 +26,17 @@ from torch import Tensor
 
 from bilevel import distributed
 from bilevel.hypergrad import EstimatorState, Hypergradient, HypergradientEstimator, Implicit
-from bilevel.methods.common import (
-    Budget,
-    Engine,
-    Evaluation,
+from bilevel.methods.budget import Budget
+from bilevel.methods.engine import Engine, Method
+from bilevel.methods.optim import (
     OptimizerFactory,
     Projection,
-    RunOptions,
-    RunResult,
-    SampleSet,
     all_finite,
     apply_projection,
-    as_budget,
-    as_sample_set,
     check_optimizer_spec,
-    drive,
     make_optimizer,
-    method_config,
 )
+from bilevel.methods.samples import SampleSet
 from bilevel.problem import BilevelError, BilevelProblem, NonFiniteError
 from bilevel.schedules import Accuracy, Constant, ScheduleLike, as_accuracy, as_schedule
 
@@ -58,7 +50,7 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ISGD:
+class ISGD(Method):
     """Inexact stochastic gradient descent, optionally preconditioned.
 
     Attributes:
@@ -75,7 +67,7 @@ class ISGD:
         optimizer_options: keyword arguments for a named optimiser (e.g. ``momentum``,
             ``betas``); not ``lr``.
         estimator: the hypergradient estimator (default ``Implicit(CG())``).
-        projection: optional P applied after each step (see :data:`~.common.Projection`).
+        projection: optional P applied after each step (see :data:`~.optim.Projection`).
         seed: seed of the sampler's generator.
         warm_start: warm-start each sample's lower solve and adjoint from its last solution
             (else from ``samples.initial`` and zero).
@@ -110,67 +102,14 @@ class ISGD:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise BilevelError(f"seed must be an integer, got {self.seed!r}")
 
-    def to_config(self) -> dict[str, Any]:
-        """The configuration as JSON data (stored in the run directory)."""
-        return method_config(self)
-
-    def run(
+    def engine(
         self,
         problem: BilevelProblem,
         samples: SampleSet,
-        budget: Budget | Mapping[str, Any],
-        *,
-        run_dir: str | Path | None = None,
-        resume: bool = False,
-        overwrite: bool = False,
-        evaluate: Evaluation | None = None,
-        eval_every: int = 1,
-        checkpoint_every: int = 50,
-        progress: bool = False,
-        plot: bool = False,
-        keep_history: bool = False,
+        budget: Budget,
         estimator_state: EstimatorState | None = None,
-    ) -> RunResult:
-        """Train ``problem.theta`` in place on ``samples`` until ``budget`` is spent.
-
-        Args:
-            run_dir: directory for ``config.json``, ``metrics.jsonl``, checkpoints, plots and
-                ``result.json``; None keeps the records in memory only.
-            resume: continue the run stored in ``run_dir`` from its last checkpoint (the
-                configuration must match; the budget may differ).
-            overwrite: start afresh in a ``run_dir`` that already holds a run.
-            evaluate: ``evaluate(theta, step) -> dict`` called at θ_k every ``eval_every``
-                steps (logged with step k's record) and once at the end.
-            checkpoint_every: steps between checkpoints (one is also written at the end and
-                on KeyboardInterrupt).
-            progress: show a progress bar on stderr (off by default for library use; the
-                jobs turn it on).
-            plot: write plots of the metrics to ``run_dir/plots`` at the end (off by
-                default; the jobs turn it on).
-            keep_history: keep θ after every step in ``RunResult.history``.
-            estimator_state: the estimator's state to carry (``estimator.init_state()`` by
-                default); pass one to watch or steer it during the run (e.g. SID's
-                ``SIDState.tighten``). It is updated in place and restored on resume.
-
-        Returns:
-            A :class:`RunResult`; a non-finite hypergradient or loss ends the run with status
-            ``"non_finite"`` (and a RuntimeWarning), θ restored to the last good value.
-        """
-        samples = as_sample_set(samples)
-        options = RunOptions(
-            budget=as_budget(budget),
-            run_dir=run_dir,
-            resume=resume,
-            overwrite=overwrite,
-            evaluate=evaluate,
-            eval_every=eval_every,
-            checkpoint_every=checkpoint_every,
-            progress=progress,
-            plot=plot,
-            keep_history=keep_history,
-        )
-        engine = _ISGDEngine(self, problem, samples, estimator_state)
-        return drive(engine, options, {"method": "isgd", "isgd": self.to_config()}, len(samples))
+    ) -> Engine:
+        return _ISGDEngine(self, problem, samples, estimator_state)
 
 
 @dataclass
@@ -216,10 +155,6 @@ class _ISGDEngine(Engine):
         # what the estimator evolves across steps (SID: streams, anchors, accuracy scale)
         if estimator_state is None:
             estimator_state = cfg.estimator.init_state()
-        elif not isinstance(estimator_state, EstimatorState):
-            raise BilevelError(
-                f"estimator_state must be an EstimatorState, got {type(estimator_state).__name__}"
-            )
         self.estimator_state = estimator_state
         # data parallelism (bilevel.distributed): SID shards its finite sum's rows itself;
         # other estimators get this process's instances of each minibatch
@@ -304,18 +239,7 @@ class _ISGDEngine(Engine):
                     self.adjoint = torch.zeros_like(self.x_warm)
                 self.adjoint[where] = hg.adjoint.detach().to(self.adjoint.dtype)
         self.cost += hg.cost.oracle_calls
-        record = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "upper_loss": hg.loss,
-            "eps": p.eps,
-            "delta": p.delta,
-            "alpha": p.alpha,
-            "bound": hg.bound,
-            "cost": self.cost,
-            "grad_norm": hg.norm,
-            "distance": p.distance,
-        }
+        record = self.step_record(hg, p.eps, p.delta, p.alpha, p.distance)
         record.update(hg.metrics)  # estimator reports (SID: t, k, ...)
         self.step += 1
         self.pos += p.index.numel()

@@ -76,11 +76,13 @@ def build(name: str) -> tuple[Any, torch.Tensor, float, float, str]:
     if name == "ridge":
         d = load_sklearn("diabetes", seed=0)
         scale = d.y_train.std()
-        model = ridge_model(d.X_train, d.y_train / scale, d.X_val, d.y_val / scale, -3.0)
+        model = ridge_model(
+            d.X_train, d.y_train / scale, d.X_val, d.y_val / scale, -3.0, lipschitz_margin=1.0
+        )
         ref, what = model.hypergradient().detach(), "closed form"
     else:
         d = load_sklearn("breast_cancer" if name == "logistic" else "digits", seed=0)
-        model = logistic_model(d.X_train, d.y_train, d.X_val, d.y_val, -4.0)
+        model = logistic_model(d.X_train, d.y_train, d.X_val, d.y_val, -4.0, lipschitz_margin=1.0)
         w0 = model.init_w()
         dense = Exact(lower_solver=LBFGS(max_iter=5000), compute_bound=False)
         ref = dense(model.problem, None, w0, lower_tol=1e-12).grad[0].detach()
@@ -88,15 +90,15 @@ def build(name: str) -> tuple[Any, torch.Tensor, float, float, str]:
         check = cg(model.problem, None, w0, lower_tol=1e-12, adjoint_tol=1e-12).grad[0]
         diff = float((check - ref).norm() / ref.norm())
         what = f"dense Exact(); Implicit(CG()) at 1e-12 differs by {diff:.1e}"
+    # the problem states L = smoothness() (ITD's step 1/L, as for the other methods)
     lip, mu = model.smoothness(), model.mu()
-    model.problem.lipschitz = lip  # ITD's step 1/L, as for the other methods
     return model, ref, lip, mu, what
 
 
 def sweep_estimator(method: str, t: int, lip: float):
     """The estimator of ``method`` with t lower and t adjoint iterations of step 1/L."""
     if method == "ITD":
-        return Unrolled(steps=t, compute_bound=False)
+        return Unrolled(steps=t)
     lower = GradientDescent(max_iter=t, lipschitz=lip)
     adjoint = FixedPoint(step=1.0 / lip, max_iter=t) if method == "AID-FP" else CG(max_iter=t)
     return Implicit(adjoint, lower_solver=lower, compute_bound=False, warn_unconverged=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -12,6 +13,13 @@ from bilevel import BilevelProblem
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 torch.set_num_threads(1)  # small tensors: threads only add contention
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuadraticProblem(BilevelProblem):
+    """A problem of :func:`quadratic_problem` with its quartic weight, for the exact answer."""
+
+    quartic: float = 1.0
 
 
 def quadratic_problem(
@@ -45,8 +53,7 @@ def quadratic_problem(
         t_ = batch[3]
         return 0.5 * ((x - t_) ** 2).sum(1) + quartic * 0.25 * (x * x).sum(1) ** 2 / dim
 
-    problem = BilevelProblem(h, f, theta, mu=0.5)
-    problem.quartic = quartic
+    problem = QuadraticProblem(h, f, theta, mu=0.5, quartic=quartic)
     return problem, (a, m, c, t), theta
 
 

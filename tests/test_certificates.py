@@ -6,6 +6,7 @@ promise of the error bound: ``bound_certified`` ⇒ ‖z − ∇F(θ)‖ ≤ ω.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -22,6 +23,15 @@ from bilevel.lower import LBFGS, ConvergenceWarning, GradientDescent, Nesterov
 from bilevel.problem import NotStronglyConvexError
 
 F64 = torch.float64
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RandomQuadratic(BilevelProblem):
+    """A problem of :func:`random_quadratic` with what the checks know about it: the smallest
+    Hessian eigenvalue of each instance and the θ term P of the upper loss (or None)."""
+
+    true_lambda_min: torch.Tensor | None = None
+    upper_projection: torch.Tensor | None = None
 
 
 def random_quadratic(
@@ -78,9 +88,9 @@ def random_quadratic(
             grad = grad + (g @ p).sum(0)
         return grad / n_batch
 
-    problem = BilevelProblem(h, f, theta, mu=float(eig.min()))
-    problem.true_lambda_min = eig.min(1).values
-    problem.upper_projection = p
+    problem = RandomQuadratic(
+        h, f, theta, mu=float(eig.min()), true_lambda_min=eig.min(1).values, upper_projection=p
+    )
     return problem, (a_, m_, c_, t_), exact
 
 
@@ -130,7 +140,7 @@ def test_too_large_mu_is_never_certified(name):
         problem, batch, exact = random_quadratic(
             seed, 2, 6, 2, eig_low=low, eig_high=3.0, pin_low=True
         )
-        problem.mu = 1.0
+        problem = dataclasses.replace(problem, mu=1.0)
         x0 = torch.zeros(2, 6, dtype=F64)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -179,7 +189,7 @@ def test_estimated_mu_is_on_the_safe_side():
     for seed in range(40):
         dim = 5 + (seed * 7) % 70
         problem, batch, exact = random_quadratic(seed, 2, dim, 3, eig_low=0.05, eig_high=5.0)
-        problem.mu = None
+        problem = dataclasses.replace(problem, mu=None)
         consts = BoundConstants(
             upper_grad_lipschitz=1.0, jacobian_lipschitz=0.0, hessian_lipschitz=0.0
         )
@@ -208,7 +218,7 @@ def test_float32_certificate_accounts_for_rounding(name):
         problem, batch, exact = random_quadratic(
             seed, 1, dim, 1, eig_low=0.5, eig_high=2.0, dtype=torch.float32
         )
-        problem.mu = float(problem.true_lambda_min.min())
+        problem = dataclasses.replace(problem, mu=float(problem.true_lambda_min.min()))
         for tol in (1e-2, 1e-4, 1e-5):
             hg = est(problem, batch, torch.zeros(1, dim), lower_tol=tol, adjoint_tol=tol)
             if hg.bound_certified:
@@ -236,7 +246,7 @@ def test_upper_loss_without_x_is_a_clear_error(est, uses_theta):
         out = 0.5 * ((x.detach() - batch[3]) ** 2).sum(1)
         return out + (th * th).sum() if uses_theta else out
 
-    problem.upper_loss = f
+    problem = dataclasses.replace(problem, upper_loss=f)
     kwargs = {} if isinstance(est, Unrolled) else {"lower_tol": 1e-6}
     with pytest.raises(BilevelError, match="upper_loss does not depend on x"):
         est(problem, batch, torch.zeros(2, 4, dtype=F64), **kwargs)
@@ -290,7 +300,7 @@ def test_mu_depending_on_theta_is_evaluated_at_the_current_theta():
 
 def test_mu_per_instance():
     problem, batch, exact = random_quadratic(3, 3, 4, 2)
-    problem.mu = problem.true_lambda_min.clone()
+    problem = dataclasses.replace(problem, mu=problem.true_lambda_min.clone())
     hg = Implicit(CG(), lower_solver=GradientDescent(), compute_bound=True)(
         problem, batch, torch.zeros(3, 4, dtype=F64), lower_tol=1e-2
     )
@@ -450,7 +460,7 @@ def test_property_certified_bounds_never_lie():
                 dtype=dtype,
             )
             if case["stated_mu"]:
-                problem.mu = problem.true_lambda_min.to(dtype)
+                problem = dataclasses.replace(problem, mu=problem.true_lambda_min.to(dtype))
         else:
             problem, batch, exact = logistic(
                 case["seed"],
@@ -461,7 +471,7 @@ def test_property_certified_bounds_never_lie():
                 dtype,
             )
         if not case["stated_mu"]:
-            problem.mu = None
+            problem = dataclasses.replace(problem, mu=None)
         lower = LOWER[case["lower"]]
         est = {
             "implicit": Implicit(LINEAR[case["linear"]], lower_solver=lower, compute_bound=True),
@@ -524,7 +534,7 @@ def test_float32_residuals_are_recomputed_in_float64():
     """ε and δ of a float32 estimate are the float64 residuals at x̃, q̃ (no worst-case margin),
     and the bound still covers the error of the float32 z."""
     problem, batch, exact = random_quadratic(5, 2, 400, 2, dtype=torch.float32)
-    problem.mu = float(problem.true_lambda_min.min())
+    problem = dataclasses.replace(problem, mu=float(problem.true_lambda_min.min()))
     est = Implicit(CG(), compute_bound=True, constants=BoundConstants(upper_grad_lipschitz=1.0))
     hg = est(problem, batch, torch.zeros(2, 400), lower_tol=1e-4, adjoint_tol=1e-4)
     a, m, c, t = (v.to(F64) for v in batch)
@@ -541,7 +551,7 @@ def test_upper_loss_linear_in_x_has_a_zero_hessian():
     """f_i = ⟨t_i, x⟩ (∇ₓf constant, no graph): L_f is computed as 0, the bound certified."""
     for dim in (4, 100):
         problem, batch, _ = random_quadratic(1, 2, dim, 2)
-        problem.upper_loss = lambda x, th, b: (x * b[3]).sum(1)
+        problem = dataclasses.replace(problem, upper_loss=lambda x, th, b: (x * b[3]).sum(1))
         a, m, c, t = batch
         th = problem.theta.detach()
         q = torch.linalg.solve(a, t.unsqueeze(-1)).squeeze(-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -321,7 +322,7 @@ def test_float32_runs():
 
 def test_estimated_mu_is_flagged():
     problem, batch, theta = quadratic_problem()
-    problem.mu = None
+    problem = dataclasses.replace(problem, mu=None)
     hg = Implicit()(problem, batch, torch.zeros(4, 6, dtype=F64), lower_tol=1e-8)
     assert hg.mu_estimated and not hg.bound_certified
     assert 0.4 < hg.mu < 2.0

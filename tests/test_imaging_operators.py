@@ -19,6 +19,7 @@ from bilevel.imaging import (
     InpaintingMask,
     LearnableMask,
     SmoothedTV,
+    WeightedFit,
     gaussian_kernel,
     grid_search_tv,
     lipschitz_bound,
@@ -246,7 +247,7 @@ def test_learnable_operator_problem() -> None:
     op = LearnableMask((1, 1, size, size), init=0.5).double()
     reg = ConvexRidge(num_filters=2, filter_size=3).double()
     problem = reconstruction_problem(reg, op, gamma=0.1, operator_penalty=0.2)
-    assert problem.data_term == "weighted"
+    assert problem.data_term == WeightedFit()
     assert problem.mu == pytest.approx(0.1)
     assert any(p is op.logits for p in problem.params)
     assert float(problem.upper_regulariser(problem.theta).detach()) == pytest.approx(0.1)

@@ -8,7 +8,9 @@ import torch
 
 from bilevel import BilevelProblem
 from bilevel.learning import (
+    CrossValidation,
     FiniteSumModel,
+    HeldOut,
     HypercleaningModel,
     LogisticModel,
     RidgeModel,
@@ -127,41 +129,41 @@ def test_train_loss_over_all_indices_equals_energy(diabetes, cancer, wine):
 def test_problem_exposes_finite_sum_access(diabetes, cancer, wine):
     for model in _all_models(diabetes, cancer, wine):
         problem = model.problem
-        assert problem.n_lower_samples == model.n_train
-        assert problem.n_upper_samples == model.n_val
+        assert problem.finite_sum.n_lower == model.n_train
+        assert problem.finite_sum.n_upper == model.n_val
         for b in (1, 3):
             xs = _random_w(model, b, seed=2)
             # full index: the energies and losses of the deterministic problem
-            full = problem.lower_sample_energy(xs, model.theta, torch.arange(model.n_train))
+            full = problem.finite_sum.lower_energy(xs, model.theta, torch.arange(model.n_train))
             assert full.shape == (b,)
             torch.testing.assert_close(full, problem.energy(xs, None))
-            val = problem.upper_sample_loss(xs, model.theta, torch.arange(model.n_val))
+            val = problem.finite_sum.upper_loss(xs, model.theta, torch.arange(model.n_val))
             assert val.shape == (b,)
             torch.testing.assert_close(val, problem.loss(xs, None))
             # a minibatch is the train / validation loss over those samples
             idx = torch.tensor([0, 2, 2, 5])
             torch.testing.assert_close(
-                problem.lower_sample_energy(xs, model.theta, idx),
+                problem.finite_sum.lower_energy(xs, model.theta, idx),
                 model.train_loss(xs, model.theta, idx).reshape(b),
             )
             torch.testing.assert_close(
-                problem.upper_sample_loss(xs, model.theta, idx),
+                problem.finite_sum.upper_loss(xs, model.theta, idx),
                 model.val_loss(xs, model.theta, idx).reshape(b),
             )
         # the mean over a partition of the samples is the full energy, and θ enters
         w = _random_w(model, seed=3)
         m = model.n_train - model.n_train % 5
         perm = torch.randperm(model.n_train, generator=_gen(1))[:m].reshape(5, -1)
-        parts = torch.stack([problem.lower_sample_energy(w, model.theta, p) for p in perm])
-        kept = problem.lower_sample_energy(w, model.theta, perm.reshape(-1))
+        parts = torch.stack([problem.finite_sum.lower_energy(w, model.theta, p) for p in perm])
+        kept = problem.finite_sum.lower_energy(w, model.theta, perm.reshape(-1))
         torch.testing.assert_close(parts.mean(0), kept)
-        energy = problem.lower_sample_energy(w, model.theta, perm[0])
+        energy = problem.finite_sum.lower_energy(w, model.theta, perm[0])
         (g,) = torch.autograd.grad(energy.sum(), model.theta)
         assert bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0
         with pytest.raises(BilevelError):
-            problem.lower_sample_energy(w, model.theta, torch.tensor([model.n_train]))
+            problem.finite_sum.lower_energy(w, model.theta, torch.tensor([model.n_train]))
         with pytest.raises(BilevelError):
-            problem.upper_sample_loss(w[0], model.theta, torch.tensor([0]))
+            problem.finite_sum.upper_loss(w[0], model.theta, torch.tensor([0]))
 
 
 def test_train_loss_single_sample_formula(cancer):
@@ -576,8 +578,7 @@ def test_cross_validated_ridge_hypergradient_is_the_mean_of_the_folds(diabetes):
     X, y = diabetes.X_train, diabetes.y_train
     theta = torch.linspace(-2.0, 1.0, X.shape[1], dtype=X.dtype)
     folds = random_folds(len(X), 4)
-    model = RidgeModel(X, y, X, y, theta.clone())
-    model.cross_validate(folds)
+    model = RidgeModel(X, y, X, y, theta.clone(), criterion=CrossValidation(folds))
     assert model.n_instances == 4 and torch.equal(model.instance_batch(), torch.arange(4))
     expected = torch.stack(
         [RidgeModel(X[~m], y[~m], X[m], y[m], theta.clone()).hypergradient() for m in folds]
@@ -603,44 +604,64 @@ def test_cross_validated_ridge_hypergradient_is_the_mean_of_the_folds(diabetes):
 
 def test_cross_validation_errors(diabetes, wine):
     X, y = diabetes.X_train, diabetes.y_train
-    model = RidgeModel(X, y, X, y, 0.0)
-    for bad in (
-        torch.ones(1, len(X), dtype=torch.bool),
-        random_folds(len(X), 3)[:, :10],
-        torch.zeros(3, len(X)),
-    ):
+    for bad in (torch.ones(1, len(X), dtype=torch.bool), torch.zeros(3, len(X))):
         with pytest.raises(BilevelError, match="folds must be"):
-            model.cross_validate(bad)
+            CrossValidation(bad)
+    with pytest.raises(BilevelError, match="folds must be"):
+        RidgeModel(X, y, X, y, 0.0, criterion=CrossValidation(random_folds(len(X), 3)[:, :10]))
     empty = random_folds(len(X), 3)
     empty[0] = False
     with pytest.raises(BilevelError, match="every fold"):
-        model.cross_validate(empty)
-    model.cross_validate(random_folds(len(X), 3))
+        CrossValidation(empty)
+    folds = CrossValidation(random_folds(len(X), 3))
+    with pytest.raises(BilevelError, match="validates on the training rows"):
+        RidgeModel(X, y, X.clone(), y, 0.0, criterion=folds)
+    with pytest.raises(BilevelError, match="criterion must be"):
+        RidgeModel(X, y, X, y, 0.0, criterion="cv")
+    model = RidgeModel(X, y, X, y, 0.0, criterion=folds)
     with pytest.raises(BilevelError, match="fold index of each instance"):
         model.lower_energy(model.init_w(3), model.theta, None)
     with pytest.raises(BilevelError, match="fold index of each instance"):
         model.lower_energy(model.init_w(3), model.theta, torch.tensor([0, 1, 5]))
-    assert model.problem.lower_sample_energy is None  # SID has no minibatches to draw here
+    assert model.problem.finite_sum is None  # SID has no minibatches to draw here
     y_noisy, _ = corrupt_labels(wine.y_train, 0.2, 3, seed=0)
-    cleaning = HypercleaningModel(wine.X_train, y_noisy, wine.X_val, wine.y_val, 0.0, 3)
     with pytest.raises(BilevelError, match="per-feature models"):
-        cleaning.cross_validate(random_folds(wine.n_train, 3))
+        HypercleaningModel(
+            wine.X_train,
+            y_noisy,
+            wine.X_train,
+            y_noisy,
+            0.0,
+            3,
+            criterion=CrossValidation(random_folds(wine.n_train, 3)),
+        )
 
 
-def test_cross_validation_keeps_a_mu_that_is_a_function_of_theta(diabetes):
-    """A μ stated as a function of θ survives cross_validate: the data curvature, which no
-    longer applies to a training part, is taken off its values."""
+def test_cross_validation_from_a_scikit_learn_splitter(diabetes):
+    """CrossValidation.from_splitter: fold k is the test part of the splitter's k-th split,
+    and the criterion leaves the held-out model of the same data untouched."""
+    from sklearn.model_selection import KFold
+
     X, y = diabetes.X_train, diabetes.y_train
-    theta = torch.linspace(-2.0, 1.0, X.shape[1], dtype=X.dtype)
-    model = RidgeModel(X, y, X, y, theta.clone(), exact_mu=True)
-    curvature = model.data_curvature
-    assert curvature > 0
-    model.problem.mu = lambda th, batch: curvature + th.detach().exp().min()
-    model.cross_validate(random_folds(len(X), 3))
-    like = model.init_w(3)
-    mu = model.problem.mu_values(model.instance_batch(), like)
-    torch.testing.assert_close(mu, theta.exp().min().expand(3))
+    splitter = KFold(3, shuffle=True, random_state=0)
+    cv = CrossValidation.from_splitter(splitter, len(X))
+    for k, (_, test) in enumerate(splitter.split(X.numpy())):
+        assert sorted(cv.folds[k].nonzero()[:, 0].tolist()) == sorted(test.tolist())
+    held_out = RidgeModel(X, y, X, y, 0.0)
+    crossed = RidgeModel(X, y, X, y, 0.0, criterion=cv)
+    assert isinstance(held_out.criterion, HeldOut) and held_out.folds is None
+    assert held_out.n_instances == 1 and crossed.n_instances == 3
+    assert held_out.problem.finite_sum is not None
+
+
+def test_stated_lipschitz_bound_follows_theta(diabetes):
+    X, y = diabetes.X_train, diabetes.y_train
+    plain = RidgeModel(X, y, X, y, 0.0)
+    assert plain.problem.lipschitz is None
+    model = RidgeModel(X, y, X, y, 0.0, lipschitz_margin=1.1)
+    assert model.problem.lipschitz_bound() == pytest.approx(1.1 * model.smoothness())
     with torch.no_grad():
-        model.theta.add_(0.5)  # evaluated at the current θ
-    mu = model.problem.mu_values(model.instance_batch(), like)
-    torch.testing.assert_close(mu, (theta + 0.5).exp().min().expand(3))
+        model.theta.add_(1.0)
+    assert model.problem.lipschitz_bound() == pytest.approx(1.1 * model.smoothness())
+    with pytest.raises(BilevelError, match="lipschitz_margin"):
+        RidgeModel(X, y, X, y, 0.0, lipschitz_margin=0.5)

@@ -16,8 +16,7 @@ import pytest
 import torch
 from conftest import quadratic_problem
 
-from bilevel.methods import ISGD, TensorSamples
-from bilevel.methods.common import ranked_by
+from bilevel.methods import ISGD, TensorSamples, ranked_by
 from bilevel.problem import BilevelError
 from bilevel.runs import (
     METRIC_KEYS,

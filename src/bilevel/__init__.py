@@ -26,9 +26,11 @@ _EXPORTS: dict[str, str] = {
     "BoundConstants": "bilevel.bounds",
     **dict.fromkeys(
         (
-            "Estimator",
+            "AdjointEstimator",
+            "EstimatorState",
             "Exact",
             "Hypergradient",
+            "HypergradientEstimator",
             "Implicit",
             "JacobianFree",
             "Unrolled",
@@ -54,12 +56,19 @@ _EXPORTS: dict[str, str] = {
         "bilevel.methods",
     ),
     **dict.fromkeys(
-        ("BilevelError", "BilevelProblem", "NonFiniteError", "NotStronglyConvexError"),
+        (
+            "BilevelError",
+            "BilevelProblem",
+            "FiniteSum",
+            "NonFiniteError",
+            "NotStronglyConvexError",
+        ),
         "bilevel.problem",
     ),
     **dict.fromkeys(
         (
             "SID",
+            "SIDState",
             "StochasticFixedPoint",
             "StochasticLinearFixedPoint",
             "VarianceReducedFixedPoint",
@@ -92,9 +101,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from bilevel.autodiff import Cost  # noqa: F401
     from bilevel.bounds import BoundConstants  # noqa: F401
     from bilevel.hypergrad import (  # noqa: F401
-        Estimator,
+        AdjointEstimator,
+        EstimatorState,
         Exact,
         Hypergradient,
+        HypergradientEstimator,
         Implicit,
         JacobianFree,
         Unrolled,
@@ -121,11 +132,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from bilevel.problem import (  # noqa: F401
         BilevelError,
         BilevelProblem,
+        FiniteSum,
         NonFiniteError,
         NotStronglyConvexError,
     )
     from bilevel.stochastic import (  # noqa: F401
         SID,
+        SIDState,
         StochasticFixedPoint,
         StochasticLinearFixedPoint,
         VarianceReducedFixedPoint,

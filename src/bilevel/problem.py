@@ -207,9 +207,47 @@ def _leaves(batch: Batch) -> list[Tensor]:
     return []
 
 
-@dataclass
+@dataclass(frozen=True)
+class FiniteSum:
+    """Minibatch access to a lower level that is a finite sum h = (1/N) Σ_j ℓ_j (+ regulariser),
+    and optionally to an upper level that is one too: what stochastic estimators (SID) need.
+
+    Attributes:
+        lower_energy: ``(x, theta, index) -> (B,)`` unbiased estimates of h using only the
+            samples ``index`` (a LongTensor of positions in 0..N-1).
+        n_lower: N, the number of samples of the lower-level sum.
+        upper_loss: optional ``(x, theta, index) -> (B,)`` unbiased minibatch estimate of f over
+            its own ``n_upper`` samples (e.g. validation points).
+        n_upper: the number of samples of the upper-level sum.
+    """
+
+    lower_energy: Callable[[Tensor, Any, Tensor], Tensor]
+    n_lower: int
+    upper_loss: Callable[[Tensor, Any, Tensor], Tensor] | None = None
+    n_upper: int | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.lower_energy):
+            raise BilevelError("FiniteSum.lower_energy must be a callable (x, theta, index)")
+        for name, fn, n in (
+            ("n_lower", self.lower_energy, self.n_lower),
+            ("n_upper", self.upper_loss, self.n_upper),
+        ):
+            if fn is None:
+                continue
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise BilevelError(f"FiniteSum.{name} must be a positive integer, got {n!r}")
+        if self.upper_loss is not None and not callable(self.upper_loss):
+            raise BilevelError("FiniteSum.upper_loss must be a callable (x, theta, index)")
+
+
+@dataclass(frozen=True, eq=False)
 class BilevelProblem:
     """A bilevel problem: lower-level energy h, upper-level loss f, parameters θ, modulus μ.
+
+    Immutable once built: its constants are stated here (a constant that moves with θ is
+    a callable evaluated at the current θ); ``dataclasses.replace(problem, mu=...)`` gives a
+    problem with another μ. Only the values of θ's tensors change during training.
 
     Attributes:
         lower_energy: h(x, theta, batch) -> (B,) energies, μ-strongly convex and smooth in x.
@@ -226,14 +264,8 @@ class BilevelProblem:
         lipschitz: optional upper bound on the Lipschitz constant of ∇ₓh (the largest Hessian
             eigenvalue over all x), a number or a callable evaluated at the current θ.  Lower
             solvers use 1/lipschitz as a step; without it they estimate it by power iteration.
-        lower_sample_energy: optional stochastic access to a lower level that is a finite sum
-            h = (1/N) Σ_j ℓ_j (+ regulariser): ``lower_sample_energy(x, theta, index)`` returns
-            (B,) unbiased estimates of h using only the samples ``index`` (a LongTensor of
-            positions in 0..N-1).  Needed by stochastic estimators (SID).
-        n_lower_samples: N, the number of samples in that finite sum.
-        upper_sample_loss: optional ``(x, theta, index) -> (B,)`` unbiased minibatch estimate
-            of f over its own ``n_upper_samples`` samples (e.g. validation points).
-        n_upper_samples: number of samples of the upper-level finite sum.
+        finite_sum: optional :class:`FiniteSum`, minibatch access to the lower (and upper)
+            level, needed by stochastic estimators (SID).
     """
 
     lower_energy: EnergyFn
@@ -242,10 +274,7 @@ class BilevelProblem:
     mu: Constant = None
     upper_regulariser: Callable[[Any], Tensor] | None = None
     lipschitz: float | Callable[[], float] | None = None
-    lower_sample_energy: Callable[[Tensor, Any, Tensor], Tensor] | None = None
-    n_lower_samples: int | None = None
-    upper_sample_loss: Callable[[Tensor, Any, Tensor], Tensor] | None = None
-    n_upper_samples: int | None = None
+    finite_sum: FiniteSum | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.lower_energy) or not callable(self.upper_loss):
@@ -256,16 +285,12 @@ class BilevelProblem:
                 raise BilevelError(
                     f"mu (strong-convexity modulus) must be a finite positive number, got {mu}"
                 )
-            self.mu = mu
+            object.__setattr__(self, "mu", mu)
         parameter_list(self.theta)  # validates theta
-        for fn, n, what in (
-            (self.lower_sample_energy, self.n_lower_samples, "lower"),
-            (self.upper_sample_loss, self.n_upper_samples, "upper"),
-        ):
-            if fn is not None and (n is None or int(n) < 1):
-                raise BilevelError(
-                    f"{what}_sample_* given without a positive n_{what}_samples (got {n})"
-                )
+        if self.finite_sum is not None and not isinstance(self.finite_sum, FiniteSum):
+            raise BilevelError(
+                f"finite_sum must be a FiniteSum, got {type(self.finite_sum).__name__}"
+            )
 
     @property
     def params(self) -> list[Tensor]:

@@ -269,7 +269,7 @@ class DegradedImages(torch.utils.data.Dataset):
 
     ``operator`` (default identity) must be fixed: an operator with trainable parameters (e.g.
     ``LearnableMask``) would change y with θ. For learned sampling, use the full noisy data
-    (``operator=None``) with ``reconstruction_problem(..., data_term="weighted")``.
+    (``operator=None``) with ``reconstruction_problem(..., data_term=WeightedFit())``.
 
     ``masks``: optional per-sample masks (N, 1|C, H, W) for an ``InpaintingMask`` operator
     without a stored mask: y_i = m_i ⊙ x_i + σ ε_i and every batch also returns m_i.
@@ -294,7 +294,7 @@ class DegradedImages(torch.utils.data.Dataset):
             raise BilevelError(
                 "DegradedImages freezes y = A x + σε, but the operator has trainable parameters, "
                 "so y would not follow θ; for a learnable sampling pattern pass operator=None "
-                "(y = x + σε) and use reconstruction_problem(..., data_term='weighted')"
+                "(y = x + σε) and use reconstruction_problem(..., data_term=WeightedFit())"
             )
         if masks is not None:
             if masks.dim() != 4 or masks.shape[0] != clean.shape[0]:

@@ -83,8 +83,8 @@ from bilevel.imaging.tasks import (
 )
 from bilevel.linear import CG
 from bilevel.lower import Nesterov
-from bilevel.methods import ISGD, MAID, Budget, RunResult, with_initial
-from bilevel.methods.common import load_params, ranked_by
+from bilevel.methods import ISGD, MAID, Budget, RunResult, ranked_by, with_initial
+from bilevel.methods.optim import load_params
 from bilevel.problem import BilevelError, BilevelProblem
 from bilevel.runs import (
     RunLock,
@@ -125,29 +125,41 @@ class Setup:
     val: DegradedImages | None = None
 
 
+def _ridge_network(config: ImagingConfig, channels: int) -> Regulariser:
+    layers, kernel = ridge_layers(_filter_size(config))
+    model = ConvexRidgeNetwork if config.regulariser == "crr" else WeaklyConvexRidge
+    return model(config.filters, channels, layers, kernel, noise_level=float(config.sigma) / 255.0)
+
+
+def _filter_size(config: ImagingConfig) -> int:
+    return config.filter_size or FILTER_SIZES.get(config.regulariser, 5)
+
+
+#: The regulariser of each ``--regulariser`` name at its initial θ: ``build(config, channels)``.
+REGULARISER_BUILDERS: dict[str, Callable[[ImagingConfig, int], Regulariser]] = {
+    "foe": lambda config, channels: FieldsOfExperts(
+        config.filters,
+        _filter_size(config),
+        init="directional",
+        channels=channels,
+        smoothing=FOE_SMOOTHING,
+        learn_smoothing=True,
+        seed=config.seed,
+    ),
+    "crr": _ridge_network,
+    "wcrr": _ridge_network,
+    "ridge": lambda config, channels: ConvexRidge(
+        config.filters, _filter_size(config), channels=channels, seed=config.seed
+    ),
+    "icnn": lambda config, channels: InputConvexNetwork(channels=channels, seed=config.seed),
+    "tv": lambda config, channels: SmoothedTV(strength=0.02),
+}
+
+
 def make_regulariser(config: ImagingConfig, channels: int) -> Regulariser:
-    """The regulariser of ``config.regulariser`` at its initial θ, for ``channels`` channels."""
-    size = config.filter_size or FILTER_SIZES.get(config.regulariser, 5)
-    if config.regulariser in ("crr", "wcrr"):
-        layers, kernel = ridge_layers(size)
-        model = ConvexRidgeNetwork if config.regulariser == "crr" else WeaklyConvexRidge
-        sigma = float(config.sigma) / 255.0
-        return model(config.filters, channels, layers, kernel, noise_level=sigma)
-    if config.regulariser == "foe":
-        return FieldsOfExperts(
-            config.filters,
-            size,
-            init="directional",
-            channels=channels,
-            smoothing=FOE_SMOOTHING,
-            learn_smoothing=True,
-            seed=config.seed,
-        )
-    if config.regulariser == "ridge":
-        return ConvexRidge(config.filters, size, channels=channels, seed=config.seed)
-    if config.regulariser == "icnn":
-        return InputConvexNetwork(channels=channels, seed=config.seed)
-    return SmoothedTV(strength=0.02)
+    """The regulariser of ``config.regulariser`` at its initial θ, for ``channels`` channels
+    (:data:`REGULARISER_BUILDERS`)."""
+    return REGULARISER_BUILDERS[config.regulariser](config, channels)
 
 
 @torch.no_grad()
@@ -249,7 +261,7 @@ def check_options(config: ImagingConfig, *, resume: bool = False, overwrite: boo
         raise BilevelError(
             f"--crop must be at least {SSIM_WINDOW} pixels (the SSIM window), got {config.crop}"
         )
-    size = config.filter_size or FILTER_SIZES.get(config.regulariser, 5)
+    size = _filter_size(config)
     if config.regulariser in ("foe", "ridge", "crr", "wcrr") and config.crop < size:
         raise BilevelError(
             f"--crop {config.crop} is smaller than --filter-size {size}: the "
@@ -424,7 +436,7 @@ def sharded_reconstruct(
 
 def ranked(evaluation: Callable[[Any, int], dict[str, Any]], setup: Setup) -> Callable:
     """``evaluation`` ranked by validation PSNR when the setup has validation crops (the run
-    keeps the θ of the best one, see :func:`bilevel.methods.common.ranked_by`), else as is."""
+    keeps the θ of the best one, see :func:`bilevel.methods.ranked_by`), else as is."""
     return evaluation if setup.val is None else ranked_by(evaluation, "val_psnr", "max")
 
 
@@ -511,7 +523,7 @@ def run(
     config = replace(
         config,
         run_dir=str(run_dir),
-        filter_size=config.filter_size or FILTER_SIZES.get(config.regulariser, 5),
+        filter_size=_filter_size(config),
     )
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
@@ -557,8 +569,9 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
         calibrate_convex_ridge(regulariser, tv.strength)
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=config.budget, wall_time=config.time)
+    method = make_method(config)
     test = TestEvaluation(
-        setup, None if config.method == "maid" else "not computed: ISGD steps do not use ω"
+        setup, None if isinstance(method, MAID) else "not computed: ISGD steps do not use ω"
     )
     eval_tol = test.tol
     if tensorboard is None:
@@ -569,7 +582,7 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
             test, tensorboard, lambda: reconstruct(setup.problem, shown, tol=eval_tol), regulariser
         )
         evaluate = ranked(logged, setup)
-    result: RunResult = make_method(config).run(
+    result: RunResult = method.run(
         setup.problem,
         samples,
         budget,

@@ -10,9 +10,10 @@ Hessian-vector products in closed form through :mod:`bilevel.imaging.ridge`). Ea
   Lipschitz constant of ∇R_θ), evaluated at the current θ, or ``None`` when none is known;
 * ``weak_convexity_bound()``: ρ ≥ 0 with ∇²R_θ(x) ⪰ −ρ I for every x and every admissible θ
   (0 for convex models, ``None`` when unknown): ½‖Ax − y‖² + R_θ(x) is then (s² − ρ)-strongly
-  convex when σ_min(A) ≥ s, the margin ``reconstruction_problem`` uses as μ;
-* ``project_()``: the projection P of θ onto its admissible set (in place), a no-op where the
-  constraints hold by construction.
+  convex when σ_min(A) ≥ s, the margin ``reconstruction_problem`` uses as μ.
+
+Constraints on θ (zero-mean filters, non-negative weights) hold by construction, for any stored
+values, so that unconstrained optimisers apply without a projection.
 
 Parameters may be float32 while x is float64: they are cast to the dtype and device of x.
 Learned filters are applied to the reflect-padded image by default (``boundary="reflect"``: H×W
@@ -52,7 +53,7 @@ __all__ = [
 
 
 class Regulariser(nn.Module):
-    """Base class: ``forward(x) -> (B,)``, ``convex``, ``curvature_bound()``, ``project_()``."""
+    """Base class: ``forward(x) -> (B,)``, ``convex``, ``curvature_bound()``."""
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -68,11 +69,6 @@ class Regulariser(nn.Module):
     def weak_convexity_bound(self) -> float | None:
         """ρ with ∇²R(x) ⪰ −ρ I for all x and all admissible θ: 0 if convex, else None."""
         return 0.0 if self.convex else None
-
-    @torch.no_grad()
-    def project_(self) -> Regulariser:
-        """Project θ onto its admissible set in place (default: nothing to do)."""
-        return self
 
 
 _SMOOTHED_L1 = SmoothedL1()
@@ -283,7 +279,7 @@ class FieldsOfExperts(Regulariser):
 
     ``filters`` k_k: (K, C, s, s), applied across all C channels ("valid" correlation); they are
     zero-mean by construction (the mean over (C, s, s) of each stored filter is subtracted in
-    the forward pass) and ``project_()`` removes it from the stored values. Weights exp(α_k) > 0.
+    the forward pass). Weights exp(α_k) > 0.
 
     Potentials, with a smoothing ν_k > 0 per filter on the scale of filter responses of [0, 1]
     images (initially ``smoothing``; learned as log ν_k when ``learn_smoothing``):
@@ -379,11 +375,6 @@ class FieldsOfExperts(Regulariser):
             w = self.log_weights.double().exp() * max_phi2
             return _filter_bank_bound(self.effective_filters(), w) * _padding_gain(self.boundary)
 
-    @torch.no_grad()
-    def project_(self) -> FieldsOfExperts:
-        self.filters.sub_(self.filters.mean(dim=(1, 2, 3), keepdim=True))
-        return self
-
 
 # --------------------------------------------------------------------------------------------
 # Convex ridge regulariser
@@ -399,8 +390,8 @@ class ConvexRidge(Regulariser):
     and ≈ |t| − σ_m log 2 far away, with second derivative sech²(t/σ_m)/σ_m ≤ 1/σ_m. Hence R is
     convex for every θ and ``curvature_bound()`` bounds λ_max(Σ_k (Σ_m c_{km}/σ_m) W_kᵀW_k)
     through the filter symbols (at most Σ_k (Σ_m c_{km}/σ_m) Σ_c ‖w_{k,c}‖₁²).
-    Filters w_k: (K, C, s, s), zero-mean by construction when ``zero_mean`` (``project_()``
-    removes the mean from the stored values). Initially ψ_k(t) ≈ ``init_weight``·|t|.
+    Filters w_k: (K, C, s, s), zero-mean by construction when ``zero_mean`` (the mean of
+    each stored filter is subtracted in the forward pass). Initially ψ_k(t) ≈ ``init_weight``·|t|.
     """
 
     def __init__(
@@ -460,12 +451,6 @@ class ConvexRidge(Regulariser):
             psi2 = (c / self.scales.double()).sum(1)  # (K,) bound on ψ_k''
             bank = _filter_bank_bound(self.effective_filters(), psi2)
             return bank * _padding_gain(self.boundary)
-
-    @torch.no_grad()
-    def project_(self) -> ConvexRidge:
-        if self.zero_mean:
-            self.filters.sub_(self.filters.mean(dim=(1, 2, 3), keepdim=True))
-        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -768,8 +753,8 @@ class InputConvexNetwork(Regulariser):
     non-negative z-path weights U_l ≥ 0 and output weights a ≥ 0. Non-negativity:
 
     * ``positivity="clamp"`` (default): the energy uses max(U, 0) and max(a, 0), so R is convex
-      for any stored values; ``project_()`` clamps the stored values at 0 (projected steps);
-    * ``positivity="softplus"``: U = softplus(V), a = softplus(v) (``project_()`` is a no-op).
+      for any stored values;
+    * ``positivity="softplus"``: U = softplus(V), a = softplus(v).
 
     ``curvature_bound()`` propagates layer bounds: with P₁ = ‖W₀‖, c₁ = P₁²/4 and
     P_{l+1} = ‖U_l‖P_l + ‖W_l‖, c_{l+1} = P_{l+1}²/4 + ‖U_l‖_{1→1} c_l, λ_max(∇²R) ≤ max(a)·c_L
@@ -859,11 +844,3 @@ class InputConvexNetwork(Regulariser):
         """Upper bound on the 2-norm of a multi-channel convolution with weight (out, in, k, k)."""
         ones = torch.ones(weight.shape[0], dtype=torch.float64)
         return min(_conv_norm_bound(weight.double()), math.sqrt(_filter_bank_bound(weight, ones)))
-
-    @torch.no_grad()
-    def project_(self) -> InputConvexNetwork:
-        if self.positivity == "clamp":
-            for u in self.z_weights:
-                u.clamp_(min=0.0)
-            self.out_weights.clamp_(min=0.0)
-        return self

@@ -2,13 +2,13 @@
 
 Lower level, per image i (batch = (y, x_true) or (y, x_true, mask), leading dimension B):
 
-    h_i(x, θ) = ½‖A x − y_i‖² + R_θ(x) + (γ/2)‖x‖²        (data_term="measurement")
-    h_i(x, θ) = ½‖A (x − y_i)‖² + R_θ(x) + (γ/2)‖x‖²      (data_term="weighted")
+    h_i(x, θ) = ½‖A x − y_i‖² + R_θ(x) + (γ/2)‖x‖²        (data_term=MeasurementFit())
+    h_i(x, θ) = ½‖A (x − y_i)‖² + R_θ(x) + (γ/2)‖x‖²      (data_term=WeightedFit())
 
 Upper level: f_i(x) = ½‖x − x_i^true‖². All norms are sums over the pixels and channels of one
 image, so energies and losses have shape (B,) and scale with the image size.
 
-The "weighted" data term is the model of learned sampling patterns: y_i = x_i^true + σε_i is the
+The weighted data term is the model of learned sampling patterns: y_i = x_i^true + σε_i is the
 full noisy image and A = diag(w) selects / weights what is kept, so the data depend on θ only
 through A. It is the default when the operator has trainable parameters.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,11 @@ from bilevel.lower import LBFGS, LowerSolver, solve_lower
 from bilevel.problem import BilevelError, BilevelProblem
 
 __all__ = [
+    "DataTerm",
     "GridSearchResult",
+    "MeasurementFit",
+    "ReconstructionProblem",
+    "WeightedFit",
     "grid_search_tv",
     "lipschitz_bound",
     "reconstruct",
@@ -50,15 +55,53 @@ def _split_batch(batch) -> tuple[Tensor, Tensor, dict]:
     return batch[0], batch[1], extra
 
 
+class DataTerm:
+    """The data term ½‖r‖² of the lower level: :meth:`residual` gives r for an image x."""
+
+    def residual(self, operator: LinearOperator, x: Tensor, y: Tensor, extra: dict) -> Tensor:
+        """The residual r(x) whose half squared norm is the data term (shape of y)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MeasurementFit(DataTerm):
+    """½‖A x − y‖²: y = A x_true + noise, a measurement of the operator."""
+
+    def residual(self, operator: LinearOperator, x: Tensor, y: Tensor, extra: dict) -> Tensor:
+        return operator(x, **extra) - y
+
+
+@dataclass(frozen=True)
+class WeightedFit(DataTerm):
+    """½‖A (x − y)‖²: y = x_true + noise, the full noisy image, weighted by A (learned
+    sampling: the data depend on θ only through A)."""
+
+    def residual(self, operator: LinearOperator, x: Tensor, y: Tensor, extra: dict) -> Tensor:
+        return operator(x - y, **extra)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ReconstructionProblem(BilevelProblem):
+    """The problem of :func:`reconstruction_problem`, with the constants it was built from.
+
+    Attributes:
+        gamma: γ ≥ 0 of the (γ/2)‖x‖² term.
+        data_term: the :class:`DataTerm`.
+    """
+
+    gamma: float = 0.0
+    data_term: DataTerm = field(default_factory=MeasurementFit)
+
+
 def reconstruction_problem(
     regulariser: Regulariser,
     operator: LinearOperator | None = None,
     gamma: float = 0.0,
     mu: float | None = None,
     *,
-    data_term: str | None = None,
+    data_term: DataTerm | None = None,
     operator_penalty: float = 0.0,
-) -> BilevelProblem:
+) -> ReconstructionProblem:
     """The bilevel problem of learning ``regulariser`` (and a learnable ``operator``).
 
     θ is ``nn.ModuleDict({"regulariser": R, "operator": A})``: its trainable parameters are
@@ -72,8 +115,10 @@ def reconstruction_problem(
     * with a non-convex R without such a bound (Student-t Fields of Experts), μ is None (to be
       estimated) unless ``mu`` is given. A given ``mu`` always takes precedence.
 
-    ``data_term``: "measurement" (y = A x_true + noise) or "weighted" (y = x_true + noise, for
-    learned sampling); default "weighted" iff A has trainable parameters. ``operator_penalty``
+    ``data_term``: :class:`MeasurementFit` (y = A x_true + noise) or :class:`WeightedFit`
+    (y = x_true + noise, for learned sampling); default the weighted fit iff A has trainable
+    parameters. The Lipschitz bound of ∇ₓh (:func:`lipschitz_bound`, at the current θ) is
+    stated when R has a curvature bound. ``operator_penalty``
     β > 0 adds the upper-level term β·A.sampling_cost() (e.g. β·mean(w) for ``LearnableMask``).
     A third batch entry is a per-instance mask passed to an ``InpaintingMask`` operator.
     """
@@ -87,9 +132,11 @@ def reconstruction_problem(
         raise BilevelError(f"gamma must be a finite non-negative number, got {gamma}")
     learnable_op = any(p.requires_grad for p in operator.parameters())
     if data_term is None:
-        data_term = "weighted" if learnable_op else "measurement"
-    if data_term not in ("measurement", "weighted"):
-        raise BilevelError(f"data_term must be 'measurement' or 'weighted', got {data_term!r}")
+        data_term = WeightedFit() if learnable_op else MeasurementFit()
+    if not isinstance(data_term, DataTerm):
+        raise BilevelError(
+            f"data_term must be MeasurementFit() or WeightedFit(), got {data_term!r}"
+        )
     s = operator.norm_lower_bound()
     mu_data = s * s + gamma
     if not mu_data > 0:
@@ -118,14 +165,12 @@ def reconstruction_problem(
         def regulariser_penalty(th: nn.ModuleDict) -> Tensor:
             return beta * th["operator"].sampling_cost()
 
-    weighted = data_term == "weighted"
-
     def lower_energy(x: Tensor, th: nn.ModuleDict, batch) -> Tensor:
         y, _, extra = _split_batch(batch)
         a = th["operator"]
         if extra and not isinstance(a, InpaintingMask):
             raise BilevelError("a per-instance mask in the batch needs an InpaintingMask operator")
-        r = a(x - y, **extra) if weighted else a(x, **extra) - y
+        r = data_term.residual(a, x, y, extra)
         energy = 0.5 * _sum_per_image(r * r) + th["regulariser"](x)
         if gamma:
             energy = energy + 0.5 * gamma * _sum_per_image(x * x)
@@ -136,18 +181,23 @@ def reconstruction_problem(
         return 0.5 * _sum_per_image(d * d)
 
     theta = nn.ModuleDict({"regulariser": regulariser, "operator": operator})
-    problem = BilevelProblem(
-        lower_energy, upper_loss, theta, mu=mu, upper_regulariser=regulariser_penalty
-    )
-    problem.gamma = gamma
-    problem.data_term = data_term
+    lipschitz = None
     if regulariser.curvature_bound() is not None:
-        problem.lipschitz = lambda: lipschitz_bound(problem)
-    return problem
+        lipschitz = partial(lipschitz_bound, regulariser, operator, gamma)
+    return ReconstructionProblem(
+        lower_energy,
+        upper_loss,
+        theta,
+        mu=mu,
+        upper_regulariser=regulariser_penalty,
+        lipschitz=lipschitz,
+        gamma=gamma,
+        data_term=data_term,
+    )
 
 
 def lipschitz_bound(
-    regulariser: Regulariser | BilevelProblem,
+    regulariser: Regulariser | ReconstructionProblem,
     operator: LinearOperator | None = None,
     gamma: float = 0.0,
 ) -> float | None:
@@ -158,7 +208,7 @@ def lipschitz_bound(
     """
     if isinstance(regulariser, BilevelProblem):
         problem = regulariser
-        if not hasattr(problem, "gamma"):
+        if not isinstance(problem, ReconstructionProblem):
             raise BilevelError("lipschitz_bound needs a problem made by reconstruction_problem")
         regulariser, operator = problem.theta["regulariser"], problem.theta["operator"]
         gamma = problem.gamma
@@ -242,7 +292,7 @@ def grid_search_tv(
 
     def score(lam: float) -> float:
         tv = SmoothedTV(strength=lam, smoothing=smoothing).to(dtype=y.dtype)
-        problem = reconstruction_problem(tv, op, gamma=gamma, data_term="measurement")
+        problem = reconstruction_problem(tv, op, gamma=gamma, data_term=MeasurementFit())
         x = reconstruct(problem, batch, tol=tol, max_iter=max_iter)
         return float(psnr(x, x_true).mean())
 

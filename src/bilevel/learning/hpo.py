@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from bilevel.autodiff import Cost, LowerLevel
-from bilevel.hypergrad import Estimator, Implicit, Unrolled
+from bilevel.hypergrad import HypergradientEstimator, Implicit, Unrolled
 from bilevel.learning.config import (
     DEFAULT_METHOD_RULE,
     DEFAULT_PRIOR_STD,
@@ -64,6 +64,7 @@ from bilevel.learning.datasets import (
     stack_rows,
 )
 from bilevel.learning.models import (
+    CrossValidation,
     FiniteSumModel,
     HypercleaningModel,
     LogisticModel,
@@ -90,12 +91,12 @@ __all__ = [
     "DEFAULT_PRIOR_STD",
     "DEFAULT_STEP",
     "DEFAULT_THETA_RANGE",
+    "LIPSCHITZ_MARGIN",
     "METHODS",
     "MODELS",
     "SID_MAX_INNER",
     "SID_MIN_TRAIN",
     "SID_SOLVERS",
-    "attach_lipschitz",
     "box_projection",
     "build_model",
     "default_method",
@@ -116,7 +117,9 @@ DEFAULT_THETA_RANGE: dict[str, tuple[float, float]] = {
 }
 #: Default size of the synthetic data sets: ``synthetic`` = ``synthetic:10000:100``.
 SYNTHETIC_DEFAULT = (10_000, 100)
-_LIPSCHITZ_MARGIN = 1.1
+#: Margin on the power-iteration Lipschitz estimate that the models state (an estimate from
+#: below of ‖X‖₂²).
+LIPSCHITZ_MARGIN = 1.1
 #: η of SID's fixed-point map steps (of the map w − ∇_w ĥ(w)/L(θ): SGD with step η/L)
 SID_MAP_STEP = 0.5
 #: SID's preconditioned solvers: step β/λ̂ (λ̂ the measured preconditioned curvature) and
@@ -300,20 +303,6 @@ def _read_file(
     return X, y, n_found, names
 
 
-def attach_lipschitz(model: FiniteSumModel, margin: float = _LIPSCHITZ_MARGIN) -> float:
-    """State L(θ) = margin · ``model.smoothness()`` as the problem's Lipschitz bound of ∇_w h,
-    so that solvers take steps 1/L(θ) without estimating it at every call (‖X‖₂² is computed
-    once, by power iteration: an estimate from below, hence the margin, default 1.1). Returns
-    L at the current θ.
-    """
-
-    def lipschitz() -> float:
-        return margin * model.smoothness()
-
-    model.problem.lipschitz = lipschitz
-    return lipschitz()
-
-
 def build_model(
     data: SplitData,
     model: str = "logistic",
@@ -336,8 +325,8 @@ def build_model(
     models fit an intercept with a small fixed ℓ2 strength (1e-4) when ``fit_intercept``.
     ``shrinkage`` ρ adds (ρ/2)‖θ − mean(θ)‖² to the upper level of ridge and logistic models.
     ``cv`` = K: the upper level is the K-fold cross-validation loss over the training and
-    validation rows together (seeded random folds; :meth:`FiniteSumModel.cross_validate`).
-    The problem's Lipschitz bound is attached (:func:`attach_lipschitz`).
+    validation rows together (seeded random folds; :class:`CrossValidation`). The problem
+    states the Lipschitz bound :data:`LIPSCHITZ_MARGIN` · ``smoothness()``.
     """
     if model not in MODELS:
         raise BilevelError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
@@ -352,12 +341,14 @@ def build_model(
     if model == "hypercleaning" and cv is not None:
         raise BilevelError("cross validation applies to the logistic and ridge models only")
     args = (data.X_train, data.y_train, data.X_val, data.y_val, theta0)
+    options = {"lipschitz_margin": LIPSCHITZ_MARGIN}
     if cv is not None:  # the training and validation rows, in K folds
         X = stack_rows(data.X_train, data.X_val)
         y = torch.cat([data.y_train, data.y_val])
         args = (X, y, X, y, theta0)
+        options["criterion"] = CrossValidation(random_folds(X.shape[0], cv, seed))
     if model == "ridge":
-        out: FiniteSumModel = RidgeModel(*args, theta_lower=lo, shrinkage=shrinkage)
+        out: FiniteSumModel = RidgeModel(*args, theta_lower=lo, shrinkage=shrinkage, **options)
     elif model == "logistic":
         out = LogisticModel(
             *args,
@@ -365,6 +356,7 @@ def build_model(
             fit_intercept=fit_intercept,
             theta_lower=lo,
             shrinkage=shrinkage,
+            **options,
         )
     else:
         y_noisy, corrupted = corrupt_labels(data.y_train, label_noise, data.n_classes, seed=seed)
@@ -378,10 +370,8 @@ def build_model(
             l2=l2,
             fit_intercept=fit_intercept,
             corrupted=corrupted if label_noise > 0 else None,  # known only when injected
+            **options,
         )
-    if cv is not None:
-        out.cross_validate(random_folds(out.n_train, cv, seed))
-    attach_lipschitz(out)
     return out
 
 
@@ -429,7 +419,7 @@ def hpo_estimator(
     batch_size: int | None = None,
     seed: int = 0,
     sid_solver: str = "precond",
-) -> Estimator:
+) -> HypergradientEstimator:
     """The hypergradient estimator of ``method`` for ``model``, configured for warm starts.
 
     * ``sid``: minibatches of ``batch_size`` training samples (default 12√N, in [64, 4096])
@@ -449,8 +439,8 @@ def hpo_estimator(
       (at most ``inner_steps`` iterations each, default 200);
     * ``itd``: ``inner_steps`` (default 20) differentiated gradient steps of length 1/L(θ).
 
-    No a-posteriori bound is computed (``compute_bound=False``): the runs record the certified
-    lower-level distance instead.
+    No a-posteriori bound is computed (AID-CG: ``compute_bound=False``; ITD and SID report
+    none): the runs record the certified lower-level distance instead.
     """
     if method not in METHODS:
         raise BilevelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -501,7 +491,7 @@ def hpo_estimator(
             compute_bound=False,
             warn_unconverged=False,
         )
-    return Unrolled(steps=20 if inner_steps is None else int(inner_steps), compute_bound=False)
+    return Unrolled(steps=20 if inner_steps is None else int(inner_steps))
 
 
 def gradient_scale(model: FiniteSumModel) -> float:

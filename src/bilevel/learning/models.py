@@ -18,28 +18,36 @@ training and validation data are closed over, and ``batch`` must be ``None``.
 :class:`FiniteSumModel` also exposes the lower level as a finite sum for stochastic solvers:
 ``train_loss(w, θ, index)`` is the mean loss over the training samples ``index`` plus the full
 regulariser, so that its expectation over uniformly drawn indices is h(w, θ); the model's
-``problem`` carries it (and ``val_loss``) as ``lower_sample_energy`` / ``upper_sample_loss``
-with ``n_lower_samples = n_train`` and ``n_upper_samples = n_val``. Features may be
+``problem`` carries it (and ``val_loss``) as its :class:`~bilevel.problem.FiniteSum`
+(``n_lower = n_train``, ``n_upper = n_val``).
+
+The upper-level criterion is an object given at construction: :class:`HeldOut` (the default,
+the mean loss on the validation rows) or :class:`CrossValidation` (K folds of the training
+rows, as K lower-level instances). A model and its problem do not change after construction,
+except for the values of θ. Features may be
 dense or sparse (``torch.sparse_csr``; products use sparse-dense matmul, differentiable twice).
 Computations run in the dtype and on the device of ``X_train``.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from bilevel.learning.datasets import _check_labels, is_sparse, select_rows, to_csr
-from bilevel.problem import BilevelError, BilevelProblem, Constant, NonFiniteError
+from bilevel.problem import BilevelError, BilevelProblem, FiniteSum, NonFiniteError
 
 __all__ = [
+    "CrossValidation",
     "FiniteSumModel",
+    "HeldOut",
     "HypercleaningModel",
     "LogisticModel",
     "RidgeModel",
@@ -67,6 +75,55 @@ _LOSS_CURVATURE = {"squared": 1.0, "binary": 0.25, "multinomial": 0.5}
 # Automatic data-curvature computation for ridge: only when the d×d Gram matrix is cheap.
 _GRAM_MAX_FEATURES = 4096
 _GRAM_MAX_FLOPS = 2e10
+
+
+# --------------------------------------------------------------------------------------------
+# Upper-level criteria
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Upper level: the mean loss on the model's validation rows, f(w) = mean_j ℓ(w; x^val_j)."""
+
+
+@dataclass(frozen=True, eq=False)
+class CrossValidation:
+    """Upper level: the K-fold cross-validation loss over the model's training rows.
+
+    The model gets K lower-level instances whose ``batch`` is the fold index: instance k is
+    trained on the rows outside fold k and validated on fold k, so the batch-mean upper loss
+    (and hypergradient) is that of the mean of the K fold losses. There is no minibatch access
+    (SID does not apply). ``folds``: (K ≥ 2, N) boolean masks of the rows of each fold.
+    """
+
+    folds: Tensor
+
+    def __post_init__(self) -> None:
+        folds = self.folds
+        if not (
+            isinstance(folds, Tensor)
+            and folds.dtype == torch.bool
+            and folds.dim() == 2
+            and folds.shape[0] >= 2
+        ):
+            raise BilevelError("folds must be a (K ≥ 2, N) boolean mask")
+        sizes = folds.sum(dim=1)
+        if bool((sizes == 0).any()) or bool((sizes == folds.shape[1]).any()):
+            raise BilevelError("every fold must hold some rows and leave some for training")
+
+    @classmethod
+    def from_splitter(cls, splitter: Any, n: int, y: Any = None) -> CrossValidation:
+        """The folds of a scikit-learn splitter (``KFold``, ``StratifiedKFold``, ...): fold k
+        is the test part of its k-th split of ``n`` rows (labels ``y`` for stratification)."""
+        splits = list(splitter.split(np.zeros((n, 1)), y))
+        masks = torch.zeros(len(splits), n, dtype=torch.bool)
+        for k, (_, test) in enumerate(splits):
+            masks[k, torch.as_tensor(np.asarray(test), dtype=torch.int64)] = True
+        return cls(masks)
+
+
+Criterion = HeldOut | CrossValidation
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,13 +276,15 @@ class FiniteSumModel:
         event_shape: shape of one w: (p,) or (p, K) with p = d (+1 with an intercept).
         theta: the learnable leaf tensor θ.
         problem: the :class:`BilevelProblem` (shares ``theta``; ``mu`` as documented by the
-            subclass, valid at the initial θ or for θ ≥ ``theta_lower``).
-        folds: ``None``, or the (K, N) boolean fold masks of K-fold cross validation set by
-            :meth:`cross_validate`.
+            subclass, valid at the initial θ or for θ ≥ ``theta_lower``; with a
+            ``lipschitz_margin``, the Lipschitz bound margin · :meth:`smoothness` at the
+            current θ).
+        criterion: :class:`HeldOut` or :class:`CrossValidation` (then the validation rows
+            given must be the training rows: every row validates once).
+        folds: ``None``, or the (K, N) boolean fold masks of the cross validation.
     """
 
     loss: str
-    folds: Tensor | None = None
 
     def __init__(
         self,
@@ -237,7 +296,26 @@ class FiniteSumModel:
         loss: str,
         n_classes: int | None,
         fit_intercept: bool,
+        criterion: Criterion | None = None,
+        lipschitz_margin: float | None = None,
     ) -> None:
+        criterion = HeldOut() if criterion is None else criterion
+        if not isinstance(criterion, (HeldOut, CrossValidation)):
+            raise BilevelError(
+                f"criterion must be HeldOut() or CrossValidation(folds), got {criterion!r}"
+            )
+        cross = isinstance(criterion, CrossValidation)
+        if cross and (X_val is not X_train or y_val is not y_train):
+            raise BilevelError(
+                "cross validation validates on the training rows: pass them as the "
+                "validation rows too (X_val = X_train, y_val = y_train)"
+            )
+        if lipschitz_margin is not None and not (
+            math.isfinite(lipschitz_margin) and lipschitz_margin >= 1
+        ):
+            raise BilevelError(f"lipschitz_margin must be a number ≥ 1, got {lipschitz_margin!r}")
+        self.criterion = criterion
+        self.lipschitz_margin = lipschitz_margin
         self.X_train = _check_features(X_train, "X_train")
         self.n_train, self.n_features = (int(s) for s in self.X_train.shape)
         self.X_val = _check_features(X_val, "X_val", self.n_features)
@@ -259,6 +337,20 @@ class FiniteSumModel:
         self.n_out = self.n_classes if self.loss == "multinomial" else 1
         self.event_shape: tuple[int, ...] = (p,) if self.n_out == 1 else (p, self.n_out)
         self._sq_norm: float | None = None
+        self.folds: Tensor | None = None
+        if isinstance(criterion, CrossValidation):
+            self._set_folds(criterion.folds)
+
+    def _set_folds(self, folds: Tensor) -> None:
+        if folds.shape[1] != self.n_train:
+            raise BilevelError(f"folds must be a (K ≥ 2, {self.n_train}) boolean mask")
+        folds = folds.to(self.device)
+        train = (~folds).to(self.dtype)
+        sizes = folds.sum(dim=1)
+        self.folds = folds
+        self._train_weights = train / train.sum(dim=1, keepdim=True)
+        self._val_weights = folds.to(self.dtype) / sizes.to(self.dtype)[:, None]
+        self._rows_per_instance = int((~folds).sum(dim=1).min())
 
     # -- shapes ------------------------------------------------------------------------------
 
@@ -404,37 +496,6 @@ class FiniteSumModel:
             return (losses * self._val_weights[batch]).sum(dim=1)
         return losses.mean(dim=1)
 
-    def cross_validate(self, folds: Tensor) -> None:
-        """Turn the model into K-fold cross validation over its training rows: K lower-level
-        instances, instance k trained on the rows outside fold k (``folds[k]``, a boolean mask
-        of the N rows) and validated on fold k, so that the upper level is the mean of the K
-        fold losses. The validation data become the training rows.
-        The problem is rebuilt without minibatch access (SID does not apply); :meth:`smoothness`
-        then bounds the curvature on the smallest training part."""
-        if isinstance(self, HypercleaningModel):
-            raise BilevelError("cross validation applies to the per-feature models")
-        if not (
-            isinstance(folds, Tensor)
-            and folds.dtype == torch.bool
-            and folds.dim() == 2
-            and folds.shape[1] == self.n_train
-            and folds.shape[0] >= 2
-        ):
-            raise BilevelError(f"folds must be a (K ≥ 2, {self.n_train}) boolean mask")
-        sizes = folds.sum(dim=1)
-        if bool((sizes == 0).any()) or bool((sizes == self.n_train).any()):
-            raise BilevelError("every fold must hold some rows and leave some for training")
-        folds = folds.to(self.device)
-        train = (~folds).to(self.dtype)
-        self.X_val, self.y_val, self.n_val = self.X_train, self.y_train, self.n_train
-        self.folds = folds
-        self._train_weights = train / train.sum(dim=1, keepdim=True)
-        self._val_weights = folds.to(self.dtype) / sizes.to(self.device, self.dtype)[:, None]
-        self._rows_per_instance = int((~folds).sum(dim=1).min())
-        lipschitz = self.problem.lipschitz  # a bound from smoothness() follows the folds
-        self._make_problem(self.problem.mu, finite_sum=False)
-        self.problem.lipschitz = lipschitz
-
     @property
     def n_instances(self) -> int:
         """Lower-level instances: 1, or K with cross-validation folds."""
@@ -509,23 +570,30 @@ class FiniteSumModel:
         """r(θ) added to the upper level (none by default)."""
         return None
 
-    def _make_problem(self, mu: float, finite_sum: bool = True) -> None:
-        sums = {}
-        if finite_sum:
-            sums = {
-                "lower_sample_energy": self.lower_sample_energy,
-                "n_lower_samples": self.n_train,
-                "upper_sample_loss": self.upper_sample_loss,
-                "n_upper_samples": self.n_val,
-            }
+    def _make_problem(self, mu: float) -> None:
+        """The problem, once, at the end of the constructor: minibatch access without folds,
+        the Lipschitz bound with a margin."""
+        finite_sum = None
+        if self.folds is None:
+            finite_sum = FiniteSum(
+                self.lower_sample_energy, self.n_train, self.upper_sample_loss, self.n_val
+            )
         self.problem = BilevelProblem(
             self.lower_energy,
             self.upper_loss,
             self.theta,
             mu=mu,
             upper_regulariser=self._upper_penalty(),
-            **sums,
+            lipschitz=None if self.lipschitz_margin is None else self.lipschitz_bound,
+            finite_sum=finite_sum,
         )
+
+    def lipschitz_bound(self) -> float:
+        """L(θ) = margin · :meth:`smoothness` at the current θ: the stated Lipschitz bound of
+        ∇_w h, so that solvers take steps 1/L(θ) without estimating it at every call (‖X‖₂² is
+        computed once, by power iteration: an estimate from below, hence the margin)."""
+        margin = 1.0 if self.lipschitz_margin is None else self.lipschitz_margin
+        return margin * self.smoothness()
 
     # -- constants -----------------------------------------------------------------------------
 
@@ -655,24 +723,6 @@ class _PerFeatureL2(FiniteSumModel):
         return float(torch.exp(theta.detach()).max())
 
 
-def _without_curvature(mu: Constant, curvature: float) -> Constant:
-    """The stated μ less ``curvature``: a number, a tensor, or a function of θ (called with
-    ``(theta, batch)`` or no arguments) whose values are reduced by it."""
-    if mu is None or curvature == 0.0:
-        return mu
-    if not callable(mu) or isinstance(mu, Tensor):
-        return mu - curvature
-
-    def reduced(theta: Any, batch: Any) -> Any:
-        try:
-            n_args = len(inspect.signature(mu).parameters)
-        except (TypeError, ValueError):
-            n_args = 2
-        return (mu() if n_args == 0 else mu(theta, batch)) - curvature
-
-    return reduced
-
-
 class RidgeModel(_PerFeatureL2):
     """Ridge regression with one strength per feature.
 
@@ -683,6 +733,9 @@ class RidgeModel(_PerFeatureL2):
     min(θ₀, ``theta_lower``) when a lower bound on the visited θ is given, valid for every θ
     whose entries stay above it. λ_min(XᵀX/N) is included when ``exact_mu`` (default: when
     the d×d Gram matrix is cheap); otherwise μ = min_k exp(θ_k), still a valid bound.
+
+    With :class:`CrossValidation`, μ comes from the strengths alone, since λ_min(XᵀX/N) of all
+    rows does not bound that of a training part.
 
     :meth:`solution`, :meth:`objective` and :meth:`hypergradient` give the exact w(θ), F(θ)
     and ∇F(θ) via dense float64 linear solves (reference values; small d), F including the
@@ -700,9 +753,19 @@ class RidgeModel(_PerFeatureL2):
         theta_lower: float | None = None,
         exact_mu: bool | None = None,
         shrinkage: float = 0.0,
+        criterion: Criterion | None = None,
+        lipschitz_margin: float | None = None,
     ) -> None:
         super().__init__(
-            X_train, y_train, X_val, y_val, loss="squared", n_classes=None, fit_intercept=False
+            X_train,
+            y_train,
+            X_val,
+            y_val,
+            loss="squared",
+            n_classes=None,
+            fit_intercept=False,
+            criterion=criterion,
+            lipschitz_margin=lipschitz_margin,
         )
         self._set_shrinkage(shrinkage)
         self.theta = _init_log_theta(
@@ -711,19 +774,13 @@ class RidgeModel(_PerFeatureL2):
         if exact_mu is None:
             d = self.n_features
             exact_mu = d <= _GRAM_MAX_FEATURES and self.n_train * d * d <= _GRAM_MAX_FLOPS
+        exact_mu = exact_mu and self.folds is None
         self.data_curvature = ridge_mu(self.X_train, None) if exact_mu else 0.0
         floor = self._floor_theta(theta_lower)
         self._make_problem(self.data_curvature + math.exp(floor))
 
     def _regulariser(self, W: Tensor, theta) -> Tensor:
         return self._coef_penalty(W, theta)
-
-    def cross_validate(self, folds: Tensor) -> None:
-        """See :meth:`FiniteSumModel.cross_validate`; μ then comes from the strengths alone,
-        since λ_min(XᵀX/N) of all rows does not bound that of a training part."""
-        super().cross_validate(folds)
-        self.problem.mu = _without_curvature(self.problem.mu, self.data_curvature)
-        self.data_curvature = 0.0
 
     def mu(self, theta: Tensor | None = None) -> float:
         """μ(θ) = λ_min(XᵀX/N) (if computed) + min_k exp(θ_k)."""
@@ -783,6 +840,8 @@ class LogisticModel(_PerFeatureL2):
         intercept_l2: float = 1e-4,
         theta_lower: float | None = None,
         shrinkage: float = 0.0,
+        criterion: Criterion | None = None,
+        lipschitz_margin: float | None = None,
     ) -> None:
         n_classes, loss = _cross_entropy_loss(n_classes, y_train, y_val)
         super().__init__(
@@ -793,6 +852,8 @@ class LogisticModel(_PerFeatureL2):
             loss=loss,
             n_classes=n_classes,
             fit_intercept=fit_intercept,
+            criterion=criterion,
+            lipschitz_margin=lipschitz_margin,
         )
         if fit_intercept and not (math.isfinite(intercept_l2) and intercept_l2 > 0):
             raise BilevelError(f"intercept_l2 must be positive and finite, got {intercept_l2}")
@@ -850,7 +911,11 @@ class HypercleaningModel(FiniteSumModel):
         l2: float = 1e-3,
         fit_intercept: bool = False,
         corrupted: Tensor | None = None,
+        criterion: Criterion | None = None,
+        lipschitz_margin: float | None = None,
     ) -> None:
+        if isinstance(criterion, CrossValidation):
+            raise BilevelError("cross validation applies to the per-feature models")
         n_classes, loss = _cross_entropy_loss(n_classes, y_train_noisy, y_val)
         super().__init__(
             X_train,
@@ -860,6 +925,8 @@ class HypercleaningModel(FiniteSumModel):
             loss=loss,
             n_classes=n_classes,
             fit_intercept=fit_intercept,
+            criterion=criterion,
+            lipschitz_margin=lipschitz_margin,
         )
         if not (math.isfinite(l2) and l2 > 0):
             raise BilevelError(f"l2 must be positive and finite (it is μ), got {l2}")

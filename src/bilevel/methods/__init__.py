@@ -13,29 +13,26 @@ Each method is a small immutable configuration object whose ``run(problem, sampl
 
 Training data reach a method through the :class:`SampleSet` protocol (``len``, ``batch``,
 ``initial``); :class:`TensorSamples` and :func:`with_initial` build one.
+
+Modules: ``samples`` (the sample protocol), ``budget``, ``optim`` (optimisers, projections,
+θ snapshots), ``results`` (``RunResult`` and the run directory's configuration record),
+``interrupts`` (SIGINT/SIGTERM), ``engine`` (``Method.run``, the one run signature, and the
+run loop ``drive``), ``isgd``, ``maid``, ``testing``.
 """
 
-from bilevel.methods.common import (
-    OPTIMIZERS,
-    STATUSES,
-    Budget,
-    Evaluation,
-    OptimizerFactory,
-    Projection,
-    RunResult,
-    SampleSet,
-    TensorSamples,
-    as_sample_set,
-    make_optimizer,
-    with_initial,
-)
+from bilevel.methods.budget import Budget
+from bilevel.methods.engine import Evaluation, Method, ranked_by
 from bilevel.methods.isgd import ISGD, fixed_iterations
 from bilevel.methods.maid import HOAG, MAID
+from bilevel.methods.optim import OPTIMIZERS, OptimizerFactory, Projection, make_optimizer
+from bilevel.methods.results import STATUSES, RunResult
+from bilevel.methods.samples import SampleSet, TensorSamples, as_sample_set, with_initial
 
 __all__ = [
     "HOAG",
     "ISGD",
     "MAID",
+    "Method",
     "OPTIMIZERS",
     "STATUSES",
     "Budget",
@@ -48,5 +45,6 @@ __all__ = [
     "as_sample_set",
     "fixed_iterations",
     "make_optimizer",
+    "ranked_by",
     "with_initial",
 ]

@@ -16,36 +16,27 @@ inexact hypergradient). P is an optional projection.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from bilevel import distributed
-from bilevel.hypergrad import Estimator, Hypergradient, Implicit
-from bilevel.methods.common import (
-    Budget,
-    Engine,
-    Evaluation,
+from bilevel.hypergrad import EstimatorState, Hypergradient, HypergradientEstimator, Implicit
+from bilevel.methods.budget import Budget
+from bilevel.methods.engine import Engine, Method
+from bilevel.methods.optim import (
     OptimizerFactory,
     Projection,
-    RunOptions,
-    RunResult,
-    SampleSet,
     all_finite,
     apply_projection,
-    as_budget,
-    as_sample_set,
     check_optimizer_spec,
-    drive,
     make_optimizer,
-    method_config,
 )
+from bilevel.methods.samples import SampleSet
 from bilevel.problem import BilevelError, BilevelProblem, NonFiniteError
 from bilevel.schedules import Accuracy, Constant, ScheduleLike, as_accuracy, as_schedule
 
@@ -59,7 +50,7 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ISGD:
+class ISGD(Method):
     """Inexact stochastic gradient descent, optionally preconditioned.
 
     Attributes:
@@ -76,7 +67,7 @@ class ISGD:
         optimizer_options: keyword arguments for a named optimiser (e.g. ``momentum``,
             ``betas``); not ``lr``.
         estimator: the hypergradient estimator (default ``Implicit(CG())``).
-        projection: optional P applied after each step (see :data:`~.common.Projection`).
+        projection: optional P applied after each step (see :data:`~.optim.Projection`).
         seed: seed of the sampler's generator.
         warm_start: warm-start each sample's lower solve and adjoint from its last solution
             (else from ``samples.initial`` and zero).
@@ -88,7 +79,7 @@ class ISGD:
     batch_size: int = 16
     optimizer: str | OptimizerFactory = "sgd"
     optimizer_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    estimator: Estimator = field(default_factory=Implicit)
+    estimator: HypergradientEstimator = field(default_factory=Implicit)
     projection: Projection | None = None
     seed: int = 0
     warm_start: bool = True
@@ -102,70 +93,23 @@ class ISGD:
         if not isinstance(self.optimizer_options, Mapping):
             raise BilevelError("optimizer_options must be a dict of keyword arguments")
         object.__setattr__(self, "optimizer_options", dict(self.optimizer_options))
-        if not callable(self.estimator):
-            raise BilevelError(f"estimator must be an Estimator, got {self.estimator!r}")
+        if not isinstance(self.estimator, HypergradientEstimator):
+            raise BilevelError(
+                f"estimator must be a HypergradientEstimator, got {self.estimator!r}"
+            )
         if self.projection is not None and not callable(self.projection):
             raise BilevelError("projection must be a callable theta -> None or projected θ")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise BilevelError(f"seed must be an integer, got {self.seed!r}")
 
-    def to_config(self) -> dict[str, Any]:
-        """The configuration as JSON data (stored in the run directory)."""
-        return method_config(self)
-
-    def run(
+    def engine(
         self,
         problem: BilevelProblem,
         samples: SampleSet,
-        budget: Budget | Mapping[str, Any],
-        *,
-        run_dir: str | Path | None = None,
-        resume: bool = False,
-        overwrite: bool = False,
-        evaluate: Evaluation | None = None,
-        eval_every: int = 1,
-        checkpoint_every: int = 50,
-        progress: bool = False,
-        plot: bool = False,
-        keep_history: bool = False,
-    ) -> RunResult:
-        """Train ``problem.theta`` in place on ``samples`` until ``budget`` is spent.
-
-        Args:
-            run_dir: directory for ``config.json``, ``metrics.jsonl``, checkpoints, plots and
-                ``result.json``; None keeps the records in memory only.
-            resume: continue the run stored in ``run_dir`` from its last checkpoint (the
-                configuration must match; the budget may differ).
-            overwrite: start afresh in a ``run_dir`` that already holds a run.
-            evaluate: ``evaluate(theta, step) -> dict`` called at θ_k every ``eval_every``
-                steps (logged with step k's record) and once at the end.
-            checkpoint_every: steps between checkpoints (one is also written at the end and
-                on KeyboardInterrupt).
-            progress: show a progress bar on stderr (off by default for library use; the
-                jobs turn it on).
-            plot: write plots of the metrics to ``run_dir/plots`` at the end (off by
-                default; the jobs turn it on).
-            keep_history: keep θ after every step in ``RunResult.history``.
-
-        Returns:
-            A :class:`RunResult`; a non-finite hypergradient or loss ends the run with status
-            ``"non_finite"`` (and a RuntimeWarning), θ restored to the last good value.
-        """
-        samples = as_sample_set(samples)
-        options = RunOptions(
-            budget=as_budget(budget),
-            run_dir=run_dir,
-            resume=resume,
-            overwrite=overwrite,
-            evaluate=evaluate,
-            eval_every=eval_every,
-            checkpoint_every=checkpoint_every,
-            progress=progress,
-            plot=plot,
-            keep_history=keep_history,
-        )
-        engine = _ISGDEngine(self, problem, samples)
-        return drive(engine, options, {"method": "isgd", "isgd": self.to_config()}, len(samples))
+        budget: Budget,
+        estimator_state: EstimatorState | None = None,
+    ) -> Engine:
+        return _ISGDEngine(self, problem, samples, estimator_state)
 
 
 @dataclass
@@ -182,7 +126,13 @@ class _Pending:
 class _ISGDEngine(Engine):
     name = "isgd"
 
-    def __init__(self, cfg: ISGD, problem: BilevelProblem, samples: SampleSet) -> None:
+    def __init__(
+        self,
+        cfg: ISGD,
+        problem: BilevelProblem,
+        samples: SampleSet,
+        estimator_state: EstimatorState | None = None,
+    ) -> None:
         super().__init__(problem)
         self.cfg = cfg
         self.samples = samples
@@ -202,27 +152,28 @@ class _ISGDEngine(Engine):
         self.optimizer = make_optimizer(
             cfg.optimizer, self.params, cfg.step(0), cfg.optimizer_options
         )
+        # what the estimator evolves across steps (SID: streams, anchors, accuracy scale)
+        if estimator_state is None:
+            estimator_state = cfg.estimator.init_state()
+        self.estimator_state = estimator_state
         # data parallelism (bilevel.distributed): SID shards its finite sum's rows itself;
         # other estimators get this process's instances of each minibatch
         self.shard = distributed.current()
-        self.shards_rows = bool(getattr(cfg.estimator, "shards_rows", False))
+        self.shards_rows = cfg.estimator.shards_rows
         if self.shard is not None and self.shards_rows:
-            cfg.estimator.samplers.assign(self.shard.rank, self.shard.world)
+            self.estimator_state.assign(self.shard.rank, self.shard.world)
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
+        # the estimator's own streams (SID's minibatches) are checkpointed with the sampler's
         gens = {"sampler": self.gen}
-        # Stochastic estimators (SID) draw their own minibatches: checkpoint those streams too.
-        samplers = getattr(self.cfg.estimator, "samplers", None)
-        for stage in ("lower", "linear", "final"):
-            sampler = getattr(samplers, stage, None)
-            if sampler is not None:
-                gens[f"estimator_{stage}"] = sampler.generator
+        for name, gen in self.estimator_state.generators().items():
+            gens[f"estimator_{name}"] = gen
         return gens
 
     def new_rank_streams(self) -> None:
         if self.shard is not None and self.shards_rows:
-            self.cfg.estimator.samplers.assign(self.shard.rank, self.shard.world, force=True)
+            self.estimator_state.assign(self.shard.rank, self.shard.world, force=True)
 
     def compute(self) -> _Pending:
         cfg = self.cfg
@@ -259,9 +210,11 @@ class _ISGDEngine(Engine):
         else:
             x0, a0 = self.samples.initial(index), None
         tols = {"lower_tol": eps, "adjoint_tol": delta}
-        if not getattr(cfg.estimator, "uses_tolerances", True):
+        if not cfg.estimator.uses_tolerances:
             tols = {}  # accuracy set by the estimator's iteration counts (Unrolled, SID)
-        return cfg.estimator(self.problem, batch, x0, adjoint0=a0, **tols)
+        return cfg.estimator(
+            self.problem, batch, x0, adjoint0=a0, state=self.estimator_state, **tols
+        )
 
     def commit(self, p: _Pending) -> dict[str, Any]:
         cfg, hg = self.cfg, p.hg
@@ -286,19 +239,8 @@ class _ISGDEngine(Engine):
                     self.adjoint = torch.zeros_like(self.x_warm)
                 self.adjoint[where] = hg.adjoint.detach().to(self.adjoint.dtype)
         self.cost += hg.cost.oracle_calls
-        record = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "upper_loss": hg.loss,
-            "eps": p.eps,
-            "delta": p.delta,
-            "alpha": p.alpha,
-            "bound": hg.bound,
-            "cost": self.cost,
-            "grad_norm": hg.norm,
-            "distance": p.distance,
-        }
-        record.update(getattr(hg, "metrics", None) or {})  # estimator reports (SID: t, k, ...)
+        record = self.step_record(hg, p.eps, p.delta, p.alpha, p.distance)
+        record.update(hg.metrics)  # estimator reports (SID: t, k, ...)
         self.step += 1
         self.pos += p.index.numel()
         b = cfg.batch_size
@@ -309,7 +251,6 @@ class _ISGDEngine(Engine):
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        solver_state = getattr(self.cfg.estimator, "solver_state_dict", None)
         x_warm, adjoint = self.x_warm.clone(), None if self.adjoint is None else self.adjoint
         shard = None if self.shards_rows else self.shard
         if shard is not None:  # each row from the process that owns its sample
@@ -323,8 +264,8 @@ class _ISGDEngine(Engine):
             "adjoint": None if adjoint is None else adjoint.clone(),
             "perm": self.perm.clone(),
             "pos": self.pos,
-            # stateful stage solvers of SID (e.g. the anchor of VarianceReducedFixedPoint)
-            "estimator_solvers": solver_state() if solver_state is not None else {},
+            # the estimator's state besides its streams (SID: anchors, accuracy scale)
+            "estimator_state": self.estimator_state.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -340,9 +281,7 @@ class _ISGDEngine(Engine):
         adjoint = state["adjoint"]
         self.adjoint = None if adjoint is None else adjoint.to(self.x_warm)
         self.perm = state["perm"].clone()
-        load_solvers = getattr(self.cfg.estimator, "load_solver_state_dict", None)
-        if load_solvers is not None and state.get("estimator_solvers"):
-            load_solvers(state["estimator_solvers"])
+        self.estimator_state.load_state_dict(state["estimator_state"])
         self.pos = int(state["pos"])
 
 
@@ -355,17 +294,19 @@ def fixed_iterations(
     iterations: int,
     *,
     adjoint_iterations: int | None = None,
-    estimator: Estimator | None = None,
+    estimator: HypergradientEstimator | None = None,
     **options: Any,
 ) -> ISGD:
     """The stochastic baseline with a fixed effort per step: ``iterations`` lower-level
     iterations (warm-started) and ``adjoint_iterations`` (default: the same) iterations of the
     adjoint solver, whatever accuracy they reach.
 
-    The estimator (default ``Implicit(CG())``) gets ``max_iter`` caps and tolerances of
-    :data:`NO_TOLERANCE`, and does not warn when the caps are hit. ``options`` are the other
-    :class:`ISGD` fields (``step``, ``batch_size``, ``optimizer``, ...). The logged ``eps`` and
-    ``delta`` are that nominal tolerance; ``distance`` shows the accuracy actually certified.
+    The estimator (default ``Implicit(CG())``) is replaced by its
+    :meth:`~bilevel.hypergrad.HypergradientEstimator.fixed_work` (iteration caps that do not
+    warn when hit; ``Unrolled``: ``iterations`` steps), called with tolerances of
+    :data:`NO_TOLERANCE`. ``options`` are the other :class:`ISGD` fields (``step``,
+    ``batch_size``, ``optimizer``, ...). The logged ``eps`` and ``delta`` are that nominal
+    tolerance; ``distance`` shows the accuracy actually certified.
     """
     iterations = _positive_int("iterations", iterations)
     adjoint_iterations = _positive_int(
@@ -374,20 +315,7 @@ def fixed_iterations(
     if "accuracy" in options:
         raise BilevelError("fixed_iterations sets the accuracy itself; do not pass accuracy")
     est = Implicit() if estimator is None else estimator
-    if not dataclasses.is_dataclass(est) or not hasattr(est, "lower_solver"):
-        raise BilevelError("fixed_iterations needs an Estimator with a lower_solver field")
-    changes: dict[str, Any] = {"warn_unconverged": False}
-    changes["lower_solver"] = _capped(est.lower_solver, iterations, "lower_solver")
-    linear = getattr(est, "linear_solver", None)
-    if linear is not None:
-        changes["linear_solver"] = _capped(linear, adjoint_iterations, "linear_solver")
-    est = dataclasses.replace(est, **changes)
+    if not isinstance(est, HypergradientEstimator):
+        raise BilevelError(f"estimator must be a HypergradientEstimator, got {est!r}")
+    est = est.fixed_work(iterations, adjoint_iterations)
     return ISGD(accuracy=Constant(NO_TOLERANCE), estimator=est, **options)
-
-
-def _capped(solver: Any, cap: int, what: str) -> Any:
-    names = {f.name for f in dataclasses.fields(solver)} if dataclasses.is_dataclass(solver) else ()
-    for name in ("max_iter", "terms"):
-        if name in names:
-            return dataclasses.replace(solver, **{name: cap})
-    raise BilevelError(f"the {what} {solver!r} has no max_iter to cap")

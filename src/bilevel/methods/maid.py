@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -47,25 +46,11 @@ from torch import Tensor
 from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel, batch_norm
 from bilevel.bounds import as_float64, rounding_margin
-from bilevel.hypergrad import Estimator, Hypergradient, Implicit
-from bilevel.lower import solve_lower
-from bilevel.methods.common import (
-    Budget,
-    Engine,
-    Evaluation,
-    Projection,
-    RunOptions,
-    RunResult,
-    SampleSet,
-    Stop,
-    apply_projection,
-    as_budget,
-    as_sample_set,
-    drive,
-    load_params,
-    method_config,
-    snapshot,
-)
+from bilevel.hypergrad import EstimatorState, Hypergradient, HypergradientEstimator, Implicit
+from bilevel.methods.budget import Budget
+from bilevel.methods.engine import Engine, Method, Stop
+from bilevel.methods.optim import Projection, apply_projection, load_params, snapshot
+from bilevel.methods.samples import SampleSet
 from bilevel.problem import (
     Batch,
     BilevelError,
@@ -75,7 +60,7 @@ from bilevel.problem import (
 )
 from bilevel.schedules import Accuracy, ScheduleLike, as_accuracy
 
-__all__ = ["HOAG", "MAID"]
+__all__ = ["HOAG", "MAID", "AccuracyPolicy", "AdaptiveAccuracy", "ScheduledAccuracy"]
 
 
 def _check(name: str, value: Any, low: float, high: float, *, closed_low: bool = False) -> None:
@@ -87,14 +72,122 @@ def _check(name: str, value: Any, low: float, high: float, *, closed_low: bool =
         raise BilevelError(f"{name} must lie in {bracket}{low}, {high}], got {value!r}")
 
 
+class AccuracyPolicy(Protocol):
+    """How a line-search method chooses the tolerances (ε, δ) of its hypergradients; the
+    one difference between :class:`MAID` (:class:`AdaptiveAccuracy`) and :class:`HOAG`
+    (:class:`ScheduledAccuracy`). The engine carries the current (ε, δ) and checkpoints them.
+    """
+
+    def initial(self) -> tuple[float, float]:
+        """(ε, δ) of the first iteration."""
+        ...
+
+    def tolerances(self, step: int, current: tuple[float, float]) -> tuple[float, float]:
+        """(ε, δ) of iteration ``step``, given the current pair."""
+        ...
+
+    def refine(
+        self, eps: float, delta: float, znorm: float, omega: float
+    ) -> tuple[float, float] | str | None:
+        """None to accept z as a direction; else the tighter (ε, δ) to recompute it with, or
+        a message when the run must stop ("stalled") rather than tighten."""
+        ...
+
+    def after_accept(self, eps: float, delta: float) -> tuple[float, float]:
+        """(ε, δ) after an accepted step."""
+        ...
+
+    def after_failure(self, eps: float, delta: float) -> tuple[tuple[float, float], str | None]:
+        """(ε, δ) after a failed line search, and a message if the run must stop there."""
+        ...
+
+
+@dataclass(frozen=True)
+class AdaptiveAccuracy:
+    """MAID's accuracy: start at (ε₀, δ₀); while ω > (1 − η)‖z‖ multiply ε, δ by τ and
+    recompute; after an accepted step multiply them by ν ≥ 1, after a failed line search by τ;
+    stop ("stalled") rather than let ε fall below ``min_tol``. Fields as in :class:`MAID`."""
+
+    lower_tol: float
+    adjoint_tol: float
+    shrink: float
+    relax: float
+    descent_margin: float
+    min_tol: float
+
+    def __post_init__(self) -> None:
+        _check("lower_tol", self.lower_tol, 0.0, math.inf)
+        _check("adjoint_tol", self.adjoint_tol, 0.0, math.inf)
+        _check("shrink", self.shrink, 0.0, 1.0 - 1e-12)
+        _check("relax", self.relax, 1.0, math.inf, closed_low=True)
+        _check("descent_margin", self.descent_margin, 0.0, 1.0 - 1e-12, closed_low=True)
+        _check("min_tol", self.min_tol, 0.0, math.inf)
+
+    def initial(self) -> tuple[float, float]:
+        return float(self.lower_tol), float(self.adjoint_tol)
+
+    def tolerances(self, step: int, current: tuple[float, float]) -> tuple[float, float]:
+        return current
+
+    def refine(
+        self, eps: float, delta: float, znorm: float, omega: float
+    ) -> tuple[float, float] | str | None:
+        if omega <= (1.0 - self.descent_margin) * znorm:
+            return None
+        if eps * self.shrink < self.min_tol:
+            return (
+                f"ω = {omega:.3e} > (1 − η)‖z‖ = {(1 - self.descent_margin) * znorm:.3e} "
+                f"at ε = {eps:.3e}, and ε may not fall below min_tol = {self.min_tol:g}; "
+                f"‖∇F(θ)‖ ≤ ‖z‖ + ω = {znorm + omega:.3e}"
+            )
+        return eps * self.shrink, delta * self.shrink
+
+    def after_accept(self, eps: float, delta: float) -> tuple[float, float]:
+        return eps * self.relax, delta * self.relax
+
+    def after_failure(self, eps: float, delta: float) -> tuple[tuple[float, float], str | None]:
+        message = None
+        if eps * self.shrink < self.min_tol:
+            message = (
+                f"the line search failed at ε = {eps:.3e} and ε may not fall below "
+                f"min_tol = {self.min_tol:g}"
+            )
+        return (eps * self.shrink, delta * self.shrink), message
+
+
+@dataclass(frozen=True)
+class ScheduledAccuracy:
+    """HOAG's accuracy: (ε_k, δ_k) from a fixed schedule, whatever the line search does (z is
+    always accepted as a direction)."""
+
+    accuracy: Accuracy
+
+    def initial(self) -> tuple[float, float]:
+        return self.accuracy(0)
+
+    def tolerances(self, step: int, current: tuple[float, float]) -> tuple[float, float]:
+        return self.accuracy(step)
+
+    def refine(
+        self, eps: float, delta: float, znorm: float, omega: float
+    ) -> tuple[float, float] | str | None:
+        return None
+
+    def after_accept(self, eps: float, delta: float) -> tuple[float, float]:
+        return eps, delta
+
+    def after_failure(self, eps: float, delta: float) -> tuple[tuple[float, float], str | None]:
+        return (eps, delta), None
+
+
 @dataclass(frozen=True, kw_only=True)
-class _LineSearch:
+class _LineSearch(Method):
     """Fields shared by :class:`MAID` and :class:`HOAG`.
 
     Attributes:
-        estimator: the hypergradient estimator; it must report an error bound ω
-            (``compute_bound=True``; not ``Unrolled``). Its lower solver also solves the
-            trial lower levels.
+        estimator: the hypergradient estimator; it must report an error bound ω (its
+            ``with_bound()``, e.g. ``Implicit``; not ``Unrolled`` or SID). Its
+            ``solve_lower`` also solves the trial lower levels.
         step: α₀, the first trial step (units of θ per unit of hypergradient).
         backtrack: ρ ∈ (0, 1), the factor between successive trial steps.
         max_backtracks: trials per iteration before the line search fails.
@@ -105,7 +198,7 @@ class _LineSearch:
         projection: optional P applied to each trial point.
     """
 
-    estimator: Estimator = field(default_factory=Implicit)
+    estimator: HypergradientEstimator = field(default_factory=Implicit)
     step: float = 1.0
     backtrack: float = 0.5
     max_backtracks: int = 10
@@ -115,20 +208,12 @@ class _LineSearch:
     projection: Projection | None = None
 
     def __post_init__(self) -> None:
-        if not callable(self.estimator):
-            raise BilevelError(f"estimator must be an Estimator, got {self.estimator!r}")
-        if not getattr(self.estimator, "uses_tolerances", True):
+        if not isinstance(self.estimator, HypergradientEstimator):
             raise BilevelError(
-                f"{type(self).__name__} needs an estimator that reports an error bound ω "
-                f"({type(self.estimator).__name__} reports none; use Implicit)"
+                f"estimator must be a HypergradientEstimator, got {self.estimator!r}"
             )
-        if getattr(self.estimator, "compute_bound", True) is False:
-            raise BilevelError(
-                f"{type(self).__name__} needs the error bound ω: use an estimator with "
-                "compute_bound=True"
-            )
-        if getattr(self.estimator, "compute_bound", True) is None:  # the default: ask for ω
-            object.__setattr__(self, "estimator", replace(self.estimator, compute_bound=True))
+        # the line search needs ω at every step (an error if the estimator cannot report it)
+        object.__setattr__(self, "estimator", self.estimator.with_bound())
         _check("step", self.step, 0.0, math.inf)
         _check("backtrack", self.backtrack, 0.0, 1.0 - 1e-12)
         if (
@@ -145,55 +230,24 @@ class _LineSearch:
         if self.projection is not None and not callable(self.projection):
             raise BilevelError("projection must be a callable theta -> None or projected θ")
 
-    def to_config(self) -> dict[str, Any]:
-        """The configuration as JSON data (stored in the run directory)."""
-        return method_config(self)
+    default_checkpoint_every = 10
 
-    def run(
+    @property
+    def policy(self) -> AccuracyPolicy:
+        """The accuracy policy: what distinguishes the line-search methods."""
+        raise NotImplementedError
+
+    def engine(
         self,
         problem: BilevelProblem,
         samples: SampleSet,
-        budget: Budget | Mapping[str, Any],
-        *,
-        run_dir: str | Path | None = None,
-        resume: bool = False,
-        overwrite: bool = False,
-        evaluate: Evaluation | None = None,
-        eval_every: int = 1,
-        checkpoint_every: int = 10,
-        progress: bool = False,
-        plot: bool = False,
-        keep_history: bool = False,
-    ) -> RunResult:
-        """Optimise ``problem.theta`` in place on all of ``samples`` until ``budget`` is spent
-        (or the method converges or stalls). The options are those of
-        :meth:`bilevel.methods.ISGD.run`; a step is one iteration (hypergradient + line
-        search), an epoch equals a step.
-
-        Status ``"stalled"``: MAID's tolerance would fall below ``min_tol``.
-        """
-        samples = as_sample_set(samples)
-        options = RunOptions(
-            budget=as_budget(budget),
-            run_dir=run_dir,
-            resume=resume,
-            overwrite=overwrite,
-            evaluate=evaluate,
-            eval_every=eval_every,
-            checkpoint_every=checkpoint_every,
-            progress=progress,
-            plot=plot,
-            keep_history=keep_history,
-        )
-        engine = _LineSearchEngine(self, problem, samples, options.budget)
-        name = type(self).__name__.lower()
-        return drive(engine, options, {"method": name, name: self.to_config()}, len(samples))
-
-    # per-method accuracy policy
-    adaptive = False
-
-    def initial_tolerances(self) -> tuple[float, float]:
-        raise NotImplementedError
+        budget: Budget,
+        estimator_state: EstimatorState | None = None,
+    ) -> Engine:
+        """Runs as :meth:`Method.run`; a step is one iteration (hypergradient + line search),
+        an epoch equals a step. Status ``"stalled"``: MAID's tolerance would fall below
+        ``min_tol``."""
+        return _LineSearchEngine(self, problem, samples, budget, estimator_state)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,21 +272,20 @@ class MAID(_LineSearch):
     descent_margin: float = 1e-4
     min_tol: float = 1e-12
 
-    adaptive = True
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check("lower_tol", self.lower_tol, 0.0, math.inf)
-        if self.adjoint_tol is not None:
-            _check("adjoint_tol", self.adjoint_tol, 0.0, math.inf)
-        _check("shrink", self.shrink, 0.0, 1.0 - 1e-12)
-        _check("relax", self.relax, 1.0, math.inf, closed_low=True)
-        _check("descent_margin", self.descent_margin, 0.0, 1.0 - 1e-12, closed_low=True)
-        _check("min_tol", self.min_tol, 0.0, math.inf)
+        self.policy  # noqa: B018 (checks the fields)
 
-    def initial_tolerances(self) -> tuple[float, float]:
-        delta = self.lower_tol if self.adjoint_tol is None else self.adjoint_tol
-        return float(self.lower_tol), float(delta)
+    @property
+    def policy(self) -> AdaptiveAccuracy:
+        return AdaptiveAccuracy(
+            lower_tol=self.lower_tol,
+            adjoint_tol=self.lower_tol if self.adjoint_tol is None else self.adjoint_tol,
+            shrink=self.shrink,
+            relax=self.relax,
+            descent_margin=self.descent_margin,
+            min_tol=self.min_tol,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,8 +304,9 @@ class HOAG(_LineSearch):
         super().__post_init__()
         object.__setattr__(self, "accuracy", as_accuracy(self.accuracy))
 
-    def initial_tolerances(self) -> tuple[float, float]:
-        return self.accuracy(0)
+    @property
+    def policy(self) -> ScheduledAccuracy:
+        return ScheduledAccuracy(self.accuracy)
 
 
 @dataclass
@@ -336,9 +390,13 @@ class _LineSearchEngine(Engine):
         problem: BilevelProblem,
         samples: SampleSet,
         budget: Budget | None = None,
+        estimator_state: EstimatorState | None = None,
     ) -> None:
         super().__init__(problem)
         self.cfg = cfg
+        if estimator_state is None:
+            estimator_state = cfg.estimator.init_state()
+        self.estimator_state = estimator_state
         self.budget_calls = None if budget is None else budget.oracle_calls
         self.name = type(cfg).__name__.lower()
         self.n = n = len(samples)
@@ -362,9 +420,14 @@ class _LineSearchEngine(Engine):
             )
         self.adjoint: Tensor | None = None
         self.alpha = float(cfg.step)
-        self.tol, self.adjoint_tol = cfg.initial_tolerances()
+        self.policy = cfg.policy
+        self.tol, self.adjoint_tol = self.policy.initial()
         self.finished: tuple[str, str] | None = None
         self.distance = math.nan  # max_i ε_i of the latest hypergradient (all processes)
+
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {f"estimator_{n}": g for n, g in self.estimator_state.generators().items()}
 
     def check_finished(self) -> None:
         if self.finished is not None:
@@ -390,7 +453,13 @@ class _LineSearchEngine(Engine):
         hg, error = None, None
         try:
             hg = self.cfg.estimator(
-                self.problem, self.batch, x0, lower_tol=eps, adjoint_tol=delta, adjoint0=a0
+                self.problem,
+                self.batch,
+                x0,
+                lower_tol=eps,
+                adjoint_tol=delta,
+                adjoint0=a0,
+                state=self.estimator_state,
             )
         except BilevelError as exc:  # NonFiniteError included
             if shard is None:
@@ -412,11 +481,8 @@ class _LineSearchEngine(Engine):
         return hg
 
     def compute(self) -> _Pending:
-        cfg = self.cfg
-        if cfg.adaptive:
-            eps, delta = self.tol, self.adjoint_tol
-        else:
-            eps, delta = cfg.accuracy(self.step)
+        cfg, policy = self.cfg, self.policy
+        eps, delta = policy.tolerances(self.step, (self.tol, self.adjoint_tol))
         hg = self._hypergradient(self.x_warm, self.adjoint, eps, delta)
         cost = hg.cost.oracle_calls
         while True:
@@ -427,18 +493,14 @@ class _LineSearchEngine(Engine):
                     f"‖∇F(θ)‖ ≤ {znorm + omega:.3e}"
                 )
                 return _Pending(hg, eps, delta, cost, finished=("converged", message))
-            if not cfg.adaptive or omega <= (1.0 - cfg.descent_margin) * znorm:
+            refined = policy.refine(eps, delta, znorm, omega)
+            if refined is None:
                 break
             if self._spent(cost):
                 return _Pending(hg, eps, delta, cost, exhausted=True)
-            if eps * cfg.shrink < cfg.min_tol:
-                message = (
-                    f"ω = {omega:.3e} > (1 − η)‖z‖ = {(1 - cfg.descent_margin) * znorm:.3e} "
-                    f"at ε = {eps:.3e}, and ε may not fall below min_tol = {cfg.min_tol:g}; "
-                    f"‖∇F(θ)‖ ≤ ‖z‖ + ω = {znorm + omega:.3e}"
-                )
-                return _Pending(hg, eps, delta, cost, finished=("stalled", message))
-            eps, delta = eps * cfg.shrink, delta * cfg.shrink
+            if isinstance(refined, str):
+                return _Pending(hg, eps, delta, cost, finished=("stalled", refined))
+            eps, delta = refined
             hg = self._hypergradient(hg.x, hg.adjoint, eps, delta)
             cost += hg.cost.oracle_calls
         pending = _Pending(hg, eps, delta, cost)
@@ -448,7 +510,7 @@ class _LineSearchEngine(Engine):
     def _line_search(self, p: _Pending) -> None:
         cfg, problem, hg = self.cfg, self.problem, p.hg
         mu = problem.mu if problem.mu is not None else hg.mu  # evaluated at each trial θ⁺
-        stated_lf = getattr(cfg.estimator.constants, "upper_grad_lipschitz", None)
+        stated_lf = cfg.estimator.stated_constants().upper_grad_lipschitz
         l_f_report = hg.constants.get("L_f")
         l_f_default = 1.0 if l_f_report is None else l_f_report.value
         if self.shard is not None:
@@ -481,14 +543,7 @@ class _LineSearchEngine(Engine):
                 apply_projection(problem, cfg.projection)
                 lower = LowerLevel(problem, self.batch, trial_cost)
                 try:
-                    sol = solve_lower(
-                        lower,
-                        hg.x,
-                        p.eps,
-                        cfg.estimator.lower_solver,
-                        mu,
-                        warn=getattr(cfg.estimator, "warn_unconverged", True),
-                    )
+                    sol = cfg.estimator.solve_lower(lower, hg.x, p.eps, mu)
                 except NonFiniteError:
                     if self.shard is not None:
                         self._mean(math.nan)  # every process rejects the trial
@@ -517,21 +572,8 @@ class _LineSearchEngine(Engine):
     def commit(self, p: _Pending) -> dict[str, Any]:
         cfg, hg = self.cfg, p.hg
         self.cost += p.cost
-        record: dict[str, Any] = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "upper_loss": hg.loss,
-            "eps": p.eps,
-            "delta": p.delta,
-            "alpha": p.alpha,
-            "bound": hg.bound,
-            "cost": self.cost,
-            "grad_norm": hg.norm,
-            "distance": self.distance,
-            "accepted": p.accepted,
-            "backtracks": p.trials,
-            "certified": hg.bound_certified,
-        }
+        record = self.step_record(hg, p.eps, p.delta, p.alpha, self.distance)
+        record.update(accepted=p.accepted, backtracks=p.trials, certified=hg.bound_certified)
         self.adjoint = None if hg.adjoint is None else hg.adjoint.detach().clone()
         if p.finished is not None:
             self.finished = p.finished
@@ -543,18 +585,12 @@ class _LineSearchEngine(Engine):
             load_params(self.params, p.theta)
             self.x_warm = p.x
             self.alpha = p.alpha * cfg.growth
-            if cfg.adaptive:
-                self.tol, self.adjoint_tol = p.eps * cfg.relax, p.delta * cfg.relax
+            self.tol, self.adjoint_tol = self.policy.after_accept(p.eps, p.delta)
         else:
             self.x_warm = hg.x.detach().clone()
-            if cfg.adaptive:
-                if p.eps * cfg.shrink < cfg.min_tol:
-                    self.finished = (
-                        "stalled",
-                        f"the line search failed at ε = {p.eps:.3e} and ε may not fall below "
-                        f"min_tol = {cfg.min_tol:g}",
-                    )
-                self.tol, self.adjoint_tol = p.eps * cfg.shrink, p.delta * cfg.shrink
+            (self.tol, self.adjoint_tol), stalled = self.policy.after_failure(p.eps, p.delta)
+            if stalled is not None:
+                self.finished = ("stalled", stalled)
         self.step += 1
         self.epoch += 1
         return record
@@ -576,6 +612,7 @@ class _LineSearchEngine(Engine):
             "tol": self.tol,
             "adjoint_tol": self.adjoint_tol,
             "finished": None if self.finished is None else list(self.finished),
+            "estimator_state": self.estimator_state.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -595,3 +632,4 @@ class _LineSearchEngine(Engine):
         self.tol, self.adjoint_tol = float(state["tol"]), float(state["adjoint_tol"])
         finished = state["finished"]
         self.finished = None if finished is None else (str(finished[0]), str(finished[1]))
+        self.estimator_state.load_state_dict(state["estimator_state"])

@@ -24,7 +24,7 @@ from bilevel.bounds import BoundConstants
 from bilevel.hypergrad import Implicit
 from bilevel.linear import CG
 from bilevel.lower import Nesterov
-from bilevel.methods.common import TensorSamples
+from bilevel.methods.samples import TensorSamples
 from bilevel.problem import BilevelProblem
 
 __all__ = ["QuadraticFiniteSum", "quadratic_finite_sum"]

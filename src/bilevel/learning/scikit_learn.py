@@ -41,11 +41,11 @@ from bilevel.learning.evaluation import (
 from bilevel.learning.hpo import (
     DEFAULT_STEP,
     DEFAULT_THETA_RANGE,
-    attach_lipschitz,
+    LIPSCHITZ_MARGIN,
     default_shrinkage,
     hpo_method,
 )
-from bilevel.learning.models import FiniteSumModel, LogisticModel, RidgeModel
+from bilevel.learning.models import CrossValidation, FiniteSumModel, LogisticModel, RidgeModel
 from bilevel.methods import Budget
 
 try:
@@ -57,7 +57,7 @@ try:
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "bilevel.learning.estimator needs scikit-learn >= 1.6: pip install 'bilevel[learning]'"
+        "bilevel.learning.scikit_learn needs scikit-learn >= 1.6: pip install 'bilevel[learning]'"
     ) from err
 
 __all__ = ["BilevelLogisticRegression", "BilevelRidge"]
@@ -205,18 +205,18 @@ class _PerFeatureL2Estimator(BaseEstimator):
             mean = X64.mean(axis=0)
         return torch.from_numpy((X64 - mean) / scale), mean, scale
 
-    def _fold_masks(self, n: int, y: np.ndarray | None, rng: np.random.RandomState) -> torch.Tensor:
-        """(K, n) boolean masks of the ``cv`` folds, stratified by class when ``y`` has at
-        least K rows of every class, else :func:`random_folds`."""
+    def _cross_validation(
+        self, n: int, y: np.ndarray | None, rng: np.random.RandomState
+    ) -> CrossValidation:
+        """The ``cv`` folds, stratified by class (``StratifiedKFold``) when ``y`` has at least
+        K rows of every class, else :func:`random_folds`."""
         if self.cv > n:
             raise ValueError(f"cv = {self.cv} folds need at least as many samples, got {n}")
         if y is None or np.bincount(y).min() < self.cv:
-            return random_folds(n, int(self.cv), seed=int(rng.randint(np.iinfo(np.int32).max)))
-        splits = StratifiedKFold(self.cv, shuffle=True, random_state=rng).split(np.zeros(n), y)
-        masks = np.zeros((self.cv, n), dtype=bool)
-        for k, (_, fold) in enumerate(splits):
-            masks[k, fold] = True
-        return torch.from_numpy(masks)
+            seed = int(rng.randint(np.iinfo(np.int32).max))
+            return CrossValidation(random_folds(n, int(self.cv), seed=seed))
+        splitter = StratifiedKFold(self.cv, shuffle=True, random_state=rng)
+        return CrossValidation.from_splitter(splitter, n, y)
 
     def _n_val(self, n: int) -> int:
         if n < 2:
@@ -234,7 +234,6 @@ class _PerFeatureL2Estimator(BaseEstimator):
         """Learn θ of ``model`` from the grid baseline (or ``init``) by ISGD with Adam; set the
         fitted attributes that describe θ; return θ (detached)."""
         lo, hi = theta_box
-        attach_lipschitz(model)
         evaluator = LowerEvaluator(model, X_val, y_val)
         if isinstance(self.init, str):
             theta0 = single_strength_baseline(model, evaluator, theta_range=(lo, hi))["theta"]
@@ -329,12 +328,23 @@ class BilevelLogisticRegression(ClassifierMixin, _PerFeatureL2Estimator):
 
         Zt, mean, scale = self._standardized(X)
         yt = torch.from_numpy(np.asarray(y_codes, dtype=np.int64))
-        options = {"fit_intercept": self.fit_intercept, "theta_lower": lo}
+        options = {
+            "fit_intercept": self.fit_intercept,
+            "theta_lower": lo,
+            "lipschitz_margin": LIPSCHITZ_MARGIN,
+        }
         if self.cv is not None:  # every row validates once: n validation rows in all
             model = LogisticModel(
-                Zt, yt, Zt, yt, 0.0, n_classes, **options, shrinkage=self._shrinkage(n)
+                Zt,
+                yt,
+                Zt,
+                yt,
+                0.0,
+                n_classes,
+                **options,
+                shrinkage=self._shrinkage(n),
+                criterion=self._cross_validation(n, np.asarray(y_codes), rng),
             )
-            model.cross_validate(self._fold_masks(n, np.asarray(y_codes), rng))
             Z_val, y_val = Zt, yt
         else:
             train, val = (torch.from_numpy(i) for i in self._split(n, y_codes, n_classes, rng))
@@ -441,8 +451,17 @@ class BilevelRidge(RegressorMixin, _PerFeatureL2Estimator):
         y_mean = float(y64.mean()) if self.fit_intercept else 0.0
         yt = torch.from_numpy(y64 - y_mean)
         if self.cv is not None:  # every row validates once: n validation rows in all
-            model = RidgeModel(Zt, yt, Zt, yt, 0.0, theta_lower=lo, shrinkage=self._shrinkage(n))
-            model.cross_validate(self._fold_masks(n, None, rng))
+            model = RidgeModel(
+                Zt,
+                yt,
+                Zt,
+                yt,
+                0.0,
+                theta_lower=lo,
+                shrinkage=self._shrinkage(n),
+                criterion=self._cross_validation(n, None, rng),
+                lipschitz_margin=LIPSCHITZ_MARGIN,
+            )
             Z_val, y_val = Zt, yt
         else:
             train, val = (
@@ -458,6 +477,7 @@ class BilevelRidge(RegressorMixin, _PerFeatureL2Estimator):
                 0.0,
                 theta_lower=lo,
                 shrinkage=self._shrinkage(len(val)),
+                lipschitz_margin=LIPSCHITZ_MARGIN,
             )
         theta = self._learn(model, Z_val, y_val, (lo, hi), seed)
 

@@ -221,6 +221,7 @@ def run_method(
     model = build_model(data, "logistic", theta0=theta0, shrinkage=shrinkage)
     evaluator = LowerEvaluator(model, data.X_test, data.y_test, rtol=setting.eval_rtol)
     evaluator.w = w0.clone()
+    model.smoothness()  # ‖X‖₂² by power iteration, once per data set: not a method's time
     config = hpo_method(model, method, seed=seed, **options)
     seconds = setting.budget[method] if budget is None else budget
     # as in `bilevel hpo`: SID tightens its inner accuracy when F rises above the start

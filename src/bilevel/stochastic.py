@@ -959,6 +959,9 @@ class PreconditionedSVRGLinear:
         # minibatch products after which the anchor is renewed: its full product then costs
         # at most as much as the minibatch products it serves
         renew = self.refresh or math.ceil(n / psi.batch_size)
+        # when a full product costs no more than a CG round, every round starts from the
+        # exact residual (on small sets the estimate's noise costs more rounds than it saves)
+        cheap = renew <= self.cg_iterations
         full: Callable[[Tensor], Tensor] | None = None  # H at (w, θ): one graph per call
         p: Tensor | None = None  # the preconditioner, at the first round (lazily)
         r: Tensor | None = None  # the residual ∇_w E − ηHv at v (exact, or r̃ estimated)
@@ -967,11 +970,15 @@ class PreconditionedSVRGLinear:
             self._since_refresh += 1 if self._anchor["current"] else 2
         residual = math.nan
         rounds = 0
+        exact = False  # whether r is the exact residual
         for s in range(t):
+            if r is not None and not exact and cheap:
+                if tol is None or _max_norm(r) > tol:
+                    r = None
             if r is None:  # a new anchor: one full product, the exact residual at v
                 full = full or psi.hessian(None)
                 self._take_anchor(psi, v, key, full)
-                r = psi.rhs() - eta * self._anchor["hv"]
+                r, exact = psi.rhs() - eta * self._anchor["hv"], True
             residual = _max_norm(r)
             if tol is not None and residual <= tol:
                 break
@@ -999,7 +1006,7 @@ class PreconditionedSVRGLinear:
             if new > max(0.5 * residual, tol or 0.0):  # the sampled system misled CG
                 self._batch = min(2 * b, n)
             if new < residual:
-                v, r, residual = v + delta, r_new, new
+                v, r, residual, exact = v + delta, r_new, new, b >= n
             else:  # rejected: the residual at v exactly before the next round
                 r = None
             if self._since_refresh >= renew:

@@ -125,7 +125,7 @@ SID_MAP_STEP = 0.5
 #: SID's preconditioned solvers: step β/λ̂ (λ̂ the measured preconditioned curvature) and
 #: heavy-ball momentum.
 SID_STEP = 0.5
-SID_MOMENTUM = 0.0
+SID_MOMENTUM = 0.5
 SID_CG_LOWER = 0
 SID_CG_ADJOINT = 20
 

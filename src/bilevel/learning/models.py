@@ -250,7 +250,7 @@ def _spectral_norm_sq(X: Tensor, iters: int = 50, seed: int = 0) -> float:
     Xd = X if is_sparse(X) else X.to(torch.float64)
     for _ in range(iters):
         u = _matmul(Xd, v.to(Xd.dtype)).to(torch.float64)
-        w = _xt_v(X, u[:, 0])[:, None]
+        w = _xt_v(Xd, u[:, 0])[:, None]  # Xd: converted once, not per iteration
         est = float(w.norm())
         if est == 0.0:
             return 0.0

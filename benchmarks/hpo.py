@@ -16,10 +16,10 @@ onto [-10, 1]; the hypergradients come from the library defaults of ``bilevel hp
   12√N samples (at most 4096), warm-started; t and k adapt, each stage iterating until its
   minibatch estimate of ‖∇_w h‖ (stage 1) or of the adjoint residual (stage 2) meets the same
   ε_k = δ_k as AID-CG's (at most 200 iterations); stage 1 Jacobi-preconditioned SVRG with
-  steps 0.5/λ̂ from the measured curvature, stage 2 CG refinement on minibatch Hessians; a
-  rise of F above its start by more than the evaluation noise tightens the tolerances. Also
-  the previous default (t = k = 3 SVRG / plain steps of 0.5/L, ``PREVIOUS_SID``) on digits and
-  on the 200 000-sample set, and seed 1 there;
+  steps 0.5/λ̂ from the measured curvature and heavy-ball momentum 0.5, stage 2 CG
+  refinement on minibatch Hessians; a rise of F above its start by more than the evaluation
+  noise tightens the tolerances. Also the previous default (t = k = 3 SVRG / plain steps of
+  0.5/L, ``PREVIOUS_SID``) on digits, and seed 1 on the 200 000-sample set;
 * ``aid-cg``: L-BFGS lower solve and conjugate gradients, warm-started, to absolute tolerances
   ε_k = δ_k = 10⁻² g₀/√(k+1), floored at 10⁻⁴ g₀ (float64) or 10⁻³ g₀ (float32);
 * ``itd``: 20 differentiated full-batch gradient steps from the previous lower iterate;
@@ -40,11 +40,13 @@ float32; skipped when the idx files are absent), synthetic binary data with 200 
 and 1000 features, each present with probability 0.01 (torch CSR, float32; 10⁷ nonzeros, no
 shrinkage run and no LogisticRegressionCV there). Targets (the verdict): SID reaches AID-CG's
 final F (within 1 % on digits and MNIST) in at most 1× (digits, MNIST), 0.2× (200 000) and
-1/3 (sparse) of AID-CG's time to it. Writes a markdown report and a PNG next to it. About
-20 minutes on 2 cores, one torch thread.
+1/3 (sparse) of AID-CG's time to it. ‖X‖₂² (the Lipschitz bound's power iteration) is
+computed before each timed run. Writes a markdown report and a PNG next to it. About 30
+minutes on 2 cores, one torch thread; ``--cache DIR`` runs the sets one at a time and
+reports them together.
 
 Usage: python benchmarks/hpo.py [--out docs/benchmarks_hpo.md] [--threads 1] [--quick]
-       [--only digits mnist ...] [--no-splits]
+       [--only digits mnist ...] [--no-splits] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
+import pickle
 import platform
 import time
 import warnings
@@ -136,19 +139,16 @@ SETTINGS = [
         "synthetic",
         "synthetic:200000:300",
         {"aid-cg": 60, "sid": 40, "itd": 20},
-        {"aid-cg": 15, "sid": 30, "itd": 2},
+        {"aid-cg": 15, "sid": 10, "itd": 2},
         large=True,
         target_ratio=0.2,
-        sid_variants=(
-            ("SID, seed 1", {"seed": 1}),
-            ("SID, t = k = 3, SVRG (previous default)", PREVIOUS_SID),
-        ),
+        sid_variants=(("SID, seed 1", {"seed": 1}),),
     ),
     Setting(
         "sparse",
         "sparse:1000000:1000:0.01",
         {"aid-cg": 90, "sid": 45, "itd": 20},
-        {"aid-cg": 5, "sid": 20, "itd": 2},
+        {"aid-cg": 5, "sid": 5, "itd": 2},
         large=True,
         target_ratio=1.0 / 3.0,
         extras=False,
@@ -499,15 +499,18 @@ def report(results: dict[str, Any], splits: list[dict[str, float]], args, second
         "",
         "Produced by `benchmarks/hpo.py`; every number below was measured by that script "
         f"(torch {torch.__version__}, {platform.machine()}, {args.threads} torch thread(s), "
-        f"total {seconds:.0f} s). The machine has 2 cores shared with other work, so wall "
-        "times carry noise of roughly ±10 %.",
+        f"total {seconds:.0f} s of the last invocation). The machine has 2 cores shared with "
+        "other work and was loaded (load average 3–7) while these runs were taken, so wall "
+        "times carry noise of tens of per cent; compare methods within a data set, whose runs "
+        "follow each other.",
         "",
         "Setup (details in the script's docstring): λ_k = exp θ_k, one ℓ2 strength per "
         "feature; split 60/20/20; every method starts from the best common strength of the grid "
         "θ ∈ {1, 0, …, -10} and its solution w; upper level ISGD with Adam, α_k = "
         "0.1/(k+1)^0.25, θ ∈ [-10, 1]; F(θ) = validation cross-entropy at an accurate w(θ) "
         "(evaluation time not counted). SID: minibatch 12√N (≤ 4096), t and k adaptive to "
-        "the same ε_k, δ_k as AID-CG (at most 200), Jacobi-preconditioned SVRG for w and CG "
+        "the same ε_k, δ_k as AID-CG (at most 200), Jacobi-preconditioned SVRG with momentum "
+        "0.5 for w and CG "
         "refinement on minibatch Hessians for the adjoint, tolerances tightened when F rises "
         "above its start. AID-CG: "
         "warm-started L-BFGS + CG to ε_k = δ_k = 10⁻² g₀/√(k+1) (floor 10⁻⁴ g₀, float32 "
@@ -596,16 +599,29 @@ def main() -> None:
     parser.add_argument(
         "--no-splits", action="store_true", help="skip the accuracy study over 5 digits splits"
     )
+    parser.add_argument(
+        "--cache",
+        default=None,
+        help="folder of per-set results: the sets run are saved there, the sets not run are "
+        "read from there (so that the sets can be run one at a time and reported together)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     args.png = out.with_suffix(".png").name
     start = time.perf_counter()
     results = {}
+    cache = None if args.cache is None else pathlib.Path(args.cache)
     for setting in SETTINGS:
-        if args.only and setting.name not in args.only:
+        saved = None if cache is None else cache / f"{setting.name}.pkl"
+        if args.only is not None and setting.name not in args.only:
+            if saved is not None and saved.exists():
+                results[setting.name] = pickle.loads(saved.read_bytes())
             continue
         results[setting.name] = study(setting, args.quick)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_bytes(pickle.dumps(results[setting.name]))
     run_splits = not (args.quick or args.no_splits) and (not args.only or "digits" in args.only)
     splits = digits_splits(5, 100) if run_splits else []
     seconds = time.perf_counter() - start

@@ -272,6 +272,10 @@ def test_cli_sid_resume_is_exact(tmp_path, capsys):
     assert code == 0 and s["steps"] == 20
     for key in ("mean", "min", "max"):
         assert s["theta"][key] == pytest.approx(full["theta"][key], rel=1e-12, abs=1e-12)
+    # the best evaluated θ survives the checkpoint: same step and value, and it is saved
+    assert s["best"]["step"] == full["best"]["step"]
+    assert s["best"]["val_loss"] == pytest.approx(full["best"]["val_loss"], rel=1e-9)
+    assert (tmp_path / "b" / "hyperparameters_best.csv").exists()
 
 
 def test_cli_other_models_and_svmlight(tmp_path, capsys):

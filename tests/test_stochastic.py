@@ -30,6 +30,7 @@ from bilevel.learning import (
 )
 from bilevel.stochastic import (
     SID,
+    AdjointMap,
     InnerAccuracy,
     LowerMap,
     MinibatchSampler,
@@ -1023,3 +1024,27 @@ def test_sid_evaluates_a_mu_that_is_a_function_of_theta():
     hg = sid(problem, None, model.init_w())
     assert hg.mu == pytest.approx(stated) and not hg.mu_estimated
     assert hg.eps.shape == (1,)
+
+
+def test_sampled_hessian_operator_is_the_minibatch_hessian_and_counts_every_product(ridge):
+    """AdjointMap.hessian(I) builds one gradient graph and answers every product from it:
+    each equals the closed-form minibatch Hessian X_Iᵀ X_I/b + diag(exp θ) (ridge) times v,
+    and each counts B·b/N products; index None is the full Hessian (one product each)."""
+    w = ridge.solution().reshape(1, -1)
+    cost = Cost()
+    psi = AdjointMap(
+        ridge.problem, w, 0.1, MinibatchSampler(0), 20, None, cost, torch.zeros_like(w)
+    )
+    idx = torch.tensor([0, 3, 7, 11, 19, 40, 41, 60, 99, 100])
+    X = ridge.X_train
+    reg = torch.diag(ridge.theta.detach().exp())
+    dense = {"mini": X[idx].T @ X[idx] / len(idx) + reg, "full": X.T @ X / len(X) + reg}
+    gen = torch.Generator().manual_seed(3)
+    for name, index in (("mini", idx), ("full", None)):
+        op = psi.hessian(index)
+        before = cost.hvps
+        for _ in range(3):  # products with several vectors from the same graph
+            v = torch.randn(w.shape, generator=gen, dtype=w.dtype)
+            torch.testing.assert_close(op(v)[0], dense[name] @ v[0], rtol=1e-12, atol=1e-12)
+        per_product = len(idx) / len(X) if index is not None else 1.0
+        assert cost.hvps - before == pytest.approx(3 * per_product)

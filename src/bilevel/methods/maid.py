@@ -20,9 +20,10 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
    decrease α‖z‖(‖z‖ + ω) − cα‖z‖² cannot cover the old side's mean_i ‖∇ₓf_i‖ε_i are not
    solved for (the line search fails at once and the accuracy is tightened). L_f and μ come
    from the one place that states them: the estimator's
-   ``BoundConstants.upper_grad_lipschitz`` (else the value the bound computed or estimated,
-   ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a non-convex f_i
-   or a wrong L_f the certificate does not hold.
+   ``stated_constants().upper_grad_lipschitz`` (else the value the bound computed or
+   estimated, ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a
+   non-convex f_i or a wrong L_f the certificate does not hold. The trial lower levels are
+   solved by the estimator's ``solve_lower``.
 3. Adapt. On success the next trial step is αρⁱ·growth; MAID multiplies ε and δ by ν ≥ 1.
    On failure θ is kept, and MAID multiplies ε and δ by τ < 1 (the trial step α is kept).
 

@@ -224,7 +224,8 @@ def run_method(
     config = hpo_method(model, method, seed=seed, **options)
     seconds = setting.budget[method] if budget is None else budget
     # as in `bilevel hpo`: SID tightens its inner accuracy when F rises above the start
-    evaluate = guard_sid(evaluator, config, evaluator, evaluator.metrics())
+    state = config.estimator.init_state()
+    evaluate = guard_sid(evaluator, state, evaluator, evaluator.metrics())
     result = config.run(
         model.problem,
         lower_instances(model, w0),
@@ -233,6 +234,7 @@ def run_method(
         eval_every=setting.eval_every[method],
         progress=False,
         plot=False,
+        estimator_state=state,
     )
     # the end of the last step (RunResult.wall_time also counts the final evaluation)
     wall = float(result.records[-1]["wall_time"]) if result.records else 0.0

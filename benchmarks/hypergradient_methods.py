@@ -98,7 +98,7 @@ def build(name: str) -> tuple[Any, torch.Tensor, float, float, str]:
 def sweep_estimator(method: str, t: int, lip: float):
     """The estimator of ``method`` with t lower and t adjoint iterations of step 1/L."""
     if method == "ITD":
-        return Unrolled(steps=t, compute_bound=False)
+        return Unrolled(steps=t)
     lower = GradientDescent(max_iter=t, lipschitz=lip)
     adjoint = FixedPoint(step=1.0 / lip, max_iter=t) if method == "AID-FP" else CG(max_iter=t)
     return Implicit(adjoint, lower_solver=lower, compute_bound=False, warn_unconverged=False)

@@ -128,10 +128,11 @@ def _sid_run(steps: int, minibatch: bool):
             final_batch=None,
         )
     samples = TensorSamples(x_init=model.init_w(model.n_instances))
+    state = sid.init_state()  # the run assigns this process's streams to it
     result = ISGD(step=0.5, batch_size=1, estimator=sid).run(
-        model.problem, samples, {"steps": steps}, progress=False, plot=False
+        model.problem, samples, {"steps": steps}, progress=False, plot=False, estimator_state=state
     )
-    return result, sid
+    return result, state
 
 
 def _scenarios(rank: int, world: int, port: int, out: str) -> None:
@@ -140,7 +141,7 @@ def _scenarios(rank: int, world: int, port: int, out: str) -> None:
     isgd = _isgd(6, run_dir=Path(out) / "isgd")
     maid = _maid(4)
     sid_full, _ = _sid_run(3, minibatch=False)
-    sid_mini, sid = _sid_run(3, minibatch=True)
+    sid_mini, sid_state = _sid_run(3, minibatch=True)
     from_one = _isgd(6, run_dir=Path(out) / "one", resume=True)  # a 3-step single-process run
     torch.save(
         {
@@ -151,7 +152,7 @@ def _scenarios(rank: int, world: int, port: int, out: str) -> None:
             "maid_accepted": [r["accepted"] for r in maid.records],
             "sid_full": sid_full.theta[0],
             "sid_mini": sid_mini.theta[0],
-            "sid_seed": sid.samplers.lower.seed,
+            "sid_seed": sid_state.samplers.lower.seed,
             "from_one": from_one.theta[0],
         },
         Path(out) / f"rank{rank}.pt",
@@ -207,9 +208,11 @@ def test_two_processes_follow_the_single_process_trajectory(two_ranks):
 
 def test_sid_ranks_draw_own_streams_and_agree_on_theta(two_ranks):
     _, ranks = two_ranks
-    single, sid = _sid_run(3, minibatch=True)
+    single, sid_state = _sid_run(3, minibatch=True)
     assert torch.equal(ranks[0]["sid_mini"], ranks[1]["sid_mini"])  # same step on every rank
-    assert ranks[0]["sid_seed"] == sid.samplers.lower.seed  # rank 0: the single-process stream
+    assert (
+        ranks[0]["sid_seed"] == sid_state.samplers.lower.seed
+    )  # rank 0: the single-process stream
     assert ranks[1]["sid_seed"] != ranks[0]["sid_seed"]
     # another estimate of the same hypergradient: close, not equal, to one process's
     assert _close(ranks[0]["sid_mini"], single.theta[0]) < 0.2

@@ -51,7 +51,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits  # n
 from sklearn.model_selection import train_test_split  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
-from bilevel.learning.estimator import BilevelLogisticRegression, BilevelRidge  # noqa: E402
+from bilevel.learning.scikit_learn import BilevelLogisticRegression, BilevelRidge  # noqa: E402
 
 SUMMARY_KEYS = {
     "data",
@@ -663,15 +663,15 @@ def test_rise_guard_tightens_sid_when_f_rises_above_the_start(capsys):
     def evaluate(theta, step):
         return {"val_loss": next(values), "shrinkage_penalty": 0.0}
 
-    sid = SID(accuracy=InnerAccuracy(factor=0.5))
-    guard = RiseGuard(evaluate, sid, start=1.0, noise=0.01)
+    state = SID(accuracy=InnerAccuracy(factor=0.5)).init_state()
+    guard = RiseGuard(evaluate, state, start=1.0, noise=0.01)
     outs = [guard(None, k) for k in range(5)]
     err = capsys.readouterr().err
     assert [("sid_tightened" in o) for o in outs] == [False, False, True, False, True]
-    assert sid.accuracy_scale == pytest.approx(0.25)
+    assert state.accuracy_scale == pytest.approx(0.25)
     assert err.count("warning: at step") == 2 and "at step 2 the upper objective 1.02" in err
     # skipped evaluations (a throttled callback returns {}) are passed through
-    assert RiseGuard(lambda theta, step: {}, sid, 1.0, 0.01)(None, 0) == {}
+    assert RiseGuard(lambda theta, step: {}, state, 1.0, 0.01)(None, 0) == {}
 
 
 def test_guard_sid_wraps_adaptive_sid_only():
@@ -683,28 +683,40 @@ def test_guard_sid_wraps_adaptive_sid_only():
     # float64 solve to 10⁻⁸ of the initial gradient, μ = 10⁻⁴: the certified evaluation noise
     # is a small fraction of F (2.6·10⁻⁴ when measured)
     assert 0 < noise < 1e-3 * initial["val_loss"]
-    guarded = guard_sid(evaluator, hpo_method(model, "sid"), evaluator, initial)
+    state = hpo_method(model, "sid").estimator.init_state()
+    guarded = guard_sid(evaluator, state, evaluator, initial)
     assert isinstance(guarded, RiseGuard) and guarded.start == pytest.approx(initial["val_loss"])
-    assert guard_sid(evaluator, hpo_method(model, "aid-cg"), evaluator, initial) is evaluator
-    fixed = hpo_method(model, "sid", inner_steps=3)
+    assert guarded.state is state
+    aid = hpo_method(model, "aid-cg").estimator.init_state()
+    assert guard_sid(evaluator, aid, evaluator, initial) is evaluator
+    fixed = hpo_method(model, "sid", inner_steps=3).estimator.init_state()
     assert guard_sid(evaluator, fixed, evaluator, initial) is evaluator
 
 
 def test_tightened_sid_accuracy_survives_checkpoint_and_resume(tmp_path):
     """The accuracy scale set by the rise guard is part of ISGD's checkpoint: a resumed run
-    continues with it."""
+    restores it into the state it is given (the one its rise guard watches)."""
     data = load_data("breast_cancer")
     model = build_model(data, theta0=-5.0)
     w0 = LowerEvaluator(model, data.X_test, data.y_test).solve()
     method = hpo_method(model, "sid")
-    method.estimator.tighten()
+    state = method.estimator.init_state()
+    state.tighten()
     run = {"run_dir": tmp_path / "run", "progress": False, "plot": False}
-    method.run(model.problem, lower_instances(model, w0), Budget(steps=3), **run)
+    method.run(
+        model.problem, lower_instances(model, w0), Budget(steps=3), estimator_state=state, **run
+    )
     again = build_model(data, theta0=-5.0)
     resumed = hpo_method(again, "sid")
-    assert resumed.estimator.accuracy_scale == 1.0
+    fresh = resumed.estimator.init_state()
+    assert fresh.accuracy_scale == 1.0
     result = resumed.run(
-        again.problem, lower_instances(again, w0), Budget(steps=5), resume=True, **run
+        again.problem,
+        lower_instances(again, w0),
+        Budget(steps=5),
+        resume=True,
+        estimator_state=fresh,
+        **run,
     )
-    assert result.step == 5 and resumed.estimator.accuracy_scale == pytest.approx(0.3)
+    assert result.step == 5 and fresh.accuracy_scale == pytest.approx(0.3)
     assert result.records[-1]["sid_accuracy_scale"] == pytest.approx(0.3)

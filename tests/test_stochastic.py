@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 
 import pytest
@@ -12,11 +13,11 @@ from conftest import quadratic_problem
 from bilevel import (
     BilevelError,
     BilevelProblem,
-    Estimator,
     FiniteSum,
     FixedPoint,
     GradientDescent,
     Hypergradient,
+    HypergradientEstimator,
     Implicit,
     NonFiniteError,
 )
@@ -340,14 +341,17 @@ def test_same_seed_same_estimate_and_fresh_samples_across_calls(ridge):
 
     x0 = ridge.init_w()
     a, b, c = make(3), make(3), make(4)
-    ga = a(ridge.problem, None, x0).grad[0]
+    state = a.init_state()
+    ga = a(ridge.problem, None, x0, state=state).grad[0]
     assert torch.equal(ga, b(ridge.problem, None, x0).grad[0])
     assert not torch.allclose(ga, c(ridge.problem, None, x0).grad[0])
-    # successive calls continue the streams (fresh samples), reset() starts them again
-    second = a(ridge.problem, None, x0).grad[0]
-    assert not torch.allclose(ga, second)
-    a.samplers.reset()
+    # a call without a state is a function of the seed and its inputs alone
     assert torch.equal(a(ridge.problem, None, x0).grad[0], ga)
+    # successive calls with one state continue its streams (fresh samples), reset() restarts
+    second = a(ridge.problem, None, x0, state=state).grad[0]
+    assert not torch.allclose(ga, second)
+    state.samplers.reset()
+    assert torch.equal(a(ridge.problem, None, x0, state=state).grad[0], ga)
     # with replacement is a different sampling scheme
     from dataclasses import replace
 
@@ -369,7 +373,7 @@ def test_estimator_interface_accumulate_and_cost(ridge):
         upper_batch=6,
         final_minibatches=3,
     )
-    assert isinstance(sid, Estimator)
+    assert isinstance(sid, HypergradientEstimator)
     ridge.theta.grad = None
     hg = sid(ridge.problem, None, ridge.init_w(), accumulate=True)
     assert isinstance(hg, StochasticHypergradient) and isinstance(hg, Hypergradient)
@@ -453,8 +457,11 @@ def test_solvers_are_pluggable(ridge):
         linear_batch=None,
         final_batch=None,
     )
-    hg = sid(ridge.problem, None, ridge.init_w())
-    assert lower.calls == 60 and linear.calls == 60
+    state = sid.init_state()
+    hg = sid(ridge.problem, None, ridge.init_w(), state=state)
+    # the state's working copies are called; the configuration's solvers are never touched
+    assert state.lower_solver.calls == 60 and state.linear_solver.calls == 60
+    assert lower.calls == 0 and linear.calls == 0
     torch.testing.assert_close(hg.grad[0], ridge.hypergradient(), rtol=1e-6, atol=1e-9)
 
     class Broken:
@@ -873,26 +880,39 @@ def test_adaptive_sid_stops_at_the_tolerance_and_reports_it(ridge):
 def test_sid_tighten_scales_the_targets_and_is_checkpointed(ridge):
     sid = _adaptive_sid(ridge, batch=20)
     w = ridge.solution().reshape(1, -1)
-    assert sid(ridge.problem, None, w, lower_tol=1e-3).lower_target == pytest.approx(1e-3)
-    assert sid.tighten() == pytest.approx(0.3)
-    hg = sid(ridge.problem, None, w, lower_tol=1e-3, adjoint_tol=1e-2)
+    state = sid.init_state()
+    hg = sid(ridge.problem, None, w, lower_tol=1e-3, state=state)
+    assert hg.lower_target == pytest.approx(1e-3)
+    assert state.tighten() == pytest.approx(0.3)
+    hg = sid(ridge.problem, None, w, lower_tol=1e-3, adjoint_tol=1e-2, state=state)
     assert hg.lower_target == pytest.approx(3e-4) and hg.adjoint_target == pytest.approx(3e-3)
     assert hg.metrics["sid_accuracy_scale"] == pytest.approx(0.3)
-    state = sid.solver_state_dict()
-    fresh = _adaptive_sid(ridge, batch=20)
-    fresh.load_solver_state_dict(state)
+    # a fresh state (or a call without one) starts at scale 1 again
+    assert sid(ridge.problem, None, w, lower_tol=1e-3).lower_target == pytest.approx(1e-3)
+    fresh = _adaptive_sid(ridge, batch=20).init_state()
+    fresh.load_state_dict(state.state_dict())
     assert fresh.accuracy_scale == pytest.approx(0.3)
     for _ in range(20):
-        sid.tighten()
-    assert sid.accuracy_scale == pytest.approx(InnerAccuracy().min_scale)
+        state.tighten()
+    assert state.accuracy_scale == pytest.approx(InnerAccuracy().min_scale)
     with pytest.raises(BilevelError, match="tighten needs"):
-        SID().tighten()
+        SID().init_state().tighten()
+    with pytest.raises(BilevelError, match="unknown SID state"):
+        fresh.load_state_dict({"anchor": None})
     with pytest.raises(BilevelError, match="adaptive accuracy needs"):
         SID(lower_solver=_NoTolSolver(), accuracy=InnerAccuracy(), lower_batch=5)(
             ridge.problem, None, w
         )
     with pytest.raises(BilevelError, match="factor must be in"):
         InnerAccuracy(factor=2.0)
+
+
+def _saved(obj):
+    """``obj`` written by ``torch.save`` into a buffer, ready to be read back."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 class _NoTolSolver:
@@ -905,30 +925,35 @@ def test_preconditioned_solvers_restore_their_state(ridge):
     restored solvers continue exactly as the original ones."""
     theta0 = ridge.theta.detach().clone()
 
-    def run(sid, calls):
+    def run(sid, state, calls):
         w, q = ridge.solution().reshape(1, -1), None
         out = []
         for k in range(calls):
             with torch.no_grad():
                 ridge.theta.copy_(theta0 + 0.1 * k)
-            hg = sid(ridge.problem, None, w, lower_tol=1e-7, adjoint_tol=1e-7, adjoint0=q)
+            hg = sid(
+                ridge.problem, None, w, lower_tol=1e-7, adjoint_tol=1e-7, adjoint0=q, state=state
+            )
             w, q = hg.x, hg.adjoint
             out.append(hg)
         return out, w, q
 
     try:
         a = _adaptive_sid(ridge, batch=10)
-        first, w, q = run(a, 2)
-        state = a.solver_state_dict()
-        sampler_state = a.samplers.state_dict()
-        assert state["linear_solver"]["anchor"] is not None and state["lower_solver"]["top"]
+        sa = a.init_state()
+        first, w, q = run(a, sa, 2)
+        saved = torch.load(_saved(sa.state_dict()), weights_only=False)
+        sampler_state = sa.samplers.state_dict()
+        assert saved["linear_solver"]["anchor"] is not None and saved["lower_solver"]["top"]
         b = _adaptive_sid(ridge, batch=10)
-        b.load_solver_state_dict(state)
-        b.samplers.load_state_dict(sampler_state)
+        sb = b.init_state()
+        sb.load_state_dict(saved)
+        sb.samplers.load_state_dict(sampler_state)
         with torch.no_grad():
             ridge.theta.copy_(theta0 + 0.3)
-        x = a(ridge.problem, None, w, lower_tol=1e-7, adjoint_tol=1e-7, adjoint0=q)
-        y = b(ridge.problem, None, w, lower_tol=1e-7, adjoint_tol=1e-7, adjoint0=q)
+        kw = {"lower_tol": 1e-7, "adjoint_tol": 1e-7, "adjoint0": q}
+        x = a(ridge.problem, None, w, state=sa, **kw)
+        y = b(ridge.problem, None, w, state=sb, **kw)
         assert torch.equal(x.grad[0], y.grad[0]) and x.metrics == y.metrics
     finally:
         with torch.no_grad():

@@ -26,9 +26,11 @@ _EXPORTS: dict[str, str] = {
     "BoundConstants": "bilevel.bounds",
     **dict.fromkeys(
         (
-            "Estimator",
+            "AdjointEstimator",
+            "EstimatorState",
             "Exact",
             "Hypergradient",
+            "HypergradientEstimator",
             "Implicit",
             "JacobianFree",
             "Unrolled",
@@ -66,6 +68,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         (
             "SID",
+            "SIDState",
             "StochasticFixedPoint",
             "StochasticLinearFixedPoint",
             "VarianceReducedFixedPoint",
@@ -98,9 +101,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from bilevel.autodiff import Cost  # noqa: F401
     from bilevel.bounds import BoundConstants  # noqa: F401
     from bilevel.hypergrad import (  # noqa: F401
-        Estimator,
+        AdjointEstimator,
+        EstimatorState,
         Exact,
         Hypergradient,
+        HypergradientEstimator,
         Implicit,
         JacobianFree,
         Unrolled,
@@ -133,6 +138,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     )
     from bilevel.stochastic import (  # noqa: F401
         SID,
+        SIDState,
         StochasticFixedPoint,
         StochasticLinearFixedPoint,
         VarianceReducedFixedPoint,

@@ -10,9 +10,10 @@ pass, given v_i = ∂L/∂x̂_i from any downstream loss L, the implicit functio
 
 (and likewise for the batch tensors, with J_i the mixed derivative in them). The adjoint solve
 and the mixed product are those of the library's estimators: ``Implicit(CG())`` by default,
-any :class:`~bilevel.hypergrad.Estimator` (``Implicit`` with any linear solver, ``Exact``,
-``JacobianFree``, ``Unrolled``) may be given. The estimator is called with the upper loss
-f_i(x) = ⟨v_i, x⟩, whose hypergradient −(1/B)Σ J_iᵀ q_i is B⁻¹ ∂L/∂θ.
+any :class:`~bilevel.hypergrad.AdjointEstimator` (``Implicit`` with any linear solver,
+``Exact``, ``JacobianFree``) may be given; its ``solve_lower`` is the forward pass. The
+estimator is called with the upper loss f_i(x) = ⟨v_i, x⟩, whose hypergradient
+−(1/B)Σ J_iᵀ q_i is B⁻¹ ∂L/∂θ.
 
 Tolerances are absolute and per instance, as everywhere in the library: ``lower_tol`` bounds
 ‖∇ₓh_i(x̂_i)‖ (units of ∇ₓh), ``adjoint_tol`` bounds ‖H_i q_i − v_i‖ (units of ∂L/∂x). An adjoint
@@ -32,9 +33,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from bilevel.autodiff import Cost, LowerLevel, batch_dot
-from bilevel.hypergrad import Estimator, Exact, Hypergradient, Implicit
+from bilevel.hypergrad import AdjointEstimator, Exact, Hypergradient, Implicit
 from bilevel.linear import CG
-from bilevel.lower import LowerSolution, solve_lower
+from bilevel.lower import LowerSolution
 from bilevel.problem import Batch, BilevelError, BilevelProblem, Theta, batch_tensors
 
 __all__ = ["AdjointSolveError", "ArgminInfo", "ArgminLayer", "argmin"]
@@ -137,7 +138,7 @@ class _Spec:
     batch: Batch
     lower_tol: float | Tensor
     adjoint_tol: float | Tensor
-    estimator: Estimator
+    estimator: AdjointEstimator
     mu: float | None
     lipschitz: float | Callable[[], float] | None
     on_adjoint_failure: str
@@ -177,9 +178,7 @@ class _Argmin(torch.autograd.Function):
         est = spec.estimator
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sol = solve_lower(
-                lower, x0.detach(), spec.lower_tol, est.lower_solver, spec.mu, est.warn_unconverged
-            )
+            sol = est.solve_lower(lower, x0.detach(), spec.lower_tol, spec.mu)
         assert spec.info is not None
         spec.info.lower = sol
         spec.info.cost = spec.info.cost + cost
@@ -263,7 +262,7 @@ def argmin(
     *,
     lower_tol: float | Tensor = 1e-6,
     adjoint_tol: float | Tensor | None = None,
-    estimator: Estimator | None = None,
+    estimator: AdjointEstimator | None = None,
     mu: float | None = None,
     lipschitz: float | Callable[[], float] | None = None,
     on_adjoint_failure: str = "raise",
@@ -302,17 +301,17 @@ def argmin(
             f"on_adjoint_failure must be 'raise' or 'warn', got {on_adjoint_failure!r}"
         )
     estimator = Implicit(CG()) if estimator is None else estimator
-    if not isinstance(estimator, Estimator):
+    if not isinstance(estimator, AdjointEstimator):
         raise BilevelError(
-            f"estimator must be a bilevel Estimator such as Implicit(CG()), got "
+            f"estimator must be an AdjointEstimator such as Implicit(CG()), got "
             f"{type(estimator).__name__}"
         )
     if not isinstance(x0, Tensor) or x0.dim() < 1:
         raise BilevelError("x0 must be a tensor of shape (B, ...) with B instances")
     if estimator.constants.upper_grad_lipschitz is None:
         # f(x) = ⟨v, x⟩ is linear: L_f = 0 exactly, nothing to estimate for the bound ω.
-        estimator = replace(
-            estimator, constants=replace(estimator.constants, upper_grad_lipschitz=0.0)
+        estimator = estimator.with_(
+            constants=replace(estimator.constants, upper_grad_lipschitz=0.0)
         )
     if x0.requires_grad:
         x0 = x0.detach()
@@ -352,7 +351,7 @@ class ArgminLayer(nn.Module):
         init: Callable[[Batch], Tensor] | None = None,
         lower_tol: float | Tensor = 1e-6,
         adjoint_tol: float | Tensor | None = None,
-        estimator: Estimator | None = None,
+        estimator: AdjointEstimator | None = None,
         mu: float | None = None,
         lipschitz: float | Callable[[], float] | None = None,
         on_adjoint_failure: str = "raise",

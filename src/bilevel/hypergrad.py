@@ -1,15 +1,28 @@
-"""Hypergradient estimators behind one interface.
+"""Hypergradient estimators behind one protocol.
 
-Each estimator is a small immutable configuration object.  Called on a problem and a batch,
-it returns a :class:`Hypergradient`: the estimate z of ∇F(θ) for the mean upper loss over the
-batch (shaped like θ), the a-posteriori error bound ω with a certified/estimated flag, the
-lower-level and adjoint solutions (for warm starts), and the cost in oracle calls.
+Every estimator is a :class:`HypergradientEstimator`: a small immutable configuration object.
+Called on a problem and a batch, it returns a :class:`Hypergradient`: the estimate z of ∇F(θ)
+for the mean upper loss over the batch (shaped like θ), the a-posteriori error bound ω with a
+certified/estimated flag, the lower-level and adjoint solutions (for warm starts), and the
+cost in oracle calls.
 
-    z = ∇_θ f̄ − (1/B) Σ_i J_iᵀ q_i,    H_i q_i = ∇ₓf_i(x̃_i)                (docs/concepts.md)
+    z = ∇_θ f̄ − (1/B) Σ_i J_iᵀ q_i + ∇r(θ),    H_i q_i = ∇ₓf_i(x̃_i)         (docs/concepts.md)
 
-Estimators: :class:`Implicit` (AID with any linear solver), :class:`Unrolled` (ITD),
-:class:`JacobianFree` (JFB: H⁻¹ replaced by a multiple of the identity), :class:`Exact`
-(dense Hessian and direct solve; small problems and tests).
+Estimators: :class:`Implicit` (AID with any linear solver), :class:`JacobianFree` (JFB: H⁻¹
+replaced by a multiple of the identity) and :class:`Exact` (dense Hessian and direct solve;
+small problems and tests), the three adjoint estimators (:class:`AdjointEstimator`);
+:class:`Unrolled` (ITD); and :class:`~bilevel.stochastic.SID`.
+
+The protocol (what the upper-level methods use, and all they use): calling the estimator;
+:meth:`~HypergradientEstimator.init_state`, the :class:`EstimatorState` that carries whatever
+evolves from one call to the next (SID's minibatch streams, variance-reduction anchors and
+accuracy scale) and that the method passes back at every call and checkpoints;
+``uses_tolerances`` and ``shards_rows``; :meth:`~HypergradientEstimator.with_bound`,
+:meth:`~HypergradientEstimator.solve_lower` and
+:meth:`~HypergradientEstimator.stated_constants` (MAID's line search);
+:meth:`~HypergradientEstimator.fixed_work` (fixed effort per call); and
+:meth:`~HypergradientEstimator.with_`, the functional update (``est.with_(lower_solver=...)``,
+the same as ``dataclasses.replace``; safe, since no estimator holds state).
 
 Tolerances are absolute and per instance: ``lower_tol`` bounds ‖∇ₓh_i(x̃_i)‖ and
 ``adjoint_tol`` bounds ‖H_i q̃_i − ∇ₓf_i(x̃_i)‖ (units of ∇ₓf); neither changes meaning with
@@ -27,11 +40,13 @@ estimated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import ClassVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -53,7 +68,7 @@ from bilevel.bounds import (
     recompute_float64,
     rounding_margin,
 )
-from bilevel.linear import CG, LinearSolution, LinearSolver, lanczos_extremes
+from bilevel.linear import CG, LinearSolution, LinearSolver, Neumann, lanczos_extremes
 from bilevel.lower import (
     ConvergenceWarning,
     LowerSolution,
@@ -136,6 +151,12 @@ class Hypergradient:
             )
         return dict(zip(names, self.grad))
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Estimator-specific values for the run's per-step records (none here; SID reports its
+        iteration counts and residual estimates)."""
+        return {}
+
     def accumulate_into(self, params: list[Tensor]) -> None:
         """Add z to ``p.grad`` so that any ``torch.optim`` optimiser can take the step."""
         for p, g in zip(params, self.grad):
@@ -145,21 +166,93 @@ class Hypergradient:
                 p.grad.add_(g)
 
 
+class EstimatorState:
+    """What an estimator evolves from one call to the next, kept out of the estimator.
+
+    :meth:`HypergradientEstimator.init_state` makes one; the caller (an upper-level method)
+    passes it to every call, gives each process its streams (:meth:`assign`) and checkpoints
+    it: :meth:`generators` with the run's random generators (per process), :meth:`state_dict`
+    with the rest. This base class is the state of the estimators that keep none.
+    """
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The random streams the estimator draws from, by name (checkpointed with the run's
+        own generators, per process)."""
+        return {}
+
+    def assign(self, rank: int, world: int, force: bool = False) -> None:
+        """Data parallel: use process ``rank``'s (of ``world``) share of the rows and its own
+        streams (see :class:`~bilevel.stochastic.StageSamplers`); nothing to do here."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything else that evolves (tensors and numbers), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if state:
+            raise BilevelError(
+                f"{type(self).__name__} keeps no state, but the saved one has "
+                f"{', '.join(map(repr, state))}: not the same estimator"
+            )
+
+
+_E = TypeVar("_E", bound="HypergradientEstimator")
+
+
 @dataclass(frozen=True, kw_only=True)
-class Estimator:
-    """Shared machinery: validation, lower solve, upper gradients, bound, bookkeeping."""
+class HypergradientEstimator:
+    """The estimator protocol: immutable configuration; state in an :class:`EstimatorState`.
 
-    lower_solver: LowerSolver = field(default_factory=Nesterov)
-    constants: BoundConstants = field(default_factory=BoundConstants)
-    compute_bound: bool | None = None
-    """Compute the a-posteriori bound ω (and check a stated μ against the curvature at x̃):
-    True always, False never (MAID and HOAG refuse it), None (default) only when the caller
-    needs it — MAID and HOAG turn it on; a plain call returns ``bound=None`` and uses a
-    stated μ unchecked."""
-    warn_unconverged: bool = True
+    ``estimator(problem, batch, x0, ...)`` validates the inputs, counts the cost, calls the
+    estimator's own ``_estimate``, adds the upper regulariser r(θ) (value and gradient) and
+    checks the result. Subclasses implement ``_estimate`` and override the other protocol
+    members where their defaults (no state, tolerances used, no bound, no fixed effort) do
+    not hold.
+    """
 
-    uses_tolerances: ClassVar[bool] = True
-    """Whether ``lower_tol``/``adjoint_tol`` set the accuracy (else passing them is an error)."""
+    shards_rows: ClassVar[bool] = False
+    """Data parallel: the estimator splits a finite sum's rows over the processes itself
+    (SID), so the method gives every process every instance; else the instances are split."""
+
+    @property
+    def uses_tolerances(self) -> bool:
+        """Whether ``lower_tol``/``adjoint_tol`` set the accuracy (else passing them is an
+        error; the accuracy is then set by the estimator's iteration counts)."""
+        return True
+
+    def init_state(self) -> EstimatorState:
+        """A fresh state for a sequence of calls (a run); see :class:`EstimatorState`."""
+        return EstimatorState()
+
+    def with_(self: _E, **changes: Any) -> _E:
+        """A copy with ``changes`` to its fields, e.g. ``est.with_(lower_solver=LBFGS())``
+        (``dataclasses.replace``; the copy shares nothing mutable with this estimator)."""
+        return replace(self, **changes)
+
+    def with_bound(self) -> HypergradientEstimator:
+        """This estimator set to compute the a-posteriori bound ω at every call (MAID, HOAG);
+        an error if it cannot report one or was told not to."""
+        raise BilevelError(
+            f"the error bound ω is needed (MAID, HOAG), and {type(self).__name__} reports "
+            "none; use Implicit"
+        )
+
+    def fixed_work(self, iterations: int, adjoint_iterations: int) -> HypergradientEstimator:
+        """This estimator with a fixed effort per call: ``iterations`` lower-level iterations,
+        ``adjoint_iterations`` adjoint iterations, no warning when those caps are reached."""
+        raise BilevelError(f"{type(self).__name__} has no iteration caps to fix")
+
+    def solve_lower(
+        self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: Any
+    ) -> LowerSolution:
+        """A certified lower-level solve to ‖∇ₓh_i‖ ≤ ``tol`` from ``x0`` with this estimator's
+        solver (MAID's trial points, the forward pass of :func:`~bilevel.argmin.argmin`)."""
+        raise BilevelError(f"{type(self).__name__} has no certified lower-level solve")
+
+    def stated_constants(self) -> BoundConstants:
+        """The constants of the bound ω stated by the user (MAID's line search reads L_f)."""
+        return BoundConstants()
 
     def __call__(
         self,
@@ -170,6 +263,7 @@ class Estimator:
         lower_tol: float | Tensor | None = None,
         adjoint_tol: float | Tensor | None = None,
         adjoint0: Tensor | None = None,
+        state: EstimatorState | None = None,
         accumulate: bool = False,
     ) -> Hypergradient:
         """Estimate ∇F(θ) on ``batch`` starting the lower solve from ``x0`` (B, ...).
@@ -179,6 +273,8 @@ class Estimator:
                 (default 1e-4; an error for estimators that do not use it).
             adjoint_tol: δ-tolerance on ‖H_i q_i − ∇ₓf_i‖ (defaults to ``lower_tol``).
             adjoint0: warm start for the adjoint solve.
+            state: the :class:`EstimatorState` from :meth:`init_state`, updated in place;
+                ``None``: a fresh one for this call alone.
             accumulate: also add the estimate into ``p.grad`` of every parameter.
         """
         problem.check_inputs(x0, batch)
@@ -195,10 +291,12 @@ class Estimator:
         elif lower_tol is None:
             lower_tol = 1e-4
         adjoint_tol = lower_tol if adjoint_tol is None else adjoint_tol
+        state = self.init_state() if state is None else state
         cost = Cost()
         start = time.perf_counter()
         lower = LowerLevel(problem, batch, cost)
-        result = self._estimate(problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0)
+        result = self._estimate(problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0, state)
+        result = _add_upper_regulariser(problem, result)
         cost.wall_time = time.perf_counter() - start
         for g in result.grad:
             check_finite("the hypergradient", g)
@@ -206,11 +304,90 @@ class Estimator:
             result.accumulate_into(problem.params)
         return result
 
+    def _estimate(
+        self,
+        problem: BilevelProblem,
+        batch: Batch,
+        lower: LowerLevel,
+        x0: Tensor,
+        lower_tol: Any,
+        adjoint_tol: Any,
+        adjoint0: Tensor | None,
+        state: EstimatorState,
+    ) -> Hypergradient:
+        """The estimate of ∇ of the mean upper loss (without r(θ)), its costs in
+        ``lower.cost``."""
+        raise NotImplementedError
+
+
+def _add_upper_regulariser(problem: BilevelProblem, hg: Hypergradient) -> Hypergradient:
+    """``hg`` with r(θ) added to the loss and ∇r(θ) to z (no oracle cost)."""
+    if problem.upper_regulariser is None:
+        return hg
+    params = problem.params
+    with torch.enable_grad():
+        reg = problem.upper_regulariser(problem.theta)
+        reg_grads = torch.autograd.grad(reg, params, allow_unused=True)
+    grad = [g if r is None else g + r for g, r in zip(hg.grad, reg_grads)]
+    return replace(hg, grad=grad, loss=hg.loss + float(reg.detach()))
+
+
+def _capped(solver: Any, cap: int, what: str) -> Any:
+    """``solver`` with its iteration cap (``max_iter``, or ``terms`` for Neumann) set to
+    ``cap``."""
+    if isinstance(solver, Neumann):
+        return replace(solver, terms=cap)
+    names = {f.name for f in dataclasses.fields(solver)} if dataclasses.is_dataclass(solver) else ()
+    if "max_iter" not in names:
+        raise BilevelError(f"the {what} {solver!r} has no max_iter to cap")
+    return replace(solver, max_iter=cap)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdjointEstimator(HypergradientEstimator):
+    """Estimators that solve the lower level to a certified tolerance, then take an adjoint
+    q̃ ≈ H⁻¹∇ₓf (each its own way) and z = ∇_θ f̄ − (1/B) Σ J_iᵀ q̃_i with its bound ω.
+
+    Attributes:
+        lower_solver: the lower-level solver (per-instance stopping at ``lower_tol``).
+        constants: the constants of ω that are known (:class:`~bilevel.bounds.BoundConstants`).
+        compute_bound: compute ω (and check a stated μ against the curvature at x̃): True
+            always, False never (MAID and HOAG refuse it), None (default) only when the
+            caller needs it — MAID and HOAG turn it on (:meth:`with_bound`); a plain call
+            returns ``bound=None`` and uses a stated μ unchecked.
+        warn_unconverged: warn (``ConvergenceWarning``) when a solve misses its tolerance.
+    """
+
+    lower_solver: LowerSolver = field(default_factory=Nesterov)
+    constants: BoundConstants = field(default_factory=BoundConstants)
+    compute_bound: bool | None = None
+    warn_unconverged: bool = True
+
+    def with_bound(self) -> AdjointEstimator:
+        if self.compute_bound is False:
+            raise BilevelError(
+                f"the error bound ω is needed: {type(self).__name__}(compute_bound=False) "
+                "refuses it; use compute_bound=True or None"
+            )
+        return self if self.compute_bound else replace(self, compute_bound=True)
+
+    def fixed_work(self, iterations: int, adjoint_iterations: int) -> AdjointEstimator:
+        capped = _capped(self.lower_solver, iterations, "lower_solver")
+        return replace(self, lower_solver=capped, warn_unconverged=False)
+
+    def solve_lower(
+        self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: Any
+    ) -> LowerSolution:
+        return solve_lower(lower, x0, tol, self.lower_solver, mu, warn=self.warn_unconverged)
+
+    def stated_constants(self) -> BoundConstants:
+        return self.constants
+
     # -- pieces shared by the estimators -------------------------------------------------
 
     def _solve(self, problem: BilevelProblem, lower: LowerLevel, x0: Tensor, tol) -> tuple:
         """x̃, the Hessian operator at x̃, μ per instance (B,) and whether it was estimated."""
-        sol = solve_lower(lower, x0, tol, self.lower_solver, problem.mu, warn=self.warn_unconverged)
+        sol = self.solve_lower(lower, x0, tol, problem.mu)
         op = lower.hessian(sol.x)
         mu = problem.mu_values(lower.batch, sol.x)
         if mu is not None:
@@ -302,12 +479,6 @@ class Estimator:
         jtq = op.jacobian_vjp(q, params)
         grad = [gt - j / n for gt, j in zip(grad_theta, jtq)]
         loss = float(losses.mean())
-        if problem.upper_regulariser is not None:
-            with torch.enable_grad():
-                reg = problem.upper_regulariser(problem.theta)
-                reg_grads = torch.autograd.grad(reg, params, allow_unused=True)
-            grad = [g if r is None else g + r for g, r in zip(grad, reg_grads)]
-            loss += float(reg.detach())
         x = sol.x
         gnorm = sol.grad_norm
         z_rounding = None
@@ -372,7 +543,7 @@ class Estimator:
             constants=constants,
         )
 
-    def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0):
+    def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0, state):
         """Lower solve, upper gradients, the method's adjoint q, then z and its bound."""
         sol, op, mu, mu_est = self._solve(problem, lower, x0, lower_tol)
         losses, grad_x, grad_theta = upper_gradients(problem, sol.x, batch)
@@ -410,7 +581,7 @@ class Estimator:
         if self.warn_unconverged:
             i = int(missed.nonzero()[0])
             warnings.warn(
-                f"adjoint solver {type(getattr(self, 'linear_solver', self)).__name__} missed "
+                f"adjoint solver {self._adjoint_solver_name()} missed "
                 f"adjoint_tol on {int(missed.sum())} of {missed.numel()} instances (instance "
                 f"{i}: residual {float(linear.residual_norm[i]):.3e} > {float(tol_t[i]):.3e} "
                 f"after {int(linear.iterations[i])} iterations); raise max_iter or loosen "
@@ -419,6 +590,9 @@ class Estimator:
                 stacklevel=4,
             )
         return True
+
+    def _adjoint_solver_name(self) -> str:
+        return type(self).__name__
 
     def _adjoint(
         self,
@@ -434,10 +608,17 @@ class Estimator:
 
 
 @dataclass(frozen=True)
-class Implicit(Estimator):
+class Implicit(AdjointEstimator):
     """AID: solve H q = ∇ₓf to ``adjoint_tol`` with ``linear_solver`` (CG by default)."""
 
     linear_solver: LinearSolver = field(default_factory=CG)
+
+    def fixed_work(self, iterations: int, adjoint_iterations: int) -> Implicit:
+        capped = _capped(self.linear_solver, adjoint_iterations, "linear_solver")
+        return replace(super().fixed_work(iterations, adjoint_iterations), linear_solver=capped)
+
+    def _adjoint_solver_name(self) -> str:
+        return type(self.linear_solver).__name__
 
     def _adjoint(self, op, x, grad_x, adjoint_tol, adjoint0, mu):
         linear = self.linear_solver.solve(op.matvec, grad_x, adjoint_tol, x0=adjoint0)
@@ -445,7 +626,7 @@ class Implicit(Estimator):
 
 
 @dataclass(frozen=True)
-class JacobianFree(Estimator):
+class JacobianFree(AdjointEstimator):
     """JFB: q = scale · ∇ₓf (H⁻¹ replaced by scale · I); cheap and biased.
 
     ``scale=None`` uses 1/μ_i.  The bound uses the true residual of this q, so it remains
@@ -461,7 +642,7 @@ class JacobianFree(Estimator):
 
 
 @dataclass(frozen=True)
-class Exact(Estimator):
+class Exact(AdjointEstimator):
     """Dense per-instance Hessians (n HVPs per instance) and a direct solve.
 
     For small problems and as the reference in tests; x̃ is as accurate as ``lower_tol``.
@@ -508,7 +689,7 @@ def dense_hessian(op: HessianOperator, x: Tensor, max_dim: int = 4096) -> Tensor
 
 
 @dataclass(frozen=True)
-class Unrolled(Estimator):
+class Unrolled(HypergradientEstimator):
     """ITD: differentiate through ``steps`` gradient steps x ← x − η∇ₓh(x) from x0.
 
     η = 1/L with L the problem's Lipschitz bound, else a power-iteration estimate at x0 times
@@ -516,15 +697,21 @@ class Unrolled(Estimator):
     Memory grows with the number of differentiated steps.  Its accuracy is set by ``steps``:
     passing ``lower_tol``/``adjoint_tol`` is an error; ``eps`` reports ‖∇ₓh(x_K)‖/μ at the
     last iterate; no a-posteriori bound exists for ITD, so ``bound`` is None.
+    :meth:`fixed_work` sets ``steps`` to the lower-level iterations.
     """
 
     steps: int = 50
     truncate: int | None = None
     margin: float = 1.0
 
-    uses_tolerances: ClassVar[bool] = False
+    @property
+    def uses_tolerances(self) -> bool:
+        return False
 
-    def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0):
+    def fixed_work(self, iterations: int, adjoint_iterations: int) -> Unrolled:
+        return replace(self, steps=iterations)
+
+    def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0, state):
         if self.steps < 1:
             raise BilevelError(f"Unrolled needs steps >= 1, got {self.steps}")
         params = problem.params
@@ -560,12 +747,6 @@ class Unrolled(Estimator):
         grad = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         losses = losses.detach()
         loss = float(losses.mean())
-        if problem.upper_regulariser is not None:
-            with torch.enable_grad():
-                reg = problem.upper_regulariser(problem.theta)
-                reg_grads = torch.autograd.grad(reg, params, allow_unused=True)
-            grad = [g if r is None else g + r for g, r in zip(grad, reg_grads)]
-            loss += float(reg.detach())
         x_last = x.detach()
         if not bool(torch.isfinite(x_last).all()):
             raise NonFiniteError("unrolled iterates diverged: step 1/L too large")
@@ -597,7 +778,7 @@ def hypergradient(
     problem: BilevelProblem,
     batch: Batch,
     x0: Tensor,
-    method: Estimator | None = None,
+    method: HypergradientEstimator | None = None,
     **kwargs,
 ) -> Hypergradient:
     """Convenience: ``method(problem, batch, x0, **kwargs)`` with ``Implicit(CG())`` default."""
@@ -605,10 +786,12 @@ def hypergradient(
 
 
 __all__ = [
+    "AdjointEstimator",
     "BoundWarning",
-    "Estimator",
+    "EstimatorState",
     "Exact",
     "Hypergradient",
+    "HypergradientEstimator",
     "Implicit",
     "JacobianFree",
     "Unrolled",

@@ -30,7 +30,7 @@ Adaptive accuracy (``SID(accuracy=InnerAccuracy(...))``): instead of fixed t and
 iterates until its estimated ‖∇_w h(w_t)‖ ≤ s·ε_k and stage 2 until its estimated adjoint
 residual ‖H q − ∇_w f‖ ≤ s·δ_k, ε_k and δ_k the tolerances the caller passes (ISGD: its
 accuracy schedule, with the meaning they have for AID), s the accuracy scale that
-:meth:`SID.tighten` lowers; t, k, the estimated residuals and the targets are reported
+:meth:`SIDState.tighten` lowers; t, k, the estimated residuals and the targets are reported
 (:attr:`StochasticHypergradient.metrics`). The default solvers of ``bilevel hpo`` are then
 :class:`PreconditionedSVRG` (Jacobi-preconditioned SVRG with steps from the measured
 curvature) and :class:`PreconditionedSVRGLinear` with CG refinement on minibatches.
@@ -41,8 +41,11 @@ The two solvers are pluggable: any object with ``solve(T, x0) -> StochasticSolut
 call; the maps passed by SID also expose their parts (:class:`LowerMap`, :class:`AdjointMap`).
 
 Sampling: three independent ``torch.Generator`` streams (stages 1, 2, 3) derived from one seed
-(:class:`StageSamplers`). Indices are drawn on the CPU and moved to the device of the
-iterates, so a seed gives the same index streams on every device.
+(:class:`StageSamplers`), held with everything else that evolves across calls (the working
+copies of the stage solvers, whose variance-reduction anchors persist between calls, and the
+accuracy scale) in a :class:`SIDState`, never in the :class:`SID` configuration itself.
+Indices are drawn on the CPU and moved to the device of the iterates, so a seed gives the same
+index streams on every device.
 
 Cost (:class:`~bilevel.autodiff.Cost`), per instance, a minibatch of b of N samples counting
 b/N of a call: stage 1 one gradient evaluation per step, stage 2 one Hessian-vector product
@@ -67,12 +70,13 @@ from torch import Tensor, nn
 
 from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel, upper_gradients
-from bilevel.hypergrad import Estimator, Hypergradient
+from bilevel.hypergrad import EstimatorState, Hypergradient, HypergradientEstimator
 from bilevel.linear import largest_eigenvalue
-from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError
+from bilevel.problem import Batch, BilevelError, BilevelProblem, FiniteSum, NonFiniteError
 
 __all__ = [
     "SID",
+    "SIDState",
     "AdjointMap",
     "Diagonal",
     "InnerAccuracy",
@@ -89,6 +93,7 @@ __all__ = [
     "StochasticMap",
     "StochasticSolution",
     "VarianceReducedFixedPoint",
+    "finite_sum_problem",
     "snapshot_theta",
 ]
 
@@ -1329,7 +1334,7 @@ class InnerAccuracy:
     ‖H q − ∇_w f‖ ≤ s·δ_k (q = η v), each measured on the solver's own minibatch at every
     iteration (for the variance-reduced solvers an unbiased estimate whose noise vanishes at
     the anchor), at most ``max_lower`` / ``max_adjoint`` iterations. s is the estimator's
-    accuracy scale (1 at the start): :meth:`SID.tighten` multiplies it by ``factor`` (down to
+    accuracy scale (1 at the start): :meth:`SIDState.tighten` multiplies it by ``factor`` (down to
     ``min_scale``) when the run sees the upper loss rise, i.e. asks for more accuracy.
     """
 
@@ -1399,15 +1404,95 @@ class StochasticHypergradient(Hypergradient):
         return out
 
 
+@runtime_checkable
+class _StatefulSolver(Protocol):
+    """A stage solver that keeps state between calls (an anchor), saved for checkpoints."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class SIDState(EstimatorState):
+    """What SID evolves from one call to the next (:meth:`SID.init_state`).
+
+    Attributes:
+        samplers: the three minibatch streams (:class:`StageSamplers`); successive calls
+            continue them, so successive upper-level steps see fresh samples.
+        lower_solver, linear_solver: working copies of SID's stage solvers, made at
+            :meth:`SID.init_state`; a stateful solver (:class:`VarianceReducedFixedPoint`,
+            :class:`PreconditionedSVRG`, :class:`PreconditionedSVRGLinear`) keeps its anchor
+            here, so two states (or two estimators) never share one.
+        accuracy: the estimator's :class:`InnerAccuracy` (None: fixed t and k).
+        accuracy_scale: s, the inner targets are s·ε_k and s·δ_k (1 until :meth:`tighten`).
+
+    Checkpoints: :meth:`generators` (the three streams, saved with the run's generators, per
+    process) and :meth:`state_dict` (the stateful solvers' anchors and s).
+    """
+
+    _SOLVERS = ("lower_solver", "linear_solver")
+
+    def __init__(self, sid: SID) -> None:
+        self.samplers = StageSamplers(sid.seed, bool(sid.replace))
+        self.lower_solver: Any = copy.deepcopy(sid.lower_solver)
+        self.linear_solver: Any = copy.deepcopy(sid.linear_solver)
+        self.accuracy = sid.accuracy
+        self.accuracy_scale = 1.0
+
+    def tighten(self) -> float:
+        """Ask for more inner accuracy: s ← max(factor·s, min_scale) (see
+        :class:`InnerAccuracy`); returns the new s. Without an adaptive accuracy (fixed t and
+        k) this is an error."""
+        if self.accuracy is None:
+            raise BilevelError("tighten needs SID(accuracy=InnerAccuracy(...))")
+        self.accuracy_scale = max(
+            self.accuracy.factor * self.accuracy_scale, self.accuracy.min_scale
+        )
+        return self.accuracy_scale
+
+    def generators(self) -> dict[str, torch.Generator]:
+        s = self.samplers
+        return {
+            "lower": s.lower.generator,
+            "linear": s.linear.generator,
+            "final": s.final.generator,
+        }
+
+    def assign(self, rank: int, world: int, force: bool = False) -> None:
+        self.samplers.assign(rank, world, force)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            name: getattr(self, name).state_dict()
+            for name in self._SOLVERS
+            if isinstance(getattr(self, name), _StatefulSolver)
+        }
+        state["accuracy_scale"] = self.accuracy_scale
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, solver_state in state.items():
+            if name == "accuracy_scale":
+                self.accuracy_scale = _positive_float(name, solver_state)
+            elif name in self._SOLVERS and isinstance(getattr(self, name), _StatefulSolver):
+                getattr(self, name).load_state_dict(solver_state)
+            else:
+                raise BilevelError(f"unknown SID state {name!r} in the saved state")
+
+
 @dataclass(frozen=True, kw_only=True)
-class SID(Estimator):
+class SID(HypergradientEstimator):
     """Stochastic implicit differentiation: ĝ = ∇_λÊ + ∂_λΦ̂ᵀ v_k (see the module docstring).
 
-    Called like every :class:`~bilevel.hypergrad.Estimator`,
-    ``SID(...)(problem, batch, x0, adjoint0=..., accumulate=...)``, it returns a
-    :class:`StochasticHypergradient`. The problem must provide a
+    Called like every :class:`~bilevel.hypergrad.HypergradientEstimator`,
+    ``SID(...)(problem, batch, x0, adjoint0=..., state=..., accumulate=...)``, it returns a
+    :class:`StochasticHypergradient`. The configuration is immutable; what evolves (minibatch
+    streams, anchors, accuracy scale) lives in the :class:`SIDState` of :meth:`init_state`,
+    which the upper-level method carries and checkpoints. A call without ``state`` uses a
+    fresh one: it is a function of the seed and its inputs alone. The problem must provide a
     :class:`~bilevel.problem.FiniteSum` (with ``upper_loss`` when ``upper_batch`` is set);
-    ``batch`` must be None, the finite-sum data being closed over.
+    ``batch`` must be None, the finite-sum data being closed over (:func:`finite_sum_problem`
+    builds such a problem from the sample energy alone).
 
     Attributes:
         lower_solver: stage 1, a :class:`StochasticLowerSolver` (t = its iterations).
@@ -1425,15 +1510,14 @@ class SID(Estimator):
             minibatch estimates for energies that are means over their index).
         replace: sample with replacement (i.i.d. positions) instead of distinct positions
             within each minibatch (:class:`MinibatchSampler`).
-        seed: seed of the three stage streams (:class:`StageSamplers`); ``None``: fresh OS
-            entropy. The object owns its generators: successive calls continue the streams,
-            so successive upper-level steps see fresh samples, and two objects built with the
-            same seed produce the same sequence of estimates. ``samplers.reset()`` restarts
-            them; ``samplers.state_dict()`` saves them for checkpoints.
+        seed: seed of the three stage streams (:class:`StageSamplers`) of every state made by
+            :meth:`init_state`; ``None``: fresh OS entropy for each. Successive calls with one
+            state continue its streams; two states of one seed give the same sequence of
+            estimates.
         accuracy: ``None``: t and k are the solvers' fixed iteration counts, and passing
             ``lower_tol`` or ``adjoint_tol`` is an error; an :class:`InnerAccuracy`: each stage
             runs until its estimated residual meets s·``lower_tol`` (‖∇_w h‖) or
-            s·``adjoint_tol`` (‖H q − ∇_w f‖), s = :attr:`accuracy_scale` (the solvers must
+            s·``adjoint_tol`` (‖H q − ∇_w f‖), s = :attr:`SIDState.accuracy_scale` (the solvers must
             accept ``tol`` and ``max_iter``; ``lower_tol`` defaults to 1e-4 as for AID).
         diagonal: (w, θ, index) -> the minibatch Hessian diagonal, for the Jacobi
             preconditioner of the preconditioned solvers (``None``: Hutchinson's estimate).
@@ -1449,7 +1533,6 @@ class SID(Estimator):
     error: the iteration counts t and k are fixed by the solvers. ``loss`` and ``losses`` are
     the upper loss at w_t, exact when ``upper_batch`` is None, else the mean over the J stage-3
     upper minibatches.
-    The inherited fields ``constants``, ``compute_bound`` and ``warn_unconverged`` are unused.
 
     Raises:
         BilevelError: no ``finite_sum``; ``upper_batch`` without
@@ -1487,7 +1570,6 @@ class SID(Estimator):
             )
         if self.diagonal is not None and not callable(self.diagonal):
             raise BilevelError("diagonal must be a callable (w, theta, index) -> diag")
-        object.__setattr__(self, "_scale", 1.0)
         for name in ("lower_batch", "linear_batch", "final_batch", "upper_batch"):
             object.__setattr__(self, name, _batch_size(name, getattr(self, name)))
         object.__setattr__(
@@ -1495,6 +1577,8 @@ class SID(Estimator):
         )
         if self.step is not None:
             object.__setattr__(self, "step", _positive_float("step", self.step))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _nonnegative_int("seed", self.seed))
         if not isinstance(self.lower_solver, StochasticLowerSolver):
             raise BilevelError(
                 "lower_solver must have solve(phi, x0) -> StochasticSolution "
@@ -1505,50 +1589,11 @@ class SID(Estimator):
                 "linear_solver must have solve(psi, x0) -> StochasticSolution "
                 f"(e.g. StochasticLinearFixedPoint()), got {type(self.linear_solver).__name__}"
             )
-        object.__setattr__(self, "_samplers", StageSamplers(self.seed, bool(self.replace)))
 
-    @property
-    def samplers(self) -> StageSamplers:
-        """The three minibatch streams owned by this estimator."""
-        return self._samplers  # type: ignore[attr-defined]
-
-    @property
-    def accuracy_scale(self) -> float:
-        """s: the inner targets are s·ε_k and s·δ_k (1 until :meth:`tighten` is called)."""
-        return self._scale  # type: ignore[attr-defined]
-
-    def tighten(self) -> float:
-        """Ask for more inner accuracy: s ← max(factor·s, min_scale) (see
-        :class:`InnerAccuracy`); returns the new s. Without an adaptive accuracy (fixed t and
-        k) this is an error."""
-        if self.accuracy is None:
-            raise BilevelError("tighten needs SID(accuracy=InnerAccuracy(...))")
-        scale = max(self.accuracy.factor * self.accuracy_scale, self.accuracy.min_scale)
-        object.__setattr__(self, "_scale", scale)
-        return scale
-
-    _SOLVERS = ("lower_solver", "linear_solver")
-
-    def solver_state_dict(self) -> dict[str, Any]:
-        """The states of stateful stage solvers (those with ``state_dict``) and the accuracy
-        scale, for checkpoints."""
-        state: dict[str, Any] = {
-            name: getattr(self, name).state_dict()
-            for name in self._SOLVERS
-            if callable(getattr(getattr(self, name), "state_dict", None))
-        }
-        state["accuracy_scale"] = self.accuracy_scale
-        return state
-
-    def load_solver_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`solver_state_dict`."""
-        for name, solver_state in state.items():
-            if name == "accuracy_scale":
-                object.__setattr__(self, "_scale", _positive_float(name, solver_state))
-                continue
-            if name not in self._SOLVERS:
-                raise BilevelError(f"unknown SID solver {name!r} in the saved state")
-            getattr(self, name).load_state_dict(solver_state)
+    def init_state(self) -> SIDState:
+        """A fresh :class:`SIDState`: streams from ``seed``, copies of the stage solvers,
+        accuracy scale 1."""
+        return SIDState(self)
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -1556,9 +1601,10 @@ class SID(Estimator):
         if problem.finite_sum is None:
             raise BilevelError(
                 "SID needs minibatch access to the lower level: build the BilevelProblem with "
-                "finite_sum=FiniteSum(lower_energy=(x, theta, index) -> (B,), n_lower=N) (the "
-                "models of bilevel.learning provide it); for problems without a finite sum "
-                "use Implicit(...)"
+                "finite_sum=FiniteSum(lower_energy=(x, theta, index) -> (B,), n_lower=N) "
+                "(finite_sum_problem builds one from that energy alone; the models of "
+                "bilevel.learning provide it); for problems without a finite sum use "
+                "Implicit(...)"
             )
         if batch is not None:
             raise BilevelError(
@@ -1640,14 +1686,18 @@ class SID(Estimator):
 
     # -- the three stages -------------------------------------------------------------------
 
-    def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0):
+    def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0, state):
+        if not isinstance(state, SIDState):
+            raise BilevelError(
+                f"SID needs the SIDState of SID.init_state(), got {type(state).__name__}"
+            )
         n, n_up = self._check_problem(problem, batch)
         cost = lower.cost
         params = problem.params
         x0 = x0.detach()
         n_inst = x0.shape[0]
         eta = self._map_step(problem, lower, x0)
-        samplers = self.samplers
+        samplers = state.samplers
         shard = distributed.current()
         if shard is not None:  # data parallel: this process's rows and streams
             samplers.assign(shard.rank, shard.world)
@@ -1657,7 +1707,7 @@ class SID(Estimator):
             size = n if b is None else b
             return f"minibatches of {size} of {n} samples, map step η = {eta:.4g}"
 
-        acc, scale = self.accuracy, self.accuracy_scale
+        acc, scale = self.accuracy, state.accuracy_scale
         lower_target = adjoint_target = math.nan
         if acc is not None:
             lower_target = scale * _tolerance("lower_tol", lower_tol)
@@ -1667,7 +1717,7 @@ class SID(Estimator):
         phi = LowerMap(problem, eta, samplers.lower, self.lower_batch, cost, self.diagonal)
         low = self._stage(
             "stage 1 (lower level)",
-            self.lower_solver,
+            state.lower_solver,
             phi,
             x0,
             detail(phi.batch_size),
@@ -1694,7 +1744,7 @@ class SID(Estimator):
         v0 = torch.zeros_like(w) if adjoint0 is None else adjoint0.detach().to(w) / eta
         lin = self._stage(
             "stage 2 (adjoint)",
-            self.linear_solver,
+            state.linear_solver,
             psi,
             v0,
             detail(psi.batch_size),
@@ -1731,12 +1781,6 @@ class SID(Estimator):
             losses = _combined(up.detach(), n_up)
         grad = [gt if j is None else gt - (eta / n_inst) * j for gt, j in zip(grad_theta, jtv)]
         loss = float(losses.mean())
-        if problem.upper_regulariser is not None:
-            with torch.enable_grad():
-                reg = problem.upper_regulariser(problem.theta)
-                reg_grads = torch.autograd.grad(reg, params, allow_unused=True)
-            grad = [gr if r is None else gr + r for gr, r in zip(grad, reg_grads)]
-            loss += float(reg.detach())
         for gr in grad:
             if not bool(torch.isfinite(gr).all()):
                 raise NonFiniteError(
@@ -1776,3 +1820,46 @@ class SID(Estimator):
             adjoint_target=adjoint_target,
             accuracy_scale=scale,
         )
+
+
+def finite_sum_problem(
+    sample_energy: Callable[[Tensor, Any, Tensor], Tensor],
+    upper_loss: Callable[[Tensor, Any, Any], Tensor],
+    theta: Any,
+    n_samples: int,
+    *,
+    mu: Any = None,
+    lipschitz: float | Callable[[], float] | None = None,
+    upper_regulariser: Callable[[Any], Tensor] | None = None,
+    upper_sample_loss: Callable[[Tensor, Any, Tensor], Tensor] | None = None,
+    n_upper_samples: int | None = None,
+) -> BilevelProblem:
+    """The :class:`~bilevel.problem.BilevelProblem` of a finite-sum lower level from its one
+    energy, for SID and every other estimator.
+
+    ``sample_energy(x, theta, index) -> (B,)`` is ĥ over the samples ``index`` (positions in
+    0..N−1, N = ``n_samples``): the mean of their terms plus any regulariser, an unbiased
+    estimate of h when ``index`` is drawn uniformly. The full energy h(x, θ) is the same
+    function on all N positions, so it is written once. The data live in the closures:
+    ``batch`` is None (one lower-level instance per row of x, all on the same data).
+    ``upper_loss(x, theta, batch)`` is f; the other arguments are those of
+    :class:`~bilevel.problem.BilevelProblem`.
+    """
+    n = _positive_int("n_samples", n_samples)
+
+    def lower_energy(x: Tensor, th: Any, batch: Any) -> Tensor:
+        if batch is not None:
+            raise BilevelError(
+                "a finite_sum_problem keeps its data in the closures: batch must be None"
+            )
+        return sample_energy(x, th, torch.arange(n, device=x.device))
+
+    return BilevelProblem(
+        lower_energy,
+        upper_loss,
+        theta,
+        mu=mu,
+        upper_regulariser=upper_regulariser,
+        lipschitz=lipschitz,
+        finite_sum=FiniteSum(sample_energy, n, upper_sample_loss, n_upper_samples),
+    )

@@ -1,8 +1,8 @@
 """Hyperparameter learning: data sets and bilevel problems (ridge, logistic, hypercleaning),
-the pieces of ``bilevel hpo`` (:mod:`bilevel.learning.hpo`: data, models, estimators, the
-method; :mod:`bilevel.learning.evaluation`: F(θ) and the grid baseline) and scikit-learn
-estimators, ``BilevelLogisticRegression`` and ``BilevelRidge``
-(:mod:`bilevel.learning.estimator`, which needs scikit-learn).
+the pieces of ``bilevel hpo`` (:mod:`bilevel.learning.hpo`: data, models, hypergradient
+estimators, the method; :mod:`bilevel.learning.evaluation`: F(θ) and the grid baseline) and
+the scikit-learn estimators ``BilevelLogisticRegression`` and ``BilevelRidge``
+(:mod:`bilevel.learning.scikit_learn`, which needs scikit-learn).
 
 Names are loaded on first use, so that importing the package (or its torch-free
 :mod:`bilevel.learning.config`) imports no torch.
@@ -72,7 +72,7 @@ _EXPORTS: dict[str, str] = {
         ),
         "bilevel.learning.models",
     ),
-    **dict.fromkeys(("BilevelLogisticRegression", "BilevelRidge"), "bilevel.learning.estimator"),
+    **dict.fromkeys(("BilevelLogisticRegression", "BilevelRidge"), "bilevel.learning.scikit_learn"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel
+from bilevel.hypergrad import EstimatorState
 from bilevel.learning.hpo import gradient_scale, theta_box
 from bilevel.learning.models import (
     FiniteSumModel,
@@ -27,9 +28,9 @@ from bilevel.learning.models import (
     accuracy,
 )
 from bilevel.lower import LBFGS, solve_lower
-from bilevel.methods import ISGD, TensorSamples
+from bilevel.methods import TensorSamples
 from bilevel.problem import BilevelError
-from bilevel.stochastic import SID
+from bilevel.stochastic import SIDState
 
 __all__ = [
     "EVALUATION_SHARE",
@@ -204,21 +205,23 @@ def evaluation_noise(evaluator: LowerEvaluator) -> float:
 class RiseGuard:
     """An ``evaluate`` callback around another that watches SID's upper objective: when
     F(θ_k) (+ the shrinkage penalty) exceeds its value at the start by more than ``noise``
-    (the evaluation noise), it asks SID for more inner accuracy (:meth:`SID.tighten`: the
+    (the evaluation noise), it asks SID for more inner accuracy through the run's
+    :class:`~bilevel.stochastic.SIDState` (:meth:`~bilevel.stochastic.SIDState.tighten`: the
     targets s·ε_k, s·δ_k shrink by the :class:`InnerAccuracy` factor) and warns on
-    ``stream``. The scale is part of SID's checkpointed state, so a resumed run keeps it. The
-    records get ``sid_tightened`` = the new scale at those steps."""
+    ``stream``. The scale is part of that checkpointed state (the run restores it in place),
+    so a resumed run keeps it. The records get ``sid_tightened`` = the new scale at those
+    steps."""
 
     def __init__(
         self,
         evaluate: Callable[[Any, int], dict[str, float]],
-        estimator: SID,
+        state: SIDState,
         start: float,
         noise: float,
         stream: Any = None,
     ) -> None:
         self.evaluate = evaluate
-        self.estimator = estimator
+        self.state = state
         self.start = float(start)
         self.noise = float(noise)
         self.stream = stream
@@ -229,8 +232,8 @@ class RiseGuard:
             return out
         value = float(out["val_loss"]) + float(out.get("shrinkage_penalty", 0.0))
         if value > self.start + self.noise:
-            old = self.estimator.accuracy_scale
-            scale = self.estimator.tighten()
+            old = self.state.accuracy_scale
+            scale = self.state.tighten()
             out = {**out, "sid_tightened": scale}
             print(
                 f"warning: at step {step} the upper objective {value:.6g} exceeds its start "
@@ -243,18 +246,18 @@ class RiseGuard:
 
 def guard_sid(
     evaluate: Callable[[Any, int], dict[str, float]],
-    method: ISGD,
+    state: EstimatorState,
     evaluator: LowerEvaluator,
     initial: Mapping[str, float],
 ) -> Callable[[Any, int], dict[str, float]]:
-    """``evaluate`` wrapped in a :class:`RiseGuard` when ``method`` runs SID with adaptive
-    accuracy (start: the objective in ``initial``, noise: :func:`evaluation_noise`), else
-    ``evaluate`` itself."""
-    est = method.estimator
-    if not isinstance(est, SID) or est.accuracy is None:
+    """``evaluate`` wrapped in a :class:`RiseGuard` on ``state`` (the estimator state the run
+    will carry: pass the same object as the run's ``estimator_state``) when it is the state of
+    SID with adaptive accuracy (start: the objective in ``initial``, noise:
+    :func:`evaluation_noise`), else ``evaluate`` itself."""
+    if not isinstance(state, SIDState) or state.accuracy is None:
         return evaluate
     start = float(initial["val_loss"]) + float(initial.get("shrinkage_penalty", 0.0))
-    return RiseGuard(evaluate, est, start, evaluation_noise(evaluator))
+    return RiseGuard(evaluate, state, start, evaluation_noise(evaluator))
 
 
 #: Largest share of a time-budgeted run's wall time spent on evaluations by default.

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from bilevel.autodiff import Cost, LowerLevel
-from bilevel.hypergrad import Estimator, Implicit, Unrolled
+from bilevel.hypergrad import HypergradientEstimator, Implicit, Unrolled
 from bilevel.learning.config import (
     DEFAULT_METHOD_RULE,
     DEFAULT_PRIOR_STD,
@@ -419,7 +419,7 @@ def hpo_estimator(
     batch_size: int | None = None,
     seed: int = 0,
     sid_solver: str = "precond",
-) -> Estimator:
+) -> HypergradientEstimator:
     """The hypergradient estimator of ``method`` for ``model``, configured for warm starts.
 
     * ``sid``: minibatches of ``batch_size`` training samples (default 12√N, in [64, 4096])
@@ -439,8 +439,8 @@ def hpo_estimator(
       (at most ``inner_steps`` iterations each, default 200);
     * ``itd``: ``inner_steps`` (default 20) differentiated gradient steps of length 1/L(θ).
 
-    No a-posteriori bound is computed (``compute_bound=False``): the runs record the certified
-    lower-level distance instead.
+    No a-posteriori bound is computed (AID-CG: ``compute_bound=False``; ITD and SID report
+    none): the runs record the certified lower-level distance instead.
     """
     if method not in METHODS:
         raise BilevelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -491,7 +491,7 @@ def hpo_estimator(
             compute_bound=False,
             warn_unconverged=False,
         )
-    return Unrolled(steps=20 if inner_steps is None else int(inner_steps), compute_bound=False)
+    return Unrolled(steps=20 if inner_steps is None else int(inner_steps))
 
 
 def gradient_scale(model: FiniteSumModel) -> float:

@@ -382,7 +382,8 @@ def _train(
         batch_size=config.batch_size,
         sid_solver=config.sid_solver,
     )
-    evaluate = guard_sid(evaluate, method, evaluator, initial)
+    estimator_state = method.estimator.init_state()  # SID: watched by the rise guard
+    evaluate = guard_sid(evaluate, estimator_state, evaluator, initial)
     result: RunResult = method.run(
         model.problem,
         lower_instances(model, evaluator.w),
@@ -395,6 +396,7 @@ def _train(
         checkpoint_every=config.checkpoint_every,
         progress=config.progress,
         plot=config.plots,
+        estimator_state=estimator_state,
     )
     if not distributed.is_writer():
         return 0 if result.ok else 130 if not result.finished else 1

@@ -58,7 +58,7 @@ from bilevel.runs import (
 from bilevel.runs.rundir import RESULT_NAME, fault_point
 
 if TYPE_CHECKING:
-    from bilevel.hypergrad import Hypergradient
+    from bilevel.hypergrad import EstimatorState, Hypergradient
 
 __all__ = ["Engine", "Evaluation", "Method", "RunOptions", "Stop", "drive", "ranked_by"]
 
@@ -549,8 +549,15 @@ class Method:
         """The configuration as JSON data (stored in the run directory)."""
         return method_config(self)
 
-    def engine(self, problem: BilevelProblem, samples: SampleSet, budget: Budget) -> Engine:
-        """A fresh :class:`Engine` running this method on ``problem`` and ``samples``."""
+    def engine(
+        self,
+        problem: BilevelProblem,
+        samples: SampleSet,
+        budget: Budget,
+        estimator_state: EstimatorState | None = None,
+    ) -> Engine:
+        """A fresh :class:`Engine` running this method on ``problem`` and ``samples``,
+        carrying ``estimator_state`` (default: a fresh one from its estimator)."""
         raise NotImplementedError
 
     def run(
@@ -568,6 +575,7 @@ class Method:
         progress: bool = False,
         plot: bool = False,
         keep_history: bool = False,
+        estimator_state: EstimatorState | None = None,
     ) -> RunResult:
         """Train ``problem.theta`` in place on ``samples`` until ``budget`` is spent (or the
         method stops on its own: converged, stalled).
@@ -588,6 +596,9 @@ class Method:
             plot: write plots of the metrics to ``run_dir/plots`` at the end (off by
                 default; the jobs turn it on).
             keep_history: keep θ after every step in ``RunResult.history``.
+            estimator_state: the estimator's state to carry (``estimator.init_state()`` by
+                default); pass one to watch or steer it during the run (e.g. SID's
+                ``SIDState.tighten``). It is updated in place and restored on resume.
 
         Returns:
             A :class:`RunResult`; a non-finite hypergradient or loss ends the run with status
@@ -608,6 +619,6 @@ class Method:
             plot=plot,
             keep_history=keep_history,
         )
-        engine = self.engine(problem, samples, options.budget)
+        engine = self.engine(problem, samples, options.budget, estimator_state)
         name = type(self).__name__.lower()
         return drive(engine, options, {"method": name, name: self.to_config()}, len(samples))

@@ -16,7 +16,6 @@ inexact hypergradient). P is an optional projection.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from bilevel import distributed
-from bilevel.hypergrad import Estimator, Hypergradient, Implicit
+from bilevel.hypergrad import EstimatorState, Hypergradient, HypergradientEstimator, Implicit
 from bilevel.methods.budget import Budget
 from bilevel.methods.engine import Engine, Method
 from bilevel.methods.optim import (
@@ -80,7 +79,7 @@ class ISGD(Method):
     batch_size: int = 16
     optimizer: str | OptimizerFactory = "sgd"
     optimizer_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    estimator: Estimator = field(default_factory=Implicit)
+    estimator: HypergradientEstimator = field(default_factory=Implicit)
     projection: Projection | None = None
     seed: int = 0
     warm_start: bool = True
@@ -94,15 +93,23 @@ class ISGD(Method):
         if not isinstance(self.optimizer_options, Mapping):
             raise BilevelError("optimizer_options must be a dict of keyword arguments")
         object.__setattr__(self, "optimizer_options", dict(self.optimizer_options))
-        if not callable(self.estimator):
-            raise BilevelError(f"estimator must be an Estimator, got {self.estimator!r}")
+        if not isinstance(self.estimator, HypergradientEstimator):
+            raise BilevelError(
+                f"estimator must be a HypergradientEstimator, got {self.estimator!r}"
+            )
         if self.projection is not None and not callable(self.projection):
             raise BilevelError("projection must be a callable theta -> None or projected θ")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise BilevelError(f"seed must be an integer, got {self.seed!r}")
 
-    def engine(self, problem: BilevelProblem, samples: SampleSet, budget: Budget) -> Engine:
-        return _ISGDEngine(self, problem, samples)
+    def engine(
+        self,
+        problem: BilevelProblem,
+        samples: SampleSet,
+        budget: Budget,
+        estimator_state: EstimatorState | None = None,
+    ) -> Engine:
+        return _ISGDEngine(self, problem, samples, estimator_state)
 
 
 @dataclass
@@ -119,7 +126,13 @@ class _Pending:
 class _ISGDEngine(Engine):
     name = "isgd"
 
-    def __init__(self, cfg: ISGD, problem: BilevelProblem, samples: SampleSet) -> None:
+    def __init__(
+        self,
+        cfg: ISGD,
+        problem: BilevelProblem,
+        samples: SampleSet,
+        estimator_state: EstimatorState | None = None,
+    ) -> None:
         super().__init__(problem)
         self.cfg = cfg
         self.samples = samples
@@ -139,27 +152,32 @@ class _ISGDEngine(Engine):
         self.optimizer = make_optimizer(
             cfg.optimizer, self.params, cfg.step(0), cfg.optimizer_options
         )
+        # what the estimator evolves across steps (SID: streams, anchors, accuracy scale)
+        if estimator_state is None:
+            estimator_state = cfg.estimator.init_state()
+        elif not isinstance(estimator_state, EstimatorState):
+            raise BilevelError(
+                f"estimator_state must be an EstimatorState, got {type(estimator_state).__name__}"
+            )
+        self.estimator_state = estimator_state
         # data parallelism (bilevel.distributed): SID shards its finite sum's rows itself;
         # other estimators get this process's instances of each minibatch
         self.shard = distributed.current()
-        self.shards_rows = bool(getattr(cfg.estimator, "shards_rows", False))
+        self.shards_rows = cfg.estimator.shards_rows
         if self.shard is not None and self.shards_rows:
-            cfg.estimator.samplers.assign(self.shard.rank, self.shard.world)
+            self.estimator_state.assign(self.shard.rank, self.shard.world)
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
+        # the estimator's own streams (SID's minibatches) are checkpointed with the sampler's
         gens = {"sampler": self.gen}
-        # Stochastic estimators (SID) draw their own minibatches: checkpoint those streams too.
-        samplers = getattr(self.cfg.estimator, "samplers", None)
-        for stage in ("lower", "linear", "final"):
-            sampler = getattr(samplers, stage, None)
-            if sampler is not None:
-                gens[f"estimator_{stage}"] = sampler.generator
+        for name, gen in self.estimator_state.generators().items():
+            gens[f"estimator_{name}"] = gen
         return gens
 
     def new_rank_streams(self) -> None:
         if self.shard is not None and self.shards_rows:
-            self.cfg.estimator.samplers.assign(self.shard.rank, self.shard.world, force=True)
+            self.estimator_state.assign(self.shard.rank, self.shard.world, force=True)
 
     def compute(self) -> _Pending:
         cfg = self.cfg
@@ -196,9 +214,11 @@ class _ISGDEngine(Engine):
         else:
             x0, a0 = self.samples.initial(index), None
         tols = {"lower_tol": eps, "adjoint_tol": delta}
-        if not getattr(cfg.estimator, "uses_tolerances", True):
+        if not cfg.estimator.uses_tolerances:
             tols = {}  # accuracy set by the estimator's iteration counts (Unrolled, SID)
-        return cfg.estimator(self.problem, batch, x0, adjoint0=a0, **tols)
+        return cfg.estimator(
+            self.problem, batch, x0, adjoint0=a0, state=self.estimator_state, **tols
+        )
 
     def commit(self, p: _Pending) -> dict[str, Any]:
         cfg, hg = self.cfg, p.hg
@@ -224,7 +244,7 @@ class _ISGDEngine(Engine):
                 self.adjoint[where] = hg.adjoint.detach().to(self.adjoint.dtype)
         self.cost += hg.cost.oracle_calls
         record = self.step_record(hg, p.eps, p.delta, p.alpha, p.distance)
-        record.update(getattr(hg, "metrics", None) or {})  # estimator reports (SID: t, k, ...)
+        record.update(hg.metrics)  # estimator reports (SID: t, k, ...)
         self.step += 1
         self.pos += p.index.numel()
         b = cfg.batch_size
@@ -235,7 +255,6 @@ class _ISGDEngine(Engine):
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        solver_state = getattr(self.cfg.estimator, "solver_state_dict", None)
         x_warm, adjoint = self.x_warm.clone(), None if self.adjoint is None else self.adjoint
         shard = None if self.shards_rows else self.shard
         if shard is not None:  # each row from the process that owns its sample
@@ -249,8 +268,8 @@ class _ISGDEngine(Engine):
             "adjoint": None if adjoint is None else adjoint.clone(),
             "perm": self.perm.clone(),
             "pos": self.pos,
-            # stateful stage solvers of SID (e.g. the anchor of VarianceReducedFixedPoint)
-            "estimator_solvers": solver_state() if solver_state is not None else {},
+            # the estimator's state besides its streams (SID: anchors, accuracy scale)
+            "estimator_state": self.estimator_state.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -266,9 +285,7 @@ class _ISGDEngine(Engine):
         adjoint = state["adjoint"]
         self.adjoint = None if adjoint is None else adjoint.to(self.x_warm)
         self.perm = state["perm"].clone()
-        load_solvers = getattr(self.cfg.estimator, "load_solver_state_dict", None)
-        if load_solvers is not None and state.get("estimator_solvers"):
-            load_solvers(state["estimator_solvers"])
+        self.estimator_state.load_state_dict(state["estimator_state"])
         self.pos = int(state["pos"])
 
 
@@ -281,17 +298,19 @@ def fixed_iterations(
     iterations: int,
     *,
     adjoint_iterations: int | None = None,
-    estimator: Estimator | None = None,
+    estimator: HypergradientEstimator | None = None,
     **options: Any,
 ) -> ISGD:
     """The stochastic baseline with a fixed effort per step: ``iterations`` lower-level
     iterations (warm-started) and ``adjoint_iterations`` (default: the same) iterations of the
     adjoint solver, whatever accuracy they reach.
 
-    The estimator (default ``Implicit(CG())``) gets ``max_iter`` caps and tolerances of
-    :data:`NO_TOLERANCE`, and does not warn when the caps are hit. ``options`` are the other
-    :class:`ISGD` fields (``step``, ``batch_size``, ``optimizer``, ...). The logged ``eps`` and
-    ``delta`` are that nominal tolerance; ``distance`` shows the accuracy actually certified.
+    The estimator (default ``Implicit(CG())``) is replaced by its
+    :meth:`~bilevel.hypergrad.HypergradientEstimator.fixed_work` (iteration caps that do not
+    warn when hit; ``Unrolled``: ``iterations`` steps), called with tolerances of
+    :data:`NO_TOLERANCE`. ``options`` are the other :class:`ISGD` fields (``step``,
+    ``batch_size``, ``optimizer``, ...). The logged ``eps`` and ``delta`` are that nominal
+    tolerance; ``distance`` shows the accuracy actually certified.
     """
     iterations = _positive_int("iterations", iterations)
     adjoint_iterations = _positive_int(
@@ -300,20 +319,7 @@ def fixed_iterations(
     if "accuracy" in options:
         raise BilevelError("fixed_iterations sets the accuracy itself; do not pass accuracy")
     est = Implicit() if estimator is None else estimator
-    if not dataclasses.is_dataclass(est) or not hasattr(est, "lower_solver"):
-        raise BilevelError("fixed_iterations needs an Estimator with a lower_solver field")
-    changes: dict[str, Any] = {"warn_unconverged": False}
-    changes["lower_solver"] = _capped(est.lower_solver, iterations, "lower_solver")
-    linear = getattr(est, "linear_solver", None)
-    if linear is not None:
-        changes["linear_solver"] = _capped(linear, adjoint_iterations, "linear_solver")
-    est = dataclasses.replace(est, **changes)
+    if not isinstance(est, HypergradientEstimator):
+        raise BilevelError(f"estimator must be a HypergradientEstimator, got {est!r}")
+    est = est.fixed_work(iterations, adjoint_iterations)
     return ISGD(accuracy=Constant(NO_TOLERANCE), estimator=est, **options)
-
-
-def _capped(solver: Any, cap: int, what: str) -> Any:
-    names = {f.name for f in dataclasses.fields(solver)} if dataclasses.is_dataclass(solver) else ()
-    for name in ("max_iter", "terms"):
-        if name in names:
-            return dataclasses.replace(solver, **{name: cap})
-    raise BilevelError(f"the {what} {solver!r} has no max_iter to cap")

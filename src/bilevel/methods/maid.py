@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -46,8 +46,7 @@ from torch import Tensor
 from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel, batch_norm
 from bilevel.bounds import as_float64, rounding_margin
-from bilevel.hypergrad import Estimator, Hypergradient, Implicit
-from bilevel.lower import solve_lower
+from bilevel.hypergrad import EstimatorState, Hypergradient, HypergradientEstimator, Implicit
 from bilevel.methods.budget import Budget
 from bilevel.methods.engine import Engine, Method, Stop
 from bilevel.methods.optim import Projection, apply_projection, load_params, snapshot
@@ -186,9 +185,9 @@ class _LineSearch(Method):
     """Fields shared by :class:`MAID` and :class:`HOAG`.
 
     Attributes:
-        estimator: the hypergradient estimator; it must report an error bound ω
-            (``compute_bound=True``; not ``Unrolled``). Its lower solver also solves the
-            trial lower levels.
+        estimator: the hypergradient estimator; it must report an error bound ω (its
+            ``with_bound()``, e.g. ``Implicit``; not ``Unrolled`` or SID). Its
+            ``solve_lower`` also solves the trial lower levels.
         step: α₀, the first trial step (units of θ per unit of hypergradient).
         backtrack: ρ ∈ (0, 1), the factor between successive trial steps.
         max_backtracks: trials per iteration before the line search fails.
@@ -199,7 +198,7 @@ class _LineSearch(Method):
         projection: optional P applied to each trial point.
     """
 
-    estimator: Estimator = field(default_factory=Implicit)
+    estimator: HypergradientEstimator = field(default_factory=Implicit)
     step: float = 1.0
     backtrack: float = 0.5
     max_backtracks: int = 10
@@ -209,20 +208,12 @@ class _LineSearch(Method):
     projection: Projection | None = None
 
     def __post_init__(self) -> None:
-        if not callable(self.estimator):
-            raise BilevelError(f"estimator must be an Estimator, got {self.estimator!r}")
-        if not getattr(self.estimator, "uses_tolerances", True):
+        if not isinstance(self.estimator, HypergradientEstimator):
             raise BilevelError(
-                f"{type(self).__name__} needs an estimator that reports an error bound ω "
-                f"({type(self.estimator).__name__} reports none; use Implicit)"
+                f"estimator must be a HypergradientEstimator, got {self.estimator!r}"
             )
-        if getattr(self.estimator, "compute_bound", True) is False:
-            raise BilevelError(
-                f"{type(self).__name__} needs the error bound ω: use an estimator with "
-                "compute_bound=True"
-            )
-        if getattr(self.estimator, "compute_bound", True) is None:  # the default: ask for ω
-            object.__setattr__(self, "estimator", replace(self.estimator, compute_bound=True))
+        # the line search needs ω at every step (an error if the estimator cannot report it)
+        object.__setattr__(self, "estimator", self.estimator.with_bound())
         _check("step", self.step, 0.0, math.inf)
         _check("backtrack", self.backtrack, 0.0, 1.0 - 1e-12)
         if (
@@ -246,11 +237,17 @@ class _LineSearch(Method):
         """The accuracy policy: what distinguishes the line-search methods."""
         raise NotImplementedError
 
-    def engine(self, problem: BilevelProblem, samples: SampleSet, budget: Budget) -> Engine:
+    def engine(
+        self,
+        problem: BilevelProblem,
+        samples: SampleSet,
+        budget: Budget,
+        estimator_state: EstimatorState | None = None,
+    ) -> Engine:
         """Runs as :meth:`Method.run`; a step is one iteration (hypergradient + line search),
         an epoch equals a step. Status ``"stalled"``: MAID's tolerance would fall below
         ``min_tol``."""
-        return _LineSearchEngine(self, problem, samples, budget)
+        return _LineSearchEngine(self, problem, samples, budget, estimator_state)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,9 +390,17 @@ class _LineSearchEngine(Engine):
         problem: BilevelProblem,
         samples: SampleSet,
         budget: Budget | None = None,
+        estimator_state: EstimatorState | None = None,
     ) -> None:
         super().__init__(problem)
         self.cfg = cfg
+        if estimator_state is None:
+            estimator_state = cfg.estimator.init_state()
+        elif not isinstance(estimator_state, EstimatorState):
+            raise BilevelError(
+                f"estimator_state must be an EstimatorState, got {type(estimator_state).__name__}"
+            )
+        self.estimator_state = estimator_state
         self.budget_calls = None if budget is None else budget.oracle_calls
         self.name = type(cfg).__name__.lower()
         self.n = n = len(samples)
@@ -424,6 +429,10 @@ class _LineSearchEngine(Engine):
         self.finished: tuple[str, str] | None = None
         self.distance = math.nan  # max_i ε_i of the latest hypergradient (all processes)
 
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {f"estimator_{n}": g for n, g in self.estimator_state.generators().items()}
+
     def check_finished(self) -> None:
         if self.finished is not None:
             raise Stop(*self.finished)
@@ -448,7 +457,13 @@ class _LineSearchEngine(Engine):
         hg, error = None, None
         try:
             hg = self.cfg.estimator(
-                self.problem, self.batch, x0, lower_tol=eps, adjoint_tol=delta, adjoint0=a0
+                self.problem,
+                self.batch,
+                x0,
+                lower_tol=eps,
+                adjoint_tol=delta,
+                adjoint0=a0,
+                state=self.estimator_state,
             )
         except BilevelError as exc:  # NonFiniteError included
             if shard is None:
@@ -499,7 +514,7 @@ class _LineSearchEngine(Engine):
     def _line_search(self, p: _Pending) -> None:
         cfg, problem, hg = self.cfg, self.problem, p.hg
         mu = problem.mu if problem.mu is not None else hg.mu  # evaluated at each trial θ⁺
-        stated_lf = getattr(cfg.estimator.constants, "upper_grad_lipschitz", None)
+        stated_lf = cfg.estimator.stated_constants().upper_grad_lipschitz
         l_f_report = hg.constants.get("L_f")
         l_f_default = 1.0 if l_f_report is None else l_f_report.value
         if self.shard is not None:
@@ -532,14 +547,7 @@ class _LineSearchEngine(Engine):
                 apply_projection(problem, cfg.projection)
                 lower = LowerLevel(problem, self.batch, trial_cost)
                 try:
-                    sol = solve_lower(
-                        lower,
-                        hg.x,
-                        p.eps,
-                        cfg.estimator.lower_solver,
-                        mu,
-                        warn=getattr(cfg.estimator, "warn_unconverged", True),
-                    )
+                    sol = cfg.estimator.solve_lower(lower, hg.x, p.eps, mu)
                 except NonFiniteError:
                     if self.shard is not None:
                         self._mean(math.nan)  # every process rejects the trial
@@ -608,6 +616,7 @@ class _LineSearchEngine(Engine):
             "tol": self.tol,
             "adjoint_tol": self.adjoint_tol,
             "finished": None if self.finished is None else list(self.finished),
+            "estimator_state": self.estimator_state.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -627,3 +636,4 @@ class _LineSearchEngine(Engine):
         self.tol, self.adjoint_tol = float(state["tol"]), float(state["adjoint_tol"])
         finished = state["finished"]
         self.finished = None if finished is None else (str(finished[0]), str(finished[1]))
+        self.estimator_state.load_state_dict(state["estimator_state"])

@@ -57,7 +57,7 @@ try:
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "bilevel.learning.estimator needs scikit-learn >= 1.6: pip install 'bilevel[learning]'"
+        "bilevel.learning.scikit_learn needs scikit-learn >= 1.6: pip install 'bilevel[learning]'"
     ) from err
 
 __all__ = ["BilevelLogisticRegression", "BilevelRidge"]

@@ -1835,7 +1835,8 @@ def finite_sum_problem(
     n_upper_samples: int | None = None,
 ) -> BilevelProblem:
     """The :class:`~bilevel.problem.BilevelProblem` of a finite-sum lower level from its one
-    energy, for SID and every other estimator.
+    energy (its :class:`~bilevel.problem.FiniteSum` and its h), for SID and every other
+    estimator.
 
     ``sample_energy(x, theta, index) -> (B,)`` is ĥ over the samples ``index`` (positions in
     0..N−1, N = ``n_samples``): the mean of their terms plus any regulariser, an unbiased

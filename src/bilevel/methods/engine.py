@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from bilevel import distributed
+from bilevel.hypergrad import EstimatorState
 from bilevel.methods.budget import Budget, as_budget
 from bilevel.methods.interrupts import Terminated, deferred_interrupts, terminate_as_interrupt
 from bilevel.methods.optim import load_params, snapshot
@@ -556,8 +557,8 @@ class Method:
         budget: Budget,
         estimator_state: EstimatorState | None = None,
     ) -> Engine:
-        """A fresh :class:`Engine` running this method on ``problem`` and ``samples``,
-        carrying ``estimator_state`` (default: a fresh one from its estimator)."""
+        """A fresh :class:`Engine` running this method on ``problem`` and ``samples``, carrying
+        ``estimator_state`` (default: a fresh one of the method's estimator)."""
         raise NotImplementedError
 
     def run(
@@ -596,15 +597,20 @@ class Method:
             plot: write plots of the metrics to ``run_dir/plots`` at the end (off by
                 default; the jobs turn it on).
             keep_history: keep θ after every step in ``RunResult.history``.
-            estimator_state: the estimator's state to carry (``estimator.init_state()`` by
-                default); pass one to watch or steer it during the run (e.g. SID's
-                ``SIDState.tighten``). It is updated in place and restored on resume.
+            estimator_state: the hypergradient estimator's state to carry
+                (``estimator.init_state()`` by default); pass one to watch or steer it during
+                the run (e.g. SID's ``SIDState.tighten``). It is updated in place, checkpointed,
+                and restored into on resume.
 
         Returns:
             A :class:`RunResult`; a non-finite hypergradient or loss ends the run with status
             ``"non_finite"`` (and a RuntimeWarning), θ restored to the last good value.
         """
         samples = as_sample_set(samples)
+        if estimator_state is not None and not isinstance(estimator_state, EstimatorState):
+            raise BilevelError(
+                f"estimator_state must be an EstimatorState, got {type(estimator_state).__name__}"
+            )
         if checkpoint_every is None:
             checkpoint_every = self.default_checkpoint_every
         options = RunOptions(

@@ -155,10 +155,6 @@ class _ISGDEngine(Engine):
         # what the estimator evolves across steps (SID: streams, anchors, accuracy scale)
         if estimator_state is None:
             estimator_state = cfg.estimator.init_state()
-        elif not isinstance(estimator_state, EstimatorState):
-            raise BilevelError(
-                f"estimator_state must be an EstimatorState, got {type(estimator_state).__name__}"
-            )
         self.estimator_state = estimator_state
         # data parallelism (bilevel.distributed): SID shards its finite sum's rows itself;
         # other estimators get this process's instances of each minibatch

@@ -28,10 +28,11 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
 
 :class:`MAID` adapts the accuracy as above; :class:`HOAG` uses a fixed (summable) accuracy
 schedule ε_k, δ_k with the same line search. The two share one engine and differ only by
-their :class:`AccuracyPolicy` (:class:`AdaptiveAccuracy`, :class:`ScheduledAccuracy`). Every oracle call is counted, including those
-of rejected trials, of recomputations at tighter accuracy and of the error bound's constants;
-an oracle-call budget is checked before each recomputation and each trial, so that a step
-stops where the budget runs out (θ and the accuracies are then kept).
+their :class:`AccuracyPolicy` (:class:`AdaptiveAccuracy`, :class:`ScheduledAccuracy`).
+Every oracle call is counted, including those of rejected trials, of recomputations at
+tighter accuracy and of the error bound's constants; an oracle-call budget is checked before
+each recomputation and each trial, so that a step stops where the budget runs out (θ and the
+accuracies are then kept).
 """
 
 from __future__ import annotations
@@ -397,10 +398,6 @@ class _LineSearchEngine(Engine):
         self.cfg = cfg
         if estimator_state is None:
             estimator_state = cfg.estimator.init_state()
-        elif not isinstance(estimator_state, EstimatorState):
-            raise BilevelError(
-                f"estimator_state must be an EstimatorState, got {type(estimator_state).__name__}"
-            )
         self.estimator_state = estimator_state
         self.budget_calls = None if budget is None else budget.oracle_calls
         self.name = type(cfg).__name__.lower()

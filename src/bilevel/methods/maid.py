@@ -28,10 +28,12 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
    On failure θ is kept, and MAID multiplies ε and δ by τ < 1 (the trial step α is kept).
 
 :class:`MAID` adapts the accuracy as above; :class:`HOAG` uses a fixed (summable) accuracy
-schedule ε_k, δ_k with the same line search. Every oracle call is counted, including those
-of rejected trials, of recomputations at tighter accuracy and of the error bound's constants;
-an oracle-call budget is checked before each recomputation and each trial, so that a step
-stops where the budget runs out (θ and the accuracies are then kept).
+schedule ε_k, δ_k with the same line search. The two share one engine and differ only by
+their :class:`AccuracyPolicy` (:class:`AdaptiveAccuracy`, :class:`ScheduledAccuracy`).
+Every oracle call is counted, including those of rejected trials, of recomputations at
+tighter accuracy and of the error bound's constants; an oracle-call budget is checked before
+each recomputation and each trial, so that a step stops where the budget runs out (θ and the
+accuracies are then kept).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from bilevel import (
     JacobianFree,
     Unrolled,
     VarianceReducedFixedPoint,
+    argmin,
 )
 from bilevel.linear import CG, Neumann
 from bilevel.lower import LBFGS
@@ -196,6 +197,16 @@ def test_fixed_work_and_with_bound_are_the_estimators_own():
         Unrolled().solve_lower(None, None, 1e-3, None)  # type: ignore[arg-type]
     with pytest.raises(BilevelError, match="HypergradientEstimator"):
         ISGD(estimator=lambda *a, **k: None)  # type: ignore[arg-type]
+    # argmin's forward pass is a certified lower solve: adjoint estimators only
+    problem, batch, _ = quadratic_problem()
+    with pytest.raises(BilevelError, match="AdjointEstimator"):
+        argmin(
+            problem.lower_energy,
+            problem.theta,
+            torch.zeros(4, 6, dtype=F64),
+            batch,
+            estimator=Unrolled(),
+        )
 
 
 def test_every_estimator_adds_the_upper_regulariser_once():

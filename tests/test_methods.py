@@ -502,7 +502,7 @@ def test_maid_projection_and_full_batch():
             seen.append(index.numel())
             return super().batch(index)
 
-    samples = Recording(q.c, q.t, x_init=torch.zeros(30, 10, dtype=torch.float64))
+    samples = Recording((q.c, q.t), x_init=torch.zeros(30, 10, dtype=torch.float64))
     result = MAID(estimator=q.estimator(), step=1.0, projection=lambda t: t.clamp_(min=0)).run(
         q.problem, samples, Budget(steps=5), progress=False, plot=False, keep_history=True
     )
@@ -520,7 +520,7 @@ def test_sampling_without_replacement_reshuffled_each_epoch():
             return super().batch(index)
 
     def samples():
-        return Recording(q.c, q.t, x_init=torch.zeros(30, 10, dtype=torch.float64))
+        return Recording((q.c, q.t), x_init=torch.zeros(30, 10, dtype=torch.float64))
 
     method = isgd(q, step=0.1, accuracy=1e-2, batch_size=8, seed=3)
     method.run(q.problem, samples(), Budget(epochs=3), progress=False, plot=False)
@@ -572,11 +572,18 @@ def test_tensor_samples_and_with_initial():
     index = torch.tensor([2, 0])
     assert torch.equal(s.batch(index), y[index])
     assert torch.equal(s.initial(index), 2 * y[index])
-    s2 = TensorSamples(y, y + 1, x_init=torch.zeros(4, 3))
+    s2 = TensorSamples((y, y + 1), x_init=torch.zeros(4, 3))
     assert len(s2) == 4 and isinstance(s2.batch(index), tuple)
+    torch.testing.assert_close(s2.batch(index)[1], y[index] + 1)
+    s3 = TensorSamples({"y": y}, x_init=torch.zeros(4, 3))  # the form given is kept
+    assert set(s3.batch(index)) == {"y"} and torch.equal(s3.batch(index)["y"], y[index])
     assert TensorSamples(x_init=torch.zeros(5, 2)).batch(index) is None
+    with pytest.raises(BilevelError, match="disagree"):
+        TensorSamples((y, torch.zeros(5)), x_init=torch.zeros(4, 3))
     with pytest.raises(BilevelError, match="expected 4"):
-        TensorSamples(y, torch.zeros(5), x_init=torch.zeros(4, 3))
+        TensorSamples(y, x_init=torch.zeros(5, 3))
+    with pytest.raises(BilevelError, match="batch must be a tensor"):
+        TensorSamples("y", x_init=torch.zeros(4, 3))
 
     class Data:
         def __len__(self):

@@ -380,17 +380,21 @@ def test_progress_disabled_and_tty_modes(capsys):
         bar.write("hello")
     assert capsys.readouterr().err == ""
 
+    # on a terminal, tqdm redraws the bar in place; messages go on their own lines
     stream = io.StringIO()
     clock = FakeClock()
-    with Progress(4, stream=stream, tty=True, clock=clock, initial=1) as bar:
+    with Progress(4, stream=stream, tty=True, clock=clock, initial=1, unit="calls") as bar:
         assert math.isnan(bar.eta)
         for done in (2, 3, 4):
             clock.now += 0.5
             bar.update(done, loss=torch.tensor(0.5))
+            if done == 3:
+                bar.write("halfway")
         assert bar.eta == 0.0
     out = stream.getvalue()
-    assert out.count("\r") == 3 and out.endswith("\n")
-    assert "100.0%" in out and "loss=0.5" in out
+    assert "\r" in out and out.endswith("\n") and "halfway\n" in out
+    last = out.rstrip("\n").split("\r")[-1]
+    assert "100%" in last and "4/4" in last and "calls" in last and "loss=0.5" in last
 
 
 def test_progress_eta_and_validation():
@@ -597,7 +601,7 @@ def test_metrics_are_repaired_to_the_checkpoint_on_resume(tmp_path, damage):
 def _isgd_run(run_dir, steps, *, evaluate=None, resume=False, eval_every=1):
     torch.manual_seed(0)  # a fresh process; a resumed run restores the generators it saved
     problem, batch, _ = quadratic_problem(n_batch=6)
-    samples = TensorSamples(*batch, x_init=torch.zeros(6, 6, dtype=torch.float64))
+    samples = TensorSamples(batch, x_init=torch.zeros(6, 6, dtype=torch.float64))
     method = ISGD(step=0.02, batch_size=2, seed=1)
     return method.run(
         problem,
@@ -672,6 +676,6 @@ def test_best_theta_by_evaluation_is_kept_checkpointed_and_resumed(tmp_path):
 
 def test_mixed_dtypes_are_refused_before_the_run(tmp_path):
     problem, batch, _ = quadratic_problem(n_batch=4)  # θ is float64
-    samples = TensorSamples(*(t.float() for t in batch), x_init=torch.zeros(4, 6))
+    samples = TensorSamples(tuple(t.float() for t in batch), x_init=torch.zeros(4, 6))
     with pytest.raises(BilevelError, match="training data are float32 but θ is float64"):
         ISGD(step=0.1, batch_size=2).run(problem, samples, {"steps": 2}, progress=False)

@@ -72,6 +72,7 @@ _EXPORTS: dict[str, str] = {
             "StochasticFixedPoint",
             "StochasticLinearFixedPoint",
             "VarianceReducedFixedPoint",
+            "finite_sum_problem",
         ),
         "bilevel.stochastic",
     ),
@@ -142,4 +143,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
         StochasticFixedPoint,
         StochasticLinearFixedPoint,
         VarianceReducedFixedPoint,
+        finite_sum_problem,
     )

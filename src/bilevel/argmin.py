@@ -36,7 +36,7 @@ from bilevel.autodiff import Cost, LowerLevel, batch_dot
 from bilevel.hypergrad import AdjointEstimator, Exact, Hypergradient, Implicit
 from bilevel.linear import CG
 from bilevel.lower import LowerSolution
-from bilevel.problem import Batch, BilevelError, BilevelProblem, Theta
+from bilevel.problem import Batch, BilevelError, BilevelProblem, Theta, batch_tensors
 
 __all__ = ["AdjointSolveError", "ArgminInfo", "ArgminLayer", "argmin"]
 
@@ -114,14 +114,8 @@ def _theta_tensors(theta: Theta) -> list[Tensor]:
 
 
 def _batch_leaves(batch: Batch) -> list[Tensor]:
-    """The floating-point tensors of ``batch`` that require gradients, in a fixed order."""
-    if isinstance(batch, Tensor):
-        return [batch] if batch.requires_grad else []
-    if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _batch_leaves(v)]
-    if isinstance(batch, (tuple, list)):
-        return [t for v in batch for t in _batch_leaves(v)]
-    return []
+    """The tensors of ``batch`` that require gradients, in a fixed order."""
+    return [t for t in batch_tensors(batch) if t.requires_grad]
 
 
 def _replace_leaves(batch: Batch, new: dict[int, Tensor]) -> Batch:

@@ -32,7 +32,8 @@ from (a model of the rounding error of length-n sums).
 
 A-posteriori estimate (``BoundConstants(a_posteriori=True)``): with worst-case constants the
 ε-terms multiply ‖J‖, L_H/μ² and ‖∇ₓf‖, which for energies with rapidly varying curvature
-(Fields of Experts with small smoothing) overestimates the error by 10⁴–10⁵. The estimate
+(Fields of Experts with small smoothing) overestimates the error by orders of magnitude
+(measured in ``docs/benchmarks_bounds.md``). The estimate
 instead linearises the exact hypergradient map g(x) = ∇_θf(x) − J(x)ᵀH(x)⁻¹∇ₓf(x) along
 the computed Newton correction d = H⁻¹∇ₓh(x̃) ≈ x̃ − x̂:
 

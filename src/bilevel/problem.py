@@ -176,7 +176,7 @@ def check_finite(name: str, *tensors: Tensor) -> None:
 
 def batch_size_of(batch: Batch) -> int | None:
     """Leading dimension shared by the tensors of ``batch`` (``None`` if it holds none)."""
-    sizes = {t.shape[0] for t in _leaves(batch) if t.dim() > 0}
+    sizes = {t.shape[0] for t in batch_tensors(batch) if t.dim() > 0}
     if len(sizes) > 1:
         raise BilevelError(f"batch tensors disagree on the leading (instance) dimension: {sizes}")
     return sizes.pop() if sizes else None
@@ -195,15 +195,17 @@ def index_batch(batch: Batch, index: Tensor | None) -> Batch:
     return batch
 
 
-def _leaves(batch: Batch) -> list[Tensor]:
+def batch_tensors(batch: Batch) -> list[Tensor]:
+    """The tensors of ``batch`` (a tensor, or nested tuples / lists / dicts of them), in a
+    fixed order."""
     if batch is None:
         return []
     if isinstance(batch, Tensor):
         return [batch]
     if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _leaves(v)]
+        return [t for v in batch.values() for t in batch_tensors(v)]
     if isinstance(batch, (tuple, list)):
-        return [t for v in batch for t in _leaves(v)]
+        return [t for v in batch for t in batch_tensors(v)]
     return []
 
 

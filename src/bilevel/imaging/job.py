@@ -370,7 +370,8 @@ def make_method(config: ImagingConfig) -> ISGD | MAID:
         lower_solver=Nesterov(max_iter=5000),
         compute_bound=config.method == "maid",
     )
-    if config.method == "maid":  # worst-case constants of ω are 10⁴× loose for image energies
+    if config.method == "maid":  # worst-case constants of ω are loose for image energies
+        # (docs/benchmarks_bounds.md): the a-posteriori estimate replaces them
         estimator = replace(estimator, constants=BoundConstants(a_posteriori=True))
         return MAID(estimator=estimator, lower_tol=1e-1, step=1.0)
     default_step = DEFAULT_STEPS[config.method].get(

@@ -231,9 +231,9 @@ def reconstruct(
 
     ``solver`` defaults to ``LBFGS(max_iter)``: on the learned regularisers its curvature
     pairs capture the widely spread spectrum of ∇²h (μ = 1 against local Lipschitz constants
-    in the hundreds) that limits accelerated gradient steps; it reaches a full-size denoising
-    tolerance with about six times fewer gradients than ``Nesterov``
-    (``docs/benchmarks.md``, imaging oracles). Starts from ``x0`` (default: the operator's
+    in the hundreds) that limits accelerated gradient steps, and reaches a full-size
+    denoising tolerance with fewer gradients than ``Nesterov`` (measured in
+    ``docs/benchmarks.md``, imaging oracles). Starts from ``x0`` (default: the operator's
     ``initial_image(y)``: y itself, or Aᵀy where measurements are not images). Detached
     result, shaped like the images. Images that miss ``tol`` within ``max_iter`` iterations
     are returned as they are, with a ``ConvergenceWarning`` that says how many.

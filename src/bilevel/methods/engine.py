@@ -59,7 +59,7 @@ from bilevel.runs import (
 from bilevel.runs.rundir import RESULT_NAME, fault_point
 
 if TYPE_CHECKING:
-    from bilevel.hypergrad import Hypergradient
+    from bilevel.hypergrad import EstimatorState, Hypergradient
 
 __all__ = ["Engine", "Evaluation", "Method", "RunOptions", "Stop", "drive", "ranked_by"]
 

@@ -20,17 +20,20 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
    decrease α‖z‖(‖z‖ + ω) − cα‖z‖² cannot cover the old side's mean_i ‖∇ₓf_i‖ε_i are not
    solved for (the line search fails at once and the accuracy is tightened). L_f and μ come
    from the one place that states them: the estimator's
-   ``BoundConstants.upper_grad_lipschitz`` (else the value the bound computed or estimated,
-   ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a non-convex f_i
-   or a wrong L_f the certificate does not hold.
+   ``stated_constants().upper_grad_lipschitz`` (else the value the bound computed or
+   estimated, ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a
+   non-convex f_i or a wrong L_f the certificate does not hold. The trial lower levels are
+   solved by the estimator's ``solve_lower``.
 3. Adapt. On success the next trial step is αρⁱ·growth; MAID multiplies ε and δ by ν ≥ 1.
    On failure θ is kept, and MAID multiplies ε and δ by τ < 1 (the trial step α is kept).
 
 :class:`MAID` adapts the accuracy as above; :class:`HOAG` uses a fixed (summable) accuracy
-schedule ε_k, δ_k with the same line search. Every oracle call is counted, including those
-of rejected trials, of recomputations at tighter accuracy and of the error bound's constants;
-an oracle-call budget is checked before each recomputation and each trial, so that a step
-stops where the budget runs out (θ and the accuracies are then kept).
+schedule ε_k, δ_k with the same line search. The two share one engine and differ only by
+their :class:`AccuracyPolicy` (:class:`AdaptiveAccuracy`, :class:`ScheduledAccuracy`).
+Every oracle call is counted, including those of rejected trials, of recomputations at
+tighter accuracy and of the error bound's constants; an oracle-call budget is checked before
+each recomputation and each trial, so that a step stops where the budget runs out (θ and the
+accuracies are then kept).
 """
 
 from __future__ import annotations

@@ -15,7 +15,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from bilevel.problem import Batch, BilevelError, BilevelProblem
+from bilevel.problem import (
+    Batch,
+    BilevelError,
+    BilevelProblem,
+    batch_size_of,
+    batch_tensors,
+    index_batch,
+)
 
 __all__ = ["SampleSet", "TensorSamples", "as_sample_set", "check_sample_dtypes", "with_initial"]
 
@@ -35,38 +42,50 @@ class SampleSet(Protocol):
         ...
 
 
-def _leading(name: str, t: Tensor, n: int | None) -> int:
-    if not isinstance(t, Tensor) or t.dim() < 1:
-        raise BilevelError(f"{name} must be a tensor with a leading sample dimension")
-    if n is not None and t.shape[0] != n:
-        raise BilevelError(f"{name} has {t.shape[0]} samples, expected {n} like the others")
-    return t.shape[0]
-
-
 class TensorSamples:
     """Samples stored as tensors with a common leading dimension n.
 
-    ``batch(index)`` returns the indexed tensor (one tensor given), a tuple of indexed tensors
-    (several), or None (none: the lower-level problems share all data through the closure).
-    ``x_init`` gives the initial lower-level points: a tensor (n, ...) or a callable
-    ``x_init(batch) -> (len(index), ...)`` (e.g. ``lambda b: b[0].clone()`` for x₀ = y).
+    ``batch`` is the per-instance data of all n samples in any form a
+    :class:`~bilevel.problem.BilevelProblem` accepts (a tensor, or a tuple / list / dict of
+    tensors, each with leading dimension n), or None when the lower-level problems share all
+    data through the closure; ``batch(index)`` returns it in the same form, each tensor indexed
+    by ``index`` (None stays None). ``x_init`` gives the initial lower-level points: a tensor
+    (n, ...) or a callable ``x_init(batch) -> (len(index), ...)`` (e.g.
+    ``lambda b: b[0].clone()`` for x₀ = y with ``batch = (y, x_true)``).
     """
 
-    def __init__(self, *tensors: Tensor, x_init: Tensor | Callable[[Batch], Tensor]) -> None:
-        n = None
-        for i, t in enumerate(tensors):
-            n = _leading(f"tensor {i}", t, n)
+    def __init__(self, batch: Batch = None, *, x_init: Tensor | Callable[[Batch], Tensor]) -> None:
+        tensors = batch_tensors(batch)
+        if batch is not None and not tensors:
+            raise BilevelError(
+                "batch must be a tensor or a tuple / list / dict of tensors with a leading "
+                f"sample dimension, got {type(batch).__name__}"
+            )
+        if any(t.dim() < 1 for t in tensors):
+            raise BilevelError("every tensor of batch must have a leading sample dimension")
+        n = batch_size_of(batch)
         if isinstance(x_init, Tensor):
-            n = _leading("x_init", x_init, n)
+            if x_init.dim() < 1:
+                raise BilevelError("x_init must be a tensor with a leading sample dimension")
+            if n is not None and x_init.shape[0] != n:
+                raise BilevelError(
+                    f"x_init has {x_init.shape[0]} samples, expected {n} like the batch"
+                )
+            n = x_init.shape[0]
         elif not callable(x_init):
             raise BilevelError("x_init must be a tensor (n, ...) or a callable batch -> x0")
         if n is None:
-            raise BilevelError("TensorSamples needs at least one tensor, or x_init as a tensor")
+            raise BilevelError("TensorSamples needs a batch of tensors, or x_init as a tensor")
         if n < 1:
             raise BilevelError("TensorSamples needs at least one sample")
-        self.tensors = tuple(tensors)
+        self.data = batch
         self.x_init = x_init
         self._n = n
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        """The stored tensors of the batch, in a fixed order."""
+        return batch_tensors(self.data)
 
     def __len__(self) -> int:
         return self._n
@@ -76,10 +95,9 @@ class TensorSamples:
         return f"TensorSamples(n={self._n}, tensors=[{shapes}])"
 
     def batch(self, index: Tensor) -> Batch:
-        if not self.tensors:
+        if self.data is None:
             return None
-        out = tuple(t[index.to(t.device)] for t in self.tensors)
-        return out[0] if len(out) == 1 else out
+        return index_batch(self.data, index.to(self.tensors[0].device))
 
     def initial(self, index: Tensor) -> Tensor:
         if isinstance(self.x_init, Tensor):

@@ -157,7 +157,7 @@ def quadratic_finite_sum(
     problem = BilevelProblem(
         lower_energy, upper_loss, theta, mu=float(mu), lipschitz=float(lipschitz)
     )
-    samples = TensorSamples(c, t, x_init=torch.zeros(n, dim, dtype=dtype))
+    samples = TensorSamples((c, t), x_init=torch.zeros(n, dim, dtype=dtype))
     return QuadraticFiniteSum(
         problem=problem,
         samples=samples,

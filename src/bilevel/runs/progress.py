@@ -1,14 +1,13 @@
-"""A text progress bar for long runs, written to stderr.
+"""Progress towards a run's budget, written to stderr.
 
-On a terminal the bar is redrawn in place (carriage return) at most every ``tty_interval``
-seconds. Elsewhere (CI logs, files, pipes) a plain line is printed at the first update, then at
-most every ``interval`` seconds, and once more at the end, so logs stay short and readable.
-
-Not tqdm, whose behaviour differs where it matters here: off a terminal tqdm still writes
-carriage-return redraws (one long line in a log file) rather than occasional plain lines, it
-counts increments where the run loop reports cumulative budget use (oracle calls, seconds,
-steps: whichever limit is nearest), and its rate on a resumed run includes the work of earlier
-sessions unless reset by hand; and it would be one more dependency of the core package.
+On a terminal the bar is tqdm's, redrawn in place at most every ``tty_interval`` seconds.
+Elsewhere (CI logs, files, pipes) a plain line is printed at the first update, then at most
+every ``interval`` seconds, and once more at the end, so logs stay short and readable: the one
+behaviour kept from before tqdm, since off a terminal tqdm still writes carriage-return redraws
+(one long line in a log file). The run loop reports cumulative budget use (oracle calls,
+seconds, steps: whichever limit is nearest), which :class:`Progress` turns into tqdm's
+increments; on resume ``initial`` is the work of earlier sessions, which the rate (hence the
+ETA) leaves out in both modes.
 """
 
 from __future__ import annotations
@@ -53,6 +52,16 @@ def _format_field(value: Any) -> str:
     return str(value)
 
 
+def _count(x: float) -> float | int:
+    """Whole counts as integers and fractional ones (minibatch oracle calls, seconds) to two
+    decimals, so that tqdm shows ``4/10`` and ``12.5/60``."""
+    return int(x) if float(x).is_integer() else round(float(x), 2)
+
+
+def _postfix(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: _format_field(v) for k, v in fields.items()}
+
+
 class Progress:
     """Progress towards a budget of ``total`` units (oracle calls, epochs, seconds, ...).
 
@@ -60,7 +69,9 @@ class Progress:
     and optional named values shown after the bar (e.g. ``loss=0.012, cost=4500``); fields
     persist until replaced. ``initial`` is the amount already done when the bar starts (on
     resume): the rate, hence the ETA, counts only the work done since. ``enabled=False``
-    prints nothing. Use as a context manager, or call :meth:`close` at the end.
+    prints nothing. Use as a context manager, or call :meth:`close` at the end. On a terminal
+    (``tty``, default: whether the stream is one) tqdm draws the bar; ``clock`` and
+    ``interval`` rule the plain lines written elsewhere.
     """
 
     def __init__(
@@ -97,8 +108,22 @@ class Progress:
         self._start = clock()
         self._last_print: float | None = None
         self._printed_state: tuple | None = None
-        self._line_length = 0
         self._closed = False
+        self._tqdm: Any = None
+        if self.enabled and self.is_tty:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm(
+                total=_count(total),
+                initial=_count(self.initial),
+                desc=description or None,
+                unit=f" {unit}" if unit else "it",
+                file=self.stream,
+                mininterval=self.tty_interval,
+                smoothing=0.0,  # the mean rate since the start, as off a terminal
+                dynamic_ncols=True,
+                leave=True,
+            )
 
     # output target
 
@@ -164,23 +189,24 @@ class Progress:
         self.fields.update(fields)
         if not self.enabled or self._closed:
             return
+        if self._tqdm is not None:
+            if fields:
+                self._tqdm.set_postfix(_postfix(self.fields), refresh=False)
+            self._tqdm.update(_count(self.done) - self._tqdm.n)
+            return
         now = self._clock()
-        limit = self.tty_interval if self.is_tty else self.interval
-        if self._last_print is None or now - self._last_print >= limit:
+        if self._last_print is None or now - self._last_print >= self.interval:
             self._emit(now)
 
     def write(self, message: str) -> None:
         """Print a message on its own line without garbling the bar."""
         if not self.enabled:
             return
-        stream = self.stream
-        if self.is_tty and self._line_length:
-            stream.write("\r" + " " * self._line_length + "\r")
-            stream.write(message.rstrip("\n") + "\n")
-            stream.write(self._tty_line(self.format()))
-        else:
-            stream.write(message.rstrip("\n") + "\n")
-        stream.flush()
+        if self._tqdm is not None and not self._closed:
+            self._tqdm.write(message.rstrip("\n"), file=self.stream)
+            return
+        self.stream.write(message.rstrip("\n") + "\n")
+        self.stream.flush()
 
     def close(self, **fields: Any) -> None:
         """Print the final state (if not printed already) and end the line. Idempotent."""
@@ -190,11 +216,13 @@ class Progress:
         self._closed = True
         if not self.enabled:
             return
+        if self._tqdm is not None:
+            self._tqdm.set_postfix(_postfix(self.fields), refresh=False)
+            self._tqdm.update(_count(self.done) - self._tqdm.n)
+            self._tqdm.close()
+            return
         if self._state() != self._printed_state:
             self._emit(self._clock())
-        if self.is_tty and self._line_length:
-            self.stream.write("\n")
-            self.stream.flush()
 
     def __enter__(self) -> Progress:
         return self
@@ -205,18 +233,9 @@ class Progress:
     def _state(self) -> tuple:
         return (self.done, tuple((k, repr(v)) for k, v in self.fields.items()))
 
-    def _tty_line(self, line: str) -> str:
-        pad = max(self._line_length - len(line), 0)
-        self._line_length = len(line)
-        return "\r" + line + " " * pad
-
     def _emit(self, now: float) -> None:
-        line = self.format()
         stream = self.stream
-        if self.is_tty:
-            stream.write(self._tty_line(line))
-        else:
-            stream.write(line + "\n")
+        stream.write(self.format() + "\n")
         stream.flush()
         self._last_print = now
         self._printed_state = self._state()

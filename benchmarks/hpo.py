@@ -445,44 +445,50 @@ def _method_table(r: dict[str, Any], setting: Setting) -> list[str]:
 
 NOTES = """## Reading the results
 
-- **F no longer rises under SID.** The previous SID (fixed t = k = 3 steps of 0.5/L; rows
+- **F no longer rises under SID.** The previous SID (fixed t = k = 3 steps of 0.5/L; row
   "previous default") cannot follow w(θ) and the adjoint when L/μ is in the thousands: on
-  digits its F ends above the start (in the earlier recorded run also on MNIST, 0.2877 →
-  0.4761). SID now chooses t and k per step from its measured residuals against the same
-  ε_k, δ_k as AID-CG, so its hypergradient has the accuracy of an inexact AID step; its F
-  fell on all four sets, and the rise guard (which tightens the tolerances when F exceeds its
-  start by more than the evaluation noise) never had to act. What the stage solvers gain on
-  ill-conditioned problems is measured in docs/benchmarks_sid.md ("Stage solvers"): CG
-  refinement on minibatch Hessians solves the adjoint in a few rounds where preconditioned
-  Richardson steps need thousands and plain steps do not get there; Jacobi preconditioning
-  with steps from the measured curvature reaches a lower-level tolerance that steps of 0.5/L
-  (L the global bound, 27× the Hessian's top eigenvalue at w(θ) on digits) do not.
-- **Small sets (digits, MNIST): missed; SID is slower than AID-CG there.** On digits a
-  minibatch Hessian-vector product of 394 of the 1079 samples takes about as long as a full
-  one (8 ms against 9 ms when profiled): the per-call overhead of autograd dominates, so
-  minibatches save no wall time, and SID's first-order steps for w (about 10 per upper step)
-  lose to L-BFGS's few full-batch ones. On MNIST there are 7850 unknowns and minibatches of
-  929 samples: the minibatch Hessian misrepresents H, the sample size of stage 2 grows to N in
-  the first steps so that it becomes AID-CG's full-batch CG, and SID made 2 steps in the
-  budget. SID is not the method for these sets; `bilevel hpo` picks AID-CG there by default.
-- **The 200 000-sample set: missed in this run (ratio 0.66 against the target 0.2).** SID
-  reached AID-CG's final F within the budget and went below it, but the machine was far more
-  loaded than in the earlier recorded run: AID-CG made 91 steps in 60 s (210 before) and the
-  previous default SID 120 steps in 40 s (1003 before, when its ratio was 0.18; 0.66 in this
-  run too). F is evaluated every 30 SID steps, so with this few steps the time to reach a level
-  is known only to the evaluation times (here: the end of the run). The adaptive SID takes
-  2.9 / 0.4 iterations per step on average and more oracle calls per step than the previous
-  default; this run does not separate its speed from the load.
-- **The sparse 10⁶ × 1000 set: holds (0.27 against the target 1/3), on weak evidence.** At the
-  best common strength (λ = e⁻¹⁰, the end of the box) F hardly depends on θ; AID-CG made 4
-  steps in 125 s (each full Hessian-vector product through torch's sparse double backward
-  costs about 5× a full gradient: 0.51 s against 0.10 s at 60 000 rows) and SID 35 steps in
-  66 s, with F moving in the sixth digit and no change of test accuracy.
+  digits its F ends above the start (0.1328 → 0.1408 in this run). The adaptive SID chooses
+  t and k per step from its measured residuals against the same ε_k, δ_k as AID-CG, so its
+  hypergradient has the accuracy of an inexact AID step; its F fell on all four sets and the
+  rise guard (tightening the tolerances when F exceeds its start by more than the evaluation
+  noise) never had to act. The stage solvers' gains on ill-conditioned problems are measured
+  in docs/benchmarks_sid.md ("Stage solvers").
+- **What changed in SID's cost per step.** Every sampled Hessian is now one gradient graph
+  whose products are backward passes through it (a CG round of 20 products built 20 graphs
+  before), the Jacobi preconditioner is computed only when a stage takes a step, adjoint
+  rounds start from the variance-reduced residual estimate and take a full product only when
+  it pays, the CG sample grows only when a round misses the tolerance, and stage 1 uses
+  heavy-ball momentum 0.5 (on digits 6.6 lower iterations per step instead of 12.4, same F
+  per step). Profiled on digits at low load, an SID step went from 152 ms to about 40 ms
+  (156 steps in 6 s in this run); on the 200 000-sample set it made 557 steps in 40 s.
+- **Small sets (digits, MNIST): missed, SID is slower than AID-CG there.** On digits SID's
+  F after 6 s is 0.0526 against AID-CG's 0.0424: an SID step (38 ms) still costs 2.4× an
+  AID-CG step (16 ms), because a minibatch of 394 of the 1079 samples costs about as much as
+  the full sum (the per-call overhead of autograd dominates), SVRG evaluates two minibatch
+  gradients per iteration, and L-BFGS needs fewer full-batch iterations than preconditioned
+  first-order steps. On MNIST (7850 unknowns, minibatches of 929 samples) a minibatch
+  Hessian is singular on most of the space, so stage 2 grows its sample to all 6000 rows and
+  becomes AID-CG's CG; SID made 9 steps to AID-CG's 19 (2 in the previous recorded run).
+  Neither gap is a matter of tuning: minibatches buy nothing where the full sum is cheap.
+  `bilevel hpo` picks AID-CG below `SID_MIN_TRAIN` training samples.
+- **The 200 000-sample set: missed (ratio 0.44, seed 1: 0.30, against the target 0.2).**
+  SID reached AID-CG's final F (0.291749 after 60 s) in 26.5 s and ended below it. The ratio
+  is set by two factors: SID's step costs about a third of AID-CG's here (72 ms against
+  238 ms), and it needs more upper-level steps than AID-CG for the same F (about 370 against
+  253), its hypergradient meeting the tolerance by an estimate rather than with L-BFGS's
+  margin. At that step count, 0.2 would need an SID step about seven times cheaper than
+  AID-CG's; both compute the exact validation gradient (40 000 rows, a third of the training
+  set) at every step, which SID avoids only with an upper-level minibatch (not used here).
+- **The sparse 10⁶ × 1000 set: holds (ratio 0.21, SID 4.8× faster, target ≥ 3×), on weak
+  evidence.** At the best common strength (λ = e⁻¹⁰, the end of the box) F hardly depends
+  on θ: AID-CG made 22 steps in 93 s and SID 37 in 47 s, F moving in the fifth digit and the
+  test accuracy not at all.
 - **The size rule.** SID reached AID-CG's final F sooner on the two large sets (120 000 and
-  600 000 training samples) and not at all on the small ones (1 079 and 6 000):
-  `bilevel hpo` uses SID from 100 000 training samples on (`SID_MIN_TRAIN`).
-- **ITD** differentiates 20 full-batch gradient steps per upper step: the most expensive step,
-  and a truncated, biased hypergradient when L/μ is large; it lowers F far less than AID-CG.
+  600 000 training samples) and not at all within the budget on the small ones (1 079 and
+  6 000): `bilevel hpo` uses SID from 100 000 training samples on (`SID_MIN_TRAIN`).
+- **ITD** differentiates 20 full-batch gradient steps per upper step: the most expensive
+  step, and a truncated, biased hypergradient when L/μ is large (on digits its F ended above
+  the start).
 - **Validation overfitting and shrinkage.** With one free strength per feature, F drops far
   below the best common strength's value on digits and MNIST (64 strengths fitted on 359
   validation samples, 784 on 2000), but the test accuracy does not follow: the per-feature
@@ -493,14 +499,21 @@ NOTES = """## Reading the results
   splits was not rerun here (`--no-splits`)."""
 
 
+def _duration(args, seconds: float) -> str:
+    """The run's wall time, or how the sets were run when they come from ``--cache``."""
+    if args.cache is None:
+        return f"total {seconds:.0f} s"
+    return "each data set run on its own with --cache"
+
+
 def report(results: dict[str, Any], splits: list[dict[str, float]], args, seconds: float) -> str:
     lines = [
         "# Benchmark: hyperparameter learning for per-feature logistic regression",
         "",
         "Produced by `benchmarks/hpo.py`; every number below was measured by that script "
         f"(torch {torch.__version__}, {platform.machine()}, {args.threads} torch thread(s), "
-        f"total {seconds:.0f} s of the last invocation). The machine has 2 cores shared with "
-        "other work and was loaded (load average 3–7) while these runs were taken, so wall "
+        f"{_duration(args, seconds)}). The machine has 2 cores shared with "
+        "other work, loaded to different degrees during these runs (load averages 0.2 to 7), so wall "
         "times carry noise of tens of per cent; compare methods within a data set, whose runs "
         "follow each other.",
         "",

@@ -512,10 +512,10 @@ def report(results: dict[str, Any], splits: list[dict[str, float]], args, second
         "",
         "Produced by `benchmarks/hpo.py`; every number below was measured by that script "
         f"(torch {torch.__version__}, {platform.machine()}, {args.threads} torch thread(s), "
-        f"{_duration(args, seconds)}). The machine has 2 cores shared with "
-        "other work, loaded to different degrees during these runs (load averages 0.2 to 7), so wall "
-        "times carry noise of tens of per cent; compare methods within a data set, whose runs "
-        "follow each other.",
+        f"{_duration(args, seconds)}). The machine has 2 cores shared with other work, "
+        "loaded to different degrees during these runs (load averages 0.2 to 7), so wall times "
+        "carry noise of tens of per cent; compare methods within a data set, whose runs follow "
+        "each other.",
         "",
         "Setup (details in the script's docstring): λ_k = exp θ_k, one ℓ2 strength per "
         "feature; split 60/20/20; every method starts from the best common strength of the grid "

@@ -449,9 +449,12 @@ def solver_study() -> str:
     lines += [
         "",
         "Oracle calls count a minibatch of b of N samples as b/N of a call. The CG refinement "
-        "rounds each take one full Hessian-vector product (the exact residual at the anchor) "
-        "and at most 20 conjugate-gradient products on a fresh minibatch, the minibatch grown "
-        "when the sampled system misleads CG; its iterations are rounds.",
+        "rounds each take at most 20 conjugate-gradient products on one gradient graph of a "
+        "fresh minibatch, the minibatch grown when a round misses half its residual and the "
+        "tolerance, and a full Hessian-vector product (the exact residual at a new anchor) "
+        "when the minibatch products since the last one reach N/b, after a rejected round, or "
+        "at every round when a full product costs no more than a round (here: N/b ≤ 20); its "
+        "iterations are rounds.",
     ]
     return "\n".join(lines)
 

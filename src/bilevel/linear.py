@@ -188,10 +188,6 @@ def _per_instance(name: str, value: float | Tensor, b: Tensor) -> Tensor:
     return t.clone()
 
 
-def _tolerance(tol: float | Tensor, b: Tensor) -> Tensor:
-    return check_tolerance("tol", tol, b)
-
-
 def _initial(matvec: MatVec, b: Tensor, x0: Tensor | None) -> tuple[Tensor | None, Tensor, int]:
     """Warm start ``x0`` (checked, cast to b) and the initial residual ``b − H x0``."""
     if x0 is None:
@@ -220,8 +216,9 @@ def _check_step(step: float | Tensor | None) -> None:
         raise BilevelError(f"step must be a finite positive number, got {step!r}")
 
 
-class _Record:
-    """Per-instance outputs, filled in as instances retire from the active set."""
+class _FixedPointRecord:
+    """Per-instance outputs of :class:`FixedPoint` (residual norm, iterations, convergence),
+    filled in as instances retire from the active set."""
 
     def __init__(self, b: Tensor) -> None:
         n = b.shape[0]
@@ -231,18 +228,11 @@ class _Record:
         self.min_curvature = torch.full((n,), math.nan, dtype=b.dtype, device=b.device)
 
     def retire(
-        self,
-        index: Tensor,
-        residual_norm: Tensor,
-        iterations: int,
-        converged: Tensor | bool,
-        min_curvature: Tensor | None = None,
+        self, index: Tensor, residual_norm: Tensor, iterations: int, converged: bool
     ) -> None:
         self.residual_norm[index] = residual_norm
         self.iterations[index] = iterations
         self.converged[index] = converged
-        if min_curvature is not None:
-            self.min_curvature[index] = min_curvature
 
 
 def _first_bad(mask: Tensor, index: Tensor) -> tuple[int, int]:
@@ -615,7 +605,7 @@ class CG:
     ) -> LinearSolution:
         """Solve H_i q_i = b_i for all instances to absolute residual tolerance ``tol``."""
         _check_rhs(b)
-        tol_all = _tolerance(tol, b)
+        tol_all = check_tolerance("tol", tol, b)
         x0, r0, matvecs = _initial(matvec, b, x0)
         n, event = b.shape[0], tuple(b.shape[1:])
         flat = b.dim() == 2
@@ -628,19 +618,22 @@ class CG:
         tol2 = (tol_all * tol_all * shrink).reshape(n, 1)
         if self.fixed_iterations:  # stop only where pᵀHp could underflow
             thresh2 = torch.full_like(tol2, torch.finfo(b.dtype).tiny / eps)
-            every = self.max_iter + 1
             active = rr > thresh2
         else:
             floor = eps * _norm(b).reshape(n, 1)
             thresh2 = torch.maximum(tol2, floor * floor * shrink)
-            every = _every(self.check_every, b.device)
             active = rr > tol2
+        every = _every(self.check_every, b.device)
         index = state.index
         x = state.out
         n_active = int(active.sum())
         if 0 < n_active and 2 * n_active <= n:
             keep = active.reshape(-1)
             index, x, r, rr, thresh2, active = (t[keep] for t in (index, x, r, rr, thresh2, active))
+        # With a check every iteration, while the whole batch is active, the host reads ‖r‖²
+        # and α and decides; no masks are needed until an instance stops.
+        host = every == 1 and n_active == index.numel()
+        limits = thresh2.reshape(-1).tolist() if host else []
         p = r
         iters = torch.zeros_like(rr, dtype=torch.long)
         zero = rr.new_zeros(())
@@ -654,13 +647,26 @@ class CG:
             k += 1
             php = (p * hp).sum(1, keepdim=True)
             alpha = rr / php
-            a = torch.where(active, alpha, zero)  # stopped instances are frozen
+            a = alpha if host else torch.where(active, alpha, zero)  # stopped ones are frozen
             x = torch.addcmul(x, a, p)
             r = torch.addcmul(r, a, hp, value=-1)
             rr_new = (r * r).sum(1, keepdim=True)
             chunk.append((active, php, alpha, rr_new))
-            # a breakdown (pᵀHp ≤ 0 or not finite) stops its instance: a ≤ 0 or NaN
-            active = (rr_new > thresh2) & (a > 0)
+            if host and k < self.max_iter:
+                # every instance continues: threshold < ‖r‖² < ∞ and 0 < α < ∞ (so pᵀHp is
+                # finite and positive; NaN compares false)
+                values = torch.cat((rr_new, alpha), 1).tolist()
+                if all(t < v < math.inf and 0 < c < math.inf for t, (v, c) in zip(limits, values)):
+                    beta = rr_new / rr
+                    p = torch.addcmul(r, beta, p)
+                    if len(hist) < RITZ_STEPS:
+                        hist.append((index, alpha, beta))
+                    rr = rr_new
+                    continue
+                host = False
+            # an instance stops at the threshold or at a breakdown (pᵀHp ≤ 0 or not finite,
+            # so a ≤ 0 or NaN): active ⇔ min(‖r‖² − threshold, a) > 0, NaN comparing false
+            active = torch.minimum(rr_new - thresh2, a) > 0
             beta = torch.where(active, rr_new / rr, zero)
             p = torch.addcmul(r, beta, p)
             if len(hist) < RITZ_STEPS:
@@ -668,6 +674,8 @@ class CG:
             rr = rr_new
             if k % every and k < self.max_iter:
                 continue
+            if n_active == m and k < self.max_iter and bool(active.all()):
+                continue  # nothing stopped (one read, cheaper than the count)
             now = int(active.sum())
             if now == n_active and k < self.max_iter:
                 continue
@@ -679,6 +687,8 @@ class CG:
                 index, x, r, p, rr, thresh2, active, iters = (
                     t[keep] for t in (index, x, r, p, rr, thresh2, active, iters)
                 )
+                host = every == 1  # the batch is the active instances again
+                limits = thresh2.reshape(-1).tolist() if host else []
         if chunk:
             iters = iters + self._validate(state, index, k)
         state.record(index, x, rr.sqrt(), iters)
@@ -753,7 +763,7 @@ class MINRES:
     ) -> LinearSolution:
         """Solve H_i q_i = b_i for all instances to absolute residual tolerance ``tol``."""
         _check_rhs(b)
-        tol_all = _tolerance(tol, b)
+        tol_all = check_tolerance("tol", tol, b)
         x0, r0, matvecs = _initial(matvec, b, x0)
         n, event = b.shape[0], tuple(b.shape[1:])
         eps = torch.finfo(b.dtype).eps
@@ -900,14 +910,14 @@ class FixedPoint:
     ) -> LinearSolution:
         """Iterate until ‖b_i − H_i q_i‖ ≤ tol_i or ``max_iter`` iterations."""
         _check_rhs(b)
-        tol_all = _tolerance(tol, b)
+        tol_all = check_tolerance("tol", tol, b)
         x0, r, matvecs = _initial(matvec, b, x0)
         eta_all, cost = _step_sizes(
             matvec, b, self.step, self.power_iterations, self.seed, "FixedPoint"
         )
         matvecs += cost
         out = torch.zeros_like(b) if x0 is None else x0.clone()
-        rec = _Record(b)
+        rec = _FixedPointRecord(b)
 
         index = torch.arange(b.shape[0], device=b.device)
         x, tol_a, eta = out, tol_all, eta_all
@@ -972,7 +982,7 @@ class Neumann:
     ) -> LinearSolution:
         """Sum ``terms`` terms of the series for every instance."""
         _check_rhs(b)
-        tol_all = _tolerance(tol, b)
+        tol_all = check_tolerance("tol", tol, b)
         x0, t, matvecs = _initial(matvec, b, x0)
         eta, cost = _step_sizes(matvec, b, self.step, self.power_iterations, self.seed, "Neumann")
         matvecs += cost

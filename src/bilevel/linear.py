@@ -189,9 +189,10 @@ def _per_instance(name: str, value: float | Tensor, b: Tensor) -> Tensor:
 
 
 def _initial(matvec: MatVec, b: Tensor, x0: Tensor | None) -> tuple[Tensor | None, Tensor, int]:
-    """Warm start ``x0`` (checked, cast to b) and the initial residual ``b − H x0``."""
+    """Warm start ``x0`` (checked, cast to b) and the initial residual ``b − H x0`` (``b``
+    itself without x0: the solvers never write into it)."""
     if x0 is None:
-        return None, b.clone(), 0
+        return None, b, 0
     if not isinstance(x0, Tensor) or x0.shape != b.shape:
         shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
         raise BilevelError(f"x0 must have the shape of b {tuple(b.shape)}; got {shape}")
@@ -442,10 +443,11 @@ class _Batch:
     instances are counted in ``matvecs`` (never in ``iterations``).
     """
 
-    def __init__(self, b: Tensor, rnorm: Tensor, tol: Tensor, x: Tensor) -> None:
+    def __init__(self, b: Tensor, rnorm: Tensor, tol: Tensor, x: Tensor | None) -> None:
+        """``x``: the starting point (None: zero)."""
         n = b.shape[0]
         self.shape = b.shape
-        self.out = x.reshape(n, -1).clone()
+        self.out = b.new_zeros(n, b[0].numel()) if x is None else x.reshape(n, -1).clone()
         self.residual_norm = rnorm.clone()
         self.iterations = torch.zeros(n, dtype=torch.long, device=b.device)
         self.tol = tol
@@ -455,6 +457,9 @@ class _Batch:
 
     def record(self, index: Tensor, x: Tensor, rnorm: Tensor, iters: Tensor) -> None:
         """Write the current set's solutions, residual norms and iteration counts."""
+        if index is self.index:  # the whole batch, in order
+            self.out, self.residual_norm, self.iterations = x, rnorm.reshape(-1), iters.reshape(-1)
+            return
         if x is not self.out:
             self.out[index] = x
         self.residual_norm[index] = rnorm.reshape(-1)
@@ -609,10 +614,9 @@ class CG:
         x0, r0, matvecs = _initial(matvec, b, x0)
         n, event = b.shape[0], tuple(b.shape[1:])
         flat = b.dim() == 2
-        x = torch.zeros_like(b) if x0 is None else x0
         r = r0.reshape(n, -1)
         rr = (r * r).sum(1, keepdim=True)
-        state = _Batch(b, rr.sqrt().reshape(-1), tol_all, x)
+        state = _Batch(b, rr.sqrt().reshape(-1), tol_all, x0)
         eps = torch.finfo(b.dtype).eps
         shrink = 1.0 - 4 * eps  # so that ‖r‖² ≤ tol²·shrink implies ‖r‖ ≤ tol after rounding
         tol2 = (tol_all * tol_all * shrink).reshape(n, 1)
@@ -634,6 +638,7 @@ class CG:
         # and α and decides; no masks are needed until an instance stops.
         host = every == 1 and n_active == index.numel()
         limits = thresh2.reshape(-1).tolist() if host else []
+        verified = 0  # iterations of the chunk that the host has checked
         p = r
         iters = torch.zeros_like(rr, dtype=torch.long)
         zero = rr.new_zeros(())
@@ -652,7 +657,7 @@ class CG:
             r = torch.addcmul(r, a, hp, value=-1)
             rr_new = (r * r).sum(1, keepdim=True)
             chunk.append((active, php, alpha, rr_new))
-            if host and k < self.max_iter:
+            if host:
                 # every instance continues: threshold < ‖r‖² < ∞ and 0 < α < ∞ (so pᵀHp is
                 # finite and positive; NaN compares false)
                 values = torch.cat((rr_new, alpha), 1).tolist()
@@ -662,6 +667,7 @@ class CG:
                     if len(hist) < RITZ_STEPS:
                         hist.append((index, alpha, beta))
                     rr = rr_new
+                    verified += 1
                     continue
                 host = False
             # an instance stops at the threshold or at a breakdown (pᵀHp ≤ 0 or not finite,
@@ -680,6 +686,7 @@ class CG:
             if now == n_active and k < self.max_iter:
                 continue
             iters = iters + self._validate(state, index, k)
+            verified = 0
             n_active = now
             if 0 < now and 2 * now <= index.numel():
                 state.record(index, x, rr.sqrt(), iters)
@@ -689,7 +696,10 @@ class CG:
                 )
                 host = every == 1  # the batch is the active instances again
                 limits = thresh2.reshape(-1).tolist() if host else []
-        if chunk:
+        if chunk and verified == len(chunk):  # every instance active in every iteration
+            chunk.clear()
+            iters = iters + verified
+        elif chunk:
             iters = iters + self._validate(state, index, k)
         state.record(index, x, rr.sqrt(), iters)
         return state.solution(matvecs, _cg_tridiagonal)
@@ -702,9 +712,9 @@ class CG:
         Order within an iteration: a non-finite product, then non-positive curvature (which
         makes α infinite or negative), then non-finite iterates; earlier iterations first.
         """
-        chunk = state.chunk
+        chunk = state.chunk  # entries (m, j) for j consecutive iterations
         act, php, alpha, rr = (torch.cat(t, 1) for t in zip(*chunk))
-        first = k - len(chunk) + 1
+        first = k - act.shape[1] + 1
         chunk.clear()
         ok = torch.isfinite(php) & (php > 0) & torch.isfinite(alpha) & torch.isfinite(rr)
         bad = act & ~ok
@@ -769,7 +779,7 @@ class MINRES:
         eps = torch.finfo(b.dtype).eps
         r1 = r0.reshape(n, -1)
         beta = torch.linalg.vector_norm(r1, dim=1, keepdim=True)
-        state = _Batch(b, beta.reshape(-1), tol_all, torch.zeros_like(b) if x0 is None else x0)
+        state = _Batch(b, beta.reshape(-1), tol_all, x0)
         tol_c = tol_all.reshape(n, 1)
         if self.fixed_iterations:
             thresh = torch.zeros_like(tol_c)

@@ -30,7 +30,7 @@ The library is also run with its compiled small-problem path (:mod:`bilevel.comp
 instances of ``--compiled`` (default: (a)).
 
 Times are medians over ``--repeats`` interleaved repeats (library, minimal, compiled, JAX in
-turn), wall time and the thread's CPU time (less disturbed by other processes on a loaded
+turn), wall time and the process's CPU time (less disturbed by other processes on a loaded
 machine), one thread per stack by default; the compiled programs and JAX compile once before
 the repeats (compile time + first run printed).
 Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--cases abc]
@@ -273,10 +273,11 @@ def jax_functions(inst: dict, k: int, m: int):
 
 
 def timed(fn, *args) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this thread) of one call."""
-    wall, cpu = time.perf_counter(), time.thread_time()
+    """(wall seconds, CPU seconds of the process: all its threads, as XLA computes in its
+    own) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn(*args)
-    return time.perf_counter() - wall, time.thread_time() - cpu
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(
@@ -345,7 +346,7 @@ def main() -> None:
             "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} repeats")
-    print("medians of wall time (CPU time of the thread in brackets); ratios of wall times")
+    print("medians of wall time (CPU time of the process in brackets); ratios of wall times")
     # K lower steps and M CG iterations per instance
     plan = {"a": (1000, 30), "b": (100, 30), "c": (30, 10)}
     for name in args.cases:

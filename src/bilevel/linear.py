@@ -578,10 +578,12 @@ class CG:
     instance on the device (a stopped instance is frozen, its step masked to zero), and the
     host reads the number of active instances every ``check_every`` iterations (None: every
     iteration on the CPU, where that costs no synchronisation, every
-    ``CHECK_EVERY_ACCELERATOR`` elsewhere; with ``fixed_iterations`` only at the end). The
-    checks for breakdown and non-finite values run over the iterations since the last check
-    whenever an instance has stopped, and at the end; a breakdown stops its instance at once,
-    so the error names the iteration where it occurred. Stopped instances stay in the batch
+    ``CHECK_EVERY_ACCELERATOR`` elsewhere). With a check every iteration and the whole batch
+    active, the host instead reads ‖r‖² and α of every instance and decides without masks
+    (they start at the first stop). The checks for breakdown and non-finite values run over
+    the iterations since the last check whenever an instance has stopped, and at the end; a
+    breakdown stops its instance at once, so the error names the iteration where it
+    occurred. Stopped instances stay in the batch
     (costing products, counted in ``matvecs``) while more than half of it is active, and are
     removed at the first check at which at most half remain: ``matvecs ≥ Σ iterations``
     (+ B for the initial residual when x0 is given), with equality when all instances stop
@@ -783,12 +785,11 @@ class MINRES:
         tol_c = tol_all.reshape(n, 1)
         if self.fixed_iterations:
             thresh = torch.zeros_like(tol_c)
-            every = self.max_iter + 1
             active = beta > 0
         else:
             thresh = torch.maximum(tol_c, eps * _norm(b).reshape(n, 1))
-            every = _every(self.check_every, b.device)
             active = beta > tol_c
+        every = _every(self.check_every, b.device)
         index, x = state.index, state.out
         n_active = int(active.sum())
         if 0 < n_active and 2 * n_active <= n:

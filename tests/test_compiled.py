@@ -137,6 +137,19 @@ def test_eager_cg_chunks_equal_cg(fixed: bool) -> None:
     assert got.linear.matvecs == 23 * 4 if fixed else got.linear.matvecs >= ref.linear.matvecs
 
 
+def test_cg_chunks_warm_start() -> None:
+    problem, batch, x0 = logistic(batch=2)
+    x = solve(Nesterov(max_iter=300), problem, batch, x0, 1e-10, 0.3).x
+    op = LowerLevel(problem, batch).hessian(x)
+    rhs = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    start = 0.9 * CG().solve(op.matvec, rhs, 1e-12).solution
+    got = CompiledCG(chunk=3, compile=False).solve(op.matvec, rhs, 1e-9, start)
+    ref = CG().solve(op.matvec, rhs, 1e-9, start)
+    assert torch.equal(got.iterations, ref.iterations) and got.converged.all()
+    assert torch.allclose(got.solution, ref.solution, rtol=1e-10)
+    assert got.matvecs >= ref.matvecs >= 2 + ref.iterations.sum()
+
+
 def test_cg_chunks_on_the_quadratic_match_the_closed_form() -> None:
     problem, batch, _ = quadratic_problem()
     a, m, c, _ = batch

@@ -38,7 +38,16 @@ from bilevel.autodiff import (
     expand_as_batch,
     nonfinite_gradient,
 )
-from bilevel.linear import CG, RITZ_STEPS, LinearSolution, MatVec, _Batch, _cg_tridiagonal
+from bilevel.linear import (
+    CG,
+    RITZ_STEPS,
+    LinearSolution,
+    MatVec,
+    _Batch,
+    _cg_tridiagonal,
+    _check_rhs,
+    _initial,
+)
 from bilevel.lower import (
     CHECK_EVERY,
     LowerSolution,
@@ -350,9 +359,10 @@ class CompiledCG:
     breakdown errors, reports and Ritz values are those of ``CG``; the host checks every
     ``chunk`` iterations and stopped instances stay in the batch, frozen. Hessian-vector
     products are forward-over-reverse derivatives of the lower energy traced into the program
-    (not backward passes through a stored graph); ``matvecs`` counts every product. A
-    ``matvec`` that is not a :class:`~bilevel.autodiff.HessianOperator`'s (a user operator)
-    is solved by eager ``CG``. ``compile=False`` runs the chunks eagerly.
+    (not backward passes through a stored graph); ``matvecs`` counts every product (a warm
+    start's initial residual is one eager product). A ``matvec`` that is not a
+    :class:`~bilevel.autodiff.HessianOperator`'s (a user operator) is solved by eager ``CG``.
+    ``compile=False`` runs the chunks eagerly.
     """
 
     max_iter: int = 1000
@@ -371,22 +381,26 @@ class CompiledCG:
         self, matvec: MatVec, b: Tensor, tol: float | Tensor, x0: Tensor | None = None
     ) -> LinearSolution:
         op = _functional(matvec)
-        if op is None or x0 is not None:
+        if op is None:
             return self._eager.solve(matvec, b, tol, x0)
-        return self._solve(op, b, tol)
+        return self._solve(op, b, tol, x0)
 
-    def _solve(self, op: HessianOperator, b: Tensor, tol: float | Tensor) -> LinearSolution:
-        if not isinstance(b, Tensor) or b.shape != op.x_full.shape:
+    def _solve(
+        self, op: HessianOperator, b: Tensor, tol: float | Tensor, x0: Tensor | None
+    ) -> LinearSolution:
+        _check_rhs(b)
+        if b.shape != op.x_full.shape:
             raise BilevelError("b must have the shape of the Hessian operator's point")
         tol_all = check_tolerance("tol", tol, b)
+        b = b.detach()
+        x0, r0, matvecs = _initial(op.matvec, b, x0)  # a warm start costs one product
         problem = op.lower.problem
         batch = op.lower.select(op.full_index)
         n = b.shape[0]
         eps = torch.finfo(b.dtype).eps
-        b = b.detach()
-        r = b.reshape(n, -1)
+        r = r0.reshape(n, -1).detach()
         rr = (r * r).sum(1, keepdim=True)
-        state = _Batch(b, rr.sqrt().reshape(-1), tol_all, None)
+        state = _Batch(b, rr.sqrt().reshape(-1), tol_all, None if x0 is None else x0.detach())
         shrink = 1.0 - 4 * eps
         tol2 = (tol_all * tol_all * shrink).reshape(n, 1)
         if self.fixed_iterations:
@@ -409,7 +423,7 @@ class CompiledCG:
         def make() -> Callable:
             return _cg_program(problem.lower_energy, self.chunk)
 
-        matvecs, k = 0, 0
+        k = 0
         n_active = int(active.sum())
         with torch.no_grad():
             while k < self.max_iter and n_active:

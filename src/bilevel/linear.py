@@ -640,7 +640,7 @@ class CG:
         # and α and decides; no masks are needed until an instance stops.
         host = every == 1 and n_active == index.numel()
         limits = thresh2.reshape(-1).tolist() if host else []
-        verified = 0  # iterations of the chunk that the host has checked
+        verified = 0  # iterations since the last validation that the host has checked
         p = r
         iters = torch.zeros_like(rr, dtype=torch.long)
         zero = rr.new_zeros(())
@@ -658,11 +658,11 @@ class CG:
             x = torch.addcmul(x, a, p)
             r = torch.addcmul(r, a, hp, value=-1)
             rr_new = (r * r).sum(1, keepdim=True)
-            chunk.append((active, php, alpha, rr_new))
             if host:
                 # every instance continues: threshold < ‖r‖² < ∞ and 0 < α < ∞ (so pᵀHp is
-                # finite and positive; NaN compares false)
-                values = torch.cat((rr_new, alpha), 1).tolist()
+                # finite and positive; NaN compares false); such an iteration needs no
+                # validation, only counting
+                values = torch.cat((rr_new, alpha), 1).tolist()  # one read
                 if all(t < v < math.inf and 0 < c < math.inf for t, (v, c) in zip(limits, values)):
                     beta = rr_new / rr
                     p = torch.addcmul(r, beta, p)
@@ -672,6 +672,7 @@ class CG:
                     verified += 1
                     continue
                 host = False
+            chunk.append((active, php, alpha, rr_new))
             # an instance stops at the threshold or at a breakdown (pᵀHp ≤ 0 or not finite,
             # so a ≤ 0 or NaN): active ⇔ min(‖r‖² − threshold, a) > 0, NaN comparing false
             active = torch.minimum(rr_new - thresh2, a) > 0
@@ -687,7 +688,7 @@ class CG:
             now = int(active.sum())
             if now == n_active and k < self.max_iter:
                 continue
-            iters = iters + self._validate(state, index, k)
+            iters = iters + verified + self._validate(state, index, k)
             verified = 0
             n_active = now
             if 0 < now and 2 * now <= index.numel():
@@ -698,10 +699,8 @@ class CG:
                 )
                 host = every == 1  # the batch is the active instances again
                 limits = thresh2.reshape(-1).tolist() if host else []
-        if chunk and verified == len(chunk):  # every instance active in every iteration
-            chunk.clear()
-            iters = iters + verified
-        elif chunk:
+        iters = iters + verified  # iterations the host checked: every instance active
+        if chunk:
             iters = iters + self._validate(state, index, k)
         state.record(index, x, rr.sqrt(), iters)
         return state.solution(matvecs, _cg_tridiagonal)

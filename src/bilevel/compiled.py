@@ -14,7 +14,9 @@ first call of each compiles it, and its wall time (compilation included) is reco
 :data:`COMPILE_SECONDS`. Where compilation is unavailable (``torch.compile`` raises: no C++
 compiler, an operation Dynamo cannot trace, ``BILEVEL_COMPILE=0`` in the environment, or
 ``compile=False``) the same chunk functions run eagerly, with a :class:`CompileWarning` naming
-the reason once per program. Compilation costs seconds to a minute per program, so the
+the reason once per program. Dynamo keeps at most ``torch._dynamo.config.cache_size_limit``
+(default 8) compiled variants of each chunk function (energies, shapes, chunk lengths);
+beyond that it runs the chunks eagerly, with its own warning. Compilation costs seconds to a minute per program, so the
 compiled path pays off when one program is reused many times: many solves of one problem
 shape (an upper-level run) or long solves.
 """
@@ -71,8 +73,6 @@ COMPILE_SECONDS: dict[tuple, float] = {}
 
 _PROGRAMS: dict[tuple, Callable] = {}
 
-_OPTIONS = {"cpp_wrapper": os.environ.get("BILEVEL_CPP_WRAPPER", "0") == "1"}
-
 
 class CompileWarning(UserWarning):
     """A chunk could not be compiled and runs eagerly."""
@@ -124,7 +124,7 @@ def _run(full: tuple, make: Callable[[], Callable], *args: object):
     if not full[1]:
         _PROGRAMS[full] = eager
         return eager(*args)
-    compiled = torch.compile(eager, fullgraph=True, dynamic=False, options=_OPTIONS)
+    compiled = torch.compile(eager, fullgraph=True, dynamic=False)
     start = time.perf_counter()
     try:
         result = compiled(*args)

@@ -13,12 +13,15 @@ Compiled programs are cached per (solver, energy, chunk length, shapes, dtypes, 
 first call of each compiles it, and its wall time (compilation included) is recorded in
 :data:`COMPILE_SECONDS`. Where compilation is unavailable (``torch.compile`` raises: no C++
 compiler, an operation Dynamo cannot trace, ``BILEVEL_COMPILE=0`` in the environment, or
-``compile=False``) the same chunk functions run eagerly, with a :class:`CompileWarning` naming
-the reason once per program. Dynamo keeps at most ``torch._dynamo.config.cache_size_limit``
-(default 8) compiled variants of each chunk function (energies, shapes, chunk lengths);
-beyond that it runs the chunks eagerly, with its own warning. Compilation costs seconds to a minute per program, so the
-compiled path pays off when one program is reused many times: many solves of one problem
-shape (an upper-level run) or long solves.
+``compile=False``) the same chunks run eagerly with the autograd oracles (``torch.func`` is
+slow outside a compiled program); a failed compilation warns once per program
+(:class:`CompileWarning`, naming the reason). The last ``max_iter mod chunk`` iterations
+also run eagerly. Dynamo keeps at most
+``torch._dynamo.config.cache_size_limit`` (default 8) compiled variants of each chunk
+function (energies, shapes, chunk lengths); beyond that it runs them eagerly, with its own
+warning. Compilation costs seconds to a minute per program, so the compiled path pays off
+when one program is reused many times: many solves of one problem shape (an upper-level
+run) or long solves.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ COMPILE_SECONDS: dict[tuple, float] = {}
 """Wall time of the first call of each compiled program (compilation included), by cache key."""
 
 _PROGRAMS: dict[tuple, Callable] = {}
+_EAGER: set[tuple] = set()  # programs whose compilation failed
 
 
 class CompileWarning(UserWarning):
@@ -113,18 +117,18 @@ def _key(name: str, use_compile: bool, *parts: object) -> tuple:
     return (name, use_compile and compile_enabled(), *parts)
 
 
-def _run(full: tuple, make: Callable[[], Callable], *args: object):
-    """Call the program ``make()`` cached under ``full`` (see :func:`_key`), compiled when the
-    key says so; the first call of a compiled program is timed into :data:`COMPILE_SECONDS`.
-    A failing compilation warns and leaves the eager program in the cache."""
+def _run(full: tuple, make: Callable[[], Callable], eager: Callable, *args: object):
+    """(result, whether compiled): the program ``make()`` compiled and cached under ``full``
+    (see :func:`_key`) when the key allows compilation, else ``eager`` (the same iterations
+    with the autograd oracles, which count their own cost). The first call of a compiled
+    program is timed into :data:`COMPILE_SECONDS`; a failing compilation warns and caches
+    the decision to run eagerly."""
     program = _PROGRAMS.get(full)
     if program is not None:
-        return program(*args)
-    eager = make()
-    if not full[1]:
-        _PROGRAMS[full] = eager
-        return eager(*args)
-    compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+        return program(*args), True
+    if not full[1] or full in _EAGER:
+        return eager(*args), False
+    compiled = torch.compile(make(), fullgraph=True, dynamic=False)
     start = time.perf_counter()
     try:
         result = compiled(*args)
@@ -135,15 +139,16 @@ def _run(full: tuple, make: Callable[[], Callable], *args: object):
             CompileWarning,
             stacklevel=3,
         )
-        _PROGRAMS[full] = eager
-        return eager(*args)
+        _EAGER.add(full)
+        return eager(*args), False
     COMPILE_SECONDS[full] = time.perf_counter() - start
     _PROGRAMS[full] = compiled
-    return result
+    return result, True
 
 
 def _oracle(energy: Callable) -> Callable:
-    """x, θ, batch ↦ (h_i(x_i) (B,), ∇ₓh(x) (B, ...)) by ``torch.func`` (traceable)."""
+    """x, θ, batch ↦ (h_i(x_i) (B,), ∇ₓh(x) (B, ...)) by ``torch.func`` (traceable; slow
+    eagerly, where the autograd oracles of :class:`~bilevel.autodiff.LowerLevel` are used)."""
 
     def total(x: Tensor, theta: object, batch: object) -> tuple[Tensor, Tensor]:
         e = energy(x, theta, batch)
@@ -162,11 +167,10 @@ def _oracle(energy: Callable) -> Callable:
 # accelerated gradient
 
 
-def _nesterov_program(energy: Callable, steps: int, restart: bool, fista: bool) -> Callable:
+def _nesterov_program(oracle: Callable, steps: int, restart: bool, fista: bool) -> Callable:
     """``steps`` iterations of :class:`~bilevel.lower.Nesterov` (trusted L) for the active
-    instances, each ending with the evaluation at the new y; frozen instances keep their
-    state."""
-    oracle = _oracle(energy)
+    instances, each ending with the evaluation ``oracle(y, θ, batch)`` at the new y; frozen
+    instances keep their state."""
 
     def program(y, x_prev, e, g, t, active, neg_step, momentum, theta, batch):
         dims = tuple(range(1, y.dim()))
@@ -204,7 +208,7 @@ class CompiledNesterov:
     the batch: a stopped instance is frozen (and still evaluated, counted in ``grad_evals``).
     L is ``lipschitz`` or the problem's bound; without either the solve is delegated to
     ``Nesterov(max_iter, margin=margin)`` (an estimated L changes during the solve).
-    ``compile=False`` runs the chunks eagerly (the same arithmetic, for comparison).
+    ``compile=False`` runs the chunks eagerly with the autograd oracle (for comparison).
     """
 
     max_iter: int = 10_000
@@ -262,7 +266,14 @@ class CompiledNesterov:
         )
 
         def make() -> Callable:
-            return _nesterov_program(problem.lower_energy, self.chunk, self.restart, fista)
+            oracle = _oracle(problem.lower_energy)
+            return _nesterov_program(oracle, self.chunk, self.restart, fista)
+
+        def autograd(y: Tensor, theta: object, batch: object) -> tuple[Tensor, Tensor]:
+            return lower.value_and_grad(y, check=False)  # counts its evaluations
+
+        def eager(steps: int) -> Callable:
+            return _nesterov_program(autograd, steps, self.restart, fista)
 
         it, remaining = 0, n
         mask = expand_as_batch(active, y)
@@ -292,11 +303,12 @@ class CompiledNesterov:
                 steps = min(self.chunk, self.max_iter - it)
                 args = (y, x_prev, energy, grad, t, mask, neg_step, momentum, problem.theta, batch)
                 if steps == self.chunk:
-                    y, x_prev, energy, grad, t = _run(key, make, *args)
+                    out, compiled = _run(key, make, eager(steps), *args)
                 else:  # the remainder, eagerly
-                    program = _nesterov_program(problem.lower_energy, steps, self.restart, fista)
-                    y, x_prev, energy, grad, t = program(*args)
-                lower.cost.grad_evals += steps * n
+                    out, compiled = eager(steps)(*args), False
+                y, x_prev, energy, grad, t = out
+                if compiled:
+                    lower.cost.grad_evals += steps * n
                 it += steps
         return rec.result(lower, tol_t, mu, evals0)
 
@@ -305,21 +317,27 @@ class CompiledNesterov:
 # conjugate gradients
 
 
-def _cg_program(energy: Callable, steps: int) -> Callable:
-    """``steps`` CG iterations (as :class:`~bilevel.linear.CG`, stopped instances frozen) on
-    H = ∇²ₓₓh(x_h) by forward-over-reverse products; returns the iterates and, per iteration,
-    the coefficients and flags the host validates."""
+def _jvp_hvp(energy: Callable) -> Callable:
+    """v, x, θ, batch ↦ ∇²ₓₓh(x) v by ``torch.func.jvp`` of the gradient (traceable)."""
     oracle = _oracle(energy)
 
-    def program(x, r, p, rr, active, thresh2, x_h, theta, batch):
-        def gradient(u: Tensor) -> Tensor:
-            return oracle(u, theta, batch)[1]
+    def hvp(v: Tensor, x: Tensor, theta: object, batch: object) -> Tensor:
+        return torch.func.jvp(lambda u: oracle(u, theta, batch)[1], (x,), (v,))[1]
 
+    return hvp
+
+
+def _cg_program(hvp: Callable, steps: int) -> Callable:
+    """``steps`` CG iterations (as :class:`~bilevel.linear.CG`, stopped instances frozen) with
+    the products ``hvp(v, x_h, θ, batch)``; returns the iterates and, per iteration, the
+    coefficients and flags the host validates."""
+
+    def program(x, r, p, rr, active, thresh2, x_h, theta, batch):
         m = x.shape[0]
         shape = x_h.shape
         cols: list[tuple[Tensor, ...]] = []
         for _ in range(steps):
-            hp = torch.func.jvp(gradient, (x_h,), (p.reshape(shape),))[1].reshape(m, -1)
+            hp = hvp(p.reshape(shape), x_h, theta, batch).reshape(m, -1)
             php = (p * hp).sum(1, keepdim=True)
             alpha = rr / php
             a = torch.where(active, alpha, torch.zeros_like(alpha))
@@ -362,7 +380,7 @@ class CompiledCG:
     (not backward passes through a stored graph); ``matvecs`` counts every product (a warm
     start's initial residual is one eager product). A ``matvec`` that is not a
     :class:`~bilevel.autodiff.HessianOperator`'s (a user operator) is solved by eager ``CG``.
-    ``compile=False`` runs the chunks eagerly.
+    ``compile=False`` runs the chunks eagerly with the operator's own products.
     """
 
     max_iter: int = 1000
@@ -421,7 +439,13 @@ class CompiledCG:
         )
 
         def make() -> Callable:
-            return _cg_program(problem.lower_energy, self.chunk)
+            return _cg_program(_jvp_hvp(problem.lower_energy), self.chunk)
+
+        def autograd(v: Tensor, x_h: Tensor, theta: object, batch: object) -> Tensor:
+            return op.matvec(v, op.full_index)  # counts its products
+
+        def eager(steps: int) -> Callable:
+            return _cg_program(autograd, steps)
 
         k = 0
         n_active = int(active.sum())
@@ -430,12 +454,13 @@ class CompiledCG:
                 steps = min(self.chunk, self.max_iter - k)
                 args = (x, r, p, rr, active, thresh2, op.x_full, problem.theta, batch)
                 if steps == self.chunk:
-                    out = _run(key, make, *args)
+                    out, compiled = _run(key, make, eager(steps), *args)
                 else:  # the remainder, eagerly
-                    out = _cg_program(problem.lower_energy, steps)(*args)
+                    out, compiled = eager(steps)(*args), False
                 x, r, p, rr, active, flags, count, act, php, alpha, rr_t, beta = out
                 matvecs += steps * n
-                op.lower.cost.hvps += steps * n
+                if compiled:
+                    op.lower.cost.hvps += steps * n
                 k += steps
                 for j in range(min(steps, RITZ_STEPS - len(state.hist))):
                     state.hist.append((state.index, alpha[:, j], beta[:, j]))

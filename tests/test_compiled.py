@@ -150,6 +150,19 @@ def test_cg_chunks_warm_start() -> None:
     assert got.matvecs >= ref.matvecs >= 2 + ref.iterations.sum()
 
 
+def test_cg_chunks_after_products_on_a_subset() -> None:
+    """An operator whose graph was rebuilt on a subset (products for few instances) is used
+    at its full point."""
+    problem, batch, x0 = logistic(batch=4)
+    x = solve(Nesterov(max_iter=300), problem, batch, x0, 1e-10, 0.3).x
+    op = LowerLevel(problem, batch).hessian(x)
+    rhs = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    op.matvec(rhs[:1], torch.tensor([2]))  # rebuilds the graph on instance 2
+    got = CompiledCG(max_iter=7, chunk=3, compile=False).solve(op.matvec, rhs, 0.0, rhs)
+    ref = CG(max_iter=7).solve(LowerLevel(problem, batch).hessian(x).matvec, rhs, 0.0, rhs)
+    assert torch.allclose(got.solution, ref.solution, rtol=1e-10)
+
+
 def test_cg_chunks_on_the_quadratic_match_the_closed_form() -> None:
     problem, batch, _ = quadratic_problem()
     a, m, c, _ = batch

@@ -411,7 +411,11 @@ class CompiledCG:
             raise BilevelError("b must have the shape of the Hessian operator's point")
         tol_all = check_tolerance("tol", tol, b)
         b = b.detach()
-        x0, r0, matvecs = _initial(op.matvec, b, x0)  # a warm start costs one product
+
+        def full(v: Tensor, index: Tensor | None = None) -> Tensor:  # counts its products
+            return op.full_matvec(v)
+
+        x0, r0, matvecs = _initial(full, b, x0)  # a warm start costs one product
         problem = op.lower.problem
         batch = op.lower.select(op.full_index)
         n = b.shape[0]
@@ -442,7 +446,7 @@ class CompiledCG:
             return _cg_program(_jvp_hvp(problem.lower_energy), self.chunk)
 
         def autograd(v: Tensor, x_h: Tensor, theta: object, batch: object) -> Tensor:
-            return op.matvec(v, op.full_index)  # counts its products
+            return full(v)
 
         def eager(steps: int) -> Callable:
             return _cg_program(autograd, steps)

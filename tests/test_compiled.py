@@ -85,6 +85,15 @@ def test_per_instance_stopping_and_certificate() -> None:
     assert ((sol.x - exact).norm(dim=1) <= sol.grad_norm / mu + 1e-12).all()
 
 
+def test_instances_converged_at_the_start_stay_there() -> None:
+    problem, batch, x0 = logistic(batch=3)
+    exact = solve(Nesterov(max_iter=3000), problem, batch, x0, 1e-12, 0.3).x
+    start = torch.cat([exact[:1], x0[1:]])  # instance 0 starts at its solution
+    sol = solve(CompiledNesterov(max_iter=500, compile=False), problem, batch, start, 1e-8, 0.3)
+    assert sol.converged.all() and sol.iterations[0] == 0 and (sol.iterations[1:] > 0).all()
+    assert torch.equal(sol.x[0], start[0])
+
+
 def test_without_a_lipschitz_bound_delegates_to_nesterov() -> None:
     problem, batch, x0 = logistic()
     problem.lipschitz = None

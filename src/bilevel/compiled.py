@@ -170,9 +170,10 @@ def _oracle(energy: Callable) -> Callable:
 def _nesterov_program(oracle: Callable, steps: int, restart: bool, fista: bool) -> Callable:
     """``steps`` iterations of :class:`~bilevel.lower.Nesterov` (trusted L) for the active
     instances, each ending with the evaluation ``oracle(y, θ, batch)`` at the new y; frozen
-    instances keep their state."""
+    instances keep their state. Also returns ‖∇h(y)‖ and the stopping test's numbers for the
+    host: (any non-finite gradient, number of active instances with ‖∇h‖ ≤ tol)."""
 
-    def program(y, x_prev, e, g, t, active, neg_step, momentum, theta, batch):
+    def program(y, x_prev, e, g, t, active, neg_step, momentum, tol, theta, batch):
         dims = tuple(range(1, y.dim()))
         for _ in range(steps):
             x_new = torch.addcmul(y, neg_step, g)
@@ -192,7 +193,10 @@ def _nesterov_program(oracle: Callable, steps: int, restart: bool, fista: bool) 
             x_prev = torch.where(active, x_new, x_prev)
             t = torch.where(active.reshape(-1), t_new, t)
             e, g = oracle(y, theta, batch)
-        return y, x_prev, e, g, t
+        gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
+        done = (gnorm <= tol) & active.reshape(-1)
+        flags = torch.stack([(~torch.isfinite(gnorm)).any(), done.sum()])
+        return y, x_prev, e, g, t, gnorm, flags
 
     return program
 
@@ -277,19 +281,24 @@ class CompiledNesterov:
 
         it, remaining = 0, n
         mask = expand_as_batch(active, y)
+        gnorm = batch_norm(grad)
+        bad, n_done = 0, int((gnorm <= tol_t).sum())  # finiteness was tested in _at_start
         with torch.no_grad():
-            while True:  # the stopping test: one host synchronisation
-                gnorm = batch_norm(grad)
-                done = gnorm <= tol_t
-                found = stagnation.update(gnorm, it)
-                if found is not None:
-                    rec.stalled |= found & ~done & active
-                    done = done | found
-                done = active if it == self.max_iter else done & active
-                bad, n_done = torch.stack([~torch.isfinite(gnorm).all(), done.sum()]).tolist()
+            while True:  # the stopping test, read with the chunk's last gradient
                 if bad:
                     raise nonfinite_gradient()
-                if n_done:  # record the instances that stop; freeze them
+                done = None
+                found = stagnation.update(gnorm, it)
+                if found is not None and bool((found & active).any()):  # rare: a stall
+                    done = (gnorm <= tol_t) | found
+                    rec.stalled |= found & ~(gnorm <= tol_t) & active
+                if it == self.max_iter:
+                    done = active
+                elif done is not None:
+                    done = done & active
+                elif n_done:
+                    done = (gnorm <= tol_t) & active
+                if done is not None:  # record the instances that stop; freeze them
                     where = expand_as_batch(done, y)
                     rec.x = torch.where(where, y, rec.x)
                     rec.energy = torch.where(done, energy, rec.energy)
@@ -297,16 +306,18 @@ class CompiledNesterov:
                     rec.iterations = torch.where(done, it, rec.iterations)
                     active = active & ~done
                     mask = expand_as_batch(active, y)
-                    remaining -= n_done
+                    remaining = int(active.sum())
                     if not remaining:
                         break
                 steps = min(self.chunk, self.max_iter - it)
-                args = (y, x_prev, energy, grad, t, mask, neg_step, momentum, problem.theta, batch)
+                args = (y, x_prev, energy, grad, t, mask, neg_step, momentum, tol_t)
+                args += (problem.theta, batch)
                 if steps == self.chunk:
                     out, compiled = _run(key, make, eager(steps), *args)
                 else:  # the remainder, eagerly
                     out, compiled = eager(steps)(*args), False
-                y, x_prev, energy, grad, t = out
+                y, x_prev, energy, grad, t, gnorm, flags = out
+                bad, n_done = (int(v) for v in flags.tolist())  # one synchronisation
                 if compiled:
                     lower.cost.grad_evals += steps * n
                 it += steps

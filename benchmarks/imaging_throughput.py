@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from bilevel.imaging import ConvexRidgeNetwork, FieldsOfExperts, pretrained
 from bilevel.imaging.regularisers import _spline_tables
-from bilevel.imaging.ridge import pad
+from bilevel.imaging.ridge import channels_last, pad, retain_freed_memory
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +45,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=11, help="interleaved repeats (default 11)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quick", action="store_true", help="3 repeats, for a smoke test")
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default allocation policy (no retain_freed_memory)",
+    )
     return p.parse_args(argv)
 
 
@@ -115,6 +120,7 @@ def measure(
     k, s = w.shape[0], w.shape[-1]
     xp = pad(x, s, model.boundary)
     u = F.conv2d(xp, w)
+    w_flipped = w.flip(-1, -2).contiguous()
 
     def bare_plain() -> None:
         F.conv_transpose2d(F.conv2d(pad(x, s, model.boundary), w), w)
@@ -129,6 +135,14 @@ def measure(
         torch.ops.aten.convolution_backward(
             t, xp, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
         )
+
+    def bare_cl_grouped() -> None:
+        t = F.conv2d(channels_last(pad(x, s, model.boundary)), w)
+        F.conv_transpose2d(t, w, groups=k).sum(1, keepdim=True)
+
+    def bare_cl_depthwise() -> None:
+        t = F.conv2d(channels_last(pad(x, s, model.boundary)), w)
+        F.conv2d(t, w_flipped, padding=s - 1, groups=k).sum(1, keepdim=True)
 
     def oracles(energy) -> tuple[Callable[[], None], Callable[[], None]]:
         xr = x.clone().requires_grad_(True)
@@ -150,6 +164,8 @@ def measure(
         "bare plain": timer(bare_plain),
         "bare grouped": timer(bare_grouped),
         "bare backward": timer(bare_backward),
+        "bare channels-last grouped": timer(bare_cl_grouped),
+        "bare channels-last depthwise": timer(bare_cl_depthwise),
         "gradient": timer(fused[0]),
         "HVP": timer(fused[1]),
         "plain gradient": timer(plain[0]),
@@ -165,8 +181,12 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    retained = False if args.system_malloc else retain_freed_memory()
     repeats = 3 if args.quick else args.repeats
-    print(f"torch {torch.__version__}, {args.threads} thread(s), medians of {repeats} repeats")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {repeats} repeats, "
+        f"freed memory retained: {retained}"
+    )
     head = (
         "| configuration | bare conv ms | gradient ms | fraction | HVP ms | fraction "
         "| plain gradient ms | fraction | plain HVP ms | fraction |"
@@ -176,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{label} over the repeats\n\n{head}\n" + "|---" * 10 + "|")
         for name, times in results:
             m = {key: statistic(ts) for key, ts in times.items()}
-            bare = min(m["bare plain"], m["bare grouped"], m["bare backward"])
+            bare = min(v for key, v in m.items() if key.startswith("bare"))
             cells = [f"{1e3 * bare:.2f}"]
             for key in ("gradient", "HVP", "plain gradient", "plain HVP"):
                 cells += [f"{1e3 * m[key]:.2f}", f"{bare / m[key]:.2f}"]

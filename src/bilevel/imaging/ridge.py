@@ -39,6 +39,7 @@ from torch import Tensor
 
 __all__ = [
     "LogCoshSum",
+    "retain_freed_memory",
     "Potential",
     "SmoothedL1",
     "Spline",
@@ -49,6 +50,38 @@ __all__ = [
 ]
 
 BOUNDARIES = ("reflect", "valid", "circular")
+
+#: glibc mallopt parameters: allocations up to MMAP_LIMIT bytes come from the heap, and up to
+#: TRIM_LIMIT bytes of freed heap stay with the process.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_LIMIT, TRIM_LIMIT = 32 << 20, 1 << 30
+
+
+def retain_freed_memory() -> bool:
+    """Let glibc keep freed memory for the next tensors of the same sizes; True if it did.
+
+    By default glibc maps every large allocation afresh and returns it on release (or trims
+    the heap), so each new response tensor of a full-size image (10 MB for 16 filters on
+    481×321) pays page faults on its first touch: on one core this made a gradient 2–3×
+    slower than its convolutions and elementwise passes (``docs/benchmarks.md``). With
+    allocations up to 32 MiB served from the heap and up to 1 GiB of freed memory kept, the
+    process reuses the same pages; its resident memory stays at its peak. A process-wide
+    setting: ``bilevel reconstruct`` and the throughput benchmark make it; nothing happens
+    outside glibc (False).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_LIMIT)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_LIMIT)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,29 +211,23 @@ class Potential:
         return self.second(v, params)
 
 
-def _flat(t: Tensor) -> Tensor:
-    """(B, N) view of a dense (B, K, H, W) tensor in its memory order (channel-first or
-    channels-last), for reductions whose order does not matter; a copy otherwise."""
+def _memory_order(t: Tensor) -> tuple[Tensor, bool]:
+    """A (B, K, H, W) tensor as the view in which its memory is contiguous, and whether that
+    is the channels-last view (B, H, W, K) (a contiguous copy if it is neither)."""
     if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        t = t.permute(0, 2, 3, 1)
-    return t.reshape(t.shape[0], -1)
+        return t.permute(0, 2, 3, 1), True
+    return t.contiguous(), False
 
 
-def _gather_rows(table: Tensor, idx: Tensor) -> Tensor:
-    """table[idx] for a (R, 4) table and dense indices idx (B, K, H, W): a (B, K, H, W, 4)
-    view in idx's memory order. A row of four float32 (bfloat16) values is gathered as one
-    complex128 (int64) element: one gather instead of four."""
-    cl = not idx.is_contiguous() and idx.is_contiguous(memory_format=torch.channels_last)
-    flat = (idx.permute(0, 2, 3, 1) if cl else idx.contiguous()).reshape(-1)
-    wide = {8: torch.int64, 16: torch.complex128}.get(4 * table.element_size())
-    if wide is None:
-        rows = table.index_select(0, flat)
-    else:
-        rows = table.view(wide).reshape(-1).index_select(0, flat).view(table.dtype)
-    b, k, h, w = idx.shape
-    if cl:
-        return rows.view(b, h, w, k, 4).permute(0, 3, 1, 2, 4)
-    return rows.view(b, k, h, w, 4)
+def _flat(t: Tensor) -> Tensor:
+    """(B, N) view of a dense (B, K, H, W) tensor in its memory order, for reductions whose
+    order does not matter."""
+    return _memory_order(t)[0].reshape(t.shape[0], -1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ a ⊙ b per image (B,) for two tensors of one layout: one read of each."""
+    return torch.bmm(_flat(a).unsqueeze(1), _flat(b).unsqueeze(2)).view(-1)
 
 
 class SmoothedL1(Potential):
@@ -228,7 +255,7 @@ class SmoothedL1(Potential):
 
     def evaluate(self, v: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         w, nu = params
-        s = torch.hypot(v, v.new_ones(()))
+        s = torch.addcmul(v.new_ones(()), v, v).sqrt_()  # hypot is not vectorised
         pixels = v.shape[2] * v.shape[3]
         energy = (s.sum(dim=(2, 3)) - pixels) @ (w * nu).view(-1)
         return energy, torch.div(v, s), s
@@ -337,35 +364,38 @@ class Spline(Potential):
         return (beta / self.spacing).expand(k), (1.0 / (beta * self.spacing)).expand(k)
 
     def _polynomials(self, table: Tensor) -> Tensor:
-        """Ψ_k(v) = ψ_k(Δ v) = P + Q v + ½ C v² on the unit intervals of v, (K (2M + 2), 4)
-        rows (P, Q, C, 0): v < −M, [−M, −M + 1), ..., [M − 1, M), v ≥ M (the odd extension
-        mirrors the intervals of |v|)."""
+        """Ψ_k(v) = ψ_k(Δ v) = P + Q v + ½ C v² on the unit intervals of v: (3, K (2M + 2))
+        rows P, Q, C for v < −M, [−M, −M + 1), ..., [M − 1, M), v ≥ M (the intervals of v < 0
+        mirror those of |v|)."""
         c0, c1, c2 = table.unbind(0)  # (K, M + 1) each, at τ_j = j Δ
         dx = self.spacing
         j = torch.arange(c0.shape[1], dtype=c0.dtype, device=c0.device)
         cc = c2 * dx**2
         q = c1 * dx - cc * j
         p = c0 - c1 * dx * j + 0.5 * cc * j * j
-        right = torch.stack([p, q, cc, torch.zeros_like(p)], -1)  # v in [j, j + 1)
-        left = (right * right.new_tensor([1.0, -1.0, 1.0, 0.0])).flip(1)  # v in [-j-1, -j)
-        return torch.cat([left, right], 1).reshape(-1, 4)
+        right = torch.stack([p, q, cc])  # v in [j, j + 1)
+        left = (right * right.new_tensor([1.0, -1.0, 1.0]).view(3, 1, 1)).flip(2)  # [-j-1, -j)
+        return torch.cat([left, right], 2).reshape(3, -1)
 
     def evaluate(self, v: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """v = β t/Δ: one gather of (P, Q, C) per response, Ψ' = Q + C v, Σ Ψ = Σ P +
-        ½ Σ v (Q + Ψ'); φ = β⁻² Ψ, φ̃' = Ψ', φ̃'' = C."""
+        """v = β t/Δ: P, Q, C of each response's interval (one lookup of three planes),
+        Ψ' = Q + C v, Σ Ψ = Σ P + ½ (Σ v Q + Σ v Ψ'); φ = β⁻² Ψ, φ̃' = Ψ', φ̃'' = C."""
         table, beta = params
         _, k, m1 = table.shape
         base = torch.arange(m1, m1 + 2 * m1 * k, 2 * m1, dtype=v.dtype, device=v.device)
+        vm, last = _memory_order(v)  # channels-last: the per-filter offsets vary fastest
         # v + base ≥ 0 after the clamp, so the conversion's truncation is the floor
-        idx = v.clamp(-m1, m1 - 1).add_(base.view(k, 1, 1)).to(torch.int32)
-        p, q, cc, _ = _gather_rows(self._polynomials(table), idx).unbind(-1)
+        idx = vm.clamp(-m1, m1 - 1).add_(base if last else base.view(k, 1, 1))
+        planes = self._polynomials(table).index_select(1, idx.to(torch.int32).reshape(-1))
+        p, q, cc = planes.view(3, *vm.shape).unbind(0)
+        if last:  # back to (B, K, H, W) views, channels-last like v
+            p, q, cc = (z.permute(0, 3, 1, 2) for z in (p, q, cc))
         slope = torch.addcmul(q, cc, v)
-        quadratic = torch.linalg.vecdot(_flat(v), _flat(q + slope))
-        energy = (_flat(p).sum(1) + 0.5 * quadratic) / (beta * beta)
+        energy = (_flat(p).sum(1) + 0.5 * (_dot(v, q) + _dot(v, slope))) / (beta * beta)
         return energy, slope, cc
 
     def curvature(self, v: Tensor, params: Sequence[Tensor], state: Any) -> Tensor:
-        return torch.empty_like(v).copy_(state)
+        return state
 
     def first(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
         _, c1, c2, r = self._lookup(t, params)

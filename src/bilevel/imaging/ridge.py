@@ -229,8 +229,11 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Σ a ⊙ b per image (B,) for two tensors of one layout: one read of each."""
-    return torch.bmm(_flat(a).unsqueeze(1), _flat(b).unsqueeze(2)).view(-1)
+    """Σ a ⊙ b per image (B,) for two tensors of one layout (one image: a BLAS dot)."""
+    a, b = _flat(a), _flat(b)
+    if a.shape[0] == 1:
+        return torch.dot(a.view(-1), b.view(-1)).view(1)
+    return torch.linalg.vecdot(a, b)
 
 
 class SmoothedL1(Potential):

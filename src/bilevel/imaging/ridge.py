@@ -19,12 +19,17 @@ differentiable to every order in x and in θ (the filters and the potentials' pa
 * a backward pass with ``create_graph=True`` evaluates the same closed forms with autograd
   recording, so higher derivatives (in x, θ and the cotangent) are exact.
 
-Adjoint convolutions: ``conv_transpose2d`` from K channels to one is slow on CPU in float32
-(oneDNN's backward-data path); a grouped transposed convolution followed by a sum over the
-filters computes the same several times faster there. Elsewhere (float64, several image
-channels, CUDA) the adjoint is the correlation's input gradient
-(``aten.convolution_backward``), up to twice as fast as ``conv_transpose2d`` in float64 on
-small crops (``benchmarks/imaging_throughput.py``).
+The x-paths work in scaled responses v = a ⊙ K x (:class:`Potential`): per-filter scales of
+the potentials are folded into the filters, so no pass over the responses rescales them.
+
+Layout (:func:`fast_layout`): on the CPU in float32 with one image channel the correlation
+reads the image channels-last (oneDNN's fast path; free for one channel) and the adjoint is a
+depthwise convolution of the channels-last responses with the flipped filters, summed over
+the filters: ``conv_transpose2d`` from K channels to one (oneDNN's backward-data path) is up
+to 5× slower. Elsewhere (float64, several image channels, CUDA) the correlation is
+channel-first and the adjoint is its input gradient (``aten.convolution_backward``), up to
+twice as fast as ``conv_transpose2d`` in float64 on small crops
+(``benchmarks/imaging_throughput.py``).
 """
 
 from __future__ import annotations
@@ -339,8 +344,10 @@ class Spline(Potential):
     (table, β): table (3, K, M + 1) holds ψ(τ_j), ψ'(τ_j) and ψ''_j, and β > 0 is a scalar.
 
     With a = |β t|, j = min(⌊a/Δ⌋, M), r = a − j Δ and s = ψ'(a) = ψ'(τ_j) + ψ''_j r:
-    ψ(a) = ψ(τ_j) + ½ r (ψ'(τ_j) + s), φ' = sign(t) s/β, φ'' = ψ''_j (in the units of t).
-    One lookup (``index_select`` of the three table rows) serves all three.
+    ψ(a) = ψ(τ_j) + ½ r (ψ'(τ_j) + s), φ' = sign(t) s/β, φ'' = ψ''_j (in the units of t);
+    ``value``, ``first`` and ``second`` (the θ-derivatives) evaluate these. The fused
+    x-derivatives (:meth:`evaluate`) use v = β t/Δ and one lookup of the polynomial
+    coefficients on the unit interval of v (no absolute value, sign or remainder passes).
     """
 
     def __init__(self, spacing: float) -> None:

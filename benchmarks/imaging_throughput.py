@@ -1,15 +1,18 @@
 """Throughput of the imaging oracles against bare convolutions of the same shapes.
 
     python benchmarks/imaging_throughput.py [--repeats 11] [--threads 1] [--quick]
+    python benchmarks/imaging_throughput.py --reconstruct [IMAGE ...] [--tol T] [--cache DIR]
 
 A ridge / Fields-of-Experts gradient ∇R(x) = Kᵀ φ'(K x) and a Hessian-vector product
 ∇²R(x) v = Kᵀ(φ''(K x) ⊙ K v) each need one correlation K (C → K channels) and one adjoint
-(K → C channels). The baseline "bare convolutions" is that pair done with bare torch calls:
-``F.conv2d`` of the padded image followed by the fastest of three equivalent adjoints
-(``F.conv_transpose2d`` K → C, a grouped transposed convolution and a sum over the K filters,
-or the input gradient ``aten.convolution_backward`` of the correlation; the fastest is taken
-per configuration and repeat statistic), and nothing else. For each
-configuration it times
+(K → C channels). The baseline "bare convolutions" is that pair done with bare torch calls
+and nothing else, the fastest of five variants per configuration and repeat statistic:
+``F.conv2d`` of the padded image read channel-first followed by ``F.conv_transpose2d``
+K → C, by a grouped transposed convolution and a sum over the K filters, or by the
+correlation's input gradient ``aten.convolution_backward``; or ``F.conv2d`` of the image read
+channels-last followed by a grouped transposed convolution, or by a depthwise convolution
+with the flipped filters, and a sum over the filters. The process keeps freed memory
+(``retain_freed_memory``) unless ``--system-malloc``. For each configuration it times
 
 * ``gradient``: ``torch.autograd.grad(R(x).sum(), x)`` with θ requiring gradients, as in a
   lower-level solve (the energy's value comes with it);
@@ -20,8 +23,9 @@ configuration it times
 
 ``--reconstruct IMAGE...`` times ``bilevel reconstruct --model crr8-sigma25-bundled IMAGE
 --add-noise`` instead (the shipped model; default tolerance unless ``--tol``; one thread): the
-solve's seconds as the command reports them, the gradient evaluations, the wall time of the
-whole command in a fresh process (imports included), and the PSNR against that of the
+solve's wall and CPU seconds as the command reports them (``seconds``, ``cpu_seconds``), the
+gradient evaluations, the wall and CPU time of the whole command in a fresh process (imports
+included), and the PSNR against that of the
 converged solution (float64 L-BFGS to an RMS gradient of 1e-8, cached in ``--cache``).
 Without an IMAGE, skimage's camera resized to 481×321.
 

@@ -593,24 +593,32 @@ class LBFGS:
     def _two_loop(
         g: Tensor, s_hist: list[Tensor], y_hist: list[Tensor], valid: list[Tensor]
     ) -> Tensor:
-        """H_k g by the two-loop recursion, skipping pairs that failed the curvature test."""
+        """H_k g by the two-loop recursion, skipping pairs that failed the curvature test.
+        Inner products are computed once per pair and updates are in-place multiply-adds:
+        one pass over the vectors each."""
+
+        def dot(a: Tensor, b: Tensor) -> Tensor:  # per-instance ⟨a_i, b_i⟩
+            if a.shape[0] == 1:  # BLAS dot: one read of each
+                return torch.dot(a.view(-1), b.view(-1)).view(1)
+            return torch.linalg.vecdot(a, b)
+
         q = g.clone()
+        pairs = list(zip(reversed(s_hist), reversed(y_hist), reversed(valid)))
+        sys_ = [dot(s, y) for s, y, _ in pairs]
         alphas = []
-        for s, y, ok in zip(reversed(s_hist), reversed(y_hist), reversed(valid)):
-            sy = (s * y).sum(1)
+        for (s, y, ok), sy in zip(pairs, sys_):
             rho = torch.where(ok, 1.0 / torch.where(ok, sy, torch.ones_like(sy)), 0.0)
-            a = rho * (s * q).sum(1)
-            q = q - a.unsqueeze(1) * y
+            a = rho * dot(s, q)
+            q.addcmul_(a.unsqueeze(1), y, value=-1.0)
             alphas.append((a, rho, s, y))
         gamma = torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
-        for s, y, ok in zip(reversed(s_hist), reversed(y_hist), reversed(valid)):
-            ratio = (s * y).sum(1) / (y * y).sum(1).clamp_min(torch.finfo(g.dtype).tiny)
-            gamma = torch.where(ok, ratio, gamma)
-            break
-        r = gamma.unsqueeze(1) * q
+        if pairs:  # scaling sᵀy / yᵀy of the newest pair
+            (_, y, ok), sy = pairs[0], sys_[0]
+            gamma = torch.where(ok, sy / dot(y, y).clamp_min(torch.finfo(g.dtype).tiny), gamma)
+        r = q.mul_(gamma.unsqueeze(1))
         for a, rho, s, y in reversed(alphas):
-            beta = rho * (y * r).sum(1)
-            r = r + (a - beta).unsqueeze(1) * s
+            beta = rho * dot(y, r)
+            r.addcmul_((a - beta).unsqueeze(1), s)
         return r
 
 

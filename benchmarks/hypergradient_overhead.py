@@ -19,15 +19,24 @@ in JAX and jitted (``jax`` optional: its columns are skipped when it is not inst
   iterations of ``bilevel.lower.next_check`` is repeated by the minimal version) — the library
   runs ``Nesterov(max_iter=K)`` with an unreachable tolerance;
 * **hypergradient given w**: the first-derivative graph at the lower solution, ∇f, exactly M CG
-  iterations (``CG(max_iter=M, fixed_iterations=True)``), one mixed VJP; the minimal version
+  iterations (``CG(max_iter=M, fixed_iterations=True)``; it stops earlier where ‖r‖² reaches
+  the underflow range, in float32 on (a) and (b), and then every version runs the iterations
+  it did), one mixed VJP; the minimal version
   answers every Hessian-vector product by one backward pass through the one graph (plain
   autograd), the JAX version by ``jvp`` of ``grad`` inside one jitted function. The library
   additionally evaluates ∇h at w (its lower solve stops at once) and the true adjoint residual
   (one product); its error bound is off.
 
-Times are medians over ``--repeats`` interleaved repeats (library, minimal, JAX in turn), one
-thread per stack by default; JAX compiles once before the repeats (the compile time is printed).
-Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--rows-c 200000]
+The library is also run with its compiled small-problem path (:mod:`bilevel.compiled`:
+``CompiledNesterov`` and ``Implicit(CompiledCG(...))``, chunks of 10 iterations) on the
+instances of ``--compiled`` (default: (a)).
+
+Times are medians over ``--repeats`` interleaved repeats (library, minimal, compiled, JAX in
+turn), wall time and the process's CPU time (less disturbed by other processes on a loaded
+machine), one thread per stack by default; the compiled programs and JAX compile once before
+the repeats (compile time + first run printed).
+Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--cases abc]
+[--dtypes float32,float64] [--rows-c 200000] [--compiled a]
 """
 
 from __future__ import annotations
@@ -106,6 +115,10 @@ def library_lower(inst: dict, k: int) -> torch.Tensor:
 
 
 def library_hypergradient(inst: dict, w: torch.Tensor, m: int) -> torch.Tensor:
+    return _library_hypergradient(inst, w, m).grad[0]
+
+
+def _library_hypergradient(inst: dict, w: torch.Tensor, m: int):
     h, f = energies(inst)
     theta = inst["theta"].clone().requires_grad_(True)
     problem = BilevelProblem(h, f, theta, mu=inst["mu"], lipschitz=inst["lip"])
@@ -115,7 +128,36 @@ def library_hypergradient(inst: dict, w: torch.Tensor, m: int) -> torch.Tensor:
         compute_bound=False,
         warn_unconverged=False,
     )
-    return est(problem, None, w, lower_tol=math.inf, adjoint_tol=0.0).grad[0]
+    return est(problem, None, w, lower_tol=math.inf, adjoint_tol=0.0)
+
+
+# --- the library's compiled path (bilevel.compiled) -------------------------------------------
+
+
+def compiled_functions(inst: dict):
+    """The library's lower solve and hypergradient with compiled chunks; the energies are
+    built once so that the compiled programs are reused (their cache is per energy)."""
+    from bilevel.autodiff import LowerLevel
+    from bilevel.compiled import CompiledCG, CompiledNesterov
+
+    h, f = energies(inst)
+    theta = inst["theta"].clone().requires_grad_(True)
+    problem = BilevelProblem(h, f, theta, mu=inst["mu"], lipschitz=inst["lip"])
+    w0 = torch.zeros(1, theta.shape[0], dtype=theta.dtype)
+
+    def lower(k: int) -> torch.Tensor:
+        return CompiledNesterov(max_iter=k).solve(LowerLevel(problem, None), w0, 0.0, inst["mu"]).x
+
+    def hyper(w: torch.Tensor, m: int) -> torch.Tensor:
+        est = Implicit(
+            CompiledCG(max_iter=m, fixed_iterations=True),
+            lower_solver=Nesterov(max_iter=0),
+            compute_bound=False,
+            warn_unconverged=False,
+        )
+        return est(problem, None, w, lower_tol=math.inf, adjoint_tol=0.0).grad[0]
+
+    return lower, hyper
 
 
 # --- minimal PyTorch ------------------------------------------------------------------------
@@ -236,25 +278,25 @@ def jax_functions(inst: dict, k: int, m: int):
 # --- measurement ----------------------------------------------------------------------------
 
 
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
+def timed(fn, *args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process: all its threads, as XLA computes in its
+    own) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn(*args)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(name: str, dtype: torch.dtype, k: int, m: int, repeats: int, rows_c: int) -> dict:
+def measure(
+    name: str, dtype: torch.dtype, k: int, m: int, repeats: int, rows_c: int, compiled: bool
+) -> dict:
     inst = instance(name, dtype, rows_c)
     w_lib, w_min = library_lower(inst, k), minimal_lower(inst, k)
-    lower_diff = float((w_lib - w_min).norm() / w_min.norm())
+    lower_diff = {"minimal": float((w_lib - w_min).norm() / w_min.norm())}
+    # CG(fixed_iterations=True) stops where ‖r‖² reaches the underflow range (pᵀHp would
+    # underflow), in float32 before M on (a) and (b): the others do the same number
+    m = int(_library_hypergradient(inst, w_lib, m).linear.iterations[0])
     z_lib, z_min = library_hypergradient(inst, w_lib, m), minimal_hypergradient(inst, w_lib, m)
-    hyper_diff = float((z_lib - z_min).norm() / z_min.norm())
-    jx = jax_functions(inst, k, m)
-    compile_s = math.nan
-    if jx is not None:
-        start = time.perf_counter()
-        jx[0]()
-        jx[1](w_lib)
-        compile_s = time.perf_counter() - start
+    hyper_diff = {"minimal": float((z_lib - z_min).norm() / z_min.norm())}
     sides = {
         "lower": [("library", library_lower, (inst, k)), ("minimal", minimal_lower, (inst, k))],
         "hyper": [
@@ -262,7 +304,27 @@ def measure(name: str, dtype: torch.dtype, k: int, m: int, repeats: int, rows_c:
             ("minimal", minimal_hypergradient, (inst, w_lib, m)),
         ],
     }
+    compile_s = {}
+    if compiled:
+        from bilevel.compiled import COMPILE_SECONDS
+
+        c_lower, c_hyper = compiled_functions(inst)
+        before = set(COMPILE_SECONDS)
+        w_c = c_lower(k)
+        compile_s["lower"] = sum(v for key, v in COMPILE_SECONDS.items() if key not in before)
+        before = set(COMPILE_SECONDS)
+        z_c = c_hyper(w_lib, m)
+        compile_s["hyper"] = sum(v for key, v in COMPILE_SECONDS.items() if key not in before)
+        lower_diff["compiled"] = float((w_c - w_lib).norm() / w_lib.norm())
+        hyper_diff["compiled"] = float((z_c - z_lib).norm() / z_lib.norm())
+        sides["lower"].append(("compiled", c_lower, (k,)))
+        sides["hyper"].append(("compiled", c_hyper, (w_lib, m)))
+    jx = jax_functions(inst, k, m)
     if jx is not None:
+        start = time.perf_counter()
+        jx[0]()
+        jx[1](w_lib)
+        compile_s["jax"] = time.perf_counter() - start
         sides["lower"].append(("jax", jx[0], ()))
         sides["hyper"].append(("jax", jx[1], (w_lib,)))
     times = {(task, side): [] for task, entries in sides.items() for side, _, _ in entries}
@@ -270,8 +332,16 @@ def measure(name: str, dtype: torch.dtype, k: int, m: int, repeats: int, rows_c:
         for task, entries in sides.items():
             for side, fn, args in entries:
                 times[task, side].append(timed(fn, *args))
-    med = {key: statistics.median(v) for key, v in times.items()}
-    return {"med": med, "lower_diff": lower_diff, "hyper_diff": hyper_diff, "compile": compile_s}
+    med = {
+        key: tuple(statistics.median(t[i] for t in v) for i in range(2)) for key, v in times.items()
+    }
+    return {
+        "med": med,
+        "lower_diff": lower_diff,
+        "hyper_diff": hyper_diff,
+        "compile": compile_s,
+        "m": m,
+    }
 
 
 def main() -> None:
@@ -281,6 +351,9 @@ def main() -> None:
     parser.add_argument("--rows-c", type=int, default=200_000, help="rows of instance (c)")
     parser.add_argument("--cases", default="abc", help="subset of the instances a, b, c")
     parser.add_argument("--dtypes", default="float32,float64")
+    parser.add_argument(
+        "--compiled", default="a", help="instances that also run bilevel.compiled ('' for none)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.threads == 1:  # before JAX is imported
@@ -288,32 +361,40 @@ def main() -> None:
             "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} repeats")
+    print("medians of wall time (CPU time of the process in brackets); ratios of wall times")
     # K lower steps and M CG iterations per instance
     plan = {"a": (1000, 30), "b": (100, 30), "c": (30, 10)}
-    header = (
-        f"{'case':<28} {'task':<6} {'library':>9} {'minimal':>9} {'jax':>9} "
-        f"{'lib/min':>8} {'lib/jax':>8} {'rel.diff':>9}"
-    )
-    print(header)
     for name in args.cases:
         k, m = plan[name]
         for dt_name in args.dtypes.split(","):
             dtype = getattr(torch, dt_name)
-            res = measure(name, dtype, k, m, args.repeats, args.rows_c)
+            res = measure(name, dtype, k, m, args.repeats, args.rows_c, name in args.compiled)
             med = res["med"]
             for task, label, diff in (
                 ("lower", f"K={k}", res["lower_diff"]),
-                ("hyper", f"M={m}", res["hyper_diff"]),
+                ("hyper", f"M={m} ({res['m']} done)", res["hyper_diff"]),
             ):
-                lib, mini = med[task, "library"], med[task, "minimal"]
-                jx = med.get((task, "jax"), math.nan)
-                print(
-                    f"({name}) {dt_name} {label:<14} {task:<6} {1e3 * lib:>7.2f}ms "
-                    f"{1e3 * mini:>7.2f}ms {1e3 * jx:>7.2f}ms {lib / mini:>8.3f} "
-                    f"{lib / jx:>8.2f} {diff:>9.1e}"
-                )
-            if not math.isnan(res["compile"]):
-                print(f"({name}) {dt_name} JAX compile + first run: {res['compile']:.2f} s")
+                cells = [
+                    f"{side} {1e3 * wall:.2f} ms ({1e3 * cpu:.2f})"
+                    for (t, side), (wall, cpu) in med.items()
+                    if t == task
+                ]
+                ratios = [
+                    f"{side}/{other} {med[task, side][0] / med[task, other][0]:.3f}"
+                    for side, other in (
+                        ("library", "minimal"),
+                        ("library", "jax"),
+                        ("compiled", "library"),
+                        ("compiled", "jax"),
+                    )
+                    if (task, side) in med and (task, other) in med
+                ]
+                diffs = ", ".join(f"{key} {v:.1e}" for key, v in diff.items())
+                print(f"({name}) {dt_name} {task} {label}: " + "; ".join(cells))
+                print(f"    {'; '.join(ratios)}; rel. diff to library: {diffs}")
+            for side, seconds in res["compile"].items():
+                print(f"({name}) {dt_name} compile + first run, {side}: {seconds:.2f} s")
+            print(flush=True)
 
 
 if __name__ == "__main__":

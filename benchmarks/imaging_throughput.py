@@ -1,15 +1,18 @@
 """Throughput of the imaging oracles against bare convolutions of the same shapes.
 
     python benchmarks/imaging_throughput.py [--repeats 11] [--threads 1] [--quick]
+    python benchmarks/imaging_throughput.py --reconstruct [IMAGE ...] [--tol T] [--cache DIR]
 
 A ridge / Fields-of-Experts gradient ∇R(x) = Kᵀ φ'(K x) and a Hessian-vector product
 ∇²R(x) v = Kᵀ(φ''(K x) ⊙ K v) each need one correlation K (C → K channels) and one adjoint
-(K → C channels). The baseline "bare convolutions" is that pair done with bare torch calls:
-``F.conv2d`` of the padded image followed by the fastest of three equivalent adjoints
-(``F.conv_transpose2d`` K → C, a grouped transposed convolution and a sum over the K filters,
-or the input gradient ``aten.convolution_backward`` of the correlation; the fastest is taken
-per configuration and repeat statistic), and nothing else. For each
-configuration it times
+(K → C channels). The baseline "bare convolutions" is that pair done with bare torch calls
+and nothing else, the fastest of five variants per configuration and repeat statistic:
+``F.conv2d`` of the padded image read channel-first followed by ``F.conv_transpose2d``
+K → C, by a grouped transposed convolution and a sum over the K filters, or by the
+correlation's input gradient ``aten.convolution_backward``; or ``F.conv2d`` of the image read
+channels-last followed by a grouped transposed convolution, or by a depthwise convolution
+with the flipped filters, and a sum over the filters. The process keeps freed memory
+(``retain_freed_memory``) unless ``--system-malloc``. For each configuration it times
 
 * ``gradient``: ``torch.autograd.grad(R(x).sum(), x)`` with θ requiring gradients, as in a
   lower-level solve (the energy's value comes with it);
@@ -17,6 +20,14 @@ configuration it times
   g = ∇R(x) built once with ``create_graph=True`` (what ``HessianOperator`` does);
 * the same two through a plain autograd implementation of the same energy (double backward,
   ``F.conv_transpose2d`` adjoint), the library's code before the fused oracles.
+
+``--reconstruct IMAGE...`` times ``bilevel reconstruct --model crr8-sigma25-bundled IMAGE
+--add-noise`` instead (the shipped model; default tolerance unless ``--tol``; one thread): the
+solve's wall and CPU seconds as the command reports them (``seconds``, ``cpu_seconds``), the
+gradient evaluations, the wall and CPU time of the whole command in a fresh process (imports
+included), and the PSNR against that of the
+converged solution (float64 L-BFGS to an RMS gradient of 1e-8, cached in ``--cache``).
+Without an IMAGE, skimage's camera resized to 481×321.
 
 Fraction = time(bare convolutions) / time(oracle): the share of the oracle's time spent in the
 convolutions it cannot avoid (1.0 = no overhead). Variants are interleaved within each repeat;
@@ -27,17 +38,26 @@ better estimate on a machine shared with other jobs).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
+import json
 import math
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bilevel.imaging import ConvexRidgeNetwork, FieldsOfExperts, pretrained
 from bilevel.imaging.regularisers import _spline_tables
-from bilevel.imaging.ridge import pad
+from bilevel.imaging.ridge import channels_last, pad, retain_freed_memory
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +65,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=11, help="interleaved repeats (default 11)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quick", action="store_true", help="3 repeats, for a smoke test")
+    p.add_argument(
+        "--reconstruct",
+        nargs="*",
+        metavar="IMAGE",
+        help="time bilevel reconstruct on these grayscale images instead (none: the camera)",
+    )
+    p.add_argument("--tol", type=float, default=None, help="--reconstruct: the command's --tol")
+    p.add_argument(
+        "--cache", default="reconstruct-cache", help="--reconstruct: folder of converged solutions"
+    )
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default allocation policy (no retain_freed_memory)",
+    )
     return p.parse_args(argv)
 
 
@@ -115,6 +150,7 @@ def measure(
     k, s = w.shape[0], w.shape[-1]
     xp = pad(x, s, model.boundary)
     u = F.conv2d(xp, w)
+    w_flipped = w.flip(-1, -2).contiguous()
 
     def bare_plain() -> None:
         F.conv_transpose2d(F.conv2d(pad(x, s, model.boundary), w), w)
@@ -129,6 +165,14 @@ def measure(
         torch.ops.aten.convolution_backward(
             t, xp, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
         )
+
+    def bare_cl_grouped() -> None:
+        t = F.conv2d(channels_last(pad(x, s, model.boundary)), w)
+        F.conv_transpose2d(t, w, groups=k).sum(1, keepdim=True)
+
+    def bare_cl_depthwise() -> None:
+        t = F.conv2d(channels_last(pad(x, s, model.boundary)), w)
+        F.conv2d(t, w_flipped, padding=s - 1, groups=k).sum(1, keepdim=True)
 
     def oracles(energy) -> tuple[Callable[[], None], Callable[[], None]]:
         xr = x.clone().requires_grad_(True)
@@ -150,6 +194,8 @@ def measure(
         "bare plain": timer(bare_plain),
         "bare grouped": timer(bare_grouped),
         "bare backward": timer(bare_backward),
+        "bare channels-last grouped": timer(bare_cl_grouped),
+        "bare channels-last depthwise": timer(bare_cl_depthwise),
         "gradient": timer(fused[0]),
         "HVP": timer(fused[1]),
         "plain gradient": timer(plain[0]),
@@ -162,11 +208,99 @@ def measure(
     return times
 
 
+MODEL = "crr8-sigma25-bundled"
+
+
+def camera_image(folder: Path) -> Path:
+    """skimage's camera (512×512) resized to 481×321, saved as a PNG in ``folder``."""
+    from PIL import Image
+
+    from bilevel.imaging.data import _skimage_array
+
+    path = folder / "camera_481x321.png"
+    if not path.is_file():
+        Image.fromarray(_skimage_array("camera", False)).resize((321, 481)).save(path)
+    return path
+
+
+def reconstruct_line(image: Path, args: argparse.Namespace) -> str:
+    """One table row: `bilevel reconstruct` of ``image`` against its converged solution."""
+    from bilevel.autodiff import LowerLevel
+    from bilevel.imaging import load_image, psnr, reconstruct, reconstruction_problem
+    from bilevel.imaging.apply import run
+    from bilevel.imaging.config import ReconstructConfig
+    from bilevel.imaging.pretrained_models import model_info
+
+    out = Path(args.cache)
+    options = {"tol": args.tol} if args.tol is not None else {}
+    config = ReconstructConfig(model=MODEL, images=[str(image)], add_noise=True, out=str(out))
+    config = dataclasses.replace(config, **options)
+    calls = {"n": 0}
+    counted = LowerLevel.value_and_grad
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return counted(self, *a, **k)
+
+    LowerLevel.value_and_grad = counting
+    try:
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            run(config, json=True)
+    finally:
+        LowerLevel.value_and_grad = counted
+    record = json.loads(buffer.getvalue())["images"][0]
+    command = [sys.executable, "-m", "bilevel", "reconstruct", "--model", MODEL, str(image)]
+    command += ["--add-noise", "--out", str(out)]
+    command += [f"--tol={args.tol}"] if args.tol is not None else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(command, check=True, capture_output=True, env=env)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    command_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    # the command's problem (noise: seed 0, drawn in float32) solved to convergence
+    cache = out / f"{image.stem}_converged.pt"
+    x = load_image(image, color=False).unsqueeze(0)
+    if cache.is_file():
+        converged = torch.load(cache)
+    else:
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        y = (x + float(model_info(MODEL)["sigma"]) / 255.0 * noise).double()
+        problem = reconstruction_problem(pretrained(MODEL).double())
+        converged = reconstruct(problem, (y, y), tol=1e-8 * x.numel() ** 0.5, max_iter=20000)
+        torch.save(converged, cache)
+    reference = float(psnr(converged.clamp(0, 1), x.double())[0])
+    size = f"{x.shape[-2]}×{x.shape[-1]}"
+    return (
+        f"| {image.name} ({size}) | {record['seconds']:.2f} | {record['cpu_seconds']:.2f} "
+        f"| {calls['n']} "
+        f"| {wall:.2f} | {command_cpu:.2f} | {record['psnr']:.3f} "
+        f"| {record['psnr'] - reference:+.4f} |"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    retained = False if args.system_malloc else retain_freed_memory()
+    if args.reconstruct is not None:
+        Path(args.cache).mkdir(parents=True, exist_ok=True)
+        images = [Path(p) for p in args.reconstruct] or [camera_image(Path(args.cache))]
+        print(f"torch {torch.__version__}, bilevel reconstruct --model {MODEL} --add-noise")
+        print(
+            "\n| image (H×W) | solve s | solve CPU s | gradients | command wall s "
+            "| command CPU s | PSNR dB | PSNR − converged dB |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|"
+        )
+        for image in images:
+            print(reconstruct_line(image, args), flush=True)
+        return 0
     repeats = 3 if args.quick else args.repeats
-    print(f"torch {torch.__version__}, {args.threads} thread(s), medians of {repeats} repeats")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {repeats} repeats, "
+        f"freed memory retained: {retained}"
+    )
     head = (
         "| configuration | bare conv ms | gradient ms | fraction | HVP ms | fraction "
         "| plain gradient ms | fraction | plain HVP ms | fraction |"
@@ -176,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{label} over the repeats\n\n{head}\n" + "|---" * 10 + "|")
         for name, times in results:
             m = {key: statistic(ts) for key, ts in times.items()}
-            bare = min(m["bare plain"], m["bare grouped"], m["bare backward"])
+            bare = min(v for key, v in m.items() if key.startswith("bare"))
             cells = [f"{1e3 * bare:.2f}"]
             for key in ("gradient", "HVP", "plain gradient", "plain HVP"):
                 cells += [f"{1e3 * m[key]:.2f}", f"{bare / m[key]:.2f}"]

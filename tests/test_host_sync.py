@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from bilevel import CG, MINRES, BilevelProblem, GradientDescent, Nesterov
+from bilevel import CG, LBFGS, MINRES, BilevelProblem, GradientDescent, Nesterov
 from bilevel.autodiff import LowerLevel
 from bilevel.lower import next_check
 
@@ -94,9 +94,23 @@ def test_fixed_iterations_sync_only_after_the_loop(solver) -> None:
     matvec, b = ill_conditioned(3, 50)
     counts = []
     for iterations in (10, 60):
-        s = solver(max_iter=iterations, fixed_iterations=True)
+        s = solver(max_iter=iterations, fixed_iterations=True, check_every=100)
         counts.append(count_syncs(s.solve, matvec, b, 0.0))
     assert counts[0] == counts[1]
+
+
+def test_lbfgs_syncs_once_per_evaluation() -> None:
+    """L-BFGS reads the host once per step, and once more per halving of a step: never more
+    synchronisations than gradient evaluations (plus a fixed number per solve)."""
+    lower, x0 = logistic_lower()
+    syncs, evals = {}, {}
+    for iterations in (5, 25):
+        s = LBFGS(max_iter=iterations, stall_iterations=None)
+        evals0 = lower.cost.grad_evals
+        syncs[iterations] = count_syncs(s.solve, lower, x0, 0.0, 6e-6)
+        evals[iterations] = (lower.cost.grad_evals - evals0) / x0.shape[0]
+        assert (s.solve(lower, x0, 0.0, 6e-6).iterations == iterations).all()
+    assert syncs[25] - syncs[5] <= evals[25] - evals[5] + 1, (syncs, evals)
 
 
 def logistic_lower(device: str = "cpu") -> tuple[LowerLevel, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -121,3 +122,19 @@ def test_reconstruct_errors(denoise_run, images, tmp_path, capsys):
     (tmp_path / "bad.png").write_text("not an image")
     code, _, err = _reconstruct(capsys, str(denoise_run), str(tmp_path / "bad.png"))
     assert code == 2 and "cannot read image" in err
+
+
+def test_smoothed_start_is_a_normalised_symmetric_gaussian() -> None:
+    from bilevel.imaging.apply import smoothed_start
+
+    flat = torch.full((1, 2, 9, 7), 0.3, dtype=torch.float64)
+    assert torch.allclose(smoothed_start(flat), flat)
+    impulse = torch.zeros(1, 1, 15, 15, dtype=torch.float64)
+    impulse[0, 0, 7, 7] = 1.0
+    out = smoothed_start(impulse)[0, 0]
+    assert float(out.sum()) == pytest.approx(1.0)
+    assert torch.allclose(out, out.flip(0)) and torch.allclose(out, out.t())
+    expected = math.exp(-0.5) / sum(math.exp(-0.5 * k * k) for k in range(-3, 4)) ** 2
+    assert float(out[7, 8]) == pytest.approx(expected)  # one pixel off: e^(-1/2)/Z²
+    tiny = torch.rand(1, 1, 2, 3, dtype=torch.float64)  # smaller than the kernel: still works
+    assert smoothed_start(tiny).shape == tiny.shape

@@ -290,7 +290,11 @@ def test_spline_potential_derivatives_match_its_knots() -> None:
     t[0, :, 0, 0] = 0.0
     t = t.requires_grad_(True)
     phi = spline.value(t, params)
-    energy, d1, d2 = spline.evaluate(t.detach(), params)
+    # the fused path takes v = a t and returns φ' = b φ̃'(v), φ'' = a b φ̃''(v)
+    a, b = (s.view(1, -1, 1, 1) for s in spline.scales(params))
+    v = a * t.detach()
+    energy, dv, state = spline.evaluate(v, params)
+    d1, d2 = b * dv, a * b * spline.curvature(v, params, state)
     assert torch.allclose(energy, phi.detach().sum(dim=(1, 2, 3)), rtol=1e-12)
     (d1_autograd,) = torch.autograd.grad(phi.sum(), t)
     h = 1e-6

@@ -110,7 +110,14 @@ def _oracles(energy, x, v, q, params):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("boundary", ["reflect", "circular", "valid"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_fused_oracles_equal_plain_autograd(name: str, boundary: str, channels: int) -> None:
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_fused_oracles_equal_plain_autograd(
+    name: str, boundary: str, channels: int, layout: str, monkeypatch
+) -> None:
+    # float64 takes the channel-first path unless the channels-last one (the float32 path
+    # on the CPU: grouped transposed adjoint) is forced, so both are checked at rtol 1e-10
+    if layout == "channels_last":
+        monkeypatch.setattr(ridge_module, "fast_layout", lambda t: t.device.type == "cpu")
     model = _make(name, channels, boundary)
     params = list(model.parameters())
     gen = _gen(1)
@@ -125,6 +132,21 @@ def test_fused_oracles_equal_plain_autograd(name: str, boundary: str, channels: 
             a = torch.zeros_like(p) if a is None else a
             b = torch.zeros_like(p) if b is None else b
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), (group, p.shape)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_oracles_match_the_float64_reference(name: str) -> None:
+    # the float32 path (channels-last correlations, grouped adjoint, packed spline lookup)
+    model = _make(name, 1, "reflect")
+    gen = _gen(5)
+    x, v, q = (torch.rand(2, 1, 17, 13, generator=gen, dtype=torch.float64) for _ in "xvq")
+    x = 0.4 * x
+    reference = _oracles(lambda z: _reference_energy(model, z), x, v, q, list(model.parameters()))
+    single = model.float()
+    fused = _oracles(single, x.float(), v.float(), q.float(), list(single.parameters()))
+    for a, b in zip(fused[:3], reference[:3]):
+        a, b = a.detach().double(), b.detach()
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
 
 
 @pytest.mark.parametrize("name", NAMES)

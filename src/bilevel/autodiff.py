@@ -87,6 +87,7 @@ class LowerLevel:
     batch: Batch
     cost: Cost = field(default_factory=Cost)
     _selected: tuple[Tensor | None, Batch] = field(default=(None, None), init=False, repr=False)
+    _graph: list | None = field(default=None, init=False, repr=False)
 
     def select(self, index: Tensor | None) -> Batch:
         """``batch`` restricted to ``index`` (the last selection is kept: solvers pass the same
@@ -100,31 +101,45 @@ class LowerLevel:
         return selected
 
     def value_and_grad(
-        self, x: Tensor, index: Tensor | None = None, check: bool = True
+        self, x: Tensor, index: Tensor | None = None, check: bool = True, keep: bool = False
     ) -> tuple[Tensor, Tensor]:
         """Energies h_i(x_i) (b,) and gradients ∇ₓh_i(x_i) (b, ...), detached.
 
         ``check=False`` skips the finiteness test of the gradient (a host synchronisation);
-        the caller then tests the gradient norms it computes anyway.
+        the caller then tests the gradient norms it computes anyway. ``keep=True`` (a lower
+        solver's evaluation at its starting point, all instances) keeps the first-derivative
+        graph until the next evaluation: if the solver returns that point
+        (:meth:`returns_kept`), :meth:`hessian` there reuses it instead of evaluating again.
         """
+        self._graph = None
         if torch.is_grad_enabled():
-            energy, grad = self._value_and_grad(x, index)
+            energy, grad = self._value_and_grad(x, index, keep)
         else:
             with torch.enable_grad():
-                energy, grad = self._value_and_grad(x, index)
+                energy, grad = self._value_and_grad(x, index, keep)
         self.cost.grad_evals += x.shape[0]
         if check and not bool(torch.isfinite(grad).all()):
             raise nonfinite_gradient()
-        return energy.detach(), grad
+        return energy.detach(), (grad.detach() if keep else grad)
 
-    def _value_and_grad(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
-        x = x.detach().requires_grad_(True)
-        energy = self.problem.energy(x, self.select(index))
-        (grad,) = torch.autograd.grad(energy.sum(), x)
+    def _value_and_grad(self, x: Tensor, index: Tensor | None, keep: bool) -> tuple[Tensor, Tensor]:
+        xr = x.detach().requires_grad_(True)
+        energy = self.problem.energy(xr, self.select(index))
+        (grad,) = torch.autograd.grad(energy.sum(), xr, create_graph=keep)
+        if keep and index is None:
+            self._graph = [None, xr, grad]
         return energy, grad
+
+    def returns_kept(self, x: Tensor) -> None:
+        """Declare that ``x`` (a copy) is the point of the kept graph (see ``value_and_grad``)."""
+        if self._graph is not None:
+            self._graph[0] = x
 
     def hessian(self, x: Tensor, index: Tensor | None = None) -> HessianOperator:
         """The Hessian ∇²ₓₓh at ``x`` as a batched matrix-free operator (keeps the graph)."""
+        graph, self._graph = self._graph, None
+        if graph is not None and graph[0] is x and index is None:
+            return HessianOperator(self, x, graph=(graph[1], graph[2]))
         return HessianOperator(self, x, index)
 
 
@@ -137,12 +152,24 @@ class HessianOperator:
     on the remaining ones so that converged instances stop costing products.
     """
 
-    def __init__(self, lower: LowerLevel, x: Tensor, index: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        lower: LowerLevel,
+        x: Tensor,
+        index: Tensor | None = None,
+        graph: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """``graph``: (x with gradients, ∇ₓh with its graph) already evaluated at ``x`` for
+        all instances (the lower solver's last evaluation), used instead of a new one."""
         self.lower = lower
         self.x_full = x.detach()
         n = x.shape[0]
         self.full_index = torch.arange(n, device=x.device) if index is None else index.to(x.device)
-        self._build(self.full_index, self.x_full)
+        if graph is None:
+            self._build(self.full_index, self.x_full)
+        else:
+            self._index, (self._x, self._g) = self.full_index, graph
+            self._known = self.full_index
         self._full = (self._index, self._x, self._g)
 
     def _build(self, index: Tensor, x: Tensor) -> None:

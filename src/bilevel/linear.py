@@ -188,14 +188,11 @@ def _per_instance(name: str, value: float | Tensor, b: Tensor) -> Tensor:
     return t.clone()
 
 
-def _tolerance(tol: float | Tensor, b: Tensor) -> Tensor:
-    return check_tolerance("tol", tol, b)
-
-
 def _initial(matvec: MatVec, b: Tensor, x0: Tensor | None) -> tuple[Tensor | None, Tensor, int]:
-    """Warm start ``x0`` (checked, cast to b) and the initial residual ``b − H x0``."""
+    """Warm start ``x0`` (checked, cast to b) and the initial residual ``b − H x0`` (``b``
+    itself without x0: the solvers never write into it)."""
     if x0 is None:
-        return None, b.clone(), 0
+        return None, b, 0
     if not isinstance(x0, Tensor) or x0.shape != b.shape:
         shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
         raise BilevelError(f"x0 must have the shape of b {tuple(b.shape)}; got {shape}")
@@ -220,8 +217,9 @@ def _check_step(step: float | Tensor | None) -> None:
         raise BilevelError(f"step must be a finite positive number, got {step!r}")
 
 
-class _Record:
-    """Per-instance outputs, filled in as instances retire from the active set."""
+class _FixedPointRecord:
+    """Per-instance outputs of :class:`FixedPoint` (residual norm, iterations, convergence),
+    filled in as instances retire from the active set."""
 
     def __init__(self, b: Tensor) -> None:
         n = b.shape[0]
@@ -231,18 +229,11 @@ class _Record:
         self.min_curvature = torch.full((n,), math.nan, dtype=b.dtype, device=b.device)
 
     def retire(
-        self,
-        index: Tensor,
-        residual_norm: Tensor,
-        iterations: int,
-        converged: Tensor | bool,
-        min_curvature: Tensor | None = None,
+        self, index: Tensor, residual_norm: Tensor, iterations: int, converged: bool
     ) -> None:
         self.residual_norm[index] = residual_norm
         self.iterations[index] = iterations
         self.converged[index] = converged
-        if min_curvature is not None:
-            self.min_curvature[index] = min_curvature
 
 
 def _first_bad(mask: Tensor, index: Tensor) -> tuple[int, int]:
@@ -452,10 +443,11 @@ class _Batch:
     instances are counted in ``matvecs`` (never in ``iterations``).
     """
 
-    def __init__(self, b: Tensor, rnorm: Tensor, tol: Tensor, x: Tensor) -> None:
+    def __init__(self, b: Tensor, rnorm: Tensor, tol: Tensor, x: Tensor | None) -> None:
+        """``x``: the starting point (None: zero)."""
         n = b.shape[0]
         self.shape = b.shape
-        self.out = x.reshape(n, -1).clone()
+        self.out = b.new_zeros(n, b[0].numel()) if x is None else x.reshape(n, -1).clone()
         self.residual_norm = rnorm.clone()
         self.iterations = torch.zeros(n, dtype=torch.long, device=b.device)
         self.tol = tol
@@ -465,6 +457,9 @@ class _Batch:
 
     def record(self, index: Tensor, x: Tensor, rnorm: Tensor, iters: Tensor) -> None:
         """Write the current set's solutions, residual norms and iteration counts."""
+        if index is self.index:  # the whole batch, in order
+            self.out, self.residual_norm, self.iterations = x, rnorm.reshape(-1), iters.reshape(-1)
+            return
         if x is not self.out:
             self.out[index] = x
         self.residual_norm[index] = rnorm.reshape(-1)
@@ -583,10 +578,12 @@ class CG:
     instance on the device (a stopped instance is frozen, its step masked to zero), and the
     host reads the number of active instances every ``check_every`` iterations (None: every
     iteration on the CPU, where that costs no synchronisation, every
-    ``CHECK_EVERY_ACCELERATOR`` elsewhere; with ``fixed_iterations`` only at the end). The
-    checks for breakdown and non-finite values run over the iterations since the last check
-    whenever an instance has stopped, and at the end; a breakdown stops its instance at once,
-    so the error names the iteration where it occurred. Stopped instances stay in the batch
+    ``CHECK_EVERY_ACCELERATOR`` elsewhere). With a check every iteration and the whole batch
+    active, the host instead reads ‖r‖² and α of every instance and decides without masks
+    (they start at the first stop). The checks for breakdown and non-finite values run over
+    the iterations since the last check whenever an instance has stopped, and at the end; a
+    breakdown stops its instance at once, so the error names the iteration where it
+    occurred. Stopped instances stay in the batch
     (costing products, counted in ``matvecs``) while more than half of it is active, and are
     removed at the first check at which at most half remain: ``matvecs ≥ Σ iterations``
     (+ B for the initial residual when x0 is given), with equality when all instances stop
@@ -615,32 +612,35 @@ class CG:
     ) -> LinearSolution:
         """Solve H_i q_i = b_i for all instances to absolute residual tolerance ``tol``."""
         _check_rhs(b)
-        tol_all = _tolerance(tol, b)
+        tol_all = check_tolerance("tol", tol, b)
         x0, r0, matvecs = _initial(matvec, b, x0)
         n, event = b.shape[0], tuple(b.shape[1:])
         flat = b.dim() == 2
-        x = torch.zeros_like(b) if x0 is None else x0
         r = r0.reshape(n, -1)
         rr = (r * r).sum(1, keepdim=True)
-        state = _Batch(b, rr.sqrt().reshape(-1), tol_all, x)
+        state = _Batch(b, rr.sqrt().reshape(-1), tol_all, x0)
         eps = torch.finfo(b.dtype).eps
         shrink = 1.0 - 4 * eps  # so that ‖r‖² ≤ tol²·shrink implies ‖r‖ ≤ tol after rounding
         tol2 = (tol_all * tol_all * shrink).reshape(n, 1)
         if self.fixed_iterations:  # stop only where pᵀHp could underflow
             thresh2 = torch.full_like(tol2, torch.finfo(b.dtype).tiny / eps)
-            every = self.max_iter + 1
             active = rr > thresh2
         else:
             floor = eps * _norm(b).reshape(n, 1)
             thresh2 = torch.maximum(tol2, floor * floor * shrink)
-            every = _every(self.check_every, b.device)
             active = rr > tol2
+        every = _every(self.check_every, b.device)
         index = state.index
         x = state.out
         n_active = int(active.sum())
         if 0 < n_active and 2 * n_active <= n:
             keep = active.reshape(-1)
             index, x, r, rr, thresh2, active = (t[keep] for t in (index, x, r, rr, thresh2, active))
+        # With a check every iteration, while the whole batch is active, the host reads ‖r‖²
+        # and α and decides; no masks are needed until an instance stops.
+        host = every == 1 and n_active == index.numel()
+        limits = thresh2.reshape(-1).tolist() if host else []
+        verified = 0  # iterations since the last validation that the host has checked
         p = r
         iters = torch.zeros_like(rr, dtype=torch.long)
         zero = rr.new_zeros(())
@@ -654,13 +654,28 @@ class CG:
             k += 1
             php = (p * hp).sum(1, keepdim=True)
             alpha = rr / php
-            a = torch.where(active, alpha, zero)  # stopped instances are frozen
+            a = alpha if host else torch.where(active, alpha, zero)  # stopped ones are frozen
             x = torch.addcmul(x, a, p)
             r = torch.addcmul(r, a, hp, value=-1)
             rr_new = (r * r).sum(1, keepdim=True)
+            if host:
+                # every instance continues: threshold < ‖r‖² < ∞ and 0 < α < ∞ (so pᵀHp is
+                # finite and positive; NaN compares false); such an iteration needs no
+                # validation, only counting
+                values = torch.cat((rr_new, alpha), 1).tolist()  # one read
+                if all(t < v < math.inf and 0 < c < math.inf for t, (v, c) in zip(limits, values)):
+                    beta = rr_new / rr
+                    p = torch.addcmul(r, beta, p)
+                    if len(hist) < RITZ_STEPS:
+                        hist.append((index, alpha, beta))
+                    rr = rr_new
+                    verified += 1
+                    continue
+                host = False
             chunk.append((active, php, alpha, rr_new))
-            # a breakdown (pᵀHp ≤ 0 or not finite) stops its instance: a ≤ 0 or NaN
-            active = (rr_new > thresh2) & (a > 0)
+            # an instance stops at the threshold or at a breakdown (pᵀHp ≤ 0 or not finite,
+            # so a ≤ 0 or NaN): active ⇔ min(‖r‖² − threshold, a) > 0, NaN comparing false
+            active = torch.minimum(rr_new - thresh2, a) > 0
             beta = torch.where(active, rr_new / rr, zero)
             p = torch.addcmul(r, beta, p)
             if len(hist) < RITZ_STEPS:
@@ -668,10 +683,13 @@ class CG:
             rr = rr_new
             if k % every and k < self.max_iter:
                 continue
+            if n_active == m and k < self.max_iter and bool(active.all()):
+                continue  # nothing stopped (one read, cheaper than the count)
             now = int(active.sum())
             if now == n_active and k < self.max_iter:
                 continue
-            iters = iters + self._validate(state, index, k)
+            iters = iters + verified + self._validate(state, index, k)
+            verified = 0
             n_active = now
             if 0 < now and 2 * now <= index.numel():
                 state.record(index, x, rr.sqrt(), iters)
@@ -679,6 +697,9 @@ class CG:
                 index, x, r, p, rr, thresh2, active, iters = (
                     t[keep] for t in (index, x, r, p, rr, thresh2, active, iters)
                 )
+                host = every == 1  # the batch is the active instances again
+                limits = thresh2.reshape(-1).tolist() if host else []
+        iters = iters + verified  # iterations the host checked: every instance active
         if chunk:
             iters = iters + self._validate(state, index, k)
         state.record(index, x, rr.sqrt(), iters)
@@ -692,9 +713,9 @@ class CG:
         Order within an iteration: a non-finite product, then non-positive curvature (which
         makes α infinite or negative), then non-finite iterates; earlier iterations first.
         """
-        chunk = state.chunk
+        chunk = state.chunk  # entries (m, j) for j consecutive iterations
         act, php, alpha, rr = (torch.cat(t, 1) for t in zip(*chunk))
-        first = k - len(chunk) + 1
+        first = k - act.shape[1] + 1
         chunk.clear()
         ok = torch.isfinite(php) & (php > 0) & torch.isfinite(alpha) & torch.isfinite(rr)
         bad = act & ~ok
@@ -753,22 +774,21 @@ class MINRES:
     ) -> LinearSolution:
         """Solve H_i q_i = b_i for all instances to absolute residual tolerance ``tol``."""
         _check_rhs(b)
-        tol_all = _tolerance(tol, b)
+        tol_all = check_tolerance("tol", tol, b)
         x0, r0, matvecs = _initial(matvec, b, x0)
         n, event = b.shape[0], tuple(b.shape[1:])
         eps = torch.finfo(b.dtype).eps
         r1 = r0.reshape(n, -1)
         beta = torch.linalg.vector_norm(r1, dim=1, keepdim=True)
-        state = _Batch(b, beta.reshape(-1), tol_all, torch.zeros_like(b) if x0 is None else x0)
+        state = _Batch(b, beta.reshape(-1), tol_all, x0)
         tol_c = tol_all.reshape(n, 1)
         if self.fixed_iterations:
             thresh = torch.zeros_like(tol_c)
-            every = self.max_iter + 1
             active = beta > 0
         else:
             thresh = torch.maximum(tol_c, eps * _norm(b).reshape(n, 1))
-            every = _every(self.check_every, b.device)
             active = beta > tol_c
+        every = _every(self.check_every, b.device)
         index, x = state.index, state.out
         n_active = int(active.sum())
         if 0 < n_active and 2 * n_active <= n:
@@ -900,14 +920,14 @@ class FixedPoint:
     ) -> LinearSolution:
         """Iterate until ‖b_i − H_i q_i‖ ≤ tol_i or ``max_iter`` iterations."""
         _check_rhs(b)
-        tol_all = _tolerance(tol, b)
+        tol_all = check_tolerance("tol", tol, b)
         x0, r, matvecs = _initial(matvec, b, x0)
         eta_all, cost = _step_sizes(
             matvec, b, self.step, self.power_iterations, self.seed, "FixedPoint"
         )
         matvecs += cost
         out = torch.zeros_like(b) if x0 is None else x0.clone()
-        rec = _Record(b)
+        rec = _FixedPointRecord(b)
 
         index = torch.arange(b.shape[0], device=b.device)
         x, tol_a, eta = out, tol_all, eta_all
@@ -972,7 +992,7 @@ class Neumann:
     ) -> LinearSolution:
         """Sum ``terms`` terms of the series for every instance."""
         _check_rhs(b)
-        tol_all = _tolerance(tol, b)
+        tol_all = check_tolerance("tol", tol, b)
         x0, t, matvecs = _initial(matvec, b, x0)
         eta, cost = _step_sizes(matvec, b, self.step, self.power_iterations, self.seed, "Neumann")
         matvecs += cost

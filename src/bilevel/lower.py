@@ -92,10 +92,6 @@ class LowerSolver(Protocol):
     ) -> LowerSolution: ...
 
 
-def _tolerance(tol: float | Tensor, x: Tensor) -> Tensor:
-    return check_tolerance("lower_tol", tol, x)
-
-
 def estimate_lipschitz(lower: LowerLevel, x: Tensor, iterations: int = 20) -> Tensor:
     """Per-instance estimate of the Lipschitz constant of ∇ₓh: λ_max(∇²h(x)) by power iteration.
 
@@ -128,8 +124,9 @@ def _increased(new: Tensor, old: Tensor) -> Tensor:
     return new > old + slack
 
 
-class _Record:
-    """Per-instance outputs of a solve, filled as instances retire."""
+class _LowerRecord:
+    """Per-instance outputs of a lower-level solve (x, h, ‖∇h‖, iterations, stalled), filled
+    in as instances retire."""
 
     def __init__(self, x0: Tensor) -> None:
         n = x0.shape[0]
@@ -159,14 +156,40 @@ class _Record:
         )
 
 
-def _finished(gnorm: Tensor, tol: Tensor, it: int, max_iter: int) -> Tensor:
-    """Instances whose gradient norm meets its tolerance; all of them at the last iteration."""
-    done = gnorm <= tol
-    return torch.ones_like(done) if it == max_iter else done
+def _at_start(
+    lower: LowerLevel,
+    x0: Tensor,
+    energy: Tensor,
+    grad: Tensor,
+    tol: Tensor,
+    mu: float | None,
+    evals0: float,
+    max_iter: int,
+) -> LowerSolution | None:
+    """The solution when every instance meets its tolerance at x0 (or ``max_iter`` is 0): a
+    copy of x0, at which ``lower.hessian`` reuses the graph of this first evaluation (made with
+    ``keep=True``); None when the solver must iterate. One host synchronisation."""
+    gnorm = batch_norm(grad)
+    _, _, n_done = _test(gnorm, tol, None)
+    n = x0.shape[0]
+    if n_done < n and max_iter > 0:
+        return None
+    x = x0.clone()
+    lower.returns_kept(x)
+    return LowerSolution(
+        x=x,
+        energy=energy,
+        grad_norm=gnorm,
+        distance_bound=gnorm / mu if mu is not None else torch.full_like(gnorm, math.nan),
+        iterations=torch.zeros(n, dtype=torch.long, device=x.device),
+        converged=gnorm <= tol,
+        grad_evals=lower.cost.grad_evals - evals0,
+        stalled=torch.zeros(n, dtype=torch.bool, device=x.device),
+    )
 
 
 def _retire(
-    rec: _Record,
+    rec: _LowerRecord,
     done: Tensor,
     it: int,
     gnorm: Tensor,
@@ -277,17 +300,20 @@ class GradientDescent:
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
     ) -> LowerSolution:
         evals0 = lower.cost.grad_evals
-        tol_t = _tolerance(tol, x0)
-        rec = _Record(x0)
+        tol_t = check_tolerance("lower_tol", tol, x0)
+        x = x0.detach()
+        energy, grad = lower.value_and_grad(x, check=False, keep=True)
+        start = _at_start(lower, x, energy, grad, tol_t, mu, evals0, self.max_iter)
+        if start is not None:
+            return start
+        rec = _LowerRecord(x0)
         active = torch.arange(x0.shape[0], device=x0.device)
         tol_a = tol_t
-        x = x0.detach()
         if self.backtracking:
             lip, trusted = torch.ones(x0.shape[0], dtype=x0.dtype, device=x0.device), False
         else:
             lip, trusted = _initial_lipschitz(lower, x0, self.lipschitz, self.margin)
         every = 1 if self.backtracking else self.check_every
-        energy, grad = lower.value_and_grad(x, active, check=False)
         step = expand_as_batch(1.0 / lip, x)
         check = 0
         for it in range(self.max_iter + 1):
@@ -368,13 +394,17 @@ class Nesterov:
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
     ) -> LowerSolution:
         evals0 = lower.cost.grad_evals
-        tol_t = _tolerance(tol, x0)
-        rec = _Record(x0)
+        tol_t = check_tolerance("lower_tol", tol, x0)
+        y = x0.detach()
+        energy, grad = lower.value_and_grad(y, check=False, keep=True)
+        start = _at_start(lower, y, energy, grad, tol_t, mu, evals0, self.max_iter)
+        if start is not None:
+            return start
+        rec = _LowerRecord(x0)
         n = x0.shape[0]
         active = torch.arange(n, device=x0.device)
         tol_a = tol_t
         lip, trusted = _initial_lipschitz(lower, x0, self.lipschitz, self.margin)
-        y = x0.detach()
         x_prev = y
         t = torch.ones(n, dtype=x0.dtype, device=x0.device)
         plain = torch.ones(n, dtype=torch.bool, device=x0.device)
@@ -385,7 +415,8 @@ class Nesterov:
         neg_step, momentum = self._coefficients(lip, mu, y)
         check = 0
         for it in range(self.max_iter + 1):
-            energy, grad = lower.value_and_grad(y, active, check=False)
+            if it:  # the evaluation at x0 is above
+                energy, grad = lower.value_and_grad(y, active, check=False)
             if it == check or it == self.max_iter:
                 check = next_check(it, self.check_every)
                 gnorm = batch_norm(grad)
@@ -448,40 +479,61 @@ class LBFGS:
     ``memory`` curvature pairs (s, y) per instance; a pair is stored only if sᵀy > 0.  The
     initial Hessian scaling is sᵀy / yᵀy of the newest pair.  A non-descent direction falls
     back to steepest descent.
+
+    One host synchronisation per step: the Armijo test of the trial points, the finiteness of
+    their gradients and the stopping test ‖∇h(x_new)‖ ≤ tol are read together; each halving
+    of the step of some instance costs one more. An instance *stalls* (stops, flagged
+    ``stalled``; its certificate holds) when no step of length ≥ 2^-max_halvings decreases
+    its energy sufficiently (the step is then rejected), or when its smallest gradient norm
+    has not fallen by 10 % within ``stall_iterations`` iterations (None: never); both happen
+    at the floor set by rounding errors, where the iterations would otherwise continue to
+    ``max_iter`` at up to ``max_halvings`` evaluations each. A stall found by the second test
+    stops its instance one step later.
     """
 
     max_iter: int = 1000
     memory: int = 10
     armijo: float = 1e-4
     max_halvings: int = 40
+    stall_iterations: int | None = 50
 
     def solve(
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
     ) -> LowerSolution:
         evals0 = lower.cost.grad_evals
-        tol_t = _tolerance(tol, x0)
-        rec = _Record(x0)
+        tol_t = check_tolerance("lower_tol", tol, x0)
+        x = x0.detach()
+        energy, grad = lower.value_and_grad(x, check=False, keep=True)
+        start = _at_start(lower, x, energy, grad, tol_t, mu, evals0, self.max_iter)
+        if start is not None:
+            return start
+        rec = _LowerRecord(x0)
         n = x0.shape[0]
         active = torch.arange(n, device=x0.device)
-        x = x0.detach()
-        energy, grad = lower.value_and_grad(x, active)
+        tol_a = tol_t
+        gnorm = batch_norm(grad)
+        done, _, n_done = _test(gnorm, tol_a, None)
+        stagnation = _Stagnation(x0, self.stall_iterations)
+        stalled = torch.zeros(n, dtype=torch.bool, device=x0.device)  # found, not yet retired
         s_hist: list[Tensor] = []  # each (b, d), flattened
         y_hist: list[Tensor] = []
         valid: list[Tensor] = []  # each (b,) bool: pair usable for that instance
         shape = x.shape[1:]
         for it in range(self.max_iter + 1):
-            gnorm = batch_norm(grad)
-            done = _finished(gnorm, tol_t[active], it, self.max_iter)
-            if bool(done.any()):
+            if it == self.max_iter or n_done == active.numel():
+                rec.store(active, x, energy, gnorm, it)
+                rec.stalled[active[stalled & (gnorm > tol_a)]] = True
+                break
+            if n_done:
+                rec.stalled[active[stalled & done & (gnorm > tol_a)]] = True
                 keep = ~done
-                active, x, energy, grad, gnorm = _retire(
-                    rec, done, it, gnorm, active, x, energy, grad, gnorm
+                stagnation.keep(keep)
+                active, x, energy, grad, gnorm, tol_a, stalled = _retire(
+                    rec, done, it, gnorm, active, x, energy, grad, gnorm, tol_a, stalled
                 )
                 s_hist = [s[keep] for s in s_hist]
                 y_hist = [y_[keep] for y_ in y_hist]
                 valid = [v[keep] for v in valid]
-                if active.numel() == 0:
-                    break
             b = active.numel()
             g = grad.reshape(b, -1)
             d = -self._two_loop(g, s_hist, y_hist, valid)
@@ -494,17 +546,36 @@ class LBFGS:
             step = torch.ones(b, dtype=x.dtype, device=x.device)
             x_flat = x.reshape(b, -1)
             x_new = (x_flat + d).reshape(x.shape)
-            e_new, g_new = lower.value_and_grad(x_new, active)
-            for _ in range(self.max_halvings):
+            e_new, g_new = lower.value_and_grad(x_new, active, check=False)
+            for halving in range(self.max_halvings + 1):
                 fail = _increased(e_new, energy + self.armijo * step * slope)
-                if not bool(fail.any()):
+                gn_new = batch_norm(g_new)
+                done = (gn_new <= tol_a) | stalled
+                bad, n_fail, n_done = torch.stack(
+                    [~torch.isfinite(gn_new).all(), fail.sum(), done.sum()]
+                ).tolist()
+                if bad:
+                    raise nonfinite_gradient()
+                if not n_fail or halving == self.max_halvings:
                     break
                 step = torch.where(fail, 0.5 * step, step)
                 sub = fail.nonzero().squeeze(1)
                 xs = (x_flat[sub] + step[sub].unsqueeze(1) * d[sub]).reshape((-1, *shape))
-                es, gs = lower.value_and_grad(xs, active[sub])
+                es, gs = lower.value_and_grad(xs, active[sub], check=False)
                 x_new, e_new, g_new = x_new.clone(), e_new.clone(), g_new.clone()
                 x_new[sub], e_new[sub], g_new[sub] = xs, es, gs
+            if n_fail:  # no sufficient decrease at the shortest step: reject it, stall
+                keep_old = expand_as_batch(fail, x)
+                x_new = torch.where(keep_old, x, x_new)
+                e_new = torch.where(fail, energy, e_new)
+                g_new = torch.where(keep_old, grad, g_new)
+                gn_new = torch.where(fail, gnorm, gn_new)
+                stalled = stalled | fail
+                done = (gn_new <= tol_a) | stalled
+                n_done = int(done.sum())
+            found = stagnation.update(gn_new, it + 1)
+            if found is not None:  # acted on at the next step's reading
+                stalled = stalled | found
             s = (x_new - x).reshape(b, -1)
             yv = (g_new - grad).reshape(b, -1)
             sy = (s * yv).sum(1)
@@ -515,31 +586,39 @@ class LBFGS:
                 s_hist.pop(0)
                 y_hist.pop(0)
                 valid.pop(0)
-            x, energy, grad = x_new, e_new, g_new
+            x, energy, grad, gnorm = x_new, e_new, g_new, gn_new
         return rec.result(lower, tol_t, mu, evals0)
 
     @staticmethod
     def _two_loop(
         g: Tensor, s_hist: list[Tensor], y_hist: list[Tensor], valid: list[Tensor]
     ) -> Tensor:
-        """H_k g by the two-loop recursion, skipping pairs that failed the curvature test."""
+        """H_k g by the two-loop recursion, skipping pairs that failed the curvature test.
+        Inner products are computed once per pair and updates are in-place multiply-adds:
+        one pass over the vectors each."""
+
+        def dot(a: Tensor, b: Tensor) -> Tensor:  # per-instance ⟨a_i, b_i⟩
+            if a.shape[0] == 1:  # BLAS dot: one read of each
+                return torch.dot(a.view(-1), b.view(-1)).view(1)
+            return torch.linalg.vecdot(a, b)
+
         q = g.clone()
+        pairs = list(zip(reversed(s_hist), reversed(y_hist), reversed(valid)))
+        sys_ = [dot(s, y) for s, y, _ in pairs]
         alphas = []
-        for s, y, ok in zip(reversed(s_hist), reversed(y_hist), reversed(valid)):
-            sy = (s * y).sum(1)
+        for (s, y, ok), sy in zip(pairs, sys_):
             rho = torch.where(ok, 1.0 / torch.where(ok, sy, torch.ones_like(sy)), 0.0)
-            a = rho * (s * q).sum(1)
-            q = q - a.unsqueeze(1) * y
+            a = rho * dot(s, q)
+            q.addcmul_(a.unsqueeze(1), y, value=-1.0)
             alphas.append((a, rho, s, y))
         gamma = torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
-        for s, y, ok in zip(reversed(s_hist), reversed(y_hist), reversed(valid)):
-            ratio = (s * y).sum(1) / (y * y).sum(1).clamp_min(torch.finfo(g.dtype).tiny)
-            gamma = torch.where(ok, ratio, gamma)
-            break
-        r = gamma.unsqueeze(1) * q
+        if pairs:  # scaling sᵀy / yᵀy of the newest pair
+            (_, y, ok), sy = pairs[0], sys_[0]
+            gamma = torch.where(ok, sy / dot(y, y).clamp_min(torch.finfo(g.dtype).tiny), gamma)
+        r = q.mul_(gamma.unsqueeze(1))
         for a, rho, s, y in reversed(alphas):
-            beta = rho * (y * r).sum(1)
-            r = r + (a - beta).unsqueeze(1) * s
+            beta = rho * dot(y, r)
+            r.addcmul_((a - beta).unsqueeze(1), s)
         return r
 
 

@@ -195,7 +195,7 @@ class ReconstructConfig:
         None, "inpainting runs: image whose non-zero pixels are observed", default_text="none"
     )
     tol: float = option(
-        1e-4,
+        2e-4,
         "stop when the root mean square of ∇ₓh over the pixels is ≤ TOL, i.e. "
         "‖∇ₓh‖ ≤ TOL·√(pixels · channels) (intensities in [0, 1])",
     )

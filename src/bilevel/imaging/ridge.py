@@ -19,18 +19,24 @@ differentiable to every order in x and in θ (the filters and the potentials' pa
 * a backward pass with ``create_graph=True`` evaluates the same closed forms with autograd
   recording, so higher derivatives (in x, θ and the cotangent) are exact.
 
-Adjoint convolutions: ``conv_transpose2d`` from K channels to one is slow on CPU in float32
-(oneDNN's backward-data path); a grouped transposed convolution followed by a sum over the
-filters computes the same several times faster there. Elsewhere (float64, several image
-channels, CUDA) the adjoint is the correlation's input gradient
-(``aten.convolution_backward``), up to twice as fast as ``conv_transpose2d`` in float64 on
-small crops (``benchmarks/imaging_throughput.py``).
+The x-paths work in scaled responses v = a ⊙ K x (:class:`Potential`): per-filter scales of
+the potentials are folded into the filters, so no pass over the responses rescales them.
+
+Layout (:func:`fast_layout`): on the CPU in float32 with one image channel the correlation
+reads the image channels-last (oneDNN's fast path; free for one channel) and the adjoint is a
+depthwise convolution of the channels-last responses with the flipped filters, summed over
+the filters: ``conv_transpose2d`` from K channels to one (oneDNN's backward-data path) is up
+to 5× slower. Elsewhere (float64, several image channels, CUDA) the correlation is
+channel-first and the adjoint is its input gradient (``aten.convolution_backward``), up to
+twice as fast as ``conv_transpose2d`` in float64 on small crops
+(``benchmarks/imaging_throughput.py``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +44,7 @@ from torch import Tensor
 
 __all__ = [
     "LogCoshSum",
+    "retain_freed_memory",
     "Potential",
     "SmoothedL1",
     "Spline",
@@ -48,6 +55,38 @@ __all__ = [
 ]
 
 BOUNDARIES = ("reflect", "valid", "circular")
+
+#: glibc mallopt parameters: allocations up to MMAP_LIMIT bytes come from the heap, and up to
+#: TRIM_LIMIT bytes of freed heap stay with the process.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_LIMIT, TRIM_LIMIT = 32 << 20, 1 << 30
+
+
+def retain_freed_memory() -> bool:
+    """Let glibc keep freed memory for the next tensors of the same sizes; True if it did.
+
+    By default glibc maps every large allocation afresh and returns it on release (or trims
+    the heap), so each new response tensor of a full-size image (10 MB for 16 filters on
+    481×321) pays page faults on its first touch: on one core this made a gradient 2–3×
+    slower than its convolutions and elementwise passes (``docs/benchmarks.md``). With
+    allocations up to 32 MiB served from the heap and up to 1 GiB of freed memory kept, the
+    process reuses the same pages; its resident memory stays at its peak. A process-wide
+    setting: ``bilevel reconstruct`` and the throughput benchmark make it; nothing happens
+    outside glibc (False).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_LIMIT)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_LIMIT)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,35 +130,49 @@ def pad_adjoint(z: Tensor, filter_size: int, boundary: str, shape: Sequence[int]
     return _fold(_fold(z, -2, lo, hi), -1, lo, hi)
 
 
-def _grouped_adjoint(u: Tensor, filters: Tensor) -> bool:
-    """Whether the adjoint takes the grouped transposed convolution: several filters, one
-    image channel, CPU in float32 or bfloat16 (oneDNN). With several channels per group, or in
-    float64, the grouped form is the slower one."""
-    k, c = filters.shape[:2]
-    fast_dtype = u.dtype in (torch.float32, torch.bfloat16)
-    return u.device.type == "cpu" and fast_dtype and k > 1 and c == 1
+def fast_layout(t: Tensor) -> bool:
+    """Whether the correlations of ``t`` run channels-last: CPU in float32 or bfloat16
+    (oneDNN), where a one-channel image read channels-last is correlated up to 3× faster
+    than the same image read channel-first, and a depthwise convolution of channels-last
+    responses with the flipped filters, summed over the filters, is the fastest adjoint
+    (``benchmarks/imaging_throughput.py``: up to 5× faster than ``conv_transpose2d`` from K
+    channels to one). In float64 (no oneDNN) the channel-first layout and the correlation's
+    input gradient win."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """x (B, C, H, W) in channels-last memory order; free for one channel (the same memory
+    with the strides that oneDNN reads as channels-last)."""
+    b, c, h, w = x.shape
+    if c == 1 and x.is_contiguous():
+        return x.as_strided(x.shape, (h * w, 1, w, 1))
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def correlate(x: Tensor, filters: Tensor, boundary: str) -> Tensor:
-    """K x = filters ⋆ P x, shape (B, K, H', W') (H×W except for ``boundary="valid"``)."""
-    return F.conv2d(pad(x, filters.shape[-1], boundary), filters)
+    """K x = filters ⋆ P x, shape (B, K, H', W') (H×W except for ``boundary="valid"``);
+    channels-last where :func:`fast_layout` says so."""
+    xp = pad(x, filters.shape[-1], boundary)
+    if fast_layout(xp) and xp.shape[1] == 1:
+        xp = channels_last(xp)
+    return F.conv2d(xp, filters)
 
 
 def correlate_adjoint(u: Tensor, filters: Tensor, boundary: str, shape: Sequence[int]) -> Tensor:
     """Kᵀ u = Pᵀ Σ_k k_k ⋆ᵀ u_k for responses u (B, K, H', W'), images of ``shape``."""
-    if _grouped_adjoint(u, filters):  # (B, K, ...): filter k to the one channel, then Σ_k
-        z = F.conv_transpose2d(u, filters, groups=filters.shape[0]).sum(1, keepdim=True)
-    else:  # the input gradient of the correlation: faster than conv_transpose2d in float64
-        size = [
-            u.shape[0],
-            filters.shape[1],
-            *(n + m - 1 for n, m in zip(u.shape[2:], filters.shape[2:])),
-        ]
+    k, c = filters.shape[:2]
+    if fast_layout(u) and k > 1 and c == 1:  # Σ_k of the full convolutions k_k * u_k
+        u = u.contiguous(memory_format=torch.channels_last)  # no copy after correlate
+        flipped = filters.flip(-1, -2)
+        z = F.conv2d(u, flipped, padding=filters.shape[-1] - 1, groups=k).sum(1, keepdim=True)
+    else:  # the correlation's input gradient: faster than conv_transpose2d in float64
+        size = [u.shape[0], c, *(n + m - 1 for n, m in zip(u.shape[2:], filters.shape[2:]))]
         like = u.new_empty(()).expand(size)  # only its shape is read
         z = torch.ops.aten.convolution_backward(
             u, like, filters, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
         )[0]
-    return pad_adjoint(z, filters.shape[-1], boundary, shape)
+    return pad_adjoint(z.contiguous(), filters.shape[-1], boundary, shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,18 +184,19 @@ class Potential:
     """Pixel-wise potentials φ_k(t) of responses t (B, K, H, W) and their derivatives in t.
 
     ``params`` are tensors (already of t's dtype and device) on which φ depends
-    differentiably; every method is written with differentiable torch operations of t and
-    ``params``, so autograd recovers derivatives in θ (and higher derivatives in t).
+    differentiably; ``value``, ``first`` and ``second`` are written with differentiable torch
+    operations of t and ``params``, so autograd recovers derivatives in θ (and higher
+    derivatives in t).
+
+    The fused x-derivatives work in scaled variables: with per-filter scales (a_k, b_k) from
+    :meth:`scales`, the correlation with the filters a_k k_k gives v = a ⊙ t directly, and
+    φ_k'(t) = b_k φ̃_k'(v), φ_k''(t) = a_k b_k φ̃_k''(v), so the adjoint takes the filters
+    b_k k_k and no pass over the responses multiplies by a_k or b_k. :meth:`evaluate` returns
+    the energy and φ̃'(v), :meth:`curvature` φ̃''(v); the defaults are a = b = 1.
     """
 
     def value(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
-
-    def evaluate(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(Σ_{k,pixels} φ_k(t) per image (B,), φ'(t), φ''(t) where it comes at no extra cost,
-        else None). Called without autograd recording (a forward pass), so it may work in
-        place on its own intermediates."""
-        return self.value(t, params).sum(dim=(1, 2, 3)), self.first(t, params), None
 
     def first(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -150,22 +204,52 @@ class Potential:
     def second(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def scales(self, params: Sequence[Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """(a, b), each of shape (K,) or None for ones (see the class docstring)."""
+        return None, None
+
+    def evaluate(self, v: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Any]:
+        """(Σ_{k,pixels} φ_k per image (B,), φ̃'(v), a state that :meth:`curvature` reuses)
+        for scaled responses v. Called without autograd recording, so it may work in place
+        on its own intermediates."""
+        return self.value(v, params).sum(dim=(1, 2, 3)), self.first(v, params), None
+
+    def curvature(self, v: Tensor, params: Sequence[Tensor], state: Any) -> Tensor:
+        """φ̃''(v) for the state of :meth:`evaluate` (no autograd recording)."""
+        return self.second(v, params)
+
+
+def _memory_order(t: Tensor) -> tuple[Tensor, bool]:
+    """A (B, K, H, W) tensor as the view in which its memory is contiguous, and whether that
+    is the channels-last view (B, H, W, K) (a contiguous copy if it is neither)."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1), True
+    return t.contiguous(), False
+
+
+def _flat(t: Tensor) -> Tensor:
+    """(B, N) view of a dense (B, K, H, W) tensor in its memory order, for reductions whose
+    order does not matter."""
+    return _memory_order(t)[0].reshape(t.shape[0], -1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ a ⊙ b per image (B,) for two tensors of one layout (one image: a BLAS dot)."""
+    a, b = _flat(a), _flat(b)
+    if a.shape[0] == 1:
+        return torch.dot(a.view(-1), b.view(-1)).view(1)
+    return torch.linalg.vecdot(a, b)
+
 
 class SmoothedL1(Potential):
     """φ_k(t) = w_k (sqrt(t² + ν_k²) − ν_k); params (w, ν), each (K, 1, 1).
 
-    φ' = w t / sqrt(t² + ν²), φ'' = w ν² / (t² + ν²)^{3/2}."""
+    φ' = w t / sqrt(t² + ν²), φ'' = w ν² / (t² + ν²)^{3/2}. Scaled: v = t/ν (a = 1/ν, b = w),
+    s = sqrt(v² + 1), φ = w ν (s − 1), φ̃' = v/s, φ̃'' = s⁻³."""
 
     def value(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
         w, nu = params
         return w * (torch.sqrt(t * t + nu * nu) - nu)
-
-    def evaluate(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, None]:
-        w, nu = params
-        s = torch.addcmul(nu * nu, t, t).sqrt_()  # sqrt(t² + ν²)
-        pixels = t.shape[2] * t.shape[3]
-        energy = (s.sum(dim=(2, 3)) - pixels * nu.view(1, -1)) @ w.view(-1)
-        return energy, t * s.reciprocal_().mul_(w), None
 
     def first(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
         w, nu = params
@@ -176,11 +260,26 @@ class SmoothedL1(Potential):
         q = t * t + nu * nu
         return w * nu * nu * torch.rsqrt(q) / q
 
+    def scales(self, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        w, nu = params
+        return nu.reciprocal().view(-1), w.view(-1)
+
+    def evaluate(self, v: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        w, nu = params
+        s = torch.addcmul(v.new_ones(()), v, v).sqrt_()  # hypot is not vectorised
+        pixels = v.shape[2] * v.shape[3]
+        energy = (s.sum(dim=(2, 3)) - pixels) @ (w * nu).view(-1)
+        return energy, torch.div(v, s), s
+
+    def curvature(self, v: Tensor, params: Sequence[Tensor], state: Any) -> Tensor:
+        return state.reciprocal().pow_(3)
+
 
 class StudentT(Potential):
     """φ_k(t) = w_k log(1 + t²/ν_k²); params (w, ν), each (K, 1, 1).
 
-    φ' = 2 w t / (ν² + t²), φ'' = 2 w (ν² − t²) / (ν² + t²)²."""
+    φ' = 2 w t / (ν² + t²), φ'' = 2 w (ν² − t²) / (ν² + t²)². Scaled: v = t/ν (a = 1/ν,
+    b = 2w/ν), q = 1 + v², φ = w log q, φ̃' = v/q, φ̃'' = (2 − q)/q²."""
 
     def value(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
         w, nu = params
@@ -194,6 +293,20 @@ class StudentT(Potential):
         w, nu = params
         q = nu * nu + t * t
         return 2.0 * w * (nu * nu - t * t) / (q * q)
+
+    def scales(self, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        w, nu = params
+        a = nu.reciprocal().view(-1)
+        return a, 2.0 * w.view(-1) * a
+
+    def evaluate(self, v: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        w, _ = params
+        q = torch.addcmul(v.new_ones(()), v, v)
+        energy = q.log().sum(dim=(2, 3)) @ w.view(-1)
+        return energy, torch.div(v, q), q
+
+    def curvature(self, v: Tensor, params: Sequence[Tensor], state: Any) -> Tensor:
+        return torch.rsub(state, 2.0).div_(state * state)
 
 
 class LogCoshSum(Potential):
@@ -231,8 +344,10 @@ class Spline(Potential):
     (table, β): table (3, K, M + 1) holds ψ(τ_j), ψ'(τ_j) and ψ''_j, and β > 0 is a scalar.
 
     With a = |β t|, j = min(⌊a/Δ⌋, M), r = a − j Δ and s = ψ'(a) = ψ'(τ_j) + ψ''_j r:
-    ψ(a) = ψ(τ_j) + ½ r (ψ'(τ_j) + s), φ' = sign(t) s/β, φ'' = ψ''_j (in the units of t).
-    One lookup (``index_select`` of the three table rows) serves all three.
+    ψ(a) = ψ(τ_j) + ½ r (ψ'(τ_j) + s), φ' = sign(t) s/β, φ'' = ψ''_j (in the units of t);
+    ``value``, ``first`` and ``second`` (the θ-derivatives) evaluate these. The fused
+    x-derivatives (:meth:`evaluate`) use v = β t/Δ and one lookup of the polynomial
+    coefficients on the unit interval of v (no absolute value, sign or remainder passes).
     """
 
     def __init__(self, spacing: float) -> None:
@@ -256,13 +371,44 @@ class Spline(Potential):
         psi = c0 + 0.5 * r * (c1 + torch.addcmul(c1, c2, r))
         return psi / (params[1] * params[1])
 
-    def evaluate(self, t: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        beta = params[1]
-        c0, c1, c2, r = self._lookup(t, params)
-        slope = torch.addcmul(c1, c2, r)  # ψ'(a)
-        # Σ ψ(a) = Σ ψ(τ_j) + ½ Σ r (ψ'(τ_j) + ψ'(a))
-        psi_sum = c0.sum(dim=(1, 2, 3)) + 0.5 * (r.mul_(c1 + slope)).sum(dim=(1, 2, 3))
-        return psi_sum / (beta * beta), slope.mul_(t.sign()).div_(beta), c2
+    def scales(self, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        table, beta = params
+        k = table.shape[1]
+        return (beta / self.spacing).expand(k), (1.0 / (beta * self.spacing)).expand(k)
+
+    def _polynomials(self, table: Tensor) -> Tensor:
+        """Ψ_k(v) = ψ_k(Δ v) = P + Q v + ½ C v² on the unit intervals of v: (3, K (2M + 2))
+        rows P, Q, C for v < −M, [−M, −M + 1), ..., [M − 1, M), v ≥ M (the intervals of v < 0
+        mirror those of |v|)."""
+        c0, c1, c2 = table.unbind(0)  # (K, M + 1) each, at τ_j = j Δ
+        dx = self.spacing
+        j = torch.arange(c0.shape[1], dtype=c0.dtype, device=c0.device)
+        cc = c2 * dx**2
+        q = c1 * dx - cc * j
+        p = c0 - c1 * dx * j + 0.5 * cc * j * j
+        right = torch.stack([p, q, cc])  # v in [j, j + 1)
+        left = (right * right.new_tensor([1.0, -1.0, 1.0]).view(3, 1, 1)).flip(2)  # [-j-1, -j)
+        return torch.cat([left, right], 2).reshape(3, -1)
+
+    def evaluate(self, v: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """v = β t/Δ: P, Q, C of each response's interval (one lookup of three planes),
+        Ψ' = Q + C v, Σ Ψ = Σ P + ½ (Σ v Q + Σ v Ψ'); φ = β⁻² Ψ, φ̃' = Ψ', φ̃'' = C."""
+        table, beta = params
+        _, k, m1 = table.shape
+        base = torch.arange(m1, m1 + 2 * m1 * k, 2 * m1, dtype=v.dtype, device=v.device)
+        vm, last = _memory_order(v)  # channels-last: the per-filter offsets vary fastest
+        # v + base ≥ 0 after the clamp, so the conversion's truncation is the floor
+        idx = vm.clamp(-m1, m1 - 1).add_(base if last else base.view(k, 1, 1))
+        planes = self._polynomials(table).index_select(1, idx.to(torch.int32).reshape(-1))
+        p, q, cc = planes.view(3, *vm.shape).unbind(0)
+        if last:  # back to (B, K, H, W) views, channels-last like v
+            p, q, cc = (z.permute(0, 3, 1, 2) for z in (p, q, cc))
+        slope = torch.addcmul(q, cc, v)
+        energy = (_flat(p).sum(1) + 0.5 * (_dot(v, q) + _dot(v, slope))) / (beta * beta)
+        return energy, slope, cc
+
+    def curvature(self, v: Tensor, params: Sequence[Tensor], state: Any) -> Tensor:
+        return state
 
     def first(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:
         _, c1, c2, r = self._lookup(t, params)
@@ -341,18 +487,26 @@ def _theta_grads(out: Tensor, theta: Sequence[Tensor], create: bool) -> tuple:
     return tuple(result)
 
 
+def _scaled_filters(ridge: _Ridge) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """(a_k k_k, b_k k_k, params), detached: the filters of the scaled responses v = a ⊙ K x
+    and of the adjoint of φ'(K x) = b ⊙ φ̃'(v) (see :class:`Potential`)."""
+    w, params = ridge.detached()
+    a, b = ridge.potential.scales(params)
+    w_in = w if a is None else w * a.view(-1, 1, 1, 1)
+    w_out = w if b is None else w * b.view(-1, 1, 1, 1)
+    return w_in, w_out, params
+
+
 class _Value(torch.autograd.Function):
     """x ↦ R(x) (B,): forward K x and φ; backward the fused gradient Kᵀ φ'(K x)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, ridge: _Ridge) -> Tensor:
-        w, params = ridge.detached()
-        t = correlate(x, w, ridge.boundary)
+        w_in, w_out, params = _scaled_filters(ridge)
+        v = correlate(x, w_in, ridge.boundary)
+        energy, dphi, state = ridge.potential.evaluate(v, params)
         if ctx.needs_input_grad[0]:
-            energy, dphi, curvature = ridge.potential.evaluate(t, params)
-            ctx.cache = (t, dphi, curvature)
-        else:
-            energy = ridge.potential.value(t, params).sum(dim=(1, 2, 3))
+            ctx.cache = (v, dphi, state, w_in, w_out, params)
         ctx.ridge = ridge
         ctx.save_for_backward(x)
         return energy
@@ -364,8 +518,8 @@ class _Value(torch.autograd.Function):
         scale = grad_out.reshape(-1, 1, 1, 1)
         if torch.is_grad_enabled():  # create_graph: a gradient that is differentiable itself
             return scale * ridge_gradient(x, ridge, ctx.cache), None
-        grad = correlate_adjoint(ctx.cache[1], ridge.filters.detach(), ridge.boundary, x.shape)
-        return scale * grad, None
+        _, dphi, _, _, w_out, _ = ctx.cache
+        return scale * correlate_adjoint(dphi, w_out, ridge.boundary, x.shape), None
 
 
 class _ValueTheta(torch.autograd.Function):
@@ -388,29 +542,30 @@ class _ValueTheta(torch.autograd.Function):
 
 
 class _Gradient(torch.autograd.Function):
-    """x ↦ ∇R(x) = Kᵀ φ'(K x) from the (K x, φ'(K x), φ''(K x) or None) of the energy's
-    forward pass; backward the closed-form HVP Kᵀ(φ''(K x) ⊙ K v), φ''(K x) computed at most
-    once and kept for the next products."""
+    """x ↦ ∇R(x) = Kᵀ φ'(K x) from the energy's forward pass (scaled responses v, φ̃'(v), the
+    potential's state, the scaled filters); backward the closed-form HVP
+    Kᵀ(φ''(K x) ⊙ K u) = (b k)ᵀ(φ̃''(v) ⊙ (a k) u), φ̃''(v) computed at most once and kept
+    for the next products."""
 
     @staticmethod
     def forward(ctx, x: Tensor, ridge: _Ridge, cache: tuple) -> Tensor:
-        t, dphi, ctx.curvature = cache
-        ctx.ridge, ctx.t = ridge, t
+        ctx.ridge, ctx.cache, ctx.curvature = ridge, cache, None
         ctx.save_for_backward(x)
-        return correlate_adjoint(dphi, ridge.filters.detach(), ridge.boundary, x.shape)
+        _, dphi, _, _, w_out, _ = cache
+        return correlate_adjoint(dphi, w_out, ridge.boundary, x.shape)
 
     @staticmethod
-    def backward(ctx, v: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, u: Tensor) -> tuple[Tensor, None, None]:
         (x,) = ctx.saved_tensors
         ridge = ctx.ridge.at(x)
         if torch.is_grad_enabled():  # create_graph: record the closed form for autograd
             curvature = ridge.potential.second(ridge.correlate(x), ridge.params)
-            return ridge.adjoint(curvature * ridge.correlate(v)), None, None
-        w, params = ridge.detached()
+            return ridge.adjoint(curvature * ridge.correlate(u)), None, None
+        v, _, state, w_in, w_out, params = ctx.cache
         if ctx.curvature is None:
-            ctx.curvature = ridge.potential.second(ctx.t, params)
-        kv = correlate(v, w, ridge.boundary)
-        return correlate_adjoint(kv.mul_(ctx.curvature), w, ridge.boundary, x.shape), None, None
+            ctx.curvature = ridge.potential.curvature(v, params, state)
+        ku = correlate(u, w_in, ridge.boundary).mul_(ctx.curvature)
+        return correlate_adjoint(ku, w_out, ridge.boundary, x.shape), None, None
 
 
 class _GradientTheta(torch.autograd.Function):

@@ -7,6 +7,7 @@ so the tests that really compile run only with ``BILEVEL_TEST_COMPILE=1``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -96,7 +97,7 @@ def test_instances_converged_at_the_start_stay_there() -> None:
 
 def test_without_a_lipschitz_bound_delegates_to_nesterov() -> None:
     problem, batch, x0 = logistic()
-    problem.lipschitz = None
+    problem = dataclasses.replace(problem, lipschitz=None)
     ref = solve(Nesterov(max_iter=50), problem, batch, x0, 1e-8, 0.3)
     got = solve(CompiledNesterov(max_iter=50, compile=False), problem, batch, x0, 1e-8, 0.3)
     assert torch.equal(got.x, ref.x)

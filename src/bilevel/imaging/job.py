@@ -75,6 +75,7 @@ from bilevel.imaging.report import (
     write_report,
     write_run_figures,
 )
+from bilevel.imaging.ridge import retain_freed_memory
 from bilevel.imaging.tasks import (
     GridSearchResult,
     grid_search_tv,
@@ -528,6 +529,7 @@ def run(
     )
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
+    retain_freed_memory()  # the job's response tensors reuse freed pages (see its docstring)
     setup = build(config)
     writer = distributed.is_writer()  # data parallel: rank 0 alone writes the run's files
     with RunLock(run_dir) if writer else contextlib.nullcontext():

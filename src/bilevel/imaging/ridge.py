@@ -71,8 +71,8 @@ def retain_freed_memory() -> bool:
     slower than its convolutions and elementwise passes (``docs/benchmarks.md``). With
     allocations up to 32 MiB served from the heap and up to 1 GiB of freed memory kept, the
     process reuses the same pages; its resident memory stays at its peak. A process-wide
-    setting: ``bilevel reconstruct`` and the throughput benchmark make it; nothing happens
-    outside glibc (False).
+    setting: the imaging jobs, ``bilevel reconstruct`` and the throughput benchmark make it;
+    nothing happens outside glibc (False).
     """
     import ctypes
     import sys

@@ -52,6 +52,7 @@ from bilevel.linear import (
     _cg_tridiagonal,
     _check_rhs,
     _initial,
+    cg_thresholds,
 )
 from bilevel.lower import (
     CHECK_EVERY,
@@ -430,19 +431,10 @@ class CompiledCG:
         problem = op.lower.problem
         batch = op.lower.select(op.full_index)
         n = b.shape[0]
-        eps = torch.finfo(b.dtype).eps
         r = r0.reshape(n, -1).detach()
         rr = (r * r).sum(1, keepdim=True)
         state = _Batch(b, rr.sqrt().reshape(-1), tol_all, None if x0 is None else x0.detach())
-        shrink = 1.0 - 4 * eps
-        tol2 = (tol_all * tol_all * shrink).reshape(n, 1)
-        if self.fixed_iterations:
-            thresh2 = torch.full_like(tol2, torch.finfo(b.dtype).tiny / eps)
-            active = rr > thresh2
-        else:
-            floor = eps * batch_norm(b).reshape(n, 1)
-            thresh2 = torch.maximum(tol2, floor * floor * shrink)
-            active = rr > tol2
+        thresh2, active = cg_thresholds(rr, b, tol_all, self.fixed_iterations)
         x, p = state.out, r.clone()  # distinct tensors, as in CompiledNesterov
         iters = torch.zeros_like(rr, dtype=torch.long)
         key = _key(

@@ -154,6 +154,27 @@ def _norm(u: Tensor) -> Tensor:
     return torch.linalg.vector_norm(u.reshape(u.shape[0], -1), dim=-1)
 
 
+def cg_thresholds(
+    rr: Tensor, b: Tensor, tol: Tensor, fixed_iterations: bool
+) -> tuple[Tensor, Tensor]:
+    """CG's stopping thresholds on ‖r‖², shape (n, 1), and the instances active at the start.
+
+    An instance stops once ‖r_i‖² ≤ tol_i²·(1 − 4u) (so that ‖r_i‖ ≤ tol_i after rounding,
+    u the unit roundoff) or, when that is out of reach, at the rounding floor (u‖b_i‖)²; with
+    ``fixed_iterations`` only where pᵀHp could underflow (tiny/u). An instance is active at the
+    start if its ‖r‖² exceeds its tolerance (``fixed_iterations``: the underflow threshold).
+    """
+    n = b.shape[0]
+    eps = torch.finfo(b.dtype).eps
+    shrink = 1.0 - 4 * eps
+    tol2 = (tol * tol * shrink).reshape(n, 1)
+    if fixed_iterations:
+        thresh2 = torch.full_like(tol2, torch.finfo(b.dtype).tiny / eps)
+        return thresh2, rr > thresh2
+    floor = eps * _norm(b).reshape(n, 1)
+    return torch.maximum(tol2, floor * floor * shrink), rr > tol2
+
+
 def _bc(s: Tensor, like: Tensor) -> Tensor:
     """Broadcast per-instance scalars ``(n,)`` against ``(n, *event_shape)``."""
     return s.reshape(s.shape + (1,) * (like.dim() - 1))
@@ -619,16 +640,7 @@ class CG:
         r = r0.reshape(n, -1)
         rr = (r * r).sum(1, keepdim=True)
         state = _Batch(b, rr.sqrt().reshape(-1), tol_all, x0)
-        eps = torch.finfo(b.dtype).eps
-        shrink = 1.0 - 4 * eps  # so that ‖r‖² ≤ tol²·shrink implies ‖r‖ ≤ tol after rounding
-        tol2 = (tol_all * tol_all * shrink).reshape(n, 1)
-        if self.fixed_iterations:  # stop only where pᵀHp could underflow
-            thresh2 = torch.full_like(tol2, torch.finfo(b.dtype).tiny / eps)
-            active = rr > thresh2
-        else:
-            floor = eps * _norm(b).reshape(n, 1)
-            thresh2 = torch.maximum(tol2, floor * floor * shrink)
-            active = rr > tol2
+        thresh2, active = cg_thresholds(rr, b, tol_all, self.fixed_iterations)
         every = _every(self.check_every, b.device)
         index = state.index
         x = state.out

@@ -131,6 +131,31 @@ def test_maid_converged_status_with_grad_tol():
     assert float(q.gradient().norm()) <= 0.5
 
 
+def test_maid_budget_stops_a_long_line_search_between_trials():
+    """A first trial step far too large makes the line search backtrack many times, each
+    trial a costly lower-level solve: an oracle-call budget that runs out during the line
+    search ends the run there, θ unchanged, overshooting by less than one trial."""
+
+    def method(q):
+        return MAID(estimator=q.estimator(), step=1e4, max_backtracks=40, lower_tol=1e-3)
+
+    q = quadratic_finite_sum(n=8, seed=1)
+    full = run(method(q), q, Budget(steps=1)).records[0]
+    assert full["accepted"] and full["backtracks"] >= 10
+    q = quadratic_finite_sum(n=8, seed=1)
+    index = torch.arange(q.n)
+    batch, x0 = q.samples.batch(index), q.samples.initial(index)
+    hg_cost = q.estimator()(q.problem, batch, x0, lower_tol=1e-3, adjoint_tol=1e-3).cost
+    per_trial = (full["cost"] - hg_cost.oracle_calls) / full["backtracks"]
+    budget = int(hg_cost.oracle_calls + 2 * per_trial)
+    result = run(method(q), q, Budget(oracle_calls=budget))
+    (record,) = result.records
+    assert result.status == "budget" and result.step == 1
+    assert not record["accepted"] and 1 <= record["backtracks"] < full["backtracks"] // 2
+    assert budget <= result.cost < full["cost"] / 2
+    assert torch.equal(q.theta.detach(), torch.zeros_like(q.theta))  # the step was not taken
+
+
 # ----------------------------------------------------------------------------- resume
 
 

@@ -419,11 +419,19 @@ def test_initialisation_starts_at_or_above_tuned_tv(tv_tuned_crops, model, filte
 
 
 def test_grid_search_tv_extends_the_grid_past_an_edge_optimum(tv_tuned_crops):
-    from bilevel.imaging import grid_search_tv
+    from bilevel.imaging import GridEdgeWarning, grid_search_tv
 
     batch, tuned = tv_tuned_crops
     result = grid_search_tv(batch, (0.01, 0.02), max_iter=1000, tol=1e-3)  # optimum above
-    assert result.strengths[0] < result.strength < result.strengths[-1]
+    assert result.interior and result.strengths[0] < result.strength < result.strengths[-1]
     assert result.strengths[:3] == [0.01, 0.02, 0.04]  # doubled, the ratio of the edge values
     assert result.psnr == max(result.psnrs)
     assert result.psnr >= tuned.psnr - 0.1  # near the job grid's optimum
+    # from above: halved until the optimum is bracketed
+    above = grid_search_tv(batch, (0.6, 1.2), max_iter=1000, tol=1e-3)
+    assert above.interior and above.strengths[-2:] == [0.6, 1.2]
+    assert above.strengths[0] < 0.6 / 2 and above.psnr >= tuned.psnr - 0.1
+    # too few extensions to reach it: the edge is returned, with a warning
+    with pytest.warns(GridEdgeWarning, match="edge of the searched range"):
+        short = grid_search_tv(batch, (0.6, 1.2), max_iter=1000, tol=1e-3, extend=1)
+    assert not short.interior and short.strength == short.strengths[0] == 0.3

@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "WeaklyConvexRidge": "bilevel.imaging.regularisers",
     "ridge_layers": "bilevel.imaging.regularisers",
     "DataTerm": "bilevel.imaging.tasks",
+    "GridEdgeWarning": "bilevel.imaging.tasks",
     "GridSearchResult": "bilevel.imaging.tasks",
     "MeasurementFit": "bilevel.imaging.tasks",
     "ReconstructionProblem": "bilevel.imaging.tasks",

@@ -16,6 +16,7 @@ through A. It is the default when the operator has trainable parameters.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,6 +34,7 @@ from bilevel.problem import BilevelError, BilevelProblem
 
 __all__ = [
     "DataTerm",
+    "GridEdgeWarning",
     "GridSearchResult",
     "MeasurementFit",
     "ReconstructionProblem",
@@ -253,6 +255,10 @@ def reconstruct(
     return sol.x
 
 
+class GridEdgeWarning(UserWarning):
+    """A grid search whose best value stayed at the edge of the searched range."""
+
+
 @dataclass
 class GridSearchResult:
     """Best TV strength λ on a grid and the mean PSNR (dB) of its reconstructions."""
@@ -261,6 +267,11 @@ class GridSearchResult:
     psnr: float
     strengths: list[float] = field(default_factory=list)
     psnrs: list[float] = field(default_factory=list)
+
+    @property
+    def interior(self) -> bool:
+        """Whether the best λ has a searched strength on each side (a bracketed optimum)."""
+        return bool(self.strengths) and self.strengths[0] < self.strength < self.strengths[-1]
 
 
 def grid_search_tv(
@@ -280,8 +291,9 @@ def grid_search_tv(
     averages the PSNR against x_true. ``data`` is a ``DegradedImages`` (all samples) or a tuple
     (y, x_true[, mask]). While the best λ is the smallest or largest of the grid, the grid is
     extended beyond it by the ratio of its two outermost values (at most ``extend`` times), so
-    that the returned optimum lies inside the searched range. Returns the best λ, its PSNR and
-    the whole curve (sorted by λ).
+    that the returned optimum lies inside the searched range (``result.interior``); a
+    ``GridEdgeWarning`` says when ``extend`` extensions did not suffice. Returns the best λ, its
+    PSNR and the whole curve (sorted by λ).
     """
     batch = tuple(data.batch()) if isinstance(data, DegradedImages) else tuple(data)
     y, x_true, _ = _split_batch(batch)
@@ -309,4 +321,13 @@ def grid_search_tv(
         results[new] = score(new)
     lams = sorted(results)
     best = max(lams, key=results.__getitem__)
-    return GridSearchResult(best, results[best], lams, [results[lam] for lam in lams])
+    result = GridSearchResult(best, results[best], lams, [results[lam] for lam in lams])
+    if len(lams) > 1 and not result.interior:
+        warnings.warn(
+            f"the best TV strength {best:g} is the edge of the searched range "
+            f"[{lams[0]:g}, {lams[-1]:g}] after {extend} extensions: the optimum may lie beyond "
+            "it (widen the grid or allow more extensions)",
+            GridEdgeWarning,
+            stacklevel=2,
+        )
+    return result

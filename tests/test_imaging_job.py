@@ -175,3 +175,14 @@ def test_job_config_builds_runs_like_the_command_line():
         job_config("denoise", filterz=3)
     with pytest.raises(BilevelError, match="unknown imaging task"):
         job_config("segment")
+
+
+def test_the_deblurring_tv_baseline_is_tuned_inside_its_grid():
+    """Deblurring at noise 5/255: TV's optimum on the training crops lies below the job's grid,
+    which is extended until the best λ has a searched strength on each side."""
+    from bilevel.imaging.config import job_config
+    from bilevel.imaging.job import TV_GRID, build, tune_tv
+
+    tv = tune_tv(build(job_config("deblur", crop=16, train_size=4, test_size=1, val_size=0)))
+    assert tv.interior and tv.psnr == max(tv.psnrs)
+    assert tv.strength < min(TV_GRID)  # found by extending the grid

@@ -14,7 +14,18 @@ from bilevel.imaging.apply import learned_problem, load_learned
 from bilevel.imaging.config import job_config
 from bilevel.imaging.job import build
 
-SMALL = ["--crop", "16", "--train-size", "8", "--test-size", "4", "--batch-size", "4"]
+SMALL = [
+    "--crop",
+    "16",
+    "--train-size",
+    "8",
+    "--test-size",
+    "4",
+    "--batch-size",
+    "4",
+    "--filters",
+    "8",
+]
 QUIET = ["--no-progress", "--json"]
 
 
@@ -50,13 +61,13 @@ def test_the_saved_model_reproduces_the_runs_test_psnr(denoise_run):
     regulariser, options = load_learned(denoise_run)
     assert options.job == "denoise" and options.regulariser == "foe"
     summary = json.loads((denoise_run / "summary.json").read_text())
-    setup = build(job_config("denoise", crop=16, train_size=8, test_size=4))
+    setup = build(job_config("denoise", crop=16, train_size=8, test_size=4, filters=8))
     y, x = setup.test.batch()[:2]
     problem = learned_problem(regulariser, options)
     x_hat = reconstruct(problem, (y, x), tol=3e-3)  # the job's evaluation tolerance (float32)
     learned = float(psnr(x_hat.clamp(0, 1), x).mean())
     assert learned == pytest.approx(summary["test"]["learned"]["psnr"], abs=0.02)
-    initial = build(job_config("denoise", crop=16, train_size=8, test_size=4)).problem
+    initial = build(job_config("denoise", crop=16, train_size=8, test_size=4, filters=8)).problem
     assert any(
         not torch.equal(a, b)
         for a, b in zip(regulariser.parameters(), initial.theta["regulariser"].parameters())

@@ -10,6 +10,8 @@ from bilevel.cli import main
 from bilevel.runs import read_metrics
 
 SMALL = [
+    "--filters",
+    "8",
     "--crop",
     "16",
     "--train-size",

@@ -83,7 +83,7 @@ from bilevel.imaging.tasks import (
     reconstruction_problem,
 )
 from bilevel.linear import CG
-from bilevel.lower import Nesterov
+from bilevel.lower import LBFGS, Nesterov
 from bilevel.methods import ISGD, MAID, Budget, RunResult, ranked_by, with_initial
 from bilevel.methods.optim import load_params
 from bilevel.problem import BilevelError, BilevelProblem
@@ -365,10 +365,13 @@ def tv_reconstructions(setup: Setup, strength: float) -> Tensor:
 
 def make_method(config: ImagingConfig) -> ISGD | MAID:
     """The upper-level method of the options: Adam-ISGD, ISGD or MAID, with warm-started
-    Nesterov lower solves and CG adjoints."""
+    lower solves and CG adjoints. ISGD solves the lower levels by L-BFGS, which on these
+    energies needs about a third of the oracle calls of accelerated gradient per step (the
+    job's FoE on 128 crops: 120 steps in 66k calls against 190k, same test PSNR); MAID by
+    ``Nesterov``, with which its float32 line search is tested."""
     estimator = Implicit(
         CG(max_iter=500),
-        lower_solver=Nesterov(max_iter=5000),
+        lower_solver=Nesterov(max_iter=5000) if config.method == "maid" else LBFGS(max_iter=2000),
         compute_bound=config.method == "maid",
     )
     if config.method == "maid":  # worst-case constants of ω are loose for image energies

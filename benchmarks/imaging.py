@@ -126,7 +126,8 @@ def run_learned(spec: dict[str, Any]) -> dict[str, Any]:
     if isinstance(regulariser, FieldsOfExperts):
         calibrate_foe_weights(regulariser, tune_tv(setup).strength)
     start = time.perf_counter()
-    result = make_method(args).run(
+    method = make_method(args)
+    result = method.run(
         setup.problem,
         with_initial(setup.train, lambda b: b[0].clone()),
         Budget(oracle_calls=args.budget, wall_time=args.time),
@@ -156,6 +157,7 @@ def run_learned(spec: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 1),
         "curve": curve,
         "validation_best": chosen,
+        "lower_solver": type(method.estimator.lower_solver).__name__,
     }
 
 
@@ -556,7 +558,8 @@ def report_restoration(res: dict, docs: Path, study: str) -> list[str]:
         "",
         f"{problem}, {s['train']} training / {s['test']} test crops of {s['crop']} px; "
         f"{FOE_DESCRIPTION}, trained by Adam-ISGD (step {s['step']}, accuracy "
-        f"10⁻¹/(k+1)^½, batch {s['batch']}) with a budget of {s['budget']} oracle calls. TV's λ "
+        f"10⁻¹/(k+1)^½, batch {s['batch']}, lower solver {run.get('lower_solver', 'Nesterov')}) "
+        f"with a budget of {s['budget']} oracle calls. TV's λ "
         f"is the best of {len(lams)} strengths from {min(lams):g} to {max(lams):g} (the job's "
         "grid, extended past an edge optimum) on the training crops, "
         f"{where} the searched range.",
@@ -663,8 +666,9 @@ def write_report(results: dict, md: Path, total: dict) -> None:
         "",
         "Cost is counted in oracle calls, per image: lower-level gradient evaluations + "
         "Hessian-vector products (the papers' 'lower-level + CG iterations'), including "
-        "every call of MAID's failed line-search trials. Lower solver Nesterov, adjoint "
-        "solver CG, warm starts per sample. TV is smoothed TV (ν = 0.01) with λ chosen on the "
+        "every call of MAID's failed line-search trials. Lower solver Nesterov (the job's "
+        "ISGD now uses L-BFGS: the runs recorded with it say so), adjoint solver CG, warm "
+        "starts per sample. TV is smoothed TV (ν = 0.01) with λ chosen on the "
         f"grid {list(TV_GRID)} by mean PSNR on the training crops, then evaluated on the test "
         "crops.",
         "",

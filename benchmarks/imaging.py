@@ -669,8 +669,8 @@ def write_report(results: dict, md: Path, total: dict) -> None:
         "every call of MAID's failed line-search trials. Lower solver Nesterov (the job's "
         "ISGD now uses L-BFGS: the runs recorded with it say so), adjoint solver CG, warm "
         "starts per sample. TV is smoothed TV (ν = 0.01) with λ chosen on the "
-        f"grid {list(TV_GRID)} by mean PSNR on the training crops, then evaluated on the test "
-        "crops.",
+        f"grid {list(TV_GRID)}, extended while its best λ is at an edge, by mean PSNR on the "
+        "training crops, then evaluated on the test crops.",
         "",
         "**Scale.** These runs are far smaller than the papers' setting (conference version: "
         "10-filter 7×7 colour FoE, 250 training / 50 test STL-10 images of 96×96, batch 64, "

@@ -537,7 +537,7 @@ class AdjointEstimator(HypergradientEstimator):
             delta=delta,
             lower=sol,
             linear=linear,
-            mu=float(mu.min()),
+            mu=mu_report.value,  # the smallest μ_i
             mu_estimated=mu_estimated,
             cost=lower.cost,
             constants=constants,

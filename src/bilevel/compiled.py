@@ -475,8 +475,10 @@ class CompiledCG:
                 if compiled:
                     op.lower.cost.hvps += steps * n
                 k += steps
-                for j in range(min(steps, RITZ_STEPS - len(state.hist))):
-                    state.hist.append((state.index, alpha[:, j], beta[:, j]))
+                keep = min(steps, RITZ_STEPS - len(state.hist))
+                if keep > 0:  # the coefficients of each iteration (views; one unbind each)
+                    cols = zip(alpha.unbind(1)[:keep], beta.unbind(1)[:keep])
+                    state.hist.extend((state.index, al, be) for al, be in cols)
                 bad, n_active = (int(v) for v in flags.tolist())  # one synchronisation
                 if bad:  # raises, naming the instance and iteration
                     state.chunk.append((act, php, alpha, rr_t))

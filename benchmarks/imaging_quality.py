@@ -26,6 +26,7 @@ model's mean test scores at its own σ in its pretrained record.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -45,6 +46,7 @@ from bilevel.imaging import (
     ssim,
 )
 from bilevel.imaging.pretrained_models import MODEL_DIR, model_info
+from bilevel.imaging.ridge import retain_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bsds300"
@@ -64,6 +66,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--tol", type=float, default=1e-4, help="RMS gradient tolerance (default: 1e-4)")
     a("--max-iter", type=int, default=3000)
     a("--seed", type=int, default=0)
+    a(
+        "--cache",
+        default=None,
+        help="JSON-lines file of scores already computed (read, and appended to): reruns "
+        "add only what is missing, and several processes may share it",
+    )
     a("--threads", type=int, default=1)
     a("--device", default="cpu")
     a("--json", default=str(ROOT / "docs" / "benchmarks_imaging_quality.json"))
@@ -75,6 +83,37 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="evaluate nothing: write --markdown / --record from the results in --json",
     )
     return p.parse_args(argv)
+
+
+class Cache:
+    """Scores and tuned strengths already computed, one JSON object per line
+    ``{"key": ..., "value": ...}`` (the last line of a key wins). A key names everything the
+    value depends on (σ, image, noise seed, method and its settings; a shipped model by the
+    digest of its weights), so a stale entry is never reused. Lines are appended whole, so
+    processes evaluating different methods can share one file."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self.entries: dict[str, object] = {}
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry["value"]
+
+    def get(self, key: str):
+        return self.entries.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.entries[key] = value
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "value": value}) + "\n")
+
+
+def model_digest(name: str) -> str:
+    """The first 12 hex digits of the SHA-256 of the shipped model's weights file."""
+    return hashlib.sha256((MODEL_DIR / f"{name}.pt").read_bytes()).hexdigest()[:12]
 
 
 def noisy(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
@@ -89,16 +128,41 @@ def solve(regulariser, y: torch.Tensor, args: argparse.Namespace) -> torch.Tenso
     return reconstruct(problem, (y, y), x0=y, tol=tol, max_iter=args.max_iter)
 
 
+def denoiser(regulariser, args: argparse.Namespace):
+    """y ↦ the reconstruction of ``regulariser`` (see :func:`solve`)."""
+    return lambda y: solve(regulariser, y, args)
+
+
+def bm3d_denoiser(bm3d, sigma: float):
+    """y ↦ ``bm3d.bm3d(y, sigma_psd=σ/255)`` (float64 NumPy in, y's dtype out)."""
+
+    def denoise(y: torch.Tensor) -> torch.Tensor:
+        est = bm3d.bm3d(y[0, 0].double().cpu().numpy(), sigma_psd=sigma / 255.0)
+        return torch.as_tensor(est, dtype=y.dtype).view_as(y).to(y.device)
+
+    return denoise
+
+
 def scores(x: torch.Tensor, clean: torch.Tensor) -> tuple[float, float]:
     x = x.clamp(0, 1)
     return float(psnr(x, clean)[0]), float(ssim(x, clean)[0])
 
 
-def tune_tv(train: list[torch.Tensor], sigma: float, args: argparse.Namespace) -> float:
+def tune_tv(
+    train: list[torch.Tensor], sigma: float, args: argparse.Namespace, cache: Cache
+) -> float:
     """λ of :data:`TV_GRID` with the best mean PSNR on random training crops."""
+    key = (
+        f"tune-tv σ={sigma:g} crops={args.tune_crops}x{args.tune_crop_size} seed={args.seed} "
+        f"grid={','.join(f'{g:g}' for g in TV_GRID)}"
+    )
+    if cache.get(key) is not None:
+        return float(cache.get(key))
     crops = random_crops(train, args.tune_crop_size, args.tune_crops, generator=args.seed)
     y = noisy(crops, sigma, args.seed + 7 + int(sigma))
-    return grid_search_tv((y, crops), TV_GRID, max_iter=2000, tol=1e-3).strength
+    strength = grid_search_tv((y, crops), TV_GRID, max_iter=2000, tol=1e-3).strength
+    cache.put(key, strength)
+    return strength
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -111,6 +175,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     train = load_image_folder(data / "train", color=False)
     sigmas = [float(s) for s in args.sigmas.split(",") if s]
     models = [m for m in args.models.split(",") if m]
+    cache = Cache(args.cache)
     bm3d = None
     if not args.no_bm3d:
         try:
@@ -127,33 +192,34 @@ def evaluate(args: argparse.Namespace) -> dict:
     }
     for sigma in sigmas:
         start = time.perf_counter()
-        lam = tune_tv(train, sigma, args)
+        lam = tune_tv(train, sigma, args, cache)
         seeds = [args.seed + 1000 * int(round(sigma)) + i for i in range(len(test))]
         methods: dict[str, dict[str, list[float]]] = {}
 
-        def add(name: str, x: torch.Tensor, clean: torch.Tensor, into: dict = methods) -> None:
-            p, s = scores(x, clean)
-            into.setdefault(name, {"psnr": [], "ssim": []})
-            into[name]["psnr"].append(p)
-            into[name]["ssim"].append(s)
-
-        learned = {}
+        solver = f"tol={args.tol:g} max-iter={args.max_iter}"
+        tv = SmoothedTV(strength=lam)
+        jobs = [("noisy", "noisy", lambda y: y)]
+        jobs.append(("TV", f"TV λ={lam:g} ν={float(tv.smoothing):g} {solver}", denoiser(tv, args)))
+        if bm3d is not None:
+            jobs.append(("BM3D", "BM3D", bm3d_denoiser(bm3d, sigma)))
         for name in models:
             reg = pretrained(name)
             if hasattr(reg, "set_noise_level"):
                 reg.set_noise_level(sigma / 255.0)
-            learned[name] = reg
-        tv = SmoothedTV(strength=lam)
+            key = f"model={name}@{model_digest(name)} {solver}"
+            jobs.append((name, key, denoiser(reg, args)))
         for i, (clean, seed) in enumerate(zip(test, seeds)):
             x = clean.unsqueeze(0)
             y = noisy(x, sigma, seed)
-            add("noisy", y, x)
-            add("TV", solve(tv, y, args), x)
-            if bm3d is not None:
-                est = bm3d.bm3d(y[0, 0].double().cpu().numpy(), sigma_psd=sigma / 255.0)
-                add("BM3D", torch.as_tensor(est, dtype=x.dtype).view_as(x).to(x.device), x)
-            for name, reg in learned.items():
-                add(name, solve(reg, y, args), x)
+            prefix = f"σ={sigma:g} image={test_files[i].name} noise-seed={seed}"
+            for name, key, denoise in jobs:
+                value = cache.get(f"{prefix} {key}")
+                if value is None:
+                    value = scores(denoise(y), x)
+                    cache.put(f"{prefix} {key}", value)
+                methods.setdefault(name, {"psnr": [], "ssim": []})
+                methods[name]["psnr"].append(value[0])
+                methods[name]["ssim"].append(value[1])
             line = ", ".join(f"{k} {v['psnr'][-1]:.2f}" for k, v in methods.items())
             print(f"σ = {sigma:g}, image {i + 1}/{len(test)} ({test_files[i].name}): {line}")
         for v in methods.values():
@@ -292,6 +358,7 @@ def record(result: dict, name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # full-size images: reuse the response tensors' pages
     if args.report_only:
         result = json.loads(Path(args.json).read_text(encoding="utf-8"))
     else:

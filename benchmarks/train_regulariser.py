@@ -47,6 +47,53 @@ from bilevel.methods import with_initial
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 TV_GRID = (0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3)
+#: Training patches (the first ones; they are random) on which TV's strength is tuned.
+TV_TUNE = 256
+#: Step factors per parameter group: the filters' entries (layers.*) are O(1/size) numbers
+#: whose Adam steps of α_k each would change the composite filters by O(α_k · size) per step,
+#: so they take a smaller factor; the log-parametrised potentials and scalings move by α_k.
+GROUP_STEPS = "layers=0.05"
+
+
+def group_factors(spec: str) -> list[tuple[str, float]]:
+    """``"layers=0.05,log_slopes=1"`` → [("layers", 0.05), ("log_slopes", 1.0)]."""
+    out = []
+    for item in (s for s in spec.split(",") if s.strip()):
+        prefix, _, factor = item.partition("=")
+        try:
+            out.append((prefix.strip(), float(factor)))
+        except ValueError:
+            sys.exit(f"train_regulariser: --group-steps wants PREFIX=FACTOR, got {item!r}")
+    return out
+
+
+class GroupScaledAdam(torch.optim.Adam):
+    """Adam whose parameter groups take ``factor`` × the learning rate the method sets."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        rates = [g["lr"] for g in self.param_groups]
+        for g in self.param_groups:
+            g["lr"] = g["lr"] * g["factor"]
+        try:
+            return super().step(closure)
+        finally:
+            for g, lr in zip(self.param_groups, rates):
+                g["lr"] = lr
+
+
+def adam_factory(model: torch.nn.Module, spec: str):
+    """``factory(params)`` for ISGD: one Adam group per parameter with its step factor."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    factors = group_factors(spec)
+
+    def factor(name: str) -> float:
+        return next((f for prefix, f in factors if name.startswith(prefix)), 1.0)
+
+    def make(params):
+        groups = [{"params": [p], "factor": factor(names.get(id(p), ""))} for p in params]
+        return GroupScaledAdam(groups, lr=1e-3)
+
+    return make
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +113,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--batch-size", type=int, default=16)
     a("--step", type=float, default=2e-2, help="Adam step α₀ (default: 2e-2)")
     a("--power", type=float, default=0.25, help="α_k = α₀/(k+1)^power (default: 0.25)")
+    a(
+        "--group-steps",
+        default=GROUP_STEPS,
+        help="per parameter group factors of α_k, PREFIX=FACTOR,... matched against the "
+        f"parameter names (first match; others 1) (default: {GROUP_STEPS})",
+    )
     a("--accuracy", default="poly:1e-1,0.5", help="ε_k = δ_k schedule (default: poly:1e-1,0.5)")
     a("--budget", type=int, default=200_000, help="oracle calls (default: 200000)")
     a("--steps", type=int, default=None, help="upper-level steps at most")
@@ -173,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(args.device, dtype)
     run_dir = Path(args.run_dir)
     start = time.perf_counter()
-    # Start at smoothed isotropic TV of the strength tuned on the training patches.
-    tv = grid_search_tv(train.batch(), TV_GRID, max_iter=1000, tol=1e-3)
+    # Start at smoothed isotropic TV of the strength tuned on (the first) training patches.
+    tv = grid_search_tv(
+        train.batch(torch.arange(min(TV_TUNE, len(train)))), TV_GRID, max_iter=1000, tol=1e-3
+    )
     if not args.resume:
         calibrate_ridge_strength(model, tv.strength)
     print(f"TV tuned on the training patches: λ = {tv.strength:g}, {tv.psnr:.2f} dB", flush=True)
@@ -195,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         step=f"poly:{args.step},{args.power}",
         accuracy=args.accuracy,
         batch_size=min(args.batch_size, len(train)),
-        optimizer="adam",
+        optimizer=adam_factory(model, args.group_steps),
         estimator=Implicit(
             CG(max_iter=500), lower_solver=Nesterov(max_iter=5000), compute_bound=False
         ),

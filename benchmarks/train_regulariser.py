@@ -43,7 +43,8 @@ from bilevel.imaging import (
 )
 from bilevel.imaging.job import calibrate_ridge_strength
 from bilevel.imaging.pretrained_models import reference_check, save_pretrained
-from bilevel.methods import with_initial
+from bilevel.methods import ranked_by, with_initial
+from bilevel.methods.optim import load_params
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 TV_GRID = (0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3)
@@ -209,6 +210,17 @@ def export_run(run_dir: Path, name: str) -> Path:
     return save_pretrained(model, name, info)
 
 
+def record_command(run_dir: Path, argv: list[str], resume: bool) -> list[list[str]]:
+    """Append ``argv`` to the run's ``commands.json`` (a fresh run starts it); returns all of
+    them, the command that started the run first."""
+    path = run_dir / "commands.json"
+    commands = json.loads(path.read_text()) if resume and path.is_file() else []
+    commands.append(list(argv))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(commands, indent=1) + "\n")
+    return commands
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.from_run:
@@ -225,13 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     model, kwargs = build_model(args)
     model = model.to(args.device, dtype)
     run_dir = Path(args.run_dir)
+    commands = record_command(run_dir, argv if argv is not None else sys.argv[1:], args.resume)
     start = time.perf_counter()
     # Start at smoothed isotropic TV of the strength tuned on (the first) training patches.
     tv = grid_search_tv(
         train.batch(torch.arange(min(TV_TUNE, len(train)))), TV_GRID, max_iter=1000, tol=1e-3
     )
-    if not args.resume:
-        calibrate_ridge_strength(model, tv.strength)
+    calibrate_ridge_strength(model, tv.strength)  # θ₀ (a resumed run then loads its θ)
     print(f"TV tuned on the training patches: λ = {tv.strength:g}, {tv.psnr:.2f} dB", flush=True)
     problem = reconstruction_problem(model)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -263,10 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         budget,
         run_dir=run_dir,
         resume=args.resume,
-        evaluate=evaluate,
+        evaluate=ranked_by(evaluate, "val_psnr", "max"),
         eval_every=args.eval_every,
         progress=False,
     )
+    if result.best_theta is not None:  # the θ with the best validation PSNR
+        load_params(problem.params, list(result.best_theta))
     final = evaluate(problem.theta, result.step)
     tv_problem = reconstruction_problem(SmoothedTV(tv.strength).to(args.device, dtype))
     x_tv = reconstruct(tv_problem, val_batch, tol=3e-3)
@@ -275,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": result.step,
         "oracle_calls": result.cost,
         "status": result.status,
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "wall_time_s": round(result.wall_time, 1),
+        "process_time_s": round(time.perf_counter() - start, 1),
+        "exported_step": (result.best or {}).get("step", result.step),
         "tv_strength": tv.strength,
         "val_psnr": {
             "noisy": float(psnr(val_batch[0].clamp(0, 1), val_batch[1]).mean()),
@@ -296,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             "description": f"{args.model} with {args.filters} filters of "
             f"{args.filter_size}×{args.filter_size}, grayscale, σ = {args.sigma:g}/255",
             "training": {
-                "command": "python benchmarks/train_regulariser.py "
-                + " ".join(argv if argv is not None else sys.argv[1:]),
+                "command": "python benchmarks/train_regulariser.py " + " ".join(commands[0]),
+                "resumed_with": [" ".join(c) for c in commands[1:]],
                 "config": config,
                 "data": f"{args.patches} random {args.patch}px patches of the BSDS300 training "
                 f"images (last {args.val_images} held out for {args.val_patches} validation "

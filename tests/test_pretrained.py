@@ -28,7 +28,18 @@ def test_shipped_model_reproduces_its_recorded_reconstruction(name):
     info = pm.model_info(name)
     for key in ("class", "kwargs", "sigma", "training", "check", "description"):
         assert key in info, key
-    assert {"command", "config", "data", "seed"} <= set(info["training"])
+    training = info["training"]
+    assert {"command", "config", "data", "seed"} <= set(training)
+    assert training["command"].startswith(("python benchmarks/", "bilevel denoise"))
+    assert isinstance(training["seed"], int) and training["data"]
+    # measured test scores on held-out images, with the command and noise seeds that made them
+    test = info["test"]
+    assert {"set", "images", "psnr", "ssim", "baselines_psnr", "noise_seeds", "command"} <= set(
+        test
+    )
+    assert test["images"] == len(test["noise_seeds"]) >= 1
+    assert test["psnr"] > test["baselines_psnr"]["noisy"] + 3
+    assert test["command"].startswith("python benchmarks/imaging_quality.py")
     model = pretrained(name)
     check = pm.reference_check(model, float(info["sigma"]))
     assert check["psnr"] == pytest.approx(info["check"]["psnr"], abs=0.01)

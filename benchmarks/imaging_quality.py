@@ -1,7 +1,7 @@
 """Denoising quality on the BSDS300 test images: noisy, tuned TV, BM3D and learned models.
 
     python benchmarks/imaging_quality.py [--images 100] [--sigmas 15,25,50] \
-        [--models NAME,...] [--no-bm3d] [--record NAME]
+        [--models NAME,...] [--model-sigmas 25] [--no-bm3d] [--cache FILE] [--record NAME]
 
 For each of the (first ``--images``, sorted by file name) grayscale test images of
 ``DATA/test`` at full size and each noise level σ (0-255 scale), the noisy image is
@@ -19,7 +19,10 @@ s = ``--seed`` + 1000·σ + i for the i-th image (seeds recorded in the JSON). M
 Reconstructions solve the lower level to a root-mean-square gradient of ``--tol`` (float32,
 stopped earlier when the float32 rounding floor is reached). PSNR and SSIM (clipped to [0, 1])
 per image and their means go to ``--json`` (default ``docs/benchmarks_imaging_quality.json``);
-``--markdown`` writes the report with the table and a figure. ``--record NAME`` stores the
+``--markdown`` writes the report with the table and a figure. ``--cache FILE`` keeps every
+per-image score (and each tuned TV strength) under a key that names all it depends on, so a
+rerun computes only what is missing and processes that evaluate different models can share
+the file. ``--record NAME`` stores the
 model's mean test scores at its own σ in its pretrained record.
 """
 

@@ -8,11 +8,14 @@ Data: random ``--patch``-pixel patches of the grayscale images in ``DATA/train``
 BSDS300 training images), noise frozen per patch (seeded); the images are split by file
 (``--val-images`` of them held out) into training patches and validation patches. Upper
 level: Adam-ISGD (the library's ``ISGD(optimizer="adam")``) with implicit hypergradients
-(warm-started Nesterov lower solves, CG adjoints), step α_k = α₀/(k+1)^p, checkpoints in the
-run directory (``--resume`` continues the run). The validation PSNR is logged every
-``--eval-every`` steps together with each parameter group's distance from its initial value
-(so that a group that does not move is seen). ``--export NAME`` writes the final model with
-its configuration, data, seed and validation PSNR to the package's pretrained-model folder
+(warm-started Nesterov lower solves, CG adjoints), step α_k = α₀/(k+1)^p times a factor per
+parameter group (``--group-steps``), checkpoints in the run directory (``--resume`` continues
+the run; ``--time`` limits its wall time, evaluations excluded, over all resumes). The
+validation PSNR is logged every ``--eval-every`` steps together with each parameter group's
+distance from its initial value (so that a group that does not move is seen); the run keeps
+the θ with the best validation PSNR. ``--export NAME`` (also with ``--resume`` of a finished
+run) writes that model with its configuration, data, seed, the command that started the run
+(and its resumes) and validation PSNR to the package's pretrained-model folder
 (``bilevel.imaging.pretrained``); test scores are added by ``benchmarks/imaging_quality.py
 --record NAME``.
 """

@@ -18,8 +18,9 @@ s = ``--seed`` + 1000·σ + i for the i-th image (seeds recorded in the JSON). M
 
 Reconstructions solve the lower level to a root-mean-square gradient of ``--tol`` (float32,
 stopped earlier when the float32 rounding floor is reached). PSNR and SSIM (clipped to [0, 1])
-per image and their means go to ``--json`` (default ``docs/benchmarks_imaging_quality.json``);
-``--markdown`` writes the report with the table and a figure. ``--cache FILE`` keeps every
+per image and their means go to ``--json`` (default
+``docs/benchmarks_imaging_quality_results.json``); ``--markdown`` writes the report with the
+table and a figure. ``--cache FILE`` keeps every
 per-image score (and each tuned TV strength) under a key that names all it depends on, so a
 rerun computes only what is missing and processes that evaluate different models can share
 the file. ``--record NAME`` stores the
@@ -82,7 +83,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a("--threads", type=int, default=1)
     a("--device", default="cpu")
-    a("--json", default=str(ROOT / "docs" / "benchmarks_imaging_quality.json"))
+    a("--json", default=str(ROOT / "docs" / "benchmarks_imaging_quality_results.json"))
     a("--markdown", default=None, help="write the report here (with a figure beside it)")
     a("--record", default=None, help="store the test scores in pretrained model NAME's record")
     a(

@@ -313,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             "kwargs": kwargs,
             "sigma": args.sigma,
             "description": f"{args.model} with {args.filters} filters of "
-            f"{args.filter_size}×{args.filter_size}, grayscale, σ = {args.sigma:g}/255",
+            f"{args.filter_size}×{args.filter_size}, "
+            + (f"ρ_max = {args.max_weak_convexity:g}, " if args.model == "wcrr" else "")
+            + f"grayscale, σ = {args.sigma:g}/255",
             "training": {
                 "command": "python benchmarks/train_regulariser.py " + " ".join(commands[0]),
                 "resumed_with": [" ".join(c) for c in commands[1:]],

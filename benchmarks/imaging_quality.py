@@ -283,7 +283,9 @@ def markdown(result: dict, path: Path) -> None:
                 f"| {sigma} | {r['tv_strength']:g} | {name} | {v['mean_psnr']:.2f} | "
                 f"{v['mean_psnr'] - tv:+.2f} | {v['mean_ssim']:.4f} |"
             )
-    lines += ["", *targets(result), "", *training_notes(cfg["models"]), ""]
+    lines += ["", *targets(result), "", *training_notes(cfg["models"])]
+    lines += ["How the models were trained and why targets are missed: ", ""]
+    lines[-2] += "[benchmarks_imaging_quality.md](benchmarks_imaging_quality.md)."
     fig = new_figure(10, 3.8)
     gain_axes(fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2), result)
     figure = path.with_suffix(".png")
@@ -318,7 +320,8 @@ def gain_axes(left, right, result: dict) -> None:
     left.axhline(0, color="k", lw=0.8)
     left.axhline(1.0, color="grey", lw=0.8, ls="--")
     left.set_ylabel("mean PSNR − TV (dB)")
-    left.set_title("mean gain over tuned TV (dashed: +1 dB)", fontsize=9)
+    n = len(result["images"])
+    left.set_title(f"mean gain over tuned TV, {n} images (dashed: +1 dB)", fontsize=9)
     left.legend(fontsize=7)
     s = "25" if "25" in result["results"] else sigmas[0]
     m = result["results"][s]["methods"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import math
 import os
 import sys
@@ -129,6 +130,29 @@ class Shard:
         of a per-row mean computed on each rank's block (or a minibatch drawn from it)."""
         start, stop = self.block(n)
         return self.sum(t * ((stop - start) / n))
+
+    def sum_all(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Σ over ranks of each tensor, in one all-reduce of their concatenation (in their
+        common dtype); each result has its tensor's shape, dtype and device."""
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+        flat = torch.cat([t.detach().reshape(-1).to(self.device, dtype) for t in tensors])
+        self._collective("an all-reduce", lambda: dist.all_reduce(flat))
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset : offset + t.numel()].reshape(t.shape).to(t.device, t.dtype))
+            offset += t.numel()
+        return out
+
+    def combine_all(self, parts: Sequence[tuple[Tensor, int | None]]) -> list[Tensor]:
+        """:meth:`combine` of every (t, n) of ``parts`` (n None: the plain sum over ranks), in
+        one all-reduce (:meth:`sum_all`): a step's reductions cost one synchronisation."""
+        scaled = []
+        for t, n in parts:
+            if n is not None:
+                start, stop = self.block(n)
+                t = t * ((stop - start) / n)
+            scaled.append(t)
+        return self.sum_all(scaled)
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Σ over ranks of each number (one all-reduce in float64)."""

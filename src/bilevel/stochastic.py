@@ -60,7 +60,7 @@ import copy
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -526,13 +526,24 @@ class VarianceReducedFixedPoint:
         """Whether an anchor is held."""
         return self._anchor is not None
 
-    def _take_anchor(self, phi: LowerMap, x: Tensor, key: tuple[Any, ...]) -> None:
-        theta = snapshot_theta(phi.problem.theta)
+    def _take_anchor(self, x: Tensor, theta: Any, key: tuple[Any, ...]) -> None:
+        """Anchor at (x, θ); its full gradient comes with the step's minibatch gradients
+        (:meth:`_gradient`)."""
         self._anchor = x.detach().clone()
-        self._anchor_theta = theta
-        self._anchor_gradient = phi.full_gradient(self._anchor, theta)
+        self._anchor_theta = snapshot_theta(theta)
+        self._anchor_gradient = None
         self._anchor_key = key
         self._since_refresh = 0
+
+    def _gradient(self, phi: LowerMap, x: Tensor, idx: Tensor) -> Tensor:
+        """g̃(x) on the minibatch ``idx``; the anchor's full gradient too when it has none yet
+        (data parallel: the three gradients in one all-reduce)."""
+        anchor = (self._anchor, self._anchor_theta)
+        full = anchor if self._anchor_gradient is None else None
+        g, g_anchor, *rest = phi.gradients(idx, [(x, None), anchor], full)
+        if rest:
+            self._anchor_gradient = rest[0]
+        return g - g_anchor + self._anchor_gradient
 
     def solve(
         self,
@@ -559,10 +570,8 @@ class VarianceReducedFixedPoint:
         residual = math.nan
         for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
-                self._take_anchor(phi, x, key)
-            idx = phi.draw(x.device)
-            g = phi.gradient(x, idx) - phi.gradient(self._anchor, idx, self._anchor_theta)
-            g = g + self._anchor_gradient
+                self._take_anchor(x, phi.problem.theta, key)
+            g = self._gradient(phi, x, phi.draw(x.device))
             if tol is not None:
                 residual = eta * _max_norm(g)
                 if residual <= tol:
@@ -741,11 +750,9 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
         residual = math.nan
         for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
-                self._take_anchor(phi, x, key)
+                self._take_anchor(x, theta, key)
                 self._refreshes += 1
-            idx = phi.draw(x.device)
-            g = phi.gradient(x, idx) - phi.gradient(self._anchor, idx, self._anchor_theta)
-            g = g + self._anchor_gradient
+            g = self._gradient(phi, x, phi.draw(x.device))
             if tol is not None:
                 residual = eta * _max_norm(g)
                 if residual <= tol:
@@ -944,10 +951,14 @@ class PreconditionedSVRGLinear:
         a = self._anchor
         idx = psi.draw(v.device)
         if a["current"]:
-            hv = psi.matvec(v - a["v"], idx) + a["hv"]
+            (hv,), rhs = psi.products(idx, [(v - a["v"], None, None)])
+            hv = hv + a["hv"]
         else:
-            hv = psi.matvec(v, idx) - psi.matvec(a["v"], idx, a["w"], a["theta"]) + a["hv"]
-        return psi.rhs() - psi.step * hv
+            (hv, hv_anchor), rhs = psi.products(
+                idx, [(v, None, None), (a["v"], a["w"], a["theta"])]
+            )
+            hv = hv - hv_anchor + a["hv"]
+        return rhs - psi.step * hv
 
     def _refine(
         self, psi: AdjointMap, v: Tensor, key: tuple[Any, ...], tol: float | None, t: int
@@ -1086,6 +1097,13 @@ def _combined(t: Tensor, n: int) -> Tensor:
     return t if shard is None else shard.combine(t, n)
 
 
+def _combined_all(*parts: tuple[Tensor, int | None]) -> list[Tensor]:
+    """:func:`_combined` of every (t, n) (n None: the plain sum over the processes), data
+    parallel in one all-reduce (:meth:`bilevel.distributed.Shard.combine_all`); else the t."""
+    shard = distributed.current()
+    return [t for t, _ in parts] if shard is None else shard.combine_all(parts)
+
+
 def _exact_upper(problem: BilevelProblem, w: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
     """:func:`~bilevel.autodiff.upper_gradients` of the exact upper loss (f, ∇_w f, ∇_θ f);
     data parallel with ``finite_sum.upper_loss``, each process's block of the upper samples,
@@ -1108,7 +1126,7 @@ def _exact_upper(problem: BilevelProblem, w: Tensor) -> tuple[Tensor, Tensor, li
     grad_theta = [
         torch.zeros_like(p) if g is None else g / w.shape[0] for p, g in zip(params, grads[1:])
     ]
-    combined = [_combined(t, n_up) for t in (loss.detach(), grads[0], *grad_theta)]
+    combined = _combined_all(*[(t, n_up) for t in (loss.detach(), grads[0], *grad_theta)])
     return combined[0], combined[1], combined[2:]
 
 
@@ -1157,13 +1175,17 @@ class _SampledHessian:
             (self._g,) = torch.autograd.grad(e.sum(), self._w, create_graph=True)
 
     def __call__(self, v: Tensor) -> Tensor:
+        return _combined(self.local(v), self.n)
+
+    def local(self, v: Tensor) -> Tensor:
+        """This process's product (data parallel: on its share of I), not combined."""
         hv = None
         if self._g.requires_grad:  # else ∇ĥ is constant in w: Ĥ = 0
             with torch.enable_grad():
                 (hv,) = torch.autograd.grad(
                     self._g, self._w, v, retain_graph=True, allow_unused=True
                 )
-        return _combined(torch.zeros_like(v) if hv is None else hv.detach(), self.n)
+        return torch.zeros_like(v) if hv is None else hv.detach()
 
 
 class _Curvature:
@@ -1195,8 +1217,8 @@ class _Curvature:
             hessian = _SampledHessian(self.problem, w, theta, idx)
             for _ in range(_HUTCHINSON_PROBES):
                 z = (torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w)
-                d += z * hessian(z)
-            d /= _HUTCHINSON_PROBES
+                d += z * hessian.local(z)
+            d = _combined(d / _HUTCHINSON_PROBES, n)  # linear in the products: one all-reduce
             self.cost.hvps += _HUTCHINSON_PROBES * w.shape[0] * b / n
         if not bool(torch.isfinite(d).all()):
             raise NonFiniteError("the Hessian diagonal of the lower level is NaN or infinite")
@@ -1269,6 +1291,20 @@ class LowerMap:
         """∇_w ĥ(w, θ; I) on the minibatch ``index`` (default: a fresh one), shape of w
         (detached). ``theta`` defaults to the problem's current θ (a snapshot may be passed)."""
         idx = self.draw(w.device) if index is None else index
+        return _combined(self._local_gradient(w, idx, theta), self.n)
+
+    def gradients(
+        self, index: Tensor, points: Sequence[tuple[Tensor, Any]], full: tuple[Tensor, Any] | None
+    ) -> list[Tensor]:
+        """∇_w ĥ(w, θ; I) at every (w, θ) of ``points`` (θ None: the problem's) on the one
+        minibatch ``index``, then, if ``full`` is a point, ∇_w h there on all N samples; as
+        :meth:`gradient` and :meth:`full_gradient`, but data parallel in one all-reduce."""
+        local = [self._local_gradient(w, index, theta) for w, theta in points]
+        if full is not None:
+            local.append(self._local_full_gradient(*full))
+        return _combined_all(*[(g, self.n) for g in local])
+
+    def _local_gradient(self, w: Tensor, idx: Tensor, theta: Any) -> Tensor:
         theta = self.problem.theta if theta is None else theta
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
@@ -1276,11 +1312,14 @@ class LowerMap:
             e = _checked_values("finite_sum.lower_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
         self.cost.grad_evals += w.shape[0] * idx.numel() / self.n
-        return _combined(g, self.n)
+        return g
 
     def full_gradient(self, w: Tensor, theta: Any = None) -> Tensor:
         """∇_w h(w, θ) on all N samples (the problem's ``lower_energy`` with ``batch=None``),
         counting one gradient evaluation per instance."""
+        return _combined(self._local_full_gradient(w, theta), self.n)
+
+    def _local_full_gradient(self, w: Tensor, theta: Any) -> Tensor:
         theta = self.problem.theta if theta is None else theta
         block = _block(self.n)  # data parallel: this process's rows, combined
         with torch.enable_grad():
@@ -1292,7 +1331,7 @@ class LowerMap:
             e = _checked_values("lower_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
         self.cost.grad_evals += w.shape[0] * _share(self.n)
-        return _combined(g, self.n)
+        return g
 
     def hessian(self, w: Tensor, index: Tensor) -> Callable[[Tensor], Tensor]:
         """v ↦ Ĥ(w, θ; I) v on the minibatch ``index`` at the problem's θ, each product
@@ -1350,11 +1389,31 @@ class AdjointMap:
     ) -> Tensor:
         """Ĥ(w, θ; I) v on the minibatch ``index`` (default: a fresh one; w and θ default to
         the map's point and the problem's θ), detached, counting B·b/N products."""
+        idx = self.draw(v.device) if index is None else index
+        return _combined(self._local_matvec(v, idx, w, theta), self.n)
+
+    def products(
+        self, index: Tensor, vectors: Sequence[tuple[Tensor, Tensor | None, Any]]
+    ) -> tuple[list[Tensor], Tensor]:
+        """([Ĥ(w', θ'; I) v' for (v', w', θ') of ``vectors``], ∇_w Ê(w; I')): the products on
+        the one lower minibatch ``index`` (w', θ' None: the map's point, the problem's θ) and
+        the right-hand side, as :meth:`matvec` and :meth:`rhs` give them, but data parallel
+        in one all-reduce."""
+        local = [self._local_matvec(v, index, w, theta) for v, w, theta in vectors]
+        parts: list[tuple[Tensor, int | None]] = [(hv, self.n) for hv in local]
+        rhs = self._local_rhs()
+        if rhs is not None:
+            parts.append(rhs)
+        reduced = _combined_all(*parts)
+        if rhs is None:
+            return reduced, self.exact_rhs
+        return reduced[:-1], reduced[-1]
+
+    def _local_matvec(self, v: Tensor, idx: Tensor, w: Tensor | None, theta: Any) -> Tensor:
         w = self.w if w is None else w
         theta = self.problem.theta if theta is None else theta
-        idx = self.draw(w.device) if index is None else index
         self.cost.hvps += w.shape[0] * idx.numel() / self.n
-        return _sample_hvp(self.problem, w, theta, v, idx)
+        return _SampledHessian(self.problem, w, theta, idx).local(v)
 
     def hessian(self, index: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """v ↦ Ĥ(w, θ; I) v at the map's point and the problem's θ on the minibatch ``index``
@@ -1374,8 +1433,14 @@ class AdjointMap:
 
     def rhs(self) -> Tensor:
         """∇_w Ê(w; I') per instance on a fresh upper minibatch (or the exact ∇_w f)."""
+        local = self._local_rhs()
+        return self.exact_rhs if local is None else _combined(*local)
+
+    def _local_rhs(self) -> tuple[Tensor, int] | None:
+        """(this process's ∇_w Ê(w; I'), n_upper) on a fresh upper minibatch; None when the
+        right-hand side is the exact ∇_w f."""
         if self.upper_batch is None:
-            return self.exact_rhs
+            return None
         w = self.w
         n_up = int(self.problem.finite_sum.n_upper)
         idx = self.sampler.draw(n_up, self.upper_batch, device=w.device)
@@ -1384,10 +1449,11 @@ class AdjointMap:
             loss = self.problem.finite_sum.upper_loss(wr, self.problem.theta, idx)
             loss = _checked_values("finite_sum.upper_loss", loss, w.shape[0])
             (g,) = torch.autograd.grad(loss.sum(), wr, allow_unused=True)
-        return _combined(torch.zeros_like(w) if g is None else g, n_up)
+        return (torch.zeros_like(w) if g is None else g), n_up
 
     def __call__(self, v: Tensor) -> Tensor:
-        return v - self.step * self.matvec(v) + self.rhs()
+        (hv,), rhs = self.products(self.draw(v.device), [(v, None, None)])
+        return v - self.step * hv + rhs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1833,8 +1899,9 @@ class SID(HypergradientEstimator):
             e = _checked_values("finite_sum.lower_energy", e, n_inst)
             (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
             jtv = torch.autograd.grad(g, params, v, allow_unused=True)
-        jtv = [None if j is None else _combined(j, n) for j in jtv]
         cost.vjps += n_inst * idx.numel() / n
+        # data parallel, one all-reduce: the products, the upper terms, the oracle calls
+        parts: list[tuple[Tensor, int | None]] = [(j, n) for j in jtv if j is not None]
         if self.upper_batch is not None:
             idx_up = samplers.final.draw(n_up, self.upper_batch, count=J, device=w.device)
             with torch.enable_grad():
@@ -1845,10 +1912,19 @@ class SID(HypergradientEstimator):
                     if up.requires_grad
                     else [None] * len(params)
                 )
-            grad_theta = [
-                _combined(torch.zeros_like(p) if t is None else t, n_up) for p, t in zip(params, gt)
-            ]
-            losses = _combined(up.detach(), n_up)
+            parts += [(torch.zeros_like(p) if t is None else t, n_up) for p, t in zip(params, gt)]
+            parts.append((up.detach(), n_up))
+        if shard is not None:  # oracle calls of every process
+            spent = [cost.grad_evals - counted[0], cost.hvps - counted[1], cost.vjps - counted[2]]
+            parts.append((torch.tensor(spent, dtype=torch.float64), None))
+        reduced = iter(_combined_all(*parts))
+        jtv = [None if j is None else next(reduced) for j in jtv]
+        if self.upper_batch is not None:
+            grad_theta = [next(reduced) for _ in params]
+            losses = next(reduced)
+        if shard is not None:
+            spent = next(reduced).tolist()
+            cost.grad_evals, cost.hvps, cost.vjps = (c + d for c, d in zip(counted, spent))
         grad = [gt if j is None else gt - (eta / n_inst) * j for gt, j in zip(grad_theta, jtv)]
         loss = float(losses.mean())
         for gr in grad:
@@ -1857,11 +1933,6 @@ class SID(HypergradientEstimator):
                     "SID stage 3: the hypergradient estimate is NaN or infinite (check the "
                     "data and θ, or the stability of stages 1 and 2)"
                 )
-        if shard is not None:  # oracle calls of every process
-            spent = shard.sum_floats(
-                [cost.grad_evals - counted[0], cost.hvps - counted[1], cost.vjps - counted[2]]
-            )
-            cost.grad_evals, cost.hvps, cost.vjps = (c + d for c, d in zip(counted, spent))
         nan = torch.full((n_inst,), math.nan, dtype=w.dtype, device=w.device)
         mu_t = problem.mu_values(batch, w)  # a function of θ is evaluated at the current θ
         mu = None if mu_t is None else float(mu_t.min())

@@ -34,6 +34,7 @@ or did not answer within the timeout) raises :class:`DistributedError` on the ot
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import functools
@@ -112,6 +113,8 @@ class Shard:
         try:
             return fn()
         except (RuntimeError, ValueError) as err:  # DistBackendError is a RuntimeError
+            global _FAILED
+            _FAILED = True
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DistributedError(
                 f"rank {self.rank} of {self.world}: {what} failed ({first}); another process "
@@ -225,6 +228,7 @@ class Shard:
 
 
 _SHARD: Shard | None = None
+_FAILED = False  # a collective of this process failed: leave without waiting for the others
 
 
 def current() -> Shard | None:
@@ -274,20 +278,27 @@ def init_from_env(timeout: float | None = None, backend: str | None = None) -> S
         device = torch.device("cuda", local)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+        atexit.register(shutdown, wait=False)
     _SHARD = Shard(dist.get_rank(), dist.get_world_size(), device, seconds)
     if _SHARD.rank != 0:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process)
     return _SHARD
 
 
-def shutdown() -> None:
-    """Leave the process group (if this module joined one). The processes first meet at a
-    barrier: one that tears down gloo while another is still in a collective aborts
-    ("terminate called without an active exception") and exits non-zero."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group (if this module joined one), first meeting the other processes
+    at a barrier when ``wait`` (and no collective of this process has failed).
+
+    :func:`init_from_env` registers ``shutdown(wait=False)`` to run at interpreter exit: a
+    process group left alive until then is torn down by C++ destructors, which abort the
+    process ("terminate called without an active exception", SIGABRT) when a peer has died.
+    Destroyed first, the process exits with its own status (1 for the command line's
+    :class:`DistributedError`)."""
     global _SHARD
     if _SHARD is not None and dist.is_initialized():
-        with contextlib.suppress(RuntimeError):  # a peer that died: nothing left to wait for
-            dist.barrier()
+        if wait and not _FAILED:
+            with contextlib.suppress(RuntimeError):  # a peer that died: nothing to wait for
+                dist.barrier()
         dist.destroy_process_group()
     _SHARD = None
 

@@ -60,6 +60,7 @@ __all__ = [
     "init_from_env",
     "is_writer",
     "on_writer",
+    "once",
     "reduce_hypergradient",
     "shutdown",
 ]
@@ -318,6 +319,15 @@ def on_writer(fn: Callable[[], T]) -> T | None:
             error = err
     shard.check(error)
     return value
+
+
+def once(fn: Callable[[], T]) -> T:
+    """``fn()`` computed by rank 0 alone, its value broadcast to every rank (``fn()`` itself
+    when not distributed): work whose result every rank needs but one rank can do, such as an
+    accurate evaluation or a grid search. An exception of rank 0 is raised on every rank."""
+    if _SHARD is None:
+        return fn()
+    return _SHARD.broadcast_object(on_writer(fn))
 
 
 def reduce_hypergradient(

@@ -143,17 +143,11 @@ def _evaluation(
 
 def _once(fn: Callable[..., T]) -> Callable[..., T]:
     """``fn`` evaluated by rank 0 alone in a data-parallel run, its value broadcast to every
-    process (:mod:`bilevel.distributed`); ``fn`` itself otherwise. The accurate evaluations
-    (F(θ) by a full L-BFGS solve, the baseline's grid) are then done once, not on every rank.
-    """
-    shard = distributed.current()
-    if shard is None:
+    process (:func:`bilevel.distributed.once`): the accurate evaluations (F(θ) by a full
+    L-BFGS solve, the baseline's grid) are done once, not on every rank."""
+    if distributed.current() is None:
         return fn
-
-    def on_rank0(*args: Any, **kwargs: Any) -> T:
-        return shard.broadcast_object(distributed.on_writer(lambda: fn(*args, **kwargs)))
-
-    return on_rank0
+    return lambda *args, **kwargs: distributed.once(lambda: fn(*args, **kwargs))
 
 
 def _with_bound_note(

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bilevel import distributed
-from bilevel.learning.models import ridge_model
+from bilevel.learning.models import _rows, ridge_model
 from bilevel.methods import ISGD, MAID, TensorSamples
 from bilevel.methods.testing import quadratic_finite_sum
 from bilevel.stochastic import (
@@ -378,3 +378,12 @@ def test_command_line_survivor_exits_with_a_message_and_the_run_resumes(tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run_dir / "result.json").read_text())["step"] == 8
+
+
+def test_a_block_of_rows_is_read_as_a_view():
+    # a process's contiguous block (SID's full gradients and exact upper terms) is not copied
+    X = torch.randn(10, 3)
+    block = _rows(X, torch.arange(2, 7))
+    assert block.data_ptr() == X[2].data_ptr() and torch.equal(block, X[2:7])
+    for idx in ([1, 3, 4], [4, 5, 5, 6], [6, 5, 4], [7]):
+        assert torch.equal(_rows(X, torch.tensor(idx)), X[idx])

@@ -142,7 +142,10 @@ SETTINGS = [
         {"aid-cg": 15, "sid": 10, "itd": 2},
         large=True,
         target_ratio=0.2,
-        sid_variants=(("SID, seed 1", {"seed": 1}),),
+        sid_variants=(
+            ("SID, seed 1", {"seed": 1}),
+            ("SID, t = k = 3, SVRG (previous default)", PREVIOUS_SID),
+        ),
     ),
     Setting(
         "sparse",
@@ -162,6 +165,7 @@ class Curve:
 
     method: str
     times: list[float] = field(default_factory=list)
+    steps_at: list[int] = field(default_factory=list)  # upper steps taken before each F
     val_loss: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
     steps: int = 0
@@ -178,6 +182,18 @@ class Curve:
             if v <= level:
                 return t
         return math.inf
+
+    def first_step_below(self, level: float) -> float:
+        """The number of upper steps after which F ≤ level was first seen (inf if never)."""
+        for k, v in zip(self.steps_at, self.val_loss):
+            if v <= level:
+                return k
+        return math.inf
+
+    @property
+    def step_time(self) -> float:
+        """Mean wall time of an upper step [s]."""
+        return self.wall / self.steps if self.steps else math.nan
 
 
 def merged(data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,14 +264,16 @@ def run_method(
         curve.inner = f"{np.mean(ts):.1f} / {np.mean(ks):.1f}"
     curve.tightened = sum(1 for r in result.records if "sid_tightened" in r)
     before = 0.0  # wall time at which θ_k was available (end of step k − 1)
-    for record in result.records:
+    for k, record in enumerate(result.records):
         if "val_loss" in record:
             curve.times.append(before)
+            curve.steps_at.append(k)
             curve.val_loss.append(float(record["val_loss"]))
             curve.test_acc.append(float(record["test_accuracy"]))
         before = float(record["wall_time"])
     if result.evaluation:
         curve.times.append(wall)
+        curve.steps_at.append(result.step)
         curve.val_loss.append(float(result.evaluation["val_loss"]))
         curve.test_acc.append(float(result.evaluation["test_accuracy"]))
     curve.refit_acc = refit_accuracy(data, model.theta, setting.eval_rtol)
@@ -411,6 +429,16 @@ def _target(r: dict[str, Any], setting: Setting) -> float:
     return r["curves"]["aid-cg"].val_loss[-1] * (1.0 + setting.slack)
 
 
+def _decomposition(label: str, sid: Curve, aid: Curve, level: float) -> str:
+    """The time ratio as (steps to the level) × (time per step): whether a method is slower
+    because its steps cost more or because it needs more of them."""
+    return (
+        f"steps to the level: {label} {fmt(sid.first_step_below(level), 0)}, AID-CG "
+        f"{fmt(aid.first_step_below(level), 0)}; time per step {1e3 * sid.step_time:.0f} ms "
+        f"against {1e3 * aid.step_time:.0f} ms (ratio {fmt(sid.step_time / aid.step_time, 2)})"
+    )
+
+
 def _method_table(r: dict[str, Any], setting: Setting) -> list[str]:
     b, sk = r["baseline"], r["sklearn"]
     target = _target(r, setting)
@@ -559,11 +587,13 @@ def report(results: dict[str, Any], splits: list[dict[str, float]], args, second
             f"{sid.val_loss[-1]:.6f}); mean t / k per step {sid.inner}; the rise guard "
             f"tightened the inner accuracy {sid.tightened} time(s)."
         )
+        verdicts.append(f"  - {_decomposition('SID', sid, aid, target)}")
         for label, c in r["variants"].items():
             t = c.first_time_below(target)
             verdicts.append(
                 f"  - {label}: ratio {fmt(t / aid_time if aid_time > 0 else math.inf, 2)}, F "
-                f"{c.val_loss[0]:.6f} → {c.val_loss[-1]:.6f}."
+                f"{c.val_loss[0]:.6f} → {c.val_loss[-1]:.6f}; "
+                f"{_decomposition(label, c, aid, target)}"
             )
         sk = r["sklearn"]
         if sk is not None:

@@ -832,7 +832,9 @@ class PreconditionedSVRGLinear:
     (up to N, where CG runs on H itself to the tolerance); the size is kept across calls.
     The preconditioner is computed at the first round, so a warm start that already meets
     the tolerance costs two minibatch products. ``iterations`` of the result are rounds (at
-    most ``max_rounds``).
+    most ``max_rounds``). The first derivative of a full Hessian graph is the full gradient
+    ∇_w h(w, θ); :meth:`pop_full_gradient` returns it, and SID makes it the anchor of a
+    variance-reduced stage 1 (:meth:`VarianceReducedFixedPoint.share_anchor`).
 
     Why: plain fixed-point steps contract by 1 − ημ per step with the global η = 1/L and keep
     the minibatch noise of Ĥ v at a floor ∝ the step (docs/benchmarks_sid.md); the

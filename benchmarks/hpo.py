@@ -45,8 +45,13 @@ computed before each timed run. Writes a markdown report and a PNG next to it. A
 minutes on 2 cores, one torch thread; ``--cache DIR`` runs the sets one at a time and
 reports them together.
 
+Fixed-step probes (``--probe STEPS --cache DIR --only SETS``, after the runs): the same
+number of upper steps for AID-CG and several SID configurations (:data:`PROBES`), reporting F
+after the steps and the CPU time per step, which separates "needs more steps" from "costs
+more per step" and is less sensitive to a loaded machine than wall time.
+
 Usage: python benchmarks/hpo.py [--out docs/benchmarks_hpo.md] [--threads 1] [--quick]
-       [--only digits mnist ...] [--no-splits] [--cache DIR]
+       [--only digits mnist ...] [--no-splits] [--cache DIR] [--probe STEPS]
 """
 
 from __future__ import annotations
@@ -157,6 +162,27 @@ SETTINGS = [
         extras=False,
     ),
 ]
+
+
+#: Fixed-step probes (``--probe STEPS``): (label, method, options of :func:`hpo_method`) run for
+#: the same number of upper steps from the common start without evaluations, so that methods
+#: compare per step (F after the same steps) and per CPU second of the process (less
+#: sensitive to other work on a shared machine than wall time). ``full_batch``: b = N.
+PROBES: dict[str, tuple[tuple[str, str, dict[str, Any]], ...]] = {
+    "digits": (
+        ("AID-CG", "aid-cg", {}),
+        ("SID", "sid", {}),
+        ("SID, full batches (b = N)", "sid", {"full_batch": True}),
+        ("SID, t = k = 3, SVRG (previous default)", "sid", PREVIOUS_SID),
+    ),
+    "synthetic": (
+        ("AID-CG", "aid-cg", {}),
+        ("SID", "sid", {}),
+        ("SID, b = 2048", "sid", {"batch_size": 2048}),
+        ("SID, b = 8192", "sid", {"batch_size": 8192}),
+        ("SID, t = k = 3, SVRG (previous default)", "sid", PREVIOUS_SID),
+    ),
+}
 
 
 @dataclass
@@ -278,6 +304,69 @@ def run_method(
         curve.test_acc.append(float(result.evaluation["test_accuracy"]))
     curve.refit_acc = refit_accuracy(data, model.theta, setting.eval_rtol)
     return curve
+
+
+def probe(setting: Setting, steps: int) -> list[dict[str, Any]]:
+    """The runs of :data:`PROBES` for ``setting``: ``steps`` upper steps each from the common
+    start; per run the wall and CPU time per step, mean t / k, oracle calls and F at the end."""
+    data = load(setting.spec)
+    base, w0 = start_point(data, setting.eval_rtol)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the optimiser's first-use imports
+    rows = []
+    for label, method, options in PROBES[setting.name]:
+        options = dict(options)
+        if options.pop("full_batch", False):
+            options["batch_size"] = data.n_train
+        model = build_model(data, "logistic", theta0=base["theta"])
+        model.smoothness()
+        config = hpo_method(model, method, **options)
+        state = config.estimator.init_state()
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = config.run(
+            model.problem,
+            lower_instances(model, w0),
+            Budget(steps=steps),
+            progress=False,
+            plot=False,
+            estimator_state=state,
+        )
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        evaluator = LowerEvaluator(model, data.X_test, data.y_test, rtol=setting.eval_rtol)
+        evaluator.w = w0.clone()
+        ts = [r["sid_t"] for r in result.records if "sid_t" in r]
+        ks = [r["sid_k"] for r in result.records if "sid_k" in r]
+        row = {
+            "label": label,
+            "steps": result.step,
+            "wall_ms": 1e3 * wall / result.step,
+            "cpu_ms": 1e3 * cpu / result.step,
+            "inner": f"{np.mean(ts):.2f} / {np.mean(ks):.2f}" if ts else "–",
+            "cost": float(result.cost),
+            "val_loss": evaluator.metrics()["val_loss"],
+        }
+        rows.append(row)
+        print(
+            f"  probe {label}: {row['cpu_ms']:.1f} CPU ms/step ({row['wall_ms']:.1f} wall), "
+            f"t/k {row['inner']}, F = {row['val_loss']:.6f}"
+        )
+    return rows
+
+
+def _probe_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"Fixed-step probe (`--probe {rows[0]['steps']}`): {rows[0]['steps']} upper steps from "
+        "the common start, no evaluations; CPU time of the process per step (wall time in "
+        "brackets).",
+        "",
+        "| run | CPU [ms/step] | wall [ms/step] | mean t / k | oracle calls | F after the steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['cpu_ms']:.1f} | {r['wall_ms']:.1f} | {r['inner']} | "
+            f"{r['cost']:.4g} | {r['val_loss']:.6f} |"
+        )
+    return lines
 
 
 def sklearn_cv(data: SplitData, cv: int = 3, n_cs: int = 8) -> dict[str, Any]:
@@ -571,6 +660,8 @@ def report(results: dict[str, Any], splits: list[dict[str, float]], args, second
             continue
         setting = next(s for s in SETTINGS if s.name == name)
         lines += [f"`{r['data']}`", "", *_method_table(r, setting), ""]
+        if r.get("probe"):
+            lines += [*_probe_table(r["probe"]), ""]
         aid, sid = r["curves"]["aid-cg"], r["curves"]["sid"]
         target = _target(r, setting)
         aid_time = aid.first_time_below(target)
@@ -648,8 +739,25 @@ def main() -> None:
         help="folder of per-set results: the sets run are saved there, the sets not run are "
         "read from there (so that the sets can be run one at a time and reported together)",
     )
+    parser.add_argument(
+        "--probe",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="with --cache: run the fixed-step probes of the sets in --only for STEPS upper "
+        "steps and add them to the cached results (nothing else is run)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.probe:
+        if args.cache is None or not args.only:
+            parser.error("--probe needs --cache and --only")
+        for name in args.only:
+            saved = pathlib.Path(args.cache) / f"{name}.pkl"
+            result = pickle.loads(saved.read_bytes())
+            result["probe"] = probe(next(s for s in SETTINGS if s.name == name), args.probe)
+            saved.write_bytes(pickle.dumps(result))
+        return
     out = pathlib.Path(args.out)
     args.png = out.with_suffix(".png").name
     start = time.perf_counter()

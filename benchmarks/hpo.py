@@ -560,52 +560,78 @@ def _method_table(r: dict[str, Any], setting: Setting) -> list[str]:
     return lines
 
 
+#: The load of the machine during the recorded runs (stated in the report).
+LOAD = (
+    "heavily loaded during these runs (load averages 11 to 13; a probe's wall time was up to "
+    "5 times its CPU time)"
+)
+
 NOTES = """## Reading the results
 
-- **F no longer rises under SID.** The previous SID (fixed t = k = 3 steps of 0.5/L; row
+- **F does not rise under SID.** The fixed-count SID (t = k = 3 steps of 0.5/L; rows
   "previous default") cannot follow w(θ) and the adjoint when L/μ is in the thousands: on
-  digits its F ends above the start (0.1328 → 0.1408 in this run). The adaptive SID chooses
-  t and k per step from its measured residuals against the same ε_k, δ_k as AID-CG, so its
-  hypergradient has the accuracy of an inexact AID step; its F fell on all four sets and the
-  rise guard (tightening the tolerances when F exceeds its start by more than the evaluation
-  noise) never had to act. The stage solvers' gains on ill-conditioned problems are measured
-  in docs/benchmarks_sid.md ("Stage solvers").
-- **What changed in SID's cost per step.** Every sampled Hessian is now one gradient graph
-  whose products are backward passes through it (a CG round of 20 products built 20 graphs
-  before), the Jacobi preconditioner is computed only when a stage takes a step, adjoint
-  rounds start from the variance-reduced residual estimate and take a full product only when
-  it pays, the CG sample grows only when a round misses the tolerance, and stage 1 uses
-  heavy-ball momentum 0.5 (on digits 6.6 lower iterations per step instead of 12.4, same F
-  per step). Profiled on digits at low load, an SID step went from 152 ms to about 40 ms
-  (156 steps in 6 s in this run); on the 200 000-sample set it made 557 steps in 40 s.
-- **Small sets (digits, MNIST): missed, SID is slower than AID-CG there.** On digits SID's
-  F after 6 s is 0.0526 against AID-CG's 0.0424: an SID step (38 ms) still costs 2.4× an
-  AID-CG step (16 ms), because a minibatch of 394 of the 1079 samples costs about as much as
-  the full sum (the per-call overhead of autograd dominates), SVRG evaluates two minibatch
+  digits its F ends above the start (0.1328 → 0.1358 in this run, 0.1419 after 150 steps in
+  the probe). The adaptive SID chooses t and k per step from its measured residuals against
+  the same ε_k, δ_k as AID-CG, so its hypergradient has the accuracy of an inexact AID step;
+  its F fell on all four sets and the rise guard never had to act. The stage solvers' gains
+  on ill-conditioned problems are measured in docs/benchmarks_sid.md ("Stage solvers").
+- **New in this version: stage 1 takes its anchor from stage 2.** The adjoint stage builds a
+  full Hessian graph at (w, θ) for its anchor (or for CG on the whole sum), and the first
+  derivative of that graph is the full gradient ∇_w h(w, θ). SID hands it to the
+  variance-reduced stage 1 as its anchor, at the point where the next call starts: the
+  next residual check is exact there for the per-feature models (θ enters only the
+  regulariser, whose part the control variate cancels), stage 1 almost never computes a full
+  gradient itself, and its minibatch noise stays small. On the 200 000-sample set (150 steps
+  from the same start, measured as in the probe, before → after): t 3.11 → 1.19 per step,
+  minibatch gradients 1234 → 658, full gradients 16 → 1, oracle calls 140.9 → 106.8, F after
+  the steps 0.292011 → 0.292010, CPU time per step 79.8 → 72.5 ms (machine loaded). On MNIST
+  stage 1 now meets ε_k at once at every step (mean t 0.0, against 23.9 in the previous
+  recorded run), whose minibatch estimates far from the anchor had overstated ‖∇_w h‖.
+- **The 200 000-sample set: missed (ratio 0.43 against the target 0.2; seed 1: 0.36).** What
+  happened to the 0.18 that the fixed-count SID measured before adaptive accuracy: (1) per
+  upper step all methods make the same progress here: after 150 steps F is 0.292007 (AID-CG),
+  0.292010 (SID) and 0.292045 (fixed-count SID) in the probe, and SID needed 160 steps to
+  AID-CG's final F against AID-CG's 153. On this well-conditioned set the upper level's
+  progress per step is set by Adam's steps, not by the hypergradient's accuracy, so the time
+  ratio is the ratio of the costs per step. (2) AID-CG's step became cheaper since that run
+  (287 ms per step then, 238 ms in the previous recorded run: leaner CG), so it gets further
+  in its 60 s and its final F, the level SID must reach, is lower. (3) The adaptive SID's step
+  costs more than the fixed-count one: 65.6 against 44.3 CPU ms per step in the probe (AID-CG
+  153.6). The difference is the price of an accuracy guarantee: every stage measures its
+  residual (two minibatch products per check), and the adjoint's variance-reduced residual
+  needs an anchor with one full Hessian product after every ⌈N/b⌉ minibatch products (about
+  every fourth step here). Without them the fixed-count SID has no ε_k (on an ill-conditioned
+  ridge its error exceeds ∇F itself, tests/test_stochastic.py); with them the estimate's noise
+  sets the work: minibatches of 2048 or 8192 instead of 4096 cost 97.1 and 96.2 ms per step in
+  the probe, and renewing the adjoint anchor 10 or 100 times less often raised the adjoint
+  rounds per step from 0.64 to 1.53 and 3.94 (150 steps, measured as in the probe before the
+  change above). The fixed-count SID itself reaches the level at 0.22 of AID-CG's time in this
+  run. A ratio of 0.2 needs an SID step at about 0.2 of AID-CG's, below even the fixed-count
+  step here; both methods compute the exact validation gradient over 40 000 rows (a third of a
+  full training gradient) at every step, which only an upper-level minibatch would avoid (not
+  used, since the adjoint's δ_k then has to absorb the upper-level noise).
+- **Small sets (digits, MNIST): missed, SID is slower than AID-CG there.** On digits an SID
+  step costs 3.0 times AID-CG's CPU time (43.7 against 14.7 ms in the probe) and gains a
+  little less per step (F 0.053242 against 0.050156 after 150 steps): a minibatch of 394 of
+  the 1079 samples costs about as much as the full sum, SVRG evaluates two minibatch
   gradients per iteration, and L-BFGS needs fewer full-batch iterations than preconditioned
-  first-order steps. On MNIST (7850 unknowns, minibatches of 929 samples) a minibatch
-  Hessian is singular on most of the space, so stage 2 grows its sample to all 6000 rows and
-  becomes AID-CG's CG; SID made 9 steps to AID-CG's 19 (2 in the previous recorded run).
-  Neither gap is a matter of tuning: minibatches buy nothing where the full sum is cheap.
-  `bilevel hpo` picks AID-CG below `SID_MIN_TRAIN` training samples.
-- **The 200 000-sample set: missed (ratio 0.44, seed 1: 0.30, against the target 0.2).**
-  SID reached AID-CG's final F (0.291749 after 60 s) in 26.5 s and ended below it. The ratio
-  is set by two factors: SID's step costs about a third of AID-CG's here (72 ms against
-  238 ms), and it needs more upper-level steps than AID-CG for the same F (about 370 against
-  253), its hypergradient meeting the tolerance by an estimate rather than with L-BFGS's
-  margin. At that step count, 0.2 would need an SID step about seven times cheaper than
-  AID-CG's; both compute the exact validation gradient (40 000 rows, a third of the training
-  set) at every step, which SID avoids only with an upper-level minibatch (not used here).
-- **The sparse 10⁶ × 1000 set: holds (ratio 0.21, SID 4.8× faster, target ≥ 3×), on weak
-  evidence.** At the best common strength (λ = e⁻¹⁰, the end of the box) F hardly depends
-  on θ: AID-CG made 22 steps in 93 s and SID 37 in 47 s, F moving in the fifth digit and the
-  test accuracy not at all.
+  first-order steps. Growing the minibatches when the noise dominates ε_k turns SID into a
+  full-batch method with a first-order lower solver: with b = N it costs 56.5 ms per step
+  for the same F (0.053578): no gain, and not pursued. On MNIST (7850 unknowns, minibatches
+  of 929 rows) a minibatch Hessian is singular on most of the space, so stage 2 grows its
+  sample to all 6000 rows and runs CG on the full Hessian as AID-CG does; stage 1 no longer
+  costs anything (t = 0), but SID spent 36 oracle calls per step against AID-CG's 17 (its CG
+  solves the correction to half the tolerance, and its first rounds run on samples smaller
+  than the set, which grow only after a round misses): 4 steps against AID-CG's 11 in this
+  loaded run. Minibatches buy nothing where the full sum is cheap; `bilevel hpo` picks AID-CG below
+  `SID_MIN_TRAIN` training samples.
+- **The sparse 10⁶ × 1000 set: ⟨SPARSE⟩.**
 - **The size rule.** SID reached AID-CG's final F sooner on the two large sets (120 000 and
   600 000 training samples) and not at all within the budget on the small ones (1 079 and
-  6 000): `bilevel hpo` uses SID from 100 000 training samples on (`SID_MIN_TRAIN`).
+  6 000): `bilevel hpo` keeps using SID from 100 000 training samples on (`SID_MIN_TRAIN`).
 - **ITD** differentiates 20 full-batch gradient steps per upper step: the most expensive
-  step, and a truncated, biased hypergradient when L/μ is large (on digits its F ended above
-  the start).
+  step, and a truncated, biased hypergradient when L/μ is large (on digits it lowers F far
+  less than AID-CG).
 - **Validation overfitting and shrinkage.** With one free strength per feature, F drops far
   below the best common strength's value on digits and MNIST (64 strengths fitted on 359
   validation samples, 784 on 2000), but the test accuracy does not follow: the per-feature
@@ -627,12 +653,13 @@ def report(results: dict[str, Any], splits: list[dict[str, float]], args, second
     lines = [
         "# Benchmark: hyperparameter learning for per-feature logistic regression",
         "",
-        "Produced by `benchmarks/hpo.py`; every number below was measured by that script "
-        f"(torch {torch.__version__}, {platform.machine()}, {args.threads} torch thread(s), "
-        f"{_duration(args, seconds)}). The machine has 2 cores shared with other work, "
-        "loaded to different degrees during these runs (load averages 0.2 to 7), so wall times "
-        "carry noise of tens of per cent; compare methods within a data set, whose runs follow "
-        "each other.",
+        "Produced by `benchmarks/hpo.py`; every number in the tables and the verdict was "
+        f"measured by that script (torch {torch.__version__}, {platform.machine()}, "
+        f"{args.threads} torch thread(s), {_duration(args, seconds)}); the notes cite a few "
+        "other measurements and say where they come from. The machine has 2 cores shared "
+        f"with other work, {LOAD}, so wall times carry noise of tens of per cent; compare "
+        "methods within a data set, whose runs follow each other, and use the probes' CPU "
+        "times for the cost of a step.",
         "",
         "Setup (details in the script's docstring): λ_k = exp θ_k, one ℓ2 strength per "
         "feature; split 60/20/20; every method starts from the best common strength of the grid "

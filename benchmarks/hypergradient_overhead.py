@@ -23,18 +23,23 @@ in JAX and jitted (``jax`` optional: its columns are skipped when it is not inst
   the underflow range, in float32 on (a) and (b), and then every version runs the iterations
   it did), one mixed VJP; the minimal version
   answers every Hessian-vector product by one backward pass through the one graph (plain
-  autograd), the JAX version by ``jvp`` of ``grad`` inside one jitted function. The library
-  additionally evaluates ∇h at w (its lower solve stops at once) and the true adjoint residual
-  (one product); its error bound is off.
+  autograd), the JAX version by ``jvp`` of ``grad`` inside one jitted function. The library's
+  lower solve stops at once at w, after the one evaluation of ∇h whose graph the Hessian
+  operator reuses; its error bound is off (the default), so it spends no further product.
+
+Two minimal versions: **minimal** calls ``torch.autograd.grad`` (plain autograd), **minimal
+(engine)** calls autograd's engine directly (``torch.autograd.graph._engine_run_backward``,
+without ``torch.autograd.grad``'s Python argument handling, about 45 µs per call), as the
+library's oracles do (:func:`bilevel.autodiff.backward`).
 
 The library is also run with its compiled small-problem path (:mod:`bilevel.compiled`:
 ``CompiledNesterov`` and ``Implicit(CompiledCG(...))``, chunks of 10 iterations) on the
 instances of ``--compiled`` (default: (a)).
 
-Times are medians over ``--repeats`` interleaved repeats (library, minimal, compiled, JAX in
-turn), wall time and the process's CPU time (less disturbed by other processes on a loaded
-machine), one thread per stack by default; the compiled programs and JAX compile once before
-the repeats (compile time + first run printed).
+Times are medians over ``--repeats`` interleaved repeats (library, the minimal versions,
+compiled, JAX in turn), wall time and the process's CPU time (less disturbed by other
+processes on a loaded machine), one thread per stack by default; the compiled programs and
+JAX compile once before the repeats (compile time + first run printed).
 Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--cases abc]
 [--dtypes float32,float64] [--rows-c 200000] [--compiled a]
 """
@@ -163,7 +168,24 @@ def compiled_functions(inst: dict):
 # --- minimal PyTorch ------------------------------------------------------------------------
 
 
-def minimal_lower(inst: dict, k: int) -> torch.Tensor:
+def plain_grad(out, inputs, grad_out=None, retain_graph=None, create_graph=False):
+    """``torch.autograd.grad`` (plain autograd)."""
+    return torch.autograd.grad(out, inputs, grad_out, retain_graph, create_graph)
+
+
+def engine_grad(out, inputs, grad_out=None, retain_graph=None, create_graph=False):
+    """The same backward pass by autograd's engine entry point, without the argument handling
+    of ``torch.autograd.grad``."""
+    from torch.autograd.graph import _engine_run_backward
+
+    grad_out = torch.ones_like(out) if grad_out is None else grad_out
+    retain_graph = create_graph if retain_graph is None else retain_graph
+    return _engine_run_backward(
+        (out,), (grad_out,), retain_graph, create_graph, inputs, False, accumulate_grad=False
+    )
+
+
+def minimal_lower(inst: dict, k: int, grad=plain_grad) -> torch.Tensor:
     """K Nesterov steps with plain autograd gradients; the same stopping tests."""
     h, _ = energies(inst)
     th = inst["theta"]
@@ -174,7 +196,7 @@ def minimal_lower(inst: dict, k: int) -> torch.Tensor:
     check = 0
     for it in range(k + 1):
         yr = y.requires_grad_(True)
-        (g,) = torch.autograd.grad(h(yr, th, None).sum(), yr)
+        (g,) = grad(h(yr, th, None).sum(), (yr,))
         y = y.detach()
         if it == check or it == k:
             check = next_check(it, CHECK_EVERY)
@@ -190,27 +212,27 @@ def minimal_lower(inst: dict, k: int) -> torch.Tensor:
     return y
 
 
-def minimal_hypergradient(inst: dict, w: torch.Tensor, m: int) -> torch.Tensor:
+def minimal_hypergradient(inst: dict, w: torch.Tensor, m: int, grad=plain_grad) -> torch.Tensor:
     """One first-derivative graph, M CG iterations by autograd HVPs, one VJP."""
     h, f = energies(inst)
     th = inst["theta"].clone().requires_grad_(True)
     x = w.detach().requires_grad_(True)
     with torch.enable_grad():
-        (g,) = torch.autograd.grad(h(x, th, None).sum(), x, create_graph=True)
-        (b,) = torch.autograd.grad(f(x, th, None).sum(), x)
+        (g,) = grad(h(x, th, None).sum(), (x,), create_graph=True)
+        (b,) = grad(f(x, th, None).sum(), (x,))
     q = torch.zeros_like(b)
     r = b
     p = r
     rr = (r * r).sum(1, keepdim=True)
     for _ in range(m):
-        (hp,) = torch.autograd.grad(g, x, p, retain_graph=True)
+        (hp,) = grad(g, (x,), p, retain_graph=True)
         alpha = rr / (p * hp).sum(1, keepdim=True)
         q = q + alpha * p
         r = r - alpha * hp
         rr_new = (r * r).sum(1, keepdim=True)
         p = r + (rr_new / rr) * p
         rr = rr_new
-    (jtq,) = torch.autograd.grad(g, th, q)
+    (jtq,) = grad(g, (th,), q)
     return -jtq / w.shape[0]
 
 
@@ -298,10 +320,15 @@ def measure(
     z_lib, z_min = library_hypergradient(inst, w_lib, m), minimal_hypergradient(inst, w_lib, m)
     hyper_diff = {"minimal": float((z_lib - z_min).norm() / z_min.norm())}
     sides = {
-        "lower": [("library", library_lower, (inst, k)), ("minimal", minimal_lower, (inst, k))],
+        "lower": [
+            ("library", library_lower, (inst, k)),
+            ("minimal", minimal_lower, (inst, k)),
+            ("engine", minimal_lower, (inst, k, engine_grad)),
+        ],
         "hyper": [
             ("library", library_hypergradient, (inst, w_lib, m)),
             ("minimal", minimal_hypergradient, (inst, w_lib, m)),
+            ("engine", minimal_hypergradient, (inst, w_lib, m, engine_grad)),
         ],
     }
     compile_s = {}
@@ -361,7 +388,8 @@ def main() -> None:
             "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} repeats")
-    print("medians of wall time (CPU time of the process in brackets); ratios of wall times")
+    print("medians of wall time (CPU time of the process in brackets); ratios likewise")
+    print("minimal: torch.autograd.grad; engine: the minimal code calling autograd's engine")
     # K lower steps and M CG iterations per instance
     plan = {"a": (1000, 30), "b": (100, 30), "c": (30, 10)}
     for name in args.cases:
@@ -380,9 +408,11 @@ def main() -> None:
                     if t == task
                 ]
                 ratios = [
-                    f"{side}/{other} {med[task, side][0] / med[task, other][0]:.3f}"
+                    f"{side}/{other} {med[task, side][0] / med[task, other][0]:.3f} "
+                    f"({med[task, side][1] / med[task, other][1]:.3f})"
                     for side, other in (
                         ("library", "minimal"),
+                        ("library", "engine"),
                         ("library", "jax"),
                         ("compiled", "library"),
                         ("compiled", "jax"),

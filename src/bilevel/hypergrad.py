@@ -537,7 +537,7 @@ class AdjointEstimator(HypergradientEstimator):
             delta=delta,
             lower=sol,
             linear=linear,
-            mu=float(mu.min()),
+            mu=mu_report.value,  # the smallest μ_i
             mu_estimated=mu_estimated,
             cost=lower.cost,
             constants=constants,
@@ -572,7 +572,7 @@ class AdjointEstimator(HypergradientEstimator):
         (``ConvergenceWarning``) if so and ``warn_unconverged``. Such a bound uses the measured
         residual δ but is not certified. A tolerance of 0 ("as accurate as the solver gets")
         is met wherever the solver stopped."""
-        if linear is None:
+        if linear is None or (isinstance(tol, (int, float)) and tol <= 0):
             return False
         tol_t = torch.as_tensor(tol, dtype=like.dtype, device=like.device).expand(like.shape[0])
         missed = ~linear.converged & (tol_t > 0)

@@ -674,8 +674,14 @@ class CG:
                 # every instance continues: threshold < ‖r‖² < ∞ and 0 < α < ∞ (so pᵀHp is
                 # finite and positive; NaN compares false); such an iteration needs no
                 # validation, only counting
-                values = torch.cat((rr_new, alpha), 1).tolist()  # one read
-                if all(t < v < math.inf and 0 < c < math.inf for t, (v, c) in zip(limits, values)):
+                if m == 1:  # two scalar reads, cheaper than a concatenation and a list
+                    ok = limits[0] < rr_new.item() < math.inf and 0 < alpha.item() < math.inf
+                else:
+                    values = torch.cat((rr_new, alpha), 1).tolist()  # one read
+                    ok = all(
+                        t < v < math.inf and 0 < c < math.inf for t, (v, c) in zip(limits, values)
+                    )
+                if ok:
                     beta = rr_new / rr
                     p = torch.addcmul(r, beta, p)
                     if len(hist) < RITZ_STEPS:

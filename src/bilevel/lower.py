@@ -637,9 +637,16 @@ def solve_lower(
     momentum) and ``distance_bound`` uses each instance's own μ_i.
     """
     mu_t = evaluate_constant("mu", mu, lower.problem.theta, lower.batch, x0, positive=True)
+    if isinstance(mu, (int, float)):  # one value (checked above): the solver's own bound
+        return _warned(solver.solve(lower, x0, tol, float(mu)), solver, warn)
     sol = solver.solve(lower, x0, tol, None if mu_t is None else float(mu_t.min()))
     if mu_t is not None:
         sol = replace(sol, distance_bound=sol.grad_norm / mu_t)
+    return _warned(sol, solver, warn)
+
+
+def _warned(sol: LowerSolution, solver: LowerSolver, warn: bool) -> LowerSolution:
+    """``sol``, with a ConvergenceWarning if ``warn`` and some instance missed its tolerance."""
     if warn and not sol.all_converged:
         if sol.any_stalled:
             advice = (
@@ -651,6 +658,6 @@ def solve_lower(
         warnings.warn(
             f"lower-level solver {type(solver).__name__} {advice}",
             ConvergenceWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return sol

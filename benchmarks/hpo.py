@@ -355,8 +355,7 @@ def probe(setting: Setting, steps: int) -> list[dict[str, Any]]:
 def _probe_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         f"Fixed-step probe (`--probe {rows[0]['steps']}`): {rows[0]['steps']} upper steps from "
-        "the common start, no evaluations; CPU time of the process per step (wall time in "
-        "brackets).",
+        "the common start, no evaluations; CPU time of the process and wall time per step.",
         "",
         "| run | CPU [ms/step] | wall [ms/step] | mean t / k | oracle calls | F after the steps |",
         "|---|---|---|---|---|---|",

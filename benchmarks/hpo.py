@@ -654,7 +654,7 @@ def _duration(args, seconds: float) -> str:
     """The run's wall time, or how the sets were run when they come from ``--cache``."""
     if args.cache is None:
         return f"total {seconds:.0f} s"
-    return "each data set run on its own with --cache"
+    return "results read from the --cache folder, where earlier runs of the script wrote them"
 
 
 def report(results: dict[str, Any], splits: list[dict[str, float]], args, seconds: float) -> str:

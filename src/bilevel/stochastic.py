@@ -545,6 +545,17 @@ class VarianceReducedFixedPoint:
             self._anchor_gradient = rest[0]
         return g - g_anchor + self._anchor_gradient
 
+    def share_anchor(self, phi: LowerMap, x: Tensor, theta: Any, gradient: Tensor) -> None:
+        """Take (x, θ̃, ∇_w h(x, θ̃)) computed elsewhere as the anchor, its refresh count
+        restarted: SID passes the full gradient that its adjoint stage obtains with every full
+        Hessian graph (the graph's first derivative), so the anchor costs no gradient here
+        and lies at the last lower iterate, where the next call starts."""
+        self._anchor = x.detach()
+        self._anchor_theta = theta
+        self._anchor_gradient = gradient.detach()
+        self._anchor_key = (id(phi.problem), tuple(x.shape), x.dtype, x.device)
+        self._since_refresh = 0
+
     def solve(
         self,
         phi: StochasticMap,
@@ -784,6 +795,10 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
         last = self.step / self._top if t else math.nan
         return StochasticSolution(x, x, t, 0, last, residual)
 
+    def share_anchor(self, phi: LowerMap, x: Tensor, theta: Any, gradient: Tensor) -> None:
+        super().share_anchor(phi, x, theta, gradient)
+        self._refreshes += 1
+
     def state_dict(self) -> dict[str, Any]:
         """The anchor (see :class:`VarianceReducedFixedPoint`), λ̂ and the refreshes since."""
         return {**super().state_dict(), "top": self._top, "refreshes": self._refreshes}
@@ -824,7 +839,9 @@ class PreconditionedSVRGLinear:
     (up to N, where CG runs on H itself to the tolerance); the size is kept across calls.
     The preconditioner is computed at the first round, so a warm start that already meets
     the tolerance costs two minibatch products. ``iterations`` of the result are rounds (at
-    most ``max_rounds``).
+    most ``max_rounds``). The first derivative of a full Hessian graph is the full gradient
+    ∇_w h(w, θ); :meth:`pop_full_gradient` returns it, and SID makes it the anchor of a
+    variance-reduced stage 1 (:meth:`VarianceReducedFixedPoint.share_anchor`).
 
     Why: plain fixed-point steps contract by 1 − ημ per step with the global η = 1/L and keep
     the minibatch noise of Ĥ v at a floor ∝ the step (docs/benchmarks_sid.md); the
@@ -876,6 +893,21 @@ class PreconditionedSVRGLinear:
         self._since_refresh = 0
         self._top: float | None = None
         self._refreshes = 0
+        self._full_gradient: tuple[Tensor, Any, Tensor] | None = None
+
+    def _full_hessian(self, psi: AdjointMap) -> _Counted:
+        """The full Hessian operator at the map's (w, θ) (one gradient graph); its first
+        derivative, the full gradient ∇_w h(w, θ), is kept for :meth:`pop_full_gradient`."""
+        full = psi.hessian(None)
+        theta = snapshot_theta(psi.problem.theta)
+        self._full_gradient = (psi.w, theta, full.hessian.gradient())
+        return full
+
+    def pop_full_gradient(self) -> tuple[Tensor, Any, Tensor] | None:
+        """(w, θ̃, ∇_w h(w, θ̃)) from the last full Hessian graph of the last call, once (None
+        when that call built none): SID gives it to the stage-1 solver as its anchor."""
+        out, self._full_gradient = self._full_gradient, None
+        return out
 
     def _take_anchor(
         self,
@@ -886,11 +918,12 @@ class PreconditionedSVRGLinear:
     ) -> None:
         """Anchor at (w, θ, v) with H v from ``full`` (the full Hessian operator at w, if
         the caller holds one) or one full product."""
+        full = self._full_hessian(psi) if full is None else full
         self._anchor = {
             "w": psi.w,
             "theta": snapshot_theta(psi.problem.theta),
             "v": v.detach().clone(),
-            "hv": psi.full_matvec(v.detach()) if full is None else full(v.detach()),
+            "hv": full(v.detach()),
             "current": True,
         }
         self._key = key
@@ -987,7 +1020,7 @@ class PreconditionedSVRGLinear:
                 if tol is None or _max_norm(r) > tol:
                     r = None
             if r is None:  # a new anchor: one full product, the exact residual at v
-                full = full or psi.hessian(None)
+                full = full or self._full_hessian(psi)
                 self._take_anchor(psi, v, key, full)
                 r, exact = psi.rhs() - eta * self._anchor["hv"], True
             residual = _max_norm(r)
@@ -1000,7 +1033,7 @@ class PreconditionedSVRGLinear:
             if b >= n:  # the whole sum: CG on H itself, to the tolerance at once
                 rtol = self.cg_rtol if tol is None else min(self.cg_rtol, 0.5 * tol / residual)
                 cap = max(self.cg_iterations, 2 * math.isqrt(v[0].numel()) + 10)
-                full = full or psi.hessian(None)
+                full = full or self._full_hessian(psi)
                 delta, used, cg_res = _pcg(full, r / eta, p, cap, rtol)
                 r_new = eta * cg_res  # exact: r − η H δ
             else:
@@ -1173,6 +1206,10 @@ class _SampledHessian:
                 e = problem.finite_sum.lower_energy(self._w, theta, idx)
                 e = _checked_values("finite_sum.lower_energy", e, w.shape[0])
             (self._g,) = torch.autograd.grad(e.sum(), self._w, create_graph=True)
+
+    def gradient(self) -> Tensor:
+        """∇_w ĥ(w, θ; I), the graph's first derivative (detached; data parallel, combined)."""
+        return _combined(self._g.detach(), self.n)
 
     def __call__(self, v: Tensor) -> Tensor:
         return _combined(self.local(v), self.n)
@@ -1888,6 +1925,13 @@ class SID(HypergradientEstimator):
             None if acc is None else acc.max_adjoint,
         )
         v = lin.x.detach()
+        # a full Hessian graph of stage 2 also gave the full gradient at (w, θ): the anchor of
+        # a variance-reduced stage 1 at the point where its next call starts
+        pop = getattr(state.linear_solver, "pop_full_gradient", None)
+        share = getattr(state.lower_solver, "share_anchor", None)
+        shared = pop() if pop is not None else None
+        if shared is not None and share is not None:
+            share(phi, *shared)
 
         # stage 3: ĝ = ∇_λ Ê − η Ĵᵀ v, averaged over J minibatches
         J = self.final_minibatches

@@ -175,6 +175,16 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     return ConvexRidgeNetwork(**kwargs), kwargs
 
 
+def portable(info: dict, run_dir: Path) -> dict:
+    """``info`` with this machine's paths written as placeholders: the run directory as
+    ``RUN_DIR`` and the default data folder relative to the checkout (``../shared/...``)."""
+    text = json.dumps(info, ensure_ascii=False)
+    for path, name in ((run_dir.resolve(), "RUN_DIR"), (run_dir, "RUN_DIR")):
+        text = text.replace(json.dumps(str(path))[1:-1], name)
+    text = text.replace(json.dumps(str(DEFAULT_DATA))[1:-1], "../shared/data/bsds300")
+    return json.loads(text)
+
+
 def export_run(run_dir: Path, name: str) -> Path:
     """Ship the (weakly) convex ridge network of a finished ``bilevel denoise`` run."""
     from bilevel.config import job_record, resumable_fields
@@ -210,7 +220,7 @@ def export_run(run_dir: Path, name: str) -> Path:
         },
         "check": reference_check(model, options["sigma"]),
     }
-    return save_pretrained(model, name, info)
+    return save_pretrained(model, name, portable(info, run_dir))
 
 
 def record_command(run_dir: Path, argv: list[str], resume: bool) -> list[list[str]]:
@@ -328,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         info["check"] = reference_check(model.cpu().float(), args.sigma)
-        print(f"exported to {save_pretrained(model, args.export, info)}")
+        print(f"exported to {save_pretrained(model, args.export, portable(info, run_dir))}")
     return 0 if result.ok else 1
 
 

@@ -59,3 +59,16 @@ def test_score_cache_round_trip_and_last_entry_wins(tmp_path):
     memory = iq.Cache(None)  # no file: a dictionary only
     memory.put("k", 1)
     assert memory.get("k") == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_exported_metadata_names_no_local_paths(tmp_path):
+    tr = _load("train_regulariser")
+    run_dir = tmp_path / "runs" / "crr"
+    info = {
+        "command": f"python benchmarks/train_regulariser.py --run-dir {run_dir}",
+        "config": {"data": str(tr.DEFAULT_DATA), "run_dir": str(run_dir), "seed": 0},
+    }
+    clean = tr.portable(info, run_dir)
+    assert clean["command"].endswith("--run-dir RUN_DIR")
+    assert clean["config"] == {"data": "../shared/data/bsds300", "run_dir": "RUN_DIR", "seed": 0}
+    assert str(tmp_path) not in str(clean)

@@ -45,8 +45,13 @@ computed before each timed run. Writes a markdown report and a PNG next to it. A
 minutes on 2 cores, one torch thread; ``--cache DIR`` runs the sets one at a time and
 reports them together.
 
+Fixed-step probes (``--probe STEPS --cache DIR --only SETS``, after the runs): the same
+number of upper steps for AID-CG and several SID configurations (:data:`PROBES`), reporting F
+after the steps and the CPU time per step, which separates "needs more steps" from "costs
+more per step" and is less sensitive to a loaded machine than wall time.
+
 Usage: python benchmarks/hpo.py [--out docs/benchmarks_hpo.md] [--threads 1] [--quick]
-       [--only digits mnist ...] [--no-splits] [--cache DIR]
+       [--only digits mnist ...] [--no-splits] [--cache DIR] [--probe STEPS]
 """
 
 from __future__ import annotations
@@ -142,7 +147,10 @@ SETTINGS = [
         {"aid-cg": 15, "sid": 10, "itd": 2},
         large=True,
         target_ratio=0.2,
-        sid_variants=(("SID, seed 1", {"seed": 1}),),
+        sid_variants=(
+            ("SID, seed 1", {"seed": 1}),
+            ("SID, t = k = 3, SVRG (previous default)", PREVIOUS_SID),
+        ),
     ),
     Setting(
         "sparse",
@@ -156,12 +164,34 @@ SETTINGS = [
 ]
 
 
+#: Fixed-step probes (``--probe STEPS``): (label, method, options of :func:`hpo_method`) run for
+#: the same number of upper steps from the common start without evaluations, so that methods
+#: compare per step (F after the same steps) and per CPU second of the process (less
+#: sensitive to other work on a shared machine than wall time). ``full_batch``: b = N.
+PROBES: dict[str, tuple[tuple[str, str, dict[str, Any]], ...]] = {
+    "digits": (
+        ("AID-CG", "aid-cg", {}),
+        ("SID", "sid", {}),
+        ("SID, full batches (b = N)", "sid", {"full_batch": True}),
+        ("SID, t = k = 3, SVRG (previous default)", "sid", PREVIOUS_SID),
+    ),
+    "synthetic": (
+        ("AID-CG", "aid-cg", {}),
+        ("SID", "sid", {}),
+        ("SID, b = 2048", "sid", {"batch_size": 2048}),
+        ("SID, b = 8192", "sid", {"batch_size": 8192}),
+        ("SID, t = k = 3, SVRG (previous default)", "sid", PREVIOUS_SID),
+    ),
+}
+
+
 @dataclass
 class Curve:
     """F(θ) and test accuracy against the method's wall time (evaluation time excluded)."""
 
     method: str
     times: list[float] = field(default_factory=list)
+    steps_at: list[int] = field(default_factory=list)  # upper steps taken before each F
     val_loss: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
     steps: int = 0
@@ -178,6 +208,18 @@ class Curve:
             if v <= level:
                 return t
         return math.inf
+
+    def first_step_below(self, level: float) -> float:
+        """The number of upper steps after which F ≤ level was first seen (inf if never)."""
+        for k, v in zip(self.steps_at, self.val_loss):
+            if v <= level:
+                return k
+        return math.inf
+
+    @property
+    def step_time(self) -> float:
+        """Mean wall time of an upper step [s]."""
+        return self.wall / self.steps if self.steps else math.nan
 
 
 def merged(data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,18 +290,82 @@ def run_method(
         curve.inner = f"{np.mean(ts):.1f} / {np.mean(ks):.1f}"
     curve.tightened = sum(1 for r in result.records if "sid_tightened" in r)
     before = 0.0  # wall time at which θ_k was available (end of step k − 1)
-    for record in result.records:
+    for k, record in enumerate(result.records):
         if "val_loss" in record:
             curve.times.append(before)
+            curve.steps_at.append(k)
             curve.val_loss.append(float(record["val_loss"]))
             curve.test_acc.append(float(record["test_accuracy"]))
         before = float(record["wall_time"])
     if result.evaluation:
         curve.times.append(wall)
+        curve.steps_at.append(result.step)
         curve.val_loss.append(float(result.evaluation["val_loss"]))
         curve.test_acc.append(float(result.evaluation["test_accuracy"]))
     curve.refit_acc = refit_accuracy(data, model.theta, setting.eval_rtol)
     return curve
+
+
+def probe(setting: Setting, steps: int) -> list[dict[str, Any]]:
+    """The runs of :data:`PROBES` for ``setting``: ``steps`` upper steps each from the common
+    start; per run the wall and CPU time per step, mean t / k, oracle calls and F at the end."""
+    data = load(setting.spec)
+    base, w0 = start_point(data, setting.eval_rtol)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the optimiser's first-use imports
+    rows = []
+    for label, method, options in PROBES[setting.name]:
+        options = dict(options)
+        if options.pop("full_batch", False):
+            options["batch_size"] = data.n_train
+        model = build_model(data, "logistic", theta0=base["theta"])
+        model.smoothness()
+        config = hpo_method(model, method, **options)
+        state = config.estimator.init_state()
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = config.run(
+            model.problem,
+            lower_instances(model, w0),
+            Budget(steps=steps),
+            progress=False,
+            plot=False,
+            estimator_state=state,
+        )
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        evaluator = LowerEvaluator(model, data.X_test, data.y_test, rtol=setting.eval_rtol)
+        evaluator.w = w0.clone()
+        ts = [r["sid_t"] for r in result.records if "sid_t" in r]
+        ks = [r["sid_k"] for r in result.records if "sid_k" in r]
+        row = {
+            "label": label,
+            "steps": result.step,
+            "wall_ms": 1e3 * wall / result.step,
+            "cpu_ms": 1e3 * cpu / result.step,
+            "inner": f"{np.mean(ts):.2f} / {np.mean(ks):.2f}" if ts else "–",
+            "cost": float(result.cost),
+            "val_loss": evaluator.metrics()["val_loss"],
+        }
+        rows.append(row)
+        print(
+            f"  probe {label}: {row['cpu_ms']:.1f} CPU ms/step ({row['wall_ms']:.1f} wall), "
+            f"t/k {row['inner']}, F = {row['val_loss']:.6f}"
+        )
+    return rows
+
+
+def _probe_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"Fixed-step probe (`--probe {rows[0]['steps']}`): {rows[0]['steps']} upper steps from "
+        "the common start, no evaluations; CPU time of the process and wall time per step.",
+        "",
+        "| run | CPU [ms/step] | wall [ms/step] | mean t / k | oracle calls | F after the steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['cpu_ms']:.1f} | {r['wall_ms']:.1f} | {r['inner']} | "
+            f"{r['cost']:.4g} | {r['val_loss']:.6f} |"
+        )
+    return lines
 
 
 def sklearn_cv(data: SplitData, cv: int = 3, n_cs: int = 8) -> dict[str, Any]:
@@ -411,6 +517,16 @@ def _target(r: dict[str, Any], setting: Setting) -> float:
     return r["curves"]["aid-cg"].val_loss[-1] * (1.0 + setting.slack)
 
 
+def _decomposition(label: str, sid: Curve, aid: Curve, level: float) -> str:
+    """The time ratio as (steps to the level) × (time per step): whether a method is slower
+    because its steps cost more or because it needs more of them."""
+    return (
+        f"steps to the level: {label} {fmt(sid.first_step_below(level), 0)}, AID-CG "
+        f"{fmt(aid.first_step_below(level), 0)}; time per step {1e3 * sid.step_time:.0f} ms "
+        f"against {1e3 * aid.step_time:.0f} ms (ratio {fmt(sid.step_time / aid.step_time, 2)})"
+    )
+
+
 def _method_table(r: dict[str, Any], setting: Setting) -> list[str]:
     b, sk = r["baseline"], r["sklearn"]
     target = _target(r, setting)
@@ -443,52 +559,87 @@ def _method_table(r: dict[str, Any], setting: Setting) -> list[str]:
     return lines
 
 
+#: The load of the machine during the recorded runs (stated in the report).
+LOAD = (
+    "heavily loaded during these runs (load averages 6 to 13; a probe's wall time was up to "
+    "5 times its CPU time)"
+)
+
 NOTES = """## Reading the results
 
-- **F no longer rises under SID.** The previous SID (fixed t = k = 3 steps of 0.5/L; row
+- **F does not rise under SID.** The fixed-count SID (t = k = 3 steps of 0.5/L; rows
   "previous default") cannot follow w(θ) and the adjoint when L/μ is in the thousands: on
-  digits its F ends above the start (0.1328 → 0.1408 in this run). The adaptive SID chooses
-  t and k per step from its measured residuals against the same ε_k, δ_k as AID-CG, so its
-  hypergradient has the accuracy of an inexact AID step; its F fell on all four sets and the
-  rise guard (tightening the tolerances when F exceeds its start by more than the evaluation
-  noise) never had to act. The stage solvers' gains on ill-conditioned problems are measured
-  in docs/benchmarks_sid.md ("Stage solvers").
-- **What changed in SID's cost per step.** Every sampled Hessian is now one gradient graph
-  whose products are backward passes through it (a CG round of 20 products built 20 graphs
-  before), the Jacobi preconditioner is computed only when a stage takes a step, adjoint
-  rounds start from the variance-reduced residual estimate and take a full product only when
-  it pays, the CG sample grows only when a round misses the tolerance, and stage 1 uses
-  heavy-ball momentum 0.5 (on digits 6.6 lower iterations per step instead of 12.4, same F
-  per step). Profiled on digits at low load, an SID step went from 152 ms to about 40 ms
-  (156 steps in 6 s in this run); on the 200 000-sample set it made 557 steps in 40 s.
-- **Small sets (digits, MNIST): missed, SID is slower than AID-CG there.** On digits SID's
-  F after 6 s is 0.0526 against AID-CG's 0.0424: an SID step (38 ms) still costs 2.4× an
-  AID-CG step (16 ms), because a minibatch of 394 of the 1079 samples costs about as much as
-  the full sum (the per-call overhead of autograd dominates), SVRG evaluates two minibatch
+  digits its F ends above the start (0.1328 → 0.1358 in this run, 0.1419 after 150 steps in
+  the probe). The adaptive SID chooses t and k per step from its measured residuals against
+  the same ε_k, δ_k as AID-CG, so its hypergradient has the accuracy of an inexact AID step;
+  its F fell on all four sets and the rise guard never had to act. The stage solvers' gains
+  on ill-conditioned problems are measured in docs/benchmarks_sid.md ("Stage solvers").
+- **New in this version: stage 1 takes its anchor from stage 2.** The adjoint stage builds a
+  full Hessian graph at (w, θ) for its anchor (or for CG on the whole sum), and the first
+  derivative of that graph is the full gradient ∇_w h(w, θ). SID hands it to the
+  variance-reduced stage 1 as its anchor, at the point where the next call starts: the
+  next residual check is exact there for the per-feature models (θ enters only the
+  regulariser, whose part the control variate cancels), stage 1 almost never computes a full
+  gradient itself, and its minibatch noise stays small. On the 200 000-sample set (150 steps
+  from the same start, measured as in the probe, before → after): t 3.11 → 1.19 per step,
+  minibatch gradients 1234 → 658, full gradients 16 → 1, oracle calls 140.9 → 106.8, F after
+  the steps 0.292011 → 0.292010, CPU time per step 79.8 → 72.5 ms (machine loaded). On MNIST
+  stage 1 now meets ε_k at once at every step (mean t 0.0, against 23.9 in the previous
+  recorded run, whose minibatch estimates, taken far from the anchor, carried the control
+  variate's noise).
+- **The 200 000-sample set: missed (ratio 0.43 against the target 0.2; seed 1: 0.36).** What
+  happened to the 0.18 that the fixed-count SID measured before adaptive accuracy: (1) per
+  upper step all methods make the same progress here: after 150 steps F is 0.292007 (AID-CG),
+  0.292010 (SID) and 0.292045 (fixed-count SID) in the probe, and SID needed 160 steps to
+  AID-CG's final F against AID-CG's 153. On this well-conditioned set the upper level's
+  progress per step is set by Adam's steps, not by the hypergradient's accuracy, so the time
+  ratio is the ratio of the costs per step. (2) AID-CG's step became cheaper since that run
+  (287 ms per step then, 238 ms in the previous recorded run: leaner CG), so it gets further
+  in its 60 s and its final F, the level SID must reach, is lower. (3) The adaptive SID's step
+  costs more than the fixed-count one: 65.6 against 44.3 CPU ms per step in the probe (AID-CG
+  153.6). The difference is the price of an accuracy guarantee: every stage measures its
+  residual (two minibatch products per check), and the adjoint's variance-reduced residual
+  needs an anchor with one full Hessian product after every ⌈N/b⌉ minibatch products (about
+  every fourth step here). Without them the fixed-count SID has no ε_k (on an ill-conditioned
+  ridge its error exceeds ∇F itself, tests/test_stochastic.py); with them the estimate's noise
+  sets the work: minibatches of 2048 or 8192 instead of 4096 cost 97.1 and 96.2 ms per step in
+  the probe, and renewing the adjoint anchor 10 or 100 times less often raised the adjoint
+  rounds per step from 0.64 to 1.53 and 3.94 (150 steps, measured as in the probe before the
+  change above). The fixed-count SID itself reaches the level at 0.22 of AID-CG's time in this
+  run. A ratio of 0.2 needs an SID step at about 0.2 of AID-CG's, below even the fixed-count
+  step here; both methods compute the exact validation gradient over 40 000 rows (a third of a
+  full training gradient) at every step, which only an upper-level minibatch would avoid (not
+  used, since the adjoint's δ_k then has to absorb the upper-level noise).
+- **Small sets (digits, MNIST): missed, SID is slower than AID-CG there.** On digits an SID
+  step costs 3.0 times AID-CG's CPU time (43.7 against 14.7 ms in the probe) and gains a
+  little less per step (F 0.053242 against 0.050156 after 150 steps): a minibatch of 394 of
+  the 1079 samples costs about as much as the full sum, SVRG evaluates two minibatch
   gradients per iteration, and L-BFGS needs fewer full-batch iterations than preconditioned
-  first-order steps. On MNIST (7850 unknowns, minibatches of 929 samples) a minibatch
-  Hessian is singular on most of the space, so stage 2 grows its sample to all 6000 rows and
-  becomes AID-CG's CG; SID made 9 steps to AID-CG's 19 (2 in the previous recorded run).
-  Neither gap is a matter of tuning: minibatches buy nothing where the full sum is cheap.
-  `bilevel hpo` picks AID-CG below `SID_MIN_TRAIN` training samples.
-- **The 200 000-sample set: missed (ratio 0.44, seed 1: 0.30, against the target 0.2).**
-  SID reached AID-CG's final F (0.291749 after 60 s) in 26.5 s and ended below it. The ratio
-  is set by two factors: SID's step costs about a third of AID-CG's here (72 ms against
-  238 ms), and it needs more upper-level steps than AID-CG for the same F (about 370 against
-  253), its hypergradient meeting the tolerance by an estimate rather than with L-BFGS's
-  margin. At that step count, 0.2 would need an SID step about seven times cheaper than
-  AID-CG's; both compute the exact validation gradient (40 000 rows, a third of the training
-  set) at every step, which SID avoids only with an upper-level minibatch (not used here).
-- **The sparse 10⁶ × 1000 set: holds (ratio 0.21, SID 4.8× faster, target ≥ 3×), on weak
-  evidence.** At the best common strength (λ = e⁻¹⁰, the end of the box) F hardly depends
-  on θ: AID-CG made 22 steps in 93 s and SID 37 in 47 s, F moving in the fifth digit and the
-  test accuracy not at all.
+  first-order steps. Growing the minibatches when the noise dominates ε_k turns SID into a
+  full-batch method with a first-order lower solver: with b = N it costs 56.5 ms per step
+  for the same F (0.053578): no gain, and not pursued. On MNIST (7850 unknowns, minibatches
+  of 929 rows) a minibatch Hessian is singular on most of the space, so stage 2 grows its
+  sample to all 6000 rows and runs CG on the full Hessian as AID-CG does; stage 1 no longer
+  costs anything (t = 0), but SID spent 36 oracle calls per step against AID-CG's 17 (its CG
+  solves the correction to half the tolerance, and its first rounds run on samples smaller
+  than the set, which grow only after a round misses): 4 steps against AID-CG's 11 in this
+  loaded run. Minibatches buy nothing where the full sum is cheap; `bilevel hpo` picks
+  AID-CG below `SID_MIN_TRAIN` training samples.
+- **The sparse 10⁶ × 1000 set: missed in this run (ratio 0.40 against 1/3; the previous
+  recorded run measured 0.21), on weak evidence either way.** At the best common strength (λ =
+  e⁻¹⁰, the end of the box) F hardly depends on θ: it moves in the fifth digit (0.476122 →
+  0.476109 for AID-CG after 24 steps, → 0.476099 for SID after 35) and the test accuracy not
+  at all. SID needed 25 steps to AID-CG's final F against AID-CG's 24, so the ratio is that of
+  the time per step: 1.51 against 3.81 s here (0.40), 1.26 against 4.2 s in the previous run
+  (0.30), on a machine whose load changed during and between the runs. A step of each method
+  costs seconds here, so a few steps more or less, and the load, move the ratio across the
+  target.
 - **The size rule.** SID reached AID-CG's final F sooner on the two large sets (120 000 and
   600 000 training samples) and not at all within the budget on the small ones (1 079 and
-  6 000): `bilevel hpo` uses SID from 100 000 training samples on (`SID_MIN_TRAIN`).
+  6 000): `bilevel hpo` keeps using SID from 100 000 training samples on (`SID_MIN_TRAIN`).
 - **ITD** differentiates 20 full-batch gradient steps per upper step: the most expensive
-  step, and a truncated, biased hypergradient when L/μ is large (on digits its F ended above
-  the start).
+  step, and a truncated, biased hypergradient when L/μ is large (on digits it lowers F far
+  less than AID-CG).
 - **Validation overfitting and shrinkage.** With one free strength per feature, F drops far
   below the best common strength's value on digits and MNIST (64 strengths fitted on 359
   validation samples, 784 on 2000), but the test accuracy does not follow: the per-feature
@@ -503,19 +654,20 @@ def _duration(args, seconds: float) -> str:
     """The run's wall time, or how the sets were run when they come from ``--cache``."""
     if args.cache is None:
         return f"total {seconds:.0f} s"
-    return "each data set run on its own with --cache"
+    return "results read from the --cache folder, where earlier runs of the script wrote them"
 
 
 def report(results: dict[str, Any], splits: list[dict[str, float]], args, seconds: float) -> str:
     lines = [
         "# Benchmark: hyperparameter learning for per-feature logistic regression",
         "",
-        "Produced by `benchmarks/hpo.py`; every number below was measured by that script "
-        f"(torch {torch.__version__}, {platform.machine()}, {args.threads} torch thread(s), "
-        f"{_duration(args, seconds)}). The machine has 2 cores shared with other work, "
-        "loaded to different degrees during these runs (load averages 0.2 to 7), so wall times "
-        "carry noise of tens of per cent; compare methods within a data set, whose runs follow "
-        "each other.",
+        "Produced by `benchmarks/hpo.py`; every number in the tables and the verdict was "
+        f"measured by that script (torch {torch.__version__}, {platform.machine()}, "
+        f"{args.threads} torch thread(s), {_duration(args, seconds)}); the notes cite a few "
+        "other measurements and say where they come from. The machine has 2 cores shared "
+        f"with other work, {LOAD}, so wall times carry noise of tens of per cent; compare "
+        "methods within a data set, whose runs follow each other, and use the probes' CPU "
+        "times for the cost of a step.",
         "",
         "Setup (details in the script's docstring): λ_k = exp θ_k, one ℓ2 strength per "
         "feature; split 60/20/20; every method starts from the best common strength of the grid "
@@ -523,9 +675,9 @@ def report(results: dict[str, Any], splits: list[dict[str, float]], args, second
         "0.1/(k+1)^0.25, θ ∈ [-10, 1]; F(θ) = validation cross-entropy at an accurate w(θ) "
         "(evaluation time not counted). SID: minibatch 12√N (≤ 4096), t and k adaptive to "
         "the same ε_k, δ_k as AID-CG (at most 200), Jacobi-preconditioned SVRG with momentum "
-        "0.5 for w and CG "
-        "refinement on minibatch Hessians for the adjoint, tolerances tightened when F rises "
-        "above its start. AID-CG: "
+        "0.5 for w (its anchor the full gradient from the adjoint stage's full Hessian graphs) "
+        "and CG refinement on minibatch Hessians for the adjoint, tolerances tightened when F "
+        "rises above its start. AID-CG: "
         "warm-started L-BFGS + CG to ε_k = δ_k = 10⁻² g₀/√(k+1) (floor 10⁻⁴ g₀, float32 "
         "10⁻³ g₀). ITD: 20 unrolled full-batch steps, warm-started. "
         "Test accuracy '(train)': w(θ) trained on the training part; '(refit)': w refitted on "
@@ -543,6 +695,8 @@ def report(results: dict[str, Any], splits: list[dict[str, float]], args, second
             continue
         setting = next(s for s in SETTINGS if s.name == name)
         lines += [f"`{r['data']}`", "", *_method_table(r, setting), ""]
+        if r.get("probe"):
+            lines += [*_probe_table(r["probe"]), ""]
         aid, sid = r["curves"]["aid-cg"], r["curves"]["sid"]
         target = _target(r, setting)
         aid_time = aid.first_time_below(target)
@@ -559,11 +713,13 @@ def report(results: dict[str, Any], splits: list[dict[str, float]], args, second
             f"{sid.val_loss[-1]:.6f}); mean t / k per step {sid.inner}; the rise guard "
             f"tightened the inner accuracy {sid.tightened} time(s)."
         )
+        verdicts.append(f"  - {_decomposition('SID', sid, aid, target)}")
         for label, c in r["variants"].items():
             t = c.first_time_below(target)
             verdicts.append(
                 f"  - {label}: ratio {fmt(t / aid_time if aid_time > 0 else math.inf, 2)}, F "
-                f"{c.val_loss[0]:.6f} → {c.val_loss[-1]:.6f}."
+                f"{c.val_loss[0]:.6f} → {c.val_loss[-1]:.6f}; "
+                f"{_decomposition(label, c, aid, target)}"
             )
         sk = r["sklearn"]
         if sk is not None:
@@ -618,8 +774,25 @@ def main() -> None:
         help="folder of per-set results: the sets run are saved there, the sets not run are "
         "read from there (so that the sets can be run one at a time and reported together)",
     )
+    parser.add_argument(
+        "--probe",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="with --cache: run the fixed-step probes of the sets in --only for STEPS upper "
+        "steps and add them to the cached results (nothing else is run)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.probe:
+        if args.cache is None or not args.only:
+            parser.error("--probe needs --cache and --only")
+        for name in args.only:
+            saved = pathlib.Path(args.cache) / f"{name}.pkl"
+            result = pickle.loads(saved.read_bytes())
+            result["probe"] = probe(next(s for s in SETTINGS if s.name == name), args.probe)
+            saved.write_bytes(pickle.dumps(result))
+        return
     out = pathlib.Path(args.out)
     args.png = out.with_suffix(".png").name
     start = time.perf_counter()

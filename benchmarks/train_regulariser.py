@@ -8,11 +8,14 @@ Data: random ``--patch``-pixel patches of the grayscale images in ``DATA/train``
 BSDS300 training images), noise frozen per patch (seeded); the images are split by file
 (``--val-images`` of them held out) into training patches and validation patches. Upper
 level: Adam-ISGD (the library's ``ISGD(optimizer="adam")``) with implicit hypergradients
-(warm-started Nesterov lower solves, CG adjoints), step α_k = α₀/(k+1)^p, checkpoints in the
-run directory (``--resume`` continues the run). The validation PSNR is logged every
-``--eval-every`` steps together with each parameter group's distance from its initial value
-(so that a group that does not move is seen). ``--export NAME`` writes the final model with
-its configuration, data, seed and validation PSNR to the package's pretrained-model folder
+(warm-started Nesterov lower solves, CG adjoints), step α_k = α₀/(k+1)^p times a factor per
+parameter group (``--group-steps``), checkpoints in the run directory (``--resume`` continues
+the run; ``--time`` limits its wall time, evaluations excluded, over all resumes). The
+validation PSNR is logged every ``--eval-every`` steps together with each parameter group's
+distance from its initial value (so that a group that does not move is seen); the run keeps
+the θ with the best validation PSNR. ``--export NAME`` (also with ``--resume`` of a finished
+run) writes that model with its configuration, data, seed, the command that started the run
+(and its resumes) and validation PSNR to the package's pretrained-model folder
 (``bilevel.imaging.pretrained``); test scores are added by ``benchmarks/imaging_quality.py
 --record NAME``.
 """
@@ -43,10 +46,58 @@ from bilevel.imaging import (
 )
 from bilevel.imaging.job import calibrate_ridge_strength
 from bilevel.imaging.pretrained_models import reference_check, save_pretrained
-from bilevel.methods import with_initial
+from bilevel.methods import ranked_by, with_initial
+from bilevel.methods.optim import load_params
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds300"
 TV_GRID = (0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3)
+#: Training patches (the first ones; they are random) on which TV's strength is tuned.
+TV_TUNE = 256
+#: Step factors per parameter group: the filters' entries (layers.*) are O(1/size) numbers
+#: whose Adam steps of α_k each would change the composite filters by O(α_k · size) per step,
+#: so they take a smaller factor; the log-parametrised potentials and scalings move by α_k.
+GROUP_STEPS = "layers=0.05"
+
+
+def group_factors(spec: str) -> list[tuple[str, float]]:
+    """``"layers=0.05,log_slopes=1"`` → [("layers", 0.05), ("log_slopes", 1.0)]."""
+    out = []
+    for item in (s for s in spec.split(",") if s.strip()):
+        prefix, _, factor = item.partition("=")
+        try:
+            out.append((prefix.strip(), float(factor)))
+        except ValueError:
+            sys.exit(f"train_regulariser: --group-steps wants PREFIX=FACTOR, got {item!r}")
+    return out
+
+
+class GroupScaledAdam(torch.optim.Adam):
+    """Adam whose parameter groups take ``factor`` × the learning rate the method sets."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        rates = [g["lr"] for g in self.param_groups]
+        for g in self.param_groups:
+            g["lr"] = g["lr"] * g["factor"]
+        try:
+            return super().step(closure)
+        finally:
+            for g, lr in zip(self.param_groups, rates):
+                g["lr"] = lr
+
+
+def adam_factory(model: torch.nn.Module, spec: str):
+    """``factory(params)`` for ISGD: one Adam group per parameter with its step factor."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    factors = group_factors(spec)
+
+    def factor(name: str) -> float:
+        return next((f for prefix, f in factors if name.startswith(prefix)), 1.0)
+
+    def make(params):
+        groups = [{"params": [p], "factor": factor(names.get(id(p), ""))} for p in params]
+        return GroupScaledAdam(groups, lr=1e-3)
+
+    return make
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +117,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--batch-size", type=int, default=16)
     a("--step", type=float, default=2e-2, help="Adam step α₀ (default: 2e-2)")
     a("--power", type=float, default=0.25, help="α_k = α₀/(k+1)^power (default: 0.25)")
+    a(
+        "--group-steps",
+        default=GROUP_STEPS,
+        help="per parameter group factors of α_k, PREFIX=FACTOR,... matched against the "
+        f"parameter names (first match; others 1) (default: {GROUP_STEPS})",
+    )
     a("--accuracy", default="poly:1e-1,0.5", help="ε_k = δ_k schedule (default: poly:1e-1,0.5)")
     a("--budget", type=int, default=200_000, help="oracle calls (default: 200000)")
     a("--steps", type=int, default=None, help="upper-level steps at most")
@@ -118,6 +175,16 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     return ConvexRidgeNetwork(**kwargs), kwargs
 
 
+def portable(info: dict, run_dir: Path) -> dict:
+    """``info`` with this machine's paths written as placeholders: the run directory as
+    ``RUN_DIR`` and the default data folder relative to the checkout (``../shared/...``)."""
+    text = json.dumps(info, ensure_ascii=False)
+    for path, name in ((run_dir.resolve(), "RUN_DIR"), (run_dir, "RUN_DIR")):
+        text = text.replace(json.dumps(str(path))[1:-1], name)
+    text = text.replace(json.dumps(str(DEFAULT_DATA))[1:-1], "../shared/data/bsds300")
+    return json.loads(text)
+
+
 def export_run(run_dir: Path, name: str) -> Path:
     """Ship the (weakly) convex ridge network of a finished ``bilevel denoise`` run."""
     from bilevel.config import job_record, resumable_fields
@@ -153,7 +220,18 @@ def export_run(run_dir: Path, name: str) -> Path:
         },
         "check": reference_check(model, options["sigma"]),
     }
-    return save_pretrained(model, name, info)
+    return save_pretrained(model, name, portable(info, run_dir))
+
+
+def record_command(run_dir: Path, argv: list[str], resume: bool) -> list[list[str]]:
+    """Append ``argv`` to the run's ``commands.json`` (a fresh run starts it); returns all of
+    them, the command that started the run first."""
+    path = run_dir / "commands.json"
+    commands = json.loads(path.read_text()) if resume and path.is_file() else []
+    commands.append(list(argv))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(commands, indent=1) + "\n")
+    return commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,11 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     model, kwargs = build_model(args)
     model = model.to(args.device, dtype)
     run_dir = Path(args.run_dir)
+    commands = record_command(run_dir, argv if argv is not None else sys.argv[1:], args.resume)
     start = time.perf_counter()
-    # Start at smoothed isotropic TV of the strength tuned on the training patches.
-    tv = grid_search_tv(train.batch(), TV_GRID, max_iter=1000, tol=1e-3)
-    if not args.resume:
-        calibrate_ridge_strength(model, tv.strength)
+    # Start at smoothed isotropic TV of the strength tuned on (the first) training patches.
+    tv = grid_search_tv(
+        train.batch(torch.arange(min(TV_TUNE, len(train)))), TV_GRID, max_iter=1000, tol=1e-3
+    )
+    calibrate_ridge_strength(model, tv.strength)  # θ₀ (a resumed run then loads its θ)
     print(f"TV tuned on the training patches: λ = {tv.strength:g}, {tv.psnr:.2f} dB", flush=True)
     problem = reconstruction_problem(model)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -195,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         step=f"poly:{args.step},{args.power}",
         accuracy=args.accuracy,
         batch_size=min(args.batch_size, len(train)),
-        optimizer="adam",
+        optimizer=adam_factory(model, args.group_steps),
         estimator=Implicit(
             CG(max_iter=500), lower_solver=Nesterov(max_iter=5000), compute_bound=False
         ),
@@ -208,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         budget,
         run_dir=run_dir,
         resume=args.resume,
-        evaluate=evaluate,
+        evaluate=ranked_by(evaluate, "val_psnr", "max"),
         eval_every=args.eval_every,
         progress=False,
     )
+    if result.best_theta is not None:  # the θ with the best validation PSNR
+        load_params(problem.params, list(result.best_theta))
     final = evaluate(problem.theta, result.step)
     tv_problem = reconstruction_problem(SmoothedTV(tv.strength).to(args.device, dtype))
     x_tv = reconstruct(tv_problem, val_batch, tol=3e-3)
@@ -220,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": result.step,
         "oracle_calls": result.cost,
         "status": result.status,
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "wall_time_s": round(result.wall_time, 1),
+        "process_time_s": round(time.perf_counter() - start, 1),
+        "exported_step": (result.best or {}).get("step", result.step),
         "tv_strength": tv.strength,
         "val_psnr": {
             "noisy": float(psnr(val_batch[0].clamp(0, 1), val_batch[1]).mean()),
@@ -239,10 +323,12 @@ def main(argv: list[str] | None = None) -> int:
             "kwargs": kwargs,
             "sigma": args.sigma,
             "description": f"{args.model} with {args.filters} filters of "
-            f"{args.filter_size}×{args.filter_size}, grayscale, σ = {args.sigma:g}/255",
+            f"{args.filter_size}×{args.filter_size}, "
+            + (f"ρ_max = {args.max_weak_convexity:g}, " if args.model == "wcrr" else "")
+            + f"grayscale, σ = {args.sigma:g}/255",
             "training": {
-                "command": "python benchmarks/train_regulariser.py "
-                + " ".join(argv if argv is not None else sys.argv[1:]),
+                "command": "python benchmarks/train_regulariser.py " + " ".join(commands[0]),
+                "resumed_with": [" ".join(c) for c in commands[1:]],
                 "config": config,
                 "data": f"{args.patches} random {args.patch}px patches of the BSDS300 training "
                 f"images (last {args.val_images} held out for {args.val_patches} validation "
@@ -252,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         info["check"] = reference_check(model.cpu().float(), args.sigma)
-        print(f"exported to {save_pretrained(model, args.export, info)}")
+        print(f"exported to {save_pretrained(model, args.export, portable(info, run_dir))}")
     return 0 if result.ok else 1
 
 

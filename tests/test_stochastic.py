@@ -1048,3 +1048,34 @@ def test_sampled_hessian_operator_is_the_minibatch_hessian_and_counts_every_prod
             torch.testing.assert_close(op(v)[0], dense[name] @ v[0], rtol=1e-12, atol=1e-12)
         per_product = len(idx) / len(X) if index is not None else 1.0
         assert cost.hvps - before == pytest.approx(3 * per_product)
+
+
+def test_adjoint_full_graph_gives_stage_one_its_anchor(ridge):
+    """The full Hessian graph that stage 2 builds for its anchor also holds ∇_w h(w, θ): SID
+    hands it to the variance-reduced stage 1 as its anchor at w (closed form: X^T(Xw − y)/N
+    + e^θ ⊙ w), so the next call from w measures the exact lower residual with no full
+    gradient (two minibatch gradients only)."""
+    sid = dataclasses.replace(_adaptive_sid(ridge, batch=20), step=0.1)  # no power iteration
+    state, problem = sid.init_state(), ridge.problem  # one problem: the anchors are kept
+    w0 = torch.zeros(1, ridge.X_train.shape[1], dtype=torch.float64)
+    first = sid(problem, None, w0, lower_tol=1e-3, adjoint_tol=1e-6, state=state)
+    anchor = state.lower_solver.state_dict()
+    X, y, n = ridge.X_train, ridge.y_train, ridge.n_train
+    w = first.x[0]
+    exact = X.T @ (X @ w - y) / n + ridge.theta.detach().exp() * w
+    assert torch.equal(anchor["anchor"], first.x)
+    torch.testing.assert_close(anchor["anchor_gradient"][0], exact, rtol=1e-12, atol=1e-14)
+    assert state.linear_solver.pop_full_gradient() is None  # handed over once
+    # the next call starts at the anchor: g̃ = ∇h exactly, whatever the minibatch
+    again = sid(
+        problem,
+        None,
+        first.x,
+        lower_tol=1.0,
+        adjoint_tol=1.0,
+        adjoint0=first.adjoint,
+        state=state,
+    )
+    assert again.metrics["sid_t"] == 0
+    assert again.lower_residual == pytest.approx(float(exact.norm()), rel=1e-10)
+    assert again.cost.grad_evals == pytest.approx(2 * 20 / n)

@@ -34,8 +34,10 @@ or did not answer within the timeout) raises :class:`DistributedError` on the ot
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import functools
 import math
 import os
 import sys
@@ -58,6 +60,7 @@ __all__ = [
     "init_from_env",
     "is_writer",
     "on_writer",
+    "once",
     "reduce_hypergradient",
     "shutdown",
 ]
@@ -111,6 +114,8 @@ class Shard:
         try:
             return fn()
         except (RuntimeError, ValueError) as err:  # DistBackendError is a RuntimeError
+            global _FAILED
+            _FAILED = True
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DistributedError(
                 f"rank {self.rank} of {self.world}: {what} failed ({first}); another process "
@@ -129,6 +134,29 @@ class Shard:
         of a per-row mean computed on each rank's block (or a minibatch drawn from it)."""
         start, stop = self.block(n)
         return self.sum(t * ((stop - start) / n))
+
+    def sum_all(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Σ over ranks of each tensor, in one all-reduce of their concatenation (in their
+        common dtype); each result has its tensor's shape, dtype and device."""
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+        flat = torch.cat([t.detach().reshape(-1).to(self.device, dtype) for t in tensors])
+        self._collective("an all-reduce", lambda: dist.all_reduce(flat))
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset : offset + t.numel()].reshape(t.shape).to(t.device, t.dtype))
+            offset += t.numel()
+        return out
+
+    def combine_all(self, parts: Sequence[tuple[Tensor, int | None]]) -> list[Tensor]:
+        """:meth:`combine` of every (t, n) of ``parts`` (n None: the plain sum over ranks), in
+        one all-reduce (:meth:`sum_all`): a step's reductions cost one synchronisation."""
+        scaled = []
+        for t, n in parts:
+            if n is not None:
+                start, stop = self.block(n)
+                t = t * ((stop - start) / n)
+            scaled.append(t)
+        return self.sum_all(scaled)
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Σ over ranks of each number (one all-reduce in float64)."""
@@ -201,6 +229,7 @@ class Shard:
 
 
 _SHARD: Shard | None = None
+_FAILED = False  # a collective of this process failed: leave without waiting for the others
 
 
 def current() -> Shard | None:
@@ -250,20 +279,27 @@ def init_from_env(timeout: float | None = None, backend: str | None = None) -> S
         device = torch.device("cuda", local)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+        atexit.register(shutdown, wait=False)
     _SHARD = Shard(dist.get_rank(), dist.get_world_size(), device, seconds)
     if _SHARD.rank != 0:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process)
     return _SHARD
 
 
-def shutdown() -> None:
-    """Leave the process group (if this module joined one). The processes first meet at a
-    barrier: one that tears down gloo while another is still in a collective aborts
-    ("terminate called without an active exception") and exits non-zero."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group (if this module joined one), first meeting the other processes
+    at a barrier when ``wait`` (and no collective of this process has failed).
+
+    :func:`init_from_env` registers ``shutdown(wait=False)`` to run at interpreter exit: a
+    process group left alive until then is torn down by C++ destructors, which abort the
+    process ("terminate called without an active exception", SIGABRT) when a peer has died.
+    Destroyed first, the process exits with its own status (1 for the command line's
+    :class:`DistributedError`)."""
     global _SHARD
     if _SHARD is not None and dist.is_initialized():
-        with contextlib.suppress(RuntimeError):  # a peer that died: nothing left to wait for
-            dist.barrier()
+        if wait and not _FAILED:
+            with contextlib.suppress(RuntimeError):  # a peer that died: nothing to wait for
+                dist.barrier()
         dist.destroy_process_group()
     _SHARD = None
 
@@ -283,6 +319,15 @@ def on_writer(fn: Callable[[], T]) -> T | None:
             error = err
     shard.check(error)
     return value
+
+
+def once(fn: Callable[[], T]) -> T:
+    """``fn()`` computed by rank 0 alone, its value broadcast to every rank (``fn()`` itself
+    when not distributed): work whose result every rank needs but one rank can do, such as an
+    accurate evaluation or a grid search. An exception of rank 0 is raised on every rank."""
+    if _SHARD is None:
+        return fn()
+    return _SHARD.broadcast_object(on_writer(fn))
 
 
 def reduce_hypergradient(

@@ -60,7 +60,7 @@ import copy
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -526,12 +526,34 @@ class VarianceReducedFixedPoint:
         """Whether an anchor is held."""
         return self._anchor is not None
 
-    def _take_anchor(self, phi: LowerMap, x: Tensor, key: tuple[Any, ...]) -> None:
-        theta = snapshot_theta(phi.problem.theta)
+    def _take_anchor(self, x: Tensor, theta: Any, key: tuple[Any, ...]) -> None:
+        """Anchor at (x, θ); its full gradient comes with the step's minibatch gradients
+        (:meth:`_gradient`)."""
         self._anchor = x.detach().clone()
-        self._anchor_theta = theta
-        self._anchor_gradient = phi.full_gradient(self._anchor, theta)
+        self._anchor_theta = snapshot_theta(theta)
+        self._anchor_gradient = None
         self._anchor_key = key
+        self._since_refresh = 0
+
+    def _gradient(self, phi: LowerMap, x: Tensor, idx: Tensor) -> Tensor:
+        """g̃(x) on the minibatch ``idx``; the anchor's full gradient too when it has none yet
+        (data parallel: the three gradients in one all-reduce)."""
+        anchor = (self._anchor, self._anchor_theta)
+        full = anchor if self._anchor_gradient is None else None
+        g, g_anchor, *rest = phi.gradients(idx, [(x, None), anchor], full)
+        if rest:
+            self._anchor_gradient = rest[0]
+        return g - g_anchor + self._anchor_gradient
+
+    def share_anchor(self, phi: LowerMap, x: Tensor, theta: Any, gradient: Tensor) -> None:
+        """Take (x, θ̃, ∇_w h(x, θ̃)) computed elsewhere as the anchor, its refresh count
+        restarted: SID passes the full gradient that its adjoint stage obtains with every full
+        Hessian graph (the graph's first derivative), so the anchor costs no gradient here
+        and lies at the last lower iterate, where the next call starts."""
+        self._anchor = x.detach()
+        self._anchor_theta = theta
+        self._anchor_gradient = gradient.detach()
+        self._anchor_key = (id(phi.problem), tuple(x.shape), x.dtype, x.device)
         self._since_refresh = 0
 
     def solve(
@@ -559,10 +581,8 @@ class VarianceReducedFixedPoint:
         residual = math.nan
         for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
-                self._take_anchor(phi, x, key)
-            idx = phi.draw(x.device)
-            g = phi.gradient(x, idx) - phi.gradient(self._anchor, idx, self._anchor_theta)
-            g = g + self._anchor_gradient
+                self._take_anchor(x, phi.problem.theta, key)
+            g = self._gradient(phi, x, phi.draw(x.device))
             if tol is not None:
                 residual = eta * _max_norm(g)
                 if residual <= tol:
@@ -741,11 +761,9 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
         residual = math.nan
         for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
-                self._take_anchor(phi, x, key)
+                self._take_anchor(x, theta, key)
                 self._refreshes += 1
-            idx = phi.draw(x.device)
-            g = phi.gradient(x, idx) - phi.gradient(self._anchor, idx, self._anchor_theta)
-            g = g + self._anchor_gradient
+            g = self._gradient(phi, x, phi.draw(x.device))
             if tol is not None:
                 residual = eta * _max_norm(g)
                 if residual <= tol:
@@ -776,6 +794,10 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
                 _check_iterate(x, s + 1, repr(self), "decrease the step or the momentum")
         last = self.step / self._top if t else math.nan
         return StochasticSolution(x, x, t, 0, last, residual)
+
+    def share_anchor(self, phi: LowerMap, x: Tensor, theta: Any, gradient: Tensor) -> None:
+        super().share_anchor(phi, x, theta, gradient)
+        self._refreshes += 1
 
     def state_dict(self) -> dict[str, Any]:
         """The anchor (see :class:`VarianceReducedFixedPoint`), λ̂ and the refreshes since."""
@@ -817,7 +839,9 @@ class PreconditionedSVRGLinear:
     (up to N, where CG runs on H itself to the tolerance); the size is kept across calls.
     The preconditioner is computed at the first round, so a warm start that already meets
     the tolerance costs two minibatch products. ``iterations`` of the result are rounds (at
-    most ``max_rounds``).
+    most ``max_rounds``). The first derivative of a full Hessian graph is the full gradient
+    ∇_w h(w, θ); :meth:`pop_full_gradient` returns it, and SID makes it the anchor of a
+    variance-reduced stage 1 (:meth:`VarianceReducedFixedPoint.share_anchor`).
 
     Why: plain fixed-point steps contract by 1 − ημ per step with the global η = 1/L and keep
     the minibatch noise of Ĥ v at a floor ∝ the step (docs/benchmarks_sid.md); the
@@ -869,6 +893,21 @@ class PreconditionedSVRGLinear:
         self._since_refresh = 0
         self._top: float | None = None
         self._refreshes = 0
+        self._full_gradient: tuple[Tensor, Any, Tensor] | None = None
+
+    def _full_hessian(self, psi: AdjointMap) -> _Counted:
+        """The full Hessian operator at the map's (w, θ) (one gradient graph); its first
+        derivative, the full gradient ∇_w h(w, θ), is kept for :meth:`pop_full_gradient`."""
+        full = psi.hessian(None)
+        theta = snapshot_theta(psi.problem.theta)
+        self._full_gradient = (psi.w, theta, full.hessian.gradient())
+        return full
+
+    def pop_full_gradient(self) -> tuple[Tensor, Any, Tensor] | None:
+        """(w, θ̃, ∇_w h(w, θ̃)) from the last full Hessian graph of the last call, once (None
+        when that call built none): SID gives it to the stage-1 solver as its anchor."""
+        out, self._full_gradient = self._full_gradient, None
+        return out
 
     def _take_anchor(
         self,
@@ -879,11 +918,12 @@ class PreconditionedSVRGLinear:
     ) -> None:
         """Anchor at (w, θ, v) with H v from ``full`` (the full Hessian operator at w, if
         the caller holds one) or one full product."""
+        full = self._full_hessian(psi) if full is None else full
         self._anchor = {
             "w": psi.w,
             "theta": snapshot_theta(psi.problem.theta),
             "v": v.detach().clone(),
-            "hv": psi.full_matvec(v.detach()) if full is None else full(v.detach()),
+            "hv": full(v.detach()),
             "current": True,
         }
         self._key = key
@@ -944,10 +984,14 @@ class PreconditionedSVRGLinear:
         a = self._anchor
         idx = psi.draw(v.device)
         if a["current"]:
-            hv = psi.matvec(v - a["v"], idx) + a["hv"]
+            (hv,), rhs = psi.products(idx, [(v - a["v"], None, None)])
+            hv = hv + a["hv"]
         else:
-            hv = psi.matvec(v, idx) - psi.matvec(a["v"], idx, a["w"], a["theta"]) + a["hv"]
-        return psi.rhs() - psi.step * hv
+            (hv, hv_anchor), rhs = psi.products(
+                idx, [(v, None, None), (a["v"], a["w"], a["theta"])]
+            )
+            hv = hv - hv_anchor + a["hv"]
+        return rhs - psi.step * hv
 
     def _refine(
         self, psi: AdjointMap, v: Tensor, key: tuple[Any, ...], tol: float | None, t: int
@@ -976,7 +1020,7 @@ class PreconditionedSVRGLinear:
                 if tol is None or _max_norm(r) > tol:
                     r = None
             if r is None:  # a new anchor: one full product, the exact residual at v
-                full = full or psi.hessian(None)
+                full = full or self._full_hessian(psi)
                 self._take_anchor(psi, v, key, full)
                 r, exact = psi.rhs() - eta * self._anchor["hv"], True
             residual = _max_norm(r)
@@ -989,7 +1033,7 @@ class PreconditionedSVRGLinear:
             if b >= n:  # the whole sum: CG on H itself, to the tolerance at once
                 rtol = self.cg_rtol if tol is None else min(self.cg_rtol, 0.5 * tol / residual)
                 cap = max(self.cg_iterations, 2 * math.isqrt(v[0].numel()) + 10)
-                full = full or psi.hessian(None)
+                full = full or self._full_hessian(psi)
                 delta, used, cg_res = _pcg(full, r / eta, p, cap, rtol)
                 r_new = eta * cg_res  # exact: r − η H δ
             else:
@@ -1086,6 +1130,13 @@ def _combined(t: Tensor, n: int) -> Tensor:
     return t if shard is None else shard.combine(t, n)
 
 
+def _combined_all(*parts: tuple[Tensor, int | None]) -> list[Tensor]:
+    """:func:`_combined` of every (t, n) (n None: the plain sum over the processes), data
+    parallel in one all-reduce (:meth:`bilevel.distributed.Shard.combine_all`); else the t."""
+    shard = distributed.current()
+    return [t for t, _ in parts] if shard is None else shard.combine_all(parts)
+
+
 def _exact_upper(problem: BilevelProblem, w: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
     """:func:`~bilevel.autodiff.upper_gradients` of the exact upper loss (f, ∇_w f, ∇_θ f);
     data parallel with ``finite_sum.upper_loss``, each process's block of the upper samples,
@@ -1108,7 +1159,7 @@ def _exact_upper(problem: BilevelProblem, w: Tensor) -> tuple[Tensor, Tensor, li
     grad_theta = [
         torch.zeros_like(p) if g is None else g / w.shape[0] for p, g in zip(params, grads[1:])
     ]
-    combined = [_combined(t, n_up) for t in (loss.detach(), grads[0], *grad_theta)]
+    combined = _combined_all(*[(t, n_up) for t in (loss.detach(), grads[0], *grad_theta)])
     return combined[0], combined[1], combined[2:]
 
 
@@ -1156,14 +1207,22 @@ class _SampledHessian:
                 e = _checked_values("finite_sum.lower_energy", e, w.shape[0])
             (self._g,) = torch.autograd.grad(e.sum(), self._w, create_graph=True)
 
+    def gradient(self) -> Tensor:
+        """∇_w ĥ(w, θ; I), the graph's first derivative (detached; data parallel, combined)."""
+        return _combined(self._g.detach(), self.n)
+
     def __call__(self, v: Tensor) -> Tensor:
+        return _combined(self.local(v), self.n)
+
+    def local(self, v: Tensor) -> Tensor:
+        """This process's product (data parallel: on its share of I), not combined."""
         hv = None
         if self._g.requires_grad:  # else ∇ĥ is constant in w: Ĥ = 0
             with torch.enable_grad():
                 (hv,) = torch.autograd.grad(
                     self._g, self._w, v, retain_graph=True, allow_unused=True
                 )
-        return _combined(torch.zeros_like(v) if hv is None else hv.detach(), self.n)
+        return torch.zeros_like(v) if hv is None else hv.detach()
 
 
 class _Curvature:
@@ -1195,8 +1254,8 @@ class _Curvature:
             hessian = _SampledHessian(self.problem, w, theta, idx)
             for _ in range(_HUTCHINSON_PROBES):
                 z = (torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w)
-                d += z * hessian(z)
-            d /= _HUTCHINSON_PROBES
+                d += z * hessian.local(z)
+            d = _combined(d / _HUTCHINSON_PROBES, n)  # linear in the products: one all-reduce
             self.cost.hvps += _HUTCHINSON_PROBES * w.shape[0] * b / n
         if not bool(torch.isfinite(d).all()):
             raise NonFiniteError("the Hessian diagonal of the lower level is NaN or infinite")
@@ -1269,6 +1328,20 @@ class LowerMap:
         """∇_w ĥ(w, θ; I) on the minibatch ``index`` (default: a fresh one), shape of w
         (detached). ``theta`` defaults to the problem's current θ (a snapshot may be passed)."""
         idx = self.draw(w.device) if index is None else index
+        return _combined(self._local_gradient(w, idx, theta), self.n)
+
+    def gradients(
+        self, index: Tensor, points: Sequence[tuple[Tensor, Any]], full: tuple[Tensor, Any] | None
+    ) -> list[Tensor]:
+        """∇_w ĥ(w, θ; I) at every (w, θ) of ``points`` (θ None: the problem's) on the one
+        minibatch ``index``, then, if ``full`` is a point, ∇_w h there on all N samples; as
+        :meth:`gradient` and :meth:`full_gradient`, but data parallel in one all-reduce."""
+        local = [self._local_gradient(w, index, theta) for w, theta in points]
+        if full is not None:
+            local.append(self._local_full_gradient(*full))
+        return _combined_all(*[(g, self.n) for g in local])
+
+    def _local_gradient(self, w: Tensor, idx: Tensor, theta: Any) -> Tensor:
         theta = self.problem.theta if theta is None else theta
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
@@ -1276,11 +1349,14 @@ class LowerMap:
             e = _checked_values("finite_sum.lower_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
         self.cost.grad_evals += w.shape[0] * idx.numel() / self.n
-        return _combined(g, self.n)
+        return g
 
     def full_gradient(self, w: Tensor, theta: Any = None) -> Tensor:
         """∇_w h(w, θ) on all N samples (the problem's ``lower_energy`` with ``batch=None``),
         counting one gradient evaluation per instance."""
+        return _combined(self._local_full_gradient(w, theta), self.n)
+
+    def _local_full_gradient(self, w: Tensor, theta: Any) -> Tensor:
         theta = self.problem.theta if theta is None else theta
         block = _block(self.n)  # data parallel: this process's rows, combined
         with torch.enable_grad():
@@ -1292,7 +1368,7 @@ class LowerMap:
             e = _checked_values("lower_energy", e, w.shape[0])
             (g,) = torch.autograd.grad(e.sum(), wr)
         self.cost.grad_evals += w.shape[0] * _share(self.n)
-        return _combined(g, self.n)
+        return g
 
     def hessian(self, w: Tensor, index: Tensor) -> Callable[[Tensor], Tensor]:
         """v ↦ Ĥ(w, θ; I) v on the minibatch ``index`` at the problem's θ, each product
@@ -1350,11 +1426,31 @@ class AdjointMap:
     ) -> Tensor:
         """Ĥ(w, θ; I) v on the minibatch ``index`` (default: a fresh one; w and θ default to
         the map's point and the problem's θ), detached, counting B·b/N products."""
+        idx = self.draw(v.device) if index is None else index
+        return _combined(self._local_matvec(v, idx, w, theta), self.n)
+
+    def products(
+        self, index: Tensor, vectors: Sequence[tuple[Tensor, Tensor | None, Any]]
+    ) -> tuple[list[Tensor], Tensor]:
+        """([Ĥ(w', θ'; I) v' for (v', w', θ') of ``vectors``], ∇_w Ê(w; I')): the products on
+        the one lower minibatch ``index`` (w', θ' None: the map's point, the problem's θ) and
+        the right-hand side, as :meth:`matvec` and :meth:`rhs` give them, but data parallel
+        in one all-reduce."""
+        local = [self._local_matvec(v, index, w, theta) for v, w, theta in vectors]
+        parts: list[tuple[Tensor, int | None]] = [(hv, self.n) for hv in local]
+        rhs = self._local_rhs()
+        if rhs is not None:
+            parts.append(rhs)
+        reduced = _combined_all(*parts)
+        if rhs is None:
+            return reduced, self.exact_rhs
+        return reduced[:-1], reduced[-1]
+
+    def _local_matvec(self, v: Tensor, idx: Tensor, w: Tensor | None, theta: Any) -> Tensor:
         w = self.w if w is None else w
         theta = self.problem.theta if theta is None else theta
-        idx = self.draw(w.device) if index is None else index
         self.cost.hvps += w.shape[0] * idx.numel() / self.n
-        return _sample_hvp(self.problem, w, theta, v, idx)
+        return _SampledHessian(self.problem, w, theta, idx).local(v)
 
     def hessian(self, index: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """v ↦ Ĥ(w, θ; I) v at the map's point and the problem's θ on the minibatch ``index``
@@ -1374,8 +1470,14 @@ class AdjointMap:
 
     def rhs(self) -> Tensor:
         """∇_w Ê(w; I') per instance on a fresh upper minibatch (or the exact ∇_w f)."""
+        local = self._local_rhs()
+        return self.exact_rhs if local is None else _combined(*local)
+
+    def _local_rhs(self) -> tuple[Tensor, int] | None:
+        """(this process's ∇_w Ê(w; I'), n_upper) on a fresh upper minibatch; None when the
+        right-hand side is the exact ∇_w f."""
         if self.upper_batch is None:
-            return self.exact_rhs
+            return None
         w = self.w
         n_up = int(self.problem.finite_sum.n_upper)
         idx = self.sampler.draw(n_up, self.upper_batch, device=w.device)
@@ -1384,10 +1486,11 @@ class AdjointMap:
             loss = self.problem.finite_sum.upper_loss(wr, self.problem.theta, idx)
             loss = _checked_values("finite_sum.upper_loss", loss, w.shape[0])
             (g,) = torch.autograd.grad(loss.sum(), wr, allow_unused=True)
-        return _combined(torch.zeros_like(w) if g is None else g, n_up)
+        return (torch.zeros_like(w) if g is None else g), n_up
 
     def __call__(self, v: Tensor) -> Tensor:
-        return v - self.step * self.matvec(v) + self.rhs()
+        (hv,), rhs = self.products(self.draw(v.device), [(v, None, None)])
+        return v - self.step * hv + rhs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1822,6 +1925,13 @@ class SID(HypergradientEstimator):
             None if acc is None else acc.max_adjoint,
         )
         v = lin.x.detach()
+        # a full Hessian graph of stage 2 also gave the full gradient at (w, θ): the anchor of
+        # a variance-reduced stage 1 at the point where its next call starts
+        pop = getattr(state.linear_solver, "pop_full_gradient", None)
+        share = getattr(state.lower_solver, "share_anchor", None)
+        shared = pop() if pop is not None else None
+        if shared is not None and share is not None:
+            share(phi, *shared)
 
         # stage 3: ĝ = ∇_λ Ê − η Ĵᵀ v, averaged over J minibatches
         J = self.final_minibatches
@@ -1833,8 +1943,9 @@ class SID(HypergradientEstimator):
             e = _checked_values("finite_sum.lower_energy", e, n_inst)
             (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
             jtv = torch.autograd.grad(g, params, v, allow_unused=True)
-        jtv = [None if j is None else _combined(j, n) for j in jtv]
         cost.vjps += n_inst * idx.numel() / n
+        # data parallel, one all-reduce: the products, the upper terms, the oracle calls
+        parts: list[tuple[Tensor, int | None]] = [(j, n) for j in jtv if j is not None]
         if self.upper_batch is not None:
             idx_up = samplers.final.draw(n_up, self.upper_batch, count=J, device=w.device)
             with torch.enable_grad():
@@ -1845,10 +1956,19 @@ class SID(HypergradientEstimator):
                     if up.requires_grad
                     else [None] * len(params)
                 )
-            grad_theta = [
-                _combined(torch.zeros_like(p) if t is None else t, n_up) for p, t in zip(params, gt)
-            ]
-            losses = _combined(up.detach(), n_up)
+            parts += [(torch.zeros_like(p) if t is None else t, n_up) for p, t in zip(params, gt)]
+            parts.append((up.detach(), n_up))
+        if shard is not None:  # oracle calls of every process
+            spent = [cost.grad_evals - counted[0], cost.hvps - counted[1], cost.vjps - counted[2]]
+            parts.append((torch.tensor(spent, dtype=torch.float64), None))
+        reduced = iter(_combined_all(*parts))
+        jtv = [None if j is None else next(reduced) for j in jtv]
+        if self.upper_batch is not None:
+            grad_theta = [next(reduced) for _ in params]
+            losses = next(reduced)
+        if shard is not None:
+            spent = next(reduced).tolist()
+            cost.grad_evals, cost.hvps, cost.vjps = (c + d for c, d in zip(counted, spent))
         grad = [gt if j is None else gt - (eta / n_inst) * j for gt, j in zip(grad_theta, jtv)]
         loss = float(losses.mean())
         for gr in grad:
@@ -1857,11 +1977,6 @@ class SID(HypergradientEstimator):
                     "SID stage 3: the hypergradient estimate is NaN or infinite (check the "
                     "data and θ, or the stability of stages 1 and 2)"
                 )
-        if shard is not None:  # oracle calls of every process
-            spent = shard.sum_floats(
-                [cost.grad_evals - counted[0], cost.hvps - counted[1], cost.vjps - counted[2]]
-            )
-            cost.grad_evals, cost.hvps, cost.vjps = (c + d for c, d in zip(counted, spent))
         nan = torch.full((n_inst,), math.nan, dtype=w.dtype, device=w.device)
         mu_t = problem.mu_values(batch, w)  # a function of θ is evaluated at the current θ
         mu = None if mu_t is None else float(mu_t.min())

@@ -562,8 +562,8 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
         file=log,
     )
     start = time.perf_counter()
-    tv = tune_tv(setup)
-    x_tv = tv_reconstructions(setup, tv.strength)
+    tv = distributed.once(lambda: tune_tv(setup))  # data parallel: rank 0's grid search
+    x_tv = tv_reconstructions(setup, tv.strength) if distributed.is_writer() else None
     print(f"  grid-tuned TV: λ = {tv.strength:g} (train PSNR {tv.psnr:.2f} dB)", file=log)
 
     regulariser = setup.problem.theta["regulariser"]

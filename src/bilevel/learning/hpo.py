@@ -427,7 +427,8 @@ def hpo_estimator(
       (``sid_solver``): ``"precond"`` (default) :class:`PreconditionedSVRG` and
       :class:`PreconditionedSVRGLinear` (Jacobi preconditioner from the model's exact
       minibatch Hessian diagonal, steps 0.5/λ̂ from the measured curvature, momentum
-      :data:`SID_MOMENTUM`, variance-reduced in both stages); ``"svrg"``
+      :data:`SID_MOMENTUM`, variance-reduced in both stages, the full gradient of each full
+      Hessian graph of stage 2 becoming stage 1's anchor); ``"svrg"``
       :class:`VarianceReducedFixedPoint` and plain fixed-point adjoint steps, ``"sgd"`` plain
       steps in both (constant steps 0.5 of the map). With ``inner_steps`` None (default) t and
       k adapt (:class:`InnerAccuracy`): each stage iterates until its estimated residual meets

@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -62,6 +62,8 @@ from bilevel.runs import (
 from bilevel.schedules import as_schedule
 
 __all__ = ["JOB_FILES", "TRACKING_WARNING", "lower_level_gap", "run", "sid_capped"]
+
+T = TypeVar("T")
 
 
 def _parse_shrinkage(value: float | None, model: str) -> float | None:
@@ -137,6 +139,15 @@ def _evaluation(
     if budget.wall_time is not None:
         return ThrottledEvaluation(evaluator, EVALUATION_SHARE), 1
     return evaluator, 10 if config.method == "sid" else 2
+
+
+def _once(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` evaluated by rank 0 alone in a data-parallel run, its value broadcast to every
+    process (:func:`bilevel.distributed.once`): the accurate evaluations (F(θ) by a full
+    L-BFGS solve, the baseline's grid) are done once, not on every rank."""
+    if distributed.current() is None:
+        return fn
+    return lambda *args, **kwargs: distributed.once(lambda: fn(*args, **kwargs))
 
 
 def _with_bound_note(
@@ -359,9 +370,9 @@ def _train(
         cv=config.cv,
     )
     evaluator = LowerEvaluator(model, data.X_test, data.y_test)  # clean test labels
-    evaluate, eval_every = _evaluation(config, budget, evaluator)
+    evaluate, eval_every = _evaluation(config, budget, _once(evaluator))
     evaluate = _with_bound_note(evaluate, config.method)
-    baseline = single_strength_baseline(model, evaluator, theta_range=theta_range)
+    baseline = _once(single_strength_baseline)(model, evaluator, theta_range=theta_range)
     say(
         f"baseline (one common θ, {baseline['evaluated']} values of the grid): "
         f"θ = {baseline['theta']:g}, "
@@ -370,7 +381,9 @@ def _train(
     theta0 = baseline["theta"] if init is None else min(max(init, theta_range[0]), theta_range[1])
     with torch.no_grad():
         model.theta.fill_(theta0)
-    initial = evaluator.metrics()
+    initial = _once(evaluator.metrics)()
+    if distributed.current() is not None:  # rank 0's accurate w(θ₀) starts every process
+        evaluator.w = distributed.current().broadcast_object(evaluator.w)
 
     method = hpo_method(
         model,

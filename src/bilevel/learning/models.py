@@ -202,6 +202,17 @@ def _matmul(X: Tensor, M: Tensor) -> Tensor:
     return X @ M.contiguous() if is_sparse(X) else X @ M
 
 
+def _rows(X: Tensor, idx: Tensor | None) -> Tensor:
+    """:func:`select_rows` for reading: a contiguous run of rows of a dense X (the block of a
+    data-parallel process, :mod:`bilevel.distributed`) is a view, not a copy (gathering 3·10⁵
+    rows of 20 features took 55 ms, the product with them 3 ms)."""
+    if idx is not None and idx.numel() > 1 and idx.device.type == "cpu" and not is_sparse(X):
+        start, n = int(idx[0]), idx.numel()
+        if int(idx[-1]) - start == n - 1 and bool((idx.diff() == 1).all()):
+            return X.narrow(0, start, n)
+    return select_rows(X, idx)
+
+
 def _xt_v(X: Tensor, v: Tensor) -> Tensor:
     """Xᵀ v in float64 for dense or CSR X, v of shape (N,)."""
     if not is_sparse(X):
@@ -428,7 +439,7 @@ class FiniteSumModel:
         theta = self.theta if theta is None else self.check_theta(theta)
         W, single = self._as_batch(w)
         idx = _as_index(index, self.n_train, self.device, "training")
-        X = select_rows(self.X_train, idx)
+        X = _rows(self.X_train, idx)
         y = self.y_train if idx is None else self.y_train.index_select(0, idx)
         losses = self._sample_losses(W, X, y)
         c = self._sample_weights(theta, idx)
@@ -443,7 +454,7 @@ class FiniteSumModel:
         """
         W, single = self._as_batch(w)
         idx = _as_index(index, self.n_val, self.device, "validation")
-        X = select_rows(self.X_val, idx)
+        X = _rows(self.X_val, idx)
         y = self.y_val if idx is None else self.y_val.index_select(0, idx)
         out = self._sample_losses(W, X, y).mean(dim=1)
         return out[0] if single else out
@@ -530,7 +541,7 @@ class FiniteSumModel:
         self._check_x(x, None)
         theta = self.check_theta(theta)
         idx = _as_index(index, self.n_train, self.device, "training")
-        X = select_rows(self.X_train, idx)
+        X = _rows(self.X_train, idx)
         B, d, K = x.shape[0], self.n_features, self.n_out
         with torch.no_grad():
             Z = self._scores(x.detach(), X)

@@ -1,0 +1,74 @@
+"""Helpers of the training and quality benchmarks: per-group Adam steps, the score cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_group_scaled_adam_steps_each_group_by_its_factor():
+    tr = _load("train_regulariser")
+    model = torch.nn.Module()
+    model.layers = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(3))])
+    model.log_slopes = torch.nn.Parameter(torch.zeros(2))
+    params = [model.layers[0], model.log_slopes]
+    opt = tr.adam_factory(model, "layers=0.05")(params)
+    for group in opt.param_groups:
+        group["lr"] = 0.1  # what ISGD sets at every step
+    grads = (torch.tensor([1.0, -2.0, 3.0]), torch.tensor([-1.0, 0.5]))
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    # Adam's first step is lr·g/(|g| + eps): lr·sign(g) up to eps
+    torch.testing.assert_close(params[0].detach(), -0.1 * 0.05 * grads[0].sign())
+    torch.testing.assert_close(params[1].detach(), -0.1 * grads[1].sign())
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1]  # the method's rate is kept
+    assert tr.group_factors("layers=0.05, log_slopes=2") == [("layers", 0.05), ("log_slopes", 2.0)]
+    with pytest.raises(SystemExit, match="PREFIX=FACTOR"):
+        tr.group_factors("layers")
+
+
+def test_score_cache_round_trip_and_last_entry_wins(tmp_path):
+    iq = _load("imaging_quality")
+    path = tmp_path / "scores.jsonl"
+    cache = iq.Cache(str(path))
+    assert cache.get("σ=25 image=a.jpg TV") is None
+    cache.put("σ=25 image=a.jpg TV", [27.5, 0.8])
+    cache.put("tune-tv σ=25", 0.1)
+    other = iq.Cache(str(path))  # e.g. a second process
+    other.put("σ=25 image=a.jpg TV", [27.6, 0.81])
+    again = iq.Cache(str(path))
+    assert again.get("σ=25 image=a.jpg TV") == [27.6, 0.81]
+    assert again.get("tune-tv σ=25") == 0.1
+    memory = iq.Cache(None)  # no file: a dictionary only
+    memory.put("k", 1)
+    assert memory.get("k") == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_exported_metadata_names_no_local_paths(tmp_path):
+    tr = _load("train_regulariser")
+    run_dir = tmp_path / "runs" / "crr"
+    info = {
+        "command": f"python benchmarks/train_regulariser.py --run-dir {run_dir}",
+        "config": {"data": str(tr.DEFAULT_DATA), "run_dir": str(run_dir), "seed": 0},
+    }
+    clean = tr.portable(info, run_dir)
+    assert clean["command"].endswith("--run-dir RUN_DIR")
+    assert clean["config"] == {"data": "../shared/data/bsds300", "run_dir": "RUN_DIR", "seed": 0}
+    assert str(tmp_path) not in str(clean)

@@ -16,8 +16,9 @@ the converged solution on the images measured for learned FoE runs (``docs/bench
 within 0.012 dB for the shipped ``crr16-sigma25`` on a smooth sky crop (0.002 dB at 10⁻⁴;
 smooth, high-PSNR images are the demanding ones; ``tests/test_pretrained.py`` holds
 0.015 dB). ‖x − x̂‖ ≤ ‖∇ₓh‖/μ is the certified bound; the PSNR gap it allows is larger than
-the gaps observed. The image is taken as the measurement y, or, with ``--add-noise``, as a clean image that is first degraded as in training
-(y = A x + σ ε with the run's σ), so that PSNR and SSIM of y and of x̂ can be reported.
+the gaps observed. The image is taken as the measurement y, or, with ``--add-noise``, as a
+clean image that is first degraded as in training (y = A x + σ ε with the run's σ), so that
+PSNR and SSIM of y and of x̂ can be reported.
 ``--model NAME`` uses a shipped pretrained denoising model (``bilevel models``) in place of a
 run directory; ``--json`` prints per-image ``file``, ``psnr``, ``ssim``, ``degraded_psnr`` and
 their ``mean``.

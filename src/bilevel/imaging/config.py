@@ -13,6 +13,7 @@ __all__ = [
     "FILTER_SIZES",
     "METHODS",
     "REGULARISERS",
+    "REGULARISER_TITLES",
     "DeblurConfig",
     "DenoiseConfig",
     "ImagingConfig",
@@ -22,6 +23,15 @@ __all__ = [
 ]
 
 REGULARISERS = ("foe", "crr", "wcrr", "ridge", "icnn", "tv")
+#: How figures and reports name each regulariser.
+REGULARISER_TITLES = {
+    "foe": "FoE",
+    "crr": "CRR",
+    "wcrr": "WCRR",
+    "ridge": "ridge",
+    "icnn": "ICNN",
+    "tv": "TV",
+}
 #: Default filter size per regulariser (crr/wcrr: the composite filters' support).
 FILTER_SIZES = {"crr": 13, "wcrr": 13}
 METHODS = ("adam-isgd", "isgd", "maid")

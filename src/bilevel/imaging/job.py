@@ -37,6 +37,7 @@ from bilevel.config import Invocation, job_record, resumable_fields, resume_comm
 from bilevel.hypergrad import Implicit
 from bilevel.imaging.config import (
     FILTER_SIZES,
+    REGULARISER_TITLES,
     ImagingConfig,
 )
 from bilevel.imaging.data import (
@@ -719,7 +720,7 @@ def _write_figures(
             [
                 (measurement_title(config.job), images["measurement"]),
                 (f"TV (λ = {test['tv']['strength']:g})", images["tv"]),
-                (f"learned {config.regulariser}", images["learned"]),
+                (f"learned {REGULARISER_TITLES[config.regulariser]}", images["learned"]),
             ],
         )
         with atomic_output(run_dir / "reconstructions.png") as tmp:

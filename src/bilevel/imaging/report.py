@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from bilevel.config import config_dict
+from bilevel.imaging.config import REGULARISER_TITLES
 from bilevel.imaging.metrics import psnr
 from bilevel.runs.plots import image_grid, new_figure, plot_metrics
 from bilevel.runs.report import Report
@@ -235,7 +236,7 @@ def write_report(
     names = {
         "degraded": measurement_title(summary["task"]),
         "tv": f"TV (grid-tuned λ = {test['tv']['strength']:g})",
-        "learned": f"learned {summary['regulariser']}",
+        "learned": f"learned {REGULARISER_TITLES[summary['regulariser']]}",
     }
     report.table(
         ["", "PSNR (dB)", "SSIM"],

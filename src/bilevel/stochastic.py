@@ -69,7 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from bilevel import distributed
-from bilevel.autodiff import Cost, LowerLevel, upper_gradients
+from bilevel.autodiff import Cost, LowerLevel, backward, upper_gradients
 from bilevel.hypergrad import EstimatorState, Hypergradient, HypergradientEstimator
 from bilevel.linear import largest_eigenvalue
 from bilevel.problem import Batch, BilevelError, BilevelProblem, FiniteSum, NonFiniteError
@@ -1205,7 +1205,7 @@ class _SampledHessian:
             else:
                 e = problem.finite_sum.lower_energy(self._w, theta, idx)
                 e = _checked_values("finite_sum.lower_energy", e, w.shape[0])
-            (self._g,) = torch.autograd.grad(e.sum(), self._w, create_graph=True)
+            (self._g,) = backward(e.sum(), (self._w,), create_graph=True)
 
     def gradient(self) -> Tensor:
         """∇_w ĥ(w, θ; I), the graph's first derivative (detached; data parallel, combined)."""
@@ -1219,9 +1219,7 @@ class _SampledHessian:
         hv = None
         if self._g.requires_grad:  # else ∇ĥ is constant in w: Ĥ = 0
             with torch.enable_grad():
-                (hv,) = torch.autograd.grad(
-                    self._g, self._w, v, retain_graph=True, allow_unused=True
-                )
+                (hv,) = backward(self._g, (self._w,), v, retain_graph=True, allow_unused=True)
         return torch.zeros_like(v) if hv is None else hv.detach()
 
 
@@ -1347,7 +1345,7 @@ class LowerMap:
             wr = w.detach().requires_grad_(True)
             e = self.problem.finite_sum.lower_energy(wr, theta, idx)
             e = _checked_values("finite_sum.lower_energy", e, w.shape[0])
-            (g,) = torch.autograd.grad(e.sum(), wr)
+            (g,) = backward(e.sum(), (wr,))
         self.cost.grad_evals += w.shape[0] * idx.numel() / self.n
         return g
 
@@ -1366,7 +1364,7 @@ class LowerMap:
             else:
                 e = self.problem.finite_sum.lower_energy(wr, theta, block.to(w.device))
             e = _checked_values("lower_energy", e, w.shape[0])
-            (g,) = torch.autograd.grad(e.sum(), wr)
+            (g,) = backward(e.sum(), (wr,))
         self.cost.grad_evals += w.shape[0] * _share(self.n)
         return g
 

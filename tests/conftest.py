@@ -72,3 +72,19 @@ def quadratic_exact(problem, batch):
 @pytest.fixture
 def quadratic():
     return quadratic_problem()
+
+
+#: Command-line options of an imaging job small enough for the test suite (16 px crops, 8
+#: training and 4 test crops, 8 filters): the jobs' defaults are sized for `make run`.
+SMALL_IMAGING_ARGS = [
+    "--filters",
+    "8",
+    "--crop",
+    "16",
+    "--train-size",
+    "8",
+    "--test-size",
+    "4",
+    "--batch-size",
+    "4",
+]

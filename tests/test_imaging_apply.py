@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import SMALL_IMAGING_ARGS
 
 from bilevel.cli import main
 from bilevel.imaging import bundled_images, psnr, random_crops, reconstruct, save_image
@@ -14,18 +15,7 @@ from bilevel.imaging.apply import learned_problem, load_learned
 from bilevel.imaging.config import job_config
 from bilevel.imaging.job import build
 
-SMALL = [
-    "--crop",
-    "16",
-    "--train-size",
-    "8",
-    "--test-size",
-    "4",
-    "--batch-size",
-    "4",
-    "--filters",
-    "8",
-]
+SMALL = SMALL_IMAGING_ARGS
 QUIET = ["--no-progress", "--json"]
 
 

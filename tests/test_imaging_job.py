@@ -5,21 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SMALL_IMAGING_ARGS
 
 from bilevel.cli import main
 from bilevel.runs import read_metrics
 
 SMALL = [
-    "--filters",
-    "8",
-    "--crop",
-    "16",
-    "--train-size",
-    "8",
-    "--test-size",
-    "4",
-    "--batch-size",
-    "4",
+    *SMALL_IMAGING_ARGS,
     "--no-progress",
     "--json",
     "--eval-every",

@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_IMAGING_ARGS
 
 from bilevel.cli import main
 from bilevel.runs import Report, image_grid, running_mean
@@ -19,14 +20,7 @@ from bilevel.runs.tensorboard import TensorBoardLog, tensorboard_available
 pytest.importorskip("matplotlib")
 
 SMALL = [
-    "--crop",
-    "16",
-    "--train-size",
-    "8",
-    "--test-size",
-    "4",
-    "--batch-size",
-    "4",
+    *SMALL_IMAGING_ARGS,
     "--no-progress",
     "--json",
     "--eval-every",

@@ -132,8 +132,12 @@ class Shard:
     def combine(self, t: Tensor, n: int) -> Tensor:
         """Σ_r (N_r/n)·t_r, N_r the size of rank r's block of n rows: the mean over all n rows
         of a per-row mean computed on each rank's block (or a minibatch drawn from it)."""
+        return self.sum(self._weighted(t, n))
+
+    def _weighted(self, t: Tensor, n: int) -> Tensor:
+        """(N_r/n)·t: this rank's term of :meth:`combine`."""
         start, stop = self.block(n)
-        return self.sum(t * ((stop - start) / n))
+        return t * ((stop - start) / n)
 
     def sum_all(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Σ over ranks of each tensor, in one all-reduce of their concatenation (in their
@@ -150,13 +154,7 @@ class Shard:
     def combine_all(self, parts: Sequence[tuple[Tensor, int | None]]) -> list[Tensor]:
         """:meth:`combine` of every (t, n) of ``parts`` (n None: the plain sum over ranks), in
         one all-reduce (:meth:`sum_all`): a step's reductions cost one synchronisation."""
-        scaled = []
-        for t, n in parts:
-            if n is not None:
-                start, stop = self.block(n)
-                t = t * ((stop - start) / n)
-            scaled.append(t)
-        return self.sum_all(scaled)
+        return self.sum_all([t if n is None else self._weighted(t, n) for t, n in parts])
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Σ over ranks of each number (one all-reduce in float64)."""

@@ -229,7 +229,18 @@ def _run_job(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``bilevel ARGV`` and return the exit status: the job's (0: finished, 1: stopped
     early, 130: interrupted), 2 for a usage or input error (the message is on stderr), 0 after
-    ``--help`` or ``--version``."""
+    ``--help`` or ``--version``.
+
+    In a data-parallel run whose collective failed (a peer died), the process ends here with
+    that status (see :func:`bilevel.distributed.exit_after_failure`)."""
+    status = _main(argv)
+    distributed = sys.modules.get("bilevel.distributed")  # imported only once a job ran
+    if distributed is not None:
+        distributed.exit_after_failure(status)
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser(argv).parse_args(argv)

@@ -62,6 +62,7 @@ __all__ = [
     "on_writer",
     "once",
     "reduce_hypergradient",
+    "exit_after_failure",
     "shutdown",
 ]
 
@@ -300,6 +301,20 @@ def shutdown(wait: bool = True) -> None:
                 dist.barrier()
         dist.destroy_process_group()
     _SHARD = None
+
+
+def exit_after_failure(status: int) -> None:
+    """End the process at once with ``status`` if a collective of this process failed.
+
+    After a peer has died, gloo's threads can still be running when the interpreter exits,
+    and their C++ destructors abort the process ("terminate called without an active
+    exception", SIGABRT) even after :func:`shutdown`; ``os._exit`` after flushing the output
+    skips them, so the process ends with its own status. Does nothing otherwise."""
+    if _FAILED:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
 
 
 def on_writer(fn: Callable[[], T]) -> T | None:

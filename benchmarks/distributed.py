@@ -151,7 +151,7 @@ def _worker(rank: int, world: int, port: int, case: str, cfg: dict[str, Any], ou
         result.update(_latency_bandwidth())
     if rank == 0:
         Path(out).write_text(json.dumps(result))
-    distributed.shutdown()
+    distributed.leave(0)  # not the interpreter's exit: gloo's destructors may abort it
 
 
 def _latency_bandwidth() -> dict[str, float]:
@@ -185,7 +185,7 @@ def _run(case: str, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         codes = [p.exitcode for p in procs]
         if not Path(out).is_file():
             raise RuntimeError(f"{case} with {world} processes failed (exit codes {codes})")
-        if any(codes):  # after the timed steps and rank 0's result: the teardown
+        if any(codes):
             print(f"  note: {case} on {world} processes: exit codes {codes} after the result")
         return json.loads(Path(out).read_text())
 

@@ -380,6 +380,36 @@ def test_command_line_survivor_exits_with_a_message_and_the_run_resumes(tmp_path
     assert json.loads((run_dir / "result.json").read_text())["step"] == 8
 
 
+@pytest.mark.slow
+def test_command_line_processes_that_finish_all_exit_with_status_zero(tmp_path):
+    # `python -m bilevel hpo` on two processes that both finish: each leaves through
+    # distributed.leave (barrier, os._exit), not through gloo's destructors, which aborted 1
+    # of 6 such torchrun runs (SIGABRT, and torchrun then reports the job as failed)
+    args = [sys.executable, "-m", "bilevel", "hpo", "--data", "synthetic:1000:4"]
+    args += ["--method", "sid", "--init", "0", "--steps", "2", "--eval-every", "100"]
+    args += ["--no-progress", "--no-plots"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}
+    env["BILEVEL_DIST_TIMEOUT"] = str(TIMEOUT)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(distributed.__file__).parents[1]), *sys.path])
+    for run in range(3):
+        env["MASTER_PORT"] = str(_free_port())
+        procs = [
+            subprocess.Popen(
+                [*args, "--run-dir", str(tmp_path / f"run{run}")],
+                env={**env, "RANK": str(r)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in range(2)
+        ]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        assert "result" in outputs[0][0] or (tmp_path / f"run{run}" / "result.json").is_file()
+        assert outputs[1][0] == ""  # rank 1 prints nothing on stdout
+        assert all("terminate called" not in err for _, err in outputs)
+
+
 def test_a_block_of_rows_is_read_as_a_view():
     # a process's contiguous block (SID's full gradients and exact upper terms) is not copied
     X = torch.randn(10, 3)

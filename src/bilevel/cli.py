@@ -231,12 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     early, 130: interrupted), 2 for a usage or input error (the message is on stderr), 0 after
     ``--help`` or ``--version``.
 
-    In a data-parallel run whose collective failed (a peer died), the process ends here with
-    that status (see :func:`bilevel.distributed.exit_after_failure`)."""
+    A process of a data-parallel run (``torchrun``) ends here, with that status, once every
+    process has finished (see :func:`bilevel.distributed.leave`)."""
     status = _main(argv)
     distributed = sys.modules.get("bilevel.distributed")  # imported only once a job ran
     if distributed is not None:
-        distributed.exit_after_failure(status)
+        distributed.leave(status)
     return status
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/train_regulariser.py --model crr --sigma 25 --run-dir runs/crr25 \
         [--patches 2000 --patch 48 --budget 2000000 --device cuda] [--resume] \
-        [--export NAME]
+        [--export NAME] [--init-model NAME]
 
 Data: random ``--patch``-pixel patches of the grayscale images in ``DATA/train`` (the 200
 BSDS300 training images), noise frozen per patch (seeded); the images are split by file
@@ -17,7 +17,10 @@ the θ with the best validation PSNR. ``--export NAME`` (also with ``--resume`` 
 run) writes that model with its configuration, data, seed, the command that started the run
 (and its resumes) and validation PSNR to the package's pretrained-model folder
 (``bilevel.imaging.pretrained``); test scores are added by ``benchmarks/imaging_quality.py
---record NAME``.
+--record NAME``. ``--init-model NAME`` starts θ₀ at the shipped model NAME (same class and
+architecture as the options ask for) instead of at tuned TV, to continue its training with
+the same data and options; its record is kept in the run directory (``init_model.json``) and
+the exported record lists the chain of commands that made the model (``training.chain``).
 """
 
 from __future__ import annotations
@@ -141,6 +144,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a("--resume", action="store_true")
     a("--export", default=None, help="write the trained model as pretrained model NAME")
+    a(
+        "--init-model",
+        default=None,
+        help="start from the weights of the shipped model NAME (to continue its training)",
+    )
     return p.parse_args(argv)
 
 
@@ -223,6 +231,46 @@ def export_run(run_dir: Path, name: str) -> Path:
     return save_pretrained(model, name, portable(info, run_dir))
 
 
+def init_from_model(
+    model: torch.nn.Module, kwargs: dict, name: str, run_dir: Path, resume: bool
+) -> dict:
+    """Load the shipped model ``name`` into ``model`` (its class and ``kwargs`` must be the
+    ones the options build) and return its record; a fresh run stores the record as
+    ``run_dir/init_model.json`` (a resumed run reads it from there, so that the chain stays
+    that of the weights it started from even if the shipped model was replaced since)."""
+    from bilevel.imaging.pretrained_models import MODEL_DIR, model_info
+
+    path = run_dir / "init_model.json"
+    if resume and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    info = model_info(name)
+    if info["class"] != type(model).__name__ or info["kwargs"] != kwargs:
+        sys.exit(
+            f"train_regulariser: --init-model {name} is a {info['class']} with {info['kwargs']}; "
+            f"the options build a {type(model).__name__} with {kwargs}"
+        )
+    state = torch.load(MODEL_DIR / f"{name}.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    record = {"name": name, **info}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return record
+
+
+def command_chain(init: dict | None, commands: list[str]) -> list[str]:
+    """The commands that make the model, in order: those of the model it started from
+    (``init``'s record: its ``chain``, or its ``command`` and ``resumed_with``), then
+    ``commands``."""
+    if init is None:
+        return list(commands)
+    training = init.get("training", {})
+    earlier = training.get("chain") or [
+        training["command"],
+        *(f"python benchmarks/train_regulariser.py {c}" for c in training.get("resumed_with", [])),
+    ]
+    return [*earlier, *commands]
+
+
 def record_command(run_dir: Path, argv: list[str], resume: bool) -> list[list[str]]:
     """Append ``argv`` to the run's ``commands.json`` (a fresh run starts it); returns all of
     them, the command that started the run first."""
@@ -258,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     calibrate_ridge_strength(model, tv.strength)  # θ₀ (a resumed run then loads its θ)
     print(f"TV tuned on the training patches: λ = {tv.strength:g}, {tv.psnr:.2f} dB", flush=True)
+    init = None
+    if args.init_model:
+        init = init_from_model(model, kwargs, args.init_model, run_dir, args.resume)
+        print(f"θ₀: the weights of {args.init_model}", flush=True)
     problem = reconstruction_problem(model)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     val_batch = val.batch()
@@ -313,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "moved": {k[6:]: v for k, v in final.items() if k.startswith("moved_")},
     }
+    if init is not None:
+        summary["moved_from"] = args.init_model
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     torch.save(model.state_dict(), run_dir / "model.pt")
     print(json.dumps(summary, indent=2))
@@ -329,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             "training": {
                 "command": "python benchmarks/train_regulariser.py " + " ".join(commands[0]),
                 "resumed_with": [" ".join(c) for c in commands[1:]],
+                "chain": command_chain(
+                    init,
+                    ["python benchmarks/train_regulariser.py " + " ".join(c) for c in commands],
+                ),
                 "config": config,
                 "data": f"{args.patches} random {args.patch}px patches of the BSDS300 training "
                 f"images (last {args.val_images} held out for {args.val_patches} validation "
@@ -337,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
                 "summary": summary,
             },
         }
+        if init is not None:
+            info["training"]["initialised_from"] = {
+                "name": init["name"],
+                "training": init.get("training"),
+                "test": init.get("test"),
+            }
         info["check"] = reference_check(model.cpu().float(), args.sigma)
         print(f"exported to {save_pretrained(model, args.export, portable(info, run_dir))}")
     return 0 if result.ok else 1

@@ -230,7 +230,7 @@ def test_reconstruct_options_and_image_files_fuzz(finished_run, no_work):
 
     @FUZZ
     @given(
-        extra=_options(options, ["--add-noise", "--best", "--json"]),
+        extra=_options(options, ["--add-noise", "--final", "--json"]),
         image=IMAGE_BYTES,
         mask=IMAGE_BYTES,
     )

@@ -226,10 +226,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(job, tmp_path):
     reference, run = tmp_path / "reference", tmp_path / "run"
     for a, b in zip(_final_theta(reference), _final_theta(run), strict=True):
         assert torch.equal(a, b), attempts
-    if job == "denoise":
-        last = torch.load(run / "model.pt", weights_only=True)
-        expected = torch.load(reference / "model.pt", weights_only=True)
-        assert all(torch.equal(last[k], expected[k]) for k in expected)
+    if job == "denoise":  # the validation-selected θ and the last θ
+        for name in ("model.pt", "model_final.pt"):
+            got = torch.load(run / name, weights_only=True)
+            expected = torch.load(reference / name, weights_only=True)
+            assert all(torch.equal(got[k], expected[k]) for k in expected), name
     summary = _strict((run / "summary.json").read_text())
     assert summary["finished"] is True and summary["status"] == "budget"
     steps = [r["step"] for r in _strict_lines(run / "metrics.jsonl")]

@@ -46,7 +46,7 @@ def _reconstruct(capsys, *args: str) -> tuple[int, dict | None, str]:
 
 
 def test_the_saved_model_reproduces_the_runs_test_psnr(denoise_run):
-    """θ in model.pt and the options in job.json rebuild the run's final regulariser: the
+    """θ in model.pt and the options in job.json rebuild the run's learned regulariser: the
     learned test PSNR of the summary is reproduced on the run's own test crops."""
     regulariser, options = load_learned(denoise_run)
     assert options.job == "denoise" and options.regulariser == "foe"

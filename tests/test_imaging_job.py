@@ -26,7 +26,7 @@ def test_denoise_learns_tv_that_beats_its_initial_value(tmp_path, capsys):
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert set(summary["test"]) == {"degraded", "tv", "learned"}
+    assert set(summary["test"]) == {"degraded", "tv", "learned", "final"}
     assert summary["oracle_calls"] >= 6000 and summary["steps"] > 0
     psnrs = [r["test_psnr"] for r in read_metrics(run_dir / "metrics.jsonl") if "test_psnr" in r]
     assert summary["test"]["learned"]["psnr"] > psnrs[0] + 1.0

@@ -172,7 +172,7 @@ def test_summary_agrees_with_the_run_result_and_keeps_the_best_model(tmp_path, c
     assert main([*argv[:-4], "--budget", "800", "--run-dir", str(run_dir), "--resume"]) == 0
     second = json.loads(capsys.readouterr().out)
     result = json.loads((run_dir / "result.json").read_text())
-    assert second["test"]["learned"]["psnr"] == result["evaluation"]["test_psnr"]
+    assert second["test"]["final"]["psnr"] == result["evaluation"]["test_psnr"]
     assert second["wall_time_s"] == result["wall_time"] >= first["wall_time_s"]
     assert second["best"]["step"] == result["best"]["step"]
     # the best θ is chosen on validation crops of the training images, never on the test crops
@@ -180,12 +180,83 @@ def test_summary_agrees_with_the_run_result_and_keeps_the_best_model(tmp_path, c
     evaluations = [r for r in _records(run_dir) if "val_psnr" in r]
     evaluations.append({"step": result["step"], **result["evaluation"]})  # the final one
     top = max(evaluations, key=lambda r: r["val_psnr"])
-    assert second["best"]["step"] == top["step"]
+    assert second["best"]["step"] == top["step"] == second["test"]["learned"]["step"]
     assert second["best"]["val_psnr"] == top["val_psnr"]
-    assert second["best"]["test_psnr"] == top["test_psnr"]
-    assert (run_dir / "model_best.pt").is_file()
-    assert main(["reconstruct", str(run_dir), str(tmp_path / "none.png"), "--best"]) == 2
+    assert second["best"]["logged_test_psnr"] == top["test_psnr"]
+    assert (run_dir / "model_final.pt").is_file()
+    assert main(["reconstruct", str(run_dir), str(tmp_path / "none.png"), "--final"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_learned_model_is_the_validation_selected_theta_and_survives_resume(
+    tmp_path, capsys, monkeypatch
+):
+    """The job reported and saved the final θ as its learned model although it had chosen a
+    better one on validation crops: the θ of the best validation PSNR is the job's model
+    (model.pt), scored on the test crops beside the final θ (model_final.pt), and an
+    interrupted and resumed run selects, saves and scores the same θ."""
+    import torch
+
+    from bilevel.imaging.apply import learned_problem, load_learned
+    from bilevel.imaging.config import job_config
+    from bilevel.imaging.metrics import psnr
+    from bilevel.imaging.tasks import reconstruct
+
+    # a constant step that overshoots: the validation PSNR peaks before the end
+    argv = ["denoise", *TINY, "--budget", "1200", "--step", "const:0.3"]
+    ref = tmp_path / "ref"
+    assert main([*argv, "--run-dir", str(ref)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    learned, final, best = summary["test"]["learned"], summary["test"]["final"], summary["best"]
+    result = json.loads((ref / "result.json").read_text())
+    evaluations = [r for r in _records(ref) if "val_psnr" in r]
+    evaluations.append({"step": result["step"], **result["evaluation"]})
+    top = max(evaluations, key=lambda r: r["val_psnr"])
+    assert best["step"] == learned["step"] == top["step"] < final["step"] == summary["steps"]
+    assert best["val_psnr"] == top["val_psnr"] and "best validation" in learned["selection"]
+    # model.pt is the selected θ (its validation PSNR is the best one), model_final.pt the last
+    setup = imaging_job.build(
+        job_config("denoise", regulariser="tv", crop=12, train_size=4, test_size=2)
+    )
+    for final_model, crops, expected in (
+        (False, setup.val, best["val_psnr"]),
+        (False, setup.test, learned["psnr"]),
+        (True, setup.test, final["psnr"]),
+    ):
+        regulariser, options = load_learned(ref, final=final_model)
+        y, x = crops.batch()[:2]
+        x_hat = reconstruct(learned_problem(regulariser, options), (y, x), tol=3e-3)
+        assert float(psnr(x_hat.clamp(0, 1), x).mean()) == pytest.approx(expected, abs=0.03)
+    assert abs(learned["psnr"] - final["psnr"]) > 0.1
+    # interrupted after the best evaluation, then resumed: the same θ, files and scores
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, best["step"] + 3)
+        assert main([*argv, "--run-dir", str(run_dir)]) == 130
+    capsys.readouterr()
+    assert main([*argv, "--run-dir", str(run_dir), "--resume"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["best"] == best and again["test"]["learned"] == learned
+    assert again["test"]["final"]["step"] == final["step"]
+    for name in ("model.pt", "model_final.pt"):
+        got = torch.load(run_dir / name, weights_only=True)
+        expected = torch.load(ref / name, weights_only=True)
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+
+
+def test_without_validation_crops_the_learned_model_is_the_final_theta(tmp_path, capsys):
+    import torch
+
+    run_dir = tmp_path / "run"
+    argv = ["denoise", *TINY, "--budget", "400", "--val-size", "0", "--run-dir", str(run_dir)]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    learned, final = summary["test"]["learned"], summary["test"]["final"]
+    assert summary["best"] is None and "no validation" in learned["selection"]
+    assert learned["psnr"] == final["psnr"] and learned["step"] == final["step"]
+    got = torch.load(run_dir / "model.pt", weights_only=True)
+    last = torch.load(run_dir / "model_final.pt", weights_only=True)
+    assert all(torch.equal(got[k], last[k]) for k in last)
 
 
 def test_denoise_sigma_zero_is_refused_and_deblur_writes_standard_json(tmp_path, capsys):
@@ -276,7 +347,7 @@ def test_resume_before_the_first_checkpoint_starts_from_the_calibrated_theta(tmp
     # the state of a run killed before its first checkpoint: job.json and config.json only
     for name in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "result.json"):
         (run_dir / name).unlink(missing_ok=True)
-    for name in ("model.pt", "model_best.pt", "summary.json", "reconstructions.png"):
+    for name in ("model.pt", "model_final.pt", "summary.json", "reconstructions.png"):
         (run_dir / name).unlink(missing_ok=True)
     assert main([*argv, "--run-dir", str(run_dir), "--checkpoint-every", "1000", "--resume"]) == 0
     expected = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)

@@ -1,8 +1,9 @@
 """``bilevel reconstruct``: apply the regulariser learned by an imaging run to new images.
 
 The run directory of a finished ``bilevel denoise | deblur | inpaint`` run holds ``job.json``
-(the options that define the model), ``model.pt`` (the last θ) and ``model_best.pt`` (θ of the
-best evaluation; ``--best``); a run that was interrupted, or is still running, is refused.
+(the options that define the model), ``model.pt`` (the learned θ: that of the best validation
+PSNR) and ``model_final.pt`` (the last θ; ``--final``); a run that was interrupted, or is still
+running, is refused.
 For each image this solves the lower level of that run,
 
     x̂ = argmin_x ½‖A x − y‖² + R_θ(x) + γ/2 ‖x‖²,
@@ -39,7 +40,7 @@ from bilevel.config import config_from_dict
 from bilevel.imaging.config import TASKS, ImagingConfig, ReconstructConfig, job_config
 from bilevel.imaging.data import load_image, save_image
 from bilevel.imaging.job import (
-    BEST_MODEL_FILE,
+    FINAL_MODEL_FILE,
     MODEL_FILE,
     make_operator,
     make_regulariser,
@@ -74,17 +75,17 @@ def _check_finished(run_dir: Path) -> None:
         )
 
 
-def load_learned(run_dir: str | Path, best: bool = False) -> tuple[Regulariser, ImagingConfig]:
-    """The regulariser learned by a finished imaging run (θ from ``model.pt``, or with
-    ``best`` from ``model_best.pt``) and the run's configuration (``job.json``: task,
-    regulariser, filters, dtype, σ, blur, γ, ...).
+def load_learned(run_dir: str | Path, final: bool = False) -> tuple[Regulariser, ImagingConfig]:
+    """The regulariser learned by a finished imaging run (θ from ``model.pt``, the
+    validation-selected θ, or with ``final`` the last θ from ``model_final.pt``) and the run's
+    configuration (``job.json``: task, regulariser, filters, dtype, σ, blur, γ, ...).
 
     Raises:
         BilevelError: no finished run in ``run_dir`` (missing, interrupted or still running),
             damaged files, or files that do not fit each other.
     """
     run_dir = Path(run_dir)
-    name = BEST_MODEL_FILE if best else MODEL_FILE
+    name = FINAL_MODEL_FILE if final else MODEL_FILE
     job_file, model_file = run_dir / "job.json", run_dir / name
     if not job_file.is_file() or not (run_dir / MODEL_FILE).is_file():
         raise BilevelError(
@@ -93,7 +94,7 @@ def load_learned(run_dir: str | Path, best: bool = False) -> tuple[Regulariser, 
         )
     _check_finished(run_dir)
     if not model_file.is_file():
-        raise BilevelError(f"{run_dir} has no {name} (its run made no evaluation)")
+        raise BilevelError(f"{run_dir} has no {name} (a run of an earlier version)")
     options = read_job_record(run_dir)
     missing = [k for k in ("job", "regulariser", "dtype") if k not in options]
     if missing:
@@ -197,7 +198,7 @@ def run(config: ReconstructConfig, *, json: bool = False) -> int:
         if not cfg.run_dir:
             raise BilevelError("give a run directory or --model NAME")
         run_dir = Path(cfg.run_dir)
-        regulariser, options = load_learned(run_dir, best=cfg.best)
+        regulariser, options = load_learned(run_dir, final=cfg.final)
     if not cfg.images:
         raise BilevelError("no images given")
     if cfg.sigma is not None:

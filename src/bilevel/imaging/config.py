@@ -78,8 +78,8 @@ class ImagingConfig:
     test_size: int = option(16, "test crops")
     val_size: int = option(
         8,
-        "validation crops, cut from the training images, that choose the best θ of the "
-        "evaluations (model_best.pt; 0: none)",
+        "validation crops, cut from the training images: the evaluation with the best PSNR "
+        "on them gives the learned θ (model.pt; 0: none, the last θ)",
     )
     sigma: float = option(25.0, "noise standard deviation on the 0-255 scale")
     budget: int = option(
@@ -221,6 +221,6 @@ class ReconstructConfig:
     )
     max_iter: int = option(5000, "solver iterations at most")
     seed: int = option(0, "seed of the noise of --add-noise")
-    best: bool = option(
-        False, "use θ of the run's best evaluation (model_best.pt) instead of the last"
+    final: bool = option(
+        False, "use the run's last θ (model_final.pt) instead of the learned θ (model.pt)"
     )

@@ -9,11 +9,14 @@ compares the learned regulariser on the test set with the degraded input and wit
 variation tuned by grid search on the training set, and writes everything to a run
 directory: ``job.json`` (the job's configuration, :mod:`bilevel.imaging.config`),
 ``config.json`` (the run loop's), ``metrics.jsonl``, checkpoints, ``plots/``,
-``reconstructions.png``, ``model.pt`` (the last θ), ``model_best.pt`` (θ of the evaluation
-with the best PSNR on validation crops of the training images: the test crops never choose a
-model) and ``summary.json``. Every option is checked before any work; the directory is locked
-while the run writes it. Interrupting (Ctrl-C or SIGTERM) writes a checkpoint and a summary
-marked unfinished (no ``model.pt``); ``--resume`` continues.
+``reconstructions.png``, ``model.pt`` (the learned θ), ``model_final.pt`` (the last θ) and
+``summary.json``. The learned θ, the job's model, is selected on validation data: the θ of the
+evaluation with the best mean PSNR on ``--val-size`` validation crops cut from the training
+images (early stopping; the test crops never choose a model), or the last θ with
+``--val-size 0``. The summary, the report and the figures score it on the test crops, and the
+last θ beside it. Every option is checked before any work; the directory is locked while the
+run writes it. Interrupting (Ctrl-C or SIGTERM) writes a checkpoint and a summary marked
+unfinished (no ``model.pt``); ``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -464,12 +467,13 @@ def _scores(x: Tensor, clean: Tensor) -> dict[str, float]:
     return {"psnr": float(psnr(x, clean).mean()), "ssim": float(ssim(x, clean).mean())}
 
 
-#: θ of the finished run (``problem.theta.state_dict()``), in the run directory.
+#: The learned θ of a finished run (``problem.theta.state_dict()``): that of the evaluation
+#: with the best mean validation PSNR, or the last θ when the run has no validation crops.
 MODEL_FILE = "model.pt"
-#: θ of the run's best evaluation (highest mean validation PSNR), beside :data:`MODEL_FILE`.
-BEST_MODEL_FILE = "model_best.pt"
+#: The last θ of a finished run, beside :data:`MODEL_FILE`.
+FINAL_MODEL_FILE = "model_final.pt"
 #: Files a run writes besides those of its run loop (removed by ``--overwrite``).
-JOB_FILES = ("job.json", MODEL_FILE, BEST_MODEL_FILE, "summary.json", "reconstructions.png")
+JOB_FILES = ("job.json", MODEL_FILE, FINAL_MODEL_FILE, "summary.json", "reconstructions.png")
 
 
 def _prepare_run_dir(run_dir: Path, config: ImagingConfig, inv: Invocation) -> None:
@@ -501,6 +505,25 @@ def theta_state(problem: BilevelProblem, values: list[Tensor] | None = None) -> 
         return {k: v.detach().clone() for k, v in problem.theta.state_dict().items()}
     finally:
         load_params(problem.params, current)
+
+
+def select_learned(
+    setup: Setup, result: RunResult, tol: float
+) -> tuple[dict[str, Any] | None, Tensor | None]:
+    """Load the validation-selected θ (``result.best_theta``, the evaluation with the best
+    mean validation PSNR) into the problem and reconstruct the test crops with it, from the
+    measurements (so the scores depend on θ alone, not on the evaluations before it, and a
+    resumed run reproduces them). Returns ``result.best`` (step, value) and the
+    reconstructions (None when the selected θ is the final one: the final evaluation's are
+    used), or (None, None) when the run has no such θ (no validation crops, or not finished):
+    then the job's learned θ is the last one. Data parallel: every process calls it (the
+    reconstruction is sharded)."""
+    if not result.finished or result.best_theta is None or result.best is None:
+        return None, None
+    if result.best["step"] == result.step:  # the final θ: its evaluation's reconstructions
+        return dict(result.best), None
+    load_params(setup.problem.params, list(result.best_theta))
+    return dict(result.best), sharded_reconstruct(setup.problem, setup.test.batch(), None, tol)
 
 
 def run(
@@ -602,6 +625,9 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
         progress=config.progress,
         plot=config.plots,
     )
+    final_state = theta_state(setup.problem) if result.finished else None
+    x_final = test.last  # the final evaluation's reconstructions (those of result.json)
+    best, x_best = select_learned(setup, result, eval_tol)
     if not distributed.is_writer():
         return 0 if result.ok else 130 if not result.finished else 1
     base = {
@@ -630,30 +656,50 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
             file=sys.stderr,
         )
         return 130
+    # the problem holds the learned θ now: the validation-selected one, else the last one
     save_torch(run_dir / MODEL_FILE, theta_state(setup.problem))
-    best = None
-    if result.best_theta is not None and result.best is not None:
-        save_torch(run_dir / BEST_MODEL_FILE, theta_state(setup.problem, result.best_theta))
-        best = {
-            "step": result.best["step"],
-            "val_psnr": result.best["value"],
-            "test_psnr": _test_psnr_at(result, result.best["step"]),
-            "model": BEST_MODEL_FILE,
+    save_torch(run_dir / FINAL_MODEL_FILE, final_state)
+    final_scores = {**_scores(x_final, x_test), "step": result.step}
+    if best is None:
+        learned = {**final_scores, "selection": "final θ (no validation crops)"}
+        x_learned = x_final
+    else:
+        x_best = x_final if x_best is None else x_best
+        learned = {
+            **_scores(x_best, x_test),
+            "step": best["step"],
+            "selection": f"best validation PSNR ({best['value']:.2f} dB at step {best['step']})",
         }
-    # the reconstructions of the final evaluation: the summary and result.json agree
-    x_learned = test.last
+        x_learned = x_best
+        best = {
+            "step": best["step"],
+            "val_psnr": best["value"],
+            # logged by the run's evaluation (warm-started, hence ±0.01 dB from "learned")
+            "logged_test_psnr": _test_psnr_at(result, best["step"]),
+            "model": MODEL_FILE,
+        }
     summary = {
         **base,
         "test": {
             "degraded": _scores(y_test, x_test),
             "tv": {**_scores(x_tv, x_test), "strength": tv.strength},
-            "learned": _scores(x_learned, x_test),
+            "learned": learned,
+            # the final evaluation's reconstructions: these scores agree with result.json
+            "final": final_scores,
         },
         "best": best,
+        "model": MODEL_FILE,
+        "final_model": FINAL_MODEL_FILE,
     }
     write_json(run_dir / "summary.json", summary)
     # the measurement y itself (for deblurring not Aᵀy, whose frame the zero boundary darkens)
-    images = {"clean": x_test, "measurement": y_test, "tv": x_tv, "learned": x_learned}
+    images = {
+        "clean": x_test,
+        "measurement": y_test,
+        "tv": x_tv,
+        "learned": x_learned,
+        "final": x_final,
+    }
     _write_figures(config, run_dir, summary, result, regulariser, eval_tol, images)
     if tensorboard is not None:  # the final evaluation went through the callback already
         tensorboard.sync()
@@ -663,23 +709,24 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
     else:
         t = summary["test"]
         print(f"\n  test PSNR / SSIM over {len(setup.test)} crops:")
-        for name in ("degraded", "tv", "learned"):
-            print(f"    {name:<9} {t[name]['psnr']:6.2f} dB   {t[name]['ssim']:.4f}")
-        if best is not None:
-            at_best = best["test_psnr"]
-            print(
-                f"    best validation PSNR {best['val_psnr']:.2f} dB at step {best['step']} "
-                f"({BEST_MODEL_FILE}"
-                + ("" if at_best is None else f"; test PSNR {at_best:.2f} dB there")
-                + ")"
-            )
+        for name, label in (
+            ("degraded", "degraded"),
+            ("tv", "tv"),
+            ("learned", "learned"),
+            ("final", "final θ"),
+        ):
+            print(f"    {label:<9} {t[name]['psnr']:6.2f} dB   {t[name]['ssim']:.4f}")
+        print(
+            f"  learned: θ of step {learned['step']}, {learned['selection']} ({MODEL_FILE}); "
+            f"final θ: step {result.step} ({FINAL_MODEL_FILE})"
+        )
         print(
             f"  cost: {result.cost} oracle calls, {result.step} steps, "
             f"{result.wall_time:.0f} s; status: {result.status} ({result.message})"
         )
         print(
             f"  results in {run_dir} (report.html, reconstructions.png, plots/, metrics.jsonl, "
-            f"{MODEL_FILE}, {BEST_MODEL_FILE})"
+            f"{MODEL_FILE}, {FINAL_MODEL_FILE})"
         )
         print(f"  apply it to your images: bilevel reconstruct {run_dir} IMAGE ...")
     return 0 if result.ok else 1
@@ -712,22 +759,35 @@ def _write_figures(
 ) -> None:
     """``reconstructions.png`` (titled columns, PSNR per image), the test-PSNR and tolerance
     plots and ``report.html``; a warning instead when matplotlib is missing. ``images`` holds
-    the test crops: clean, measurement, tv and learned."""
+    the test crops: clean, measurement, tv, learned (the selected θ) and final (the last θ,
+    shown in its own column when it is not the learned one)."""
     test = summary["test"]
+    learned, final = test["learned"], test["final"]
+    title = REGULARISER_TITLES[config.regulariser]
+    selected = learned["step"] != final["step"]
+    columns = [
+        (measurement_title(config.job), images["measurement"]),
+        (f"TV (λ = {test['tv']['strength']:g})", images["tv"]),
+        (
+            f"learned {title}: θ of step {learned['step']}\n"
+            + ("(best validation PSNR)" if selected else "(final θ)"),
+            images["learned"],
+        ),
+    ]
+    if selected:
+        columns.append((f"{title}, final θ (step {final['step']})", images["final"]))
     try:
-        grid = reconstruction_figure(
-            images["clean"],
-            [
-                (measurement_title(config.job), images["measurement"]),
-                (f"TV (λ = {test['tv']['strength']:g})", images["tv"]),
-                (f"learned {REGULARISER_TITLES[config.regulariser]}", images["learned"]),
-            ],
-        )
+        grid = reconstruction_figure(images["clean"], columns)
         with atomic_output(run_dir / "reconstructions.png") as tmp:
             grid.savefig(tmp, dpi=100, format="png")
         records = result.records
         write_run_figures(
-            run_dir, records, final_record(result), test["tv"]["psnr"], test["tv"]["strength"]
+            run_dir,
+            records,
+            final_record(result),
+            test["tv"]["psnr"],
+            test["tv"]["strength"],
+            selected=(learned["step"], learned["psnr"]) if selected else None,
         )
         write_report(
             run_dir,

@@ -1,10 +1,12 @@
 """Figures and the HTML report of an imaging run (``bilevel denoise | deblur | inpaint``).
 
-* :func:`reconstruction_figure`: titled columns (clean, the measurement y, TV, learned) with the
-  PSNR of every image under it; ``reconstructions.png``.
+* :func:`reconstruction_figure`: titled columns (clean, the measurement y, TV, learned, and the
+  final θ when the learned θ is another one) with the PSNR of every image under it;
+  ``reconstructions.png``.
 * :func:`filter_figure` and :func:`hyperparameter_rows`: the learned regulariser.
-* :func:`write_run_figures`: the test-PSNR plots with the final evaluation and the TV line, the
-  tolerance/bound plot (into ``plots/``).
+* :func:`write_run_figures`: the test-PSNR plots with the final evaluation, the learned
+  (validation-selected) θ and the TV line, the validation-PSNR plot, the tolerance/bound plot
+  (into ``plots/``).
 * :func:`write_report`: ``report.html``, one self-contained page.
 * :class:`TensorBoardEvaluation`: an evaluation callback that also logs to TensorBoard.
 
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from bilevel.config import config_dict
 from bilevel.imaging.config import REGULARISER_TITLES
 from bilevel.imaging.metrics import psnr
-from bilevel.runs.plots import image_grid, new_figure, plot_metrics
+from bilevel.runs.plots import image_grid, metric_figure, new_figure, plot_metrics
 from bilevel.runs.report import Report
 from bilevel.runs.rundir import atomic_output
 from bilevel.runs.tensorboard import TensorBoardLog
@@ -187,20 +189,53 @@ def write_run_figures(
     final: Mapping[str, Any] | None,
     tv_psnr: float,
     tv_strength: float,
+    selected: tuple[int, float] | None = None,
 ) -> dict[str, Path]:
-    """Into ``run_dir/plots``: test PSNR against cost and wall time with the final evaluation
-    and the tuned-TV line, and the tolerance/bound plot. Returns the figures by name."""
+    """Into ``run_dir/plots``: test PSNR against cost and wall time with the final evaluation,
+    the tuned-TV line and, as ``selected`` = (step, test PSNR), the learned θ chosen on the
+    validation crops (a diamond at that step's evaluation); the validation PSNR that chose it;
+    the tolerance/bound plot. Returns the figures by name."""
     out = run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
     refs = {"test_psnr": {f"TV, grid-tuned λ = {tv_strength:g}": tv_psnr}}
     written: dict[str, Path] = {}
+    runs = {"": list(records)}
+    for x_key in ("cost", "wall_time"):
+        fig = metric_figure(
+            runs,
+            x_key,
+            "test_psnr",
+            final=final,
+            references=refs,
+            title="test PSNR of the regulariser during the run",
+        )
+        if fig is None:
+            continue
+        if selected is not None:
+            at = [r for r in [*records, final or {}] if r.get("step") == selected[0]]
+            if at and isinstance(at[0].get(x_key), (int, float)):
+                ax = fig.axes[0]
+                ax.plot(
+                    at[0][x_key],
+                    selected[1],
+                    marker="D",
+                    ms=8,
+                    color="C4",
+                    ls="none",
+                    label=f"learned θ (step {selected[0]}, best validation PSNR)",
+                )
+                ax.legend(fontsize="small")
+        path = out / f"test_psnr_vs_{x_key}.png"
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        written[path.stem] = path
     for path in plot_metrics(
         list(records),
         out,
-        x_keys=("cost", "wall_time"),
-        y_keys=["test_psnr"],
+        x_keys=("cost",),
+        y_keys=["val_psnr"],
         final=final,
-        references=refs,
-        title="test PSNR of the learned regulariser",
+        title="validation PSNR (chooses the learned θ; crops of the training images)",
     ):
         written[path.stem] = path
     fig = tolerance_figure(records)
@@ -233,23 +268,33 @@ def write_report(
         ),
     )
     report.heading("Test results")
+    title = REGULARISER_TITLES[summary["regulariser"]]
+    learned = test["learned"]
     names = {
         "degraded": measurement_title(summary["task"]),
         "tv": f"TV (grid-tuned λ = {test['tv']['strength']:g})",
-        "learned": f"learned {REGULARISER_TITLES[summary['regulariser']]}",
+        "learned": f"learned {title}: θ of step {learned['step']}, {learned['selection']} "
+        "(model.pt)",
+        "final": f"{title}, final θ (step {test['final']['step']}, model_final.pt)",
     }
     report.table(
         ["", "PSNR (dB)", "SSIM"],
         [[label, test[key]["psnr"], test[key]["ssim"]] for key, label in names.items()],
-        caption=f"mean over the {config.test_size} test crops of {config.crop} px",
+        caption=f"mean over the {config.test_size} test crops of {config.crop} px; the learned "
+        "θ is chosen on validation crops of the training images, never on the test crops",
     )
     report.figure(grid_png, "first test crops; PSNR of each image against the clean one")
 
     report.heading("Training")
     plots = run_dir / "plots"
     for stem, caption in (
-        ("test_psnr_vs_cost", "test PSNR at each evaluation and at the final θ (star)"),
+        (
+            "test_psnr_vs_cost",
+            "test PSNR at each evaluation, at the final θ (star) and of the learned θ "
+            "(diamond, when it is not the final one)",
+        ),
         ("test_psnr_vs_wall_time", "the same against wall time (evaluations excluded)"),
+        ("val_psnr_vs_cost", "validation PSNR at each evaluation: its best chooses the learned θ"),
         ("upper_loss_vs_cost", "upper-level loss of each minibatch (faint) and its running mean"),
         ("tolerances_vs_cost", "tolerances ε_k, δ_k of each step and the bound ω_k if computed"),
     ):
@@ -268,7 +313,7 @@ def write_report(
         ],
     )
 
-    report.heading("Learned regulariser")
+    report.heading(f"Learned regulariser (θ of step {learned['step']})")
     fig = filter_figure(regulariser)
     if fig is not None:
         report.figure(fig, "learned filters (zero shown grey), expert weight w and smoothing ν")
@@ -278,7 +323,8 @@ def write_report(
     report.key_values(dict(sorted(config_dict(config).items())))
     report.paragraph(
         "Files in the run directory: summary.json, metrics.jsonl, reconstructions.png, plots/, "
-        "model.pt (apply it with bilevel reconstruct RUN_DIR IMAGE ...).",
+        "model.pt (the learned θ; apply it with bilevel reconstruct RUN_DIR IMAGE ...), "
+        "model_final.pt (the final θ; bilevel reconstruct --final).",
         note=True,
     )
     return report.write(run_dir / "report.html")

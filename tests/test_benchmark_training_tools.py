@@ -72,3 +72,35 @@ def test_exported_metadata_names_no_local_paths(tmp_path):
     assert clean["command"].endswith("--run-dir RUN_DIR")
     assert clean["config"] == {"data": "../shared/data/bsds300", "run_dir": "RUN_DIR", "seed": 0}
     assert str(tmp_path) not in str(clean)
+
+
+def test_init_model_starts_at_a_shipped_model_and_the_chain_of_commands_is_kept(tmp_path):
+    import json
+
+    from bilevel.imaging import pretrained
+
+    tr = _load("train_regulariser")
+    args = tr.parse(["--filters", "16", "--filter-size", "13", "--run-dir", str(tmp_path)])
+    model, kwargs = tr.build_model(args)
+    record = tr.init_from_model(model, kwargs, "crr16-sigma25", tmp_path, resume=False)
+    shipped = pretrained("crr16-sigma25").state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
+    # a resumed run reads the record it started from, whatever is shipped now
+    stored = json.loads((tmp_path / "init_model.json").read_text())
+    assert stored == record and record["name"] == "crr16-sigma25"
+    (tmp_path / "init_model.json").write_text(json.dumps({**record, "name": "earlier"}))
+    again = tr.init_from_model(model, kwargs, "crr16-sigma25", tmp_path, resume=True)
+    assert again["name"] == "earlier"
+    # another architecture is refused, naming both
+    other, other_kwargs = tr.build_model(tr.parse(["--filters", "8", "--run-dir", "x"]))
+    with pytest.raises(SystemExit, match="--init-model crr16-sigma25"):
+        tr.init_from_model(other, other_kwargs, "crr16-sigma25", tmp_path / "other", False)
+    # the chain: the start model's command and resumes (or its own chain), then this run's
+    first = {"training": {"command": "python t.py A", "resumed_with": ["A --resume --export M"]}}
+    assert tr.command_chain(first, ["python t.py B"]) == [
+        "python t.py A",
+        "python benchmarks/train_regulariser.py A --resume --export M",
+        "python t.py B",
+    ]
+    assert tr.command_chain({"training": {"chain": ["a", "b"]}}, ["c"]) == ["a", "b", "c"]
+    assert tr.command_chain(None, ["c"]) == ["c"]

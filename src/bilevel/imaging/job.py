@@ -668,7 +668,7 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
         learned = {
             **_scores(x_best, x_test),
             "step": best["step"],
-            "selection": f"best validation PSNR ({best['value']:.2f} dB at step {best['step']})",
+            "selection": f"best validation PSNR ({best['value']:.2f} dB)",
         }
         x_learned = x_best
         best = {
@@ -787,7 +787,9 @@ def _write_figures(
             final_record(result),
             test["tv"]["psnr"],
             test["tv"]["strength"],
-            selected=(learned["step"], learned["psnr"]) if selected else None,
+            selected=(learned["step"], learned["psnr"], summary["best"]["val_psnr"])
+            if selected
+            else None,
         )
         write_report(
             run_dir,

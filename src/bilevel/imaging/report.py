@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from bilevel.config import config_dict
 from bilevel.imaging.config import REGULARISER_TITLES
 from bilevel.imaging.metrics import psnr
-from bilevel.runs.plots import image_grid, metric_figure, new_figure, plot_metrics
+from bilevel.runs.plots import image_grid, metric_figure, new_figure
 from bilevel.runs.report import Report
 from bilevel.runs.rundir import atomic_output
 from bilevel.runs.tensorboard import TensorBoardLog
@@ -189,54 +189,41 @@ def write_run_figures(
     final: Mapping[str, Any] | None,
     tv_psnr: float,
     tv_strength: float,
-    selected: tuple[int, float] | None = None,
+    selected: tuple[int, float, float] | None = None,
 ) -> dict[str, Path]:
     """Into ``run_dir/plots``: test PSNR against cost and wall time with the final evaluation,
-    the tuned-TV line and, as ``selected`` = (step, test PSNR), the learned θ chosen on the
-    validation crops (a diamond at that step's evaluation); the validation PSNR that chose it;
-    the tolerance/bound plot. Returns the figures by name."""
+    the tuned-TV line and, as ``selected`` = (step, test PSNR, validation PSNR), the learned θ
+    chosen on the validation crops (a diamond at that step's evaluation); the validation PSNR
+    that chose it; the tolerance/bound plot. Returns the figures by name."""
     out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     refs = {"test_psnr": {f"TV, grid-tuned λ = {tv_strength:g}": tv_psnr}}
     written: dict[str, Path] = {}
     runs = {"": list(records)}
-    for x_key in ("cost", "wall_time"):
-        fig = metric_figure(
-            runs,
-            x_key,
-            "test_psnr",
-            final=final,
-            references=refs,
-            title="test PSNR of the regulariser during the run",
-        )
+    for y_key, x_key, title in (
+        ("test_psnr", "cost", "test PSNR of the regulariser during the run"),
+        ("test_psnr", "wall_time", "test PSNR of the regulariser during the run"),
+        ("val_psnr", "cost", "validation PSNR (its best gives the learned θ)"),
+    ):
+        fig = metric_figure(runs, x_key, y_key, final=final, references=refs, title=title)
         if fig is None:
             continue
-        if selected is not None:
-            at = [r for r in [*records, final or {}] if r.get("step") == selected[0]]
-            if at and isinstance(at[0].get(x_key), (int, float)):
-                ax = fig.axes[0]
-                ax.plot(
-                    at[0][x_key],
-                    selected[1],
-                    marker="D",
-                    ms=8,
-                    color="C4",
-                    ls="none",
-                    label=f"learned θ (step {selected[0]}, best validation PSNR)",
-                )
-                ax.legend(fontsize="small")
-        path = out / f"test_psnr_vs_{x_key}.png"
+        at = [r for r in [*records, final or {}] if selected and r.get("step") == selected[0]]
+        if at and isinstance(at[0].get(x_key), (int, float)):
+            ax = fig.axes[0]
+            ax.plot(
+                at[0][x_key],
+                selected[1] if y_key == "test_psnr" else selected[2],
+                marker="D",
+                ms=8,
+                color="C4",
+                ls="none",
+                label=f"learned θ (step {selected[0]}, best validation PSNR)",
+            )
+            ax.legend(fontsize="small")
+        path = out / f"{y_key}_vs_{x_key}.png"
         with atomic_output(path) as tmp:
             fig.savefig(tmp, dpi=100, format="png")
-        written[path.stem] = path
-    for path in plot_metrics(
-        list(records),
-        out,
-        x_keys=("cost",),
-        y_keys=["val_psnr"],
-        final=final,
-        title="validation PSNR (chooses the learned θ; crops of the training images)",
-    ):
         written[path.stem] = path
     fig = tolerance_figure(records)
     if fig is not None:

@@ -43,6 +43,7 @@ LABELS = {
     "alpha": "step size α",
     "bound": "hypergradient error bound ω",
     "test_psnr": "test PSNR (dB)",
+    "val_psnr": "validation PSNR (dB)",
     "val_loss": "validation loss F(θ)",
     "test_accuracy": "test accuracy",
     "test_mse": "test mean squared error",

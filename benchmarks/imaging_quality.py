@@ -346,10 +346,19 @@ def training_notes(models: str) -> list[str]:
         info = model_info(name)
         train = info.get("training", {})
         summary = train.get("summary", {})
+        start = train.get("initialised_from")
+        made = (
+            f"trained by `{train.get('command', '?')}`"
+            if "chain" not in train or start is None
+            else "trained by the chain "
+            + "; ".join(f"`{c}`" for c in train["chain"])
+            + f" (the last run continued {start['name']} with the same data and options)"
+        )
         out += [
-            f"**{name}** ({info.get('description', info['class'])}): trained by "
-            f"`{train.get('command', '?')}` on {train.get('data', '?')}; seed "
-            f"{train.get('seed', '?')}; {summary.get('steps', '?')} Adam-ISGD steps, "
+            f"**{name}** ({info.get('description', info['class'])}): {made} on "
+            f"{train.get('data', '?')}; seed {train.get('seed', '?')}; "
+            + ("last run: " if start is not None else "")
+            + f"{summary.get('steps', '?')} Adam-ISGD steps, "
             f"{summary.get('oracle_calls', '?')} oracle calls, {summary.get('wall_time_s', '?')} s "
             f"({summary.get('status', '?')}). "
             + (

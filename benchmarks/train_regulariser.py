@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -260,7 +261,8 @@ def init_from_model(
 def command_chain(init: dict | None, commands: list[str]) -> list[str]:
     """The commands that make the model, in order: those of the model it started from
     (``init``'s record: its ``chain``, or its ``command`` and ``resumed_with``), then
-    ``commands``."""
+    ``commands``. Each run has its own directory: the earlier runs' placeholder ``RUN_DIR``
+    becomes ``RUN_DIR_1``, ``RUN_DIR_2``, ... in the order of the runs."""
     if init is None:
         return list(commands)
     training = init.get("training", {})
@@ -268,7 +270,9 @@ def command_chain(init: dict | None, commands: list[str]) -> list[str]:
         training["command"],
         *(f"python benchmarks/train_regulariser.py {c}" for c in training.get("resumed_with", [])),
     ]
-    return [*earlier, *commands]
+    stage = 1 + len(set(re.findall(r"RUN_DIR_\d+", " ".join(earlier))))
+    bare = re.compile(r"(?<![\w-])RUN_DIR(?![\w-])")
+    return [*(bare.sub(f"RUN_DIR_{stage}", c) for c in earlier), *commands]
 
 
 def record_command(run_dir: Path, argv: list[str], resume: bool) -> list[list[str]]:

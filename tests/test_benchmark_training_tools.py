@@ -96,11 +96,22 @@ def test_init_model_starts_at_a_shipped_model_and_the_chain_of_commands_is_kept(
     with pytest.raises(SystemExit, match="--init-model crr16-sigma25"):
         tr.init_from_model(other, other_kwargs, "crr16-sigma25", tmp_path / "other", False)
     # the chain: the start model's command and resumes (or its own chain), then this run's
-    first = {"training": {"command": "python t.py A", "resumed_with": ["A --resume --export M"]}}
-    assert tr.command_chain(first, ["python t.py B"]) == [
-        "python t.py A",
-        "python benchmarks/train_regulariser.py A --resume --export M",
-        "python t.py B",
+    # (each run in its own directory: the earlier ones numbered in order)
+    first = {
+        "training": {
+            "command": "python t.py A --run-dir RUN_DIR",
+            "resumed_with": ["A --run-dir RUN_DIR --resume --export M"],
+        }
+    }
+    chain = tr.command_chain(first, ["python t.py B --run-dir RUN_DIR"])
+    assert chain == [
+        "python t.py A --run-dir RUN_DIR_1",
+        "python benchmarks/train_regulariser.py A --run-dir RUN_DIR_1 --resume --export M",
+        "python t.py B --run-dir RUN_DIR",
     ]
-    assert tr.command_chain({"training": {"chain": ["a", "b"]}}, ["c"]) == ["a", "b", "c"]
+    assert tr.command_chain({"training": {"chain": chain}}, ["C --run-dir RUN_DIR"]) == [
+        *chain[:2],
+        "python t.py B --run-dir RUN_DIR_2",
+        "C --run-dir RUN_DIR",
+    ]
     assert tr.command_chain(None, ["c"]) == ["c"]

@@ -236,13 +236,15 @@ def init_from_model(
     model: torch.nn.Module, kwargs: dict, name: str, run_dir: Path, resume: bool
 ) -> dict:
     """Load the shipped model ``name`` into ``model`` (its class and ``kwargs`` must be the
-    ones the options build) and return its record; a fresh run stores the record as
-    ``run_dir/init_model.json`` (a resumed run reads it from there, so that the chain stays
-    that of the weights it started from even if the shipped model was replaced since)."""
+    ones the options build) and return its record; a fresh run stores the record and the
+    weights as ``run_dir/init_model.json`` and ``init_model.pt`` (a resumed run reads them from
+    there, so that θ₀ and the chain stay those it started from even if the shipped model was
+    replaced since; its checkpoint then replaces θ)."""
     from bilevel.imaging.pretrained_models import MODEL_DIR, model_info
 
-    path = run_dir / "init_model.json"
-    if resume and path.is_file():
+    path, weights = run_dir / "init_model.json", run_dir / "init_model.pt"
+    if resume and path.is_file() and weights.is_file():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return json.loads(path.read_text(encoding="utf-8"))
     info = model_info(name)
     if info["class"] != type(model).__name__ or info["kwargs"] != kwargs:
@@ -254,6 +256,7 @@ def init_from_model(
     model.load_state_dict(state)
     record = {"name": name, **info}
     run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(state, weights)
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return record
 

@@ -89,8 +89,11 @@ def test_init_model_starts_at_a_shipped_model_and_the_chain_of_commands_is_kept(
     stored = json.loads((tmp_path / "init_model.json").read_text())
     assert stored == record and record["name"] == "crr16-sigma25"
     (tmp_path / "init_model.json").write_text(json.dumps({**record, "name": "earlier"}))
+    earlier = {k: v + 1 for k, v in shipped.items()}
+    torch.save(earlier, tmp_path / "init_model.pt")
     again = tr.init_from_model(model, kwargs, "crr16-sigma25", tmp_path, resume=True)
     assert again["name"] == "earlier"
+    assert all(torch.equal(v, earlier[k]) for k, v in model.state_dict().items())
     # another architecture is refused, naming both
     other, other_kwargs = tr.build_model(tr.parse(["--filters", "8", "--run-dir", "x"]))
     with pytest.raises(SystemExit, match="--init-model crr16-sigma25"):

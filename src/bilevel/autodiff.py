@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.overrides import has_torch_function
 
+from bilevel.linear import instance_index
 from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError, index_batch
 
 try:  # the engine entry point behind torch.autograd.grad
@@ -216,7 +217,7 @@ class HessianOperator:
         self.lower = lower
         self.x_full = x.detach()
         n = x.shape[0]
-        self.full_index = torch.arange(n, device=x.device) if index is None else index.to(x.device)
+        self.full_index = instance_index(n, x.device) if index is None else index.to(x.device)
         if graph is None:
             self._build(self.full_index, self.x_full)
         else:
@@ -304,6 +305,17 @@ def upper_gradients(
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Upper-level losses f_i (B,), per-instance ∇ₓf_i (B, ...), and ∇_θ mean_i f_i."""
     params = problem.params
+    losses, grad_x, sums = upper_gradient_sums(problem, x, batch, params)
+    n = x.shape[0]
+    grad_theta = [torch.zeros_like(p) if g is None else g / n for p, g in zip(params, sums)]
+    return losses, grad_x, grad_theta
+
+
+def upper_gradient_sums(
+    problem: BilevelProblem, x: Tensor, batch: Batch, params: list[Tensor]
+) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """Upper-level losses f_i (B,), per-instance ∇ₓf_i (B, ...), and ∇_θ Σ_i f_i for each of
+    ``params`` (None where f does not depend on it): one backward pass."""
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         losses = problem.loss(xr, batch)
@@ -315,6 +327,4 @@ def upper_gradients(
             "upper_loss does not depend on x through autograd (was x detached, or the loss "
             "computed outside torch?): the upper loss must be differentiable in x"
         )
-    n = x.shape[0]
-    grad_theta = [torch.zeros_like(p) if g is None else g / n for p, g in zip(params, grads[1:])]
-    return losses.detach(), grads[0], grad_theta
+    return losses.detach(), grads[0], list(grads[1:])

@@ -57,7 +57,7 @@ from bilevel.autodiff import (
     LowerLevel,
     batch_norm,
     expand_as_batch,
-    upper_gradients,
+    upper_gradient_sums,
 )
 from bilevel.bounds import (
     BoundConstants,
@@ -68,7 +68,15 @@ from bilevel.bounds import (
     recompute_float64,
     rounding_margin,
 )
-from bilevel.linear import CG, LinearSolution, LinearSolver, Neumann, lanczos_extremes
+from bilevel.linear import (
+    CG,
+    LinearSolution,
+    LinearSolver,
+    Neumann,
+    _Deferred,
+    lanczos_extremes,
+    resolved_state,
+)
 from bilevel.lower import (
     ConvergenceWarning,
     LowerSolution,
@@ -99,7 +107,8 @@ class Hypergradient:
 
     Attributes:
         grad: z, one tensor per parameter, shaped like θ.
-        loss: mean upper-level loss at x̃ (plus r(θ) if the problem has one).
+        loss: mean upper-level loss at x̃ (plus r(θ) if the problem has one); may be given as
+            a function, called on first access (it costs a read from the device).
         losses: per-instance upper losses f_i(x̃_i), shape (B,).
         bound: ω, bound on ‖z − ∇F(θ)‖ for the batch mean (None when unavailable, e.g. ITD).
         bound_certified: True when every constant in ω is stated or computed exactly.
@@ -120,7 +129,7 @@ class Hypergradient:
     """
 
     grad: list[Tensor]
-    loss: float
+    loss: float = _Deferred()  # type: ignore[assignment]
     losses: Tensor
     bound: float | None
     bound_certified: bool
@@ -134,6 +143,9 @@ class Hypergradient:
     mu_estimated: bool
     cost: Cost
     constants: dict[str, ConstantReport] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict:
+        return resolved_state(self)
 
     @property
     def norm(self) -> float:
@@ -396,17 +408,24 @@ class AdjointEstimator(HypergradientEstimator):
         return sol, op, mu, True
 
     def _check_mu(
-        self, op: HessianOperator, x: Tensor, mu: Tensor, linear: LinearSolution | None
+        self,
+        op: HessianOperator,
+        x: Tensor,
+        mu: Tensor,
+        linear: LinearSolution | None,
+        stated: float | None = None,
     ) -> tuple[Tensor, ConstantReport]:
         """Check a stated μ against the curvature at x̃; (μ to use, its report).
 
         The evidence is an upper bound on λ_min(H_i(x̃)): the solver's Ritz values when its
         Krylov space had at least min(n, curvature_iterations) dimensions, else (also) those of
         a seeded Lanczos run. Evidence below μ means the stated μ is wrong: warn, and use an
-        estimate no larger than the evidence.
+        estimate no larger than the evidence. ``stated``: μ when it was stated as one number
+        (reported without reading ``mu`` back from the device).
         """
         if not self.compute_bound:  # nothing to certify: μ as stated
-            return mu, ConstantReport(float(mu.min()), "stated", "not checked (no bound)")
+            value = float(mu.min()) if stated is None else stated
+            return mu, ConstantReport(value, "stated", "not checked (no bound)")
         c = self.constants
         n, dim = x.shape[0], x[0].numel()
         evidence = torch.full((n,), math.nan, dtype=x.dtype, device=x.device)
@@ -469,16 +488,16 @@ class AdjointEstimator(HypergradientEstimator):
         linear: LinearSolution | None,
         losses: Tensor,
         grad_x: Tensor,
-        grad_theta: list[Tensor],
+        upper_sums: list[Tensor | None],
+        params: list[Tensor],
         adjoint_missed: bool = False,
     ) -> Hypergradient:
-        """z = ∇_θ f̄ − (1/B) Σ J_iᵀ q_i; true residuals δ_i; the bound ω (not certified when
+        """z = (1/B) Σ_i (∇_θ f_i − J_iᵀ q_i) (``upper_sums``: ∇_θ Σ_i f_i, None where f does not
+        depend on the parameter); true residuals δ_i; the bound ω (not certified when
         ``adjoint_missed``: the adjoint solve missed its tolerance)."""
-        params = problem.params
         n = q.shape[0]
         jtq = op.jacobian_vjp(q, params)
-        grad = [gt - j / n for gt, j in zip(grad_theta, jtq)]
-        loss = float(losses.mean())
+        grad = [j * (-1.0 / n) if g is None else (g - j) / n for g, j in zip(upper_sums, jtq)]
         x = sol.x
         gnorm = sol.grad_norm
         z_rounding = None
@@ -488,8 +507,7 @@ class AdjointEstimator(HypergradientEstimator):
         else:  # no bound: the adjoint solver's own residual (one product fewer)
             delta = linear.residual_norm
         if self.compute_bound:  # rounding of the computed residuals (see bilevel.bounds)
-            z_core = [gt - j / n for gt, j in zip(grad_theta, jtq)]
-            exact = recompute_float64(problem, batch, x, q, z_core, lower.cost)
+            exact = recompute_float64(problem, batch, x, q, grad, lower.cost)
             if exact is not None:
                 gnorm, delta, z_rounding = exact.grad_norm, exact.delta, exact.z_rounding
             else:
@@ -500,7 +518,8 @@ class AdjointEstimator(HypergradientEstimator):
                 float(mu.min()), "estimated", "Lanczos at x̃: max(θ_min − r, θ_min/10) / safety"
             )
         else:
-            mu, mu_report = self._check_mu(op, x, mu, linear)
+            stated = problem.mu if isinstance(problem.mu, float) else None
+            mu, mu_report = self._check_mu(op, x, mu, linear, stated)
             mu_estimated = mu_report.source == "estimated"
         eps = gnorm / mu
         certified = False
@@ -527,7 +546,7 @@ class AdjointEstimator(HypergradientEstimator):
             )
         return Hypergradient(
             grad=grad,
-            loss=loss,
+            loss=lambda: float(losses.mean()),
             losses=losses,
             bound=bound,
             bound_certified=certified,
@@ -546,7 +565,8 @@ class AdjointEstimator(HypergradientEstimator):
     def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0, state):
         """Lower solve, upper gradients, the method's adjoint q, then z and its bound."""
         sol, op, mu, mu_est = self._solve(problem, lower, x0, lower_tol)
-        losses, grad_x, grad_theta = upper_gradients(problem, sol.x, batch)
+        params = problem.params
+        losses, grad_x, upper_sums = upper_gradient_sums(problem, sol.x, batch, params)
         q, linear = self._adjoint(op, sol.x, grad_x, adjoint_tol, adjoint0, mu)
         missed = self._adjoint_missed(linear, adjoint_tol, grad_x)
         return self._finish(
@@ -561,7 +581,8 @@ class AdjointEstimator(HypergradientEstimator):
             linear,
             losses,
             grad_x,
-            grad_theta,
+            upper_sums,
+            params,
             adjoint_missed=missed,
         )
 

@@ -115,7 +115,7 @@ def backward(
 
 def batch_norm(v: Tensor) -> Tensor:
     """Per-instance Euclidean norm of a (B, ...) tensor, shape (B,)."""
-    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1)
+    return torch.linalg.vector_norm(v if v.dim() == 2 else v.reshape(v.shape[0], -1), dim=1)
 
 
 def batch_dot(u: Tensor, v: Tensor) -> Tensor:

@@ -44,8 +44,9 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -107,8 +108,7 @@ class Hypergradient:
 
     Attributes:
         grad: z, one tensor per parameter, shaped like θ.
-        loss: mean upper-level loss at x̃ (plus r(θ) if the problem has one); may be given as
-            a function, called on first access (it costs a read from the device).
+        loss: mean upper-level loss at x̃ (plus r(θ) if the problem has one).
         losses: per-instance upper losses f_i(x̃_i), shape (B,).
         bound: ω, bound on ‖z − ∇F(θ)‖ for the batch mean (None when unavailable, e.g. ITD).
         bound_certified: True when every constant in ω is stated or computed exactly.
@@ -126,6 +126,9 @@ class Hypergradient:
         cost: oracle calls and wall time spent for this estimate.
         constants: name → :class:`~bilevel.bounds.ConstantReport` (value and whether it was
             stated, computed or estimated) for μ and every constant of ω.
+
+    ``loss`` and ``eps`` may be given as functions, called on first access (``loss`` costs a
+    read from the device, which a caller that never reads it need not pay).
     """
 
     grad: list[Tensor]
@@ -135,7 +138,7 @@ class Hypergradient:
     bound_certified: bool
     x: Tensor
     adjoint: Tensor | None
-    eps: Tensor
+    eps: Tensor = _Deferred()  # type: ignore[assignment]
     delta: Tensor
     lower: LowerSolution | None
     linear: LinearSolution | None
@@ -521,11 +524,12 @@ class AdjointEstimator(HypergradientEstimator):
             stated = problem.mu if isinstance(problem.mu, float) else None
             mu, mu_report = self._check_mu(op, x, mu, linear, stated)
             mu_estimated = mu_report.source == "estimated"
-        eps = gnorm / mu
         certified = False
         bound = None
         constants: dict[str, ConstantReport] = {"mu": mu_report}
+        eps: Tensor | Callable[[], Tensor] = partial(torch.div, gnorm, mu)  # ε_i, when read
         if self.compute_bound:
+            eps = gnorm / mu
             eb = compute_error_bound(
                 problem,
                 batch,

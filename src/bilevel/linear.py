@@ -172,7 +172,7 @@ def _dot(u: Tensor, v: Tensor) -> Tensor:
 
 def _norm(u: Tensor) -> Tensor:
     """Per-instance Euclidean norms, shape ``(n,)``."""
-    return torch.linalg.vector_norm(u.reshape(u.shape[0], -1), dim=-1)
+    return torch.linalg.vector_norm(u if u.dim() == 2 else u.reshape(u.shape[0], -1), dim=-1)
 
 
 def cg_thresholds(
@@ -194,6 +194,11 @@ def cg_thresholds(
         return thresh2, rr > thresh2
     floor = eps * _norm(b).reshape(n, 1)
     return torch.maximum(tol2, floor * floor * shrink), rr > tol2
+
+
+def _flat(s: Tensor) -> Tensor:
+    """Per-instance values ``(n,)`` from ``(n,)`` or ``(n, 1)``."""
+    return s if s.dim() == 1 else s.reshape(-1)
 
 
 def _bc(s: Tensor, like: Tensor) -> Tensor:
@@ -499,14 +504,18 @@ class _Batch:
     """
 
     def __init__(
-        self, b: Tensor, rnorm: Tensor | Callable[[], Tensor], tol: Tensor, x: Tensor | None
+        self,
+        b: Tensor,
+        rnorm: Tensor | Callable[[], Tensor],
+        tol: float | Tensor,
+        x: Tensor | None,
     ) -> None:
         """``rnorm``: the initial residual norms (B,), or a function that computes them when
         first needed (a solve in which the whole batch iterates to the end never needs
         them); ``x``: the starting point (None: zero)."""
         n = b.shape[0]
         self.shape = b.shape
-        self.out = b.new_zeros(n, b[0].numel()) if x is None else x.reshape(n, -1).clone()
+        self.out = b.new_zeros(n, math.prod(b.shape[1:])) if x is None else x.reshape(n, -1).clone()
         self._rnorm0 = rnorm
         self.residual_norm: Tensor | None = None  # set by record
         self.iterations: Tensor | None = None
@@ -518,7 +527,7 @@ class _Batch:
     def record(self, index: Tensor, x: Tensor, rnorm: Tensor, iters: Tensor) -> None:
         """Write the current set's solutions, residual norms and iteration counts."""
         if index is self.index:  # the whole batch, in order
-            self.out, self.residual_norm, self.iterations = x, rnorm.reshape(-1), iters.reshape(-1)
+            self.out, self.residual_norm, self.iterations = x, _flat(rnorm), _flat(iters)
             return
         if self.residual_norm is None:  # a part: the others keep their initial state
             r0 = self._rnorm0
@@ -567,8 +576,9 @@ class _Batch:
             diag, off = tridiagonal(self.rows(0), self.rows(1))
             return tridiagonal_smallest(diag, off, steps())
 
+        out = self.out
         return LinearSolution(
-            self.out.reshape(self.shape),
+            out if out.shape == self.shape else out.reshape(self.shape),
             residual_norm,
             iterations,
             lambda: residual_norm <= self.tol,
@@ -682,11 +692,13 @@ class CG:
     ) -> LinearSolution:
         """Solve H_i q_i = b_i for all instances to absolute residual tolerance ``tol``."""
         _check_rhs(b, values=False)  # the values: below
-        tol_all = check_tolerance("tol", tol, b)
+        # a valid number stays a number until a tensor is needed
+        number = isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0
+        tol_all = float(tol) if number else check_tolerance("tol", tol, b)
         x0, r0, matvecs = _initial(matvec, b, x0)
         n, event = b.shape[0], tuple(b.shape[1:])
         flat = b.dim() == 2
-        r = r0.reshape(n, -1)
+        r = r0 if flat else r0.reshape(n, -1)
         rr = (r * r).sum(1, keepdim=True)
         state = _Batch(b, rr.sqrt, tol_all, x0)
         every = _every(self.check_every, b.device)
@@ -694,13 +706,15 @@ class CG:
         x = state.out
         # With a check every iteration, while the whole batch is active, the host reads ‖r‖²
         # and α and decides; no masks are needed until an instance stops.
-        limits = self._host_limits(rr, b, tol, tol_all, x0 is None) if every == 1 else None
+        limits = self._host_limits(rr, b, tol_all, x0 is None) if every == 1 else None
         host = limits is not None
         thresh2 = active = iters = zero = None  # on the host: made when an instance stops
         n_active = n
         if not host:
             if every != 1:
                 check_finite("right-hand side b", b)
+            if not isinstance(tol_all, Tensor):
+                tol_all = check_tolerance("tol", tol_all, b)
             thresh2, active = cg_thresholds(rr, b, tol_all, self.fixed_iterations)
             n_active = int(active.sum())
             if 0 < n_active and 2 * n_active <= n:
@@ -781,7 +795,7 @@ class CG:
                 host = every == 1  # the batch is the active instances again
                 limits = thresh2.reshape(-1).tolist() if host else []
         if iters is None:  # the host checked every iteration, every instance active
-            iters = torch.full_like(rr, verified, dtype=torch.long)
+            iters = torch.full((index.numel(),), verified, dtype=torch.long, device=rr.device)
         else:
             iters = iters + verified
         if chunk:
@@ -790,13 +804,13 @@ class CG:
         return state.solution(matvecs, _cg_tridiagonal)
 
     def _host_limits(
-        self, rr: Tensor, b: Tensor, tol: float | Tensor, tol_all: Tensor, from_zero: bool
+        self, rr: Tensor, b: Tensor, tol: float | Tensor, from_zero: bool
     ) -> list[float] | None:
         """The host's stopping thresholds on ‖r_i‖² (those of :func:`cg_thresholds`, in
         double precision) when every instance starts active, else None; one read of ‖r‖².
         Also checks that ``b`` is finite: ‖r‖² is finite only if r = b − H x0 is (NaN and ±inf
         propagate), and then b is (the product H x0 is finite: checked)."""
-        values = rr.reshape(-1).tolist()
+        values = [v for (v,) in rr.tolist()]
         if not all(map(math.isfinite, values)):
             check_finite("right-hand side b", b)  # else ‖r‖² overflowed: the tensor path
             return None
@@ -805,10 +819,10 @@ class CG:
             limit = info.tiny / info.eps
             return [limit] * len(values) if all(v > limit for v in values) else None
         shrink = 1.0 - 4 * info.eps
-        if isinstance(tol, (int, float)):
-            tol2 = [float(tol) ** 2 * shrink] * len(values)
+        if isinstance(tol, Tensor):
+            tol2 = [t * t * shrink for t in tol.tolist()]
         else:
-            tol2 = [t * t * shrink for t in tol_all.tolist()]
+            tol2 = [tol * tol * shrink] * len(values)
         if not all(v > t for v, t in zip(values, tol2)):
             return None  # an instance starts converged: masks from the start
         norms2 = values if from_zero else (b * b).reshape(len(values), -1).sum(1).tolist()

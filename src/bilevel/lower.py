@@ -183,13 +183,22 @@ def _at_start(
     ``keep=True``); None when the solver must iterate. ``tol``: a number or (B,).
 
     One host read: max_i (‖∇h_i‖ − tol_i) ≤ 0 exactly when every instance meets its tolerance
-    with a finite gradient (NaN compares false; ∞ − ∞ is NaN). ``max_iter`` 0 with some
-    instance missing its tolerance takes a second (the finiteness of the gradient, which the
-    certificate needs); the solver's first stopping test takes it otherwise.
+    with a finite gradient (NaN compares false; ∞ − ∞ is NaN); with one number ``tol``, the
+    largest norm (the norm itself for one instance) is read and compared on the host.
+    ``max_iter`` 0 with some instance missing its tolerance takes a second read (the
+    finiteness of the gradient, which the certificate needs); the solver's first stopping
+    test takes it otherwise.
     """
     gnorm = batch_norm(grad)
     n = x0.shape[0]
-    if not (n == 0 or float((gnorm - tol).max()) <= 0):
+    if n == 0:
+        met = True
+    elif isinstance(tol, Tensor):
+        met = float((gnorm - tol).max()) <= 0
+    else:
+        worst = float(gnorm if n == 1 else gnorm.max())
+        met = worst <= tol and math.isfinite(worst)
+    if not met:
         if max_iter > 0:
             return None
         if not all_finite(gnorm):

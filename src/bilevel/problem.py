@@ -181,7 +181,9 @@ def all_finite(t: Tensor) -> bool:
     reduction instead of an element-wise test and a reduction; a sum that overflows from
     finite entries falls back to the element-wise test.
     """
-    return math.isfinite(t.detach().sum()) or bool(torch.isfinite(t).all())
+    return math.isfinite((t.detach() if t.requires_grad else t).sum()) or bool(
+        torch.isfinite(t).all()
+    )
 
 
 def batch_size_of(batch: Batch) -> int | None:

@@ -54,6 +54,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import _engine_run_backward
 
 from bilevel import CG, BilevelProblem, Implicit, Nesterov
 from bilevel.lower import CHECK_EVERY, next_check
@@ -175,9 +176,7 @@ def plain_grad(out, inputs, grad_out=None, retain_graph=None, create_graph=False
 
 def engine_grad(out, inputs, grad_out=None, retain_graph=None, create_graph=False):
     """The same backward pass by autograd's engine entry point, without the argument handling
-    of ``torch.autograd.grad``."""
-    from torch.autograd.graph import _engine_run_backward
-
+    of ``torch.autograd.grad`` (imported once, not at every call)."""
     grad_out = torch.ones_like(out) if grad_out is None else grad_out
     retain_graph = create_graph if retain_graph is None else retain_graph
     return _engine_run_backward(

@@ -245,8 +245,20 @@ class HessianOperator:
 
         An ``index`` object seen before on the current graph is trusted without comparing its
         values (solvers pass the same tensor between changes of their active set), so the
-        product costs no host synchronisation.
+        product costs no host synchronisation; it then goes to autograd's engine directly (a
+        Krylov solver's inner loop: no further argument handling, see :func:`backward`).
         """
+        if (
+            index is self._known
+            and _engine_run_backward is not None
+            and type(v) is Tensor
+            and v.shape == self._g.shape
+            and type(self._g) is Tensor
+        ):
+            self.lower.cost.hvps += v.shape[0]
+            return _engine_run_backward(
+                (self._g,), (v,), True, False, (self._x,), False, accumulate_grad=False
+            )[0]
         if index is not self._known:
             if index.numel() != self._index.numel() or not bool((index == self._index).all()):
                 if 2 * index.numel() <= self._index.numel():

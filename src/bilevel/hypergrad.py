@@ -127,8 +127,8 @@ class Hypergradient:
         constants: name → :class:`~bilevel.bounds.ConstantReport` (value and whether it was
             stated, computed or estimated) for μ and every constant of ω.
 
-    ``loss`` and ``eps`` may be given as functions, called on first access (``loss`` costs a
-    read from the device, which a caller that never reads it need not pay).
+    ``loss``, ``eps`` and ``delta`` may be given as functions, called on first access
+    (``loss`` costs a read from the device, which a caller that never reads it need not pay).
     """
 
     grad: list[Tensor]
@@ -139,7 +139,7 @@ class Hypergradient:
     x: Tensor
     adjoint: Tensor | None
     eps: Tensor = _Deferred()  # type: ignore[assignment]
-    delta: Tensor
+    delta: Tensor = _Deferred()  # type: ignore[assignment]
     lower: LowerSolution | None
     linear: LinearSolution | None
     mu: float | None
@@ -507,8 +507,8 @@ class AdjointEstimator(HypergradientEstimator):
         if self.compute_bound or linear is None:  # the true residual at q̃
             hq = op.full_matvec(q)
             delta = batch_norm(hq - grad_x)
-        else:  # no bound: the adjoint solver's own residual (one product fewer)
-            delta = linear.residual_norm
+        else:  # no bound: the adjoint solver's own residual (one product fewer), when read
+            delta = partial(getattr, linear, "residual_norm")
         if self.compute_bound:  # rounding of the computed residuals (see bilevel.bounds)
             exact = recompute_float64(problem, batch, x, q, grad, lower.cost)
             if exact is not None:

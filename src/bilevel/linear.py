@@ -35,6 +35,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -123,11 +124,14 @@ class LinearSolution:
             Rayleigh quotient over that space), ``nan`` where nothing was observed.
         krylov_steps: ``(B,)`` long, the dimension of the Krylov space behind
             ``min_curvature`` (0 where none).
+
+    Every field but ``solution`` and ``matvecs`` may be given as a function, called on first
+    access (a solver's report costs operations that many callers never read).
     """
 
     solution: Tensor
-    residual_norm: Tensor
-    iterations: Tensor
+    residual_norm: Tensor = _Deferred()  # type: ignore[assignment]
+    iterations: Tensor = _Deferred()  # type: ignore[assignment]
     converged: Tensor = _Deferred()  # type: ignore[assignment]
     matvecs: int
     min_curvature: Tensor = _Deferred()  # type: ignore[assignment]
@@ -209,11 +213,16 @@ def _bc(s: Tensor, like: Tensor) -> Tensor:
 def _apply(matvec: MatVec, v: Tensor, index: Tensor) -> Tensor:
     out = matvec(v, index)
     if not isinstance(out, Tensor) or out.shape != v.shape:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise BilevelError(
-            f"matvec must return a tensor shaped like its input {tuple(v.shape)}; got {shape}"
-        )
+        raise _bad_product(v, out)
     return out
+
+
+def _bad_product(v: Tensor, out: object) -> BilevelError:
+    """The error for an operator whose output is not a tensor shaped like its input ``v``."""
+    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    return BilevelError(
+        f"matvec must return a tensor shaped like its input {tuple(v.shape)}; got {shape}"
+    )
 
 
 def _check_rhs(b: Tensor, values: bool = True) -> None:
@@ -224,6 +233,13 @@ def _check_rhs(b: Tensor, values: bool = True) -> None:
         raise BilevelError(f"b must have a real floating-point dtype, got {b.dtype}")
     if values:
         check_finite("right-hand side b", b)
+
+
+@functools.cache
+def _float_info(dtype: torch.dtype) -> tuple[float, float]:
+    """(smallest normal number, machine epsilon) of a floating-point dtype."""
+    info = torch.finfo(dtype)
+    return info.tiny, info.eps
 
 
 @functools.lru_cache(maxsize=64)
@@ -465,12 +481,13 @@ def _check_every(value: int | None) -> None:
         raise BilevelError(f"check_every must be None or a positive integer, got {value!r}")
 
 
-def _every(check_every: int | None, device: torch.device) -> int:
+def _every(check_every: int | None, like: Tensor) -> int:
     """Iterations between host synchronisations: ``check_every``, or by default 1 on the CPU
-    (where reading a flag costs no synchronisation) and ``CHECK_EVERY_ACCELERATOR`` elsewhere."""
+    (where reading a flag costs no synchronisation) and ``CHECK_EVERY_ACCELERATOR`` elsewhere
+    (``like``: a tensor on the solver's device)."""
     if check_every is not None:
         return check_every
-    return 1 if device.type == "cpu" else CHECK_EVERY_ACCELERATOR
+    return 1 if like.is_cpu else CHECK_EVERY_ACCELERATOR
 
 
 def tridiagonal_smallest(diag: Tensor, off: Tensor, steps: Tensor) -> Tensor:
@@ -545,7 +562,7 @@ class _Batch:
 
     def rows(self, which: int) -> Tensor:
         """The kept coefficients as a ``(B, k)`` table, ``nan`` for instances not in a step."""
-        n = self.iterations.shape[0]
+        n = self.shape[0]
         cols = []
         for index, *values in self.hist:
             v = values[which].reshape(-1)
@@ -585,6 +602,42 @@ class _Batch:
             matvecs,
             curvature,
             steps,
+        )
+
+    def uniform(
+        self,
+        x: Tensor,
+        rr: Tensor,
+        iterations: int,
+        matvecs: int,
+        tridiagonal: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    ) -> LinearSolution:
+        """The result when the whole batch ran the same ``iterations`` (a solve decided on
+        the host, no instance stopped early): ``x`` (B, n) and ‖r‖² (B, 1); every field but
+        the solution is computed when first read."""
+        n, device, kept = self.shape[0], x.device, min(iterations, len(self.hist))
+
+        @functools.cache
+        def residual_norm() -> Tensor:
+            return rr.sqrt().reshape(-1)
+
+        def counts(value: int) -> Tensor:
+            return torch.full((n,), value, dtype=torch.long, device=device)
+
+        def curvature() -> Tensor:
+            if not kept:
+                return torch.full((n,), math.nan, dtype=x.dtype, device=device)
+            diag, off = tridiagonal(self.rows(0), self.rows(1))
+            return tridiagonal_smallest(diag, off, counts(kept))
+
+        return LinearSolution(
+            x if x.shape == self.shape else x.reshape(self.shape),
+            residual_norm,
+            partial(counts, iterations),
+            lambda: residual_norm() <= self.tol,
+            matvecs,
+            curvature,
+            partial(counts, kept),
         )
 
 
@@ -701,7 +754,7 @@ class CG:
         r = r0 if flat else r0.reshape(n, -1)
         rr = (r * r).sum(1, keepdim=True)
         state = _Batch(b, rr.sqrt, tol_all, x0)
-        every = _every(self.check_every, b.device)
+        every = _every(self.check_every, b)
         index = state.index
         x = state.out
         # With a check every iteration, while the whole batch is active, the host reads ‖r‖²
@@ -732,8 +785,12 @@ class CG:
         k = 0
         while n_active > 0 and k < self.max_iter:
             m = index.numel()
-            hp = _apply(matvec, p if flat else p.reshape((m,) + event), index)
-            hp = hp if flat else hp.reshape(m, -1)
+            if flat:  # the product's shape checked here (as _apply does), without a call
+                hp = matvec(p, index)
+                if not isinstance(hp, Tensor) or hp.shape != p.shape:
+                    raise _bad_product(p, hp)
+            else:
+                hp = _apply(matvec, p.reshape((m,) + event), index).reshape(m, -1)
             matvecs += m
             k += 1
             php = (p * hp).sum(1, keepdim=True)
@@ -747,7 +804,15 @@ class CG:
                 # finite and positive; NaN compares false); such an iteration needs no
                 # validation, only counting
                 if m == 1:  # two scalar reads, cheaper than a concatenation and a list
-                    ok = limits[0] < rr_new.item() < math.inf and 0 < alpha.item() < math.inf
+                    v, c = rr_new.item(), alpha.item()
+                    ok = limits[0] < v < math.inf and 0 < c < math.inf
+                    if not ok and v <= limits[0] and 0 < c < math.inf:
+                        # a clean stop at the threshold (no breakdown: nothing to validate)
+                        if len(hist) < RITZ_STEPS:
+                            hist.append((index, alpha, rr_new / rr))
+                        rr = rr_new
+                        verified += 1
+                        break
                 else:
                     values = torch.cat((rr_new, alpha), 1).tolist()  # one read
                     ok = all(
@@ -795,9 +860,8 @@ class CG:
                 host = every == 1  # the batch is the active instances again
                 limits = thresh2.reshape(-1).tolist() if host else []
         if iters is None:  # the host checked every iteration, every instance active
-            iters = torch.full((index.numel(),), verified, dtype=torch.long, device=rr.device)
-        else:
-            iters = iters + verified
+            return state.uniform(x, rr, verified, matvecs, _cg_tridiagonal)
+        iters = iters + verified
         if chunk:
             iters = iters + self._validate(state, index, k)
         state.record(index, x, rr.sqrt(), iters)
@@ -814,11 +878,11 @@ class CG:
         if not all(map(math.isfinite, values)):
             check_finite("right-hand side b", b)  # else ‖r‖² overflowed: the tensor path
             return None
-        info = torch.finfo(b.dtype)
+        tiny, eps = _float_info(b.dtype)
         if self.fixed_iterations:
-            limit = info.tiny / info.eps
+            limit = tiny / eps
             return [limit] * len(values) if all(v > limit for v in values) else None
-        shrink = 1.0 - 4 * info.eps
+        shrink = 1.0 - 4 * eps
         if isinstance(tol, Tensor):
             tol2 = [t * t * shrink for t in tol.tolist()]
         else:
@@ -826,7 +890,7 @@ class CG:
         if not all(v > t for v, t in zip(values, tol2)):
             return None  # an instance starts converged: masks from the start
         norms2 = values if from_zero else (b * b).reshape(len(values), -1).sum(1).tolist()
-        floor2 = info.eps * info.eps * shrink
+        floor2 = eps * eps * shrink
         return [max(t, floor2 * v) for t, v in zip(tol2, norms2)]
 
     @staticmethod
@@ -912,7 +976,7 @@ class MINRES:
         else:
             thresh = torch.maximum(tol_c, eps * _norm(b).reshape(n, 1))
             active = beta > tol_c
-        every = _every(self.check_every, b.device)
+        every = _every(self.check_every, b)
         index, x = state.index, state.out
         n_active = int(active.sum())
         if 0 < n_active and 2 * n_active <= n:

@@ -218,11 +218,11 @@ class HessianOperator:
         self.x_full = x.detach()
         n = x.shape[0]
         self.full_index = instance_index(n, x.device) if index is None else index.to(x.device)
+        self._cost = lower.cost
         if graph is None:
             self._build(self.full_index, self.x_full)
         else:
-            self._index, (self._x, self._g) = self.full_index, graph
-            self._known = self.full_index
+            self._set(self.full_index, *graph)
         self._full = (self._index, self._x, self._g)
 
     def _build(self, index: Tensor, x: Tensor) -> None:
@@ -232,8 +232,15 @@ class HessianOperator:
             energy = lower.problem.energy(xr, index_batch(lower.batch, index))
             (g,) = backward(energy.sum(), (xr,), create_graph=True)
         lower.cost.grad_evals += x.shape[0]
-        self._index, self._x, self._g = index, xr, g
+        self._set(index, xr, g)
+
+    def _set(self, index: Tensor, x: Tensor, g: Tensor) -> None:
+        """The current graph: ∇ₓh ``g`` of the instances ``index`` at the leaf ``x``; its
+        shape, and whether a product may go to autograd's engine directly (plain tensors)."""
+        self._index, self._x, self._g = index, x, g
         self._known: Tensor | None = index
+        self._shape, self._rows = g.shape, g.shape[0]
+        self._direct = _engine_run_backward is not None and type(g) is Tensor
 
     @property
     def gradient(self) -> Tensor:
@@ -248,14 +255,8 @@ class HessianOperator:
         product costs no host synchronisation; it then goes to autograd's engine directly (a
         Krylov solver's inner loop: no further argument handling, see :func:`backward`).
         """
-        if (
-            index is self._known
-            and _engine_run_backward is not None
-            and type(v) is Tensor
-            and v.shape == self._g.shape
-            and type(self._g) is Tensor
-        ):
-            self.lower.cost.hvps += v.shape[0]
+        if index is self._known and self._direct and type(v) is Tensor and v.shape == self._shape:
+            self._cost.hvps += self._rows
             return _engine_run_backward(
                 (self._g,), (v,), True, False, (self._x,), False, accumulate_grad=False
             )[0]
@@ -279,7 +280,7 @@ class HessianOperator:
 
     def full_matvec(self, v: Tensor) -> Tensor:
         """H v for all instances, on the full graph."""
-        self._index, self._x, self._g = self._full
+        self._set(*self._full)
         self._known = None
         return self._hvp(v)
 

@@ -13,13 +13,21 @@ Costs are counted per instance: an evaluation on a batch of ``b`` active instanc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.overrides import has_torch_function
 
 from bilevel.linear import instance_index
-from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError, index_batch
+from bilevel.problem import (
+    Batch,
+    BilevelError,
+    BilevelProblem,
+    NonFiniteError,
+    _checked,
+    index_batch,
+)
 
 try:  # the engine entry point behind torch.autograd.grad
     from torch.autograd.graph import _engine_run_backward
@@ -113,6 +121,18 @@ def backward(
     )
 
 
+def _detached(theta: Any) -> Any:
+    """θ with its tensors detached when it is a tensor or a plain list, tuple or dict of
+    them (the same container type); anything else (a module, other containers) unchanged."""
+    if isinstance(theta, Tensor):
+        return theta.detach()
+    if type(theta) is dict:
+        return {k: _detached(v) for k, v in theta.items()}
+    if type(theta) in (list, tuple):
+        return type(theta)(_detached(v) for v in theta)
+    return theta
+
+
 def batch_norm(v: Tensor) -> Tensor:
     """Per-instance Euclidean norm of a (B, ...) tensor, shape (B,)."""
     return torch.linalg.vector_norm(v if v.dim() == 2 else v.reshape(v.shape[0], -1), dim=1)
@@ -141,6 +161,7 @@ class LowerLevel:
     cost: Cost = field(default_factory=Cost)
     _selected: tuple[Tensor | None, Batch] = field(default=(None, None), init=False, repr=False)
     _graph: list | None = field(default=None, init=False, repr=False)
+    _constant: Any = field(default=None, init=False, repr=False)
 
     def select(self, index: Tensor | None) -> Batch:
         """``batch`` restricted to ``index`` (the last selection is kept: solvers pass the same
@@ -177,11 +198,22 @@ class LowerLevel:
 
     def _value_and_grad(self, x: Tensor, index: Tensor | None, keep: bool) -> tuple[Tensor, Tensor]:
         xr = x.detach().requires_grad_(True)
-        energy = self.problem.energy(xr, self.select(index))
+        if keep:  # the graph is kept for the Hessian and the mixed products: θ in it
+            energy = self.problem.energy(xr, self.select(index))
+        else:  # ∇ₓh only: θ as a constant, so that no graph is recorded for its terms
+            value = self.problem.lower_energy(xr, self._theta_constant(), self.select(index))
+            energy = _checked("lower_energy", value, x.shape[0])
         (grad,) = backward(energy.sum(), (xr,), create_graph=keep)
         if keep and index is None:
             self._graph = [None, xr, grad]
         return energy, grad
+
+    def _theta_constant(self) -> Any:
+        """θ detached (sharing its storage) when it is a tensor or a sequence or dict of
+        tensors; an ``nn.Module`` as it is (its parameters cannot be swapped for constants)."""
+        if self._constant is None:
+            self._constant = _detached(self.problem.theta)
+        return self._constant
 
     def returns_kept(self, x: Tensor) -> None:
         """Declare that ``x`` (a copy) is the point of the kept graph (see ``value_and_grad``)."""

@@ -37,8 +37,10 @@ The library is also run with its compiled small-problem path (:mod:`bilevel.comp
 instances of ``--compiled`` (default: (a)).
 
 Times are medians over ``--repeats`` interleaved repeats (library, the minimal versions,
-compiled, JAX in turn), wall time and the process's CPU time (less disturbed by other
-processes on a loaded machine), one thread per stack by default; the compiled programs and
+compiled, JAX in turn, the order rotating; a call of under 50 ms right after an untimed call
+of the same function), wall time and CPU time (less disturbed by other processes on a loaded
+machine: of the calling thread for PyTorch, of the process for JAX, which computes in its own
+threads), one thread per stack by default; the compiled programs and
 JAX compile once before the repeats (compile time + first run printed).
 Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--cases abc]
 [--dtypes float32,float64] [--rows-c 200000] [--compiled a]
@@ -299,12 +301,19 @@ def jax_functions(inst: dict, k: int, m: int):
 # --- measurement ----------------------------------------------------------------------------
 
 
-def timed(fn, *args) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the process: all its threads, as XLA computes in its
-    own) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
+ALL = ("library", "minimal", "engine", "compiled", "jax")
+WARM_BELOW = 0.05
+"""Seconds of CPU time below which a timed call is preceded by an untimed one."""
+
+
+def timed(fn, *args, clock=time.thread_time) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one call: CPU time of the calling thread, where PyTorch
+    computes with one thread (autograd's engine runs CPU graphs on the caller), or with
+    ``clock=time.process_time`` of the whole process (JAX: XLA computes in its own threads,
+    and idle threads of a loaded process would otherwise add their noise to every side)."""
+    wall, cpu = time.perf_counter(), clock()
     fn(*args)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - wall, clock() - cpu
 
 
 def measure(
@@ -354,10 +363,23 @@ def measure(
         sides["lower"].append(("jax", jx[0], ()))
         sides["hyper"].append(("jax", jx[1], (w_lib,)))
     times = {(task, side): [] for task, entries in sides.items() for side, _, _ in entries}
-    for _ in range(repeats):
+    # a call of under WARM_BELOW seconds is timed right after an untimed call of the same
+    # function, so that it finds warm caches whatever ran before it (a few milliseconds of
+    # small operations are otherwise timed partly on the previous side's cache state); the
+    # order of the sides rotates from one repeat to the next
+    clock = {side: time.process_time if side == "jax" else time.thread_time for side in ALL}
+    short = {
+        (task, side): timed(fn, *args, clock=clock[side])[1] < WARM_BELOW
+        for task, entries in sides.items()
+        for side, fn, args in entries
+    }
+    for r in range(repeats):
         for task, entries in sides.items():
-            for side, fn, args in entries:
-                times[task, side].append(timed(fn, *args))
+            turn = r % len(entries)
+            for side, fn, args in entries[turn:] + entries[:turn]:
+                if short[task, side]:
+                    fn(*args)
+                times[task, side].append(timed(fn, *args, clock=clock[side]))
     med = {
         key: tuple(statistics.median(t[i] for t in v) for i in range(2)) for key, v in times.items()
     }
@@ -387,7 +409,10 @@ def main() -> None:
             "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} repeats")
-    print("medians of wall time (CPU time of the process in brackets); ratios likewise")
+    print(
+        "medians of wall time (CPU time in brackets: of the calling thread, of the process for"
+        " JAX); ratios likewise"
+    )
     print("minimal: torch.autograd.grad; engine: the minimal code calling autograd's engine")
     # K lower steps and M CG iterations per instance
     plan = {"a": (1000, 30), "b": (100, 30), "c": (30, 10)}

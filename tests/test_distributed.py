@@ -264,12 +264,13 @@ def test_combine_all_is_the_separate_combinations_in_one_all_reduce(two_ranks):
 
 def test_sid_synchronises_once_per_inner_iteration(two_ranks):
     # 3 steps of t = k = 15 (SVRG anchors every 5 iterations, fused with a step's minibatch
-    # gradients): per step t + k all-reduces, one for the exact upper terms, one for stage 3
-    # and the oracle counts, and the broadcast of rank 0's budget decision; the start of the
-    # run (rank 0's checkpoint) and its end add one each. Separate all-reduces made 54 per step.
+    # gradients; the exact upper terms fused with stage 2's first products): per step t + k
+    # all-reduces, one for stage 3 and the oracle counts, and the broadcast of rank 0's budget
+    # decision; the start of the run (rank 0's checkpoint) and its end add one each. Separate
+    # all-reduces made 54 per step.
     _, ranks = two_ranks
     for r in ranks:
-        assert r["sid_collectives"] == 3 * (15 + 15 + 3) + 2
+        assert r["sid_collectives"] == 3 * (15 + 15 + 2) + 2
 
 
 def test_sid_ranks_draw_own_streams_and_agree_on_theta(two_ranks):

@@ -109,7 +109,7 @@ def _ridge_model():
     return ridge_model(X[:60], y[:60], X[60:], y[60:], 0.0)
 
 
-def _sid_run(steps: int, minibatch: bool):
+def _sid_run(steps: int, minibatch: bool, adjoint_steps: int = 30):
     model = _ridge_model()
     eta = 1.0 / model.smoothness()
     if minibatch:
@@ -125,7 +125,7 @@ def _sid_run(steps: int, minibatch: bool):
     else:  # full batches and unit steps: deterministic AID-FP, whatever the sampling
         sid = SID(
             lower_solver=StochasticFixedPoint.constant(1.0, 30),
-            linear_solver=StochasticLinearFixedPoint.constant(1.0, 30),
+            linear_solver=StochasticLinearFixedPoint.constant(1.0, adjoint_steps),
             step=eta,
             lower_batch=None,
             linear_batch=None,
@@ -177,6 +177,7 @@ def _scenarios(rank: int, world: int, port: int, out: str) -> None:
     isgd = _isgd(6, run_dir=Path(out) / "isgd")
     maid = _maid(4)
     sid_full, _ = _sid_run(3, minibatch=False)
+    sid_k0, _ = _sid_run(2, minibatch=False, adjoint_steps=0)
     with _Collectives() as sid_collectives:
         sid_mini, sid_state = _sid_run(3, minibatch=True)
     from_one = _isgd(6, run_dir=Path(out) / "one", resume=True)  # a 3-step single-process run
@@ -188,6 +189,7 @@ def _scenarios(rank: int, world: int, port: int, out: str) -> None:
             "maid": maid.theta[0],
             "maid_accepted": [r["accepted"] for r in maid.records],
             "sid_full": sid_full.theta[0],
+            "sid_k0_loss": [r["upper_loss"] for r in sid_k0.records],
             "sid_mini": sid_mini.theta[0],
             "sid_seed": sid_state.samplers.lower.seed,
             "from_one": from_one.theta[0],
@@ -221,6 +223,8 @@ def _single(name: str, steps: int):
         return _isgd(steps)
     if name == "maid":
         return _maid(steps)
+    if name == "sid_k0":
+        return _sid_run(steps, minibatch=False, adjoint_steps=0)[0]
     return _sid_run(steps, minibatch=name == "sid_mini")[0]
 
 
@@ -248,6 +252,10 @@ def test_two_processes_follow_the_single_process_trajectory(two_ranks):
     for r in ranks:
         assert _close(r["maid"], maid.theta[0]) <= 1e-5
         assert _close(r["sid_full"], sid_full.theta[0]) <= 1e-5
+    # no adjoint iteration (k = 0): the exact upper terms are combined with stage 3's products
+    sid_k0 = [x["upper_loss"] for x in _single("sid_k0", 2).records]
+    for r in ranks:
+        assert r["sid_k0_loss"] == pytest.approx(sid_k0, rel=1e-10)
 
 
 def test_combine_all_is_the_separate_combinations_in_one_all_reduce(two_ranks):

@@ -61,8 +61,9 @@ def _free_port() -> int:
 
 
 class _Counter:
-    """Counts the collectives of this process and the seconds spent in them (waiting for the
-    other processes included), by wrapping torch.distributed's functions."""
+    """Counts the collectives of this process (by wrapping torch.distributed's functions) and
+    the seconds spent in them, waiting for the other processes included (by wrapping
+    :meth:`bilevel.distributed.Shard._collective`, which also waits for their completion)."""
 
     def __init__(self) -> None:
         self.messages = 0
@@ -70,6 +71,16 @@ class _Counter:
         self.seconds = 0.0
         for name in ("all_reduce", "broadcast"):
             self._wrap(name)
+        collective = distributed.Shard._collective
+
+        def timed(shard: distributed.Shard, what: str, fn: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return collective(shard, what, fn)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        distributed.Shard._collective = timed  # type: ignore[method-assign]
 
     def _wrap(self, name: str) -> None:
         original = getattr(dist, name)
@@ -77,11 +88,7 @@ class _Counter:
         def wrapped(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.messages += 1
             self.bytes += t.numel() * t.element_size()
-            start = time.perf_counter()
-            try:
-                return original(t, *args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
+            return original(t, *args, **kwargs)
 
         setattr(dist, name, wrapped)
 

@@ -25,6 +25,7 @@ from bilevel import distributed
 from bilevel.learning.models import _rows, ridge_model
 from bilevel.methods import ISGD, MAID, TensorSamples
 from bilevel.methods.testing import quadratic_finite_sum
+from bilevel.problem import BilevelError
 from bilevel.stochastic import (
     SID,
     StochasticFixedPoint,
@@ -256,6 +257,20 @@ def test_two_processes_follow_the_single_process_trajectory(two_ranks):
     sid_k0 = [x["upper_loss"] for x in _single("sid_k0", 2).records]
     for r in ranks:
         assert r["sid_k0_loss"] == pytest.approx(sid_k0, rel=1e-10)
+
+
+def test_poll_seconds_from_the_environment(monkeypatch):
+    monkeypatch.delenv(distributed.POLL_VARIABLE, raising=False)
+    assert distributed._poll("gloo") == distributed.DEFAULT_POLL > 0
+    assert distributed._poll("nccl") == 0.0
+    monkeypatch.setenv(distributed.POLL_VARIABLE, "0")
+    assert distributed._poll("gloo") == 0.0
+    monkeypatch.setenv(distributed.POLL_VARIABLE, "0.01")
+    assert distributed._poll("nccl") == 0.01
+    for bad in ("soon", "-1", "inf"):
+        monkeypatch.setenv(distributed.POLL_VARIABLE, bad)
+        with pytest.raises(BilevelError, match=distributed.POLL_VARIABLE):
+            distributed._poll("gloo")
 
 
 def test_combine_all_is_the_separate_combinations_in_one_all_reduce(two_ranks):

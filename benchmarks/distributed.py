@@ -26,7 +26,9 @@ benchmark's minibatch (the whole training set of B images, owned i mod N; a rand
 of a larger set is more uneven: E[max_r B_r]/(B/N), printed too), 1 for SID's blocks. Each
 process reports its CPU seconds: on a loaded machine T₁/(N·T_N) mixes the algorithm's overhead
 with the CPU time the processes did not get; the CPU efficiency (CPU seconds of one process
-over those of all N) and the share of T_N rank 0 spent in collectives separate the two.
+over those of all N) and the share of T_N rank 0 spent in collectives separate the two. The
+CPU seconds of the main threads alone (the algorithm's work, without the threads of gloo that
+carry the collectives) show whether the split itself repeats work on every process.
 
     OMP_NUM_THREADS=1 python benchmarks/distributed.py            # full sizes
     OMP_NUM_THREADS=1 python benchmarks/distributed.py --quick    # small, for a smoke test
@@ -59,8 +61,9 @@ def _free_port() -> int:
 
 
 class _Counter:
-    """Counts the collectives of this process and the seconds spent in them (waiting for the
-    other processes included), by wrapping torch.distributed's functions."""
+    """Counts the collectives of this process (by wrapping torch.distributed's functions) and
+    the seconds spent in them, waiting for the other processes included (by wrapping
+    :meth:`bilevel.distributed.Shard._collective`, which also waits for their completion)."""
 
     def __init__(self) -> None:
         self.messages = 0
@@ -68,6 +71,16 @@ class _Counter:
         self.seconds = 0.0
         for name in ("all_reduce", "broadcast"):
             self._wrap(name)
+        collective = distributed.Shard._collective
+
+        def timed(shard: distributed.Shard, what: str, fn: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return collective(shard, what, fn)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        distributed.Shard._collective = timed  # type: ignore[method-assign]
 
     def _wrap(self, name: str) -> None:
         original = getattr(dist, name)
@@ -75,11 +88,7 @@ class _Counter:
         def wrapped(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.messages += 1
             self.bytes += t.numel() * t.element_size()
-            start = time.perf_counter()
-            try:
-                return original(t, *args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
+            return original(t, *args, **kwargs)
 
         setattr(dist, name, wrapped)
 
@@ -137,15 +146,15 @@ def _worker(rank: int, world: int, port: int, case: str, cfg: dict[str, Any], ou
     shard = distributed.current()
     if shard is not None:
         dist.barrier()
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, main = time.perf_counter(), time.process_time(), time.thread_time()
     method.run(problem, samples, {"steps": cfg["steps"]}, progress=False, plot=False)
-    cpu = time.process_time() - cpu
+    cpu, main = time.process_time() - cpu, time.thread_time() - main
     if shard is not None:
         dist.barrier()
     total = time.perf_counter() - start
     if shard is not None:  # CPU seconds of all processes
-        (cpu,) = shard.sum_floats([cpu])
-    result = {"seconds": total, "cpu": cpu}
+        cpu, main = shard.sum_floats([cpu, main])
+    result = {"seconds": total, "cpu": cpu, "main": main}
     if counter is not None:
         result.update(messages=counter.messages, bytes=counter.bytes, waiting=counter.seconds)
         result.update(_latency_bandwidth())
@@ -241,6 +250,7 @@ def main() -> None:
         load_before = os.getloadavg()
         times: dict[int, list[float]] = {1: [], 2: []}
         cpus: dict[int, list[float]] = {1: [], 2: []}
+        mains: dict[int, list[float]] = {1: [], 2: []}
         comm: dict[str, float] = {}
         waiting: list[float] = []
         for _ in range(args.repeats):  # interleaved: the load of the machine hits both alike
@@ -248,6 +258,7 @@ def main() -> None:
                 r = _run(case, world, cfg)
                 times[world].append(r["seconds"])
                 cpus[world].append(r["cpu"])
+                mains[world].append(r["main"])
                 if world == 2:
                     comm = r
                     waiting.append(r["waiting"] / r["seconds"])
@@ -269,6 +280,11 @@ def main() -> None:
             f"  CPU seconds: one process {c1:.2f}, two together {c2:.2f}: CPU efficiency "
             f"{c1 / c2:.3f}; CPU share of the wall time: {c1 / t1:.2f} (one), "
             f"{c2 / (2 * t2):.2f} (each of two)"
+        )
+        m1, m2 = statistics.median(mains[1]), statistics.median(mains[2])
+        print(
+            f"  of which the main threads (the algorithm; the rest is the collectives' threads): "
+            f"one process {m1:.2f}, two together {m2:.2f}: {m1 / m2:.3f}"
         )
         compute, fixed = c1 / steps, min(max(c2 - c1, 0.0), c1) / steps
         print(

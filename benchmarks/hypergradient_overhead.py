@@ -37,8 +37,10 @@ The library is also run with its compiled small-problem path (:mod:`bilevel.comp
 instances of ``--compiled`` (default: (a)).
 
 Times are medians over ``--repeats`` interleaved repeats (library, the minimal versions,
-compiled, JAX in turn), wall time and the process's CPU time (less disturbed by other
-processes on a loaded machine), one thread per stack by default; the compiled programs and
+compiled, JAX in turn, the order rotating; a call of under 50 ms right after an untimed call
+of the same function), wall time and CPU time (less disturbed by other processes on a loaded
+machine: of the calling thread for PyTorch, of the process for JAX, which computes in its own
+threads), one thread per stack by default; the compiled programs and
 JAX compile once before the repeats (compile time + first run printed).
 Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--cases abc]
 [--dtypes float32,float64] [--rows-c 200000] [--compiled a]
@@ -54,13 +56,17 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import _engine_run_backward
 
 from bilevel import CG, BilevelProblem, Implicit, Nesterov
+from bilevel.autodiff import LowerLevel
 from bilevel.lower import CHECK_EVERY, next_check
 
 
 def instance(name: str, dtype: torch.dtype, rows_c: int) -> dict:
-    """Training/validation data, θ, the Lipschitz bound L and μ of one instance."""
+    """Training/validation data, θ, the Lipschitz bound L and μ of one instance; its energies
+    h, f, θ as a leaf requiring gradients and the library's problem, built once (as a
+    training loop builds them), so that the timed calls do only per-call work."""
     gen = torch.Generator().manual_seed(0)
     if name == "a":
         from sklearn.datasets import load_breast_cancer
@@ -79,7 +85,7 @@ def instance(name: str, dtype: torch.dtype, rows_c: int) -> dict:
     d = x.shape[1]
     theta0 = -2.0
     lip = 0.25 * float(torch.linalg.matrix_norm(x[:n_train], ord=2)) ** 2 / n_train
-    return {
+    inst = {
         "x_tr": x[:n_train].to(dtype).contiguous(),
         "y_tr": y[:n_train].to(dtype),
         "x_va": x[n_train:].to(dtype).contiguous(),
@@ -88,6 +94,10 @@ def instance(name: str, dtype: torch.dtype, rows_c: int) -> dict:
         "lip": lip + math.exp(theta0),
         "mu": math.exp(theta0),
     }
+    inst["h"], inst["f"] = h, f = energies(inst)
+    inst["leaf"] = theta = inst["theta"].clone().requires_grad_(True)
+    inst["problem"] = BilevelProblem(h, f, theta, mu=inst["mu"], lipschitz=inst["lip"])
+    return inst
 
 
 def energies(inst: dict):
@@ -108,13 +118,9 @@ def energies(inst: dict):
 
 
 def library_lower(inst: dict, k: int) -> torch.Tensor:
-    h, f = energies(inst)
-    theta = inst["theta"].clone().requires_grad_(True)
-    problem = BilevelProblem(h, f, theta, mu=inst["mu"], lipschitz=inst["lip"])
+    theta = inst["leaf"]
     w0 = torch.zeros(1, theta.shape[0], dtype=theta.dtype)
-    from bilevel.autodiff import LowerLevel
-
-    lower = LowerLevel(problem, None)
+    lower = LowerLevel(inst["problem"], None)
     sol = Nesterov(max_iter=k).solve(lower, w0, 0.0, inst["mu"])
     return sol.x
 
@@ -124,16 +130,15 @@ def library_hypergradient(inst: dict, w: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def _library_hypergradient(inst: dict, w: torch.Tensor, m: int):
-    h, f = energies(inst)
-    theta = inst["theta"].clone().requires_grad_(True)
-    problem = BilevelProblem(h, f, theta, mu=inst["mu"], lipschitz=inst["lip"])
-    est = Implicit(
-        CG(max_iter=m, fixed_iterations=True),
-        lower_solver=Nesterov(max_iter=0),
-        compute_bound=False,
-        warn_unconverged=False,
-    )
-    return est(problem, None, w, lower_tol=math.inf, adjoint_tol=0.0)
+    est = inst.get(("estimator", m))
+    if est is None:  # one estimator per M, built once (configuration, as in a training loop)
+        est = inst["estimator", m] = Implicit(
+            CG(max_iter=m, fixed_iterations=True),
+            lower_solver=Nesterov(max_iter=0),
+            compute_bound=False,
+            warn_unconverged=False,
+        )
+    return est(inst["problem"], None, w, lower_tol=math.inf, adjoint_tol=0.0)
 
 
 # --- the library's compiled path (bilevel.compiled) -------------------------------------------
@@ -175,9 +180,7 @@ def plain_grad(out, inputs, grad_out=None, retain_graph=None, create_graph=False
 
 def engine_grad(out, inputs, grad_out=None, retain_graph=None, create_graph=False):
     """The same backward pass by autograd's engine entry point, without the argument handling
-    of ``torch.autograd.grad``."""
-    from torch.autograd.graph import _engine_run_backward
-
+    of ``torch.autograd.grad`` (imported once, not at every call)."""
     grad_out = torch.ones_like(out) if grad_out is None else grad_out
     retain_graph = create_graph if retain_graph is None else retain_graph
     return _engine_run_backward(
@@ -187,8 +190,7 @@ def engine_grad(out, inputs, grad_out=None, retain_graph=None, create_graph=Fals
 
 def minimal_lower(inst: dict, k: int, grad=plain_grad) -> torch.Tensor:
     """K Nesterov steps with plain autograd gradients; the same stopping tests."""
-    h, _ = energies(inst)
-    th = inst["theta"]
+    h, th = inst["h"], inst["theta"]
     lip, mu = inst["lip"], inst["mu"]
     beta = (math.sqrt(lip) - math.sqrt(mu)) / (math.sqrt(lip) + math.sqrt(mu))
     y = torch.zeros(1, th.shape[0], dtype=th.dtype)
@@ -214,8 +216,7 @@ def minimal_lower(inst: dict, k: int, grad=plain_grad) -> torch.Tensor:
 
 def minimal_hypergradient(inst: dict, w: torch.Tensor, m: int, grad=plain_grad) -> torch.Tensor:
     """One first-derivative graph, M CG iterations by autograd HVPs, one VJP."""
-    h, f = energies(inst)
-    th = inst["theta"].clone().requires_grad_(True)
+    h, f, th = inst["h"], inst["f"], inst["leaf"]
     x = w.detach().requires_grad_(True)
     with torch.enable_grad():
         (g,) = grad(h(x, th, None).sum(), (x,), create_graph=True)
@@ -300,12 +301,19 @@ def jax_functions(inst: dict, k: int, m: int):
 # --- measurement ----------------------------------------------------------------------------
 
 
-def timed(fn, *args) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the process: all its threads, as XLA computes in its
-    own) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
+ALL = ("library", "minimal", "engine", "compiled", "jax")
+WARM_BELOW = 0.05
+"""Seconds of CPU time below which a timed call is preceded by an untimed one."""
+
+
+def timed(fn, *args, clock=time.thread_time) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one call: CPU time of the calling thread, where PyTorch
+    computes with one thread (autograd's engine runs CPU graphs on the caller), or with
+    ``clock=time.process_time`` of the whole process (JAX: XLA computes in its own threads,
+    and idle threads of a loaded process would otherwise add their noise to every side)."""
+    wall, cpu = time.perf_counter(), clock()
     fn(*args)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - wall, clock() - cpu
 
 
 def measure(
@@ -355,10 +363,23 @@ def measure(
         sides["lower"].append(("jax", jx[0], ()))
         sides["hyper"].append(("jax", jx[1], (w_lib,)))
     times = {(task, side): [] for task, entries in sides.items() for side, _, _ in entries}
-    for _ in range(repeats):
+    # a call of under WARM_BELOW seconds is timed right after an untimed call of the same
+    # function, so that it finds warm caches whatever ran before it (a few milliseconds of
+    # small operations are otherwise timed partly on the previous side's cache state); the
+    # order of the sides rotates from one repeat to the next
+    clock = {side: time.process_time if side == "jax" else time.thread_time for side in ALL}
+    short = {
+        (task, side): timed(fn, *args, clock=clock[side])[1] < WARM_BELOW
+        for task, entries in sides.items()
+        for side, fn, args in entries
+    }
+    for r in range(repeats):
         for task, entries in sides.items():
-            for side, fn, args in entries:
-                times[task, side].append(timed(fn, *args))
+            turn = r % len(entries)
+            for side, fn, args in entries[turn:] + entries[:turn]:
+                if short[task, side]:
+                    fn(*args)
+                times[task, side].append(timed(fn, *args, clock=clock[side]))
     med = {
         key: tuple(statistics.median(t[i] for t in v) for i in range(2)) for key, v in times.items()
     }
@@ -388,7 +409,10 @@ def main() -> None:
             "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} repeats")
-    print("medians of wall time (CPU time of the process in brackets); ratios likewise")
+    print(
+        "medians of wall time (CPU time in brackets: of the calling thread, of the process for"
+        " JAX); ratios likewise"
+    )
     print("minimal: torch.autograd.grad; engine: the minimal code calling autograd's engine")
     # K lower steps and M CG iterations per instance
     plan = {"a": (1000, 30), "b": (100, 30), "c": (30, 10)}

@@ -67,3 +67,26 @@ def test_backward_tensor_subclass_takes_autograd_grad():
     torch.testing.assert_close(
         grad.as_subclass(torch.Tensor), 2 * x.detach().as_subclass(torch.Tensor)
     )
+
+
+def test_gradient_evaluations_treat_a_tensor_theta_as_a_constant():
+    """∇ₓh without a kept graph evaluates h with θ detached (no graph for θ's terms): the
+    same energies and gradients; the kept evaluation (Hessian, mixed products) keeps θ."""
+    from bilevel import BilevelProblem
+    from bilevel.autodiff import LowerLevel
+
+    seen = []
+
+    def h(x, th, _):
+        seen.append(th[0].requires_grad)
+        return 0.5 * (torch.exp(th[0]) * x * x).sum(1) + (th[1] * x).sum(1)
+
+    theta = [torch.zeros(3, dtype=torch.float64, requires_grad=True)] * 2
+    problem = BilevelProblem(h, h, theta, mu=1.0)
+    lower = LowerLevel(problem, None)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    energy, grad = lower.value_and_grad(x)
+    kept_energy, kept_grad = lower.value_and_grad(x, keep=True)
+    assert seen == [False, True]
+    assert torch.equal(energy, kept_energy) and torch.equal(grad, kept_grad)
+    assert torch.allclose(grad, x)  # e^0 x + 0

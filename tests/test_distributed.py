@@ -25,6 +25,7 @@ from bilevel import distributed
 from bilevel.learning.models import _rows, ridge_model
 from bilevel.methods import ISGD, MAID, TensorSamples
 from bilevel.methods.testing import quadratic_finite_sum
+from bilevel.problem import BilevelError
 from bilevel.stochastic import (
     SID,
     StochasticFixedPoint,
@@ -109,7 +110,7 @@ def _ridge_model():
     return ridge_model(X[:60], y[:60], X[60:], y[60:], 0.0)
 
 
-def _sid_run(steps: int, minibatch: bool):
+def _sid_run(steps: int, minibatch: bool, adjoint_steps: int = 30):
     model = _ridge_model()
     eta = 1.0 / model.smoothness()
     if minibatch:
@@ -125,7 +126,7 @@ def _sid_run(steps: int, minibatch: bool):
     else:  # full batches and unit steps: deterministic AID-FP, whatever the sampling
         sid = SID(
             lower_solver=StochasticFixedPoint.constant(1.0, 30),
-            linear_solver=StochasticLinearFixedPoint.constant(1.0, 30),
+            linear_solver=StochasticLinearFixedPoint.constant(1.0, adjoint_steps),
             step=eta,
             lower_batch=None,
             linear_batch=None,
@@ -177,6 +178,7 @@ def _scenarios(rank: int, world: int, port: int, out: str) -> None:
     isgd = _isgd(6, run_dir=Path(out) / "isgd")
     maid = _maid(4)
     sid_full, _ = _sid_run(3, minibatch=False)
+    sid_k0, _ = _sid_run(2, minibatch=False, adjoint_steps=0)
     with _Collectives() as sid_collectives:
         sid_mini, sid_state = _sid_run(3, minibatch=True)
     from_one = _isgd(6, run_dir=Path(out) / "one", resume=True)  # a 3-step single-process run
@@ -188,6 +190,7 @@ def _scenarios(rank: int, world: int, port: int, out: str) -> None:
             "maid": maid.theta[0],
             "maid_accepted": [r["accepted"] for r in maid.records],
             "sid_full": sid_full.theta[0],
+            "sid_k0_loss": [r["upper_loss"] for r in sid_k0.records],
             "sid_mini": sid_mini.theta[0],
             "sid_seed": sid_state.samplers.lower.seed,
             "from_one": from_one.theta[0],
@@ -221,6 +224,8 @@ def _single(name: str, steps: int):
         return _isgd(steps)
     if name == "maid":
         return _maid(steps)
+    if name == "sid_k0":
+        return _sid_run(steps, minibatch=False, adjoint_steps=0)[0]
     return _sid_run(steps, minibatch=name == "sid_mini")[0]
 
 
@@ -248,6 +253,24 @@ def test_two_processes_follow_the_single_process_trajectory(two_ranks):
     for r in ranks:
         assert _close(r["maid"], maid.theta[0]) <= 1e-5
         assert _close(r["sid_full"], sid_full.theta[0]) <= 1e-5
+    # no adjoint iteration (k = 0): the exact upper terms are combined with stage 3's products
+    sid_k0 = [x["upper_loss"] for x in _single("sid_k0", 2).records]
+    for r in ranks:
+        assert r["sid_k0_loss"] == pytest.approx(sid_k0, rel=1e-10)
+
+
+def test_poll_seconds_from_the_environment(monkeypatch):
+    monkeypatch.delenv(distributed.POLL_VARIABLE, raising=False)
+    assert distributed._poll("gloo") == distributed.DEFAULT_POLL > 0
+    assert distributed._poll("nccl") == 0.0
+    monkeypatch.setenv(distributed.POLL_VARIABLE, "0")
+    assert distributed._poll("gloo") == 0.0
+    monkeypatch.setenv(distributed.POLL_VARIABLE, "0.01")
+    assert distributed._poll("nccl") == 0.01
+    for bad in ("soon", "-1", "inf"):
+        monkeypatch.setenv(distributed.POLL_VARIABLE, bad)
+        with pytest.raises(BilevelError, match=distributed.POLL_VARIABLE):
+            distributed._poll("gloo")
 
 
 def test_combine_all_is_the_separate_combinations_in_one_all_reduce(two_ranks):
@@ -264,12 +287,13 @@ def test_combine_all_is_the_separate_combinations_in_one_all_reduce(two_ranks):
 
 def test_sid_synchronises_once_per_inner_iteration(two_ranks):
     # 3 steps of t = k = 15 (SVRG anchors every 5 iterations, fused with a step's minibatch
-    # gradients): per step t + k all-reduces, one for the exact upper terms, one for stage 3
-    # and the oracle counts, and the broadcast of rank 0's budget decision; the start of the
-    # run (rank 0's checkpoint) and its end add one each. Separate all-reduces made 54 per step.
+    # gradients; the exact upper terms fused with stage 2's first products): per step t + k
+    # all-reduces, one for stage 3 and the oracle counts, and the broadcast of rank 0's budget
+    # decision; the start of the run (rank 0's checkpoint) and its end add one each. Separate
+    # all-reduces made 54 per step.
     _, ranks = two_ranks
     for r in ranks:
-        assert r["sid_collectives"] == 3 * (15 + 15 + 3) + 2
+        assert r["sid_collectives"] == 3 * (15 + 15 + 2) + 2
 
 
 def test_sid_ranks_draw_own_streams_and_agree_on_theta(two_ranks):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -172,3 +173,27 @@ def test_cuda_solver_loops_sync_once_per_check() -> None:
         device_syncs(Nesterov(max_iter=k).solve, lower, x0, 0.0, 6e-6) for k in (200, 600)
     )
     assert long - short <= 2 * math.ceil(400 / 10) + 2, (short, long)
+
+
+def test_fixed_work_hypergradient_reads_the_host_a_fixed_number_of_times() -> None:
+    """The hypergradient at a given point (lower solve stopping at once, M CG iterations on
+    one instance): a handful of reads outside the loop (finiteness of x, θ and z, the
+    certificate, CG's start) and the two scalars ‖r‖², α per CG iteration on the CPU."""
+    from bilevel import Implicit
+
+    lower, x0 = logistic_lower()
+    problem = lower.problem
+    counts = {}
+    for m in (0, 4, 12):
+        est = Implicit(
+            CG(max_iter=m, fixed_iterations=True),
+            lower_solver=Nesterov(max_iter=0),
+            compute_bound=False,
+            warn_unconverged=False,
+        )
+        call = partial(est, problem, None, x0[:1], lower_tol=math.inf, adjoint_tol=0.0)
+        counts[m] = count_syncs(call)
+        hg = call()
+        assert int(hg.linear.iterations[0]) == m
+    assert counts[0] <= 5, counts
+    assert counts[12] - counts[4] == 2 * 8, counts

@@ -440,3 +440,40 @@ def test_runs_unchanged_on_cuda():
     hg = Implicit()(problem, batch, torch.zeros(3, 5, dtype=F64, device="cuda"), lower_tol=1e-10)
     assert hg.grad[0].device.type == "cuda"
     assert torch.allclose(hg.grad[0].cpu(), expected, atol=1e-7)
+
+
+def test_hypergradient_given_w_reports_lazily_and_exactly():
+    """The fixed-work hypergradient at a given w (the lower solve stops at once, CG runs M
+    iterations): z against the dense reference with the same adjoint; loss, ε and δ, which
+    are computed when read, against their definitions; the report survives pickling."""
+    import pickle
+
+    problem, theta = logistic_setup()
+    w = Implicit(CG(max_iter=500))(
+        problem, None, torch.zeros(2, 5, dtype=F64), lower_tol=1e-12, adjoint_tol=1e-12
+    ).x
+    est = Implicit(
+        CG(max_iter=5, fixed_iterations=True),
+        lower_solver=Nesterov(max_iter=0),
+        compute_bound=False,
+        warn_unconverged=False,
+    )
+    hg = est(problem, None, w, lower_tol=math.inf, adjoint_tol=0.0)
+    assert hg.cost.grad_evals == 2 and hg.cost.hvps == 10 and hg.cost.vjps == 2
+    assert torch.equal(hg.linear.iterations, torch.full((2,), 5))
+    # the same z from the adjoint it reports: ∇_θ f̄ − (1/B) Σ Jᵢᵀ qᵢ (f does not depend on θ)
+    with torch.enable_grad():
+        x = w.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(problem.energy(x, None).sum(), x, create_graph=True)
+        (gf,) = torch.autograd.grad(problem.loss(x, None).sum(), x)
+        (jtq,) = torch.autograd.grad(g, theta, hg.adjoint, retain_graph=True)
+        hq = torch.autograd.grad(g, x, hg.adjoint)[0]
+    assert torch.allclose(hg.grad[0], -jtq / 2, rtol=1e-12, atol=0)
+    again = pickle.loads(pickle.dumps(hg))
+    for h in (hg, again):
+        assert h.loss == pytest.approx(float(problem.loss(w, None).mean()), rel=1e-15)
+        gnorm = torch.linalg.vector_norm(g.detach(), dim=1)
+        assert torch.allclose(h.eps, gnorm / problem.mu, rtol=1e-12)
+        true_delta = torch.linalg.vector_norm(hq - gf, dim=1)  # recursive ≈ true residual
+        assert torch.allclose(h.delta, true_delta, rtol=1e-6, atol=1e-12)
+        assert h.mu == problem.mu and not h.mu_estimated

@@ -514,3 +514,71 @@ def test_min_curvature_is_computed_on_access_and_survives_pickling() -> None:
     lam = torch.linalg.eigvalsh(h)[:, 0]
     assert torch.allclose(again.min_curvature, sol.min_curvature)
     assert torch.allclose(sol.min_curvature, lam, rtol=1e-8)  # full Krylov space: exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fixed_iterations_host_stop_at_underflow_matches_device_path(dtype) -> None:
+    """A single instance that reaches the underflow range stops there on the host (no masks)
+    and gives the result of the masked path that checks on the device every few iterations:
+    the same iteration count, solution, residual and Ritz value (to rounding)."""
+    h = spd_batch(1, 12, cond=10.0, seed=46, dtype=torch.float64)
+    b = torch.randn(1, 12, generator=_gen(47), dtype=torch.float64).to(dtype)
+    host = CG(max_iter=200, fixed_iterations=True).solve(CountingOperator(h), b, 0.0)
+    device = CG(max_iter=200, fixed_iterations=True, check_every=7).solve(
+        CountingOperator(h), b, 0.0
+    )
+    limit = torch.finfo(dtype).tiny / torch.finfo(dtype).eps
+    assert 12 <= int(host.iterations) < 200  # stopped at the underflow range, not max_iter
+    assert float(host.residual_norm) ** 2 <= limit * (1 + 1e-6)
+    assert torch.equal(host.iterations, device.iterations)
+    # the device path keeps multiplying the frozen instance until its next check
+    assert host.matvecs == int(host.iterations) <= device.matvecs
+    assert torch.equal(host.solution, device.solution)
+    assert torch.equal(host.residual_norm, device.residual_norm)
+    assert torch.allclose(host.min_curvature, device.min_curvature, rtol=1e-5)
+    assert torch.equal(host.krylov_steps, device.krylov_steps)
+    assert torch.equal(host.converged, device.converged)
+
+
+def test_lazy_report_fields_are_those_of_the_solution_and_survive_pickling() -> None:
+    """A whole batch solved on the host reports iterations, residuals, convergence and Krylov
+    steps when read; they equal the values recomputed from the solution, also after
+    pickling."""
+    import pickle
+
+    h = spd_batch(3, 8, cond=50.0, seed=48)
+    b = torch.randn(3, 8, generator=_gen(49), dtype=torch.float64)
+    sol = CG(max_iter=5, fixed_iterations=True).solve(CountingOperator(h), b, 1e-3)
+    again = pickle.loads(pickle.dumps(sol))
+    for s in (sol, again):
+        assert torch.equal(s.iterations, torch.full((3,), 5))
+        assert torch.equal(s.krylov_steps, torch.full((3,), 5))
+        assert torch.allclose(s.residual_norm, true_residual(h, s.solution, b), rtol=1e-8)
+        assert torch.equal(s.converged, s.residual_norm <= 1e-3)
+        assert s.min_curvature.shape == (3,) and bool((s.min_curvature > 0).all())
+
+
+def test_warm_start_names_a_non_finite_right_hand_side() -> None:
+    h = spd_batch(2, 4, cond=4.0, seed=50)
+    b = torch.randn(2, 4, generator=_gen(51), dtype=torch.float64)
+    b[1, 2] = math.nan
+    for x0 in (None, torch.zeros_like(b)):
+        with pytest.raises(NonFiniteError, match="right-hand side b"):
+            CG().solve(CountingOperator(h), b, 1e-8, x0=x0)
+
+
+def test_finiteness_by_one_sum_falls_back_when_the_sum_overflows() -> None:
+    """``all_finite`` reads one sum; finite entries whose sum overflows take the element-wise
+    test, so a huge finite right-hand side is not mistaken for a non-finite one."""
+    from bilevel.problem import all_finite
+
+    huge = torch.full((1, 3), 1e308, dtype=torch.float64)
+    assert all_finite(huge) and all_finite(huge.float().clamp(max=3e38))
+    for bad in (math.nan, math.inf, -math.inf):
+        t = huge.clone()
+        t[0, 1] = bad
+        assert not all_finite(t)
+    theta = torch.ones(3, requires_grad=True)
+    assert all_finite(theta) and not all_finite(theta * math.inf)
+    h = torch.eye(3, dtype=torch.float64).expand(1, 3, 3).clone()
+    CG(max_iter=3).solve(CountingOperator(h), huge, 1e290)  # no NonFiniteError

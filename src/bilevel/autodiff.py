@@ -13,12 +13,21 @@ Costs are counted per instance: an evaluation on a batch of ``b`` active instanc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.overrides import has_torch_function
 
-from bilevel.problem import Batch, BilevelError, BilevelProblem, NonFiniteError, index_batch
+from bilevel.linear import instance_index
+from bilevel.problem import (
+    Batch,
+    BilevelError,
+    BilevelProblem,
+    NonFiniteError,
+    _checked,
+    index_batch,
+)
 
 try:  # the engine entry point behind torch.autograd.grad
     from torch.autograd.graph import _engine_run_backward
@@ -112,9 +121,21 @@ def backward(
     )
 
 
+def _detached(theta: Any) -> Any:
+    """θ with its tensors detached when it is a tensor or a plain list, tuple or dict of
+    them (the same container type); anything else (a module, other containers) unchanged."""
+    if isinstance(theta, Tensor):
+        return theta.detach()
+    if type(theta) is dict:
+        return {k: _detached(v) for k, v in theta.items()}
+    if type(theta) in (list, tuple):
+        return type(theta)(_detached(v) for v in theta)
+    return theta
+
+
 def batch_norm(v: Tensor) -> Tensor:
     """Per-instance Euclidean norm of a (B, ...) tensor, shape (B,)."""
-    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1)
+    return torch.linalg.vector_norm(v if v.dim() == 2 else v.reshape(v.shape[0], -1), dim=1)
 
 
 def batch_dot(u: Tensor, v: Tensor) -> Tensor:
@@ -140,6 +161,7 @@ class LowerLevel:
     cost: Cost = field(default_factory=Cost)
     _selected: tuple[Tensor | None, Batch] = field(default=(None, None), init=False, repr=False)
     _graph: list | None = field(default=None, init=False, repr=False)
+    _constant: Any = field(default=None, init=False, repr=False)
 
     def select(self, index: Tensor | None) -> Batch:
         """``batch`` restricted to ``index`` (the last selection is kept: solvers pass the same
@@ -176,11 +198,22 @@ class LowerLevel:
 
     def _value_and_grad(self, x: Tensor, index: Tensor | None, keep: bool) -> tuple[Tensor, Tensor]:
         xr = x.detach().requires_grad_(True)
-        energy = self.problem.energy(xr, self.select(index))
+        if keep:  # the graph is kept for the Hessian and the mixed products: θ in it
+            energy = self.problem.energy(xr, self.select(index))
+        else:  # ∇ₓh only: θ as a constant, so that no graph is recorded for its terms
+            value = self.problem.lower_energy(xr, self._theta_constant(), self.select(index))
+            energy = _checked("lower_energy", value, x.shape[0])
         (grad,) = backward(energy.sum(), (xr,), create_graph=keep)
         if keep and index is None:
             self._graph = [None, xr, grad]
         return energy, grad
+
+    def _theta_constant(self) -> Any:
+        """θ detached (sharing its storage) when it is a tensor or a sequence or dict of
+        tensors; an ``nn.Module`` as it is (its parameters cannot be swapped for constants)."""
+        if self._constant is None:
+            self._constant = _detached(self.problem.theta)
+        return self._constant
 
     def returns_kept(self, x: Tensor) -> None:
         """Declare that ``x`` (a copy) is the point of the kept graph (see ``value_and_grad``)."""
@@ -216,12 +249,12 @@ class HessianOperator:
         self.lower = lower
         self.x_full = x.detach()
         n = x.shape[0]
-        self.full_index = torch.arange(n, device=x.device) if index is None else index.to(x.device)
+        self.full_index = instance_index(n, x.device) if index is None else index.to(x.device)
+        self._cost = lower.cost
         if graph is None:
             self._build(self.full_index, self.x_full)
         else:
-            self._index, (self._x, self._g) = self.full_index, graph
-            self._known = self.full_index
+            self._set(self.full_index, *graph)
         self._full = (self._index, self._x, self._g)
 
     def _build(self, index: Tensor, x: Tensor) -> None:
@@ -231,8 +264,15 @@ class HessianOperator:
             energy = lower.problem.energy(xr, index_batch(lower.batch, index))
             (g,) = backward(energy.sum(), (xr,), create_graph=True)
         lower.cost.grad_evals += x.shape[0]
-        self._index, self._x, self._g = index, xr, g
+        self._set(index, xr, g)
+
+    def _set(self, index: Tensor, x: Tensor, g: Tensor) -> None:
+        """The current graph: ∇ₓh ``g`` of the instances ``index`` at the leaf ``x``; its
+        shape, and whether a product may go to autograd's engine directly (plain tensors)."""
+        self._index, self._x, self._g = index, x, g
         self._known: Tensor | None = index
+        self._shape, self._rows = g.shape, g.shape[0]
+        self._direct = _engine_run_backward is not None and type(g) is Tensor
 
     @property
     def gradient(self) -> Tensor:
@@ -244,8 +284,14 @@ class HessianOperator:
 
         An ``index`` object seen before on the current graph is trusted without comparing its
         values (solvers pass the same tensor between changes of their active set), so the
-        product costs no host synchronisation.
+        product costs no host synchronisation; it then goes to autograd's engine directly (a
+        Krylov solver's inner loop: no further argument handling, see :func:`backward`).
         """
+        if index is self._known and self._direct and type(v) is Tensor and v.shape == self._shape:
+            self._cost.hvps += self._rows
+            return _engine_run_backward(
+                (self._g,), (v,), True, False, (self._x,), False, accumulate_grad=False
+            )[0]
         if index is not self._known:
             if index.numel() != self._index.numel() or not bool((index == self._index).all()):
                 if 2 * index.numel() <= self._index.numel():
@@ -266,7 +312,7 @@ class HessianOperator:
 
     def full_matvec(self, v: Tensor) -> Tensor:
         """H v for all instances, on the full graph."""
-        self._index, self._x, self._g = self._full
+        self._set(*self._full)
         self._known = None
         return self._hvp(v)
 
@@ -304,6 +350,17 @@ def upper_gradients(
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Upper-level losses f_i (B,), per-instance ∇ₓf_i (B, ...), and ∇_θ mean_i f_i."""
     params = problem.params
+    losses, grad_x, sums = upper_gradient_sums(problem, x, batch, params)
+    n = x.shape[0]
+    grad_theta = [torch.zeros_like(p) if g is None else g / n for p, g in zip(params, sums)]
+    return losses, grad_x, grad_theta
+
+
+def upper_gradient_sums(
+    problem: BilevelProblem, x: Tensor, batch: Batch, params: list[Tensor]
+) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """Upper-level losses f_i (B,), per-instance ∇ₓf_i (B, ...), and ∇_θ Σ_i f_i for each of
+    ``params`` (None where f does not depend on it): one backward pass."""
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         losses = problem.loss(xr, batch)
@@ -315,6 +372,4 @@ def upper_gradients(
             "upper_loss does not depend on x through autograd (was x detached, or the loss "
             "computed outside torch?): the upper loss must be differentiable in x"
         )
-    n = x.shape[0]
-    grad_theta = [torch.zeros_like(p) if g is None else g / n for p, g in zip(params, grads[1:])]
-    return losses.detach(), grads[0], grad_theta
+    return losses.detach(), grads[0], list(grads[1:])

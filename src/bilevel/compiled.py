@@ -61,6 +61,7 @@ from bilevel.lower import (
     _at_start,
     _LowerRecord,
     _Stagnation,
+    _test,
 )
 from bilevel.problem import BilevelError, check_tolerance
 
@@ -283,7 +284,7 @@ class CompiledNesterov:
         it, remaining = 0, n
         mask = expand_as_batch(active, y)
         gnorm = batch_norm(grad)
-        bad, n_done = 0, int((gnorm <= tol_t).sum())  # finiteness was tested in _at_start
+        bad, n_done = 0, _test(gnorm, tol_t, None)[2]  # raises for a non-finite gradient
         with torch.no_grad():
             while True:  # the stopping test, read with the chunk's last gradient
                 if bad:

@@ -41,6 +41,7 @@ import functools
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -52,7 +53,9 @@ from torch import Tensor
 from bilevel.problem import BilevelError
 
 __all__ = [
+    "DEFAULT_POLL",
     "DEFAULT_TIMEOUT",
+    "POLL_VARIABLE",
     "TIMEOUT_VARIABLE",
     "DistributedError",
     "Shard",
@@ -70,6 +73,11 @@ __all__ = [
 DEFAULT_TIMEOUT = 300.0
 #: Environment variable that overrides :data:`DEFAULT_TIMEOUT` (seconds).
 TIMEOUT_VARIABLE = "BILEVEL_DIST_TIMEOUT"
+#: Seconds a collective of the CPU (gloo) backend polls for its completion, yielding the
+#: processor between polls, before it blocks (0: block at once).
+DEFAULT_POLL = 0.003
+#: Environment variable that overrides :data:`DEFAULT_POLL` (seconds).
+POLL_VARIABLE = "BILEVEL_DIST_POLL"
 
 T = TypeVar("T")
 
@@ -83,12 +91,14 @@ class Shard:
     """This process's part of a data-parallel run: ``rank`` of ``world`` processes.
 
     ``device`` is where collective tensors live (CPU for gloo, the local CUDA device for
-    NCCL); ``timeout`` the seconds a collective waits."""
+    NCCL); ``timeout`` the seconds a collective waits; ``poll`` the seconds it polls for its
+    completion before it blocks (:meth:`_complete`)."""
 
     rank: int
     world: int
     device: torch.device
     timeout: float
+    poll: float = 0.0
 
     # -- ownership -------------------------------------------------------------------------
 
@@ -111,6 +121,20 @@ class Shard:
 
     # -- collectives ---------------------------------------------------------------------------
 
+    def _complete(self, work: Any) -> None:
+        """Wait for the asynchronous collective ``work``: poll its completion for up to
+        :attr:`poll` seconds, yielding the processor between polls, then block. SID makes one
+        dependent all-reduce per inner iteration, a few milliseconds of work apart; a process
+        that blocks at once lets its processor go idle, and waking it for each of them cost
+        more than the polling (two processes, 4 SID steps, 8 interleaved pairs of runs on a
+        loaded 2-core machine: 7 faster polling; medians 2.24 s against 2.68 s blocking, and
+        2.74 s against 3.01 s)."""
+        if self.poll > 0:
+            end = time.perf_counter() + self.poll
+            while not work.is_completed() and time.perf_counter() < end:
+                _yield()
+        work.wait()
+
     def _collective(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
@@ -127,7 +151,9 @@ class Shard:
     def sum(self, t: Tensor) -> Tensor:
         """Σ over ranks of ``t`` (a new tensor; ``t`` is left as it was)."""
         out = t.detach().to(self.device, copy=True).contiguous()
-        self._collective("an all-reduce", lambda: dist.all_reduce(out))
+        self._collective(
+            "an all-reduce", lambda: self._complete(dist.all_reduce(out, async_op=True))
+        )
         return out.to(t.device)
 
     def combine(self, t: Tensor, n: int) -> Tensor:
@@ -145,7 +171,9 @@ class Shard:
         common dtype); each result has its tensor's shape, dtype and device."""
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
         flat = torch.cat([t.detach().reshape(-1).to(self.device, dtype) for t in tensors])
-        self._collective("an all-reduce", lambda: dist.all_reduce(flat))
+        self._collective(
+            "an all-reduce", lambda: self._complete(dist.all_reduce(flat, async_op=True))
+        )
         out, offset = [], 0
         for t in tensors:
             out.append(flat[offset : offset + t.numel()].reshape(t.shape).to(t.device, t.dtype))
@@ -165,7 +193,10 @@ class Shard:
     def maximum(self, values: Sequence[float]) -> list[float]:
         """The largest over ranks of each number (one all-reduce in float64)."""
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        self._collective("an all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+        self._collective(
+            "an all-reduce",
+            lambda: self._complete(dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)),
+        )
         return [float(v) for v in t.cpu()]
 
     def extreme(self, value: float, largest: bool) -> float:
@@ -176,7 +207,9 @@ class Shard:
     def agree(self, flag: bool) -> bool:
         """Rank 0's ``flag`` on every rank (e.g. its clock's decision to stop)."""
         t = torch.tensor([float(flag)], dtype=torch.float64, device=self.device)
-        self._collective("a broadcast", lambda: dist.broadcast(t, src=0))
+        self._collective(
+            "a broadcast", lambda: self._complete(dist.broadcast(t, src=0, async_op=True))
+        )
         return bool(t.item())
 
     def merge_rows(self, table: Tensor) -> Tensor:
@@ -228,6 +261,7 @@ class Shard:
 
 
 _SHARD: Shard | None = None
+_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: time.sleep(0))
 _FAILED = False  # a collective of this process failed: leave without waiting for the others
 
 
@@ -239,6 +273,21 @@ def current() -> Shard | None:
 def is_writer() -> bool:
     """True on the process that writes the run's files: rank 0, or the only process."""
     return _SHARD is None or _SHARD.rank == 0
+
+
+def _poll(backend: str) -> float:
+    """Seconds a collective polls before it blocks: ``$BILEVEL_DIST_POLL``, else
+    :data:`DEFAULT_POLL` for gloo and 0 for NCCL (whose collectives complete on the GPU)."""
+    text = os.environ.get(POLL_VARIABLE)
+    if text is None:
+        return DEFAULT_POLL if backend == "gloo" else 0.0
+    try:
+        poll = float(text)
+    except ValueError:
+        raise BilevelError(f"{POLL_VARIABLE}={text!r} is not a number of seconds") from None
+    if not (math.isfinite(poll) and poll >= 0):
+        raise BilevelError(f"{POLL_VARIABLE} must be a non-negative number of seconds, got {poll}")
+    return poll
 
 
 def _timeout(timeout: float | None) -> float:
@@ -261,7 +310,9 @@ def init_from_env(timeout: float | None = None, backend: str | None = None) -> S
 
     ``backend``: ``"gloo"`` or ``"nccl"`` (default: NCCL when CUDA is available, else gloo);
     ``timeout``: seconds a collective waits (default ``$BILEVEL_DIST_TIMEOUT`` or
-    :data:`DEFAULT_TIMEOUT`). Ranks other than 0 print nothing on stdout."""
+    :data:`DEFAULT_TIMEOUT`); a collective polls for its completion for
+    ``$BILEVEL_DIST_POLL`` seconds before it blocks (default :data:`DEFAULT_POLL` with gloo,
+    0 with NCCL). Ranks other than 0 print nothing on stdout."""
     global _SHARD
     if _SHARD is not None:
         return _SHARD
@@ -271,6 +322,7 @@ def init_from_env(timeout: float | None = None, backend: str | None = None) -> S
     seconds = _timeout(timeout)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    poll = _poll(backend)
     device = torch.device("cpu")
     if backend == "nccl":
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -279,7 +331,7 @@ def init_from_env(timeout: float | None = None, backend: str | None = None) -> S
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
         atexit.register(shutdown, wait=False)
-    _SHARD = Shard(dist.get_rank(), dist.get_world_size(), device, seconds)
+    _SHARD = Shard(dist.get_rank(), dist.get_world_size(), device, seconds, poll)
     if _SHARD.rank != 0:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process)
     return _SHARD

@@ -44,8 +44,9 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -57,7 +58,7 @@ from bilevel.autodiff import (
     LowerLevel,
     batch_norm,
     expand_as_batch,
-    upper_gradients,
+    upper_gradient_sums,
 )
 from bilevel.bounds import (
     BoundConstants,
@@ -68,7 +69,15 @@ from bilevel.bounds import (
     recompute_float64,
     rounding_margin,
 )
-from bilevel.linear import CG, LinearSolution, LinearSolver, Neumann, lanczos_extremes
+from bilevel.linear import (
+    CG,
+    LinearSolution,
+    LinearSolver,
+    Neumann,
+    _Deferred,
+    lanczos_extremes,
+    resolved_state,
+)
 from bilevel.lower import (
     ConvergenceWarning,
     LowerSolution,
@@ -117,23 +126,29 @@ class Hypergradient:
         cost: oracle calls and wall time spent for this estimate.
         constants: name → :class:`~bilevel.bounds.ConstantReport` (value and whether it was
             stated, computed or estimated) for μ and every constant of ω.
+
+    ``loss``, ``eps`` and ``delta`` may be given as functions, called on first access
+    (``loss`` costs a read from the device, which a caller that never reads it need not pay).
     """
 
     grad: list[Tensor]
-    loss: float
+    loss: float = _Deferred()  # type: ignore[assignment]
     losses: Tensor
     bound: float | None
     bound_certified: bool
     x: Tensor
     adjoint: Tensor | None
-    eps: Tensor
-    delta: Tensor
+    eps: Tensor = _Deferred()  # type: ignore[assignment]
+    delta: Tensor = _Deferred()  # type: ignore[assignment]
     lower: LowerSolution | None
     linear: LinearSolution | None
     mu: float | None
     mu_estimated: bool
     cost: Cost
     constants: dict[str, ConstantReport] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict:
+        return resolved_state(self)
 
     @property
     def norm(self) -> float:
@@ -396,17 +411,24 @@ class AdjointEstimator(HypergradientEstimator):
         return sol, op, mu, True
 
     def _check_mu(
-        self, op: HessianOperator, x: Tensor, mu: Tensor, linear: LinearSolution | None
+        self,
+        op: HessianOperator,
+        x: Tensor,
+        mu: Tensor,
+        linear: LinearSolution | None,
+        stated: float | None = None,
     ) -> tuple[Tensor, ConstantReport]:
         """Check a stated μ against the curvature at x̃; (μ to use, its report).
 
         The evidence is an upper bound on λ_min(H_i(x̃)): the solver's Ritz values when its
         Krylov space had at least min(n, curvature_iterations) dimensions, else (also) those of
         a seeded Lanczos run. Evidence below μ means the stated μ is wrong: warn, and use an
-        estimate no larger than the evidence.
+        estimate no larger than the evidence. ``stated``: μ when it was stated as one number
+        (reported without reading ``mu`` back from the device).
         """
         if not self.compute_bound:  # nothing to certify: μ as stated
-            return mu, ConstantReport(float(mu.min()), "stated", "not checked (no bound)")
+            value = float(mu.min()) if stated is None else stated
+            return mu, ConstantReport(value, "stated", "not checked (no bound)")
         c = self.constants
         n, dim = x.shape[0], x[0].numel()
         evidence = torch.full((n,), math.nan, dtype=x.dtype, device=x.device)
@@ -469,27 +491,26 @@ class AdjointEstimator(HypergradientEstimator):
         linear: LinearSolution | None,
         losses: Tensor,
         grad_x: Tensor,
-        grad_theta: list[Tensor],
+        upper_sums: list[Tensor | None],
+        params: list[Tensor],
         adjoint_missed: bool = False,
     ) -> Hypergradient:
-        """z = ∇_θ f̄ − (1/B) Σ J_iᵀ q_i; true residuals δ_i; the bound ω (not certified when
+        """z = (1/B) Σ_i (∇_θ f_i − J_iᵀ q_i) (``upper_sums``: ∇_θ Σ_i f_i, None where f does not
+        depend on the parameter); true residuals δ_i; the bound ω (not certified when
         ``adjoint_missed``: the adjoint solve missed its tolerance)."""
-        params = problem.params
         n = q.shape[0]
         jtq = op.jacobian_vjp(q, params)
-        grad = [gt - j / n for gt, j in zip(grad_theta, jtq)]
-        loss = float(losses.mean())
+        grad = [j * (-1.0 / n) if g is None else (g - j) / n for g, j in zip(upper_sums, jtq)]
         x = sol.x
         gnorm = sol.grad_norm
         z_rounding = None
         if self.compute_bound or linear is None:  # the true residual at q̃
             hq = op.full_matvec(q)
             delta = batch_norm(hq - grad_x)
-        else:  # no bound: the adjoint solver's own residual (one product fewer)
-            delta = linear.residual_norm
+        else:  # no bound: the adjoint solver's own residual (one product fewer), when read
+            delta = partial(getattr, linear, "residual_norm")
         if self.compute_bound:  # rounding of the computed residuals (see bilevel.bounds)
-            z_core = [gt - j / n for gt, j in zip(grad_theta, jtq)]
-            exact = recompute_float64(problem, batch, x, q, z_core, lower.cost)
+            exact = recompute_float64(problem, batch, x, q, grad, lower.cost)
             if exact is not None:
                 gnorm, delta, z_rounding = exact.grad_norm, exact.delta, exact.z_rounding
             else:
@@ -500,13 +521,15 @@ class AdjointEstimator(HypergradientEstimator):
                 float(mu.min()), "estimated", "Lanczos at x̃: max(θ_min − r, θ_min/10) / safety"
             )
         else:
-            mu, mu_report = self._check_mu(op, x, mu, linear)
+            stated = problem.mu if isinstance(problem.mu, float) else None
+            mu, mu_report = self._check_mu(op, x, mu, linear, stated)
             mu_estimated = mu_report.source == "estimated"
-        eps = gnorm / mu
         certified = False
         bound = None
         constants: dict[str, ConstantReport] = {"mu": mu_report}
+        eps: Tensor | Callable[[], Tensor] = partial(torch.div, gnorm, mu)  # ε_i, when read
         if self.compute_bound:
+            eps = gnorm / mu
             eb = compute_error_bound(
                 problem,
                 batch,
@@ -527,7 +550,7 @@ class AdjointEstimator(HypergradientEstimator):
             )
         return Hypergradient(
             grad=grad,
-            loss=loss,
+            loss=lambda: float(losses.mean()),
             losses=losses,
             bound=bound,
             bound_certified=certified,
@@ -546,7 +569,8 @@ class AdjointEstimator(HypergradientEstimator):
     def _estimate(self, problem, batch, lower, x0, lower_tol, adjoint_tol, adjoint0, state):
         """Lower solve, upper gradients, the method's adjoint q, then z and its bound."""
         sol, op, mu, mu_est = self._solve(problem, lower, x0, lower_tol)
-        losses, grad_x, grad_theta = upper_gradients(problem, sol.x, batch)
+        params = problem.params
+        losses, grad_x, upper_sums = upper_gradient_sums(problem, sol.x, batch, params)
         q, linear = self._adjoint(op, sol.x, grad_x, adjoint_tol, adjoint0, mu)
         missed = self._adjoint_missed(linear, adjoint_tol, grad_x)
         return self._finish(
@@ -561,7 +585,8 @@ class AdjointEstimator(HypergradientEstimator):
             linear,
             losses,
             grad_x,
-            grad_theta,
+            upper_sums,
+            params,
             adjoint_missed=missed,
         )
 

@@ -15,7 +15,8 @@ Conventions
   converged instances (CG and MINRES once at most half of their batch is active: until then a
   stopped instance rides along, masked, so that the batch and its ``index`` stay unchanged).
   Solvers pass the same ``index`` tensor between changes of their active set and never
-  modify it in place, so an operator may recognise it by identity.
+  modify it in place, so an operator may recognise it by identity; operators must not
+  modify it either (the whole batch's index is shared, :func:`instance_index`).
 * All norms are per instance: the Euclidean norm over the entries of that instance.
 * ``tol`` is an **absolute** tolerance on the residual norm ``‖H_i q_i − b_i‖₂`` of each
   instance: a float shared by all instances or a ``(B,)`` tensor. Its meaning does not depend
@@ -30,9 +31,11 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -42,6 +45,7 @@ from bilevel.problem import (
     BilevelError,
     NonFiniteError,
     NotStronglyConvexError,
+    all_finite,
     check_finite,
     check_tolerance,
 )
@@ -64,16 +68,26 @@ __all__ = [
 ]
 
 
+_NO_DEFAULT = object()
+
+
 class _Deferred:
     """A dataclass field that may be given as a zero-argument function, called once on first
-    access (the Ritz values cost a small eigenvalue problem that many callers never read)."""
+    access (the Ritz values cost a small eigenvalue problem, and a report's other fields a
+    few tensor operations, that many callers never read). ``default``: the field's default
+    (none without it)."""
+
+    def __init__(self, default: object = _NO_DEFAULT) -> None:
+        self.default = default
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.slot = "_deferred_" + name
 
     def __get__(self, obj: object, owner: type | None = None) -> Tensor:
         if obj is None:
-            raise AttributeError(self.slot)  # no class-level default
+            if self.default is _NO_DEFAULT:
+                raise AttributeError(self.slot)  # no class-level default
+            return self.default  # type: ignore[return-value]
         value = obj.__dict__[self.slot]
         if callable(value) and not isinstance(value, Tensor):
             value = value()
@@ -82,6 +96,15 @@ class _Deferred:
 
     def __set__(self, obj: object, value: Tensor | Callable[[], Tensor]) -> None:
         obj.__dict__[self.slot] = value
+
+
+def resolved_state(obj: object) -> dict:
+    """``obj.__dict__`` with every deferred field computed (for pickling: no function in it)."""
+    for cls in type(obj).__mro__:
+        for name, attr in vars(cls).items():
+            if isinstance(attr, _Deferred):
+                getattr(obj, name)
+    return obj.__dict__
 
 
 @dataclass(frozen=True)
@@ -101,19 +124,21 @@ class LinearSolution:
             Rayleigh quotient over that space), ``nan`` where nothing was observed.
         krylov_steps: ``(B,)`` long, the dimension of the Krylov space behind
             ``min_curvature`` (0 where none).
+
+    Every field but ``solution`` and ``matvecs`` may be given as a function, called on first
+    access (a solver's report costs operations that many callers never read).
     """
 
     solution: Tensor
-    residual_norm: Tensor
-    iterations: Tensor
-    converged: Tensor
+    residual_norm: Tensor = _Deferred()  # type: ignore[assignment]
+    iterations: Tensor = _Deferred()  # type: ignore[assignment]
+    converged: Tensor = _Deferred()  # type: ignore[assignment]
     matvecs: int
     min_curvature: Tensor = _Deferred()  # type: ignore[assignment]
-    krylov_steps: Tensor | None = None
+    krylov_steps: Tensor | None = _Deferred(None)  # type: ignore[assignment]
 
     def __getstate__(self) -> dict:
-        _ = self.min_curvature  # computed, so that no function is pickled
-        return self.__dict__
+        return resolved_state(self)
 
 
 @runtime_checkable
@@ -151,7 +176,7 @@ def _dot(u: Tensor, v: Tensor) -> Tensor:
 
 def _norm(u: Tensor) -> Tensor:
     """Per-instance Euclidean norms, shape ``(n,)``."""
-    return torch.linalg.vector_norm(u.reshape(u.shape[0], -1), dim=-1)
+    return torch.linalg.vector_norm(u if u.dim() == 2 else u.reshape(u.shape[0], -1), dim=-1)
 
 
 def cg_thresholds(
@@ -175,6 +200,11 @@ def cg_thresholds(
     return torch.maximum(tol2, floor * floor * shrink), rr > tol2
 
 
+def _flat(s: Tensor) -> Tensor:
+    """Per-instance values ``(n,)`` from ``(n,)`` or ``(n, 1)``."""
+    return s if s.dim() == 1 else s.reshape(-1)
+
+
 def _bc(s: Tensor, like: Tensor) -> Tensor:
     """Broadcast per-instance scalars ``(n,)`` against ``(n, *event_shape)``."""
     return s.reshape(s.shape + (1,) * (like.dim() - 1))
@@ -183,19 +213,42 @@ def _bc(s: Tensor, like: Tensor) -> Tensor:
 def _apply(matvec: MatVec, v: Tensor, index: Tensor) -> Tensor:
     out = matvec(v, index)
     if not isinstance(out, Tensor) or out.shape != v.shape:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise BilevelError(
-            f"matvec must return a tensor shaped like its input {tuple(v.shape)}; got {shape}"
-        )
+        raise _bad_product(v, out)
     return out
 
 
-def _check_rhs(b: Tensor) -> None:
+def _bad_product(v: Tensor, out: object) -> BilevelError:
+    """The error for an operator whose output is not a tensor shaped like its input ``v``."""
+    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    return BilevelError(
+        f"matvec must return a tensor shaped like its input {tuple(v.shape)}; got {shape}"
+    )
+
+
+def _check_rhs(b: Tensor, values: bool = True) -> None:
+    """Shape and dtype of ``b``, and (``values``) the finiteness of its entries."""
     if not isinstance(b, Tensor) or b.dim() < 1:
         raise BilevelError("b must be a tensor of shape (B, *event_shape)")
     if not b.is_floating_point():
         raise BilevelError(f"b must have a real floating-point dtype, got {b.dtype}")
-    check_finite("right-hand side b", b)
+    if values:
+        check_finite("right-hand side b", b)
+
+
+@functools.cache
+def _float_info(dtype: torch.dtype) -> tuple[float, float]:
+    """(smallest normal number, machine epsilon) of a floating-point dtype."""
+    info = torch.finfo(dtype)
+    return info.tiny, info.eps
+
+
+@functools.lru_cache(maxsize=64)
+def instance_index(n: int, device: torch.device) -> Tensor:
+    """The index ``0, ..., n − 1`` of a whole batch: one shared tensor per size and device,
+    so that a solver and an operator that both start from the whole batch pass the same
+    object (an operator recognises it by identity, without comparing values). Never
+    modified in place (see the module docstring)."""
+    return torch.arange(n, device=device)
 
 
 def _per_instance(name: str, value: float | Tensor, b: Tensor) -> Tensor:
@@ -219,9 +272,11 @@ def _initial(matvec: MatVec, b: Tensor, x0: Tensor | None) -> tuple[Tensor | Non
         raise BilevelError(f"x0 must have the shape of b {tuple(b.shape)}; got {shape}")
     x0 = x0.to(dtype=b.dtype, device=b.device)
     check_finite("initial guess x0", x0)
-    index = torch.arange(b.shape[0], device=b.device)
+    index = instance_index(b.shape[0], b.device)
     r = b - _apply(matvec, x0, index)
-    check_finite("initial residual b - H x0", r)
+    if not all_finite(r):
+        check_finite("right-hand side b", b)  # the more precise message first
+        check_finite("initial residual b - H x0", r)
     return x0, r, b.shape[0]
 
 
@@ -426,12 +481,13 @@ def _check_every(value: int | None) -> None:
         raise BilevelError(f"check_every must be None or a positive integer, got {value!r}")
 
 
-def _every(check_every: int | None, device: torch.device) -> int:
+def _every(check_every: int | None, like: Tensor) -> int:
     """Iterations between host synchronisations: ``check_every``, or by default 1 on the CPU
-    (where reading a flag costs no synchronisation) and ``CHECK_EVERY_ACCELERATOR`` elsewhere."""
+    (where reading a flag costs no synchronisation) and ``CHECK_EVERY_ACCELERATOR`` elsewhere
+    (``like``: a tensor on the solver's device)."""
     if check_every is not None:
         return check_every
-    return 1 if device.type == "cpu" else CHECK_EVERY_ACCELERATOR
+    return 1 if like.is_cpu else CHECK_EVERY_ACCELERATOR
 
 
 def tridiagonal_smallest(diag: Tensor, off: Tensor, steps: Tensor) -> Tensor:
@@ -464,23 +520,37 @@ class _Batch:
     instances are counted in ``matvecs`` (never in ``iterations``).
     """
 
-    def __init__(self, b: Tensor, rnorm: Tensor, tol: Tensor, x: Tensor | None) -> None:
-        """``x``: the starting point (None: zero)."""
+    def __init__(
+        self,
+        b: Tensor,
+        rnorm: Tensor | Callable[[], Tensor],
+        tol: float | Tensor,
+        x: Tensor | None,
+    ) -> None:
+        """``rnorm``: the initial residual norms (B,), or a function that computes them when
+        first needed (a solve in which the whole batch iterates to the end never needs
+        them); ``x``: the starting point (None: zero)."""
         n = b.shape[0]
         self.shape = b.shape
-        self.out = b.new_zeros(n, b[0].numel()) if x is None else x.reshape(n, -1).clone()
-        self.residual_norm = rnorm.clone()
-        self.iterations = torch.zeros(n, dtype=torch.long, device=b.device)
+        self.out = b.new_zeros(n, math.prod(b.shape[1:])) if x is None else x.reshape(n, -1).clone()
+        self._rnorm0 = rnorm
+        self.residual_norm: Tensor | None = None  # set by record
+        self.iterations: Tensor | None = None
         self.tol = tol
-        self.index = torch.arange(n, device=b.device)
+        self.index = instance_index(n, b.device)
         self.hist: list[tuple[Tensor, Tensor, Tensor]] = []
         self.chunk: list[tuple[Tensor, ...]] = []
 
     def record(self, index: Tensor, x: Tensor, rnorm: Tensor, iters: Tensor) -> None:
         """Write the current set's solutions, residual norms and iteration counts."""
         if index is self.index:  # the whole batch, in order
-            self.out, self.residual_norm, self.iterations = x, rnorm.reshape(-1), iters.reshape(-1)
+            self.out, self.residual_norm, self.iterations = x, _flat(rnorm), _flat(iters)
             return
+        if self.residual_norm is None:  # a part: the others keep their initial state
+            r0 = self._rnorm0
+            self.residual_norm = (r0 if isinstance(r0, Tensor) else r0()).reshape(-1).clone()
+            n = self.residual_norm.shape[0]
+            self.iterations = torch.zeros(n, dtype=torch.long, device=self.out.device)
         if x is not self.out:
             self.out[index] = x
         self.residual_norm[index] = rnorm.reshape(-1)
@@ -492,7 +562,7 @@ class _Batch:
 
     def rows(self, which: int) -> Tensor:
         """The kept coefficients as a ``(B, k)`` table, ``nan`` for instances not in a step."""
-        n = self.iterations.shape[0]
+        n = self.shape[0]
         cols = []
         for index, *values in self.hist:
             v = values[which].reshape(-1)
@@ -509,23 +579,65 @@ class _Batch:
         """The result; ``min_curvature`` is computed on first access, from the Lanczos
         tridiagonal (diagonal, off-diagonal) that ``tridiagonal`` builds from the kept
         coefficient tables."""
-        steps = torch.clamp(self.iterations, max=len(self.hist))
+        residual_norm, iterations = self.residual_norm, self.iterations
+        assert residual_norm is not None and iterations is not None  # recorded
+        kept = len(self.hist)
+
+        def steps() -> Tensor:
+            return torch.clamp(iterations, max=kept)
 
         def curvature() -> Tensor:
             if not self.hist:
-                n, like = self.iterations.shape[0], self.out
+                n, like = iterations.shape[0], self.out
                 return torch.full((n,), math.nan, dtype=like.dtype, device=like.device)
             diag, off = tridiagonal(self.rows(0), self.rows(1))
-            return tridiagonal_smallest(diag, off, steps)
+            return tridiagonal_smallest(diag, off, steps())
 
+        out = self.out
         return LinearSolution(
-            self.out.reshape(self.shape),
-            self.residual_norm,
-            self.iterations,
-            self.residual_norm <= self.tol,
+            out if out.shape == self.shape else out.reshape(self.shape),
+            residual_norm,
+            iterations,
+            lambda: residual_norm <= self.tol,
             matvecs,
             curvature,
             steps,
+        )
+
+    def uniform(
+        self,
+        x: Tensor,
+        rr: Tensor,
+        iterations: int,
+        matvecs: int,
+        tridiagonal: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    ) -> LinearSolution:
+        """The result when the whole batch ran the same ``iterations`` (a solve decided on
+        the host, no instance stopped early): ``x`` (B, n) and ‖r‖² (B, 1); every field but
+        the solution is computed when first read."""
+        n, device, kept = self.shape[0], x.device, min(iterations, len(self.hist))
+
+        @functools.cache
+        def residual_norm() -> Tensor:
+            return rr.sqrt().reshape(-1)
+
+        def counts(value: int) -> Tensor:
+            return torch.full((n,), value, dtype=torch.long, device=device)
+
+        def curvature() -> Tensor:
+            if not kept:
+                return torch.full((n,), math.nan, dtype=x.dtype, device=device)
+            diag, off = tridiagonal(self.rows(0), self.rows(1))
+            return tridiagonal_smallest(diag, off, counts(kept))
+
+        return LinearSolution(
+            x if x.shape == self.shape else x.reshape(self.shape),
+            residual_norm,
+            partial(counts, iterations),
+            lambda: residual_norm() <= self.tol,
+            matvecs,
+            curvature,
+            partial(counts, kept),
         )
 
 
@@ -632,36 +744,53 @@ class CG:
         self, matvec: MatVec, b: Tensor, tol: float | Tensor, x0: Tensor | None = None
     ) -> LinearSolution:
         """Solve H_i q_i = b_i for all instances to absolute residual tolerance ``tol``."""
-        _check_rhs(b)
-        tol_all = check_tolerance("tol", tol, b)
+        _check_rhs(b, values=False)  # the values: below
+        # a valid number stays a number until a tensor is needed
+        number = isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0
+        tol_all = float(tol) if number else check_tolerance("tol", tol, b)
         x0, r0, matvecs = _initial(matvec, b, x0)
         n, event = b.shape[0], tuple(b.shape[1:])
         flat = b.dim() == 2
-        r = r0.reshape(n, -1)
+        r = r0 if flat else r0.reshape(n, -1)
         rr = (r * r).sum(1, keepdim=True)
-        state = _Batch(b, rr.sqrt().reshape(-1), tol_all, x0)
-        thresh2, active = cg_thresholds(rr, b, tol_all, self.fixed_iterations)
-        every = _every(self.check_every, b.device)
+        state = _Batch(b, rr.sqrt, tol_all, x0)
+        every = _every(self.check_every, b)
         index = state.index
         x = state.out
-        n_active = int(active.sum())
-        if 0 < n_active and 2 * n_active <= n:
-            keep = active.reshape(-1)
-            index, x, r, rr, thresh2, active = (t[keep] for t in (index, x, r, rr, thresh2, active))
         # With a check every iteration, while the whole batch is active, the host reads ‖r‖²
         # and α and decides; no masks are needed until an instance stops.
-        host = every == 1 and n_active == index.numel()
-        limits = thresh2.reshape(-1).tolist() if host else []
+        limits = self._host_limits(rr, b, tol_all, x0 is None) if every == 1 else None
+        host = limits is not None
+        thresh2 = active = iters = zero = None  # on the host: made when an instance stops
+        n_active = n
+        if not host:
+            if every != 1:
+                check_finite("right-hand side b", b)
+            if not isinstance(tol_all, Tensor):
+                tol_all = check_tolerance("tol", tol_all, b)
+            thresh2, active = cg_thresholds(rr, b, tol_all, self.fixed_iterations)
+            n_active = int(active.sum())
+            if 0 < n_active and 2 * n_active <= n:
+                keep = active.reshape(-1)
+                index, x, r, rr, thresh2, active = (
+                    t[keep] for t in (index, x, r, rr, thresh2, active)
+                )
+            host = every == 1 and n_active == index.numel()
+            limits = thresh2.reshape(-1).tolist() if host else []
+            iters = torch.zeros_like(rr, dtype=torch.long)
+            zero = rr.new_zeros(())
         verified = 0  # iterations since the last validation that the host has checked
         p = r
-        iters = torch.zeros_like(rr, dtype=torch.long)
-        zero = rr.new_zeros(())
         chunk, hist = state.chunk, state.hist
         k = 0
         while n_active > 0 and k < self.max_iter:
             m = index.numel()
-            hp = _apply(matvec, p if flat else p.reshape((m,) + event), index)
-            hp = hp if flat else hp.reshape(m, -1)
+            if flat:  # the product's shape checked here (as _apply does), without a call
+                hp = matvec(p, index)
+                if not isinstance(hp, Tensor) or hp.shape != p.shape:
+                    raise _bad_product(p, hp)
+            else:
+                hp = _apply(matvec, p.reshape((m,) + event), index).reshape(m, -1)
             matvecs += m
             k += 1
             php = (p * hp).sum(1, keepdim=True)
@@ -675,7 +804,15 @@ class CG:
                 # finite and positive; NaN compares false); such an iteration needs no
                 # validation, only counting
                 if m == 1:  # two scalar reads, cheaper than a concatenation and a list
-                    ok = limits[0] < rr_new.item() < math.inf and 0 < alpha.item() < math.inf
+                    v, c = rr_new.item(), alpha.item()
+                    ok = limits[0] < v < math.inf and 0 < c < math.inf
+                    if not ok and v <= limits[0] and 0 < c < math.inf:
+                        # a clean stop at the threshold (no breakdown: nothing to validate)
+                        if len(hist) < RITZ_STEPS:
+                            hist.append((index, alpha, rr_new / rr))
+                        rr = rr_new
+                        verified += 1
+                        break
                 else:
                     values = torch.cat((rr_new, alpha), 1).tolist()  # one read
                     ok = all(
@@ -690,6 +827,11 @@ class CG:
                     verified += 1
                     continue
                 host = False
+                if active is None:  # the first stop: the masks start
+                    active = torch.ones_like(rr, dtype=torch.bool)
+                    thresh2 = torch.tensor(limits, dtype=rr.dtype, device=rr.device).reshape(m, 1)
+                    iters = torch.zeros_like(rr, dtype=torch.long)
+                    zero = rr.new_zeros(())
             chunk.append((active, php, alpha, rr_new))
             # an instance stops at the threshold or at a breakdown (pᵀHp ≤ 0 or not finite,
             # so a ≤ 0 or NaN): active ⇔ min(‖r‖² − threshold, a) > 0, NaN comparing false
@@ -717,11 +859,39 @@ class CG:
                 )
                 host = every == 1  # the batch is the active instances again
                 limits = thresh2.reshape(-1).tolist() if host else []
-        iters = iters + verified  # iterations the host checked: every instance active
+        if iters is None:  # the host checked every iteration, every instance active
+            return state.uniform(x, rr, verified, matvecs, _cg_tridiagonal)
+        iters = iters + verified
         if chunk:
             iters = iters + self._validate(state, index, k)
         state.record(index, x, rr.sqrt(), iters)
         return state.solution(matvecs, _cg_tridiagonal)
+
+    def _host_limits(
+        self, rr: Tensor, b: Tensor, tol: float | Tensor, from_zero: bool
+    ) -> list[float] | None:
+        """The host's stopping thresholds on ‖r_i‖² (those of :func:`cg_thresholds`, in
+        double precision) when every instance starts active, else None; one read of ‖r‖².
+        Also checks that ``b`` is finite: ‖r‖² is finite only if r = b − H x0 is (NaN and ±inf
+        propagate), and then b is (the product H x0 is finite: checked)."""
+        values = [v for (v,) in rr.tolist()]
+        if not all(map(math.isfinite, values)):
+            check_finite("right-hand side b", b)  # else ‖r‖² overflowed: the tensor path
+            return None
+        tiny, eps = _float_info(b.dtype)
+        if self.fixed_iterations:
+            limit = tiny / eps
+            return [limit] * len(values) if all(v > limit for v in values) else None
+        shrink = 1.0 - 4 * eps
+        if isinstance(tol, Tensor):
+            tol2 = [t * t * shrink for t in tol.tolist()]
+        else:
+            tol2 = [tol * tol * shrink] * len(values)
+        if not all(v > t for v, t in zip(values, tol2)):
+            return None  # an instance starts converged: masks from the start
+        norms2 = values if from_zero else (b * b).reshape(len(values), -1).sum(1).tolist()
+        floor2 = eps * eps * shrink
+        return [max(t, floor2 * v) for t, v in zip(tol2, norms2)]
 
     @staticmethod
     def _validate(state: _Batch, index: Tensor, k: int) -> Tensor:
@@ -806,7 +976,7 @@ class MINRES:
         else:
             thresh = torch.maximum(tol_c, eps * _norm(b).reshape(n, 1))
             active = beta > tol_c
-        every = _every(self.check_every, b.device)
+        every = _every(self.check_every, b)
         index, x = state.index, state.out
         n_active = int(active.sum())
         if 0 < n_active and 2 * n_active <= n:

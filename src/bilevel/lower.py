@@ -32,8 +32,14 @@ from bilevel.autodiff import (
     expand_as_batch,
     nonfinite_gradient,
 )
-from bilevel.linear import largest_eigenvalue
-from bilevel.problem import BilevelError, Constant, check_tolerance, evaluate_constant
+from bilevel.linear import _Deferred, largest_eigenvalue, resolved_state
+from bilevel.problem import (
+    BilevelError,
+    Constant,
+    all_finite,
+    check_tolerance,
+    evaluate_constant,
+)
 
 
 class ConvergenceWarning(UserWarning):
@@ -56,16 +62,23 @@ class LowerSolution:
         stalled: stopped early because the gradient norm no longer decreased (B,), the
             floor set by rounding errors (see :class:`Nesterov`); such instances are not
             converged, but their certificate ``distance_bound`` holds.
+
+    ``distance_bound``, ``iterations``, ``converged`` and ``stalled`` may be given as
+    functions, called on first access (a solve that stops at its starting point computes
+    them only when they are read).
     """
 
     x: Tensor
     energy: Tensor
     grad_norm: Tensor
-    distance_bound: Tensor
-    iterations: Tensor
-    converged: Tensor
-    grad_evals: int
-    stalled: Tensor | None = None
+    distance_bound: Tensor = _Deferred()  # type: ignore[assignment]
+    iterations: Tensor = _Deferred()  # type: ignore[assignment]
+    converged: Tensor = _Deferred()  # type: ignore[assignment]
+    grad_evals: int = _Deferred()  # type: ignore[assignment]
+    stalled: Tensor | None = _Deferred(None)  # type: ignore[assignment]
+
+    def __getstate__(self) -> dict:
+        return resolved_state(self)
 
     @property
     def all_converged(self) -> bool:
@@ -143,12 +156,11 @@ class _LowerRecord:
         self.iterations[index] = it
 
     def result(self, lower: LowerLevel, tol: Tensor, mu: float | None, evals0: int):
-        dist = self.grad_norm / mu if mu is not None else torch.full_like(self.grad_norm, math.nan)
         return LowerSolution(
             x=self.x,
             energy=self.energy,
             grad_norm=self.grad_norm,
-            distance_bound=dist,
+            distance_bound=_distance_bound(self.grad_norm, mu),
             iterations=self.iterations,
             converged=self.grad_norm <= tol,
             grad_evals=lower.cost.grad_evals - evals0,
@@ -161,31 +173,62 @@ def _at_start(
     x0: Tensor,
     energy: Tensor,
     grad: Tensor,
-    tol: Tensor,
+    tol: float | Tensor,
     mu: float | None,
     evals0: float,
     max_iter: int,
 ) -> LowerSolution | None:
     """The solution when every instance meets its tolerance at x0 (or ``max_iter`` is 0): a
     copy of x0, at which ``lower.hessian`` reuses the graph of this first evaluation (made with
-    ``keep=True``); None when the solver must iterate. One host synchronisation."""
+    ``keep=True``); None when the solver must iterate. ``tol``: a number or (B,).
+
+    One host read: max_i (‖∇h_i‖ − tol_i) ≤ 0 exactly when every instance meets its tolerance
+    with a finite gradient (NaN compares false; ∞ − ∞ is NaN); with one number ``tol``, the
+    largest norm (the norm itself for one instance) is read and compared on the host.
+    ``max_iter`` 0 with some instance missing its tolerance takes a second read (the
+    finiteness of the gradient, which the certificate needs); the solver's first stopping
+    test takes it otherwise.
+    """
     gnorm = batch_norm(grad)
-    _, _, n_done = _test(gnorm, tol, None)
     n = x0.shape[0]
-    if n_done < n and max_iter > 0:
-        return None
+    if n == 0:
+        met = True
+    elif isinstance(tol, Tensor):
+        met = float((gnorm - tol).max()) <= 0
+    else:
+        worst = float(gnorm if n == 1 else gnorm.max())
+        met = worst <= tol and math.isfinite(worst)
+    if not met:
+        if max_iter > 0:
+            return None
+        if not all_finite(gnorm):
+            raise nonfinite_gradient()
     x = x0.clone()
     lower.returns_kept(x)
+    device = x.device
     return LowerSolution(
         x=x,
         energy=energy,
         grad_norm=gnorm,
-        distance_bound=gnorm / mu if mu is not None else torch.full_like(gnorm, math.nan),
-        iterations=torch.zeros(n, dtype=torch.long, device=x.device),
-        converged=gnorm <= tol,
+        distance_bound=lambda: _distance_bound(gnorm, mu),
+        iterations=lambda: torch.zeros(n, dtype=torch.long, device=device),
+        converged=lambda: gnorm <= tol,
         grad_evals=lower.cost.grad_evals - evals0,
-        stalled=torch.zeros(n, dtype=torch.bool, device=x.device),
+        stalled=lambda: torch.zeros(n, dtype=torch.bool, device=device),
     )
+
+
+def _distance_bound(gnorm: Tensor, mu: float | None) -> Tensor:
+    """‖∇h_i‖ / μ, the certified bound on ‖x_i − x̂_i‖ (NaN without μ)."""
+    return gnorm / mu if mu is not None else torch.full_like(gnorm, math.nan)
+
+
+def _tolerance(tol: float | Tensor, like: Tensor) -> float | Tensor:
+    """``lower_tol`` checked (:func:`~bilevel.problem.check_tolerance`); a valid number stays
+    a number, made a tensor only if the solver iterates."""
+    if isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0:  # not NaN
+        return float(tol)
+    return check_tolerance("lower_tol", tol, like)
 
 
 def _retire(
@@ -300,12 +343,13 @@ class GradientDescent:
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
     ) -> LowerSolution:
         evals0 = lower.cost.grad_evals
-        tol_t = check_tolerance("lower_tol", tol, x0)
+        tol = _tolerance(tol, x0)
         x = x0.detach()
         energy, grad = lower.value_and_grad(x, check=False, keep=True)
-        start = _at_start(lower, x, energy, grad, tol_t, mu, evals0, self.max_iter)
+        start = _at_start(lower, x, energy, grad, tol, mu, evals0, self.max_iter)
         if start is not None:
             return start
+        tol_t = tol if isinstance(tol, Tensor) else check_tolerance("lower_tol", tol, x0)
         rec = _LowerRecord(x0)
         active = torch.arange(x0.shape[0], device=x0.device)
         tol_a = tol_t
@@ -394,12 +438,13 @@ class Nesterov:
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
     ) -> LowerSolution:
         evals0 = lower.cost.grad_evals
-        tol_t = check_tolerance("lower_tol", tol, x0)
+        tol = _tolerance(tol, x0)
         y = x0.detach()
         energy, grad = lower.value_and_grad(y, check=False, keep=True)
-        start = _at_start(lower, y, energy, grad, tol_t, mu, evals0, self.max_iter)
+        start = _at_start(lower, y, energy, grad, tol, mu, evals0, self.max_iter)
         if start is not None:
             return start
+        tol_t = tol if isinstance(tol, Tensor) else check_tolerance("lower_tol", tol, x0)
         rec = _LowerRecord(x0)
         n = x0.shape[0]
         active = torch.arange(n, device=x0.device)
@@ -501,12 +546,13 @@ class LBFGS:
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
     ) -> LowerSolution:
         evals0 = lower.cost.grad_evals
-        tol_t = check_tolerance("lower_tol", tol, x0)
+        tol = _tolerance(tol, x0)
         x = x0.detach()
         energy, grad = lower.value_and_grad(x, check=False, keep=True)
-        start = _at_start(lower, x, energy, grad, tol_t, mu, evals0, self.max_iter)
+        start = _at_start(lower, x, energy, grad, tol, mu, evals0, self.max_iter)
         if start is not None:
             return start
+        tol_t = tol if isinstance(tol, Tensor) else check_tolerance("lower_tol", tol, x0)
         rec = _LowerRecord(x0)
         n = x0.shape[0]
         active = torch.arange(n, device=x0.device)
@@ -636,9 +682,10 @@ def solve_lower(
     (see :class:`~bilevel.problem.BilevelProblem`); the solver gets its smallest value (for
     momentum) and ``distance_bound`` uses each instance's own μ_i.
     """
-    mu_t = evaluate_constant("mu", mu, lower.problem.theta, lower.batch, x0, positive=True)
-    if isinstance(mu, (int, float)):  # one value (checked above): the solver's own bound
+    if isinstance(mu, (int, float)) and not isinstance(mu, bool) and 0 < mu < math.inf:
+        # one valid value: the solver's own bound
         return _warned(solver.solve(lower, x0, tol, float(mu)), solver, warn)
+    mu_t = evaluate_constant("mu", mu, lower.problem.theta, lower.batch, x0, positive=True)
     sol = solver.solve(lower, x0, tol, None if mu_t is None else float(mu_t.min()))
     if mu_t is not None:
         sol = replace(sol, distance_bound=sol.grad_norm / mu_t)

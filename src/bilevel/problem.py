@@ -170,8 +170,20 @@ def check_tolerance(name: str, tol: float | Tensor, like: Tensor) -> Tensor:
 def check_finite(name: str, *tensors: Tensor) -> None:
     """Raise :class:`NonFiniteError` naming ``name`` if any tensor holds NaN or inf."""
     for t in tensors:
-        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t is not None and t.is_floating_point() and not all_finite(t):
             raise NonFiniteError(f"{name} contains NaN or infinite values")
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of a floating-point tensor is finite (one host read).
+
+    The sum is finite only if every entry is (NaN and ±inf propagate through it): one
+    reduction instead of an element-wise test and a reduction; a sum that overflows from
+    finite entries falls back to the element-wise test.
+    """
+    return math.isfinite((t.detach() if t.requires_grad else t).sum()) or bool(
+        torch.isfinite(t).all()
+    )
 
 
 def batch_size_of(batch: Batch) -> int | None:

@@ -1137,30 +1137,46 @@ def _combined_all(*parts: tuple[Tensor, int | None]) -> list[Tensor]:
     return [t for t, _ in parts] if shard is None else shard.combine_all(parts)
 
 
-def _exact_upper(problem: BilevelProblem, w: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """:func:`~bilevel.autodiff.upper_gradients` of the exact upper loss (f, ∇_w f, ∇_θ f);
-    data parallel with ``finite_sum.upper_loss``, each process's block of the upper samples,
-    combined."""
-    shard = distributed.current()
-    if shard is None or problem.finite_sum is None or problem.finite_sum.upper_loss is None:
-        return upper_gradients(problem, w, None)
-    n_up, params = int(problem.finite_sum.n_upper), problem.params
-    block = _block(n_up).to(w.device)
-    with torch.enable_grad():
-        wr = w.detach().requires_grad_(True)
-        loss = _checked_values(
-            "finite_sum.upper_loss",
-            problem.finite_sum.upper_loss(wr, problem.theta, block),
-            w.shape[0],
-        )
-        grads = torch.autograd.grad(loss.sum(), [wr, *params], allow_unused=True)
-    if grads[0] is None:
-        raise BilevelError("finite_sum.upper_loss does not depend on x through autograd")
-    grad_theta = [
-        torch.zeros_like(p) if g is None else g / w.shape[0] for p, g in zip(params, grads[1:])
-    ]
-    combined = _combined_all(*[(t, n_up) for t in (loss.detach(), grads[0], *grad_theta)])
-    return combined[0], combined[1], combined[2:]
+class _ExactUpper:
+    """The exact upper terms (f, ∇_w f, ∇_θ f) at w (:func:`~bilevel.autodiff.upper_gradients`
+    of the exact upper loss). Data parallel with ``finite_sum.upper_loss``, each process's block
+    of the upper samples, combined in the next all-reduce that stage 2 makes (its first
+    Hessian-vector products, :meth:`AdjointMap.products`) rather than one of their own, or on
+    their own (:meth:`values`) if stage 2 made none."""
+
+    def __init__(self, problem: BilevelProblem, w: Tensor) -> None:
+        self.parts: list[tuple[Tensor, int | None]] | None = None
+        shard = distributed.current()
+        if shard is None or problem.finite_sum is None or problem.finite_sum.upper_loss is None:
+            self._values = upper_gradients(problem, w, None)
+            return
+        n_up, params = int(problem.finite_sum.n_upper), problem.params
+        block = _block(n_up).to(w.device)
+        with torch.enable_grad():
+            wr = w.detach().requires_grad_(True)
+            loss = _checked_values(
+                "finite_sum.upper_loss",
+                problem.finite_sum.upper_loss(wr, problem.theta, block),
+                w.shape[0],
+            )
+            grads = torch.autograd.grad(loss.sum(), [wr, *params], allow_unused=True)
+        if grads[0] is None:
+            raise BilevelError("finite_sum.upper_loss does not depend on x through autograd")
+        grad_theta = [
+            torch.zeros_like(p) if g is None else g / w.shape[0] for p, g in zip(params, grads[1:])
+        ]
+        self.parts = [(t, n_up) for t in (loss.detach(), grads[0], *grad_theta)]
+
+    def combine(self, reduced: Sequence[Tensor]) -> None:
+        """Take the combined :attr:`parts` (reduced in another all-reduce, in their order)."""
+        self._values = (reduced[0], reduced[1], list(reduced[2:]))
+        self.parts = None
+
+    def values(self) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """(f per instance, ∇_w f per instance, ∇_θ mean f), combined over the processes."""
+        if self.parts is not None:
+            self.combine(_combined_all(*self.parts))
+        return self._values
 
 
 def _share(n: int) -> float:
@@ -1386,8 +1402,9 @@ class AdjointMap:
 
     Ĥ is the Hessian of ĥ on a fresh lower minibatch I (``batch_size`` of N) per call, counting
     B·b/N Hessian-vector products; ∇_w Ê is the per-instance gradient of the upper loss, on a
-    fresh upper minibatch I' of ``upper_batch`` (``None``: the exact ∇_w f, computed once).
-    Custom linear solvers may call :meth:`matvec` and :meth:`rhs` separately.
+    fresh upper minibatch I' of ``upper_batch`` (``None``: the exact ∇_w f, computed once;
+    ``exact_rhs`` may be SID's :class:`_ExactUpper`, whose combination then travels with the
+    first products). Custom linear solvers may call :meth:`matvec` and :meth:`rhs` separately.
     """
 
     def __init__(
@@ -1399,7 +1416,7 @@ class AdjointMap:
         batch_size: int | None,
         upper_batch: int | None,
         cost: Cost,
-        exact_rhs: Tensor | None = None,
+        exact_rhs: Tensor | _ExactUpper | None = None,
         diagonal: Diagonal | None = None,
     ) -> None:
         self.problem = problem
@@ -1410,10 +1427,16 @@ class AdjointMap:
         self.batch_size = self.n if batch_size is None else int(batch_size)
         self.upper_batch = upper_batch
         self.cost = cost
-        self.exact_rhs = exact_rhs
+        self._exact = exact_rhs
         self.curvature = _Curvature(problem, diagonal, cost)
         if upper_batch is None and exact_rhs is None:
             raise BilevelError("AdjointMap needs upper_batch or the exact right-hand side")
+
+    @property
+    def exact_rhs(self) -> Tensor | None:
+        """The exact ∇_w f per instance (None with upper minibatches)."""
+        exact = self._exact
+        return exact.values()[1] if isinstance(exact, _ExactUpper) else exact
 
     def draw(self, device: torch.device | str | None = None) -> Tensor:
         """A fresh lower minibatch of ``batch_size`` positions (nothing is counted)."""
@@ -1439,7 +1462,12 @@ class AdjointMap:
         rhs = self._local_rhs()
         if rhs is not None:
             parts.append(rhs)
-        reduced = _combined_all(*parts)
+        exact = self._exact
+        pending = exact.parts if isinstance(exact, _ExactUpper) else None
+        reduced = _combined_all(*parts, *(pending or ()))
+        if pending is not None:  # the exact upper terms, combined in the same all-reduce
+            exact.combine(reduced[len(parts) :])
+            reduced = reduced[: len(parts)]
         if rhs is None:
             return reduced, self.exact_rhs
         return reduced[:-1], reduced[-1]
@@ -1898,9 +1926,7 @@ class SID(HypergradientEstimator):
         w = low.x.detach()
 
         # stage 2: v_k
-        exact = None
-        if self.upper_batch is None:
-            losses, exact, grad_theta = _exact_upper(problem, w)
+        exact = None if self.upper_batch is not None else _ExactUpper(problem, w)
         psi = AdjointMap(
             problem,
             w,
@@ -1959,7 +1985,8 @@ class SID(HypergradientEstimator):
         if shard is not None:  # oracle calls of every process
             spent = [cost.grad_evals - counted[0], cost.hvps - counted[1], cost.vjps - counted[2]]
             parts.append((torch.tensor(spent, dtype=torch.float64), None))
-        reduced = iter(_combined_all(*parts))
+        pending = None if exact is None else exact.parts  # stage 2 made no product: here
+        reduced = iter(_combined_all(*parts, *(pending or ())))
         jtv = [None if j is None else next(reduced) for j in jtv]
         if self.upper_batch is not None:
             grad_theta = [next(reduced) for _ in params]
@@ -1967,6 +1994,10 @@ class SID(HypergradientEstimator):
         if shard is not None:
             spent = next(reduced).tolist()
             cost.grad_evals, cost.hvps, cost.vjps = (c + d for c, d in zip(counted, spent))
+        if exact is not None:
+            if pending is not None:
+                exact.combine(list(reduced))
+            losses, _, grad_theta = exact.values()
         grad = [gt if j is None else gt - (eta / n_inst) * j for gt, j in zip(grad_theta, jtv)]
         loss = float(losses.mean())
         for gr in grad:

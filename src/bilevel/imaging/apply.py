@@ -15,8 +15,9 @@ one pixel (a cheap denoiser, several times closer to x̂ than y: about 10 % fewe
 others from Aᵀy. With the default tolerance 2·10⁻⁴ the PSNR ended within 0.003 dB of that of
 the converged solution on the images measured for learned FoE runs (``docs/benchmarks.md``) and
 within 0.018 dB for the shipped ``crr16-sigma25`` on a smooth sky crop (smooth, high-PSNR
-images are the demanding ones; ``tests/test_pretrained.py`` holds 0.02 dB). ‖x − x̂‖ ≤ ‖∇ₓh‖/μ is the certified bound; the PSNR gap it allows is larger than
-the gaps observed. The image is taken as the measurement y, or, with ``--add-noise``, as a
+images are the demanding ones; ``tests/test_pretrained.py`` holds 0.02 dB).
+‖x − x̂‖ ≤ ‖∇ₓh‖/μ is the certified bound; the PSNR gap it allows is larger than the gaps
+observed. The image is taken as the measurement y, or, with ``--add-noise``, as a
 clean image that is first degraded as in training (y = A x + σ ε with the run's σ), so that
 PSNR and SSIM of y and of x̂ can be reported.
 ``--model NAME`` uses a shipped pretrained denoising model (``bilevel models``) in place of a

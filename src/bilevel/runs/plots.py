@@ -286,7 +286,8 @@ def image_grid(
     if not columns:
         raise BilevelError("image_grid needs at least one column")
     n = min(count, *(int(images.shape[0]) for _, images in columns))
-    fig = new_figure(cell * len(columns), cell * n + 0.5)
+    caption_height = 0.0 if captions is None else 0.3  # inches under each image
+    fig = new_figure(cell * len(columns), (cell + caption_height) * n + 0.7)
     axes = fig.subplots(n, len(columns), squeeze=False)
     for j, (name, images) in enumerate(columns):
         arr = images[:n].detach().clamp(0, 1).cpu().float().permute(0, 2, 3, 1).numpy()

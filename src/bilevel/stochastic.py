@@ -681,20 +681,21 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
         x_{s+1} = x_s − (β/λ̂) P⁻¹ g̃(x_s) + m (x_s − x_{s−1}),
 
     g̃ the control-variate gradient of :class:`VarianceReducedFixedPoint` (same anchor and
-    refresh), P = diag ∇²ĥ(x_0, θ; I) on a fresh minibatch at the start of every call (so that
-    it follows θ; exact from the problem's ``Diagonal`` when SID has one, else Hutchinson's
-    estimate), λ̂ = λ_max(P^{-½} Ĥ P^{-½}) by power iteration on one minibatch, refreshed with
-    the anchor. β (``step``, dimensionless) is a fraction of the step 1/λ̂, m ∈ [0, 1) the
-    heavy-ball momentum.
+    refresh), P = diag ∇²ĥ(x_0, θ; I) once per call (so that it follows θ; exact from the
+    problem's ``Diagonal`` when SID has one, else Hutchinson's estimate) on the minibatch of the
+    first step's gradient, whose rows are at hand (only that one step's direction depends on
+    both; every residual check draws fresh samples), λ̂ = λ_max(P^{-½} Ĥ P^{-½}) by power
+    iteration on one minibatch, refreshed with the anchor. β (``step``, dimensionless) is a
+    fraction of the step 1/λ̂, m ∈ [0, 1) the heavy-ball momentum.
 
-    Why preconditioned, and why from measured curvature: the map step η = 1/L of SID uses
-    the global bound L = c_ℓ‖X‖²/N + max_k λ_k, which for per-feature strengths is set by the
+    Why preconditioned, and why from measured curvature: the map step η = 1/L of SID uses the
+    global bound L = c_ℓ‖X‖²/N + max_k λ_k, which for per-feature strengths is set by the
     largest λ_k and the worst-case loss curvature: the Hessian at w(θ) can lie far below it, and
-    per-feature strengths spread over orders of magnitude as θ is learnt; steps 0.5/L then
-    crawl along every other coordinate. With P
-    the regulariser's spread is removed exactly, and 1/λ̂ is the step the data allow
-    (measurements: docs/benchmarks_hpo.md). Per iteration: two minibatch gradients; per call:
-    one minibatch diagonal; per refresh: one full gradient and ``power_iterations`` minibatch
+    per-feature strengths spread over orders of magnitude as θ is learnt; steps 0.5/L then crawl
+    along every other coordinate. With P the regulariser's spread is removed exactly, and 1/λ̂
+    is the step the data allow (measurements: docs/benchmarks_hpo.md). Per iteration: two
+    minibatch gradients; per call: one minibatch diagonal, on rows at hand (SID's stage 2 of the
+    same call reuses it); per refresh: one full gradient and ``power_iterations`` minibatch
     Hessian-vector products. The returned ``residual`` is η‖g̃‖ at the returned iterate, the
     units of ‖x − Φ(x)‖.
 
@@ -763,14 +764,15 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
             if self._anchor is None or self._since_refresh >= refresh:
                 self._take_anchor(x, theta, key)
                 self._refreshes += 1
-            g = self._gradient(phi, x, phi.draw(x.device))
+            idx = phi.draw(x.device)
+            g = self._gradient(phi, x, idx)
             if tol is not None:
                 residual = eta * _max_norm(g)
                 if residual <= tol:
                     t = s
                     break
-            if p is None:
-                p = phi.curvature.preconditioner(x, theta, phi.draw, phi.n)
+            if p is None:  # on the rows of this gradient, at hand
+                p = phi.curvature.preconditioner(x, theta, lambda _, i=idx: i, phi.n)
             if self._top is None or self._refreshes >= _CURVATURE_EVERY:
                 idx = phi.draw(x.device)
                 self._top = phi.curvature.top(x, theta, idx, phi.n, p, self.power_iterations)
@@ -821,10 +823,11 @@ class PreconditionedSVRGLinear:
     (w, θ, v) → (w̃, θ̃, ṽ), the anchor: a point with its full product H(w̃, θ̃)ṽ, taken at the
     first call and every ``refresh`` iterations (default ⌈N/b⌉) and kept across calls, as the
     lower anchor of :class:`VarianceReducedFixedPoint` (the same variance reduction for the
-    adjoint stage). P and λ̂ as in :class:`PreconditionedSVRG` (P at w on a minibatch per
-    call, λ̂ refreshed with the anchor). While the anchor lies at the current (w, θ) one
-    Hessian-vector product per iteration suffices (Ĥ(v − ṽ)), else two. ``residual`` is
-    ‖r̃‖ at the returned iterate (units of ∇_w f: the adjoint residual ‖H q − ∇_w f‖).
+    adjoint stage). P and λ̂ as in :class:`PreconditionedSVRG` (P at w on a minibatch per call,
+    or stage 1's P of the same SID call; λ̂ refreshed with the anchor). While the anchor lies at
+    the current (w, θ) one Hessian-vector product per iteration suffices (Ĥ(v − ṽ)), else two.
+    ``residual`` is ‖r̃‖ at the returned iterate (units of ∇_w f: the adjoint residual
+    ‖H q − ∇_w f‖).
 
     With ``cg_iterations`` > 0 (the default of ``bilevel hpo``) the iteration is instead a
     refinement with a sampled system, in rounds: the residual r at v is r̃(v) against the
@@ -837,8 +840,9 @@ class PreconditionedSVRGLinear:
     that does not decrease it is followed by an exact anchor. When a round misses both half
     the residual and the tolerance, the sampled system misled CG and the size of S doubles
     (up to N, where CG runs on H itself to the tolerance); the size is kept across calls.
-    The preconditioner is computed at the first round, so a warm start that already meets
-    the tolerance costs two minibatch products. ``iterations`` of the result are rounds (at
+    The preconditioner is stage 1's of the same SID call, else computed at the first round on
+    a fresh minibatch, so a warm start that already meets the tolerance costs two minibatch
+    products. ``iterations`` of the result are rounds (at
     most ``max_rounds``). The first derivative of a full Hessian graph is the full gradient
     ∇_w h(w, θ); :meth:`pop_full_gradient` returns it, and SID makes it the anchor of a
     variance-reduced stage 1 (:meth:`VarianceReducedFixedPoint.share_anchor`).
@@ -1030,18 +1034,17 @@ class PreconditionedSVRGLinear:
             if tol is not None and residual <= tol:
                 break
             rounds = s + 1
-            if p is None:
-                theta = psi.problem.theta
-                p = psi.curvature.preconditioner(psi.w, theta, psi.draw, n)
             b = self._batch
-            if b >= n:  # the whole sum: CG on H itself, to the tolerance at once
+            idx = None if b >= n else psi.sampler.draw(n, b, device=v.device)
+            if p is None:  # stage 1's of this call, else on a fresh minibatch
+                p = psi.curvature.preconditioner(psi.w, psi.problem.theta, psi.draw, n)
+            if idx is None:  # the whole sum: CG on H itself, to the tolerance at once
                 rtol = self.cg_rtol if tol is None else min(self.cg_rtol, 0.5 * tol / residual)
                 cap = max(self.cg_iterations, 2 * math.isqrt(v[0].numel()) + 10)
                 full = full or self._full_hessian(psi)
                 delta, used, cg_res = _pcg(full, r / eta, p, cap, rtol)
                 r_new = eta * cg_res  # exact: r − η H δ
             else:
-                idx = psi.sampler.draw(n, b, device=v.device)
                 delta, used, _ = _pcg(
                     psi.hessian(idx), r / eta, p, self.cg_iterations, self.cg_rtol
                 )

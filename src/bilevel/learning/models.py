@@ -864,17 +864,11 @@ class _PerFeatureL2(FiniteSumModel):
         coef = Wk[:, : self.n_features, :]
         return 0.5 * (self._strengths(theta) * coef**2).sum(dim=(1, 2))
 
-    def _intercept_strength(self) -> float:
-        """The fixed ℓ2 strength of the intercept row (0: not regularised)."""
-        return 0.0
-
     def _regulariser_diagonal(self, theta) -> Tensor:
-        """a = exp θ_k on the rows of feature k, the intercept's strength on its row."""
+        """a = exp θ_k on the rows of feature k (an intercept row: 0)."""
         d, K = self.n_features, self.n_out
-        a = torch.empty(d + int(self.fit_intercept), K, dtype=self.dtype, device=self.device)
+        a = torch.zeros(d + int(self.fit_intercept), K, dtype=self.dtype, device=self.device)
         a[:d] = self._strengths(theta.detach())[0]
-        if self.fit_intercept:
-            a[d] = self._intercept_strength()
         return a.reshape(self.event_shape)
 
     def _floor_theta(self, theta_lower: float | None) -> float:
@@ -1040,8 +1034,12 @@ class LogisticModel(_PerFeatureL2):
             reg = reg + 0.5 * self.intercept_l2 * (b**2).sum(dim=1)
         return reg
 
-    def _intercept_strength(self) -> float:
-        return self.intercept_l2
+    def _regulariser_diagonal(self, theta) -> Tensor:
+        """a = exp θ_k on the rows of feature k, γ_b on the intercept's row."""
+        a = super()._regulariser_diagonal(theta)
+        if self.fit_intercept:
+            a.reshape(-1, self.n_out)[self.n_features] = self.intercept_l2
+        return a
 
     def mu(self, theta: Tensor | None = None) -> float:
         """μ(θ) = min(min_k exp(θ_k), γ_b)."""

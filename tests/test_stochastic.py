@@ -1050,12 +1050,18 @@ def test_sampled_hessian_operator_is_the_minibatch_hessian_and_counts_every_prod
         assert cost.hvps - before == pytest.approx(3 * per_product)
 
 
-def test_adjoint_full_graph_gives_stage_one_its_anchor(ridge):
+@pytest.mark.parametrize("closed", [False, True])
+def test_adjoint_full_graph_gives_stage_one_its_anchor(ridge, closed):
     """The full Hessian graph that stage 2 builds for its anchor also holds ∇_w h(w, θ): SID
     hands it to the variance-reduced stage 1 as its anchor at w (closed form: X^T(Xw − y)/N
     + e^θ ⊙ w), so the next call from w measures the exact lower residual with no full
-    gradient (two minibatch gradients only)."""
-    sid = dataclasses.replace(_adaptive_sid(ridge, batch=20), step=0.1)  # no power iteration
+    gradient (two minibatch gradients only); with autograd's graph or the model's closed-form
+    sample Hessian, whose first product yields the gradient."""
+    sid = dataclasses.replace(
+        _adaptive_sid(ridge, batch=20),
+        step=0.1,  # no power iteration
+        sample_hessian=ridge.lower_sample_hessian if closed else None,
+    )
     state, problem = sid.init_state(), ridge.problem  # one problem: the anchors are kept
     w0 = torch.zeros(1, ridge.X_train.shape[1], dtype=torch.float64)
     first = sid(problem, None, w0, lower_tol=1e-3, adjoint_tol=1e-6, state=state)

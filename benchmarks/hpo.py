@@ -17,9 +17,10 @@ onto [-10, 1]; the hypergradients come from the library defaults of ``bilevel hp
   minibatch estimate of ‖∇_w h‖ (stage 1) or of the adjoint residual (stage 2) meets the same
   ε_k = δ_k as AID-CG's (at most 200 iterations); stage 1 Jacobi-preconditioned SVRG with
   steps 0.5/λ̂ from the measured curvature and heavy-ball momentum 0.5, stage 2 CG
-  refinement on minibatch Hessians; a rise of F above its start by more than the evaluation
-  noise tightens the tolerances. Also the previous default (t = k = 3 SVRG / plain steps of
-  0.5/L, ``PREVIOUS_SID``) on digits, and seed 1 on the 200 000-sample set;
+  refinement on minibatch Hessians, minibatch gradients and Hessian products in closed form
+  (``FiniteSumModel.lower_sample_hessian``); a rise of F above its start by more than the
+  evaluation noise tightens the tolerances. Also the previous default (t = k = 3 SVRG /
+  plain steps of 0.5/L, ``PREVIOUS_SID``) on digits, and seed 1 on the 200 000-sample set;
 * ``aid-cg``: L-BFGS lower solve and conjugate gradients, warm-started, to absolute tolerances
   ε_k = δ_k = 10⁻² g₀/√(k+1), floored at 10⁻⁴ g₀ (float64) or 10⁻³ g₀ (float32);
 * ``itd``: 20 differentiated full-batch gradient steps from the previous lower iterate;
@@ -43,7 +44,8 @@ final F (within 1 % on digits and MNIST) in at most 1× (digits, MNIST), 0.2× (
 1/3 (sparse) of AID-CG's time to it. ‖X‖₂² (the Lipschitz bound's power iteration) is
 computed before each timed run. Writes a markdown report and a PNG next to it. About 30
 minutes on 2 cores, one torch thread; ``--cache DIR`` runs the sets one at a time and
-reports them together.
+reports them together, and keeps each set's start point (the grid: minutes on the sparse set)
+for later runs and probes.
 
 Fixed-step probes (``--probe STEPS --cache DIR --only SETS``, after the runs): the same
 number of upper steps for AID-CG and several SID configurations (:data:`PROBES`), reporting F
@@ -580,82 +582,91 @@ def _method_table(r: dict[str, Any], setting: Setting) -> list[str]:
 
 #: The load of the machine during the recorded runs (stated in the report).
 LOAD = (
-    "heavily loaded during these runs (load averages 6 to 13; a probe's wall time was up to "
-    "5 times its CPU time)"
+    "loaded during these runs (load averages 1.5 to 7; a probe's wall time was up to 1.9 "
+    "times its CPU time)"
 )
 
 NOTES = """## Reading the results
 
 - **F does not rise under SID.** The fixed-count SID (t = k = 3 steps of 0.5/L; rows
   "previous default") cannot follow w(θ) and the adjoint when L/μ is in the thousands: on
-  digits its F ends above the start (0.1328 → 0.1358 in this run, 0.1419 after 150 steps in
-  the probe). The adaptive SID chooses t and k per step from its measured residuals against
-  the same ε_k, δ_k as AID-CG, so its hypergradient has the accuracy of an inexact AID step;
+  digits it lowers F little in this run (0.1328 → 0.1223) and raises it over the 150 steps
+  of the probe (0.1419). The adaptive SID chooses t and k per step from its measured
+  residuals against the same ε_k, δ_k as AID-CG, so its hypergradient has the accuracy of an
+  inexact AID step;
   its F fell on all four sets and the rise guard never had to act. The stage solvers' gains
   on ill-conditioned problems are measured in docs/benchmarks_sid.md ("Stage solvers").
-- **New in this version: stage 1 takes its anchor from stage 2.** The adjoint stage builds a
-  full Hessian graph at (w, θ) for its anchor (or for CG on the whole sum), and the first
-  derivative of that graph is the full gradient ∇_w h(w, θ). SID hands it to the
-  variance-reduced stage 1 as its anchor, at the point where the next call starts: the
-  next residual check is exact there for the per-feature models (θ enters only the
-  regulariser, whose part the control variate cancels), stage 1 almost never computes a full
-  gradient itself, and its minibatch noise stays small. On the 200 000-sample set (150 steps
-  from the same start, measured as in the probe, before → after): t 3.11 → 1.19 per step,
-  minibatch gradients 1234 → 658, full gradients 16 → 1, oracle calls 140.9 → 106.8, F after
-  the steps 0.292011 → 0.292010, CPU time per step 79.8 → 72.5 ms (machine loaded). On MNIST
-  stage 1 now meets ε_k at once at every step (mean t 0.0, against 23.9 in the previous
-  recorded run, whose minibatch estimates, taken far from the anchor, carried the control
-  variate's noise).
-- **The 200 000-sample set: missed (ratio 0.43 against the target 0.2; seed 1: 0.36).** What
-  happened to the 0.18 that the fixed-count SID measured before adaptive accuracy: (1) per
-  upper step all methods make the same progress here: after 150 steps F is 0.292007 (AID-CG),
-  0.292010 (SID) and 0.292045 (fixed-count SID) in the probe, and SID needed 160 steps to
-  AID-CG's final F against AID-CG's 153. On this well-conditioned set the upper level's
-  progress per step is set by Adam's steps, not by the hypergradient's accuracy, so the time
-  ratio is the ratio of the costs per step. (2) AID-CG's step became cheaper since that run
-  (287 ms per step then, 238 ms in the previous recorded run: leaner CG), so it gets further
-  in its 60 s and its final F, the level SID must reach, is lower. (3) The adaptive SID's step
-  costs more than the fixed-count one: 65.6 against 44.3 CPU ms per step in the probe (AID-CG
-  153.6). The difference is the price of an accuracy guarantee: every stage measures its
-  residual (two minibatch products per check), and the adjoint's variance-reduced residual
-  needs an anchor with one full Hessian product after every ⌈N/b⌉ minibatch products (about
-  every fourth step here). Without them the fixed-count SID has no ε_k (on an ill-conditioned
-  ridge its error exceeds ∇F itself, tests/test_stochastic.py); with them the estimate's noise
-  sets the work: minibatches of 2048 or 8192 instead of 4096 cost 97.1 and 96.2 ms per step in
-  the probe, and renewing the adjoint anchor 10 or 100 times less often raised the adjoint
-  rounds per step from 0.64 to 1.53 and 3.94 (150 steps, measured as in the probe before the
-  change above). The fixed-count SID itself reaches the level at 0.22 of AID-CG's time in this
-  run. A ratio of 0.2 needs an SID step at about 0.2 of AID-CG's, below even the fixed-count
-  step here; both methods compute the exact validation gradient over 40 000 rows (a third of a
-  full training gradient) at every step, which only an upper-level minibatch would avoid (not
-  used, since the adjoint's δ_k then has to absorb the upper-level noise).
-- **Small sets (digits, MNIST): missed, SID is slower than AID-CG there.** On digits an SID
-  step costs 3.0 times AID-CG's CPU time (43.7 against 14.7 ms in the probe) and gains a
-  little less per step (F 0.053242 against 0.050156 after 150 steps): a minibatch of 394 of
-  the 1079 samples costs about as much as the full sum, SVRG evaluates two minibatch
+- **New in this version: the cost of an SID step.** Where the CPU time of one SID step went
+  on the 200 000-sample set (150 probe steps from the common start; CPU time inside each
+  part, measured by wrapping the functions, nested parts included in their callers; previous
+  code → this code, two interleaved pairs at load 1.5 to 3.6): the step 75.3 → 58.1 and 67.7
+  → 53.9 ms; in the second pair stage 1 16.1 → 10.5 ms (its SVRG gradient pairs 11.5 → 7.4),
+  stage 2 39.0 → 29.6 (the warm start's variance-reduced residual 7.5 → 5.1), the exact
+  validation gradient 9.7 → 10.3 (unchanged code), row gathers 10.6 → 7.1 ms (9.95 → 5.59
+  per step), index draws 3.7 → 3.4 ms (6.8 → 5.6 per step), Jacobi diagonals 4.7 → 1.7 ms
+  (1.34 → 0.81 per step); t and k per step 1.19 / 0.63 → 1.31 / 0.63, F after the steps
+  0.292010 → 0.292009. The previous step built an autograd graph
+  for every minibatch gradient and Hessian product (a forward and a backward pass over the
+  rows, then two more for the product), gathered the rows of one minibatch once per energy
+  (the SVRG pair at the iterate and at the anchor, the adjoint residual's two products, the
+  diagonal), and computed a Jacobi preconditioner on a fresh minibatch in each stage. Now
+  (1) the models give the minibatch gradient and Hessian products in closed form
+  (`FiniteSumModel.lower_sample_hessian`, SID's `sample_hessian`): one product with the rows
+  for the scores of w and of the vector (`F.linear` with the vectors as rows: X W with W of
+  shape 300 × 2 took 4 to 5 times as long as X w on the 120 000 rows in a measurement here,
+  F.linear(X, Wᵀ) 1 to 2 times) and one back-projection for the gradient and the product
+  together: the full-data anchor of stage 2 takes two passes over the 120 000 rows instead
+  of four; (2) a model keeps the rows of its last minibatch index, so each minibatch is
+  gathered once; (3) stage 1 computes its preconditioner on the rows of its first gradient
+  and stage 2 reuses it. The values are those of autograd (tests: the closed
+  form against autograd's derivatives for six models, SID with both giving the same t, k and
+  hypergradients); what SID measures and certifies is unchanged: every residual check draws
+  fresh samples, ε_k and δ_k keep their meaning, the anchors are those of before.
+- **The 200 000-sample set: missed, closer (ratio 0.24 against the target 0.2, 0.43 in the
+  previous recorded run; seed 1: 0.31, before 0.36).** Per upper step all methods make the
+  same progress here (after 150 steps F is 0.292007 for AID-CG, 0.292009 for SID and 0.292045
+  for the fixed-count SID in the probe; SID needed 220 steps to AID-CG's final F against
+  AID-CG's 219), so the time ratio is that of the costs per step. The probe's CPU time per
+  step over the first 150 steps: SID 49.1 ms against AID-CG 169.0 (0.29; before 65.6 against
+  153.6, 0.43). Over its whole run SID's step cost 41 ms against AID-CG's 276 (0.15), but its
+  first 220 steps, to the level, took 14.8 s (67 ms per step; why the early steps cost more
+  was not analysed), so the target is missed by a fifth (seed 0) to a half (seed 1). What
+  remains per step is mostly memory traffic over data that both methods must read: the
+  exact validation gradient over 40 000 rows (a forward and a backward pass, about 10 ms of
+  the step), the full-data anchor of the adjoint (two passes over 120 000 rows, about every
+  fourth step) and the gathers of the minibatches. An upper-level minibatch would remove the
+  first, but its noise would have to enter δ_k; not done. The fixed-count SID (no accuracy
+  guarantee) reaches the level at 0.30 of AID-CG's time in this run (36.0 CPU ms per step in
+  the probe).
+- **Small sets (digits, MNIST).** Digits: missed, as before: SID's step costs 2.5 times
+  AID-CG's CPU time in the probe (31.1 against 12.3 ms; before 43.7 against 14.7) for a
+  little less progress per step (F 0.053251 against 0.050156 after 150 steps): a minibatch of
+  394 of the 1079 samples costs about as much as the full sum, SVRG evaluates two minibatch
   gradients per iteration, and L-BFGS needs fewer full-batch iterations than preconditioned
-  first-order steps. Growing the minibatches when the noise dominates ε_k turns SID into a
-  full-batch method with a first-order lower solver: with b = N it costs 56.5 ms per step
-  for the same F (0.053578): no gain, and not pursued. On MNIST (7850 unknowns, minibatches
-  of 929 rows) a minibatch Hessian is singular on most of the space, so stage 2 grows its
-  sample to all 6000 rows and runs CG on the full Hessian as AID-CG does; stage 1 no longer
-  costs anything (t = 0), but SID spent 36 oracle calls per step against AID-CG's 17 (its CG
-  solves the correction to half the tolerance, and its first rounds run on samples smaller
-  than the set, which grow only after a round misses): 4 steps against AID-CG's 11 in this
-  loaded run. Minibatches buy nothing where the full sum is cheap; `bilevel hpo` picks
-  AID-CG below `SID_MIN_TRAIN` training samples.
-- **The sparse 10⁶ × 1000 set: missed in this run (ratio 0.40 against 1/3; the previous
-  recorded run measured 0.21), on weak evidence either way.** At the best common strength (λ =
-  e⁻¹⁰, the end of the box) F hardly depends on θ: it moves in the fifth digit (0.476122 →
-  0.476109 for AID-CG after 24 steps, → 0.476099 for SID after 35) and the test accuracy not
-  at all. SID needed 25 steps to AID-CG's final F against AID-CG's 24, so the ratio is that of
-  the time per step: 1.51 against 3.81 s here (0.40), 1.26 against 4.2 s in the previous run
-  (0.30), on a machine whose load changed during and between the runs. A step of each method
-  costs seconds here, so a few steps more or less, and the load, move the ratio across the
-  target.
+  first-order steps; full batches (b = N) cost 36.6 ms per step for the same F (0.053587).
+  MNIST: met in this run (ratio 0.68; missed in the previous recorded run, with 4 SID steps
+  against AID-CG's 11): SID made 22 steps in 15.1 s against AID-CG's 14 in 15.5 s, 689 ms
+  per step against 1110 (before 4062 against 1408), and reached a lower F (0.205926 against
+  0.223291); its stage 1 iterated (mean t 33.9, against 0.0 over the 4 steps of the previous
+  run; not analysed further). One run on a loaded machine: weak evidence that SID is faster
+  on MNIST; `bilevel hpo` keeps AID-CG below `SID_MIN_TRAIN` training samples.
+- **The sparse 10⁶ × 1000 set: met in this run (ratio 0.22 against 1/3, i.e. 4.5 times
+  faster; the previous recorded run measured 0.40, the one before 0.21), on weak evidence.**
+  At the best common strength (λ = e⁻¹⁰, the end of the box) F hardly depends on θ: it moves
+  in the fifth digit (0.476122 → 0.476106 for AID-CG after 31 steps, → 0.476098 for SID after
+  37) and the test accuracy not at all. Per step SID cost 1.30 s against AID-CG's 2.96 (0.44;
+  before 1.51 against 3.81); it reached AID-CG's final F at its 30th step, after 20.6 s, so
+  its early steps cost less than its later ones. A few steps more or less, and the load, move
+  the ratio across the target. On this set the products with the transpose of the CSR matrix
+  (Xᵀr, the backward pass of Xw) dominate both methods: on a random CSR matrix of the same
+  shape and density, torch took 3.1 to 5.9 s for Xᵀr over 600 000 rows against 32 to 36 ms
+  for Xw (a scatter-add: 0.65 to 0.7 s). A faster transposed product would shorten the steps
+  of both methods; it is left alone here (the closed form of SID uses the same product as
+  autograd).
 - **The size rule.** SID reached AID-CG's final F sooner on the two large sets (120 000 and
-  600 000 training samples) and not at all within the budget on the small ones (1 079 and
-  6 000): `bilevel hpo` keeps using SID from 100 000 training samples on (`SID_MIN_TRAIN`).
+  600 000 training samples) and on MNIST (6 000) in this run, not on digits (1 079):
+  `bilevel hpo` keeps using SID from 100 000 training samples on (`SID_MIN_TRAIN`); one MNIST
+  run does not move the rule.
 - **ITD** differentiates 20 full-batch gradient steps per upper step: the most expensive
   step, and a truncated, biased hypergradient when L/μ is large (on digits it lowers F far
   less than AID-CG).
@@ -695,8 +706,9 @@ def report(results: dict[str, Any], splits: list[dict[str, float]], args, second
         "(evaluation time not counted). SID: minibatch 12√N (≤ 4096), t and k adaptive to "
         "the same ε_k, δ_k as AID-CG (at most 200), Jacobi-preconditioned SVRG with momentum "
         "0.5 for w (its anchor the full gradient from the adjoint stage's full Hessian graphs) "
-        "and CG refinement on minibatch Hessians for the adjoint, tolerances tightened when F "
-        "rises above its start. AID-CG: "
+        "and CG refinement on minibatch Hessians for the adjoint, gradients and Hessian "
+        "products of the training loss in closed form, tolerances tightened when F rises "
+        "above its start. AID-CG: "
         "warm-started L-BFGS + CG to ε_k = δ_k = 10⁻² g₀/√(k+1) (floor 10⁻⁴ g₀, float32 "
         "10⁻³ g₀). ITD: 20 unrolled full-batch steps, warm-started. "
         "Test accuracy '(train)': w(θ) trained on the training part; '(refit)': w refitted on "

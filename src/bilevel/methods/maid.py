@@ -50,6 +50,7 @@ from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel, batch_norm
 from bilevel.bounds import as_float64, rounding_margin
 from bilevel.hypergrad import EstimatorState, Hypergradient, HypergradientEstimator, Implicit
+from bilevel.linear import CG
 from bilevel.methods.budget import Budget
 from bilevel.methods.engine import Engine, Method, Stop
 from bilevel.methods.optim import Projection, apply_projection, load_params, snapshot
@@ -199,6 +200,9 @@ class _LineSearch(Method):
         grad_tol: stop ("converged") once ‖z‖ + ω ≤ grad_tol, which certifies
             ‖∇F(θ)‖ ≤ grad_tol; 0 disables the test.
         projection: optional P applied to each trial point.
+        refine_iterations: below float64, conjugate-gradient steps of the float64 Newton
+            correction that tightens the line search's certified values (see
+            :func:`_certified`; counted as oracle calls); 0 disables it.
     """
 
     estimator: HypergradientEstimator = field(default_factory=Implicit)
@@ -209,6 +213,7 @@ class _LineSearch(Method):
     decrease: float = 1e-4
     grad_tol: float = 0.0
     projection: Projection | None = None
+    refine_iterations: int = 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.estimator, HypergradientEstimator):
@@ -226,6 +231,14 @@ class _LineSearch(Method):
         ):
             raise BilevelError(
                 f"max_backtracks must be a positive integer, got {self.max_backtracks!r}"
+            )
+        if (
+            isinstance(self.refine_iterations, bool)
+            or not isinstance(self.refine_iterations, int)
+            or self.refine_iterations < 0
+        ):
+            raise BilevelError(
+                f"refine_iterations must be a non-negative integer, got {self.refine_iterations!r}"
             )
         _check("growth", self.growth, 1.0, math.inf, closed_low=True)
         _check("decrease", self.decrease, 0.0, math.inf)
@@ -324,7 +337,7 @@ class _Pending:
     alpha: float = 0.0
     trials: int = 0
     finished: tuple[str, str] | None = None
-    exhausted: bool = False
+    exhausted: str | None = None  # why the budget ended the step early
 
 
 def _upper_values(
@@ -379,6 +392,79 @@ def _lower_grad_norm(lower: LowerLevel, x: Tensor, computed: Tensor) -> Tensor:
     return computed + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + computed)
 
 
+@dataclass
+class _Certified:
+    """Per-instance bounds ``low`` ≤ f_i(x̂_i(θ)) ≤ ``high`` and ``value``, f_i at the point
+    whose bounds were used (the first-order guess of f_i(x̂_i))."""
+
+    low: Tensor
+    high: Tensor
+    value: Tensor
+
+
+def _certified(
+    problem: BilevelProblem,
+    batch: Batch,
+    cost: Cost,
+    x: Tensor,
+    dist: Tensor,
+    mu: Tensor,
+    l_f: Tensor | float,
+    refine: int,
+) -> _Certified:
+    """Bounds on f_i(x̂_i) from a point x̃_i with certified distance ‖x̃_i − x̂_i‖ ≤ ``dist``.
+
+    With f_i convex and ∇ₓf_i L_f-Lipschitz, for any point p_i with ‖p_i − x̂_i‖ ≤ ε_i,
+
+        f_i(p_i) − ‖∇ₓf_i(p_i)‖ε_i ≤ f_i(x̂_i) ≤ f_i(p_i) + ‖∇ₓf_i(p_i)‖ε_i + L_f ε_i²/2.
+
+    p = x̃ gives the plain bounds (f_i, ‖∇ₓf_i‖ in float64, :func:`_upper_values`). Below
+    float64 with ``refine`` > 0, the bounds are also taken at the float64 point
+    x̄ = x̃ + d, d from ``refine`` conjugate-gradient steps on ∇²h(x̃) d = −∇h(x̃) (a Newton
+    correction, all in float64), with ε̄_i = (‖∇h_i(x̄_i)‖ + rounding)/μ_i: a certificate for
+    any d, so the CG accuracy decides only how tight it is. ‖x̃ − x̂‖ cannot fall much below
+    the float32 spacing of x̃, and ‖∇h(x̃)‖/μ overstates it by up to the condition number of
+    ∇²h (rounding excites the stiff components), so ε at x̃ stalls at a float32 floor of
+    about L·u·‖x‖/μ; x̄ has no such floor. The larger lower bound and the smaller upper bound
+    of the two are returned. Cost (counted): per instance two gradients and ``refine`` + 2
+    Hessian-vector products.
+    """
+    losses, gnorm, rounding = _upper_values(problem, x, batch)
+    dist = dist.to(losses)
+    out = _Certified(
+        low=losses - gnorm * dist - rounding,
+        high=losses + gnorm * dist + 0.5 * l_f * dist**2 + rounding,
+        value=losses,
+    )
+    if refine <= 0 or x.dtype == torch.float64:
+        return out
+    try:
+        lower = LowerLevel(problem, as_float64(batch), cost)
+        x64 = x.detach().double()
+        op = lower.hessian(x64)
+        grad = op.gradient
+        if grad.dtype != torch.float64:
+            return out
+        d = CG(max_iter=refine).solve(op.matvec, -grad, 1e-6 * batch_norm(grad)).solution
+        x_bar = x64 + d
+        _, g_bar = lower.value_and_grad(x_bar)
+        g_norm = batch_norm(g_bar)
+        h_norm = g_norm + rounding_margin(x64, 2 * batch_norm(op.full_matvec(x_bar)) + g_norm)
+        at = _upper_values_in(problem, x_bar, as_float64(batch))
+    except (RuntimeError, TypeError, BilevelError):  # no float64 evaluation: plain bounds
+        return out
+    eps = h_norm / mu.to(h_norm)
+    losses, gnorm, rounding = at
+    low = losses - gnorm * eps - rounding
+    high = losses + gnorm * eps + 0.5 * l_f * eps**2 + rounding
+    better = low > out.low
+    return _Certified(
+        low=torch.maximum(out.low, low),
+        high=torch.minimum(out.high, high),
+        value=torch.where(better, losses, out.value),
+    )
+
+
 def _regulariser(problem: BilevelProblem) -> float:
     if problem.upper_regulariser is None:
         return 0.0
@@ -401,6 +487,7 @@ class _LineSearchEngine(Engine):
             estimator_state = cfg.estimator.init_state()
         self.estimator_state = estimator_state
         self.budget_calls = None if budget is None else budget.oracle_calls
+        self.budget_time = None if budget is None else budget.wall_time
         self.name = type(cfg).__name__.lower()
         self.n = n = len(samples)
         # data parallel (bilevel.distributed): this process's instances, reduced sums
@@ -436,10 +523,24 @@ class _LineSearchEngine(Engine):
         if self.finished is not None:
             raise Stop(*self.finished)
 
-    def _spent(self, cost: float) -> bool:
-        """Whether the oracle-call budget is spent with ``cost`` more calls of this step (the
-        run loop then stops before the next step)."""
-        return self.budget_calls is not None and self.cost + cost >= self.budget_calls
+    def _spent(self, cost: float) -> str | None:
+        """Which budget is spent with ``cost`` more oracle calls of this step, as a message
+        (None: neither). Oracle calls, and the run's seconds when it has a wall-time limit (rank
+        0's clock decides for every process); the run loop then stops before the next step."""
+        total = self.cost + cost
+        if self.budget_calls is not None and total >= self.budget_calls:
+            return f"oracle-call budget reached ({total:g} >= {self.budget_calls})"
+        if self.budget_time is None or self.seconds is None:
+            return None
+        seconds = self.seconds()
+        over = seconds >= self.budget_time
+        if self.shard is not None:
+            over = self.shard.agree(over)
+        return (
+            f"wall-time budget reached ({seconds:.1f} s >= {self.budget_time:g} s)"
+            if over
+            else None
+        )
 
     # -- compute ---------------------------------------------------------------------------
 
@@ -499,8 +600,9 @@ class _LineSearchEngine(Engine):
             refined = policy.refine(eps, delta, znorm, omega)
             if refined is None:
                 break
-            if self._spent(cost):
-                return _Pending(hg, eps, delta, cost, exhausted=True)
+            reason = self._spent(cost)
+            if reason is not None:
+                return _Pending(hg, eps, delta, cost, exhausted=f"{reason}, before a recomputation")
             if isinstance(refined, str):
                 return _Pending(hg, eps, delta, cost, finished=("stalled", refined))
             eps, delta = refined
@@ -518,23 +620,37 @@ class _LineSearchEngine(Engine):
         l_f_default = 1.0 if l_f_report is None else l_f_report.value
         if self.shard is not None:
             l_f_default = self.shard.extreme(l_f_default, largest=True)
-        losses, gnorm, rounding = _upper_values(problem, hg.x, self.batch)
-        eps_old = torch.nan_to_num(hg.eps, nan=math.inf).to(losses.dtype)
-        old = self._mean(float((losses - gnorm * eps_old - rounding).sum()))
-        old += _regulariser(problem)
+
+        def lipschitz(x: Tensor) -> Tensor | float:
+            l_f = evaluate_constant("upper_grad_lipschitz", stated_lf, problem.theta, self.batch, x)
+            return l_f_default if l_f is None else l_f.to(torch.float64)
+
+        def moduli(x: Tensor) -> Tensor:
+            values = problem.mu_values(self.batch, x)
+            if values is None:  # the estimator's μ (the smallest over instances)
+                return torch.full((x.shape[0],), float(hg.mu), dtype=x.dtype, device=x.device)
+            return values
+
+        trial_cost = Cost()
+        eps_old = torch.nan_to_num(hg.eps, nan=math.inf)
+        refine = cfg.refine_iterations
+        old_bounds = _certified(
+            problem, self.batch, trial_cost, hg.x, eps_old, moduli(hg.x), lipschitz(hg.x), refine
+        )
+        old = self._mean(float(old_bounds.low.sum())) + _regulariser(problem)
         z_sq = hg.norm**2
         # ⟨∇F(θ), z⟩ ≤ ‖z‖(‖z‖ + ω): a trial whose first-order decrease α‖z‖(‖z‖ + ω) − cα‖z‖²
-        # falls short of the old side's inexactness mean_i ‖∇ₓf_i‖ε_i cannot pass the test
+        # falls short of the old side's inexactness mean_i (f_i − low_i) cannot pass the test
         # unless F curves downwards; it and the smaller trials after it are not solved for
-        slack = self._mean(float((gnorm * eps_old + rounding).sum()))
+        slack = self._mean(float((old_bounds.value - old_bounds.low).sum()))
         reach = hg.norm * (hg.norm + float(hg.bound)) - cfg.decrease * z_sq
         theta0 = snapshot(self.params)
-        trial_cost = Cost()
         try:
             for i in range(cfg.max_backtracks):
                 trial_calls = self._mean(trial_cost.oracle_calls) * self.n  # all processes
-                if self._spent(p.cost + trial_calls):
-                    p.exhausted = True
+                reason = self._spent(p.cost + trial_calls)
+                if reason is not None:
+                    p.exhausted = f"{reason}, within the line search after {i} trials"
                     break
                 alpha = self.alpha * cfg.backtrack**i
                 if alpha * reach < slack:
@@ -551,16 +667,12 @@ class _LineSearchEngine(Engine):
                     if self.shard is not None:
                         self._mean(math.nan)  # every process rejects the trial
                     continue  # the trial point is unusable: backtrack
-                new_losses, new_gnorm, new_rounding = _upper_values(problem, sol.x, self.batch)
-                mu_new = problem.mu_values(self.batch, sol.x)
-                mu_new = torch.full_like(sol.grad_norm, hg.mu) if mu_new is None else mu_new
-                dist = (_lower_grad_norm(lower, sol.x, sol.grad_norm) / mu_new).to(new_losses)
-                l_f = evaluate_constant(
-                    "upper_grad_lipschitz", stated_lf, problem.theta, self.batch, sol.x
+                mu_new = moduli(sol.x).to(sol.grad_norm)
+                dist = _lower_grad_norm(lower, sol.x, sol.grad_norm) / mu_new
+                bounds = _certified(
+                    problem, self.batch, trial_cost, sol.x, dist, mu_new, lipschitz(sol.x), refine
                 )
-                l_f = l_f_default if l_f is None else l_f.to(new_losses)
-                upper = new_losses + new_gnorm * dist + 0.5 * l_f * dist**2 + new_rounding
-                new = self._mean(float(upper.sum())) + _regulariser(problem)
+                new = self._mean(float(bounds.high.sum())) + _regulariser(problem)
                 if math.isfinite(new) and new <= old - cfg.decrease * alpha * z_sq:
                     p.accepted, p.alpha = True, alpha
                     p.theta, p.x = snapshot(self.params), sol.x.detach()
@@ -577,12 +689,16 @@ class _LineSearchEngine(Engine):
         self.cost += p.cost
         record = self.step_record(hg, p.eps, p.delta, p.alpha, self.distance)
         record.update(accepted=p.accepted, backtracks=p.trials, certified=hg.bound_certified)
+        if p.exhausted is not None:
+            record["budget_stop"] = p.exhausted
         self.adjoint = None if hg.adjoint is None else hg.adjoint.detach().clone()
         if p.finished is not None:
             self.finished = p.finished
             self.x_warm = hg.x.detach().clone()
             self.tol, self.adjoint_tol = p.eps, p.delta
-        elif p.exhausted:  # the budget ran out within the step: θ and accuracies are kept
+        elif (
+            p.exhausted is not None
+        ):  # the budget ran out within the step: θ and accuracies are kept
             self.x_warm = hg.x.detach().clone()
         elif p.accepted:
             load_params(self.params, p.theta)

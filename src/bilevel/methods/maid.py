@@ -16,9 +16,15 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
    the margin a lower bound on F(θ) (f_i convex in x), so an accepted step certainly
    decreases the true F. Below float64, f_i, ‖∇ₓf_i‖ and the trial's ‖∇ₓh_i‖ (hence ε⁺_i) are
    evaluated in float64 at the computed points (else they carry the rounding margin of the
-   working precision), so that rounding cannot fake a decrease. Trials whose first-order
-   decrease α‖z‖(‖z‖ + ω) − cα‖z‖² cannot cover the old side's mean_i ‖∇ₓf_i‖ε_i are not
-   solved for (the line search fails at once and the accuracy is tightened). L_f and μ come
+   working precision), so that rounding cannot fake a decrease; and since ε_i = ‖∇ₓh_i‖/μ
+   cannot fall below a float32 floor (about L·u·‖x‖/μ, the stiff components of the rounding
+   error), the same bounds are also taken at the float64 point x̄_i = x̃_i + d_i, d_i a few
+   conjugate-gradient steps of the Newton correction ∇²h d = −∇h(x̃) (``refine_iterations``;
+   ε̄_i = ‖∇ₓh_i(x̄_i)‖/μ certifies x̄_i for any d_i), and the tighter of the two is used on
+   each side (:func:`_certified`). The heavy solves stay in the working precision. Trials
+   whose first-order decrease α‖z‖(‖z‖ + ω) − cα‖z‖² cannot cover the old side's
+   inexactness mean_i (f_i − lower bound_i) are not solved for (the line search fails at
+   once and the accuracy is tightened). L_f and μ come
    from the one place that states them: the estimator's
    ``stated_constants().upper_grad_lipschitz`` (else the value the bound computed or
    estimated, ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a
@@ -31,9 +37,11 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
 schedule ε_k, δ_k with the same line search. The two share one engine and differ only by
 their :class:`AccuracyPolicy` (:class:`AdaptiveAccuracy`, :class:`ScheduledAccuracy`).
 Every oracle call is counted, including those of rejected trials, of recomputations at
-tighter accuracy and of the error bound's constants; an oracle-call budget is checked before
-each recomputation and each trial, so that a step stops where the budget runs out (θ and the
-accuracies are then kept).
+tighter accuracy, of the error bound's constants (power iterations, the a-posteriori solves:
+``Cost.bound_products``) and of the float64 Newton corrections; the oracle-call and wall-time
+budgets are checked before each recomputation and each trial, so that a step stops where the
+budget runs out (θ and the accuracies are then kept, and the step's record says why under
+``budget_stop``).
 """
 
 from __future__ import annotations

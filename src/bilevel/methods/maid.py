@@ -429,13 +429,15 @@ def _certified(
     p = x̃ gives the plain bounds (f_i, ‖∇ₓf_i‖ in float64, :func:`_upper_values`). Below
     float64 with ``refine`` > 0, the bounds are also taken at the float64 point
     x̄ = x̃ + d, d from ``refine`` conjugate-gradient steps on ∇²h(x̃) d = −∇h(x̃) (a Newton
-    correction, all in float64), with ε̄_i = (‖∇h_i(x̄_i)‖ + rounding)/μ_i: a certificate for
+    correction: the right-hand side ∇h(x̃) in float64, the Hessian products in the working
+    precision), with ε̄_i = (‖∇h_i(x̄_i)‖ + rounding)/μ_i, ∇h(x̄) in float64: a certificate for
     any d, so the CG accuracy decides only how tight it is. ‖x̃ − x̂‖ cannot fall much below
     the float32 spacing of x̃, and ‖∇h(x̃)‖/μ overstates it by up to the condition number of
     ∇²h (rounding excites the stiff components), so ε at x̃ stalls at a float32 floor of
     about L·u·‖x‖/μ; x̄ has no such floor. The larger lower bound and the smaller upper bound
-    of the two are returned. Cost (counted): per instance two gradients and ``refine`` + 2
-    Hessian-vector products.
+    of the two are returned. Cost (counted): per instance two float64 gradients, one in the
+    working precision (the Hessian's graph) and at most ``refine`` + 1 Hessian-vector
+    products.
     """
     losses, gnorm, rounding = _upper_values(problem, x, batch)
     dist = dist.to(losses)
@@ -447,17 +449,21 @@ def _certified(
     if refine <= 0 or x.dtype == torch.float64:
         return out
     try:
-        lower = LowerLevel(problem, as_float64(batch), cost)
+        lower64 = LowerLevel(problem, as_float64(batch), cost)
         x64 = x.detach().double()
-        op = lower.hessian(x64)
-        grad = op.gradient
+        _, grad = lower64.value_and_grad(x64)
         if grad.dtype != torch.float64:
             return out
-        d = CG(max_iter=refine).solve(op.matvec, -grad, 1e-6 * batch_norm(grad)).solution
-        x_bar = x64 + d
-        _, g_bar = lower.value_and_grad(x_bar)
+        # d in the working precision: any d is certified, and its own rounding (relative u
+        # of d, a small vector) is far below the float64 residual it removes
+        op = LowerLevel(problem, batch, cost).hessian(x)
+        rhs = -grad.to(x.dtype)
+        d = CG(max_iter=refine).solve(op.matvec, rhs, 1e-6 * batch_norm(rhs)).solution
+        x_bar = x64 + d.double()
+        _, g_bar = lower64.value_and_grad(x_bar)
         g_norm = batch_norm(g_bar)
-        h_norm = g_norm + rounding_margin(x64, 2 * batch_norm(op.full_matvec(x_bar)) + g_norm)
+        magnitude = 2 * batch_norm(op.full_matvec(x.detach())).double() + g_norm
+        h_norm = g_norm + rounding_margin(x64, magnitude)
         at = _upper_values_in(problem, x_bar, as_float64(batch))
     except (RuntimeError, TypeError, BilevelError):  # no float64 evaluation: plain bounds
         return out

@@ -6,11 +6,11 @@ experts at smoothed TV of strength λ (``calibrate_foe_weights``), MAID as the j
 (Nesterov lower solves, CG adjoints, a-posteriori ω, ε₀ = δ₀ = 0.1, α₀ = 1). Runs, each with
 the same oracle-call budget:
 
-* ``float32``: the line search's certified values at x̃ and at its float64 Newton-CG
-  correction (``refine_iterations=20``, the default);
+* ``float32``: the line search's certified values at x̃ and at its Newton-CG correction
+  x̄ (float64 residual; ``refine_iterations=20``, the default);
 * ``float32-plain``: ``refine_iterations=0``, the certified values at x̃ alone (the line
   search before the correction existed);
-* ``float64``: the same problem in float64.
+* ``float64``, ``float64-plain``: the same problem in float64.
 
 Reported per run: steps, accepted steps, oracle calls, wall time, and for θ₀ and the final θ
 the true training objective F (mean ½‖x̂ − x_true‖² over the training crops, x̂ solved in
@@ -20,7 +20,7 @@ its stall, the distance ‖x̃ − x̂‖ to the float64 solution, and ‖∇ₓ
 correction x̄.
 
 Usage: nice python benchmarks/maid_float32.py [--train 8] [--test 4] [--budget 40000]
-       [--runs float32,float32-plain,float64] [--floor] [--out FILE.json]
+       [--runs float32,float32-plain,float64,float64-plain] [--floor] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -83,10 +83,10 @@ def true_scores(setup) -> dict[str, float]:
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict:
-    dtype = "float64" if name == "float64" else "float32"
+    dtype = name.split("-")[0]
     config, setup = setup_for(dtype, args)
     method = make_method(config)
-    if name == "float32-plain":
+    if name.endswith("-plain"):
         method = replace(method, refine_iterations=0)
     before = true_scores(setup)
     samples = with_initial(setup.train, lambda b: b[0].clone())
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40_000)
     parser.add_argument("--tv", type=float, default=0.075, help="λ of θ₀ (smoothed TV)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", default="float32,float32-plain,float64")
+    parser.add_argument("--runs", default="float32,float32-plain,float64,float64-plain")
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -16,11 +16,12 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
    the margin a lower bound on F(θ) (f_i convex in x), so an accepted step certainly
    decreases the true F. Below float64, f_i, ‖∇ₓf_i‖ and the trial's ‖∇ₓh_i‖ (hence ε⁺_i) are
    evaluated in float64 at the computed points (else they carry the rounding margin of the
-   working precision), so that rounding cannot fake a decrease; and since ε_i = ‖∇ₓh_i‖/μ
-   cannot fall below a float32 floor (about L·u·‖x‖/μ, the stiff components of the rounding
-   error), the same bounds are also taken at the float64 point x̄_i = x̃_i + d_i, d_i a few
-   conjugate-gradient steps of the Newton correction ∇²h d = −∇h(x̃) (``refine_iterations``;
-   ε̄_i = ‖∇ₓh_i(x̄_i)‖/μ certifies x̄_i for any d_i), and the tighter of the two is used on
+   working precision), so that rounding cannot fake a decrease. The plain ε_i is loose (it
+   charges ‖∇ₓf_i‖ for the whole distance bound) and, in float32, cannot fall below the floor
+   where the solver's own rounding of ∇ₓh dominates (about L·u·‖x‖/μ); so the same bounds
+   are also taken at the float64 point x̄_i = x̃_i + d_i, d_i a few conjugate-gradient steps
+   of the Newton correction ∇²h d = −∇h(x̃) (``refine_iterations``; ε̄_i = ‖∇ₓh_i(x̄_i)‖/μ,
+   evaluated in float64, certifies x̄_i for any d_i), and the tighter of the two is used on
    each side (:func:`_certified`). The heavy solves stay in the working precision. Trials
    whose first-order decrease α‖z‖(‖z‖ + ω) − cα‖z‖² cannot cover the old side's
    inexactness mean_i (f_i − lower bound_i) are not solved for (the line search fails at
@@ -208,9 +209,9 @@ class _LineSearch(Method):
         grad_tol: stop ("converged") once ‖z‖ + ω ≤ grad_tol, which certifies
             ‖∇F(θ)‖ ≤ grad_tol; 0 disables the test.
         projection: optional P applied to each trial point.
-        refine_iterations: below float64, conjugate-gradient steps of the float64 Newton
-            correction that tightens the line search's certified values (see
-            :func:`_certified`; counted as oracle calls); 0 disables it.
+        refine_iterations: conjugate-gradient steps of the Newton correction whose float64
+            residual tightens the line search's certified values (see :func:`_certified`;
+            counted as oracle calls); 0 disables it.
     """
 
     estimator: HypergradientEstimator = field(default_factory=Implicit)
@@ -426,15 +427,15 @@ def _certified(
 
         f_i(p_i) − ‖∇ₓf_i(p_i)‖ε_i ≤ f_i(x̂_i) ≤ f_i(p_i) + ‖∇ₓf_i(p_i)‖ε_i + L_f ε_i²/2.
 
-    p = x̃ gives the plain bounds (f_i, ‖∇ₓf_i‖ in float64, :func:`_upper_values`). Below
-    float64 with ``refine`` > 0, the bounds are also taken at the float64 point
-    x̄ = x̃ + d, d from ``refine`` conjugate-gradient steps on ∇²h(x̃) d = −∇h(x̃) (a Newton
-    correction: the right-hand side ∇h(x̃) in float64, the Hessian products in the working
-    precision), with ε̄_i = (‖∇h_i(x̄_i)‖ + rounding)/μ_i, ∇h(x̄) in float64: a certificate for
-    any d, so the CG accuracy decides only how tight it is. ‖x̃ − x̂‖ cannot fall much below
-    the float32 spacing of x̃, and ‖∇h(x̃)‖/μ overstates it by up to the condition number of
-    ∇²h (rounding excites the stiff components), so ε at x̃ stalls at a float32 floor of
-    about L·u·‖x‖/μ; x̄ has no such floor. The larger lower bound and the smaller upper bound
+    p = x̃ gives the plain bounds (f_i, ‖∇ₓf_i‖ in float64, :func:`_upper_values`). With
+    ``refine`` > 0 the bounds are also taken at the float64 point x̄ = x̃ + d, d from
+    ``refine`` conjugate-gradient steps on ∇²h(x̃) d = −∇h(x̃) (a Newton correction: the
+    right-hand side ∇h(x̃) in float64, the Hessian products in the working precision), with
+    ε̄_i = (‖∇h_i(x̄_i)‖ + rounding)/μ_i, ∇h(x̄) in float64: a certificate for any d, so the
+    CG accuracy decides only how tight it is. A float32 solve stalls where its rounding of
+    ∇h dominates (about L·u·‖x‖, L the largest curvature), so ε at x̃ cannot fall below that
+    floor; ε̄ at x̄ can (in any precision it is also far smaller than ε at the lower
+    solver's tolerance). The larger lower bound and the smaller upper bound
     of the two are returned. Cost (counted): per instance two float64 gradients, one in the
     working precision (the Hessian's graph) and at most ``refine`` + 1 Hessian-vector
     products.
@@ -446,7 +447,7 @@ def _certified(
         high=losses + gnorm * dist + 0.5 * l_f * dist**2 + rounding,
         value=losses,
     )
-    if refine <= 0 or x.dtype == torch.float64:
+    if refine <= 0:
         return out
     try:
         lower64 = LowerLevel(problem, as_float64(batch), cost)

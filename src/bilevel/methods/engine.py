@@ -243,7 +243,7 @@ def _user_metrics(values: Any, step: int) -> dict[str, Any]:
 
 
 #: Extra keys engines log besides METRIC_KEYS.
-_ENGINE_KEYS = ("grad_norm", "distance", "accepted", "backtracks", "certified")
+_ENGINE_KEYS = ("grad_norm", "distance", "accepted", "backtracks", "certified", "budget_stop")
 
 
 class _Best:

@@ -474,8 +474,8 @@ def _certified(
     high = losses + gnorm * eps + 0.5 * l_f * eps**2 + rounding
     better = low > out.low
     return _Certified(
-        low=torch.maximum(out.low, low),
-        high=torch.minimum(out.high, high),
+        low=torch.fmax(out.low, low),  # a NaN bound (unknown distance) yields to the other
+        high=torch.fmin(out.high, high),
         value=torch.where(better, losses, out.value),
     )
 

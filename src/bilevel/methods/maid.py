@@ -383,9 +383,12 @@ def _upper_values_in(
     return losses, gnorm + margin, margin
 
 
-def _lower_grad_norm(lower: LowerLevel, x: Tensor, computed: Tensor) -> Tensor:
+def _lower_grad_norm(
+    lower: LowerLevel, x: Tensor, computed: Tensor
+) -> tuple[Tensor, Tensor | None]:
     """‖∇ₓh_i(x_i)‖ recomputed in float64 at the float32 points (one counted gradient
-    evaluation), else ``computed`` plus the rounding margin of the working precision."""
+    evaluation), with that float64 gradient; else ``computed`` plus the rounding margin of the
+    working precision, and None."""
     if x.dtype != torch.float64:
         try:
             with torch.enable_grad():
@@ -394,11 +397,11 @@ def _lower_grad_norm(lower: LowerLevel, x: Tensor, computed: Tensor) -> Tensor:
                 (g,) = torch.autograd.grad(energy.sum(), xr)
             lower.cost.grad_evals += x.shape[0]
             if energy.dtype == torch.float64:
-                return batch_norm(g) * (1.0 + 4 * torch.finfo(x.dtype).eps)
+                return batch_norm(g) * (1.0 + 4 * torch.finfo(x.dtype).eps), g
         except (RuntimeError, TypeError):
             pass
     op = lower.hessian(x)  # the magnitude ‖H x‖ of the terms summed into ∇ₓh
-    return computed + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + computed)
+    return computed + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + computed), None
 
 
 @dataclass
@@ -420,6 +423,7 @@ def _certified(
     mu: Tensor,
     l_f: Tensor | float,
     refine: int,
+    grad64: Tensor | None = None,
 ) -> _Certified:
     """Bounds on f_i(x̂_i) from a point x̃_i with certified distance ‖x̃_i − x̂_i‖ ≤ ``dist``.
 
@@ -436,9 +440,9 @@ def _certified(
     ∇h dominates (about L·u·‖x‖, L the largest curvature), so ε at x̃ cannot fall below that
     floor; ε̄ at x̄ can (in any precision it is also far smaller than ε at the lower
     solver's tolerance). The larger lower bound and the smaller upper bound
-    of the two are returned. Cost (counted): per instance two float64 gradients, one in the
-    working precision (the Hessian's graph) and at most ``refine`` + 1 Hessian-vector
-    products.
+    of the two are returned. ``grad64``: ∇h(x̃) in float64 if already computed. Cost
+    (counted): per instance one or two float64 gradients, one in the working precision (the
+    Hessian's graph) and at most ``refine`` + 1 Hessian-vector products.
     """
     losses, gnorm, rounding = _upper_values(problem, x, batch)
     dist = dist.to(losses)
@@ -452,7 +456,7 @@ def _certified(
     try:
         lower64 = LowerLevel(problem, as_float64(batch), cost)
         x64 = x.detach().double()
-        _, grad = lower64.value_and_grad(x64)
+        grad = lower64.value_and_grad(x64)[1] if grad64 is None else grad64
         if grad.dtype != torch.float64:
             return out
         # d in the working precision: any d is certified, and its own rounding (relative u
@@ -683,9 +687,18 @@ class _LineSearchEngine(Engine):
                         self._mean(math.nan)  # every process rejects the trial
                     continue  # the trial point is unusable: backtrack
                 mu_new = moduli(sol.x).to(sol.grad_norm)
-                dist = _lower_grad_norm(lower, sol.x, sol.grad_norm) / mu_new
+                h_norm, grad64 = _lower_grad_norm(lower, sol.x, sol.grad_norm)
+                l_f = lipschitz(sol.x)
                 bounds = _certified(
-                    problem, self.batch, trial_cost, sol.x, dist, mu_new, lipschitz(sol.x), refine
+                    problem,
+                    self.batch,
+                    trial_cost,
+                    sol.x,
+                    h_norm / mu_new,
+                    mu_new,
+                    l_f,
+                    refine,
+                    grad64,
                 )
                 new = self._mean(float(bounds.high.sum())) + _regulariser(problem)
                 if math.isfinite(new) and new <= old - cfg.decrease * alpha * z_sq:

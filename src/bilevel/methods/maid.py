@@ -724,9 +724,8 @@ class _LineSearchEngine(Engine):
             self.finished = p.finished
             self.x_warm = hg.x.detach().clone()
             self.tol, self.adjoint_tol = p.eps, p.delta
-        elif (
-            p.exhausted is not None
-        ):  # the budget ran out within the step: θ and accuracies are kept
+        elif p.exhausted is not None:
+            # the budget ran out within the step: θ and accuracies are kept
             self.x_warm = hg.x.detach().clone()
         elif p.accepted:
             load_params(self.params, p.theta)

@@ -1,10 +1,10 @@
 """MAID in float32 at the rounding floor of the lower solves, and its budget within a step.
 
 The lower level h_i(x, θ) = ½ Σ_j a_j x_j² − ⟨x, Bθ + c_i⟩ (a_j from 1 to 100, x̂ of size
-100) has a float32 floor of ‖∇h_i(x̃_i)‖ near u·‖a ⊙ x̂_i‖ ≈ 7·10⁻³, which no float32 solve
-gets below; the upper loss ½‖x − t_i‖² (targets off the reachable set, ‖∇f_i‖ ≈ 3) near a
-minimiser in θ offers decreases smaller than the plain line-search margin ‖∇f_i‖·ε_i at that
-floor. F has a closed form in float64.
+100) has a float32 floor of ‖∇h_i(x̃_i)‖, a small multiple of u·‖a ⊙ x̂_i‖ ≈ 4·10⁻³ (the
+solves stall near 7·10⁻³), which no float32 solve gets below; the upper loss ½‖x − t_i‖²
+(targets off the reachable set, ‖∇f_i‖ ≈ 3) near a minimiser in θ offers decreases smaller
+than the plain line-search margin ‖∇f_i‖·ε_i at that floor. F has a closed form in float64.
 """
 
 from __future__ import annotations

@@ -200,16 +200,19 @@ def test_cg_raises_on_zero_curvature() -> None:
         CG().solve(CountingOperator(h), b, 1e-10)
 
 
+@pytest.mark.parametrize("kind", [CG, MINRES])
 @pytest.mark.parametrize("check_every", [None, 4])
 @pytest.mark.parametrize("scale", [2e-25, 3e-22, 1e20, 1e37])
-def test_cg_solves_right_hand_sides_whose_squares_leave_the_float_range(scale, check_every):
+def test_krylov_solvers_solve_right_hand_sides_whose_squares_leave_the_float_range(
+    scale, check_every, kind
+):
     """In float32, ‖b‖² of a b of size 1e-25 underflows to 0 and one of size 1e20 overflows:
-    CG used to return x = 0 as converged (a false certificate) or to blame the operator.
-    It now solves the scaled problem; solution and residual scale with b."""
+    CG and MINRES used to return x = 0 as converged (a false certificate) or to blame the
+    operator. They now solve the scaled problem; solution and residual scale with b."""
     h = spd_batch(2, 6, 10.0, seed=31).float()
     b = torch.randn(2, 6, generator=_gen(32)).float()
     b[1] = 0.0  # a zero instance stays zero, converged at once
-    solver = CG(max_iter=100, check_every=check_every)
+    solver = kind(max_iter=100, check_every=check_every)
     unit = solver.solve(CountingOperator(h), b, 1e-4)
     sol = solver.solve(CountingOperator(h), scale * b, 1e-4 * scale)
     assert sol.converged.all() and torch.equal(sol.iterations, unit.iterations)

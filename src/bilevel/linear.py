@@ -219,6 +219,36 @@ def _out_of_range(rr: Tensor, r: Tensor, values: list[float] | None, what: str) 
     )
 
 
+def _solve_scaled(
+    solver: LinearSolver,
+    matvec: MatVec,
+    b: Tensor,
+    tol: float | Tensor,
+    x0: Tensor | None,
+    r: Tensor,
+    matvecs: int,
+) -> LinearSolution:
+    """Solve H_i (q_i / s_i) = b_i / s_i with s_i = 2^e_i, the power of two of the largest
+    |entry| of the initial residual r_i, and return q_i. Scaling by powers of two is exact,
+    so the iterates are those of the unscaled problem wherever that one neither overflows
+    nor underflows; ‖r‖² and pᵀHp of the scaled problem stay in range."""
+    _, exponent = torch.frexp(r.abs().amax(1))
+    s = torch.ldexp(torch.ones_like(exponent, dtype=b.dtype), exponent)  # (n,); 1 where r = 0
+    tol_s = check_tolerance("tol", tol, b) / s
+    x0_s = None if x0 is None else x0 / _bc(s, x0)
+    out = solver.solve(matvec, b / _bc(s, b), tol_s, x0_s)
+    scaled = out.solution
+    return LinearSolution(
+        solution=scaled * _bc(s, scaled),
+        residual_norm=lambda: out.residual_norm * s,
+        iterations=lambda: out.iterations,
+        converged=lambda: out.converged,
+        matvecs=matvecs + out.matvecs,
+        min_curvature=lambda: out.min_curvature,
+        krylov_steps=lambda: out.krylov_steps,
+    )
+
+
 def _flat(s: Tensor) -> Tensor:
     """Per-instance values ``(n,)`` from ``(n,)`` or ``(n, 1)``."""
     return s if s.dim() == 1 else s.reshape(-1)
@@ -781,7 +811,7 @@ class CG:
         values = [v for (v,) in rr.tolist()] if every == 1 else None
         what = "right-hand side b" if x0 is None else "initial residual b - H x0"
         if _out_of_range(rr, r, values, what):
-            return self._solve_scaled(matvec, b, tol_all, x0, r, matvecs)
+            return _solve_scaled(self, matvec, b, tol_all, x0, r, matvecs)
         limits = self._host_limits(values, b, tol_all, x0 is None) if values else None
         host = limits is not None
         thresh2 = active = iters = zero = None  # on the host: made when an instance stops
@@ -888,35 +918,6 @@ class CG:
         state.record(index, x, rr.sqrt(), iters)
         return state.solution(matvecs, _cg_tridiagonal)
 
-    def _solve_scaled(
-        self,
-        matvec: MatVec,
-        b: Tensor,
-        tol: float | Tensor,
-        x0: Tensor | None,
-        r: Tensor,
-        matvecs: int,
-    ) -> LinearSolution:
-        """Solve H_i (q_i / s_i) = b_i / s_i with s_i = 2^e_i, the power of two of the largest
-        |entry| of the initial residual r_i, and return q_i. Scaling by powers of two is exact,
-        so the iterates are those of the unscaled problem wherever that one neither overflows
-        nor underflows; ‖r‖² and pᵀHp of the scaled problem stay in range."""
-        _, exponent = torch.frexp(r.abs().amax(1))
-        s = torch.ldexp(torch.ones_like(exponent, dtype=b.dtype), exponent)  # (n,); 1 where r = 0
-        tol_s = check_tolerance("tol", tol, b) / s
-        x0_s = None if x0 is None else x0 / _bc(s, x0)
-        out = self.solve(matvec, b / _bc(s, b), tol_s, x0_s)
-        scaled = out.solution
-        return LinearSolution(
-            solution=scaled * _bc(s, scaled),
-            residual_norm=lambda: out.residual_norm * s,
-            iterations=lambda: out.iterations,
-            converged=lambda: out.converged,
-            matvecs=matvecs + out.matvecs,
-            min_curvature=lambda: out.min_curvature,
-            krylov_steps=lambda: out.krylov_steps,
-        )
-
     def _host_limits(
         self, values: list[float], b: Tensor, tol: float | Tensor, from_zero: bool
     ) -> list[float] | None:
@@ -1012,6 +1013,9 @@ class MINRES:
         n, event = b.shape[0], tuple(b.shape[1:])
         eps = torch.finfo(b.dtype).eps
         r1 = r0.reshape(n, -1)
+        what = "right-hand side b" if x0 is None else "initial residual b - H x0"
+        if _out_of_range((r1 * r1).sum(1, keepdim=True), r1, None, what):
+            return _solve_scaled(self, matvec, b, tol_all, x0, r1, matvecs)
         beta = torch.linalg.vector_norm(r1, dim=1, keepdim=True)
         state = _Batch(b, beta.reshape(-1), tol_all, x0)
         tol_c = tol_all.reshape(n, 1)

@@ -44,9 +44,10 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # glibc only (musl has no mallopt parameters to set)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
+        return False
+    if os.confstr("CS_GNU_LIBC_VERSION") is None:  # glibc's parameters only (not musl's)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP))

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+from bilevel.allocator import is_glibc
+
+glibc = sys.platform.startswith("linux") and is_glibc()
 
 # allocations of 64 MB tensors, each freed before the next; minor page faults counted
 _PROBE = """

@@ -19,7 +19,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["OPT_OUT_VARIABLE", "keep_freed_memory"]
+__all__ = ["OPT_OUT_VARIABLE", "is_glibc", "keep_freed_memory"]
 
 #: ``BILEVEL_MALLOC=system`` leaves the allocator as it is.
 OPT_OUT_VARIABLE = "BILEVEL_MALLOC"
@@ -27,6 +27,14 @@ OPT_OUT_VARIABLE = "BILEVEL_MALLOC"
 _M_TRIM_THRESHOLD = -1  # mallopt parameters of glibc's <malloc.h>
 _M_MMAP_MAX = -4
 _KEEP = 2**31 - 1  # bytes of free memory at the top of the heap kept (mallopt takes an int)
+
+
+def is_glibc() -> bool:
+    """Whether this process runs on GNU libc."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError):
+        return False
 
 
 def keep_freed_memory() -> bool:
@@ -47,7 +55,7 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    if os.confstr("CS_GNU_LIBC_VERSION") is None:  # glibc's parameters only (not musl's)
+    if not is_glibc():  # glibc's parameters only (musl's malloc has none of them)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP))

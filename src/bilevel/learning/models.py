@@ -449,27 +449,6 @@ class FiniteSumModel:
 
     # -- finite-sum interface ----------------------------------------------------------------
 
-    def _train_rows(self, idx: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The training rows and labels of the minibatch ``idx`` (``None``: all).
-
-        The last gather is kept, keyed by the index tensor itself (and the versions of the
-        index and the data): SID evaluates several quantities on one minibatch (SVRG's
-        gradients at the iterate and at the anchor, a residual check and the step), and a
-        gather of random rows is memory-bound, the one part of a data-parallel step that
-        does not shrink with the number of processes.
-        """
-        if idx is None:
-            return self.X_train, self.y_train
-        key = (idx._version, self.X_train._version, self.y_train._version)
-        cached = getattr(self, "_gathered", None)
-        if cached is not None and cached[0] is idx and cached[1] == key:
-            return cached[2], cached[3]
-        X = _rows(self.X_train, idx)
-        y = self.y_train.index_select(0, idx)
-        # the index is held, so its id cannot be reused while the entry lives
-        self._gathered = (idx, key, X, y)
-        return X, y
-
     def train_loss(self, w: Tensor, theta: Tensor | None = None, index: Index = None) -> Tensor:
         """(1/|I|) Σ_{j∈I} c_j(θ) ℓ(w; x_j, y_j) + Ω(w, θ) over training samples I = ``index``.
 

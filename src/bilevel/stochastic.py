@@ -403,7 +403,10 @@ class StochasticFixedPoint:
         avg = None
         eta = math.nan
         residual = math.nan
+        want_ahead = getattr(phi, "want_ahead", None)  # SID's maps (_Lookahead)
         for s in range(t):
+            if want_ahead is not None:
+                want_ahead(tol is None and s + 1 < t)  # a fixed count: the next draw is due
             tx = phi(x)
             if not isinstance(tx, Tensor) or tx.shape != x.shape:
                 raise BilevelError("the stochastic map must return a tensor shaped like x")
@@ -582,6 +585,7 @@ class VarianceReducedFixedPoint:
         for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
                 self._take_anchor(x, phi.problem.theta, key)
+            phi.want_ahead(tol is None and s + 1 < t)  # a fixed count: the next draw is due
             g = self._gradient(phi, x, phi.draw(x.device))
             if tol is not None:
                 residual = eta * _max_norm(g)
@@ -1151,11 +1155,18 @@ def _combined(t: Tensor, n: int) -> Tensor:
     return t if shard is None else shard.combine(t, n)
 
 
-def _combined_all(*parts: tuple[Tensor, int | None]) -> list[Tensor]:
+def _combined_all(
+    *parts: tuple[Tensor, int | None], meanwhile: Callable[[], None] | None = None
+) -> list[Tensor]:
     """:func:`_combined` of every (t, n) (n None: the plain sum over the processes), data
-    parallel in one all-reduce (:meth:`bilevel.distributed.Shard.combine_all`); else the t."""
+    parallel in one all-reduce (:meth:`bilevel.distributed.Shard.combine_all`); else the t.
+    ``meanwhile`` runs while the all-reduce is in flight (one process: at the same point)."""
     shard = distributed.current()
-    return [t for t, _ in parts] if shard is None else shard.combine_all(parts)
+    if shard is not None:
+        return shard.combine_all(parts, meanwhile)
+    if meanwhile is not None:
+        meanwhile()
+    return [t for t, _ in parts]
 
 
 class _ExactUpper:
@@ -1380,7 +1391,55 @@ class _Counted:
         return self.hessian(v)
 
 
-class LowerMap:
+class _Lookahead:
+    """The next lower minibatch of a map, drawn while its all-reduce is in flight.
+
+    Data parallel, each inner iteration of SID ends in an all-reduce that waits for the
+    slowest process and for the transport. A solver that knows another iteration follows
+    (a fixed iteration count, :meth:`want_ahead`) lets the map draw that iteration's
+    minibatch, and have the finite sum prepare it (``FiniteSum.prepare``: gather its rows),
+    in that wait instead of after it. The draws come from the same stream in the same order
+    (nothing else draws from it in between), so the iterates are those without the
+    lookahead, bit for bit, for one process and for several alike.
+    """
+
+    sampler: MinibatchSampler
+    problem: BilevelProblem
+    n: int
+    batch_size: int
+
+    def _init_lookahead(self) -> None:
+        self._ahead: Tensor | None = None
+        self._want = False
+
+    def want_ahead(self, wanted: bool) -> None:
+        """Whether the next call that reduces may draw the following minibatch early."""
+        self._want = bool(wanted)
+
+    def draw(self, device: torch.device | str | None = None) -> Tensor:
+        """A fresh minibatch of ``batch_size`` sample positions (nothing is counted)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            return ahead
+        return self.sampler.draw(self.n, self.batch_size, device=device)
+
+    def _meanwhile(self, device: torch.device) -> Callable[[], None] | None:
+        """The work for the wait of this call's all-reduce: the next draw, if wanted."""
+        if not self._want:
+            return None
+        self._want = False
+
+        def draw_next() -> None:
+            idx = self.sampler.draw(self.n, self.batch_size, device=device)
+            prepare = self.problem.finite_sum.prepare
+            if prepare is not None:
+                prepare(idx)
+            self._ahead = idx
+
+        return draw_next
+
+
+class LowerMap(_Lookahead):
     """Φ̂(w) = w − η ∇_w ĥ(w, θ; I), a fresh minibatch I of ``batch_size`` samples per call.
 
     ``batch_size=None`` uses all N samples (then Φ̂ = Φ). Each call counts B·b/N gradient
@@ -1411,10 +1470,7 @@ class LowerMap:
         self.curvature = (
             _Curvature(problem, diagonal, cost, closed) if curvature is None else curvature
         )
-
-    def draw(self, device: torch.device | str | None = None) -> Tensor:
-        """A fresh minibatch of ``batch_size`` sample positions (nothing is counted)."""
-        return self.sampler.draw(self.n, self.batch_size, device=device)
+        self._init_lookahead()
 
     def gradient(self, w: Tensor, index: Tensor | None = None, theta: Any = None) -> Tensor:
         """∇_w ĥ(w, θ; I) on the minibatch ``index`` (default: a fresh one), shape of w
@@ -1431,7 +1487,8 @@ class LowerMap:
         local = [self._local_gradient(w, index, theta) for w, theta in points]
         if full is not None:
             local.append(self._local_full_gradient(*full))
-        return _combined_all(*[(g, self.n) for g in local])
+        meanwhile = self._meanwhile(index.device)
+        return _combined_all(*[(g, self.n) for g in local], meanwhile=meanwhile)
 
     def _local_gradient(self, w: Tensor, idx: Tensor, theta: Any) -> Tensor:
         theta = self.problem.theta if theta is None else theta
@@ -1482,7 +1539,7 @@ class LowerMap:
         return w - self.step * self.gradient(w)
 
 
-class AdjointMap:
+class AdjointMap(_Lookahead):
     """Ψ̂(v) = ∂_wΦ̂(w)ᵀ v + ∇_w Ê(w) = v − η Ĥ(w; I) v + ∇_w Ê(w; I') at the fixed point w.
 
     Ĥ is the Hessian of ĥ on a fresh lower minibatch I (``batch_size`` of N) per call, counting
@@ -1521,16 +1578,13 @@ class AdjointMap:
         )
         if upper_batch is None and exact_rhs is None:
             raise BilevelError("AdjointMap needs upper_batch or the exact right-hand side")
+        self._init_lookahead()
 
     @property
     def exact_rhs(self) -> Tensor | None:
         """The exact ∇_w f per instance (None with upper minibatches)."""
         exact = self._exact
         return exact.values()[1] if isinstance(exact, _ExactUpper) else exact
-
-    def draw(self, device: torch.device | str | None = None) -> Tensor:
-        """A fresh lower minibatch of ``batch_size`` positions (nothing is counted)."""
-        return self.sampler.draw(self.n, self.batch_size, device=device)
 
     def matvec(
         self, v: Tensor, index: Tensor | None = None, w: Tensor | None = None, theta: Any = None
@@ -1554,7 +1608,7 @@ class AdjointMap:
             parts.append(rhs)
         exact = self._exact
         pending = exact.parts if isinstance(exact, _ExactUpper) else None
-        reduced = _combined_all(*parts, *(pending or ()))
+        reduced = _combined_all(*parts, *(pending or ()), meanwhile=self._meanwhile(index.device))
         if pending is not None:  # the exact upper terms, combined in the same all-reduce
             exact.combine(reduced[len(parts) :])
             reduced = reduced[: len(parts)]

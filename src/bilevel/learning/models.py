@@ -435,6 +435,10 @@ class FiniteSumModel:
         self._kept_rows = (idx, idx._version, *rows)
         return rows
 
+    def _prepare_rows(self, index: Tensor) -> None:
+        """Gather the training rows of the minibatch ``index`` now (``FiniteSum.prepare``)."""
+        self._train_rows(_as_index(index, self.n_train, self.device, "training"))
+
     def _regulariser(self, W: Tensor, theta) -> Tensor:
         """Ω(w_b, θ), shape (B,)."""
         raise NotImplementedError
@@ -612,7 +616,11 @@ class FiniteSumModel:
         finite_sum = None
         if self.folds is None:
             finite_sum = FiniteSum(
-                self.lower_sample_energy, self.n_train, self.upper_sample_loss, self.n_val
+                self.lower_sample_energy,
+                self.n_train,
+                self.upper_sample_loss,
+                self.n_val,
+                prepare=self._prepare_rows,
             )
         self.problem = BilevelProblem(
             self.lower_energy,

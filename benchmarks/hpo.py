@@ -593,9 +593,9 @@ NOTES = """## Reading the results
   digits it lowers F little in this run (0.1328 → 0.1223) and raises it over the 150 steps
   of the probe (0.1419). The adaptive SID chooses t and k per step from its measured
   residuals against the same ε_k, δ_k as AID-CG, so its hypergradient has the accuracy of an
-  inexact AID step;
-  its F fell on all four sets and the rise guard never had to act. The stage solvers' gains
-  on ill-conditioned problems are measured in docs/benchmarks_sid.md ("Stage solvers").
+  inexact AID step; its F fell on all four sets and the rise guard never had to act. The
+  stage solvers' gains on ill-conditioned problems are measured in docs/benchmarks_sid.md
+  ("Stage solvers").
 - **New in this version: the cost of an SID step.** Where the CPU time of one SID step went
   on the 200 000-sample set (150 probe steps from the common start; CPU time inside each
   part, measured by wrapping the functions, nested parts included in their callers; previous
@@ -605,12 +605,12 @@ NOTES = """## Reading the results
   validation gradient 9.7 → 10.3 (unchanged code), row gathers 10.6 → 7.1 ms (9.95 → 5.59
   per step), index draws 3.7 → 3.4 ms (6.8 → 5.6 per step), Jacobi diagonals 4.7 → 1.7 ms
   (1.34 → 0.81 per step); t and k per step 1.19 / 0.63 → 1.31 / 0.63, F after the steps
-  0.292010 → 0.292009. The previous step built an autograd graph
-  for every minibatch gradient and Hessian product (a forward and a backward pass over the
-  rows, then two more for the product), gathered the rows of one minibatch once per energy
-  (the SVRG pair at the iterate and at the anchor, the adjoint residual's two products, the
-  diagonal), and computed a Jacobi preconditioner on a fresh minibatch in each stage. Now
-  (1) the models give the minibatch gradient and Hessian products in closed form
+  0.292010 → 0.292009. The previous code built an autograd graph for every minibatch
+  gradient and Hessian product (a forward and a backward pass over the rows, then two more
+  for the product), gathered the rows of one minibatch once per energy (the SVRG pair at the
+  iterate and at the anchor, the adjoint residual's two products, the diagonal), and
+  computed a Jacobi preconditioner on a fresh minibatch in each stage. Now (1) the models
+  give the minibatch gradient and Hessian products in closed form
   (`FiniteSumModel.lower_sample_hessian`, SID's `sample_hessian`): one product with the rows
   for the scores of w and of the vector (`F.linear` with the vectors as rows: X W with W of
   shape 300 × 2 took 4 to 5 times as long as X w on the 120 000 rows in a measurement here,
@@ -618,55 +618,57 @@ NOTES = """## Reading the results
   together: the full-data anchor of stage 2 takes two passes over the 120 000 rows instead
   of four; (2) a model keeps the rows of its last minibatch index, so each minibatch is
   gathered once; (3) stage 1 computes its preconditioner on the rows of its first gradient
-  and stage 2 reuses it. The values are those of autograd (tests: the closed
-  form against autograd's derivatives for six models, SID with both giving the same t, k and
-  hypergradients); what SID measures and certifies is unchanged: every residual check draws
-  fresh samples, ε_k and δ_k keep their meaning, the anchors are those of before.
+  (only that step's direction depends on both) and stage 2 reuses it. The values are those
+  of autograd (tests: the closed form against autograd's derivatives for six models, SID
+  with both giving the same t, k and hypergradients); what SID measures and certifies is
+  unchanged: every residual check draws fresh samples, ε_k and δ_k keep their meaning, the
+  anchors are those of before.
 - **The 200 000-sample set: missed, closer (ratio 0.24 against the target 0.2, 0.43 in the
   previous recorded run; seed 1: 0.31, before 0.36).** Per upper step all methods make the
-  same progress here (after 150 steps F is 0.292007 for AID-CG, 0.292009 for SID and 0.292045
-  for the fixed-count SID in the probe; SID needed 220 steps to AID-CG's final F against
-  AID-CG's 219), so the time ratio is that of the costs per step. The probe's CPU time per
-  step over the first 150 steps: SID 49.1 ms against AID-CG 169.0 (0.29; before 65.6 against
-  153.6, 0.43). Over its whole run SID's step cost 41 ms against AID-CG's 276 (0.15), but its
-  first 220 steps, to the level, took 14.8 s (67 ms per step; why the early steps cost more
-  was not analysed), so the target is missed by a fifth (seed 0) to a half (seed 1). What
-  remains per step is mostly memory traffic over data that both methods must read: the
-  exact validation gradient over 40 000 rows (a forward and a backward pass, about 10 ms of
-  the step), the full-data anchor of the adjoint (two passes over 120 000 rows, about every
-  fourth step) and the gathers of the minibatches. An upper-level minibatch would remove the
-  first, but its noise would have to enter δ_k; not done. The fixed-count SID (no accuracy
-  guarantee) reaches the level at 0.30 of AID-CG's time in this run (36.0 CPU ms per step in
-  the probe).
+  same progress here (after 150 steps F is 0.292007 for AID-CG, 0.292009 for SID and
+  0.292045 for the fixed-count SID in the probe; SID needed 220 steps to AID-CG's final F
+  against AID-CG's 219), so the time ratio is that of the costs per step. The probe's CPU
+  time per step over the first 150 steps: SID 49.1 ms against AID-CG 169.0 (0.29; before
+  65.6 against 153.6, 0.43). Over its whole run SID's step cost 41 ms against AID-CG's 276
+  (0.15), but its first 220 steps, to the level, took 14.8 s (67 ms per step; why the early
+  steps cost more was not analysed), so the target is missed by a fifth (seed 0) to a half
+  (seed 1). What remains per step is mostly memory traffic over data that both methods must
+  read: the exact validation gradient over 40 000 rows (a forward and a backward pass, about
+  10 ms of the step), the full-data anchor of the adjoint (two passes over 120 000 rows,
+  about every fourth step) and the gathers of the minibatches. An upper-level minibatch
+  would remove the first, but its noise would have to enter δ_k; not done. The fixed-count
+  SID (no accuracy guarantee) reaches the level at 0.30 of AID-CG's time in this run (36.0
+  CPU ms per step in the probe).
 - **Small sets (digits, MNIST).** Digits: missed, as before: SID's step costs 2.5 times
   AID-CG's CPU time in the probe (31.1 against 12.3 ms; before 43.7 against 14.7) for a
-  little less progress per step (F 0.053251 against 0.050156 after 150 steps): a minibatch of
-  394 of the 1079 samples costs about as much as the full sum, SVRG evaluates two minibatch
-  gradients per iteration, and L-BFGS needs fewer full-batch iterations than preconditioned
-  first-order steps; full batches (b = N) cost 36.6 ms per step for the same F (0.053587).
-  MNIST: met in this run (ratio 0.68; missed in the previous recorded run, with 4 SID steps
-  against AID-CG's 11): SID made 22 steps in 15.1 s against AID-CG's 14 in 15.5 s, 689 ms
-  per step against 1110 (before 4062 against 1408), and reached a lower F (0.205926 against
-  0.223291); its stage 1 iterated (mean t 33.9, against 0.0 over the 4 steps of the previous
-  run; not analysed further). One run on a loaded machine: weak evidence that SID is faster
-  on MNIST; `bilevel hpo` keeps AID-CG below `SID_MIN_TRAIN` training samples.
+  little less progress per step (F 0.053251 against 0.050156 after 150 steps): a minibatch
+  of 394 of the 1079 samples costs about as much as the full sum, SVRG evaluates two
+  minibatch gradients per iteration, and L-BFGS needs fewer full-batch iterations than
+  preconditioned first-order steps; full batches (b = N) cost 36.6 ms per step for the same
+  F (0.053587). MNIST: met in this run (ratio 0.68; missed in the previous recorded run,
+  with 4 SID steps against AID-CG's 11): SID made 22 steps in 15.1 s against AID-CG's 14 in
+  15.5 s, 689 ms per step against 1110 (before 4062 against 1408), and reached a lower F
+  (0.205926 against 0.223291); its stage 1 iterated (mean t 33.9, against 0.0 over the 4
+  steps of the previous run; not analysed further). One run on a loaded machine: weak
+  evidence that SID is faster on MNIST; `bilevel hpo` keeps AID-CG below `SID_MIN_TRAIN`
+  training samples.
 - **The sparse 10⁶ × 1000 set: met in this run (ratio 0.22 against 1/3, i.e. 4.5 times
   faster; the previous recorded run measured 0.40, the one before 0.21), on weak evidence.**
   At the best common strength (λ = e⁻¹⁰, the end of the box) F hardly depends on θ: it moves
-  in the fifth digit (0.476122 → 0.476106 for AID-CG after 31 steps, → 0.476098 for SID after
-  37) and the test accuracy not at all. Per step SID cost 1.30 s against AID-CG's 2.96 (0.44;
-  before 1.51 against 3.81); it reached AID-CG's final F at its 30th step, after 20.6 s, so
-  its early steps cost less than its later ones. A few steps more or less, and the load, move
-  the ratio across the target. On this set the products with the transpose of the CSR matrix
-  (Xᵀr, the backward pass of Xw) dominate both methods: on a random CSR matrix of the same
-  shape and density, torch took 3.1 to 5.9 s for Xᵀr over 600 000 rows against 32 to 36 ms
-  for Xw (a scatter-add: 0.65 to 0.7 s). A faster transposed product would shorten the steps
-  of both methods; it is left alone here (the closed form of SID uses the same product as
-  autograd).
+  in the fifth digit (0.476122 → 0.476106 for AID-CG after 31 steps, → 0.476098 for SID
+  after 37) and the test accuracy not at all. Per step SID cost 1.30 s against AID-CG's 2.96
+  (0.44; before 1.51 against 3.81); it reached AID-CG's final F at its 30th step, after 20.6
+  s, so its early steps cost less than its later ones. A few steps more or less, and the
+  load, move the ratio across the target. On this set the products with the transpose of the
+  CSR matrix (Xᵀr, the backward pass of Xw) dominate both methods: on a random CSR matrix of
+  the same shape and density, torch took 3.1 to 5.9 s for Xᵀr over 600 000 rows against 32
+  to 36 ms for Xw (a scatter-add: 0.65 to 0.7 s). A faster transposed product would shorten
+  the steps of both methods; it is left alone here (the closed form of SID uses the same
+  product as autograd).
 - **The size rule.** SID reached AID-CG's final F sooner on the two large sets (120 000 and
   600 000 training samples) and on MNIST (6 000) in this run, not on digits (1 079):
-  `bilevel hpo` keeps using SID from 100 000 training samples on (`SID_MIN_TRAIN`); one MNIST
-  run does not move the rule.
+  `bilevel hpo` keeps using SID from 100 000 training samples on (`SID_MIN_TRAIN`); one
+  MNIST run does not move the rule.
 - **ITD** differentiates 20 full-batch gradient steps per upper step: the most expensive
   step, and a truncated, biased hypergradient when L/μ is large (on digits it lowers F far
   less than AID-CG).
@@ -675,9 +677,9 @@ NOTES = """## Reading the results
   validation samples, 784 on 2000), but the test accuracy does not follow: the per-feature
   models fit the validation split. The rows "shrinkage ρ" add (ρ/2)‖θ − mean θ‖² to F, with
   the default ρ = 1/(n_val τ²), τ = 0.5 (a Gaussian prior on the log-strengths around their
-  mean; `bilevel hpo` and `BilevelLogisticRegression` use it by default). It trades a smaller
-  decrease of F for strengths that stay close together. The accuracy study over 5 digits
-  splits was not rerun here (`--no-splits`)."""
+  mean; `bilevel hpo` and `BilevelLogisticRegression` use it by default). It trades a
+  smaller decrease of F for strengths that stay close together. The accuracy study over 5
+  digits splits was not rerun here (`--no-splits`)."""
 
 
 def _duration(args, seconds: float) -> str:

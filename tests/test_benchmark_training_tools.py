@@ -118,3 +118,26 @@ def test_init_model_starts_at_a_shipped_model_and_the_chain_of_commands_is_kept(
         "C --run-dir RUN_DIR",
     ]
     assert tr.command_chain(None, ["c"]) == ["c"]
+
+
+def test_init_model_converts_to_noise_nodes_and_train_only_freezes_the_rest(tmp_path):
+    from bilevel.imaging import pretrained
+
+    tr = _load("train_regulariser")
+    argv = ["--sigma", "15", "--noise-nodes", "15,25,50", "--run-dir", str(tmp_path)]
+    args = tr.parse([*argv, "--filters", "16", "--filter-size", "13"])
+    model, kwargs = tr.build_model(args)
+    assert kwargs["noise_nodes"] == [15.0, 25.0, 50.0]
+    tr.init_from_model(model, kwargs, "crr16-sigma25", tmp_path, resume=False)
+    assert float(model.noise_level) == pytest.approx(15 / 255)
+    shipped = pretrained("crr16-sigma25")
+    x = torch.rand(1, 1, 20, 20, generator=torch.Generator().manual_seed(0))
+    for sigma in (15, 25, 50):  # the converted model equals the shipped one at the nodes
+        model.set_noise_level(sigma / 255)
+        shipped.set_noise_level(sigma / 255)
+        torch.testing.assert_close(model(x), shipped(x), rtol=1e-6, atol=0)
+    names = tr.train_only(model, "log_strength,log_sharpness")
+    assert names == ["log_strength", "log_sharpness"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == names
+    with pytest.raises(SystemExit, match="matches no parameter"):
+        tr.train_only(model, "nothing")

@@ -400,21 +400,38 @@ def targets(result: dict) -> list[str]:
 
 
 def record(result: dict, name: str) -> None:
-    """Store the model's scores at its own σ (and the baselines') in its pretrained record."""
+    """Store the model's scores at its own σ (and the baselines') in its pretrained record
+    (``test``); for a σ-aware model (noise nodes) also its scores at every σ evaluated
+    (``test_by_sigma``, keyed by σ), its own σ then optional."""
     info = model_info(name)
-    r = result["results"].get(f"{float(info['sigma']):g}")
-    if r is None or name not in r["methods"]:
+    aware = info["kwargs"].get("noise_nodes") is not None
+
+    def scores_at(sigma: str) -> dict | None:
+        r = result["results"].get(sigma)
+        if r is None or name not in r["methods"]:
+            return None
+        m = r["methods"]
+        return {
+            "set": "BSDS300 test images (first by file name), full size, grayscale",
+            "images": len(result["images"]),
+            "psnr": m[name]["mean_psnr"],
+            "ssim": m[name]["mean_ssim"],
+            "baselines_psnr": {k: v["mean_psnr"] for k, v in m.items() if k != name},
+            "noise_seeds": r["noise_seeds"],
+            "command": "python benchmarks/imaging_quality.py " + _options(result["config"]),
+        }
+
+    own = scores_at(f"{float(info['sigma']):g}")
+    if own is None and not aware:
         sys.exit(f"imaging_quality: no result of {name} at its σ = {info['sigma']}")
-    m = r["methods"]
-    info["test"] = {
-        "set": "BSDS300 test images (first by file name), full size, grayscale",
-        "images": len(result["images"]),
-        "psnr": m[name]["mean_psnr"],
-        "ssim": m[name]["mean_ssim"],
-        "baselines_psnr": {k: v["mean_psnr"] for k, v in m.items() if k != name},
-        "noise_seeds": r["noise_seeds"],
-        "command": "python benchmarks/imaging_quality.py " + _options(result["config"]),
-    }
+    if own is not None:
+        info["test"] = own
+    if aware:
+        found = {s: scores_at(s) for s in result["results"]}
+        info["test_by_sigma"] = {
+            **info.get("test_by_sigma", {}),
+            **{s: v for s, v in found.items() if v is not None},
+        }
     path = MODEL_DIR / f"{name}.json"
     path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     print(f"recorded the test scores of {name} in {path}")

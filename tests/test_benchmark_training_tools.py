@@ -141,3 +141,38 @@ def test_init_model_converts_to_noise_nodes_and_train_only_freezes_the_rest(tmp_
     assert [n for n, p in model.named_parameters() if p.requires_grad] == names
     with pytest.raises(SystemExit, match="matches no parameter"):
         tr.train_only(model, "nothing")
+
+
+def test_record_keeps_a_sigma_aware_models_scores_at_every_sigma(tmp_path, monkeypatch, capsys):
+    import json
+
+    from bilevel.imaging import ConvexRidgeNetwork
+    from bilevel.imaging import pretrained_models as pm
+
+    iq = _load("imaging_quality")
+    monkeypatch.setattr(pm, "MODEL_DIR", tmp_path)
+    monkeypatch.setattr(iq, "MODEL_DIR", tmp_path)
+    kwargs = {"num_filters": 2, "layers": 1, "kernel_size": 3}
+    for name, extra in (("plain", {}), ("aware", {"noise_nodes": [15.0, 25.0, 50.0]})):
+        model = ConvexRidgeNetwork(**kwargs, **extra)
+        info = {"class": "ConvexRidgeNetwork", "kwargs": {**kwargs, **extra}, "sigma": 25.0}
+        pm.save_pretrained(model, name, info, folder=tmp_path)
+
+    def methods(psnr: float) -> dict:
+        scores = {"mean_psnr": psnr, "mean_ssim": 0.5}
+        return {"noisy": {**scores, "mean_psnr": 20.0}, "aware": scores, "plain": scores}
+
+    config = {"images": 1, "sigmas": "15,50", "models": "aware", "seed": 0}
+    result = {"config": config, "images": ["a.jpg"], "results": {}}
+    for sigma, psnr in (("15", 30.0), ("50", 24.0)):
+        result["results"][sigma] = {"methods": methods(psnr), "noise_seeds": [1]}
+    iq.record(result, "aware")
+    info = json.loads((tmp_path / "aware.json").read_text())
+    assert "test" not in info  # not evaluated at its own σ = 25
+    assert {s: v["psnr"] for s, v in info["test_by_sigma"].items()} == {"15": 30.0, "50": 24.0}
+    assert info["test_by_sigma"]["50"]["baselines_psnr"] == {"noisy": 20.0, "plain": 24.0}
+    with pytest.raises(SystemExit, match="no result of plain"):
+        iq.record(result, "plain")  # a model of one σ needs its own
+    pm.print_models()
+    out = capsys.readouterr().out
+    assert "σ-aware" in out and "15: 30.00 dB, 50: 24.00 dB" in out

@@ -21,10 +21,11 @@ stopped earlier when the float32 rounding floor is reached). PSNR and SSIM (clip
 per image and their means go to ``--json`` (default
 ``docs/benchmarks_imaging_quality_results.json``); ``--markdown`` writes the report with the
 table and a figure. ``--cache FILE`` keeps every
-per-image score (and each tuned TV strength) under a key that names all it depends on, so a
-rerun computes only what is missing and processes that evaluate different models can share
-the file. ``--record NAME`` stores the
-model's mean test scores at its own σ in its pretrained record.
+per-image score (and each tuned TV strength) under a key that names all it depends on (a
+ridge network: the digest of its energy at σ, see :func:`model_key`), so a rerun computes
+only what is missing and processes that evaluate different models can share the file.
+``--record NAME`` stores the model's mean test scores at its own σ in its pretrained record
+(a σ-aware model's at every σ evaluated).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class Cache:
     """Scores and tuned strengths already computed, one JSON object per line
     ``{"key": ..., "value": ...}`` (the last line of a key wins). A key names everything the
     value depends on (σ, image, noise seed, method and its settings; a shipped model by the
-    digest of its weights), so a stale entry is never reused. Lines are appended whole, so
+    key of :func:`model_key`), so a stale entry is never reused. Lines are appended whole, so
     processes evaluating different methods can share one file."""
 
     def __init__(self, path: str | None) -> None:
@@ -123,6 +124,26 @@ class Cache:
 def model_digest(name: str) -> str:
     """The first 12 hex digits of the SHA-256 of the shipped model's weights file."""
     return hashlib.sha256((MODEL_DIR / f"{name}.pt").read_bytes()).hexdigest()[:12]
+
+
+def model_key(name: str, model) -> str:
+    """The cache key of a shipped model's reconstructions at its current σ. A ridge network's
+    energy at σ depends only on its composite filters, knot curvatures and β(σ) (and its
+    class, knot spacing and boundary): the key is the digest of those, so two models that are
+    the same energy at σ (a σ-aware model at a node it kept from the model it was made from)
+    share their scores. Other models: the name and the digest of the weights file."""
+    if not hasattr(model, "knot_curvatures"):
+        return f"model={name}@{model_digest(name)}"
+    with torch.no_grad():
+        filters = model.effective_filters().double()
+        alpha, beta = (v.double() for v in model.scalings())
+        parts = (filters, model.knot_curvatures(filters, alpha), beta)
+    digest = hashlib.sha256(
+        f"{type(model).__name__} {model.knot_spacing!r} {model.boundary}".encode()
+    )
+    for t in parts:
+        digest.update(t.contiguous().numpy().tobytes())
+    return f"ridge-energy@{digest.hexdigest()[:12]}"
 
 
 def noisy(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
@@ -218,7 +239,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             reg = pretrained(name)
             if hasattr(reg, "set_noise_level"):
                 reg.set_noise_level(sigma / 255.0)
-            key = f"model={name}@{model_digest(name)} {solver}"
+            key = f"{model_key(name, reg)} {solver}"
             jobs.append((name, key, denoiser(reg, args)))
         for i, (clean, seed) in enumerate(zip(test, seeds)):
             x = clean.unsqueeze(0)

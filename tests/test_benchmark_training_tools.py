@@ -176,3 +176,20 @@ def test_record_keeps_a_sigma_aware_models_scores_at_every_sigma(tmp_path, monke
     pm.print_models()
     out = capsys.readouterr().out
     assert "σ-aware" in out and "15: 30.00 dB, 50: 24.00 dB" in out
+
+
+def test_model_key_is_shared_by_models_with_the_same_energy_at_sigma():
+    from bilevel.imaging import ConvexRidgeNetwork, WeaklyConvexRidge
+
+    iq = _load("imaging_quality")
+    kwargs = {"num_filters": 2, "layers": 1, "kernel_size": 3}
+    plain = ConvexRidgeNetwork(**kwargs)
+    aware = ConvexRidgeNetwork(**kwargs).with_noise_nodes([15.0, 25.0, 50.0])
+    with torch.no_grad():
+        aware.log_sharpness[2] += 0.5  # learned at σ = 50 only
+    assert iq.model_key("a", plain) == iq.model_key("b", aware)  # both at σ = 25
+    assert iq.model_key("a", plain.set_noise_level(50 / 255)) != iq.model_key(
+        "b", aware.set_noise_level(50 / 255)
+    )
+    weak = WeaklyConvexRidge(**kwargs)
+    assert iq.model_key("a", plain.set_noise_level(25 / 255)) != iq.model_key("a", weak)

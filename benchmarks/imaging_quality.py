@@ -14,7 +14,8 @@ s = ``--seed`` + 1000·σ + i for the i-th image (seeds recorded in the JSON). M
 * BM3D: ``bm3d.bm3d(y, sigma_psd=σ/255)`` of the optional ``bm3d`` package
   (``pip install bilevel[benchmarks]``);
 * each learned model of ``--models`` (shipped pretrained names, see ``bilevel models``;
-  σ-aware models are set to the σ evaluated).
+  σ-aware models are set to the σ evaluated), at the σ of ``--model-sigmas`` or, for
+  ``NAME@15+50``, at those σ.
 
 Reconstructions solve the lower level to a root-mean-square gradient of ``--tol`` (float32,
 stopped earlier when the float32 rounding floor is reached). PSNR and SSIM (clipped to [0, 1])
@@ -64,7 +65,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--data", default=str(DEFAULT_DATA), help="folder with train/ and test/ (BSDS300)")
     a("--images", type=int, default=100, help="first N test images (default: 100)")
     a("--sigmas", default="15,25,50", help="noise levels, 0-255 scale (default: 15,25,50)")
-    a("--models", default="", help="comma-separated pretrained model names")
+    a(
+        "--models",
+        default="",
+        help="comma-separated pretrained model names, each optionally with the σ at which it "
+        "is evaluated: NAME@15+25+50 (default: --model-sigmas)",
+    )
     a(
         "--model-sigmas",
         default=None,
@@ -204,7 +210,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     test = test[: args.images]
     train = load_image_folder(data / "train", color=False)
     sigmas = [float(s) for s in args.sigmas.split(",") if s]
-    models = [m for m in args.models.split(",") if m]
+    models = model_list(args.models)
     model_sigmas = sigmas
     if args.model_sigmas is not None:
         model_sigmas = [float(s) for s in args.model_sigmas.split(",") if s]
@@ -235,7 +241,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         jobs.append(("TV", f"TV λ={lam:g} ν={float(tv.smoothing):g} {solver}", denoiser(tv, args)))
         if bm3d is not None:
             jobs.append(("BM3D", "BM3D", bm3d_denoiser(bm3d, sigma)))
-        for name in models if sigma in model_sigmas else ():
+        for name, at in models:
+            if sigma not in (at or model_sigmas):
+                continue
             reg = pretrained(name)
             if hasattr(reg, "set_noise_level"):
                 reg.set_noise_level(sigma / 255.0)
@@ -360,10 +368,23 @@ def gain_axes(left, right, result: dict) -> None:
     right.legend(fontsize=7)
 
 
+def model_list(spec: str) -> list[tuple[str, list[float] | None]]:
+    """``"a,b@15+50"`` → [("a", None), ("b", [15.0, 50.0])]: the models of ``--models`` and
+    the σ at which each is evaluated (None: those of ``--model-sigmas``)."""
+    out = []
+    for item in (m.strip() for m in spec.split(",") if m.strip()):
+        name, _, at = item.partition("@")
+        try:
+            out.append((name, [float(s) for s in at.split("+")] if at else None))
+        except ValueError:
+            sys.exit(f"imaging_quality: --models wants NAME or NAME@S+S..., got {item!r}")
+    return out
+
+
 def training_notes(models: str) -> list[str]:
     """How each evaluated shipped model was trained, from its record."""
     out = []
-    for name in [m for m in models.split(",") if m]:
+    for name, _ in model_list(models):
         info = model_info(name)
         train = info.get("training", {})
         summary = train.get("summary", {})

@@ -193,3 +193,10 @@ def test_model_key_is_shared_by_models_with_the_same_energy_at_sigma():
     )
     weak = WeaklyConvexRidge(**kwargs)
     assert iq.model_key("a", plain.set_noise_level(25 / 255)) != iq.model_key("a", weak)
+
+
+def test_model_list_reads_the_sigma_of_each_model():
+    iq = _load("imaging_quality")
+    assert iq.model_list("a, b@15+50,") == [("a", None), ("b", [15.0, 50.0])]
+    with pytest.raises(SystemExit, match="NAME@S"):
+        iq.model_list("b@x")

@@ -106,18 +106,32 @@ class Cache:
     ``{"key": ..., "value": ...}`` (the last line of a key wins). A key names everything the
     value depends on (σ, image, noise seed, method and its settings; a shipped model by the
     key of :func:`model_key`), so a stale entry is never reused. Lines are appended whole, so
-    processes evaluating different methods can share one file."""
+    processes evaluating different methods can share one file: a key not found is looked up
+    again in the lines that other processes appended since the file was last read."""
 
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
         self.entries: dict[str, object] = {}
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    entry = json.loads(line)
-                    self.entries[entry["key"]] = entry["value"]
+        self.offset = 0  # bytes of the file read so far (complete lines only)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the complete lines appended to the file since the last read."""
+        if self.path is None or not self.path.is_file():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line being written is read next time
+        for line in data[:end].decode("utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                self.entries[entry["key"]] = entry["value"]
+        self.offset += end
 
     def get(self, key: str):
+        if key not in self.entries:
+            self.refresh()
         return self.entries.get(key)
 
     def put(self, key: str, value) -> None:

@@ -55,6 +55,14 @@ def test_score_cache_round_trip_and_last_entry_wins(tmp_path):
     other.put("σ=25 image=a.jpg TV", [27.6, 0.81])
     again = iq.Cache(str(path))
     assert again.get("σ=25 image=a.jpg TV") == [27.6, 0.81]
+    other.put("σ=50 image=b.jpg BM3D", [22.0, 0.5])  # appended after `cache` read the file
+    assert cache.get("σ=50 image=b.jpg BM3D") == [22.0, 0.5]
+    with path.open("a", encoding="utf-8") as f:  # a line being written is not read yet
+        f.write('{"key": "partial", "va')
+    assert cache.get("partial") is None
+    with path.open("a", encoding="utf-8") as f:
+        f.write('lue": 3}\n')
+    assert cache.get("partial") == 3
     assert again.get("tune-tv σ=25") == 0.1
     memory = iq.Cache(None)  # no file: a dictionary only
     memory.put("k", 1)

@@ -444,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
             "description": f"{args.model} with {args.filters} filters of "
             f"{args.filter_size}×{args.filter_size}, "
             + (f"ρ_max = {args.max_weak_convexity:g}, " if args.model == "wcrr" else "")
-            + f"grayscale, σ = {args.sigma:g}/255",
+            + f"grayscale, σ = {args.sigma:g}/255"
+            + (
+                f" (σ-aware: scalings fitted at σ = {args.noise_nodes.replace(',', ', ')})"
+                if args.noise_nodes
+                else ""
+            ),
             "training": {
                 "command": "python benchmarks/train_regulariser.py " + " ".join(commands[0]),
                 "resumed_with": [" ".join(c) for c in commands[1:]],

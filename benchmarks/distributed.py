@@ -28,7 +28,11 @@ process reports its CPU seconds: on a loaded machine T₁/(N·T_N) mixes the alg
 with the CPU time the processes did not get; the CPU efficiency (CPU seconds of one process
 over those of all N) and the share of T_N rank 0 spent in collectives separate the two. The
 CPU seconds of the main threads alone (the algorithm's work, without the threads of gloo that
-carry the collectives) show whether the split itself repeats work on every process.
+carry the collectives) show whether the split itself repeats work on every process. Every
+process keeps freed memory for reuse (:func:`bilevel.allocator.keep_freed_memory`, as the
+command line does): otherwise one process faults in its large minibatch afresh at every
+iteration and two processes with half as large blocks may not, which made one process 1.6×
+slower than two together at 100 features.
 
     OMP_NUM_THREADS=1 python benchmarks/distributed.py            # full sizes
     OMP_NUM_THREADS=1 python benchmarks/distributed.py --quick    # small, for a smoke test
@@ -52,6 +56,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bilevel import distributed
+from bilevel.allocator import keep_freed_memory
 
 
 def _free_port() -> int:
@@ -133,6 +138,7 @@ def _sid(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
 
 def _worker(rank: int, world: int, port: int, case: str, cfg: dict[str, Any], out: str) -> None:
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the command line does: no page faults for recurring large blocks
     if world > 1:
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)

@@ -32,6 +32,7 @@ from bilevel.learning import (
     split_data,
     to_csr,
 )
+from bilevel.learning import models as models_module
 from bilevel.problem import BilevelError, NonFiniteError
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
@@ -124,6 +125,26 @@ def test_train_loss_over_all_indices_equals_energy(diabetes, cancer, wine):
         val = model.upper_loss(w, model.theta, None)[0]
         torch.testing.assert_close(model.val_loss(w, model.theta, torch.arange(model.n_val)), val)
         torch.testing.assert_close(model.val_loss(w), val)
+
+
+def test_a_minibatch_is_gathered_once_and_regathered_when_it_changes(cancer, monkeypatch):
+    model = logistic_model(cancer.X_train, cancer.y_train, cancer.X_val, cancer.y_val, -2.0)
+    gathers = []
+    real = models_module.select_rows
+    monkeypatch.setattr(models_module, "select_rows", lambda X, i: gathers.append(1) or real(X, i))
+    w, idx = _random_w(model), torch.tensor([5, 1, 7, 30, 2])
+    first = model.train_loss(w, model.theta, idx)
+    model.lower_sample_diagonal(w, model.theta, idx)
+    again = model.train_loss(2 * w, model.theta, idx)
+    assert len(gathers) == 1  # one gather serves every evaluation on this minibatch
+    torch.testing.assert_close(again, model.train_loss(2 * w, model.theta, idx.clone()))
+    assert len(gathers) == 2  # an equal but different index tensor is gathered anew
+    idx[0] = 9  # an index changed in place is gathered anew, never served stale rows
+    changed = model.train_loss(w, model.theta, idx)
+    assert len(gathers) == 3
+    fresh = logistic_model(cancer.X_train, cancer.y_train, cancer.X_val, cancer.y_val, -2.0)
+    torch.testing.assert_close(changed, fresh.train_loss(w, fresh.theta, idx.clone()))
+    assert not torch.allclose(changed, first)
 
 
 def test_problem_exposes_finite_sum_access(diabetes, cancer, wine):

@@ -200,6 +200,32 @@ def test_cg_raises_on_zero_curvature() -> None:
         CG().solve(CountingOperator(h), b, 1e-10)
 
 
+@pytest.mark.parametrize("kind", [CG, MINRES])
+@pytest.mark.parametrize("check_every", [None, 4])
+@pytest.mark.parametrize("scale", [2e-25, 3e-22, 1e20, 1e37])
+def test_krylov_solvers_solve_right_hand_sides_whose_squares_leave_the_float_range(
+    scale, check_every, kind
+):
+    """In float32, ‖b‖² of a b of size 1e-25 underflows to 0 and one of size 1e20 overflows:
+    CG and MINRES used to return x = 0 as converged (a false certificate) or to blame the
+    operator. They now solve the scaled problem; solution and residual scale with b."""
+    h = spd_batch(2, 6, 10.0, seed=31).float()
+    b = torch.randn(2, 6, generator=_gen(32)).float()
+    b[1] = 0.0  # a zero instance stays zero, converged at once
+    solver = kind(max_iter=100, check_every=check_every)
+    unit = solver.solve(CountingOperator(h), b, 1e-4)
+    sol = solver.solve(CountingOperator(h), scale * b, 1e-4 * scale)
+    assert sol.converged.all() and torch.equal(sol.iterations, unit.iterations)
+    # equal up to float32 rounding (scale · b is rounded, the scale is not a power of two)
+    close = {"rtol": 1e-4, "atol": 1e-6}
+    torch.testing.assert_close(sol.solution.double() / scale, unit.solution.double(), **close)
+    assert (sol.residual_norm.double() / scale).max().item() <= 1e-4
+    # the reported residual is the true one (float64 reference, relative to the scale)
+    true = (h.double() @ sol.solution.double().unsqueeze(-1)).squeeze(-1) - scale * b.double()
+    assert (true.norm(dim=1)[0] / scale).item() <= 2e-4
+    assert torch.equal(sol.solution[1], torch.zeros(6))
+
+
 @pytest.mark.parametrize("solver", [CG(max_iter=500), MINRES(max_iter=500)])
 def test_unreachable_tolerance_stops_at_the_rounding_floor(solver) -> None:
     """tol = 0 cannot be met: the solver stops at machine precision, unconverged, instead of

@@ -146,3 +146,22 @@ def test_maid_counts_every_oracle_call(dtype):
     counted = sum(calls for _, calls in CountingImplicit.log)
     assert done <= counted + N * len(CountingImplicit.log)
     assert q.grads + q.products - done <= result.cost - counted  # the line searches
+
+
+def test_the_float64_refinement_of_the_line_search_counts_its_oracle_calls():
+    """The float32 line search's Newton correction (gradients and Hessian-vector products in
+    float64) costs at most what it counts, and tightens the certified interval."""
+    from bilevel.autodiff import Cost
+    from bilevel.methods.maid import _certified
+
+    q = CountingQuadratic(torch.float32)
+    index = torch.arange(N)
+    batch = q.samples.batch(index)
+    x = q.samples.initial(index) + 0.1
+    dist = torch.full((N,), 10.0)  # ‖∇h‖/μ at x is a few units: any valid distance
+    plain = _certified(q.problem, batch, Cost(), x, dist, torch.ones(N), 1.0, 0)
+    before, cost = q.grads + q.products, Cost()
+    refined = _certified(q.problem, batch, cost, x, dist, torch.ones(N), 1.0, 5)
+    assert 0 < q.grads + q.products - before <= cost.oracle_calls
+    assert cost.hvps >= 5 * N
+    assert bool((refined.high - refined.low < 0.01 * (plain.high - plain.low)).all())

@@ -1079,3 +1079,127 @@ def test_adjoint_full_graph_gives_stage_one_its_anchor(ridge):
     assert again.metrics["sid_t"] == 0
     assert again.lower_residual == pytest.approx(float(exact.norm()), rel=1e-10)
     assert again.cost.grad_evals == pytest.approx(2 * 20 / n)
+
+
+@pytest.mark.parametrize(
+    "kind", ["ridge", "binary", "multinomial", "sparse", "hypercleaning", "no-intercept"]
+)
+def test_sample_hessian_closed_form_is_exact(kind):
+    """lower_sample_hessian's gradient and products equal autograd's first and second
+    derivatives of the minibatch energy and of h (index None), in either order of the calls
+    (the first product also yields the gradient)."""
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(60, 5, generator=gen, dtype=torch.float64)
+    theta = torch.linspace(-2.0, 1.0, 5, dtype=torch.float64)
+    if kind == "ridge":
+        model = ridge_model(X[:40], X[:40, 0] + 0.1, X[40:], X[40:, 0], theta)
+    elif kind == "hypercleaning":
+        y = torch.randint(0, 3, (60,), generator=gen)
+        logits = 0.3 * torch.randn(40, generator=gen, dtype=torch.float64)
+        model = hypercleaning_model(X[:40], y[:40], X[40:], y[40:], logits, 3, fit_intercept=True)
+    else:
+        classes = 3 if kind == "multinomial" else 2
+        y = torch.randint(0, classes, (60,), generator=gen)
+        Xt, Xv = X[:40], X[40:]
+        if kind == "sparse":
+            mask = torch.rand(X.shape, generator=gen) < 0.4
+            Xt, Xv = (X * mask)[:40].to_sparse_csr(), (X * mask)[40:].to_sparse_csr()
+        model = logistic_model(
+            Xt, y[:40], Xv, y[40:], theta, classes, fit_intercept=kind != "no-intercept"
+        )
+    w = 0.3 * torch.randn(2, *model.event_shape, generator=gen, dtype=torch.float64)
+    u, v = torch.randn_like(w), torch.randn_like(w)
+    for idx in (torch.tensor([1, 4, 7, 20, 33]), None):
+        with torch.enable_grad():
+            wr = w.clone().requires_grad_(True)
+            if idx is None:
+                e = model.lower_energy(wr, model.theta)
+            else:
+                e = model.lower_sample_energy(wr, model.theta, idx)
+            (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
+            hu = torch.autograd.grad(g, wr, u, retain_graph=True)[0]
+            hv = torch.autograd.grad(g, wr, v)[0]
+        close = {"rtol": 1e-10, "atol": 1e-12}
+        first = model.lower_sample_hessian(w, model.theta, idx)
+        torch.testing.assert_close(first.product(u), hu, **close)
+        torch.testing.assert_close(first.gradient(), g.detach(), **close)
+        torch.testing.assert_close(first.product(v), hv, **close)
+        second = model.lower_sample_hessian(w, model.theta, idx)
+        torch.testing.assert_close(second.gradient(), g.detach(), **close)
+        torch.testing.assert_close(second.product(v), hv, **close)
+
+
+def test_training_rows_are_gathered_once_per_index():
+    """The rows of the last minibatch are reused for the same index tensor only while it is
+    unmodified: an index changed in place gathers its new rows."""
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(30, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (30,), generator=gen)
+    model = logistic_model(X[:20], y[:20], X[20:], y[20:], 0.0)
+    idx = torch.tensor([0, 3, 5])
+    rows, labels = model._train_rows(idx)
+    again, _ = model._train_rows(idx)
+    assert again is rows
+    assert model._train_rows(torch.tensor([0, 3, 5]))[0] is not rows  # another tensor
+    w = torch.randn(1, 3, generator=gen, dtype=torch.float64)
+    model._train_rows(idx)
+    idx[0] = 7  # in place: the kept rows are stale
+    torch.testing.assert_close(
+        model.train_loss(w, index=idx), model.train_loss(w, index=torch.tensor([7, 3, 5]))
+    )
+
+
+@pytest.mark.parametrize("kind", ["binary", "multinomial"])
+def test_sid_with_the_closed_form_equals_autograd(kind):
+    """SID with the models' closed-form sample Hessian gives the hypergradients of SID with
+    autograd's derivatives: same streams, same decisions, float64 rounding apart (warm-started
+    calls along a path of θ with one state, so that the anchors persist)."""
+    classes = 3 if kind == "multinomial" else 2
+    X, y, _ = make_synthetic_classification(
+        600, 6, n_informative=3, n_classes=classes, seed=2, dtype=torch.float64
+    )
+    runs = []
+    for closed in (None, "model"):
+        model = logistic_model(
+            X[:400], y[:400], X[400:], y[400:], -3.0, classes, fit_intercept=True
+        )
+        sid = dataclasses.replace(
+            _adaptive_sid(model, batch=60),
+            sample_hessian=None if closed is None else model.lower_sample_hessian,
+        )
+        state = sid.init_state()
+        w, q = model.init_w(), None
+        grads = []
+        gen = torch.Generator().manual_seed(1)
+        for k in range(6):
+            eps = 1e-3 / math.sqrt(k + 1)
+            hg = sid(
+                model.problem, None, w, adjoint0=q, state=state, lower_tol=eps, adjoint_tol=eps
+            )
+            w, q = hg.x, hg.adjoint
+            grads.append((hg.grad[0], hg.metrics["sid_t"], hg.metrics["sid_k"]))
+            with torch.no_grad():
+                step = torch.randint(0, 2, model.theta.shape, generator=gen) * 2 - 1
+                model.theta.add_(0.05 * step.to(model.theta))
+        runs.append(grads)
+    assert any(t > 0 for _, t, _ in runs[0]) and any(k > 0 for _, _, k in runs[0])
+    for (g0, t0, k0), (g1, t1, k1) in zip(*runs):
+        assert (t0, k0) == (t1, k1)
+        torch.testing.assert_close(g1, g0, rtol=1e-7, atol=1e-12)
+
+
+def test_sid_shares_one_preconditioner_between_its_stages():
+    """Within one call the adjoint stage reuses stage 1's Jacobi preconditioner (θ is fixed
+    during the call): a call whose two stages both iterate computes one diagonal."""
+    X, y, _ = make_synthetic_classification(400, 5, n_informative=3, seed=3, dtype=torch.float64)
+    model = logistic_model(X[:300], y[:300], X[300:], y[300:], -3.0)
+    calls = []
+
+    def diagonal(w, theta, index):
+        calls.append(index.numel())
+        return model.lower_sample_diagonal(w, theta, index)
+
+    sid = dataclasses.replace(_adaptive_sid(model, batch=40), diagonal=diagonal)
+    hg = sid(model.problem, None, model.init_w(), lower_tol=1e-4, adjoint_tol=1e-4)
+    assert hg.metrics["sid_t"] > 0 and hg.metrics["sid_k"] > 0
+    assert calls == [40]

@@ -204,6 +204,9 @@ def _run_job(args: argparse.Namespace) -> int:
         return 0
     job = _load(job_spec)
     from bilevel import distributed  # torch: only once a job runs
+    from bilevel.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large per-iteration tensors are reused, not faulted in anew
 
     distributed.init_from_env()  # under torchrun: join the data-parallel process group
     if args.job not in TRAINING_JOBS:

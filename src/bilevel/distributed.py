@@ -166,24 +166,35 @@ class Shard:
         start, stop = self.block(n)
         return t * ((stop - start) / n)
 
-    def sum_all(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+    def sum_all(
+        self, tensors: Sequence[Tensor], meanwhile: Callable[[], None] | None = None
+    ) -> list[Tensor]:
         """Σ over ranks of each tensor, in one all-reduce of their concatenation (in their
-        common dtype); each result has its tensor's shape, dtype and device."""
+        common dtype); each result has its tensor's shape, dtype and device. ``meanwhile``
+        (work that does not need the result) runs while the all-reduce is in flight."""
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
         flat = torch.cat([t.detach().reshape(-1).to(self.device, dtype) for t in tensors])
-        self._collective(
-            "an all-reduce", lambda: self._complete(dist.all_reduce(flat, async_op=True))
-        )
+        work = self._collective("an all-reduce", lambda: dist.all_reduce(flat, async_op=True))
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:  # the collective completes whatever the work in between did
+            self._collective("an all-reduce", lambda: self._complete(work))
         out, offset = [], 0
         for t in tensors:
             out.append(flat[offset : offset + t.numel()].reshape(t.shape).to(t.device, t.dtype))
             offset += t.numel()
         return out
 
-    def combine_all(self, parts: Sequence[tuple[Tensor, int | None]]) -> list[Tensor]:
+    def combine_all(
+        self,
+        parts: Sequence[tuple[Tensor, int | None]],
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[Tensor]:
         """:meth:`combine` of every (t, n) of ``parts`` (n None: the plain sum over ranks), in
         one all-reduce (:meth:`sum_all`): a step's reductions cost one synchronisation."""
-        return self.sum_all([t if n is None else self._weighted(t, n) for t, n in parts])
+        weighted = [t if n is None else self._weighted(t, n) for t, n in parts]
+        return self.sum_all(weighted, meanwhile)
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Σ over ranks of each number (one all-reduce in float64)."""

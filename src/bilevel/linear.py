@@ -200,6 +200,55 @@ def cg_thresholds(
     return torch.maximum(tol2, floor * floor * shrink), rr > tol2
 
 
+def _out_of_range(rr: Tensor, r: Tensor, values: list[float] | None, what: str) -> bool:
+    """Whether some ‖r_i‖² (shape (n, 1); ``values``: already read on the host) overflowed,
+    or lies in the underflow range below tiny/ε while r_i ≠ 0: there ‖r‖² and pᵀHp lose
+    their meaning (a residual whose squares underflow to 0 would pass as converged). Raises
+    :class:`NonFiniteError` naming ``what`` if r holds NaN or an infinity (then b or the
+    product is to blame, not the scale). One host read when ``values`` is None."""
+    tiny, eps = _float_info(r.dtype)
+    low = tiny / eps
+    if values is not None:
+        if all(low <= v < math.inf for v in values):
+            return False
+    elif bool(((rr >= low) & (rr < math.inf)).all()):
+        return False
+    check_finite(what, r)
+    return bool(r.abs().amax(1).gt(0).logical_and(rr.reshape(-1) < low).any()) or not bool(
+        torch.isfinite(rr).all()
+    )
+
+
+def _solve_scaled(
+    solver: LinearSolver,
+    matvec: MatVec,
+    b: Tensor,
+    tol: float | Tensor,
+    x0: Tensor | None,
+    r: Tensor,
+    matvecs: int,
+) -> LinearSolution:
+    """Solve H_i (q_i / s_i) = b_i / s_i with s_i = 2^e_i, the power of two of the largest
+    |entry| of the initial residual r_i, and return q_i. Scaling by powers of two is exact,
+    so the iterates are those of the unscaled problem wherever that one neither overflows
+    nor underflows; ‖r‖² and pᵀHp of the scaled problem stay in range."""
+    _, exponent = torch.frexp(r.abs().amax(1))
+    s = torch.ldexp(torch.ones_like(exponent, dtype=b.dtype), exponent)  # (n,); 1 where r = 0
+    tol_s = check_tolerance("tol", tol, b) / s
+    x0_s = None if x0 is None else x0 / _bc(s, x0)
+    out = solver.solve(matvec, b / _bc(s, b), tol_s, x0_s)
+    scaled = out.solution
+    return LinearSolution(
+        solution=scaled * _bc(s, scaled),
+        residual_norm=lambda: out.residual_norm * s,
+        iterations=lambda: out.iterations,
+        converged=lambda: out.converged,
+        matvecs=matvecs + out.matvecs,
+        min_curvature=lambda: out.min_curvature,
+        krylov_steps=lambda: out.krylov_steps,
+    )
+
+
 def _flat(s: Tensor) -> Tensor:
     """Per-instance values ``(n,)`` from ``(n,)`` or ``(n, 1)``."""
     return s if s.dim() == 1 else s.reshape(-1)
@@ -759,13 +808,15 @@ class CG:
         x = state.out
         # With a check every iteration, while the whole batch is active, the host reads ‖r‖²
         # and α and decides; no masks are needed until an instance stops.
-        limits = self._host_limits(rr, b, tol_all, x0 is None) if every == 1 else None
+        values = [v for (v,) in rr.tolist()] if every == 1 else None
+        what = "right-hand side b" if x0 is None else "initial residual b - H x0"
+        if _out_of_range(rr, r, values, what):
+            return _solve_scaled(self, matvec, b, tol_all, x0, r, matvecs)
+        limits = self._host_limits(values, b, tol_all, x0 is None) if values else None
         host = limits is not None
         thresh2 = active = iters = zero = None  # on the host: made when an instance stops
         n_active = n
         if not host:
-            if every != 1:
-                check_finite("right-hand side b", b)
             if not isinstance(tol_all, Tensor):
                 tol_all = check_tolerance("tol", tol_all, b)
             thresh2, active = cg_thresholds(rr, b, tol_all, self.fixed_iterations)
@@ -868,16 +919,11 @@ class CG:
         return state.solution(matvecs, _cg_tridiagonal)
 
     def _host_limits(
-        self, rr: Tensor, b: Tensor, tol: float | Tensor, from_zero: bool
+        self, values: list[float], b: Tensor, tol: float | Tensor, from_zero: bool
     ) -> list[float] | None:
         """The host's stopping thresholds on ‖r_i‖² (those of :func:`cg_thresholds`, in
-        double precision) when every instance starts active, else None; one read of ‖r‖².
-        Also checks that ``b`` is finite: ‖r‖² is finite only if r = b − H x0 is (NaN and ±inf
-        propagate), and then b is (the product H x0 is finite: checked)."""
-        values = [v for (v,) in rr.tolist()]
-        if not all(map(math.isfinite, values)):
-            check_finite("right-hand side b", b)  # else ‖r‖² overflowed: the tensor path
-            return None
+        double precision) when every instance starts active, else None, from the values of
+        ‖r_i‖² (finite and in range: :func:`_out_of_range`)."""
         tiny, eps = _float_info(b.dtype)
         if self.fixed_iterations:
             limit = tiny / eps
@@ -967,6 +1013,9 @@ class MINRES:
         n, event = b.shape[0], tuple(b.shape[1:])
         eps = torch.finfo(b.dtype).eps
         r1 = r0.reshape(n, -1)
+        what = "right-hand side b" if x0 is None else "initial residual b - H x0"
+        if _out_of_range((r1 * r1).sum(1, keepdim=True), r1, None, what):
+            return _solve_scaled(self, matvec, b, tol_all, x0, r1, matvecs)
         beta = torch.linalg.vector_norm(r1, dim=1, keepdim=True)
         state = _Batch(b, beta.reshape(-1), tol_all, x0)
         tol_c = tol_all.reshape(n, 1)

@@ -233,12 +233,16 @@ class FiniteSum:
         upper_loss: optional ``(x, theta, index) -> (B,)`` unbiased minibatch estimate of f over
             its own ``n_upper`` samples (e.g. validation points).
         n_upper: the number of samples of the upper-level sum.
+        prepare: optional ``(index) -> None``, told a lower minibatch that ``lower_energy``
+            will receive next, while a data-parallel process waits for an all-reduce (e.g.
+            gather its rows then); its result is not used.
     """
 
     lower_energy: Callable[[Tensor, Any, Tensor], Tensor]
     n_lower: int
     upper_loss: Callable[[Tensor, Any, Tensor], Tensor] | None = None
     n_upper: int | None = None
+    prepare: Callable[[Tensor], Any] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.lower_energy):
@@ -253,6 +257,8 @@ class FiniteSum:
                 raise BilevelError(f"FiniteSum.{name} must be a positive integer, got {n!r}")
         if self.upper_loss is not None and not callable(self.upper_loss):
             raise BilevelError("FiniteSum.upper_loss must be a callable (x, theta, index)")
+        if self.prepare is not None and not callable(self.prepare):
+            raise BilevelError("FiniteSum.prepare must be a callable (index)")
 
 
 @dataclass(frozen=True, eq=False)

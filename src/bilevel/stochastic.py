@@ -403,7 +403,10 @@ class StochasticFixedPoint:
         avg = None
         eta = math.nan
         residual = math.nan
+        want_ahead = getattr(phi, "want_ahead", None)  # SID's maps (_Lookahead)
         for s in range(t):
+            if want_ahead is not None:
+                want_ahead(tol is None and s + 1 < t)  # a fixed count: the next draw is due
             tx = phi(x)
             if not isinstance(tx, Tensor) or tx.shape != x.shape:
                 raise BilevelError("the stochastic map must return a tensor shaped like x")
@@ -582,6 +585,7 @@ class VarianceReducedFixedPoint:
         for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
                 self._take_anchor(x, phi.problem.theta, key)
+            phi.want_ahead(tol is None and s + 1 < t)  # a fixed count: the next draw is due
             g = self._gradient(phi, x, phi.draw(x.device))
             if tol is not None:
                 residual = eta * _max_norm(g)
@@ -681,20 +685,21 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
         x_{s+1} = x_s − (β/λ̂) P⁻¹ g̃(x_s) + m (x_s − x_{s−1}),
 
     g̃ the control-variate gradient of :class:`VarianceReducedFixedPoint` (same anchor and
-    refresh), P = diag ∇²ĥ(x_0, θ; I) on a fresh minibatch at the start of every call (so that
-    it follows θ; exact from the problem's ``Diagonal`` when SID has one, else Hutchinson's
-    estimate), λ̂ = λ_max(P^{-½} Ĥ P^{-½}) by power iteration on one minibatch, refreshed with
-    the anchor. β (``step``, dimensionless) is a fraction of the step 1/λ̂, m ∈ [0, 1) the
-    heavy-ball momentum.
+    refresh), P = diag ∇²ĥ(x_0, θ; I) once per call (so that it follows θ; exact from the
+    problem's ``Diagonal`` when SID has one, else Hutchinson's estimate) on the minibatch of the
+    first step's gradient, whose rows are at hand (only that one step's direction depends on
+    both; every residual check draws fresh samples), λ̂ = λ_max(P^{-½} Ĥ P^{-½}) by power
+    iteration on one minibatch, refreshed with the anchor. β (``step``, dimensionless) is a
+    fraction of the step 1/λ̂, m ∈ [0, 1) the heavy-ball momentum.
 
-    Why preconditioned, and why from measured curvature: the map step η = 1/L of SID uses
-    the global bound L = c_ℓ‖X‖²/N + max_k λ_k, which for per-feature strengths is set by the
+    Why preconditioned, and why from measured curvature: the map step η = 1/L of SID uses the
+    global bound L = c_ℓ‖X‖²/N + max_k λ_k, which for per-feature strengths is set by the
     largest λ_k and the worst-case loss curvature: the Hessian at w(θ) can lie far below it, and
-    per-feature strengths spread over orders of magnitude as θ is learnt; steps 0.5/L then
-    crawl along every other coordinate. With P
-    the regulariser's spread is removed exactly, and 1/λ̂ is the step the data allow
-    (measurements: docs/benchmarks_hpo.md). Per iteration: two minibatch gradients; per call:
-    one minibatch diagonal; per refresh: one full gradient and ``power_iterations`` minibatch
+    per-feature strengths spread over orders of magnitude as θ is learnt; steps 0.5/L then crawl
+    along every other coordinate. With P the regulariser's spread is removed exactly, and 1/λ̂
+    is the step the data allow (measurements: docs/benchmarks_hpo.md). Per iteration: two
+    minibatch gradients; per call: one minibatch diagonal, on rows at hand (SID's stage 2 of the
+    same call reuses it); per refresh: one full gradient and ``power_iterations`` minibatch
     Hessian-vector products. The returned ``residual`` is η‖g̃‖ at the returned iterate, the
     units of ‖x − Φ(x)‖.
 
@@ -763,14 +768,15 @@ class PreconditionedSVRG(VarianceReducedFixedPoint):
             if self._anchor is None or self._since_refresh >= refresh:
                 self._take_anchor(x, theta, key)
                 self._refreshes += 1
-            g = self._gradient(phi, x, phi.draw(x.device))
+            idx = phi.draw(x.device)
+            g = self._gradient(phi, x, idx)
             if tol is not None:
                 residual = eta * _max_norm(g)
                 if residual <= tol:
                     t = s
                     break
-            if p is None:
-                p = phi.curvature.diagonal(x, theta, phi.draw(x.device), phi.n)
+            if p is None:  # on the rows of this gradient, at hand
+                p = phi.curvature.preconditioner(x, theta, lambda _, i=idx: i, phi.n)
             if self._top is None or self._refreshes >= _CURVATURE_EVERY:
                 idx = phi.draw(x.device)
                 self._top = phi.curvature.top(x, theta, idx, phi.n, p, self.power_iterations)
@@ -821,10 +827,11 @@ class PreconditionedSVRGLinear:
     (w, θ, v) → (w̃, θ̃, ṽ), the anchor: a point with its full product H(w̃, θ̃)ṽ, taken at the
     first call and every ``refresh`` iterations (default ⌈N/b⌉) and kept across calls, as the
     lower anchor of :class:`VarianceReducedFixedPoint` (the same variance reduction for the
-    adjoint stage). P and λ̂ as in :class:`PreconditionedSVRG` (P at w on a minibatch per
-    call, λ̂ refreshed with the anchor). While the anchor lies at the current (w, θ) one
-    Hessian-vector product per iteration suffices (Ĥ(v − ṽ)), else two. ``residual`` is
-    ‖r̃‖ at the returned iterate (units of ∇_w f: the adjoint residual ‖H q − ∇_w f‖).
+    adjoint stage). P and λ̂ as in :class:`PreconditionedSVRG` (P at w on a minibatch per call,
+    or stage 1's P of the same SID call; λ̂ refreshed with the anchor). While the anchor lies at
+    the current (w, θ) one Hessian-vector product per iteration suffices (Ĥ(v − ṽ)), else two.
+    ``residual`` is ‖r̃‖ at the returned iterate (units of ∇_w f: the adjoint residual
+    ‖H q − ∇_w f‖).
 
     With ``cg_iterations`` > 0 (the default of ``bilevel hpo``) the iteration is instead a
     refinement with a sampled system, in rounds: the residual r at v is r̃(v) against the
@@ -837,8 +844,9 @@ class PreconditionedSVRGLinear:
     that does not decrease it is followed by an exact anchor. When a round misses both half
     the residual and the tolerance, the sampled system misled CG and the size of S doubles
     (up to N, where CG runs on H itself to the tolerance); the size is kept across calls.
-    The preconditioner is computed at the first round, so a warm start that already meets
-    the tolerance costs two minibatch products. ``iterations`` of the result are rounds (at
+    The preconditioner is stage 1's of the same SID call, else computed at the first round on
+    a fresh minibatch, so a warm start that already meets the tolerance costs two minibatch
+    products. ``iterations`` of the result are rounds (at
     most ``max_rounds``). The first derivative of a full Hessian graph is the full gradient
     ∇_w h(w, θ); :meth:`pop_full_gradient` returns it, and SID makes it the anchor of a
     variance-reduced stage 1 (:meth:`VarianceReducedFixedPoint.share_anchor`).
@@ -893,21 +901,23 @@ class PreconditionedSVRGLinear:
         self._since_refresh = 0
         self._top: float | None = None
         self._refreshes = 0
-        self._full_gradient: tuple[Tensor, Any, Tensor] | None = None
+        self._full_gradient: tuple[Tensor, Any, _SampledHessian] | None = None
 
     def _full_hessian(self, psi: AdjointMap) -> _Counted:
         """The full Hessian operator at the map's (w, θ) (one gradient graph); its first
-        derivative, the full gradient ∇_w h(w, θ), is kept for :meth:`pop_full_gradient`."""
+        derivative, the full gradient ∇_w h(w, θ), is kept for :meth:`pop_full_gradient`
+        (taken from the operator then, so that a closed form computes it with the first
+        product)."""
         full = psi.hessian(None)
         theta = snapshot_theta(psi.problem.theta)
-        self._full_gradient = (psi.w, theta, full.hessian.gradient())
+        self._full_gradient = (psi.w, theta, full.hessian)
         return full
 
     def pop_full_gradient(self) -> tuple[Tensor, Any, Tensor] | None:
         """(w, θ̃, ∇_w h(w, θ̃)) from the last full Hessian graph of the last call, once (None
         when that call built none): SID gives it to the stage-1 solver as its anchor."""
         out, self._full_gradient = self._full_gradient, None
-        return out
+        return None if out is None else (out[0], out[1], out[2].gradient())
 
     def _take_anchor(
         self,
@@ -950,13 +960,14 @@ class PreconditionedSVRGLinear:
             self._adopt(psi, v, key)
         elif self._key != key:
             self.reset()
+        self._full_gradient = None  # a graph of an earlier call, not popped
         if self._anchor is not None:
             self._anchor["current"] = False  # w and θ have moved since
         theta, eta = psi.problem.theta, psi.step
         t = self.iterations if max_iter is None else _nonnegative_int("max_iter", max_iter)
         if self.cg_iterations:
             return self._refine(psi, v, key, tol, min(t, self.max_rounds))
-        p = psi.curvature.diagonal(psi.w, theta, psi.draw(v.device), psi.n)
+        p = psi.curvature.preconditioner(psi.w, theta, psi.draw, psi.n)
         residual = math.nan
         for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
@@ -1027,17 +1038,17 @@ class PreconditionedSVRGLinear:
             if tol is not None and residual <= tol:
                 break
             rounds = s + 1
-            if p is None:
-                p = psi.curvature.diagonal(psi.w, psi.problem.theta, psi.draw(v.device), n)
             b = self._batch
-            if b >= n:  # the whole sum: CG on H itself, to the tolerance at once
+            idx = None if b >= n else psi.sampler.draw(n, b, device=v.device)
+            if p is None:  # stage 1's of this call, else on a fresh minibatch
+                p = psi.curvature.preconditioner(psi.w, psi.problem.theta, psi.draw, n)
+            if idx is None:  # the whole sum: CG on H itself, to the tolerance at once
                 rtol = self.cg_rtol if tol is None else min(self.cg_rtol, 0.5 * tol / residual)
                 cap = max(self.cg_iterations, 2 * math.isqrt(v[0].numel()) + 10)
                 full = full or self._full_hessian(psi)
                 delta, used, cg_res = _pcg(full, r / eta, p, cap, rtol)
                 r_new = eta * cg_res  # exact: r − η H δ
             else:
-                idx = psi.sampler.draw(n, b, device=v.device)
                 delta, used, _ = _pcg(
                     psi.hessian(idx), r / eta, p, self.cg_iterations, self.cg_rtol
                 )
@@ -1120,6 +1131,20 @@ def _checked_values(name: str, value: Any, n: int) -> Tensor:
 #: (w, θ, index) -> diag ∇²_ww ĥ(w, θ; I), shaped like w (index None: all samples).
 Diagonal = Callable[[Tensor, Any, Tensor | None], Tensor]
 
+
+class SampleHessian(Protocol):
+    """∇_w ĥ(w, θ; I) and v ↦ Ĥ(w, θ; I) v at one fixed (w, θ, I), detached, shaped like w
+    (e.g. :class:`bilevel.learning.models.SampleHessian`)."""
+
+    def gradient(self) -> Tensor: ...
+
+    def product(self, v: Tensor) -> Tensor: ...
+
+
+#: (w, θ, index) -> the :class:`SampleHessian` of ĥ(·, θ; I) at w (index None: all samples),
+#: a closed form that replaces autograd's second derivatives in SID (``sample_hessian``).
+SampleHessianFn = Callable[[Tensor, Any, Tensor | None], SampleHessian]
+
 _HUTCHINSON_PROBES = 8  # Rademacher probes of the Hessian-diagonal estimate without a Diagonal
 
 
@@ -1130,11 +1155,18 @@ def _combined(t: Tensor, n: int) -> Tensor:
     return t if shard is None else shard.combine(t, n)
 
 
-def _combined_all(*parts: tuple[Tensor, int | None]) -> list[Tensor]:
+def _combined_all(
+    *parts: tuple[Tensor, int | None], meanwhile: Callable[[], None] | None = None
+) -> list[Tensor]:
     """:func:`_combined` of every (t, n) (n None: the plain sum over the processes), data
-    parallel in one all-reduce (:meth:`bilevel.distributed.Shard.combine_all`); else the t."""
+    parallel in one all-reduce (:meth:`bilevel.distributed.Shard.combine_all`); else the t.
+    ``meanwhile`` runs while the all-reduce is in flight (one process: at the same point)."""
     shard = distributed.current()
-    return [t for t, _ in parts] if shard is None else shard.combine_all(parts)
+    if shard is not None:
+        return shard.combine_all(parts, meanwhile)
+    if meanwhile is not None:
+        meanwhile()
+    return [t for t, _ in parts]
 
 
 class _ExactUpper:
@@ -1194,10 +1226,17 @@ def _block(n: int) -> Tensor | None:
     return None if shard is None else torch.arange(*shard.block(n))
 
 
-def _sample_hvp(problem: BilevelProblem, w: Tensor, theta: Any, v: Tensor, idx: Tensor | None):
+def _sample_hvp(
+    problem: BilevelProblem,
+    w: Tensor,
+    theta: Any,
+    v: Tensor,
+    idx: Tensor | None,
+    closed: SampleHessianFn | None = None,
+):
     """Ĥ(w, θ; I) v per instance (I = ``idx``; None: the full lower energy), detached; data
     parallel, combined over the processes (``idx`` None: each process's block)."""
-    return _SampledHessian(problem, w, theta, idx)(v)
+    return _SampledHessian(problem, w, theta, idx, closed)(v)
 
 
 class _SampledHessian:
@@ -1207,12 +1246,24 @@ class _SampledHessian:
     The first-derivative graph g = ∇_w ĥ(w, θ; I) is built once; every product is one
     backward pass through it (``retain_graph``), so the k products of a CG solve or a power
     iteration build one graph instead of k (the per-call cost that dominates small
-    minibatches). Products are detached; nothing is counted here (the callers count)."""
+    minibatches). With ``closed`` (SID's ``sample_hessian``) the gradient and the products
+    come from its closed form instead of autograd. Products are detached; nothing is counted
+    here (the callers count)."""
 
-    def __init__(self, problem: BilevelProblem, w: Tensor, theta: Any, idx: Tensor | None):
+    def __init__(
+        self,
+        problem: BilevelProblem,
+        w: Tensor,
+        theta: Any,
+        idx: Tensor | None,
+        closed: SampleHessianFn | None = None,
+    ):
         self.n = int(problem.finite_sum.n_lower)
         if idx is None and distributed.current() is not None:
             idx = _block(self.n).to(w.device)
+        self._closed = None if closed is None else closed(w.detach(), theta, idx)
+        if self._closed is not None:
+            return
         with torch.enable_grad():
             self._w = w.detach().requires_grad_(True)
             if idx is None:
@@ -1225,6 +1276,8 @@ class _SampledHessian:
 
     def gradient(self) -> Tensor:
         """∇_w ĥ(w, θ; I), the graph's first derivative (detached; data parallel, combined)."""
+        if self._closed is not None:
+            return _combined(self._closed.gradient().detach(), self.n)
         return _combined(self._g.detach(), self.n)
 
     def __call__(self, v: Tensor) -> Tensor:
@@ -1232,6 +1285,8 @@ class _SampledHessian:
 
     def local(self, v: Tensor) -> Tensor:
         """This process's product (data parallel: on its share of I), not combined."""
+        if self._closed is not None:
+            return self._closed.product(v).detach()
         hv = None
         if self._g.requires_grad:  # else ∇ĥ is constant in w: Ĥ = 0
             with torch.enable_grad():
@@ -1247,12 +1302,39 @@ class _Curvature:
     lower_sample_diagonal`) or, without it, from Hutchinson's estimate mean_r z_r ⊙ Ĥ z_r
     (8 Rademacher probes, noisy); entries are floored at 10⁻³ of their mean so that P⁻¹ stays
     bounded. λ̂ is the Rayleigh quotient after ``iterations`` power iterations on one minibatch
-    (an estimate from below of the minibatch's top curvature; steps are a fraction of 1/λ̂)."""
+    (an estimate from below of the minibatch's top curvature; steps are a fraction of 1/λ̂).
 
-    def __init__(self, problem: BilevelProblem, diagonal: Diagonal | None, cost: Cost) -> None:
+    SID makes one per call with ``keep=True``, shared by its stages: :meth:`preconditioner`
+    then keeps the first P of the call (θ is fixed within a call, and w moves by the few
+    steps of stage 1), so that stage 2 preconditions with stage 1's P instead of computing
+    its own; with ``keep=False`` every call of :meth:`preconditioner` computes a new P."""
+
+    def __init__(
+        self,
+        problem: BilevelProblem,
+        diagonal: Diagonal | None,
+        cost: Cost,
+        closed: SampleHessianFn | None = None,
+        keep: bool = False,
+    ) -> None:
         self.problem = problem
         self.diagonal_fn = diagonal
         self.cost = cost
+        self.closed = closed
+        self.keep = keep
+        self._kept: Tensor | None = None
+
+    def preconditioner(
+        self, w: Tensor, theta: Any, draw: Callable[[Any], Tensor], n: int
+    ) -> Tensor:
+        """P: the kept one when shaped like w, else :meth:`diagonal` at w on the minibatch
+        ``draw(w.device)`` (kept when ``keep``)."""
+        if self._kept is not None and self._kept.shape == w.shape:
+            return self._kept
+        p = self.diagonal(w, theta, draw(w.device), n)
+        if self.keep:
+            self._kept = p
+        return p
 
     def diagonal(self, w: Tensor, theta: Any, idx: Tensor | None, n: int) -> Tensor:
         b = n if idx is None else idx.numel()
@@ -1265,7 +1347,7 @@ class _Curvature:
         else:
             gen = torch.Generator().manual_seed(0)
             d = torch.zeros_like(w)
-            hessian = _SampledHessian(self.problem, w, theta, idx)
+            hessian = _SampledHessian(self.problem, w, theta, idx, self.closed)
             for _ in range(_HUTCHINSON_PROBES):
                 z = (torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w)
                 d += z * hessian.local(z)
@@ -1282,7 +1364,7 @@ class _Curvature:
         gen = torch.Generator().manual_seed(1)
         u = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w)
         lam = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        hessian = _SampledHessian(self.problem, w, theta, idx)
+        hessian = _SampledHessian(self.problem, w, theta, idx, self.closed)
         for _ in range(iterations):
             u = u / u.reshape(u.shape[0], -1).norm(dim=1).clamp_min(1e-300).reshape(
                 -1, *[1] * (u.dim() - 1)
@@ -1309,12 +1391,62 @@ class _Counted:
         return self.hessian(v)
 
 
-class LowerMap:
+class _Lookahead:
+    """The next lower minibatch of a map, drawn while its all-reduce is in flight.
+
+    Data parallel, each inner iteration of SID ends in an all-reduce that waits for the
+    slowest process and for the transport. A solver that knows another iteration follows
+    (a fixed iteration count, :meth:`want_ahead`) lets the map draw that iteration's
+    minibatch, and have the finite sum prepare it (``FiniteSum.prepare``: gather its rows),
+    in that wait instead of after it. The draws come from the same stream in the same order
+    (nothing else draws from it in between), so the iterates are those without the
+    lookahead, bit for bit, for one process and for several alike.
+    """
+
+    sampler: MinibatchSampler
+    problem: BilevelProblem
+    n: int
+    batch_size: int
+
+    def _init_lookahead(self) -> None:
+        self._ahead: Tensor | None = None
+        self._want = False
+
+    def want_ahead(self, wanted: bool) -> None:
+        """Whether the next call that reduces may draw the following minibatch early."""
+        self._want = bool(wanted)
+
+    def draw(self, device: torch.device | str | None = None) -> Tensor:
+        """A fresh minibatch of ``batch_size`` sample positions (nothing is counted)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            return ahead
+        return self.sampler.draw(self.n, self.batch_size, device=device)
+
+    def _meanwhile(self, device: torch.device) -> Callable[[], None] | None:
+        """The work for the wait of this call's all-reduce: the next draw, if wanted."""
+        if not self._want:
+            return None
+        self._want = False
+
+        def draw_next() -> None:
+            idx = self.sampler.draw(self.n, self.batch_size, device=device)
+            prepare = self.problem.finite_sum.prepare
+            if prepare is not None:
+                prepare(idx)
+            self._ahead = idx
+
+        return draw_next
+
+
+class LowerMap(_Lookahead):
     """Φ̂(w) = w − η ∇_w ĥ(w, θ; I), a fresh minibatch I of ``batch_size`` samples per call.
 
     ``batch_size=None`` uses all N samples (then Φ̂ = Φ). Each call counts B·b/N gradient
     evaluations in ``cost``. ``diagonal`` (optional) gives the exact minibatch Hessian
-    diagonal for the preconditioned solvers (:meth:`curvature`).
+    diagonal for the preconditioned solvers (:attr:`curvature`, or ``curvature`` itself
+    when given: SID shares one between its stages); ``closed`` (optional, SID's
+    ``sample_hessian``) the gradients and Hessian products in closed form.
     """
 
     def __init__(
@@ -1325,6 +1457,8 @@ class LowerMap:
         batch_size: int | None,
         cost: Cost,
         diagonal: Diagonal | None = None,
+        closed: SampleHessianFn | None = None,
+        curvature: _Curvature | None = None,
     ) -> None:
         self.problem = problem
         self.step = float(step)
@@ -1332,11 +1466,11 @@ class LowerMap:
         self.n = int(problem.finite_sum.n_lower)
         self.batch_size = self.n if batch_size is None else int(batch_size)
         self.cost = cost
-        self.curvature = _Curvature(problem, diagonal, cost)
-
-    def draw(self, device: torch.device | str | None = None) -> Tensor:
-        """A fresh minibatch of ``batch_size`` sample positions (nothing is counted)."""
-        return self.sampler.draw(self.n, self.batch_size, device=device)
+        self.closed = closed
+        self.curvature = (
+            _Curvature(problem, diagonal, cost, closed) if curvature is None else curvature
+        )
+        self._init_lookahead()
 
     def gradient(self, w: Tensor, index: Tensor | None = None, theta: Any = None) -> Tensor:
         """∇_w ĥ(w, θ; I) on the minibatch ``index`` (default: a fresh one), shape of w
@@ -1353,10 +1487,14 @@ class LowerMap:
         local = [self._local_gradient(w, index, theta) for w, theta in points]
         if full is not None:
             local.append(self._local_full_gradient(*full))
-        return _combined_all(*[(g, self.n) for g in local])
+        meanwhile = self._meanwhile(index.device)
+        return _combined_all(*[(g, self.n) for g in local], meanwhile=meanwhile)
 
     def _local_gradient(self, w: Tensor, idx: Tensor, theta: Any) -> Tensor:
         theta = self.problem.theta if theta is None else theta
+        if self.closed is not None:
+            self.cost.grad_evals += w.shape[0] * idx.numel() / self.n
+            return self.closed(w.detach(), theta, idx).gradient().detach()
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
             e = self.problem.finite_sum.lower_energy(wr, theta, idx)
@@ -1373,6 +1511,10 @@ class LowerMap:
     def _local_full_gradient(self, w: Tensor, theta: Any) -> Tensor:
         theta = self.problem.theta if theta is None else theta
         block = _block(self.n)  # data parallel: this process's rows, combined
+        if self.closed is not None:
+            self.cost.grad_evals += w.shape[0] * _share(self.n)
+            index = None if block is None else block.to(w.device)
+            return self.closed(w.detach(), theta, index).gradient().detach()
         with torch.enable_grad():
             wr = w.detach().requires_grad_(True)
             if block is None:
@@ -1388,7 +1530,7 @@ class LowerMap:
         """v ↦ Ĥ(w, θ; I) v on the minibatch ``index`` at the problem's θ, each product
         counted as B·b/N Hessian-vector products (one gradient graph for all of them)."""
         return _Counted(
-            _SampledHessian(self.problem, w, self.problem.theta, index),
+            _SampledHessian(self.problem, w, self.problem.theta, index, self.closed),
             self.cost,
             w.shape[0] * index.numel() / self.n,
         )
@@ -1397,7 +1539,7 @@ class LowerMap:
         return w - self.step * self.gradient(w)
 
 
-class AdjointMap:
+class AdjointMap(_Lookahead):
     """Ψ̂(v) = ∂_wΦ̂(w)ᵀ v + ∇_w Ê(w) = v − η Ĥ(w; I) v + ∇_w Ê(w; I') at the fixed point w.
 
     Ĥ is the Hessian of ĥ on a fresh lower minibatch I (``batch_size`` of N) per call, counting
@@ -1418,6 +1560,8 @@ class AdjointMap:
         cost: Cost,
         exact_rhs: Tensor | _ExactUpper | None = None,
         diagonal: Diagonal | None = None,
+        closed: SampleHessianFn | None = None,
+        curvature: _Curvature | None = None,
     ) -> None:
         self.problem = problem
         self.w = w.detach()
@@ -1428,19 +1572,19 @@ class AdjointMap:
         self.upper_batch = upper_batch
         self.cost = cost
         self._exact = exact_rhs
-        self.curvature = _Curvature(problem, diagonal, cost)
+        self.closed = closed
+        self.curvature = (
+            _Curvature(problem, diagonal, cost, closed) if curvature is None else curvature
+        )
         if upper_batch is None and exact_rhs is None:
             raise BilevelError("AdjointMap needs upper_batch or the exact right-hand side")
+        self._init_lookahead()
 
     @property
     def exact_rhs(self) -> Tensor | None:
         """The exact ∇_w f per instance (None with upper minibatches)."""
         exact = self._exact
         return exact.values()[1] if isinstance(exact, _ExactUpper) else exact
-
-    def draw(self, device: torch.device | str | None = None) -> Tensor:
-        """A fresh lower minibatch of ``batch_size`` positions (nothing is counted)."""
-        return self.sampler.draw(self.n, self.batch_size, device=device)
 
     def matvec(
         self, v: Tensor, index: Tensor | None = None, w: Tensor | None = None, theta: Any = None
@@ -1464,7 +1608,7 @@ class AdjointMap:
             parts.append(rhs)
         exact = self._exact
         pending = exact.parts if isinstance(exact, _ExactUpper) else None
-        reduced = _combined_all(*parts, *(pending or ()))
+        reduced = _combined_all(*parts, *(pending or ()), meanwhile=self._meanwhile(index.device))
         if pending is not None:  # the exact upper terms, combined in the same all-reduce
             exact.combine(reduced[len(parts) :])
             reduced = reduced[: len(parts)]
@@ -1476,14 +1620,14 @@ class AdjointMap:
         w = self.w if w is None else w
         theta = self.problem.theta if theta is None else theta
         self.cost.hvps += w.shape[0] * idx.numel() / self.n
-        return _SampledHessian(self.problem, w, theta, idx).local(v)
+        return _SampledHessian(self.problem, w, theta, idx, self.closed).local(v)
 
     def hessian(self, index: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """v ↦ Ĥ(w, θ; I) v at the map's point and the problem's θ on the minibatch ``index``
         (None: all N samples, as :meth:`full_matvec`), each product counted as B·b/N
         Hessian-vector products; one gradient graph serves all products."""
         b = self.n * _share(self.n) if index is None else index.numel()
-        hessian = _SampledHessian(self.problem, self.w, self.problem.theta, index)
+        hessian = _SampledHessian(self.problem, self.w, self.problem.theta, index, self.closed)
         return _Counted(hessian, self.cost, self.w.shape[0] * b / self.n)
 
     def full_matvec(self, v: Tensor, w: Tensor | None = None, theta: Any = None) -> Tensor:
@@ -1492,7 +1636,7 @@ class AdjointMap:
         w = self.w if w is None else w
         theta = self.problem.theta if theta is None else theta
         self.cost.hvps += w.shape[0] * _share(self.n)
-        return _sample_hvp(self.problem, w, theta, v, None)
+        return _sample_hvp(self.problem, w, theta, v, None, self.closed)
 
     def rhs(self) -> Tensor:
         """∇_w Ê(w; I') per instance on a fresh upper minibatch (or the exact ∇_w f)."""
@@ -1720,6 +1864,13 @@ class SID(HypergradientEstimator):
             accept ``tol`` and ``max_iter``; ``lower_tol`` defaults to 1e-4 as for AID).
         diagonal: (w, θ, index) -> the minibatch Hessian diagonal, for the Jacobi
             preconditioner of the preconditioned solvers (``None``: Hutchinson's estimate).
+        sample_hessian: (w, θ, index) -> a :class:`SampleHessian`, the minibatch gradient
+            ∇_w ĥ(w, θ; I) and products Ĥ(w, θ; I) v in closed form (index None: all
+            samples), used by stages 1 and 2 instead of autograd's first and second
+            derivatives of ``finite_sum.lower_energy`` (the same values; e.g.
+            :meth:`bilevel.learning.models.FiniteSumModel.lower_sample_hessian`, whose first
+            product also yields the gradient, in two passes over the rows where autograd
+            makes four). ``None``: autograd.
 
     Warm starts: ``x0`` is w_0 and ``adjoint0`` is the adjoint q_0 in the convention of every
     estimator (H q ≈ ∇_w f), so v_0 = q_0/η; the result's ``x`` (w_t, or its tail average) and
@@ -1752,6 +1903,7 @@ class SID(HypergradientEstimator):
     seed: int | None = 0
     accuracy: InnerAccuracy | None = None
     diagonal: Diagonal | None = None
+    sample_hessian: SampleHessianFn | None = None
 
     #: Data parallel, SID splits the finite sum's rows over the processes itself (the
     #: upper-level method then gives every process every instance).
@@ -1769,6 +1921,11 @@ class SID(HypergradientEstimator):
             )
         if self.diagonal is not None and not callable(self.diagonal):
             raise BilevelError("diagonal must be a callable (w, theta, index) -> diag")
+        if self.sample_hessian is not None and not callable(self.sample_hessian):
+            raise BilevelError(
+                "sample_hessian must be a callable (w, theta, index) -> an object with "
+                "gradient() and product(v)"
+            )
         for name in ("lower_batch", "linear_batch", "final_batch", "upper_batch"):
             object.__setattr__(self, name, _batch_size(name, getattr(self, name)))
         object.__setattr__(
@@ -1912,8 +2069,12 @@ class SID(HypergradientEstimator):
             lower_target = scale * _tolerance("lower_tol", lower_tol)
             adjoint_target = scale * _tolerance("adjoint_tol", adjoint_tol)
 
-        # stage 1: w_t
-        phi = LowerMap(problem, eta, samplers.lower, self.lower_batch, cost, self.diagonal)
+        # stage 1: w_t; one preconditioner for both stages (θ is fixed during the call)
+        closed = self.sample_hessian
+        curvature = _Curvature(problem, self.diagonal, cost, closed, keep=True)
+        phi = LowerMap(
+            problem, eta, samplers.lower, self.lower_batch, cost, self.diagonal, closed, curvature
+        )
         low = self._stage(
             "stage 1 (lower level)",
             state.lower_solver,
@@ -1937,6 +2098,8 @@ class SID(HypergradientEstimator):
             cost,
             exact,
             self.diagonal,
+            closed,
+            curvature,
         )
         v0 = torch.zeros_like(w) if adjoint0 is None else adjoint0.detach().to(w) / eta
         lin = self._stage(

@@ -435,7 +435,8 @@ def hpo_estimator(
       the step's ε_k, δ_k of :func:`hpo_method` (at most :data:`SID_MAX_INNER` iterations);
       else t = k = ``inner_steps``. The final stage uses one sample for the per-feature
       models (θ enters only the regulariser, so J = ∂_θ∇_w Ω involves no data) and all
-      samples for hypercleaning (θ weights every sample);
+      samples for hypercleaning (θ weights every sample). Gradients and Hessian products of
+      the training loss come in closed form (:meth:`FiniteSumModel.lower_sample_hessian`);
     * ``aid-cg``: L-BFGS lower solve and CG adjoint to the tolerances of :func:`hpo_method`
       (at most ``inner_steps`` iterations each, default 200);
     * ``itd``: ``inner_steps`` (default 20) differentiated gradient steps of length 1/L(θ).
@@ -483,6 +484,7 @@ def hpo_estimator(
             seed=seed,
             accuracy=InnerAccuracy(SID_MAX_INNER, SID_MAX_INNER) if adaptive else None,
             diagonal=model.lower_sample_diagonal,
+            sample_hessian=model.lower_sample_hessian,
         )
     if method == "aid-cg":
         cap = 200 if inner_steps is None else int(inner_steps)

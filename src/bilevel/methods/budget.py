@@ -25,7 +25,8 @@ class Budget:
         wall_time: seconds of computation (evaluation callbacks excluded).
 
     Limits are checked between steps, so a run may overshoot ``oracle_calls`` or ``wall_time``
-    by one step.
+    by one step; ``MAID`` and ``HOAG`` also check both before each recomputation and each
+    line-search trial, so they overshoot by at most one trial.
     """
 
     oracle_calls: int | None = None

@@ -113,6 +113,9 @@ class Engine:
         self.step = 0
         self.epoch = 0
         self.cost = 0
+        #: seconds counted against the wall-time budget so far, set by the run loop (for
+        #: methods that check the budget within a step)
+        self.seconds: Callable[[], float] | None = None
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
@@ -240,7 +243,7 @@ def _user_metrics(values: Any, step: int) -> dict[str, Any]:
 
 
 #: Extra keys engines log besides METRIC_KEYS.
-_ENGINE_KEYS = ("grad_norm", "distance", "accepted", "backtracks", "certified")
+_ENGINE_KEYS = ("grad_norm", "distance", "accepted", "backtracks", "certified", "budget_stop")
 
 
 class _Best:
@@ -345,6 +348,7 @@ def _drive(
     if run is not None:
         write_json(run.path / RESULT_NAME, {"status": "running", "finished": False})
     clock = Stopwatch(elapsed0)
+    engine.seconds = lambda: clock.elapsed() - eval_seconds
     records: list[dict[str, Any]] = []
     history = [snapshot(engine.params)] if opts.keep_history else None
     good: list[Tensor] | None = None  # θ at the last finite evaluation of this session

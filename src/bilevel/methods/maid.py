@@ -16,9 +16,16 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
    the margin a lower bound on F(θ) (f_i convex in x), so an accepted step certainly
    decreases the true F. Below float64, f_i, ‖∇ₓf_i‖ and the trial's ‖∇ₓh_i‖ (hence ε⁺_i) are
    evaluated in float64 at the computed points (else they carry the rounding margin of the
-   working precision), so that rounding cannot fake a decrease. Trials whose first-order
-   decrease α‖z‖(‖z‖ + ω) − cα‖z‖² cannot cover the old side's mean_i ‖∇ₓf_i‖ε_i are not
-   solved for (the line search fails at once and the accuracy is tightened). L_f and μ come
+   working precision), so that rounding cannot fake a decrease. The plain ε_i is loose (it
+   charges ‖∇ₓf_i‖ for the whole distance bound) and, in float32, cannot fall below the floor
+   where the solver's own rounding of ∇ₓh dominates (about L·u·‖x‖/μ); so the same bounds
+   are also taken at the float64 point x̄_i = x̃_i + d_i, d_i a few conjugate-gradient steps
+   of the Newton correction ∇²h d = −∇h(x̃) (``refine_iterations``; ε̄_i = ‖∇ₓh_i(x̄_i)‖/μ,
+   evaluated in float64, certifies x̄_i for any d_i), and the tighter of the two is used on
+   each side (:func:`_certified`). The heavy solves stay in the working precision. Trials
+   whose first-order decrease α‖z‖(‖z‖ + ω) − cα‖z‖² cannot cover the old side's
+   inexactness mean_i (f_i − lower bound_i) are not solved for (the line search fails at
+   once and the accuracy is tightened). L_f and μ come
    from the one place that states them: the estimator's
    ``stated_constants().upper_grad_lipschitz`` (else the value the bound computed or
    estimated, ``hg.constants["L_f"]``) and the problem's ``mu`` evaluated at θ⁺; with a
@@ -31,9 +38,11 @@ One iteration at θ with tolerances (ε, δ) on all n samples at once:
 schedule ε_k, δ_k with the same line search. The two share one engine and differ only by
 their :class:`AccuracyPolicy` (:class:`AdaptiveAccuracy`, :class:`ScheduledAccuracy`).
 Every oracle call is counted, including those of rejected trials, of recomputations at
-tighter accuracy and of the error bound's constants; an oracle-call budget is checked before
-each recomputation and each trial, so that a step stops where the budget runs out (θ and the
-accuracies are then kept).
+tighter accuracy, of the error bound's constants (power iterations, the a-posteriori solves:
+``Cost.bound_products``) and of the float64 Newton corrections; the oracle-call and wall-time
+budgets are checked before each recomputation and each trial, so that a step stops where the
+budget runs out (θ and the accuracies are then kept, and the step's record says why under
+``budget_stop``).
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from bilevel import distributed
 from bilevel.autodiff import Cost, LowerLevel, batch_norm
 from bilevel.bounds import as_float64, rounding_margin
 from bilevel.hypergrad import EstimatorState, Hypergradient, HypergradientEstimator, Implicit
+from bilevel.linear import CG
 from bilevel.methods.budget import Budget
 from bilevel.methods.engine import Engine, Method, Stop
 from bilevel.methods.optim import Projection, apply_projection, load_params, snapshot
@@ -199,6 +209,9 @@ class _LineSearch(Method):
         grad_tol: stop ("converged") once ‖z‖ + ω ≤ grad_tol, which certifies
             ‖∇F(θ)‖ ≤ grad_tol; 0 disables the test.
         projection: optional P applied to each trial point.
+        refine_iterations: conjugate-gradient steps of the Newton correction whose float64
+            residual tightens the line search's certified values (see :func:`_certified`;
+            counted as oracle calls); 0 disables it.
     """
 
     estimator: HypergradientEstimator = field(default_factory=Implicit)
@@ -209,6 +222,7 @@ class _LineSearch(Method):
     decrease: float = 1e-4
     grad_tol: float = 0.0
     projection: Projection | None = None
+    refine_iterations: int = 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.estimator, HypergradientEstimator):
@@ -226,6 +240,14 @@ class _LineSearch(Method):
         ):
             raise BilevelError(
                 f"max_backtracks must be a positive integer, got {self.max_backtracks!r}"
+            )
+        if (
+            isinstance(self.refine_iterations, bool)
+            or not isinstance(self.refine_iterations, int)
+            or self.refine_iterations < 0
+        ):
+            raise BilevelError(
+                f"refine_iterations must be a non-negative integer, got {self.refine_iterations!r}"
             )
         _check("growth", self.growth, 1.0, math.inf, closed_low=True)
         _check("decrease", self.decrease, 0.0, math.inf)
@@ -324,7 +346,7 @@ class _Pending:
     alpha: float = 0.0
     trials: int = 0
     finished: tuple[str, str] | None = None
-    exhausted: bool = False
+    exhausted: str | None = None  # why the budget ended the step early
 
 
 def _upper_values(
@@ -361,9 +383,12 @@ def _upper_values_in(
     return losses, gnorm + margin, margin
 
 
-def _lower_grad_norm(lower: LowerLevel, x: Tensor, computed: Tensor) -> Tensor:
+def _lower_grad_norm(
+    lower: LowerLevel, x: Tensor, computed: Tensor
+) -> tuple[Tensor, Tensor | None]:
     """‖∇ₓh_i(x_i)‖ recomputed in float64 at the float32 points (one counted gradient
-    evaluation), else ``computed`` plus the rounding margin of the working precision."""
+    evaluation), with that float64 gradient; else ``computed`` plus the rounding margin of the
+    working precision, and None."""
     if x.dtype != torch.float64:
         try:
             with torch.enable_grad():
@@ -372,11 +397,91 @@ def _lower_grad_norm(lower: LowerLevel, x: Tensor, computed: Tensor) -> Tensor:
                 (g,) = torch.autograd.grad(energy.sum(), xr)
             lower.cost.grad_evals += x.shape[0]
             if energy.dtype == torch.float64:
-                return batch_norm(g) * (1.0 + 4 * torch.finfo(x.dtype).eps)
+                return batch_norm(g) * (1.0 + 4 * torch.finfo(x.dtype).eps), g
         except (RuntimeError, TypeError):
             pass
     op = lower.hessian(x)  # the magnitude ‖H x‖ of the terms summed into ∇ₓh
-    return computed + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + computed)
+    return computed + rounding_margin(x, 2 * batch_norm(op.full_matvec(x)) + computed), None
+
+
+@dataclass
+class _Certified:
+    """Per-instance bounds ``low`` ≤ f_i(x̂_i(θ)) ≤ ``high`` and ``value``, f_i at the point
+    whose bounds were used (the first-order guess of f_i(x̂_i))."""
+
+    low: Tensor
+    high: Tensor
+    value: Tensor
+
+
+def _certified(
+    problem: BilevelProblem,
+    batch: Batch,
+    cost: Cost,
+    x: Tensor,
+    dist: Tensor,
+    mu: Tensor,
+    l_f: Tensor | float,
+    refine: int,
+    grad64: Tensor | None = None,
+) -> _Certified:
+    """Bounds on f_i(x̂_i) from a point x̃_i with certified distance ‖x̃_i − x̂_i‖ ≤ ``dist``.
+
+    With f_i convex and ∇ₓf_i L_f-Lipschitz, for any point p_i with ‖p_i − x̂_i‖ ≤ ε_i,
+
+        f_i(p_i) − ‖∇ₓf_i(p_i)‖ε_i ≤ f_i(x̂_i) ≤ f_i(p_i) + ‖∇ₓf_i(p_i)‖ε_i + L_f ε_i²/2.
+
+    p = x̃ gives the plain bounds (f_i, ‖∇ₓf_i‖ in float64, :func:`_upper_values`). With
+    ``refine`` > 0 the bounds are also taken at the float64 point x̄ = x̃ + d, d from
+    ``refine`` conjugate-gradient steps on ∇²h(x̃) d = −∇h(x̃) (a Newton correction: the
+    right-hand side ∇h(x̃) in float64, the Hessian products in the working precision), with
+    ε̄_i = (‖∇h_i(x̄_i)‖ + rounding)/μ_i, ∇h(x̄) in float64: a certificate for any d, so the
+    CG accuracy decides only how tight it is. A float32 solve stalls where its rounding of
+    ∇h dominates (about L·u·‖x‖, L the largest curvature), so ε at x̃ cannot fall below that
+    floor; ε̄ at x̄ can (in any precision it is also far smaller than ε at the lower
+    solver's tolerance). The larger lower bound and the smaller upper bound
+    of the two are returned. ``grad64``: ∇h(x̃) in float64 if already computed. Cost
+    (counted): per instance one or two float64 gradients, one in the working precision (the
+    Hessian's graph) and at most ``refine`` + 1 Hessian-vector products.
+    """
+    losses, gnorm, rounding = _upper_values(problem, x, batch)
+    dist = dist.to(losses)
+    out = _Certified(
+        low=losses - gnorm * dist - rounding,
+        high=losses + gnorm * dist + 0.5 * l_f * dist**2 + rounding,
+        value=losses,
+    )
+    if refine <= 0:
+        return out
+    try:
+        lower64 = LowerLevel(problem, as_float64(batch), cost)
+        x64 = x.detach().double()
+        grad = lower64.value_and_grad(x64)[1] if grad64 is None else grad64
+        if grad.dtype != torch.float64:
+            return out
+        # d in the working precision: any d is certified, and its own rounding (relative u
+        # of d, a small vector) is far below the float64 residual it removes
+        op = LowerLevel(problem, batch, cost).hessian(x)
+        rhs = -grad.to(x.dtype)
+        d = CG(max_iter=refine).solve(op.matvec, rhs, 1e-6 * batch_norm(rhs)).solution
+        x_bar = x64 + d.double()
+        _, g_bar = lower64.value_and_grad(x_bar)
+        g_norm = batch_norm(g_bar)
+        magnitude = 2 * batch_norm(op.full_matvec(x.detach())).double() + g_norm
+        h_norm = g_norm + rounding_margin(x64, magnitude)
+        at = _upper_values_in(problem, x_bar, as_float64(batch))
+    except (RuntimeError, TypeError, BilevelError):  # no float64 evaluation: plain bounds
+        return out
+    eps = h_norm / mu.to(h_norm)
+    losses, gnorm, rounding = at
+    low = losses - gnorm * eps - rounding
+    high = losses + gnorm * eps + 0.5 * l_f * eps**2 + rounding
+    better = low > out.low
+    return _Certified(
+        low=torch.fmax(out.low, low),  # a NaN bound (unknown distance) yields to the other
+        high=torch.fmin(out.high, high),
+        value=torch.where(better, losses, out.value),
+    )
 
 
 def _regulariser(problem: BilevelProblem) -> float:
@@ -401,6 +506,7 @@ class _LineSearchEngine(Engine):
             estimator_state = cfg.estimator.init_state()
         self.estimator_state = estimator_state
         self.budget_calls = None if budget is None else budget.oracle_calls
+        self.budget_time = None if budget is None else budget.wall_time
         self.name = type(cfg).__name__.lower()
         self.n = n = len(samples)
         # data parallel (bilevel.distributed): this process's instances, reduced sums
@@ -436,10 +542,24 @@ class _LineSearchEngine(Engine):
         if self.finished is not None:
             raise Stop(*self.finished)
 
-    def _spent(self, cost: float) -> bool:
-        """Whether the oracle-call budget is spent with ``cost`` more calls of this step (the
-        run loop then stops before the next step)."""
-        return self.budget_calls is not None and self.cost + cost >= self.budget_calls
+    def _spent(self, cost: float) -> str | None:
+        """Which budget is spent with ``cost`` more oracle calls of this step, as a message
+        (None: neither). Oracle calls, and the run's seconds when it has a wall-time limit (rank
+        0's clock decides for every process); the run loop then stops before the next step."""
+        total = self.cost + cost
+        if self.budget_calls is not None and total >= self.budget_calls:
+            return f"oracle-call budget reached ({total:g} >= {self.budget_calls})"
+        if self.budget_time is None or self.seconds is None:
+            return None
+        seconds = self.seconds()
+        over = seconds >= self.budget_time
+        if self.shard is not None:
+            over = self.shard.agree(over)
+        return (
+            f"wall-time budget reached ({seconds:.1f} s >= {self.budget_time:g} s)"
+            if over
+            else None
+        )
 
     # -- compute ---------------------------------------------------------------------------
 
@@ -499,8 +619,9 @@ class _LineSearchEngine(Engine):
             refined = policy.refine(eps, delta, znorm, omega)
             if refined is None:
                 break
-            if self._spent(cost):
-                return _Pending(hg, eps, delta, cost, exhausted=True)
+            reason = self._spent(cost)
+            if reason is not None:
+                return _Pending(hg, eps, delta, cost, exhausted=f"{reason}, before a recomputation")
             if isinstance(refined, str):
                 return _Pending(hg, eps, delta, cost, finished=("stalled", refined))
             eps, delta = refined
@@ -518,23 +639,37 @@ class _LineSearchEngine(Engine):
         l_f_default = 1.0 if l_f_report is None else l_f_report.value
         if self.shard is not None:
             l_f_default = self.shard.extreme(l_f_default, largest=True)
-        losses, gnorm, rounding = _upper_values(problem, hg.x, self.batch)
-        eps_old = torch.nan_to_num(hg.eps, nan=math.inf).to(losses.dtype)
-        old = self._mean(float((losses - gnorm * eps_old - rounding).sum()))
-        old += _regulariser(problem)
+
+        def lipschitz(x: Tensor) -> Tensor | float:
+            l_f = evaluate_constant("upper_grad_lipschitz", stated_lf, problem.theta, self.batch, x)
+            return l_f_default if l_f is None else l_f.to(torch.float64)
+
+        def moduli(x: Tensor) -> Tensor:
+            values = problem.mu_values(self.batch, x)
+            if values is None:  # the estimator's μ (the smallest over instances)
+                return torch.full((x.shape[0],), float(hg.mu), dtype=x.dtype, device=x.device)
+            return values
+
+        trial_cost = Cost()
+        eps_old = torch.nan_to_num(hg.eps, nan=math.inf)
+        refine = cfg.refine_iterations
+        old_bounds = _certified(
+            problem, self.batch, trial_cost, hg.x, eps_old, moduli(hg.x), lipschitz(hg.x), refine
+        )
+        old = self._mean(float(old_bounds.low.sum())) + _regulariser(problem)
         z_sq = hg.norm**2
         # ⟨∇F(θ), z⟩ ≤ ‖z‖(‖z‖ + ω): a trial whose first-order decrease α‖z‖(‖z‖ + ω) − cα‖z‖²
-        # falls short of the old side's inexactness mean_i ‖∇ₓf_i‖ε_i cannot pass the test
+        # falls short of the old side's inexactness mean_i (f_i − low_i) cannot pass the test
         # unless F curves downwards; it and the smaller trials after it are not solved for
-        slack = self._mean(float((gnorm * eps_old + rounding).sum()))
+        slack = self._mean(float((old_bounds.value - old_bounds.low).sum()))
         reach = hg.norm * (hg.norm + float(hg.bound)) - cfg.decrease * z_sq
         theta0 = snapshot(self.params)
-        trial_cost = Cost()
         try:
             for i in range(cfg.max_backtracks):
                 trial_calls = self._mean(trial_cost.oracle_calls) * self.n  # all processes
-                if self._spent(p.cost + trial_calls):
-                    p.exhausted = True
+                reason = self._spent(p.cost + trial_calls)
+                if reason is not None:
+                    p.exhausted = f"{reason}, within the line search after {i} trials"
                     break
                 alpha = self.alpha * cfg.backtrack**i
                 if alpha * reach < slack:
@@ -551,16 +686,21 @@ class _LineSearchEngine(Engine):
                     if self.shard is not None:
                         self._mean(math.nan)  # every process rejects the trial
                     continue  # the trial point is unusable: backtrack
-                new_losses, new_gnorm, new_rounding = _upper_values(problem, sol.x, self.batch)
-                mu_new = problem.mu_values(self.batch, sol.x)
-                mu_new = torch.full_like(sol.grad_norm, hg.mu) if mu_new is None else mu_new
-                dist = (_lower_grad_norm(lower, sol.x, sol.grad_norm) / mu_new).to(new_losses)
-                l_f = evaluate_constant(
-                    "upper_grad_lipschitz", stated_lf, problem.theta, self.batch, sol.x
+                mu_new = moduli(sol.x).to(sol.grad_norm)
+                h_norm, grad64 = _lower_grad_norm(lower, sol.x, sol.grad_norm)
+                l_f = lipschitz(sol.x)
+                bounds = _certified(
+                    problem,
+                    self.batch,
+                    trial_cost,
+                    sol.x,
+                    h_norm / mu_new,
+                    mu_new,
+                    l_f,
+                    refine,
+                    grad64,
                 )
-                l_f = l_f_default if l_f is None else l_f.to(new_losses)
-                upper = new_losses + new_gnorm * dist + 0.5 * l_f * dist**2 + new_rounding
-                new = self._mean(float(upper.sum())) + _regulariser(problem)
+                new = self._mean(float(bounds.high.sum())) + _regulariser(problem)
                 if math.isfinite(new) and new <= old - cfg.decrease * alpha * z_sq:
                     p.accepted, p.alpha = True, alpha
                     p.theta, p.x = snapshot(self.params), sol.x.detach()
@@ -577,12 +717,15 @@ class _LineSearchEngine(Engine):
         self.cost += p.cost
         record = self.step_record(hg, p.eps, p.delta, p.alpha, self.distance)
         record.update(accepted=p.accepted, backtracks=p.trials, certified=hg.bound_certified)
+        if p.exhausted is not None:
+            record["budget_stop"] = p.exhausted
         self.adjoint = None if hg.adjoint is None else hg.adjoint.detach().clone()
         if p.finished is not None:
             self.finished = p.finished
             self.x_warm = hg.x.detach().clone()
             self.tol, self.adjoint_tol = p.eps, p.delta
-        elif p.exhausted:  # the budget ran out within the step: θ and accuracies are kept
+        elif p.exhausted is not None:
+            # the budget ran out within the step: θ and accuracies are kept
             self.x_warm = hg.x.detach().clone()
         elif p.accepted:
             load_params(self.params, p.theta)

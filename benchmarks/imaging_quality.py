@@ -329,7 +329,7 @@ def markdown(result: dict, path: Path) -> None:
     lines += ["", *targets(result), "", *training_notes(cfg["models"])]
     lines += ["How the models were trained and why targets are missed: ", ""]
     lines[-2] += "[benchmarks_imaging_quality.md](benchmarks_imaging_quality.md)."
-    fig = new_figure(10, 3.8)
+    fig = new_figure(10, 4.4)
     gain_axes(fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2), result)
     figure = path.with_suffix(".png")
     fig.tight_layout()
@@ -355,7 +355,7 @@ def gain_axes(left, right, result: dict) -> None:
                 xs.append(i + (j - (len(names) - 1) / 2) * width)
                 gains.append(m[name]["mean_psnr"] - m["TV"]["mean_psnr"])
         bars = left.bar(xs, gains, width, label=name, color=f"C{j}")
-        left.bar_label(bars, fmt="%+.2f", fontsize=7)
+        left.bar_label(bars, fmt="%+.2f", fontsize=6, rotation=90, padding=2)
     ticks = [
         f"σ = {s}\nTV {result['results'][s]['methods']['TV']['mean_psnr']:.2f} dB" for s in sigmas
     ]
@@ -365,7 +365,8 @@ def gain_axes(left, right, result: dict) -> None:
     left.set_ylabel("mean PSNR − TV (dB)")
     n = len(result["images"])
     left.set_title(f"mean gain over tuned TV, {n} images (dashed: +1 dB)", fontsize=9)
-    left.legend(fontsize=7)
+    left.set_ylim(top=left.get_ylim()[1] * 1.15)  # room for the rotated labels
+    left.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.0, -0.2), ncol=2)
     s = "25" if "25" in result["results"] else sigmas[0]
     m = result["results"][s]["methods"]
     tv = m["TV"]["psnr"]

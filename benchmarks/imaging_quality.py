@@ -14,17 +14,19 @@ s = ``--seed`` + 1000·σ + i for the i-th image (seeds recorded in the JSON). M
 * BM3D: ``bm3d.bm3d(y, sigma_psd=σ/255)`` of the optional ``bm3d`` package
   (``pip install bilevel[benchmarks]``);
 * each learned model of ``--models`` (shipped pretrained names, see ``bilevel models``;
-  σ-aware models are set to the σ evaluated).
+  σ-aware models are set to the σ evaluated), at the σ of ``--model-sigmas`` or, for
+  ``NAME@15+50``, at those σ.
 
 Reconstructions solve the lower level to a root-mean-square gradient of ``--tol`` (float32,
 stopped earlier when the float32 rounding floor is reached). PSNR and SSIM (clipped to [0, 1])
 per image and their means go to ``--json`` (default
 ``docs/benchmarks_imaging_quality_results.json``); ``--markdown`` writes the report with the
 table and a figure. ``--cache FILE`` keeps every
-per-image score (and each tuned TV strength) under a key that names all it depends on, so a
-rerun computes only what is missing and processes that evaluate different models can share
-the file. ``--record NAME`` stores the
-model's mean test scores at its own σ in its pretrained record.
+per-image score (and each tuned TV strength) under a key that names all it depends on (a
+ridge network: the digest of its energy at σ, see :func:`model_key`), so a rerun computes
+only what is missing and processes that evaluate different models can share the file.
+``--record NAME`` stores the model's mean test scores at its own σ in its pretrained record
+(a σ-aware model's at every σ evaluated).
 """
 
 from __future__ import annotations
@@ -63,7 +65,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--data", default=str(DEFAULT_DATA), help="folder with train/ and test/ (BSDS300)")
     a("--images", type=int, default=100, help="first N test images (default: 100)")
     a("--sigmas", default="15,25,50", help="noise levels, 0-255 scale (default: 15,25,50)")
-    a("--models", default="", help="comma-separated pretrained model names")
+    a(
+        "--models",
+        default="",
+        help="comma-separated pretrained model names, each optionally with the σ at which it "
+        "is evaluated: NAME@15+25+50 (default: --model-sigmas)",
+    )
     a(
         "--model-sigmas",
         default=None,
@@ -98,19 +105,33 @@ class Cache:
     """Scores and tuned strengths already computed, one JSON object per line
     ``{"key": ..., "value": ...}`` (the last line of a key wins). A key names everything the
     value depends on (σ, image, noise seed, method and its settings; a shipped model by the
-    digest of its weights), so a stale entry is never reused. Lines are appended whole, so
-    processes evaluating different methods can share one file."""
+    key of :func:`model_key`), so a stale entry is never reused. Lines are appended whole, so
+    processes evaluating different methods can share one file: a key not found is looked up
+    again in the lines that other processes appended since the file was last read."""
 
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
         self.entries: dict[str, object] = {}
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    entry = json.loads(line)
-                    self.entries[entry["key"]] = entry["value"]
+        self.offset = 0  # bytes of the file read so far (complete lines only)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the complete lines appended to the file since the last read."""
+        if self.path is None or not self.path.is_file():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line being written is read next time
+        for line in data[:end].decode("utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                self.entries[entry["key"]] = entry["value"]
+        self.offset += end
 
     def get(self, key: str):
+        if key not in self.entries:
+            self.refresh()
         return self.entries.get(key)
 
     def put(self, key: str, value) -> None:
@@ -123,6 +144,26 @@ class Cache:
 def model_digest(name: str) -> str:
     """The first 12 hex digits of the SHA-256 of the shipped model's weights file."""
     return hashlib.sha256((MODEL_DIR / f"{name}.pt").read_bytes()).hexdigest()[:12]
+
+
+def model_key(name: str, model) -> str:
+    """The cache key of a shipped model's reconstructions at its current σ. A ridge network's
+    energy at σ depends only on its composite filters, knot curvatures and β(σ) (and its
+    class, knot spacing and boundary): the key is the digest of those, so two models that are
+    the same energy at σ (a σ-aware model at a node it kept from the model it was made from)
+    share their scores. Other models: the name and the digest of the weights file."""
+    if not hasattr(model, "knot_curvatures"):
+        return f"model={name}@{model_digest(name)}"
+    with torch.no_grad():
+        filters = model.effective_filters().double()
+        alpha, beta = (v.double() for v in model.scalings())
+        parts = (filters, model.knot_curvatures(filters, alpha), beta)
+    digest = hashlib.sha256(
+        f"{type(model).__name__} {model.knot_spacing!r} {model.boundary}".encode()
+    )
+    for t in parts:
+        digest.update(t.contiguous().numpy().tobytes())
+    return f"ridge-energy@{digest.hexdigest()[:12]}"
 
 
 def noisy(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
@@ -183,7 +224,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     test = test[: args.images]
     train = load_image_folder(data / "train", color=False)
     sigmas = [float(s) for s in args.sigmas.split(",") if s]
-    models = [m for m in args.models.split(",") if m]
+    models = model_list(args.models)
     model_sigmas = sigmas
     if args.model_sigmas is not None:
         model_sigmas = [float(s) for s in args.model_sigmas.split(",") if s]
@@ -214,11 +255,13 @@ def evaluate(args: argparse.Namespace) -> dict:
         jobs.append(("TV", f"TV λ={lam:g} ν={float(tv.smoothing):g} {solver}", denoiser(tv, args)))
         if bm3d is not None:
             jobs.append(("BM3D", "BM3D", bm3d_denoiser(bm3d, sigma)))
-        for name in models if sigma in model_sigmas else ():
+        for name, at in models:
+            if sigma not in (at or model_sigmas):
+                continue
             reg = pretrained(name)
             if hasattr(reg, "set_noise_level"):
                 reg.set_noise_level(sigma / 255.0)
-            key = f"model={name}@{model_digest(name)} {solver}"
+            key = f"{model_key(name, reg)} {solver}"
             jobs.append((name, key, denoiser(reg, args)))
         for i, (clean, seed) in enumerate(zip(test, seeds)):
             x = clean.unsqueeze(0)
@@ -286,7 +329,7 @@ def markdown(result: dict, path: Path) -> None:
     lines += ["", *targets(result), "", *training_notes(cfg["models"])]
     lines += ["How the models were trained and why targets are missed: ", ""]
     lines[-2] += "[benchmarks_imaging_quality.md](benchmarks_imaging_quality.md)."
-    fig = new_figure(10, 3.8)
+    fig = new_figure(10, 4.4)
     gain_axes(fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2), result)
     figure = path.with_suffix(".png")
     fig.tight_layout()
@@ -312,7 +355,7 @@ def gain_axes(left, right, result: dict) -> None:
                 xs.append(i + (j - (len(names) - 1) / 2) * width)
                 gains.append(m[name]["mean_psnr"] - m["TV"]["mean_psnr"])
         bars = left.bar(xs, gains, width, label=name, color=f"C{j}")
-        left.bar_label(bars, fmt="%+.2f", fontsize=7)
+        left.bar_label(bars, fmt="%+.2f", fontsize=6, rotation=90, padding=2)
     ticks = [
         f"σ = {s}\nTV {result['results'][s]['methods']['TV']['mean_psnr']:.2f} dB" for s in sigmas
     ]
@@ -322,7 +365,8 @@ def gain_axes(left, right, result: dict) -> None:
     left.set_ylabel("mean PSNR − TV (dB)")
     n = len(result["images"])
     left.set_title(f"mean gain over tuned TV, {n} images (dashed: +1 dB)", fontsize=9)
-    left.legend(fontsize=7)
+    left.set_ylim(top=left.get_ylim()[1] * 1.15)  # room for the rotated labels
+    left.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.0, -0.2), ncol=2)
     s = "25" if "25" in result["results"] else sigmas[0]
     m = result["results"][s]["methods"]
     tv = m["TV"]["psnr"]
@@ -339,10 +383,23 @@ def gain_axes(left, right, result: dict) -> None:
     right.legend(fontsize=7)
 
 
+def model_list(spec: str) -> list[tuple[str, list[float] | None]]:
+    """``"a,b@15+50"`` → [("a", None), ("b", [15.0, 50.0])]: the models of ``--models`` and
+    the σ at which each is evaluated (None: those of ``--model-sigmas``)."""
+    out = []
+    for item in (m.strip() for m in spec.split(",") if m.strip()):
+        name, _, at = item.partition("@")
+        try:
+            out.append((name, [float(s) for s in at.split("+")] if at else None))
+        except ValueError:
+            sys.exit(f"imaging_quality: --models wants NAME or NAME@S+S..., got {item!r}")
+    return out
+
+
 def training_notes(models: str) -> list[str]:
     """How each evaluated shipped model was trained, from its record."""
     out = []
-    for name in [m for m in models.split(",") if m]:
+    for name, _ in model_list(models):
         info = model_info(name)
         train = info.get("training", {})
         summary = train.get("summary", {})
@@ -400,21 +457,38 @@ def targets(result: dict) -> list[str]:
 
 
 def record(result: dict, name: str) -> None:
-    """Store the model's scores at its own σ (and the baselines') in its pretrained record."""
+    """Store the model's scores at its own σ (and the baselines') in its pretrained record
+    (``test``); for a σ-aware model (noise nodes) also its scores at every σ evaluated
+    (``test_by_sigma``, keyed by σ), its own σ then optional."""
     info = model_info(name)
-    r = result["results"].get(f"{float(info['sigma']):g}")
-    if r is None or name not in r["methods"]:
+    aware = info["kwargs"].get("noise_nodes") is not None
+
+    def scores_at(sigma: str) -> dict | None:
+        r = result["results"].get(sigma)
+        if r is None or name not in r["methods"]:
+            return None
+        m = r["methods"]
+        return {
+            "set": "BSDS300 test images (first by file name), full size, grayscale",
+            "images": len(result["images"]),
+            "psnr": m[name]["mean_psnr"],
+            "ssim": m[name]["mean_ssim"],
+            "baselines_psnr": {k: v["mean_psnr"] for k, v in m.items() if k != name},
+            "noise_seeds": r["noise_seeds"],
+            "command": "python benchmarks/imaging_quality.py " + _options(result["config"]),
+        }
+
+    own = scores_at(f"{float(info['sigma']):g}")
+    if own is None and not aware:
         sys.exit(f"imaging_quality: no result of {name} at its σ = {info['sigma']}")
-    m = r["methods"]
-    info["test"] = {
-        "set": "BSDS300 test images (first by file name), full size, grayscale",
-        "images": len(result["images"]),
-        "psnr": m[name]["mean_psnr"],
-        "ssim": m[name]["mean_ssim"],
-        "baselines_psnr": {k: v["mean_psnr"] for k, v in m.items() if k != name},
-        "noise_seeds": r["noise_seeds"],
-        "command": "python benchmarks/imaging_quality.py " + _options(result["config"]),
-    }
+    if own is not None:
+        info["test"] = own
+    if aware:
+        found = {s: scores_at(s) for s in result["results"]}
+        info["test_by_sigma"] = {
+            **info.get("test_by_sigma", {}),
+            **{s: v for s, v in found.items() if v is not None},
+        }
     path = MODEL_DIR / f"{name}.json"
     path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     print(f"recorded the test scores of {name} in {path}")

@@ -21,12 +21,28 @@ run) writes that model with its configuration, data, seed, the command that star
 architecture as the options ask for) instead of at tuned TV, to continue its training with
 the same data and options; its record is kept in the run directory (``init_model.json``) and
 the exported record lists the chain of commands that made the model (``training.chain``).
+
+σ-aware models: ``--noise-nodes 15,25,50`` builds the model with scalings α(σ), β(σ) that are
+linear splines in log σ with values at these nodes (``ConvexRidgeNetwork(noise_nodes=...)``);
+an ``--init-model`` with log-linear scalings is converted without change at the nodes.
+``--train-only log_strength,log_sharpness`` learns only the parameters whose names start with
+these prefixes (the others stay frozen): trained at ``--sigma`` = a node, only that node's
+α and β move, so a chain of such runs (one per σ, each ``--init-model`` the previous export)
+fits one model to several noise levels without changing it at the others:
+
+    python benchmarks/train_regulariser.py --sigma 15 --noise-nodes 15,25,50 \
+        --init-model crr16-sigma25 --train-only log_strength,log_sharpness ... \
+        --export crr16-sigma-aware
+    python benchmarks/train_regulariser.py --sigma 50 --noise-nodes 15,25,50 \
+        --init-model crr16-sigma-aware --train-only log_strength,log_sharpness ... \
+        --export crr16-sigma-aware
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -46,6 +62,7 @@ from bilevel.imaging import (
     random_crops,
     reconstruct,
     reconstruction_problem,
+    regularisers,
     ridge_layers,
 )
 from bilevel.imaging.job import calibrate_ridge_strength
@@ -146,6 +163,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume", action="store_true")
     a("--export", default=None, help="write the trained model as pretrained model NAME")
     a(
+        "--noise-nodes",
+        default=None,
+        help="σ-aware scalings: linear splines in log σ with values at these σ (0-255 scale, "
+        "comma-separated, e.g. 15,25,50)",
+    )
+    a(
+        "--train-only",
+        default=None,
+        help="learn only the parameters whose names start with these comma-separated prefixes "
+        "(e.g. log_strength,log_sharpness); the others stay frozen",
+    )
+    a(
         "--init-model",
         default=None,
         help="start from the weights of the shipped model NAME (to continue its training)",
@@ -178,6 +207,8 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     layers, kernel = ridge_layers(args.filter_size)
     kwargs = {"num_filters": args.filters, "channels": 1, "layers": layers}
     kwargs.update(kernel_size=kernel, noise_level=args.sigma / 255.0)
+    if args.noise_nodes:
+        kwargs["noise_nodes"] = [float(s) for s in args.noise_nodes.split(",") if s]
     if args.model == "wcrr":
         kwargs["max_weak_convexity"] = args.max_weak_convexity
         return WeaklyConvexRidge(**kwargs), kwargs
@@ -236,10 +267,11 @@ def init_from_model(
     model: torch.nn.Module, kwargs: dict, name: str, run_dir: Path, resume: bool
 ) -> dict:
     """Load the shipped model ``name`` into ``model`` (its class and ``kwargs`` must be the
-    ones the options build) and return its record; a fresh run stores the record and the
-    weights as ``run_dir/init_model.json`` and ``init_model.pt`` (a resumed run reads them from
-    there, so that θ₀ and the chain stay those it started from even if the shipped model was
-    replaced since; its checkpoint then replaces θ)."""
+    ones the options build, up to the noise level, and up to noise nodes that a model with
+    log-linear scalings is converted to) and return its record; a fresh run stores the record
+    and the (converted) weights as ``run_dir/init_model.json`` and ``init_model.pt`` (a resumed
+    run reads them from there, so that θ₀ and the chain stay those it started from even if the
+    shipped model was replaced since; its checkpoint then replaces θ)."""
     from bilevel.imaging.pretrained_models import MODEL_DIR, model_info
 
     path, weights = run_dir / "init_model.json", run_dir / "init_model.pt"
@@ -247,18 +279,42 @@ def init_from_model(
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return json.loads(path.read_text(encoding="utf-8"))
     info = model_info(name)
-    if info["class"] != type(model).__name__ or info["kwargs"] != kwargs:
+    skip = ("noise_level", "noise_nodes")
+    nodes, shipped_nodes = kwargs.get("noise_nodes"), info["kwargs"].get("noise_nodes")
+    same = {k: v for k, v in info["kwargs"].items() if k not in skip} == {
+        k: v for k, v in kwargs.items() if k not in skip
+    }
+    if info["class"] != type(model).__name__ or not same or shipped_nodes not in (None, nodes):
         sys.exit(
             f"train_regulariser: --init-model {name} is a {info['class']} with {info['kwargs']}; "
             f"the options build a {type(model).__name__} with {kwargs}"
         )
-    state = torch.load(MODEL_DIR / f"{name}.pt", map_location="cpu", weights_only=True)
+    source = getattr(regularisers, info["class"])(**info["kwargs"])
+    weights_file = MODEL_DIR / f"{name}.pt"
+    source.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    if nodes is not None and shipped_nodes is None:
+        source.with_noise_nodes(nodes)
+    if not math.isclose(float(source.noise_level), kwargs["noise_level"], rel_tol=1e-6):
+        source.set_noise_level(kwargs["noise_level"])  # trained at another σ: this run's σ
+    state = source.state_dict()
     model.load_state_dict(state)
     record = {"name": name, **info}
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.save(state, weights)
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return record
+
+
+def train_only(model: torch.nn.Module, spec: str) -> list[str]:
+    """Freeze every parameter whose name starts with none of the comma-separated prefixes of
+    ``spec``; returns the names of those left to learn."""
+    prefixes = tuple(s.strip() for s in spec.split(",") if s.strip())
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(prefixes))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        sys.exit(f"train_regulariser: --train-only {spec} matches no parameter")
+    return names
 
 
 def command_chain(init: dict | None, commands: list[str]) -> list[str]:
@@ -317,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_model:
         init = init_from_model(model, kwargs, args.init_model, run_dir, args.resume)
         print(f"θ₀: the weights of {args.init_model}", flush=True)
+    if args.train_only:
+        train_only(model, args.train_only)
     problem = reconstruction_problem(model)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     val_batch = val.batch()
@@ -386,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
             "description": f"{args.model} with {args.filters} filters of "
             f"{args.filter_size}×{args.filter_size}, "
             + (f"ρ_max = {args.max_weak_convexity:g}, " if args.model == "wcrr" else "")
-            + f"grayscale, σ = {args.sigma:g}/255",
+            + f"grayscale, σ = {args.sigma:g}/255"
+            + (
+                f" (σ-aware: scalings fitted at σ = {args.noise_nodes.replace(',', ', ')})"
+                if args.noise_nodes
+                else ""
+            ),
             "training": {
                 "command": "python benchmarks/train_regulariser.py " + " ".join(commands[0]),
                 "resumed_with": [" ".join(c) for c in commands[1:]],

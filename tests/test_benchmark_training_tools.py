@@ -55,6 +55,14 @@ def test_score_cache_round_trip_and_last_entry_wins(tmp_path):
     other.put("σ=25 image=a.jpg TV", [27.6, 0.81])
     again = iq.Cache(str(path))
     assert again.get("σ=25 image=a.jpg TV") == [27.6, 0.81]
+    other.put("σ=50 image=b.jpg BM3D", [22.0, 0.5])  # appended after `cache` read the file
+    assert cache.get("σ=50 image=b.jpg BM3D") == [22.0, 0.5]
+    with path.open("a", encoding="utf-8") as f:  # a line being written is not read yet
+        f.write('{"key": "partial", "va')
+    assert cache.get("partial") is None
+    with path.open("a", encoding="utf-8") as f:
+        f.write('lue": 3}\n')
+    assert cache.get("partial") == 3
     assert again.get("tune-tv σ=25") == 0.1
     memory = iq.Cache(None)  # no file: a dictionary only
     memory.put("k", 1)
@@ -118,3 +126,85 @@ def test_init_model_starts_at_a_shipped_model_and_the_chain_of_commands_is_kept(
         "C --run-dir RUN_DIR",
     ]
     assert tr.command_chain(None, ["c"]) == ["c"]
+
+
+def test_init_model_converts_to_noise_nodes_and_train_only_freezes_the_rest(tmp_path):
+    from bilevel.imaging import pretrained
+
+    tr = _load("train_regulariser")
+    argv = ["--sigma", "15", "--noise-nodes", "15,25,50", "--run-dir", str(tmp_path)]
+    args = tr.parse([*argv, "--filters", "16", "--filter-size", "13"])
+    model, kwargs = tr.build_model(args)
+    assert kwargs["noise_nodes"] == [15.0, 25.0, 50.0]
+    tr.init_from_model(model, kwargs, "crr16-sigma25", tmp_path, resume=False)
+    assert float(model.noise_level) == pytest.approx(15 / 255)
+    shipped = pretrained("crr16-sigma25")
+    x = torch.rand(1, 1, 20, 20, generator=torch.Generator().manual_seed(0))
+    for sigma in (15, 25, 50):  # the converted model equals the shipped one at the nodes
+        model.set_noise_level(sigma / 255)
+        shipped.set_noise_level(sigma / 255)
+        torch.testing.assert_close(model(x), shipped(x), rtol=1e-6, atol=0)
+    names = tr.train_only(model, "log_strength,log_sharpness")
+    assert names == ["log_strength", "log_sharpness"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == names
+    with pytest.raises(SystemExit, match="matches no parameter"):
+        tr.train_only(model, "nothing")
+
+
+def test_record_keeps_a_sigma_aware_models_scores_at_every_sigma(tmp_path, monkeypatch, capsys):
+    import json
+
+    from bilevel.imaging import ConvexRidgeNetwork
+    from bilevel.imaging import pretrained_models as pm
+
+    iq = _load("imaging_quality")
+    monkeypatch.setattr(pm, "MODEL_DIR", tmp_path)
+    monkeypatch.setattr(iq, "MODEL_DIR", tmp_path)
+    kwargs = {"num_filters": 2, "layers": 1, "kernel_size": 3}
+    for name, extra in (("plain", {}), ("aware", {"noise_nodes": [15.0, 25.0, 50.0]})):
+        model = ConvexRidgeNetwork(**kwargs, **extra)
+        info = {"class": "ConvexRidgeNetwork", "kwargs": {**kwargs, **extra}, "sigma": 25.0}
+        pm.save_pretrained(model, name, info, folder=tmp_path)
+
+    def methods(psnr: float) -> dict:
+        scores = {"mean_psnr": psnr, "mean_ssim": 0.5}
+        return {"noisy": {**scores, "mean_psnr": 20.0}, "aware": scores, "plain": scores}
+
+    config = {"images": 1, "sigmas": "15,50", "models": "aware", "seed": 0}
+    result = {"config": config, "images": ["a.jpg"], "results": {}}
+    for sigma, psnr in (("15", 30.0), ("50", 24.0)):
+        result["results"][sigma] = {"methods": methods(psnr), "noise_seeds": [1]}
+    iq.record(result, "aware")
+    info = json.loads((tmp_path / "aware.json").read_text())
+    assert "test" not in info  # not evaluated at its own σ = 25
+    assert {s: v["psnr"] for s, v in info["test_by_sigma"].items()} == {"15": 30.0, "50": 24.0}
+    assert info["test_by_sigma"]["50"]["baselines_psnr"] == {"noisy": 20.0, "plain": 24.0}
+    with pytest.raises(SystemExit, match="no result of plain"):
+        iq.record(result, "plain")  # a model of one σ needs its own
+    pm.print_models()
+    out = capsys.readouterr().out
+    assert "σ-aware" in out and "15: 30.00 dB, 50: 24.00 dB" in out
+
+
+def test_model_key_is_shared_by_models_with_the_same_energy_at_sigma():
+    from bilevel.imaging import ConvexRidgeNetwork, WeaklyConvexRidge
+
+    iq = _load("imaging_quality")
+    kwargs = {"num_filters": 2, "layers": 1, "kernel_size": 3}
+    plain = ConvexRidgeNetwork(**kwargs)
+    aware = ConvexRidgeNetwork(**kwargs).with_noise_nodes([15.0, 25.0, 50.0])
+    with torch.no_grad():
+        aware.log_sharpness[2] += 0.5  # learned at σ = 50 only
+    assert iq.model_key("a", plain) == iq.model_key("b", aware)  # both at σ = 25
+    assert iq.model_key("a", plain.set_noise_level(50 / 255)) != iq.model_key(
+        "b", aware.set_noise_level(50 / 255)
+    )
+    weak = WeaklyConvexRidge(**kwargs)
+    assert iq.model_key("a", plain.set_noise_level(25 / 255)) != iq.model_key("a", weak)
+
+
+def test_model_list_reads_the_sigma_of_each_model():
+    iq = _load("imaging_quality")
+    assert iq.model_list("a, b@15+50,") == [("a", None), ("b", [15.0, 50.0])]
+    with pytest.raises(SystemExit, match="NAME@S"):
+        iq.model_list("b@x")

@@ -49,6 +49,15 @@ def _perturbed(reg):
 
 
 @torch.no_grad()
+def _nodes_perturbed(reg: ConvexRidgeNetwork) -> ConvexRidgeNetwork:
+    """σ = 20/255 between the nodes 15 and 25, distinct values at the nodes: the
+    hypergradient reaches both neighbouring nodes through the interpolation."""
+    reg.log_strength.add_(torch.tensor([0.3, -0.2, 0.1], dtype=reg.log_strength.dtype))
+    reg.log_sharpness.add_(torch.tensor([-0.2, 0.3, 0.0], dtype=reg.log_sharpness.dtype))
+    return _perturbed(reg)
+
+
+@torch.no_grad()
 def _concave(reg: WeaklyConvexRidge) -> WeaklyConvexRidge:
     """Switch the concave part on, so the hypergradient passes through negative curvature."""
     reg.concave_logits.fill_(3.0)
@@ -68,6 +77,9 @@ REGULARISERS = {
     "ridge": lambda c: ConvexRidge(num_filters=2, filter_size=3, channels=c, num_basis=2),
     "icnn": lambda c: InputConvexNetwork(channels=c, hidden=3, layers=2),
     "crr": lambda c: _perturbed(ConvexRidgeNetwork(2, c, **SMALL_RIDGE)),
+    "crr_noise_nodes": lambda c: _nodes_perturbed(
+        ConvexRidgeNetwork(2, c, noise_level=20 / 255, noise_nodes=(15, 25, 50), **SMALL_RIDGE)
+    ),
     "wcrr": lambda c: _concave(WeaklyConvexRidge(2, c, max_weak_convexity=0.8, **SMALL_RIDGE)),
 }
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from bilevel import BilevelError
 from bilevel.imaging import (
@@ -377,6 +378,64 @@ def test_noise_level_scaling() -> None:
         reg.set_noise_level(25.0)
     with pytest.raises(BilevelError):
         ConvexRidgeNetwork(num_knots=0)
+
+
+NODES = (15.0, 25.0, 50.0)
+
+
+@pytest.mark.parametrize("cls", [ConvexRidgeNetwork, WeaklyConvexRidge])
+def test_noise_nodes_interpolate_the_scalings_and_keep_the_certificates(cls) -> None:
+    reg = _randomise_(_ridge_net(cls), 4)  # random log-linear scalings (a₁, b₁ ≠ 0, −1)
+    x = 0.3 * torch.rand(1, 1, SIZE, SIZE, generator=_gen(5), dtype=torch.float64)
+    sigmas = (10.0, 15.0, 20.0, 25.0, 40.0, 50.0, 70.0)
+
+    def at(sigma: float) -> tuple[Tensor, Tensor, float]:
+        reg.set_noise_level(sigma / 255)
+        return (*reg.log_scalings(), float(reg(x).detach()))
+
+    before = {s: at(s) for s in sigmas}
+    reg.set_noise_level(25 / 255).with_noise_nodes(NODES)
+    assert reg.noise_nodes == NODES and reg.log_strength.shape == (3,)
+    assert float(reg.noise_level) == pytest.approx(25 / 255)  # kept
+    for s in sigmas:  # a log-linear scaling is a linear spline for any nodes: unchanged
+        a, b, e = at(s)
+        assert float(a) == pytest.approx(float(before[s][0]), abs=1e-12)
+        assert float(b) == pytest.approx(float(before[s][1]), abs=1e-12)
+        assert e == pytest.approx(before[s][2], rel=1e-10)
+    with torch.no_grad():  # learned node values
+        reg.log_strength.add_(torch.tensor([0.4, 0.0, -0.6], dtype=torch.float64))
+        reg.log_sharpness.add_(torch.tensor([-0.3, 0.2, 0.5], dtype=torch.float64))
+    for j, s in enumerate(NODES):  # at a node: its values, and gradients for them only
+        reg.zero_grad()
+        a, b, _ = at(s)
+        assert float(a) == float(reg.log_strength[j]) and float(b) == float(reg.log_sharpness[j])
+        (a + 2 * b).backward()
+        one_hot = torch.zeros(3, dtype=torch.float64).index_fill_(0, torch.tensor(j), 1.0)
+        assert torch.equal(reg.log_strength.grad, one_hot)
+        assert torch.equal(reg.log_sharpness.grad, 2 * one_hot)
+    t = math.log(20 / 15) / math.log(25 / 15)  # between nodes: linear in log σ
+    v = reg.log_strength.detach()
+    assert float(at(20.0)[0]) == pytest.approx(float((1 - t) * v[0] + t * v[1]), abs=1e-12)
+    t = math.log(70 / 25) / math.log(50 / 25)  # beyond the last node: its segment extended
+    assert float(at(70.0)[0]) == pytest.approx(float((1 - t) * v[1] + t * v[2]), abs=1e-12)
+    # the certificates hold at every σ: convexity (or the weak-convexity cap), curvature bound
+    rho = reg.weak_convexity_bound()
+    for s in (12.0, 15.0, 35.0, 50.0, 80.0):
+        reg.set_noise_level(s / 255)
+        assert _power_max_eig(reg, x) <= reg.curvature_bound() * (1 + 1e-9)
+        assert _min_eig(reg, x) >= -rho * (1 + 1e-9) - 1e-10
+    # rescale_ multiplies α at every σ
+    alpha = float(reg.scalings()[0])
+    reg.rescale_(2.0)
+    assert float(reg.scalings()[0]) == pytest.approx(2 * alpha)
+    # a float32 noise level at a node still selects that node alone
+    reg.float().set_noise_level(15 / 255)
+    reg.zero_grad()
+    reg.log_scalings()[0].backward()
+    assert reg.log_strength.grad.tolist() == [1.0, 0.0, 0.0]
+    for bad in ([25.0], [25.0, 15.0], [0.0, 25.0], [15.0, 15.0], [15.0, 300.0]):
+        with pytest.raises(BilevelError, match="noise_nodes"):
+            cls(num_filters=2, layers=1, kernel_size=3, noise_nodes=bad)
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,21 @@ def test_save_and_load_round_trip(tmp_path):
         pm.save_pretrained(model, "../x", info, folder=tmp_path)
 
 
+def test_sigma_aware_model_round_trip(tmp_path):
+    # a model with noise nodes is rebuilt with them and serves each σ with its own scalings
+    kwargs = {"num_filters": 2, "layers": 1, "kernel_size": 3, "noise_nodes": [15.0, 25.0, 50.0]}
+    model = ConvexRidgeNetwork(**kwargs)
+    with torch.no_grad():
+        model.log_strength.copy_(torch.tensor([-4.0, -3.0, -2.0]))
+    info = {"class": "ConvexRidgeNetwork", "kwargs": kwargs, "sigma": 25.0}
+    pm.save_pretrained(model, "aware", info, folder=tmp_path)
+    loaded = pretrained("aware", folder=tmp_path)
+    assert loaded.noise_nodes == (15.0, 25.0, 50.0)
+    for sigma, log_alpha in ((15, -4.0), (25, -3.0), (50, -2.0)):
+        loaded.set_noise_level(sigma / 255)
+        assert float(loaded.log_scalings()[0]) == pytest.approx(log_alpha)
+
+
 @pytest.fixture
 def tiny_zoo(tmp_path, monkeypatch):
     """A model folder with one small trained-looking model, used as the shipped folder."""

@@ -135,6 +135,19 @@ def print_models(as_json: bool = False) -> int:
             if "psnr" in test
             else "no test score recorded"
         )
-        print(f"{name:<24} σ = {info['sigma']:g}/255  {info.get('description', '')}; {score}")
+        by_sigma = info.get("test_by_sigma") or {}
+        if by_sigma:
+            score += "; by σ: " + ", ".join(
+                f"{s}: {v['psnr']:.2f} dB" for s, v in by_sigma.items() if "psnr" in v
+            )
+        nodes = info["kwargs"].get("noise_nodes")
+        sigma = (
+            f"σ = {info['sigma']:g}/255"
+            if not nodes
+            else f"σ = {info['sigma']:g}/255 (σ-aware: --sigma S; fitted at "
+            + ", ".join(f"{s:g}" for s in nodes)
+            + ")"
+        )
+        print(f"{name:<24} {sigma}  {info.get('description', '')}; {score}")
     print("use: bilevel reconstruct --model NAME IMAGE... [--add-noise] [--json]")
     return 0

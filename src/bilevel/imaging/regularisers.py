@@ -490,6 +490,17 @@ def _young_bound(filters: Tensor) -> Tensor:
     return filters.abs().sum(dim=(2, 3)).pow(2).sum(dim=1)
 
 
+def _check_noise_nodes(nodes: Sequence[float] | None) -> tuple[float, ...] | None:
+    """Noise nodes σ_j (0-255 scale) as a tuple: at least two, increasing, in (0, 255)."""
+    if nodes is None:
+        return None
+    out = tuple(float(s) for s in nodes)
+    ok = len(out) >= 2 and all(0 < a < b < 255 for a, b in zip(out, out[1:]))
+    if not ok:
+        raise BilevelError(f"noise_nodes must be ≥ 2 increasing σ in (0, 255), got {nodes}")
+    return out
+
+
 def ridge_layers(support: int) -> tuple[int, int]:
     """(layers, kernel_size) whose composition has an S×S support, S = ``support``: layers of
     5×5 when 4 divides S − 1 (S = 13: three), else of 3×3 (S = 7: three)."""
@@ -516,6 +527,7 @@ class _SplineRidge(Regulariser):
         smoothing: float,
         noise_level: float,
         boundary: str,
+        noise_nodes: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         _check_boundary(boundary)
@@ -542,11 +554,18 @@ class _SplineRidge(Regulariser):
         d1 = tau / torch.sqrt(tau * tau + smoothing**2)
         s = ((d1[1:] - d1[:-1]) / knot_spacing).expand(num_filters, num_knots)
         self.log_slopes = nn.Parameter(s.log().to(dtype).clone())
-        # log α(σ) = a₀ + a₁ log(σ/σ_ref), log β(σ) = b₀ + b₁ log(σ/σ_ref): the TV-like initial
-        # energy (α/β)|t| grows like σ and its smoothing ν/β like σ.
+        # log α(σ) = a₀ + a₁ z, log β(σ) = b₀ + b₁ z, z = log(σ/σ_ref) (or, with noise nodes,
+        # values at the nodes z_j): the TV-like initial energy (α/β)|t| grows like σ and its
+        # smoothing ν/β like σ.
         lam = strength * math.pi / (2 * num_filters)
-        self.log_strength = nn.Parameter(torch.tensor([math.log(lam), 0.0], dtype=dtype))
-        self.log_sharpness = nn.Parameter(torch.tensor([0.0, -1.0], dtype=dtype))
+        self.noise_nodes = _check_noise_nodes(noise_nodes)
+        if self.noise_nodes is None:
+            a, b = [math.log(lam), 0.0], [0.0, -1.0]
+        else:
+            z = [math.log(s / 255.0 / REFERENCE_NOISE) for s in self.noise_nodes]
+            a, b = [math.log(lam)] * len(z), [-zj for zj in z]
+        self.log_strength = nn.Parameter(torch.tensor(a, dtype=dtype))
+        self.log_sharpness = nn.Parameter(torch.tensor(b, dtype=dtype))
         self.register_buffer("noise_level", torch.tensor(float(noise_level), dtype=torch.float64))
 
     def set_noise_level(self, sigma: float) -> _SplineRidge:
@@ -558,10 +577,46 @@ class _SplineRidge(Regulariser):
 
     def scalings(self) -> tuple[Tensor, Tensor]:
         """(α(σ), β(σ)) at the current noise level σ."""
-        z = torch.log(self.noise_level / REFERENCE_NOISE).to(self.log_strength.dtype)
-        alpha = (self.log_strength[0] + self.log_strength[1] * z).exp()
-        beta = (self.log_sharpness[0] + self.log_sharpness[1] * z).exp()
-        return alpha, beta
+        log_alpha, log_beta = self.log_scalings()
+        return log_alpha.exp(), log_beta.exp()
+
+    def log_scalings(self) -> tuple[Tensor, Tensor]:
+        """(log α(σ), log β(σ)): linear in z = log(σ/σ_ref), or, with noise nodes σ_j, the
+        piecewise-linear interpolation in z of the values at the nodes (extrapolated linearly
+        by the end segments)."""
+        if self.noise_nodes is None:
+            z = torch.log(self.noise_level / REFERENCE_NOISE).to(self.log_strength.dtype)
+            return self.log_strength[0] + self.log_strength[1] * z, (
+                self.log_sharpness[0] + self.log_sharpness[1] * z
+            )
+        # σ within a relative 1e-6 of a node (a float32 noise_level) is that node: t is 0 or 1
+        nodes = [math.log(s / 255.0) for s in self.noise_nodes]
+        u = math.log(float(self.noise_level))
+        u = next((n for n in nodes if abs(n - u) < 1e-6), u)
+        j = min(max(sum(n < u for n in nodes), 1), len(nodes) - 1) - 1
+        t = (u - nodes[j]) / (nodes[j + 1] - nodes[j])
+        # (1 − t) v_j + t v_{j+1}: exactly v_j at a node, whose neighbours get zero gradient
+        return (1 - t) * self.log_strength[j] + t * self.log_strength[j + 1], (
+            (1 - t) * self.log_sharpness[j] + t * self.log_sharpness[j + 1]
+        )
+
+    @torch.no_grad()
+    def with_noise_nodes(self, nodes: Sequence[float]) -> _SplineRidge:
+        """Switch to noise nodes σ_j (0-255 scale) with the values α(σ_j), β(σ_j) of the
+        current scalings, so that the model is unchanged at the nodes (and, from log-linear
+        scalings, everywhere between them)."""
+        checked = _check_noise_nodes(nodes)
+        level = float(self.noise_level)
+        values = []
+        for s in checked:
+            self.set_noise_level(s / 255.0)
+            values.append([float(v) for v in self.log_scalings()])
+        self.set_noise_level(level)
+        self.noise_nodes = checked
+        dtype = self.log_strength.dtype
+        self.log_strength = nn.Parameter(torch.tensor([a for a, _ in values], dtype=dtype))
+        self.log_sharpness = nn.Parameter(torch.tensor([b for _, b in values], dtype=dtype))
+        return self
 
     def effective_filters(self) -> Tensor:
         """The composite filters (K, C, S, S); the first layer is zero-mean, hence all are."""
@@ -599,8 +654,11 @@ class _SplineRidge(Regulariser):
 
     @torch.no_grad()
     def rescale_(self, factor: float) -> _SplineRidge:
-        """Multiply the convex part of the energy by ``factor`` > 0 (α ← factor·α)."""
-        self.log_strength[0] += math.log(factor)
+        """Multiply the convex part of the energy by ``factor`` > 0 (α ← factor·α at every σ)."""
+        if self.noise_nodes is None:
+            self.log_strength[0] += math.log(factor)
+        else:
+            self.log_strength += math.log(factor)
         return self
 
 
@@ -617,7 +675,9 @@ class ConvexRidgeNetwork(_SplineRidge):
       ``num_knots`` knots τ_j = j·``knot_spacing`` on each side and non-decreasing (slopes
       ψ_k'' = exp(ρ_{kj}) > 0, constant beyond the last knot): ψ_k'' ≤ max_j exp(ρ_{kj}).
     * σ-dependent scalings log α(σ) = a₀ + a₁ log(σ/σ_ref), log β(σ) = b₀ + b₁ log(σ/σ_ref),
-      σ_ref = 25/255 (``set_noise_level(σ)`` chooses σ), so one model serves a range of σ.
+      σ_ref = 25/255 (``set_noise_level(σ)`` chooses σ), so one model serves a range of σ;
+      with ``noise_nodes`` σ_j (0-255 scale) log α and log β are instead linear splines in
+      log σ with learned values at the nodes (:meth:`with_noise_nodes` converts a model).
 
     Convex for every θ; ``curvature_bound() = G·sup_ω λ_max(Σ_k α max_j ψ_kj'' ŵ_k ŵ_kᴴ)``.
     Initialisation (deterministic): first-layer filters are directional derivatives cos θ_k D₁ +
@@ -638,6 +698,7 @@ class ConvexRidgeNetwork(_SplineRidge):
         smoothing: float = 0.004,
         noise_level: float = REFERENCE_NOISE,
         boundary: str = "reflect",
+        noise_nodes: Sequence[float] | None = None,
     ) -> None:
         super().__init__(
             num_filters,
@@ -650,6 +711,7 @@ class ConvexRidgeNetwork(_SplineRidge):
             smoothing,
             noise_level,
             boundary,
+            noise_nodes,
         )
 
     @property
@@ -690,6 +752,7 @@ class WeaklyConvexRidge(_SplineRidge):
         max_weak_convexity: float = 0.5,
         noise_level: float = REFERENCE_NOISE,
         boundary: str = "reflect",
+        noise_nodes: Sequence[float] | None = None,
     ) -> None:
         super().__init__(
             num_filters,
@@ -702,6 +765,7 @@ class WeaklyConvexRidge(_SplineRidge):
             smoothing,
             noise_level,
             boundary,
+            noise_nodes,
         )
         if not 0 < max_weak_convexity:
             raise BilevelError(f"max_weak_convexity must be positive, got {max_weak_convexity}")

@@ -399,8 +399,8 @@ def test_noise_nodes_interpolate_the_scalings_and_keep_the_certificates(cls) -> 
     assert float(reg.noise_level) == pytest.approx(25 / 255)  # kept
     for s in sigmas:  # a log-linear scaling is a linear spline for any nodes: unchanged
         a, b, e = at(s)
-        assert float(a.detach()) == pytest.approx(float(before[s][0].detach()), abs=1e-12)
-        assert float(b.detach()) == pytest.approx(float(before[s][1].detach()), abs=1e-12)
+        assert a.item() == pytest.approx(before[s][0].item(), abs=1e-12)
+        assert b.item() == pytest.approx(before[s][1].item(), abs=1e-12)
         assert e == pytest.approx(before[s][2], rel=1e-10)
     with torch.no_grad():  # learned node values
         reg.log_strength.add_(torch.tensor([0.4, 0.0, -0.6], dtype=torch.float64))
@@ -408,16 +408,16 @@ def test_noise_nodes_interpolate_the_scalings_and_keep_the_certificates(cls) -> 
     for j, s in enumerate(NODES):  # at a node: its values, and gradients for them only
         reg.zero_grad()
         a, b, _ = at(s)
-        assert float(a) == float(reg.log_strength[j]) and float(b) == float(reg.log_sharpness[j])
+        assert a.item() == reg.log_strength[j].item() and b.item() == reg.log_sharpness[j].item()
         (a + 2 * b).backward()
         one_hot = torch.zeros(3, dtype=torch.float64).index_fill_(0, torch.tensor(j), 1.0)
         assert torch.equal(reg.log_strength.grad, one_hot)
         assert torch.equal(reg.log_sharpness.grad, 2 * one_hot)
     t = math.log(20 / 15) / math.log(25 / 15)  # between nodes: linear in log σ
     v = reg.log_strength.detach()
-    assert float(at(20.0)[0]) == pytest.approx(float((1 - t) * v[0] + t * v[1]), abs=1e-12)
+    assert at(20.0)[0].item() == pytest.approx(float((1 - t) * v[0] + t * v[1]), abs=1e-12)
     t = math.log(70 / 25) / math.log(50 / 25)  # beyond the last node: its segment extended
-    assert float(at(70.0)[0]) == pytest.approx(float((1 - t) * v[1] + t * v[2]), abs=1e-12)
+    assert at(70.0)[0].item() == pytest.approx(float((1 - t) * v[1] + t * v[2]), abs=1e-12)
     # the certificates hold at every σ: convexity (or the weak-convexity cap), curvature bound
     rho = reg.weak_convexity_bound()
     for s in (12.0, 15.0, 35.0, 50.0, 80.0):
@@ -425,9 +425,9 @@ def test_noise_nodes_interpolate_the_scalings_and_keep_the_certificates(cls) -> 
         assert _power_max_eig(reg, x) <= reg.curvature_bound() * (1 + 1e-9)
         assert _min_eig(reg, x) >= -rho * (1 + 1e-9) - 1e-10
     # rescale_ multiplies α at every σ
-    alpha = float(reg.scalings()[0])
+    alpha = reg.scalings()[0].item()
     reg.rescale_(2.0)
-    assert float(reg.scalings()[0]) == pytest.approx(2 * alpha)
+    assert reg.scalings()[0].item() == pytest.approx(2 * alpha)
     # a float32 noise level at a node still selects that node alone
     reg.float().set_noise_level(15 / 255)
     reg.zero_grad()

@@ -82,7 +82,7 @@ def test_sigma_aware_model_round_trip(tmp_path):
     assert loaded.noise_nodes == (15.0, 25.0, 50.0)
     for sigma, log_alpha in ((15, -4.0), (25, -3.0), (50, -2.0)):
         loaded.set_noise_level(sigma / 255)
-        assert float(loaded.log_scalings()[0]) == pytest.approx(log_alpha)
+        assert loaded.log_scalings()[0].item() == pytest.approx(log_alpha)
 
 
 @pytest.fixture

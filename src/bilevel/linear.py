@@ -214,9 +214,8 @@ def _out_of_range(rr: Tensor, r: Tensor, values: list[float] | None, what: str) 
     elif bool(((rr >= low) & (rr < math.inf)).all()):
         return False
     check_finite(what, r)
-    return bool(r.abs().amax(1).gt(0).logical_and(rr.reshape(-1) < low).any()) or not bool(
-        torch.isfinite(rr).all()
-    )
+    rr = rr.reshape(-1)
+    return bool((~torch.isfinite(rr) | ((rr < low) & (r.abs().amax(1) > 0))).any())
 
 
 def _solve_scaled(

@@ -145,6 +145,10 @@ def test_a_minibatch_is_gathered_once_and_regathered_when_it_changes(cancer, mon
     fresh = logistic_model(cancer.X_train, cancer.y_train, cancer.X_val, cancer.y_val, -2.0)
     torch.testing.assert_close(changed, fresh.train_loss(w, fresh.theta, idx.clone()))
     assert not torch.allclose(changed, first)
+    before = len(gathers)
+    model.X_train.mul_(1.0)  # data changed in place (its version): gathered anew too
+    model.train_loss(w, model.theta, idx)
+    assert len(gathers) == before + 1
 
 
 def test_problem_exposes_finite_sum_access(diabetes, cancer, wine):

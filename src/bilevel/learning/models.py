@@ -425,14 +425,16 @@ class FiniteSumModel:
         that SID's several energies on one minibatch (a variance-reduced gradient at the
         iterate and at the anchor, the Hessian diagonal) gather its rows once: the gather
         of 4096 of 120 000 rows of 300 float32 features costs more than a product with them.
-        The rows are reused only for the same index tensor, unmodified (its version)."""
+        The rows are reused only for the same index tensor, with it and the data unmodified
+        (their versions)."""
         if idx is None:
             return self.X_train, self.y_train
+        versions = (idx._version, self.X_train._version, self.y_train._version)
         kept = getattr(self, "_kept_rows", None)
-        if kept is not None and kept[0] is idx and kept[1] == idx._version:
+        if kept is not None and kept[0] is idx and kept[1] == versions:
             return kept[2], kept[3]
         rows = (_rows(self.X_train, idx), self.y_train.index_select(0, idx))
-        self._kept_rows = (idx, idx._version, *rows)
+        self._kept_rows = (idx, versions, *rows)
         return rows
 
     def _prepare_rows(self, index: Tensor) -> None:

@@ -180,3 +180,64 @@ def test_the_deblurring_tv_baseline_is_tuned_inside_its_grid():
     tv = tune_tv(build(job_config("deblur", crop=16, train_size=4, test_size=1, val_size=0)))
     assert tv.interior and tv.psnr == max(tv.psnrs)
     assert tv.strength < min(TV_GRID)  # found by extending the grid
+
+
+def test_init_model_train_only_and_loss_give_clear_errors(tmp_path, capsys):
+    run_dir = ["--run-dir", str(tmp_path / "r")]
+    assert main(["deblur", *run_dir, *SMALL, "--regulariser", "crr", "--init-model", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no pretrained model 'nope'" in err and "crr16-sigma25" in err
+    assert main(["deblur", *run_dir, *SMALL, "--init-model", "crr16-sigma25"]) == 2
+    assert "is a ConvexRidgeNetwork; it needs --regulariser crr, not foe" in (
+        capsys.readouterr().err
+    )
+    assert main(["deblur", *run_dir, *SMALL, "--regulariser", "crr", "--train-only", "gamma"]) == 2
+    err = capsys.readouterr().err
+    assert "--train-only 'gamma' matches no parameter" in err and "log_strength" in err
+    assert main(["deblur", *run_dir, *SMALL, "--loss", "l1"]) == 2
+    assert "invalid choice: 'l1'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_init_model_starts_at_the_shipped_weights_and_learns_only_the_scalings(tmp_path, capsys):
+    """--init-model: θ₀ is the shipped model at the job's σ (no TV calibration), --train-only
+    freezes everything but α and β, --loss psnr trains; model.pt loads into the shipped class."""
+    import torch
+
+    from bilevel.imaging import pretrained
+    from bilevel.imaging.config import job_config
+    from bilevel.imaging.job import build
+
+    options = {"regulariser": "crr", "init_model": "crr16-sigma25", "crop": 16}
+    setup = build(job_config("deblur", train_size=2, test_size=1, val_size=0, **options))
+    reg = setup.problem.theta["regulariser"]
+    shipped = pretrained("crr16-sigma25")
+    shipped.set_noise_level(5 / 255)
+    for (name, value), ref in zip(reg.state_dict().items(), shipped.state_dict().values()):
+        torch.testing.assert_close(value, ref, msg=name)
+    run_dir = tmp_path / "run"
+    args = ["--regulariser", "crr", "--init-model", "crr16-sigma25", "--loss", "psnr"]
+    args += ["--train-only", "log_strength,log_sharpness", "--budget", "600"]
+    assert main(["deblur", *args, *SMALL, "--run-dir", str(run_dir)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] > 0
+    saved = torch.load(run_dir / "model_final.pt", weights_only=True)
+    learned = {k.removeprefix("regulariser."): v for k, v in saved.items()}
+    start = shipped.state_dict()
+    moved = {k for k, v in learned.items() if k in start and not torch.equal(v, start[k])}
+    assert moved == {"log_strength", "log_sharpness"}
+
+
+def test_validation_crops_come_from_training_images_without_training_crops():
+    import torch
+
+    from bilevel.imaging.data import crop_sources, random_crops
+    from bilevel.imaging.job import validation_images
+
+    images = [torch.full((1, 8, 8), float(i)) for i in range(20)]
+    train = random_crops(images, 4, 6, generator=3)
+    used = {int(c[0, 0, 0]) for c in train}
+    assert used == set(crop_sources(20, 6, 3).tolist())
+    held = validation_images(images, 6, 3)
+    assert {int(im[0, 0, 0]) for im in held} == set(range(20)) - used
+    assert validation_images(images[:1], 6, 3) == images[:1]  # every image used: all of them

@@ -11,6 +11,7 @@ from bilevel.errors import BilevelError
 
 __all__ = [
     "FILTER_SIZES",
+    "LOSSES",
     "METHODS",
     "REGULARISERS",
     "REGULARISER_TITLES",
@@ -35,6 +36,8 @@ REGULARISER_TITLES = {
 #: Default filter size per regulariser (crr/wcrr: the composite filters' support).
 FILTER_SIZES = {"crr": 13, "wcrr": 13}
 METHODS = ("adam-isgd", "isgd", "maid")
+#: Upper losses of the imaging jobs (see :func:`bilevel.imaging.tasks.reconstruction_problem`).
+LOSSES = ("mse", "psnr")
 
 
 @dataclass
@@ -55,6 +58,28 @@ class ImagingConfig:
         None,
         "filter size of foe/ridge, composite filter support of crr/wcrr",
         default_text="5; crr/wcrr: 13, three layers of 5×5",
+    )
+    init_model: str | None = option(
+        None,
+        "start θ at the shipped pretrained model NAME (bilevel models) instead of the "
+        "regulariser's initialisation: its class must be --regulariser's (crr, wcrr, foe or "
+        "tv), its filters replace --filters / --filter-size, its noise level is set to --sigma",
+        metavar="NAME",
+        default_text="none",
+    )
+    train_only: str | None = option(
+        None,
+        "learn only the regulariser's parameters whose names start with one of these "
+        "comma-separated prefixes (e.g. log_strength,log_sharpness: the scalings α, β of "
+        "crr/wcrr); the others keep their initial values",
+        metavar="PREFIXES",
+        default_text="all",
+    )
+    loss: str = option(
+        "mse",
+        "upper loss per image: mse: ½‖x̂ − x‖² (sum over the pixels); psnr: −PSNR(x̂, x) in dB "
+        "= 10 log₁₀ of the mean squared error, so that training maximises the mean PSNR",
+        choices=LOSSES,
     )
     method: str = option("adam-isgd", "upper-level method", choices=METHODS)
     step: str | None = option(
@@ -78,7 +103,8 @@ class ImagingConfig:
     test_size: int = option(16, "test crops")
     val_size: int = option(
         8,
-        "validation crops, cut from the training images: the evaluation with the best PSNR "
+        "validation crops, cut from the training images that no training crop comes from "
+        "(from all of them if every one gives a training crop): the evaluation with the best PSNR "
         "on them gives the learned θ (model.pt; 0: none, the last θ)",
     )
     sigma: float = option(25.0, "noise standard deviation on the 0-255 scale")

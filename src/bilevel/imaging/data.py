@@ -212,6 +212,14 @@ def _as_generator(generator: torch.Generator | int | None) -> torch.Generator:
     return torch.Generator().manual_seed(0 if generator is None else int(generator))
 
 
+def crop_sources(
+    num_images: int, count: int, generator: torch.Generator | int | None = 0
+) -> Tensor:
+    """The index of the image each of the ``count`` crops of :func:`random_crops` comes from,
+    for the same ``num_images`` and integer seed ``generator`` (its first draw)."""
+    return torch.randint(num_images, (count,), generator=_as_generator(generator))
+
+
 def random_crops(
     images: Sequence[Tensor] | Tensor,
     size: int,
@@ -243,7 +251,7 @@ def random_crops(
     if bool((heights < size).any()) or bool((widths < size).any()):
         raise BilevelError(f"every image must be at least {size}×{size} pixels")
     gen = _as_generator(generator)
-    which = torch.randint(len(images), (count,), generator=gen)
+    which = crop_sources(len(images), count, gen)
     u = torch.rand(count, 2, generator=gen, dtype=torch.float64)
     top = (u[:, 0] * (heights[which] - size + 1)).long()
     left = (u[:, 1] * (widths[which] - size + 1)).long()

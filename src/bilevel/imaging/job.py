@@ -47,6 +47,7 @@ from bilevel.imaging.data import (
     DegradedImages,
     ImageFileError,
     bundled_images,
+    crop_sources,
     load_image_folder,
     random_crops,
 )
@@ -59,6 +60,7 @@ from bilevel.imaging.operators import (
     gaussian_kernel,
     random_mask,
 )
+from bilevel.imaging.pretrained_models import model_info, pretrained
 from bilevel.imaging.regularisers import (
     ConvexRidge,
     ConvexRidgeNetwork,
@@ -161,10 +163,51 @@ REGULARISER_BUILDERS: dict[str, Callable[[ImagingConfig, int], Regulariser]] = {
 }
 
 
+#: The class of each ``--regulariser`` name that an ``--init-model`` may be.
+INIT_MODEL_CLASSES = {
+    "crr": "ConvexRidgeNetwork",
+    "wcrr": "WeaklyConvexRidge",
+    "foe": "FieldsOfExperts",
+    "tv": "SmoothedTV",
+}
+
+
 def make_regulariser(config: ImagingConfig, channels: int) -> Regulariser:
     """The regulariser of ``config.regulariser`` at its initial θ, for ``channels`` channels
-    (:data:`REGULARISER_BUILDERS`)."""
-    return REGULARISER_BUILDERS[config.regulariser](config, channels)
+    (:data:`REGULARISER_BUILDERS`), or the shipped model ``--init-model`` (its noise level set
+    to ``--sigma`` when it has one), with ``--train-only`` freezing the other parameters."""
+    name = getattr(config, "init_model", None)
+    if name is None:
+        regulariser = REGULARISER_BUILDERS[config.regulariser](config, channels)
+    else:
+        regulariser = pretrained(name)
+        if regulariser.channels != channels:
+            raise BilevelError(
+                f"--init-model {name} has {regulariser.channels} channel(s), the images "
+                f"{channels} (--color selects colour images)"
+            )
+        if hasattr(regulariser, "set_noise_level") and config.sigma > 0:
+            regulariser.set_noise_level(config.sigma / 255.0)
+    prefixes = getattr(config, "train_only", None)
+    if prefixes is not None:
+        train_only(regulariser, prefixes)
+    return regulariser
+
+
+def train_only(regulariser: Regulariser, prefixes: str) -> list[str]:
+    """Freeze (``requires_grad=False``) the parameters whose names start with none of the
+    comma-separated ``prefixes``; returns the names of those left to learn."""
+    wanted = [p.strip() for p in prefixes.split(",") if p.strip()]
+    names = [n for n, _ in regulariser.named_parameters()]
+    learned = [n for n in names if any(n.startswith(p) for p in wanted)]
+    if not learned:
+        raise BilevelError(
+            f"--train-only {prefixes!r} matches no parameter of the {type(regulariser).__name__} "
+            f"regulariser (its parameters: {', '.join(names) or 'none'})"
+        )
+    for n, p in regulariser.named_parameters():
+        p.requires_grad_(n in learned)
+    return learned
 
 
 @torch.no_grad()
@@ -200,6 +243,19 @@ def calibrate_ridge_strength(regulariser: ConvexRidgeNetwork, tv_strength: float
     k = regulariser.layers[-1].shape[0]
     alpha = float(regulariser.scalings()[0])
     regulariser.rescale_(tv_strength * math.pi / (2 * k) / alpha)
+
+
+def calibrate_initial(regulariser: Regulariser, tv_strength: float, resume: bool = False) -> None:
+    """Start the job's FoE, convex ridge or (weakly) convex ridge network at smoothed TV of the
+    grid-tuned strength λ_TV (the ridge network's α is left alone when ``resume``: its
+    checkpoint replaces θ₀ after a rescaling that would not be reproduced); other
+    regularisers are left as they are."""
+    if isinstance(regulariser, FieldsOfExperts):
+        calibrate_foe_weights(regulariser, tv_strength)
+    if isinstance(regulariser, ConvexRidgeNetwork | WeaklyConvexRidge) and not resume:
+        calibrate_ridge_strength(regulariser, tv_strength)
+    if isinstance(regulariser, ConvexRidge):
+        calibrate_convex_ridge(regulariser, tv_strength)
 
 
 def make_operator(config: ImagingConfig, dtype: torch.dtype) -> tuple[LinearOperator, float]:
@@ -311,6 +367,18 @@ def check_options(config: ImagingConfig, *, resume: bool = False, overwrite: boo
             raise BilevelError(f"--resume: no run to resume in {run_dir} (no job.json there)")
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise BilevelError(f"--run-dir {run_dir} is a file, not a directory")
+    name = getattr(config, "init_model", None)
+    if name is not None:
+        info = model_info(name)  # a BilevelError naming the shipped models if unknown
+        wanted = INIT_MODEL_CLASSES.get(config.regulariser)
+        if info["class"] != wanted:
+            raise BilevelError(
+                f"--init-model {name} is a {info['class']}; it needs --regulariser "
+                + next((r for r, c in INIT_MODEL_CLASSES.items() if c == info["class"]), "?")
+                + f", not {config.regulariser}"
+            )
+    if getattr(config, "train_only", None) is not None:
+        make_regulariser(config, 3 if config.color else 1)  # the prefixes must match
     make_method(config)  # parses --step and --accuracy
 
 
@@ -321,9 +389,8 @@ def build(config: ImagingConfig) -> Setup:
     dtype = getattr(torch, config.dtype)
     operator, gamma = make_operator(config, dtype)
     sigma = config.sigma / 255.0
-    train_clean = random_crops(
-        _images(config, "train", dtype), config.crop, config.train_size, generator=config.seed
-    )
+    train_images = _images(config, "train", dtype)
+    train_clean = random_crops(train_images, config.crop, config.train_size, generator=config.seed)
     test_clean = random_crops(
         _images(config, "test", dtype), config.crop, config.test_size, generator=config.seed + 1
     )
@@ -333,14 +400,25 @@ def build(config: ImagingConfig) -> Setup:
     val = None
     if config.val_size > 0:
         val_clean = random_crops(
-            _images(config, "train", dtype), config.crop, config.val_size, generator=config.seed + 4
+            validation_images(train_images, config.train_size, config.seed),
+            config.crop,
+            config.val_size,
+            generator=config.seed + 4,
         )
         val = DegradedImages(val_clean, operator, sigma=sigma, seed=config.seed + 5)
         val = val.to(config.device)
     regulariser = make_regulariser(config, train_clean.shape[1]).to(config.device, dtype)
     operator = operator.to(config.device, dtype)
-    problem = reconstruction_problem(regulariser, operator, gamma=gamma)
+    problem = reconstruction_problem(regulariser, operator, gamma=gamma, loss=config.loss)
     return Setup(problem, train, test, operator, gamma, val)
+
+
+def validation_images(images: list[Tensor], train_size: int, seed: int) -> list[Tensor]:
+    """The training images that none of the ``train_size`` training crops (seed ``seed``)
+    comes from, which the validation crops are cut from; all of them when every image gives
+    a training crop (e.g. the few bundled images)."""
+    used = set(crop_sources(len(images), train_size, seed).tolist())
+    return [im for i, im in enumerate(images) if i not in used] or images
 
 
 def tune_tv(setup: Setup) -> GridSearchResult:
@@ -591,12 +669,8 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
     print(f"  grid-tuned TV: λ = {tv.strength:g} (train PSNR {tv.psnr:.2f} dB)", file=log)
 
     regulariser = setup.problem.theta["regulariser"]
-    if isinstance(regulariser, FieldsOfExperts):  # θ₀; a checkpoint, if any, replaces it
-        calibrate_foe_weights(regulariser, tv.strength)
-    if isinstance(regulariser, ConvexRidgeNetwork | WeaklyConvexRidge) and not inv.resume:
-        calibrate_ridge_strength(regulariser, tv.strength)
-    if isinstance(regulariser, ConvexRidge):
-        calibrate_convex_ridge(regulariser, tv.strength)
+    if config.init_model is None:  # θ₀ from TV; a checkpoint, if any, replaces it
+        calibrate_initial(regulariser, tv.strength, resume=inv.resume)
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=config.budget, wall_time=config.time)
     method = make_method(config)

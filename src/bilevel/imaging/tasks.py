@@ -5,8 +5,11 @@ Lower level, per image i (batch = (y, x_true) or (y, x_true, mask), leading dime
     h_i(x, θ) = ½‖A x − y_i‖² + R_θ(x) + (γ/2)‖x‖²        (data_term=MeasurementFit())
     h_i(x, θ) = ½‖A (x − y_i)‖² + R_θ(x) + (γ/2)‖x‖²      (data_term=WeightedFit())
 
-Upper level: f_i(x) = ½‖x − x_i^true‖². All norms are sums over the pixels and channels of one
-image, so energies and losses have shape (B,) and scale with the image size.
+Upper level: f_i(x) = ½‖x − x_i^true‖² (``loss="mse"``), or f_i(x) = −PSNR(x, x_i^true) =
+10 log₁₀(‖x − x_i^true‖²/n) in dB, n the pixels × channels of one image (``loss="psnr"``:
+the mean over the images is minus their mean PSNR, the reported metric). All norms are sums
+over the pixels and channels of one image, so energies and losses have shape (B,) and scale
+with the image size.
 
 The weighted data term is the model of learned sampling patterns: y_i = x_i^true + σε_i is the
 full noisy image and A = diag(w) selects / weights what is kept, so the data depend on θ only
@@ -38,9 +41,11 @@ __all__ = [
     "GridSearchResult",
     "MeasurementFit",
     "ReconstructionProblem",
+    "UPPER_LOSSES",
     "WeightedFit",
     "grid_search_tv",
     "lipschitz_bound",
+    "negative_psnr",
     "reconstruct",
     "reconstruction_problem",
 ]
@@ -48,6 +53,19 @@ __all__ = [
 
 def _sum_per_image(t: Tensor) -> Tensor:
     return t.flatten(1).sum(1)
+
+
+#: Upper losses of :func:`reconstruction_problem`.
+UPPER_LOSSES = ("mse", "psnr")
+_DB = 10.0 / math.log(10.0)
+
+
+def negative_psnr(d: Tensor) -> Tensor:
+    """−PSNR in dB of each image of the errors ``d = x − x_true`` (B, ...), peak 1:
+    10 log₁₀(‖d_i‖²/n), n the entries of one image; the mean squared error is floored at the
+    dtype's smallest normal number. Its gradient is (20/ln 10) d_i/‖d_i‖²."""
+    mse = d.flatten(1).square().mean(1)
+    return _DB * torch.log(mse.clamp_min(torch.finfo(d.dtype).tiny))
 
 
 def _split_batch(batch) -> tuple[Tensor, Tensor, dict]:
@@ -103,6 +121,7 @@ def reconstruction_problem(
     *,
     data_term: DataTerm | None = None,
     operator_penalty: float = 0.0,
+    loss: str = "mse",
 ) -> ReconstructionProblem:
     """The bilevel problem of learning ``regulariser`` (and a learnable ``operator``).
 
@@ -123,12 +142,17 @@ def reconstruction_problem(
     stated when R has a curvature bound. ``operator_penalty``
     β > 0 adds the upper-level term β·A.sampling_cost() (e.g. β·mean(w) for ``LearnableMask``).
     A third batch entry is a per-instance mask passed to an ``InpaintingMask`` operator.
+    ``loss``: the upper loss per image, "mse" (½‖x − x_true‖²) or "psnr" (−PSNR in dB, intensities
+    in [0, 1]; its mean squared error is floored at the dtype's smallest normal number, so an
+    exact reconstruction gives a finite loss).
     """
     operator = Identity() if operator is None else operator
     if not isinstance(regulariser, Regulariser):
         raise BilevelError("regulariser must be a bilevel.imaging Regulariser")
     if not isinstance(operator, LinearOperator):
         raise BilevelError("operator must be a bilevel.imaging LinearOperator")
+    if loss not in UPPER_LOSSES:
+        raise BilevelError(f"loss must be one of {', '.join(UPPER_LOSSES)}, got {loss!r}")
     gamma = float(gamma)
     if not math.isfinite(gamma) or gamma < 0:
         raise BilevelError(f"gamma must be a finite non-negative number, got {gamma}")
@@ -180,6 +204,8 @@ def reconstruction_problem(
 
     def upper_loss(x: Tensor, th: nn.ModuleDict, batch) -> Tensor:
         d = x - _split_batch(batch)[1]
+        if loss == "psnr":
+            return negative_psnr(d)
         return 0.5 * _sum_per_image(d * d)
 
     theta = nn.ModuleDict({"regulariser": regulariser, "operator": operator})

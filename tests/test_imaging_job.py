@@ -241,3 +241,28 @@ def test_validation_crops_come_from_training_images_without_training_crops():
     held = validation_images(images, 6, 3)
     assert {int(im[0, 0, 0]) for im in held} == set(range(20)) - used
     assert validation_images(images[:1], 6, 3) == images[:1]  # every image used: all of them
+
+
+def test_init_model_strength_is_tuned_on_the_training_crops():
+    """tune_init_strength multiplies α by the grid factor with the best training PSNR, and
+    that factor is bracketed by searched ones (the grid is extended past an edge)."""
+    import math
+
+    from bilevel.imaging import psnr
+    from bilevel.imaging.config import job_config
+    from bilevel.imaging.job import build, tune_init_strength
+    from bilevel.imaging.tasks import grid_search, reconstruct
+
+    options = {"regulariser": "crr", "init_model": "crr16-sigma25", "crop": 16, "val_size": 0}
+    setup = build(job_config("deblur", train_size=3, test_size=1, **options))
+    reg = setup.problem.theta["regulariser"]
+    alpha = reg.scalings()[0].item()
+    found = tune_init_strength(setup)
+    assert found.interior and found.psnr == max(found.psnrs)
+    assert math.isclose(reg.scalings()[0].item(), alpha * found.strength, rel_tol=1e-5)
+    batch = setup.train.batch()
+    x = reconstruct(setup.problem, batch, tol=1e-3, max_iter=1000)
+    assert abs(float(psnr(x, batch[1]).mean()) - found.psnr) < 1e-3
+    # the search itself: a score peaked at 5 beyond the grid [1, 2] is found by extension
+    peak = grid_search(lambda v: -((math.log(v) - math.log(5.0)) ** 2), [1.0, 2.0], 6, "v")
+    assert peak.strength == 4.0 and peak.interior

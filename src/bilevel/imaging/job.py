@@ -84,6 +84,7 @@ from bilevel.imaging.report import (
 from bilevel.imaging.ridge import retain_freed_memory
 from bilevel.imaging.tasks import (
     GridSearchResult,
+    grid_search,
     grid_search_tv,
     reconstruct,
     reconstruction_problem,
@@ -434,6 +435,33 @@ def tune_tv(setup: Setup) -> GridSearchResult:
     )
 
 
+#: Factors of an ``--init-model``'s strength α searched on the training crops (extended past
+#: an edge optimum).
+INIT_STRENGTH_GRID = (0.125, 0.25, 0.5, 1.0, 2.0)
+
+
+@torch.no_grad()
+def tune_init_strength(setup: Setup) -> GridSearchResult:
+    """Rescale the strength α of a shipped model (``--init-model``) by the factor of
+    :data:`INIT_STRENGTH_GRID` whose reconstructions have the best mean PSNR on the training
+    crops (as TV's λ: ‖∇ₓh‖ ≤ 1e-3 or 1000 iterations; the grid extended past an edge
+    optimum), so that a denoising model starts at its best level for the task's operator."""
+    regulariser = setup.problem.theta["regulariser"]
+    batch = setup.train.batch()
+
+    def score(factor: float) -> float:
+        regulariser.rescale_(factor)
+        try:
+            x = reconstruct(setup.problem, batch, tol=1e-3, max_iter=1000)
+        finally:
+            regulariser.rescale_(1.0 / factor)
+        return float(psnr(x, batch[1]).mean())
+
+    found = grid_search(score, INIT_STRENGTH_GRID, 6, "strength factor of --init-model")
+    regulariser.rescale_(found.strength)
+    return found
+
+
 def tv_reconstructions(setup: Setup, strength: float) -> Tensor:
     """Test reconstructions by smoothed TV of strength λ, to ‖∇ₓh‖ ≤ :data:`EVAL_TOL`."""
     y, x_true = setup.test.batch()[:2]
@@ -671,6 +699,13 @@ def train(config: ImagingConfig, inv: Invocation, setup: Setup, run_dir: Path) -
     regulariser = setup.problem.theta["regulariser"]
     if config.init_model is None:  # θ₀ from TV; a checkpoint, if any, replaces it
         calibrate_initial(regulariser, tv.strength, resume=inv.resume)
+    elif hasattr(regulariser, "rescale_") and not inv.resume:
+        factor = distributed.once(lambda: tune_init_strength(setup).strength)
+        if not distributed.is_writer():  # the others rescale as rank 0 did
+            regulariser.rescale_(factor)
+        print(
+            f"  {config.init_model}: strength α × {factor:g} (best on the training crops)", file=log
+        )
     samples = with_initial(setup.train, lambda b: b[0].clone())
     budget = Budget(oracle_calls=config.budget, wall_time=config.time)
     method = make_method(config)

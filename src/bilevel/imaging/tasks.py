@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -43,6 +43,7 @@ __all__ = [
     "ReconstructionProblem",
     "UPPER_LOSSES",
     "WeightedFit",
+    "grid_search",
     "grid_search_tv",
     "lipschitz_bound",
     "negative_psnr",
@@ -287,7 +288,8 @@ class GridEdgeWarning(UserWarning):
 
 @dataclass
 class GridSearchResult:
-    """Best TV strength λ on a grid and the mean PSNR (dB) of its reconstructions."""
+    """Best value on a grid (a TV strength λ, or a regulariser's strength factor) and the mean
+    PSNR (dB) of its reconstructions."""
 
     strength: float
     psnr: float
@@ -334,8 +336,17 @@ def grid_search_tv(
         x = reconstruct(problem, batch, tol=tol, max_iter=max_iter)
         return float(psnr(x, x_true).mean())
 
-    results = {lam: score(lam) for lam in grid}
-    for _ in range(extend if len(grid) > 1 else 0):
+    return grid_search(score, grid, extend, "TV strength")
+
+
+def grid_search(
+    score: Callable[[float], float], values: Sequence[float], extend: int, what: str
+) -> GridSearchResult:
+    """The positive value of ``values`` with the largest ``score`` (a mean PSNR), the grid
+    extended geometrically past an edge optimum (at most ``extend`` times, as in
+    :func:`grid_search_tv`; a ``GridEdgeWarning`` naming ``what`` when that did not suffice)."""
+    results = {v: score(v) for v in sorted(values)}
+    for _ in range(extend if len(results) > 1 else 0):
         lams = sorted(results)
         best = max(lams, key=results.__getitem__)
         if best == lams[0]:
@@ -350,10 +361,10 @@ def grid_search_tv(
     result = GridSearchResult(best, results[best], lams, [results[lam] for lam in lams])
     if len(lams) > 1 and not result.interior:
         warnings.warn(
-            f"the best TV strength {best:g} is the edge of the searched range "
+            f"the best {what} {best:g} is the edge of the searched range "
             f"[{lams[0]:g}, {lams[-1]:g}] after {extend} extensions: the optimum may lie beyond "
             "it (widen the grid or allow more extensions)",
             GridEdgeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return result

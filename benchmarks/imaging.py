@@ -712,7 +712,11 @@ NOTES = """## Notes on these results
   of smooth crops, whose PSNR counts as much in the mean. Sections 3 and 3b therefore train
   on the loss matched to the metric, `--loss psnr`: f_i = −PSNR_i = 10 log₁₀ of crop i's
   mean squared error, whose mean over the crops is minus the mean PSNR (its hypergradient is
-  tested against finite differences in `tests/test_imaging_hypergrad.py`).
+  tested against finite differences in `tests/test_imaging_hypergrad.py`). With it the FoE's
+  test PSNR no longer falls: after a dip (27.17 dB at step 30) it rises slowly and steadily to
+  27.22 dB at the budget (337 steps), where the squared error ended at 26.82 dB; the
+  validation crops choose one of the last evaluations. The decline is gone, but the gain over
+  TV stays at +0.04 dB.
 - **Deblurring from a BSDS300-trained convex ridge network** (`--init-model crr16-sigma25`;
   checks outside the study, same crops, validation crops from training images without
   training crops, TV 27.19 dB on the test crops and 28.15 dB on the training crops). The
@@ -728,7 +732,16 @@ NOTES = """## Notes on these results
   all parameters (step poly:3e-3,0.25, 150k calls, 101 steps) 27.24 dB validation-chosen
   (step 60, validation 30.84 dB) and 27.25 dB final. Reconstruction accuracy does not
   limit these comparisons: TV's test PSNR is 27.186 / 27.187 / 27.189 dB with ‖∇ₓh‖ ≤
-  3·10⁻³ / 10⁻³ / 10⁻⁴.
+  3·10⁻³ / 10⁻³ / 10⁻⁴. Section 3b is the last of these runs, in the benchmark.
+- **Deblurring: the +0.5 dB target is missed** by both learned models (+0.04 and +0.06 dB).
+  The metric-matched loss removed the decline of the FoE; the BSDS300-trained convex ridge
+  network, 0.55 dB above TV on full-size denoising at σ = 25/255
+  (`docs/benchmarks_imaging_quality.md`), ties TV on these test crops at its best strength
+  (27.20 against 27.19 dB) and is 0.17 dB above it on the validation crops, and bilevel
+  learning on 64 crops adds 0.05 dB. Not tried: larger crops (a third of a 32 px crop lies
+  within 3 px of its boundary, where the blur's zero padding acts), more training crops for
+  the ridge network, and weakly convex models, which need a weak-convexity modulus below
+  γ = 10⁻² here (the shipped `wcrr16-sigma25` has ρ_max = 0.7).
 - **Deblurring**, in an earlier version of this study (FoE initialised at finite differences
   and DCT filters with weights 2λ_TV/K, TV on the grid 0.01–0.3 without extension, which
   chose its edge λ = 0.01), the test PSNR peaked and then declined smoothly while training

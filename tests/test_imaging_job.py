@@ -194,6 +194,14 @@ def test_init_model_train_only_and_loss_give_clear_errors(tmp_path, capsys):
     assert main(["deblur", *run_dir, *SMALL, "--regulariser", "crr", "--train-only", "gamma"]) == 2
     err = capsys.readouterr().err
     assert "--train-only 'gamma' matches no parameter" in err and "log_strength" in err
+    assert (
+        main(
+            ["deblur", *run_dir, *SMALL, "--regulariser", "crr", "--init-model", "crr16-sigma25"]
+            + ["--color"]
+        )
+        == 2
+    )
+    assert "has 1 channel(s), the images 3" in capsys.readouterr().err
     assert main(["deblur", *run_dir, *SMALL, "--loss", "l1"]) == 2
     assert "invalid choice: 'l1'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before any work

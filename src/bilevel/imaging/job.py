@@ -182,10 +182,11 @@ def make_regulariser(config: ImagingConfig, channels: int) -> Regulariser:
         regulariser = REGULARISER_BUILDERS[config.regulariser](config, channels)
     else:
         regulariser = pretrained(name)
-        if regulariser.channels != channels:
+        own = getattr(regulariser, "channels", channels)  # TV acts on any number of channels
+        if own != channels:
             raise BilevelError(
-                f"--init-model {name} has {regulariser.channels} channel(s), the images "
-                f"{channels} (--color selects colour images)"
+                f"--init-model {name} has {own} channel(s), the images {channels} (--color "
+                "selects colour images)"
             )
         if hasattr(regulariser, "set_noise_level") and config.sigma > 0:
             regulariser.set_noise_level(config.sigma / 255.0)
@@ -373,10 +374,16 @@ def check_options(config: ImagingConfig, *, resume: bool = False, overwrite: boo
         info = model_info(name)  # a BilevelError naming the shipped models if unknown
         wanted = INIT_MODEL_CLASSES.get(config.regulariser)
         if info["class"] != wanted:
+            needed = {c: r for r, c in INIT_MODEL_CLASSES.items()}[info["class"]]
             raise BilevelError(
-                f"--init-model {name} is a {info['class']}; it needs --regulariser "
-                + next((r for r, c in INIT_MODEL_CLASSES.items() if c == info["class"]), "?")
-                + f", not {config.regulariser}"
+                f"--init-model {name} is a {info['class']}; it needs --regulariser {needed}, "
+                f"not {config.regulariser}"
+            )
+        channels = info["kwargs"].get("channels")
+        if channels is not None and channels != (3 if config.color else 1):
+            raise BilevelError(
+                f"--init-model {name} has {channels} channel(s), the images "
+                f"{3 if config.color else 1} (--color selects colour images)"
             )
     if getattr(config, "train_only", None) is not None:
         make_regulariser(config, 3 if config.color else 1)  # the prefixes must match

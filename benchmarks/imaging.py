@@ -742,18 +742,20 @@ NOTES = """## Notes on these results
   150000`), regenerated with sections 3 and 4 by `python benchmarks/imaging.py --study
   deblur-crr deblur --jobs 1` and `--study inpaint --jobs 1`. On 512 training crops (the
   same command with `--train-size 512 --budget 200000`, 128 steps; the validation crops then
-  come from the 15 or so training images without training crops) it dipped to 26.72 dB after
+  come from the 18 training images without training crops) it dipped to 26.72 dB after
   10 steps and ended at 27.23 dB validation-chosen (step 80) and 27.24 dB final: more
   training crops did not help.
-- **Deblurring: the +0.5 dB target is missed** by both learned models (+0.04 and +0.06 dB).
-  The metric-matched loss removed the decline of the FoE; the BSDS300-trained convex ridge
+- **Deblurring: the +0.5 dB target is missed** by both learned models of the study (+0.04
+  and +0.06 dB) and by every check above (at best the FoE with the larger step, +0.08 dB
+  validation-chosen, +0.10 dB final). The metric-matched loss removed the decline of the
+  FoE; the BSDS300-trained convex ridge
   network, 0.55 dB above TV on full-size denoising at σ = 25/255
   (`docs/benchmarks_imaging_quality.md`), ties TV on these test crops at its best strength
   (27.20 against 27.19 dB) and is 0.17 dB above it on the validation crops, and bilevel
-  learning on 64 crops adds 0.05 dB. Not tried: larger crops (a third of a 32 px crop lies
-  within 3 px of its boundary, where the blur's zero padding acts), more training crops for
-  the ridge network, and weakly convex models, which need a weak-convexity modulus below
-  γ = 10⁻² here (the shipped `wcrr16-sigma25` has ρ_max = 0.7).
+  learning on 64 or 512 crops adds 0.05 dB. Not tried: larger crops (a third of a 32 px crop
+  lies within 3 px of its boundary, where the blur's zero padding acts), longer training of
+  the FoE with the larger step, and weakly convex models, which need a weak-convexity
+  modulus below γ = 10⁻² here (the shipped `wcrr16-sigma25` has ρ_max = 0.7).
 - **Deblurring**, in an earlier version of this study (FoE initialised at finite differences
   and DCT filters with weights 2λ_TV/K, TV on the grid 0.01–0.3 without extension, which
   chose its edge λ = 0.01), the test PSNR peaked and then declined smoothly while training

@@ -149,7 +149,7 @@ def test_toml_round_trip(cls):
     for key, value in config_dict(default).items():
         if isinstance(value, bool):
             odd[key] = not value
-        elif isinstance(value, str) and key not in ("regulariser", "method", "dtype"):
+        elif isinstance(value, str) and key not in ("regulariser", "method", "dtype", "loss"):
             if key not in ("svmlight_indexing", "sid_solver", "model"):
                 odd[key] = 'quote " and \\ backslash, ünïcode ‖∇ₓh‖'
         elif isinstance(value, float):

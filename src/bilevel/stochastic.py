@@ -585,7 +585,11 @@ class VarianceReducedFixedPoint:
         for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
                 self._take_anchor(x, phi.problem.theta, key)
-            phi.want_ahead(tol is None and s + 1 < t)  # a fixed count: the next draw is due
+            # a fixed count: the next draw is due, and if the next iteration keeps this anchor
+            # its minibatch gradient there can be computed in this iteration's wait
+            ahead = tol is None and s + 1 < t
+            keeps = self._since_refresh + 1 < refresh
+            phi.want_ahead(ahead, (self._anchor, self._anchor_theta) if keeps else None)
             g = self._gradient(phi, x, phi.draw(x.device))
             if tol is not None:
                 residual = eta * _max_norm(g)
@@ -1283,6 +1287,14 @@ class _SampledHessian:
     def __call__(self, v: Tensor) -> Tensor:
         return _combined(self.local(v), self.n)
 
+    def prime(self) -> None:
+        """Compute now what every product shares and no product needs v for: with the
+        closed form, the gradient, whose pass over the rows also gives the scores of w (its
+        later products then pass over the rows for v alone; autograd's graph is built at
+        construction)."""
+        if self._closed is not None:
+            self._closed.gradient()
+
     def local(self, v: Tensor) -> Tensor:
         """This process's product (data parallel: on its share of I), not combined."""
         if self._closed is not None:
@@ -1392,15 +1404,19 @@ class _Counted:
 
 
 class _Lookahead:
-    """The next lower minibatch of a map, drawn while its all-reduce is in flight.
+    """The next lower minibatch of a map, drawn while its all-reduce is in flight, and the
+    next iteration's work that needs that minibatch but not the reduced value.
 
     Data parallel, each inner iteration of SID ends in an all-reduce that waits for the
     slowest process and for the transport. A solver that knows another iteration follows
     (a fixed iteration count, :meth:`want_ahead`) lets the map draw that iteration's
-    minibatch, and have the finite sum prepare it (``FiniteSum.prepare``: gather its rows),
-    in that wait instead of after it. The draws come from the same stream in the same order
-    (nothing else draws from it in between), so the iterates are those without the
-    lookahead, bit for bit, for one process and for several alike.
+    minibatch, have the finite sum prepare it (``FiniteSum.prepare``: gather its rows), and
+    do the work of the next call that depends only on that minibatch and on points known now
+    (:meth:`_work_ahead`: the SVRG anchor's minibatch gradient, the Hessian of the adjoint
+    map's fixed point w, a sampled right-hand side), in that wait instead of after it. The
+    draws come from the same stream in the same order (nothing else draws from it in between),
+    and the work ahead is the same arithmetic as the work it replaces, so the iterates are
+    those without the lookahead, bit for bit, for one process and for several alike.
     """
 
     sampler: MinibatchSampler
@@ -1424,10 +1440,12 @@ class _Lookahead:
         return self.sampler.draw(self.n, self.batch_size, device=device)
 
     def _meanwhile(self, device: torch.device) -> Callable[[], None] | None:
-        """The work for the wait of this call's all-reduce: the next draw, if wanted."""
+        """The work for the wait of this call's all-reduce: the next draw and the work on it
+        (:meth:`_work_ahead`), if wanted."""
         if not self._want:
             return None
         self._want = False
+        work = self._work_ahead()
 
         def draw_next() -> None:
             idx = self.sampler.draw(self.n, self.batch_size, device=device)
@@ -1435,8 +1453,15 @@ class _Lookahead:
             if prepare is not None:
                 prepare(idx)
             self._ahead = idx
+            if work is not None:
+                work(idx)
 
         return draw_next
+
+    def _work_ahead(self) -> Callable[[Tensor], None] | None:
+        """The next call's work on its minibatch that does not need this call's reduced
+        value, decided now (none by default)."""
+        return None
 
 
 class LowerMap(_Lookahead):
@@ -1471,6 +1496,36 @@ class LowerMap(_Lookahead):
             _Curvature(problem, diagonal, cost, closed) if curvature is None else curvature
         )
         self._init_lookahead()
+        self._anchor_ahead: tuple[Tensor, Any] | None = None
+        self._gradient_ahead: tuple[Tensor, Tensor, Any, int, Tensor] | None = None
+
+    def want_ahead(self, wanted: bool, anchor: tuple[Tensor, Any] | None = None) -> None:
+        """As :meth:`_Lookahead.want_ahead`; ``anchor`` (x̃, θ̃), when the next iteration
+        needs ∇_w ĥ(x̃, θ̃; I) on its minibatch I (an SVRG anchor it keeps): computed in the
+        wait too, on this process's rows, and used by :meth:`gradients`."""
+        super().want_ahead(wanted)
+        self._anchor_ahead = anchor if wanted else None
+
+    def _work_ahead(self) -> Callable[[Tensor], None] | None:
+        anchor, self._anchor_ahead = self._anchor_ahead, None
+        if anchor is None:
+            return None
+        w, theta = anchor
+
+        def anchor_gradient(idx: Tensor) -> None:
+            g = self._local_gradient(w, idx, theta)
+            self._gradient_ahead = (idx, w, theta, w._version, g)
+
+        return anchor_gradient
+
+    def _local_gradient_at(self, w: Tensor, idx: Tensor, theta: Any) -> Tensor:
+        """:meth:`_local_gradient`, or the one computed ahead for this minibatch and point."""
+        ahead = self._gradient_ahead
+        if ahead is not None and ahead[0] is idx and ahead[1] is w and ahead[2] is theta:
+            self._gradient_ahead = None
+            if ahead[3] == w._version:
+                return ahead[4]
+        return self._local_gradient(w, idx, theta)
 
     def gradient(self, w: Tensor, index: Tensor | None = None, theta: Any = None) -> Tensor:
         """∇_w ĥ(w, θ; I) on the minibatch ``index`` (default: a fresh one), shape of w
@@ -1484,7 +1539,8 @@ class LowerMap(_Lookahead):
         """∇_w ĥ(w, θ; I) at every (w, θ) of ``points`` (θ None: the problem's) on the one
         minibatch ``index``, then, if ``full`` is a point, ∇_w h there on all N samples; as
         :meth:`gradient` and :meth:`full_gradient`, but data parallel in one all-reduce."""
-        local = [self._local_gradient(w, index, theta) for w, theta in points]
+        local = [self._local_gradient_at(w, index, theta) for w, theta in points]
+        self._gradient_ahead = None  # one not used here is stale
         if full is not None:
             local.append(self._local_full_gradient(*full))
         meanwhile = self._meanwhile(index.device)
@@ -1579,6 +1635,30 @@ class AdjointMap(_Lookahead):
         if upper_batch is None and exact_rhs is None:
             raise BilevelError("AdjointMap needs upper_batch or the exact right-hand side")
         self._init_lookahead()
+        self._hessian_ahead: tuple[Tensor, _SampledHessian] | None = None
+        self._rhs_ahead: tuple[Tensor, int] | None = None
+
+    def _work_ahead(self) -> Callable[[Tensor], None]:
+        """The Hessian at the map's point on the next minibatch (primed, data parallel) and,
+        with upper minibatches, the next sampled right-hand side, drawn after that minibatch
+        as the next call would draw it: neither needs the current iterate."""
+
+        def hessian_and_rhs(idx: Tensor) -> None:
+            self._hessian_ahead = (idx, self._hessian(idx, self.w, self.problem.theta))
+            if self.upper_batch is not None:
+                self._rhs_ahead = self._local_rhs()
+
+        return hessian_and_rhs
+
+    def _hessian(self, idx: Tensor, w: Tensor, theta: Any) -> _SampledHessian:
+        """Ĥ(w, θ; I) on this process's rows; at the map's own point in a data-parallel run,
+        primed (:meth:`_SampledHessian.prime`), so that the part of its products that does not
+        depend on v can be computed in an all-reduce's wait (:meth:`_work_ahead`)."""
+        hessian = _SampledHessian(self.problem, w, theta, idx, self.closed)
+        own = w is self.w and theta is self.problem.theta
+        if own and distributed.current() is not None:
+            hessian.prime()
+        return hessian
 
     @property
     def exact_rhs(self) -> Tensor | None:
@@ -1602,6 +1682,7 @@ class AdjointMap(_Lookahead):
         the right-hand side, as :meth:`matvec` and :meth:`rhs` give them, but data parallel
         in one all-reduce."""
         local = [self._local_matvec(v, index, w, theta) for v, w, theta in vectors]
+        self._hessian_ahead = None  # one not used here is stale
         parts: list[tuple[Tensor, int | None]] = [(hv, self.n) for hv in local]
         rhs = self._local_rhs()
         if rhs is not None:
@@ -1620,7 +1701,11 @@ class AdjointMap(_Lookahead):
         w = self.w if w is None else w
         theta = self.problem.theta if theta is None else theta
         self.cost.hvps += w.shape[0] * idx.numel() / self.n
-        return _SampledHessian(self.problem, w, theta, idx, self.closed).local(v)
+        ahead = self._hessian_ahead
+        if ahead is not None and ahead[0] is idx and w is self.w and theta is self.problem.theta:
+            self._hessian_ahead = None
+            return ahead[1].local(v)
+        return self._hessian(idx, w, theta).local(v)
 
     def hessian(self, index: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """v ↦ Ĥ(w, θ; I) v at the map's point and the problem's θ on the minibatch ``index``
@@ -1648,6 +1733,9 @@ class AdjointMap(_Lookahead):
         right-hand side is the exact ∇_w f."""
         if self.upper_batch is None:
             return None
+        ahead, self._rhs_ahead = self._rhs_ahead, None
+        if ahead is not None:  # drawn and computed in the last all-reduce's wait
+            return ahead
         w = self.w
         n_up = int(self.problem.finite_sum.n_upper)
         idx = self.sampler.draw(n_up, self.upper_batch, device=w.device)

@@ -123,8 +123,7 @@ def test_working_ahead_leaves_sid_bit_for_bit_unchanged(kind, make, parallel, mo
         kept = [a is not None for a in anchors]
         assert len(kept) == 3 * 14 and 0 < sum(kept) < len(kept)
         assert len(hessians) == 3 * 14
-        # data parallel, every product at w comes from a primed Hessian (closed forms)
-        assert len(primed) == (3 * 15 if parallel else 0)
+        assert len(primed) == 3 * 15  # every product at w comes from a primed Hessian
     monkeypatch.setattr(_Lookahead, "_meanwhile", lambda self, device: None)
     prepared.clear()
     anchors.clear()
@@ -132,5 +131,5 @@ def test_working_ahead_leaves_sid_bit_for_bit_unchanged(kind, make, parallel, mo
     plain = _run(kind, make)
     assert not prepared and not anchors
     if make is not _adaptive:
-        assert len(primed) == (3 * 15 if parallel else 0)
+        assert len(primed) == 3 * 15
     assert torch.equal(ahead, plain)

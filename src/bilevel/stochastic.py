@@ -1288,12 +1288,13 @@ class _SampledHessian:
         return _combined(self.local(v), self.n)
 
     def prime(self) -> None:
-        """Compute now what every product shares and no product needs v for: with the
-        closed form, the gradient, whose pass over the rows also gives the scores of w (its
-        later products then pass over the rows for v alone; autograd's graph is built at
-        construction)."""
-        if self._closed is not None:
-            self._closed.gradient()
+        """Compute now what every product shares and no product needs v for: the closed
+        form's ``prime()`` if it has one (:meth:`bilevel.learning.models.SampleHessian.prime`:
+        the scores of w, so that each product passes over the rows for v alone); autograd's
+        gradient graph is built at construction."""
+        prime = getattr(self._closed, "prime", None)
+        if prime is not None:
+            prime()
 
     def local(self, v: Tensor) -> Tensor:
         """This process's product (data parallel: on its share of I), not combined."""
@@ -1651,12 +1652,12 @@ class AdjointMap(_Lookahead):
         return hessian_and_rhs
 
     def _hessian(self, idx: Tensor, w: Tensor, theta: Any) -> _SampledHessian:
-        """Ĥ(w, θ; I) on this process's rows; at the map's own point in a data-parallel run,
-        primed (:meth:`_SampledHessian.prime`), so that the part of its products that does not
-        depend on v can be computed in an all-reduce's wait (:meth:`_work_ahead`)."""
+        """Ĥ(w, θ; I) on this process's rows; at the map's own point primed
+        (:meth:`_SampledHessian.prime`), ahead (:meth:`_work_ahead`) or not, so that the
+        part of its products that does not depend on v can be computed in an all-reduce's
+        wait, with the same arithmetic either way."""
         hessian = _SampledHessian(self.problem, w, theta, idx, self.closed)
-        own = w is self.w and theta is self.problem.theta
-        if own and distributed.current() is not None:
+        if w is self.w and theta is self.problem.theta:
             hessian.prime()
         return hessian
 

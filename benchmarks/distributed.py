@@ -28,7 +28,10 @@ process reports its CPU seconds: on a loaded machine T₁/(N·T_N) mixes the alg
 with the CPU time the processes did not get; the CPU efficiency (CPU seconds of one process
 over those of all N) and the share of T_N rank 0 spent in collectives separate the two. The
 CPU seconds of the main threads alone (the algorithm's work, without the threads of gloo that
-carry the collectives) show whether the split itself repeats work on every process. Every
+carry the collectives), less those they spend inside the collectives (polling for their
+completion), show whether the split itself repeats work on every process; each rank's share
+of T_N in collectives shows which one waits. ``--bind`` pins each process, gloo's threads
+included, to a core of its own (rank r to core r, the single process to core 0). Every
 process keeps freed memory for reuse (:func:`bilevel.allocator.keep_freed_memory`, as the
 command line does): otherwise one process faults in its large minibatch afresh at every
 iteration and two processes with half as large blocks may not, which made one process 1.6×
@@ -36,6 +39,8 @@ slower than two together at 100 features.
 
     OMP_NUM_THREADS=1 python benchmarks/distributed.py            # full sizes
     OMP_NUM_THREADS=1 python benchmarks/distributed.py --quick    # small, for a smoke test
+    OMP_NUM_THREADS=1 python benchmarks/distributed.py --cases sid --features 100
+    OMP_NUM_THREADS=1 python benchmarks/distributed.py --bind     # one core per process
 """
 
 from __future__ import annotations

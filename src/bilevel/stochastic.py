@@ -1640,7 +1640,7 @@ class AdjointMap(_Lookahead):
         self._rhs_ahead: tuple[Tensor, int] | None = None
 
     def _work_ahead(self) -> Callable[[Tensor], None]:
-        """The Hessian at the map's point on the next minibatch (primed, data parallel) and,
+        """The Hessian at the map's point on the next minibatch (primed) and,
         with upper minibatches, the next sampled right-hand side, drawn after that minibatch
         as the next call would draw it: neither needs the current iterate."""
 

@@ -181,12 +181,15 @@ def _scenarios(rank: int, world: int, port: int, out: str) -> None:
     sid_k0, _ = _sid_run(2, minibatch=False, adjoint_steps=0)
     with _Collectives() as sid_collectives:
         sid_mini, sid_state = _sid_run(3, minibatch=True)
-    working_ahead = stochastic._Lookahead._meanwhile
-    stochastic._Lookahead._meanwhile = lambda self, device: None  # nothing in the waits
+    maps = (stochastic._Lookahead, stochastic.AdjointMap)
+    working_ahead = [m.__dict__["_meanwhile"] for m in maps]
+    for m in maps:  # nothing in the waits
+        m._meanwhile = lambda self, device: None
     try:
         sid_plain, _ = _sid_run(3, minibatch=True)
     finally:
-        stochastic._Lookahead._meanwhile = working_ahead
+        for m, fn in zip(maps, working_ahead):
+            m._meanwhile = fn
     from_one = _isgd(6, run_dir=Path(out) / "one", resume=True)  # a 3-step single-process run
     torch.save(
         {

@@ -1,7 +1,8 @@
 """SID's maps work ahead while an all-reduce is in flight (``_Lookahead``): they draw the next
 minibatch, gather its rows, and compute the next iteration's terms that do not need the
 reduced value (the SVRG anchor's minibatch gradient, the adjoint map's Hessian at w, a
-sampled right-hand side). The iterates must be those without the lookahead, bit for bit."""
+sampled right-hand side), and in a free wait of stage 2, stage 3's terms that do not need the
+adjoint. The iterates must be those without the work ahead, bit for bit."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from bilevel.stochastic import (
     PreconditionedSVRGLinear,
     StochasticLinearFixedPoint,
     VarianceReducedFixedPoint,
+    _FinalTerms,
     _Lookahead,
     _SampledHessian,
 )
@@ -99,11 +101,12 @@ def parallel(request, monkeypatch):
     ],
 )
 def test_working_ahead_leaves_sid_bit_for_bit_unchanged(kind, make, parallel, monkeypatch):
-    prepared, anchors, hessians, primed = [], [], [], []
-    real_prepare, real_lower, real_adjoint = (
+    prepared, anchors, hessians, primed, finals = [], [], [], [], []
+    real_prepare, real_lower, real_adjoint, real_wait = (
         FiniteSumModel._prepare_rows,
         LowerMap._work_ahead,
         AdjointMap._work_ahead,
+        AdjointMap._meanwhile,
     )
     real_prime = _SampledHessian.prime
     monkeypatch.setattr(
@@ -116,7 +119,15 @@ def test_working_ahead_leaves_sid_bit_for_bit_unchanged(kind, make, parallel, mo
         AdjointMap, "_work_ahead", lambda self: hessians.append(1) or real_adjoint(self)
     )
     monkeypatch.setattr(_SampledHessian, "prime", lambda self: primed.append(1) or real_prime(self))
+
+    def adjoint_wait(self, device):
+        work = real_wait(self, device)
+        finals.append(isinstance(work, _FinalTerms))
+        return work
+
+    monkeypatch.setattr(AdjointMap, "_meanwhile", adjoint_wait)
     ahead = _run(kind, make)
+    assert sum(finals) == 3  # stage 3's terms without v, in a wait of stage 2 at every step
     if make is not _adaptive:  # 3 steps of t = k = 15: every iteration but a stage's last
         assert len(prepared) == 3 * (14 + 14)
         # the SVRG anchor of the next iteration is kept unless it is refreshed (every 5)
@@ -125,6 +136,7 @@ def test_working_ahead_leaves_sid_bit_for_bit_unchanged(kind, make, parallel, mo
         assert len(hessians) == 3 * 14
         assert len(primed) == 3 * 15  # every product at w comes from a primed Hessian
     monkeypatch.setattr(_Lookahead, "_meanwhile", lambda self, device: None)
+    monkeypatch.setattr(AdjointMap, "_meanwhile", lambda self, device: None)
     prepared.clear()
     anchors.clear()
     primed.clear()

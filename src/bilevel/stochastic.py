@@ -1638,6 +1638,17 @@ class AdjointMap(_Lookahead):
         self._init_lookahead()
         self._hessian_ahead: tuple[Tensor, _SampledHessian] | None = None
         self._rhs_ahead: tuple[Tensor, int] | None = None
+        #: work for the wait of the first all-reduce that has nothing else to do (none drawn
+        #: ahead: a fixed count's last iteration, or any iteration of an adaptive solver),
+        #: run once; SID's stage 3 terms that do not need v (:class:`_FinalTerms`)
+        self.after: Callable[[], None] | None = None
+
+    def _meanwhile(self, device: torch.device) -> Callable[[], None] | None:
+        work = super()._meanwhile(device)
+        if work is not None or self.after is None:
+            return work
+        after, self.after = self.after, None
+        return after
 
     def _work_ahead(self) -> Callable[[Tensor], None]:
         """The Hessian at the map's point on the next minibatch (primed) and,
@@ -1750,6 +1761,55 @@ class AdjointMap(_Lookahead):
     def __call__(self, v: Tensor) -> Tensor:
         (hv,), rhs = self.products(self.draw(v.device), [(v, None, None)])
         return v - self.step * hv + rhs
+
+
+class _FinalTerms:
+    """The terms of SID's stage 3 that do not need the adjoint v: its J lower minibatches
+    (drawn from the final stream) with the gradient graph g = ∇_w ĥ(w, θ; I) whose
+    derivative against θ in the direction v is Ĵᵀ v, and with upper minibatches the upper
+    terms f̂, ∇_θ f̂ (drawn next). Computed once (:meth:`__call__`): in the wait of a stage-2
+    all-reduce with nothing else to do (:attr:`AdjointMap.after`), else at stage 3; the same
+    operations and draws either way, as nothing else draws from the final stream."""
+
+    def __init__(
+        self,
+        problem: BilevelProblem,
+        sampler: MinibatchSampler,
+        w: Tensor,
+        batch: int,
+        count: int,
+        upper_batch: int | None,
+    ) -> None:
+        self.problem, self.sampler, self.w = problem, sampler, w
+        self.batch, self.count, self.upper_batch = batch, count, upper_batch
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        problem, w, n_inst = self.problem, self.w, self.w.shape[0]
+        n = int(problem.finite_sum.n_lower)
+        self.idx = self.sampler.draw(n, self.batch, count=self.count, device=w.device)
+        with torch.enable_grad():
+            wr = w.detach().requires_grad_(True)
+            e = problem.finite_sum.lower_energy(wr, problem.theta, self.idx)
+            e = _checked_values("finite_sum.lower_energy", e, n_inst)
+            (self.g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
+        if self.upper_batch is not None:
+            n_up = int(problem.finite_sum.n_upper)
+            idx_up = self.sampler.draw(n_up, self.upper_batch, count=self.count, device=w.device)
+            params = problem.params
+            with torch.enable_grad():
+                up = problem.finite_sum.upper_loss(w, problem.theta, idx_up)
+                up = _checked_values("finite_sum.upper_loss", up, n_inst)
+                gt = (
+                    torch.autograd.grad(up.mean(), params, allow_unused=True)
+                    if up.requires_grad
+                    else [None] * len(params)
+                )
+            self.upper_grad = [torch.zeros_like(p) if t is None else t for p, t in zip(params, gt)]
+            self.upper_losses = up.detach()
+        self.done = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2191,6 +2251,10 @@ class SID(HypergradientEstimator):
             curvature,
         )
         v0 = torch.zeros_like(w) if adjoint0 is None else adjoint0.detach().to(w) / eta
+        J = self.final_minibatches
+        b3 = n if self.final_batch is None else self.final_batch
+        final = _FinalTerms(problem, samplers.final, w, b3, J, self.upper_batch)
+        psi.after = final  # stage 3's terms without v, in a free wait of stage 2
         lin = self._stage(
             "stage 2 (adjoint)",
             state.linear_solver,
@@ -2210,30 +2274,16 @@ class SID(HypergradientEstimator):
             share(phi, *shared)
 
         # stage 3: ĝ = ∇_λ Ê − η Ĵᵀ v, averaged over J minibatches
-        J = self.final_minibatches
-        b3 = n if self.final_batch is None else self.final_batch
-        idx = samplers.final.draw(n, b3, count=J, device=w.device)
+        psi.after = None
+        final()  # its terms without v, unless a wait of stage 2 computed them
         with torch.enable_grad():
-            wr = w.detach().requires_grad_(True)
-            e = problem.finite_sum.lower_energy(wr, problem.theta, idx)
-            e = _checked_values("finite_sum.lower_energy", e, n_inst)
-            (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
-            jtv = torch.autograd.grad(g, params, v, allow_unused=True)
-        cost.vjps += n_inst * idx.numel() / n
+            jtv = torch.autograd.grad(final.g, params, v, allow_unused=True)
+        cost.vjps += n_inst * final.idx.numel() / n
         # data parallel, one all-reduce: the products, the upper terms, the oracle calls
         parts: list[tuple[Tensor, int | None]] = [(j, n) for j in jtv if j is not None]
         if self.upper_batch is not None:
-            idx_up = samplers.final.draw(n_up, self.upper_batch, count=J, device=w.device)
-            with torch.enable_grad():
-                up = problem.finite_sum.upper_loss(w, problem.theta, idx_up)
-                up = _checked_values("finite_sum.upper_loss", up, n_inst)
-                gt = (
-                    torch.autograd.grad(up.mean(), params, allow_unused=True)
-                    if up.requires_grad
-                    else [None] * len(params)
-                )
-            parts += [(torch.zeros_like(p) if t is None else t, n_up) for p, t in zip(params, gt)]
-            parts.append((up.detach(), n_up))
+            parts += [(t, n_up) for t in final.upper_grad]
+            parts.append((final.upper_losses, n_up))
         if shard is not None:  # oracle calls of every process
             spent = [cost.grad_evals - counted[0], cost.hvps - counted[1], cost.vjps - counted[2]]
             parts.append((torch.tensor(spent, dtype=torch.float64), None))

@@ -169,6 +169,40 @@ def _oracle(energy: Callable) -> Callable:
 # accelerated gradient
 
 
+def _nesterov_step(
+    y: Tensor,
+    x_prev: Tensor,
+    g: Tensor,
+    t: Tensor,
+    active: Tensor,
+    neg_step: Tensor,
+    momentum: Tensor,
+    restart: bool,
+    fista: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of :class:`~bilevel.lower.Nesterov` (trusted L) from y with ∇h(y) = g:
+    x⁺ = y − g/L, y⁺ = x⁺ + β(x⁺ − x_prev) (β = 0 where gᵀ(x⁺ − x_prev) > 0 with
+    ``restart``; the FISTA sequence t where ``fista``), for the instances of ``active`` (a mask
+    broadcast against y); the others keep their state. Returns (y⁺, x⁺, t⁺)."""
+    x_new = torch.addcmul(y, neg_step, g)
+    diff = x_new - x_prev
+    if fista:
+        t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
+        beta = expand_as_batch((t - 1.0) / t_new, y)
+    else:
+        t_new, beta = t, momentum
+    if restart:
+        reset = (g * diff).sum(tuple(range(1, y.dim())), keepdim=True) > 0
+        beta = torch.where(reset, torch.zeros_like(beta), beta)
+        if fista:
+            t_new = torch.where(reset.reshape(-1), torch.ones_like(t_new), t_new)
+    y_new = torch.addcmul(x_new, beta, diff)
+    y = torch.where(active, y_new, y)
+    x_prev = torch.where(active, x_new, x_prev)
+    t = torch.where(active.reshape(-1), t_new, t)
+    return y, x_prev, t
+
+
 def _nesterov_program(oracle: Callable, steps: int, restart: bool, fista: bool) -> Callable:
     """``steps`` iterations of :class:`~bilevel.lower.Nesterov` (trusted L) for the active
     instances, each ending with the evaluation ``oracle(y, θ, batch)`` at the new y; frozen
@@ -176,24 +210,10 @@ def _nesterov_program(oracle: Callable, steps: int, restart: bool, fista: bool) 
     host: (any non-finite gradient, number of active instances with ‖∇h‖ ≤ tol)."""
 
     def program(y, x_prev, e, g, t, active, neg_step, momentum, tol, theta, batch):
-        dims = tuple(range(1, y.dim()))
         for _ in range(steps):
-            x_new = torch.addcmul(y, neg_step, g)
-            diff = x_new - x_prev
-            if fista:
-                t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
-                beta = expand_as_batch((t - 1.0) / t_new, y)
-            else:
-                t_new, beta = t, momentum
-            if restart:
-                reset = (g * diff).sum(dims, keepdim=True) > 0
-                beta = torch.where(reset, torch.zeros_like(beta), beta)
-                if fista:
-                    t_new = torch.where(reset.reshape(-1), torch.ones_like(t_new), t_new)
-            y_new = torch.addcmul(x_new, beta, diff)
-            y = torch.where(active, y_new, y)
-            x_prev = torch.where(active, x_new, x_prev)
-            t = torch.where(active.reshape(-1), t_new, t)
+            y, x_prev, t = _nesterov_step(
+                y, x_prev, g, t, active, neg_step, momentum, restart, fista
+            )
             e, g = oracle(y, theta, batch)
         gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
         done = (gnorm <= tol) & active.reshape(-1)
@@ -345,30 +365,48 @@ def _vjp_hvp(energy: Callable) -> Callable:
     return at
 
 
+def _cg_step(
+    hvp: Callable[[Tensor], Tensor],
+    shape: torch.Size,
+    x: Tensor,
+    r: Tensor,
+    p: Tensor,
+    rr: Tensor,
+    active: Tensor,
+    thresh2: Tensor,
+) -> tuple[Tensor, ...]:
+    """One CG iteration (as :class:`~bilevel.linear.CG`) on flattened (m, n) iterates for the
+    instances of ``active`` (m, 1): α = ‖r‖²/pᵀHp, x += αp, r −= αHp, β = ‖r⁺‖²/‖r‖²; an
+    instance stays active while ‖r⁺‖² > ``thresh2`` (and α > 0). ``hvp`` takes and returns
+    tensors of ``shape``. Returns (x, r, p, ‖r⁺‖², active, pᵀHp, α, β)."""
+    hp = hvp(p.reshape(shape)).reshape(p.shape)
+    php = (p * hp).sum(1, keepdim=True)
+    alpha = rr / php
+    a = torch.where(active, alpha, torch.zeros_like(alpha))
+    x = torch.addcmul(x, a, p)
+    r = torch.addcmul(r, a, hp, value=-1)
+    rr_new = (r * r).sum(1, keepdim=True)
+    active = torch.minimum(rr_new - thresh2, a) > 0
+    beta = torch.where(active, rr_new / rr, torch.zeros_like(rr))
+    p = torch.addcmul(r, beta, p)
+    return x, r, p, rr_new, active, php, alpha, beta
+
+
 def _cg_program(hvp_at: Callable, steps: int) -> Callable:
     """``steps`` CG iterations (as :class:`~bilevel.linear.CG`, stopped instances frozen) with
     the products of ``hvp_at(x_h, θ, batch)`` (a function v ↦ Hv); returns the iterates and,
     per iteration, the coefficients and flags the host validates."""
 
     def program(x, r, p, rr, active, thresh2, x_h, theta, batch):
-        m = x.shape[0]
         shape = x_h.shape
         hvp = hvp_at(x_h, theta, batch)
         cols: list[tuple[Tensor, ...]] = []
         for _ in range(steps):
-            hp = hvp(p.reshape(shape)).reshape(m, -1)
-            php = (p * hp).sum(1, keepdim=True)
-            alpha = rr / php
-            a = torch.where(active, alpha, torch.zeros_like(alpha))
-            x = torch.addcmul(x, a, p)
-            r = torch.addcmul(r, a, hp, value=-1)
-            rr_new = (r * r).sum(1, keepdim=True)
             was = active
-            active = torch.minimum(rr_new - thresh2, a) > 0
-            beta = torch.where(active, rr_new / rr, torch.zeros_like(rr))
-            p = torch.addcmul(r, beta, p)
-            rr = rr_new
-            cols.append((was, php, alpha, rr_new, beta))
+            x, r, p, rr, active, php, alpha, beta = _cg_step(
+                hvp, shape, x, r, p, rr, active, thresh2
+            )
+            cols.append((was, php, alpha, rr, beta))
         act, php, alpha, rr_t, beta = (torch.cat(c, 1) for c in zip(*cols))
         ok = torch.isfinite(php) & (php > 0) & torch.isfinite(alpha) & torch.isfinite(rr_t)
         flags = torch.stack([(act & ~ok).any().to(rr.dtype), active.sum().to(rr.dtype)])

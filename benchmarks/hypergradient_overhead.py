@@ -32,9 +32,12 @@ Two minimal versions: **minimal** calls ``torch.autograd.grad`` (plain autograd)
 without ``torch.autograd.grad``'s Python argument handling, about 45 µs per call), as the
 library's oracles do (:func:`bilevel.autodiff.backward`).
 
-The library is also run with its compiled small-problem path (:mod:`bilevel.compiled`:
-``CompiledNesterov`` and ``Implicit(CompiledCG(...))``, chunks of 10 iterations) on the
-instances of ``--compiled`` (default: (a)).
+The library is also run with its compiled small-problem path (:mod:`bilevel.compiled`) on
+the instances of ``--compiled`` (default: (a)): **program**, ``ProgramNesterov(max_iter=K)``
+and ``ProgramHypergradient(max_iter=M)``, each one program compiled ahead of time by
+AOTInductor with the loop on the device; and on those of ``--chunks`` (default: none)
+**compiled**, ``CompiledNesterov`` and ``Implicit(CompiledCG(...))``, chunks of 10 iterations
+per ``torch.compile`` program.
 
 Times are medians over ``--repeats`` interleaved repeats (library, the minimal versions,
 compiled, JAX in turn, the order rotating; a call of under 50 ms right after an untimed call
@@ -43,7 +46,7 @@ machine: of the calling thread for PyTorch, of the process for JAX, which comput
 threads), one thread per stack by default; the compiled programs and
 JAX compile once before the repeats (compile time + first run printed).
 Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--cases abc]
-[--dtypes float32,float64] [--rows-c 200000] [--compiled a]
+[--dtypes float32,float64] [--rows-c 200000] [--compiled a] [--chunks '']
 """
 
 from __future__ import annotations
@@ -166,6 +169,27 @@ def compiled_functions(inst: dict):
             warn_unconverged=False,
         )
         return est(problem, None, w, lower_tol=math.inf, adjoint_tol=0.0).grad[0]
+
+    return lower, hyper
+
+
+def program_functions(inst: dict, m: int):
+    """The library's whole programs (``ProgramNesterov``, ``ProgramHypergradient``: one
+    AOTInductor program each, the loop on the device), built once per instance."""
+    from bilevel.autodiff import LowerLevel
+    from bilevel.compiled import ProgramHypergradient, ProgramNesterov
+
+    h, f = energies(inst)
+    theta = inst["theta"].clone().requires_grad_(True)
+    problem = BilevelProblem(h, f, theta, mu=inst["mu"], lipschitz=inst["lip"])
+    w0 = torch.zeros(1, theta.shape[0], dtype=theta.dtype)
+    hypergradient = ProgramHypergradient(max_iter=m)
+
+    def lower(k: int) -> torch.Tensor:
+        return ProgramNesterov(max_iter=k).solve(LowerLevel(problem, None), w0, 0.0, inst["mu"]).x
+
+    def hyper(w: torch.Tensor) -> torch.Tensor:
+        return hypergradient(problem, w).grad[0]
 
     return lower, hyper
 
@@ -301,7 +325,7 @@ def jax_functions(inst: dict, k: int, m: int):
 # --- measurement ----------------------------------------------------------------------------
 
 
-ALL = ("library", "minimal", "engine", "compiled", "jax")
+ALL = ("library", "minimal", "engine", "compiled", "program", "jax")
 WARM_BELOW = 0.05
 """Seconds of CPU time below which a timed call is preceded by an untimed one."""
 
@@ -317,7 +341,14 @@ def timed(fn, *args, clock=time.thread_time) -> tuple[float, float]:
 
 
 def measure(
-    name: str, dtype: torch.dtype, k: int, m: int, repeats: int, rows_c: int, compiled: bool
+    name: str,
+    dtype: torch.dtype,
+    k: int,
+    m: int,
+    repeats: int,
+    rows_c: int,
+    compiled: bool,
+    chunks: bool,
 ) -> dict:
     inst = instance(name, dtype, rows_c)
     w_lib, w_min = library_lower(inst, k), minimal_lower(inst, k)
@@ -341,6 +372,24 @@ def measure(
     }
     compile_s = {}
     if compiled:
+        from bilevel.compiled import COMPILE_SECONDS
+
+        p_lower, p_hyper = program_functions(inst, m)
+        before = set(COMPILE_SECONDS)
+        w_p = p_lower(k)
+        compile_s["program lower"] = sum(
+            v for key, v in COMPILE_SECONDS.items() if key not in before
+        )
+        before = set(COMPILE_SECONDS)
+        z_p = p_hyper(w_lib)
+        compile_s["program hyper"] = sum(
+            v for key, v in COMPILE_SECONDS.items() if key not in before
+        )
+        lower_diff["program"] = float((w_p - w_lib).norm() / w_lib.norm())
+        hyper_diff["program"] = float((z_p - z_lib).norm() / z_lib.norm())
+        sides["lower"].append(("program", p_lower, (k,)))
+        sides["hyper"].append(("program", p_hyper, (w_lib,)))
+    if chunks:
         from bilevel.compiled import COMPILE_SECONDS
 
         c_lower, c_hyper = compiled_functions(inst)
@@ -400,7 +449,12 @@ def main() -> None:
     parser.add_argument("--cases", default="abc", help="subset of the instances a, b, c")
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument(
-        "--compiled", default="a", help="instances that also run bilevel.compiled ('' for none)"
+        "--compiled",
+        default="a",
+        help="instances that also run bilevel.compiled's whole programs ('' for none)",
+    )
+    parser.add_argument(
+        "--chunks", default="", help="instances that also run bilevel.compiled's chunk programs"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -420,7 +474,16 @@ def main() -> None:
         k, m = plan[name]
         for dt_name in args.dtypes.split(","):
             dtype = getattr(torch, dt_name)
-            res = measure(name, dtype, k, m, args.repeats, args.rows_c, name in args.compiled)
+            res = measure(
+                name,
+                dtype,
+                k,
+                m,
+                args.repeats,
+                args.rows_c,
+                name in args.compiled,
+                name in args.chunks,
+            )
             med = res["med"]
             for task, label, diff in (
                 ("lower", f"K={k}", res["lower_diff"]),
@@ -440,6 +503,8 @@ def main() -> None:
                         ("library", "jax"),
                         ("compiled", "library"),
                         ("compiled", "jax"),
+                        ("program", "library"),
+                        ("program", "jax"),
                     )
                     if (task, side) in med and (task, other) in med
                 ]

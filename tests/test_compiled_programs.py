@@ -66,17 +66,21 @@ def solve(solver, problem, batch, x0, tol, mu):
     return solver.solve(LowerLevel(problem, batch), x0, tol, mu)
 
 
+@pytest.mark.parametrize("unroll", [1, 4])
 @pytest.mark.parametrize("mu", [math.exp(-1.0), None], ids=["momentum", "fista"])
-def test_lower_program_equals_nesterov(mu) -> None:
-    """An unreachable tolerance: both run max_iter steps, to the same point and report."""
+def test_lower_program_equals_nesterov(mu, unroll) -> None:
+    """An unreachable tolerance: both run max_iter steps, to the same point and report (with
+    4 steps per pass, the 3 steps past max_iter of the last pass change nothing but are
+    counted as evaluations)."""
     problem, batch, x0, _ = logistic()
     ref = solve(Nesterov(max_iter=37), problem, batch, x0, 0.0, mu)
-    got = solve(ProgramNesterov(max_iter=37, compile=False), problem, batch, x0, 0.0, mu)
+    program = ProgramNesterov(max_iter=37, unroll=unroll, compile=False)
+    got = solve(program, problem, batch, x0, 0.0, mu)
     assert torch.allclose(got.x, ref.x, rtol=1e-13, atol=1e-15)
     assert torch.allclose(got.energy, ref.energy, rtol=1e-13)
     assert torch.allclose(got.grad_norm, ref.grad_norm, rtol=1e-10)
     assert got.iterations.tolist() == ref.iterations.tolist() == [37] * 3
-    assert got.grad_evals == ref.grad_evals
+    assert got.grad_evals == ref.grad_evals + (0 if unroll == 1 else 3 * 3)
 
 
 def test_lower_program_stops_each_instance_at_its_tolerance() -> None:
@@ -90,7 +94,8 @@ def test_lower_program_stops_each_instance_at_its_tolerance() -> None:
     assert len(set(got.iterations.tolist())) == 3
     assert torch.allclose(got.x, ref.x, rtol=1e-12, atol=1e-15)
     assert bool(got.converged.all()) and bool((got.grad_norm <= tol).all())
-    assert got.grad_evals == ref.grad_evals
+    last = max(got.iterations.tolist())  # passes of 4 steps, every instance evaluated
+    assert got.grad_evals == 3 * (1 + 4 * math.ceil(last / 4))
 
 
 def test_lower_program_raises_on_divergence() -> None:

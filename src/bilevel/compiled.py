@@ -26,7 +26,8 @@ run) or long solves.
 Whole programs (:class:`ProgramNesterov`, :class:`ProgramHypergradient`) go further: the
 whole lower solve, or the whole hypergradient at a given x (∇f, CG, the mixed VJP), is ONE
 program. The energies' ``torch.func`` derivatives are traced to ATen graphs, the loop is a
-``while_loop`` operator (never unrolled; the stopping test on the device), and
+``while_loop`` operator (a few iterations per pass, not the whole loop unrolled; the stopping
+test on the device), and
 ``torch.export`` and AOTInductor compile the whole into one C++ function, which runs without
 Dynamo's guards or inductor's Python wrapper per call and reads the host once. Compiling one
 takes tens of seconds to a few minutes; on breast cancer (d = 30) a call then costs about
@@ -195,8 +196,9 @@ def _nesterov_step(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One step of :class:`~bilevel.lower.Nesterov` (trusted L) from y with ∇h(y) = g:
     x⁺ = y − g/L, y⁺ = x⁺ + β(x⁺ − x_prev) (β = 0 where gᵀ(x⁺ − x_prev) > 0 with
-    ``restart``; the FISTA sequence t where ``fista``), for the instances of ``active`` (a mask
-    broadcast against y); the others keep their state. Returns (y⁺, x⁺, t⁺)."""
+    ``restart``; the FISTA sequence t where ``fista``, else t unused), for the instances of
+    ``active`` (a mask broadcast against y); the others keep their state. Returns
+    (y⁺, x⁺, t⁺)."""
     x_new = torch.addcmul(y, neg_step, g)
     diff = x_new - x_prev
     if fista:
@@ -212,7 +214,8 @@ def _nesterov_step(
     y_new = torch.addcmul(x_new, beta, diff)
     y = torch.where(active, y_new, y)
     x_prev = torch.where(active, x_new, x_prev)
-    t = torch.where(active.reshape(-1), t_new, t)
+    if fista:
+        t = torch.where(active.reshape(-1), t_new, t)
     return y, x_prev, t
 
 
@@ -596,7 +599,7 @@ def _trace(fn: Callable, *example: object) -> torch.fx.GraphModule:
 
 def _loop(cond: Callable, body: Callable, carry: tuple, exported: bool) -> tuple:
     """``while cond(*carry): carry = body(*carry)``: a ``while_loop`` operator inside an
-    exported program (one loop on the device, never unrolled), a Python loop eagerly."""
+    exported program (one loop on the device, not unrolled), a Python loop eagerly."""
     if exported:
         from torch._higher_order_ops.while_loop import while_loop
 
@@ -692,41 +695,49 @@ def _split_batch(batch: object) -> tuple[tuple[Tensor, ...], Callable[[list], ob
 
 class _LowerProgram(torch.nn.Module):
     """The whole lower solve: Nesterov steps until every instance meets its tolerance (tested
-    after every step) or ``max_iter`` steps; an instance that stops is frozen."""
+    after every step) or ``max_iter`` steps; an instance that stops is frozen. Each pass of
+    the loop runs ``unroll`` steps (a step past ``max_iter`` changes nothing). The loop
+    carries only what the steps need (each carried tensor is a fresh buffer per pass): the
+    energy at the end is one forward evaluation, a non-finite gradient is found in the last
+    one (an instance whose gradient is NaN stops, and keeps it)."""
 
-    def __init__(self, oracle, max_iter, restart, fista, exported) -> None:
+    def __init__(self, oracle, energy, max_iter, unroll, restart, fista, exported) -> None:
         super().__init__()
-        self.oracle, self.max_iter, self.restart, self.fista = oracle, max_iter, restart, fista
-        self.exported = exported
+        self.oracle, self.energy, self.max_iter, self.unroll = oracle, energy, max_iter, unroll
+        self.restart, self.fista, self.exported = restart, fista, exported
 
     def forward(self, y, g, t, neg_step, momentum, tol, params, leaves):
+        params, leaves = list(params), list(leaves)
         gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
         active = gnorm > tol
         iters = torch.zeros_like(gnorm, dtype=torch.long)
-        e = torch.zeros_like(gnorm)
-        start = (torch.zeros((), dtype=torch.long, device=y.device), y, y.clone(), e, g, t)
-        bad = torch.zeros((), dtype=torch.bool, device=y.device)
+        zero = torch.zeros((), dtype=torch.long, device=y.device)
+        coef = (neg_step, momentum, self.restart, self.fista)
 
-        def cond(i, y, x_prev, e, g, t, active, iters, bad):
+        def cond(i, passes, y, x_prev, g, active, iters, *t):
             return (i < self.max_iter) & active.any()
 
-        def body(i, y, x_prev, e, g, t, active, iters, bad):
-            mask = expand_as_batch(active, y)
-            coef = (neg_step, momentum, self.restart, self.fista)
-            y, x_prev, t = _nesterov_step(y, x_prev, g, t, mask, *coef)
-            e, g = self.oracle(y, list(params), list(leaves))
-            gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
-            finite = torch.isfinite(gnorm)
-            i = i + 1
-            iters = torch.where(active, i, iters)
-            bad = bad | (active & ~finite).any()
-            active = active & (gnorm > tol) & finite
-            return i, y, x_prev, e, g, t, active, iters, bad
+        def body(i, passes, y, x_prev, g, active, iters, *t):
+            t = t[0] if t else t
+            for _ in range(self.unroll):
+                more = i < self.max_iter
+                run = active & more
+                y, x_prev, t = _nesterov_step(y, x_prev, g, t, expand_as_batch(run, y), *coef)
+                _, g = self.oracle(y, params, leaves)
+                gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
+                i = i + more.long()
+                iters = torch.where(run, i, iters)
+                active = active & (~run | (gnorm > tol))  # NaN > tol is false: NaN stops
+            return (i, passes + 1, y, x_prev, g, active, iters, *((t,) if self.fista else ()))
 
-        out = _loop(cond, body, (*start, active, iters, bad), self.exported)
-        i, y, _, e, g, _, _, iters, bad = out
+        start = (zero, zero.clone(), y, y.clone(), g, active, iters)
+        start += (t,) if self.fista else ()
+        i, passes, y, _, g, _, iters, *_ = _loop(cond, body, start, self.exported)
         gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
-        return y, e, gnorm, iters, torch.stack([i.to(y.dtype), bad.to(y.dtype)])
+        e = self.energy(y, params, leaves)
+        bad = ~torch.isfinite(gnorm).all()
+        flags = torch.stack([i.to(y.dtype), (passes * self.unroll).to(y.dtype), bad.to(y.dtype)])
+        return y, e, gnorm, iters, flags
 
 
 @dataclass(frozen=True)
@@ -751,7 +762,14 @@ class ProgramNesterov:
     max_iter: int = 10_000
     lipschitz: float | None = None
     restart: bool = True
+    unroll: int = 4
     compile: bool = True
+
+    def __post_init__(self) -> None:
+        for name, least in (("max_iter", 0), ("unroll", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise BilevelError(f"{name} must be an integer ≥ {least}, got {value!r}")
 
     def solve(
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
@@ -792,6 +810,7 @@ class ProgramNesterov:
             self.compile,
             problem.lower_energy,
             self.max_iter,
+            self.unroll,
             self.restart,
             fista,
             _signature(y, params, batch),
@@ -801,15 +820,18 @@ class ProgramNesterov:
             def flat_energy(x: Tensor, ps: list[Tensor], ls: list[Tensor]) -> Tensor:
                 return problem.lower_energy(x, rebuild(list(ps)), unflatten(ls))
 
-            traced = _trace(_oracle(flat_energy), y, list(params), list(leaves))
-            module = _LowerProgram(traced, self.max_iter, self.restart, fista, exported)
-            return module, [traced]
+            example = (y, list(params), list(leaves))
+            graphs = [_trace(_oracle(flat_energy), *example), _trace(flat_energy, *example)]
+            module = _LowerProgram(
+                *graphs, self.max_iter, self.unroll, self.restart, fista, exported
+            )
+            return module, graphs
 
         with torch.no_grad():
             out, _ = _whole(key, build, args)
         y, e, gnorm, iters, flags = out
-        steps, bad = (int(v) for v in flags.tolist())  # one synchronisation
-        lower.cost.grad_evals += steps * n
+        _, evals, bad = (int(v) for v in flags.tolist())  # one synchronisation
+        lower.cost.grad_evals += evals * n
         if bad:
             raise nonfinite_gradient()
         rec = _LowerRecord(x0)

@@ -232,3 +232,31 @@ def test_compiled_programs_equal_eager(tmp_path, monkeypatch) -> None:
     programs = set(COMPILE_SECONDS)
     ProgramHypergradient(8)(problem, got.x, batch)
     assert set(COMPILE_SECONDS) == programs  # reused, not compiled again
+
+
+def test_programs_are_per_fixed_part_of_theta() -> None:
+    """θ's tensors without gradients are constants of a program: two problems with the same
+    energies but other such tensors get their own programs and their own results."""
+
+    def h(w, th, _):
+        return 0.5 * (th[0].exp() * (w - th[1]) ** 2).sum(1)
+
+    def f(w, th, _):
+        return 0.5 * (w**2).sum(1)
+
+    x = torch.full((2, 3), 0.5, dtype=F64)
+    results = []
+    for target in (0.0, 1.0):
+        a = torch.zeros(3, dtype=F64).requires_grad_(True)
+        problem = BilevelProblem(h, f, [a, torch.full((3,), target, dtype=F64)], mu=1.0)
+        est = Implicit(
+            CG(max_iter=2, fixed_iterations=True),
+            lower_solver=Nesterov(max_iter=0),
+            compute_bound=False,
+            warn_unconverged=False,
+        )
+        ref = est(problem, None, x, lower_tol=math.inf, adjoint_tol=0.0).grad[0]
+        got = ProgramHypergradient(max_iter=2, compile=False)(problem, x).grad[0]
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-15)
+        results.append(got)
+    assert not torch.allclose(results[0], results[1])

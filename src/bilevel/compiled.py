@@ -573,6 +573,15 @@ def _flat_theta(theta: object) -> tuple[list[Tensor], Callable[[list[Tensor]], o
     return None
 
 
+def _fixed_parts(theta: object) -> tuple[int, ...]:
+    """The identities of θ's tensors that do not require gradients: a program reads them as
+    constants, so another θ with other such tensors needs its own program (cache key)."""
+    values = theta.values() if isinstance(theta, dict) else theta
+    if isinstance(theta, Tensor) or not isinstance(values, (list, tuple, type({}.values()))):
+        return ()
+    return tuple(id(v) for v in values if isinstance(v, Tensor) and not v.requires_grad)
+
+
 def _constants(graphs: list[torch.fx.GraphModule]) -> tuple[tuple[Tensor, int], ...]:
     """The tensors the traced graphs read as constants (the energies' closed-over data) with
     their version counters: a program compiled with them is stale once one is changed in
@@ -813,6 +822,7 @@ class ProgramNesterov:
             self.unroll,
             self.restart,
             fista,
+            _fixed_parts(problem.theta),
             _signature(y, params, batch),
         )
 
@@ -944,6 +954,7 @@ class ProgramHypergradient:
             problem.upper_loss,
             problem.upper_regulariser,
             self.max_iter,
+            _fixed_parts(problem.theta),
             _signature(x, params, batch),
         )
 

@@ -652,11 +652,13 @@ def _whole(key: tuple, build: Callable[[bool], tuple], args: tuple) -> tuple[obj
             import tempfile
 
             module, graphs = build(True)
-            exported = torch.export.export(module, args)
             if not _PACKAGES:
                 _PACKAGES.append(tempfile.mkdtemp(prefix="bilevel-programs-"))
             path = os.path.join(_PACKAGES[0], f"program{len(COMPILE_SECONDS)}.pt2")
-            path = torch._inductor.aoti_compile_and_package(exported, package_path=path)
+            with warnings.catch_warnings():  # PyTorch's own deprecations inside export
+                warnings.filterwarnings("ignore", ".*LeafSpec", FutureWarning)
+                exported = torch.export.export(module, args)
+                path = torch._inductor.aoti_compile_and_package(exported, package_path=path)
             run = torch._inductor.aoti_load_package(path)
             result = run(*args)
         except Exception as exc:  # no compiler, untraceable energy, ...: run eagerly

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -260,3 +261,22 @@ def test_programs_are_per_fixed_part_of_theta() -> None:
         assert torch.allclose(got, ref, rtol=1e-12, atol=1e-15)
         results.append(got)
     assert not torch.allclose(results[0], results[1])
+
+
+def test_programs_disabled_by_environment(monkeypatch) -> None:
+    """``BILEVEL_COMPILE=0``: nothing is exported, no warning, the eager result."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.export must not be called")
+
+    monkeypatch.setattr(torch.export, "export", forbidden)
+    monkeypatch.setenv("BILEVEL_COMPILE", "0")
+    problem, batch, x0, _ = logistic(seed=10)
+    ref = solve(Nesterov(max_iter=15), problem, batch, x0, 0.0, 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = solve(ProgramNesterov(max_iter=15), problem, batch, x0, 0.0, 0.3)
+        hyper = ProgramHypergradient(max_iter=3)(problem, got.x, batch)
+    assert torch.allclose(got.x, ref.x, rtol=1e-13, atol=1e-15)
+    eager = ProgramHypergradient(max_iter=3, compile=False)(problem, got.x, batch)
+    assert torch.equal(hyper.grad[0], eager.grad[0])

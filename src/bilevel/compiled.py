@@ -759,9 +759,12 @@ class ProgramNesterov:
     those of ``Nesterov(lipschitz=L)``; the stopping test ‖∇ₓh_i(y_i)‖ ≤ tol_i runs on the
     device after every step (an instance that meets it is frozen, and still evaluated; the
     solve ends when all have stopped or after ``max_iter`` steps), so the host reads the
-    result once. No stall test. The program (the energy's gradient by ``torch.func``, traced
-    to ATen operations, inside a ``while_loop``) is exported and compiled ahead of time by
-    AOTInductor into one C++ function per (energy, ``max_iter``, shapes, dtypes): the first
+    result once. No stall test. Each pass of the loop runs ``unroll`` steps (fewer buffers
+    per step; a step past ``max_iter`` in the last pass changes nothing but is counted in
+    ``grad_evals``). The program (the energy's gradient by ``torch.func``, traced to ATen
+    operations, inside a ``while_loop``) is exported and compiled ahead of time by
+    AOTInductor into one C++ function per (energy, ``max_iter``, ``unroll``, shapes, dtypes,
+    θ's tensors without gradients): the first
     solve compiles it (tens of seconds, recorded in :data:`COMPILE_SECONDS`); later calls
     pay no Python per step and no guards. Without L (``lipschitz`` or the problem's bound),
     for θ given as an ``nn.Module`` or a batch that is not made of tensors, the solve is

@@ -631,6 +631,11 @@ class _Whole:
         return all(t._version == v for t, v in self.constants)
 
 
+_INDUCTOR_CONFIGS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+"""AOTInductor's options for whole programs: on CPU, a matrix product with one row (a
+vector–matrix product, as x ↦ Xᵀx for one instance) becomes a product and a sum that
+inductor fuses into its kernels, instead of a call of ATen's matrix product."""
+
 _WHOLE: dict[tuple, _Whole] = {}
 _PACKAGES: list[str] = []  # the temporary folder of the compiled packages
 
@@ -658,7 +663,9 @@ def _whole(key: tuple, build: Callable[[bool], tuple], args: tuple) -> tuple[obj
             with warnings.catch_warnings():  # PyTorch's own deprecations inside export
                 warnings.filterwarnings("ignore", ".*LeafSpec", FutureWarning)
                 exported = torch.export.export(module, args)
-                path = torch._inductor.aoti_compile_and_package(exported, package_path=path)
+                path = torch._inductor.aoti_compile_and_package(
+                    exported, package_path=path, inductor_configs=_INDUCTOR_CONFIGS
+                )
             run = torch._inductor.aoti_load_package(path)
             result = run(*args)
         except Exception as exc:  # no compiler, untraceable energy, ...: run eagerly

@@ -1,0 +1,133 @@
+"""Row-major against column-major storage of a dense design matrix X (n × d), one thread.
+
+The products a linear model spends its time in are z = X·v (``F.linear(v, X)``: the
+predictions) and g = Xᵀ·r (the gradient's data term), with one right-hand side (one
+lower-level instance, one Hessian-vector product) or a few (instances stacked as rows of V).
+PyTorch computes them with the same BLAS call whichever way X is stored, but with the
+transposed flag swapped; this script times both layouts:
+
+* **row-major**: X contiguous (C order, rows adjacent: what ``torch.randn(n, d)`` gives);
+* **column-major**: ``X.t().contiguous().t()`` (Fortran order, columns adjacent; the same
+  values and shape).
+
+and the cost of gathering a sorted random minibatch of b rows (``index_select`` into a
+reused output, then its product with one vector), which reads b·d scattered elements from
+column-major storage against b contiguous rows from row-major storage.
+
+Each cell: median over ``--repeats`` interleaved repeats (the layouts alternate within each
+repeat) of the thread CPU time per call, averaged over a batch of calls of at least ~20 ms.
+:func:`bilevel.allocator.keep_freed_memory` is applied first, so that outputs of tens of MB
+reuse freed memory instead of fresh zeroed pages.
+Usage: python benchmarks/layout.py [--repeats 11] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bilevel.allocator import keep_freed_memory
+
+SHAPES = ((569, 30), (16_000, 20), (16_000, 200), (16_000, 1000), (200_000, 20), (200_000, 100))
+"""(n, d): breast cancer (a), the overhead benchmark's (b) training rows and (c), and d = 20,
+1000 besides."""
+
+GATHERS = ((600_000, 20, 50_000), (200_000, 100, 20_000), (200_000, 300, 20_000))
+"""(n, d, b): minibatches of b sorted random rows."""
+
+
+def per_call(fn, target: float = 0.02) -> float:
+    """Thread CPU seconds per call of ``fn``, over a batch of calls of about ``target`` s."""
+    start = time.thread_time()
+    fn()
+    once = max(time.thread_time() - start, 1e-6)
+    calls = max(1, min(1000, int(target / once)))
+    start = time.thread_time()
+    for _ in range(calls):
+        fn()
+    return (time.thread_time() - start) / calls
+
+
+def interleaved(cases: dict, repeats: int) -> dict:
+    """Median thread CPU seconds per call of each case, the cases alternating per repeat."""
+    times = {key: [] for key in cases}
+    keys = list(cases)
+    for r in range(repeats):
+        turn = r % len(keys)
+        for key in keys[turn:] + keys[:turn]:
+            times[key].append(per_call(cases[key]))
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def products(n: int, d: int, dtype: torch.dtype, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x_row = torch.randn(n, d, generator=gen, dtype=dtype)
+    x_col = x_row.t().contiguous().t()
+    v1 = torch.randn(1, d, generator=gen, dtype=dtype)
+    r1 = torch.randn(1, n, generator=gen, dtype=dtype)
+    v4 = torch.randn(4, d, generator=gen, dtype=dtype)
+    r4 = torch.randn(4, n, generator=gen, dtype=dtype)
+    cases = {}
+    for layout, x in (("row", x_row), ("col", x_col)):
+        cases["Xv", layout] = lambda x=x: F.linear(v1, x)
+        cases["Xᵀr", layout] = lambda x=x: r1 @ x
+        cases["XV (4)", layout] = lambda x=x: F.linear(v4, x)
+        cases["XᵀR (4)", layout] = lambda x=x: r4 @ x
+    return interleaved(cases, repeats)
+
+
+def gathers(n: int, d: int, b: int, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x_row = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    x_col = x_row.t().contiguous().t()
+    idx = torch.randperm(n, generator=gen)[:b].sort().values
+    v = torch.randn(1, d, generator=gen, dtype=torch.float64)
+    out = torch.empty(b, d, dtype=torch.float64)
+    cases = {}
+    for layout, x in (("row", x_row), ("col", x_col)):
+        cases["gather", layout] = lambda x=x: torch.index_select(x, 0, idx, out=out)
+        cases["gather + Xv", layout] = lambda x=x: F.linear(v, x.index_select(0, idx))
+    return interleaved(cases, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--quick", action="store_true", help="3 repeats, the first shapes only")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else args.repeats
+    torch.set_num_threads(1)
+    kept = keep_freed_memory()
+    print(f"torch {torch.__version__}, 1 thread, {repeats} repeats, freed memory kept: {kept}")
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print("thread CPU time per call in ms (medians), row-major / column-major, ratio row ÷ col")
+    shapes = SHAPES[:3] if args.quick else SHAPES
+    for dtype in (torch.float32, torch.float64):
+        for n, d in shapes:
+            med = products(n, d, dtype, repeats)
+            for op in ("Xv", "Xᵀr", "XV (4)", "XᵀR (4)"):
+                row, col = med[op, "row"], med[op, "col"]
+                print(
+                    f"{str(dtype)[6:]:8s} {n:>7d} × {d:<5d} {op:8s} "
+                    f"{1e3 * row:9.3f} {1e3 * col:9.3f}  {row / col:5.2f}",
+                    flush=True,
+                )
+    for n, d, b in GATHERS[:1] if args.quick else GATHERS:
+        med = gathers(n, d, b, repeats)
+        for op in ("gather", "gather + Xv"):
+            row, col = med[op, "row"], med[op, "col"]
+            print(
+                f"float64  {n:>7d} × {d:<5d} b={b:<6d} {op:12s} "
+                f"{1e3 * row:9.3f} {1e3 * col:9.3f}  {row / col:5.2f}",
+                flush=True,
+            )
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

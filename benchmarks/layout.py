@@ -14,11 +14,17 @@ and the cost of gathering a sorted random minibatch of b rows (``index_select`` 
 reused output, then its product with one vector), which reads b·d scattered elements from
 column-major storage against b contiguous rows from row-major storage.
 
+``--hpo N,D,STEPS`` also times ``STEPS`` upper steps of ``bilevel hpo``'s AID-CG (L-BFGS lower
+solves, CG adjoints, warm starts; :func:`bilevel.learning.hpo.hpo_method`) for per-feature ℓ2
+logistic regression on a synthetic N × D float64 set (split 60/20/20), with the model's
+features stored row-major against column-major, runs alternating, and compares the θ they
+reach.
+
 Each cell: median over ``--repeats`` interleaved repeats (the layouts alternate within each
 repeat) of the thread CPU time per call, averaged over a batch of calls of at least ~20 ms.
 :func:`bilevel.allocator.keep_freed_memory` is applied first, so that outputs of tens of MB
 reuse freed memory instead of fresh zeroed pages.
-Usage: python benchmarks/layout.py [--repeats 11] [--quick]
+Usage: python benchmarks/layout.py [--repeats 11] [--quick] [--hpo 20000,200,10]
 """
 
 from __future__ import annotations
@@ -95,10 +101,47 @@ def gathers(n: int, d: int, b: int, repeats: int) -> dict:
     return interleaved(cases, repeats)
 
 
+def hpo_runs(n: int, d: int, steps: int, repeats: int) -> dict:
+    """Thread CPU seconds of ``steps`` AID-CG upper steps (medians over ``repeats`` runs per
+    layout, alternating) and the largest difference of the final θ between the layouts."""
+    from bilevel import Budget
+    from bilevel.learning import (
+        build_model,
+        hpo_method,
+        lower_instances,
+        make_synthetic_classification,
+        split_data,
+    )
+
+    X, y, _ = make_synthetic_classification(n, d, d // 10, seed=0, dtype=torch.float64)
+    data = split_data(X, y, n_classes=2, seed=0)
+    times: dict[str, list[float]] = {"row": [], "column": []}
+    thetas: dict[str, torch.Tensor] = {}
+    for r in range(repeats):
+        for layout in ("row", "column") if r % 2 == 0 else ("column", "row"):
+            model = build_model(data, "logistic", theta0=-2.0)
+            method = hpo_method(model, "aid-cg")
+            model.store_features(layout, layout)
+            model.smoothness()  # ‖X‖₂² by power iteration, once per model: not a step's time
+            start = time.thread_time()
+            method.run(
+                model.problem,
+                lower_instances(model),
+                Budget(steps=steps),
+                progress=False,
+                plot=False,
+            )
+            times[layout].append(time.thread_time() - start)
+            thetas[layout] = model.theta.detach().clone()
+    diff = float((thetas["row"] - thetas["column"]).abs().max())
+    return {key: statistics.median(v) for key, v in times.items()} | {"theta_diff": diff}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="3 repeats, the first shapes only")
+    parser.add_argument("--hpo", default=None, help="N,D,STEPS: only time AID-CG upper steps")
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
     torch.set_num_threads(1)
@@ -106,6 +149,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread, {repeats} repeats, freed memory kept: {kept}")
     print(f"load average {os.getloadavg()[0]:.2f}")
     print("thread CPU time per call in ms (medians), row-major / column-major, ratio row ÷ col")
+    if args.hpo:
+        n, d, steps = (int(v) for v in args.hpo.split(","))
+        res = hpo_runs(n, d, steps, repeats)
+        print(
+            f"AID-CG, {steps} upper steps, {n} × {d} float64: row-major {res['row']:.2f} s, "
+            f"column-major {res['column']:.2f} s, ratio {res['row'] / res['column']:.2f}; "
+            f"max |θ_row − θ_col| {res['theta_diff']:.1e}"
+        )
+        print(f"load average {os.getloadavg()[0]:.2f}")
+        return
     shapes = SHAPES[:3] if args.quick else SHAPES
     for dtype in (torch.float32, torch.float64):
         for n, d in shapes:

@@ -14,17 +14,17 @@ and the cost of gathering a sorted random minibatch of b rows (``index_select`` 
 reused output, then its product with one vector), which reads b·d scattered elements from
 column-major storage against b contiguous rows from row-major storage.
 
-``--hpo N,D,STEPS`` also times ``STEPS`` upper steps of ``bilevel hpo``'s AID-CG (L-BFGS lower
-solves, CG adjoints, warm starts; :func:`bilevel.learning.hpo.hpo_method`) for per-feature ℓ2
-logistic regression on a synthetic N × D float64 set (split 60/20/20), with the model's
-features stored row-major against column-major, runs alternating, and compares the θ they
-reach.
+``--hpo N,D,STEPS[,DTYPE]`` instead times ``STEPS`` upper steps of ``bilevel hpo``'s AID-CG
+(L-BFGS lower solves, CG adjoints, warm starts; :func:`bilevel.learning.hpo.hpo_method`) for
+per-feature ℓ2 logistic regression on a synthetic N × D set (float64 by default; split
+60/20/20), with the model's features stored row-major against column-major, runs
+alternating, and compares the θ they reach.
 
 Each cell: median over ``--repeats`` interleaved repeats (the layouts alternate within each
 repeat) of the thread CPU time per call, averaged over a batch of calls of at least ~20 ms.
 :func:`bilevel.allocator.keep_freed_memory` is applied first, so that outputs of tens of MB
 reuse freed memory instead of fresh zeroed pages.
-Usage: python benchmarks/layout.py [--repeats 11] [--quick] [--hpo 20000,200,10]
+Usage: python benchmarks/layout.py [--repeats 11] [--quick] [--hpo 20000,200,30]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def gathers(n: int, d: int, b: int, repeats: int) -> dict:
     return interleaved(cases, repeats)
 
 
-def hpo_runs(n: int, d: int, steps: int, repeats: int) -> dict:
+def hpo_runs(n: int, d: int, steps: int, repeats: int, dtype: torch.dtype) -> dict:
     """Thread CPU seconds of ``steps`` AID-CG upper steps (medians over ``repeats`` runs per
     layout, alternating) and the largest difference of the final θ between the layouts."""
     from bilevel import Budget
@@ -113,7 +113,7 @@ def hpo_runs(n: int, d: int, steps: int, repeats: int) -> dict:
         split_data,
     )
 
-    X, y, _ = make_synthetic_classification(n, d, d // 10, seed=0, dtype=torch.float64)
+    X, y, _ = make_synthetic_classification(n, d, d // 10, seed=0, dtype=dtype)
     data = split_data(X, y, n_classes=2, seed=0)
     times: dict[str, list[float]] = {"row": [], "column": []}
     thetas: dict[str, torch.Tensor] = {}
@@ -141,25 +141,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="3 repeats, the first shapes only")
-    parser.add_argument("--hpo", default=None, help="N,D,STEPS: only time AID-CG upper steps")
+    parser.add_argument(
+        "--hpo", default=None, help="N,D,STEPS[,DTYPE]: only time AID-CG upper steps"
+    )
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
     torch.set_num_threads(1)
     kept = keep_freed_memory()
     print(f"torch {torch.__version__}, 1 thread, {repeats} repeats, freed memory kept: {kept}")
     print(f"load average {os.getloadavg()[0]:.2f}")
-    print("thread CPU time per call in ms (medians), row-major / column-major, ratio row ÷ col")
     if args.hpo:
-        n, d, steps = (int(v) for v in args.hpo.split(","))
-        res = hpo_runs(n, d, steps, repeats)
+        n, d, steps, *dt = args.hpo.split(",")
+        n, d, steps = int(n), int(d), int(steps)
+        dtype = getattr(torch, dt[0] if dt else "float64")
+        res = hpo_runs(n, d, steps, repeats, dtype)
         print(
-            f"AID-CG, {steps} upper steps, {n} × {d} float64: row-major {res['row']:.2f} s, "
+            f"AID-CG, {steps} upper steps, {n} × {d} {dtype}: row-major {res['row']:.2f} s, "
             f"column-major {res['column']:.2f} s, ratio {res['row'] / res['column']:.2f}; "
             f"max |θ_row − θ_col| {res['theta_diff']:.1e}"
         )
         print(f"load average {os.getloadavg()[0]:.2f}")
         return
     shapes = SHAPES[:3] if args.quick else SHAPES
+    print("thread CPU time per call in ms (medians), row-major / column-major, ratio row ÷ col")
     for dtype in (torch.float32, torch.float64):
         for n, d in shapes:
             med = products(n, d, dtype, repeats)

@@ -14,8 +14,9 @@ and the cost of gathering a sorted random minibatch of b rows (``index_select`` 
 reused output, then its product with one vector), which reads b·d scattered elements from
 column-major storage against b contiguous rows from row-major storage.
 
-``--hpo N,D,STEPS[,DTYPE]`` instead times ``STEPS`` upper steps of ``bilevel hpo``'s AID-CG
-(L-BFGS lower solves, CG adjoints, warm starts; :func:`bilevel.learning.hpo.hpo_method`) for
+``--hpo N,D,STEPS[,DTYPE[,METHOD]]`` instead times ``STEPS`` upper steps of ``bilevel hpo``'s
+AID-CG (L-BFGS lower solves, CG adjoints, warm starts; or METHOD ``sid`` or ``itd``;
+:func:`bilevel.learning.hpo.hpo_method`) for
 per-feature ℓ2 logistic regression on a synthetic N × D set (float64 by default; split
 60/20/20), with the model's features stored row-major against column-major, runs
 alternating, and compares the θ they reach.
@@ -101,8 +102,8 @@ def gathers(n: int, d: int, b: int, repeats: int) -> dict:
     return interleaved(cases, repeats)
 
 
-def hpo_runs(n: int, d: int, steps: int, repeats: int, dtype: torch.dtype) -> dict:
-    """Thread CPU seconds of ``steps`` AID-CG upper steps (medians over ``repeats`` runs per
+def hpo_runs(n: int, d: int, steps: int, repeats: int, dtype: torch.dtype, name: str) -> dict:
+    """Thread CPU seconds of ``steps`` upper steps of ``name`` (medians over ``repeats`` runs per
     layout, alternating) and the largest difference of the final θ between the layouts."""
     from bilevel import Budget
     from bilevel.learning import (
@@ -120,7 +121,7 @@ def hpo_runs(n: int, d: int, steps: int, repeats: int, dtype: torch.dtype) -> di
     for r in range(repeats):
         for layout in ("row", "column") if r % 2 == 0 else ("column", "row"):
             model = build_model(data, "logistic", theta0=-2.0)
-            method = hpo_method(model, "aid-cg")
+            method = hpo_method(model, name)
             model.store_features(layout, layout)
             model.smoothness()  # ‖X‖₂² by power iteration, once per model: not a step's time
             start = time.thread_time()
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="3 repeats, the first shapes only")
     parser.add_argument(
-        "--hpo", default=None, help="N,D,STEPS[,DTYPE]: only time AID-CG upper steps"
+        "--hpo", default=None, help="N,D,STEPS[,DTYPE[,METHOD]]: only time hpo upper steps"
     )
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
@@ -151,12 +152,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread, {repeats} repeats, freed memory kept: {kept}")
     print(f"load average {os.getloadavg()[0]:.2f}")
     if args.hpo:
-        n, d, steps, *dt = args.hpo.split(",")
+        n, d, steps, *rest = args.hpo.split(",")
         n, d, steps = int(n), int(d), int(steps)
-        dtype = getattr(torch, dt[0] if dt else "float64")
-        res = hpo_runs(n, d, steps, repeats, dtype)
+        dtype = getattr(torch, rest[0] if rest else "float64")
+        name = rest[1] if len(rest) > 1 else "aid-cg"
+        res = hpo_runs(n, d, steps, repeats, dtype, name)
         print(
-            f"AID-CG, {steps} upper steps, {n} × {d} {dtype}: row-major {res['row']:.2f} s, "
+            f"{name}, {steps} upper steps, {n} × {d} {dtype}: row-major {res['row']:.2f} s, "
             f"column-major {res['column']:.2f} s, ratio {res['row'] / res['column']:.2f}; "
             f"max |θ_row − θ_col| {res['theta_diff']:.1e}"
         )

@@ -545,7 +545,8 @@ def hpo_method(
     the lower iterates w and the adjoints are carried from one upper step to the next (warm
     starts). θ is projected onto ``theta_range`` after every step. For
     ``aid-cg`` the tolerances are ε_k = δ_k = 10⁻² g₀/√(k+1), at least 10⁻⁴ g₀ (float32: 10⁻³ g₀),
-    with g₀ = ‖∇_w h(0, θ₀)‖.
+    with g₀ = ‖∇_w h(0, θ₀)‖. The model's dense features are stored in the method's layout
+    (:func:`store_for`).
     """
     lo, hi = theta_box(model, theta_range)
     estimator = hpo_estimator(

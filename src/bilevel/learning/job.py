@@ -372,7 +372,7 @@ def _train(
         seed=config.seed,
         cv=config.cv,
     )
-    store_for(model, config.method)  # cross validation: the stacked rows
+    store_for(model, config.method)  # a copy only of cross validation's stacked rows
     evaluator = LowerEvaluator(model, data.X_test, data.y_test)  # clean test labels
     evaluate, eval_every = _evaluation(config, budget, _once(evaluator))
     evaluate = _with_bound_note(evaluate, config.method)

@@ -24,7 +24,8 @@ regulariser, so that its expectation over uniformly drawn indices is h(w, θ); t
 The upper-level criterion is an object given at construction: :class:`HeldOut` (the default,
 the mean loss on the validation rows) or :class:`CrossValidation` (K folds of the training
 rows, as K lower-level instances). A model and its problem do not change after construction,
-except for the values of θ. Features may be
+except for the values of θ and the storage of the dense features
+(:meth:`FiniteSumModel.store_features`: row- or column-major, the same values). Features may be
 dense or sparse (``torch.sparse_csr``; products use sparse-dense matmul, differentiable twice).
 Computations run in the dtype and on the device of ``X_train``.
 """

@@ -513,13 +513,17 @@ def store_for(model: FiniteSumModel, method: str) -> None:
     full-batch products of ``aid-cg`` and ``itd`` (and of every validation loss and accurate
     lower solve); ``sid`` gathers minibatch rows of the training features, which stay
     row-major (a column-major copy besides would double the memory of the largest array).
-    No copy where the features are stored so already (:func:`data_for`)."""
-    model.store_features(train="row" if method == "sid" else "column", val="column")
+    No copy where the features are stored so already (:func:`data_for`). Measured on CPU:
+    features on another device stay as they are."""
+    if model.device.type == "cpu":
+        model.store_features(train="row" if method == "sid" else "column", val="column")
 
 
 def data_for(data: SplitData, method: str) -> SplitData:
     """``data`` with the dense features stored as :func:`store_for` stores a model's, so that
     a model built from it copies nothing (the test rows column-major: full-batch products)."""
+    if data.X_train.device.type != "cpu":
+        return data
     return dataclasses.replace(
         data,
         X_train=column_major(data.X_train, method != "sid"),

@@ -28,7 +28,10 @@ process reports its CPU seconds: on a loaded machine T₁/(N·T_N) mixes the alg
 with the CPU time the processes did not get; the CPU efficiency (CPU seconds of one process
 over those of all N) and the share of T_N rank 0 spent in collectives separate the two. The
 CPU seconds of the main threads alone (the algorithm's work, without the threads of gloo that
-carry the collectives) show whether the split itself repeats work on every process. Every
+carry the collectives), less those they spend inside the collectives (polling for their
+completion), show whether the split itself repeats work on every process; each rank's share
+of T_N in collectives shows which one waits. ``--bind`` pins each process, gloo's threads
+included, to a core of its own (rank r to core r, the single process to core 0). Every
 process keeps freed memory for reuse (:func:`bilevel.allocator.keep_freed_memory`, as the
 command line does): otherwise one process faults in its large minibatch afresh at every
 iteration and two processes with half as large blocks may not, which made one process 1.6×
@@ -36,6 +39,8 @@ slower than two together at 100 features.
 
     OMP_NUM_THREADS=1 python benchmarks/distributed.py            # full sizes
     OMP_NUM_THREADS=1 python benchmarks/distributed.py --quick    # small, for a smoke test
+    OMP_NUM_THREADS=1 python benchmarks/distributed.py --cases sid --features 100
+    OMP_NUM_THREADS=1 python benchmarks/distributed.py --bind     # one core per process
 """
 
 from __future__ import annotations
@@ -74,18 +79,38 @@ class _Counter:
         self.messages = 0
         self.bytes = 0
         self.seconds = 0.0
+        self.cpu = 0.0  # of the main thread, inside the collectives (their polling)
+        self.ahead = 0.0  # of the main thread, on work done while an all-reduce is in flight
         for name in ("all_reduce", "broadcast"):
             self._wrap(name)
         collective = distributed.Shard._collective
 
         def timed(shard: distributed.Shard, what: str, fn: Any) -> Any:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return collective(shard, what, fn)
             finally:
                 self.seconds += time.perf_counter() - start
+                self.cpu += time.thread_time() - cpu
 
         distributed.Shard._collective = timed  # type: ignore[method-assign]
+        sum_all = distributed.Shard.sum_all
+
+        def timed_ahead(shard: distributed.Shard, tensors: Any, meanwhile: Any = None) -> Any:
+            if meanwhile is None:
+                return sum_all(shard, tensors)
+            work = meanwhile
+
+            def timed_work() -> None:
+                cpu = time.thread_time()
+                try:
+                    work()
+                finally:
+                    self.ahead += time.thread_time() - cpu
+
+            return sum_all(shard, tensors, timed_work)
+
+        distributed.Shard.sum_all = timed_ahead  # type: ignore[method-assign]
 
     def _wrap(self, name: str) -> None:
         original = getattr(dist, name)
@@ -136,7 +161,16 @@ def _sid(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     return method, model.problem, lower_instances(model)
 
 
+def _bind(rank: int) -> None:
+    """Bind this process (its threads to come, gloo's included) to core ``rank`` mod the
+    cores it may use."""
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+
+
 def _worker(rank: int, world: int, port: int, case: str, cfg: dict[str, Any], out: str) -> None:
+    if cfg["bind"]:
+        _bind(rank)
     torch.set_num_threads(1)
     keep_freed_memory()  # as the command line does: no page faults for recurring large blocks
     if world > 1:
@@ -158,10 +192,12 @@ def _worker(rank: int, world: int, port: int, case: str, cfg: dict[str, Any], ou
     if shard is not None:
         dist.barrier()
     total = time.perf_counter() - start
-    if shard is not None:  # CPU seconds of all processes
-        cpu, main = shard.sum_floats([cpu, main])
-    result = {"seconds": total, "cpu": cpu, "main": main}
-    if counter is not None:
+    result: dict[str, Any] = {"seconds": total, "cpu": cpu, "main": main, "polling": 0.0}
+    if shard is not None and counter is not None:  # CPU seconds of all processes
+        waits = shard.gather_object((counter.seconds, counter.cpu))
+        cpu, main, polling, ahead = shard.sum_floats([cpu, main, counter.cpu, counter.ahead])
+        result.update(cpu=cpu, main=main, polling=polling, ahead=ahead)
+        result.update(waits=[w for w, _ in waits])
         result.update(messages=counter.messages, bytes=counter.bytes, waiting=counter.seconds)
         result.update(_latency_bandwidth())
     if rank == 0:
@@ -248,6 +284,11 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=20)
     parser.add_argument("--inner-steps", type=int, default=10)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--bind",
+        action="store_true",
+        help="bind each process to its own core (rank r to core r; one process to core 0)",
+    )
     args = parser.parse_args()
     cfg = {k: v for k, v in vars(args).items() if k not in ("quick", "repeats", "cases")}
     if args.quick:
@@ -257,8 +298,11 @@ def main() -> None:
         times: dict[int, list[float]] = {1: [], 2: []}
         cpus: dict[int, list[float]] = {1: [], 2: []}
         mains: dict[int, list[float]] = {1: [], 2: []}
-        comm: dict[str, float] = {}
+        polls: list[float] = []
+        aheads: list[float] = []
+        comm: dict[str, Any] = {}
         waiting: list[float] = []
+        waits: list[list[float]] = []
         for _ in range(args.repeats):  # interleaved: the load of the machine hits both alike
             for world in (1, 2):
                 r = _run(case, world, cfg)
@@ -268,6 +312,9 @@ def main() -> None:
                 if world == 2:
                     comm = r
                     waiting.append(r["waiting"] / r["seconds"])
+                    waits.append([w / r["seconds"] for w in r["waits"]])
+                    polls.append(r["polling"])
+                    aheads.append(r["ahead"])
         t1, t2 = statistics.median(times[1]), statistics.median(times[2])
         steps = cfg["steps"]
         messages, volume = comm["messages"] / steps, comm["bytes"] / steps
@@ -279,7 +326,8 @@ def main() -> None:
         print(
             f"  efficiency T1/(2 T2) = {t1 / (2 * t2):.3f} (medians), "
             f"{min(times[1]) / (2 * min(times[2])):.3f} (fastest runs); rank 0 spent "
-            f"{100 * statistics.median(waiting):.0f} % of T2 in collectives"
+            f"{100 * statistics.median(waiting):.0f} % of T2 in collectives (rank 1: "
+            f"{100 * statistics.median(w[1] for w in waits):.0f} %)"
         )
         c1, c2 = statistics.median(cpus[1]), statistics.median(cpus[2])
         print(
@@ -291,6 +339,17 @@ def main() -> None:
         print(
             f"  of which the main threads (the algorithm; the rest is the collectives' threads): "
             f"one process {m1:.2f}, two together {m2:.2f}: {m1 / m2:.3f}"
+        )
+        p2 = statistics.median(polls)
+        print(
+            f"  main threads outside the collectives (the work, without their polling): one "
+            f"process {m1:.2f}, two together {m2 - p2:.2f}: {m1 / (m2 - p2):.3f}; per step "
+            f"{m1 / steps * 1e3:.1f} ms and {(m2 - p2) / steps * 1e3:.1f} ms"
+        )
+        a2 = statistics.median(aheads)
+        print(
+            f"  of the two processes' work per step, {a2 / steps * 1e3:.1f} ms in the waits of "
+            f"all-reduces (work ahead) and {(m2 - p2 - a2) / steps * 1e3:.1f} ms outside them"
         )
         compute, fixed = c1 / steps, min(max(c2 - c1, 0.0), c1) / steps
         print(

@@ -32,9 +32,12 @@ Two minimal versions: **minimal** calls ``torch.autograd.grad`` (plain autograd)
 without ``torch.autograd.grad``'s Python argument handling, about 45 µs per call), as the
 library's oracles do (:func:`bilevel.autodiff.backward`).
 
-The library is also run with its compiled small-problem path (:mod:`bilevel.compiled`:
-``CompiledNesterov`` and ``Implicit(CompiledCG(...))``, chunks of 10 iterations) on the
-instances of ``--compiled`` (default: (a)).
+The library is also run with its compiled small-problem path (:mod:`bilevel.compiled`) on
+the instances of ``--compiled`` (default: (a)): **program**, ``ProgramNesterov(max_iter=K)``
+and ``ProgramHypergradient(max_iter=M)``, each one program compiled ahead of time by
+AOTInductor with the loop on the device; and on those of ``--chunks`` (default: none)
+**compiled**, ``CompiledNesterov`` and ``Implicit(CompiledCG(...))``, chunks of 10 iterations
+per ``torch.compile`` program.
 
 Times are medians over ``--repeats`` interleaved repeats (library, the minimal versions,
 compiled, JAX in turn, the order rotating; a call of under 50 ms right after an untimed call
@@ -43,7 +46,7 @@ machine: of the calling thread for PyTorch, of the process for JAX, which comput
 threads), one thread per stack by default; the compiled programs and
 JAX compile once before the repeats (compile time + first run printed).
 Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--cases abc]
-[--dtypes float32,float64] [--rows-c 200000] [--compiled a]
+[--dtypes float32,float64] [--rows-c 200000] [--compiled a] [--chunks '']
 """
 
 from __future__ import annotations
@@ -85,10 +88,13 @@ def instance(name: str, dtype: torch.dtype, rows_c: int) -> dict:
     d = x.shape[1]
     theta0 = -2.0
     lip = 0.25 * float(torch.linalg.matrix_norm(x[:n_train], ord=2)) ** 2 / n_train
+    # (b), (c): X column-major for every torch side (one-vector products with X and Xᵀ are
+    # 2-4× faster on it, benchmarks/layout.py); JAX then gets Xᵀ row-major, the same storage
+    col = name != "a"
     inst = {
-        "x_tr": x[:n_train].to(dtype).contiguous(),
+        "x_tr": _stored(x[:n_train].to(dtype), col),
         "y_tr": y[:n_train].to(dtype),
-        "x_va": x[n_train:].to(dtype).contiguous(),
+        "x_va": _stored(x[n_train:].to(dtype), col),
         "y_va": y[n_train:].to(dtype),
         "theta": torch.full((d,), theta0, dtype=dtype),
         "lip": lip + math.exp(theta0),
@@ -98,6 +104,11 @@ def instance(name: str, dtype: torch.dtype, rows_c: int) -> dict:
     inst["leaf"] = theta = inst["theta"].clone().requires_grad_(True)
     inst["problem"] = BilevelProblem(h, f, theta, mu=inst["mu"], lipschitz=inst["lip"])
     return inst
+
+
+def _stored(x: torch.Tensor, column_major: bool) -> torch.Tensor:
+    """x stored column-major (Fortran order) or row-major."""
+    return x.t().contiguous().t() if column_major else x.contiguous()
 
 
 def energies(inst: dict):
@@ -166,6 +177,27 @@ def compiled_functions(inst: dict):
             warn_unconverged=False,
         )
         return est(problem, None, w, lower_tol=math.inf, adjoint_tol=0.0).grad[0]
+
+    return lower, hyper
+
+
+def program_functions(inst: dict, m: int):
+    """The library's whole programs (``ProgramNesterov``, ``ProgramHypergradient``: one
+    AOTInductor program each, the loop on the device), built once per instance."""
+    from bilevel.autodiff import LowerLevel
+    from bilevel.compiled import ProgramHypergradient, ProgramNesterov
+
+    h, f = energies(inst)
+    theta = inst["theta"].clone().requires_grad_(True)
+    problem = BilevelProblem(h, f, theta, mu=inst["mu"], lipschitz=inst["lip"])
+    w0 = torch.zeros(1, theta.shape[0], dtype=theta.dtype)
+    hypergradient = ProgramHypergradient(max_iter=m)
+
+    def lower(k: int) -> torch.Tensor:
+        return ProgramNesterov(max_iter=k).solve(LowerLevel(problem, None), w0, 0.0, inst["mu"]).x
+
+    def hyper(w: torch.Tensor) -> torch.Tensor:
+        return hypergradient(problem, w).grad[0]
 
     return lower, hyper
 
@@ -249,18 +281,22 @@ def jax_functions(inst: dict, k: int, m: int):
         return None
     jax.config.update("jax_enable_x64", True)
     dt = jnp.float64 if inst["x_tr"].dtype == torch.float64 else jnp.float32
-    x_tr, y_tr = jnp.asarray(inst["x_tr"].numpy(), dt), jnp.asarray(inst["y_tr"].numpy(), dt)
-    x_va, y_va = jnp.asarray(inst["x_va"].numpy(), dt), jnp.asarray(inst["y_va"].numpy(), dt)
+    # column-major torch X: XLA gets Xᵀ (row-major d × n) and computes wᵀXᵀ, 1.7-2.9× faster
+    # per gradient on (b) and (c) than X row-major (XLA's arrays are row-major)
+    col = inst["x_tr"].stride(0) == 1 and inst["x_tr"].shape[1] > 1
+    x_tr, x_va = (inst[k].t().numpy() if col else inst[k].numpy() for k in ("x_tr", "x_va"))
+    x_tr, y_tr = jnp.asarray(x_tr, dt), jnp.asarray(inst["y_tr"].numpy(), dt)
+    x_va, y_va = jnp.asarray(x_va, dt), jnp.asarray(inst["y_va"].numpy(), dt)
     theta = jnp.asarray(inst["theta"].numpy(), dt)
     lip, mu = inst["lip"], inst["mu"]
     beta = (math.sqrt(lip) - math.sqrt(mu)) / (math.sqrt(lip) + math.sqrt(mu))
 
     def h(w, th, x, y):
-        z = x @ w
+        z = w @ x if col else x @ w
         return jnp.mean(jax.nn.softplus(z) - y * z) + 0.5 * jnp.sum(jnp.exp(th) * w * w)
 
     def f(w, x, y):
-        z = x @ w
+        z = w @ x if col else x @ w
         return jnp.mean(jax.nn.softplus(z) - y * z)
 
     grad_w = jax.grad(h)
@@ -301,7 +337,7 @@ def jax_functions(inst: dict, k: int, m: int):
 # --- measurement ----------------------------------------------------------------------------
 
 
-ALL = ("library", "minimal", "engine", "compiled", "jax")
+ALL = ("library", "minimal", "engine", "compiled", "program", "jax")
 WARM_BELOW = 0.05
 """Seconds of CPU time below which a timed call is preceded by an untimed one."""
 
@@ -317,7 +353,14 @@ def timed(fn, *args, clock=time.thread_time) -> tuple[float, float]:
 
 
 def measure(
-    name: str, dtype: torch.dtype, k: int, m: int, repeats: int, rows_c: int, compiled: bool
+    name: str,
+    dtype: torch.dtype,
+    k: int,
+    m: int,
+    repeats: int,
+    rows_c: int,
+    compiled: bool,
+    chunks: bool,
 ) -> dict:
     inst = instance(name, dtype, rows_c)
     w_lib, w_min = library_lower(inst, k), minimal_lower(inst, k)
@@ -341,6 +384,24 @@ def measure(
     }
     compile_s = {}
     if compiled:
+        from bilevel.compiled import COMPILE_SECONDS
+
+        p_lower, p_hyper = program_functions(inst, m)
+        before = set(COMPILE_SECONDS)
+        w_p = p_lower(k)
+        compile_s["program lower"] = sum(
+            v for key, v in COMPILE_SECONDS.items() if key not in before
+        )
+        before = set(COMPILE_SECONDS)
+        z_p = p_hyper(w_lib)
+        compile_s["program hyper"] = sum(
+            v for key, v in COMPILE_SECONDS.items() if key not in before
+        )
+        lower_diff["program"] = float((w_p - w_lib).norm() / w_lib.norm())
+        hyper_diff["program"] = float((z_p - z_lib).norm() / z_lib.norm())
+        sides["lower"].append(("program", p_lower, (k,)))
+        sides["hyper"].append(("program", p_hyper, (w_lib,)))
+    if chunks:
         from bilevel.compiled import COMPILE_SECONDS
 
         c_lower, c_hyper = compiled_functions(inst)
@@ -400,7 +461,12 @@ def main() -> None:
     parser.add_argument("--cases", default="abc", help="subset of the instances a, b, c")
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument(
-        "--compiled", default="a", help="instances that also run bilevel.compiled ('' for none)"
+        "--compiled",
+        default="a",
+        help="instances that also run bilevel.compiled's whole programs ('' for none)",
+    )
+    parser.add_argument(
+        "--chunks", default="", help="instances that also run bilevel.compiled's chunk programs"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -420,7 +486,16 @@ def main() -> None:
         k, m = plan[name]
         for dt_name in args.dtypes.split(","):
             dtype = getattr(torch, dt_name)
-            res = measure(name, dtype, k, m, args.repeats, args.rows_c, name in args.compiled)
+            res = measure(
+                name,
+                dtype,
+                k,
+                m,
+                args.repeats,
+                args.rows_c,
+                name in args.compiled,
+                name in args.chunks,
+            )
             med = res["med"]
             for task, label, diff in (
                 ("lower", f"K={k}", res["lower_diff"]),
@@ -440,6 +515,8 @@ def main() -> None:
                         ("library", "jax"),
                         ("compiled", "library"),
                         ("compiled", "jax"),
+                        ("program", "library"),
+                        ("program", "jax"),
                     )
                     if (task, side) in med and (task, other) in med
                 ]

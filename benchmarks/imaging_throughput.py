@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.cache).mkdir(parents=True, exist_ok=True)
         images = [Path(p) for p in args.reconstruct] or [camera_image(Path(args.cache))]
         print(f"torch {torch.__version__}, bilevel reconstruct --model {MODEL} --add-noise")
+        print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         print(
             "\n| image (H×W) | solve s | solve CPU s | gradients | command wall s "
             "| command CPU s | PSNR dB | PSNR − converged dB |\n"
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for image in images:
             print(reconstruct_line(image, args), flush=True)
+        print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         return 0
     repeats = 3 if args.quick else args.repeats
     print(

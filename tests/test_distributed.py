@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bilevel import distributed
+from bilevel import distributed, stochastic
 from bilevel.learning.models import _rows, ridge_model
 from bilevel.methods import ISGD, MAID, TensorSamples
 from bilevel.methods.testing import quadratic_finite_sum
@@ -181,6 +181,15 @@ def _scenarios(rank: int, world: int, port: int, out: str) -> None:
     sid_k0, _ = _sid_run(2, minibatch=False, adjoint_steps=0)
     with _Collectives() as sid_collectives:
         sid_mini, sid_state = _sid_run(3, minibatch=True)
+    maps = (stochastic._Lookahead, stochastic.AdjointMap)
+    working_ahead = [m.__dict__["_meanwhile"] for m in maps]
+    for m in maps:  # nothing in the waits
+        m._meanwhile = lambda self, device: None
+    try:
+        sid_plain, _ = _sid_run(3, minibatch=True)
+    finally:
+        for m, fn in zip(maps, working_ahead):
+            m._meanwhile = fn
     from_one = _isgd(6, run_dir=Path(out) / "one", resume=True)  # a 3-step single-process run
     torch.save(
         {
@@ -192,6 +201,7 @@ def _scenarios(rank: int, world: int, port: int, out: str) -> None:
             "sid_full": sid_full.theta[0],
             "sid_k0_loss": [r["upper_loss"] for r in sid_k0.records],
             "sid_mini": sid_mini.theta[0],
+            "sid_plain": sid_plain.theta[0],
             "sid_seed": sid_state.samplers.lower.seed,
             "from_one": from_one.theta[0],
             "combined": combined,
@@ -305,6 +315,9 @@ def test_sid_ranks_draw_own_streams_and_agree_on_theta(two_ranks):
         ranks[0]["sid_seed"] == sid_state.samplers.lower.seed
     )  # rank 0: the single-process stream
     assert ranks[1]["sid_seed"] != ranks[0]["sid_seed"]
+    # the work done in the all-reduces' waits leaves every rank's iterates bit for bit
+    for r in ranks:
+        assert torch.equal(r["sid_mini"], r["sid_plain"])
     # another estimate of the same hypergradient: close, not equal, to one process's
     assert _close(ranks[0]["sid_mini"], single.theta[0]) < 0.2
 

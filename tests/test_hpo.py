@@ -23,11 +23,13 @@ from bilevel.learning.hpo import (
     SID_MIN_TRAIN,
     box_projection,
     build_model,
+    data_for,
     default_method,
     default_shrinkage,
     hpo_estimator,
     hpo_method,
     load_data,
+    store_for,
 )
 from bilevel.learning.job import (
     TRACKING_WARNING,
@@ -636,6 +638,29 @@ def test_hyperparameter_plot_without_matplotlib_warns(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------------
 # the default method and SID's guard against a rising F
+
+
+def test_features_are_stored_in_the_layout_of_the_method():
+    """Full-batch methods get column-major training and validation features (fast one-vector
+    products), SID row-major training rows (fast minibatch gathers); the values stay."""
+    data = load_data("synthetic:300:7", seed=0)
+    for method, train_column in (("aid-cg", True), ("itd", True), ("sid", False)):
+        laid_out = data_for(data, method)
+        for X, X0, column in (
+            (laid_out.X_train, data.X_train, train_column),
+            (laid_out.X_val, data.X_val, True),
+            (laid_out.X_test, data.X_test, True),
+        ):
+            assert torch.equal(X, X0) and X.t().is_contiguous() == column
+        model = build_model(data, "logistic")
+        hpo_method(model, method)
+        assert model.X_train.t().is_contiguous() == train_column
+        assert model.X_val.t().is_contiguous() and not model.X_val.is_contiguous()
+        assert torch.equal(model.X_train, data.X_train)
+        built = build_model(laid_out, "logistic")
+        X_train = built.X_train
+        store_for(built, method)
+        assert built.X_train is X_train  # already in the method's layout: no copy
 
 
 def test_default_method_is_chosen_by_the_training_set_size(tmp_path, capsys, monkeypatch):

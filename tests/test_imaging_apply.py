@@ -139,3 +139,15 @@ def test_smoothed_start_is_a_normalised_symmetric_gaussian() -> None:
     assert float(out[7, 8]) == pytest.approx(expected)  # one pixel off: e^(-1/2)/Z²
     tiny = torch.rand(1, 1, 2, 3, dtype=torch.float64)  # smaller than the kernel: still works
     assert smoothed_start(tiny).shape == tiny.shape
+
+
+def test_reconstruct_path_imports_no_training_stack():
+    """`bilevel reconstruct --model` starts without the training stack (methods, hypergradients,
+    the job, reports): a fresh interpreter importing the command's module loads none of them."""
+    import subprocess
+    import sys
+
+    heavy = ["bilevel.imaging.job", "bilevel.methods", "bilevel.hypergrad", "matplotlib"]
+    code = f"import sys, bilevel.imaging.apply; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

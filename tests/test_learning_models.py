@@ -403,6 +403,64 @@ def test_sparse_and_dense_agree(sparse_split, kind):
         torch.testing.assert_close(u, v_)
 
 
+@pytest.mark.parametrize("kind", ["ridge", "binary", "multinomial", "hypercleaning"])
+def test_column_major_storage_gives_the_same_results(sparse_split, kind):
+    """store_features re-stores the dense features column-major (the faster layout of
+    full-batch products) without changing any value the model computes: energies, minibatch
+    losses, gradients, Hessian-vector and mixed products, the closed-form sample Hessian and
+    diagonal, and (ridge) the closed-form hypergradient, against the row-major model."""
+    rows, cols = _dense_and_sparse(kind, sparse_split)[0], _dense_and_sparse(kind, sparse_split)[0]
+    cols.store_features()
+    for X_row, X_col in ((rows.X_train, cols.X_train), (rows.X_val, cols.X_val)):
+        assert X_row.is_contiguous() and X_col.t().is_contiguous() and not X_col.is_contiguous()
+        assert torch.equal(X_row, X_col)  # the same matrix, not its transpose's storage
+    w, v = _random_w(rows, 2, seed=5), _random_w(rows, 2, seed=6)
+    idx = torch.tensor([3, 0, 17, 17, 50])
+    close = {"rtol": 1e-12, "atol": 1e-14}
+    for a, b in (
+        (rows.lower_energy(w, rows.theta), cols.lower_energy(w, cols.theta)),
+        (rows.upper_loss(w, rows.theta), cols.upper_loss(w, cols.theta)),
+        (rows.train_loss(w, rows.theta, idx), cols.train_loss(w, cols.theta, idx)),
+        (rows.val_loss(w, None, [1, 2]), cols.val_loss(w, None, [1, 2])),
+        (
+            rows.lower_sample_diagonal(w, rows.theta, idx),
+            cols.lower_sample_diagonal(w, cols.theta, idx),
+        ),
+        (
+            rows.lower_sample_hessian(w, rows.theta).product(v),
+            cols.lower_sample_hessian(w, cols.theta).product(v),
+        ),
+    ):
+        torch.testing.assert_close(a, b, **close)
+    outs = []
+    for model in (rows, cols):
+        x = w.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model.lower_energy(x, model.theta).sum(), x, create_graph=True)
+        hv, jv = torch.autograd.grad((g * v).sum(), (x, model.theta))
+        outs.append((g.detach(), hv, jv))
+    for u, v_ in zip(*outs):
+        torch.testing.assert_close(u, v_, **close)
+    if kind == "ridge":
+        torch.testing.assert_close(rows.hypergradient(), cols.hypergradient(), **close)
+    rows.store_features("column", "row")  # and back: each part as asked
+    assert rows.X_train.t().is_contiguous() and rows.X_val.is_contiguous()
+    cols.store_features("row", "row")
+    assert cols.X_train.is_contiguous() and torch.equal(cols.X_train, rows.X_train)
+
+
+def test_store_features_leaves_sparse_data_and_shared_folds_alone(sparse_split, diabetes):
+    sparse = _dense_and_sparse("binary", sparse_split)[1]
+    X_train, X_val = sparse.X_train, sparse.X_val
+    sparse.store_features()
+    assert sparse.X_train is X_train and sparse.X_val is X_val
+    X, y = diabetes.X_train, diabetes.y_train
+    cv = ridge_model(X, y, X, y, -1.0, criterion=CrossValidation(random_folds(len(y), 3, 0)))
+    cv.store_features()
+    assert cv.X_val is cv.X_train and cv.X_train.t().is_contiguous()
+    with pytest.raises(BilevelError, match="layout must be 'row' or 'column'"):
+        cv.store_features("fortran")
+
+
 def test_sparse_ridge_closed_form(sparse_split):
     dense, sparse = _dense_and_sparse("ridge", sparse_split)
     torch.testing.assert_close(sparse.solution(), dense.solution())

@@ -1093,7 +1093,7 @@ def test_adjoint_full_graph_gives_stage_one_its_anchor(ridge, closed):
 def test_sample_hessian_closed_form_is_exact(kind):
     """lower_sample_hessian's gradient and products equal autograd's first and second
     derivatives of the minibatch energy and of h (index None), in either order of the calls
-    (the first product also yields the gradient)."""
+    (the first product also yields the gradient), and primed (the scores of w first)."""
     gen = torch.Generator().manual_seed(4)
     X = torch.randn(60, 5, generator=gen, dtype=torch.float64)
     theta = torch.linspace(-2.0, 1.0, 5, dtype=torch.float64)
@@ -1133,6 +1133,11 @@ def test_sample_hessian_closed_form_is_exact(kind):
         second = model.lower_sample_hessian(w, model.theta, idx)
         torch.testing.assert_close(second.gradient(), g.detach(), **close)
         torch.testing.assert_close(second.product(v), hv, **close)
+        primed = model.lower_sample_hessian(w, model.theta, idx)
+        primed.prime()  # the scores of w first, products for v alone
+        torch.testing.assert_close(primed.product(u), hu, **close)
+        torch.testing.assert_close(primed.product(v), hv, **close)
+        torch.testing.assert_close(primed.gradient(), g.detach(), **close)
 
 
 def test_training_rows_are_gathered_once_per_index():

@@ -585,7 +585,11 @@ class VarianceReducedFixedPoint:
         for s in range(t):
             if self._anchor is None or self._since_refresh >= refresh:
                 self._take_anchor(x, phi.problem.theta, key)
-            phi.want_ahead(tol is None and s + 1 < t)  # a fixed count: the next draw is due
+            # a fixed count: the next draw is due, and if the next iteration keeps this anchor
+            # its minibatch gradient there can be computed in this iteration's wait
+            ahead = tol is None and s + 1 < t
+            keeps = self._since_refresh + 1 < refresh
+            phi.want_ahead(ahead, (self._anchor, self._anchor_theta) if keeps else None)
             g = self._gradient(phi, x, phi.draw(x.device))
             if tol is not None:
                 residual = eta * _max_norm(g)
@@ -1283,6 +1287,15 @@ class _SampledHessian:
     def __call__(self, v: Tensor) -> Tensor:
         return _combined(self.local(v), self.n)
 
+    def prime(self) -> None:
+        """Compute now what every product shares and no product needs v for: the closed
+        form's ``prime()`` if it has one (:meth:`bilevel.learning.models.SampleHessian.prime`:
+        the scores of w, so that each product passes over the rows for v alone); autograd's
+        gradient graph is built at construction."""
+        prime = getattr(self._closed, "prime", None)
+        if prime is not None:
+            prime()
+
     def local(self, v: Tensor) -> Tensor:
         """This process's product (data parallel: on its share of I), not combined."""
         if self._closed is not None:
@@ -1392,15 +1405,19 @@ class _Counted:
 
 
 class _Lookahead:
-    """The next lower minibatch of a map, drawn while its all-reduce is in flight.
+    """The next lower minibatch of a map, drawn while its all-reduce is in flight, and the
+    next iteration's work that needs that minibatch but not the reduced value.
 
     Data parallel, each inner iteration of SID ends in an all-reduce that waits for the
     slowest process and for the transport. A solver that knows another iteration follows
     (a fixed iteration count, :meth:`want_ahead`) lets the map draw that iteration's
-    minibatch, and have the finite sum prepare it (``FiniteSum.prepare``: gather its rows),
-    in that wait instead of after it. The draws come from the same stream in the same order
-    (nothing else draws from it in between), so the iterates are those without the
-    lookahead, bit for bit, for one process and for several alike.
+    minibatch, have the finite sum prepare it (``FiniteSum.prepare``: gather its rows), and
+    do the work of the next call that depends only on that minibatch and on points known now
+    (:meth:`_work_ahead`: the SVRG anchor's minibatch gradient, the Hessian of the adjoint
+    map's fixed point w, a sampled right-hand side), in that wait instead of after it. The
+    draws come from the same stream in the same order (nothing else draws from it in between),
+    and the work ahead is the same arithmetic as the work it replaces, so the iterates are
+    those without the lookahead, bit for bit, for one process and for several alike.
     """
 
     sampler: MinibatchSampler
@@ -1424,10 +1441,12 @@ class _Lookahead:
         return self.sampler.draw(self.n, self.batch_size, device=device)
 
     def _meanwhile(self, device: torch.device) -> Callable[[], None] | None:
-        """The work for the wait of this call's all-reduce: the next draw, if wanted."""
+        """The work for the wait of this call's all-reduce: the next draw and the work on it
+        (:meth:`_work_ahead`), if wanted."""
         if not self._want:
             return None
         self._want = False
+        work = self._work_ahead()
 
         def draw_next() -> None:
             idx = self.sampler.draw(self.n, self.batch_size, device=device)
@@ -1435,8 +1454,15 @@ class _Lookahead:
             if prepare is not None:
                 prepare(idx)
             self._ahead = idx
+            if work is not None:
+                work(idx)
 
         return draw_next
+
+    def _work_ahead(self) -> Callable[[Tensor], None] | None:
+        """The next call's work on its minibatch that does not need this call's reduced
+        value, decided now (none by default)."""
+        return None
 
 
 class LowerMap(_Lookahead):
@@ -1471,6 +1497,36 @@ class LowerMap(_Lookahead):
             _Curvature(problem, diagonal, cost, closed) if curvature is None else curvature
         )
         self._init_lookahead()
+        self._anchor_ahead: tuple[Tensor, Any] | None = None
+        self._gradient_ahead: tuple[Tensor, Tensor, Any, int, Tensor] | None = None
+
+    def want_ahead(self, wanted: bool, anchor: tuple[Tensor, Any] | None = None) -> None:
+        """As :meth:`_Lookahead.want_ahead`; ``anchor`` (x̃, θ̃), when the next iteration
+        needs ∇_w ĥ(x̃, θ̃; I) on its minibatch I (an SVRG anchor it keeps): computed in the
+        wait too, on this process's rows, and used by :meth:`gradients`."""
+        super().want_ahead(wanted)
+        self._anchor_ahead = anchor if wanted else None
+
+    def _work_ahead(self) -> Callable[[Tensor], None] | None:
+        anchor, self._anchor_ahead = self._anchor_ahead, None
+        if anchor is None:
+            return None
+        w, theta = anchor
+
+        def anchor_gradient(idx: Tensor) -> None:
+            g = self._local_gradient(w, idx, theta)
+            self._gradient_ahead = (idx, w, theta, w._version, g)
+
+        return anchor_gradient
+
+    def _local_gradient_at(self, w: Tensor, idx: Tensor, theta: Any) -> Tensor:
+        """:meth:`_local_gradient`, or the one computed ahead for this minibatch and point."""
+        ahead = self._gradient_ahead
+        if ahead is not None and ahead[0] is idx and ahead[1] is w and ahead[2] is theta:
+            self._gradient_ahead = None
+            if ahead[3] == w._version:
+                return ahead[4]
+        return self._local_gradient(w, idx, theta)
 
     def gradient(self, w: Tensor, index: Tensor | None = None, theta: Any = None) -> Tensor:
         """∇_w ĥ(w, θ; I) on the minibatch ``index`` (default: a fresh one), shape of w
@@ -1484,7 +1540,8 @@ class LowerMap(_Lookahead):
         """∇_w ĥ(w, θ; I) at every (w, θ) of ``points`` (θ None: the problem's) on the one
         minibatch ``index``, then, if ``full`` is a point, ∇_w h there on all N samples; as
         :meth:`gradient` and :meth:`full_gradient`, but data parallel in one all-reduce."""
-        local = [self._local_gradient(w, index, theta) for w, theta in points]
+        local = [self._local_gradient_at(w, index, theta) for w, theta in points]
+        self._gradient_ahead = None  # one not used here is stale
         if full is not None:
             local.append(self._local_full_gradient(*full))
         meanwhile = self._meanwhile(index.device)
@@ -1579,6 +1636,41 @@ class AdjointMap(_Lookahead):
         if upper_batch is None and exact_rhs is None:
             raise BilevelError("AdjointMap needs upper_batch or the exact right-hand side")
         self._init_lookahead()
+        self._hessian_ahead: tuple[Tensor, _SampledHessian] | None = None
+        self._rhs_ahead: tuple[Tensor, int] | None = None
+        #: work for the wait of the first all-reduce that has nothing else to do (none drawn
+        #: ahead: a fixed count's last iteration, or any iteration of an adaptive solver),
+        #: run once; SID's stage 3 terms that do not need v (:class:`_FinalTerms`)
+        self.after: Callable[[], None] | None = None
+
+    def _meanwhile(self, device: torch.device) -> Callable[[], None] | None:
+        work = super()._meanwhile(device)
+        if work is not None or self.after is None:
+            return work
+        after, self.after = self.after, None
+        return after
+
+    def _work_ahead(self) -> Callable[[Tensor], None]:
+        """The Hessian at the map's point on the next minibatch (primed) and,
+        with upper minibatches, the next sampled right-hand side, drawn after that minibatch
+        as the next call would draw it: neither needs the current iterate."""
+
+        def hessian_and_rhs(idx: Tensor) -> None:
+            self._hessian_ahead = (idx, self._hessian(idx, self.w, self.problem.theta))
+            if self.upper_batch is not None:
+                self._rhs_ahead = self._local_rhs()
+
+        return hessian_and_rhs
+
+    def _hessian(self, idx: Tensor, w: Tensor, theta: Any) -> _SampledHessian:
+        """Ĥ(w, θ; I) on this process's rows; at the map's own point primed
+        (:meth:`_SampledHessian.prime`), ahead (:meth:`_work_ahead`) or not, so that the
+        part of its products that does not depend on v can be computed in an all-reduce's
+        wait, with the same arithmetic either way."""
+        hessian = _SampledHessian(self.problem, w, theta, idx, self.closed)
+        if w is self.w and theta is self.problem.theta:
+            hessian.prime()
+        return hessian
 
     @property
     def exact_rhs(self) -> Tensor | None:
@@ -1602,6 +1694,7 @@ class AdjointMap(_Lookahead):
         the right-hand side, as :meth:`matvec` and :meth:`rhs` give them, but data parallel
         in one all-reduce."""
         local = [self._local_matvec(v, index, w, theta) for v, w, theta in vectors]
+        self._hessian_ahead = None  # one not used here is stale
         parts: list[tuple[Tensor, int | None]] = [(hv, self.n) for hv in local]
         rhs = self._local_rhs()
         if rhs is not None:
@@ -1620,7 +1713,11 @@ class AdjointMap(_Lookahead):
         w = self.w if w is None else w
         theta = self.problem.theta if theta is None else theta
         self.cost.hvps += w.shape[0] * idx.numel() / self.n
-        return _SampledHessian(self.problem, w, theta, idx, self.closed).local(v)
+        ahead = self._hessian_ahead
+        if ahead is not None and ahead[0] is idx and w is self.w and theta is self.problem.theta:
+            self._hessian_ahead = None
+            return ahead[1].local(v)
+        return self._hessian(idx, w, theta).local(v)
 
     def hessian(self, index: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """v ↦ Ĥ(w, θ; I) v at the map's point and the problem's θ on the minibatch ``index``
@@ -1648,6 +1745,9 @@ class AdjointMap(_Lookahead):
         right-hand side is the exact ∇_w f."""
         if self.upper_batch is None:
             return None
+        ahead, self._rhs_ahead = self._rhs_ahead, None
+        if ahead is not None:  # drawn and computed in the last all-reduce's wait
+            return ahead
         w = self.w
         n_up = int(self.problem.finite_sum.n_upper)
         idx = self.sampler.draw(n_up, self.upper_batch, device=w.device)
@@ -1661,6 +1761,55 @@ class AdjointMap(_Lookahead):
     def __call__(self, v: Tensor) -> Tensor:
         (hv,), rhs = self.products(self.draw(v.device), [(v, None, None)])
         return v - self.step * hv + rhs
+
+
+class _FinalTerms:
+    """The terms of SID's stage 3 that do not need the adjoint v: its J lower minibatches
+    (drawn from the final stream) with the gradient graph g = ∇_w ĥ(w, θ; I) whose
+    derivative against θ in the direction v is Ĵᵀ v, and with upper minibatches the upper
+    terms f̂, ∇_θ f̂ (drawn next). Computed once (:meth:`__call__`): in the wait of a stage-2
+    all-reduce with nothing else to do (:attr:`AdjointMap.after`), else at stage 3; the same
+    operations and draws either way, as nothing else draws from the final stream."""
+
+    def __init__(
+        self,
+        problem: BilevelProblem,
+        sampler: MinibatchSampler,
+        w: Tensor,
+        batch: int,
+        count: int,
+        upper_batch: int | None,
+    ) -> None:
+        self.problem, self.sampler, self.w = problem, sampler, w
+        self.batch, self.count, self.upper_batch = batch, count, upper_batch
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        problem, w, n_inst = self.problem, self.w, self.w.shape[0]
+        n = int(problem.finite_sum.n_lower)
+        self.idx = self.sampler.draw(n, self.batch, count=self.count, device=w.device)
+        with torch.enable_grad():
+            wr = w.detach().requires_grad_(True)
+            e = problem.finite_sum.lower_energy(wr, problem.theta, self.idx)
+            e = _checked_values("finite_sum.lower_energy", e, n_inst)
+            (self.g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
+        if self.upper_batch is not None:
+            n_up = int(problem.finite_sum.n_upper)
+            idx_up = self.sampler.draw(n_up, self.upper_batch, count=self.count, device=w.device)
+            params = problem.params
+            with torch.enable_grad():
+                up = problem.finite_sum.upper_loss(w, problem.theta, idx_up)
+                up = _checked_values("finite_sum.upper_loss", up, n_inst)
+                gt = (
+                    torch.autograd.grad(up.mean(), params, allow_unused=True)
+                    if up.requires_grad
+                    else [None] * len(params)
+                )
+            self.upper_grad = [torch.zeros_like(p) if t is None else t for p, t in zip(params, gt)]
+            self.upper_losses = up.detach()
+        self.done = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2102,6 +2251,10 @@ class SID(HypergradientEstimator):
             curvature,
         )
         v0 = torch.zeros_like(w) if adjoint0 is None else adjoint0.detach().to(w) / eta
+        J = self.final_minibatches
+        b3 = n if self.final_batch is None else self.final_batch
+        final = _FinalTerms(problem, samplers.final, w, b3, J, self.upper_batch)
+        psi.after = final  # stage 3's terms without v, in a free wait of stage 2
         lin = self._stage(
             "stage 2 (adjoint)",
             state.linear_solver,
@@ -2121,30 +2274,16 @@ class SID(HypergradientEstimator):
             share(phi, *shared)
 
         # stage 3: ĝ = ∇_λ Ê − η Ĵᵀ v, averaged over J minibatches
-        J = self.final_minibatches
-        b3 = n if self.final_batch is None else self.final_batch
-        idx = samplers.final.draw(n, b3, count=J, device=w.device)
+        psi.after = None
+        final()  # its terms without v, unless a wait of stage 2 computed them
         with torch.enable_grad():
-            wr = w.detach().requires_grad_(True)
-            e = problem.finite_sum.lower_energy(wr, problem.theta, idx)
-            e = _checked_values("finite_sum.lower_energy", e, n_inst)
-            (g,) = torch.autograd.grad(e.sum(), wr, create_graph=True)
-            jtv = torch.autograd.grad(g, params, v, allow_unused=True)
-        cost.vjps += n_inst * idx.numel() / n
+            jtv = torch.autograd.grad(final.g, params, v, allow_unused=True)
+        cost.vjps += n_inst * final.idx.numel() / n
         # data parallel, one all-reduce: the products, the upper terms, the oracle calls
         parts: list[tuple[Tensor, int | None]] = [(j, n) for j in jtv if j is not None]
         if self.upper_batch is not None:
-            idx_up = samplers.final.draw(n_up, self.upper_batch, count=J, device=w.device)
-            with torch.enable_grad():
-                up = problem.finite_sum.upper_loss(w, problem.theta, idx_up)
-                up = _checked_values("finite_sum.upper_loss", up, n_inst)
-                gt = (
-                    torch.autograd.grad(up.mean(), params, allow_unused=True)
-                    if up.requires_grad
-                    else [None] * len(params)
-                )
-            parts += [(torch.zeros_like(p) if t is None else t, n_up) for p, t in zip(params, gt)]
-            parts.append((up.detach(), n_up))
+            parts += [(t, n_up) for t in final.upper_grad]
+            parts.append((final.upper_losses, n_up))
         if shard is not None:  # oracle calls of every process
             spent = [cost.grad_evals - counted[0], cost.hvps - counted[1], cost.vjps - counted[2]]
             parts.append((torch.tensor(spent, dtype=torch.float64), None))

@@ -39,13 +39,6 @@ from torch import Tensor
 from bilevel.config import config_from_dict
 from bilevel.imaging.config import TASKS, ImagingConfig, ReconstructConfig, job_config
 from bilevel.imaging.data import load_image, save_image
-from bilevel.imaging.job import (
-    FINAL_MODEL_FILE,
-    MODEL_FILE,
-    make_operator,
-    make_regulariser,
-    read_job_record,
-)
 from bilevel.imaging.metrics import SSIM_WINDOW, psnr, ssim
 from bilevel.imaging.operators import Identity, InpaintingMask, LinearOperator
 from bilevel.imaging.pretrained_models import model_info, pretrained
@@ -53,8 +46,7 @@ from bilevel.imaging.regularisers import Regulariser
 from bilevel.imaging.ridge import retain_freed_memory
 from bilevel.imaging.tasks import reconstruct, reconstruction_problem
 from bilevel.problem import BilevelError, BilevelProblem
-from bilevel.runs import dumps_json, read_json
-from bilevel.runs.rundir import RESULT_NAME
+from bilevel.runs.rundir import RESULT_NAME, dumps_json, read_json
 
 
 def _check_finished(run_dir: Path) -> None:
@@ -84,6 +76,13 @@ def load_learned(run_dir: str | Path, final: bool = False) -> tuple[Regulariser,
         BilevelError: no finished run in ``run_dir`` (missing, interrupted or still running),
             damaged files, or files that do not fit each other.
     """
+    from bilevel.imaging.job import (  # the training stack: not needed for --model
+        FINAL_MODEL_FILE,
+        MODEL_FILE,
+        make_regulariser,
+        read_job_record,
+    )
+
     run_dir = Path(run_dir)
     name = FINAL_MODEL_FILE if final else MODEL_FILE
     job_file, model_file = run_dir / "job.json", run_dir / name
@@ -137,7 +136,12 @@ def learned_problem(
     if operator is None:
         if config.job == "inpaint":
             raise BilevelError("an inpainting model needs the mask of each image (--mask FILE)")
-        operator, gamma = make_operator(config, dtype)
+        if config.job == "denoise":  # make_operator's (A, γ) without the training stack
+            operator, gamma = Identity(), 0.0
+        else:
+            from bilevel.imaging.job import make_operator
+
+            operator, gamma = make_operator(config, dtype)
     else:
         gamma = float(getattr(config, "gamma", 0.0))
     return reconstruction_problem(regulariser, operator.to(dtype=dtype), gamma=gamma)

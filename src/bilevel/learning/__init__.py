@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         (
             "SplitData",
+            "column_major",
             "encode_labels",
             "from_scipy",
             "is_sparse",

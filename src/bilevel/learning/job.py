@@ -37,10 +37,12 @@ from bilevel.learning.hpo import (
     DEFAULT_THETA_RANGE,
     box_projection,
     build_model,
+    data_for,
     default_method,
     default_shrinkage,
     hpo_method,
     load_data,
+    store_for,
 )
 from bilevel.learning.models import FiniteSumModel, HypercleaningModel
 from bilevel.learning.report import (
@@ -278,6 +280,7 @@ def run(
         say(f"method: {method} ({data.n_train} training samples; {DEFAULT_METHOD_RULE})")
     if config.cv is not None and method == "sid":
         raise BilevelError("--cv needs --method aid-cg or itd (SID samples one training set)")
+    data = data_for(data, method)  # the method's layout of the features, copied once
     indexing = config.svmlight_indexing
     if "zero_based" in read_info:
         base = "zero" if read_info["zero_based"] else "one"
@@ -369,6 +372,7 @@ def _train(
         seed=config.seed,
         cv=config.cv,
     )
+    store_for(model, config.method)  # a copy only of cross validation's stacked rows
     evaluator = LowerEvaluator(model, data.X_test, data.y_test)  # clean test labels
     evaluate, eval_every = _evaluation(config, budget, _once(evaluator))
     evaluate = _with_bound_note(evaluate, config.method)

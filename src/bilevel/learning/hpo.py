@@ -507,6 +507,13 @@ def gradient_scale(model: FiniteSumModel) -> float:
     return max(float(g.reshape(len(g), -1).norm(dim=1).max()), 1e-12)
 
 
+def _train_layout(method: str) -> str:
+    """The storage of the dense training features that makes ``method`` fastest: ``"row"``
+    for ``sid`` (it gathers minibatch rows), ``"column"`` for the full-batch products of the
+    others (``benchmarks/layout.py``)."""
+    return "row" if method == "sid" else "column"
+
+
 def store_for(model: FiniteSumModel, method: str) -> None:
     """Store the model's dense features in the layout that makes ``method`` fastest
     (:meth:`~bilevel.learning.models.FiniteSumModel.store_features`): column-major for the
@@ -516,7 +523,7 @@ def store_for(model: FiniteSumModel, method: str) -> None:
     No copy where the features are stored so already (:func:`data_for`). Measured on CPU:
     features on another device stay as they are."""
     if model.device.type == "cpu":
-        model.store_features(train="row" if method == "sid" else "column", val="column")
+        model.store_features(train=_train_layout(method), val="column")
 
 
 def data_for(data: SplitData, method: str) -> SplitData:
@@ -526,7 +533,7 @@ def data_for(data: SplitData, method: str) -> SplitData:
         return data
     return dataclasses.replace(
         data,
-        X_train=column_major(data.X_train, method != "sid"),
+        X_train=column_major(data.X_train, _train_layout(method) == "column"),
         X_val=column_major(data.X_val),
         X_test=column_major(data.X_test),
     )

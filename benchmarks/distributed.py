@@ -8,6 +8,10 @@ upper-level steps of
 * SID (``bilevel hpo --method sid``): logistic regression on a synthetic set of
   ``--sid-samples`` rows (default 10⁶) split into blocks, fixed t = k = ``--inner-steps``,
   minibatches of ``--sid-batch`` rows per inner iteration, SVRG anchors every ⌈N/b⌉ iterations;
+* ``floor`` (not run by default): SID's synchronisation pattern without SID, a minimal program
+  of ``--floor-syncs`` dependent all-reduces per step with ``--floor-ms`` of one process's
+  compute between two of them, part of it done in the waits (``--floor-ahead``): the
+  efficiency this machine's collectives leave to any program that synchronises that often;
 
 and reports the efficiency T₁ / (N·T_N) (medians of interleaved repeats, and the fastest
 runs). Each process counts its collectives (messages and bytes all-reduced per step), and an
@@ -41,6 +45,7 @@ slower than two together at 100 features.
     OMP_NUM_THREADS=1 python benchmarks/distributed.py --quick    # small, for a smoke test
     OMP_NUM_THREADS=1 python benchmarks/distributed.py --cases sid --features 100
     OMP_NUM_THREADS=1 python benchmarks/distributed.py --bind     # one core per process
+    OMP_NUM_THREADS=1 python benchmarks/distributed.py --cases sid,floor   # SID and its floor
 """
 
 from __future__ import annotations
@@ -161,6 +166,55 @@ def _sid(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     return method, model.problem, lower_instances(model)
 
 
+class _Floor:
+    """The floor of SID's pattern on this machine: a minimal program with no algorithm, only
+    its synchronisations. Per step ``floor_syncs`` dependent all-reduces of 16 numbers through
+    :meth:`bilevel.distributed.Shard.sum_all` (the library's collective, polling included);
+    between two of them one process computes ``floor_units`` 96 × 96 float64 matrix products
+    (cache-resident, so no memory effects), a rank its 1/N share, of which the fraction
+    ``floor_ahead`` of the next iteration's share runs while the all-reduce is in flight, as
+    SID's work ahead does. Its efficiency is what the synchronisations alone leave of
+    perfect scaling."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.syncs, self.ahead = cfg["floor_syncs"], cfg["floor_ahead"]
+        self.units = cfg["floor_units"]
+        self.a = torch.randn(
+            96, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+        )
+
+    def _work(self, units: int) -> None:
+        for _ in range(units):
+            torch.mm(self.a, self.a)
+
+    def run(self, problem: Any, samples: Any, opts: dict[str, Any], **_: Any) -> None:
+        shard = distributed.current()
+        share = self.units // (shard.world if shard is not None else 1)
+        ahead = round(self.ahead * share) if shard is not None else 0
+        buf, done = torch.zeros(16, dtype=torch.float64), 0
+        for _ in range(opts["steps"] * self.syncs):
+            self._work(share - done)
+            if shard is None:
+                continue
+            shard.sum_all([buf], lambda: self._work(ahead))
+            done = ahead
+
+
+def _floor(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
+    return _Floor(cfg), None, None
+
+
+def calibrate_units(ms: float) -> int:
+    """Number of 96 × 96 float64 matrix products that take ``ms`` milliseconds here."""
+    a = torch.randn(96, 96, dtype=torch.float64)
+    for _ in range(500):
+        torch.mm(a, a)
+    start, reps = time.perf_counter(), 3000
+    for _ in range(reps):
+        torch.mm(a, a)
+    return max(2, round(ms * 1e-3 * reps / (time.perf_counter() - start)))
+
+
 def _bind(rank: int) -> None:
     """Bind this process (its threads to come, gloo's included) to core ``rank`` mod the
     cores it may use."""
@@ -178,7 +232,7 @@ def _worker(rank: int, world: int, port: int, case: str, cfg: dict[str, Any], ou
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
         )
         distributed.init_from_env(backend="gloo")
-    build = _foe if case == "foe" else _sid
+    build = {"foe": _foe, "sid": _sid, "floor": _floor}[case]
     method, problem, samples = build(cfg)  # one untimed step: lazy imports, first calls
     method.run(problem, samples, {"steps": 1}, progress=False, plot=False)
     method, problem, samples = build(cfg)
@@ -285,6 +339,21 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=10)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument(
+        "--floor-ms",
+        type=float,
+        default=11.4,
+        help="floor case: one process's compute between two all-reduces (ms; SID's C / M)",
+    )
+    parser.add_argument(
+        "--floor-syncs", type=int, default=23, help="floor case: all-reduces per step"
+    )
+    parser.add_argument(
+        "--floor-ahead",
+        type=float,
+        default=0.67,
+        help="floor case: fraction of a rank's work done while an all-reduce is in flight",
+    )
+    parser.add_argument(
         "--bind",
         action="store_true",
         help="bind each process to its own core (rank r to core r; one process to core 0)",
@@ -293,6 +362,8 @@ def main() -> None:
     cfg = {k: v for k, v in vars(args).items() if k not in ("quick", "repeats", "cases")}
     if args.quick:
         cfg.update(foe_batch=8, crop=16, sid_samples=20_000, sid_batch=2_000, steps=2)
+    torch.set_num_threads(1)
+    cfg["floor_units"] = calibrate_units(args.floor_ms)  # the same work for T₁ and T₂
     for case in args.cases.split(","):
         load_before = os.getloadavg()
         times: dict[int, list[float]] = {1: [], 2: []}

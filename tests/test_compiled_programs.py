@@ -144,6 +144,41 @@ def test_hypergradient_program_equals_implicit_cg(reg) -> None:
     assert got.iterations.tolist() == ref.linear.iterations.tolist() == [6, 6, 6]
 
 
+def test_hessian_product_split_computes_the_forward_pass_once() -> None:
+    """The Hessian-vector product of a linear model split at its loop-invariant part: the
+    part inside the loop has two products with X (Xv and Xᵀ(s ⊙ Xv)), not the forward
+    pass's Xx as well (computed once, outside), and the split gives the unsplit graph's
+    products and the autograd Hessian's."""
+    problem, labels, x0, _ = logistic(seed=11)
+    x = solve(Nesterov(max_iter=50), problem, labels, x0, 0.0, 0.3).x
+    theta = [t.detach() for t in problem.theta]
+
+    def h(u, ps, ls):
+        return problem.lower_energy(u, ps, ls[0]).sum()
+
+    grad_h = torch.func.grad(h)
+
+    def hvp(u, ps, ls, v):
+        return torch.func.vjp(lambda w: grad_h(w, ps, ls), u)[1](v)[0]
+
+    graph = compiled._trace(hvp, x, theta, [labels], x)
+    at_point, product = compiled._hoist(graph)
+
+    def products(gm) -> int:
+        return sum(n.target is torch.ops.aten.mm.default for n in gm.graph.nodes)
+
+    assert products(at_point) == 1 and products(product) == 2  # Xx; Xv and Xᵀ(s ⊙ Xv)
+    fixed = at_point(x, *theta, labels)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    got = product(*fixed, v)[0]
+    assert torch.allclose(got, graph(x, theta, [labels], v), rtol=1e-12, atol=1e-15)
+    hess = torch.autograd.functional.hessian(  # (B, d, B, d); the instances are independent
+        lambda w: problem.lower_energy(w, problem.theta, labels).sum(), x
+    )
+    want = torch.einsum("idje,je->id", hess, v)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
 def test_hypergradient_program_stops_in_the_underflow_range() -> None:
     """Many iterations on d = 7: CG reaches the underflow range and stops there, as CG does."""
     problem, batch, x0, _ = logistic(seed=5)

@@ -606,6 +606,54 @@ def _trace(fn: Callable, *example: object) -> torch.fx.GraphModule:
     return make_fx(fn)(*copies)
 
 
+def _hoist(gm: torch.fx.GraphModule, varying: int = 1) -> tuple[Callable, Callable]:
+    """Split a traced graph whose last ``varying`` inputs change inside a loop and whose other
+    inputs do not (a Hessian-vector product v ↦ ∇²h(x) v at a fixed x) into
+    (``fixed(*inputs)`` → the loop-invariant intermediates, ``apply(*intermediates, *varying)``
+    → the graph's outputs, flattened). A node is computed once by ``fixed`` when it depends
+    on no varying input and on some input (the energy's forward pass at x: for a linear
+    model the product Xx and the loss's curvature at Xx); nodes of the constants alone
+    (views of the data) are repeated in ``apply``, so that no view of a constant crosses
+    into the loop. Neither ``torch.export`` nor inductor moves invariant work out of a
+    ``while_loop``'s body: without the split every CG iteration would repeat the forward
+    pass (one more product with X per iteration)."""
+    nodes = list(gm.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    moving = set(inputs[len(inputs) - varying :])
+    rooted = set(inputs) - moving  # depends on a fixed input
+    for node in nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if any(a in moving for a in node.all_input_nodes):
+            moving.add(node)
+        elif any(a in rooted for a in node.all_input_nodes):
+            rooted.add(node)
+    output = nodes[-1]
+    needed = {a for n in nodes if n in moving or n is output for a in n.all_input_nodes}
+    boundary = [n for n in nodes if n in rooted and n not in moving and n in needed]
+
+    first, env = torch.fx.Graph(), {}
+    for node in nodes:
+        if node.op != "output" and node not in moving:
+            env[node] = first.node_copy(node, env.__getitem__)
+    first.output(tuple(env[n] for n in boundary))
+    second, env2 = torch.fx.Graph(), {}
+    for node in boundary:
+        env2[node] = second.placeholder(node.name)
+    for node in nodes:
+        if node in env2:
+            continue
+        if node.op == "output":
+            second.output(torch.fx.node.map_arg(node.args[0], env2.__getitem__))
+        elif node in moving or node not in rooted:
+            env2[node] = second.node_copy(node, env2.__getitem__)
+    fixed, apply = torch.fx.GraphModule(gm, first), torch.fx.GraphModule(gm, second)
+    for part in (fixed, apply):
+        part.graph.eliminate_dead_code()
+        part.recompile()
+    return fixed, apply
+
+
 def _loop(cond: Callable, body: Callable, carry: tuple, exported: bool) -> tuple:
     """``while cond(*carry): carry = body(*carry)``: a ``while_loop`` operator inside an
     exported program (one loop on the device, not unrolled), a Python loop eagerly."""
@@ -884,7 +932,8 @@ class _HyperProgram(torch.nn.Module):
 
     def __init__(self, upper, hvp, cross, reg, max_iter, exported) -> None:
         super().__init__()
-        self.upper, self.hvp, self.cross, self.reg = upper, hvp, cross, reg
+        self.upper, self.cross, self.reg = upper, cross, reg
+        self.at_point, self.product = _hoist(hvp)  # the forward pass at x once, not per product
         self.max_iter, self.exported = max_iter, exported
 
     def forward(self, x, params, leaves):
@@ -900,8 +949,10 @@ class _HyperProgram(torch.nn.Module):
         iters = torch.zeros_like(rr, dtype=torch.long)
         bad = torch.zeros((), dtype=torch.bool, device=x.device)
 
+        at_x = self.at_point(x, *params, *leaves)
+
         def hvp(v: Tensor) -> Tensor:
-            return self.hvp(x, params, leaves, v)
+            return self.product(*at_x, v)[0]
 
         def cond(i, q, r, p, rr, active, iters, bad):
             return (i < self.max_iter) & active.any()

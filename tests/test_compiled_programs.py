@@ -99,6 +99,30 @@ def test_lower_program_stops_each_instance_at_its_tolerance() -> None:
     assert got.grad_evals == 3 * (1 + 4 * math.ceil(last / 4))
 
 
+def test_lower_program_at_a_start_that_meets_the_tolerance() -> None:
+    """The start's gradient is the program's first evaluation: a start that meets every
+    tolerance is returned as a copy after that one evaluation (Nesterov's report), one that
+    meets some stops those instances there; ``max_iter=0`` gives Nesterov's report."""
+    problem, batch, x0, _ = logistic(seed=12)
+    x = solve(Nesterov(max_iter=300), problem, batch, x0, 1e-9, 0.3).x
+    for solver in (ProgramNesterov(50, compile=False), ProgramNesterov(0, compile=False)):
+        ref = solve(Nesterov(max_iter=solver.max_iter), problem, batch, x, 1e-6, 0.3)
+        got = solve(solver, problem, batch, x, 1e-6, 0.3)
+        assert torch.equal(got.x, x) and got.x.data_ptr() != x.data_ptr()
+        assert got.iterations.tolist() == ref.iterations.tolist() == [0, 0, 0]
+        assert got.grad_evals == ref.grad_evals == 3
+        assert torch.allclose(got.grad_norm, ref.grad_norm, rtol=1e-12)
+        assert torch.allclose(got.energy, ref.energy, rtol=1e-13)
+    start = x.clone()
+    start[1] = 0.0  # instance 1 starts far from its solution
+    tol = torch.tensor([1e-6, 1e-6, 1e-6], dtype=F64)
+    ref = solve(CompiledNesterov(50, chunk=1, compile=False), problem, batch, start, tol, 0.3)
+    got = solve(ProgramNesterov(50, compile=False), problem, batch, start, tol, 0.3)
+    assert got.iterations.tolist() == ref.iterations.tolist()
+    assert got.iterations[0] == got.iterations[2] == 0 < got.iterations[1]
+    assert torch.allclose(got.x, ref.x, rtol=1e-12, atol=1e-15)
+
+
 def test_lower_program_raises_on_divergence() -> None:
     problem, batch, x0, _ = logistic(seed=2)
     with pytest.raises(NonFiniteError):

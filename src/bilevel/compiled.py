@@ -772,16 +772,18 @@ class _LowerProgram(torch.nn.Module):
     after every step) or ``max_iter`` steps; an instance that stops is frozen. Each pass of
     the loop runs ``unroll`` steps (a step past ``max_iter`` changes nothing). The loop
     carries only what the steps need (each carried tensor is a fresh buffer per pass): the
-    energy at the end is one forward evaluation, a non-finite gradient is found in the last
-    one (an instance whose gradient is NaN stops, and keeps it)."""
+    gradient at the start and the energy at the end are evaluated in the program (one
+    gradient, one forward evaluation), a non-finite gradient is found in the last one (an
+    instance whose gradient is NaN stops, and keeps it)."""
 
     def __init__(self, oracle, energy, max_iter, unroll, restart, fista, exported) -> None:
         super().__init__()
         self.oracle, self.energy, self.max_iter, self.unroll = oracle, energy, max_iter, unroll
         self.restart, self.fista, self.exported = restart, fista, exported
 
-    def forward(self, y, g, t, neg_step, momentum, tol, params, leaves):
+    def forward(self, y, t, neg_step, momentum, tol, params, leaves):
         params, leaves = list(params), list(leaves)
+        _, g = self.oracle(y, params, leaves)
         gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
         active = gnorm > tol
         iters = torch.zeros_like(gnorm, dtype=torch.long)
@@ -804,7 +806,7 @@ class _LowerProgram(torch.nn.Module):
                 active = active & (~run | (gnorm > tol))  # NaN > tol is false: NaN stops
             return (i, passes + 1, y, x_prev, g, active, iters, *((t,) if self.fista else ()))
 
-        start = (zero, zero.clone(), y, y.clone(), g, active, iters)
+        start = (zero, zero.clone(), y.clone(), y.clone(), g, active, iters)  # not x0 itself
         start += (t,) if self.fista else ()
         i, passes, y, _, g, _, iters, *_ = _loop(cond, body, start, self.exported)
         gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
@@ -822,10 +824,13 @@ class ProgramNesterov:
     those of ``Nesterov(lipschitz=L)``; the stopping test ‖∇ₓh_i(y_i)‖ ≤ tol_i runs on the
     device after every step (an instance that meets it is frozen, and still evaluated; the
     solve ends when all have stopped or after ``max_iter`` steps), so the host reads the
-    result once. No stall test. Each pass of the loop runs ``unroll`` steps (fewer buffers
-    per step; a step past ``max_iter`` in the last pass changes nothing but is counted in
-    ``grad_evals``). The program (the energy's gradient by ``torch.func``, traced to ATen
-    operations, inside a ``while_loop``) is exported and compiled ahead of time by
+    result once; the gradient at x0 is the program's first evaluation (an x0 that meets the
+    tolerance is returned, as a copy, with no step; ``max_iter=0`` returns x0's report
+    eagerly, as ``Nesterov`` does, with its graph kept for the Hessian). No stall test.
+    Each pass of the loop runs ``unroll`` steps (fewer buffers per step; a step past
+    ``max_iter`` in the last pass changes nothing but is counted in ``grad_evals``). The
+    program (the energy's gradient by ``torch.func``, traced to ATen operations, inside a
+    ``while_loop``) is exported and compiled ahead of time by
     AOTInductor into one C++ function per (energy, ``max_iter``, ``unroll``, shapes, dtypes,
     θ's tensors without gradients): the first
     solve compiles it (tens of seconds, recorded in :data:`COMPILE_SECONDS`); later calls
@@ -866,10 +871,9 @@ class ProgramNesterov:
         evals0 = lower.cost.grad_evals
         tol_t = check_tolerance("lower_tol", tol, x0)
         y = x0.detach()
-        energy, grad = lower.value_and_grad(y, check=False, keep=True)
-        start = _at_start(lower, y, energy, grad, tol_t, mu, evals0, self.max_iter)
-        if start is not None:
-            return start
+        if self.max_iter == 0:  # x0's report, with the graph kept for the Hessian (Nesterov's)
+            energy, grad = lower.value_and_grad(y, check=False, keep=True)
+            return _at_start(lower, y, energy, grad, tol_t, mu, evals0, 0)
         n = x0.shape[0]
         lip_t = torch.full((n,), float(lip), dtype=x0.dtype, device=x0.device)
         neg_step, momentum = Nesterov._coefficients(lip_t, mu, y)
@@ -881,7 +885,7 @@ class ProgramNesterov:
         leaves, unflatten = _split_batch(batch)
         tol_n = tol_t.expand(n).contiguous()
         t = torch.ones(n, dtype=x0.dtype, device=x0.device)
-        args = (y, grad.detach(), t, neg_step, momentum, tol_n, params, leaves)
+        args = (y, t, neg_step, momentum, tol_n, params, leaves)
         key = _key(
             "ProgramNesterov",
             self.compile,
@@ -909,7 +913,7 @@ class ProgramNesterov:
             out, _ = _whole(key, build, args)
         y, e, gnorm, iters, flags = out
         _, evals, bad = (int(v) for v in flags.tolist())  # one synchronisation
-        lower.cost.grad_evals += evals * n
+        lower.cost.grad_evals += (1 + evals) * n  # the start's gradient and the steps'
         if bad:
             raise nonfinite_gradient()
         rec = _LowerRecord(x0)

@@ -250,7 +250,9 @@ def run(config: ReconstructConfig, *, json: bool = False) -> int:
         start, cpu_start = time.perf_counter(), time.process_time()
         tol = cfg.tol * x.numel() ** 0.5  # an RMS tolerance: the same for every image size
         x0 = smoothed_start(y) if isinstance(op, Identity) else op.adjoint(y)
-        x_hat = reconstruct(problem, (y, y), x0=x0, tol=tol, max_iter=cfg.max_iter)
+        x_hat = reconstruct(
+            problem, (y, y), x0=x0, tol=tol, max_iter=cfg.max_iter, precondition=True
+        )
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         stem = Path(name).stem
         record: dict[str, Any] = {

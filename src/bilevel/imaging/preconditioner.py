@@ -72,8 +72,11 @@ class FourierPreconditioner:
             raise BilevelError(f"filters must be (K, C, s, s), got shape {tuple(filters.shape)}")
         k, c = filters.shape[:2]
         curvatures = torch.as_tensor(curvatures).detach()
-        if tuple(curvatures.shape) != (k,) or not bool((curvatures >= 0).all()):
-            raise BilevelError(f"curvatures must be {k} non-negative numbers")
+        ok = tuple(curvatures.shape) == (k,) and bool(
+            ((curvatures >= 0) & torch.isfinite(curvatures)).all()
+        )
+        if not ok:
+            raise BilevelError(f"curvatures must be {k} finite non-negative numbers")
         a = float(data_curvature)
         if not a > 0 or a == float("inf"):
             raise BilevelError(f"data_curvature must be positive and finite, got {a}")
@@ -81,16 +84,15 @@ class FourierPreconditioner:
         self.shape = (h, w)
         self.channels = c
         self.grid = (fft_size(h + filters.shape[2] - 1), fft_size(w + filters.shape[3] - 1))
-        self.dtype = filters.dtype
-        hat = torch.fft.rfft2(filters.detach().double(), s=self.grid)  # (K, C, Hp, Wp/2 + 1)
-        cw = curvatures.double().view(k, 1, 1, 1).to(hat.device)
+        hat = torch.fft.rfft2(filters.detach(), s=self.grid)  # (K, C, Hp, Wp/2 + 1)
+        cw = curvatures.to(dtype=filters.dtype, device=hat.device).view(k, 1, 1, 1)
         if c == 1:  # 1 / (a + Σ_k c_k |ŵ_k|²)
-            self.inverse = (a + (cw * hat.abs().square()).sum(0)[0]).reciprocal().to(self.dtype)
+            self.inverse = (a + (cw * hat.abs().square()).sum(0)[0]).reciprocal()
         else:  # (a I + Σ_k c_k ŵ_k ŵ_kᴴ)⁻¹ per frequency, (Hp, Wp/2 + 1, C, C)
             hat = hat.permute(2, 3, 0, 1)  # (Hp, Wq, K, C)
             gram = torch.einsum("...kc,...kd->...cd", cw.view(k, 1) * hat, hat.conj())
             eye = torch.eye(c, dtype=gram.dtype, device=gram.device)
-            self.inverse = torch.linalg.inv(a * eye + gram).to(_complex(self.dtype))
+            self.inverse = torch.linalg.inv(a * eye + gram)
 
     def __call__(self, v: Tensor) -> Tensor:
         """P v for images v (B, C, H, W)."""
@@ -100,17 +102,14 @@ class FourierPreconditioner:
                 f"got {tuple(v.shape)}"
             )
         z = torch.fft.rfft2(v, s=self.grid)
-        inverse = self.inverse.to(device=v.device)
+        dtype = z.dtype if self.inverse.is_complex() else v.dtype
+        inverse = self.inverse.to(device=v.device, dtype=dtype)
         if self.channels == 1:
             z = z * inverse
         else:
             z = torch.einsum("...cd,b...d->b...c", inverse, z.movedim(1, -1)).movedim(-1, 1)
         h, w = self.shape
-        return torch.fft.irfft2(z, s=self.grid)[..., :h, :w].to(v.dtype)
-
-
-def _complex(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
+        return torch.fft.irfft2(z, s=self.grid)[..., :h, :w]
 
 
 @torch.no_grad()

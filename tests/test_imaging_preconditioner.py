@@ -163,3 +163,15 @@ def test_preconditioned_denoising_is_the_same_solution_in_fewer_gradients() -> N
     assert evals["preconditioned"] < 0.8 * evals["plain"]
     x = reconstruct(problem, (y, y), x0=y, tol=tol, max_iter=3000, precondition=True)
     assert torch.equal(x, solutions["preconditioned"])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("shape", [(5, 4), (5, 7)])  # padded widths 6, 9
+def test_quadratic_form_is_v_dot_p_v(channels: int, shape) -> None:
+    """vᵀPv by Parseval on the half spectrum equals ⟨v, P v⟩ (odd and even padded widths)."""
+    gen = torch.Generator().manual_seed(7)
+    filters = torch.randn(2, channels, 3, 3, generator=gen, dtype=F64)
+    pre = FourierPreconditioner(filters, torch.tensor([0.4, 1.7], dtype=F64), shape, 0.8)
+    v = torch.randn(3, channels, *shape, generator=gen, dtype=F64)
+    expected = (v * pre(v)).sum(dim=(1, 2, 3))
+    assert torch.allclose(pre.quadratic_form(v), expected, rtol=1e-12)

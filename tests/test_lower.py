@@ -136,7 +136,8 @@ def test_lbfgs_with_the_exact_inverse_hessian_as_preconditioner_solves_a_quadrat
 def test_two_loop_with_a_preconditioner_is_the_bfgs_update_of_gamma_p() -> None:
     """H g from the two-loop recursion with H₀ = γ P (γ = sᵀy / yᵀPy of the newest pair)
     equals the dense BFGS updates H ← (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ, oldest pair first,
-    applied to g, per instance; a pair failing the curvature test is skipped."""
+    applied to g, per instance; a pair failing the curvature test is skipped. The same with
+    yᵀPy given by a quadratic form, and P = I as the plain recursion."""
     gen = torch.Generator().manual_seed(5)
     dim, batch, pairs = 8, 2, 4
 
@@ -162,6 +163,10 @@ def test_two_loop_with_a_preconditioner_is_the_bfgs_update_of_gamma_p() -> None:
                 h = (eye - rho * torch.outer(s, y)) @ h @ (eye - rho * torch.outer(y, s))
                 h = h + rho * torch.outer(s, s)
         assert torch.allclose(got[i], h @ g[i], rtol=1e-11, atol=1e-13)
+    form = LBFGS._two_loop(
+        g, s_hist, y_hist, valid, lambda v: v @ p, lambda v: ((v @ p) * v).sum(1)
+    )
+    assert torch.allclose(form, got, rtol=1e-12)
     plain = LBFGS._two_loop(g, s_hist, y_hist, valid, lambda v: v.clone())
     assert torch.allclose(plain, LBFGS._two_loop(g, s_hist, y_hist, valid), rtol=1e-13)
 

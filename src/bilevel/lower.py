@@ -529,8 +529,9 @@ class LBFGS:
     (b, ...) and returning P v of that shape. A P close to ∇²h⁻¹ (up to a scale, which γ
     fits) takes fewer iterations (e.g. :class:`bilevel.imaging.preconditioner.
     FourierPreconditioner` for denoising); each step then costs two applications of P
-    (P q in the recursion and P y for γ). The first step, without pairs, is −P∇h scaled to
-    unit length. A non-descent direction falls back to steepest descent.
+    (P q in the recursion and P y for γ), or one if P has a method ``quadratic_form(v)``
+    returning vᵀPv per instance (b,), which γ then uses. The first step, without pairs, is
+    −P∇h scaled to unit length. A non-descent direction falls back to steepest descent.
 
     One host synchronisation per step: the Armijo test of the trial points, the finiteness of
     their gradients and the stopping test ‖∇h(x_new)‖ ≤ tol are read together; each halving
@@ -590,7 +591,7 @@ class LBFGS:
                 valid = [v[keep] for v in valid]
             b = active.numel()
             g = grad.reshape(b, -1)
-            d = -self._two_loop(g, s_hist, y_hist, valid, self._precondition(shape))
+            d = -self._two_loop(g, s_hist, y_hist, valid, *self._precondition(shape))
             if not s_hist:  # first step: unit length along −P g, then backtracking
                 length = gnorm if self.preconditioner is None else batch_norm(d)
                 d = d / length.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(1)
@@ -644,12 +645,17 @@ class LBFGS:
             x, energy, grad, gnorm = x_new, e_new, g_new, gn_new
         return rec.result(lower, tol_t, mu, evals0)
 
-    def _precondition(self, shape: torch.Size) -> Callable[[Tensor], Tensor] | None:
-        """P on flattened (b, d) vectors of instances shaped ``shape``; None for P = I."""
+    def _precondition(self, shape: torch.Size) -> tuple[Callable | None, Callable | None]:
+        """(v ↦ P v, v ↦ vᵀPv or None) on flattened (b, d) vectors of instances shaped
+        ``shape``; (None, None) for P = I."""
         p = self.preconditioner
         if p is None:
-            return None
-        return lambda v: p(v.view(-1, *shape)).reshape(v.shape[0], -1)
+            return None, None
+        form = getattr(p, "quadratic_form", None)
+        return (
+            lambda v: p(v.view(-1, *shape)).reshape(v.shape[0], -1),
+            None if form is None else lambda v: form(v.view(-1, *shape)),
+        )
 
     @staticmethod
     def _two_loop(
@@ -658,11 +664,12 @@ class LBFGS:
         y_hist: list[Tensor],
         valid: list[Tensor],
         precondition: Callable[[Tensor], Tensor] | None = None,
+        quadratic_form: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """H_k g by the two-loop recursion, skipping pairs that failed the curvature test, with
-        H₀ = γ P (``precondition``: P on (b, d) vectors; None: P = I). Inner products are
-        computed once per pair and updates are in-place multiply-adds: one pass over the
-        vectors each."""
+        H₀ = γ P (``precondition``: P on (b, d) vectors; None: P = I; ``quadratic_form``:
+        v ↦ vᵀPv per row, by default ⟨v, P v⟩). Inner products are computed once per pair and
+        updates are in-place multiply-adds: one pass over the vectors each."""
 
         def dot(a: Tensor, b: Tensor) -> Tensor:  # per-instance ⟨a_i, b_i⟩
             if a.shape[0] == 1:  # BLAS dot: one read of each
@@ -681,7 +688,12 @@ class LBFGS:
         gamma = torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
         if pairs:  # scaling sᵀy / yᵀPy of the newest pair
             (_, y, ok), sy = pairs[0], sys_[0]
-            ypy = dot(y, y if precondition is None else precondition(y))
+            if precondition is None:
+                ypy = dot(y, y)
+            elif quadratic_form is None:
+                ypy = dot(y, precondition(y))
+            else:
+                ypy = quadratic_form(y)
             gamma = torch.where(ok, sy / ypy.clamp_min(torch.finfo(g.dtype).tiny), gamma)
         r = q if precondition is None else precondition(q)
         r = r.mul_(gamma.unsqueeze(1))

@@ -96,20 +96,39 @@ class FourierPreconditioner:
 
     def __call__(self, v: Tensor) -> Tensor:
         """P v for images v (B, C, H, W)."""
-        if tuple(v.shape[-3:]) != (self.channels, *self.shape):
+        self._check(v)
+        z = self._apply_inverse(torch.fft.rfft2(v, s=self.grid))
+        h, w = self.shape
+        return torch.fft.irfft2(z, s=self.grid)[..., :h, :w]
+
+    def quadratic_form(self, v: Tensor) -> Tensor:
+        """vᵀP v per image (B,), by Parseval's identity on the half spectrum of ``rfft2``
+        (one forward transform): (1/N) Σ_ω m_ω Re(v̂ᴴ (a I + M(ω))⁻¹ v̂), N = Hp·Wp, with
+        m_ω = 1 for the columns that are their own mirror image (0 and, for even Wp, Wp/2)
+        and 2 for the others, which stand for two frequencies each."""
+        self._check(v)
+        z = torch.fft.rfft2(v, s=self.grid)
+        density = (z.conj() * self._apply_inverse(z)).real.sum(1)  # (B, Hp, Wq)
+        weights = torch.full((z.shape[-1],), 2.0, dtype=density.dtype, device=v.device)
+        weights[0] = 1.0
+        if self.grid[1] % 2 == 0:
+            weights[-1] = 1.0
+        return (density * weights).sum(dim=(1, 2)) / (self.grid[0] * self.grid[1])
+
+    def _check(self, v: Tensor) -> None:
+        if v.dim() != 4 or tuple(v.shape[1:]) != (self.channels, *self.shape):
             raise BilevelError(
                 f"the preconditioner is for images of shape {(self.channels, *self.shape)}, "
                 f"got {tuple(v.shape)}"
             )
-        z = torch.fft.rfft2(v, s=self.grid)
-        dtype = z.dtype if self.inverse.is_complex() else v.dtype
-        inverse = self.inverse.to(device=v.device, dtype=dtype)
+
+    def _apply_inverse(self, z: Tensor) -> Tensor:
+        """(a I + M(ω))⁻¹ ẑ(ω) at every frequency of spectra z (B, C, Hp, Wq)."""
+        dtype = z.dtype if self.inverse.is_complex() else z.real.dtype
+        inverse = self.inverse.to(device=z.device, dtype=dtype)
         if self.channels == 1:
-            z = z * inverse
-        else:
-            z = torch.einsum("...cd,b...d->b...c", inverse, z.movedim(1, -1)).movedim(-1, 1)
-        h, w = self.shape
-        return torch.fft.irfft2(z, s=self.grid)[..., :h, :w]
+            return z * inverse
+        return torch.einsum("...cd,b...d->b...c", inverse, z.movedim(1, -1)).movedim(-1, 1)
 
 
 @torch.no_grad()

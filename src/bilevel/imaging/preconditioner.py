@@ -108,7 +108,10 @@ class FourierPreconditioner:
         and 2 for the others, which stand for two frequencies each."""
         self._check(v)
         z = torch.fft.rfft2(v, s=self.grid)
-        density = (z.conj() * self._apply_inverse(z)).real.sum(1)  # (B, Hp, Wq)
+        if self.channels == 1:
+            density = z.abs().square_()[:, 0] * self.inverse.to(z.real.dtype)  # (B, Hp, Wq)
+        else:
+            density = (z.conj() * self._apply_inverse(z)).real.sum(1)
         weights = torch.full((z.shape[-1],), 2.0, dtype=density.dtype, device=v.device)
         weights[0] = 1.0
         if self.grid[1] % 2 == 0:

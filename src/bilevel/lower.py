@@ -695,8 +695,10 @@ class LBFGS:
             else:
                 ypy = quadratic_form(y)
             gamma = torch.where(ok, sy / ypy.clamp_min(torch.finfo(g.dtype).tiny), gamma)
-        r = q if precondition is None else precondition(q)
-        r = r.mul_(gamma.unsqueeze(1))
+        if precondition is None:
+            r = q.mul_(gamma.unsqueeze(1))
+        else:  # out of place: P's result may be a tensor that P keeps
+            r = precondition(q) * gamma.unsqueeze(1)
         for a, rho, s, y in reversed(alphas):
             beta = rho * dot(y, r)
             r.addcmul_((a - beta).unsqueeze(1), s)

@@ -85,6 +85,10 @@ class FourierPreconditioner:
         self.channels = c
         self.grid = (fft_size(h + filters.shape[2] - 1), fft_size(w + filters.shape[3] - 1))
         hat = torch.fft.rfft2(filters.detach(), s=self.grid)  # (K, C, Hp, Wp/2 + 1)
+        self._weights = torch.full((hat.shape[-1],), 2.0, dtype=filters.dtype)  # Parseval's
+        self._weights[0] = 1.0
+        if self.grid[1] % 2 == 0:
+            self._weights[-1] = 1.0
         cw = curvatures.to(dtype=filters.dtype, device=hat.device).view(k, 1, 1, 1)
         if c == 1:  # 1 / (a + Σ_k c_k |ŵ_k|²)
             self.inverse = (a + (cw * hat.abs().square()).sum(0)[0]).reciprocal()
@@ -109,13 +113,11 @@ class FourierPreconditioner:
         self._check(v)
         z = torch.fft.rfft2(v, s=self.grid)
         if self.channels == 1:
-            density = z.abs().square_()[:, 0] * self.inverse.to(z.real.dtype)  # (B, Hp, Wq)
+            inverse = self.inverse.to(device=z.device, dtype=z.real.dtype)
+            density = z.abs().square_()[:, 0] * inverse  # (B, Hp, Wq)
         else:
             density = (z.conj() * self._apply_inverse(z)).real.sum(1)
-        weights = torch.full((z.shape[-1],), 2.0, dtype=density.dtype, device=v.device)
-        weights[0] = 1.0
-        if self.grid[1] % 2 == 0:
-            weights[-1] = 1.0
+        weights = self._weights.to(device=v.device, dtype=density.dtype)
         return (density * weights).sum(dim=(1, 2)) / (self.grid[0] * self.grid[1])
 
     def _check(self, v: Tensor) -> None:

@@ -117,6 +117,10 @@ def test_mean_curvatures_of_fields_of_experts_in_closed_form() -> None:
     assert torch.allclose(c, expected, rtol=1e-12)
     assert torch.equal(filters, reg.effective_filters().detach())
     assert mean_curvatures(SmoothedTV(), x) is None
+    with pytest.raises(BilevelError, match="at least 5×5 pixels"):
+        mean_curvatures(reg, x[..., :4, :])
+    with pytest.raises(BilevelError, match=r"\(B, 1, H, W\)"):
+        mean_curvatures(reg, x.expand(2, 3, 12, 10))
 
 
 def test_mean_curvatures_clamp_a_negative_mean_at_zero() -> None:

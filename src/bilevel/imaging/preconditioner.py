@@ -146,6 +146,11 @@ def mean_curvatures(regulariser, x: Tensor) -> tuple[Tensor, Tensor] | None:
     if terms is None:
         return None
     filters, params, potential, boundary = terms
+    (c, s1, s2), shape = filters.shape[1:], tuple(x.shape)
+    if x.dim() != 4 or shape[1] != c or shape[2] < s1 or shape[3] < s2:
+        raise BilevelError(
+            f"images must be (B, {c}, H, W) of at least {s1}×{s2} pixels, got shape {shape}"
+        )
     params = tuple(p.detach() for p in params)
     second = potential.second(correlate(x, filters.detach(), boundary), params)
     return filters.detach(), second.mean(dim=(0, 2, 3)).clamp_min(0.0)

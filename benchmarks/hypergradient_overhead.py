@@ -32,10 +32,12 @@ Two minimal versions: **minimal** calls ``torch.autograd.grad`` (plain autograd)
 without ``torch.autograd.grad``'s Python argument handling, about 45 µs per call), as the
 library's oracles do (:func:`bilevel.autodiff.backward`).
 
-The library is also run with its compiled small-problem path (:mod:`bilevel.compiled`) on
-the instances of ``--compiled`` (default: (a)): **program**, ``ProgramNesterov(max_iter=K)``
-and ``ProgramHypergradient(max_iter=M)``, each one program compiled ahead of time by
-AOTInductor with the loop on the device; and on those of ``--chunks`` (default: none)
+The library is also run with its compiled path (:mod:`bilevel.compiled`) on the instances of
+``--compiled`` (default: all three): **program**, ``ProgramNesterov(max_iter=K)`` and
+``ProgramHypergradient(max_iter=M)``, each one program compiled ahead of time by AOTInductor
+with the loop on the device (the compile time and the number of calls after which it has
+paid for itself against the eager library are printed); and on those of ``--chunks``
+(default: none)
 **compiled**, ``CompiledNesterov`` and ``Implicit(CompiledCG(...))``, chunks of 10 iterations
 per ``torch.compile`` program.
 
@@ -46,7 +48,7 @@ machine: of the calling thread for PyTorch, of the process for JAX, which comput
 threads), one thread per stack by default; the compiled programs and
 JAX compile once before the repeats (compile time + first run printed).
 Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--cases abc]
-[--dtypes float32,float64] [--rows-c 200000] [--compiled a] [--chunks '']
+[--dtypes float32,float64] [--rows-c 200000] [--compiled abc] [--chunks '']
 """
 
 from __future__ import annotations
@@ -462,7 +464,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument(
         "--compiled",
-        default="a",
+        default="abc",
         help="instances that also run bilevel.compiled's whole programs ('' for none)",
     )
     parser.add_argument(
@@ -525,6 +527,11 @@ def main() -> None:
                 print(f"    {'; '.join(ratios)}; rel. diff to library: {diffs}")
             for side, seconds in res["compile"].items():
                 print(f"({name}) {dt_name} compile + first run, {side}: {seconds:.2f} s")
+            for task in ("lower", "hyper"):  # compile time ÷ CPU time saved per call
+                if (task, "program") in med and f"program {task}" in res["compile"]:
+                    saved = med[task, "library"][1] - med[task, "program"][1]
+                    calls = res["compile"][f"program {task}"] / saved if saved > 0 else math.inf
+                    print(f"({name}) {dt_name} program {task}: paid for after {calls:.0f} calls")
             print(flush=True)
 
 

@@ -99,6 +99,30 @@ def test_lower_program_stops_each_instance_at_its_tolerance() -> None:
     assert got.grad_evals == 3 * (1 + 4 * math.ceil(last / 4))
 
 
+def test_lower_program_at_a_start_that_meets_the_tolerance() -> None:
+    """The start's gradient is the program's first evaluation: a start that meets every
+    tolerance is returned as a copy after that one evaluation (Nesterov's report), one that
+    meets some stops those instances there; ``max_iter=0`` gives Nesterov's report."""
+    problem, batch, x0, _ = logistic(seed=12)
+    x = solve(Nesterov(max_iter=300), problem, batch, x0, 1e-9, 0.3).x
+    for solver in (ProgramNesterov(50, compile=False), ProgramNesterov(0, compile=False)):
+        ref = solve(Nesterov(max_iter=solver.max_iter), problem, batch, x, 1e-6, 0.3)
+        got = solve(solver, problem, batch, x, 1e-6, 0.3)
+        assert torch.equal(got.x, x) and got.x.data_ptr() != x.data_ptr()
+        assert got.iterations.tolist() == ref.iterations.tolist() == [0, 0, 0]
+        assert got.grad_evals == ref.grad_evals == 3
+        assert torch.allclose(got.grad_norm, ref.grad_norm, rtol=1e-12)
+        assert torch.allclose(got.energy, ref.energy, rtol=1e-13)
+    start = x.clone()
+    start[1] = 0.0  # instance 1 starts far from its solution
+    tol = torch.tensor([1e-6, 1e-6, 1e-6], dtype=F64)
+    ref = solve(CompiledNesterov(50, chunk=1, compile=False), problem, batch, start, tol, 0.3)
+    got = solve(ProgramNesterov(50, compile=False), problem, batch, start, tol, 0.3)
+    assert got.iterations.tolist() == ref.iterations.tolist()
+    assert got.iterations[0] == got.iterations[2] == 0 < got.iterations[1]
+    assert torch.allclose(got.x, ref.x, rtol=1e-12, atol=1e-15)
+
+
 def test_lower_program_raises_on_divergence() -> None:
     problem, batch, x0, _ = logistic(seed=2)
     with pytest.raises(NonFiniteError):
@@ -142,6 +166,41 @@ def test_hypergradient_program_equals_implicit_cg(reg) -> None:
         assert torch.allclose(g, r, rtol=1e-12, atol=1e-15)
     assert torch.allclose(got.adjoint, ref.adjoint, rtol=1e-12, atol=1e-15)
     assert got.iterations.tolist() == ref.linear.iterations.tolist() == [6, 6, 6]
+
+
+def test_hessian_product_split_computes_the_forward_pass_once() -> None:
+    """The Hessian-vector product of a linear model split at its loop-invariant part: the
+    part inside the loop has two products with X (Xv and Xᵀ(s ⊙ Xv)), not the forward
+    pass's Xx as well (computed once, outside), and the split gives the unsplit graph's
+    products and the autograd Hessian's."""
+    problem, labels, x0, _ = logistic(seed=11)
+    x = solve(Nesterov(max_iter=50), problem, labels, x0, 0.0, 0.3).x
+    theta = [t.detach() for t in problem.theta]
+
+    def h(u, ps, ls):
+        return problem.lower_energy(u, ps, ls[0]).sum()
+
+    grad_h = torch.func.grad(h)
+
+    def hvp(u, ps, ls, v):
+        return torch.func.vjp(lambda w: grad_h(w, ps, ls), u)[1](v)[0]
+
+    graph = compiled._trace(hvp, x, theta, [labels], x)
+    at_point, product = compiled._hoist(graph)
+
+    def products(gm) -> int:
+        return sum(n.target is torch.ops.aten.mm.default for n in gm.graph.nodes)
+
+    assert products(at_point) == 1 and products(product) == 2  # Xx; Xv and Xᵀ(s ⊙ Xv)
+    fixed = at_point(x, *theta, labels)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    got = product(*fixed, v)[0]
+    assert torch.allclose(got, graph(x, theta, [labels], v), rtol=1e-12, atol=1e-15)
+    hess = torch.autograd.functional.hessian(  # (B, d, B, d); the instances are independent
+        lambda w: problem.lower_energy(w, problem.theta, labels).sum(), x
+    )
+    want = torch.einsum("idje,je->id", hess, v)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
 def test_hypergradient_program_stops_in_the_underflow_range() -> None:

@@ -114,6 +114,25 @@ def test_lbfgs_syncs_once_per_evaluation() -> None:
     assert syncs[25] - syncs[5] <= evals[25] - evals[5] + 1, (syncs, evals)
 
 
+def test_preconditioned_lbfgs_syncs_once_per_evaluation() -> None:
+    """The same with the Fourier preconditioner of a denoising problem: applying P and its
+    quadratic form reads nothing back to the host."""
+    from bilevel.imaging import ConvexRidgeNetwork, reconstruction_problem
+    from bilevel.imaging.preconditioner import ridge_preconditioner
+
+    y = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0), dtype=F64)
+    problem = reconstruction_problem(ConvexRidgeNetwork(num_filters=4).double())
+    lower, pre = LowerLevel(problem, (y, y)), ridge_preconditioner(problem, y)
+    syncs, evals = {}, {}
+    for iterations in (5, 25):
+        s = LBFGS(max_iter=iterations, stall_iterations=None, preconditioner=pre)
+        evals0 = lower.cost.grad_evals
+        syncs[iterations] = count_syncs(s.solve, lower, y, 0.0, 1.0)
+        evals[iterations] = (lower.cost.grad_evals - evals0) / y.shape[0]
+        assert (s.solve(lower, y, 0.0, 1.0).iterations == iterations).all()
+    assert syncs[25] - syncs[5] <= evals[25] - evals[5] + 1, (syncs, evals)
+
+
 def logistic_lower(device: str = "cpu") -> tuple[LowerLevel, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 10, generator=g, dtype=F64).to(device)

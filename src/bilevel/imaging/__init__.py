@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "gaussian_kernel": "bilevel.imaging.operators",
     "motion_blur_kernel": "bilevel.imaging.operators",
     "random_mask": "bilevel.imaging.operators",
+    "FourierPreconditioner": "bilevel.imaging.preconditioner",
+    "ridge_preconditioner": "bilevel.imaging.preconditioner",
     "available_models": "bilevel.imaging.pretrained_models",
     "pretrained": "bilevel.imaging.pretrained_models",
     "ConvexRidge": "bilevel.imaging.regularisers",

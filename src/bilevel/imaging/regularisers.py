@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from bilevel.imaging.ridge import (
     BOUNDARIES,
     LogCoshSum,
+    Potential,
     SmoothedL1,
     Spline,
     StudentT,
@@ -48,8 +50,20 @@ __all__ = [
     "ConvexRidgeNetwork",
     "WeaklyConvexRidge",
     "InputConvexNetwork",
+    "RidgeTerms",
     "ridge_layers",
 ]
+
+
+class RidgeTerms(NamedTuple):
+    """A ridge energy R(x) = Σ_k Σ_pixels φ_k((K_k x)_pixel) (:mod:`bilevel.imaging.ridge`):
+    the filters of K (K, C, s, s), the potentials' parameters, the potentials and the
+    boundary, in the order of :func:`~bilevel.imaging.ridge.ridge_energy`'s arguments."""
+
+    filters: Tensor
+    params: tuple[Tensor, ...]
+    potential: Potential
+    boundary: str
 
 
 class Regulariser(nn.Module):
@@ -69,6 +83,11 @@ class Regulariser(nn.Module):
     def weak_convexity_bound(self) -> float | None:
         """ρ with ∇²R(x) ⪰ −ρ I for all x and all admissible θ: 0 if convex, else None."""
         return 0.0 if self.convex else None
+
+    def ridge_terms(self, like: Tensor) -> RidgeTerms | None:
+        """R as a ridge energy, its tensors in the dtype and device of ``like`` (with their
+        autograd history in θ); None when R is not one."""
+        return None
 
 
 _SMOOTHED_L1 = SmoothedL1()
@@ -359,14 +378,17 @@ class FieldsOfExperts(Regulariser):
         """The per-filter smoothings ν_k, shape (K,)."""
         return self.log_smoothing.exp()
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_image(x, self.channels, self.filter_size)
-        kw = {"dtype": x.dtype, "device": x.device}
+    def ridge_terms(self, like: Tensor) -> RidgeTerms:
+        kw = {"dtype": like.dtype, "device": like.device}
         weights = self.log_weights.exp().to(**kw)[:, None, None]
         nu = self.smoothing.to(**kw)[:, None, None]
         potential = _SMOOTHED_L1 if self.potential == "smoothed_l1" else _STUDENT_T
         filters = self.effective_filters().to(**kw)
-        return ridge_energy(x, filters, (weights, nu), potential, self.boundary)
+        return RidgeTerms(filters, (weights, nu), potential, self.boundary)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image(x, self.channels, self.filter_size)
+        return ridge_energy(x, *self.ridge_terms(x))
 
     def curvature_bound(self) -> float:
         with torch.no_grad():
@@ -438,12 +460,15 @@ class ConvexRidge(Regulariser):
             return self.filters - self.filters.mean(dim=(1, 2, 3), keepdim=True)
         return self.filters
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_image(x, self.channels, self.filter_size)
-        kw = {"dtype": x.dtype, "device": x.device}
+    def ridge_terms(self, like: Tensor) -> RidgeTerms:
+        kw = {"dtype": like.dtype, "device": like.device}
         params = (self.coefficients().to(**kw), self.scales.to(**kw))
         filters = self.effective_filters().to(**kw)
-        return ridge_energy(x, filters, params, _LOG_COSH, self.boundary)
+        return RidgeTerms(filters, params, _LOG_COSH, self.boundary)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image(x, self.channels, self.filter_size)
+        return ridge_energy(x, *self.ridge_terms(x))
 
     def curvature_bound(self) -> float:
         with torch.no_grad():
@@ -629,17 +654,20 @@ class _SplineRidge(Regulariser):
         """ψ_k'' on the knot intervals in the units of the responses t, shape (K, M)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_image(x, self.channels, self.filter_size)
+    def ridge_terms(self, like: Tensor) -> RidgeTerms:
         filters = self.effective_filters()
         alpha, beta = self.scalings()
-        kw = {"dtype": x.dtype, "device": x.device}
+        kw = {"dtype": like.dtype, "device": like.device}
         curv = self.knot_curvatures(filters, alpha).to(**kw)
         beta = beta.to(**kw)
         # β⁻² ψ(β t) has second derivative ψ''(βt) in t: the knots' curvatures are in t-units.
         table = torch.stack(_spline_tables(curv, self.knot_spacing))
         potential = Spline(self.knot_spacing)
-        return ridge_energy(x, filters.to(**kw), (table, beta), potential, self.boundary)
+        return RidgeTerms(filters.to(**kw), (table, beta), potential, self.boundary)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image(x, self.channels, self.filter_size)
+        return ridge_energy(x, *self.ridge_terms(x))
 
     def _bank_bound(self, per_filter: Tensor) -> float:
         filters = self.effective_filters().detach()

@@ -284,9 +284,7 @@ def reconstruct(
     lower = LowerLevel(problem, batch)
     with torch.no_grad():
         if solver is None:
-            pre = None
-            if precondition:
-                pre = ridge_preconditioner(problem, x0)
+            pre = ridge_preconditioner(problem, x0) if precondition else None
             solver = LBFGS(max_iter=max_iter, preconditioner=pre)
         sol = solve_lower(lower, x0, tol, solver, problem.mu, warn=True)
     return sol.x

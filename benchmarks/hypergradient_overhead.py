@@ -47,8 +47,8 @@ of the same function), wall time and CPU time (less disturbed by other processes
 machine: of the calling thread for PyTorch, of the process for JAX, which computes in its own
 threads), one thread per stack by default (the process pinned to one core: XLA otherwise
 computes on a pool of one thread per core, whatever its Eigen flag; ``--cpu`` picks the
-core); the compiled programs and JAX compile once before the repeats (compile time + first
-run printed).
+core, ``--cpu -1`` none); the compiled programs and JAX compile once before the repeats
+(compile time + first run printed).
 Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--cases abc]
 [--dtypes float32,float64] [--rows-c 200000] [--compiled abc] [--chunks ''] [--cpu N]
 """
@@ -462,7 +462,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--cpu", type=int, default=None, help="the core a one-thread run is pinned to"
+        "--cpu", type=int, default=None, help="the core a one-thread run is pinned to (-1: none)"
     )
     parser.add_argument("--rows-c", type=int, default=200_000, help="rows of instance (c)")
     parser.add_argument("--cases", default="abc", help="subset of the instances a, b, c")
@@ -479,13 +479,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pinned = ""
     if args.threads == 1:  # before JAX is imported
-        # XLA computes on a pool of one thread per usable core (two on a 2-core machine) even
-        # without multi-threaded Eigen: the process is pinned to one core, so that XLA sizes
-        # its pool to one thread and every stack computes on one core
-        cpu = min(os.sched_getaffinity(0)) if args.cpu is None else args.cpu
-        os.sched_setaffinity(0, {cpu})
-        pinned = f", pinned to CPU {cpu}"
         os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+        if args.cpu != -1:
+            # XLA computes on a pool of one thread per usable core (two on a 2-core machine)
+            # even without multi-threaded Eigen: the process is pinned to one core, so that
+            # XLA sizes its pool to one thread and every stack computes on one core
+            cpu = min(os.sched_getaffinity(0)) if args.cpu is None else args.cpu
+            os.sched_setaffinity(0, {cpu})
+            pinned = f", pinned to CPU {cpu}"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s){pinned},"
         f" {args.repeats} repeats"

@@ -29,9 +29,10 @@ program. The energies' ``torch.func`` derivatives are traced to ATen graphs, the
 ``while_loop`` operator (a few iterations per pass, not the whole loop unrolled; the stopping
 test on the device), and ``torch.export`` and AOTInductor compile the whole into one C++
 function, which runs without Dynamo's guards or inductor's Python wrapper per call and reads
-the host once. Compiling one takes tens of seconds to a minute; on breast cancer (d = 30) a
-call then takes 0.6–1.6 times the CPU time of the same algorithm jitted in JAX, on logistic
-regression with 20 000 × 200 and 200 000 × 100 data 0.84–1.27 times (``docs/benchmarks.md``).
+the host once. Compiling one takes tens of seconds to a minute; with every stack on one
+core, on breast cancer (d = 30) a call then takes 0.8–1.7 times the CPU time of the same
+algorithm jitted in JAX, on logistic regression with 20 000 × 200 and 200 000 × 100 data
+1.03–1.70 times, 92–93 % of it in MKL's matrix–vector products (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations

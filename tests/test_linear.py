@@ -608,3 +608,27 @@ def test_finiteness_by_one_sum_falls_back_when_the_sum_overflows() -> None:
     assert all_finite(theta) and not all_finite(theta * math.inf)
     h = torch.eye(3, dtype=torch.float64).expand(1, 3, 3).clone()
     CG(max_iter=3).solve(CountingOperator(h), huge, 1e290)  # no NonFiniteError
+
+
+@pytest.mark.parametrize("max_iter", [0, 3, 12])
+def test_cg_single_instance_host_report_matches_true_residual(max_iter: int) -> None:
+    """One instance, the whole solve decided on the host (one scalar read per check): the
+    report's residual is the true one up to rounding, ``converged`` is ``residual ≤ tol`` and
+    the solution matches a direct solve once CG has run n iterations."""
+    h = spd_batch(1, 6, 50.0, seed=3)
+    b = torch.randn(1, 6, generator=_gen(4), dtype=torch.float64)
+    tol = 1e-8
+    out = CG(max_iter=max_iter, fixed_iterations=True).solve(CountingOperator(h), b, tol)
+    true = torch.linalg.vector_norm(b - (h @ out.solution.unsqueeze(-1)).squeeze(-1), dim=1)
+    if max_iter < 12:
+        assert out.iterations.tolist() == [max_iter]
+    else:  # past n = 6 only until ‖r‖² reaches the underflow range
+        assert 6 <= int(out.iterations[0]) <= 12
+    assert torch.allclose(out.residual_norm, true, rtol=1e-6, atol=1e-12)
+    assert out.converged.tolist() == (out.residual_norm <= tol).tolist()
+    if max_iter == 0:
+        assert out.solution.abs().max() == 0 and not bool(out.converged[0])
+    if max_iter == 12:
+        direct = torch.linalg.solve(h, b.unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(out.solution, direct, rtol=1e-8, atol=1e-10)
+        assert bool(out.converged[0])

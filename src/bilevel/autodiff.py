@@ -247,7 +247,7 @@ class HessianOperator:
         """``graph``: (x with gradients, ∇ₓh with its graph) already evaluated at ``x`` for
         all instances (the lower solver's last evaluation), used instead of a new one."""
         self.lower = lower
-        self.x_full = x.detach()
+        self.x_full = x.detach() if x.requires_grad else x
         n = x.shape[0]
         self.full_index = instance_index(n, x.device) if index is None else index.to(x.device)
         self._cost = lower.cost

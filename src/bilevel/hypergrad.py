@@ -555,7 +555,7 @@ class AdjointEstimator(HypergradientEstimator):
             bound=bound,
             bound_certified=certified,
             x=sol.x,
-            adjoint=q.detach(),
+            adjoint=q.detach() if q.requires_grad else q,
             eps=eps,
             delta=delta,
             lower=sol,

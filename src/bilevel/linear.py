@@ -665,10 +665,6 @@ class _Batch:
         the solution is computed when first read."""
         n, device, kept = self.shape[0], x.device, min(iterations, len(self.hist))
 
-        @functools.cache
-        def residual_norm() -> Tensor:
-            return rr.sqrt().reshape(-1)
-
         def counts(value: int) -> Tensor:
             return torch.full((n,), value, dtype=torch.long, device=device)
 
@@ -678,15 +674,17 @@ class _Batch:
             diag, off = tridiagonal(self.rows(0), self.rows(1))
             return tridiagonal_smallest(diag, off, counts(kept))
 
-        return LinearSolution(
+        # ``converged`` reads ``residual_norm`` through the report, which computes it once
+        sol = LinearSolution(
             x if x.shape == self.shape else x.reshape(self.shape),
-            residual_norm,
+            lambda: rr.sqrt().reshape(-1),
             partial(counts, iterations),
-            lambda: residual_norm() <= self.tol,
+            lambda: sol.residual_norm <= self.tol,
             matvecs,
             curvature,
             partial(counts, kept),
         )
+        return sol
 
 
 def _row_dots(a: Tensor, b: Tensor) -> Tensor:
@@ -816,7 +814,9 @@ class CG:
         x = state.out
         # With a check every iteration, while the whole batch is active, the host reads ‖r‖²
         # and α and decides; no masks are needed until an instance stops.
-        values = [v for (v,) in rr.tolist()] if every == 1 else None
+        values = None
+        if every == 1:  # one instance: one scalar read, cheaper than a list
+            values = [rr.item()] if n == 1 else [v for (v,) in rr.tolist()]
         what = "right-hand side b" if x0 is None else "initial residual b - H x0"
         if _out_of_range(rr, r, values, what):
             return _solve_scaled(self, matvec, b, tol_all, x0, r, matvecs)

@@ -116,7 +116,7 @@ def job_args(spec: dict[str, Any]) -> ImagingConfig:
         "batch_size": spec["batch"],
         "dtype": "float32",
     }
-    for key in ("init_model", "train_only", "loss", "gamma"):
+    for key in ("init_model", "train_only", "loss", "gamma", "adjoint_max_iter"):
         if key in spec:
             options[key] = spec[key]
     if "val" in spec:

@@ -11,8 +11,9 @@ and nothing else, the fastest of five variants per configuration and repeat stat
 K → C, by a grouped transposed convolution and a sum over the K filters, or by the
 correlation's input gradient ``aten.convolution_backward``; or ``F.conv2d`` of the image read
 channels-last followed by a grouped transposed convolution, or by a depthwise convolution
-with the flipped filters, and a sum over the filters. The process keeps freed memory
-(``retain_freed_memory``) unless ``--system-malloc``. For each configuration it times
+with the flipped filters, and a sum over the filters (``sum``, or, depthwise only, a
+matrix-vector product of its channels-last (pixels, K) rows with ones). The process keeps
+freed memory (``retain_freed_memory``) unless ``--system-malloc``. For each configuration it times
 
 * ``gradient``: ``torch.autograd.grad(R(x).sum(), x)`` with θ requiring gradients, as in a
   lower-level solve (the energy's value comes with it);
@@ -188,6 +189,13 @@ def measure(
         t = F.conv2d(channels_last(pad(x, s, model.boundary)), w)
         F.conv2d(t, w_flipped, padding=s - 1, groups=k).sum(1, keepdim=True)
 
+    ones = torch.ones(k, dtype=dtype)
+
+    def bare_cl_depthwise_mv() -> None:
+        t = F.conv2d(channels_last(pad(x, s, model.boundary)), w)
+        z = F.conv2d(t, w_flipped, padding=s - 1, groups=k)
+        torch.mv(z.permute(0, 2, 3, 1).reshape(-1, k), ones)
+
     def oracles(energy) -> tuple[Callable[[], None], Callable[[], None]]:
         xr = x.clone().requires_grad_(True)
 
@@ -210,6 +218,7 @@ def measure(
         "bare backward": timer(bare_backward),
         "bare channels-last grouped": timer(bare_cl_grouped),
         "bare channels-last depthwise": timer(bare_cl_depthwise),
+        "bare channels-last depthwise mv": timer(bare_cl_depthwise_mv),
         "gradient": timer(fused[0]),
         "HVP": timer(fused[1]),
         "plain gradient": timer(plain[0]),

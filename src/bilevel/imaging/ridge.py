@@ -25,11 +25,11 @@ the potentials are folded into the filters, so no pass over the responses rescal
 Layout (:func:`fast_layout`): on the CPU in float32 with one image channel the correlation
 reads the image channels-last (oneDNN's fast path; free for one channel) and the adjoint is a
 depthwise convolution of the channels-last responses with the flipped filters, summed over
-the filters: ``conv_transpose2d`` from K channels to one (oneDNN's backward-data path) is up
-to 5× slower. Elsewhere (float64, several image channels, CUDA) the correlation is
-channel-first and the adjoint is its input gradient (``aten.convolution_backward``), up to
-twice as fast as ``conv_transpose2d`` in float64 on small crops
-(``benchmarks/imaging_throughput.py``).
+the filters (as a matrix-vector product with ones): ``conv_transpose2d`` from K channels to
+one (oneDNN's backward-data path) is up to 5× slower. Elsewhere (float64, several image
+channels, CUDA) the correlation is channel-first and the adjoint is its input gradient
+(``aten.convolution_backward``), up to twice as fast as ``conv_transpose2d`` in float64 on
+small crops (``benchmarks/imaging_throughput.py``).
 """
 
 from __future__ import annotations
@@ -172,7 +172,8 @@ def correlate_adjoint(
     if fast_layout(u) and k > 1 and c == 1:  # Σ_k of the full convolutions k_k * u_k
         u = u.contiguous(memory_format=torch.channels_last)  # no copy after correlate
         flipped = filters.flip(-1, -2) if flipped is None else flipped
-        z = F.conv2d(u, flipped, padding=filters.shape[-1] - 1, groups=k).sum(1, keepdim=True)
+        z = F.conv2d(u, flipped, padding=filters.shape[-1] - 1, groups=k)
+        z = _filter_sum(z)
     else:  # the correlation's input gradient: faster than conv_transpose2d in float64
         size = [u.shape[0], c, *(n + m - 1 for n, m in zip(u.shape[2:], filters.shape[2:]))]
         like = u.new_empty(()).expand(size)  # only its shape is read
@@ -180,6 +181,16 @@ def correlate_adjoint(
             u, like, filters, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
         )[0]
     return pad_adjoint(z.contiguous(), filters.shape[-1], boundary, shape)
+
+
+def _filter_sum(z: Tensor) -> Tensor:
+    """Σ_k z_k (B, 1, H, W) of z (B, K, H, W); of channels-last z as the matrix-vector product
+    of its (B H W, K) rows with ones, 1.5–1.8× faster than ``z.sum(1)``, which reduces K
+    contiguous numbers per pixel without vectorising (``benchmarks/imaging_throughput.py``)."""
+    b, k, h, w = z.shape
+    if not z.is_contiguous(memory_format=torch.channels_last):
+        return z.sum(1, keepdim=True)
+    return torch.mv(z.permute(0, 2, 3, 1).reshape(-1, k), z.new_ones(k)).view(b, 1, h, w)
 
 
 # --------------------------------------------------------------------------------------------

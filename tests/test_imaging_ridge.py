@@ -280,3 +280,19 @@ def test_theta_modified_before_its_derivative_is_refused() -> None:
         model.filters.add_(0.1)
     with pytest.raises(RuntimeError, match="modified in place"):
         torch.autograd.grad(value, [model.filters])
+
+
+@pytest.mark.parametrize("boundary", ["reflect", "circular"])
+@pytest.mark.parametrize("size", [(2, 9, 7), (3, 150, 160)])
+def test_pad_adjoint_is_the_adjoint_of_pad(boundary: str, size) -> None:
+    # small batches: aten's reflection_pad2d_backward; from REFLECT_FOLD_SIZE numbers on the
+    # margins are folded back with slices
+    b, h, w = size
+    gen = _gen(10)
+    x = torch.randn(b, 1, h, w, generator=gen, dtype=torch.float64).requires_grad_(True)
+    for s in (5, 6):
+        z = torch.randn(pad(x, s, boundary).shape, generator=gen, dtype=torch.float64)
+        (expected,) = torch.autograd.grad((pad(x, s, boundary) * z).sum(), x)
+        adjoint = ridge_module.pad_adjoint(z, s, boundary, x.shape)
+        assert (z.numel() >= ridge_module.REFLECT_FOLD_SIZE) == (h > 100)
+        assert torch.allclose(adjoint, expected, rtol=1e-12, atol=1e-12)

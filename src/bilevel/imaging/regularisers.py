@@ -95,7 +95,7 @@ class Regulariser(nn.Module):
         """R(x) of a ridge regulariser (:func:`~bilevel.imaging.ridge.cached_ridge_energy`):
         θ is the module's parameters and buffers as they are now (those given to
         ``torch.func.functional_call`` inside it), the x-path cached per θ."""
-        theta = (*self.parameters(), *self.buffers())
+        theta = tuple(t for _, t in _tensors(self))
         cache = self.__dict__.get("_ridge_cache")
         if cache is None:
             cache = self.__dict__["_ridge_cache"] = RidgeCache()
@@ -104,12 +104,23 @@ class Regulariser(nn.Module):
     def _ridge_terms_at(self, theta: tuple[Tensor, ...], like: Tensor) -> RidgeTerms:
         """:meth:`ridge_terms` with the parameters and buffers θ (those of an earlier call,
         which ``functional_call`` may have swapped in for that call only)."""
-        now = (*self.parameters(), *self.buffers())
-        if len(now) == len(theta) and all(a is b for a, b in zip(now, theta)):
+        now = _tensors(self)
+        if len(now) == len(theta) and all(a is b for (_, a), b in zip(now, theta)):
             return self.ridge_terms(like)
-        names = [n for n, _ in self.named_parameters()] + [n for n, _ in self.named_buffers()]
-        swapped = {f"module.{n}": t for n, t in zip(names, theta)}
+        swapped = {f"module.{n}": t for (n, _), t in zip(now, theta)}
         return torch.func.functional_call(_TermsOf(self), swapped, (like,))
+
+
+def _tensors(module: nn.Module, prefix: str = "") -> list[tuple[str, Tensor]]:
+    """(name, tensor) of the module's parameters and buffers, its own first, then those of
+    its submodules in order: ``named_parameters`` and ``named_buffers`` without their
+    generators and duplicate checks (a few microseconds per evaluation)."""
+    out = [(prefix + n, t) for n, t in module._parameters.items() if t is not None]
+    out += [(prefix + n, t) for n, t in module._buffers.items() if t is not None]
+    for name, sub in module._modules.items():
+        if sub is not None:
+            out += _tensors(sub, f"{prefix}{name}.")
+    return out
 
 
 class _TermsOf(nn.Module):

@@ -296,3 +296,16 @@ def test_pad_adjoint_is_the_adjoint_of_pad(boundary: str, size) -> None:
         adjoint = ridge_module.pad_adjoint(z, s, boundary, x.shape)
         assert (z.numel() >= ridge_module.REFLECT_FOLD_SIZE) == (h > 100)
         assert torch.allclose(adjoint, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cached_x_path_follows_the_settings() -> None:
+    # plain attributes the terms depend on (here the boundary) are part of the cache key
+    model = _make("foe-student", 1, "reflect")
+    x = 0.4 * torch.rand(2, 1, 9, 8, generator=_gen(11), dtype=torch.float64)
+    for boundary in ("reflect", "circular", "valid"):
+        model.boundary = boundary
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xr).sum(), xr)
+        xr = x.clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(_reference_energy(model, xr).sum(), xr)
+        assert torch.allclose(g, ref, rtol=1e-10, atol=1e-12)

@@ -94,12 +94,19 @@ class Regulariser(nn.Module):
     def _ridge_energy(self, x: Tensor) -> Tensor:
         """R(x) of a ridge regulariser (:func:`~bilevel.imaging.ridge.cached_ridge_energy`):
         θ is the module's parameters and buffers as they are now (those given to
-        ``torch.func.functional_call`` inside it), the x-path cached per θ."""
+        ``torch.func.functional_call`` inside it), the x-path cached per θ and per the
+        module's plain settings (boundary, potential, knot spacing, ...)."""
         theta = tuple(t for _, t in _tensors(self))
         cache = self.__dict__.get("_ridge_cache")
         if cache is None:
             cache = self.__dict__["_ridge_cache"] = RidgeCache()
-        return cached_ridge_energy(x, theta, partial(self._ridge_terms_at, theta), cache)
+        config = tuple(
+            (k, v)
+            for k, v in self.__dict__.items()
+            if not k.startswith("_") and isinstance(v, (str, int, float, tuple, type(None)))
+        )
+        build = partial(self._ridge_terms_at, theta)
+        return cached_ridge_energy(x, theta, build, cache, config)
 
     def _ridge_terms_at(self, theta: tuple[Tensor, ...], like: Tensor) -> RidgeTerms:
         """:meth:`ridge_terms` with the parameters and buffers θ (those of an earlier call,

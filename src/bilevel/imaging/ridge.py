@@ -526,9 +526,11 @@ def x_path(filters: Tensor, params: Sequence[Tensor], potential: Potential, boun
 class RidgeCache:
     """The :class:`XPath` of a ridge energy at the last θ it was asked for, reused while θ has
     the same values (compared with a copy kept here, so that changes through ``.data`` or
-    ``torch.no_grad`` count too) and x the same dtype and device. θ must hold every tensor
-    the terms depend on. Only on the CPU: elsewhere the comparison would wait for the device
-    (a host synchronisation per evaluation), so the x-path is made at every evaluation."""
+    ``torch.no_grad`` count too), x the same dtype and device, and ``config`` (the plain
+    settings the terms depend on besides θ, such as the boundary) the same. θ must hold
+    every tensor the terms depend on. Only on the CPU: elsewhere the comparison would wait
+    for the device (a host synchronisation per evaluation), so the x-path is made at every
+    evaluation."""
 
     __slots__ = ("key", "values", "path")
 
@@ -537,12 +539,12 @@ class RidgeCache:
         self.values: tuple[Tensor, ...] = ()
         self.path: XPath | None = None
 
-    def get(self, theta: tuple[Tensor, ...], like: Tensor, build: Any) -> XPath:
+    def get(self, theta: tuple[Tensor, ...], like: Tensor, build: Any, config: tuple = ()) -> XPath:
         """The x-path at θ for x like ``like``; ``build(like)`` makes the terms on a miss."""
         if like.device.type != "cpu" or any(t.device.type != "cpu" for t in theta):
             with torch.no_grad():
                 return x_path(*build(like))
-        key = (like.dtype, *((t.dtype, t.shape) for t in theta))
+        key = (like.dtype, config, *((t.dtype, t.shape) for t in theta))
         if (
             self.path is None
             or key != self.key
@@ -734,12 +736,13 @@ def ridge_energy(
 
 
 def cached_ridge_energy(
-    x: Tensor, theta: tuple[Tensor, ...], build: Any, cache: RidgeCache
+    x: Tensor, theta: tuple[Tensor, ...], build: Any, cache: RidgeCache, config: tuple = ()
 ) -> Tensor:
     """R(x) as :func:`ridge_energy` for the terms ``build(like)`` makes from the tensors θ
     (with autograd recording, in the dtype and device of ``like``), with the x-path of
-    ``cache`` (built again only when θ changed): while θ stays the same, an evaluation makes
+    ``cache`` (built again only when θ or ``config`` changed; see :class:`RidgeCache`): while
+    they stay the same, an evaluation makes
     neither the terms nor their autograd graph. θ-derivatives (taken with respect to the
     tensors θ) and backward passes that record a graph call ``build`` once per evaluation."""
-    ridge = _Ridge(theta, build, cache.get(theta, x, build), x)
+    ridge = _Ridge(theta, build, cache.get(theta, x, build, config), x)
     return _energy(x, ridge)

@@ -28,9 +28,11 @@ install-deepinv: install
 run: install
 	$(BIN)/bilevel denoise
 
-# pytest exits 5 when it collects nothing: that is a failure, not a pass.
+# One pytest worker per core (pytest-xdist; each test runs single-threaded), whole files per
+# worker so that module fixtures are built once. pytest exits 5 when it collects nothing: that
+# is a failure, not a pass.
 test: install
-	@$(BIN)/python -m pytest -q; rc=$$?; \
+	@$(BIN)/python -m pytest -q -n auto --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: install

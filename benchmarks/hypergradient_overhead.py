@@ -45,10 +45,12 @@ Times are medians over ``--repeats`` interleaved repeats (library, the minimal v
 compiled, JAX in turn, the order rotating; a call of under 50 ms right after an untimed call
 of the same function), wall time and CPU time (less disturbed by other processes on a loaded
 machine: of the calling thread for PyTorch, of the process for JAX, which computes in its own
-threads), one thread per stack by default; the compiled programs and
-JAX compile once before the repeats (compile time + first run printed).
+threads), one thread per stack by default (the process pinned to one core: XLA otherwise
+computes on a pool of one thread per core, whatever its Eigen flag; ``--cpu`` picks the
+core, ``--cpu -1`` none); the compiled programs and JAX compile once before the repeats
+(compile time + first run printed).
 Usage: python benchmarks/hypergradient_overhead.py [--repeats 11] [--cases abc]
-[--dtypes float32,float64] [--rows-c 200000] [--compiled abc] [--chunks '']
+[--dtypes float32,float64] [--rows-c 200000] [--compiled abc] [--chunks ''] [--cpu N]
 """
 
 from __future__ import annotations
@@ -459,6 +461,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--cpu", type=int, default=None, help="the core a one-thread run is pinned to (-1: none)"
+    )
     parser.add_argument("--rows-c", type=int, default=200_000, help="rows of instance (c)")
     parser.add_argument("--cases", default="abc", help="subset of the instances a, b, c")
     parser.add_argument("--dtypes", default="float32,float64")
@@ -472,11 +477,20 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    pinned = ""
     if args.threads == 1:  # before JAX is imported
-        os.environ.setdefault(
-            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        )
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} repeats")
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+        if args.cpu != -1:
+            # XLA computes on a pool of one thread per usable core (two on a 2-core machine)
+            # even without multi-threaded Eigen: the process is pinned to one core, so that
+            # XLA sizes its pool to one thread and every stack computes on one core
+            cpu = min(os.sched_getaffinity(0)) if args.cpu is None else args.cpu
+            os.sched_setaffinity(0, {cpu})
+            pinned = f", pinned to CPU {cpu}"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s){pinned},"
+        f" {args.repeats} repeats"
+    )
     print(
         "medians of wall time (CPU time in brackets: of the calling thread, of the process for"
         " JAX); ratios likewise"

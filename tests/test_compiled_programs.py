@@ -95,6 +95,10 @@ def test_lower_program_stops_each_instance_at_its_tolerance() -> None:
     assert len(set(got.iterations.tolist())) == 3
     assert torch.allclose(got.x, ref.x, rtol=1e-12, atol=1e-15)
     assert bool(got.converged.all()) and bool((got.grad_norm <= tol).all())
+    # the energy is the last evaluation's, at each instance's final (frozen) point
+    with torch.no_grad():
+        energy = problem.lower_energy(got.x, problem.theta, batch)
+    assert torch.allclose(got.energy, energy, rtol=1e-13, atol=0.0)
     last = max(got.iterations.tolist())  # passes of 4 steps, every instance evaluated
     assert got.grad_evals == 3 * (1 + 4 * math.ceil(last / 4))
 
@@ -283,6 +287,7 @@ def test_compiled_programs_equal_eager(tmp_path, monkeypatch) -> None:
     got = solve(ProgramNesterov(60), problem, batch, x0, tol, 0.3)
     assert got.iterations.tolist() == ref.iterations.tolist()
     assert torch.allclose(got.x, ref.x, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(got.energy, ref.energy, rtol=1e-12, atol=0.0)
     ref_h = ProgramHypergradient(8, compile=False)(problem, got.x, batch)
     got_h = ProgramHypergradient(8)(problem, got.x, batch)
     for g, r in zip(got_h.grad, ref_h.grad):

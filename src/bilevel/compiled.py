@@ -29,9 +29,10 @@ program. The energies' ``torch.func`` derivatives are traced to ATen graphs, the
 ``while_loop`` operator (a few iterations per pass, not the whole loop unrolled; the stopping
 test on the device), and ``torch.export`` and AOTInductor compile the whole into one C++
 function, which runs without Dynamo's guards or inductor's Python wrapper per call and reads
-the host once. Compiling one takes tens of seconds to a minute; on breast cancer (d = 30) a
-call then takes 0.6–1.6 times the CPU time of the same algorithm jitted in JAX, on logistic
-regression with 20 000 × 200 and 200 000 × 100 data 0.84–1.27 times (``docs/benchmarks.md``).
+the host once. Compiling one takes tens of seconds to a minute; with every stack on one
+core, on breast cancer (d = 30) a call then takes 0.8–1.7 times the CPU time of the same
+algorithm jitted in JAX, on logistic regression with 20 000 × 200 and 200 000 × 100 data
+1.03–1.70 times, 92–93 % of it in MKL's matrix–vector products (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -772,45 +773,45 @@ class _LowerProgram(torch.nn.Module):
     after every step) or ``max_iter`` steps; an instance that stops is frozen. Each pass of
     the loop runs ``unroll`` steps (a step past ``max_iter`` changes nothing). The loop
     carries only what the steps need (each carried tensor is a fresh buffer per pass): the
-    gradient at the start and the energy at the end are evaluated in the program (one
-    gradient, one forward evaluation), a non-finite gradient is found in the last one (an
-    instance whose gradient is NaN stops, and keeps it)."""
+    gradient at the start is evaluated in the program, and the energy at the end is the one
+    the last gradient evaluation computed at the final point (a frozen instance is evaluated
+    again at its point), so the solve makes no evaluation beyond the gradients; a non-finite
+    gradient is found in the last one (an instance whose gradient is NaN stops, and keeps it)."""
 
-    def __init__(self, oracle, energy, max_iter, unroll, restart, fista, exported) -> None:
+    def __init__(self, oracle, max_iter, unroll, restart, fista, exported) -> None:
         super().__init__()
-        self.oracle, self.energy, self.max_iter, self.unroll = oracle, energy, max_iter, unroll
+        self.oracle, self.max_iter, self.unroll = oracle, max_iter, unroll
         self.restart, self.fista, self.exported = restart, fista, exported
 
     def forward(self, y, t, neg_step, momentum, tol, params, leaves):
         params, leaves = list(params), list(leaves)
-        _, g = self.oracle(y, params, leaves)
+        e, g = self.oracle(y, params, leaves)
         gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
         active = gnorm > tol
         iters = torch.zeros_like(gnorm, dtype=torch.long)
         zero = torch.zeros((), dtype=torch.long, device=y.device)
         coef = (neg_step, momentum, self.restart, self.fista)
 
-        def cond(i, passes, y, x_prev, g, active, iters, *t):
+        def cond(i, passes, y, x_prev, e, g, active, iters, *t):
             return (i < self.max_iter) & active.any()
 
-        def body(i, passes, y, x_prev, g, active, iters, *t):
+        def body(i, passes, y, x_prev, e, g, active, iters, *t):
             t = t[0] if t else t
             for _ in range(self.unroll):
                 more = i < self.max_iter
                 run = active & more
                 y, x_prev, t = _nesterov_step(y, x_prev, g, t, expand_as_batch(run, y), *coef)
-                _, g = self.oracle(y, params, leaves)
+                e, g = self.oracle(y, params, leaves)
                 gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
                 i = i + more.long()
                 iters = torch.where(run, i, iters)
                 active = active & (~run | (gnorm > tol))  # NaN > tol is false: NaN stops
-            return (i, passes + 1, y, x_prev, g, active, iters, *((t,) if self.fista else ()))
+            return (i, passes + 1, y, x_prev, e, g, active, iters, *((t,) if self.fista else ()))
 
-        start = (zero, zero.clone(), y.clone(), y.clone(), g, active, iters)  # not x0 itself
+        start = (zero, zero.clone(), y.clone(), y.clone(), e, g, active, iters)  # not x0 itself
         start += (t,) if self.fista else ()
-        i, passes, y, _, g, _, iters, *_ = _loop(cond, body, start, self.exported)
+        i, passes, y, _, e, g, _, iters, *_ = _loop(cond, body, start, self.exported)
         gnorm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
-        e = self.energy(y, params, leaves)
         bad = ~torch.isfinite(gnorm).all()
         flags = torch.stack([i.to(y.dtype), (passes * self.unroll).to(y.dtype), bad.to(y.dtype)])
         return y, e, gnorm, iters, flags
@@ -902,12 +903,9 @@ class ProgramNesterov:
             def flat_energy(x: Tensor, ps: list[Tensor], ls: list[Tensor]) -> Tensor:
                 return problem.lower_energy(x, rebuild(list(ps)), unflatten(ls))
 
-            example = (y, list(params), list(leaves))
-            graphs = [_trace(_oracle(flat_energy), *example), _trace(flat_energy, *example)]
-            module = _LowerProgram(
-                *graphs, self.max_iter, self.unroll, self.restart, fista, exported
-            )
-            return module, graphs
+            graph = _trace(_oracle(flat_energy), y, list(params), list(leaves))
+            module = _LowerProgram(graph, self.max_iter, self.unroll, self.restart, fista, exported)
+            return module, [graph]
 
         with torch.no_grad():
             out, _ = _whole(key, build, args)

@@ -689,6 +689,15 @@ class _Batch:
         )
 
 
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """⟨a_i, b_i⟩ for the rows of ``a`` and ``b`` (m, n), as an (m, 1) column; one row (a
+    single instance in CG's inner loop) by one matrix product, one operation instead of a
+    product and a sum (about half the per-operation cost at n = 30)."""
+    if a.shape[0] == 1:
+        return torch.mm(a, b.t())
+    return (a * b).sum(1, keepdim=True)
+
+
 def _cg_tridiagonal(al: Tensor, be: Tensor) -> tuple[Tensor, Tensor]:
     """The Lanczos tridiagonal from CG's α, β (Saad, Iterative Methods §6.7.3)."""
     diag = 1.0 / al
@@ -800,7 +809,7 @@ class CG:
         n, event = b.shape[0], tuple(b.shape[1:])
         flat = b.dim() == 2
         r = r0 if flat else r0.reshape(n, -1)
-        rr = (r * r).sum(1, keepdim=True)
+        rr = _row_dots(r, r)
         state = _Batch(b, rr.sqrt, tol_all, x0)
         every = _every(self.check_every, b)
         index = state.index
@@ -843,12 +852,12 @@ class CG:
                 hp = _apply(matvec, p.reshape((m,) + event), index).reshape(m, -1)
             matvecs += m
             k += 1
-            php = (p * hp).sum(1, keepdim=True)
+            php = _row_dots(p, hp)
             alpha = rr / php
             a = alpha if host else torch.where(active, alpha, zero)  # stopped ones are frozen
             x = torch.addcmul(x, a, p)
             r = torch.addcmul(r, a, hp, value=-1)
-            rr_new = (r * r).sum(1, keepdim=True)
+            rr_new = _row_dots(r, r)
             if host:
                 # every instance continues: threshold < ‖r‖² < ∞ and 0 < α < ∞ (so pᵀHp is
                 # finite and positive; NaN compares false); such an iteration needs no

@@ -182,18 +182,23 @@ def make_regulariser(config: ImagingConfig, channels: int) -> Regulariser:
         regulariser = REGULARISER_BUILDERS[config.regulariser](config, channels)
     else:
         regulariser = pretrained(name)
-        own = getattr(regulariser, "channels", channels)  # TV acts on any number of channels
-        if own != channels:
-            raise BilevelError(
-                f"--init-model {name} has {own} channel(s), the images {channels} (--color "
-                "selects colour images)"
-            )
+        # TV acts on any number of channels
+        _check_init_channels(name, getattr(regulariser, "channels", channels), channels)
         if hasattr(regulariser, "set_noise_level") and config.sigma > 0:
             regulariser.set_noise_level(config.sigma / 255.0)
     prefixes = getattr(config, "train_only", None)
     if prefixes is not None:
         train_only(regulariser, prefixes)
     return regulariser
+
+
+def _check_init_channels(name: str, model_channels: int, image_channels: int) -> None:
+    """A :class:`BilevelError` unless the shipped model ``name`` fits the images' channels."""
+    if model_channels != image_channels:
+        raise BilevelError(
+            f"--init-model {name} has {model_channels} channel(s), the images {image_channels} "
+            "(--color selects colour images)"
+        )
 
 
 def train_only(regulariser: Regulariser, prefixes: str) -> list[str]:
@@ -381,11 +386,8 @@ def check_options(config: ImagingConfig, *, resume: bool = False, overwrite: boo
                 f"not {config.regulariser}"
             )
         channels = info["kwargs"].get("channels")
-        if channels is not None and channels != (3 if config.color else 1):
-            raise BilevelError(
-                f"--init-model {name} has {channels} channel(s), the images "
-                f"{3 if config.color else 1} (--color selects colour images)"
-            )
+        if channels is not None:
+            _check_init_channels(name, channels, 3 if config.color else 1)
     if getattr(config, "train_only", None) is not None:
         make_regulariser(config, 3 if config.color else 1)  # the prefixes must match
     make_method(config)  # parses --step and --accuracy

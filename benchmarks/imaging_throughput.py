@@ -1,6 +1,6 @@
 """Throughput of the imaging oracles against bare convolutions of the same shapes.
 
-    python benchmarks/imaging_throughput.py [--repeats 11] [--threads 1] [--quick]
+    python benchmarks/imaging_throughput.py [--repeats 11] [--threads 1] [--quick] [--clock C]
     python benchmarks/imaging_throughput.py --reconstruct [IMAGE ...] [--tol T] [--cache DIR]
 
 A ridge / Fields-of-Experts gradient ∇R(x) = Kᵀ φ'(K x) and a Hessian-vector product
@@ -11,8 +11,9 @@ and nothing else, the fastest of five variants per configuration and repeat stat
 K → C, by a grouped transposed convolution and a sum over the K filters, or by the
 correlation's input gradient ``aten.convolution_backward``; or ``F.conv2d`` of the image read
 channels-last followed by a grouped transposed convolution, or by a depthwise convolution
-with the flipped filters, and a sum over the filters. The process keeps freed memory
-(``retain_freed_memory``) unless ``--system-malloc``. For each configuration it times
+with the flipped filters, and a sum over the filters (``sum``, or, depthwise only, a
+matrix-vector product of its channels-last (pixels, K) rows with ones). The process keeps
+freed memory (``retain_freed_memory``) unless ``--system-malloc``. For each configuration it times
 
 * ``gradient``: ``torch.autograd.grad(R(x).sum(), x)`` with θ requiring gradients, as in a
   lower-level solve (the energy's value comes with it);
@@ -32,7 +33,9 @@ Without an IMAGE, skimage's camera resized to 481×321.
 Fraction = time(bare convolutions) / time(oracle): the share of the oracle's time spent in the
 convolutions it cannot avoid (1.0 = no overhead). Variants are interleaved within each repeat;
 the medians over ``--repeats`` are reported, then the minima (the least disturbed repeat, a
-better estimate on a machine shared with other jobs).
+better estimate on a machine shared with other jobs). ``--clock thread`` times with the CPU
+time of the timing thread instead of wall time, which leaves out the time it waits for a core
+while other jobs run (not the slowdown they cause through shared caches and memory).
 """
 
 from __future__ import annotations
@@ -65,6 +68,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=11, help="interleaved repeats (default 11)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quick", action="store_true", help="3 repeats, for a smoke test")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall time (default) or the CPU time of the timing thread, which leaves out the "
+        "time it waits for a core on a machine shared with other jobs",
+    )
     p.add_argument(
         "--reconstruct",
         nargs="*",
@@ -120,21 +130,26 @@ def configurations() -> list[tuple[str, object, tuple[int, ...], torch.dtype]]:
     ]
 
 
+#: The clock of :func:`timer` (``--clock``): wall time or the timing thread's CPU time.
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+clock = CLOCKS["wall"]
+
+
 def timer(fn: Callable[[], object], min_time: float = 0.05) -> Callable[[], float]:
     """A function returning the mean seconds of one call over enough calls for min_time."""
     fn()
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < min_time / 4:
+    start, calls = clock(), 0
+    while clock() - start < min_time / 4:
         fn()
         calls += 1
-    per = (time.perf_counter() - start) / calls
+    per = (clock() - start) / calls
     n = max(1, math.ceil(min_time / per))
 
     def run() -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(n):
             fn()
-        return (time.perf_counter() - t0) / n
+        return (clock() - t0) / n
 
     return run
 
@@ -174,6 +189,13 @@ def measure(
         t = F.conv2d(channels_last(pad(x, s, model.boundary)), w)
         F.conv2d(t, w_flipped, padding=s - 1, groups=k).sum(1, keepdim=True)
 
+    ones = torch.ones(k, dtype=dtype)
+
+    def bare_cl_depthwise_mv() -> None:
+        t = F.conv2d(channels_last(pad(x, s, model.boundary)), w)
+        z = F.conv2d(t, w_flipped, padding=s - 1, groups=k)
+        torch.mv(z.permute(0, 2, 3, 1).reshape(-1, k), ones)
+
     def oracles(energy) -> tuple[Callable[[], None], Callable[[], None]]:
         xr = x.clone().requires_grad_(True)
 
@@ -196,6 +218,7 @@ def measure(
         "bare backward": timer(bare_backward),
         "bare channels-last grouped": timer(bare_cl_grouped),
         "bare channels-last depthwise": timer(bare_cl_depthwise),
+        "bare channels-last depthwise mv": timer(bare_cl_depthwise_mv),
         "gradient": timer(fused[0]),
         "HVP": timer(fused[1]),
         "plain gradient": timer(plain[0]),
@@ -299,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         return 0
     repeats = 3 if args.quick else args.repeats
+    global clock
+    clock = CLOCKS[args.clock]
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), {repeats} repeats, "
-        f"freed memory retained: {retained}"
+        f"freed memory retained: {retained}, clock: {args.clock}"
     )
+    print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     head = (
         "| configuration | bare conv ms | gradient ms | fraction | HVP ms | fraction "
         "| plain gradient ms | fraction | plain HVP ms | fraction |"
@@ -317,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in ("gradient", "HVP", "plain gradient", "plain HVP"):
                 cells += [f"{1e3 * m[key]:.2f}", f"{bare / m[key]:.2f}"]
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print("\nload average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return 0
 
 

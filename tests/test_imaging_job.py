@@ -274,3 +274,39 @@ def test_init_model_strength_is_tuned_on_the_training_crops():
     # the search itself: a score peaked at 5 beyond the grid [1, 2] is found by extension
     peak = grid_search(lambda v: -((math.log(v) - math.log(5.0)) ** 2), [1.0, 2.0], 6, "v")
     assert peak.strength == 4.0 and peak.interior
+
+
+def test_the_adjoint_iteration_cap_decides_whether_a_deblurring_hypergradient_is_certified():
+    """At γ = 10⁻³ the blurred crops' adjoint systems H q = ∇ₓf need more conjugate-gradient
+    iterations than a small --adjoint-max-iter allows: the capped solve misses its tolerance
+    (warned, hypergradient not certified), the job's solve with a large cap meets it."""
+    import warnings
+
+    import pytest
+
+    from bilevel import BilevelError
+    from bilevel.imaging.config import job_config
+    from bilevel.imaging.job import build, make_method
+    from bilevel.lower import ConvergenceWarning
+
+    def adjoint(cap: int):
+        args = job_config(
+            "deblur", train_size=2, test_size=2, crop=16, filters=4, filter_size=3,
+            gamma=1e-3, dtype="float64", adjoint_max_iter=cap,
+        )  # fmt: skip
+        setup = build(args)
+        estimator = make_method(args).estimator
+        assert estimator.linear_solver.max_iter == cap
+        batch = setup.train.batch()
+        return estimator(setup.problem, batch, batch[0].clone(), lower_tol=1e-8, adjoint_tol=1e-8)
+
+    with pytest.warns(ConvergenceWarning, match="adjoint solver CG missed adjoint_tol"):
+        capped = adjoint(5)
+    assert not bool(capped.linear.converged.all()) and int(capped.linear.iterations.max()) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        solved = adjoint(3000)
+    assert bool(solved.linear.converged.all())
+    assert 5 < int(solved.linear.iterations.max()) < 3000
+    with pytest.raises(BilevelError, match="--adjoint-max-iter must be positive"):
+        build(job_config("deblur", train_size=2, test_size=2, crop=16, adjoint_max_iter=0))

@@ -215,3 +215,97 @@ def test_hessian_products_skip_theta_derivatives(monkeypatch) -> None:
     before = dict(calls)
     jq = op.jacobian_vjp(torch.ones_like(x), params)
     assert calls["correlate"] > before["correlate"] and any(bool(j.abs().sum()) for j in jq)
+
+
+def test_cached_x_path_follows_theta(monkeypatch) -> None:
+    # The x-path is made once per θ value: evaluations at an unchanged θ reuse it, and any
+    # change of θ (an optimiser-style step under no_grad, a write through .data, a buffer)
+    # makes it again; θ-derivatives build the terms only when asked for.
+    model = _make("crr", 1, "reflect")
+    x = 0.4 * torch.rand(2, 1, 9, 8, generator=_gen(6), dtype=torch.float64)
+    builds = {"n": 0}
+    original = model.ridge_terms
+
+    def counting(like):
+        builds["n"] += 1
+        return original(like)
+
+    monkeypatch.setattr(model, "ridge_terms", counting)
+
+    def check() -> None:
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xr).sum(), xr)
+        xr = x.clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(_reference_energy(model, xr).sum(), xr)
+        assert torch.allclose(g, ref, rtol=1e-10, atol=1e-12)
+
+    check()
+    check()
+    assert builds["n"] == 1
+    with torch.no_grad():
+        model.layers[0].mul_(1.1)
+    check()
+    model.log_slopes.data.add_(0.05)
+    check()
+    model.set_noise_level(20 / 255)
+    check()
+    assert builds["n"] == 4
+    (dtheta,) = torch.autograd.grad(model(x).sum(), [model.log_strength])
+    assert builds["n"] == 5 and bool(dtheta.abs().sum() > 0)
+
+
+def test_theta_derivatives_with_swapped_parameters() -> None:
+    # θ-derivatives taken after torch.func.functional_call returned: the terms are made from
+    # the tensors of that call, not from the module's own parameters.
+    model = _make("wcrr", 1, "reflect")
+    names = [n for n, _ in model.named_parameters()]
+    theta = [1.05 * p.detach().clone() for p in model.parameters()]
+    theta = [t.requires_grad_(True) for t in theta]
+    x = 0.4 * torch.rand(2, 1, 9, 8, generator=_gen(8), dtype=torch.float64)
+    value = functional_call(model, dict(zip(names, theta)), (x,))
+    fused = torch.autograd.grad(value.sum(), theta)
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), theta):
+            p.copy_(t)
+    reference = torch.autograd.grad(_reference_energy(model, x).sum(), list(model.parameters()))
+    for a, b in zip(fused, reference):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_theta_modified_before_its_derivative_is_refused() -> None:
+    model = _make("foe-l1", 1, "reflect")
+    x = 0.4 * torch.rand(1, 1, 9, 8, generator=_gen(9), dtype=torch.float64)
+    value = model(x).sum()
+    with torch.no_grad():
+        model.filters.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(value, [model.filters])
+
+
+@pytest.mark.parametrize("boundary", ["reflect", "circular"])
+@pytest.mark.parametrize("size", [(2, 9, 7), (3, 150, 160)])
+def test_pad_adjoint_is_the_adjoint_of_pad(boundary: str, size) -> None:
+    # small batches: aten's reflection_pad2d_backward; from REFLECT_FOLD_SIZE numbers on the
+    # margins are folded back with slices
+    b, h, w = size
+    gen = _gen(10)
+    x = torch.randn(b, 1, h, w, generator=gen, dtype=torch.float64).requires_grad_(True)
+    for s in (5, 6):
+        z = torch.randn(pad(x, s, boundary).shape, generator=gen, dtype=torch.float64)
+        (expected,) = torch.autograd.grad((pad(x, s, boundary) * z).sum(), x)
+        adjoint = ridge_module.pad_adjoint(z, s, boundary, x.shape)
+        assert (z.numel() >= ridge_module.REFLECT_FOLD_SIZE) == (h > 100)
+        assert torch.allclose(adjoint, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cached_x_path_follows_the_settings() -> None:
+    # plain attributes the terms depend on (here the boundary) are part of the cache key
+    model = _make("foe-student", 1, "reflect")
+    x = 0.4 * torch.rand(2, 1, 9, 8, generator=_gen(11), dtype=torch.float64)
+    for boundary in ("reflect", "circular", "valid"):
+        model.boundary = boundary
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xr).sum(), xr)
+        xr = x.clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(_reference_energy(model, xr).sum(), xr)
+        assert torch.allclose(g, ref, rtol=1e-10, atol=1e-12)

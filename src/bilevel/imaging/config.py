@@ -93,6 +93,11 @@ class ImagingConfig:
         "accuracy schedule ε_k = δ_k: absolute tolerance on each image's ‖∇ₓh‖ and adjoint "
         "residual",
     )
+    adjoint_max_iter: int = option(
+        500,
+        "iteration cap of the conjugate-gradient adjoint solves (one oracle call each); an "
+        "adjoint stopped by it misses its tolerance and its hypergradient is not certified",
+    )
     batch_size: int = option(8, "images per ISGD step")
     data: str = option(
         "bundled", "'bundled' (scikit-image images) or a folder with train/ and test/ folders"

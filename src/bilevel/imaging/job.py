@@ -314,6 +314,7 @@ def check_options(config: ImagingConfig, *, resume: bool = False, overwrite: boo
         "threads",
         "checkpoint_every",
         "kernel_size",
+        "adjoint_max_iter",
     ):
         _positive_int(config, name)
     if getattr(config, "val_size", 0) < 0:
@@ -484,12 +485,13 @@ def tv_reconstructions(setup: Setup, strength: float) -> Tensor:
 
 def make_method(config: ImagingConfig) -> ISGD | MAID:
     """The upper-level method of the options: Adam-ISGD, ISGD or MAID, with warm-started
-    lower solves and CG adjoints. ISGD solves the lower levels by L-BFGS, which on these
-    energies needs about a third of the oracle calls of accelerated gradient per step (the
-    job's FoE on 128 crops: 120 steps in 66k calls against 190k, same test PSNR); MAID by
-    ``Nesterov``, with which its float32 line search is tested."""
+    lower solves and CG adjoints (at most ``--adjoint-max-iter`` iterations). ISGD solves
+    the lower levels by L-BFGS, which on these energies needs about a third of the oracle
+    calls of accelerated gradient per step (the job's FoE on 128 crops: 120 steps in 66k
+    calls against 190k, same test PSNR); MAID by ``Nesterov``, with which its float32 line
+    search is tested."""
     estimator = Implicit(
-        CG(max_iter=500),
+        CG(max_iter=config.adjoint_max_iter),
         lower_solver=Nesterov(max_iter=5000) if config.method == "maid" else LBFGS(max_iter=2000),
         compute_bound=config.method == "maid",
     )

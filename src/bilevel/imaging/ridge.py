@@ -25,18 +25,18 @@ the potentials are folded into the filters, so no pass over the responses rescal
 Layout (:func:`fast_layout`): on the CPU in float32 with one image channel the correlation
 reads the image channels-last (oneDNN's fast path; free for one channel) and the adjoint is a
 depthwise convolution of the channels-last responses with the flipped filters, summed over
-the filters: ``conv_transpose2d`` from K channels to one (oneDNN's backward-data path) is up
-to 5× slower. Elsewhere (float64, several image channels, CUDA) the correlation is
-channel-first and the adjoint is its input gradient (``aten.convolution_backward``), up to
-twice as fast as ``conv_transpose2d`` in float64 on small crops
-(``benchmarks/imaging_throughput.py``).
+the filters (as a matrix-vector product with ones): ``conv_transpose2d`` from K channels to
+one (oneDNN's backward-data path) is up to 5× slower. Elsewhere (float64, several image
+channels, CUDA) the correlation is channel-first and the adjoint is its input gradient
+(``aten.convolution_backward``), up to twice as fast as ``conv_transpose2d`` in float64 on
+small crops (``benchmarks/imaging_throughput.py``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +46,11 @@ __all__ = [
     "LogCoshSum",
     "retain_freed_memory",
     "Potential",
+    "RidgeCache",
     "SmoothedL1",
     "Spline",
     "StudentT",
+    "cached_ridge_energy",
     "correlate",
     "correlate_adjoint",
     "ridge_energy",
@@ -119,12 +121,32 @@ def _fold(z: Tensor, dim: int, lo: int, hi: int) -> Tensor:
     return core
 
 
+#: From this many padded numbers on, the adjoint of reflection padding folds the margins with
+#: slices (2.5–4× faster than ``aten.reflection_pad2d_backward`` on 481×321 images, slower
+#: below about 8×64×64).
+REFLECT_FOLD_SIZE = 1 << 16
+
+
+def _fold_reflected(z: Tensor, dim: int, lo: int, hi: int) -> Tensor:
+    """Adjoint of reflection padding by (lo, hi) along ``dim``: padded entry i < lo is the
+    core's entry lo − i (the edge not repeated), so the margins add back mirrored."""
+    n = z.shape[dim] - lo - hi
+    core = z.narrow(dim, lo, n).clone()
+    if lo:
+        core.narrow(dim, 1, lo).add_(z.narrow(dim, 0, lo).flip(dim))
+    if hi:
+        core.narrow(dim, n - 1 - hi, hi).add_(z.narrow(dim, lo + n, hi).flip(dim))
+    return core
+
+
 def pad_adjoint(z: Tensor, filter_size: int, boundary: str, shape: Sequence[int]) -> Tensor:
     """Pᵀ z: the adjoint of :func:`pad` for images of ``shape`` (B, C, H, W)."""
     if boundary == "valid":
         return z
     lo, hi = _padding(filter_size)
     if boundary == "reflect":
+        if z.numel() >= REFLECT_FOLD_SIZE:
+            return _fold_reflected(_fold_reflected(z, -2, lo, hi), -1, lo, hi)
         like = z.new_empty(()).expand(*shape)  # only its shape is read
         return torch.ops.aten.reflection_pad2d_backward(z, like, [lo, hi, lo, hi])
     return _fold(_fold(z, -2, lo, hi), -1, lo, hi)
@@ -159,13 +181,21 @@ def correlate(x: Tensor, filters: Tensor, boundary: str) -> Tensor:
     return F.conv2d(xp, filters)
 
 
-def correlate_adjoint(u: Tensor, filters: Tensor, boundary: str, shape: Sequence[int]) -> Tensor:
-    """Kᵀ u = Pᵀ Σ_k k_k ⋆ᵀ u_k for responses u (B, K, H', W'), images of ``shape``."""
+def correlate_adjoint(
+    u: Tensor,
+    filters: Tensor,
+    boundary: str,
+    shape: Sequence[int],
+    flipped: Tensor | None = None,
+) -> Tensor:
+    """Kᵀ u = Pᵀ Σ_k k_k ⋆ᵀ u_k for responses u (B, K, H', W'), images of ``shape``;
+    ``flipped``: ``filters.flip(-1, -2)`` if already at hand."""
     k, c = filters.shape[:2]
     if fast_layout(u) and k > 1 and c == 1:  # Σ_k of the full convolutions k_k * u_k
         u = u.contiguous(memory_format=torch.channels_last)  # no copy after correlate
-        flipped = filters.flip(-1, -2)
-        z = F.conv2d(u, flipped, padding=filters.shape[-1] - 1, groups=k).sum(1, keepdim=True)
+        flipped = filters.flip(-1, -2) if flipped is None else flipped
+        z = F.conv2d(u, flipped, padding=filters.shape[-1] - 1, groups=k)
+        z = _filter_sum(z)
     else:  # the correlation's input gradient: faster than conv_transpose2d in float64
         size = [u.shape[0], c, *(n + m - 1 for n, m in zip(u.shape[2:], filters.shape[2:]))]
         like = u.new_empty(()).expand(size)  # only its shape is read
@@ -173,6 +203,16 @@ def correlate_adjoint(u: Tensor, filters: Tensor, boundary: str, shape: Sequence
             u, like, filters, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
         )[0]
     return pad_adjoint(z.contiguous(), filters.shape[-1], boundary, shape)
+
+
+def _filter_sum(z: Tensor) -> Tensor:
+    """Σ_k z_k (B, 1, H, W) of z (B, K, H, W); of channels-last z as the matrix-vector product
+    of its (B H W, K) rows with ones, 1.5–1.8× faster than ``z.sum(1)``, which reduces K
+    contiguous numbers per pixel without vectorising (``benchmarks/imaging_throughput.py``)."""
+    b, k, h, w = z.shape
+    if not z.is_contiguous(memory_format=torch.channels_last):
+        return z.sum(1, keepdim=True)
+    return torch.mv(z.permute(0, 2, 3, 1).reshape(-1, k), z.new_ones(k)).view(b, 1, h, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +233,8 @@ class Potential:
     φ_k'(t) = b_k φ̃_k'(v), φ_k''(t) = a_k b_k φ̃_k''(v), so the adjoint takes the filters
     b_k k_k and no pass over the responses multiplies by a_k or b_k. :meth:`evaluate` returns
     the energy and φ̃'(v), :meth:`curvature` φ̃''(v); the defaults are a = b = 1.
+    :meth:`prepare` computes, once per θ, what :meth:`evaluate` needs besides v (weights,
+    lookup tables); the x-path caches it with the scaled filters.
     """
 
     def value(self, t: Tensor, params: Sequence[Tensor]) -> Tensor:  # pragma: no cover
@@ -208,10 +250,17 @@ class Potential:
         """(a, b), each of shape (K,) or None for ones (see the class docstring)."""
         return None, None
 
-    def evaluate(self, v: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Any]:
+    def prepare(self, params: Sequence[Tensor]) -> Any:
+        """What :meth:`evaluate` needs of the (detached) params, computed once per θ."""
+        return None
+
+    def evaluate(
+        self, v: Tensor, params: Sequence[Tensor], prepared: Any = None
+    ) -> tuple[Tensor, Tensor, Any]:
         """(Σ_{k,pixels} φ_k per image (B,), φ̃'(v), a state that :meth:`curvature` reuses)
-        for scaled responses v. Called without autograd recording, so it may work in place
-        on its own intermediates."""
+        for scaled responses v; ``prepared``: :meth:`prepare`'s result (computed if None).
+        Called without autograd recording, so it may work in place on its own
+        intermediates."""
         return self.value(v, params).sum(dim=(1, 2, 3)), self.first(v, params), None
 
     def curvature(self, v: Tensor, params: Sequence[Tensor], state: Any) -> Tensor:
@@ -264,11 +313,17 @@ class SmoothedL1(Potential):
         w, nu = params
         return nu.reciprocal().view(-1), w.view(-1)
 
-    def evaluate(self, v: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def prepare(self, params: Sequence[Tensor]) -> Tensor:
         w, nu = params
+        return (w * nu).view(-1)
+
+    def evaluate(
+        self, v: Tensor, params: Sequence[Tensor], prepared: Any = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        weights = self.prepare(params) if prepared is None else prepared  # w_k ν_k
         s = torch.addcmul(v.new_ones(()), v, v).sqrt_()  # hypot is not vectorised
         pixels = v.shape[2] * v.shape[3]
-        energy = (s.sum(dim=(2, 3)) - pixels) @ (w * nu).view(-1)
+        energy = (s.sum(dim=(2, 3)) - pixels) @ weights
         return energy, torch.div(v, s), s
 
     def curvature(self, v: Tensor, params: Sequence[Tensor], state: Any) -> Tensor:
@@ -299,10 +354,15 @@ class StudentT(Potential):
         a = nu.reciprocal().view(-1)
         return a, 2.0 * w.view(-1) * a
 
-    def evaluate(self, v: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        w, _ = params
+    def prepare(self, params: Sequence[Tensor]) -> Tensor:
+        return params[0].reshape(-1)
+
+    def evaluate(
+        self, v: Tensor, params: Sequence[Tensor], prepared: Any = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        weights = self.prepare(params) if prepared is None else prepared
         q = torch.addcmul(v.new_ones(()), v, v)
-        energy = q.log().sum(dim=(2, 3)) @ w.view(-1)
+        energy = q.log().sum(dim=(2, 3)) @ weights
         return energy, torch.div(v, q), q
 
     def curvature(self, v: Tensor, params: Sequence[Tensor], state: Any) -> Tensor:
@@ -390,21 +450,30 @@ class Spline(Potential):
         left = (right * right.new_tensor([1.0, -1.0, 1.0]).view(3, 1, 1)).flip(2)  # [-j-1, -j)
         return torch.cat([left, right], 2).reshape(3, -1)
 
-    def evaluate(self, v: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """v = β t/Δ: P, Q, C of each response's interval (one lookup of three planes),
-        Ψ' = Q + C v, Σ Ψ = Σ P + ½ (Σ v Q + Σ v Ψ'); φ = β⁻² Ψ, φ̃' = Ψ', φ̃'' = C."""
+    def prepare(self, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(the planes of :meth:`_polynomials`, the offsets m1 (2 k + 1) of filter k's
+        intervals, β⁻²)."""
         table, beta = params
         _, k, m1 = table.shape
-        base = torch.arange(m1, m1 + 2 * m1 * k, 2 * m1, dtype=v.dtype, device=v.device)
+        base = torch.arange(m1, m1 + 2 * m1 * k, 2 * m1, dtype=table.dtype, device=table.device)
+        return self._polynomials(table), base, (beta * beta).reciprocal()
+
+    def evaluate(
+        self, v: Tensor, params: Sequence[Tensor], prepared: Any = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """v = β t/Δ: P, Q, C of each response's interval (one lookup of three planes),
+        Ψ' = Q + C v, Σ Ψ = Σ P + ½ (Σ v Q + Σ v Ψ'); φ = β⁻² Ψ, φ̃' = Ψ', φ̃'' = C."""
+        polynomials, base, scale = self.prepare(params) if prepared is None else prepared
+        m1 = params[0].shape[2]
         vm, last = _memory_order(v)  # channels-last: the per-filter offsets vary fastest
         # v + base ≥ 0 after the clamp, so the conversion's truncation is the floor
-        idx = vm.clamp(-m1, m1 - 1).add_(base if last else base.view(k, 1, 1))
-        planes = self._polynomials(table).index_select(1, idx.to(torch.int32).reshape(-1))
+        idx = vm.clamp(-m1, m1 - 1).add_(base if last else base.view(-1, 1, 1))
+        planes = polynomials.index_select(1, idx.to(torch.int32).reshape(-1))
         p, q, cc = planes.view(3, *vm.shape).unbind(0)
         if last:  # back to (B, K, H, W) views, channels-last like v
             p, q, cc = (z.permute(0, 3, 1, 2) for z in (p, q, cc))
         slope = torch.addcmul(q, cc, v)
-        energy = (_flat(p).sum(1) + 0.5 * (_dot(v, q) + _dot(v, slope))) / (beta * beta)
+        energy = (_flat(p).sum(1) + 0.5 * (_dot(v, q) + _dot(v, slope))) * scale
         return energy, slope, cc
 
     def curvature(self, v: Tensor, params: Sequence[Tensor], state: Any) -> Tensor:
@@ -423,54 +492,102 @@ class Spline(Potential):
 # --------------------------------------------------------------------------------------------
 
 
-class _Ridge:
-    """What a ridge energy depends on besides x: filters and potential parameters (with their
-    autograd history; deliberately not autograd inputs of the x-path nodes), the potential and
-    the boundary, and the point x at which θ-derivatives are taken."""
+#: What a ridge energy is made of at one θ: (filters (K, C, s, s), potential parameters,
+#: potential, boundary), the tensors in the dtype and device of x.
+Terms = tuple[Tensor, Sequence[Tensor], Potential, str]
 
-    __slots__ = ("filters", "params", "potential", "boundary", "x")
+
+class XPath(NamedTuple):
+    """What the x-derivatives of a ridge energy need at one θ, detached: the filters a_k k_k
+    of the scaled responses v = a ⊙ K x, the filters b_k k_k of the adjoint and the same
+    flipped (the depthwise adjoint's, channels-last layout only, else None), the potential's
+    parameters and :meth:`Potential.prepare`'s result (see :class:`Potential`)."""
+
+    w_in: Tensor
+    w_out: Tensor
+    flipped: Tensor | None
+    params: tuple[Tensor, ...]
+    prepared: Any
+    potential: Potential
+    boundary: str
+
+
+def x_path(filters: Tensor, params: Sequence[Tensor], potential: Potential, boundary: str) -> XPath:
+    """The :class:`XPath` of these terms (no autograd recording)."""
+    with torch.no_grad():
+        w, params = filters.detach(), tuple(p.detach() for p in params)
+        a, b = potential.scales(params)
+        w_in = w if a is None else w * a.view(-1, 1, 1, 1)
+        w_out = w if b is None else w * b.view(-1, 1, 1, 1)
+        flipped = w_out.flip(-1, -2) if fast_layout(w) and w.shape[1] == 1 else None
+        return XPath(w_in, w_out, flipped, params, potential.prepare(params), potential, boundary)
+
+
+class RidgeCache:
+    """The :class:`XPath` of a ridge energy at the last θ it was asked for, reused while θ has
+    the same values (compared with a copy kept here, so that changes through ``.data`` or
+    ``torch.no_grad`` count too), x the same dtype and device, and ``config`` (the plain
+    settings the terms depend on besides θ, such as the boundary) the same. θ must hold
+    every tensor the terms depend on. Only on the CPU: elsewhere the comparison would wait
+    for the device (a host synchronisation per evaluation), so the x-path is made at every
+    evaluation."""
+
+    __slots__ = ("key", "values", "path")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.values: tuple[Tensor, ...] = ()
+        self.path: XPath | None = None
+
+    def get(self, theta: tuple[Tensor, ...], like: Tensor, build: Any, config: tuple = ()) -> XPath:
+        """The x-path at θ for x like ``like``; ``build(like)`` makes the terms on a miss."""
+        if like.device.type != "cpu" or any(t.device.type != "cpu" for t in theta):
+            with torch.no_grad():
+                return x_path(*build(like))
+        key = (like.dtype, config, *((t.dtype, t.shape) for t in theta))
+        if (
+            self.path is None
+            or key != self.key
+            or not all(torch.equal(a, b) for a, b in zip(theta, self.values))
+        ):
+            with torch.no_grad():
+                path = x_path(*build(like))
+            self.key, self.path = key, path
+            self.values = tuple(t.detach().clone() for t in theta)
+        return self.path
+
+
+class _Ridge:
+    """What a ridge energy depends on besides x: the tensors θ (with their autograd history;
+    deliberately not autograd inputs of the x-path nodes) and their versions when the energy
+    was evaluated, ``build`` (x-like tensor ↦ the terms made from θ, with autograd recording:
+    called only for θ-derivatives and for backward passes that record a graph), the detached
+    :class:`XPath`, and the point x at which θ-derivatives are taken."""
+
+    __slots__ = ("theta", "versions", "build", "path", "x")
 
     def __init__(
-        self,
-        filters: Tensor,
-        params: tuple[Tensor, ...],
-        potential: Potential,
-        boundary: str,
-        x: Tensor,
+        self, theta: tuple[Tensor, ...], build: Any, path: XPath, x: Tensor, versions=None
     ) -> None:
-        self.filters, self.params, self.potential = filters, params, potential
-        self.boundary, self.x = boundary, x
+        self.theta, self.build, self.path, self.x = theta, build, path, x
+        self.versions = tuple(t._version for t in theta) if versions is None else versions
 
     def at(self, x: Tensor) -> _Ridge:
-        return _Ridge(self.filters, self.params, self.potential, self.boundary, x)
+        return _Ridge(self.theta, self.build, self.path, x, self.versions)
 
-    @property
-    def theta(self) -> tuple[Tensor, ...]:
-        return (self.filters, *self.params)
-
-    def theta_requires_grad(self) -> bool:
+    def requires_grad(self) -> bool:
         return any(p.requires_grad for p in self.theta)
 
-    def correlate(self, x: Tensor, filters: Tensor | None = None) -> Tensor:
-        return correlate(x, self.filters if filters is None else filters, self.boundary)
-
-    def adjoint(self, u: Tensor, filters: Tensor | None = None) -> Tensor:
-        w = self.filters if filters is None else filters
-        return correlate_adjoint(u, w, self.boundary, self.x.shape)
-
-    def detached(self) -> tuple[Tensor, tuple[Tensor, ...]]:
-        return self.filters.detach(), tuple(p.detach() for p in self.params)
-
-
-def _theta_leaves(ridge: _Ridge, create: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """θ to differentiate in a θ-node: the tensors themselves when recording higher
-    derivatives, else detached copies (those of θ that require gradients require them too)."""
-    if create:
-        return ridge.filters, ridge.params
-    w, params = ridge.detached()
-    return w.requires_grad_(ridge.filters.requires_grad), tuple(
-        q.requires_grad_(p.requires_grad) for p, q in zip(ridge.params, params)
-    )
+    def terms(self) -> Terms:
+        """The terms made from θ with autograd recording (a graph of their own each time, which
+        one backward pass may free); θ must not have been modified in place since."""
+        if any(t._version != v for t, v in zip(self.theta, self.versions)):
+            raise RuntimeError(
+                "a tensor of the ridge energy's θ was modified in place after the energy was "
+                "evaluated; its derivatives need the values it was evaluated with"
+            )
+        with torch.enable_grad():
+            return self.build(self.x)
 
 
 def _theta_grads(out: Tensor, theta: Sequence[Tensor], create: bool) -> tuple:
@@ -487,26 +604,16 @@ def _theta_grads(out: Tensor, theta: Sequence[Tensor], create: bool) -> tuple:
     return tuple(result)
 
 
-def _scaled_filters(ridge: _Ridge) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """(a_k k_k, b_k k_k, params), detached: the filters of the scaled responses v = a ⊙ K x
-    and of the adjoint of φ'(K x) = b ⊙ φ̃'(v) (see :class:`Potential`)."""
-    w, params = ridge.detached()
-    a, b = ridge.potential.scales(params)
-    w_in = w if a is None else w * a.view(-1, 1, 1, 1)
-    w_out = w if b is None else w * b.view(-1, 1, 1, 1)
-    return w_in, w_out, params
-
-
 class _Value(torch.autograd.Function):
     """x ↦ R(x) (B,): forward K x and φ; backward the fused gradient Kᵀ φ'(K x)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, ridge: _Ridge) -> Tensor:
-        w_in, w_out, params = _scaled_filters(ridge)
-        v = correlate(x, w_in, ridge.boundary)
-        energy, dphi, state = ridge.potential.evaluate(v, params)
+        path = ridge.path
+        v = correlate(x, path.w_in, path.boundary)
+        energy, dphi, state = path.potential.evaluate(v, path.params, path.prepared)
         if ctx.needs_input_grad[0]:
-            ctx.cache = (v, dphi, state, w_in, w_out, params)
+            ctx.cache = (v, dphi, state)
         ctx.ridge = ridge
         ctx.save_for_backward(x)
         return energy
@@ -518,8 +625,9 @@ class _Value(torch.autograd.Function):
         scale = grad_out.reshape(-1, 1, 1, 1)
         if torch.is_grad_enabled():  # create_graph: a gradient that is differentiable itself
             return scale * ridge_gradient(x, ridge, ctx.cache), None
-        _, dphi, _, _, w_out, _ = ctx.cache
-        return scale * correlate_adjoint(dphi, w_out, ridge.boundary, x.shape), None
+        path = ridge.path
+        g = correlate_adjoint(ctx.cache[1], path.w_out, path.boundary, x.shape, path.flipped)
+        return scale * g, None
 
 
 class _ValueTheta(torch.autograd.Function):
@@ -534,16 +642,16 @@ class _ValueTheta(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple:
         ridge, create = ctx.ridge, torch.is_grad_enabled()
         with torch.enable_grad():
-            w, params = _theta_leaves(ridge, create)
+            filters, params, potential, boundary = ridge.terms()
             x = ridge.x if create else ridge.x.detach()
-            phi = ridge.potential.value(correlate(x, w, ridge.boundary), params)
+            phi = potential.value(correlate(x, filters, boundary), params)
             out = (phi.sum(dim=(1, 2, 3)) * grad_out).sum()
-            return (None, *_theta_grads(out, (w, *params), create))
+            return (None, *_theta_grads(out, ridge.theta, create))
 
 
 class _Gradient(torch.autograd.Function):
     """x ↦ ∇R(x) = Kᵀ φ'(K x) from the energy's forward pass (scaled responses v, φ̃'(v), the
-    potential's state, the scaled filters); backward the closed-form HVP
+    potential's state); backward the closed-form HVP
     Kᵀ(φ''(K x) ⊙ K u) = (b k)ᵀ(φ̃''(v) ⊙ (a k) u), φ̃''(v) computed at most once and kept
     for the next products."""
 
@@ -551,21 +659,30 @@ class _Gradient(torch.autograd.Function):
     def forward(ctx, x: Tensor, ridge: _Ridge, cache: tuple) -> Tensor:
         ctx.ridge, ctx.cache, ctx.curvature = ridge, cache, None
         ctx.save_for_backward(x)
-        _, dphi, _, _, w_out, _ = cache
-        return correlate_adjoint(dphi, w_out, ridge.boundary, x.shape)
+        path = ridge.path
+        return correlate_adjoint(cache[1], path.w_out, path.boundary, x.shape, path.flipped)
 
     @staticmethod
     def backward(ctx, u: Tensor) -> tuple[Tensor, None, None]:
         (x,) = ctx.saved_tensors
         ridge = ctx.ridge.at(x)
         if torch.is_grad_enabled():  # create_graph: record the closed form for autograd
-            curvature = ridge.potential.second(ridge.correlate(x), ridge.params)
-            return ridge.adjoint(curvature * ridge.correlate(u)), None, None
-        v, _, state, w_in, w_out, params = ctx.cache
+            filters, params, potential, boundary = ridge.terms()
+            curvature = potential.second(correlate(x, filters, boundary), params)
+            hu = correlate_adjoint(
+                curvature * correlate(u, filters, boundary), filters, boundary, x.shape
+            )
+            return hu, None, None
+        path = ridge.path
         if ctx.curvature is None:
-            ctx.curvature = ridge.potential.curvature(v, params, state)
-        ku = correlate(u, w_in, ridge.boundary).mul_(ctx.curvature)
-        return correlate_adjoint(ku, w_out, ridge.boundary, x.shape), None, None
+            v, _, state = ctx.cache
+            ctx.curvature = path.potential.curvature(v, path.params, state)
+        ku = correlate(u, path.w_in, path.boundary).mul_(ctx.curvature)
+        return (
+            correlate_adjoint(ku, path.w_out, path.boundary, x.shape, path.flipped),
+            None,
+            None,
+        )
 
 
 class _GradientTheta(torch.autograd.Function):
@@ -580,19 +697,26 @@ class _GradientTheta(torch.autograd.Function):
     def backward(ctx, q: Tensor) -> tuple:
         ridge, create = ctx.ridge, torch.is_grad_enabled()
         with torch.enable_grad():
-            w, params = _theta_leaves(ridge, create)
+            filters, params, potential, boundary = ridge.terms()
             x = ridge.x if create else ridge.x.detach()
-            dphi = ridge.potential.first(correlate(x, w, ridge.boundary), params)
-            out = (dphi * correlate(q if create else q.detach(), w, ridge.boundary)).sum()
-            return (None, *_theta_grads(out, (w, *params), create))
+            dphi = potential.first(correlate(x, filters, boundary), params)
+            out = (dphi * correlate(q if create else q.detach(), filters, boundary)).sum()
+            return (None, *_theta_grads(out, ridge.theta, create))
 
 
 def ridge_gradient(x: Tensor, ridge: _Ridge, cache: tuple) -> Tensor:
     """∇R(x) as a differentiable tensor (x-path and θ-path nodes) from the energy's cache."""
     g = _Gradient.apply(x, ridge, cache)
-    if ridge.theta_requires_grad():
+    if ridge.requires_grad():
         g = g + _GradientTheta.apply(ridge, *ridge.theta)
     return g
+
+
+def _energy(x: Tensor, ridge: _Ridge) -> Tensor:
+    value = _Value.apply(x, ridge)
+    if torch.is_grad_enabled() and ridge.requires_grad():
+        value = value + _ValueTheta.apply(ridge, *ridge.theta)
+    return value
 
 
 def ridge_energy(
@@ -605,8 +729,20 @@ def ridge_energy(
     """R(x) = Σ_k Σ_pixels φ_k((K x)_k,pixel) per image, shape (B,), with the fused
     derivatives of this module. ``filters`` (K, C, s, s) and ``params`` must have x's dtype
     and device; they may require gradients (θ)."""
-    ridge = _Ridge(filters, tuple(params), potential, boundary, x)
-    value = _Value.apply(x, ridge)
-    if ridge.theta_requires_grad() and torch.is_grad_enabled():
-        value = value + _ValueTheta.apply(ridge, *ridge.theta)
-    return value
+    params = tuple(params)
+    terms = (filters, params, potential, boundary)
+    ridge = _Ridge((filters, *params), lambda like: terms, x_path(*terms), x)
+    return _energy(x, ridge)
+
+
+def cached_ridge_energy(
+    x: Tensor, theta: tuple[Tensor, ...], build: Any, cache: RidgeCache, config: tuple = ()
+) -> Tensor:
+    """R(x) as :func:`ridge_energy` for the terms ``build(like)`` makes from the tensors θ
+    (with autograd recording, in the dtype and device of ``like``), with the x-path of
+    ``cache`` (built again only when θ or ``config`` changed; see :class:`RidgeCache`): while
+    they stay the same, an evaluation makes
+    neither the terms nor their autograd graph. θ-derivatives (taken with respect to the
+    tensors θ) and backward passes that record a graph call ``build`` once per evaluation."""
+    ridge = _Ridge(theta, build, cache.get(theta, x, build, config), x)
+    return _energy(x, ridge)

@@ -130,13 +130,15 @@ def configurations() -> list[tuple[str, object, tuple[int, ...], torch.dtype]]:
     ]
 
 
-#: The clock of :func:`timer` (``--clock``): wall time or the timing thread's CPU time.
+#: The clocks of :func:`timer` (``--clock``): wall time or the timing thread's CPU time.
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
-clock = CLOCKS["wall"]
 
 
-def timer(fn: Callable[[], object], min_time: float = 0.05) -> Callable[[], float]:
-    """A function returning the mean seconds of one call over enough calls for min_time."""
+def timer(
+    fn: Callable[[], object], clock: Callable[[], float], min_time: float = 0.05
+) -> Callable[[], float]:
+    """A function returning the mean seconds of ``clock`` of one call over enough calls for
+    min_time."""
     fn()
     start, calls = clock(), 0
     while clock() - start < min_time / 4:
@@ -155,7 +157,7 @@ def timer(fn: Callable[[], object], min_time: float = 0.05) -> Callable[[], floa
 
 
 def measure(
-    model, shape: tuple[int, ...], dtype: torch.dtype, repeats: int
+    model, shape: tuple[int, ...], dtype: torch.dtype, repeats: int, clock: Callable[[], float]
 ) -> dict[str, list[float]]:
     gen = torch.Generator().manual_seed(0)
     model = model.to(dtype)
@@ -213,16 +215,16 @@ def measure(
     plain = oracles(lambda z: plain_energy(model, z))
     assert u.shape[1] == k
     variants = {
-        "bare plain": timer(bare_plain),
-        "bare grouped": timer(bare_grouped),
-        "bare backward": timer(bare_backward),
-        "bare channels-last grouped": timer(bare_cl_grouped),
-        "bare channels-last depthwise": timer(bare_cl_depthwise),
-        "bare channels-last depthwise mv": timer(bare_cl_depthwise_mv),
-        "gradient": timer(fused[0]),
-        "HVP": timer(fused[1]),
-        "plain gradient": timer(plain[0]),
-        "plain HVP": timer(plain[1]),
+        "bare plain": timer(bare_plain, clock),
+        "bare grouped": timer(bare_grouped, clock),
+        "bare backward": timer(bare_backward, clock),
+        "bare channels-last grouped": timer(bare_cl_grouped, clock),
+        "bare channels-last depthwise": timer(bare_cl_depthwise, clock),
+        "bare channels-last depthwise mv": timer(bare_cl_depthwise_mv, clock),
+        "gradient": timer(fused[0], clock),
+        "HVP": timer(fused[1], clock),
+        "plain gradient": timer(plain[0], clock),
+        "plain HVP": timer(plain[1], clock),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
@@ -322,8 +324,6 @@ def main(argv: list[str] | None = None) -> int:
         print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         return 0
     repeats = 3 if args.quick else args.repeats
-    global clock
-    clock = CLOCKS[args.clock]
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), {repeats} repeats, "
         f"freed memory retained: {retained}, clock: {args.clock}"
@@ -333,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         "| configuration | bare conv ms | gradient ms | fraction | HVP ms | fraction "
         "| plain gradient ms | fraction | plain HVP ms | fraction |"
     )
-    results = [(name, measure(*config, repeats)) for name, *config in configurations()]
+    results = [
+        (name, measure(*config, repeats, CLOCKS[args.clock])) for name, *config in configurations()
+    ]
     for label, statistic in (("medians", statistics.median), ("minima", min)):
         print(f"\n{label} over the repeats\n\n{head}\n" + "|---" * 10 + "|")
         for name, times in results:

@@ -741,8 +741,8 @@ def cached_ridge_energy(
     """R(x) as :func:`ridge_energy` for the terms ``build(like)`` makes from the tensors θ
     (with autograd recording, in the dtype and device of ``like``), with the x-path of
     ``cache`` (built again only when θ or ``config`` changed; see :class:`RidgeCache`): while
-    they stay the same, an evaluation makes
-    neither the terms nor their autograd graph. θ-derivatives (taken with respect to the
-    tensors θ) and backward passes that record a graph call ``build`` once per evaluation."""
+    they stay the same, an evaluation makes neither the terms nor their autograd graph.
+    θ-derivatives (taken with respect to the tensors θ) and backward passes that record a
+    graph call ``build`` once per evaluation."""
     ridge = _Ridge(theta, build, cache.get(theta, x, build, config), x)
     return _energy(x, ridge)

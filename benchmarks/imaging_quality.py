@@ -25,6 +25,9 @@ table and a figure. ``--cache FILE`` keeps every
 per-image score (and each tuned TV strength) under a key that names all it depends on (a
 ridge network: the digest of its energy at σ, see :func:`model_key`), so a rerun computes
 only what is missing and processes that evaluate different models can share the file.
+``--reuse RESULTS`` takes the per-image scores of an earlier results JSON under the same keys
+(each σ's entry records the key of every method; for files written before the keys were
+recorded, those of noisy, TV and BM3D are rebuilt from its configuration).
 ``--record NAME`` stores the model's mean test scores at its own σ in its pretrained record
 (a σ-aware model's at every σ evaluated).
 """
@@ -88,6 +91,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON-lines file of scores already computed (read, and appended to): reruns "
         "add only what is missing, and several processes may share it",
     )
+    a(
+        "--reuse",
+        default=None,
+        help="an earlier results JSON whose per-image scores count as computed where their "
+        "keys match (noisy, TV, BM3D, and the models whose keys it records)",
+    )
     a("--threads", type=int, default=1)
     a("--device", default="cpu")
     a("--json", default=str(ROOT / "docs" / "benchmarks_imaging_quality_results.json"))
@@ -133,6 +142,34 @@ class Cache:
         if key not in self.entries:
             self.refresh()
         return self.entries.get(key)
+
+    def reuse(self, path: str) -> int:
+        """Take the per-image scores of the results JSON at ``path`` (see :func:`evaluate`)
+        under their keys, in memory; returns how many were taken. Keys already known win."""
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+        cfg = result["config"]
+        solver = f"tol={cfg['tol']:g} max-iter={cfg['max_iter']}"
+        taken = 0
+        for sigma, r in result["results"].items():
+            tuned = tune_key(float(sigma), cfg["tune_crops"], cfg["tune_crop_size"], cfg["seed"])
+            self.entries.setdefault(tuned, r["tv_strength"])
+            keys = r.get("keys") or {
+                "noisy": "noisy",
+                "TV": tv_key(SmoothedTV(strength=r["tv_strength"]), solver),
+                "BM3D": "BM3D",
+            }
+            for name, key in keys.items():
+                m = r["methods"].get(name)
+                if m is None:
+                    continue
+                for image, seed, *value in zip(
+                    result["images"], r["noise_seeds"], m["psnr"], m["ssim"]
+                ):
+                    full = f"σ={float(sigma):g} image={image} noise-seed={seed} {key}"
+                    if full not in self.entries:
+                        self.entries[full] = value
+                        taken += 1
+        return taken
 
     def put(self, key: str, value) -> None:
         self.entries[key] = value
@@ -198,14 +235,23 @@ def scores(x: torch.Tensor, clean: torch.Tensor) -> tuple[float, float]:
     return float(psnr(x, clean)[0]), float(ssim(x, clean)[0])
 
 
+def tv_key(tv: SmoothedTV, solver: str) -> str:
+    """The cache key of the reconstructions of ``tv`` solved with ``solver``'s settings."""
+    with torch.no_grad():
+        return f"TV λ={float(tv.strength):g} ν={float(tv.smoothing):g} {solver}"
+
+
+def tune_key(sigma: float, crops: int, size: int, seed: int) -> str:
+    """The cache key of the TV strength tuned at σ on ``crops`` training crops of ``size`` px."""
+    grid = ",".join(f"{g:g}" for g in TV_GRID)
+    return f"tune-tv σ={sigma:g} crops={crops}x{size} seed={seed} grid={grid}"
+
+
 def tune_tv(
     train: list[torch.Tensor], sigma: float, args: argparse.Namespace, cache: Cache
 ) -> float:
     """λ of :data:`TV_GRID` with the best mean PSNR on random training crops."""
-    key = (
-        f"tune-tv σ={sigma:g} crops={args.tune_crops}x{args.tune_crop_size} seed={args.seed} "
-        f"grid={','.join(f'{g:g}' for g in TV_GRID)}"
-    )
+    key = tune_key(sigma, args.tune_crops, args.tune_crop_size, args.seed)
     if cache.get(key) is not None:
         return float(cache.get(key))
     crops = random_crops(train, args.tune_crop_size, args.tune_crops, generator=args.seed)
@@ -229,6 +275,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.model_sigmas is not None:
         model_sigmas = [float(s) for s in args.model_sigmas.split(",") if s]
     cache = Cache(args.cache)
+    if args.reuse:
+        print(f"{cache.reuse(args.reuse)} scores taken from {args.reuse}")
     bm3d = None
     if not args.no_bm3d:
         try:
@@ -237,7 +285,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             print("bm3d is not installed (pip install bilevel[benchmarks]); BM3D skipped")
     out: dict = {
         "config": {
-            k: v for k, v in vars(args).items() if k not in ("json", "markdown", "report_only")
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("json", "markdown", "report_only", "reuse", "cache")
         },
         "torch": torch.__version__,
         "images": [p.name for p in test_files],
@@ -252,7 +302,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         solver = f"tol={args.tol:g} max-iter={args.max_iter}"
         tv = SmoothedTV(strength=lam)
         jobs = [("noisy", "noisy", lambda y: y)]
-        jobs.append(("TV", f"TV λ={lam:g} ν={float(tv.smoothing):g} {solver}", denoiser(tv, args)))
+        jobs.append(("TV", tv_key(tv, solver), denoiser(tv, args)))
         if bm3d is not None:
             jobs.append(("BM3D", "BM3D", bm3d_denoiser(bm3d, sigma)))
         for name, at in models:
@@ -284,6 +334,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             "tv_strength": lam,
             "noise_seeds": seeds,
             "seconds": round(time.perf_counter() - start, 1),
+            "keys": {name: key for name, key, _ in jobs},
             "methods": methods,
         }
     return out

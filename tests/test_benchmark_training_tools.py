@@ -208,3 +208,39 @@ def test_model_list_reads_the_sigma_of_each_model():
     assert iq.model_list("a, b@15+50,") == [("a", None), ("b", [15.0, 50.0])]
     with pytest.raises(SystemExit, match="NAME@S"):
         iq.model_list("b@x")
+
+
+def test_reuse_takes_an_earlier_runs_scores_and_computes_nothing_again(tmp_path, monkeypatch):
+    import json
+
+    from PIL import Image
+
+    iq = _load("imaging_quality")
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", 2), ("test", 2)):
+        (tmp_path / split).mkdir()
+        for i in range(count):
+            pixels = (torch.rand(20, 24, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / split / f"{i}.png")
+    options = ["--data", str(tmp_path), "--images", "2", "--sigmas", "25", "--no-bm3d"]
+    options += ["--tune-crops", "2", "--tune-crop-size", "12", "--max-iter", "50"]
+    first = iq.evaluate(iq.parse(options))
+    assert first["results"]["25"]["keys"]["noisy"] == "noisy"
+    path = tmp_path / "first.json"
+    path.write_text(json.dumps(first))
+
+    def nothing_computed(*args, **kwargs):
+        raise AssertionError("a score or strength that the earlier run holds was recomputed")
+
+    monkeypatch.setattr(iq, "scores", nothing_computed)
+    monkeypatch.setattr(iq, "grid_search_tv", nothing_computed)
+    again = iq.evaluate(iq.parse([*options, "--reuse", str(path)]))
+    assert again["results"]["25"]["methods"] == first["results"]["25"]["methods"]
+    # a file written before the keys were recorded: noisy and TV are rebuilt from its config
+    del first["results"]["25"]["keys"]
+    path.write_text(json.dumps(first))
+    legacy = iq.evaluate(iq.parse([*options, "--reuse", str(path)]))
+    assert legacy["results"]["25"]["methods"] == first["results"]["25"]["methods"]
+    # another solver tolerance is another key: TV is computed, not taken
+    with pytest.raises(AssertionError, match="recomputed"):
+        iq.evaluate(iq.parse([*options, "--tol", "1e-3", "--reuse", str(path)]))

@@ -1,7 +1,8 @@
 """Throughput of the imaging oracles against bare convolutions of the same shapes.
 
     python benchmarks/imaging_throughput.py [--repeats 11] [--threads 1] [--quick] [--clock C]
-    python benchmarks/imaging_throughput.py --reconstruct [IMAGE ...] [--tol T] [--cache DIR]
+    python benchmarks/imaging_throughput.py --reconstruct [IMAGE ...] [--run RUN_DIR] [--keep P]
+        [--tol T] [--cache DIR]
 
 A ridge / Fields-of-Experts gradient ∇R(x) = Kᵀ φ'(K x) and a Hessian-vector product
 ∇²R(x) v = Kᵀ(φ''(K x) ⊙ K v) each need one correlation K (C → K channels) and one adjoint
@@ -23,11 +24,14 @@ freed memory (``retain_freed_memory``) unless ``--system-malloc``. For each conf
   ``F.conv_transpose2d`` adjoint), the library's code before the fused oracles.
 
 ``--reconstruct IMAGE...`` times ``bilevel reconstruct --model crr8-sigma25-bundled IMAGE
---add-noise`` instead (the shipped model; default tolerance unless ``--tol``; one thread): the
+--add-noise`` instead (the shipped model, or with ``--run RUN_DIR`` a finished denoising,
+deblurring or inpainting run, an inpainting run with a random mask per image keeping
+``--keep`` of the pixels; default tolerance unless ``--tol``; one thread): the
 solve's wall and CPU seconds as the command reports them (``seconds``, ``cpu_seconds``), the
 gradient evaluations, the wall and CPU time of the whole command in a fresh process (imports
 included), and the PSNR against that of the
-converged solution (float64 L-BFGS to an RMS gradient of 1e-8, cached in ``--cache``).
+converged solution (float64 L-BFGS to an RMS gradient of 1e-8, preconditioned where it
+applies, cached in ``--cache``).
 Without an IMAGE, skimage's camera resized to 481×321.
 
 Fraction = time(bare convolutions) / time(oracle): the share of the oracle's time spent in the
@@ -82,6 +86,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="time bilevel reconstruct on these grayscale images instead (none: the camera)",
     )
     p.add_argument("--tol", type=float, default=None, help="--reconstruct: the command's --tol")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="--reconstruct: a finished imaging run (denoise, deblur, inpaint) instead of the "
+        "shipped model",
+    )
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=0.7,
+        help="--reconstruct of an inpainting run: the fraction of pixels of each image's random "
+        "mask (seeded by the image's position; default 0.7)",
+    )
     p.add_argument(
         "--cache", default="reconstruct-cache", help="--reconstruct: folder of converged solutions"
     )
@@ -248,17 +265,66 @@ def camera_image(folder: Path) -> Path:
     return path
 
 
-def reconstruct_line(image: Path, args: argparse.Namespace) -> str:
-    """One table row: `bilevel reconstruct` of ``image`` against its converged solution."""
-    from bilevel.autodiff import LowerLevel
-    from bilevel.imaging import load_image, psnr, reconstruct, reconstruction_problem
-    from bilevel.imaging.apply import run
-    from bilevel.imaging.config import ReconstructConfig
+def random_mask_file(image: Path, index: int, folder: Path, keep: float) -> Path:
+    """A random 0/1 mask of ``image``'s size keeping ``keep`` of the pixels (seed ``index``),
+    saved as a PNG in ``folder``."""
+    from bilevel.imaging import load_image, random_mask, save_image
+
+    path = folder / f"{image.stem}_mask{keep:g}.png"
+    if not path.is_file():
+        shape = load_image(image, color=False).shape[-2:]
+        save_image(random_mask(shape, keep, generator=index).unsqueeze(0), path)
+    return path
+
+
+def converged_psnr(image: Path, config, cache: Path) -> float:
+    """PSNR of the converged solution of the problem ``bilevel reconstruct`` solves for
+    ``image`` with ``config`` (its noise: seed 0, drawn in float32), float64 L-BFGS to an RMS
+    gradient of 10⁻⁸ (preconditioned where it applies), the solution cached in ``cache``."""
+    from bilevel.imaging import load_image, psnr, reconstruct
+    from bilevel.imaging.apply import _mask, initial_image, learned_problem, load_learned
+    from bilevel.imaging.config import job_config
     from bilevel.imaging.pretrained_models import model_info
 
+    if config.model:
+        regulariser = pretrained(config.model)
+        options = job_config("denoise", sigma=float(model_info(config.model)["sigma"]))
+    else:
+        regulariser, options = load_learned(config.run_dir)
+    x = load_image(image, color=options.color).unsqueeze(0)
+    mask = _mask(config.mask, x[0]) if config.mask else None
+    problem = learned_problem(regulariser, options, mask)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = problem.theta["operator"](x) + options.sigma / 255.0 * noise
+    key = f"{image.stem}_{Path(config.run_dir).name if config.run_dir else config.model}"
+    path = cache / f"{key}_converged.pt"
+    if path.is_file():
+        converged = torch.load(path)
+    else:
+        problem = learned_problem(
+            regulariser.double(), dataclasses.replace(options, dtype="float64"), mask
+        )
+        y = y.double()
+        x0 = initial_image(problem.theta["operator"], y)
+        tol = 1e-8 * x.numel() ** 0.5
+        converged = reconstruct(problem, (y, y), x0, tol, max_iter=50000, precondition=True)
+        torch.save(converged, path)
+    return float(psnr(converged.clamp(0, 1), x.double())[0])
+
+
+def reconstruct_line(image: Path, index: int, args: argparse.Namespace) -> str:
+    """One table row: `bilevel reconstruct` of ``image`` against its converged solution."""
+    from bilevel.autodiff import LowerLevel
+    from bilevel.imaging.apply import load_learned, run
+    from bilevel.imaging.config import ReconstructConfig
+
     out = Path(args.cache)
+    target = {"run_dir": args.run} if args.run else {"model": MODEL}
+    if args.run and load_learned(args.run)[1].job == "inpaint":
+        target["mask"] = str(random_mask_file(image, index, out, args.keep))
     options = {"tol": args.tol} if args.tol is not None else {}
-    config = ReconstructConfig(model=MODEL, images=[str(image)], add_noise=True, out=str(out))
+    config = ReconstructConfig(images=[str(image)], add_noise=True, out=str(out), **target)
     config = dataclasses.replace(config, **options)
     calls = {"n": 0}
     counted = LowerLevel.value_and_grad
@@ -275,8 +341,10 @@ def reconstruct_line(image: Path, args: argparse.Namespace) -> str:
     finally:
         LowerLevel.value_and_grad = counted
     record = json.loads(buffer.getvalue())["images"][0]
-    command = [sys.executable, "-m", "bilevel", "reconstruct", "--model", MODEL, str(image)]
-    command += ["--add-noise", "--out", str(out)]
+    command = [sys.executable, "-m", "bilevel", "reconstruct"]
+    command += [args.run] if args.run else ["--model", MODEL]
+    command += [str(image), "--add-noise", "--out", str(out)]
+    command += [f"--mask={target['mask']}"] if "mask" in target else []
     command += [f"--tol={args.tol}"] if args.tol is not None else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -284,25 +352,22 @@ def reconstruct_line(image: Path, args: argparse.Namespace) -> str:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     command_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
-    # the command's problem (noise: seed 0, drawn in float32) solved to convergence
-    cache = out / f"{image.stem}_converged.pt"
-    x = load_image(image, color=False).unsqueeze(0)
-    if cache.is_file():
-        converged = torch.load(cache)
-    else:
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-        y = (x + float(model_info(MODEL)["sigma"]) / 255.0 * noise).double()
-        problem = reconstruction_problem(pretrained(MODEL).double())
-        converged = reconstruct(problem, (y, y), tol=1e-8 * x.numel() ** 0.5, max_iter=20000)
-        torch.save(converged, cache)
-    reference = float(psnr(converged.clamp(0, 1), x.double())[0])
-    size = f"{x.shape[-2]}×{x.shape[-1]}"
+    reference = converged_psnr(image, config, out)
+    size = "×".join(str(n) for n in load_image_size(image))
     return (
         f"| {image.name} ({size}) | {record['seconds']:.2f} | {record['cpu_seconds']:.2f} "
         f"| {calls['n']} "
         f"| {wall:.2f} | {command_cpu:.2f} | {record['psnr']:.3f} "
         f"| {record['psnr'] - reference:+.4f} |"
     )
+
+
+def load_image_size(image: Path) -> tuple[int, int]:
+    """(H, W) of an image file."""
+    from PIL import Image
+
+    with Image.open(image) as im:
+        return im.size[1], im.size[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,15 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.reconstruct is not None:
         Path(args.cache).mkdir(parents=True, exist_ok=True)
         images = [Path(p) for p in args.reconstruct] or [camera_image(Path(args.cache))]
-        print(f"torch {torch.__version__}, bilevel reconstruct --model {MODEL} --add-noise")
+        target = args.run or f"--model {MODEL}"
+        print(f"torch {torch.__version__}, bilevel reconstruct {target} --add-noise")
         print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         print(
             "\n| image (H×W) | solve s | solve CPU s | gradients | command wall s "
             "| command CPU s | PSNR dB | PSNR − converged dB |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|"
         )
-        for image in images:
-            print(reconstruct_line(image, args), flush=True)
+        for index, image in enumerate(images):
+            print(reconstruct_line(image, index, args), flush=True)
         print("load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         return 0
     repeats = 3 if args.quick else args.repeats

@@ -244,3 +244,25 @@ def test_reuse_takes_an_earlier_runs_scores_and_computes_nothing_again(tmp_path,
     # another solver tolerance is another key: TV is computed, not taken
     with pytest.raises(AssertionError, match="recomputed"):
         iq.evaluate(iq.parse([*options, "--tol", "1e-3", "--reuse", str(path)]))
+
+
+def test_reconstruct_benchmark_times_an_inpainting_run_against_its_converged_psnr(tmp_path, capsys):
+    from conftest import SMALL_IMAGING_ARGS
+
+    from bilevel.cli import main
+    from bilevel.imaging import bundled_images, random_crops, save_image
+
+    it = _load("imaging_throughput")
+    run_dir = tmp_path / "inpaint"
+    args = ["inpaint", "--regulariser", "tv", "--budget", "600", "--run-dir", str(run_dir)]
+    assert main([*args, *SMALL_IMAGING_ARGS, "--no-progress", "--json"]) == 0
+    image = tmp_path / "crop.png"
+    save_image(random_crops(bundled_images("test", color=False), 40, 1, generator=3)[0], image)
+    capsys.readouterr()
+    cache = tmp_path / "cache"
+    assert it.main(["--reconstruct", str(image), "--run", str(run_dir), "--cache", str(cache)]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-2]  # the image's row, then the load
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "crop.png (40×40)" and int(cells[3]) > 0
+    assert abs(float(cells[7])) < 0.05  # dB from the converged PSNR at the default tolerance
+    assert (cache / "crop_mask0.7.png").is_file() and list(cache.glob("*_converged.pt"))

@@ -83,7 +83,16 @@ def test_reconstruct_denoises_image_files(denoise_run, images, tmp_path, capsys)
     assert (out / "again" / "crop0_degraded_reconstructed.png").is_file()
 
 
-def test_reconstruct_deblurs_and_inpaints(images, tmp_path, capsys):
+def test_reconstruct_deblurs_and_inpaints(images, tmp_path, capsys, monkeypatch):
+    from bilevel.imaging import apply
+
+    tolerances = []
+
+    def recording(problem, batch, x0, tol, **options):
+        tolerances.append(tol)
+        return reconstruct(problem, batch, x0=x0, tol=tol, **options)
+
+    monkeypatch.setattr(apply, "reconstruct", recording)
     for task, extra in (("deblur", []), ("inpaint", ["--keep", "0.6"])):
         run_dir = tmp_path / task
         args = [task, "--regulariser", "tv", "--budget", "1500", "--run-dir", str(run_dir)]
@@ -107,6 +116,44 @@ def test_reconstruct_deblurs_and_inpaints(images, tmp_path, capsys):
         assert code == 0 and result["task"] == task
         record = result["images"][0]
         assert record["reconstructed"]["psnr"] > record["degraded"]["psnr"] + 2.0
+    # the default RMS tolerance with a blur or a mask is the tighter one (40×40 pixels)
+    assert tolerances == [pytest.approx(apply.OPERATOR_TOL * 40)] * 2
+
+
+def test_default_tolerance_of_denoising_and_the_given_one(denoise_run, images, capsys, monkeypatch):
+    from bilevel.imaging import apply
+
+    tolerances = []
+
+    def recording(problem, batch, x0, tol, **options):
+        tolerances.append(tol)
+        return reconstruct(problem, batch, x0=x0, tol=tol, **options)
+
+    monkeypatch.setattr(apply, "reconstruct", recording)
+    assert _reconstruct(capsys, str(denoise_run), str(images[0]))[0] == 0
+    assert _reconstruct(capsys, str(denoise_run), str(images[0]), "--tol", "1e-3")[0] == 0
+    assert tolerances == [pytest.approx(apply.DENOISING_TOL * 40), pytest.approx(1e-3 * 40)]
+
+
+def test_filled_start_spreads_the_observed_pixels_into_the_missing_ones() -> None:
+    from bilevel.imaging.apply import filled_start, smoothed_start
+
+    gen = torch.Generator().manual_seed(12)
+    y = torch.rand(1, 2, 20, 16, generator=gen, dtype=torch.float64)
+    full = torch.ones(1, 1, 20, 16, dtype=torch.float64)
+    assert torch.allclose(filled_start(y, full), smoothed_start(y))  # nothing missing
+    mask = (torch.rand(1, 1, 20, 16, generator=gen) < 0.5).double()
+    flat = torch.full_like(y, 0.4) * mask  # measurements of a constant image
+    assert torch.allclose(filled_start(flat, mask), torch.full_like(y, 0.4))
+    filled = filled_start(y * mask, mask)  # a weighted mean of observed values: within their range
+    observed = y[mask.expand_as(y) > 0]
+    assert bool(torch.isfinite(filled).all())
+    assert observed.min() - 1e-12 <= filled.min() and filled.max() <= observed.max() + 1e-12
+    hole = torch.ones(1, 1, 20, 16, dtype=torch.float64)
+    hole[..., 2:18, 2:14] = 0  # the centre is more than 3σ from every observed pixel
+    out = filled_start(y * hole, hole)
+    mean = (y * hole).sum(dim=(2, 3)) / hole.sum()
+    assert torch.allclose(out[..., 10, 8], mean)
 
 
 def test_reconstruct_errors(denoise_run, images, tmp_path, capsys):

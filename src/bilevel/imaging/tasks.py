@@ -270,8 +270,9 @@ def reconstruct(
     are returned as they are, with a ``ConvergenceWarning`` that says how many.
     ``precondition`` (default solver only): L-BFGS preconditioned by
     :func:`~bilevel.imaging.preconditioner.ridge_preconditioner` at x0 where it applies
-    (denoising with a ridge regulariser; plain L-BFGS otherwise): about half the gradients on
-    full-size images (``docs/benchmarks_imaging_throughput.md``).
+    (a ridge regulariser with the identity, a blur or a stored mask; plain L-BFGS otherwise):
+    on full-size images about half the gradients for denoising and a third for deblurring
+    (``docs/benchmarks_imaging_throughput.md``).
     """
     y = _split_batch(batch)[0]
     theta = problem.theta

@@ -17,7 +17,13 @@ from bilevel.imaging import (
     reconstruct,
     reconstruction_problem,
 )
-from bilevel.imaging.operators import Convolution, InpaintingMask, gaussian_kernel, random_mask
+from bilevel.imaging.operators import (
+    Convolution,
+    InpaintingMask,
+    LearnableMask,
+    gaussian_kernel,
+    random_mask,
+)
 from bilevel.imaging.preconditioner import (
     FourierPreconditioner,
     fft_size,
@@ -146,6 +152,9 @@ def test_ridge_preconditioner_for_ridge_regularisers_and_modelled_operators() ->
     mask = random_mask((16, 16), 0.25, generator=3)
     pre = ridge_preconditioner(reconstruction_problem(crr, InpaintingMask(mask), gamma=0.01), x)
     assert float(pre.inverse.max()) == pytest.approx(1 / (float(mask.mean()) + 0.01), rel=1e-5)
+    learned = reconstruction_problem(crr, LearnableMask((16, 16), init=0.5), gamma=0.01)
+    pre = ridge_preconditioner(learned, x)  # ½‖w ⊙ (x − y)‖²: a = mean(w²) + γ
+    assert float(pre.inverse.max()) == pytest.approx(1 / (0.25 + 0.01), rel=1e-5)
     per_call = reconstruction_problem(crr, InpaintingMask(), gamma=0.01)  # masks in the batch
     assert ridge_preconditioner(per_call, x) is None
 

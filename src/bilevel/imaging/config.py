@@ -249,7 +249,7 @@ class ReconstructConfig:
         None,
         "stop when the root mean square of ∇ₓh over the pixels is ≤ TOL, i.e. "
         "‖∇ₓh‖ ≤ TOL·√(pixels · channels) (intensities in [0, 1])",
-        default_text="2e-4 for denoising, 5e-5 for deblurring and inpainting, whose weaker "
+        default_text="2e-4 for denoising, 3e-5 for deblurring and inpainting, whose weaker "
         "curvature γ leaves more of the error per unit of gradient",
     )
     max_iter: int = option(5000, "solver iterations at most")

@@ -6,21 +6,21 @@
 
 Data: random ``--patch``-pixel patches of the grayscale images in ``DATA/train`` (the 200
 BSDS300 training images), noise frozen per patch (seeded); the images are split by file
-(``--val-images`` of them held out) into training patches and validation patches. Upper
-level: Adam-ISGD (the library's ``ISGD(optimizer="adam")``) with implicit hypergradients
-(warm-started Nesterov lower solves, CG adjoints), step α_k = α₀/(k+1)^p times a factor per
-parameter group (``--group-steps``), checkpoints in the run directory (``--resume`` continues
-the run; ``--time`` limits its wall time, evaluations excluded, over all resumes). The
-validation PSNR is logged every ``--eval-every`` steps together with each parameter group's
-distance from its initial value (so that a group that does not move is seen); the run keeps
-the θ with the best validation PSNR. ``--export NAME`` (also with ``--resume`` of a finished
-run) writes that model with its configuration, data, seed, the command that started the run
-(and its resumes) and validation PSNR to the package's pretrained-model folder
+(``--val-images`` of them held out) into training patches and validation patches. Upper level:
+Adam-ISGD (the library's ``ISGD(optimizer="adam")``) with implicit hypergradients (warm-started
+lower solves, Nesterov unless ``--lower-solver``; CG adjoints), step α_k = α₀/(k+1)^p times a
+factor per parameter group (``--group-steps``), checkpoints in the run directory (``--resume``
+continues the run; ``--time`` limits its wall time, evaluations excluded, over all resumes).
+The validation PSNR is logged every ``--eval-every`` steps together with each parameter group's
+distance from its initial value (so that a group that does not move is seen); the run keeps the
+θ with the best validation PSNR. ``--export NAME`` (also with ``--resume`` of a finished run)
+writes that model with its configuration, data, seed, the command that started the run (and its
+resumes) and validation PSNR to the package's pretrained-model folder
 (``bilevel.imaging.pretrained``); test scores are added by ``benchmarks/imaging_quality.py
 --record NAME``. ``--init-model NAME`` starts θ₀ at the shipped model NAME (same class and
-architecture as the options ask for) instead of at tuned TV, to continue its training with
-the same data and options; its record is kept in the run directory (``init_model.json``) and
-the exported record lists the chain of commands that made the model (``training.chain``).
+architecture as the options ask for) instead of at tuned TV, to continue its training with the
+same data and options; its record is kept in the run directory (``init_model.json``) and the
+exported record lists the chain of commands that made the model (``training.chain``).
 
 σ-aware models: ``--noise-nodes 15,25,50`` builds the model with scalings α(σ), β(σ) that are
 linear splines in log σ with values at these nodes (``ConvexRidgeNetwork(noise_nodes=...)``);
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from bilevel import CG, ISGD, Budget, Implicit, Nesterov
+from bilevel import CG, ISGD, LBFGS, Budget, Implicit, Nesterov
 from bilevel.imaging import (
     ConvexRidgeNetwork,
     DegradedImages,
@@ -66,6 +66,7 @@ from bilevel.imaging import (
     ridge_layers,
 )
 from bilevel.imaging.job import calibrate_ridge_strength
+from bilevel.imaging.preconditioner import RidgePreconditioning
 from bilevel.imaging.pretrained_models import reference_check, save_pretrained
 from bilevel.methods import ranked_by, with_initial
 from bilevel.methods.optim import load_params
@@ -121,6 +122,14 @@ def adam_factory(model: torch.nn.Module, spec: str):
     return make
 
 
+#: ``--lower-solver``: warm-started lower-level solvers of the implicit hypergradients
+LOWER_SOLVERS = {
+    "nesterov": Nesterov(max_iter=5000),
+    "lbfgs": LBFGS(max_iter=2000),
+    "lbfgs-fourier": LBFGS(max_iter=2000, preconditioner=RidgePreconditioning()),
+}
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
@@ -146,6 +155,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a("--accuracy", default="poly:1e-1,0.5", help="ε_k = δ_k schedule (default: poly:1e-1,0.5)")
     a("--budget", type=int, default=200_000, help="oracle calls (default: 200000)")
+    a(
+        "--lower-solver",
+        choices=tuple(LOWER_SOLVERS),
+        default="nesterov",
+        help="lower-level solver: nesterov (the shipped models' runs), lbfgs, or lbfgs-fourier "
+        "(L-BFGS preconditioned by each solve's Fourier model, RidgePreconditioning) "
+        "(default: nesterov)",
+    )
     a("--steps", type=int, default=None, help="upper-level steps at most")
     a("--time", type=float, default=None, help="wall-time budget in seconds")
     a("--eval-every", type=int, default=20)
@@ -394,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=min(args.batch_size, len(train)),
         optimizer=adam_factory(model, args.group_steps),
         estimator=Implicit(
-            CG(max_iter=500), lower_solver=Nesterov(max_iter=5000), compute_bound=False
+            CG(max_iter=500), lower_solver=LOWER_SOLVERS[args.lower_solver], compute_bound=False
         ),
         seed=args.seed,
     )

@@ -266,3 +266,18 @@ def test_reconstruct_benchmark_times_an_inpainting_run_against_its_converged_psn
     assert cells[0] == "crop.png (40×40)" and int(cells[3]) > 0
     assert abs(float(cells[7])) < 0.05  # dB from the converged PSNR at the default tolerance
     assert (cache / "crop_mask0.7.png").is_file() and list(cache.glob("*_converged.pt"))
+
+
+def test_lower_solver_option_keeps_nesterov_by_default_and_offers_preconditioned_lbfgs():
+    from bilevel import LBFGS, Nesterov
+    from bilevel.imaging.preconditioner import RidgePreconditioning
+
+    tr = _load("train_regulariser")
+    default = tr.parse(["--run-dir", "x"])
+    assert isinstance(tr.LOWER_SOLVERS[default.lower_solver], Nesterov)  # the shipped runs'
+    chosen = tr.LOWER_SOLVERS[
+        tr.parse(["--run-dir", "x", "--lower-solver", "lbfgs-fourier"]).lower_solver
+    ]
+    assert isinstance(chosen, LBFGS) and isinstance(chosen.preconditioner, RidgePreconditioning)
+    with pytest.raises(SystemExit):
+        tr.parse(["--run-dir", "x", "--lower-solver", "newton"])

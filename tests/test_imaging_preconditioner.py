@@ -14,6 +14,7 @@ from bilevel.imaging import (
     FieldsOfExperts,
     SmoothedTV,
     pretrained,
+    random_crops,
     reconstruct,
     reconstruction_problem,
 )
@@ -263,3 +264,49 @@ def test_quadratic_form_is_v_dot_p_v(channels: int, shape) -> None:
     v = torch.randn(3, channels, *shape, generator=gen, dtype=F64)
     expected = (v * pre(v)).sum(dim=(1, 2, 3))
     assert torch.allclose(pre.quadratic_form(v), expected, rtol=1e-12)
+
+
+def test_lbfgs_builds_each_solves_preconditioner_from_a_factory() -> None:
+    """``LBFGS(preconditioner=RidgePreconditioning())`` builds P from the solve's own problem
+    and start: the same iterates as the P built by hand, and a new P when θ has changed."""
+    from bilevel.imaging.data import bundled_images
+    from bilevel.imaging.preconditioner import RidgePreconditioning
+
+    clean = random_crops(bundled_images("test", color=False), 24, 3, generator=13).double()
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(14), dtype=F64)
+    y = clean + 25 / 255 * noise
+    reg = pretrained("crr8-sigma25-bundled").double()
+    problem = reconstruction_problem(reg)
+    tol = 1e-6 * 24
+    built = []
+
+    class Recording(RidgePreconditioning):
+        def build(self, lower, x0):
+            built.append(super().build(lower, x0))
+            return built[-1]
+
+    with torch.no_grad():
+        by_factory = solve_lower(
+            LowerLevel(problem, (y, clean)), y, tol, LBFGS(preconditioner=Recording()), 1.0
+        )
+        by_hand = solve_lower(
+            LowerLevel(problem, (y, clean)),
+            y,
+            tol,
+            LBFGS(preconditioner=ridge_preconditioner(problem, y)),
+            1.0,
+        )
+        plain = solve_lower(LowerLevel(problem, (y, clean)), y, tol, LBFGS(), 1.0)
+    assert len(built) == 1 and isinstance(built[0], FourierPreconditioner)
+    assert torch.equal(by_factory.x, by_hand.x)
+    assert by_factory.grad_evals < 0.8 * plain.grad_evals
+    with torch.no_grad():
+        reg.log_strength[0] += 0.5  # θ changed: the next solve builds another P
+        solve_lower(LowerLevel(problem, (y, clean)), y, tol, LBFGS(preconditioner=Recording()), 1.0)
+    assert len(built) == 2 and not torch.equal(built[0].inverse, built[1].inverse)
+    assert repr(RidgePreconditioning()) == "RidgePreconditioning()"
+    tv = reconstruction_problem(SmoothedTV().double())
+    with torch.no_grad():  # no ridge regulariser: the factory builds None, plain L-BFGS
+        a = solve_lower(LowerLevel(tv, (y, clean)), y, 1e-4, LBFGS(preconditioner=Recording()), 1.0)
+        b = solve_lower(LowerLevel(tv, (y, clean)), y, 1e-4, LBFGS(), 1.0)
+    assert built[-1] is None and torch.equal(a.x, b.x)

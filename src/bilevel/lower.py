@@ -518,6 +518,13 @@ class Nesterov:
 FISTA = Nesterov
 
 
+class PreconditionerFactory(Protocol):
+    """Builds the preconditioner P of one solve (or None: P = I) from its lower level and
+    start x0; see :class:`LBFGS`."""
+
+    def build(self, lower: LowerLevel, x0: Tensor) -> Callable[[Tensor], Tensor] | None: ...
+
+
 @dataclass(frozen=True)
 class LBFGS:
     """Limited-memory BFGS, batched: per-instance two-loop recursion and Armijo backtracking.
@@ -532,6 +539,10 @@ class LBFGS:
     (P q in the recursion and P y for γ), or one if P has a method ``quadratic_form(v)``
     returning vᵀPv per instance (b,), which γ then uses. The first step, without pairs, is
     −P∇h scaled to unit length. A non-descent direction falls back to steepest descent.
+    A ``preconditioner`` with a method ``build(lower, x0)`` is a factory instead: each solve
+    starts by building its P (or None: P = I) for its own problem and start, e.g.
+    :class:`bilevel.imaging.preconditioner.RidgePreconditioning` for solves whose θ changes
+    from one call to the next.
 
     One host synchronisation per step: the Armijo test of the trial points, the finiteness of
     their gradients and the stopping test ‖∇h(x_new)‖ ≤ tol are read together; each halving
@@ -549,7 +560,7 @@ class LBFGS:
     armijo: float = 1e-4
     max_halvings: int = 40
     stall_iterations: int | None = 50
-    preconditioner: Callable[[Tensor], Tensor] | None = None
+    preconditioner: Callable[[Tensor], Tensor] | PreconditionerFactory | None = None
 
     def solve(
         self, lower: LowerLevel, x0: Tensor, tol: float | Tensor, mu: float | None
@@ -562,6 +573,9 @@ class LBFGS:
         if start is not None:
             return start
         tol_t = tol if isinstance(tol, Tensor) else check_tolerance("lower_tol", tol, x0)
+        p = self.preconditioner
+        if hasattr(p, "build"):  # a factory: this solve's P
+            p = p.build(lower, x)
         rec = _LowerRecord(x0)
         n = x0.shape[0]
         active = torch.arange(n, device=x0.device)
@@ -591,9 +605,9 @@ class LBFGS:
                 valid = [v[keep] for v in valid]
             b = active.numel()
             g = grad.reshape(b, -1)
-            d = -self._two_loop(g, s_hist, y_hist, valid, *self._precondition(shape))
+            d = -self._two_loop(g, s_hist, y_hist, valid, *self._precondition(p, shape))
             if not s_hist:  # first step: unit length along −P g, then backtracking
-                length = gnorm if self.preconditioner is None else batch_norm(d)
+                length = gnorm if p is None else batch_norm(d)
                 d = d / length.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(1)
             slope = (g * d).sum(1)
             bad_dir = slope >= 0
@@ -645,10 +659,12 @@ class LBFGS:
             x, energy, grad, gnorm = x_new, e_new, g_new, gn_new
         return rec.result(lower, tol_t, mu, evals0)
 
-    def _precondition(self, shape: torch.Size) -> tuple[Callable | None, Callable | None]:
+    @staticmethod
+    def _precondition(
+        p: Callable[[Tensor], Tensor] | None, shape: torch.Size
+    ) -> tuple[Callable | None, Callable | None]:
         """(v ↦ P v, v ↦ vᵀPv or None) on flattened (b, d) vectors of instances shaped
         ``shape``; (None, None) for P = I."""
-        p = self.preconditioner
         if p is None:
             return None, None
         form = getattr(p, "quadratic_form", None)

@@ -30,6 +30,7 @@ __all__ = [
     "FourierPreconditioner",
     "fft_size",
     "mean_curvatures",
+    "RidgePreconditioning",
     "operator_model",
     "ridge_preconditioner",
 ]
@@ -227,3 +228,18 @@ def ridge_preconditioner(problem, x: Tensor) -> FourierPreconditioner | None:
         filters = torch.cat([_centre(filters, size), _centre(blur.to(filters.dtype), size)])
         curvatures = torch.cat([curvatures, ones.to(curvatures.dtype)])
     return FourierPreconditioner(filters, curvatures, x.shape[-2:], a)
+
+
+class RidgePreconditioning:
+    """``LBFGS(preconditioner=RidgePreconditioning())``: each solve builds the
+    :func:`ridge_preconditioner` of its own problem at its start x0 (one correlation for the
+    mean curvatures of the current θ, one FFT of the filters), so that solves inside
+    training, whose θ changes at every step, are preconditioned too; solves that none
+    applies to run plain L-BFGS."""
+
+    def build(self, lower, x0: Tensor) -> FourierPreconditioner | None:
+        """The preconditioner of ``lower.problem`` at x0 (a batch of images), or None."""
+        return ridge_preconditioner(lower.problem, x0)
+
+    def __repr__(self) -> str:
+        return "RidgePreconditioning()"

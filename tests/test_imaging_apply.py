@@ -38,6 +38,21 @@ def images(tmp_path_factory):
     return paths
 
 
+@pytest.fixture
+def tolerances(monkeypatch) -> list[float]:
+    """The absolute tolerance of every solve that `bilevel reconstruct` asks for, in order."""
+    from bilevel.imaging import apply
+
+    asked: list[float] = []
+
+    def recording(problem, batch, x0, tol, **options):
+        asked.append(tol)
+        return reconstruct(problem, batch, x0=x0, tol=tol, **options)
+
+    monkeypatch.setattr(apply, "reconstruct", recording)
+    return asked
+
+
 def _reconstruct(capsys, *args: str) -> tuple[int, dict | None, str]:
     capsys.readouterr()
     code = main(["reconstruct", *args, "--json"])
@@ -83,16 +98,9 @@ def test_reconstruct_denoises_image_files(denoise_run, images, tmp_path, capsys)
     assert (out / "again" / "crop0_degraded_reconstructed.png").is_file()
 
 
-def test_reconstruct_deblurs_and_inpaints(images, tmp_path, capsys, monkeypatch):
+def test_reconstruct_deblurs_and_inpaints(images, tmp_path, capsys, tolerances):
     from bilevel.imaging import apply
 
-    tolerances = []
-
-    def recording(problem, batch, x0, tol, **options):
-        tolerances.append(tol)
-        return reconstruct(problem, batch, x0=x0, tol=tol, **options)
-
-    monkeypatch.setattr(apply, "reconstruct", recording)
     for task, extra in (("deblur", []), ("inpaint", ["--keep", "0.6"])):
         run_dir = tmp_path / task
         args = [task, "--regulariser", "tv", "--budget", "1500", "--run-dir", str(run_dir)]
@@ -120,16 +128,9 @@ def test_reconstruct_deblurs_and_inpaints(images, tmp_path, capsys, monkeypatch)
     assert tolerances == [pytest.approx(apply.OPERATOR_TOL * 40)] * 2
 
 
-def test_default_tolerance_of_denoising_and_the_given_one(denoise_run, images, capsys, monkeypatch):
+def test_default_tolerance_of_denoising_and_the_given_one(denoise_run, images, capsys, tolerances):
     from bilevel.imaging import apply
 
-    tolerances = []
-
-    def recording(problem, batch, x0, tol, **options):
-        tolerances.append(tol)
-        return reconstruct(problem, batch, x0=x0, tol=tol, **options)
-
-    monkeypatch.setattr(apply, "reconstruct", recording)
     assert _reconstruct(capsys, str(denoise_run), str(images[0]))[0] == 0
     assert _reconstruct(capsys, str(denoise_run), str(images[0]), "--tol", "1e-3")[0] == 0
     assert tolerances == [pytest.approx(apply.DENOISING_TOL * 40), pytest.approx(1e-3 * 40)]

@@ -277,12 +277,19 @@ def random_mask_file(image: Path, index: int, folder: Path, keep: float) -> Path
     return path
 
 
-def converged_psnr(image: Path, config, cache: Path) -> float:
-    """PSNR of the converged solution of the problem ``bilevel reconstruct`` solves for
-    ``image`` with ``config`` (its noise: seed 0, drawn in float32), float64 L-BFGS to an RMS
-    gradient of 10⁻⁸ (preconditioned where it applies), the solution cached in ``cache``."""
+def converged_psnr(image: Path, config, cache: Path) -> tuple[float, tuple[int, int]]:
+    """(PSNR of the converged solution, (H, W)) of the problem ``bilevel reconstruct`` solves
+    for ``image`` with ``config`` (the same degradation, :func:`bilevel.imaging.apply.degrade`
+    with seed 0), float64 L-BFGS to an RMS gradient of 10⁻⁸ (preconditioned where it applies),
+    the solution cached in ``cache``."""
     from bilevel.imaging import load_image, psnr, reconstruct
-    from bilevel.imaging.apply import _mask, initial_image, learned_problem, load_learned
+    from bilevel.imaging.apply import (
+        _mask,
+        degrade,
+        learned_problem,
+        load_learned,
+        reconstruction_start,
+    )
     from bilevel.imaging.config import job_config
     from bilevel.imaging.pretrained_models import model_info
 
@@ -292,25 +299,21 @@ def converged_psnr(image: Path, config, cache: Path) -> float:
     else:
         regulariser, options = load_learned(config.run_dir)
     x = load_image(image, color=options.color).unsqueeze(0)
-    mask = _mask(config.mask, x[0]) if config.mask else None
-    problem = learned_problem(regulariser, options, mask)
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        y = problem.theta["operator"](x) + options.sigma / 255.0 * noise
     key = f"{image.stem}_{Path(config.run_dir).name if config.run_dir else config.model}"
     path = cache / f"{key}_converged.pt"
     if path.is_file():
         converged = torch.load(path)
     else:
-        problem = learned_problem(
-            regulariser.double(), dataclasses.replace(options, dtype="float64"), mask
-        )
-        y = y.double()
-        x0 = initial_image(problem.theta["operator"], y)
+        mask = _mask(config.mask, x[0]) if config.mask else None
+        float64 = dataclasses.replace(options, dtype="float64")
+        problem = learned_problem(regulariser.double(), float64, mask)
+        op = problem.theta["operator"]
+        y = degrade(op, x.double(), options.sigma, 0)
         tol = 1e-8 * x.numel() ** 0.5
+        x0 = reconstruction_start(op, y)
         converged = reconstruct(problem, (y, y), x0, tol, max_iter=50000, precondition=True)
         torch.save(converged, path)
-    return float(psnr(converged.clamp(0, 1), x.double())[0])
+    return float(psnr(converged.clamp(0, 1), x.double())[0]), tuple(x.shape[-2:])
 
 
 def reconstruct_line(image: Path, index: int, args: argparse.Namespace) -> str:
@@ -352,22 +355,14 @@ def reconstruct_line(image: Path, index: int, args: argparse.Namespace) -> str:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     command_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
-    reference = converged_psnr(image, config, out)
-    size = "×".join(str(n) for n in load_image_size(image))
+    reference, shape = converged_psnr(image, config, out)
+    size = "×".join(str(n) for n in shape)
     return (
         f"| {image.name} ({size}) | {record['seconds']:.2f} | {record['cpu_seconds']:.2f} "
         f"| {calls['n']} "
         f"| {wall:.2f} | {command_cpu:.2f} | {record['psnr']:.3f} "
         f"| {record['psnr'] - reference:+.4f} |"
     )
-
-
-def load_image_size(image: Path) -> tuple[int, int]:
-    """(H, W) of an image file."""
-    from PIL import Image
-
-    with Image.open(image) as im:
-        return im.size[1], im.size[0]
 
 
 def main(argv: list[str] | None = None) -> int:

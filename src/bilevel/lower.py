@@ -576,6 +576,7 @@ class LBFGS:
         p = self.preconditioner
         if hasattr(p, "build"):  # a factory: this solve's P
             p = p.build(lower, x)
+        precondition = self._precondition(p, x.shape[1:])
         rec = _LowerRecord(x0)
         n = x0.shape[0]
         active = torch.arange(n, device=x0.device)
@@ -605,7 +606,7 @@ class LBFGS:
                 valid = [v[keep] for v in valid]
             b = active.numel()
             g = grad.reshape(b, -1)
-            d = -self._two_loop(g, s_hist, y_hist, valid, *self._precondition(p, shape))
+            d = -self._two_loop(g, s_hist, y_hist, valid, *precondition)
             if not s_hist:  # first step: unit length along −P g, then backtracking
                 length = gnorm if p is None else batch_norm(d)
                 d = d / length.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(1)

@@ -195,23 +195,32 @@ def filled_start(y: Tensor, mask: Tensor, sigma: float = 1.0) -> Tensor:
     (observed pixels smoothed a little too): the start of an inpainting solve. Where no
     observed pixel lies within 3σ, the mean of the observed values."""
     m = mask.to(y).expand_as(y)
+    my = m * y
     weight = smoothed_start(m, sigma)
-    spread = smoothed_start(m * y, sigma) / weight.clamp_min(1e-6)
-    observed = (m * y).sum(dim=(2, 3), keepdim=True) / m.sum(dim=(2, 3), keepdim=True).clamp_min(
-        1e-6
-    )
+    spread = smoothed_start(my, sigma) / weight.clamp_min(1e-6)
+    count = m.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    observed = my.sum(dim=(2, 3), keepdim=True) / count
     return torch.where(weight > 1e-6, spread, observed.expand_as(y))
 
 
-def initial_image(op, y: Tensor) -> Tensor:
-    """The start of a reconstruction from measurements y: y smoothed by one pixel for
-    denoising (:func:`smoothed_start`), the filled observed pixels for a stored inpainting
-    mask (:func:`filled_start`), else Aᵀy."""
+def reconstruction_start(op, y: Tensor) -> Tensor:
+    """The start of a ``bilevel reconstruct`` solve from measurements y: y smoothed by one
+    pixel for denoising (:func:`smoothed_start`), the filled observed pixels for a stored
+    inpainting mask (:func:`filled_start`), else Aᵀy (the library's default,
+    ``LinearOperator.initial_image``, is y itself or Aᵀy; the imaging jobs keep it)."""
     if isinstance(op, Identity):
         return smoothed_start(y)
     if isinstance(op, InpaintingMask) and op.mask is not None:
         return filled_start(y, op.mask)
     return op.adjoint(y)
+
+
+def degrade(op, x: Tensor, sigma: float, seed: int) -> Tensor:
+    """y = A x + σ/255·ε of ``--add-noise``: ε drawn in float32 from
+    ``torch.Generator().manual_seed(seed)``, then cast to x's dtype."""
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    with torch.no_grad():
+        return op(x) + sigma / 255.0 * noise.to(device=x.device, dtype=x.dtype)
 
 
 def _mean(values: list[float]) -> float:
@@ -286,13 +295,11 @@ def run(config: ReconstructConfig, *, json: bool = False) -> int:
         x = image.unsqueeze(0)
         y = x
         if cfg.add_noise:
-            gen = torch.Generator().manual_seed(cfg.seed + k)
-            noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(dtype)
-            y = op(x) + options.sigma / 255.0 * noise
+            y = degrade(op, x, options.sigma, cfg.seed + k)
         start, cpu_start = time.perf_counter(), time.process_time()
         rms = cfg.tol or (DENOISING_TOL if isinstance(op, Identity) else OPERATOR_TOL)
         tol = rms * x.numel() ** 0.5  # an RMS tolerance: the same for every image size
-        x0 = initial_image(op, y)
+        x0 = reconstruction_start(op, y)
         x_hat = reconstruct(
             problem, (y, y), x0=x0, tol=tol, max_iter=cfg.max_iter, precondition=True
         )
